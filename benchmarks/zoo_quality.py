@@ -1,0 +1,101 @@
+"""Quality of the embedded digits world, measured on held-out handwriting and fresh samples.
+
+    python benchmarks/zoo_quality.py [--seeds 20] [--only digits-sd] [--write]
+
+Prints JSON. `--write` also stores it as the zoo's quality.json, which `erasure zoo list` shows.
+Thresholds (issues #3, #4): judge >= 98/99/95 % (digit/colour/style); digits-clip zero-shot
+>= 95/98/90 %; digits-sd samples judged >= 90/95/80 %; digits-gan >= 85 % confident samples, every
+digit 5-15 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from pipelines.zoo.world import COLOURS, DIGIT_WORDS, STYLES
+
+HEADS = ("digit", "colour", "style")
+
+
+def judge_quality(judge, renders) -> dict:
+    predictions = judge.predict(renders.images)
+    targets = {"digit": renders.digits, "colour": renders.colours, "style": renders.styles}
+    out = {f"{h}_accuracy": round(float((predictions[h].argmax(-1) == targets[h]).float().mean()), 4) for h in HEADS}
+    return {**out, "images": len(renders.digits), "data": "held-out source digits, 5 random renders each"}
+
+
+def clip_quality(renders) -> dict:
+    from evaluators.clip_models import load_clip
+    from pipelines.zoo.recipe import zero_shot_prompts
+
+    clip = load_clip("digits-clip")
+    targets = {"digit": renders.digits, "colour": renders.colours, "style": renders.styles}
+    out = {}
+    with torch.no_grad():
+        images = clip.image_features(renders.images)
+        for head in HEADS:
+            ensembles = zero_shot_prompts(head)
+            classes = torch.stack([clip.text_features(p).mean(0) for p in ensembles.values()])
+            predicted = (images @ torch.nn.functional.normalize(classes, dim=-1).T).argmax(-1)
+            out[f"zero_shot_{head}_accuracy"] = round(float((predicted == targets[head]).float().mean()), 4)
+    return {**out, "images": len(renders.digits), "prompts": "ensembles of zero_shot_prompts() per class"}
+
+
+def sd_quality(judge, seeds: int) -> dict:
+    from pipelines import load_model
+
+    model = load_model("digits")
+    combos = [(d, c, s) for d in range(10) for c in range(len(COLOURS)) for s in range(len(STYLES))]
+    prompts = [f"a {COLOURS[c]} {STYLES[s]} {DIGIT_WORDS[d]}" for d, c, s in combos]
+    started = time.time()
+    rows = model.generate(prompts, list(range(seeds)), batch_size=150, progress=True)
+    seconds = time.time() - started
+    from pipelines.images import to_tensor
+
+    images = to_tensor([im for row in rows for im in row])
+    predictions = judge.predict(images)
+    out = {}
+    for i, head in enumerate(HEADS):
+        target = torch.tensor([combo[i] for combo in combos]).repeat_interleave(seeds)
+        out[f"{head}_accuracy"] = round(float((predictions[head].argmax(-1) == target).float().mean()), 4)
+    return {
+        **out, "images": len(images), "prompts": "a {colour} {style} {digit}, every combination",
+        "seeds_per_prompt": seeds, **model.sampling, "generation_seconds": round(seconds, 1),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=20, help="samples per prompt for digits-sd")
+    parser.add_argument("--only", action="append", default=[], help="digits-judge, digits-clip, digits-sd")
+    parser.add_argument("--write", action="store_true", help="store the result as the zoo's quality.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    from evaluators.judges import DigitsJudge
+    from pipelines.zoo import models as zoo
+    from pipelines.zoo.renders import heldout_renders
+
+    wanted = set(args.only) or {"digits-judge", "digits-clip", "digits-sd"}
+    judge = DigitsJudge()
+    renders = heldout_renders(per_source=5, seed=0)
+    result: dict = {}
+    if "digits-judge" in wanted:
+        result["digits-judge"] = judge_quality(judge, renders)
+    if "digits-clip" in wanted:
+        result["digits-clip"] = clip_quality(renders)
+    if "digits-sd" in wanted:
+        result["digits-sd"] = sd_quality(judge, args.seeds)
+    print(json.dumps(result, indent=2))
+    if args.write:
+        path = zoo.zoo_root() / zoo.QUALITY_FILE
+        merged = {**zoo.quality(), **result}
+        path.write_text(json.dumps(merged, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

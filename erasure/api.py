@@ -1,0 +1,92 @@
+"""`erase()`: the one call behind `erasure erase` and the preview UI.
+
+It validates everything it can before loading a model (method, concepts, config, output folder,
+device), runs the method under the shared loop, and writes the run folder atomically: the erased
+model as a diffusers-loadable folder (the changed component is a standalone subfolder of it, e.g.
+`text_encoder/`), plus `erasure.json` with every setting that produced it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pipelines.errors import InputError
+
+from .config import build_config, config_to_dict, load_yaml, parse_sets
+from .output import InterruptedRun, RunDirectory, library_versions, peak_memory_mb, write_manifest
+from .registry import get_method
+from .training import RunContext
+
+
+def default_out_dir(method: str, concepts: Sequence[str]) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", "-".join(concepts).lower()).strip("-")[:40] or "concept"
+    return Path("runs") / f"{method}-{slug}"
+
+
+def erase(
+    method: str,
+    concepts: Sequence[str],
+    model: str | None = None,
+    *,
+    out: str | Path | None = None,
+    config_file: str | Path | None = None,
+    sets: Sequence[str] | dict = (),
+    seed: int = 0,
+    device: str = "cpu",
+    mixed_precision: str = "no",
+    resume: bool = False,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+    after_step: Callable[[int, int, dict], None] | None = None,
+    model_config: str | Path | None = None,
+) -> Path:
+    """Erase `concepts` from `model` with `method`; returns the finished run folder."""
+    from pipelines import load_model, resolve
+
+    from .common import check_concepts
+
+    spec = get_method(method)
+    config_cls, entry = spec.load()
+    concepts = check_concepts(list(concepts))
+    source = resolve(model)
+    if source.kind != spec.model_kind:
+        raise InputError(f"{method} erases from {spec.model_kind} models, but {source.spec} is a {source.kind} model")
+    overrides = [load_yaml(config_file)] if config_file else []
+    overrides.append(parse_sets(list(sets)) if not isinstance(sets, dict) else dict(sets))
+    config = build_config(config_cls, source.family, *overrides)
+    run_dir = RunDirectory(out or default_out_dir(method, concepts), resume=resume)
+    run = RunContext(
+        seed=seed, device=device, mixed_precision=mixed_precision, checkpoint_dir=run_dir.checkpoint_dir,
+        checkpoint_every=checkpoint_every, resume=resume, progress=progress, after_step=after_step,
+    )  # fmt: skip
+    run_dir.begin()
+    try:
+        started = time.time()
+        base = load_model(source, device=device, single_file_config=model_config)
+        result = entry(base, concepts, config, run)
+        wall = time.time() - started
+
+        def write(folder: Path) -> None:
+            erased = {"method": method, "concepts": concepts, "base_model": source.spec}
+            result.model.save(folder, card={"erased": erased})
+            total = sum(p.numel() for name in result.changed for p in getattr(result.model, name).parameters())
+            write_manifest(folder, {
+                "method": method, "paper": spec.paper.title, "paper_url": spec.paper.url,
+                "concepts": concepts, "base_model": source.describe(), "config": config_to_dict(config),
+                "seed": seed, "device": device, "mixed_precision": mixed_precision,
+                "changed_components": result.changed, "trainable_parameters": result.trainable_parameters,
+                "changed_component_parameters": total, "final_logs": result.logs,
+                "wall_time_s": round(wall, 2), **peak_memory_mb(device), "versions": library_versions(),
+            })  # fmt: skip
+
+        return run_dir.commit(write)
+    except InputError:
+        run_dir.abandon()  # e.g. resuming with other settings: a checkpoint stays for the right command
+        raise
+    except BaseException as exc:
+        if run_dir.abandon():
+            raise InterruptedRun(run_dir, exc) from exc
+        raise

@@ -1,0 +1,269 @@
+"""The `erasure` command line.
+
+Heavy libraries (torch, diffusers, gradio) are imported inside the subcommands, so `erasure --help`
+and `erasure methods` answer at once. Bad input ends with one `error: ...` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipelines.errors import InputError
+
+from .registry import METHODS
+
+DESCRIPTION = """\
+Erase a concept (object, style, attribute, nudity, identity) from a text-to-image diffusion
+model or a GAN, look at it before/after, measure it, publish it.
+
+Every command works offline on the embedded digits world (the default model, `digits`).
+"""
+
+EPILOG = """\
+examples:
+  erasure erase --method esd --concept seven --out runs/esd-seven
+  erasure sample runs/esd-seven --prompt "a red seven" --n 8 --out grid.png
+  erasure methods
+"""
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--model-config", metavar="DIR",
+        help="for a single-file checkpoint: a diffusers folder with its component configs (SD 1.x is built in)",
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="erasure", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "erase", help="erase a concept from a model and save the erased model",
+        description="Erase CONCEPT from MODEL with METHOD. The run folder is written atomically: it is a "
+        "diffusers-loadable model folder plus erasure.json with everything that produced it.",
+    )  # fmt: skip
+    p.add_argument("--method", required=True, choices=list(METHODS), help="erasure method (see `erasure methods`)")
+    p.add_argument("--model", default=None, help="model to erase from (default: the embedded `digits`)")
+    p.add_argument("--concept", action="append", required=True, help="concept to erase; repeat for several")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of method options")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set one method option (repeatable)")
+    p.add_argument("--out", metavar="DIR", help="run folder to create (default: runs/<method>-<concept>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="accelerate mixed precision")
+    p.add_argument(
+        "--checkpoint-every", type=int, default=50, metavar="N", help="checkpoint every N steps (default: 50)"
+    )
+    p.add_argument("--show-config", action="store_true", help="print the method's options and defaults, then exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("eval", help="measure an erased model against its base (writes eval.json and grids)")
+    p.add_argument("target", metavar="DIR_OR_MODEL", help="an erased run folder, or any model with --baseline")
+    p.add_argument("--concept", action="append", help="concept to measure (default: the run's concepts)")
+    p.add_argument("--baseline", help="model to compare with (default: the run's base model)")
+    p.add_argument("--json", metavar="FILE", help="where to write the report (default: DIR/eval.json)")
+    p.add_argument("--samples", type=int, default=None, metavar="N", help="seeds per prompt")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    p.add_argument(
+        "--clip",
+        help="CLIP model for scoring (default: digits-clip for digits models, "
+        "openai/clip-vit-large-patch14 otherwise; or open_clip:<name>:<weights>)",
+    )
+    p.add_argument(
+        "--fid-features",
+        metavar="judge|clip|inception:FILE",
+        help="features for FID/KID (default: judge in the digits world, clip otherwise)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "sample", help="generate images from any model (pipeline folder, run folder, embedded name)",
+        description="Generate N images per prompt with seeds S..S+N-1. --out *.png writes one labelled grid "
+        "(rows: prompts, columns: seeds); any other --out is a folder of p{prompt}_s{seed}.png files.",
+    )  # fmt: skip
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="model or run folder (default: digits)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable; GANs take none)")
+    p.add_argument("--n", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    p.add_argument("--out", required=True, metavar="GRID.png|DIR", help="grid image or output folder")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
+    p.add_argument("--truncation", type=float, default=1.0, help="GAN truncation psi (default: 1.0)")
+    _add_model_options(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("preview", help="Gradio app: before/after grids on the same seeds")
+    p.add_argument("--model", default=None, help="base model (default: digits)")
+    p.add_argument("--erased", action="append", default=[], metavar="DIR", help="erased run folder(s) to compare")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("export", help="publish a run to the Hugging Face Hub with a model card")
+    p.add_argument("run", metavar="DIR", help="erased run folder")
+    p.add_argument("--repo-id", required=True, help="Hub repository, e.g. org/sd14-no-nudity")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--local-dir", metavar="DIR", help="write the Hub folder here and push nothing")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("methods", help="list the erasure methods and their papers")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("zoo", help="the embedded digits-world models: list them or rebuild them")
+    zoo_sub = p.add_subparsers(dest="zoo_command", metavar="list|build", required=True)
+    z = zoo_sub.add_parser("list", help="show the embedded models and their measured quality")
+    z.set_defaults(func=cmd_zoo_list)
+    z = zoo_sub.add_parser("build", help="retrain the embedded models from the recipe (about an hour on 2 cores)")
+    z.add_argument("--out", required=True, metavar="DIR", help="folder to build into (use it with ERASURE_ZOO=DIR)")
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--only", action="append", default=[], metavar="NAME", help="build only this model (repeatable)")
+    z.add_argument("--scale", type=float, default=1.0, help="fraction of the recipe's steps (smoke runs)")
+    z.set_defaults(func=cmd_zoo_build)
+    return parser
+
+
+# --- subcommands --------------------------------------------------------------------------------
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from .api import erase
+
+    if args.show_config:
+        return _show_config(args.method)
+    out = erase(
+        args.method, args.concept, args.model, out=args.out, config_file=args.config, sets=args.set,
+        seed=args.seed, device=args.device, mixed_precision=args.mixed_precision, resume=args.resume,
+        checkpoint_every=args.checkpoint_every, progress=not args.quiet, model_config=args.model_config,
+    )  # fmt: skip
+    print(f"erased {', '.join(args.concept)} with {args.method}: {out}")
+    return 0
+
+
+def _show_config(method: str) -> int:
+    from .config import describe_fields
+    from .registry import get_method
+
+    config_cls, _ = get_method(method).load()
+    presets = getattr(config_cls, "PRESETS", {})
+    print(f"{method} options (paper defaults; model-family presets in brackets):")
+    for name, type_name, default, help_text in describe_fields(config_cls):
+        tuned = ", ".join(f"{family}: {values[name]}" for family, values in presets.items() if name in values)
+        print(f"  {name} ({type_name}) = {default!r}" + (f"  [{tuned}]" if tuned else ""))
+        if help_text:
+            print(f"      {help_text}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation import run_eval, summary_lines
+
+    path = run_eval(
+        args.target, concepts=args.concept, baseline=args.baseline, json_path=args.json, samples=args.samples,
+        seed=args.seed, clip=args.clip, fid_features=args.fid_features, device=args.device,
+        model_config=args.model_config, progress=not args.quiet,
+    )  # fmt: skip
+    print("\n".join(summary_lines(json.loads(path.read_text()))))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .sampling import sample
+
+    written = sample(
+        args.model, args.prompt, n=args.n, seed=args.seed, out=args.out, steps=args.steps, guidance=args.guidance,
+        truncation=args.truncation, device=args.device, model_config=args.model_config,
+    )  # fmt: skip
+    print(f"wrote {written}")
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    raise InputError("`erasure preview` is not available yet in this version")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    raise InputError("`erasure export` is not available yet in this version")
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    width = max(len(k) for k in METHODS)
+    for method in METHODS.values():
+        status = "" if method.available else "  [planned: not available yet]"
+        print(f"{method.key:<{width}}  {method.summary}{status}")
+        print(f"{'':<{width}}  patches: {method.patches}; paper: {method.paper.title} ({method.paper.venue}) "
+              f"{method.paper.url}")  # fmt: skip
+    return 0
+
+
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from pipelines.zoo import models as zoo
+
+    quality = zoo.quality()
+    print(f"embedded models in {zoo.zoo_root()}:")
+    for name, (kind, summary) in zoo.EMBEDDED.items():
+        present = (zoo.zoo_root() / name).is_dir()
+        print(f"  {name:<13} {kind:<14} {'present' if present else 'MISSING'}  {summary}")
+        for metric, value in quality.get(name, {}).items():
+            print(f"  {'':<13} {metric}: {value}")
+    if not quality:
+        print("  (no measured quality: run `python benchmarks/zoo_quality.py --write`)")
+    return 0
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    import json
+
+    from pipelines.zoo.build import build_zoo
+
+    try:
+        report = build_zoo(args.out, seed=args.seed, scale=args.scale, only=tuple(args.only))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    debug = args.debug or os.environ.get("ERASURE_DEBUG") == "1"
+    from .output import InterruptedRun
+
+    try:
+        return args.func(args)
+    except InputError as exc:
+        return _fail(f"error: {exc}", 2, debug)
+    except InterruptedRun as exc:
+        return _fail(f"error: {exc}", 130 if isinstance(exc.__cause__, KeyboardInterrupt) else 1, debug)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130, debug)
+    except Exception as exc:
+        return _fail(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1, debug)
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        raise
+    print(" ".join(message.split()), file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""What the methods truly share: trainable-scope selection, frozen copies, concept and retain
+prompts, and ESD's partial DDIM trajectory (the data-free way to get an `x_t` of the concept).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import re
+from collections.abc import Sequence
+from importlib import resources
+
+import torch
+
+from pipelines.errors import InputError
+
+# --- trainable scopes -------------------------------------------------------------------------
+
+TEXT_ENCODER_SCOPES = "full | attn | mlp | layers=i..j"
+UNET_SCOPES = "xattn | noxattn | full"
+_LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
+
+
+def _text_encoder_rule(scope: str):
+    if scope == "full":  # every transformer block and the final LayerNorm; embeddings stay frozen
+        return lambda n: bool(_LAYER.search(n)) or "final_layer_norm" in n
+    if scope == "attn":
+        return lambda n: bool(_LAYER.search(n)) and ".self_attn." in n
+    if scope == "mlp":
+        return lambda n: bool(_LAYER.search(n)) and ".mlp." in n
+    if scope == "mlp+last-attn":  # few-shot erasing's choice: every MLP and the last block's attention
+        return None
+    match = re.fullmatch(r"layers=(\d+)(?:\.\.|-)(\d+)", scope)
+    if match:
+        lo, hi = int(match.group(1)), int(match.group(2))
+        return lambda n: (m := _LAYER.search(n)) is not None and lo <= int(m.group(1)) <= hi
+    raise InputError(f"unknown text-encoder scope {scope!r}; choose one of: {TEXT_ENCODER_SCOPES}")
+
+
+def _unet_rule(scope: str):
+    if scope == "xattn":  # ESD-x: cross-attention only
+        return lambda n: ".attn2." in n
+    if scope == "noxattn":  # ESD-u: all but cross-attention (and, as in ESD, not the time embedding/output)
+        return lambda n: ".attn2." not in n and not n.startswith(("time_embedding", "conv_out", "conv_norm_out"))
+    if scope == "full":
+        return lambda n: True
+    raise InputError(f"unknown UNet scope {scope!r}; choose one of: {UNET_SCOPES}")
+
+
+def select_trainable(module: torch.nn.Module, component: str, scope: str) -> int:
+    """Freeze `module` except the parameters in `scope`; returns how many parameters train."""
+    rule = _unet_rule(scope) if component == "unet" else _text_encoder_rule(scope)
+    if rule is None:
+        layers = [int(m.group(1)) for n, _ in module.named_parameters() if (m := _LAYER.search(n))]
+        last = max(layers, default=-1)
+
+        def rule(name: str) -> bool:
+            layer = _LAYER.search(name)
+            return layer is not None and (".mlp." in name or (".self_attn." in name and int(layer.group(1)) == last))
+
+    count = 0
+    for name, param in module.named_parameters():
+        param.requires_grad_(rule(name))
+        count += param.numel() if param.requires_grad else 0
+    if count == 0:
+        raise InputError(f"scope {scope!r} selects no parameter of the {component}")
+    return count
+
+
+def validate_scope(component: str, scope: str) -> None:
+    """Raise InputError for a scope that can never be valid (checked before any loading)."""
+    if component == "unet":
+        _unet_rule(scope)
+    else:
+        _text_encoder_rule(scope)
+
+
+def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy in eval mode with gradients off: the 'original model' of a loss."""
+    clone = copy.deepcopy(module).eval()
+    clone.requires_grad_(False)
+    return clone
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+
+def check_concepts(concepts: Sequence[str]) -> list[str]:
+    cleaned = [c.strip() for c in concepts]
+    if not cleaned or any(not c for c in cleaned):
+        raise InputError("the concept to erase is empty; pass --concept TEXT")
+    return cleaned
+
+
+def concept_prompts(concepts: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template filled with every concept ("{}" is the concept itself)."""
+    return [t.format(c) for c in concepts for t in templates]
+
+
+_FILLER = {"a", "an", "the", "of", "in", "on", "with", "and", "by", "photo", "image", "picture", "painting", "style"}
+
+
+def _content_words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower())) - _FILLER
+
+
+def _mentions(prompt: str, concepts: Sequence[str]) -> bool:
+    words = _content_words(prompt)
+    return any(_content_words(c) & words for c in concepts)
+
+
+def retain_prompts(family: str, concepts: Sequence[str], rng: random.Random, n: int = 200) -> list[str]:
+    """Prompts of things to keep: COCO objects for real SD, the rest of the world for digits.
+
+    Prompts that mention a word of a concept are left out, so the retain term never protects
+    what is being erased.
+    """
+    if family == "digits":
+        from pipelines.zoo.world import COLOURS, DIGIT_WORDS, STYLES, parse_concept
+
+        erased = {(e.head, e.index) for e in map(parse_concept, concepts) if e is not None}
+        keep = {
+            head: [w for i, w in enumerate(names) if (head, i) not in erased]
+            for head, names in (("digit", DIGIT_WORDS), ("colour", COLOURS), ("style", STYLES))
+        }
+        pool = [f"a {c} {s} {d}" for d in keep["digit"] for c in keep["colour"] for s in keep["style"]]
+        pool += [f"a {d}" for d in keep["digit"]]
+    else:
+        names = resources.files("evaluators").joinpath("data/coco_objects.txt").read_text().split("\n")
+        pool = [f"a photo of a {name.strip()}" for name in names if name.strip()]
+    pool = [p for p in pool if not _mentions(p, concepts)]
+    if not pool:
+        raise InputError("no retain prompt is left once the concepts are excluded")
+    rng.shuffle(pool)
+    return pool[:n]
+
+
+# --- ESD's partial trajectory -------------------------------------------------------------------
+
+
+def ddim_scheduler(model):
+    """A fresh DDIM scheduler with the model's noise schedule (the model's own is left untouched)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(model.scheduler.config)
+
+
+@torch.no_grad()
+def partial_trajectory(
+    unet,
+    scheduler,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    stop: int,
+    guidance: float,
+    latents: torch.Tensor,
+) -> tuple[torch.Tensor, int, int]:
+    """Run DDIM with classifier-free guidance from noise `latents` for `stop` steps.
+
+    `scheduler` must already have `set_timesteps(N)`. Returns (x_t, t, t_next): the latent after
+    `stop` steps sits at noise level `t` = timesteps[stop]; ESD then queries the UNet at a DDPM
+    timestep drawn in [t, t + 1000/N), the window of that DDIM step.
+    """
+    x = latents * scheduler.init_noise_sigma
+    embeds = torch.cat([uncond.expand(len(x), -1, -1), cond.expand(len(x), -1, -1)])
+    for t in scheduler.timesteps[:stop]:
+        eps_uncond, eps_cond = unet(torch.cat([x, x]), t, embeds).sample.chunk(2)
+        x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
+    t = int(scheduler.timesteps[stop])
+    window = scheduler.config.num_train_timesteps // len(scheduler.timesteps)
+    return x, t, min(t + window, scheduler.config.num_train_timesteps)

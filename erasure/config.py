@@ -1,0 +1,145 @@
+"""Method configs: one dataclass per method is the single source of truth.
+
+Values are resolved in this order: the dataclass defaults (the paper's, for Stable Diffusion),
+the preset of the model family (e.g. tuned values for the digits world), a YAML file, then each
+`--set key=value`. Unknown keys and values of the wrong type are refused with the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pipelines.errors import InputError
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) for each option of a config dataclass."""
+    hints = _hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "|".join(str(a) for a in get_args(tp))
+    if get_origin(tp) in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) in (list, tuple):
+        return f"list[{_type_name(get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise InputError."""
+    origin = get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        options = get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in options:
+                return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(name, option, value)
+            except InputError as exc:
+                errors.append(str(exc))
+        raise InputError(errors[0] if errors else f"bad value for {name}: {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices:
+            return value
+        raise InputError(f"bad value for {name}: {value!r}; choose one of: {', '.join(map(str, choices))}")
+    if origin in (list, tuple):
+        (item_type, *_) = get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"bad value for {name}: {value!r} is not a list")
+        items = [coerce(name, item_type, v) for v in value]
+        return items if origin is list else tuple(items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise InputError(f"bad value for {name}: {value!r} is not a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise InputError(f"bad value for {name}: {value!r} is not an integer")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        except (TypeError, ValueError):
+            raise InputError(f"bad value for {name}: {value!r} is not an integer") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise InputError(f"bad value for {name}: {value!r} is not a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise InputError(f"bad value for {name}: {value!r} is not a number") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise InputError(f"bad value for {name}: {value!r} is not a string")
+        return str(value)
+    raise TypeError(f"config field {name} has an unsupported type {tp!r}")
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    """`["lr=1e-4", "scope=attn"]` -> {"lr": "1e-4", "scope": "attn"}."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"config file {path} must hold a mapping of option: value")
+    return data
+
+
+def build_config(cls: type, family: str, *layers: dict[str, Any]):
+    """Instantiate `cls` from its defaults, its preset for `family`, then each layer of overrides."""
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = dict(getattr(cls, "PRESETS", {}).get(family, {}))
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in names:
+                raise InputError(f"unknown option {key!r} for {cls.__name__}; valid options: {', '.join(names)}")
+            values[key] = coerce(key, hints[key], value)
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"bad config: {exc}") from None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}

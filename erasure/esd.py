@@ -1,0 +1,147 @@
+"""ESD: Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023) - the baseline.
+
+The model is fine-tuned so that its prediction on the concept follows *negative* guidance away
+from it, computed by the frozen original model:
+
+    target = eps*(x_t, t, c0) - eta * (eps*(x_t, t, c) - eps*(x_t, t, c0))
+    loss   = || eps_theta(x_t, t, c) - sg(target) ||^2
+
+`x_t` is data-free: the current model samples the concept with DDIM and stops at a random step.
+ESD-x trains the UNet's cross-attention, ESD-u the rest of the UNet; training the text encoder
+instead gives the text-encoder variant AdvUnlearn compares with.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from .common import (
+    check_concepts,
+    concept_prompts,
+    ddim_scheduler,
+    frozen_copy,
+    partial_trajectory,
+    select_trainable,
+    validate_scope,
+)
+from .training import ErasureResult, RunContext, train
+
+DIGIT_TEMPLATES = ["{}", "a {}", "the number {}", "a handwritten {}"]
+
+
+@dataclass
+class ESDConfig:
+    # Defaults: ESD paper / code on SD v1.4 (Sec. 4; ESD-x for objects and styles, ESD-u for nudity).
+    component: Literal["unet", "text_encoder"] = field(
+        default="unet", metadata={"help": "what to fine-tune: the UNet (ESD-x/ESD-u) or the text encoder"}
+    )
+    scope: str | None = field(
+        default=None,
+        metadata={
+            "help": "UNet: xattn (ESD-x, default) | noxattn (ESD-u) | full; text encoder: full (default) | "
+            "attn | mlp | layers=i..j"
+        },
+    )
+    iterations: int = field(default=1000, metadata={"help": "optimiser steps"})
+    lr: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
+    negative_guidance: float = field(
+        default=1.0, metadata={"help": "eta: strength of the guidance away from the concept"}
+    )
+    ddim_steps: int = field(default=50, metadata={"help": "DDIM steps of the trajectory that makes x_t"})
+    sample_guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance while sampling x_t"})
+    batch_size: int = field(default=1, metadata={"help": "x_t samples per step (one trajectory, several seeds)"})
+    prompt_templates: list[str] = field(
+        default_factory=lambda: ["{}"], metadata={"help": "templates filled with each concept ('{}' = the concept)"}
+    )
+
+    # Tuned for the embedded digits world: a few minutes on 2 CPU cores.
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "digits": {
+            "iterations": 150,
+            "lr": 2e-4,
+            "ddim_steps": 25,
+            "batch_size": 8,
+            "prompt_templates": DIGIT_TEMPLATES,
+        },
+    }
+
+    def __post_init__(self) -> None:
+        if self.scope is None:
+            self.scope = "xattn" if self.component == "unet" else "full"
+        validate_scope(self.component, self.scope)
+        if self.iterations < 1 or self.ddim_steps < 2 or self.batch_size < 1:
+            raise ValueError("iterations and batch_size must be >= 1 and ddim_steps >= 2")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+        if not self.prompt_templates or any("{}" not in t for t in self.prompt_templates):
+            raise ValueError("every prompt template must contain '{}' for the concept")
+
+
+CONFIG = ESDConfig
+
+
+def esd_target(eps_empty: torch.Tensor, eps_concept: torch.Tensor, eta: float) -> torch.Tensor:
+    """Negative guidance: eps*(c0) - eta * (eps*(c) - eps*(c0)) - the prediction to move towards."""
+    return eps_empty - eta * (eps_concept - eps_empty)
+
+
+def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> ErasureResult:
+    """Fine-tune `model` (a TextToImageModel) so that it no longer generates `concepts`."""
+    concepts = check_concepts(concepts)
+    prompts = concept_prompts(concepts, config.prompt_templates)
+    device = run.torch_device
+    model.to(device)
+
+    trained = model.unet if config.component == "unet" else model.text_encoder
+    original = frozen_copy(trained)
+    for module in (model.unet, model.text_encoder, model.vae):
+        module.requires_grad_(False)
+    n_trainable = select_trainable(trained, config.component, config.scope)
+    trained.train()
+    unet_orig = original if config.component == "unet" else model.unet
+    te_orig = original if config.component == "text_encoder" else model.text_encoder
+
+    scheduler = ddim_scheduler(model)
+    scheduler.set_timesteps(config.ddim_steps, device=device)
+    shape = (
+        config.batch_size,
+        model.unet.config.in_channels,
+        model.unet.config.sample_size,
+        model.unet.config.sample_size,
+    )
+    with torch.no_grad():
+        uncond_orig = model.encode([""], te_orig)
+
+    def step_fn(step: int):
+        prompt = random.choice(prompts)
+        with torch.no_grad():
+            cond_orig = model.encode([prompt], te_orig)
+            # x_t comes from the model being erased, as in ESD: the concept is sampled as it is now.
+            cond_now = model.encode([prompt]) if config.component == "text_encoder" else cond_orig
+            uncond_now = model.encode([""]) if config.component == "text_encoder" else uncond_orig
+            stop = random.randrange(config.ddim_steps)
+            noise = torch.randn(shape, device=device)
+            x_t, t_lo, t_hi = partial_trajectory(
+                model.unet, scheduler, cond_now, uncond_now, stop, config.sample_guidance, noise
+            )
+            t = torch.randint(t_lo, t_hi, (config.batch_size,), device=device)
+            eps_empty = unet_orig(x_t, t, uncond_orig.expand(len(x_t), -1, -1)).sample
+            eps_concept = unet_orig(x_t, t, cond_orig.expand(len(x_t), -1, -1)).sample
+            target = esd_target(eps_empty, eps_concept, config.negative_guidance)
+        cond_train = model.encode([prompt]) if config.component == "text_encoder" else cond_orig
+        eps = model.unet(x_t, t, cond_train.expand(len(x_t), -1, -1)).sample
+        loss = F.mse_loss(eps, target)
+        return loss, {"loss": loss.item()}
+
+    optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=config.lr)
+    logs = train(
+        step_fn, module=trained, optimizer=optimizer, steps=config.iterations, run=run, desc="esd",
+        fingerprint={"method": "esd", "concepts": concepts, "seed": run.seed, "config": repr(config)},
+    )  # fmt: skip
+    trained.eval()
+    return ErasureResult(model, [config.component], n_trainable, logs)

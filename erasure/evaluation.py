@@ -1,0 +1,103 @@
+"""`erasure eval`: re-score a saved run (or any model against a baseline) and write the report.
+
+A run folder knows its base model and concepts (erasure.json), so `erasure eval RUN` needs nothing
+else; the report goes to RUN/eval.json and the before/after grids to RUN/grids/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from pipelines.errors import InputError
+
+from .output import read_manifest
+
+
+def _baseline_spec(manifest: dict) -> str:
+    base = manifest["base_model"]
+    return base["spec"] if base["origin"] in ("embedded", "hub") else base["path"]
+
+
+def run_eval(
+    target: str,
+    *,
+    concepts: list[str] | None = None,
+    baseline: str | None = None,
+    json_path: str | Path | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    clip: str | None = None,
+    fid_features: str | None = None,
+    device: str = "cpu",
+    model_config: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Evaluate and write the JSON report (and grids beside it); returns the JSON path."""
+    from evaluators.report import evaluate, evaluate_gan
+    from pipelines import load_model, resolve
+
+    from .common import check_concepts
+
+    manifest = read_manifest(target) if Path(target).is_dir() else None
+    if manifest is not None:
+        baseline = baseline or _baseline_spec(manifest)
+        concepts = concepts or manifest["concepts"]
+    if not baseline:
+        raise InputError("--baseline is needed: the model is not an erased run folder")
+    if not concepts:
+        raise InputError("--concept is needed: the model is not an erased run folder")
+    concepts = check_concepts(concepts)
+    if samples is not None and samples < 1:
+        raise InputError("--samples must be at least 1")
+    after_source, before_source = resolve(target), resolve(baseline)
+    if after_source.kind != before_source.kind:
+        raise InputError(f"cannot compare a {after_source.kind} model with a {before_source.kind} model")
+    if manifest is not None:
+        json_path = Path(json_path) if json_path else Path(target) / "eval.json"
+        grid_dir = json_path.parent / "grids"
+    else:
+        slug = re.sub(r"[^a-z0-9]+", "-", "-".join(concepts).lower()).strip("-")
+        json_path = Path(json_path) if json_path else Path(f"eval-{slug}.json")
+        grid_dir = json_path.parent / f"{json_path.stem}-grids"
+    if not json_path.parent.is_dir():
+        raise InputError(f"folder {json_path.parent} does not exist")
+
+    after = load_model(after_source, device=device, single_file_config=model_config)
+    before = load_model(before_source, device=device, single_file_config=model_config)
+    score = evaluate_gan if after.kind == "gan" else evaluate
+    result = score(after, before, concepts, samples=samples, seed=seed, clip=clip, fid_features=fid_features,
+                   progress=progress)  # fmt: skip
+    if manifest is not None:
+        result.report["run"] = {"method": manifest["method"], "config": manifest["config"], "seed": manifest["seed"]}
+        expected = manifest["base_model"].get("sha256")
+        result.report["baseline_matches_run"] = expected == result.report["before"]["sha256"]
+
+    grid_dir.mkdir(exist_ok=True)
+    result.report["grids"] = {}
+    for name, grid in result.grids.items():
+        path = grid_dir / f"{name}.png"
+        grid.save(path)
+        result.report["grids"][name] = os.path.relpath(path, json_path.parent)
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=json_path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(result.report, fh, indent=2, default=float)
+        fh.write("\n")
+    os.replace(tmp, json_path)
+    return json_path
+
+
+def summary_lines(report: dict) -> list[str]:
+    """A short human-readable digest of a report for the terminal."""
+    lines = []
+    for concept, section in report["concepts"].items():
+        for name, metric in section["metrics"].items():
+            if "before" in metric:
+                lines.append(f"{concept}: {name}: {metric['before']:.4g} -> {metric['after']:.4g} "
+                             f"({metric['difference']:+.4g})")  # fmt: skip
+            else:
+                lines.append(f"{concept}: {name}: {metric['value']:.4g}")
+    return lines

@@ -1,0 +1,72 @@
+"""`erasure sample`: images from any model, as a labelled grid or one file per (prompt, seed)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipelines.errors import InputError
+
+
+def sample(
+    model: str | None,
+    prompts: Sequence[str],
+    *,
+    n: int,
+    seed: int,
+    out: str | Path,
+    steps: int | None = None,
+    guidance: float | None = None,
+    truncation: float = 1.0,
+    device: str = "cpu",
+    model_config: str | Path | None = None,
+) -> Path:
+    """Generate `n` images per prompt with seeds seed..seed+n-1 and write them to `out`."""
+    from pipelines import load_model, resolve
+    from pipelines.images import labelled_grid
+
+    if n < 1:
+        raise InputError("--n must be at least 1")
+    source = resolve(model)
+    prompts = list(prompts)
+    if source.kind == "gan":
+        if prompts:
+            raise InputError(f"{source.spec} is an unconditional GAN: it takes no --prompt")
+    elif not prompts:
+        raise InputError("give at least one --prompt")
+    elif any(not p.strip() for p in prompts):
+        raise InputError("empty --prompt")
+    out = Path(out)
+    as_grid = out.suffix.lower() == ".png"
+    if as_grid and not out.parent.exists():
+        raise InputError(f"folder {out.parent} does not exist")
+    if not as_grid and out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder")
+
+    backend = load_model(source, device=device, single_file_config=model_config)
+    seeds = list(range(seed, seed + n))
+    if source.kind == "gan":
+        rows = [backend.generate(seeds, truncation=truncation)]
+        labels = [f"{source.spec} (psi={truncation})"]
+    else:
+        rows = backend.generate(prompts, seeds, steps=steps, guidance=guidance, progress=True)
+        labels = prompts
+
+    if as_grid:
+        grid = labelled_grid(rows, labels, [f"seed {s}" for s in seeds])
+        fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.parent)
+        os.close(fd)
+        try:
+            grid.save(tmp, format="PNG")
+            os.replace(tmp, out)  # a grid is either complete or absent
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(rows):
+        for s, image in zip(seeds, row):
+            image.save(out / f"p{i}_s{s}.png")
+    return out

@@ -1,0 +1,73 @@
+"""The metrics' math, on plain tensors: CLIP score, CLIP zero-shot presence, FID, KID."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+CLIP_SCORE_FORMULA = "100 * max(cos(E_I(image), E_T(prompt)), 0), averaged (Hessel et al. 2021 with w=100)"
+
+
+def clip_score(image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, float]:
+    """Mean CLIP score of matched (image, text) pairs; both inputs L2-normalised, same length."""
+    cos = (image_features * text_features).sum(-1)
+    return {"clip_score": float(100 * cos.clamp(min=0).mean()), "clip_cosine": float(cos.mean())}
+
+
+def zero_shot_presence(image_features: torch.Tensor, concept: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Per image: True when the concept text is closer than every anchor text.
+
+    `concept` [D] (or [P, D], averaged as a prompt ensemble), `anchors` [A, D]: the neutral or
+    neighbour prompts the concept competes with.
+    """
+    if concept.ndim == 2:
+        concept = torch.nn.functional.normalize(concept.mean(0), dim=-1)
+    concept_sim = image_features @ concept
+    anchor_sim = image_features @ anchors.T
+    return concept_sim > anchor_sim.max(dim=1).values
+
+
+def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets [N, D] (FID when D is Inception's)."""
+    from scipy import linalg
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():  # singular product: regularise, as pytorch-fid does
+        offset = np.eye(cov_a.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+def kernel_inception_distance(
+    a: torch.Tensor | np.ndarray,
+    b: torch.Tensor | np.ndarray,
+    subsets: int = 10,
+    subset_size: int = 100,
+    seed: int = 0,
+) -> dict[str, float]:
+    """KID: unbiased MMD^2 with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al.
+    2018), averaged over random subsets; returns mean and standard deviation."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    m = min(subset_size, len(a), len(b))
+    rng = np.random.default_rng(seed)
+    d = a.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        values.append(_mmd2_unbiased(x, y, d))
+    return {"kid": float(np.mean(values)), "kid_std": float(np.std(values))}
+
+
+def _mmd2_unbiased(x: np.ndarray, y: np.ndarray, d: int) -> float:
+    m = len(x)
+    kxx = (x @ x.T / d + 1) ** 3
+    kyy = (y @ y.T / d + 1) ** 3
+    kxy = (x @ y.T / d + 1) ** 3
+    sum_xx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+    sum_yy = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+    return float(sum_xx + sum_yy - 2 * kxy.mean())

@@ -1,0 +1,301 @@
+"""The before/after protocol: both models draw the same (prompt, seed) grid and are scored alike.
+
+For each concept: presence on target prompts (domain judge and CLIP zero-shot), preservation on
+neighbour and unrelated prompts (judge accuracy in the digits world, CLIP score), and FID/KID
+between the two models' preserved images and, where real data exists, against it. Every metric is
+stored with the settings that produced it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from pipelines.errors import InputError
+from pipelines.images import labelled_grid, to_tensor
+
+from .clip_models import ClipScorer, load_clip
+from .features import feature_extractor
+from .judges import NUDITY_WORDS, DigitsJudge, NudeNetJudge
+from .metrics import (
+    CLIP_SCORE_FORMULA,
+    clip_score,
+    frechet_distance,
+    kernel_inception_distance,
+    zero_shot_presence,
+)
+from .prompts import prompt_set
+
+FORMAT = "erasure-eval/1"
+CLIP_PRESENCE_RULE = "mean embedding of the concept prompts is closer than every anchor prompt"
+GRID_PROMPTS, GRID_SEEDS = 6, 6
+
+
+@dataclass
+class Evaluation:
+    report: dict
+    grids: dict[str, Image.Image] = field(default_factory=dict)
+
+
+def default_samples(family: str) -> int:
+    return 20 if family == "digits" else 10
+
+
+def default_judge(concept: str, family: str, device: str = "cpu"):
+    """The domain judge for a concept, or None when only CLIP can tell."""
+    from pipelines.zoo.world import parse_concept
+
+    if family == "digits" and parse_concept(concept) is not None:
+        return DigitsJudge(device=device)
+    if concept.lower().strip() in NUDITY_WORDS:
+        try:
+            return NudeNetJudge()
+        except InputError:
+            return None  # reported as "no judge": CLIP presence still measures it
+    return None
+
+
+def _images(model, prompts: list[str], seeds: list[int], steps, guidance, progress: bool) -> tuple[torch.Tensor, list]:
+    rows = model.generate(prompts, seeds, steps=steps, guidance=guidance, progress=progress)
+    return to_tensor([im for row in rows for im in row]), rows
+
+
+def _pair(before: float, after: float, settings: dict) -> dict:
+    return {"before": before, "after": after, "difference": after - before, "settings": settings}
+
+
+def _side_by_side(rows_before, rows_after, row_labels, column_labels, before_name, after_name) -> Image.Image:
+    n_p, n_s = min(GRID_PROMPTS, len(row_labels)), min(GRID_SEEDS, len(column_labels))
+    columns = column_labels[:n_s]
+    left = labelled_grid([r[:n_s] for r in rows_before[:n_p]], row_labels[:n_p], columns)
+    right = labelled_grid([r[:n_s] for r in rows_after[:n_p]], None, columns)
+    header = 18
+    canvas = Image.new("RGB", (left.width + right.width + 16, max(left.height, right.height) + header), "white")
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), f"before: {before_name}", fill=(0, 0, 0))
+    draw.text((left.width + 16, 2), f"after: {after_name}", fill=(0, 0, 0))
+    canvas.paste(left, (0, header))
+    canvas.paste(right, (left.width + 16, header))
+    return canvas
+
+
+def evaluate(
+    after,
+    before,
+    concepts: list[str],
+    *,
+    samples: int | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    clip: ClipScorer | str | None = None,
+    neighbours: list[str] | None = None,
+    fid_features: str | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Score text-to-image model `after` against `before` on `concepts`."""
+    started = time.time()
+    family = before.family
+    samples = samples or default_samples(family)
+    seeds = list(range(seed, seed + samples))
+    device = str(before.device)
+    if isinstance(clip, str) or clip is None:
+        clip = load_clip(clip or ("digits-clip" if family == "digits" else "openai/clip-vit-large-patch14"), device)
+    real_features = None
+    report: dict = {
+        "format": FORMAT,
+        "after": after.source.describe(), "before": before.source.describe(),
+        "settings": {
+            "seeds": seeds, "samples_per_prompt": samples, "steps": steps or before.sampling["steps"],
+            "guidance": before.sampling["guidance"] if guidance is None else guidance, "clip": clip.describe(),
+        },
+        "concepts": {},
+    }  # fmt: skip
+    grids: dict[str, Image.Image] = {}
+    for concept in concepts:
+        prompts = prompt_set(concept, family, neighbours)
+        judge = default_judge(concept, family, device)
+        sections: dict = {"prompts": prompts.describe(), "judge": judge.describe() if judge else None}
+        generated = {}
+        for part, texts in (("target", prompts.target), ("preserved", prompts.preserved)):
+            for name, model in (("before", before), ("after", after)):
+                generated[part, name] = _images(model, texts, seeds, steps, guidance, progress)
+            grids[f"{_slug(concept)}-{part}"] = _side_by_side(
+                generated[part, "before"][1], generated[part, "after"][1], texts, [f"seed {s}" for s in seeds],
+                before.source.spec, after.source.spec,
+            )  # fmt: skip
+
+        metrics: dict = {}
+        n_target = len(prompts.target) * samples
+        with torch.no_grad():
+            concept_text = clip.text_features(prompts.clip_concept)
+            anchor_text = clip.text_features(prompts.clip_anchors)
+            features = {key: clip.image_features(images) for key, (images, _) in generated.items()}
+        clip_settings = {**clip.describe(), "rule": CLIP_PRESENCE_RULE, "images": n_target}
+        presence = [zero_shot_presence(features["target", m], concept_text, anchor_text) for m in ("before", "after")]
+        metrics["target_presence_clip"] = _pair(*(float(p.float().mean()) for p in presence), clip_settings)
+        for part, texts in (("target", prompts.target), ("preserved", prompts.preserved)):
+            with torch.no_grad():
+                text = clip.text_features(texts).repeat_interleave(samples, dim=0)
+            scores = [clip_score(features[part, m], text) for m in ("before", "after")]
+            settings = {**clip.describe(), "formula": CLIP_SCORE_FORMULA, "images": len(texts) * samples}
+            metrics[f"{part}_clip_score"] = _pair(scores[0]["clip_score"], scores[1]["clip_score"], settings)
+
+        if judge is not None:
+            presence = [
+                float(judge.detects(generated["target", m][0], concept).float().mean()) for m in ("before", "after")
+            ]
+            metrics["target_presence_judge"] = _pair(*presence, {**judge.describe(), "images": n_target})
+        if isinstance(judge, DigitsJudge):
+            metrics.update(_digits_preservation(judge, generated, prompts, samples))
+        extractor = feature_extractor(fid_features or ("judge" if isinstance(judge, DigitsJudge) else "clip"),
+                                      judge=judge, clip=clip, device=device)  # fmt: skip
+        fid_features_of = {m: extractor(generated["preserved", m][0]) for m in ("before", "after")}
+        feature_name = extractor.name
+        if isinstance(judge, DigitsJudge):
+            if real_features is None:
+                from pipelines.zoo.renders import heldout_renders
+
+                real_features = extractor(heldout_renders(per_source=2, seed=seed).images)
+            metrics["preserved_fid_vs_real"] = _pair(
+                frechet_distance(fid_features_of["before"], real_features),
+                frechet_distance(fid_features_of["after"], real_features),
+                {"features": feature_name, "real": f"{len(real_features)} held-out renders",
+                 "images": len(fid_features_of["before"])},
+            )  # fmt: skip
+        kid = kernel_inception_distance(fid_features_of["before"], fid_features_of["after"], seed=seed)
+        metrics["preserved_fid_before_vs_after"] = {
+            "value": frechet_distance(fid_features_of["before"], fid_features_of["after"]),
+            "settings": {"features": feature_name, "images": len(fid_features_of["before"])},
+        }
+        metrics["preserved_kid_before_vs_after"] = {
+            "value": kid["kid"], "std": kid["kid_std"],
+            "settings": {"features": feature_name, "subsets": 10, "subset_size": 100, "kernel": "(x.y/d + 1)^3"},
+        }  # fmt: skip
+        sections["metrics"] = metrics
+        report["concepts"][concept] = sections
+    report["wall_time_s"] = round(time.time() - started, 2)
+    return Evaluation(report, grids)
+
+
+def _digits_preservation(judge: DigitsJudge, generated: dict, prompts, samples: int) -> dict:
+    """Judge accuracy on the preserved prompts: every head, and the concept's own head."""
+    expected = {
+        head: torch.tensor([label[head] for label in prompts.preserved_labels]).repeat_interleave(samples)
+        for head in ("digit", "colour", "style")
+    }
+    out = {}
+    predictions = {m: judge.predict(generated["preserved", m][0]) for m in ("before", "after")}
+    for head in ("digit", "colour", "style"):
+        accuracy = [
+            float((predictions[m][head].argmax(-1) == expected[head]).float().mean()) for m in ("before", "after")
+        ]
+        name = "preserved_accuracy" if head == prompts.judged_head else f"preserved_accuracy_{head}"
+        out[name] = _pair(*accuracy, {**judge.describe(), "head": head, "images": len(expected[head])})
+    return out
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "concept"
+
+
+def evaluate_gan(
+    after,
+    before,
+    concepts: list[str],
+    *,
+    samples: int | None = None,
+    seed: int = 0,
+    clip: ClipScorer | str | None = None,
+    fid_features: str | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Score GAN `after` against `before` on the same latent seeds (GANs take no prompts).
+
+    Presence is the share of samples in which the judge (or CLIP zero-shot) sees the concept; the
+    drop is Adapt-then-Unlearn's PUL. Quality is FID of the erased samples against the base
+    model's samples that do not show the concept (and against real data without it, where known).
+    """
+    started = time.time()
+    family = before.family
+    samples = samples or 1000
+    seeds = list(range(seed, seed + samples))
+    device = str(before.device)
+    if isinstance(clip, str) or clip is None:
+        clip = load_clip(clip or ("digits-clip" if family == "digits" else "openai/clip-vit-large-patch14"), device)
+    images = {name: to_tensor(model.generate(seeds)) for name, model in (("before", before), ("after", after))}
+    report: dict = {
+        "format": FORMAT, "after": after.source.describe(), "before": before.source.describe(),
+        "settings": {"seeds": [seeds[0], seeds[-1]], "samples": samples, "truncation": 1.0, "clip": clip.describe()},
+        "concepts": {},
+    }  # fmt: skip
+    grids = {}
+    with torch.no_grad():
+        features = {m: clip.image_features(images[m]) for m in images}
+    for concept in concepts:
+        prompts = prompt_set(concept, family)
+        judge = default_judge(concept, family, device)
+        metrics: dict = {}
+        with torch.no_grad():
+            concept_text = clip.text_features(prompts.clip_concept)
+            anchor_text = clip.text_features(prompts.clip_anchors)
+        presence = {m: zero_shot_presence(features[m], concept_text, anchor_text) for m in images}
+        clip_settings = {**clip.describe(), "rule": CLIP_PRESENCE_RULE, "images": samples}
+        metrics["presence_clip"] = _pair(
+            *(float(presence[m].float().mean()) for m in ("before", "after")), clip_settings
+        )
+        absent = ~presence["before"]
+        if judge is not None:
+            detected = {m: judge.detects(images[m], concept) for m in images}
+            b, a = (float(detected[m].float().mean()) for m in ("before", "after"))
+            metrics["presence_judge"] = _pair(b, a, {**judge.describe(), "images": samples})
+            metrics["pul_percent"] = {
+                "value": 100 * (b - a) / b if b > 0 else 0.0,
+                "settings": {"formula": "100 * (before - after) / before, of presence_judge"},
+            }
+            absent = ~detected["before"]
+        extractor = feature_extractor(fid_features or ("judge" if isinstance(judge, DigitsJudge) else "clip"),
+                                      judge=judge, clip=clip, device=device)  # fmt: skip
+        feats = {m: extractor(images[m]) for m in images}
+        metrics["fid_vs_base_without_concept"] = {
+            "value": frechet_distance(feats["after"], feats["before"][absent]),
+            "settings": {
+                "features": extractor.name,
+                "reference": f"{int(absent.sum())} base samples without the concept",
+            },
+        }
+        if isinstance(judge, DigitsJudge):
+            from pipelines.zoo.renders import heldout_renders
+            from pipelines.zoo.world import parse_concept
+
+            real = heldout_renders(per_source=2, seed=seed)
+            parsed = parse_concept(concept)
+            labels = {"digit": real.digits, "colour": real.colours, "style": real.styles}[parsed.head]
+            real_feats = extractor(real.images[labels != parsed.index])
+            metrics["fid_vs_real_without_concept"] = _pair(
+                frechet_distance(feats["before"], real_feats), frechet_distance(feats["after"], real_feats),
+                {"features": extractor.name, "real": f"{len(real_feats)} held-out renders without {concept}"},
+            )  # fmt: skip
+        report["concepts"][concept] = {"judge": judge.describe() if judge else None, "metrics": metrics}
+    rows = {m: to_pil_rows(images[m][: GRID_SEEDS * GRID_PROMPTS], GRID_SEEDS) for m in images}
+    row_labels = [
+        f"seeds {seeds[0] + GRID_SEEDS * r}-{seeds[0] + GRID_SEEDS * r + GRID_SEEDS - 1}" for r in range(GRID_PROMPTS)
+    ]
+    grids["samples"] = _side_by_side(rows["before"], rows["after"], row_labels, [f"+{j}" for j in range(GRID_SEEDS)],
+                                     before.source.spec, after.source.spec)  # fmt: skip
+    report["wall_time_s"] = round(time.time() - started, 2)
+    return Evaluation(report, grids)
+
+
+def to_pil_rows(images: torch.Tensor, per_row: int) -> list[list[Image.Image]]:
+    from pipelines.images import to_pil
+
+    pil = to_pil(images)
+    return [pil[i : i + per_row] for i in range(0, len(pil), per_row)]

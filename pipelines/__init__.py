@@ -1,0 +1,25 @@
+"""Generative-model backends: resolve a model name, load it, generate, swap parts, save.
+
+Importing this package is cheap; torch and diffusers load when a model does.
+"""
+
+from __future__ import annotations
+
+from .errors import InputError
+from .loading import ModelSource, resolve
+
+__all__ = ["InputError", "ModelSource", "resolve", "load_model"]
+
+
+def load_model(spec, device: str = "cpu", single_file_config=None):
+    """Load any supported model (name, path, Hub id or ModelSource) as its backend."""
+    source = spec if isinstance(spec, ModelSource) else resolve(spec)
+    if source.kind == "text-to-image":
+        from .diffusion import load_text_to_image
+
+        return load_text_to_image(source, device=device, single_file_config=single_file_config)
+    if source.kind == "gan":
+        from .gan import load_gan
+
+        return load_gan(source, device=device)
+    raise InputError(f"{source.spec}: loading {source.kind} models is not available in this version")

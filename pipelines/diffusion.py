@@ -1,0 +1,274 @@
+"""Text-to-image backend: a thin layer over a real `diffusers.StableDiffusionPipeline`.
+
+It loads every supported source the same way, exposes the parts methods patch (tokenizer,
+text encoder, UNet, VAE, scheduler), generates deterministically per (prompt, seed), swaps a
+patched component in, and saves. No training code lives here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import InputError
+from .loading import ModelSource, check_safetensors
+from .zoo.models import DEFAULT_SAMPLING, MODEL_CARD_FILE
+
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+# Sampling defaults for checkpoints that carry no erasure_model.json (real Stable Diffusion).
+SD_SAMPLING = {"steps": 30, "guidance": 7.5}
+
+
+def _quiet_diffusers() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+class TextToImageModel:
+    """A loaded Stable-Diffusion-style model and the source it came from."""
+
+    kind = "text-to-image"
+
+    def __init__(self, pipe, source: ModelSource):
+        self.pipe = pipe
+        self.source = source
+        pipe.set_progress_bar_config(disable=True)
+
+    # The parts a method may patch.
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def text_encoder(self):
+        return self.pipe.text_encoder
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def family(self) -> str:
+        return self.source.family
+
+    @property
+    def sampling(self) -> dict:
+        """Default steps and guidance for this model (the digits world's are tuned and stored with it)."""
+        return {**SD_SAMPLING, **self.source.card.get("sampling", {})}
+
+    def to(self, device: str | torch.device) -> TextToImageModel:
+        self.pipe.to(device)
+        return self
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids padded to the tokenizer's length, as the pipeline would make them."""
+        return self.tokenizer(
+            list(prompts), padding="max_length", truncation=True,
+            max_length=self.tokenizer.model_max_length, return_tensors="pt",
+        ).input_ids.to(self.device)  # fmt: skip
+
+    def encode(self, prompts: Sequence[str], text_encoder=None) -> torch.Tensor:
+        """Prompt embeddings [B, L, D] from `text_encoder` (default: the model's own)."""
+        encoder = text_encoder if text_encoder is not None else self.text_encoder
+        return encoder(self.tokenize(prompts))[0]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        batch_size: int = 16,
+        prompt_embeds: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> list[list[Image.Image]]:
+        """Images for every (prompt, seed): `result[i][j]` is prompt i with seed j.
+
+        Each image depends only on its prompt and seed (one CPU generator per image), not on the
+        batch it was drawn in. `prompt_embeds` ([len(prompts), L, D]) replaces the text encoder,
+        e.g. for adversarial embeddings; `prompts` then only label the rows.
+        """
+        jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
+        images = self._run(jobs, prompts, prompt_embeds, steps, guidance, batch_size, progress)
+        return [[images[(i, s)] for s in seeds] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def generate_each(
+        self,
+        prompt_embeds: torch.Tensor,
+        seeds: Sequence[int],
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """One image per row of `prompt_embeds` ([N, L, D]), row i drawn with `seeds[i]`."""
+        jobs = list(zip(range(len(seeds)), seeds))
+        images = self._run(jobs, None, prompt_embeds, steps, guidance, batch_size, progress)
+        return [images[job] for job in jobs]
+
+    def _run(self, jobs, prompts, prompt_embeds, steps, guidance, batch_size, progress) -> dict:
+        from tqdm.auto import tqdm
+
+        steps = steps or self.sampling["steps"]
+        guidance = self.sampling["guidance"] if guidance is None else guidance
+        negative = self.encode([""])
+        images: dict[tuple[int, int], Image.Image] = {}
+        bar = tqdm(total=len(jobs), desc="generating", unit="img", disable=not progress)
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            generators = [torch.Generator("cpu").manual_seed(int(s)) for _, s in batch]
+            if prompt_embeds is not None:
+                embeds = prompt_embeds[[i for i, _ in batch]].to(self.device, self.unet.dtype)
+            else:
+                embeds = self.encode([prompts[i] for i, _ in batch])
+            out = self.pipe(
+                prompt_embeds=embeds, negative_prompt_embeds=negative.expand(len(batch), -1, -1),
+                num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="pil",
+            )  # fmt: skip
+            images.update(zip(batch, out.images))
+            bar.update(len(batch))
+        bar.close()
+        return images
+
+    def replace(self, name: str, module: torch.nn.Module) -> None:
+        """Swap a component (e.g. a patched text encoder) into the pipeline."""
+        if name not in ("text_encoder", "unet", "vae"):
+            raise ValueError(f"cannot replace {name!r}; replaceable: text_encoder, unet, vae")
+        module.to(self.device, getattr(self.pipe, name).dtype)
+        setattr(self.pipe, name, module)
+        self.pipe.register_modules(**{name: module})
+
+    def load_component(self, name: str, folder: str | Path) -> None:
+        """Swap in a component saved on its own (plug-and-play), e.g. an erased `text_encoder/`."""
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise InputError(f"{folder} is not a saved {name} (no config.json)")
+        check_safetensors(folder)
+        cls = type(getattr(self.pipe, name))
+        self.replace(name, cls.from_pretrained(folder, dtype=getattr(self.pipe, name).dtype))
+
+    def save(self, directory: str | Path, card: dict | None = None) -> None:
+        """Save the whole pipeline (diffusers layout, safetensors) and its erasure_model.json."""
+        directory = Path(directory)
+        self.pipe.save_pretrained(directory, safe_serialization=True)
+        card = {**self.source.card, **(card or {})}
+        if card:
+            (directory / MODEL_CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+
+
+def load_text_to_image(
+    source: ModelSource,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    single_file_config: str | Path | None = None,
+) -> TextToImageModel:
+    """Load a StableDiffusionPipeline from a resolved source (folder, Hub snapshot or single file)."""
+    from diffusers import StableDiffusionPipeline
+
+    _quiet_diffusers()
+    no_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    if source.origin == "single-file":
+        pipe = _load_single_file(source.path, single_file_config, dtype, no_checker)
+    else:
+        check_safetensors(source.path)
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(source.path, dtype=dtype, **no_checker)
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"cannot load a Stable Diffusion pipeline from {source.path}: {exc}") from None
+    model = TextToImageModel(pipe, source).to(device)
+    if torch.device(device).type == "cuda":
+        _enable_xformers(pipe)
+    return model
+
+
+def _enable_xformers(pipe) -> None:
+    """Use xformers attention when it is installed; diffusers already uses PyTorch SDPA otherwise."""
+    try:
+        import xformers  # noqa: F401
+    except ImportError:
+        return
+    try:
+        pipe.enable_xformers_memory_efficient_attention()
+    except Exception:  # a build mismatch must not stop generation: SDPA remains in place
+        pass
+
+
+def _load_single_file(path: Path, config: str | Path | None, dtype: torch.dtype, extra: dict):
+    """A single-file (original LDM layout) checkpoint, with component configs from a local folder.
+
+    Offline, diffusers cannot fetch the configs it would infer, so they come from `config` or,
+    for SD 1.x checkpoints, from the copy shipped in pipelines/configs/.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from .tokenizer import clip_tokenizer
+
+    if path.suffix == ".safetensors":
+        check_safetensors(path)
+    if config is None:
+        config = _shipped_config_for(path)
+    config = Path(config)
+    if not (config / "model_index.json").is_file():
+        raise InputError(f"{config} is not a diffusers config folder (no model_index.json)")
+    try:
+        tokenizer = _config_tokenizer(config) or clip_tokenizer()
+        return StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config), tokenizer=tokenizer, local_files_only=True, dtype=dtype, **extra
+        )
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"cannot load single-file checkpoint {path}: {exc}") from None
+
+
+def _config_tokenizer(config: Path):
+    if (config / "tokenizer").is_dir() and any((config / "tokenizer").glob("*.json")):
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(config / "tokenizer")
+    return None
+
+
+def _shipped_config_for(path: Path) -> Path:
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type, load_single_file_checkpoint
+
+    try:
+        checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+        model_type = infer_diffusers_model_type(checkpoint)
+    except Exception as exc:
+        raise InputError(f"cannot read single-file checkpoint {path}: {exc}") from None
+    shipped = {"v1": SHIPPED_CONFIGS / "sd-v1"}
+    if model_type not in shipped:
+        raise InputError(
+            f"{path} looks like a {model_type!r} checkpoint; pass --model-config with a diffusers folder "
+            f"of its configs (shipped: {', '.join(shipped)})"
+        )
+    return shipped[model_type]
+
+
+__all__ = ["TextToImageModel", "load_text_to_image", "DEFAULT_SAMPLING"]

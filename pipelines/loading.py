@@ -1,0 +1,192 @@
+"""Resolve what the user named as a model and load it.
+
+A model can be named by: an embedded name (`digits`, `digits-sd`, `digits-gan`), a local diffusers
+folder (also an erased run folder, which is one), a single-file Stable Diffusion checkpoint
+(`.safetensors`/`.ckpt`), a StyleGAN2 checkpoint (`.pt`/`.pkl`, or a folder this project saved),
+or a Hugging Face Hub id. Everything is checked before heavy work starts, so bad input fails in
+a second with one readable message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .errors import InputError
+from .zoo import models as zoo
+
+Kind = Literal["text-to-image", "one-step", "gan"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+GAN_FILE_SUFFIXES = (".pt", ".pkl")
+PIPELINE_CLASSES = {"StableDiffusionPipeline": "text-to-image", "OneStepPipeline": "one-step"}
+GAN_CONFIG_FILE = "generator_config.json"
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from, resolved; enough to load it and to record it in a manifest."""
+
+    spec: str  # what the user typed
+    kind: Kind
+    path: Path  # local folder or file
+    origin: str  # "embedded", "local", "single-file", "hub", "gan-file"
+    revision: str | None = None  # Hub commit, when from the Hub
+    card: dict = field(default_factory=dict)  # erasure_model.json of the folder, if any
+
+    @property
+    def family(self) -> str:
+        """Model family, which picks a method's tuned defaults: "digits" or "sd"."""
+        return self.card.get("family", "sd" if self.kind != "gan" else "stylegan2")
+
+    def describe(self) -> dict:
+        return {
+            "spec": self.spec, "kind": self.kind, "origin": self.origin, "path": str(self.path),
+            "revision": self.revision, "family": self.family, "sha256": weights_digest(self.path),
+        }  # fmt: skip
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 over the weight files of a model (names and contents), to pin what was erased."""
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pkl") and p.is_file()
+        )
+    )
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_safetensors(path: Path) -> None:
+    """Open each safetensors header: catches truncated or corrupt files before any loading."""
+    from safetensors import safe_open
+
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors raises its own error types for every kind of damage
+            raise InputError(f"corrupt safetensors file {f}: {exc}") from None
+
+
+def _folder_kind(path: Path) -> Kind:
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            class_name = json.loads(index.read_text()).get("_class_name", "")
+        except json.JSONDecodeError:
+            raise InputError(f"{index} is not valid JSON") from None
+        if class_name not in PIPELINE_CLASSES:
+            raise InputError(
+                f"{path} holds a {class_name or 'unknown'} pipeline; supported: {', '.join(PIPELINE_CLASSES)}"
+            )
+        return PIPELINE_CLASSES[class_name]  # type: ignore[return-value]
+    if (path / GAN_CONFIG_FILE).is_file() or (path / "generator" / GAN_CONFIG_FILE).is_file():
+        return "gan"
+    raise InputError(
+        f"{path} is not a model folder (no model_index.json for a diffusers pipeline, no {GAN_CONFIG_FILE} for a GAN)"
+    )
+
+
+def resolve(spec: str | os.PathLike | None) -> ModelSource:
+    """Turn a model name, path or Hub id into a ModelSource, or raise InputError."""
+    spec = str(spec) if spec is not None else zoo.DEFAULT_MODEL
+    if not spec.strip():
+        raise InputError("empty model name")
+    name = zoo.canonical_name(spec)
+    if name is not None:
+        kind, _ = zoo.EMBEDDED[name]
+        if kind not in ("text-to-image", "gan"):
+            raise InputError(f"{name} is an evaluator model ({kind}), not a generator")
+        try:
+            path = zoo.embedded_path(name)
+        except FileNotFoundError as exc:
+            raise InputError(str(exc)) from None
+        return ModelSource(spec, _folder_kind(path), path, "embedded", card=zoo.model_card(path))
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            kind = _folder_kind(path)
+            return ModelSource(spec, kind, path, "local", card=zoo.model_card(path))
+        if path.suffix in SINGLE_FILE_SUFFIXES:
+            return ModelSource(spec, "text-to-image", path, "single-file")
+        if path.suffix in GAN_FILE_SUFFIXES:
+            return ModelSource(spec, "gan", path, "gan-file")
+        raise InputError(
+            f"{path} is not a model: expected a folder, a {'/'.join(SINGLE_FILE_SUFFIXES)} Stable Diffusion "
+            f"checkpoint or a {'/'.join(GAN_FILE_SUFFIXES)} StyleGAN2 checkpoint"
+        )
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        local, revision = hub_snapshot(spec)
+        return ModelSource(spec, _folder_kind(local), local, "hub", revision=revision, card=zoo.model_card(local))
+    raise InputError(
+        f"no such model: {spec!r} is neither an embedded model ({', '.join(sorted(zoo.EMBEDDED))}), "
+        f"an existing path, nor a Hub id (org/name)"
+    )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """True if the Hub's host accepts a TCP connection within `timeout` seconds (DNS included)."""
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo ignores socket timeouts
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def hub_snapshot(repo_id: str) -> tuple[Path, str | None]:
+    """Local folder of a Hub model: from the cache if there, downloaded if online, else a clear error."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    # A pipeline's component folders only, safetensors only: no root single-file copies, no pickles.
+    files = {
+        "allow_patterns": ["model_index.json", zoo.MODEL_CARD_FILE, "*/*.json", "*/*.txt", "*/*.safetensors"],
+        "ignore_patterns": ["*fp16*", "*non_ema*", "*ema_only*"],
+    }
+    try:
+        local = Path(snapshot_download(repo_id, local_files_only=True, **files))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        local = None
+    except Exception as exc:  # invalid repo id format and similar
+        raise InputError(f"cannot look up {repo_id!r} on the Hugging Face Hub: {exc}") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if local is None:
+        if offline or not _hub_reachable():
+            why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached (no network?)"
+            raise InputError(
+                f"cannot download {repo_id!r}: {why} and it is not in the local cache; download it on a "
+                f"connected machine (`hf download {repo_id}`) and pass the folder, or use an embedded model"
+            )
+        try:
+            local = Path(snapshot_download(repo_id, **files))
+        except Exception as exc:
+            raise InputError(f"cannot download {repo_id!r} from the Hugging Face Hub: {exc}") from None
+    return local, local.name  # snapshot folders are named after the commit hash

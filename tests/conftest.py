@@ -1,0 +1,79 @@
+"""Tiny real components (diffusers UNet/VAE/scheduler, transformers CLIP text model, the real CLIP
+tokenizer) for fast CPU tests; no mocks of any library."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+_HOME = tempfile.mkdtemp(prefix="erasure-tests-home-")
+os.environ.setdefault("HF_HOME", os.path.join(_HOME, "hf"))
+os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(_HOME, "gradio"))
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def tiny_components(seed: int = 0) -> dict:
+    """The parts of a StableDiffusionPipeline at toy size (16x16 images, 8x8 latents)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from pipelines.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=2,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )  # fmt: skip
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=16, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
+        )
+    )  # fmt: skip
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )  # fmt: skip
+    return {
+        "unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": clip_tokenizer(16),
+        "scheduler": scheduler, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False,
+    }  # fmt: skip
+
+
+def tiny_text_encoder(seed: int):
+    return tiny_components(seed)["text_encoder"]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A saved tiny StableDiffusionPipeline folder (diffusers layout, safetensors)."""
+    from diffusers import StableDiffusionPipeline
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny-sd"
+    StableDiffusionPipeline(**tiny_components()).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture
+def tiny_model(tiny_pipeline_dir):
+    from pipelines import load_model
+
+    return load_model(str(tiny_pipeline_dir))
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in an empty temporary working directory."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

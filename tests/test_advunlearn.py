@@ -1,0 +1,48 @@
+import torch
+import torch.nn.functional as F
+
+from erasure.advunlearn import attack_embeddings
+from pipelines.text_embeddings import encode_with_inserted, token_embeddings
+
+
+def _attack_objective(model):
+    """The AdvUnlearn inner objective on the tiny model: make [adv; c] predict like a target."""
+    ids = model.tokenize(["a cat"])
+    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 600])
+    with torch.no_grad():
+        target = model.unet(x_t, t, model.encode(["a dog"]).expand(2, -1, -1)).sample
+    model.unet.requires_grad_(False)
+    model.text_encoder.requires_grad_(False)
+
+    def loss_of(adv):
+        cond = encode_with_inserted(model.text_encoder, ids, adv)
+        return F.mse_loss(model.unet(x_t, t, cond.expand(2, -1, -1)).sample, target)
+
+    return loss_of, ids
+
+
+def test_inserted_embeddings_keep_the_prompt_around_them(tiny_model):
+    ids = tiny_model.tokenize(["a cat"])
+    with torch.no_grad():
+        clean = tiny_model.encode(["a cat"])
+        adv = torch.randn(1, 2, 16)
+        attacked = encode_with_inserted(tiny_model.text_encoder, ids, adv)
+    assert attacked.shape == clean.shape
+    assert torch.allclose(attacked[:, 0], clean[:, 0], atol=1e-6)  # causal: the start token is unaffected
+    assert not torch.allclose(attacked[:, 3], clean[:, 3])
+
+
+def test_pgd_and_fast_at_lower_the_attack_objective(tiny_model):
+    loss_of, ids = _attack_objective(tiny_model)
+    start = token_embeddings(tiny_model.text_encoder, ids[:, 1:2]).detach()  # warm start from a real token
+    with torch.no_grad():
+        initial = loss_of(start).item()
+    pgd = attack_embeddings(loss_of, start, "pgd", steps=20, lr=0.05)
+    fast = attack_embeddings(loss_of, start, "fast-at", steps=1, lr=1e-3)
+    with torch.no_grad():
+        assert loss_of(pgd).item() < initial
+        assert loss_of(fast).item() < initial
+    # the attack touches only the adversarial embeddings
+    assert all(p.grad is None for p in tiny_model.text_encoder.parameters())
+    assert all(p.grad is None for p in tiny_model.unet.parameters())

@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from erasure.common import ddim_scheduler, partial_trajectory, select_trainable
+from erasure.esd import esd_target
+from pipelines.errors import InputError
+
+
+def test_esd_target_is_negative_guidance():
+    eps_empty = torch.tensor([1.0, 0.0, -2.0])
+    eps_concept = torch.tensor([3.0, 1.0, -2.0])
+    assert torch.equal(esd_target(eps_empty, eps_concept, 1.0), torch.tensor([-1.0, -1.0, -2.0]))
+    assert torch.equal(esd_target(eps_empty, eps_concept, 0.0), eps_empty)
+    assert torch.allclose(esd_target(eps_empty, eps_concept, 2.0), 3 * eps_empty - 2 * eps_concept)
+
+
+def test_partial_trajectory_stops_at_the_requested_noise_level(tiny_model):
+    scheduler = ddim_scheduler(tiny_model)
+    scheduler.set_timesteps(10)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond, uncond = tiny_model.encode(["a cat"]), tiny_model.encode([""])
+    x0, t0, t0_end = partial_trajectory(tiny_model.unet, scheduler, cond, uncond, 0, 3.0, noise)
+    assert torch.equal(x0, noise) and t0 == int(scheduler.timesteps[0]) and t0_end == min(t0 + 100, 1000)
+    x4, t4, t4_end = partial_trajectory(tiny_model.unet, scheduler, cond, uncond, 4, 3.0, noise)
+    assert t4 == int(scheduler.timesteps[4]) and t4_end == t4 + 100 and not torch.equal(x4, noise)
+
+
+def test_unet_scopes(tiny_model):
+    unet = tiny_model.unet
+    select_trainable(unet, "unet", "xattn")
+    names = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert names and all(".attn2." in n for n in names)
+    select_trainable(unet, "unet", "noxattn")
+    names = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert not any(".attn2." in n or n.startswith("time_embedding") for n in names)
+    assert any(".attn1." in n for n in names) and any("resnets" in n for n in names)
+    with pytest.raises(InputError, match="unknown UNet scope"):
+        select_trainable(unet, "unet", "attn")
+
+
+def test_text_encoder_scopes(tiny_model):
+    encoder = tiny_model.text_encoder
+    select_trainable(encoder, "text_encoder", "full")
+    names = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert any("final_layer_norm" in n for n in names) and not any("embeddings" in n for n in names)
+    select_trainable(encoder, "text_encoder", "mlp")
+    assert all(".mlp." in n for n, p in encoder.named_parameters() if p.requires_grad)
+    select_trainable(encoder, "text_encoder", "layers=0..0")
+    assert all("layers.0." in n for n, p in encoder.named_parameters() if p.requires_grad)
+    with pytest.raises(InputError, match="unknown text-encoder scope"):
+        select_trainable(encoder, "text_encoder", "layers=a..b")

@@ -1,0 +1,73 @@
+"""Run folders: atomic output, manifests, checkpoints and --resume, on a real (tiny) ESD run."""
+
+import json
+
+import pytest
+import torch
+
+from erasure.api import erase
+from erasure.output import InterruptedRun
+from pipelines import InputError, load_model
+
+QUICK = ["iterations=4", "ddim_steps=3", "batch_size=1", "lr=1e-2"]
+
+
+def _stop_at(step_to_fail: int, exc: BaseException):
+    def after_step(step, total, logs):
+        if step == step_to_fail:
+            raise exc
+
+    return after_step
+
+
+def test_run_folder_is_a_pipeline_with_its_manifest(tiny_pipeline_dir, tmp_path):
+    out = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, progress=False)
+    manifest = json.loads((out / "erasure.json").read_text())
+    assert manifest["method"] == "esd" and manifest["concepts"] == ["cat"]
+    assert manifest["config"]["iterations"] == 4 and manifest["config"]["scope"] == "xattn"
+    assert manifest["base_model"]["sha256"] and manifest["seed"] == 0
+    assert manifest["trainable_parameters"] > 0 and manifest["wall_time_s"] > 0 and manifest["peak_rss_mb"] > 0
+    assert {"torch", "diffusers", "transformers"} <= set(manifest["versions"])
+    assert manifest["changed_components"] == ["unet"]
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(out)  # loadable with no special casing
+    assert not (tmp_path / ".run.work").exists()
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_pipeline_dir, tmp_path):
+    straight = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "a", sets=QUICK, checkpoint_every=2,
+                     progress=False)  # fmt: skip
+    with pytest.raises(InterruptedRun, match="--resume"):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK, checkpoint_every=2,
+              progress=False, after_step=_stop_at(3, KeyboardInterrupt()))  # fmt: skip
+    assert not (tmp_path / "b").exists()
+    assert (tmp_path / ".b.work" / "checkpoint" / "checkpoint.pt").is_file()
+    with pytest.raises(InputError, match="pass --resume"):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK, progress=False)
+    with pytest.raises(InputError, match="other settings"):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK + ["lr=0.5"], resume=True,
+              progress=False)  # fmt: skip
+    resumed = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK, checkpoint_every=2,
+                    resume=True, progress=False)  # fmt: skip
+    a, b = load_model(str(straight)).unet.state_dict(), load_model(str(resumed)).unet.state_dict()
+    base = load_model(str(tiny_pipeline_dir)).unet.state_dict()
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # it did train
+    assert all(torch.equal(a[k], b[k]) for k in a)  # and resuming changed nothing
+
+
+def test_failed_run_leaves_nothing_behind(tiny_pipeline_dir, tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, checkpoint_every=2,
+              progress=False, after_step=_stop_at(1, RuntimeError("boom")))  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_existing_output_and_missing_resume_are_refused(tiny_pipeline_dir, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(InputError, match="already exists"):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "taken", sets=QUICK)
+    with pytest.raises(InputError, match="nothing to resume"):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "new", sets=QUICK, resume=True)
+    with pytest.raises(InputError, match="concept to erase is empty"):
+        erase("esd", [" "], str(tiny_pipeline_dir), out=tmp_path / "new", sets=QUICK)

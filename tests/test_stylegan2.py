@@ -1,0 +1,163 @@
+"""StyleGAN2: tiny forward/backward, checkpoint formats, and pickles that must never run code."""
+
+import argparse
+import os
+import pickle
+import sys
+import types
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from pipelines import InputError, load_model
+from pipelines.gan_checkpoints import save_rosinality
+from pipelines.stylegan2 import Discriminator, Generator, StyleGAN2Config
+
+TINY = StyleGAN2Config(size=16, style_dim=8, n_mlp=2, channels={4: 8, 8: 8, 16: 4})
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    generator, discriminator = Generator(TINY).eval(), Discriminator(TINY).eval()
+    with torch.no_grad():  # non-zero noise strengths and biases, so the mapping of every tensor matters
+        for name, p in generator.named_parameters():
+            if name.endswith(("noise.weight", "activate.bias", "bias")) and "modulation" not in name:
+                p.normal_(0, 0.1)
+    return generator, discriminator
+
+
+def _images(generator, seeds=(0, 1, 2)):
+    z = torch.cat([torch.randn(1, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    with torch.no_grad():
+        return generator(z, randomize_noise=False)
+
+
+def test_forward_and_backward():
+    generator, discriminator = _tiny()
+    images = generator(torch.randn(4, 8))
+    assert images.shape == (4, 3, 16, 16)
+    scores = discriminator(images)
+    assert scores.shape == (4, 1)
+    scores.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in generator.parameters())
+    assert all(p.grad is not None for p in discriminator.parameters())
+    w_plus = generator.mapping(torch.randn(2, 8))[:, None].repeat(1, generator.n_latent, 1)
+    assert generator.synthesis(w_plus).shape == (2, 3, 16, 16)
+
+
+def test_rosinality_checkpoint_loads_back_identically(tmp_path):
+    generator, discriminator = _tiny()
+    path = tmp_path / "snapshot.pt"
+    latent_avg = generator.mean_latent(64)
+    torch.save({"g_ema": generator.state_dict(), "d": discriminator.state_dict(), "latent_avg": latent_avg,
+                "args": argparse.Namespace(size=16, latent=8, n_mlp=2)}, path)  # fmt: skip
+    model = load_model(str(path))
+    assert model.kind == "gan" and model.generator.config.channels == TINY.channels
+    assert torch.equal(_images(model.generator), _images(generator))
+    assert torch.equal(model.latent_avg, latent_avg)
+    assert model.discriminator is not None
+    # and our own safetensors folder round-trips too
+    model.save(tmp_path / "folder")
+    again = load_model(str(tmp_path / "folder"))
+    assert torch.equal(_images(again.generator), _images(generator))
+    save_rosinality(tmp_path / "again.pt", again.generator, again.discriminator, again.latent_avg)
+    assert torch.equal(_images(load_model(str(tmp_path / "again.pt")).generator), _images(generator))
+
+
+def _to_nvidia(state: dict) -> dict:
+    """The NVIDIA stylegan2-ada-pytorch names and shapes of a tiny generator (test-side inverse)."""
+    nv = {}
+    for i in range(TINY.n_mlp):
+        nv[f"mapping.fc{i}.weight"], nv[f"mapping.fc{i}.bias"] = (
+            state[f"style.{i + 1}.weight"],
+            state[f"style.{i + 1}.bias"],
+        )
+    nv["synthesis.b4.const"] = state["input.input"][0]
+    layers = {"conv1": "synthesis.b4.conv1", "to_rgb1": "synthesis.b4.torgb"}
+    for k, res in enumerate((8, 16)):
+        layers.update({f"convs.{2 * k}": f"synthesis.b{res}.conv0", f"convs.{2 * k + 1}": f"synthesis.b{res}.conv1",
+                       f"to_rgbs.{k}": f"synthesis.b{res}.torgb"})  # fmt: skip
+    for ours, theirs in layers.items():
+        nv[f"{theirs}.weight"] = state[f"{ours}.conv.weight"][0]
+        nv[f"{theirs}.affine.weight"] = state[f"{ours}.conv.modulation.weight"]
+        nv[f"{theirs}.affine.bias"] = state[f"{ours}.conv.modulation.bias"]
+        if "rgb" in ours:
+            nv[f"{theirs}.bias"] = state[f"{ours}.bias"].reshape(3)
+        else:
+            nv[f"{theirs}.bias"] = state[f"{ours}.activate.bias"]
+            nv[f"{theirs}.noise_strength"] = state[f"{ours}.noise.weight"][0]
+    noise_layers = ["synthesis.b4.conv1", "synthesis.b8.conv0", "synthesis.b8.conv1", "synthesis.b16.conv0",
+                    "synthesis.b16.conv1"]  # fmt: skip
+    for i, layer in enumerate(noise_layers):
+        nv[f"{layer}.noise_const"] = state[f"noises.noise_{i}"][0, 0]
+    return nv
+
+
+@pytest.fixture
+def persistence_module(monkeypatch):
+    """A stand-in for NVIDIA's torch_utils.persistence, only so that pickle can *write* its references."""
+    package, module = types.ModuleType("torch_utils"), types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):  # what NVIDIA's loader would run: exec(meta["module_src"])
+        raise AssertionError("the project must never call NVIDIA's reconstructor")
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    module._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    package.persistence = module
+    monkeypatch.setitem(sys.modules, "torch_utils", package)
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", module)
+    return module
+
+
+def _persistent(module, class_name: str, params: dict, children: dict, source: str):
+    class Persistent:  # pickles exactly like an NVIDIA persistent_class instance
+        def __reduce__(self):
+            state = {"training": False, "_parameters": OrderedDict(params), "_buffers": OrderedDict(),
+                     "_non_persistent_buffers_set": set(), "_modules": OrderedDict(children)}  # fmt: skip
+            meta = {"type": "class", "version": 6, "module_src": source, "class_name": class_name, "state": state}
+            return (module._reconstruct_persistent_obj, (meta,))
+
+    return Persistent()
+
+
+def test_nvidia_pickle_loads_without_running_its_code(tmp_path, persistence_module):
+    generator, _ = _tiny()
+    nv = _to_nvidia(generator.state_dict())
+    marker = tmp_path / "code-ran"
+    source = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('executed')\n"
+
+    def tree(prefix: str):
+        names = {k[len(prefix) :] for k in nv if k.startswith(prefix)}
+        params = {n: torch.nn.Parameter(nv[prefix + n]) for n in names if "." not in n}
+        children = {c: tree(f"{prefix}{c}.") for c in sorted({n.split(".")[0] for n in names if "." in n})}
+        return _persistent(persistence_module, prefix or "Generator", params, children, source)
+
+    path = tmp_path / "network-snapshot.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"G_ema": tree(""), "training_set_kwargs": {"resolution": 16}}, f)
+    model = load_model(str(path))
+    assert not marker.exists()
+    assert torch.equal(_images(model.generator), _images(generator))
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickles_are_refused_and_never_execute(tmp_path):
+    marker = tmp_path / "pwned"
+    pkl = tmp_path / "evil.pkl"
+    pkl.write_bytes(pickle.dumps({"G_ema": _Exploit(marker)}))
+    with pytest.raises(InputError, match="refused global"):
+        load_model(str(pkl))
+    pt = tmp_path / "evil.pt"
+    torch.save({"g_ema": _Exploit(marker)}, pt)
+    with pytest.raises(InputError, match="refused"):
+        load_model(str(pt))
+    assert not marker.exists()

@@ -1,0 +1,26 @@
+from pipelines.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
+
+
+def test_real_clip_vocabulary_size_and_special_ids():
+    tokenizer = clip_tokenizer()
+    assert len(tokenizer) == VOCAB_SIZE == 49408
+    assert tokenizer.bos_token_id == BOS_ID == 49406
+    assert tokenizer.eos_token_id == EOS_ID == 49407
+
+
+def test_encodes_like_openai_clip():
+    # ids of OpenAI CLIP / SD 1.x for "a photo of a cat"
+    assert clip_tokenizer()("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_matches_open_clip_tokenizer_and_pads_like_sd1():
+    import open_clip
+
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    tokenizer = clip_tokenizer()
+    for text in ("the number 7 in bold green", "Van Gogh's starry night!", "a red italic seven, 1920s"):
+        ours = tokenizer(text, padding="max_length", max_length=77).input_ids
+        theirs = reference([text])[0].tolist()
+        length = theirs.index(EOS_ID) + 1
+        assert ours[:length] == theirs[:length]
+        assert ours[length:] == [EOS_ID] * (77 - length)  # SD 1.x pads with the end token
