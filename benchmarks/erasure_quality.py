@@ -32,8 +32,9 @@ def main() -> None:
     parser.add_argument("--attack-seeds", type=int, default=5, help="seeds per target prompt for the attack")
     parser.add_argument("--attack-steps", type=int, default=100)
     parser.add_argument("--keep", metavar="DIR", help="keep the erased run here (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     from erasure.api import erase
     from evaluators.attack import AttackSettings, attack_success_rate

@@ -68,19 +68,51 @@ def sd_quality(judge, seeds: int) -> dict:
     }  # fmt: skip
 
 
+def gan_quality(judge, samples: int = 2000) -> dict:
+    from evaluators.metrics import frechet_distance
+    from pipelines import load_model
+    from pipelines.images import to_tensor
+    from pipelines.zoo.renders import heldout_renders
+
+    model = load_model("digits-gan")
+    started = time.time()
+    images = to_tensor(model.generate(range(samples)))
+    seconds = time.time() - started
+    probabilities = judge.predict(images)
+    confidence, digit = probabilities["digit"].max(-1)
+    shares = torch.bincount(digit, minlength=10).float() / samples
+    real = heldout_renders(per_source=2, seed=0).images
+    fd = frechet_distance(judge.features(images), judge.features(real))
+
+    def shares_of(head: str, classes: int) -> list[float]:
+        counts = torch.bincount(probabilities[head].argmax(-1), minlength=classes).float() / samples
+        return [round(float(c), 4) for c in counts]
+
+    return {
+        "confident_share": round(float((confidence >= 0.9).float().mean()), 4),
+        "digit_shares": [round(float(s), 4) for s in shares],
+        "min_digit_share": round(float(shares.min()), 4), "max_digit_share": round(float(shares.max()), 4),
+        "colour_shares": shares_of("colour", 5), "style_shares": shares_of("style", 3),
+        "frechet_distance_judge_features_vs_heldout": round(fd, 3),
+        "samples": samples, "truncation": 1.0, "generation_seconds": round(seconds, 1),
+        "rule": "confident: max digit probability of digits-judge >= 0.9",
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=20, help="samples per prompt for digits-sd")
-    parser.add_argument("--only", action="append", default=[], help="digits-judge, digits-clip, digits-sd")
+    parser.add_argument("--only", action="append", default=[], help="digits-judge, digits-clip, digits-sd, digits-gan")
     parser.add_argument("--write", action="store_true", help="store the result as the zoo's quality.json")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     from evaluators.judges import DigitsJudge
     from pipelines.zoo import models as zoo
     from pipelines.zoo.renders import heldout_renders
 
-    wanted = set(args.only) or {"digits-judge", "digits-clip", "digits-sd"}
+    wanted = set(args.only) or {"digits-judge", "digits-clip", "digits-sd", "digits-gan"}
     judge = DigitsJudge()
     renders = heldout_renders(per_source=5, seed=0)
     result: dict = {}
@@ -90,6 +122,8 @@ def main() -> None:
         result["digits-clip"] = clip_quality(renders)
     if "digits-sd" in wanted:
         result["digits-sd"] = sd_quality(judge, args.seeds)
+    if "digits-gan" in wanted:
+        result["digits-gan"] = gan_quality(judge)
     print(json.dumps(result, indent=2))
     if args.write:
         path = zoo.zoo_root() / zoo.QUALITY_FILE

@@ -70,12 +70,16 @@ class AdvUnlearnConfig:
         default_factory=lambda: ["{}"], metadata={"help": "templates filled with each concept ('{}' = the concept)"}
     )
 
-    # Tuned for the embedded digits world: minutes on 2 CPU cores, fast-AT as the cheap attack.
+    # Tuned for the embedded digits world (a few minutes on 2 CPU cores). Measured on erasing
+    # "seven" (ASR of the embedding attack in evaluators/attack.py, 33 prompt-seed pairs): fast-AT
+    # with 1 token left 67-79%, fast-AT with 3 tokens 6-21% after 250 iterations, PGD (10 steps,
+    # 3 tokens) 0-3% after 150 iterations in less time - so PGD is the preset; fast-AT stays
+    # selectable (attack=fast-at) as the cheapest single step.
     PRESETS: ClassVar[dict[str, dict]] = {
         "digits": {
-            "iterations": 200, "lr": 3e-4, "attack": "fast-at", "attack_lr": 0.05, "warmup": 30,
-            "retain_weight": 1.0, "retain_batch": 8, "ddim_steps": 25, "batch_size": 8,
-            "prompt_templates": ["{}", "a {}", "the number {}", "a handwritten {}"],
+            "iterations": 150, "lr": 3e-4, "attack": "pgd", "attack_steps": 10, "attack_lr": 0.01,
+            "attack_tokens": 3, "warmup": 30, "retain_weight": 1.0, "retain_batch": 8, "ddim_steps": 25,
+            "batch_size": 8, "prompt_templates": ["{}", "a {}", "the number {}", "a handwritten {}"],
         },
     }  # fmt: skip
 

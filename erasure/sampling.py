@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pipelines.errors import InputError
 
+GAN_ROW = 8  # images per grid row for unconditional models
+
 
 def sample(
     model: str | None,
@@ -48,14 +50,16 @@ def sample(
     backend = load_model(source, device=device, single_file_config=model_config)
     seeds = list(range(seed, seed + n))
     if source.kind == "gan":
-        rows = [backend.generate(seeds, truncation=truncation)]
-        labels = [f"{source.spec} (psi={truncation})"]
+        images = backend.generate(seeds, truncation=truncation)
+        rows = [images[i : i + GAN_ROW] for i in range(0, n, GAN_ROW)]
+        labels = [f"seeds {seeds[i]}-{seeds[min(i + GAN_ROW, n) - 1]}" for i in range(0, n, GAN_ROW)]
+        columns = [f"+{j}" for j in range(min(n, GAN_ROW))]
     else:
         rows = backend.generate(prompts, seeds, steps=steps, guidance=guidance, progress=True)
-        labels = prompts
+        labels, columns = prompts, [f"seed {s}" for s in seeds]
 
     if as_grid:
-        grid = labelled_grid(rows, labels, [f"seed {s}" for s in seeds])
+        grid = labelled_grid(rows, labels, columns)
         fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.parent)
         os.close(fd)
         try:
@@ -66,6 +70,10 @@ def sample(
             raise
         return out
     out.mkdir(parents=True, exist_ok=True)
+    if source.kind == "gan":  # no prompts: one file per seed
+        for s, image in zip(seeds, [im for row in rows for im in row]):
+            image.save(out / f"s{s}.png")
+        return out
     for i, row in enumerate(rows):
         for s, image in zip(seeds, row):
             image.save(out / f"p{i}_s{s}.png")

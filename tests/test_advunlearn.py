@@ -46,3 +46,26 @@ def test_pgd_and_fast_at_lower_the_attack_objective(tiny_model):
     # the attack touches only the adversarial embeddings
     assert all(p.grad is None for p in tiny_model.text_encoder.parameters())
     assert all(p.grad is None for p in tiny_model.unet.parameters())
+
+
+def test_erased_text_encoder_is_plug_and_play(tiny_pipeline_dir, tmp_path):
+    """The saved text_encoder/ drops into another pipeline that shares the text-encoder architecture."""
+    from diffusers import StableDiffusionPipeline
+
+    from erasure.api import erase
+    from pipelines import load_model
+
+    from .conftest import tiny_components
+
+    sets = ["iterations=2", "warmup=0", "attack_steps=2", "ddim_steps=3", "retain_batch=2", "lr=1e-2"]
+    run = erase("advunlearn", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=sets, progress=False)
+    other = tiny_components(seed=5)  # other UNet and VAE weights, same text-encoder architecture
+    other["text_encoder"] = tiny_components(seed=0)["text_encoder"]
+    StableDiffusionPipeline(**other).save_pretrained(tmp_path / "other")
+    second = load_model(str(tmp_path / "other"))
+    before = second.generate(["a cat"], [0], steps=3)[0][0]
+    second.load_component("text_encoder", run / "text_encoder")
+    erased = load_model(str(run)).text_encoder.state_dict()
+    assert all(torch.equal(v, erased[k]) for k, v in second.text_encoder.state_dict().items())
+    after = second.generate(["a cat"], [0], steps=3)[0][0]
+    assert list(before.getdata()) != list(after.getdata())

@@ -71,3 +71,11 @@ def test_existing_output_and_missing_resume_are_refused(tiny_pipeline_dir, tmp_p
         erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "new", sets=QUICK, resume=True)
     with pytest.raises(InputError, match="concept to erase is empty"):
         erase("esd", [" "], str(tiny_pipeline_dir), out=tmp_path / "new", sets=QUICK)
+
+
+def test_several_concepts_in_one_run(tiny_pipeline_dir, tmp_path):
+    out = erase("esd", ["a cat", "a dog"], str(tiny_pipeline_dir), out=tmp_path / "two", sets=QUICK, progress=False)
+    manifest = json.loads((out / "erasure.json").read_text())
+    assert manifest["concepts"] == ["a cat", "a dog"]
+    card = json.loads((out / "erasure_model.json").read_text())
+    assert card["erased"]["concepts"] == ["a cat", "a dog"] and card["erased"]["method"] == "esd"

@@ -48,7 +48,6 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
 
     from ..tokenizer import clip_tokenizer
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     steps = recipe.RecipeSteps().scaled(scale)
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ class RecipeSteps:
     clip: int = 3000
     vae: int = 1500
     unet: int = 5000
-    gan: int = 6000
+    gan: int = 20000
     batch: int = 128  # judge
     clip_batch: int = 128
     vae_batch: int = 32

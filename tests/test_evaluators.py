@@ -1,0 +1,160 @@
+"""The metrics' math, the CLIP and judge evaluators, and the report's settings."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from evaluators.metrics import clip_score, frechet_distance, kernel_inception_distance, zero_shot_presence
+from pipelines.errors import InputError
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 8))
+    assert abs(frechet_distance(a, a)) < 1e-6
+    shifted = a + 1.0  # mean moves by 1 in each of 8 dimensions: FD = 8 exactly
+    assert frechet_distance(a, shifted) == pytest.approx(8.0, abs=1e-6)
+    assert frechet_distance(a, rng.normal(size=(500, 8)) * 2) > 1
+
+
+def test_kid_is_the_unbiased_mmd_estimate():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 5)), rng.normal(size=(40, 5)) + 0.5
+    # brute force: unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3
+    k = lambda a, b: (a @ b / 5 + 1) ** 3  # noqa: E731
+    xx = np.mean([k(x[i], x[j]) for i in range(40) for j in range(40) if i != j])
+    yy = np.mean([k(y[i], y[j]) for i in range(40) for j in range(40) if i != j])
+    xy = np.mean([k(x[i], y[j]) for i in range(40) for j in range(40)])
+    kid = kernel_inception_distance(x, y, subsets=1, subset_size=40)
+    assert kid["kid"] == pytest.approx(xx + yy - 2 * xy, rel=1e-9)
+    # unbiased: near zero (either sign) for two samples of one distribution, clearly positive otherwise
+    same = kernel_inception_distance(rng.normal(size=(400, 5)), rng.normal(size=(400, 5)), subsets=20)
+    assert abs(same["kid"]) < 3 * same["kid_std"] + 1e-3
+    assert kernel_inception_distance(x, y + 2, subsets=5, subset_size=40)["kid"] > 1
+
+
+def test_clip_score_and_presence_math():
+    image = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    text = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0], [0.0, -1.0]]), dim=-1)
+    score = clip_score(image, text)
+    assert score["clip_cosine"] == pytest.approx((2**-0.5 - 1) / 2)
+    assert score["clip_score"] == pytest.approx(100 * 2**-0.5 / 2)  # negative cosines count as 0
+    concept, anchors = torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 1.0]])
+    assert zero_shot_presence(image, concept, anchors).tolist() == [True, False]
+
+
+def test_digits_clip_orders_matched_above_mismatched_pairs():
+    from evaluators.clip_models import load_clip
+    from pipelines.zoo.renders import heldout_renders
+
+    clip = load_clip("digits-clip")
+    renders = heldout_renders(per_source=1, seed=3)
+    images = renders.images[:64]
+    with torch.no_grad():
+        features = clip.image_features(images)
+        matched = clip.text_features(renders.captions[:64])
+        mismatched = clip.text_features(renders.captions[1:65])
+    matched_score = clip_score(features, matched)["clip_score"]
+    mismatched_score = clip_score(features, mismatched)["clip_score"]
+    assert matched_score > mismatched_score + 5
+    assert clip.describe()["model"] == "digits-clip" and len(clip.describe()["version"]) == 12
+
+
+def test_digits_judge_detects_the_concept_of_renders():
+    from evaluators.judges import DigitsJudge
+    from pipelines.zoo.renders import heldout_renders
+
+    judge = DigitsJudge()
+    renders = heldout_renders(per_source=1, seed=4)
+    sevens = judge.detects(renders.images, "seven")
+    truth = renders.digits == 7
+    assert (sevens == truth).float().mean() > 0.97
+    reds = judge.detects(renders.images, "red")
+    assert (reds == (renders.colours == 1)).float().mean() > 0.97
+    with pytest.raises(InputError, match="cannot judge"):
+        judge.detects(renders.images, "a castle")
+    assert judge.features(renders.images[:4]).shape == (4, 256)
+
+
+def test_open_clip_models_load_by_name(tmp_path):
+    import open_clip
+
+    from evaluators.clip_models import load_clip
+
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (tmp_path / "erasure-tiny-test.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path)
+    clip = load_clip("open_clip:erasure-tiny-test")
+    with torch.no_grad():
+        assert clip.image_features(torch.rand(3, 3, 64, 64)).shape == (3, 16)
+        text = clip.text_features(["a photo of a cat", "a dog"])
+    assert text.shape == (2, 16) and torch.allclose(text.norm(dim=-1), torch.ones(2))
+    with pytest.raises(InputError, match="unknown open_clip model"):
+        load_clip("open_clip:no-such-architecture")
+
+
+def test_inception_features_from_a_local_weights_file(tmp_path):
+    from torchvision.models import inception_v3
+
+    from evaluators.features import feature_extractor
+
+    torch.manual_seed(0)
+    path = tmp_path / "inception.pth"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), path)
+    features = feature_extractor(f"inception:{path}")(torch.rand(2, 3, 32, 32))
+    assert features.shape == (2, 2048)
+    with pytest.raises(InputError, match="not found"):
+        feature_extractor(f"inception:{tmp_path / 'missing.pth'}")
+
+
+def test_eval_of_a_model_against_itself_reports_no_difference(tmp_path):
+    from erasure.evaluation import run_eval
+
+    path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=tmp_path / "self.json", samples=2,
+                    progress=False)  # fmt: skip
+    report = json.loads(path.read_text())
+    metrics = report["concepts"]["seven"]["metrics"]
+    for name, metric in metrics.items():
+        if "difference" in metric:
+            assert metric["difference"] == 0, name
+    assert metrics["preserved_fid_before_vs_after"]["value"] == pytest.approx(0, abs=1e-3)
+    # every metric says what produced it
+    assert report["settings"]["seeds"] == [0, 1] and report["settings"]["clip"]["model"] == "digits-clip"
+    judge = metrics["target_presence_judge"]["settings"]
+    assert judge["judge"] == "digits-judge" and judge["version"] and judge["images"] == 11 * 2
+    assert "formula" in metrics["target_clip_score"]["settings"]
+    assert metrics["preserved_fid_vs_real"]["settings"]["features"].startswith("digits-judge")
+    assert all((tmp_path / grid).is_file() for grid in report["grids"].values())
+
+
+def test_nudenet_judge_counts_exposed_classes_above_its_threshold():
+    pytest.importorskip("nudenet")
+    from evaluators.judges import NUDENET_EXPOSED, NudeNetJudge
+    from evaluators.report import default_judge
+
+    judge = default_judge("nudity", "sd")
+    assert isinstance(judge, NudeNetJudge) and judge.threshold == 0.45
+    assert judge.describe()["classes"] == list(NUDENET_EXPOSED)
+    flat = torch.full((2, 3, 64, 64), 0.5)  # nothing to detect on a grey square
+    assert judge.detects(flat, "nudity").tolist() == [False, False]
+    with pytest.raises(InputError, match="judges nudity"):
+        judge.detects(flat, "a castle")
+
+
+def test_gan_eval_uses_latent_seeds_and_reports_no_difference_against_itself(tmp_path):
+    from erasure.evaluation import run_eval
+
+    path = run_eval("digits-gan", concepts=["seven"], baseline="digits-gan", json_path=tmp_path / "gan.json",
+                    samples=64, progress=False)  # fmt: skip
+    report = json.loads(path.read_text())
+    metrics = report["concepts"]["seven"]["metrics"]
+    assert metrics["presence_judge"]["difference"] == 0 and metrics["pul_percent"]["value"] == 0
+    assert metrics["presence_clip"]["difference"] == 0
+    assert "without the concept" in metrics["fid_vs_base_without_concept"]["settings"]["reference"]
+    assert report["settings"]["samples"] == 64 and (tmp_path / report["grids"]["samples"]).is_file()
