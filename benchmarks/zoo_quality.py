@@ -68,7 +68,7 @@ def sd_quality(judge, seeds: int) -> dict:
     }  # fmt: skip
 
 
-def gan_quality(judge, samples: int = 2000) -> dict:
+def gan_quality(judge, samples: int = 2000, truncation: float = 1.0) -> dict:
     from evaluators.metrics import frechet_distance
     from pipelines import load_model
     from pipelines.images import to_tensor
@@ -76,7 +76,7 @@ def gan_quality(judge, samples: int = 2000) -> dict:
 
     model = load_model("digits-gan")
     started = time.time()
-    images = to_tensor(model.generate(range(samples)))
+    images = to_tensor(model.generate(range(samples), truncation=truncation))
     seconds = time.time() - started
     probabilities = judge.predict(images)
     confidence, digit = probabilities["digit"].max(-1)
@@ -94,7 +94,7 @@ def gan_quality(judge, samples: int = 2000) -> dict:
         "min_digit_share": round(float(shares.min()), 4), "max_digit_share": round(float(shares.max()), 4),
         "colour_shares": shares_of("colour", 5), "style_shares": shares_of("style", 3),
         "frechet_distance_judge_features_vs_heldout": round(fd, 3),
-        "samples": samples, "truncation": 1.0, "generation_seconds": round(seconds, 1),
+        "samples": samples, "truncation": truncation, "generation_seconds": round(seconds, 1),
         "rule": "confident: max digit probability of digits-judge >= 0.9",
     }  # fmt: skip
 
@@ -103,6 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=20, help="samples per prompt for digits-sd")
     parser.add_argument("--only", action="append", default=[], help="digits-judge, digits-clip, digits-sd, digits-gan")
+    parser.add_argument("--gan-truncation", type=float, default=1.0, help="truncation psi of digits-gan samples")
     parser.add_argument("--write", action="store_true", help="store the result as the zoo's quality.json")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     args = parser.parse_args()
@@ -123,7 +124,7 @@ def main() -> None:
     if "digits-sd" in wanted:
         result["digits-sd"] = sd_quality(judge, args.seeds)
     if "digits-gan" in wanted:
-        result["digits-gan"] = gan_quality(judge)
+        result["digits-gan"] = gan_quality(judge, truncation=args.gan_truncation)
     print(json.dumps(result, indent=2))
     if args.write:
         path = zoo.zoo_root() / zoo.QUALITY_FILE

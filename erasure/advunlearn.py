@@ -70,15 +70,17 @@ class AdvUnlearnConfig:
         default_factory=lambda: ["{}"], metadata={"help": "templates filled with each concept ('{}' = the concept)"}
     )
 
-    # Tuned for the embedded digits world (a few minutes on 2 CPU cores). Measured on erasing
-    # "seven" (ASR of the embedding attack in evaluators/attack.py, 33 prompt-seed pairs): fast-AT
-    # with 1 token left 67-79%, fast-AT with 3 tokens 6-21% after 250 iterations, PGD (10 steps,
-    # 3 tokens) 0-3% after 150 iterations in less time - so PGD is the preset; fast-AT stays
-    # selectable (attack=fast-at) as the cheapest single step.
+    # Tuned for the embedded digits world (a few minutes on 2 CPU cores), erasing "seven" and
+    # scored by benchmarks/erasure_quality.py (presence / other digits' accuracy drop / ASR of the
+    # embedding attack in evaluators/attack.py, 55 prompt-seed pairs; ESD-u: 0.9% / 0 / 47%):
+    #   PGD 10 steps, retain 1, 150 it: 4.5% / 10.3 pts / 15%    retain 5 (preset): 2.7% / 1.7 / 27%
+    #   PGD 30 steps, retain 3, 200 it: 1.8% / 5.0 pts / 11%     retain 4, 250 it: 1.8% / 0.8 / 35%
+    #   PGD 30 steps, attack_lr 0.05, retain 5: 13.6% / 10.3 / 80%   fast-AT, 1 token: ASR 67-79%
+    # Robustness bought with a weaker utility term costs other digits; the preset keeps them.
     PRESETS: ClassVar[dict[str, dict]] = {
         "digits": {
             "iterations": 150, "lr": 3e-4, "attack": "pgd", "attack_steps": 10, "attack_lr": 0.01,
-            "attack_tokens": 3, "warmup": 30, "retain_weight": 1.0, "retain_batch": 8, "ddim_steps": 25,
+            "attack_tokens": 3, "warmup": 30, "retain_weight": 5.0, "retain_batch": 8, "ddim_steps": 25,
             "batch_size": 8, "prompt_templates": ["{}", "a {}", "the number {}", "a handwritten {}"],
         },
     }  # fmt: skip

@@ -68,4 +68,4 @@ def test_erased_text_encoder_is_plug_and_play(tiny_pipeline_dir, tmp_path):
     erased = load_model(str(run)).text_encoder.state_dict()
     assert all(torch.equal(v, erased[k]) for k, v in second.text_encoder.state_dict().items())
     after = second.generate(["a cat"], [0], steps=3)[0][0]
-    assert list(before.getdata()) != list(after.getdata())
+    assert before.tobytes() != after.tobytes()

@@ -99,3 +99,18 @@ def test_erase_then_sample_grid_and_folder(tiny_pipeline_dir, tmp_path):
     names = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert names == ["p0_s5.png", "p0_s6.png", "p1_s5.png", "p1_s6.png"]
     assert Image.open(tmp_path / "images" / "p1_s6.png").size == (16, 16)
+
+
+def test_sample_embedded_models(tmp_path):
+    result = run("sample", "--prompt", "a red seven", "--n", "3", "--seed", "0", "--steps", "5",
+                 "--out", str(tmp_path / "digits.png"))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "digits.png").width >= 3 * 96
+    result = run("sample", "digits-gan", "--n", "10", "--seed", "3", "--out", str(tmp_path / "gan.png"))
+    assert result.returncode == 0, result.stderr
+    grid = Image.open(tmp_path / "gan.png")
+    assert grid.height > 2 * 96 and grid.width > 8 * 96  # two rows of eight and two
+    result = run("sample", "digits-gan", "--n", "2", "--seed", "3", "--out", str(tmp_path / "gan"))
+    assert sorted(p.name for p in (tmp_path / "gan").iterdir()) == ["s3.png", "s4.png"]
+    result = run("sample", "digits-gan", "--prompt", "a seven", "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and "takes no --prompt" in result.stderr

@@ -69,3 +69,32 @@ def test_unknown_and_missing_embedded_models(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="evaluator model"):
         monkeypatch.delenv("ERASURE_ZOO")
         resolve("digits-judge")
+
+
+def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(tmp_path, monkeypatch):
+    from pipelines.zoo import recipe
+
+    straight = recipe.train_gan(tmp_path / "straight", steps=4, batch=2, seed=0, snapshot_every=2)
+
+    save = recipe._save_gan_snapshot
+
+    class Interrupted(Exception):
+        pass
+
+    def save_then_interrupt(*args, **kwargs):
+        save(*args, **kwargs)
+        raise Interrupted
+
+    monkeypatch.setattr(recipe, "_save_gan_snapshot", save_then_interrupt)
+    with pytest.raises(Interrupted):
+        recipe.train_gan(tmp_path / "resumed", steps=4, batch=2, seed=0, snapshot_every=2)
+    snapshot = tmp_path / ".resumed-snapshot.pt"
+    assert snapshot.exists() and not (tmp_path / "resumed").exists()
+    with pytest.raises(ValueError, match="other settings"):
+        recipe.train_gan(tmp_path / "resumed", steps=6, batch=2, seed=0, snapshot_every=2)
+
+    monkeypatch.setattr(recipe, "_save_gan_snapshot", save)
+    resumed = recipe.train_gan(tmp_path / "resumed", steps=4, batch=2, seed=0, snapshot_every=2)
+    assert not snapshot.exists()
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -286,8 +286,13 @@ def digits_gan_config():
     return StyleGAN2Config(size=32, style_dim=128, n_mlp=4, channels={4: 128, 8: 128, 16: 64, 32: 32})
 
 
-def train_gan(out_dir: Path, steps: int, batch: int, seed: int):
-    """digits-gan: StyleGAN2 with the non-saturating logistic loss, lazy R1 and an EMA generator."""
+def train_gan(out_dir: Path, steps: int, batch: int, seed: int, snapshot_every: int = 500):
+    """digits-gan: StyleGAN2 with the non-saturating logistic loss, lazy R1 and an EMA generator.
+
+    The run is long on a CPU (about two hours), so every `snapshot_every` steps its whole state
+    (networks, optimisers, random streams) goes to a snapshot beside `out_dir`; a rerun picks it up
+    and continues with the same random streams as an uninterrupted run.
+    """
     from ..gan_checkpoints import save_gan
     from ..stylegan2 import Discriminator, Generator
 
@@ -303,7 +308,10 @@ def train_gan(out_dir: Path, steps: int, batch: int, seed: int):
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=2.5e-3, betas=betas)
     r1_gamma, r1_every = 0.1, 16
     ema_beta = 0.5 ** (batch / 10_000)  # EMA half-life of 10k images, as StyleGAN2-ADA
-    bar = tqdm(range(steps), desc="digits-gan", unit="step")
+    parts = {"generator": generator, "discriminator": discriminator, "ema": ema, "opt_g": opt_g, "opt_d": opt_d}
+    snapshot = Path(out_dir).with_name(f".{Path(out_dir).name}-snapshot.pt")
+    start = _load_gan_snapshot(snapshot, parts, sampler, steps, batch, seed)
+    bar = tqdm(range(start, steps), desc="digits-gan", unit="step", initial=start, total=steps)
     for step in bar:
         real = sampler.sample(batch).images * 2 - 1
         z = torch.randn(batch, config.style_dim)
@@ -330,6 +338,34 @@ def train_gan(out_dir: Path, steps: int, batch: int, seed: int):
             for be, b in zip(ema.buffers(), generator.buffers()):
                 be.copy_(b)
         bar.set_postfix(d=f"{loss_d.item():.3f}", g=f"{loss_g.item():.3f}")
+        if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
+            _save_gan_snapshot(snapshot, parts, sampler, step + 1, steps, batch, seed)
     ema.eval()
     save_gan(out_dir, ema, discriminator.eval(), ema.mean_latent())
+    snapshot.unlink(missing_ok=True)
     return ema
+
+
+def _save_gan_snapshot(path: Path, parts: dict, sampler, step: int, steps: int, batch: int, seed: int) -> None:
+    state = {name: part.state_dict() for name, part in parts.items()}
+    state["run"] = {"step": step, "steps": steps, "batch": batch, "seed": seed}
+    state["rng"] = {"torch": torch.get_rng_state(), "sampler": sampler.generator.get_state()}
+    state["sampler_py"] = list(sampler.rng.getstate()[1])
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a crash mid-write leaves the previous snapshot intact
+
+
+def _load_gan_snapshot(path: Path, parts: dict, sampler, steps: int, batch: int, seed: int) -> int:
+    if not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state["run"] != {"step": state["run"]["step"], "steps": steps, "batch": batch, "seed": seed}:
+        raise ValueError(f"{path} was written by a run with other settings ({state['run']}); delete it to start over")
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    torch.set_rng_state(state["rng"]["torch"])
+    sampler.generator.set_state(state["rng"]["sampler"])
+    version, _, gauss = sampler.rng.getstate()
+    sampler.rng.setstate((version, tuple(state["sampler_py"]), gauss))
+    return state["run"]["step"]
