@@ -76,6 +76,8 @@ class AdvUnlearnConfig:
     #   PGD 10 steps, retain 1, 150 it: 4.5% / 10.3 pts / 15%    retain 5 (preset): 2.7% / 1.7 / 27%
     #   PGD 30 steps, retain 3, 200 it: 1.8% / 5.0 pts / 11%     retain 4, 250 it: 1.8% / 0.8 / 35%
     #   PGD 30 steps, attack_lr 0.05, retain 5: 13.6% / 10.3 / 80%   fast-AT, 1 token: ASR 67-79%
+    #   PGD 10, retain 5, 5 tokens: 2.3% / 0.8 / 25%; 8 tokens: 2.3% / 2.2 / 29%; 5 tokens, retain 3: 1.8% / 3.1 / 22%
+    #   PGD 20, retain 5, 200 it: 1.4% / 4.7 / 29%     PGD 30, retain 3, 300 it, lr 2e-4: 3.2% / 1.7 / 53%
     # Robustness bought with a weaker utility term costs other digits; the preset keeps them.
     PRESETS: ClassVar[dict[str, dict]] = {
         "digits": {
