@@ -79,8 +79,7 @@ def gan_quality(judge, samples: int = 2000, truncation: float = 1.0) -> dict:
     images = to_tensor(model.generate(range(samples), truncation=truncation))
     seconds = time.time() - started
     probabilities = judge.predict(images)
-    confidence, digit = probabilities["digit"].max(-1)
-    shares = torch.bincount(digit, minlength=10).float() / samples
+    confidence = probabilities["digit"].max(-1).values
     real = heldout_renders(per_source=2, seed=0).images
     fd = frechet_distance(judge.features(images), judge.features(real))
 
@@ -88,10 +87,10 @@ def gan_quality(judge, samples: int = 2000, truncation: float = 1.0) -> dict:
         counts = torch.bincount(probabilities[head].argmax(-1), minlength=classes).float() / samples
         return [round(float(c), 4) for c in counts]
 
+    digit_shares = shares_of("digit", 10)
     return {
         "confident_share": round(float((confidence >= 0.9).float().mean()), 4),
-        "digit_shares": [round(float(s), 4) for s in shares],
-        "min_digit_share": round(float(shares.min()), 4), "max_digit_share": round(float(shares.max()), 4),
+        "digit_shares": digit_shares, "min_digit_share": min(digit_shares), "max_digit_share": max(digit_shares),
         "colour_shares": shares_of("colour", 5), "style_shares": shares_of("style", 3),
         "frechet_distance_judge_features_vs_heldout": round(fd, 3),
         "samples": samples, "truncation": truncation, "generation_seconds": round(seconds, 1),

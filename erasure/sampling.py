@@ -71,7 +71,7 @@ def sample(
         return out
     out.mkdir(parents=True, exist_ok=True)
     if source.kind == "gan":  # no prompts: one file per seed
-        for s, image in zip(seeds, [im for row in rows for im in row]):
+        for s, image in zip(seeds, images):
             image.save(out / f"s{s}.png")
         return out
     for i, row in enumerate(rows):

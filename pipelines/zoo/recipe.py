@@ -348,9 +348,12 @@ def train_gan(out_dir: Path, steps: int, batch: int, seed: int, snapshot_every: 
 
 def _save_gan_snapshot(path: Path, parts: dict, sampler, step: int, steps: int, batch: int, seed: int) -> None:
     state = {name: part.state_dict() for name, part in parts.items()}
-    state["run"] = {"step": step, "steps": steps, "batch": batch, "seed": seed}
-    state["rng"] = {"torch": torch.get_rng_state(), "sampler": sampler.generator.get_state()}
-    state["sampler_py"] = list(sampler.rng.getstate()[1])
+    state["step"], state["settings"] = step, {"steps": steps, "batch": batch, "seed": seed}
+    state["rng"] = {
+        "torch": torch.get_rng_state(),
+        "renders": sampler.generator.get_state(),
+        "captions": sampler.rng.getstate(),
+    }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # a crash mid-write leaves the previous snapshot intact
@@ -360,12 +363,13 @@ def _load_gan_snapshot(path: Path, parts: dict, sampler, steps: int, batch: int,
     if not path.exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["run"] != {"step": state["run"]["step"], "steps": steps, "batch": batch, "seed": seed}:
-        raise ValueError(f"{path} was written by a run with other settings ({state['run']}); delete it to start over")
+    if state["settings"] != {"steps": steps, "batch": batch, "seed": seed}:
+        raise ValueError(
+            f"{path} was written by a run with other settings ({state['settings']}); delete it to start over"
+        )
     for name, part in parts.items():
         part.load_state_dict(state[name])
     torch.set_rng_state(state["rng"]["torch"])
-    sampler.generator.set_state(state["rng"]["sampler"])
-    version, _, gauss = sampler.rng.getstate()
-    sampler.rng.setstate((version, tuple(state["sampler_py"]), gauss))
-    return state["run"]["step"]
+    sampler.generator.set_state(state["rng"]["renders"])
+    sampler.rng.setstate(state["rng"]["captions"])
+    return state["step"]
