@@ -16,10 +16,11 @@ CASES = [
      lambda n: ".attn2." not in n and not n.startswith(("time_embedding", "conv_out", "conv_norm_out"))),
     ("esd", ["iterations=2", "ddim_steps=3", "lr=1e-2", "component=text_encoder", "scope=attn"], "text_encoder",
      lambda n: ".self_attn." in n),
-    ("advunlearn", ["iterations=2", "warmup=1", "attack_steps=2", "ddim_steps=3", "retain_batch=2", "lr=1e-2"],
-     "text_encoder", lambda n: "encoder.layers." in n or "final_layer_norm" in n),
+    ("advunlearn", ["iterations=2", "warmup=1", "attack_steps=2", "ddim_steps=3", "retain_batch=2", "lr=1e-2",
+                    "batch_size=2"], "text_encoder", lambda n: "encoder.layers." in n or "final_layer_norm" in n),
     ("advunlearn", ["iterations=2", "warmup=0", "attack=fast-at", "ddim_steps=3", "retain_batch=2", "lr=1e-2",
-                    "scope=layers=1..1"], "text_encoder", lambda n: "encoder.layers.1." in n),
+                    "scope=layers=1..1", "batch_size=2", "attack_batch=shared"], "text_encoder",
+     lambda n: "encoder.layers.1." in n),
 ]  # fmt: skip
 
 

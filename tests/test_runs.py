@@ -79,3 +79,22 @@ def test_several_concepts_in_one_run(tiny_pipeline_dir, tmp_path):
     assert manifest["concepts"] == ["a cat", "a dog"]
     card = json.loads((out / "erasure_model.json").read_text())
     assert card["erased"]["concepts"] == ["a cat", "a dog"] and card["erased"]["method"] == "esd"
+
+
+def test_interrupted_advunlearn_run_resumes_to_the_same_text_encoder(tiny_pipeline_dir, tmp_path):
+    # The attack state (warm-started embeddings) and the random streams that draw fresh attack
+    # tokens must come back from the checkpoint for the result to match an uninterrupted run.
+    sets = ["iterations=4", "warmup=1", "attack_steps=2", "attack_init=random", "ddim_steps=3", "retain_batch=2",
+            "batch_size=2", "lr=1e-2"]  # fmt: skip
+    straight = erase("advunlearn", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "a", sets=sets, checkpoint_every=2,
+                     progress=False)  # fmt: skip
+    with pytest.raises(InterruptedRun):
+        erase("advunlearn", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=sets, checkpoint_every=2,
+              progress=False, after_step=_stop_at(3, KeyboardInterrupt()))  # fmt: skip
+    resumed = erase("advunlearn", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=sets, checkpoint_every=2,
+                    resume=True, progress=False)  # fmt: skip
+    a = load_model(str(straight)).text_encoder.state_dict()
+    b = load_model(str(resumed)).text_encoder.state_dict()
+    base = load_model(str(tiny_pipeline_dir)).text_encoder.state_dict()
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
