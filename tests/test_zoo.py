@@ -74,7 +74,8 @@ def test_unknown_and_missing_embedded_models(tmp_path, monkeypatch):
 def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(tmp_path, monkeypatch):
     from pipelines.zoo import recipe
 
-    straight = recipe.train_gan(tmp_path / "straight", steps=4, batch=2, seed=0, snapshot_every=2)
+    # Its parent folder does not exist yet: the first snapshot must still be written.
+    straight = recipe.train_gan(tmp_path / "new" / "straight", steps=4, batch=2, seed=0, snapshot_every=2)
 
     save = recipe._save_gan_snapshot
 

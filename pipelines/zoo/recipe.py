@@ -310,6 +310,7 @@ def train_gan(out_dir: Path, steps: int, batch: int, seed: int, snapshot_every: 
     ema_beta = 0.5 ** (batch / 10_000)  # EMA half-life of 10k images, as StyleGAN2-ADA
     parts = {"generator": generator, "discriminator": discriminator, "ema": ema, "opt_g": opt_g, "opt_d": opt_d}
     snapshot = Path(out_dir).with_name(f".{Path(out_dir).name}-snapshot.pt")
+    snapshot.parent.mkdir(parents=True, exist_ok=True)  # the first snapshot comes long before the output
     start = _load_gan_snapshot(snapshot, parts, sampler, steps, batch, seed)
     bar = tqdm(range(start, steps), desc="digits-gan", unit="step", initial=start, total=steps)
     for step in bar:
