@@ -88,6 +88,7 @@ class AdvUnlearnConfig:
     #   same, 150 it: training seeds 0 and 1: 3.6% / 0.6 / 15% and 2.3% / 1.4 / 15%
     #     retain_weight 5: 5.5% / 0.6 / 15%; attack_lr 0.001: 4.6% / 0.6 / 16%
     #   shared adversary, 150 it, seeds 0 / 1 / 2: 2.3% / 1.7 / 8% - 1.8% / 1.7 / 22% - 4.1% / 1.9 / 8%
+    #     250 it, seeds 0 / 1: 0.9% / 0.8 / 23% - 1.8% / 0.8 / 25%
     #     retain_weight 5: 3.2% / 3.6 / 9%; attack_lr 0.003: 2.3% / 1.9 / 14% (5 tokens: 2.3 / 0.8 / 14)
     #   the previous preset (PGD 10 at attack_lr 0.01, retain_weight 5, 150 it): 2.7% / 1.7 / 16%;
     #     attack_init=random: 2.7% / 0.8 / 34%; negative_guidance 2: 3.6% / 8.1 / 16%
