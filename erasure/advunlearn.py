@@ -182,14 +182,15 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
             target = eps_empty - config.negative_guidance * (eps_concept - eps_empty)
 
         if step >= config.warmup:
+            adv_ids = ids.expand(n_adv, -1)
 
             def attack_loss(adv: torch.Tensor) -> torch.Tensor:
-                cond = encode_with_inserted(encoder, ids.expand(n_adv, -1), adv)
+                cond = encode_with_inserted(encoder, adv_ids, adv)
                 return F.mse_loss(unet(x_t, t, cond.expand(len(x_t), -1, -1)).sample, eps_concept)
 
             start = random_tokens() if config.attack_init == "random" else state["adv"]
             state["adv"] = attack_embeddings(attack_loss, start, config.attack, config.attack_steps, config.attack_lr)
-            cond_train = encode_with_inserted(encoder, ids.expand(n_adv, -1), state["adv"])
+            cond_train = encode_with_inserted(encoder, adv_ids, state["adv"])
         else:
             cond_train = encoder(ids)[0]
         unlearn = F.mse_loss(unet(x_t, t, cond_train.expand(len(x_t), -1, -1)).sample, target)
