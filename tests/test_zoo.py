@@ -72,10 +72,15 @@ def test_unknown_and_missing_embedded_models(tmp_path, monkeypatch):
 
 
 def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(tmp_path, monkeypatch):
+    from transformers import CLIPModel
+
     from pipelines.zoo import recipe
 
+    vision = CLIPModel.from_pretrained(zoo.embedded_path("digits-clip"), dtype=torch.float32).vision_model
+    # The vision-aided discriminator's head trains too: a resume that lost it would differ.
+    settings = {"steps": 4, "batch": 2, "seed": 0, "clip_vision": vision, "snapshot_every": 2}
     # Its parent folder does not exist yet: the first snapshot must still be written.
-    straight = recipe.train_gan(tmp_path / "new" / "straight", steps=4, batch=2, seed=0, snapshot_every=2)
+    straight = recipe.train_gan(tmp_path / "new" / "straight", **settings)
 
     save = recipe._save_gan_snapshot
 
@@ -88,14 +93,14 @@ def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(tmp_
 
     monkeypatch.setattr(recipe, "_save_gan_snapshot", save_then_interrupt)
     with pytest.raises(Interrupted):
-        recipe.train_gan(tmp_path / "resumed", steps=4, batch=2, seed=0, snapshot_every=2)
+        recipe.train_gan(tmp_path / "resumed", **settings)
     snapshot = tmp_path / ".resumed-snapshot.pt"
     assert snapshot.exists() and not (tmp_path / "resumed").exists()
     with pytest.raises(ValueError, match="other settings"):
-        recipe.train_gan(tmp_path / "resumed", steps=6, batch=2, seed=0, snapshot_every=2)
+        recipe.train_gan(tmp_path / "resumed", **{**settings, "steps": 6})
 
     monkeypatch.setattr(recipe, "_save_gan_snapshot", save)
-    resumed = recipe.train_gan(tmp_path / "resumed", steps=4, batch=2, seed=0, snapshot_every=2)
+    resumed = recipe.train_gan(tmp_path / "resumed", **settings)
     assert not snapshot.exists()
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

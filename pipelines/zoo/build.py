@@ -41,7 +41,8 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
     """Train the digits world into `out_root/<name>/`; returns what was built and how long it took.
 
     `scale` < 1 shrinks every step count (and the batch) for a smoke run; `only` restricts the
-    build to some models (digits-sd needs digits-clip, built or already present in `out_root`).
+    build to some models (digits-sd and digits-gan need digits-clip, built or already present in
+    `out_root`).
     """
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel
@@ -104,7 +105,8 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
     if "digits-gan" in names:
         t0 = time.time()
         path = out_root / "digits-gan"
-        recipe.train_gan(path, steps.gan, steps.gan_batch, seed)
+        clip = CLIPModel.from_pretrained(out_root / "digits-clip", dtype=torch.float32)
+        recipe.train_gan(path, steps.gan, steps.gan_batch, seed, clip.vision_model)
         _to_half(path)
         _write_card(path, {"name": "digits-gan", "kind": "gan", "family": "digits", "steps": steps.gan, **common})
         report["seconds"]["digits-gan"] = round(time.time() - t0, 1)

@@ -33,7 +33,7 @@ class RecipeSteps:
     clip: int = 3000
     vae: int = 1500
     unet: int = 5000
-    gan: int = 20000
+    gan: int = 14000
     batch: int = 128  # judge
     clip_batch: int = 128
     vae_batch: int = 32
@@ -283,13 +283,43 @@ def train_unet(out_dir: Path, text_encoder, tokenizer, vae, steps: int, batch: i
 def digits_gan_config():
     from ..stylegan2 import StyleGAN2Config
 
-    return StyleGAN2Config(size=32, style_dim=128, n_mlp=4, channels={4: 128, 8: 128, 16: 64, 32: 32})
+    return StyleGAN2Config(size=32, style_dim=128, n_mlp=2, channels={4: 128, 8: 128, 16: 64, 32: 32})
 
 
-def train_gan(out_dir: Path, steps: int, batch: int, seed: int, snapshot_every: int = 500):
-    """digits-gan: StyleGAN2 with the non-saturating logistic loss, lazy R1 and an EMA generator.
+class CLIPFeatureDiscriminator(torch.nn.Module):
+    """A small trainable head on frozen digits-clip image features: the vision-aided discriminator
+    of Kumari et al. (CVPR 2022), trained beside StyleGAN2's own. The pretrained features tell the
+    generator about digit shape from the first steps; with StyleGAN2's discriminator alone, every
+    run at this budget fell into one shape or colour after another (see train_gan)."""
 
-    The run is long on a CPU (about two hours), so every `snapshot_every` steps its whole state
+    def __init__(self, vision_model, hidden: int = 256):
+        super().__init__()
+        self.vision = vision_model.eval().requires_grad_(False)
+        width = vision_model.config.hidden_size * 2 * vision_model.config.num_hidden_layers
+        self.head = torch.nn.Sequential(
+            torch.nn.Linear(width, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, 1)
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # digits-clip normalises with mean = std = 0.5, so images in [-1, 1] are its pixel values
+        states = self.vision(pixel_values=images, output_hidden_states=True).hidden_states[1:]
+        features = [torch.cat([h[:, 0], h[:, 1:].mean(1)], -1) for h in states]  # class token, mean patch
+        return self.head(torch.cat(features, -1))
+
+
+def train_gan(out_dir: Path, steps: int, batch: int, seed: int, clip_vision, snapshot_every: int = 500):
+    """digits-gan: StyleGAN2 (non-saturating logistic loss, lazy R1, EMA generator) trained against
+    its own discriminator plus a vision-aided one on frozen `clip_vision` features.
+
+    Measured with the digits-judge (share of samples it names a digit with confidence >= 0.9):
+    with StyleGAN2's discriminator alone, no setting tried got past 0.43 - R1 weight 0.01 or 0.1,
+    learning rate 1e-3 or 2.5e-3, minibatch-stddev group 4 or 32, DiffAugment shift + cut-out,
+    instance noise 0.1 or 0.25 - the generator fell into one shape or colour after another (the
+    20k-step run of that recipe ended at 0.16). With the vision-aided discriminator added it reached
+    0.37 at 6k steps with every digit and colour drawn. Instance noise (sigma 0.1) on every
+    discriminator input hides the renders' exactly black background, a cue no generator matches.
+
+    The run is long on a CPU (about 1.5 hours), so every `snapshot_every` steps its whole state
     (networks, optimisers, random streams) goes to a snapshot beside `out_dir`; a rerun picks it up
     and continues with the same random streams as an uninterrupted run.
     """
@@ -302,43 +332,61 @@ def train_gan(out_dir: Path, steps: int, batch: int, seed: int, snapshot_every: 
     ema = Generator(config)
     ema.load_state_dict(generator.state_dict())
     ema.requires_grad_(False)
+    clip_d = CLIPFeatureDiscriminator(clip_vision)
     sampler = RenderSampler("train", seed=seed + 40)
-    betas = (0.0, 0.99)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=2.5e-3, betas=betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=2.5e-3, betas=betas)
+    lr, betas, instance_noise = 2.5e-3, (0.0, 0.99), 0.1
     r1_gamma, r1_every = 0.1, 16
+    lazy = r1_every / (r1_every + 1)  # StyleGAN2's correction of D's Adam for the lazy R1 steps
+    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr * lazy, betas=(0.0, 0.99**lazy))
+    opt_clip = torch.optim.Adam(clip_d.head.parameters(), lr=lr, betas=betas)
     ema_beta = 0.5 ** (batch / 10_000)  # EMA half-life of 10k images, as StyleGAN2-ADA
-    parts = {"generator": generator, "discriminator": discriminator, "ema": ema, "opt_g": opt_g, "opt_d": opt_d}
+    parts = {"generator": generator, "discriminator": discriminator, "ema": ema, "opt_g": opt_g, "opt_d": opt_d,
+             "clip_head": clip_d.head, "opt_clip_head": opt_clip}  # fmt: skip
     snapshot = Path(out_dir).with_name(f".{Path(out_dir).name}-snapshot.pt")
     snapshot.parent.mkdir(parents=True, exist_ok=True)  # the first snapshot comes long before the output
     start = _load_gan_snapshot(snapshot, parts, sampler, steps, batch, seed)
+
+    def noisy(images):
+        return images + instance_noise * torch.randn_like(images)
+
+    def logistic_loss(critic, fake, real):
+        return F.softplus(critic(noisy(fake))).mean() + F.softplus(-critic(noisy(real))).mean()
+
     bar = tqdm(range(start, steps), desc="digits-gan", unit="step", initial=start, total=steps)
     for step in bar:
         real = sampler.sample(batch).images * 2 - 1
-        z = torch.randn(batch, config.style_dim)
         with torch.no_grad():
-            fake = generator(z)
-        loss_d = F.softplus(discriminator(fake)).mean() + F.softplus(-discriminator(real)).mean()
+            fake = generator(torch.randn(batch, config.style_dim))
+        loss_d = logistic_loss(discriminator, fake, real)
+        loss_clip = logistic_loss(clip_d, fake, real)
+        opt_clip.zero_grad(set_to_none=True)
+        loss_clip.backward()
+        opt_clip.step()
         if step % r1_every == 0:  # lazy R1 penalty on real images
             real.requires_grad_(True)
-            (grad,) = torch.autograd.grad(discriminator(real).sum(), real, create_graph=True)
+            (grad,) = torch.autograd.grad(discriminator(noisy(real)).sum(), real, create_graph=True)
             loss_d = loss_d + r1_gamma / 2 * grad.pow(2).sum([1, 2, 3]).mean() * r1_every
         opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         opt_d.step()
 
-        discriminator.requires_grad_(False)
-        loss_g = F.softplus(-discriminator(generator(torch.randn(batch, config.style_dim)))).mean()
+        critics = (discriminator, clip_d.head)
+        for critic in critics:
+            critic.requires_grad_(False)
+        fake = noisy(generator(torch.randn(batch, config.style_dim)))
+        loss_g = F.softplus(-discriminator(fake)).mean() + F.softplus(-clip_d(fake)).mean()
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
-        discriminator.requires_grad_(True)
+        for critic in critics:
+            critic.requires_grad_(True)
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), generator.parameters()):
                 pe.lerp_(p, 1 - ema_beta)
             for be, b in zip(ema.buffers(), generator.buffers()):
                 be.copy_(b)
-        bar.set_postfix(d=f"{loss_d.item():.3f}", g=f"{loss_g.item():.3f}")
+        bar.set_postfix(d=f"{loss_d.item():.3f}", clip=f"{loss_clip.item():.3f}", g=f"{loss_g.item():.3f}")
         if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
             _save_gan_snapshot(snapshot, parts, sampler, step + 1, steps, batch, seed)
     ema.eval()
