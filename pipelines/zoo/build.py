@@ -6,6 +6,7 @@ small; every loader in this project upcasts them to float32.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -59,6 +60,10 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
     report: dict = {"seed": seed, "scale": scale, "steps": steps.__dict__, "seconds": {}}
     common = {"seed": seed, "recipe_scale": scale, "built": time.strftime("%Y-%m-%d")}
 
+    @functools.cache
+    def digits_clip():  # read once after it is built; digits-sd takes its text tower, digits-gan its vision tower
+        return CLIPModel.from_pretrained(out_root / "digits-clip", dtype=torch.float32)
+
     if "digits-judge" in names:
         t0 = time.time()
         path = out_root / "digits-judge"
@@ -79,8 +84,7 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
         t0 = time.time()
         path = out_root / "digits-sd"
         work = out_root / ".digits-sd-parts"
-        clip = CLIPModel.from_pretrained(out_root / "digits-clip", dtype=torch.float32)
-        text_encoder = clip.text_model.eval()
+        text_encoder = digits_clip().text_model.eval()
         tokenizer = clip_tokenizer(recipe.CLIP_CONTEXT)
         vae = recipe.train_vae(work / "vae", steps.vae, steps.vae_batch, seed)
         unet = recipe.train_unet(work / "unet", text_encoder, tokenizer, vae, steps.unet, steps.unet_batch, seed)
@@ -105,8 +109,7 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
     if "digits-gan" in names:
         t0 = time.time()
         path = out_root / "digits-gan"
-        clip = CLIPModel.from_pretrained(out_root / "digits-clip", dtype=torch.float32)
-        recipe.train_gan(path, steps.gan, steps.gan_batch, seed, clip.vision_model)
+        recipe.train_gan(path, steps.gan, steps.gan_batch, seed, digits_clip().vision_model)
         _to_half(path)
         _write_card(path, {"name": "digits-gan", "kind": "gan", "family": "digits", "steps": steps.gan, **common})
         report["seconds"]["digits-gan"] = round(time.time() - t0, 1)

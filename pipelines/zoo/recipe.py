@@ -355,6 +355,7 @@ def train_gan(out_dir: Path, steps: int, batch: int, seed: int, clip_vision, sna
     def logistic_loss(critic, fake, real):
         return F.softplus(critic(noisy(fake))).mean() + F.softplus(-critic(noisy(real))).mean()
 
+    critics = (discriminator, clip_d.head)  # frozen while the generator steps
     bar = tqdm(range(start, steps), desc="digits-gan", unit="step", initial=start, total=steps)
     for step in bar:
         real = sampler.sample(batch).images * 2 - 1
@@ -373,7 +374,6 @@ def train_gan(out_dir: Path, steps: int, batch: int, seed: int, clip_vision, sna
         loss_d.backward()
         opt_d.step()
 
-        critics = (discriminator, clip_d.head)
         for critic in critics:
             critic.requires_grad_(False)
         fake = noisy(generator(torch.randn(batch, config.style_dim)))
