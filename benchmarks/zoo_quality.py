@@ -101,7 +101,7 @@ def gan_quality(judge, samples: int = 2000, truncation: float = 1.0) -> dict:
         "heldout_renders_confident_share": round(float((heldout_confidence >= 0.9).float().mean()), 4),
         "train_renders_frechet_distance_vs_heldout": round(train_fd, 3),
         "samples": samples, "truncation": truncation, "generation_seconds": round(seconds, 1),
-        "rule": "confident: max digit probability of digits-judge >= 0.9 (label smoothing 0.05 caps it at 0.955)",
+        "rule": "confident: max digit probability of digits-judge >= 0.9 (label smoothing 0.05: optimum 0.955)",
     }  # fmt: skip
 
 
