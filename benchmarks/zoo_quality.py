@@ -81,12 +81,13 @@ def gan_quality(judge, samples: int = 2000, truncation: float = 1.0) -> dict:
     probabilities = judge.predict(images)
     confidence = probabilities["digit"].max(-1).values
     real = heldout_renders(per_source=2, seed=0).images
-    fd = frechet_distance(judge.features(images), judge.features(real))
+    real_features = judge.features(real)
+    fd = frechet_distance(judge.features(images), real_features)
     # What real handwriting scores on the same two figures: a generator that drew new digits as well
     # as the held-out writers did would reach the first; one that copied the training renders, the second.
     heldout_confidence = judge.predict(real)["digit"].max(-1).values
     train = RenderSampler("train", seed=0).sample(samples).images
-    train_fd = frechet_distance(judge.features(train), judge.features(real))
+    train_fd = frechet_distance(judge.features(train), real_features)
 
     def shares_of(head: str, classes: int) -> list[float]:
         counts = torch.bincount(probabilities[head].argmax(-1), minlength=classes).float() / samples

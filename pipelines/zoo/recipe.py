@@ -316,11 +316,11 @@ def train_gan(out_dir: Path, steps: int, batch: int, seed: int, clip_vision, sna
     learning rate 1e-3 or 2.5e-3, minibatch-stddev group 4 or 32, DiffAugment shift + cut-out,
     instance noise 0.1 or 0.25 - the generator fell into one shape or colour after another (the
     20k-step run of that recipe ended at 0.16). With the vision-aided discriminator added it climbs
-    (on 500 samples 0.37 at 6k steps, 0.48 at 12k, 0.59 at 22k, then 0.6-0.67 from 24k to 35k; on
-    2,000 samples 0.51 at 14k, 0.66 at 36k, 0.68 at 42k) and draws every digit and colour. For scale, real
-    held-out handwriting scores 0.90 on the same rule. Instance noise (sigma 0.1) on every
-    discriminator input hides the renders' exactly black background, a cue no generator matches.
-    Two mapping layers, as StyleGAN2-ADA's CIFAR-10 configuration.
+    (on 500 samples 0.37 at 6k steps, 0.48 at 12k, 0.59 at 22k, then 0.6-0.67 from 24k to 35k;
+    on 2,000 samples 0.51 at 14k, 0.66 at 36k, 0.68 at 42k) and draws every digit and colour. For
+    scale, real held-out handwriting scores 0.90 on the same rule. Instance noise (sigma 0.1) on
+    every discriminator input hides the renders' exactly black background, a cue no generator
+    matches. Two mapping layers, as StyleGAN2-ADA's CIFAR-10 configuration.
 
     The run is long on a CPU (about 3.5 hours), so every `snapshot_every` steps its whole state
     (networks, optimisers, random streams) goes to a snapshot beside `out_dir`; a rerun picks it up
