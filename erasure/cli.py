@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_sub = p.add_subparsers(dest="zoo_command", metavar="list|build", required=True)
     z = zoo_sub.add_parser("list", help="show the embedded models and their measured quality")
     z.set_defaults(func=cmd_zoo_list)
-    z = zoo_sub.add_parser("build", help="retrain the embedded models from the recipe (about an hour on 2 cores)")
+    z = zoo_sub.add_parser(
+        "build",
+        help="retrain the embedded models from the recipe (hours on 2 cores: digits-gan alone "
+        "takes about 5, in two stages that resume from snapshots)",
+    )
     z.add_argument("--out", required=True, metavar="DIR", help="folder to build into (use it with ERASURE_ZOO=DIR)")
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--only", action="append", default=[], metavar="NAME", help="build only this model (repeatable)")

@@ -1,6 +1,7 @@
 """The embedded digits world: the shipped models load through the public paths and generate
 deterministically; every training recipe runs (a few steps) and yields loadable models."""
 
+import copy
 import json
 
 import numpy as np
@@ -71,18 +72,35 @@ def test_unknown_and_missing_embedded_models(tmp_path, monkeypatch):
         resolve("digits-judge")
 
 
-def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def digits_clip_model():
     from transformers import CLIPModel
 
-    from pipelines.zoo import recipe
+    return CLIPModel.from_pretrained(zoo.embedded_path("digits-clip"), dtype=torch.float32)
 
-    vision = CLIPModel.from_pretrained(zoo.embedded_path("digits-clip"), dtype=torch.float32).vision_model
+
+def gan_stage(stage: str, clip_model):
+    """A runner of one digits-gan stage at test size: train from scratch, or sharpen the shipped model."""
+    from pipelines.zoo import gan_recipe
+
+    if stage == "first":
+        return lambda out, **kw: gan_recipe.train_gan(out, batch=2, seed=0, clip_vision=clip_model.vision_model, **kw)
+    source = zoo.embedded_path("digits-gan")
+    return lambda out, **kw: gan_recipe.sharpen_gan(source, out, batch=2, seed=0, clip_model=clip_model, **kw)
+
+
+@pytest.mark.parametrize("stage", ["first", "sharpen"])
+def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(tmp_path, monkeypatch, stage,
+                                                                            digits_clip_model):  # fmt: skip
+    from pipelines.zoo import gan_recipe
+
+    run = gan_stage(stage, digits_clip_model)
     # The vision-aided discriminator's head trains too: a resume that lost it would differ.
-    settings = {"steps": 4, "batch": 2, "seed": 0, "clip_vision": vision, "snapshot_every": 2}
+    settings = {"steps": 4, "snapshot_every": 2}
     # Its parent folder does not exist yet: the first snapshot must still be written.
-    straight = recipe.train_gan(tmp_path / "new" / "straight", **settings)
+    straight = run(tmp_path / "new" / "straight", **settings)
 
-    save = recipe._save_gan_snapshot
+    save = gan_recipe._save_snapshot
 
     class Interrupted(Exception):
         pass
@@ -91,16 +109,50 @@ def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(tmp_
         save(*args, **kwargs)
         raise Interrupted
 
-    monkeypatch.setattr(recipe, "_save_gan_snapshot", save_then_interrupt)
+    monkeypatch.setattr(gan_recipe, "_save_snapshot", save_then_interrupt)
     with pytest.raises(Interrupted):
-        recipe.train_gan(tmp_path / "resumed", **settings)
+        run(tmp_path / "resumed", **settings)
     snapshot = tmp_path / ".resumed-snapshot.pt"
     assert snapshot.exists() and not (tmp_path / "resumed").exists()
     with pytest.raises(ValueError, match="other settings"):
-        recipe.train_gan(tmp_path / "resumed", **{**settings, "steps": 6})
+        run(tmp_path / "resumed", **{**settings, "steps": 6})
 
-    monkeypatch.setattr(recipe, "_save_gan_snapshot", save)
-    resumed = recipe.train_gan(tmp_path / "resumed", **settings)
+    monkeypatch.setattr(gan_recipe, "_save_snapshot", save)
+    resumed = run(tmp_path / "resumed", **settings)
     assert not snapshot.exists()
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_sharpening_lowers_the_zero_shot_digit_entropy(digits_clip_model):
+    """The class-aware term reaches the generator: a few steps with it leave digits-clip surer of
+    what the samples show than the same steps without it, and than before."""
+    from pipelines.gan_checkpoints import load_gan_folder
+    from pipelines.zoo import gan_recipe
+
+    entropy = gan_recipe.ZeroShotDigitEntropy(digits_clip_model)
+    z = torch.randn(64, 128, generator=torch.Generator().manual_seed(7))
+
+    def per_sample_entropy(generator) -> float:
+        with torch.no_grad():
+            return float(entropy.of_images(generator(z, randomize_noise=False).clamp(-1, 1))[0])
+
+    def generator_after(steps: int, weight: float):
+        torch.manual_seed(0)
+        generator, discriminator, _ = load_gan_folder(zoo.embedded_path("digits-gan"))
+        generator, discriminator = generator.float(), discriminator.float()
+        ema = copy.deepcopy(generator).requires_grad_(False)
+        run = gan_recipe._AdversarialRun(generator, discriminator, ema, digits_clip_model.vision_model, batch=8)
+        sampler = RenderSampler("train", seed=0)
+
+        def term(fake, pooled):
+            per_sample, marginal = entropy(pooled)
+            return weight * (per_sample - marginal)
+
+        for step in range(1, steps + 1):
+            run.step(sampler.sample(8).images * 2 - 1, step, term)
+        return generator
+
+    before = per_sample_entropy(generator_after(0, 0.0))
+    plain, sharpened = per_sample_entropy(generator_after(5, 0.0)), per_sample_entropy(generator_after(5, 20.0))
+    assert sharpened < plain and sharpened < before

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from . import recipe
+from ..gan_checkpoints import CONFIG_FILE
+from . import gan_recipe, recipe
 from .models import DEFAULT_SAMPLING, MODEL_CARD_FILE
 
 BUILD_ORDER = ("digits-judge", "digits-clip", "digits-sd", "digits-gan")
@@ -109,8 +110,16 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
     if "digits-gan" in names:
         t0 = time.time()
         path = out_root / "digits-gan"
-        recipe.train_gan(path, steps.gan, steps.gan_batch, seed, digits_clip().vision_model)
+        work = out_root / ".digits-gan-parts"
+        first_stage = work / "first-stage"
+        if not (first_stage / CONFIG_FILE).is_file():  # written last: a rerun after the first stage skips it
+            gan_recipe.train_gan(first_stage, steps.gan, steps.gan_batch, seed, digits_clip().vision_model)
+            _to_half(first_stage)  # the second stage starts from the weights as they would ship
+        gan_recipe.sharpen_gan(first_stage, path, steps.gan_sharpen, steps.gan_batch, seed, digits_clip())
+        shutil.rmtree(work)
         _to_half(path)
-        _write_card(path, {"name": "digits-gan", "kind": "gan", "family": "digits", "steps": steps.gan, **common})
+        card = {"name": "digits-gan", "kind": "gan", "family": "digits",
+                "steps": {"gan": steps.gan, "sharpen": steps.gan_sharpen}, **common}  # fmt: skip
+        _write_card(path, card)
         report["seconds"]["digits-gan"] = round(time.time() - t0, 1)
     return report

@@ -34,6 +34,7 @@ class RecipeSteps:
     vae: int = 1500
     unet: int = 5000
     gan: int = 54000
+    gan_sharpen: int = 8000
     batch: int = 128  # judge
     clip_batch: int = 128
     vae_batch: int = 32
@@ -49,6 +50,7 @@ class RecipeSteps:
             vae=max(2, int(self.vae * factor)),
             unet=max(2, int(self.unet * factor)),
             gan=max(2, int(self.gan * factor)),
+            gan_sharpen=max(2, int(self.gan_sharpen * factor)),
             batch=8,
             clip_batch=8,
             vae_batch=8,
@@ -278,156 +280,3 @@ def train_unet(out_dir: Path, text_encoder, tokenizer, vae, steps: int, batch: i
     ema.eval()
     ema.save_pretrained(out_dir)
     return ema
-
-
-def digits_gan_config():
-    from ..stylegan2 import StyleGAN2Config
-
-    return StyleGAN2Config(size=32, style_dim=128, n_mlp=8, channels={4: 128, 8: 128, 16: 64, 32: 32})
-
-
-class CLIPFeatureDiscriminator(torch.nn.Module):
-    """A small trainable head on frozen digits-clip image features: the vision-aided discriminator
-    of Kumari et al. (CVPR 2022), trained beside StyleGAN2's own. The pretrained features tell the
-    generator about digit shape from the first steps; with StyleGAN2's discriminator alone, every
-    run at this budget fell into one shape or colour after another (see train_gan)."""
-
-    def __init__(self, vision_model, hidden: int = 256):
-        super().__init__()
-        self.vision = vision_model.eval().requires_grad_(False)
-        width = vision_model.config.hidden_size * 2 * vision_model.config.num_hidden_layers
-        self.head = torch.nn.Sequential(
-            torch.nn.Linear(width, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, 1)
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # digits-clip normalises with mean = std = 0.5, so images in [-1, 1] are its pixel values
-        states = self.vision(pixel_values=images, output_hidden_states=True).hidden_states[1:]
-        features = [torch.cat([h[:, 0], h[:, 1:].mean(1)], -1) for h in states]  # class token, mean patch
-        return self.head(torch.cat(features, -1))
-
-
-def train_gan(out_dir: Path, steps: int, batch: int, seed: int, clip_vision, snapshot_every: int = 500):
-    """digits-gan: StyleGAN2 (non-saturating logistic loss, lazy R1, EMA generator) trained against
-    its own discriminator plus a vision-aided one on frozen `clip_vision` features.
-
-    Measured with the digits-judge (share of samples it names a digit with confidence >= 0.9):
-    with StyleGAN2's discriminator alone, no setting tried got past 0.43 - R1 weight 0.01 or 0.1,
-    learning rate 1e-3 or 2.5e-3, minibatch-stddev group 4 or 32, DiffAugment shift + cut-out,
-    instance noise 0.1 or 0.25 - the generator fell into one shape or colour after another (the
-    20k-step run of that recipe ended at 0.16). With the vision-aided discriminator added it climbs
-    and draws every digit and colour. Eight mapping layers, StyleGAN2's unconditional default: two
-    (StyleGAN2-ADA's CIFAR-10 setting, which is class-conditional) climbed about 1.7x slower and
-    stalled at the same level (500 samples, eight vs two layers: 0.48 vs 0.37 at 6k steps, 0.58 vs
-    0.48 at 12k, 0.67 vs 0.64 at 24k; eight: 0.68 at 30-35k, 0.70 at 40-45k; on 2,000 samples 0.68
-    at 54k vs 0.68 for two layers at 42k, with Frechet distance 12.8 vs 17.0). For scale, real
-    held-out handwriting scores 0.90 on the same rule. Continuing from 54k with top-k generator updates
-    (Sinha et al. 2020, half of each batch) gained too little to adopt: 0.71 at 76k (2,000 samples). The
-    least confident samples are those where the output moves fastest with z, between digit modes (500
-    samples split by latent Jacobian norm: 0.83 confident in the calmest quarter, 0.59 in the steepest).
-    Instance noise (sigma 0.1) on every discriminator input hides the renders' exactly black
-    background, a cue no generator matches.
-
-    The run is long on a CPU (about 3.7 hours at 4 steps/s), so every `snapshot_every` steps its
-    whole state (networks, optimisers, random streams) goes to a snapshot beside `out_dir`; a rerun
-    picks it up and continues with the same random streams as an uninterrupted run.
-    """
-    from ..gan_checkpoints import save_gan
-    from ..stylegan2 import Discriminator, Generator
-
-    torch.manual_seed(seed)
-    config = digits_gan_config()
-    generator, discriminator = Generator(config), Discriminator(config)
-    ema = Generator(config)
-    ema.load_state_dict(generator.state_dict())
-    ema.requires_grad_(False)
-    clip_d = CLIPFeatureDiscriminator(clip_vision)
-    sampler = RenderSampler("train", seed=seed + 40)
-    lr, betas, instance_noise = 2.5e-3, (0.0, 0.99), 0.1
-    r1_gamma, r1_every = 0.1, 16
-    lazy = r1_every / (r1_every + 1)  # StyleGAN2's correction of D's Adam for the lazy R1 steps
-    opt_g = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr * lazy, betas=(0.0, 0.99**lazy))
-    opt_clip = torch.optim.Adam(clip_d.head.parameters(), lr=lr, betas=betas)
-    ema_beta = 0.5 ** (batch / 10_000)  # EMA half-life of 10k images, as StyleGAN2-ADA
-    parts = {"generator": generator, "discriminator": discriminator, "ema": ema, "opt_g": opt_g, "opt_d": opt_d,
-             "clip_head": clip_d.head, "opt_clip_head": opt_clip}  # fmt: skip
-    snapshot = Path(out_dir).with_name(f".{Path(out_dir).name}-snapshot.pt")
-    snapshot.parent.mkdir(parents=True, exist_ok=True)  # the first snapshot comes long before the output
-    start = _load_gan_snapshot(snapshot, parts, sampler, steps, batch, seed)
-
-    def noisy(images):
-        return images + instance_noise * torch.randn_like(images)
-
-    def logistic_loss(critic, fake, real):
-        return F.softplus(critic(noisy(fake))).mean() + F.softplus(-critic(noisy(real))).mean()
-
-    critics = (discriminator, clip_d.head)  # frozen while the generator steps
-    bar = tqdm(range(start, steps), desc="digits-gan", unit="step", initial=start, total=steps)
-    for step in bar:
-        real = sampler.sample(batch).images * 2 - 1
-        with torch.no_grad():
-            fake = generator(torch.randn(batch, config.style_dim))
-        loss_d = logistic_loss(discriminator, fake, real)
-        loss_clip = logistic_loss(clip_d, fake, real)
-        opt_clip.zero_grad(set_to_none=True)
-        loss_clip.backward()
-        opt_clip.step()
-        if step % r1_every == 0:  # lazy R1 penalty on real images
-            real.requires_grad_(True)
-            (grad,) = torch.autograd.grad(discriminator(noisy(real)).sum(), real, create_graph=True)
-            loss_d = loss_d + r1_gamma / 2 * grad.pow(2).sum([1, 2, 3]).mean() * r1_every
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-
-        for critic in critics:
-            critic.requires_grad_(False)
-        fake = noisy(generator(torch.randn(batch, config.style_dim)))
-        loss_g = F.softplus(-discriminator(fake)).mean() + F.softplus(-clip_d(fake)).mean()
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        for critic in critics:
-            critic.requires_grad_(True)
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), generator.parameters()):
-                pe.lerp_(p, 1 - ema_beta)
-            for be, b in zip(ema.buffers(), generator.buffers()):
-                be.copy_(b)
-        bar.set_postfix(d=f"{loss_d.item():.3f}", clip=f"{loss_clip.item():.3f}", g=f"{loss_g.item():.3f}")
-        if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < steps:
-            _save_gan_snapshot(snapshot, parts, sampler, step + 1, steps, batch, seed)
-    ema.eval()
-    save_gan(out_dir, ema, discriminator.eval(), ema.mean_latent())
-    snapshot.unlink(missing_ok=True)
-    return ema
-
-
-def _save_gan_snapshot(path: Path, parts: dict, sampler, step: int, steps: int, batch: int, seed: int) -> None:
-    state = {name: part.state_dict() for name, part in parts.items()}
-    state["step"], state["settings"] = step, {"steps": steps, "batch": batch, "seed": seed}
-    state["rng"] = {
-        "torch": torch.get_rng_state(),
-        "renders": sampler.generator.get_state(),
-        "captions": sampler.rng.getstate(),
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # a crash mid-write leaves the previous snapshot intact
-
-
-def _load_gan_snapshot(path: Path, parts: dict, sampler, steps: int, batch: int, seed: int) -> int:
-    if not path.exists():
-        return 0
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["settings"] != {"steps": steps, "batch": batch, "seed": seed}:
-        raise ValueError(
-            f"{path} was written by a run with other settings ({state['settings']}); delete it to start over"
-        )
-    for name, part in parts.items():
-        part.load_state_dict(state[name])
-    torch.set_rng_state(state["rng"]["torch"])
-    sampler.generator.set_state(state["rng"]["renders"])
-    sampler.rng.setstate(state["rng"]["captions"])
-    return state["step"]
