@@ -145,12 +145,10 @@ def test_sharpening_lowers_the_zero_shot_digit_entropy(digits_clip_model):
         run = gan_recipe._AdversarialRun(generator, discriminator, ema, digits_clip_model.vision_model, batch=8)
         sampler = RenderSampler("train", seed=0)
 
-        def term(fake, pooled):
-            per_sample, marginal = entropy(pooled)
-            return weight * (per_sample - marginal)
-
         for step in range(1, steps + 1):
-            run.step(sampler.sample(8).images * 2 - 1, step, term)
+            run.step(
+                sampler.sample(8).images * 2 - 1, step, lambda fake, pooled: weight * entropy.generator_loss(pooled)
+            )
         return generator
 
     before = per_sample_entropy(generator_after(0, 0.0))

@@ -46,6 +46,14 @@ class CLIPFeatureDiscriminator(torch.nn.Module):
         return (logits, out.pooler_output) if with_pooled else logits
 
 
+def _noisy(images: torch.Tensor) -> torch.Tensor:
+    return images + INSTANCE_NOISE * torch.randn_like(images)
+
+
+def _logistic_loss(critic, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    return F.softplus(critic(_noisy(fake))).mean() + F.softplus(-critic(_noisy(real))).mean()
+
+
 class _AdversarialRun:
     """Generator, EMA generator and the two critics with their optimisers: what one step of
     StyleGAN2 training (non-saturating logistic loss, lazy R1, instance noise) touches."""
@@ -69,23 +77,16 @@ class _AdversarialRun:
         """One critic update and one generator update. `generator_term(fake, pooled)` adds to the
         generator's loss; `pooled` is digits-clip's pooled image output of the same forward pass."""
         style_dim = self.generator.config.style_dim
-
-        def noisy(images):
-            return images + INSTANCE_NOISE * torch.randn_like(images)
-
-        def logistic_loss(critic, fake, real):
-            return F.softplus(critic(noisy(fake))).mean() + F.softplus(-critic(noisy(real))).mean()
-
         with torch.no_grad():
             fake = self.generator(torch.randn(self.batch, style_dim))
-        loss_d = logistic_loss(self.discriminator, fake, real)
-        loss_clip = logistic_loss(self.clip_d, fake, real)
+        loss_d = _logistic_loss(self.discriminator, fake, real)
+        loss_clip = _logistic_loss(self.clip_d, fake, real)
         self.opt_clip.zero_grad(set_to_none=True)
         loss_clip.backward()
         self.opt_clip.step()
         if step % R1_EVERY == 0:  # lazy R1 penalty on real images
             real.requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.discriminator(noisy(real)).sum(), real, create_graph=True)
+            (grad,) = torch.autograd.grad(self.discriminator(_noisy(real)).sum(), real, create_graph=True)
             loss_d = loss_d + R1_GAMMA / 2 * grad.pow(2).sum([1, 2, 3]).mean() * R1_EVERY
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -94,7 +95,7 @@ class _AdversarialRun:
         critics = (self.discriminator, self.clip_d.head)  # frozen while the generator steps
         for critic in critics:
             critic.requires_grad_(False)
-        fake = noisy(self.generator(torch.randn(self.batch, style_dim)))
+        fake = _noisy(self.generator(torch.randn(self.batch, style_dim)))
         d_logits = self.discriminator(fake)
         clip_logits, pooled = self.clip_d(fake, with_pooled=True)
         loss_g = F.softplus(-d_logits).mean() + F.softplus(-clip_logits).mean()
@@ -190,6 +191,11 @@ class ZeroShotDigitEntropy:
         mean_p = p.mean(0)
         return per_sample, -(mean_p * mean_p.clamp_min(1e-8).log()).sum()
 
+    def generator_loss(self, pooled: torch.Tensor) -> torch.Tensor:
+        """CatGAN's generator objective: sure of each sample's digit, every digit equally often."""
+        per_sample, marginal = self(pooled)
+        return per_sample - marginal
+
     def of_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self(self.clip_model.vision_model(pixel_values=images).pooler_output)
 
@@ -222,8 +228,7 @@ def sharpen_gan(source_dir: Path, out_dir: Path, steps: int, batch: int, seed: i
     entropy = ZeroShotDigitEntropy(clip_model)
 
     def class_entropy_term(fake, pooled):
-        per_sample, marginal = entropy(pooled)
-        return weight * (per_sample - marginal)
+        return weight * entropy.generator_loss(pooled)
 
     sampler = RenderSampler("train", seed=seed + 41)
     settings = {"steps": steps, "batch": batch, "seed": seed, "stage": "sharpen", "weight": weight}
