@@ -68,7 +68,7 @@ def sd_quality(judge, seeds: int) -> dict:
     }  # fmt: skip
 
 
-def gan_quality(judge, samples: int = 2000, truncation: float = 1.0) -> dict:
+def gan_quality(judge, samples: int = 2000, truncation: float = 1.0, first_seed: int = 0) -> dict:
     from evaluators.metrics import frechet_distance
     from pipelines import load_model
     from pipelines.images import to_tensor
@@ -76,7 +76,7 @@ def gan_quality(judge, samples: int = 2000, truncation: float = 1.0) -> dict:
 
     model = load_model("digits-gan")
     started = time.time()
-    images = to_tensor(model.generate(range(samples), truncation=truncation))
+    images = to_tensor(model.generate(range(first_seed, first_seed + samples), truncation=truncation))
     seconds = time.time() - started
     probabilities = judge.predict(images)
     confidence = probabilities["digit"].max(-1).values
@@ -86,6 +86,9 @@ def gan_quality(judge, samples: int = 2000, truncation: float = 1.0) -> dict:
     # What real handwriting scores on the same two figures: a generator that drew new digits as well
     # as the held-out writers did would reach the first; one that copied the training renders, the second.
     heldout_confidence = judge.predict(real)["digit"].max(-1).values
+    # The confidence of digits-clip's zero-shot classifier, whose entropy `sharpen_gan` trains
+    # against: once it is as sure of the samples as of real renders, that term has no more to give.
+    clip_sure = _zero_shot_digit_confident_shares({"samples": images, "heldout": real})
     train = RenderSampler("train", seed=0).sample(samples).images
     train_fd = frechet_distance(judge.features(train), real_features)
 
@@ -101,9 +104,29 @@ def gan_quality(judge, samples: int = 2000, truncation: float = 1.0) -> dict:
         "frechet_distance_judge_features_vs_heldout": round(fd, 3),
         "heldout_renders_confident_share": round(float((heldout_confidence >= 0.9).float().mean()), 4),
         "train_renders_frechet_distance_vs_heldout": round(train_fd, 3),
-        "samples": samples, "truncation": truncation, "generation_seconds": round(seconds, 1),
+        "digits_clip_confident_share": clip_sure["samples"],
+        "heldout_renders_digits_clip_confident_share": clip_sure["heldout"],
+        "samples": samples, "seeds": f"{first_seed}-{first_seed + samples - 1}", "truncation": truncation,
+        "generation_seconds": round(seconds, 1),
         "rule": "confident: max digit probability of digits-judge >= 0.9 (label smoothing 0.05: optimum 0.955)",
     }  # fmt: skip
+
+
+def _zero_shot_digit_confident_shares(image_sets: dict[str, torch.Tensor], batch: int = 500) -> dict[str, float]:
+    """Share of each image set that digits-clip's zero-shot digit classifier names with p >= 0.9."""
+    from transformers import CLIPModel
+
+    from pipelines.zoo import models as zoo
+    from pipelines.zoo.gan_recipe import ZeroShotDigitEntropy
+
+    clip = CLIPModel.from_pretrained(zoo.embedded_path("digits-clip"), dtype=torch.float32).eval()
+    classifier = ZeroShotDigitEntropy(clip)
+    shares = {}
+    with torch.no_grad():
+        for name, images in image_sets.items():
+            p = torch.cat([classifier.probabilities_of(chunk * 2 - 1) for chunk in images.split(batch)])
+            shares[name] = round(float((p.max(-1).values >= 0.9).float().mean()), 4)
+    return shares
 
 
 def main() -> None:
@@ -111,6 +134,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20, help="samples per prompt for digits-sd")
     parser.add_argument("--only", action="append", default=[], help="digits-judge, digits-clip, digits-sd, digits-gan")
     parser.add_argument("--gan-truncation", type=float, default=1.0, help="truncation psi of digits-gan samples")
+    parser.add_argument("--gan-first-seed", type=int, default=0, help="digits-gan draws seeds FIRST..FIRST+1999")
     parser.add_argument("--write", action="store_true", help="store the result as the zoo's quality.json")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     args = parser.parse_args()
@@ -131,7 +155,7 @@ def main() -> None:
     if "digits-sd" in wanted:
         result["digits-sd"] = sd_quality(judge, args.seeds)
     if "digits-gan" in wanted:
-        result["digits-gan"] = gan_quality(judge, truncation=args.gan_truncation)
+        result["digits-gan"] = gan_quality(judge, truncation=args.gan_truncation, first_seed=args.gan_first_seed)
     print(json.dumps(result, indent=2))
     if args.write:
         path = zoo.zoo_root() / zoo.QUALITY_FILE
