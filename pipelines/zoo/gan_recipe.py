@@ -201,10 +201,13 @@ class ZeroShotDigitEntropy:
         return per_sample - marginal
 
     def of_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self(self.clip_model.vision_model(pixel_values=images).pooler_output)
+        return self(self._pooled(images))
 
     def probabilities_of(self, images: torch.Tensor) -> torch.Tensor:
-        return self.probabilities(self.clip_model.vision_model(pixel_values=images).pooler_output)
+        return self.probabilities(self._pooled(images))
+
+    def _pooled(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip_model.vision_model(pixel_values=images).pooler_output
 
 
 def sharpen_gan(source_dir: Path, out_dir: Path, steps: int, batch: int, seed: int, clip_model,
