@@ -79,13 +79,12 @@ def gan_quality(judge, samples: int = 2000, truncation: float = 1.0, first_seed:
     images = to_tensor(model.generate(range(first_seed, first_seed + samples), truncation=truncation))
     seconds = time.time() - started
     probabilities = judge.predict(images)
-    confidence = probabilities["digit"].max(-1).values
     real = heldout_renders(per_source=2, seed=0).images
     real_features = judge.features(real)
     fd = frechet_distance(judge.features(images), real_features)
     # What real handwriting scores on the same two figures: a generator that drew new digits as well
     # as the held-out writers did would reach the first; one that copied the training renders, the second.
-    heldout_confidence = judge.predict(real)["digit"].max(-1).values
+    heldout = judge.predict(real)
     # The confidence of digits-clip's zero-shot classifier, whose entropy `sharpen_gan` trains
     # against: once it is as sure of the samples as of real renders, that term has no more to give.
     clip_sure = _zero_shot_digit_confident_shares({"samples": images, "heldout": real})
@@ -98,11 +97,14 @@ def gan_quality(judge, samples: int = 2000, truncation: float = 1.0, first_seed:
 
     digit_shares = shares_of("digit", 10)
     return {
-        "confident_share": round(float((confidence >= 0.9).float().mean()), 4),
+        "confident_share": _confident_share(probabilities["digit"]),
         "digit_shares": digit_shares, "min_digit_share": min(digit_shares), "max_digit_share": max(digit_shares),
         "colour_shares": shares_of("colour", 5), "style_shares": shares_of("style", 3),
         "frechet_distance_judge_features_vs_heldout": round(fd, 3),
-        "heldout_renders_confident_share": round(float((heldout_confidence >= 0.9).float().mean()), 4),
+        "heldout_renders_confident_share": _confident_share(heldout["digit"]),
+        # How sure the judge is of the samples' style: a stroke between plain and bold leaves it unsure.
+        "style_confident_share": _confident_share(probabilities["style"]),
+        "heldout_renders_style_confident_share": _confident_share(heldout["style"]),
         "train_renders_frechet_distance_vs_heldout": round(train_fd, 3),
         "digits_clip_confident_share": clip_sure["samples"],
         "heldout_renders_digits_clip_confident_share": clip_sure["heldout"],
@@ -112,15 +114,19 @@ def gan_quality(judge, samples: int = 2000, truncation: float = 1.0, first_seed:
     }  # fmt: skip
 
 
+def _confident_share(probabilities: torch.Tensor) -> float:
+    return round(float((probabilities.max(-1).values >= 0.9).float().mean()), 4)
+
+
 def _zero_shot_digit_confident_shares(image_sets: dict[str, torch.Tensor], batch: int = 500) -> dict[str, float]:
     """Share of each image set that digits-clip's zero-shot digit classifier names with p >= 0.9."""
     from transformers import CLIPModel
 
     from pipelines.zoo import models as zoo
-    from pipelines.zoo.gan_recipe import ZeroShotDigitEntropy
+    from pipelines.zoo.gan_recipe import ZeroShotEntropy
 
     clip = CLIPModel.from_pretrained(zoo.embedded_path("digits-clip"), dtype=torch.float32).eval()
-    classifier = ZeroShotDigitEntropy(clip)
+    classifier = ZeroShotEntropy(clip, "digit")
     shares = {}
     with torch.no_grad():
         for name, images in image_sets.items():

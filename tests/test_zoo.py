@@ -97,6 +97,8 @@ def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(tmp_
     run = gan_stage(stage, digits_clip_model)
     # The vision-aided discriminator's head trains too: a resume that lost it would differ.
     settings = {"steps": 4, "snapshot_every": 2}
+    if stage == "sharpen":  # learning rates that fall across the interruption, and the optional patch critic
+        settings.update(lr_decay_steps=3, patch_hidden=8, style_weight=1.0)
     # Its parent folder does not exist yet: the first snapshot must still be written.
     straight = run(tmp_path / "new" / "straight", **settings)
 
@@ -124,13 +126,34 @@ def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(tmp_
         assert torch.equal(a, b), name
 
 
-def test_sharpening_lowers_the_zero_shot_digit_entropy(digits_clip_model):
+def test_sharpening_learning_rates_fall_linearly_over_the_last_steps(tmp_path, monkeypatch, digits_clip_model):
+    from pipelines.zoo import gan_recipe
+
+    seen = []
+    step = gan_recipe._AdversarialRun.step
+
+    def record_then_step(run, *args, **kwargs):
+        seen.append([group["lr"] for opt in (run.opt_g, run.opt_d, run.opt_clip) for group in opt.param_groups])
+        return step(run, *args, **kwargs)
+
+    monkeypatch.setattr(gan_recipe._AdversarialRun, "step", record_then_step)
+    gan_stage("sharpen", digits_clip_model)(tmp_path / "out", steps=4, lr_decay_steps=3)
+    first = torch.tensor(seen[0])
+    factors = torch.tensor(seen) / first
+    expected = torch.tensor([1.0, 1.0, 2 / 3, 1 / 3])[:, None].expand_as(factors)
+    assert torch.allclose(factors, expected)
+    lazy = gan_recipe.R1_EVERY / (gan_recipe.R1_EVERY + 1)  # D's learning rate keeps its lazy-R1 correction
+    assert torch.allclose(first, torch.tensor([1.0, lazy, 1.0]) * gan_recipe.LEARNING_RATE)
+
+
+@pytest.mark.parametrize("head", ["digit", "style"])
+def test_sharpening_lowers_the_zero_shot_entropy(digits_clip_model, head):
     """The class-aware term reaches the generator: a few steps with it leave digits-clip surer of
-    what the samples show than the same steps without it, and than before."""
+    the samples' digit (or style) than the same steps without it, and than before."""
     from pipelines.gan_checkpoints import load_gan_folder
     from pipelines.zoo import gan_recipe
 
-    entropy = gan_recipe.ZeroShotDigitEntropy(digits_clip_model)
+    entropy = gan_recipe.ZeroShotEntropy(digits_clip_model, head)
     z = torch.randn(64, 128, generator=torch.Generator().manual_seed(7))
 
     def per_sample_entropy(generator) -> float:
