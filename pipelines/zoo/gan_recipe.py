@@ -276,7 +276,7 @@ def sharpen_gan(source_dir: Path, out_dir: Path, steps: int, batch: int, seed: i
       gives 0.82 / 0.83 / 0.81 / 0.81 at 7k-10k (FD 25-29); over 4k-8k, 0.80 / 0.79 at 5k / 6k.
     - `style_weight`, the same term on digits-clip's zero-shot style classifier (the judge is sure
       of the style of 69% of the shipped samples, of real renders 95%): weight 4 with style 4
-      balances the styles (30-37%, not 21-43%) and keeps FD at 16, but the digit figure lags weight
+      balances the styles (30-37%, not 21-43%) and keeps FD at 15-17, but the digit figure lags weight
       4 alone (0.71 / 0.75 / 0.76 / 0.75 at 1k-4k); style 12: 0.70 at 1k.
     - `patch_hidden`, a second vision-aided head with one logit per image patch (as PatchGAN),
       continuing the finished model: with weight 4, 0.81 / 0.81 / 0.82 at 1k-3k; with weight 20,
