@@ -131,7 +131,7 @@ def _zero_shot_digit_confident_shares(image_sets: dict[str, torch.Tensor], batch
     with torch.no_grad():
         for name, images in image_sets.items():
             p = torch.cat([classifier.probabilities_of(chunk * 2 - 1) for chunk in images.split(batch)])
-            shares[name] = round(float((p.max(-1).values >= 0.9).float().mean()), 4)
+            shares[name] = _confident_share(p)
     return shares
 
 

@@ -62,17 +62,14 @@ def _noisy(images: torch.Tensor) -> torch.Tensor:
     return images + INSTANCE_NOISE * torch.randn_like(images)
 
 
-def _softplus_mean(logits) -> torch.Tensor:
-    """mean softplus of a critic's logits; of each tensor, summed, for a critic with several heads."""
-    return sum(F.softplus(x).mean() for x in logits) if isinstance(logits, list) else F.softplus(logits).mean()
-
-
-def _negated(logits):
-    return [-x for x in logits] if isinstance(logits, list) else -logits
+def _softplus_mean(logits, sign: float = 1.0) -> torch.Tensor:
+    """Mean softplus(sign * logits); for a critic with several heads (a list), summed over heads."""
+    heads = logits if isinstance(logits, list) else [logits]
+    return sum(F.softplus(sign * x).mean() for x in heads)
 
 
 def _logistic_loss(critic, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    return _softplus_mean(critic(_noisy(fake))) + _softplus_mean(_negated(critic(_noisy(real))))
+    return _softplus_mean(critic(_noisy(fake))) + _softplus_mean(critic(_noisy(real)), sign=-1.0)
 
 
 class _AdversarialRun:
@@ -89,10 +86,8 @@ class _AdversarialRun:
         heads = [p for head in self.clip_d.heads() for p in head.parameters()]
         self.opt_clip = torch.optim.Adam(heads, lr=LEARNING_RATE, betas=BETAS)
         self.ema_beta = 0.5 ** (batch / 10_000)  # EMA half-life of 10k images, as StyleGAN2-ADA
-        self._base_lrs = {opt: [group["lr"] for group in opt.param_groups] for opt in self._optimisers()}
-
-    def _optimisers(self) -> tuple:
-        return self.opt_g, self.opt_d, self.opt_clip
+        optimisers = (self.opt_g, self.opt_d, self.opt_clip)
+        self._base_lrs = {opt: [group["lr"] for group in opt.param_groups] for opt in optimisers}
 
     def scale_learning_rates(self, factor: float) -> None:
         """Every optimiser at `factor` times the learning rate it started with."""
@@ -133,7 +128,7 @@ class _AdversarialRun:
         fake = _noisy(self.generator(torch.randn(self.batch, style_dim)))
         d_logits = self.discriminator(fake)
         clip_logits, pooled = self.clip_d(fake, with_pooled=True)
-        loss_g = F.softplus(-d_logits).mean() + _softplus_mean(_negated(clip_logits))
+        loss_g = _softplus_mean(d_logits, sign=-1.0) + _softplus_mean(clip_logits, sign=-1.0)
         losses = {"d": loss_d.item(), "clip": loss_clip.item(), "g": loss_g.item()}
         if generator_term is not None:
             extra = generator_term(fake, pooled)
@@ -291,11 +286,12 @@ def sharpen_gan(source_dir: Path, out_dir: Path, steps: int, batch: int, seed: i
     ema = copy.deepcopy(generator).requires_grad_(False)
     clip_model = clip_model.eval().requires_grad_(False)
     run = _AdversarialRun(generator, discriminator, ema, clip_model.vision_model, batch, patch_hidden)
-    digit, style = ZeroShotEntropy(clip_model, "digit"), ZeroShotEntropy(clip_model, "style")
+    digit = ZeroShotEntropy(clip_model, "digit")
+    style = ZeroShotEntropy(clip_model, "style") if style_weight else None
 
     def class_entropy_term(fake, pooled):
         term = weight * digit.generator_loss(pooled)
-        return term + style_weight * style.generator_loss(pooled) if style_weight else term
+        return term + style_weight * style.generator_loss(pooled) if style else term
 
     sampler = RenderSampler("train", seed=seed + 41)
     settings = {"steps": steps, "batch": batch, "seed": seed, "stage": "sharpen", "weight": weight,
