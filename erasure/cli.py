@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     z = zoo_sub.add_parser(
         "build",
         help="retrain the embedded models from the recipe (hours on 2 cores: digits-gan alone "
-        "takes about 5, in two stages that resume from snapshots)",
+        "takes about 6, in three stages that resume from snapshots)",
     )
     z.add_argument("--out", required=True, metavar="DIR", help="folder to build into (use it with ERASURE_ZOO=DIR)")
     z.add_argument("--seed", type=int, default=0)

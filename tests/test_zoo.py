@@ -79,6 +79,16 @@ def digits_clip_model():
     return CLIPModel.from_pretrained(zoo.embedded_path("digits-clip"), dtype=torch.float32)
 
 
+@pytest.fixture(scope="module")
+def digits_sd_pipe():
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(
+        zoo.embedded_path("digits-sd"), dtype=torch.float32, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+
+
 def gan_stage(stage: str, clip_model):
     """A runner of one digits-gan stage at test size: train from scratch, or sharpen the shipped model."""
     from pipelines.zoo import gan_recipe
@@ -90,15 +100,20 @@ def gan_stage(stage: str, clip_model):
 
 
 @pytest.mark.parametrize("stage", ["first", "sharpen"])
-def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(tmp_path, monkeypatch, stage,
-                                                                            digits_clip_model):  # fmt: skip
+def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(
+    tmp_path, monkeypatch, stage, digits_clip_model, digits_sd_pipe
+):
     from pipelines.zoo import gan_recipe
 
     run = gan_stage(stage, digits_clip_model)
     # The vision-aided discriminator's head trains too: a resume that lost it would differ.
     settings = {"steps": 4, "snapshot_every": 2}
-    if stage == "sharpen":  # learning rates that fall across the interruption, and the optional patch critic
-        settings.update(lr_decay_steps=3, patch_hidden=8, style_weight=1.0)
+    if stage == "sharpen":  # learning rates that fall across the interruption, and every optional term
+        from pipelines.zoo.score_distillation import ScoreDistillation
+
+        distillation = ScoreDistillation(digits_sd_pipe, styled=False, colour_blind=True)
+        settings.update(lr_decay_steps=3, patch_hidden=8, style_weight=1.0, distillation=distillation,
+                        distillation_weight=1.0)  # fmt: skip
     # Its parent folder does not exist yet: the first snapshot must still be written.
     straight = run(tmp_path / "new" / "straight", **settings)
 
@@ -177,3 +192,45 @@ def test_sharpening_lowers_the_zero_shot_entropy(digits_clip_model, head):
     before = per_sample_entropy(generator_after(0, 0.0))
     plain, sharpened = per_sample_entropy(generator_after(5, 0.0)), per_sample_entropy(generator_after(5, 20.0))
     assert sharpened < plain and sharpened < before
+
+
+@pytest.mark.parametrize("styled, colour_blind", [(True, False), (False, True)])
+def test_score_distillation_alone_draws_the_captioned_digits_from_noise(digits_clip_model, digits_sd_pipe, styled,
+                                                                        colour_blind):  # fmt: skip
+    """Its gradient carries digits-sd's knowledge of each caption: images optimised from noise by
+    it alone become the captioned digits (read by digits-clip's zero-shot classifier)."""
+    from pipelines.zoo import gan_recipe
+    from pipelines.zoo.score_distillation import ScoreDistillation
+
+    torch.manual_seed(0)
+    distillation = ScoreDistillation(digits_sd_pipe, guidance=5.0, styled=styled, colour_blind=colour_blind)
+    digits = torch.arange(10)
+    colours, styles = digits % 5, digits % 3
+    # a dark, faintly noisy start (the renders' background), kept in [-1, 1] as a generator's output
+    raw = (-1.5 + 0.1 * torch.randn(10, 3, 32, 32)).requires_grad_(True)
+    optimiser = torch.optim.Adam([raw], lr=0.05)
+    reader = gan_recipe.ZeroShotEntropy(digits_clip_model, "digit")
+
+    def recognised() -> int:
+        with torch.no_grad():
+            return int((reader.probabilities_of(raw.tanh()).argmax(-1) == digits).sum())
+
+    assert recognised() <= 3
+    for _ in range(40):
+        optimiser.zero_grad()
+        distillation.loss(raw.tanh(), digits, colours, styles).backward()
+        optimiser.step()
+    assert recognised() >= 9
+
+
+def test_colour_blind_score_distillation_moves_only_each_pixels_brightest_channel(digits_sd_pipe):
+    from pipelines.zoo.score_distillation import ScoreDistillation
+
+    torch.manual_seed(0)
+    images = (torch.rand(4, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    labels = torch.tensor([1, 4, 7, 9])
+    ScoreDistillation(digits_sd_pipe, colour_blind=True).loss(images, labels, labels % 5, labels % 3).backward()
+    brightest = images.detach().argmax(1, keepdim=True)
+    moved = images.grad != 0
+    assert moved.any(1).float().mean() > 0.99  # every pixel's brightness is moved ...
+    assert torch.equal(moved, torch.zeros_like(moved).scatter_(1, brightest, True))  # ... through that channel alone

@@ -43,8 +43,8 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
     """Train the digits world into `out_root/<name>/`; returns what was built and how long it took.
 
     `scale` < 1 shrinks every step count (and the batch) for a smoke run; `only` restricts the
-    build to some models (digits-sd and digits-gan need digits-clip, built or already present in
-    `out_root`).
+    build to some models (digits-sd needs digits-clip, digits-gan both digits-clip and digits-sd, built
+    or already present in `out_root`).
     """
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel
@@ -111,15 +111,24 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
         t0 = time.time()
         path = out_root / "digits-gan"
         work = out_root / ".digits-gan-parts"
-        first_stage = work / "first-stage"
-        if not (first_stage / CONFIG_FILE).is_file():  # written last: a rerun after the first stage skips it
+        first_stage, sharpened = work / "first-stage", work / "sharpened"
+        # A stage's config is written last, so a rerun skips the stages already finished. Each
+        # stage starts from the weights of the one before as they would ship (float16).
+        if not (first_stage / CONFIG_FILE).is_file():
             gan_recipe.train_gan(first_stage, steps.gan, steps.gan_batch, seed, digits_clip().vision_model)
-            _to_half(first_stage)  # the second stage starts from the weights as they would ship
-        gan_recipe.sharpen_gan(first_stage, path, steps.gan_sharpen, steps.gan_batch, seed, digits_clip())
+        _to_half(first_stage)
+        if not (sharpened / CONFIG_FILE).is_file():
+            gan_recipe.sharpen_gan(first_stage, sharpened, steps.gan_sharpen, steps.gan_batch, seed, digits_clip())
+        _to_half(sharpened)
+        digits_sd = StableDiffusionPipeline.from_pretrained(
+            out_root / "digits-sd", dtype=torch.float32, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )  # fmt: skip
+        gan_recipe.distil_gan(sharpened, path, steps.gan_distil, steps.gan_batch, seed, digits_clip(), digits_sd)
         shutil.rmtree(work)
         _to_half(path)
-        card = {"name": "digits-gan", "kind": "gan", "family": "digits",
-                "steps": {"gan": steps.gan, "sharpen": steps.gan_sharpen}, **common}  # fmt: skip
+        stage_steps = {"gan": steps.gan, "sharpen": steps.gan_sharpen, "distil": steps.gan_distil}
+        card = {"name": "digits-gan", "kind": "gan", "family": "digits", "steps": stage_steps, **common}
         _write_card(path, card)
         report["seconds"]["digits-gan"] = round(time.time() - t0, 1)
     return report

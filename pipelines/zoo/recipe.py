@@ -35,6 +35,7 @@ class RecipeSteps:
     unet: int = 5000
     gan: int = 54000
     gan_sharpen: int = 8000
+    gan_distil: int = 3000
     batch: int = 128  # judge
     clip_batch: int = 128
     vae_batch: int = 32
@@ -51,6 +52,7 @@ class RecipeSteps:
             unet=max(2, int(self.unet * factor)),
             gan=max(2, int(self.gan * factor)),
             gan_sharpen=max(2, int(self.gan_sharpen * factor)),
+            gan_distil=max(2, int(self.gan_distil * factor)),
             batch=8,
             clip_batch=8,
             vae_batch=8,
