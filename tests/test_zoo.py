@@ -81,12 +81,7 @@ def digits_clip_model():
 
 @pytest.fixture(scope="module")
 def digits_sd_pipe():
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(
-        zoo.embedded_path("digits-sd"), dtype=torch.float32, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
+    return load_model("digits-sd").pipe
 
 
 def gan_stage(stage: str, clip_model):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import load_model
 from ..gan_checkpoints import CONFIG_FILE
 from . import gan_recipe, recipe
 from .models import DEFAULT_SAMPLING, MODEL_CARD_FILE
@@ -120,10 +121,7 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
         if not (sharpened / CONFIG_FILE).is_file():
             gan_recipe.sharpen_gan(first_stage, sharpened, steps.gan_sharpen, steps.gan_batch, seed, digits_clip())
         _to_half(sharpened)
-        digits_sd = StableDiffusionPipeline.from_pretrained(
-            out_root / "digits-sd", dtype=torch.float32, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )  # fmt: skip
+        digits_sd = load_model(out_root / "digits-sd").pipe
         gan_recipe.distil_gan(sharpened, path, steps.gan_distil, steps.gan_batch, seed, digits_clip(), digits_sd)
         shutil.rmtree(work)
         _to_half(path)
