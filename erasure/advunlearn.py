@@ -30,6 +30,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from pipelines.errors import InputError
 from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
 from .common import (
@@ -42,7 +43,7 @@ from .common import (
     select_trainable,
     validate_scope,
 )
-from .training import ErasureResult, RunContext, train
+from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 
 @dataclass
@@ -139,9 +140,14 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     """Adversarially unlearn `concepts` from the text encoder of `model` (a TextToImageModel)."""
     concepts = check_concepts(concepts)
     prompts = concept_prompts(concepts, config.prompt_templates)
+    run.check_divisible("batch_size", config.batch_size)
+    if config.attack_batch == "shared" and run.num_processes > 1:
+        raise InputError("attack_batch=shared runs on one process only; use per-sample with several")
     device = run.torch_device
     model.to(device)
     retain = retain_prompts(model.family, concepts, random.Random(run.seed))
+    n_retain = min(config.retain_batch, len(retain))
+    run.check_divisible("retain_batch", n_retain)
 
     encoder = model.text_encoder
     encoder_orig = frozen_copy(encoder)
@@ -166,15 +172,25 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
         ids = torch.randint(len(vocab), (n_adv, config.attack_tokens), generator=generator)
         return vocab[ids.to(device)].clone()
 
+    # Every process holds all adversaries (the checkpoint's), and attacks with its own rows.
     state = {"adv": random_tokens(torch.Generator().manual_seed(run.seed))}
+    optimizer = torch.optim.Adam([p for p in encoder.parameters() if p.requires_grad], lr=config.lr)
+    fingerprint = {"method": "advunlearn", "concepts": concepts, "seed": run.seed, "config": repr(config)}
+    loop = TrainingLoop(run, {"text_encoder": Network(encoder, optimizer)}, desc="advunlearn", state=state,
+                        fingerprint=fingerprint)  # fmt: skip
+    # The prepared encoder runs the retain term's forward pass, which (under several processes)
+    # makes the backward pass synchronise the encoder's gradients; the adversarial forward pass
+    # reaches the encoder's layers directly, through `encode_with_inserted`.
+    encoder_train = loop.modules["text_encoder"]
 
     def sample_x_t(conds: torch.Tensor, n: int):
+        """x_t and t for this process's rows of a global batch of `n` (`conds`: its rows' prompts)."""
         stop = random.randrange(config.ddim_steps)
-        noise = torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device)
+        noise = run.shard(torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device))
         x_t, t_lo, t_hi = partial_trajectory(unet, scheduler, conds, uncond_orig, stop, config.sample_guidance, noise)
-        return x_t, torch.randint(t_lo, t_hi, (n,), device=device)
+        return x_t, run.shard(torch.randint(t_lo, t_hi, (n,), device=device))
 
-    def step_fn(step: int):
+    def step_fn(step: int) -> dict[str, float]:
         prompt = random.choice(prompts)
         ids = model.tokenize([prompt])
         with torch.no_grad():
@@ -185,34 +201,32 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
             target = eps_empty - config.negative_guidance * (eps_concept - eps_empty)
 
         if step >= config.warmup:
-            adv_ids = ids.expand(n_adv, -1)
+            adv_ids = ids.expand(len(x_t) if n_adv > 1 else 1, -1)
 
             def attack_loss(adv: torch.Tensor) -> torch.Tensor:
                 cond = encode_with_inserted(encoder, adv_ids, adv)
                 return F.mse_loss(unet(x_t, t, cond.expand(len(x_t), -1, -1)).sample, eps_concept)
 
             start = random_tokens() if config.attack_init == "random" else state["adv"]
-            state["adv"] = attack_embeddings(attack_loss, start, config.attack, config.attack_steps, config.attack_lr)
-            cond_train = encode_with_inserted(encoder, adv_ids, state["adv"])
+            start = run.shard(start) if n_adv > 1 else start
+            adv = attack_embeddings(attack_loss, start, config.attack, config.attack_steps, config.attack_lr)
+            state["adv"] = run.gather(adv) if n_adv > 1 else adv
+            cond_train = encode_with_inserted(encoder, adv_ids, adv)
         else:
-            cond_train = encoder(ids)[0]
+            cond_train = encoder_train(ids)[0]
         unlearn = F.mse_loss(unet(x_t, t, cond_train.expand(len(x_t), -1, -1)).sample, target)
 
-        kept = random.sample(retain, min(config.retain_batch, len(retain)))
+        kept = run.shard(random.sample(retain, n_retain))
         with torch.no_grad():
             retain_orig = model.encode(kept, encoder_orig)
-            x_r, t_r = sample_x_t(retain_orig, len(kept))
+            x_r, t_r = sample_x_t(retain_orig, n_retain)
             eps_retain_orig = unet(x_r, t_r, retain_orig).sample
-        eps_retain = unet(x_r, t_r, model.encode(kept, encoder)).sample
+        eps_retain = unet(x_r, t_r, model.encode(kept, encoder_train)).sample
         utility = F.mse_loss(eps_retain, eps_retain_orig)
         loss = unlearn + config.retain_weight * utility
-        return loss, {"unlearn": unlearn.item(), "retain": utility.item()}
+        loop.update("text_encoder", loss)
+        return {"unlearn": unlearn.item(), "retain": utility.item()}
 
-    optimizer = torch.optim.Adam([p for p in encoder.parameters() if p.requires_grad], lr=config.lr)
-    fingerprint = {"method": "advunlearn", "concepts": concepts, "seed": run.seed, "config": repr(config)}
-    logs = train(
-        step_fn, module=encoder, optimizer=optimizer, steps=config.iterations, run=run, desc="advunlearn",
-        extra=state, fingerprint=fingerprint,
-    )  # fmt: skip
+    logs = loop.fit(step_fn, config.iterations)
     encoder.eval()
     return ErasureResult(model, ["text_encoder"], n_trainable, logs)

@@ -8,12 +8,12 @@ model as a diffusers-loadable folder (the changed component is a standalone subf
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipelines.errors import InputError
+from pipelines.files import slug
 
 from .config import build_config, config_to_dict, load_yaml, parse_sets
 from .output import InterruptedRun, RunDirectory, library_versions, peak_memory_mb, write_manifest
@@ -22,8 +22,7 @@ from .training import RunContext
 
 
 def default_out_dir(method: str, concepts: Sequence[str]) -> Path:
-    slug = re.sub(r"[^a-z0-9]+", "-", "-".join(concepts).lower()).strip("-")[:40] or "concept"
-    return Path("runs") / f"{method}-{slug}"
+    return Path("runs") / f"{method}-{slug('-'.join(concepts))}"
 
 
 def erase(
@@ -62,7 +61,12 @@ def erase(
         seed=seed, device=device, mixed_precision=mixed_precision, checkpoint_dir=run_dir.checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=resume, progress=progress, after_step=after_step,
     )  # fmt: skip
-    run_dir.begin()
+    # Under several processes (accelerate launch, torchrun) every process trains; the main one
+    # alone owns the run folder. All check it before any of them creates anything.
+    run_dir.check()
+    run.accelerator.wait_for_everyone()
+    if run.is_main:
+        run_dir.begin()
     try:
         started = time.time()
         base = load_model(source, device=device, single_file_config=model_config)
@@ -76,17 +80,21 @@ def erase(
             write_manifest(folder, {
                 "method": method, "paper": spec.paper.title, "paper_url": spec.paper.url,
                 "concepts": concepts, "base_model": source.describe(), "config": config_to_dict(config),
-                "seed": seed, "device": device, "mixed_precision": mixed_precision,
+                "seed": seed, "device": device, "mixed_precision": mixed_precision, "processes": run.num_processes,
                 "changed_components": result.changed, "trainable_parameters": result.trainable_parameters,
                 "changed_component_parameters": total, "final_logs": result.logs,
                 "wall_time_s": round(wall, 2), **peak_memory_mb(device), "versions": library_versions(),
             })  # fmt: skip
 
-        return run_dir.commit(write)
+        if run.is_main:
+            run_dir.commit(write)
+        run.accelerator.wait_for_everyone()
+        return run_dir.final
     except InputError:
-        run_dir.abandon()  # e.g. resuming with other settings: a checkpoint stays for the right command
+        if run.is_main:
+            run_dir.abandon()  # e.g. resuming with other settings: a checkpoint stays for the right command
         raise
     except BaseException as exc:
-        if run_dir.abandon():
+        if run_dir.abandon() if run.is_main else run_dir.checkpoint_dir.exists():
             raise InterruptedRun(run_dir, exc) from exc
         raise

@@ -151,7 +151,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, mixed_precision=args.mixed_precision, resume=args.resume,
         checkpoint_every=args.checkpoint_every, progress=not args.quiet, model_config=args.model_config,
     )  # fmt: skip
-    print(f"erased {', '.join(args.concept)} with {args.method}: {out}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under several processes, one line
+        print(f"erased {', '.join(args.concept)} with {args.method}: {out}")
     return 0
 
 

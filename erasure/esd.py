@@ -29,7 +29,7 @@ from .common import (
     select_trainable,
     validate_scope,
 )
-from .training import ErasureResult, RunContext, train
+from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 DIGIT_TEMPLATES = ["{}", "a {}", "the number {}", "a handwritten {}"]
 
@@ -92,6 +92,7 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
     """Fine-tune `model` (a TextToImageModel) so that it no longer generates `concepts`."""
     concepts = check_concepts(concepts)
     prompts = concept_prompts(concepts, config.prompt_templates)
+    run.check_divisible("batch_size", config.batch_size)
     device = run.torch_device
     model.to(device)
 
@@ -115,7 +116,17 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
     with torch.no_grad():
         uncond_orig = model.encode([""], te_orig)
 
-    def step_fn(step: int):
+    optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=config.lr)
+    loop = TrainingLoop(
+        run, {config.component: Network(trained, optimizer)}, desc="esd",
+        fingerprint={"method": "esd", "concepts": concepts, "seed": run.seed, "config": repr(config)},
+    )  # fmt: skip
+    # The trained forward pass goes through the prepared network (gradients synchronised across
+    # processes); the sampling passes, without gradients, use the model as it is.
+    unet_train = loop.modules["unet"] if config.component == "unet" else model.unet
+    encoder_train = loop.modules["text_encoder"] if config.component == "text_encoder" else te_orig
+
+    def step_fn(step: int) -> dict[str, float]:
         prompt = random.choice(prompts)
         with torch.no_grad():
             cond_orig = model.encode([prompt], te_orig)
@@ -123,23 +134,20 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
             cond_now = model.encode([prompt]) if config.component == "text_encoder" else cond_orig
             uncond_now = model.encode([""]) if config.component == "text_encoder" else uncond_orig
             stop = random.randrange(config.ddim_steps)
-            noise = torch.randn(shape, device=device)
+            noise = run.shard(torch.randn(shape, device=device))  # the global batch's noise, this process's rows
             x_t, t_lo, t_hi = partial_trajectory(
                 model.unet, scheduler, cond_now, uncond_now, stop, config.sample_guidance, noise
             )
-            t = torch.randint(t_lo, t_hi, (config.batch_size,), device=device)
+            t = run.shard(torch.randint(t_lo, t_hi, (config.batch_size,), device=device))
             eps_empty = unet_orig(x_t, t, uncond_orig.expand(len(x_t), -1, -1)).sample
             eps_concept = unet_orig(x_t, t, cond_orig.expand(len(x_t), -1, -1)).sample
             target = esd_target(eps_empty, eps_concept, config.negative_guidance)
-        cond_train = model.encode([prompt]) if config.component == "text_encoder" else cond_orig
-        eps = model.unet(x_t, t, cond_train.expand(len(x_t), -1, -1)).sample
+        cond_train = model.encode([prompt], encoder_train) if config.component == "text_encoder" else cond_orig
+        eps = unet_train(x_t, t, cond_train.expand(len(x_t), -1, -1)).sample
         loss = F.mse_loss(eps, target)
-        return loss, {"loss": loss.item()}
+        loop.update(config.component, loss)
+        return {"loss": loss.item()}
 
-    optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=config.lr)
-    logs = train(
-        step_fn, module=trained, optimizer=optimizer, steps=config.iterations, run=run, desc="esd",
-        fingerprint={"method": "esd", "concepts": concepts, "seed": run.seed, "config": repr(config)},
-    )  # fmt: skip
+    logs = loop.fit(step_fn, config.iterations)
     trained.eval()
     return ErasureResult(model, [config.component], n_trainable, logs)

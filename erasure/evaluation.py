@@ -6,13 +6,11 @@ else; the report goes to RUN/eval.json and the before/after grids to RUN/grids/.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import tempfile
 from pathlib import Path
 
 from pipelines.errors import InputError
+from pipelines.files import atomic_write, slug, write_json
 
 from .output import read_manifest
 
@@ -60,8 +58,7 @@ def run_eval(
         json_path = Path(json_path) if json_path else Path(target) / "eval.json"
         grid_dir = json_path.parent / "grids"
     else:
-        slug = re.sub(r"[^a-z0-9]+", "-", "-".join(concepts).lower()).strip("-")
-        json_path = Path(json_path) if json_path else Path(f"eval-{slug}.json")
+        json_path = Path(json_path) if json_path else Path(f"eval-{slug('-'.join(concepts))}.json")
         grid_dir = json_path.parent / f"{json_path.stem}-grids"
     if not json_path.parent.is_dir():
         raise InputError(f"folder {json_path.parent} does not exist")
@@ -80,13 +77,9 @@ def run_eval(
     result.report["grids"] = {}
     for name, grid in result.grids.items():
         path = grid_dir / f"{name}.png"
-        grid.save(path)
+        atomic_write(path, lambda tmp, grid=grid: grid.save(tmp, format="PNG"))
         result.report["grids"][name] = os.path.relpath(path, json_path.parent)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=json_path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(result.report, fh, indent=2, default=float)
-        fh.write("\n")
-    os.replace(tmp, json_path)
+    write_json(json_path, result.report, default=float)
     return json_path
 
 

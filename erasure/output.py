@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.errors import InputError
+from pipelines.files import write_json
 
 MANIFEST = "erasure.json"
 FORMAT = "erasure-run/1"
@@ -94,7 +95,7 @@ def peak_memory_mb(device: str) -> dict[str, float]:
 
 def write_manifest(directory: Path, manifest: dict) -> None:
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **manifest}
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    write_json(directory / MANIFEST, manifest, default=str)
 
 
 def read_manifest(directory: str | Path) -> dict | None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipelines.errors import InputError
+from pipelines.files import atomic_write
 
 GAN_ROW = 8  # images per grid row for unconditional models
 
@@ -60,15 +59,7 @@ def sample(
 
     if as_grid:
         grid = labelled_grid(rows, labels, columns)
-        fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.parent)
-        os.close(fd)
-        try:
-            grid.save(tmp, format="PNG")
-            os.replace(tmp, out)  # a grid is either complete or absent
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return out
+        return atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
     out.mkdir(parents=True, exist_ok=True)
     if source.kind == "gan":  # no prompts: one file per seed
         for s, image in zip(seeds, images):

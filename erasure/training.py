@@ -1,9 +1,19 @@
-"""The training-loop skeleton every method shares: accelerate, seeds, progress, checkpoint/resume.
+"""The training loop every method shares, for one network or several.
 
-A method supplies `step_fn(step) -> (loss, logs)`; the loop owns zero_grad/backward/step, the
-progress bar, periodic checkpoints (trainable parameters, optimiser, RNG states and the method's
-extra tensors, e.g. AdvUnlearn's warm-started attack) and resuming from the last one, so that an
-interrupted and resumed run ends bit-identical to an uninterrupted one.
+A method hands the loop its networks by name, each with its own optimiser, and a step function.
+The step function computes losses and calls `loop.update(name, loss)` for each network it updates,
+as often and in the order its method needs (one update for ESD; a critic step then a generator
+step for a GAN). The loop owns everything around that: accelerate preparation (so that several
+processes synchronise gradients), mixed precision, gradient clipping, the progress bar with the
+method's live losses, `after_step`, periodic checkpoints of every network, optimiser, random
+stream and piece of method state, and resuming from the last checkpoint, so that an interrupted
+and resumed run ends bit-identical to an uninterrupted one.
+
+Several processes (`accelerate launch` / `torchrun`) run the same code with the same seed, so
+every process draws the same random numbers; a method draws its *global* batch and keeps its own
+rows with `run.shard(...)`. Gradients are averaged across processes, which makes a run on N
+processes the same computation as one process on the whole batch. Only the main process writes
+checkpoints and the run folder.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import numpy as np
 import torch
 
 from pipelines.errors import InputError
+from pipelines.files import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -33,7 +44,7 @@ class RunContext:
     resume: bool = False
     progress: bool = True
     after_step: Callable[[int, int, dict], None] | None = None  # (step, total, logs), e.g. the UI's progress
-    accelerator: object = field(default=None, repr=False)
+    _accelerator: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -43,19 +54,60 @@ class RunContext:
         if self.mixed_precision == "fp16" and not self.device.startswith("cuda"):
             raise InputError("fp16 mixed precision needs --device cuda; use bf16 or no on CPU")
 
-    def prepare(self):
-        """Create the accelerator (once) and seed every generator."""
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
+    @property
+    def accelerator(self):
+        """The accelerate `Accelerator` of this run (created on first use; under `accelerate launch`
+        or `torchrun` this joins the process group)."""
+        if self._accelerator is None:
+            from accelerate import Accelerator
 
-        if self.accelerator is None:
-            self.accelerator = Accelerator(cpu=not self.device.startswith("cuda"), mixed_precision=self.mixed_precision)
-        set_seed(self.seed)
-        return self.accelerator
+            cpu = not self.device.startswith("cuda")
+            self._accelerator = Accelerator(cpu=cpu, mixed_precision=self.mixed_precision)
+        return self._accelerator
 
     @property
     def torch_device(self) -> torch.device:
-        return self.prepare().device
+        return self.accelerator.device
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def seed_everything(self) -> None:
+        """The same seed in every process: they draw the same global batches and shard them."""
+        from accelerate.utils import set_seed
+
+        set_seed(self.seed)
+
+    def check_divisible(self, name: str, value: int) -> None:
+        if value % self.num_processes:
+            raise InputError(f"{name} = {value} must be a multiple of the {self.num_processes} processes")
+
+    def shard(self, batch):
+        """This process's rows of a global batch (a tensor or a list); all of it on one process."""
+        count, index = self.num_processes, self.accelerator.process_index
+        if count == 1:
+            return batch
+        self.check_divisible("the batch", len(batch))
+        size = len(batch) // count
+        return batch[index * size : (index + 1) * size]
+
+    def gather(self, shard: torch.Tensor) -> torch.Tensor:
+        """The global batch back from every process's shard (the inverse of `shard`)."""
+        return shard if self.num_processes == 1 else self.accelerator.gather(shard.contiguous())
+
+
+@dataclass
+class Network:
+    """A network the loop trains: its module, its optimiser and how its gradients are clipped."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    max_grad_norm: float | None = 1.0
 
 
 def _rng_state() -> dict:
@@ -84,19 +136,8 @@ def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, step: int, module, optimizer, extra: dict, fingerprint: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "step": step,
-        "params": {n: p.detach().cpu() for n, p in _trainable(module).items()},
-        "optimizer": optimizer.state_dict(),
-        "extra": {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in extra.items()},
-        "rng": _rng_state(),
-        "fingerprint": fingerprint,
-    }
-    tmp = path / (CHECKPOINT_FILE + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path / CHECKPOINT_FILE)  # never leave a half-written checkpoint
+def _stateful(value) -> bool:
+    return hasattr(value, "state_dict") and hasattr(value, "load_state_dict")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -104,68 +145,115 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
-def train(
-    step_fn: Callable[[int], tuple[torch.Tensor, dict[str, float]]],
-    *,
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    steps: int,
-    run: RunContext,
-    desc: str,
-    extra: dict | None = None,
-    fingerprint: dict | None = None,
-    max_grad_norm: float | None = 1.0,
-) -> dict[str, float]:
-    """Run `steps` optimiser steps of `step_fn` on the trainable parameters of `module`.
+class TrainingLoop:
+    """Trains `networks` with a method's step function; see the module docstring.
 
-    `extra` holds method state that must survive a resume (tensors or plain values; updated in
-    place by `step_fn`). `fingerprint` (the resolved config, concepts, seed) must match on resume.
-    Returns the logs of the last step.
+    `state` is method state that must survive a resume: tensors and plain values (replaced in the
+    dict on resume; a step function updates them in place, e.g. AdvUnlearn's warm-started attack)
+    and objects with `state_dict()`/`load_state_dict()` (an EMA copy, a data sampler).
+    `fingerprint` (method, resolved config, concepts, seed) must match on resume.
     """
-    from tqdm.auto import tqdm
 
-    accelerator = run.prepare()
-    extra = extra if extra is not None else {}
-    fingerprint = fingerprint or {}
-    start = 0
-    if run.resume and run.checkpoint_dir is not None and (run.checkpoint_dir / CHECKPOINT_FILE).is_file():
-        state = load_checkpoint(run.checkpoint_dir)
-        if state["fingerprint"] != fingerprint:
-            raise InputError("the checkpoint to resume was made with other settings; rerun without --resume")
-        params = _trainable(module)
-        with torch.no_grad():
-            for name, value in state["params"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        for key, value in state["extra"].items():
-            extra[key] = value.to(run.torch_device) if torch.is_tensor(value) else value
-        _set_rng_state(state["rng"])
-        start = state["step"]
-    module, optimizer = accelerator.prepare(module, optimizer)
-    params = list(_trainable(module).values())
-    logs: dict[str, float] = {}
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, unit="step", disable=not run.progress)
-    for step in bar:
-        with accelerator.autocast():
-            loss, logs = step_fn(step)
+    def __init__(
+        self,
+        run: RunContext,
+        networks: dict[str, Network],
+        *,
+        desc: str,
+        state: dict | None = None,
+        fingerprint: dict | None = None,
+    ):
+        self.run, self.desc = run, desc
+        self.state = state if state is not None else {}
+        self.fingerprint = fingerprint or {}
+        self.networks = networks
+        accelerator = run.accelerator
+        self.modules: dict[str, torch.nn.Module] = {}  # what the step function calls: the prepared modules
+        self._optimizers = {}
+        for name, network in networks.items():
+            self.modules[name], self._optimizers[name] = accelerator.prepare(network.module, network.optimizer)
+
+    def update(self, name: str, loss: torch.Tensor) -> None:
+        """One optimiser step of network `name` on `loss` (gradients averaged over the processes)."""
+        accelerator, optimizer = self.run.accelerator, self._optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        if max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, max_grad_norm)
+        max_norm = self.networks[name].max_grad_norm
+        if max_norm is not None:
+            accelerator.clip_grad_norm_(list(_trainable(self.modules[name]).values()), max_norm)
         optimizer.step()
-        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
-        done = step + 1
-        if (
-            run.checkpoint_dir is not None
-            and run.checkpoint_every > 0
-            and done % run.checkpoint_every == 0
-            and done < steps
-        ):
-            save_checkpoint(run.checkpoint_dir, done, accelerator.unwrap_model(module), optimizer, extra, fingerprint)
-        if run.after_step is not None:
-            run.after_step(done, steps, logs)
-    bar.close()
-    return logs
+
+    def fit(self, step_fn: Callable[[int], dict[str, float]], steps: int) -> dict[str, float]:
+        """Run steps `0..steps-1` of `step_fn(step) -> logs` (resuming where a checkpoint left off);
+        returns the logs of the last step, averaged over the processes."""
+        from tqdm.auto import tqdm
+
+        run, accelerator = self.run, self.run.accelerator
+        run.seed_everything()
+        start = self._resume() if run.resume else 0
+        logs: dict[str, float] = {}
+        bar = tqdm(
+            range(start, steps), initial=start, total=steps, desc=self.desc, unit="step",
+            disable=not (run.progress and run.is_main),
+        )  # fmt: skip
+        for step in bar:
+            with accelerator.autocast():
+                logs = step_fn(step)
+            logs = self._mean_over_processes(logs)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            done = step + 1
+            if run.checkpoint_dir is not None and run.checkpoint_every > 0 and done % run.checkpoint_every == 0:
+                if done < steps and run.is_main:
+                    self.save_checkpoint(run.checkpoint_dir, done)
+            if run.after_step is not None:
+                run.after_step(done, steps, logs)
+        bar.close()
+        return logs
+
+    def _mean_over_processes(self, logs: dict[str, float]) -> dict[str, float]:
+        if self.run.num_processes == 1 or not logs:
+            return logs
+        values = torch.tensor(list(logs.values()), dtype=torch.float64, device=self.run.torch_device)
+        values = self.run.accelerator.reduce(values, "mean")
+        return dict(zip(logs, values.tolist()))
+
+    def save_checkpoint(self, path: Path, step: int) -> None:
+        unwrap = self.run.accelerator.unwrap_model
+        payload = {
+            "step": step,
+            "networks": {n: {k: p.detach().cpu() for k, p in _trainable(unwrap(m)).items()}
+                         for n, m in self.modules.items()},  # fmt: skip
+            "optimizers": {n: opt.state_dict() for n, opt in self._optimizers.items()},
+            "state": {k: v.state_dict() if _stateful(v) else v.detach().cpu() if torch.is_tensor(v) else v
+                      for k, v in self.state.items()},  # fmt: skip
+            "rng": _rng_state(),
+            "fingerprint": self.fingerprint,
+        }
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path / CHECKPOINT_FILE, lambda tmp: torch.save(payload, tmp))  # never half-written
+
+    def _resume(self) -> int:
+        path = self.run.checkpoint_dir
+        if path is None or not (path / CHECKPOINT_FILE).is_file():
+            return 0
+        saved = load_checkpoint(path)
+        if saved["fingerprint"] != self.fingerprint:
+            raise InputError("the checkpoint to resume was made with other settings; rerun without --resume")
+        unwrap = self.run.accelerator.unwrap_model
+        with torch.no_grad():
+            for name, module in self.modules.items():
+                params = _trainable(unwrap(module))
+                for key, value in saved["networks"][name].items():
+                    params[key].copy_(value)
+        for name, optimizer in self._optimizers.items():
+            optimizer.load_state_dict(saved["optimizers"][name])
+        for key, value in saved["state"].items():
+            if _stateful(self.state.get(key)):
+                self.state[key].load_state_dict(value)
+            else:
+                self.state[key] = value.to(self.run.torch_device) if torch.is_tensor(value) else value
+        _set_rng_state(saved["rng"])
+        return saved["step"]
 
 
 @dataclass

@@ -34,8 +34,7 @@ class PromptSet:
 
 def digits_prompt_set(concept: str) -> PromptSet:
     """Target and preserved prompts for a digit, colour or style of the digits world."""
-    from pipelines.zoo.recipe import zero_shot_prompts
-    from pipelines.zoo.world import COLOURS, DIGIT_WORDS, STYLES, parse_concept
+    from pipelines.zoo.world import COLOURS, DIGIT_WORDS, STYLES, parse_concept, zero_shot_prompts
 
     parsed = parse_concept(concept)
     if parsed is None:

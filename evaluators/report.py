@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import InputError
+from pipelines.files import slug
 from pipelines.images import labelled_grid, to_tensor
 
 from .clip_models import ClipScorer, load_clip
@@ -125,7 +126,7 @@ def evaluate(
         for part, texts in (("target", prompts.target), ("preserved", prompts.preserved)):
             for name, model in (("before", before), ("after", after)):
                 generated[part, name] = _images(model, texts, seeds, steps, guidance, progress)
-            grids[f"{_slug(concept)}-{part}"] = _side_by_side(
+            grids[f"{slug(concept)}-{part}"] = _side_by_side(
                 generated[part, "before"][1], generated[part, "after"][1], texts, [f"seed {s}" for s in seeds],
                 before.source.spec, after.source.spec,
             )  # fmt: skip
@@ -198,12 +199,6 @@ def _digits_preservation(judge: DigitsJudge, generated: dict, prompts, samples: 
         name = "preserved_accuracy" if head == prompts.judged_head else f"preserved_accuracy_{head}"
         out[name] = _pair(*accuracy, {**judge.describe(), "head": head, "images": len(expected[head])})
     return out
-
-
-def _slug(text: str) -> str:
-    import re
-
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "concept"
 
 
 def evaluate_gan(

@@ -7,16 +7,15 @@ patched component in, and saves. No training code lives here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .cards import write_model_card
 from .errors import InputError
 from .loading import ModelSource, check_safetensors
-from .zoo.models import DEFAULT_SAMPLING, MODEL_CARD_FILE
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 # Sampling defaults for checkpoints that carry no erasure_model.json (real Stable Diffusion).
@@ -176,9 +175,7 @@ class TextToImageModel:
         """Save the whole pipeline (diffusers layout, safetensors) and its erasure_model.json."""
         directory = Path(directory)
         self.pipe.save_pretrained(directory, safe_serialization=True)
-        card = {**self.source.card, **(card or {})}
-        if card:
-            (directory / MODEL_CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        write_model_card(directory, {**self.source.card, **(card or {})})
 
 
 def load_text_to_image(
@@ -271,4 +268,4 @@ def _shipped_config_for(path: Path) -> Path:
     return shipped[model_type]
 
 
-__all__ = ["TextToImageModel", "load_text_to_image", "DEFAULT_SAMPLING"]
+__all__ = ["TextToImageModel", "load_text_to_image"]

@@ -3,17 +3,16 @@ method patches (mapping, synthesis, discriminator), save the patched generator."
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .cards import write_model_card
 from .gan_checkpoints import load_any, save_gan
 from .images import to_pil
 from .loading import ModelSource
-from .zoo.models import MODEL_CARD_FILE
 
 
 class GANModel:
@@ -62,9 +61,7 @@ class GANModel:
     def save(self, directory: str | Path, card: dict | None = None) -> None:
         directory = Path(directory)
         save_gan(directory, self.generator, self.discriminator, self.latent_avg)
-        card = {**self.source.card, **(card or {})}
-        if card:
-            (directory / MODEL_CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        write_model_card(directory, {**self.source.card, **(card or {})})
 
 
 def load_gan(source: ModelSource, device: str = "cpu") -> GANModel:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from .cards import MODEL_CARD_FILE, read_model_card
 from .errors import InputError
 from .zoo import models as zoo
 
@@ -117,13 +118,13 @@ def resolve(spec: str | os.PathLike | None) -> ModelSource:
             path = zoo.embedded_path(name)
         except FileNotFoundError as exc:
             raise InputError(str(exc)) from None
-        return ModelSource(spec, _folder_kind(path), path, "embedded", card=zoo.model_card(path))
+        return ModelSource(spec, _folder_kind(path), path, "embedded", card=read_model_card(path))
 
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():
             kind = _folder_kind(path)
-            return ModelSource(spec, kind, path, "local", card=zoo.model_card(path))
+            return ModelSource(spec, kind, path, "local", card=read_model_card(path))
         if path.suffix in SINGLE_FILE_SUFFIXES:
             return ModelSource(spec, "text-to-image", path, "single-file")
         if path.suffix in GAN_FILE_SUFFIXES:
@@ -134,7 +135,7 @@ def resolve(spec: str | os.PathLike | None) -> ModelSource:
         )
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         local, revision = hub_snapshot(spec)
-        return ModelSource(spec, _folder_kind(local), local, "hub", revision=revision, card=zoo.model_card(local))
+        return ModelSource(spec, _folder_kind(local), local, "hub", revision=revision, card=read_model_card(local))
     raise InputError(
         f"no such model: {spec!r} is neither an embedded model ({', '.join(sorted(zoo.EMBEDDED))}), "
         f"an existing path, nor a Hub id (org/name)"
@@ -168,7 +169,7 @@ def hub_snapshot(repo_id: str) -> tuple[Path, str | None]:
 
     # A pipeline's component folders only, safetensors only: no root single-file copies, no pickles.
     files = {
-        "allow_patterns": ["model_index.json", zoo.MODEL_CARD_FILE, "*/*.json", "*/*.txt", "*/*.safetensors"],
+        "allow_patterns": ["model_index.json", MODEL_CARD_FILE, "*/*.json", "*/*.txt", "*/*.safetensors"],
         "ignore_patterns": ["*fp16*", "*non_ema*", "*ema_only*"],
     }
     try:

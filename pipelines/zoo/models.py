@@ -11,9 +11,7 @@ import os
 from pathlib import Path
 
 SHIPPED_ROOT = Path(__file__).parent / "weights"
-MODEL_CARD_FILE = "erasure_model.json"
 QUALITY_FILE = "quality.json"
-DEFAULT_SAMPLING = {"steps": 25, "guidance": 5.0}
 
 # name -> (kind, one-line description). "digits" is the default model's short name.
 EMBEDDED = {
@@ -49,12 +47,6 @@ def embedded_path(name: str) -> Path:
             f"build it with `erasure zoo build --out DIR` and set ERASURE_ZOO=DIR"
         )
     return path
-
-
-def model_card(path: str | Path) -> dict:
-    """The `erasure_model.json` of a model folder ({} when there is none: a foreign checkpoint)."""
-    card = Path(path) / MODEL_CARD_FILE
-    return json.loads(card.read_text()) if card.is_file() else {}
 
 
 def quality() -> dict:

@@ -67,3 +67,15 @@ def parse_concept(text: str) -> WorldConcept | None:
                     found.append(WorldConcept("style", STYLES.index(style)))
     unique = set(found)
     return found[0] if len(unique) == 1 else None
+
+
+def zero_shot_prompts(head: str) -> dict[str, list[str]]:
+    """Prompt ensembles per class for zero-shot classification of one attribute with digits-clip."""
+    if head == "digit":
+        return {
+            w: [f"a {w}", f"the number {w}", f"a handwritten {w}", f"the number {i}", f"a {i}"]
+            for i, w in enumerate(DIGIT_WORDS)
+        }
+    if head == "colour":
+        return {c: [f"a {c} {d}" for d in DIGIT_WORDS] for c in COLOURS}
+    return {s: [f"a {s} {d}" for d in DIGIT_WORDS] for s in STYLES}

@@ -7,20 +7,21 @@ small; every loader in this project upcasts them to float32.
 from __future__ import annotations
 
 import functools
-import json
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .. import load_model
-from ..gan_checkpoints import CONFIG_FILE
+from pipelines import load_model
+from pipelines.cards import write_model_card
+from pipelines.gan_checkpoints import CONFIG_FILE
+
 from . import gan_recipe, recipe
-from .models import DEFAULT_SAMPLING, MODEL_CARD_FILE
 
 BUILD_ORDER = ("digits-judge", "digits-clip", "digits-sd", "digits-gan")
 SHARD_SIZE = "6MB"
+DEFAULT_SAMPLING = {"steps": 25, "guidance": 5.0}  # digits-sd's, stored in its card
 
 
 def _to_half(directory: Path) -> None:
@@ -36,10 +37,6 @@ def _to_half(directory: Path) -> None:
         save_file(tensors, str(path), metadata=metadata)
 
 
-def _write_card(directory: Path, card: dict) -> None:
-    (directory / MODEL_CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-
-
 def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tuple[str, ...] = ()) -> dict:
     """Train the digits world into `out_root/<name>/`; returns what was built and how long it took.
 
@@ -50,7 +47,7 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPModel
 
-    from ..tokenizer import clip_tokenizer
+    from pipelines.tokenizer import clip_tokenizer
 
     steps = recipe.RecipeSteps().scaled(scale)
     out_root = Path(out_root)
@@ -71,7 +68,7 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
         path = out_root / "digits-judge"
         recipe.train_judge(path, steps.judge, steps.batch, seed)
         _to_half(path)
-        _write_card(path, {"name": "digits-judge", "kind": "judge", "steps": steps.judge, **common})
+        write_model_card(path, {"name": "digits-judge", "kind": "judge", "steps": steps.judge, **common})
         report["seconds"]["digits-judge"] = round(time.time() - t0, 1)
 
     if "digits-clip" in names:
@@ -79,7 +76,7 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
         path = out_root / "digits-clip"
         recipe.train_clip(path, steps.clip, steps.clip_batch, seed)
         _to_half(path)
-        _write_card(path, {"name": "digits-clip", "kind": "clip", "steps": steps.clip, **common})
+        write_model_card(path, {"name": "digits-clip", "kind": "clip", "steps": steps.clip, **common})
         report["seconds"]["digits-clip"] = round(time.time() - t0, 1)
 
     if "digits-sd" in names:
@@ -105,7 +102,7 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
             "sampling": DEFAULT_SAMPLING, "judge": "digits-judge", "clip": "digits-clip",
             "steps": {"vae": steps.vae, "unet": steps.unet}, **common,
         }  # fmt: skip
-        _write_card(path, card)
+        write_model_card(path, card)
         report["seconds"]["digits-sd"] = round(time.time() - t0, 1)
 
     if "digits-gan" in names:
@@ -127,6 +124,6 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
         _to_half(path)
         stage_steps = {"gan": steps.gan, "sharpen": steps.gan_sharpen, "distil": steps.gan_distil}
         card = {"name": "digits-gan", "kind": "gan", "family": "digits", "steps": stage_steps, **common}
-        _write_card(path, card)
+        write_model_card(path, card)
         report["seconds"]["digits-gan"] = round(time.time() - t0, 1)
     return report

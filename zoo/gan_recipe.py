@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .renders import RenderSampler
+from pipelines.zoo.renders import RenderSampler
+
 from .score_distillation import ScoreDistillation
 
 INSTANCE_NOISE = 0.1
@@ -21,7 +22,7 @@ DISTILLATION_WEIGHT, DISTILLATION_GUIDANCE = 0.15, 5.0  # the third stage's, see
 
 
 def digits_gan_config():
-    from ..stylegan2 import StyleGAN2Config
+    from pipelines.stylegan2 import StyleGAN2Config
 
     return StyleGAN2Config(size=32, style_dim=128, n_mlp=8, channels={4: 128, 8: 128, 16: 64, 32: 32})
 
@@ -178,8 +179,8 @@ def train_gan(out_dir: Path, steps: int, batch: int, seed: int, clip_vision, sna
     whole state (networks, optimisers, random streams) goes to a snapshot beside `out_dir`; a rerun
     picks it up and continues with the same random streams as an uninterrupted run.
     """
-    from ..gan_checkpoints import save_gan
-    from ..stylegan2 import Discriminator, Generator
+    from pipelines.gan_checkpoints import save_gan
+    from pipelines.stylegan2 import Discriminator, Generator
 
     torch.manual_seed(seed)
     config = digits_gan_config()
@@ -203,8 +204,8 @@ class ZeroShotEntropy:
     per-sample entropy, and the entropy of the batch's mean class probabilities."""
 
     def __init__(self, clip_model, head: str = "digit"):
-        from ..tokenizer import clip_tokenizer
-        from .recipe import zero_shot_prompts
+        from pipelines.tokenizer import clip_tokenizer
+        from pipelines.zoo.world import zero_shot_prompts
 
         self.clip_model = clip_model
         tokenizer = clip_tokenizer(clip_model.config.text_config.max_position_embeddings)
@@ -284,7 +285,7 @@ def sharpen_gan(source_dir: Path, out_dir: Path, steps: int, batch: int, seed: i
       0.83 / 0.83 / 0.84 at 1k-3k (FD 23-27) against 0.82 / 0.82 at 1k / 2k without it, a gain of
       about one standard error of a 2,000-sample share (0.009).
     """
-    from ..gan_checkpoints import load_gan_folder, save_gan
+    from pipelines.gan_checkpoints import load_gan_folder, save_gan
 
     generator, discriminator, _ = load_gan_folder(Path(source_dir))
     generator, discriminator = generator.float().train(), discriminator.float().train()

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .judge import DigitsJudge
-from .renders import RenderSampler
-from .world import COLOURS, DIGIT_WORDS, STYLES
+from pipelines.zoo.judge import DigitsJudge
+from pipelines.zoo.renders import RenderSampler
 
 CLIP_CONTEXT = 24  # captions are short (<= 14 tokens); SD's 77 would only cost compute
 CAPTION_DROPOUT = 0.1
@@ -110,7 +109,7 @@ def train_judge(out_dir: Path, steps: int, batch: int, seed: int) -> DigitsJudge
 def digits_clip_config():
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-    from ..tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
+    from pipelines.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE
 
     text = CLIPTextConfig(
         vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=256, num_hidden_layers=4,
@@ -141,7 +140,7 @@ def _save_image_processor(out_dir: Path) -> None:
 def train_clip(out_dir: Path, steps: int, batch: int, seed: int):
     from transformers import CLIPModel
 
-    from ..tokenizer import clip_tokenizer
+    from pipelines.tokenizer import clip_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer(CLIP_CONTEXT)
@@ -167,18 +166,6 @@ def train_clip(out_dir: Path, steps: int, batch: int, seed: int):
     model.save_pretrained(out_dir)
     _save_image_processor(out_dir)
     return model
-
-
-def zero_shot_prompts(head: str) -> dict[str, list[str]]:
-    """Prompt ensembles per class for zero-shot classification of one attribute with digits-clip."""
-    if head == "digit":
-        return {
-            w: [f"a {w}", f"the number {w}", f"a handwritten {w}", f"the number {i}", f"a {i}"]
-            for i, w in enumerate(DIGIT_WORDS)
-        }
-    if head == "colour":
-        return {c: [f"a {c} {d}" for d in DIGIT_WORDS] for c in COLOURS}
-    return {s: [f"a {s} {d}" for d in DIGIT_WORDS] for s in STYLES}
 
 
 def digits_vae():

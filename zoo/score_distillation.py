@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .world import COLOURS, DIGIT_WORDS, STYLES
+from pipelines.zoo.world import COLOURS, DIGIT_WORDS, STYLES
 
 
 class ScoreDistillation:

@@ -1,0 +1,24 @@
+"""`erasure_model.json`: the small card a model folder of this project carries beside its weights
+(model family, sampling defaults, what was erased). Foreign checkpoints have none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .files import write_json
+
+MODEL_CARD_FILE = "erasure_model.json"
+
+
+def read_model_card(folder: str | Path) -> dict:
+    """The card of a model folder ({} when there is none: a foreign checkpoint)."""
+    import json
+
+    card = Path(folder) / MODEL_CARD_FILE
+    return json.loads(card.read_text()) if card.is_file() else {}
+
+
+def write_model_card(folder: str | Path, card: dict) -> None:
+    """Write `card` into `folder` (nothing when it is empty)."""
+    if card:
+        write_json(Path(folder) / MODEL_CARD_FILE, card)
