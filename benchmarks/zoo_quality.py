@@ -120,10 +120,10 @@ def _confident_share(probabilities: torch.Tensor) -> float:
 
 def _zero_shot_digit_confident_shares(image_sets: dict[str, torch.Tensor], batch: int = 500) -> dict[str, float]:
     """Share of each image set that digits-clip's zero-shot digit classifier names with p >= 0.9."""
-    from pipelines.zoo.gan_recipe import ZeroShotEntropy
     from transformers import CLIPModel
 
     from pipelines.zoo import models as zoo
+    from zoo.gan_recipe import ZeroShotEntropy
 
     clip = CLIPModel.from_pretrained(zoo.embedded_path("digits-clip"), dtype=torch.float32).eval()
     classifier = ZeroShotEntropy(clip, "digit")

@@ -235,7 +235,7 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
 def cmd_zoo_build(args: argparse.Namespace) -> int:
     import json
 
-    from pipelines.zoo.build import build_zoo
+    from zoo.build import build_zoo
 
     try:
         report = build_zoo(args.out, seed=args.seed, scale=args.scale, only=tuple(args.only))

@@ -36,7 +36,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 class RunContext:
     """How to run (not what to compute): device, precision, seed, checkpoints, progress."""
 
-    seed: int = 0
+    seed: int | None = 0  # None: the caller has seeded the random streams (the zoo's recipes)
     device: str = "cpu"
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     checkpoint_dir: Path | None = None
@@ -189,7 +189,8 @@ class TrainingLoop:
         from tqdm.auto import tqdm
 
         run, accelerator = self.run, self.run.accelerator
-        run.seed_everything()
+        if run.seed is not None:
+            run.seed_everything()
         start = self._resume() if run.resume else 0
         logs: dict[str, float] = {}
         bar = tqdm(
@@ -221,11 +222,14 @@ class TrainingLoop:
         unwrap = self.run.accelerator.unwrap_model
         payload = {
             "step": step,
-            "networks": {n: {k: p.detach().cpu() for k, p in _trainable(unwrap(m)).items()}
-                         for n, m in self.modules.items()},  # fmt: skip
+            "networks": {
+                n: {k: p.detach().cpu() for k, p in _trainable(unwrap(m)).items()} for n, m in self.modules.items()
+            },  # fmt: skip
             "optimizers": {n: opt.state_dict() for n, opt in self._optimizers.items()},
-            "state": {k: v.state_dict() if _stateful(v) else v.detach().cpu() if torch.is_tensor(v) else v
-                      for k, v in self.state.items()},  # fmt: skip
+            "state": {
+                k: v.state_dict() if _stateful(v) else v.detach().cpu() if torch.is_tensor(v) else v
+                for k, v in self.state.items()
+            },  # fmt: skip
             "rng": _rng_state(),
             "fingerprint": self.fingerprint,
         }
@@ -238,7 +242,10 @@ class TrainingLoop:
             return 0
         saved = load_checkpoint(path)
         if saved["fingerprint"] != self.fingerprint:
-            raise InputError("the checkpoint to resume was made with other settings; rerun without --resume")
+            raise InputError(
+                f"the checkpoint in {path} was made with other settings; rerun with those, or start over "
+                "(without --resume)"
+            )
         unwrap = self.run.accelerator.unwrap_model
         with torch.no_grad():
             for name, module in self.modules.items():

@@ -2,13 +2,13 @@
 deterministically; every training recipe runs (a few steps) and yields loadable models."""
 
 import copy
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines import load_model, resolve
+from pipelines import InputError, load_model, resolve
+from pipelines.cards import read_model_card
 from pipelines.zoo import models as zoo
 from pipelines.zoo.renders import RenderSampler, source_digits
 
@@ -46,7 +46,7 @@ def test_shipped_models_generate_deterministically():
 def test_every_recipe_runs_and_builds_loadable_models(tmp_path, monkeypatch):
     from evaluators.clip_models import load_clip
     from evaluators.judges import DigitsJudge
-    from pipelines.zoo.build import build_zoo
+    from zoo.build import build_zoo
 
     report = build_zoo(tmp_path, seed=1, scale=0.001)
     assert set(report["seconds"]) == {"digits-judge", "digits-clip", "digits-sd", "digits-gan"}
@@ -57,7 +57,7 @@ def test_every_recipe_runs_and_builds_loadable_models(tmp_path, monkeypatch):
     assert load_model("digits-gan").generate([0])[0].size == (32, 32)
     assert DigitsJudge().predict(torch.rand(2, 3, 32, 32))["digit"].shape == (2, 10)
     assert load_clip("digits-clip").text_features(["a red seven"]).shape[0] == 1
-    card = json.loads((tmp_path / "digits-sd" / zoo.MODEL_CARD_FILE).read_text())
+    card = read_model_card(tmp_path / "digits-sd")
     assert card["family"] == "digits" and card["seed"] == 1
 
 
@@ -86,7 +86,7 @@ def digits_sd_pipe():
 
 def gan_stage(stage: str, clip_model):
     """A runner of one digits-gan stage at test size: train from scratch, or sharpen the shipped model."""
-    from pipelines.zoo import gan_recipe
+    from zoo import gan_recipe
 
     if stage == "first":
         return lambda out, **kw: gan_recipe.train_gan(out, batch=2, seed=0, clip_vision=clip_model.vision_model, **kw)
@@ -95,24 +95,23 @@ def gan_stage(stage: str, clip_model):
 
 
 @pytest.mark.parametrize("stage", ["first", "sharpen"])
-def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(
+def test_interrupted_gan_training_resumes_from_its_checkpoint_bit_identically(
     tmp_path, monkeypatch, stage, digits_clip_model, digits_sd_pipe
 ):
-    from pipelines.zoo import gan_recipe
+    from erasure.training import TrainingLoop
 
     run = gan_stage(stage, digits_clip_model)
     # The vision-aided discriminator's head trains too: a resume that lost it would differ.
     settings = {"steps": 4, "snapshot_every": 2}
-    if stage == "sharpen":  # learning rates that fall across the interruption, and every optional term
-        from pipelines.zoo.score_distillation import ScoreDistillation
+    if stage == "sharpen":  # the third stage's score distillation as well
+        from zoo.score_distillation import ScoreDistillation
 
         distillation = ScoreDistillation(digits_sd_pipe, styled=True, colour_blind=True)
-        settings.update(lr_decay_steps=3, patch_hidden=8, style_weight=1.0, distillation=distillation,
-                        distillation_weight=1.0)  # fmt: skip
-    # Its parent folder does not exist yet: the first snapshot must still be written.
+        settings.update(distillation=distillation, distillation_weight=1.0)
+    # Its parent folder does not exist yet: the first checkpoint must still be written.
     straight = run(tmp_path / "new" / "straight", **settings)
 
-    save = gan_recipe._save_snapshot
+    save = TrainingLoop.save_checkpoint
 
     class Interrupted(Exception):
         pass
@@ -121,49 +120,29 @@ def test_interrupted_gan_training_resumes_from_its_snapshot_bit_identically(
         save(*args, **kwargs)
         raise Interrupted
 
-    monkeypatch.setattr(gan_recipe, "_save_snapshot", save_then_interrupt)
+    monkeypatch.setattr(TrainingLoop, "save_checkpoint", save_then_interrupt)
     with pytest.raises(Interrupted):
         run(tmp_path / "resumed", **settings)
-    snapshot = tmp_path / ".resumed-snapshot.pt"
-    assert snapshot.exists() and not (tmp_path / "resumed").exists()
-    with pytest.raises(ValueError, match="other settings"):
+    checkpoint = tmp_path / ".resumed-checkpoint"
+    assert (checkpoint / "checkpoint.pt").exists() and not (tmp_path / "resumed").exists()
+    with pytest.raises(InputError, match="other settings"):
         run(tmp_path / "resumed", **{**settings, "steps": 6})
 
-    monkeypatch.setattr(gan_recipe, "_save_snapshot", save)
+    monkeypatch.setattr(TrainingLoop, "save_checkpoint", save)
     resumed = run(tmp_path / "resumed", **settings)
-    assert not snapshot.exists()
+    assert not checkpoint.exists()
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
 
-def test_sharpening_learning_rates_fall_linearly_over_the_last_steps(tmp_path, monkeypatch, digits_clip_model):
-    from pipelines.zoo import gan_recipe
-
-    seen = []
-    step = gan_recipe._AdversarialRun.step
-
-    def record_then_step(run, *args, **kwargs):
-        seen.append([group["lr"] for opt in (run.opt_g, run.opt_d, run.opt_clip) for group in opt.param_groups])
-        return step(run, *args, **kwargs)
-
-    monkeypatch.setattr(gan_recipe._AdversarialRun, "step", record_then_step)
-    gan_stage("sharpen", digits_clip_model)(tmp_path / "out", steps=4, lr_decay_steps=3)
-    first = torch.tensor(seen[0])
-    factors = torch.tensor(seen) / first
-    expected = torch.tensor([1.0, 1.0, 2 / 3, 1 / 3])[:, None].expand_as(factors)
-    assert torch.allclose(factors, expected)
-    lazy = gan_recipe.R1_EVERY / (gan_recipe.R1_EVERY + 1)  # D's learning rate keeps its lazy-R1 correction
-    assert torch.allclose(first, torch.tensor([1.0, lazy, 1.0]) * gan_recipe.LEARNING_RATE)
-
-
-@pytest.mark.parametrize("head", ["digit", "style"])
-def test_sharpening_lowers_the_zero_shot_entropy(digits_clip_model, head):
+def test_sharpening_lowers_the_zero_shot_entropy(digits_clip_model):
     """The class-aware term reaches the generator: a few steps with it leave digits-clip surer of
-    the samples' digit (or style) than the same steps without it, and than before."""
+    the samples' digit than the same steps without it, and than before."""
+    from erasure.training import RunContext
     from pipelines.gan_checkpoints import load_gan_folder
-    from pipelines.zoo import gan_recipe
+    from zoo import gan_recipe
 
-    entropy = gan_recipe.ZeroShotEntropy(digits_clip_model, head)
+    entropy = gan_recipe.ZeroShotEntropy(digits_clip_model, "digit")
     z = torch.randn(64, 128, generator=torch.Generator().manual_seed(7))
 
     def per_sample_entropy(generator) -> float:
@@ -175,13 +154,13 @@ def test_sharpening_lowers_the_zero_shot_entropy(digits_clip_model, head):
         generator, discriminator, _ = load_gan_folder(zoo.embedded_path("digits-gan"))
         generator, discriminator = generator.float(), discriminator.float()
         ema = copy.deepcopy(generator).requires_grad_(False)
-        run = gan_recipe._AdversarialRun(generator, discriminator, ema, digits_clip_model.vision_model, batch=8)
-        sampler = RenderSampler("train", seed=0)
-
+        training = gan_recipe.AdversarialTraining(
+            generator, discriminator, ema, digits_clip_model.vision_model, 8, RenderSampler("train", seed=0),
+            RunContext(seed=None, progress=False), "test", {},
+        )  # fmt: skip
         for step in range(1, steps + 1):
-            run.step(
-                sampler.sample(8).images * 2 - 1, step, lambda fake, pooled: weight * entropy.generator_loss(pooled)
-            )
+            real = training.sampler.sample(8).images * 2 - 1
+            training.step(real, step, lambda fake, pooled: weight * entropy.generator_loss(pooled))
         return generator
 
     before = per_sample_entropy(generator_after(0, 0.0))
@@ -194,8 +173,8 @@ def test_score_distillation_alone_draws_the_captioned_digits_from_noise(digits_c
                                                                         colour_blind):  # fmt: skip
     """Its gradient carries digits-sd's knowledge of each caption: images optimised from noise by
     it alone become the captioned digits (read by digits-clip's zero-shot classifier)."""
-    from pipelines.zoo import gan_recipe
-    from pipelines.zoo.score_distillation import ScoreDistillation
+    from zoo import gan_recipe
+    from zoo.score_distillation import ScoreDistillation
 
     torch.manual_seed(0)
     distillation = ScoreDistillation(digits_sd_pipe, guidance=5.0, styled=styled, colour_blind=colour_blind)
@@ -219,7 +198,7 @@ def test_score_distillation_alone_draws_the_captioned_digits_from_noise(digits_c
 
 
 def test_colour_blind_score_distillation_moves_only_each_pixels_brightest_channel(digits_sd_pipe):
-    from pipelines.zoo.score_distillation import ScoreDistillation
+    from zoo.score_distillation import ScoreDistillation
 
     torch.manual_seed(0)
     images = (torch.rand(4, 3, 32, 32) * 2 - 1).requires_grad_(True)

@@ -161,6 +161,14 @@ class RenderSampler:
         ]
         return RenderBatch(images, digits, colours, styles, captions)
 
+    def state_dict(self) -> dict:
+        """Where both random streams stand, so that a resumed training run draws what it would have."""
+        return {"renders": self.generator.get_state(), "captions": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["renders"])
+        self.rng.setstate(state["captions"])
+
 
 def heldout_renders(per_source: int = 1, seed: int = 0) -> RenderBatch:
     """Every held-out source digit rendered `per_source` times with random colour and style."""

@@ -1,0 +1,139 @@
+"""The shared training loop with two networks: a toy GAN (two critic steps per generator step, an
+EMA generator as method state) killed right after a checkpoint resumes to a bit-identical end.
+
+Run as a script, it trains the toy and writes its final weights:
+    python tests/test_training.py OUT_DIR [--kill-after STEP] [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from erasure.training import Network, RunContext, TrainingLoop
+
+STEPS, CRITIC_STEPS = 6, 2
+
+
+def train_toy_gan(out: Path, kill_after: int | None = None, resume: bool = False) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    generator, critic = torch.nn.Linear(4, 2), torch.nn.Linear(2, 1)
+    ema = copy.deepcopy(generator).requires_grad_(False)
+
+    def after_step(step: int, total: int, logs: dict) -> None:
+        if step == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handler: as a crash would
+
+    run = RunContext(seed=3, checkpoint_dir=out / "checkpoint", checkpoint_every=2, resume=resume,
+                     progress=False, after_step=after_step)  # fmt: skip
+    loop = TrainingLoop(
+        run,
+        {"critic": Network(critic, torch.optim.Adam(critic.parameters(), lr=1e-2, betas=(0.0, 0.99)), None),
+         "generator": Network(generator, torch.optim.Adam(generator.parameters(), lr=1e-2, betas=(0.0, 0.99)))},
+        desc="toy gan", state={"ema": ema, "real_shift": torch.zeros(2)}, fingerprint={"toy": 1},
+    )  # fmt: skip
+    g, d = loop.modules["generator"], loop.modules["critic"]
+
+    def step_fn(step: int) -> dict[str, float]:
+        # every random stream the loop checkpoints takes part: torch, numpy and Python's
+        loop.state["real_shift"] += float(np.random.uniform(-0.1, 0.1)) + random.choice([0.0, 0.01])
+        for _ in range(CRITIC_STEPS):
+            real = torch.randn(8, 2) + loop.state["real_shift"] + 1.0
+            fake = g(torch.randn(8, 4)).detach()
+            loss_d = F.softplus(d(fake)).mean() + F.softplus(-d(real)).mean()
+            loop.update("critic", loss_d)
+        d.requires_grad_(False)
+        loss_g = F.softplus(-d(g(torch.randn(8, 4)))).mean()
+        loop.update("generator", loss_g)
+        d.requires_grad_(True)
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), generator.parameters()):
+                pe.lerp_(p, 0.1)
+        return {"d": loss_d.item(), "g": loss_g.item()}
+
+    loop.fit(step_fn, STEPS)
+    weights = {f"generator.{k}": v for k, v in generator.state_dict().items()}
+    weights |= {f"critic.{k}": v for k, v in critic.state_dict().items()}
+    weights |= {f"ema.{k}": v for k, v in ema.state_dict().items()} | {"real_shift": loop.state["real_shift"]}
+    torch.save(weights, out / "final.pt")
+    return weights
+
+
+def _run_script(out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    return subprocess.run([sys.executable, __file__, str(out), *args], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_two_network_training_killed_after_a_checkpoint_resumes_bit_identically(tmp_path):
+    straight = _run_script(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _run_script(tmp_path / "killed", "--kill-after", "3")
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "killed" / "checkpoint" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "killed" / "final.pt").exists()
+    resumed = _run_script(tmp_path / "killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = torch.load(tmp_path / "straight" / "final.pt"), torch.load(tmp_path / "killed" / "final.pt")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(0)  # the networks did train: the result is not the initialisation
+    assert not torch.equal(a["generator.weight"], torch.nn.Linear(4, 2).weight)
+
+
+def test_each_network_steps_only_when_its_update_is_called(tmp_path):
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    before = copy.deepcopy(second.state_dict())
+    loop = TrainingLoop(
+        RunContext(progress=False),
+        {"first": Network(first, torch.optim.SGD(first.parameters(), lr=0.1)),
+         "second": Network(second, torch.optim.SGD(second.parameters(), lr=0.1))},
+        desc="two",
+    )  # fmt: skip
+
+    def step_fn(step: int) -> dict[str, float]:
+        x = torch.randn(4, 2)
+        loss = (loop.modules["first"](x) + loop.modules["second"](x)).pow(2).mean()
+        loop.update("first", loss)  # the backward reaches both; only `first` steps
+        return {"loss": loss.item()}
+
+    logs = loop.fit(step_fn, 3)
+    assert set(logs) == {"loss"}
+    assert all(torch.equal(before[k], v) for k, v in second.state_dict().items())
+
+
+def test_gradients_are_clipped_per_network(tmp_path):
+    big = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        big.weight.fill_(0.0)
+    loop = TrainingLoop(
+        RunContext(progress=False), {"big": Network(big, torch.optim.SGD(big.parameters(), lr=1.0), 0.5)}, desc="c"
+    )
+
+    def step_fn(step: int) -> dict[str, float]:
+        loss = 1000.0 * loop.modules["big"](torch.ones(1, 2)).sum()
+        loop.update("big", loss)
+        return {}
+
+    loop.fit(step_fn, 1)
+    assert torch.allclose(big.weight.norm(), torch.tensor(0.5))  # one SGD step of a gradient clipped to 0.5
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--kill-after", type=int)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_toy_gan(args.out, args.kill_after, args.resume)
