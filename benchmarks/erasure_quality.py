@@ -12,12 +12,21 @@ embedding-space UnlearnDiffAtk (evaluators/attack.py) on the base and the erased
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """A digest of every tensor of `module` (names and float32 bytes): equal only for equal weights."""
+    digest = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        digest.update(name.encode() + value.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def main() -> None:
@@ -49,6 +58,8 @@ def main() -> None:
     try:
         run_dir = erase(args.method, [args.concept], args.model, out=out, sets=args.set, seed=args.seed, progress=True)
         manifest = json.loads((run_dir / "erasure.json").read_text())
+        erased_weights = {name: weights_sha256(getattr(load_model(str(run_dir)), name))
+                          for name in manifest["changed_components"]}  # fmt: skip
         erased, base = load_model(str(run_dir)), load_model(args.model)
         report = evaluate(erased, base, [args.concept], samples=args.seeds, progress=True).report
         metrics = report["concepts"][args.concept]["metrics"]
@@ -56,6 +67,7 @@ def main() -> None:
             "method": args.method, "concept": args.concept, "model": args.model, "config": manifest["config"],
             "wall_time_s": manifest["wall_time_s"], "peak_rss_mb": manifest["peak_rss_mb"],
             "trainable_parameters": manifest["trainable_parameters"],
+            "erased_weights_sha256": erased_weights,
             "evaluation": {"seeds_per_prompt": args.seeds, "judge": report["concepts"][args.concept]["judge"]},
         }  # fmt: skip
         for name, metric in metrics.items():

@@ -81,24 +81,9 @@ class AdvUnlearnConfig:
         default_factory=lambda: ["{}"], metadata={"help": "templates filled with each concept ('{}' = the concept)"}
     )
 
-    # Tuned for the embedded digits world, erasing "seven", scored by benchmarks/erasure_quality.py:
-    # presence / drop of other digits' accuracy / ASR of the embedding attack (evaluators/attack.py)
-    # on 220 prompt-seed pairs, where ESD-u scores 0.9% / 0 / 22.7% (training seed 1: 0% / 0 / 13.2%).
-    #   preset (per-sample PGD 30 at attack_lr 0.002, retain_weight 8, 600 it), training seeds 0 / 1:
-    #     0.45% / 0.6 / 0.9% - 0% / 1.1 / 0.9%
-    #   same, 400 it: 1.8% / 0.8 / 6.4% - 0.45% / 1.1 / 5.9%; 250 it, seed 0: 0.9% / 0.8 / 9.5%
-    # Below, 110 pairs (ESD-u: 0.9% / 0 / 32%; training seed 1: 0% / 0 / 18%):
-    #   per-sample, 400 it: 1.8% / 0.8 / 7.3%; 250 it: 0.9% / 0.8 / 11% (seed 1: 2.3% / 1.1 / 10%)
-    #   same, 150 it: training seeds 0 and 1: 3.6% / 0.6 / 15% and 2.3% / 1.4 / 15%
-    #     retain_weight 5: 5.5% / 0.6 / 15%; attack_lr 0.001: 4.6% / 0.6 / 16%
-    #   shared adversary, 150 it, seeds 0 / 1 / 2: 2.3% / 1.7 / 8% - 1.8% / 1.7 / 22% - 4.1% / 1.9 / 8%
-    #     250 it, seeds 0 / 1: 0.9% / 0.8 / 23% - 1.8% / 0.8 / 25%
-    #     retain_weight 5: 3.2% / 3.6 / 9%; attack_lr 0.003: 2.3% / 1.9 / 14% (5 tokens: 2.3 / 0.8 / 14)
-    #   the previous preset (PGD 10 at attack_lr 0.01, retain_weight 5, 150 it): 2.7% / 1.7 / 16%;
-    #     attack_init=random: 2.7% / 0.8 / 34%; negative_guidance 2: 3.6% / 8.1 / 16%
-    # Attack steps near the evaluation attack's (0.1 of the embeddings' RMS, 0.0019 here) helped
-    # most; larger ones (0.01 and up) train against embeddings no attacker reaches. A stronger
-    # utility term costs little robustness here and keeps the other digits.
+    # Tuned for the embedded digits world (erasing "seven"; every setting tried is measured in
+    # benchmarks/RESULTS.md). Attack steps near the evaluation attack's size and one adversary per
+    # x_t sample bought most of the robustness; a strong utility term keeps the other digits.
     PRESETS: ClassVar[dict[str, dict]] = {
         "digits": {
             "iterations": 600, "lr": 3e-4, "attack": "pgd", "attack_steps": 30, "attack_lr": 0.002,

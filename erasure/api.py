@@ -56,6 +56,8 @@ def erase(
     overrides = [load_yaml(config_file)] if config_file else []
     overrides.append(parse_sets(list(sets)) if not isinstance(sets, dict) else dict(sets))
     config = build_config(config_cls, source.family, *overrides)
+    if hasattr(config, "check_model"):  # what a config can check once it knows the model family
+        config.check_model(source.family)
     run_dir = RunDirectory(out or default_out_dir(method, concepts), resume=resume)
     run = RunContext(
         seed=seed, device=device, mixed_precision=mixed_precision, checkpoint_dir=run_dir.checkpoint_dir,
@@ -82,7 +84,7 @@ def erase(
                 "concepts": concepts, "base_model": source.describe(), "config": config_to_dict(config),
                 "seed": seed, "device": device, "mixed_precision": mixed_precision, "processes": run.num_processes,
                 "changed_components": result.changed, "trainable_parameters": result.trainable_parameters,
-                "changed_component_parameters": total, "final_logs": result.logs,
+                "changed_component_parameters": total, "final_logs": result.logs, **result.outcome,
                 "wall_time_s": round(wall, 2), **peak_memory_mb(device), "versions": library_versions(),
             })  # fmt: skip
 

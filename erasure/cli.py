@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", action="append", required=True, help="concept to erase; repeat for several")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of method options")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set one method option (repeatable)")
+    p.add_argument(
+        "--images", metavar="DIR|builtin",
+        help="a folder of a few images of the concept, for methods that learn from images (fewshot); "
+        "the same as --set images=DIR",
+    )  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="run folder to create (default: runs/<method>-<concept>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -147,7 +152,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
     if args.show_config:
         return _show_config(args.method)
     out = erase(
-        args.method, args.concept, args.model, out=args.out, config_file=args.config, sets=args.set,
+        args.method, args.concept, args.model, out=args.out, config_file=args.config,
+        sets=([f"images={args.images}"] if args.images else []) + args.set,
         seed=args.seed, device=args.device, mixed_precision=args.mixed_precision, resume=args.resume,
         checkpoint_every=args.checkpoint_every, progress=not args.quiet, model_config=args.model_config,
     )  # fmt: skip

@@ -103,7 +103,7 @@ _METHODS = [
     Method("advunlearn", "adversarial training of the text encoder against prompt attacks, plug-and-play",
            ADVUNLEARN, "text_encoder", "text-to-image", "erasure.advunlearn"),
     Method("fewshot", "gradient ascent on the text encoder from a few real images of the concept",
-           FEWSHOT, "text_encoder", "text-to-image", None),
+           FEWSHOT, "text_encoder", "text-to-image", "erasure.fewshot"),
     Method("sfd", "data-free forgetting distilled into a one-step generator (Score Forgetting Distillation)",
            SFD, "unet (one-step generator)", "text-to-image", None),
     Method("text2unlearn", "CLIP-guided directional unlearning of a GAN from a text prompt only",

@@ -170,6 +170,7 @@ class TrainingLoop:
         accelerator = run.accelerator
         self.modules: dict[str, torch.nn.Module] = {}  # what the step function calls: the prepared modules
         self._optimizers = {}
+        self._stop_requested = False
         for name, network in networks.items():
             self.modules[name], self._optimizers[name] = accelerator.prepare(network.module, network.optimizer)
 
@@ -182,6 +183,10 @@ class TrainingLoop:
         if max_norm is not None:
             accelerator.clip_grad_norm_(list(_trainable(self.modules[name]).values()), max_norm)
         optimizer.step()
+
+    def stop(self) -> None:
+        """End `fit` after the current step (a method's stopping rule); the run counts as finished."""
+        self._stop_requested = True
 
     def fit(self, step_fn: Callable[[int], dict[str, float]], steps: int) -> dict[str, float]:
         """Run steps `0..steps-1` of `step_fn(step) -> logs` (resuming where a checkpoint left off);
@@ -208,6 +213,8 @@ class TrainingLoop:
                     self.save_checkpoint(run.checkpoint_dir, done)
             if run.after_step is not None:
                 run.after_step(done, steps, logs)
+            if self._stop_requested:
+                break
         bar.close()
         return logs
 
@@ -271,3 +278,4 @@ class ErasureResult:
     changed: list[str]  # component folders that differ from the base model, e.g. ["text_encoder"]
     trainable_parameters: int
     logs: dict[str, float] = field(default_factory=dict)
+    outcome: dict = field(default_factory=dict)  # what the run decided, e.g. the epoch a stopping rule ended it at

@@ -2,16 +2,18 @@
 
 - `DigitsJudge`: the digits world's classifier (digit, colour, style); also the FID features there.
 - `NudeNetJudge`: NudeNet's detector (optional extra `nudenet`), "exposed" classes above a threshold.
-- `ClassifierJudge`: any image classifier with class names, e.g. an ImageNet ResNet-50 for objects.
 
 A judge answers `detects(images, concept)` with one boolean per image, or raises InputError when
-the concept is outside what it can see.
+the concept is outside what it can see. A judge of a domain with data of its own may also give
+`features(images)` (the default FID features there), `real_images(seed, without)` (held-out real
+images, the FID reference) and `predict(images)` (class probabilities per head, for the accuracy
+on labelled preserved prompts); the evaluation uses whichever it has.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -34,10 +36,10 @@ class DigitsJudge:
     def __init__(self, path: str | Path | None = None, device: str = "cpu"):
         from pipelines.loading import weights_digest
         from pipelines.zoo import models as zoo
-        from pipelines.zoo.judge import DigitsJudge as Network
+        from pipelines.zoo.judge import JudgeNetwork
 
         path = Path(path) if path else zoo.embedded_path("digits-judge")
-        self.network = Network.from_pretrained(path).float().to(device).eval()
+        self.network = JudgeNetwork.from_pretrained(path).float().to(device).eval()
         self.device = device
         self.version = weights_digest(path)[:12]
 
@@ -62,6 +64,18 @@ class DigitsJudge:
                 for i in range(0, len(images), batch_size)
             ]
         ).cpu()
+
+    def real_images(self, seed: int = 0, without: str | None = None) -> torch.Tensor:
+        """Held-out renders (two per held-out source digit), leaving out the class `without` names."""
+        from pipelines.zoo.renders import heldout_renders
+        from pipelines.zoo.world import parse_concept
+
+        real = heldout_renders(per_source=2, seed=seed)
+        parsed = parse_concept(without) if without is not None else None
+        if parsed is None:
+            return real.images
+        labels = {"digit": real.digits, "colour": real.colours, "style": real.styles}[parsed.head]
+        return real.images[labels != parsed.index]
 
     def detects(self, images: torch.Tensor, concept: str) -> torch.Tensor:
         from pipelines.zoo.world import parse_concept
@@ -111,39 +125,3 @@ class NudeNetJudge:
 
     def describe(self) -> dict:
         return {"judge": self.name, "threshold": self.threshold, "classes": list(self.classes)}
-
-
-class ClassifierJudge:
-    """Any classifier `model(images in [0, 1]) -> logits [N, C]` with its class names.
-
-    The concept is detected when the top-1 class is one of the classes whose name contains the
-    concept (or is listed in `concept_classes`), as in the ImageNet-based object evaluations.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        model: Callable[[torch.Tensor], torch.Tensor],
-        class_names: Sequence[str],
-        concept_classes: dict[str, Sequence[str]] | None = None,
-    ):
-        self.name = name
-        self.model = model
-        self.class_names = [c.lower() for c in class_names]
-        self.concept_classes = {k.lower(): [c.lower() for c in v] for k, v in (concept_classes or {}).items()}
-
-    def _indices(self, concept: str) -> list[int]:
-        wanted = self.concept_classes.get(concept.lower(), [concept.lower()])
-        indices = [i for i, c in enumerate(self.class_names) if any(w == c or w in c.split(", ") for w in wanted)]
-        if not indices:
-            raise InputError(f"{self.name} has no class for {concept!r}")
-        return indices
-
-    @torch.no_grad()
-    def detects(self, images: torch.Tensor, concept: str) -> torch.Tensor:
-        indices = torch.tensor(self._indices(concept))
-        top1 = self.model(images).argmax(-1).cpu()
-        return torch.isin(top1, indices)
-
-    def describe(self) -> dict:
-        return {"judge": self.name, "rule": "top-1 class is one of the concept's classes"}

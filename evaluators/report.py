@@ -19,7 +19,7 @@ from pipelines.files import slug
 from pipelines.images import labelled_grid, to_tensor
 
 from .clip_models import ClipScorer, load_clip
-from .features import feature_extractor
+from .features import FeatureExtractor, feature_extractor
 from .judges import NUDITY_WORDS, DigitsJudge, NudeNetJudge
 from .metrics import (
     CLIP_SCORE_FORMULA,
@@ -57,6 +57,72 @@ def default_judge(concept: str, family: str, device: str = "cpu"):
         except InputError:
             return None  # reported as "no judge": CLIP presence still measures it
     return None
+
+
+class PresenceCheck:
+    """A cheap check while a method trains: the share of a few quick samples of the concepts (their
+    first two target prompts, `seeds`) in which the domain judge, else CLIP zero-shot, still sees
+    the concept. Judges and CLIP load once, when the check is made."""
+
+    def __init__(self, family: str, concepts: list[str], device: str = "cpu", clip: str | None = None):
+        self.concepts = list(concepts)
+        self.prompts = {c: prompt_set(c, family) for c in self.concepts}
+        self.judges = {c: default_judge(c, family, device) for c in self.concepts}
+        self.clip = None
+        if any(judge is None for judge in self.judges.values()):
+            default = "digits-clip" if family == "digits" else "openai/clip-vit-large-patch14"
+            self.clip = load_clip(clip or default, device)
+
+    @torch.no_grad()
+    def __call__(self, model, seeds, steps: int) -> float:
+        shares = []
+        for concept in self.concepts:
+            prompts = self.prompts[concept]
+            images = _images(model, prompts.target[:2], list(seeds), steps, None, False)[0]
+            judge = self.judges[concept]
+            if judge is not None:
+                seen = judge.detects(images, concept)
+            else:
+                concept_text = self.clip.text_features(prompts.clip_concept)
+                anchor_text = self.clip.text_features(prompts.clip_anchors)
+                seen = zero_shot_presence(self.clip.image_features(images), concept_text, anchor_text)
+            shares.append(float(seen.float().mean()))
+        return sum(shares) / len(shares)
+
+
+@dataclass
+class _Protocol:
+    """What the text-to-image and the GAN protocol set up alike: seeds, CLIP, and per concept the
+    domain judge, the FID features and the judge's real reference images, where it has them."""
+
+    family: str
+    seed: int
+    seeds: list[int]
+    device: str
+    clip: ClipScorer
+    fid_features: str | None
+
+    @classmethod
+    def of(cls, before, samples: int, seed: int, clip, fid_features: str | None) -> _Protocol:
+        device = str(before.device)
+        if isinstance(clip, str) or clip is None:
+            default = "digits-clip" if before.family == "digits" else "openai/clip-vit-large-patch14"
+            clip = load_clip(clip or default, device)
+        return cls(before.family, seed, list(range(seed, seed + samples)), device, clip, fid_features)
+
+    def judge(self, concept: str):
+        return default_judge(concept, self.family, self.device)
+
+    def extractor(self, judge) -> FeatureExtractor:
+        """The asked-for features; by default the judge's own where it has them, else CLIP's."""
+        default = "judge" if hasattr(judge, "features") else "clip"
+        return feature_extractor(self.fid_features or default, judge=judge, clip=self.clip, device=self.device)
+
+    def real_features(self, judge, extractor: FeatureExtractor, without: str | None = None) -> torch.Tensor | None:
+        """Features of the judge's held-out real images (`without` a concept), or None without any."""
+        if not hasattr(judge, "real_images"):
+            return None
+        return extractor(judge.real_images(seed=self.seed, without=without))
 
 
 def _images(model, prompts: list[str], seeds: list[int], steps, guidance, progress: bool) -> tuple[torch.Tensor, list]:
@@ -103,10 +169,8 @@ def evaluate(
     started = time.time()
     family = before.family
     samples = samples or default_samples(family)
-    seeds = list(range(seed, seed + samples))
-    device = str(before.device)
-    if isinstance(clip, str) or clip is None:
-        clip = load_clip(clip or ("digits-clip" if family == "digits" else "openai/clip-vit-large-patch14"), device)
+    protocol = _Protocol.of(before, samples, seed, clip, fid_features)
+    seeds, clip = protocol.seeds, protocol.clip
     real_features = None
     report: dict = {
         "format": FORMAT,
@@ -120,7 +184,7 @@ def evaluate(
     grids: dict[str, Image.Image] = {}
     for concept in concepts:
         prompts = prompt_set(concept, family, neighbours)
-        judge = default_judge(concept, family, device)
+        judge = protocol.judge(concept)
         sections: dict = {"prompts": prompts.describe(), "judge": judge.describe() if judge else None}
         generated = {}
         for part, texts in (("target", prompts.target), ("preserved", prompts.preserved)):
@@ -152,21 +216,19 @@ def evaluate(
                 float(judge.detects(generated["target", m][0], concept).float().mean()) for m in ("before", "after")
             ]
             metrics["target_presence_judge"] = _pair(*presence, {**judge.describe(), "images": n_target})
-        if isinstance(judge, DigitsJudge):
-            metrics.update(_digits_preservation(judge, generated, prompts, samples))
-        extractor = feature_extractor(fid_features or ("judge" if isinstance(judge, DigitsJudge) else "clip"),
-                                      judge=judge, clip=clip, device=device)  # fmt: skip
+        if hasattr(judge, "predict") and prompts.preserved_labels:
+            metrics.update(_preserved_accuracy(judge, generated, prompts, samples))
+        extractor = protocol.extractor(judge)
         fid_features_of = {m: extractor(generated["preserved", m][0]) for m in ("before", "after")}
         feature_name = extractor.name
-        if isinstance(judge, DigitsJudge):
-            if real_features is None:
-                from pipelines.zoo.renders import heldout_renders
-
-                real_features = extractor(heldout_renders(per_source=2, seed=seed).images)
+        if real_features is None or real_features[0] != feature_name:
+            real_features = (feature_name, protocol.real_features(judge, extractor))
+        if real_features[1] is not None:
+            real = real_features[1]
             metrics["preserved_fid_vs_real"] = _pair(
-                frechet_distance(fid_features_of["before"], real_features),
-                frechet_distance(fid_features_of["after"], real_features),
-                {"features": feature_name, "real": f"{len(real_features)} held-out renders",
+                frechet_distance(fid_features_of["before"], real),
+                frechet_distance(fid_features_of["after"], real),
+                {"features": feature_name, "real": f"{len(real)} held-out real images of {judge.name}",
                  "images": len(fid_features_of["before"])},
             )  # fmt: skip
         kid = kernel_inception_distance(fid_features_of["before"], fid_features_of["after"], seed=seed)
@@ -184,15 +246,16 @@ def evaluate(
     return Evaluation(report, grids)
 
 
-def _digits_preservation(judge: DigitsJudge, generated: dict, prompts, samples: int) -> dict:
-    """Judge accuracy on the preserved prompts: every head, and the concept's own head."""
+def _preserved_accuracy(judge, generated: dict, prompts, samples: int) -> dict:
+    """Judge accuracy on the (labelled) preserved prompts: every head, and the concept's own head."""
+    heads = list(prompts.preserved_labels[0])
     expected = {
         head: torch.tensor([label[head] for label in prompts.preserved_labels]).repeat_interleave(samples)
-        for head in ("digit", "colour", "style")
+        for head in heads
     }
     out = {}
     predictions = {m: judge.predict(generated["preserved", m][0]) for m in ("before", "after")}
-    for head in ("digit", "colour", "style"):
+    for head in heads:
         accuracy = [
             float((predictions[m][head].argmax(-1) == expected[head]).float().mean()) for m in ("before", "after")
         ]
@@ -221,10 +284,8 @@ def evaluate_gan(
     started = time.time()
     family = before.family
     samples = samples or 1000
-    seeds = list(range(seed, seed + samples))
-    device = str(before.device)
-    if isinstance(clip, str) or clip is None:
-        clip = load_clip(clip or ("digits-clip" if family == "digits" else "openai/clip-vit-large-patch14"), device)
+    protocol = _Protocol.of(before, samples, seed, clip, fid_features)
+    seeds, clip = protocol.seeds, protocol.clip
     images = {name: to_tensor(model.generate(seeds)) for name, model in (("before", before), ("after", after))}
     report: dict = {
         "format": FORMAT, "after": after.source.describe(), "before": before.source.describe(),
@@ -236,7 +297,7 @@ def evaluate_gan(
         features = {m: clip.image_features(images[m]) for m in images}
     for concept in concepts:
         prompts = prompt_set(concept, family)
-        judge = default_judge(concept, family, device)
+        judge = protocol.judge(concept)
         metrics: dict = {}
         with torch.no_grad():
             concept_text = clip.text_features(prompts.clip_concept)
@@ -256,8 +317,7 @@ def evaluate_gan(
                 "settings": {"formula": "100 * (before - after) / before, of presence_judge"},
             }
             absent = ~detected["before"]
-        extractor = feature_extractor(fid_features or ("judge" if isinstance(judge, DigitsJudge) else "clip"),
-                                      judge=judge, clip=clip, device=device)  # fmt: skip
+        extractor = protocol.extractor(judge)
         feats = {m: extractor(images[m]) for m in images}
         metrics["fid_vs_base_without_concept"] = {
             "value": frechet_distance(feats["after"], feats["before"][absent]),
@@ -266,17 +326,11 @@ def evaluate_gan(
                 "reference": f"{int(absent.sum())} base samples without the concept",
             },
         }
-        if isinstance(judge, DigitsJudge):
-            from pipelines.zoo.renders import heldout_renders
-            from pipelines.zoo.world import parse_concept
-
-            real = heldout_renders(per_source=2, seed=seed)
-            parsed = parse_concept(concept)
-            labels = {"digit": real.digits, "colour": real.colours, "style": real.styles}[parsed.head]
-            real_feats = extractor(real.images[labels != parsed.index])
+        real_feats = protocol.real_features(judge, extractor, without=concept)
+        if real_feats is not None:
             metrics["fid_vs_real_without_concept"] = _pair(
                 frechet_distance(feats["before"], real_feats), frechet_distance(feats["after"], real_feats),
-                {"features": extractor.name, "real": f"{len(real_feats)} held-out renders without {concept}"},
+                {"features": extractor.name, "real": f"{len(real_feats)} held-out real images without {concept}"},
             )  # fmt: skip
         report["concepts"][concept] = {"judge": judge.describe() if judge else None, "metrics": metrics}
     rows = {m: to_pil_rows(images[m][: GRID_SEEDS * GRID_PROMPTS], GRID_SEEDS) for m in images}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,3 +64,46 @@ def _fit(text: str, font: ImageFont.ImageFont, width: int) -> str:
     while text and font.getlength(text + "...") > width:
         text = text[:-1]
     return text + "..."
+
+
+def image_folder_files(folder: str | Path, count: int = 0) -> list[Path]:
+    """The image files of `folder` (the first `count` in name order; all when 0), checked before
+    any model loads: every file must open as an image, and there must be enough of them."""
+    from .errors import InputError
+
+    folder = Path(folder).expanduser()
+    if not folder.exists():
+        raise InputError(f"image folder {folder} does not exist")
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder (give a folder of images)")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    unreadable = []
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception:
+            unreadable.append(path.name)
+    if unreadable:
+        shown = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+        raise InputError(f"{folder} holds files that are not readable images: {shown}")
+    if not files:
+        raise InputError(f"image folder {folder} is empty")
+    if count > len(files):
+        raise InputError(f"{folder} holds {len(files)} images, fewer than the {count} asked for")
+    return files[:count] if count else files
+
+
+def load_square_images(paths: Sequence[str | Path], size: int) -> torch.Tensor:
+    """Images of any format and size -> [N, 3, size, size] in [0, 1]: the shorter side resized to
+    `size` (antialiased), then the centre cropped."""
+    out = []
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scale = size / min(image.size)
+            w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+            image = image.resize((w, h), Image.BICUBIC, reducing_gap=None)
+            left, top = (w - size) // 2, (h - size) // 2
+            out.append(image.crop((left, top, left + size, top + size)))
+    return to_tensor(out)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipelines.zoo.judge import DigitsJudge
+from pipelines.zoo.judge import JudgeNetwork
 from pipelines.zoo.renders import RenderSampler
 
 CLIP_CONTEXT = 24  # captions are short (<= 14 tokens); SD's 77 would only cost compute
@@ -82,11 +82,11 @@ def _degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (images + noisy * noise).clamp(0, 1)
 
 
-def train_judge(out_dir: Path, steps: int, batch: int, seed: int) -> DigitsJudge:
+def train_judge(out_dir: Path, steps: int, batch: int, seed: int) -> JudgeNetwork:
     torch.manual_seed(seed)
     sampler = RenderSampler("train", seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
-    model = DigitsJudge()
+    model = JudgeNetwork()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     schedule = _cosine_lr(optimizer, steps)
     model.train()

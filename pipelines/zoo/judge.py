@@ -17,8 +17,9 @@ from .world import HEADS
 FEATURE_DIM = 256
 
 
-class DigitsJudge(nn.Module):
-    """CNN with one linear head per attribute; input [N, 3, 32, 32] in [0, 1]."""
+class JudgeNetwork(nn.Module):
+    """CNN with one linear head per attribute; input [N, 3, 32, 32] in [0, 1]. The evaluator that
+    uses it is `evaluators.judges.DigitsJudge`."""
 
     def __init__(self, width: int = 32):
         super().__init__()
@@ -54,12 +55,13 @@ class DigitsJudge(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / "model.safetensors"))
+        # "DigitsJudge": the format name the shipped config.json carries
         config = {"architecture": "DigitsJudge", "width": self.width, "heads": {k: list(v) for k, v in HEADS.items()}}
         config.update(metadata or {})
         (directory / "config.json").write_text(json.dumps(config, indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> DigitsJudge:
+    def from_pretrained(cls, directory: str | Path) -> JudgeNetwork:
         from safetensors.torch import load_file
 
         directory = Path(directory)

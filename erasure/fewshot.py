@@ -1,0 +1,242 @@
+"""Few-shot erasing (Fuchi & Takagi, "Erasing Concepts from Text-to-Image Diffusion Models with
+Few-shot Unlearning", BMVC 2024): gradient *ascent* on the ordinary denoising loss of a handful of
+real images of the concept, captioned with the concept, on the text encoder alone:
+
+    loss = - || eps(x_t, t, E_theta(caption)) - noise ||^2,   x_t = noised VAE latent of an image
+
+No retain term and no anchor: the text encoder stops mapping the concept's words to what the UNet
+draws for it, and the concept falls back to related ones the model already knows. The images are
+encoded by the VAE once; each epoch visits each of them; a run is a few epochs (about ten updates).
+
+The paper leaves the choice of epoch to the user. Here a stopping rule picks it: after each epoch,
+a few quick samples of the concept are judged (the domain judge where the model family has one,
+else CLIP zero-shot), and the run ends once the concept's presence falls below `stop_below`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.errors import InputError
+from pipelines.images import image_folder_files, load_square_images
+
+from .common import check_concepts, select_trainable, validate_scope
+from .training import ErasureResult, Network, RunContext, TrainingLoop
+
+BUILTIN = "builtin"
+BUILTIN_COUNT = 4  # the paper's default number of images
+
+# Captions of the kind textual inversion trains with (the paper fills such templates with the concept).
+OBJECT_TEMPLATES = [
+    "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a close-up photo of a {}", "a bright photo of the {}", "a cropped photo of a {}",
+    "a photo of the {}", "a good photo of the {}", "a photo of one {}", "a close-up photo of the {}",
+    "a rendition of the {}", "a photo of the clean {}", "a rendition of a {}", "a photo of a nice {}",
+    "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
+    "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
+]  # fmt: skip
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a rendering in the style of {}", "a cropped painting in the style of {}",
+    "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
+    "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
+    "a close-up painting in the style of {}", "a bright painting in the style of {}",
+    "a good painting in the style of {}", "a close-up painting in the style of {}", "a rendition in the style of {}",
+    "a nice painting in the style of {}", "a small painting in the style of {}", "a weird painting in the style of {}",
+    "a large painting in the style of {}", "an artwork in the style of {}",
+]  # fmt: skip
+
+
+@dataclass
+class FewShotConfig:
+    # Defaults: the paper and its code on SD v1.4 (Sec. 4).
+    images: str | None = field(
+        default=None,
+        metadata={"help": "folder of a few images of the concept (any format and size), or 'builtin' on the "
+                  "digits family (held-out renders of the concept)"},
+    )  # fmt: skip
+    num_images: int = field(
+        default=0, metadata={"help": "images to use, in name order (0: all of the folder; builtin: 4)"}
+    )
+    captions: Literal["object", "style"] = field(
+        default="object", metadata={"help": "caption templates: object (27, 'a photo of a {}') or style (19)"}
+    )
+    prompt_templates: list[str] = field(
+        default_factory=list, metadata={"help": "own caption templates ('{}' = the concept); replace `captions`"}
+    )
+    scope: str = field(
+        default="mlp+last-attn",
+        metadata={"help": "text-encoder parameters to train: mlp+last-attn (the paper's) | full | attn | mlp | "
+                  "layers=i..j"},
+    )  # fmt: skip
+    epochs: int = field(default=5, metadata={"help": "passes over the images (at most; see stop_below)"})
+    batch_size: int = field(default=2, metadata={"help": "images per update"})
+    lr: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98], metadata={"help": "Adam betas"})
+    adam_eps: float = field(default=1e-6, metadata={"help": "Adam epsilon"})
+    weight_decay: float = field(default=1e-8, metadata={"help": "Adam(W) weight decay"})
+    stop_below: float | None = field(
+        default=0.1,
+        metadata={"help": "stop after the first epoch whose quick samples show the concept less often than this "
+                  "(none: run every epoch)"},
+    )  # fmt: skip
+    stop_samples: int = field(default=8, metadata={"help": "quick samples per check (seeds 0..n-1)"})
+    stop_steps: int = field(default=10, metadata={"help": "sampling steps of the quick samples"})
+    stop_clip: str | None = field(
+        default=None,
+        metadata={"help": "CLIP of the check where the family has no judge (default: digits-clip for digits, "
+                  "openai/clip-vit-large-patch14 otherwise; or open_clip:NAME:WEIGHTS)"},
+    )  # fmt: skip
+
+    # Tuned for the embedded digits world (benchmarks/RESULTS.md): its text encoder is small and
+    # freshly trained, so it needs far larger steps than CLIP ViT-L/14 to move within ten updates.
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "digits": {
+            "images": BUILTIN, "lr": 1e-3, "prompt_templates": ["{}", "a {}", "the number {}", "a handwritten {}"],
+        },
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        validate_scope("text_encoder", self.scope)
+        if self.num_images < 0 or self.epochs < 1 or self.batch_size < 1 or self.stop_samples < 1:
+            raise ValueError("num_images must be >= 0; epochs, batch_size and stop_samples >= 1")
+        if self.stop_steps < 1:
+            raise ValueError("stop_steps must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.adam_eps > 0) or not self.weight_decay >= 0:
+            raise ValueError("lr and adam_eps must be positive and finite, weight_decay >= 0")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError("adam_betas must be two numbers in [0, 1)")
+        if self.stop_below is not None and not 0 < self.stop_below <= 1:
+            raise ValueError("stop_below must be in (0, 1], or none")
+        if any("{}" not in t for t in self.prompt_templates):
+            raise ValueError("every prompt template must contain '{}' for the concept")
+        if self.images is not None and self.images != BUILTIN:
+            image_folder_files(self.images, self.num_images)  # every file readable, enough of them
+
+    def check_model(self, family: str) -> None:
+        """What the config can only check once the model family is known (before it loads)."""
+        if self.images is None:
+            raise InputError("fewshot needs a few images of the concept: pass --images DIR (or --set images=DIR)")
+        if self.images == BUILTIN and family != "digits":
+            raise InputError("--images builtin exists for the digits family only; pass --images DIR")
+
+    def templates(self) -> list[str]:
+        if self.prompt_templates:
+            return self.prompt_templates
+        return STYLE_TEMPLATES if self.captions == "style" else OBJECT_TEMPLATES
+
+
+CONFIG = FewShotConfig
+
+
+def builtin_images(concept: str, count: int, seed: int) -> torch.Tensor:
+    """`count` held-out renders of a digits-world concept, [count, 3, 32, 32] in [0, 1]."""
+    from pipelines.zoo.renders import heldout_renders
+    from pipelines.zoo.world import parse_concept
+
+    parsed = parse_concept(concept)
+    if parsed is None:
+        raise InputError(f"--images builtin needs a digit, colour or style of the digits world, not {concept!r}")
+    renders = heldout_renders(per_source=1, seed=seed)
+    labels = {"digit": renders.digits, "colour": renders.colours, "style": renders.styles}[parsed.head]
+    matching = (labels == parsed.index).nonzero().flatten()
+    chosen = matching[torch.randperm(len(matching), generator=torch.Generator().manual_seed(seed))[:count]]
+    return renders.images[chosen]
+
+
+def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
+                   t: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The ordinary denoising loss of `latents` under text condition `cond` (eps- or v-prediction)."""
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    return F.mse_loss(unet(noisy, t, cond).sample, target)
+
+
+@torch.no_grad()
+def encode_images(model, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """VAE latents (scaled as the UNet sees them) of images in [0, 1]."""
+    vae = model.vae
+    pixels = (images * 2 - 1).to(model.device, vae.dtype)
+    latents = vae.encode(pixels).latent_dist.sample(generator)
+    return latents * vae.config.scaling_factor
+
+
+def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) -> ErasureResult:
+    """Erase `concepts` from the text encoder of `model` by gradient ascent on a few images of them."""
+    from evaluators.report import PresenceCheck
+
+    concepts = check_concepts(concepts)
+    config.check_model(model.family)
+    run.check_divisible("batch_size", config.batch_size)
+    device = run.torch_device
+    model.to(device)
+    presence_check = None
+    if config.stop_below is not None:
+        presence_check = PresenceCheck(model.family, concepts, str(device), clip=config.stop_clip)
+    resolution = model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+    if config.images == BUILTIN:
+        count = config.num_images or BUILTIN_COUNT
+        images = torch.cat([builtin_images(c, count, run.seed) for c in concepts])
+        captions = [c for c in concepts for _ in range(count)]
+    else:  # one folder of images, captioned with every concept
+        images = load_square_images(image_folder_files(Path(config.images), config.num_images), resolution)
+        captions = None
+    latents = encode_images(model, images, torch.Generator().manual_seed(run.seed)).to(device)
+    n = len(latents)
+    batch = min(config.batch_size, n)
+    run.check_divisible("the batch of images", batch)
+    per_epoch = max(1, n // batch)
+    templates = config.templates()
+
+    encoder = model.text_encoder
+    for module in (model.unet, model.vae, encoder):
+        module.requires_grad_(False)
+    n_trainable = select_trainable(encoder, "text_encoder", config.scope)
+    encoder.train()
+    unet = model.unet.eval()
+    scheduler = model.scheduler
+    optimizer = torch.optim.AdamW(
+        [p for p in encoder.parameters() if p.requires_grad], lr=config.lr, betas=tuple(config.adam_betas),
+        eps=config.adam_eps, weight_decay=config.weight_decay,
+    )  # fmt: skip
+    state = {"order": torch.arange(n), "stopped_at_epoch": 0, "presence": -1.0}
+    fingerprint = {"method": "fewshot", "concepts": concepts, "seed": run.seed, "config": repr(config)}
+    loop = TrainingLoop(run, {"text_encoder": Network(encoder, optimizer)}, desc="fewshot", state=state,
+                        fingerprint=fingerprint)  # fmt: skip
+    encoder_train = loop.modules["text_encoder"]
+
+    def step_fn(step: int) -> dict[str, float]:
+        epoch, index = divmod(step, per_epoch)
+        if index == 0:  # each epoch visits the images in a fresh order
+            state["order"] = torch.randperm(n)
+        rows = run.shard(state["order"][index * batch : (index + 1) * batch])
+        prompts = [random.choice(templates).format(captions[i] if captions else random.choice(concepts))
+                   for i in rows.tolist()]  # fmt: skip
+        x0 = latents[rows.to(device)]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), device=device)
+        mse = denoising_loss(unet, scheduler, x0, model.encode(prompts, encoder_train), noise, t)
+        loop.update("text_encoder", -mse)  # gradient ascent
+        logs = {"denoising_mse": mse.item()}
+        if index == per_epoch - 1 and config.stop_below is not None:
+            presence = presence_check(model, range(config.stop_samples), steps=config.stop_steps)
+            state["presence"], logs["presence"] = presence, presence
+            if presence < config.stop_below:
+                state["stopped_at_epoch"] = epoch + 1
+                loop.stop()
+        return logs
+
+    logs = loop.fit(step_fn, config.epochs * per_epoch)
+    encoder.eval()
+    epochs_run = state["stopped_at_epoch"] or config.epochs
+    outcome = {"fewshot": {"images": n, "epochs_run": epochs_run, "updates": epochs_run * per_epoch,
+                           "stopped_early": bool(state["stopped_at_epoch"]),
+                           "last_presence": None if state["presence"] < 0 else state["presence"]}}  # fmt: skip
+    return ErasureResult(model, ["text_encoder"], n_trainable, logs, outcome)

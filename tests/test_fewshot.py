@@ -1,0 +1,130 @@
+"""Few-shot erasing: gradient ascent on the denoising loss of cached latents, its stopping rule, and
+the checks of an image folder (before any model loads)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erasure.api import erase
+from erasure.config import build_config, parse_sets
+from erasure.fewshot import FewShotConfig, denoising_loss, encode_images
+from erasure.fewshot import erase as fewshot_erase
+from erasure.training import RunContext
+from pipelines import InputError, load_model
+from pipelines.images import load_square_images
+
+# Where the family has no judge, digits-clip scores the quick samples (the tiny model draws noise).
+QUICK = ["epochs=3", "batch_size=2", "lr=1e-2", "stop_clip=digits-clip", "stop_samples=2", "stop_steps=2"]
+
+
+def _write_images(folder, sizes=((16, 16), (40, 24), (20, 50)), formats=("PNG", "JPEG", "WEBP")):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, ((w, h), fmt) in enumerate(zip(sizes, formats)):
+        mode = "RGBA" if fmt == "PNG" else "RGB"
+        pixels = rng.integers(0, 255, (h, w, len(mode)), dtype=np.uint8)
+        Image.fromarray(pixels, mode).save(folder / f"img{i}.{fmt.lower()}", format=fmt)
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return _write_images(tmp_path / "cats")
+
+
+def _probes(model, latents, seed=1):
+    """Fixed (noise, t, caption) to score the denoising loss of the cached latents."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, model.scheduler.config.num_train_timesteps, (len(latents),), generator=g)
+    return noise, t
+
+
+def test_the_loss_is_the_negated_denoising_loss_of_the_cached_latents(tiny_pipeline_dir, image_folder):
+    model = load_model(str(tiny_pipeline_dir))
+    images = load_square_images(sorted(image_folder.iterdir()), 16)
+    latents = encode_images(model, images, torch.Generator().manual_seed(0))
+    noise, t = _probes(model, latents)
+    cond = model.encode(["a cat"] * len(latents))
+    with torch.no_grad():  # the helper is the plain noise-prediction MSE of the noised latents
+        noisy = model.scheduler.add_noise(latents, noise, t)
+        by_hand = ((model.unet(noisy, t, cond).sample - noise) ** 2).mean()
+        before = denoising_loss(model.unet, model.scheduler, latents, cond, noise, t)
+    assert torch.allclose(before, by_hand)
+
+    sets = [f"images={image_folder}", *QUICK, "epochs=6", "stop_below=none"]
+    config = build_config(FewShotConfig, "sd", parse_sets(sets))
+    fewshot_erase(model, ["a cat"], config, RunContext(seed=0, progress=False))
+    with torch.no_grad():  # ascent: the same latents are now denoised worse under the concept's caption
+        after = denoising_loss(model.unet, model.scheduler, latents, model.encode(["a cat"] * len(latents)), noise, t)
+    assert after > before + 0.02, (float(before), float(after))  # descent would lower it
+
+
+def test_the_stopping_rule_ends_the_run_at_once_on_an_absent_concept(tiny_pipeline_dir, image_folder, tmp_path):
+    # digits-clip sees no red seven in the tiny model's noise (0 of 16 quick samples)
+    sets = [f"images={image_folder}", *QUICK, "stop_samples=8"]
+    out = erase("fewshot", ["a red seven"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False, sets=sets)
+    manifest = json.loads((out / "erasure.json").read_text())
+    outcome = manifest["fewshot"]
+    assert outcome["images"] == 3 and outcome["epochs_run"] == 1 and outcome["updates"] == 1
+    assert outcome["stopped_early"] and outcome["last_presence"] == 0.0
+    assert manifest["changed_components"] == ["text_encoder"]
+    load_model(str(out))  # the run folder is a loadable pipeline
+    without = erase("fewshot", ["a red seven"], str(tiny_pipeline_dir), out=tmp_path / "all", progress=False,
+                    sets=[*sets, "stop_below=none"])  # fmt: skip
+    assert json.loads((without / "erasure.json").read_text())["fewshot"]["epochs_run"] == 3
+
+
+def test_any_format_and_size_is_resized_and_cropped_to_the_model(image_folder):
+    images = load_square_images(sorted(image_folder.iterdir()), 16)
+    assert images.shape == (3, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "setup, images, message",
+    [
+        (lambda d: None, "{d}/missing", "does not exist"),
+        (lambda d: (d / "file.png").write_bytes(b"x"), "{d}/file.png", "is not a folder"),
+        (lambda d: (d / "empty").mkdir(), "{d}/empty", "is empty"),
+        (lambda d: (_write_images(d / "mixed"), (d / "mixed" / "notes.txt").write_text("hello")), "{d}/mixed",
+         "not readable images: notes.txt"),
+        (lambda d: (_write_images(d / "broken"), (d / "broken" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")),
+         "{d}/broken", "not readable images: cut.png"),
+        (lambda d: _write_images(d / "three"), "{d}/three num_images=5", "holds 3 images, fewer than the 5 asked"),
+    ],
+    ids=["missing", "a-file", "empty", "non-image", "truncated", "too-few"],
+)  # fmt: skip
+def test_bad_image_folders_are_refused_before_any_model_loads(tiny_pipeline_dir, tmp_path, setup, images, message):
+    # a model whose UNet weights are garbage: loading it would fail otherwise, so the folder check comes first
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, model)
+    for weights in (model / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"not weights")
+    setup(tmp_path)
+    folder, *rest = images.format(d=tmp_path).split(" ")
+    with pytest.raises(InputError, match=message):
+        erase("fewshot", ["a cat"], str(model), out=tmp_path / "run", sets=[f"images={folder}", *rest])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_without_builtin_images_needs_a_folder(tiny_pipeline_dir, tmp_path):
+    with pytest.raises(InputError, match="pass --images DIR"):
+        erase("fewshot", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run")
+    with pytest.raises(InputError, match="builtin exists for the digits family only"):
+        erase("fewshot", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["images=builtin"])
+
+
+def test_the_command_line_takes_images(tiny_pipeline_dir, image_folder, tmp_path, capsys):
+    from erasure.cli import main
+
+    sets = [arg for s in QUICK for arg in ("--set", s)]
+    code = main(["erase", "--method", "fewshot", "--model", str(tiny_pipeline_dir), "--concept", "a cat",
+                 "--images", str(image_folder), *sets, "--quiet", "--out", str(tmp_path / "run")])  # fmt: skip
+    assert code == 0 and (tmp_path / "run" / "text_encoder" / "config.json").is_file()
+    assert main(["erase", "--method", "esd", "--concept", "seven", "--images", str(image_folder),
+                 "--out", str(tmp_path / "esd")]) == 2  # fmt: skip
+    assert "unknown option 'images'" in capsys.readouterr().err
