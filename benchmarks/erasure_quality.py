@@ -1,7 +1,7 @@
 """Erasure quality of a diffusion method on the embedded digits-sd (or any model), as JSON.
 
     python benchmarks/erasure_quality.py --method advunlearn --concept seven [--seeds 20] [--attack]
-        [--set key=value ...] [--model digits] [--keep DIR]
+        [--set key=value ...] [--model digits] [--keep DIR] [--compare-time esd]
 
 Erases the concept, then scores the run against its base with the before/after protocol
 (evaluators/report.py): concept presence on target prompts (judge and CLIP), preserved accuracy,
@@ -44,6 +44,10 @@ def main() -> None:
     parser.add_argument("--attack-steps", type=int, default=100)
     parser.add_argument("--keep", metavar="DIR", help="keep the erased run here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    parser.add_argument(
+        "--compare-time", metavar="METHOD",
+        help="also erase with METHOD (its preset) in the same run and report both erase times",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -65,14 +69,25 @@ def main() -> None:
         metrics = report["concepts"][args.concept]["metrics"]
         result = {
             "method": args.method, "concept": args.concept, "model": args.model, "config": manifest["config"],
-            "wall_time_s": manifest["wall_time_s"], "peak_rss_mb": manifest["peak_rss_mb"],
+            "wall_time_s": manifest["wall_time_s"], "erase_time_s": manifest["erase_time_s"],
+            "peak_rss_mb": manifest["peak_rss_mb"],
             "trainable_parameters": manifest["trainable_parameters"],
             "erased_weights_sha256": erased_weights,
+            "outcome": manifest.get(args.method),  # what the run decided (e.g. fewshot's stopping epoch)
             "evaluation": {"seeds_per_prompt": args.seeds, "judge": report["concepts"][args.concept]["judge"]},
         }  # fmt: skip
         for name, metric in metrics.items():
             keep = {k: metric[k] for k in ("before", "after", "difference", "value") if k in metric}
             result[name] = {k: round(v, 4) for k, v in keep.items()}
+        if args.compare_time:
+            other = erase(args.compare_time, [args.concept], args.model, out=workdir / "compare", seed=args.seed,
+                          progress=True)  # fmt: skip
+            other_time = json.loads((other / "erasure.json").read_text())["erase_time_s"]
+            result["time_comparison"] = {
+                args.method: manifest["erase_time_s"], args.compare_time: other_time,
+                "ratio": round(other_time / max(manifest["erase_time_s"], 1e-9), 1),
+                "note": "seconds of the erasure itself, after the model is loaded, same process",
+            }  # fmt: skip
         if args.attack:
             judge = default_judge(args.concept, base.family)
             prompts = prompt_set(args.concept, base.family).target

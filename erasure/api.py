@@ -72,8 +72,9 @@ def erase(
     try:
         started = time.time()
         base = load_model(source, device=device, single_file_config=model_config)
+        loaded = time.time()
         result = entry(base, concepts, config, run)
-        wall = time.time() - started
+        wall, erase_time = time.time() - started, time.time() - loaded
 
         def write(folder: Path) -> None:
             erased = {"method": method, "concepts": concepts, "base_model": source.spec}
@@ -85,7 +86,8 @@ def erase(
                 "seed": seed, "device": device, "mixed_precision": mixed_precision, "processes": run.num_processes,
                 "changed_components": result.changed, "trainable_parameters": result.trainable_parameters,
                 "changed_component_parameters": total, "final_logs": result.logs, **result.outcome,
-                "wall_time_s": round(wall, 2), **peak_memory_mb(device), "versions": library_versions(),
+                "wall_time_s": round(wall, 2), "erase_time_s": round(erase_time, 2), **peak_memory_mb(device),
+                "versions": library_versions(),
             })  # fmt: skip
 
         if run.is_main:

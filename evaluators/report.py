@@ -171,7 +171,6 @@ def evaluate(
     samples = samples or default_samples(family)
     protocol = _Protocol.of(before, samples, seed, clip, fid_features)
     seeds, clip = protocol.seeds, protocol.clip
-    real_features = None
     report: dict = {
         "format": FORMAT,
         "after": after.source.describe(), "before": before.source.describe(),
@@ -221,10 +220,8 @@ def evaluate(
         extractor = protocol.extractor(judge)
         fid_features_of = {m: extractor(generated["preserved", m][0]) for m in ("before", "after")}
         feature_name = extractor.name
-        if real_features is None or real_features[0] != feature_name:
-            real_features = (feature_name, protocol.real_features(judge, extractor))
-        if real_features[1] is not None:
-            real = real_features[1]
+        real = protocol.real_features(judge, extractor)
+        if real is not None:
             metrics["preserved_fid_vs_real"] = _pair(
                 frechet_distance(fid_features_of["before"], real),
                 frechet_distance(fid_features_of["after"], real),
