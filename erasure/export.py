@@ -251,10 +251,10 @@ def _check_hub_access() -> None:
     from pipelines.loading import hub_reachable
 
     local = "or pass --local-dir DIR to write the folder without pushing"
-    if constants.HF_HUB_OFFLINE:
-        raise InputError(f"cannot push: HF_HUB_OFFLINE is set; unset it, {local}")
     if get_token() is None:
         raise InputError(f"cannot push: no Hugging Face token (set HF_TOKEN or run `hf auth login`), {local}")
+    if constants.HF_HUB_OFFLINE:
+        raise InputError(f"cannot push: HF_HUB_OFFLINE is set; unset it, {local}")
     if not hub_reachable():
         raise InputError(f"cannot push: {constants.ENDPOINT} cannot be reached (no network?); {local}")
 

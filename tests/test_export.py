@@ -144,7 +144,8 @@ def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(ev
         row = next(r for r in rows if r.startswith(f"| {name} |"))
         if "before" in metric:
             assert f"{metric['before']:.4g} → {metric['after']:.4g}" in row, name
-        assert f"images: {metric['settings']['images']}" in row if "images" in metric["settings"] else True
+        if "images" in metric["settings"]:
+            assert f"images: {metric['settings']['images']}" in row, name
     assert "samples_per_prompt: 1" in text and "model digits-clip" in text  # the eval's own settings
     for grid in report["grids"].values():
         assert f"]({grid})" in text and (exported.folder / grid).is_file()  # embedded, and shipped
@@ -207,12 +208,10 @@ def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path
         (["{run}", "--local-dir", "{tmp}/no/such/parent/hub"], "does not exist"),
         (["{tiny}", "--local-dir", "{tmp}/hub"], "not an erased run folder"),
         (["{run}", "--repo-id", "not a repo id", "--local-dir", "{tmp}/hub"], "not a Hub repository id"),
-        (["{run}"], "no Hugging Face token"),
     ],
 )
 def test_bad_export_gives_one_line_and_exit_code_2(args, message, evaluated_run, gan_run, tiny_pipeline_dir,
-                                                   tmp_path, monkeypatch, capsys):  # fmt: skip
-    monkeypatch.delenv("HF_TOKEN", raising=False)  # the tests' HF_HOME holds no stored token either
+                                                   tmp_path, capsys):  # fmt: skip
     (tmp_path / "taken").mkdir()
     args = [a.format(gan=gan_run, run=evaluated_run, tiny=tiny_pipeline_dir, tmp=tmp_path) for a in args]
     if "--repo-id" not in args:
@@ -221,6 +220,20 @@ def test_bad_export_gives_one_line_and_exit_code_2(args, message, evaluated_run,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_an_evaluation_of_other_weights_is_refused(evaluated_run, tiny_pipeline_dir, tmp_path):
+    import shutil
+
+    from pipelines import InputError
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    shutil.copyfile(tiny_pipeline_dir / unet, run / unet)  # the run's weights changed after `erasure eval`
+    with pytest.raises(InputError, match="measured on other weights"):
+        export_run(run, REPO_ID, local_dir=tmp_path / "hub")
+    assert not (tmp_path / "hub").exists()
 
 
 # --- the push, against a local server that answers like the Hub -----------------------------------
@@ -344,10 +357,14 @@ def test_failed_push_is_one_line_and_leaves_nothing(route, status, code, message
 
 @pytest.mark.parametrize(
     "env, message",
-    [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"), ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot be reached")],
+    [
+        ({}, "no Hugging Face token"),  # none in the environment, none stored in the empty HF_HOME
+        ({"HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+        ({"HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot be reached"),
+    ],
 )
-def test_offline_push_fails_before_anything_is_built(env, message, evaluated_run, tmp_path):
-    result = _cli([str(evaluated_run), "--repo-id", REPO_ID, "--single-file"], tmp_path, HF_TOKEN="hf_x", **env)
+def test_push_without_token_or_network_fails_before_anything_is_built(env, message, evaluated_run, tmp_path):
+    result = _cli([str(evaluated_run), "--repo-id", REPO_ID, "--single-file"], tmp_path, **env)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert not list((tmp_path / "tmp").glob("erasure-export-*"))
