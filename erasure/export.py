@@ -264,10 +264,9 @@ def _check_hub_access() -> None:
 
 def write_hub_folder(run: Run, folder: Path, repo_id: str, metadata: dict, *, single_file: bool = False) -> None:
     """Fill `folder` (which exists and is empty) with everything the Hub repository holds."""
-    # A GAN's files go under generator/, where the toolkit's loader and its Hub download look for them.
-    target = Path("generator") if run.kind == "gan" else Path(".")
     for rel in run.model_files:
-        _copy(run.path / rel, folder / target / (rel.name if run.kind == "gan" else rel))
+        # A GAN's files go under generator/, where the toolkit's loader and its Hub download look for them.
+        _copy(run.path / rel, folder / "generator" / rel.name if run.kind == "gan" else folder / rel)
     for name in (MANIFEST, MODEL_CARD_FILE):
         if (run.path / name).is_file():
             _copy(run.path / name, folder / name)
@@ -352,8 +351,8 @@ def base_license(base: dict) -> str | None:
         return EMBEDDED_LICENSE
     if base.get("origin") == "hub" and base["spec"] in KNOWN_LICENSES:
         return KNOWN_LICENSES[base["spec"]]
-    readme = Path(base.get("path", "")) / CARD_FILE
-    if readme.is_file():
+    readme = Path(base["path"]) / CARD_FILE if base.get("path") else None
+    if readme is not None and readme.is_file():
         from huggingface_hub import ModelCard
 
         try:
