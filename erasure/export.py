@@ -21,8 +21,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipelines.cards import MODEL_CARD_FILE
 from pipelines.errors import InputError
-from pipelines.zoo.models import EMBEDDED, MODEL_CARD_FILE, canonical_name
+from pipelines.zoo.models import EMBEDDED, canonical_name
 
 from .output import MANIFEST, RunDirectory, read_manifest
 from .registry import Method, get_method
