@@ -25,6 +25,8 @@ EPILOG = """\
 examples:
   erasure erase --method esd --concept seven --out runs/esd-seven
   erasure sample runs/esd-seven --prompt "a red seven" --n 8 --out grid.png
+  erasure eval runs/esd-seven
+  erasure export runs/esd-seven --repo-id me/digits-no-seven --local-dir hub/digits-no-seven
   erasure methods
 """
 
@@ -116,11 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.set_defaults(func=cmd_preview)
 
-    p = sub.add_parser("export", help="publish a run to the Hugging Face Hub with a model card")
+    p = sub.add_parser(
+        "export", help="publish a run to the Hugging Face Hub with a model card",
+        description="Build the Hub folder of a run (the model in safetensors, erasure.json, eval.json and its "
+        "grids, a model card README.md) and push it with create_repo + upload_folder; the token comes from "
+        "HF_TOKEN or the stored login. With --local-dir, write the folder there and push nothing.",
+    )  # fmt: skip
     p.add_argument("run", metavar="DIR", help="erased run folder")
-    p.add_argument("--repo-id", required=True, help="Hub repository, e.g. org/sd14-no-nudity")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--local-dir", metavar="DIR", help="write the Hub folder here and push nothing")
+    p.add_argument("--repo-id", required=True, help="Hub repository, e.g. org/sd14-no-nudity (also named in the card)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--local-dir", metavar="DIR", help="write the Hub folder here (a new folder) and push nothing")
+    p.add_argument(
+        "--no-eval", action="store_true",
+        help="export without an evaluation (needed when the run has no eval.json); the card says it was not evaluated",
+    )  # fmt: skip
+    p.add_argument(
+        "--single-file", action="store_true",
+        help="also write the model as one original-layout SD 1.x .safetensors (A1111 / ComfyUI)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("methods", help="list the erasure methods and their papers")
@@ -210,7 +225,19 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    raise InputError("`erasure export` is not available yet in this version")
+    from .export import export_run
+
+    result = export_run(
+        args.run, args.repo_id, local_dir=args.local_dir, private=args.private, no_eval=args.no_eval,
+        single_file=args.single_file,
+    )  # fmt: skip
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if result.folder is not None:
+        print(f"wrote {len(result.files)} files to {result.folder}")
+    else:
+        print(f"pushed {len(result.files)} files to {result.url}")
+    return 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

@@ -142,16 +142,19 @@ def resolve(spec: str | os.PathLike | None) -> ModelSource:
     )
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """True if the Hub's host accepts a TCP connection within `timeout` seconds (DNS included)."""
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True if the Hub's host (HF_ENDPOINT's, when set) accepts a TCP connection within `timeout`
+    seconds (DNS included)."""
     from urllib.parse import urlparse
 
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     result: list[bool] = []
 
     def probe() -> None:
         try:
-            socket.create_connection((host, 443), timeout=timeout).close()
+            socket.create_connection((host, port), timeout=timeout).close()
             result.append(True)
         except OSError:
             result.append(False)
@@ -180,7 +183,7 @@ def hub_snapshot(repo_id: str) -> tuple[Path, str | None]:
         raise InputError(f"cannot look up {repo_id!r} on the Hugging Face Hub: {exc}") from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if local is None:
-        if offline or not _hub_reachable():
+        if offline or not hub_reachable():
             why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached (no network?)"
             raise InputError(
                 f"cannot download {repo_id!r}: {why} and it is not in the local cache; download it on a "

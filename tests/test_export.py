@@ -1,0 +1,370 @@
+"""`erasure export`: the Hub folder of real (tiny) runs loads back with plain diffusers, the single
+file with `from_single_file`, the GAN with the toolkit's loader; the card parses and says what it
+must; a push goes through huggingface_hub to a local HTTP server that answers like the Hub."""
+
+import base64
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erasure.api import erase
+from erasure.cli import main
+from erasure.evaluation import run_eval
+from erasure.export import LICENSE_PLACEHOLDER, card_metadata, export_run, load_run, render_card
+from erasure.registry import METHODS
+from pipelines import load_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ID = "me/tiny-no-cat"
+QUICK = ["iterations=4", "ddim_steps=3", "batch_size=1", "lr=1e-2"]
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _python_block(card: str) -> str:
+    return re.search(r"```python\n(.*?)```", card, re.S).group(1)
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tiny_pipeline_dir, tmp_path_factory):
+    """A tiny ESD run, evaluated (digits-clip scores it: the tiny model's own family has no offline CLIP)."""
+    run = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path_factory.mktemp("esd") / "run", sets=QUICK,
+                progress=False)  # fmt: skip
+    run_eval(str(run), samples=1, clip="digits-clip", progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(evaluated_run, tmp_path_factory):
+    return export_run(evaluated_run, REPO_ID, local_dir=tmp_path_factory.mktemp("export") / "hub", single_file=True)
+
+
+@pytest.fixture(scope="module")
+def gan_run(tmp_path_factory):
+    """A GAN run folder as a GAN method saves it (no GAN method is available yet): digits-gan with its
+    generator's weights moved, and its manifest."""
+    from erasure.output import write_manifest
+    from pipelines import resolve
+
+    source = resolve("digits-gan")
+    model = load_model(source)
+    torch.manual_seed(0)
+    with torch.no_grad():  # stands in for the erasure: the run's weights differ from the base's
+        for p in model.generator.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("gan") / "run"
+    model.save(path, card={"erased": {"method": "text2unlearn", "concepts": ["seven"], "base_model": "digits-gan"}})
+    trained = sum(p.numel() for p in model.generator.parameters())
+    write_manifest(path, {
+        "method": "text2unlearn", "concepts": ["seven"], "base_model": source.describe(), "config": {}, "seed": 0,
+        "changed_components": ["generator"], "trainable_parameters": trained,
+    })  # fmt: skip
+    return path
+
+
+# --- the folder and the card ---------------------------------------------------------------------
+
+
+def test_local_dir_export_loads_with_diffusers_and_draws_the_runs_images(evaluated_run, exported):
+    from diffusers import DiffusionPipeline
+
+    hub = exported.folder
+    files = _files(hub)
+    run_files = _files(evaluated_run)
+    report = json.loads((evaluated_run / "eval.json").read_text())
+    for name in ["model_index.json", "erasure.json", "erasure_model.json", "eval.json", *report["grids"].values()]:
+        assert files[name] == run_files[name], name
+    weights = [n for n in run_files if n.endswith(".safetensors")]
+    assert {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"} <= set(weights)
+    assert all(files[n] == run_files[n] for n in weights)  # the run's weights, byte for byte
+    assert {"README.md", "tiny-no-cat.safetensors"} <= set(files) and sorted(exported.files) == sorted(files)
+    assert not [p for p in hub.parent.iterdir() if p.name != "hub"]  # no staging folder left beside it
+
+    pipe = DiffusionPipeline.from_pretrained(hub)
+    pipe.set_progress_bar_config(disable=True)
+    ours = load_model(str(evaluated_run)).generate(["a cat", "a dog"], [0, 1], steps=3)
+    for row, prompt in zip(ours, ["a cat", "a dog"]):
+        theirs = [pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(s)).images[0]
+                  for s in (0, 1)]  # fmt: skip
+        assert _same(row, theirs), prompt
+
+
+def test_single_file_loads_with_from_single_file_and_draws_the_same_images(evaluated_run, exported):
+    from diffusers import StableDiffusionPipeline
+
+    path = exported.folder / "tiny-no-cat.safetensors"
+    # The exported folder is the config the card points at (`config="<repo id>"`).
+    pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(exported.folder), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ours = load_model(str(evaluated_run)).generate(["a cat"], [0, 1], steps=3)[0]
+    theirs = [
+        pipe("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(s)).images[0] for s in (0, 1)
+    ]
+    assert _same(ours, theirs)
+
+
+def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(evaluated_run, exported):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card = ModelCard.load(exported.folder / "README.md")
+    metadata = card.data.to_dict()
+    # Local base: no Hub id to name, licence unknown -> the placeholder, and the user is told.
+    assert metadata == {
+        "library_name": "diffusers", "license": "other", "license_name": LICENSE_PLACEHOLDER,
+        "pipeline_tag": "text-to-image", "tags": ["concept-erasure", "esd", "cat"],
+    }  # fmt: skip
+    assert ModelCardData(**metadata).to_dict() == metadata  # round-trips through huggingface_hub's schema
+    assert any("licence is unknown" in note for note in exported.notes)
+    assert re.fullmatch(r"[a-z0-9.-]+", LICENSE_PLACEHOLDER)  # the Hub's license_name syntax
+
+    text = card.text
+    assert METHODS["esd"].paper.bibtex in text and '"cat" erased by **esd**' in text
+    assert "`unet`" in text and "iterations: 4" in text  # what changed, the resolved config
+    report = json.loads((evaluated_run / "eval.json").read_text())
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    for name, metric in report["concepts"]["cat"]["metrics"].items():
+        row = next(r for r in rows if r.startswith(f"| {name} |"))
+        if "before" in metric:
+            assert f"{metric['before']:.4g} → {metric['after']:.4g}" in row, name
+        if "images" in metric["settings"]:
+            assert f"images: {metric['settings']['images']}" in row, name
+    assert "samples_per_prompt: 1" in text and "model digits-clip" in text  # the eval's own settings
+    for grid in report["grids"].values():
+        assert f"]({grid})" in text and (exported.folder / grid).is_file()  # embedded, and shipped
+    assert "Erasure is not a guarantee" in text and "Adversarial robustness was not measured" in text
+    assert "tiny-no-cat.safetensors" in text and "from_single_file" in text
+
+
+def test_card_snippet_loads_the_exported_folder_and_draws_the_runs_image(evaluated_run, exported, in_tmp):
+    snippet = _python_block((exported.folder / "README.md").read_text())
+    exec(snippet.replace(f'"{REPO_ID}"', f'"{exported.folder}"'), {})  # the folder stands in for the Hub repo
+    model = load_model(str(evaluated_run))  # the snippet uses the model's default steps and guidance
+    assert _same(model.generate(["cat"], [0])[0], [Image.open(in_tmp / "sample.png")])
+
+
+def test_a_hub_base_is_named_with_its_licence_and_its_changed_part_is_plug_and_play(evaluated_run):
+    run = load_run(evaluated_run)
+    base = {**run.manifest["base_model"], "spec": "CompVis/stable-diffusion-v1-4", "origin": "hub"}
+    run = replace(run, manifest={**run.manifest, "base_model": base})
+    metadata, notes = card_metadata(run)
+    assert metadata["base_model"] == "CompVis/stable-diffusion-v1-4"
+    assert metadata["license"] == "creativeml-openrail-m" and "license_name" not in metadata and notes == []
+    card = render_card(run, REPO_ID, metadata)
+    assert "from diffusers import UNet2DConditionModel" in card and 'subfolder="unet"' in card
+    assert '"CompVis/stable-diffusion-v1-4", unet=unet' in card
+
+
+def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    result = export_run(gan_run, "me/digits-gan-no-seven", local_dir=tmp_path / "hub", no_eval=True)
+    hub = result.folder
+    assert sorted(_files(hub)) == ["README.md", "erasure.json", "erasure_model.json",
+                                   "generator/generator.safetensors", "generator/generator_config.json"]  # fmt: skip
+    assert (hub / "generator/generator.safetensors").read_bytes() == (gan_run / "generator.safetensors").read_bytes()
+    ours = load_model(str(gan_run)).generate([0, 1, 2])
+    assert _same(ours, load_model(str(hub)).generate([0, 1, 2]))
+    assert not _same(ours, load_model("digits-gan").generate([0, 1, 2]))  # it is the run, not the base
+
+    card = ModelCard.load(hub / "README.md")
+    assert card.data.to_dict() == {
+        "library_name": "pytorch", "license": "apache-2.0", "pipeline_tag": "unconditional-image-generation",
+        "tags": ["concept-erasure", "text2unlearn", "seven"],
+    }  # fmt: skip
+    assert "This model was not evaluated" in card.text and "| metric |" not in card.text
+    assert METHODS["text2unlearn"].paper.bibtex in card.text and result.notes == []
+    monkeypatch.chdir(tmp_path)
+    exec(_python_block(card.text).replace('"me/digits-gan-no-seven"', f'"{hub}"'), {})
+    assert _same(ours[:1], [Image.open(tmp_path / "sample.png")])
+
+
+# --- refusals: one line, exit code 2, nothing written --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{gan}", "--local-dir", "{tmp}/hub"], "no eval.json"),
+        (["{gan}", "--local-dir", "{tmp}/hub", "--no-eval", "--single-file"], "a GAN run has no such form"),
+        (["{run}", "--local-dir", "{tmp}/taken"], "already exists"),
+        (["{run}", "--local-dir", "{tmp}/no/such/parent/hub"], "does not exist"),
+        (["{tiny}", "--local-dir", "{tmp}/hub"], "not an erased run folder"),
+        (["{run}", "--repo-id", "not a repo id", "--local-dir", "{tmp}/hub"], "not a Hub repository id"),
+    ],
+)
+def test_bad_export_gives_one_line_and_exit_code_2(args, message, evaluated_run, gan_run, tiny_pipeline_dir,
+                                                   tmp_path, capsys):  # fmt: skip
+    (tmp_path / "taken").mkdir()
+    args = [a.format(gan=gan_run, run=evaluated_run, tiny=tiny_pipeline_dir, tmp=tmp_path) for a in args]
+    if "--repo-id" not in args:
+        args += ["--repo-id", REPO_ID]
+    assert main(["export", *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_an_evaluation_of_other_weights_is_refused(evaluated_run, tiny_pipeline_dir, tmp_path):
+    import shutil
+
+    from pipelines import InputError
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    shutil.copyfile(tiny_pipeline_dir / unet, run / unet)  # the run's weights changed after `erasure eval`
+    with pytest.raises(InputError, match="measured on other weights"):
+        export_run(run, REPO_ID, local_dir=tmp_path / "hub")
+    assert not (tmp_path / "hub").exists()
+
+
+# --- the push, against a local server that answers like the Hub -----------------------------------
+
+
+class FakeHub(ThreadingHTTPServer):
+    """The Hub endpoints that create_repo and upload_folder call: it answers that every file is a
+    regular (non-LFS) upload, so contents arrive base64 in the commit's NDJSON, and records everything."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _HubHandler)
+        self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, authorization)
+        self.created: list[dict] = []
+        self.files: dict[str, bytes] = {}
+        self.fail: dict[str, int] = {}  # route -> HTTP status to answer instead
+
+
+class _HubHandler(BaseHTTPRequestHandler):
+    server: FakeHub
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def _reply(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.server.requests.append(("GET", self.path, self.headers.get("authorization")))
+        self._reply(404, {"error": f"not served by the test hub: GET {self.path}"})
+
+    def do_POST(self):
+        hub = self.server
+        hub.requests.append(("POST", self.path, self.headers.get("authorization")))
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        path = self.path.split("?")[0]
+        route = next((r for r in ("create", "validate-yaml", "preupload", "commit") if f"/{r}" in path), None)
+        if route in hub.fail:
+            return self._reply(hub.fail[route], {"error": f"the test hub fails {route}"})
+        if path == "/api/repos/create":
+            request = json.loads(body)
+            hub.created.append(request)
+            return self._reply(200, {"url": f"{hub.endpoint}/{request['organization']}/{request['name']}"})
+        if path == "/api/validate-yaml":
+            return self._reply(200, {"errors": [], "warnings": []})
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/main", path):
+            files = json.loads(body)["files"]
+            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                               for f in files]})  # fmt: skip
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/main", path):
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    hub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            oid = "0" * 40
+            return self._reply(200, {"commitUrl": f"{hub.endpoint}/{m.group(1)}/commit/{oid}", "commitOid": oid})
+        self._reply(404, {"error": f"not served by the test hub: POST {path}"})
+
+
+@pytest.fixture
+def fake_hub():
+    hub = FakeHub()
+    thread = threading.Thread(target=hub.serve_forever, daemon=True)
+    thread.start()
+    yield hub
+    hub.shutdown()
+    hub.server_close()
+
+
+def _cli(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    """`erasure export` in a subprocess with its own HF_HOME and TMPDIR (huggingface_hub reads
+    HF_ENDPOINT and HF_HUB_OFFLINE when imported)."""
+    (tmp_path / "hf-home").mkdir(exist_ok=True)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    base.update(PYTHONPATH=str(REPO_ROOT), HF_HOME=str(tmp_path / "hf-home"), TMPDIR=str(tmp_path / "tmp"),
+                HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost")  # fmt: skip
+    base.update(env)
+    return subprocess.run([sys.executable, "-m", "erasure.cli", "export", *args], capture_output=True, text=True,
+                          env=base, timeout=300)  # fmt: skip
+
+
+def test_push_delivers_every_file_and_the_token_only_in_request_headers(evaluated_run, exported, fake_hub, tmp_path):
+    token = f"hf_{secrets.token_hex(16)}"
+    result = _cli([str(evaluated_run), "--repo-id", REPO_ID, "--single-file", "--private"], tmp_path,
+                  HF_ENDPOINT=fake_hub.endpoint, HF_TOKEN=token, HF_HUB_VERBOSITY="debug")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"pushed {len(exported.files)} files to {fake_hub.endpoint}/{REPO_ID}" in result.stdout
+    # Every file of the folder that --local-dir writes arrives, with the same bytes.
+    assert fake_hub.files == _files(exported.folder)
+    assert fake_hub.created == [{"name": "tiny-no-cat", "organization": "me", "visibility": "private"}]
+    assert all(auth == f"Bearer {token}" for _, _, auth in fake_hub.requests)
+    assert not [r for r in fake_hub.requests if r[0] == "GET"]  # nothing the test hub does not serve
+    # The token is in no file (sent, local, temporary or cached) and in no line of output or debug log.
+    assert "(authenticated: True)" in result.stderr  # huggingface_hub's debug log of each request is on
+    assert token not in result.stdout + result.stderr
+    assert not [n for n, data in fake_hub.files.items() if token.encode() in data]
+    for root in (tmp_path, evaluated_run):
+        assert not [p for p in root.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    assert not list((tmp_path / "tmp").glob("erasure-export-*"))  # the temporary Hub folder is gone
+
+
+@pytest.mark.parametrize(
+    "route, status, code, message",
+    [("commit", 400, 1, "the test hub fails commit"), ("create", 401, 2, "refused the token")],
+)
+def test_failed_push_is_one_line_and_leaves_nothing(route, status, code, message, evaluated_run, fake_hub, tmp_path):
+    token = f"hf_{secrets.token_hex(16)}"
+    fake_hub.fail[route] = status
+    result = _cli([str(evaluated_run), "--repo-id", REPO_ID], tmp_path, HF_ENDPOINT=fake_hub.endpoint, HF_TOKEN=token)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code and len(lines) == 1 and message in lines[0], result.stderr
+    assert token not in result.stdout + result.stderr
+    assert not list((tmp_path / "tmp").glob("erasure-export-*"))
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({}, "no Hugging Face token"),  # none in the environment, none stored in the empty HF_HOME
+        ({"HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+        ({"HF_TOKEN": "hf_x", "HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot be reached"),
+    ],
+)
+def test_push_without_token_or_network_fails_before_anything_is_built(env, message, evaluated_run, tmp_path):
+    result = _cli([str(evaluated_run), "--repo-id", REPO_ID, "--single-file"], tmp_path, **env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not list((tmp_path / "tmp").glob("erasure-export-*"))
