@@ -95,11 +95,12 @@ class FewShotConfig:
                   "openai/clip-vit-large-patch14 otherwise; or open_clip:NAME:WEIGHTS)"},
     )  # fmt: skip
 
-    # Tuned for the embedded digits world (benchmarks/RESULTS.md): its text encoder is small and
-    # freshly trained, so it needs far larger steps than CLIP ViT-L/14 to move within ten updates.
+    # Tuned for the embedded digits world (benchmarks/RESULTS.md): its small text encoder needs far
+    # larger steps than CLIP ViT-L/14, and more images spread the ascent over more of the concept.
     PRESETS: ClassVar[dict[str, dict]] = {
         "digits": {
-            "images": BUILTIN, "lr": 1e-3, "prompt_templates": ["{}", "a {}", "the number {}", "a handwritten {}"],
+            "images": BUILTIN, "num_images": 8, "lr": 3e-3, "epochs": 10,
+            "prompt_templates": ["{}", "a {}", "the number {}", "a handwritten {}"],
         },
     }  # fmt: skip
 
