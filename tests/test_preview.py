@@ -46,9 +46,9 @@ def client(served):
     return Client(served["url"], verbose=False)
 
 
-def generate(client, served, prompts, seed=0, count=2, runs=None):
-    return client.predict(served["base"], runs if runs is not None else [served["run"]], prompts, seed, count, 3,
-                          None, api_name="/generate")  # fmt: skip
+def generate(client, served, prompts, seed=0, count=2, runs=None, steps="3"):
+    return client.predict(served["base"], runs if runs is not None else [served["run"]], prompts, seed, count, steps,
+                          "", api_name="/generate")  # fmt: skip
 
 
 def erase_args(served, name, *, iterations, every, resume=False):
@@ -88,7 +88,7 @@ def test_generate_endpoint_gives_base_and_erased_images_on_the_same_seeds(client
 
 
 def test_ten_concurrent_generate_requests_are_all_answered(client, served):
-    jobs = [client.submit(served["base"], [served["run"]], "a cat", seed, 1, 2, None, api_name="/generate")
+    jobs = [client.submit(served["base"], [served["run"]], "a cat", seed, 1, "2", "", api_name="/generate")
             for seed in range(10)]  # fmt: skip
     results = [job.result(timeout=120) for job in jobs]
     for seed, (base, erased, _) in enumerate(results):  # each answer is its own request's, none lost
@@ -104,6 +104,7 @@ def test_errors_are_messages_in_the_page_and_the_server_keeps_serving(client, se
         (dict(runs=[str(tmp_path / "not-a-run")], prompts="a cat"), "not an erased run folder"),
         (dict(runs=[str(tmp_path / "missing")], prompts="a cat"), "is not a folder"),
         (dict(runs=[], prompts="  \n "), "type at least one prompt"),
+        (dict(prompts="a cat", steps="many"), "steps must be a whole number"),
     ]
     for kwargs, message in cases:
         with pytest.raises(AppError, match=message):
@@ -112,6 +113,10 @@ def test_errors_are_messages_in_the_page_and_the_server_keeps_serving(client, se
         client.predict(**{**erase_args(served, "x", iterations=2, every=1), "concepts": " , "}, api_name="/erase")
     with pytest.raises(AppError, match="not a path"):
         client.predict(**erase_args(served, "../escape", iterations=2, every=1), api_name="/erase")
+    with pytest.raises(AppError, match="lr must be positive"):  # a run that fails: its config is refused
+        client.predict(**{**erase_args(served, "x", iterations=2, every=1), "esd_lr": -1}, api_name="/erase")
+    with pytest.raises(AppError, match="already exists"):
+        client.predict(**erase_args(served, "esd-cat", iterations=2, every=1), api_name="/erase")
     base, erased, _ = generate(client, served, "a cat", count=1)
     assert len(images(base)) == len(images(erased)) == 1
 
@@ -125,10 +130,12 @@ def test_erase_from_the_page_can_be_cancelled_and_resumed(client, served):
     out, work = served["runs"] / "esd-cancel", served["runs"] / ".esd-cancel.work"
     job = client.submit(**erase_args(served, "esd-cancel", iterations=400, every=2), api_name="/erase")
     deadline = time.monotonic() + 120
-    while not job.outputs() and time.monotonic() < deadline:  # wait for the first progress report
+    while time.monotonic() < deadline:  # wait for the first progress report
+        if any("<progress" in output[0] for output in job.outputs()):
+            break
         time.sleep(0.1)
-    status = job.outputs()[-1][0]
-    assert "<progress" in status and "esd on cat: step" in status
+    assert job.outputs()[0][0].startswith("Starting esd on cat")
+    assert "esd on cat: step" in job.outputs()[-1][0]
     assert client.predict(api_name="/cancel").startswith("Cancelling")
     final = job.result(timeout=120)[0]
     assert "Cancelled" in final and "resume" in final

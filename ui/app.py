@@ -30,6 +30,7 @@ log = logging.getLogger("erasure.preview")
 
 # Digits-world images are 32x32: scale them up without blurring.
 CSS = ".pixelated img { image-rendering: pixelated; }"
+GALLERY_ROW_PX = 150
 UPDATE_EVERY_S = 0.3  # how often a running erasure refreshes the page
 
 
@@ -45,6 +46,7 @@ class Preview:
     jobs: dict[str, EraseJob] = field(default_factory=dict)  # browser session -> its running erasure
 
     def __post_init__(self) -> None:
+        self.runs_dir = Path(self.runs_dir)
         self.cache = self.cache or ModelCache(device=self.device)
 
     def runs(self) -> list[str]:
@@ -117,8 +119,9 @@ def build_app(preview: Preview) -> gr.Blocks:
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, label="first seed")
                 count = gr.Slider(1, 8, value=4, step=1, label="seeds")
-                steps = gr.Number(value=None, precision=0, label="steps", info="empty: the model's default")
-                guidance = gr.Number(value=None, label="guidance", info="empty: the model's default")
+                # Text, not gr.Number: an empty number box would read as 0, and guidance 0 is a real setting.
+                steps = gr.Textbox(label="steps", placeholder="the model's default")
+                guidance = gr.Textbox(label="guidance", placeholder="the model's default")
             with gr.Row():
                 take_prompts = gr.Button("Take the runs' prompts")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -164,11 +167,11 @@ def build_app(preview: Preview) -> gr.Blocks:
             with gr.Row():
                 metrics_run = gr.Dropdown(choices=run_choices(runs), value=selected[0] if selected else None,
                                           label="run", scale=2)  # fmt: skip
-                samples = gr.Number(value=None, precision=0, label="seeds per prompt", info="empty: eval's default")
+                samples = gr.Textbox(label="seeds per prompt", placeholder="eval's default")
                 evaluate_button = gr.Button("Evaluate", variant="primary")
             metrics_message = gr.Markdown()
             table = gr.Dataframe(headers=HEADERS, label="before / after", interactive=False)
-            grids = gr.Gallery(label="before/after grids", columns=1, elem_classes=["pixelated"])
+            grids = gr.Gallery(label="before/after grids", columns=2, height=480, object_fit="contain")
 
         with gr.Tab("Export"):
             with gr.Row():
@@ -187,11 +190,16 @@ def build_app(preview: Preview) -> gr.Blocks:
         def generate(base, runs, prompts, seed, count, steps, guidance):
             first = int(seed or 0)
             seeds = list(range(first, first + int(count)))
-            result = compare(preview.cache, base, runs or [], parse_prompts(prompts), seeds,
-                             steps=int(steps) if steps else None, guidance=guidance)  # fmt: skip
+            steps, guidance = _optional(steps, int, "steps"), _optional(guidance, float, "guidance")
+            result = compare(
+                preview.cache, base, runs or [], parse_prompts(prompts), seeds, steps=steps, guidance=guidance
+            )
             columns = len(seeds)
-            return (gr.Gallery(value=result.base, columns=columns), gr.Gallery(value=result.erased, columns=columns),
-                    result.summary)  # fmt: skip
+            # The erased side has the most rows (one per run and prompt); both galleries get its height.
+            rows = max(1, -(-len(result.erased) // columns))
+            height = min(GALLERY_ROW_PX * rows + 60, 900)
+            return (gr.Gallery(value=result.base, columns=columns, height=height),
+                    gr.Gallery(value=result.erased, columns=columns, height=height), result.summary)  # fmt: skip
 
         generate_button.click(generate, [base, compare_runs, prompt_box, seed, count, steps, guidance],
                               [base_images, erased_images, compare_status], api_name="generate",
@@ -239,6 +247,8 @@ def build_app(preview: Preview) -> gr.Blocks:
                            resume=bool(resume), checkpoint_every=int(every or 0), device=preview.device)  # fmt: skip
             preview.jobs[request.session_hash] = job.start()
             history, last, shown = [], None, 0.0
+            starting = f"Starting {html.escape(method)} on {html.escape(', '.join(concepts))}: loading the model..."
+            yield starting, _plot(history), *[gr.skip()] * len(run_lists)
             try:
                 while job.running or not job.updates.empty():
                     update = job.wait(UPDATE_EVERY_S)
@@ -260,7 +270,8 @@ def build_app(preview: Preview) -> gr.Blocks:
                            "--resume</code>).")  # fmt: skip
                 yield message, gr.skip(), *[gr.skip()] * len(run_lists)
                 return
-            if job.error is not None:
+            if job.error is not None:  # the message goes to the page; the status must not say "running"
+                yield f"<b>Failed</b>: {html.escape(str(job.error))}", gr.skip(), *[gr.skip()] * len(run_lists)
                 raise job.error
             out = str(job.result)
             choices = run_choices(preview.runs())
@@ -273,7 +284,7 @@ def build_app(preview: Preview) -> gr.Blocks:
         erase_button.click(
             start_erase, [method, concepts, erase_model, run_name, checkpoint_every, resume, compare_runs, *fields],
             [erase_status, losses, *run_lists], api_name="erase", concurrency_limit=1, concurrency_id="erase",
-            show_progress="minimal",
+            show_progress="minimal", show_progress_on=[erase_status],
         )  # fmt: skip
 
         @reported
@@ -300,7 +311,7 @@ def build_app(preview: Preview) -> gr.Blocks:
             if not run:
                 raise InputError("choose a run to evaluate")
             progress(0, desc="loading the models")
-            evaluate_run(run, int(samples) if samples else None, device=preview.device)
+            evaluate_run(run, _optional(samples, int, "seeds per prompt"), device=preview.device)
             return eval_table(run)
 
         evaluate_button.click(evaluate, [metrics_run, samples], [table, grids, metrics_message], api_name="evaluate",
@@ -324,6 +335,17 @@ def _name_options(fn, options) -> inspect.Signature:
     named = [inspect.Parameter(f"{o.method}_{o.name}".replace("-", "_"), inspect.Parameter.POSITIONAL_OR_KEYWORD)
              for o in options]  # fmt: skip
     return signature.replace(parameters=fixed + named)
+
+
+def _optional(text, kind: type, name: str):
+    """An optional number typed in a text box: empty means the model's default."""
+    text = str(text if text is not None else "").strip()
+    if not text:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise InputError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {text!r}") from None
 
 
 def _is_text_to_image(run: str) -> bool:
@@ -352,7 +374,9 @@ def _progress_html(job: EraseJob, last) -> str:
 def _plot(history: list[dict]):
     import pandas as pd
 
-    return pd.DataFrame(history or [], columns=["step", "value", "log"])
+    # Typed even when empty: the plot keeps the axis types of the first frame it gets.
+    frame = pd.DataFrame(history, columns=["step", "value", "log"])
+    return frame.astype({"step": "int64", "value": "float64", "log": "str"})
 
 
 def launch(preview: Preview, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True):
