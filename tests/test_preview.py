@@ -165,3 +165,26 @@ def test_erase_options_are_the_config_fields_with_their_presets(method):
         # What the form shows for a preset, sent back, builds that preset's config exactly.
         sent = {o.name: from_field(o, to_field(o, preset)) for o in options}
         assert build_config(config_cls, "sd", sent) == build_config(config_cls, family)
+
+
+def test_export_button_runs_erasure_export_and_shows_its_outcome(client, served, tmp_path, monkeypatch):
+    from gradio_client.exceptions import AppError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # the server runs in this process
+    with pytest.raises(AppError, match="repository id"):
+        client.predict(served["run"], " ", str(tmp_path / "out"), api_name="/export")
+    with pytest.raises(AppError, match="no Hugging Face token"):
+        client.predict(served["run"], "me/tiny-no-cat", "", api_name="/export")
+    # With a local folder the page runs `erasure export`: its output, or its error line, is what the page shows.
+    page_dir, cli_dir = tmp_path / "page", tmp_path / "cli"
+    try:
+        shown, failed = client.predict(served["run"], "me/tiny-no-cat", str(page_dir), api_name="/export"), False
+    except AppError as exc:
+        shown, failed = str(exc), True
+    command = [sys.executable, "-m", "erasure.cli", "export", served["run"], "--repo-id", "me/tiny-no-cat"]
+    cli = subprocess.run(command + ["--local-dir", str(cli_dir)], capture_output=True, text=True, timeout=300)
+    assert failed == (cli.returncode != 0)
+    if failed:
+        assert shown == cli.stderr.strip().splitlines()[-1].removeprefix("error: ").replace(str(cli_dir), str(page_dir))
+    else:
+        assert any(page_dir.iterdir())

@@ -383,6 +383,11 @@ def launch(preview: Preview, *, host: str = "127.0.0.1", port: int = 7860, share
     """Build and serve the app; `block=False` returns at once (tests), with the app still serving."""
     demo = build_app(preview)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, css=CSS,
-                quiet=not block, footer_links=["api"])  # fmt: skip
+    # Gradio's own banner speaks of launch(share=True); ours names this command's options.
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, css=CSS, quiet=True,
+                footer_links=["api"])  # fmt: skip
+    if block:
+        print(f"erasure preview: serving on {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else
+              " (this machine only; --share for a public link)") + "; Ctrl-C stops it", flush=True)  # fmt: skip
+        demo.block_thread()
     return demo
