@@ -132,7 +132,7 @@ def wire_erase(preview, page: SimpleNamespace) -> None:
         preview.jobs[request.session_hash] = job.start()
         history, last, shown = [], None, 0.0
         starting = f"Starting {html.escape(method)} on {html.escape(', '.join(concepts))}: loading the model..."
-        yield starting, _plot(history), *unchanged
+        yield starting, gr.skip(), *unchanged  # no empty plot: its first frame fixes the legend's series
         try:
             while job.running or not job.updates.empty():
                 update = job.wait(UPDATE_EVERY_S)
@@ -250,6 +250,6 @@ def _progress_html(job: EraseJob, last) -> str:
 def _plot(history: list[dict]):
     import pandas as pd
 
-    # Typed even when empty: the plot keeps the axis types of the first frame it gets.
+    # Typed explicitly: the plot keeps the axis types of the first frame it gets.
     frame = pd.DataFrame(history, columns=["step", "value", "log"])
     return frame.astype({"step": "int64", "value": "float64", "log": "str"})
