@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,5 +92,6 @@ def next_checkpoint(step: int, every: int, total: int) -> int | None:
     return target if target < total else None
 
 
-def summarise_logs(logs: dict[str, float], keys: Sequence[str] | None = None) -> str:
-    return " · ".join(f"{k} {v:.4g}" for k, v in logs.items() if keys is None or k in keys)
+def summarise_logs(logs: dict[str, float]) -> str:
+    """The method's losses as the training loop reported them, e.g. `loss 0.0123 · retain 0.04`."""
+    return " · ".join(f"{k} {v:.4g}" for k, v in logs.items())

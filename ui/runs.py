@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from erasure.evaluation import _baseline_spec
 from erasure.output import MANIFEST, read_manifest
 from pipelines.errors import InputError
 
@@ -35,7 +34,7 @@ def check_run(path: str | Path) -> dict:
 
 
 def run_label(path: str | Path) -> str:
-    """ "esd-seven (esd: seven)" - what a run is called in the page's lists."""
+    """What a run is called in the page's lists, e.g. `esd-seven (esd: seven)`."""
     manifest = read_manifest(path) or {}
     what = f"{manifest.get('method', '?')}: {', '.join(manifest.get('concepts', []))}"
     return f"{Path(path).name} ({what})"
@@ -44,11 +43,6 @@ def run_label(path: str | Path) -> str:
 def run_choices(paths: list[str | Path]) -> list[tuple[str, str]]:
     """(label, value) pairs for a dropdown; the value is the folder path the handlers receive."""
     return [(run_label(p), str(p)) for p in paths]
-
-
-def base_model_of(path: str | Path) -> str:
-    """The model a run was erased from, as `erasure eval` finds it."""
-    return _baseline_spec(check_run(path))
 
 
 def default_prompts(path: str | Path) -> list[str]:
