@@ -111,11 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("preview", help="Gradio app: before/after grids on the same seeds")
+    p = sub.add_parser(
+        "preview", help="Gradio app: before/after on the same seeds, erase with progress, metrics, export",
+        description="Serve the preview page: the base model and erased runs side by side on the same seeds, "
+        "an Erase tab with live progress and cancel, each run's metrics, and export. With no arguments it "
+        "opens on digits-sd and lists the finished runs under ./runs/.",
+    )  # fmt: skip
     p.add_argument("--model", default=None, help="base model (default: digits)")
-    p.add_argument("--erased", action="append", default=[], metavar="DIR", help="erased run folder(s) to compare")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--erased", action="append", default=[], metavar="DIR", help="erased run folder to compare "
+                   "(repeatable; default: the newest run under ./runs/)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda for generating and erasing (default: cpu)")
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser(
@@ -221,7 +229,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    raise InputError("`erasure preview` is not available yet in this version")
+    from ui import launch
+
+    launch(args.model, args.erased, host=args.host, port=args.port, share=args.share, device=args.device)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

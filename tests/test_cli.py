@@ -54,7 +54,7 @@ def test_methods_lists_every_method_with_its_paper():
         (["erase", "--method", "esd", "--concept", "cat", "--model", "{tiny}", "--device", "cuda"], "CUDA"),
         (["sample", "{tiny}", "--out", "{out}/g.png"], "at least one --prompt"),
         (["eval", "{tiny}", "--concept", "cat"], "--baseline is needed"),
-        (["preview"], "not available yet"),
+        (["preview", "--erased", "{empty}"], "not an erased run folder"),
     ],
 )
 def test_bad_input_gives_one_line_and_exit_code_2(args, message, tiny_pipeline_dir, tmp_path):

@@ -1,0 +1,40 @@
+"""The Gradio preview behind `erasure preview`: compare a base model with erased runs on the same
+seeds, run an erasure with live progress and cancel, see and compute metrics, export a run.
+
+Importing this package is cheap; gradio and torch load in `launch()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def launch(
+    model: str | None = None,
+    erased: Sequence[str] = (),
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    runs_dir: str | Path = "runs",
+    device: str = "cpu",
+) -> None:
+    """Check the arguments, then serve the app until interrupted (bound to `host`; public only with `share`)."""
+    from pipelines import resolve
+
+    from .runs import check_run
+
+    if not 0 < port < 65536:
+        from pipelines.errors import InputError
+
+        raise InputError(f"--port must be between 1 and 65535, not {port}")
+    for run in erased:
+        check_run(run)  # a bad folder fails here, with one line, before gradio starts
+    resolve(model)
+
+    from .app import Preview
+    from .app import launch as serve
+
+    serve(Preview(model=model, erased=[str(r) for r in erased], runs_dir=Path(runs_dir), device=device),
+          host=host, port=port, share=share)  # fmt: skip

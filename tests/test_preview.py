@@ -1,0 +1,190 @@
+"""The Gradio preview served for real on 127.0.0.1 and driven through `gradio_client`, on the tiny
+pipeline and a real (two-step) ESD run of it."""
+
+import dataclasses
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from erasure.api import erase
+from erasure.config import build_config
+from erasure.registry import METHODS
+
+QUICK = {"iterations": "2", "ddim_steps": "3", "batch_size": "1", "lr": "1e-2"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_pipeline_dir, tmp_path_factory):
+    """The app on a free local port: base = the tiny pipeline, one finished ESD run under runs/."""
+    from ui.app import Preview, launch
+
+    runs = tmp_path_factory.mktemp("preview") / "runs"
+    run = erase("esd", ["cat"], str(tiny_pipeline_dir), out=runs / "esd-cat", sets=QUICK, progress=False)
+    preview = Preview(model=str(tiny_pipeline_dir), runs_dir=runs)
+    port = free_port()
+    demo = launch(preview, port=port, block=False)
+    yield {"url": f"http://127.0.0.1:{port}/", "base": str(tiny_pipeline_dir), "run": str(run), "runs": runs}
+    demo.close()
+
+
+@pytest.fixture
+def client(served):
+    from gradio_client import Client
+
+    return Client(served["url"], verbose=False)
+
+
+def generate(client, served, prompts, seed=0, count=2, runs=None, steps="3"):
+    return client.predict(served["base"], runs if runs is not None else [served["run"]], prompts, seed, count, steps,
+                          "", api_name="/generate")  # fmt: skip
+
+
+def erase_args(served, name, *, iterations, every, resume=False):
+    """Keyword arguments of the /erase endpoint: an ESD run of the tiny pipeline."""
+    options = {"esd_iterations": iterations, "esd_ddim_steps": 3, "esd_batch_size": 1, "esd_lr": 1e-3}
+    return dict(method="esd", concepts="cat", model=served["base"], name=name, every=every, resume=resume,
+                compared=[served["run"]], **options)  # fmt: skip
+
+
+def images(gallery) -> list[tuple[Image.Image, str]]:
+    return [(Image.open(item["image"]).convert("RGB"), item["caption"]) for item in gallery["value"]]
+
+
+def test_importing_ui_and_the_cli_loads_neither_gradio_nor_torch():
+    code = "import sys, ui, ui.runs, erasure.cli; print(sorted({'gradio', 'torch'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+    help_text = subprocess.run([sys.executable, "-m", "erasure.cli", "preview", "--help"], capture_output=True,
+                               text=True, cwd=REPO, check=True).stdout  # fmt: skip
+    for option in ("--model", "--erased", "--host", "--port", "--share"):
+        assert option in help_text
+    assert "127.0.0.1" in help_text
+
+
+def test_generate_endpoint_gives_base_and_erased_images_on_the_same_seeds(client, served):
+    from pipelines import load_model
+
+    base, erased, summary = generate(client, served, "a cat\na dog", seed=5, count=2)
+    base, erased = images(base), images(erased)
+    assert [c for _, c in base] == [f"base · {p} · seed {s}" for p in ("a cat", "a dog") for s in (5, 6)]
+    assert [c for _, c in erased] == [f"esd-cat · {p} · seed {s}" for p in ("a cat", "a dog") for s in (5, 6)]
+    assert "2 prompt(s) x 2 seed(s)" in summary
+    # The page's base images are the model's own for these seeds, and the erased run draws differently.
+    direct = load_model(served["base"]).generate(["a cat", "a dog"], [5, 6], steps=3)
+    assert [im.tobytes() for im, _ in base] == [im.tobytes() for row in direct for im in row]
+    assert all(a.tobytes() != b.tobytes() for (a, _), (b, _) in zip(base, erased))
+
+
+def test_ten_concurrent_generate_requests_are_all_answered(client, served):
+    jobs = [client.submit(served["base"], [served["run"]], "a cat", seed, 1, "2", "", api_name="/generate")
+            for seed in range(10)]  # fmt: skip
+    results = [job.result(timeout=120) for job in jobs]
+    for seed, (base, erased, _) in enumerate(results):  # each answer is its own request's, none lost
+        assert [c for _, c in images(base)] == [f"base · a cat · seed {seed}"]
+        assert [c for _, c in images(erased)] == [f"esd-cat · a cat · seed {seed}"]
+
+
+def test_errors_are_messages_in_the_page_and_the_server_keeps_serving(client, served, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    (tmp_path / "not-a-run").mkdir()
+    cases = [
+        (dict(runs=[str(tmp_path / "not-a-run")], prompts="a cat"), "not an erased run folder"),
+        (dict(runs=[str(tmp_path / "missing")], prompts="a cat"), "is not a folder"),
+        (dict(runs=[], prompts="  \n "), "type at least one prompt"),
+        (dict(prompts="a cat", steps="many"), "steps must be a whole number"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(AppError, match=message):
+            generate(client, served, **kwargs)
+    with pytest.raises(AppError, match="concept"):
+        client.predict(**{**erase_args(served, "x", iterations=2, every=1), "concepts": " , "}, api_name="/erase")
+    with pytest.raises(AppError, match="not a path"):
+        client.predict(**erase_args(served, "../escape", iterations=2, every=1), api_name="/erase")
+    with pytest.raises(AppError, match="lr must be positive"):  # a run that fails: its config is refused
+        client.predict(**{**erase_args(served, "x", iterations=2, every=1), "esd_lr": -1}, api_name="/erase")
+    with pytest.raises(AppError, match="already exists"):
+        client.predict(**erase_args(served, "esd-cat", iterations=2, every=1), api_name="/erase")
+    base, erased, _ = generate(client, served, "a cat", count=1)
+    assert len(images(base)) == len(images(erased)) == 1
+
+
+def test_run_prompts_are_the_evaluation_prompts_of_its_concept(client, served):
+    prompts = client.predict([served["run"]], api_name="/run_prompts").splitlines()
+    assert prompts[:2] == ["cat", "a photo of cat"] and len(prompts) == 4
+
+
+def test_erase_from_the_page_can_be_cancelled_and_resumed(client, served):
+    out, work = served["runs"] / "esd-cancel", served["runs"] / ".esd-cancel.work"
+    job = client.submit(**erase_args(served, "esd-cancel", iterations=400, every=2), api_name="/erase")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait for the first progress report
+        if any("<progress" in output[0] for output in job.outputs()):
+            break
+        time.sleep(0.1)
+    assert job.outputs()[0][0].startswith("Starting esd on cat")
+    assert "esd on cat: step" in job.outputs()[-1][0]
+    assert client.predict(api_name="/cancel").startswith("Cancelling")
+    final = job.result(timeout=120)[0]
+    assert "Cancelled" in final and "resume" in final
+    assert not out.exists() and (work / "checkpoint" / "checkpoint.pt").is_file()
+    assert client.predict(api_name="/cancel") == "No erasure of yours is running."
+
+    # Resuming from the page finishes the run, which then joins the comparison.
+    final, _, compared, metrics_run, export_run = client.predict(
+        **erase_args(served, "esd-cancel", iterations=400, every=2, resume=True), api_name="/erase"
+    )
+    assert "Finished" in final and out.joinpath("erasure.json").is_file() and not work.exists()
+    assert compared["value"] == [served["run"], str(out)]
+    assert metrics_run["value"] == export_run["value"] == str(out)
+    assert (str(out)) in [value for _, value in compared["choices"]]
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].available])
+def test_erase_options_are_the_config_fields_with_their_presets(method):
+    from ui.options import PAPER, from_field, method_options, preset_names, to_field
+
+    config_cls, _ = METHODS[method].load()
+    options = method_options(method)
+    assert [o.name for o in options] == [f.name for f in dataclasses.fields(config_cls)]
+    assert all(o.help for o in options)
+    for preset in preset_names(options):
+        family = "sd" if preset == PAPER else preset
+        # What the form shows for a preset, sent back, builds that preset's config exactly.
+        sent = {o.name: from_field(o, to_field(o, preset)) for o in options}
+        assert build_config(config_cls, "sd", sent) == build_config(config_cls, family)
+
+
+def test_export_button_runs_erasure_export_and_shows_its_outcome(client, served, tmp_path, monkeypatch):
+    from gradio_client.exceptions import AppError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # the server runs in this process
+    with pytest.raises(AppError, match="repository id"):
+        client.predict(served["run"], " ", str(tmp_path / "out"), api_name="/export")
+    with pytest.raises(AppError, match="no Hugging Face token"):
+        client.predict(served["run"], "me/tiny-no-cat", "", api_name="/export")
+    # With a local folder the page runs `erasure export`: its output, or its error line, is what the page shows.
+    page_dir, cli_dir = tmp_path / "page", tmp_path / "cli"
+    try:
+        shown, failed = client.predict(served["run"], "me/tiny-no-cat", str(page_dir), api_name="/export"), False
+    except AppError as exc:
+        shown, failed = str(exc), True
+    command = [sys.executable, "-m", "erasure.cli", "export", served["run"], "--repo-id", "me/tiny-no-cat"]
+    cli = subprocess.run(command + ["--local-dir", str(cli_dir)], capture_output=True, text=True, timeout=300)
+    assert failed == (cli.returncode != 0)
+    if failed:
+        assert shown == cli.stderr.strip().splitlines()[-1].removeprefix("error: ").replace(str(cli_dir), str(page_dir))
+    else:
+        assert any(page_dir.iterdir())

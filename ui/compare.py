@@ -1,0 +1,108 @@
+"""Before/after on the same seeds: the base model's images and each erased run's, labelled.
+
+Loaded models are kept in a small cache shared by every user of the page. A diffusers pipeline is
+not thread-safe (its scheduler keeps per-call state), so generation holds the cache's lock: the
+Gradio queue already runs one generate at a time, the lock keeps that true for any other caller.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.errors import InputError
+
+from .runs import check_run
+
+MAX_IMAGES = 64  # per model and request: prompts x seeds; beyond this the page would only crawl
+
+
+@dataclass
+class Comparison:
+    """Gallery items: (image, caption). `base` is prompts x seeds row by row; `erased` the same per run."""
+
+    base: list[tuple[object, str]]
+    erased: list[tuple[object, str]]
+    summary: str
+
+
+class ModelCache:
+    """The last few loaded backends by resolved location, loaded once and reused across requests."""
+
+    def __init__(self, size: int = 4, device: str = "cpu"):
+        self.size = size
+        self.device = device
+        self.lock = threading.RLock()
+        self._models: OrderedDict[str, object] = OrderedDict()
+
+    def get(self, spec: str | None):
+        from pipelines import load_model, resolve
+
+        source = resolve(spec)  # fails fast, before the lock, on a bad name or folder
+        path = Path(source.path).resolve()
+        key = f"{path}@{path.stat().st_mtime_ns}"  # a run folder made again under the same name is reloaded
+        with self.lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            model = load_model(source, device=self.device)
+            self._models[key] = model
+            while len(self._models) > self.size:
+                self._models.popitem(last=False)
+            return model
+
+
+def parse_prompts(text: str) -> list[str]:
+    """One prompt per line; blank lines are ignored."""
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def compare(
+    cache: ModelCache,
+    base: str,
+    runs: Sequence[str],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+) -> Comparison:
+    """Generate every (prompt, seed) with the base model and with each run; GANs take seeds only."""
+    from pipelines import resolve
+
+    base = (base or "").strip() or None
+    runs = [r for r in runs if r]
+    for run in runs:
+        check_run(run)
+    kind = resolve(base).kind
+    for run in runs:
+        if (run_kind := resolve(run).kind) != kind:
+            raise InputError(f"{run} is a {run_kind} model; it cannot be compared with a {kind} base model")
+    if not seeds:
+        raise InputError("choose at least one seed")
+    if kind == "gan":
+        prompts = []
+    elif not prompts:
+        raise InputError("type at least one prompt (one per line), or take the run's prompts")
+    if max(len(prompts), 1) * len(seeds) > MAX_IMAGES:
+        raise InputError(f"at most {MAX_IMAGES} images per model: fewer prompts or seeds, please")
+
+    with cache.lock:
+        before = _images(cache.get(base), prompts, seeds, steps, guidance)
+        after = [(Path(run).name, _images(cache.get(run), prompts, seeds, steps, guidance)) for run in runs]
+    base_items = [(image, f"base · {label}") for image, label in before]
+    erased_items = [(image, f"{name} · {label}") for name, images in after for image, label in images]
+    what = f"{len(prompts)} prompt(s) x {len(seeds)} seed(s)" if prompts else f"{len(seeds)} latent seed(s)"
+    summary = f"{what}: base model and {len(runs)} erased run(s), seeds {seeds[0]}-{seeds[-1]}"
+    return Comparison(base_items, erased_items, summary)
+
+
+def _images(model, prompts, seeds, steps, guidance) -> list[tuple[object, str]]:
+    """(image, "prompt · seed s") in row order: one row per prompt, one column per seed."""
+    if model.kind == "gan":  # the same seeds give the same latents z for the base and every run
+        return [(image, f"seed {s}") for s, image in zip(seeds, model.generate(seeds))]
+    rows = model.generate(prompts, seeds, steps=steps, guidance=guidance)
+    return [(image, f"{prompt} · seed {s}") for prompt, row in zip(prompts, rows) for s, image in zip(seeds, row)]

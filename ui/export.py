@@ -1,0 +1,47 @@
+"""Export from the page: the same `erasure export` a terminal would run, in a child process.
+
+Going through the command line keeps the page independent of how export is implemented (and of
+whether this version has it: its own message then reaches the page), and keeps a slow upload
+from occupying the server's process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from pipelines.errors import InputError
+
+from .runs import check_run
+
+TIMEOUT_S = 3600
+
+
+def export_command(run: str, repo_id: str, local_dir: str | None) -> list[str]:
+    command = [sys.executable, "-m", "erasure.cli", "export", run, "--repo-id", repo_id]
+    return command + (["--local-dir", local_dir] if local_dir else [])
+
+
+def export_run(run: str, repo_id: str, local_dir: str | None) -> str:
+    """Run the export; returns what it printed, or raises InputError with its error line."""
+    if not run:
+        raise InputError("choose a run to export")
+    check_run(run)
+    repo_id, local_dir = (repo_id or "").strip(), (local_dir or "").strip() or None
+    if not repo_id:
+        raise InputError("give a repository id (org/name): it names the model in its card, even for a local folder")
+    if local_dir is None and not _hub_token():
+        raise InputError(
+            "no Hugging Face token is configured (`hf auth login` or HF_TOKEN): give a local folder to export to"
+        )
+    done = subprocess.run(export_command(run, repo_id, local_dir), capture_output=True, text=True, timeout=TIMEOUT_S)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+        raise InputError(lines[-1].removeprefix("error: "))
+    return done.stdout.strip() or f"exported {run}"
+
+
+def _hub_token() -> str | None:
+    from huggingface_hub import get_token
+
+    return get_token()

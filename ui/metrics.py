@@ -1,0 +1,43 @@
+"""A run's `eval.json` as a before/after table and its grids, and `erasure eval` run from the page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .runs import check_run
+
+HEADERS = ["concept", "metric", "before", "after", "difference"]
+
+
+def eval_table(run: str | Path) -> tuple[list[list], list[tuple[str, str]], str]:
+    """(table rows, [(grid path, caption)], message) for a run; empty with a hint when not evaluated."""
+    check_run(run)
+    path = Path(run) / "eval.json"
+    if not path.is_file():
+        return [], [], f"{Path(run).name} has no eval.json yet: press **Evaluate** (or run `erasure eval {run}`)."
+    report = json.loads(path.read_text())
+    rows = []
+    for concept, section in report["concepts"].items():
+        for name, metric in section["metrics"].items():
+            if "before" in metric:
+                rows.append([concept, name, _round(metric["before"]), _round(metric["after"]),
+                             _round(metric["difference"])])  # fmt: skip
+            else:  # a metric of the erased model alone, e.g. FID against the base model's images
+                rows.append([concept, name, None, _round(metric["value"]), None])
+    grids = [(str(path.parent / rel), name) for name, rel in report.get("grids", {}).items()]
+    settings = report.get("settings", {})
+    message = f"{path} · seeds per prompt: {settings.get('samples_per_prompt', settings.get('samples', '?'))}"
+    return rows, grids, message
+
+
+def _round(value) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
+def evaluate_run(run: str | Path, samples: int | None, device: str = "cpu") -> Path:
+    """`erasure eval RUN`: writes RUN/eval.json and RUN/grids/ (progress through tqdm, which the page tracks)."""
+    from erasure.evaluation import run_eval
+
+    check_run(run)
+    return run_eval(str(run), samples=samples, device=device, progress=True)
