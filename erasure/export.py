@@ -25,7 +25,7 @@ from pipelines.cards import MODEL_CARD_FILE
 from pipelines.errors import InputError
 from pipelines.zoo.models import EMBEDDED, canonical_name
 
-from .output import MANIFEST, RunDirectory, read_manifest
+from .output import MANIFEST, RunDirectory, read_run
 from .registry import Method, get_method
 
 CARD_FILE = "README.md"
@@ -178,11 +178,7 @@ def load_run(run_dir: str | Path, *, no_eval: bool = False) -> Run:
     from pipelines.loading import check_safetensors, resolve, weights_digest
 
     path = Path(run_dir).expanduser()
-    if not path.is_dir():
-        raise InputError(f"{path} is not a folder; expected a run folder written by `erasure erase`")
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise InputError(f"{path} is not an erased run folder (no {MANIFEST})")
+    manifest = read_run(path)
     method = get_method(manifest.get("method", ""))
     source = resolve(str(path))
     if source.kind not in PIPELINE_TAGS:

@@ -108,6 +108,17 @@ def read_manifest(directory: str | Path) -> dict | None:
         raise InputError(f"{path} is not valid JSON") from None
 
 
+def read_run(path: str | Path) -> dict:
+    """The manifest of a finished run folder, or InputError naming what is wrong with `path`."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder; expected a run folder written by `erasure erase`")
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise InputError(f"{folder} is not an erased run folder (no {MANIFEST}); make one with `erasure erase`")
+    return manifest
+
+
 class InterruptedRun(Exception):
     """A run stopped after a checkpoint: `--resume` continues it."""
 

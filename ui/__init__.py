@@ -21,16 +21,15 @@ def launch(
     device: str = "cpu",
 ) -> None:
     """Check the arguments, then serve the app until interrupted (bound to `host`; public only with `share`)."""
+    from erasure.output import read_run
     from pipelines import resolve
-
-    from .runs import check_run
 
     if not 0 < port < 65536:
         from pipelines.errors import InputError
 
         raise InputError(f"--port must be between 1 and 65535, not {port}")
     for run in erased:
-        check_run(run)  # a bad folder fails here, with one line, before gradio starts
+        read_run(run)  # a bad folder fails here, with one line, before gradio starts
     resolve(model)
 
     from .app import Preview

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from erasure.output import read_run
 from pipelines.errors import InputError
 
 from .compare import ModelCache
@@ -17,7 +18,7 @@ from .events import wire_compare, wire_erase, wire_export, wire_metrics
 from .jobs import EraseJob
 from .metrics import HEADERS
 from .options import PAPER, available_methods, component, method_options, preset_names
-from .runs import check_run, default_prompts, find_runs, run_choices
+from .runs import default_prompts, find_runs, run_choices
 
 # Digits-world images are 32x32: scale them up without blurring.
 CSS = ".pixelated img { image-rendering: pixelated; }"
@@ -159,7 +160,7 @@ def _is_text_to_image(run: str) -> bool:
     from pipelines import resolve
 
     try:
-        check_run(run)
+        read_run(run)
         return resolve(run).kind == "text-to-image"
     except InputError:
         return False

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from erasure.output import read_run
 from pipelines.errors import InputError
-
-from .runs import check_run
 
 MAX_IMAGES = 64  # per model and request: prompts x seeds; beyond this the page would only crawl
 
@@ -76,7 +75,7 @@ def compare(
     base = (base or "").strip() or None
     runs = [r for r in runs if r]
     for run in runs:
-        check_run(run)
+        read_run(run)
     kind = resolve(base).kind
     for run in runs:
         if (run_kind := resolve(run).kind) != kind:

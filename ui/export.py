@@ -10,9 +10,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from erasure.output import read_run
 from pipelines.errors import InputError
-
-from .runs import check_run
 
 TIMEOUT_S = 3600
 
@@ -26,7 +25,7 @@ def export_run(run: str, repo_id: str, local_dir: str | None) -> str:
     """Run the export; returns what it printed, or raises InputError with its error line."""
     if not run:
         raise InputError("choose a run to export")
-    check_run(run)
+    read_run(run)
     repo_id, local_dir = (repo_id or "").strip(), (local_dir or "").strip() or None
     if not repo_id:
         raise InputError("give a repository id (org/name): it names the model in its card, even for a local folder")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .runs import check_run
+from erasure.output import read_run
 
 HEADERS = ["concept", "metric", "before", "after", "difference"]
 
 
 def eval_table(run: str | Path) -> tuple[list[list], list[tuple[str, str]], str]:
     """(table rows, [(grid path, caption)], message) for a run; empty with a hint when not evaluated."""
-    check_run(run)
+    read_run(run)
     path = Path(run) / "eval.json"
     if not path.is_file():
         return [], [], f"{Path(run).name} has no eval.json yet: press **Evaluate** (or run `erasure eval {run}`)."
@@ -39,5 +39,5 @@ def evaluate_run(run: str | Path, samples: int | None, device: str = "cpu") -> P
     """`erasure eval RUN`: writes RUN/eval.json and RUN/grids/ (progress through tqdm, which the page tracks)."""
     from erasure.evaluation import run_eval
 
-    check_run(run)
+    read_run(run)
     return run_eval(str(run), samples=samples, device=device, progress=True)

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from erasure.output import MANIFEST, read_manifest
-from pipelines.errors import InputError
+from erasure.output import MANIFEST, read_manifest, read_run
 
 PROMPTS_PER_CONCEPT = 2  # target prompts and preserved prompts each, so the page stays quick
 
@@ -20,17 +19,6 @@ def find_runs(runs_dir: str | Path) -> list[Path]:
         return []
     runs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file()]
     return sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)
-
-
-def check_run(path: str | Path) -> dict:
-    """The manifest of a finished run folder, or InputError naming what is wrong with `path`."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise InputError(f"{folder} is not a folder")
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise InputError(f"{folder} is not an erased run folder (no {MANIFEST}); make one with `erasure erase`")
-    return manifest
 
 
 def run_label(path: str | Path) -> str:
@@ -53,7 +41,7 @@ def default_prompts(path: str | Path) -> list[str]:
     """
     from evaluators.prompts import prompt_set
 
-    manifest = check_run(path)
+    manifest = read_run(path)
     family = manifest["base_model"].get("family", "sd")
     target, preserved = [], []
     for concept in manifest["concepts"]:
