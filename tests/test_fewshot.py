@@ -2,6 +2,7 @@
 the checks of an image folder (before any model loads)."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -128,3 +129,19 @@ def test_the_command_line_takes_images(tiny_pipeline_dir, image_folder, tmp_path
     assert main(["erase", "--method", "esd", "--concept", "seven", "--images", str(image_folder),
                  "--out", str(tmp_path / "esd")]) == 2  # fmt: skip
     assert "unknown option 'images'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("lr=nan", "lr and adam_eps must be positive and finite"), ("lr=-1", "positive and finite"),
+     ("adam_eps=0", "positive and finite"), ("weight_decay=-1", "weight_decay >= 0"),
+     ("adam_betas=0.9", "two numbers in [0, 1)"), ("adam_betas=0.9,1.5", "two numbers in [0, 1)"),
+     ("epochs=0", "epochs, batch_size and stop_samples >= 1"), ("num_images=-1", "num_images must be >= 0"),
+     ("stop_below=1.5", "stop_below must be in (0, 1]"), ("stop_steps=0", "stop_steps must be >= 1"),
+     ("prompt_templates=a photo", "must contain '{}'"), ("captions=poem", "choose one of: object, style"),
+     ("scope=everything", "unknown text-encoder scope")],
+)  # fmt: skip
+def test_bad_option_values_are_refused_before_any_model_loads(value, message, tiny_pipeline_dir, tmp_path):
+    with pytest.raises(InputError, match=re.escape(message)):
+        erase("fewshot", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=[value])
+    assert not (tmp_path / "run").exists()
