@@ -109,7 +109,7 @@ _METHODS = [
     Method("text2unlearn", "CLIP-guided directional unlearning of a GAN from a text prompt only",
            TEXT2UNLEARN, "generator", "gan", None),
     Method("adapt-unlearn", "adapt a GAN to negative samples, then repel the original from it",
-           ADAPT_UNLEARN, "generator", "gan", None),
+           ADAPT_UNLEARN, "generator", "gan", "erasure.adapt_unlearn"),
 ]  # fmt: skip
 
 METHODS: dict[str, Method] = {}

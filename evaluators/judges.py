@@ -93,6 +93,20 @@ class DigitsJudge:
         }
 
 
+def default_judge(concept: str, family: str, device: str = "cpu"):
+    """The domain judge for a concept, or None when only CLIP can tell."""
+    from pipelines.zoo.world import parse_concept
+
+    if family == "digits" and parse_concept(concept) is not None:
+        return DigitsJudge(device=device)
+    if concept.lower().strip() in NUDITY_WORDS:
+        try:
+            return NudeNetJudge()
+        except InputError:
+            return None  # reported as "no judge": CLIP presence still measures it
+    return None
+
+
 class NudeNetJudge:
     """NudeNet 3.x detector: an image shows nudity when an exposed class scores >= threshold."""
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from pipelines.errors import InputError
 from pipelines.files import slug
 from pipelines.images import labelled_grid, to_tensor
 
 from .clip_models import ClipScorer, load_clip
+from .detect import CLIP_PRESENCE_RULE, concept_detectors
 from .features import FeatureExtractor, feature_extractor
-from .judges import NUDITY_WORDS, DigitsJudge, NudeNetJudge
+from .judges import default_judge
 from .metrics import (
     CLIP_SCORE_FORMULA,
     clip_score,
@@ -31,7 +31,6 @@ from .metrics import (
 from .prompts import prompt_set
 
 FORMAT = "erasure-eval/1"
-CLIP_PRESENCE_RULE = "mean embedding of the concept prompts is closer than every anchor prompt"
 GRID_PROMPTS, GRID_SEEDS = 6, 6
 
 
@@ -45,48 +44,21 @@ def default_samples(family: str) -> int:
     return 20 if family == "digits" else 10
 
 
-def default_judge(concept: str, family: str, device: str = "cpu"):
-    """The domain judge for a concept, or None when only CLIP can tell."""
-    from pipelines.zoo.world import parse_concept
-
-    if family == "digits" and parse_concept(concept) is not None:
-        return DigitsJudge(device=device)
-    if concept.lower().strip() in NUDITY_WORDS:
-        try:
-            return NudeNetJudge()
-        except InputError:
-            return None  # reported as "no judge": CLIP presence still measures it
-    return None
-
-
 class PresenceCheck:
     """A cheap check while a method trains: the share of a few quick samples of the concepts (their
-    first two target prompts, `seeds`) in which the domain judge, else CLIP zero-shot, still sees
-    the concept. Judges and CLIP load once, when the check is made."""
+    first two target prompts, `seeds`) in which the concepts' detectors (the domain judge, else CLIP
+    zero-shot) still see them. Judges and CLIP load once, when the check is made."""
 
     def __init__(self, family: str, concepts: list[str], device: str = "cpu", clip: str | None = None):
-        self.concepts = list(concepts)
-        self.prompts = {c: prompt_set(c, family) for c in self.concepts}
-        self.judges = {c: default_judge(c, family, device) for c in self.concepts}
-        self.clip = None
-        if any(judge is None for judge in self.judges.values()):
-            default = "digits-clip" if family == "digits" else "openai/clip-vit-large-patch14"
-            self.clip = load_clip(clip or default, device)
+        self.prompts = {c: prompt_set(c, family) for c in concepts}
+        self.detectors = concept_detectors(concepts, family, device, clip)
 
     @torch.no_grad()
     def __call__(self, model, seeds, steps: int) -> float:
         shares = []
-        for concept in self.concepts:
-            prompts = self.prompts[concept]
-            images = _images(model, prompts.target[:2], list(seeds), steps, None, False)[0]
-            judge = self.judges[concept]
-            if judge is not None:
-                seen = judge.detects(images, concept)
-            else:
-                concept_text = self.clip.text_features(prompts.clip_concept)
-                anchor_text = self.clip.text_features(prompts.clip_anchors)
-                seen = zero_shot_presence(self.clip.image_features(images), concept_text, anchor_text)
-            shares.append(float(seen.float().mean()))
+        for concept, detector in self.detectors.items():
+            images = _images(model, self.prompts[concept].target[:2], list(seeds), steps, None, False)[0]
+            shares.append(float(detector(images).float().mean()))
         return sum(shares) / len(shares)
 
 

@@ -254,6 +254,39 @@ def nvidia_generator_to_rosinality(nv: dict[str, torch.Tensor]) -> tuple[dict, t
     return out, nv.get("mapping.w_avg")
 
 
+def nvidia_discriminator_to_rosinality(nv: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor] | None:
+    """NVIDIA's residual discriminator (`architecture='resnet'`, unconditional) in this layout:
+        b{size}.fromrgb                 -> convs.0
+        b{r}.conv0 / conv1 / skip       -> convs.{k}.conv1 / conv2 / skip   (k = 1 at r = size, then down)
+        b4.conv / fc / out              -> final_conv / final_linear.0 / final_linear.1
+    (a layer's .weight stays; its .bias moves to the activation where ours has one). None for other
+    architectures and conditional discriminators."""
+    if f"b{size}.fromrgb.weight" not in nv or nv.get("b4.out.weight", torch.empty(0, 0)).shape[0] != 1:
+        return None
+    out = {"convs.0.0.weight": nv[f"b{size}.fromrgb.weight"], "convs.0.1.bias": nv[f"b{size}.fromrgb.bias"]}
+    res, k = size, 1
+    while res > 4:
+        if f"b{res}.skip.weight" not in nv:
+            return None
+        out[f"convs.{k}.conv1.0.weight"], out[f"convs.{k}.conv1.1.bias"] = (
+            nv[f"b{res}.conv0.weight"],
+            nv[f"b{res}.conv0.bias"],
+        )
+        out[f"convs.{k}.conv2.1.weight"], out[f"convs.{k}.conv2.2.bias"] = (
+            nv[f"b{res}.conv1.weight"],
+            nv[f"b{res}.conv1.bias"],
+        )
+        out[f"convs.{k}.skip.1.weight"] = nv[f"b{res}.skip.weight"]
+        res, k = res // 2, k + 1
+    out["final_conv.0.weight"], out["final_conv.1.bias"] = nv["b4.conv.weight"], nv["b4.conv.bias"]
+    for i, layer in enumerate(("fc", "out")):
+        out[f"final_linear.{i}.weight"], out[f"final_linear.{i}.bias"] = (
+            nv[f"b4.{layer}.weight"],
+            nv[f"b4.{layer}.bias"],
+        )
+    return out
+
+
 def load_nvidia(path: Path) -> tuple[Generator, Discriminator | None, torch.Tensor | None]:
     data = read_nvidia_pickle(path)
     state, w_avg = nvidia_generator_to_rosinality(flatten_record(data["G_ema"]))
@@ -266,9 +299,14 @@ def load_nvidia(path: Path) -> tuple[Generator, Discriminator | None, torch.Tens
         raise InputError(f"{path}: the generator lacks {len(missing)} weights, e.g. {missing[0]}")
     defaults = generator.state_dict()
     generator.load_state_dict({**defaults, **state})
-    # The discriminator is not mapped: only the generator is needed to sample and to erase with
-    # Text-to-Unlearn; Adapt-then-Unlearn trains a fresh one when none is given.
-    return generator.eval(), None, None if w_avg is None else w_avg.reshape(1, -1)
+    discriminator = None
+    if isinstance(data.get("D"), PersistentRecord):  # absent from pickles that hold G_ema alone
+        d_state = nvidia_discriminator_to_rosinality(flatten_record(data["D"]), config.size)
+        if d_state is None:
+            raise InputError(f"{path}: its discriminator is not StyleGAN2's unconditional residual one")
+        discriminator = Discriminator(config)
+        discriminator = _build(discriminator, {**discriminator.state_dict(), **d_state}, f"{path.name} discriminator")
+    return generator.eval(), discriminator, None if w_avg is None else w_avg.reshape(1, -1)
 
 
 def load_any(path: Path) -> tuple[Generator, Discriminator | None, torch.Tensor | None]:

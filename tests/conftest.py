@@ -77,3 +77,42 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in an empty temporary working directory."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory) -> str:
+    """The name `load_clip` takes for a tiny open_clip model with random weights (the real classes)."""
+    import json
+
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("open-clip-config")
+    (folder / "erasure-tiny-test.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(folder)
+    return "open_clip:erasure-tiny-test"
+
+
+def tiny_gan(seed: int = 0, size: int = 16):
+    """A tiny StyleGAN2 generator and discriminator (this project's implementation)."""
+    from pipelines.stylegan2 import Discriminator, Generator, StyleGAN2Config
+
+    config = StyleGAN2Config(size=size, style_dim=8, n_mlp=2, channels={4: 8, 8: 8, 16: 4, 32: 4})
+    torch.manual_seed(seed)
+    return Generator(config).eval(), Discriminator(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_gan_checkpoint(tmp_path_factory):
+    """A rosinality-format `.pt` (generator and discriminator) of a tiny StyleGAN2."""
+    from pipelines.gan_checkpoints import save_rosinality
+
+    path = tmp_path_factory.mktemp("tiny-gan") / "tiny-stylegan2.pt"
+    save_rosinality(path, *tiny_gan())
+    return path

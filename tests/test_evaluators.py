@@ -78,19 +78,10 @@ def test_digits_judge_detects_the_concept_of_renders():
     assert judge.features(renders.images[:4]).shape == (4, 256)
 
 
-def test_open_clip_models_load_by_name(tmp_path):
-    import open_clip
-
+def test_open_clip_models_load_by_name(tiny_open_clip):
     from evaluators.clip_models import load_clip
 
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (tmp_path / "erasure-tiny-test.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path)
-    clip = load_clip("open_clip:erasure-tiny-test")
+    clip = load_clip(tiny_open_clip)
     with torch.no_grad():
         assert clip.image_features(torch.rand(3, 3, 64, 64)).shape == (3, 16)
         text = clip.text_features(["a photo of a cat", "a dog"])

@@ -68,8 +68,42 @@ def test_method_changes_exactly_its_scope_and_round_trips(key, sets, component, 
         assert all(torch.equal(after[name][k], reloaded[name][k]) for k in after[name])
 
 
+# GAN methods: key, --set options ({negatives}/{positives}: image folders the test writes)
+GAN_CASES = [
+    ("adapt-unlearn", ["adapt_steps=2", "unlearn_steps=2", "batch_size=2", "fisher_samples=2", "negatives={negatives}",
+                       "positives={positives}"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("key, sets", GAN_CASES, ids=[c[0] for c in GAN_CASES])
+def test_gan_method_changes_the_generator_and_round_trips(key, sets, tiny_gan_checkpoint, tmp_path):
+    config_cls, entry = METHODS[key].load()
+    folders = {}
+    for name, value in (("negatives", 200), ("positives", 30)):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((16, 16, 3), value + i, dtype=np.uint8)).save(folders[name] / f"{i}.png")
+    config = build_config(config_cls, "stylegan2", parse_sets([s.format(**folders) for s in sets]))
+    model = load_model(str(tiny_gan_checkpoint))
+    before = {k: v.clone() for k, v in model.generator.state_dict().items()}
+    result = entry(model, ["a red square"], config, RunContext(seed=0, progress=False))
+    assert "generator" in result.changed
+    after = result.model.generator.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    weights = {k for k, v in before.items() if k.endswith("weight") and not k.startswith("noises.")}
+    assert weights & moved, "no generator weight moved"
+
+    result.model.save(tmp_path / "run")
+    reloaded = load_model(str(tmp_path / "run"))
+    assert all(torch.equal(after[k], v) for k, v in reloaded.generator.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(result.model.images(result.model.latents([0, 1])), reloaded.images(reloaded.latents([0, 1])))
+
+
 def test_every_available_method_has_a_case_in_the_matrix():
-    assert {key for key, *_ in CASES} == {key for key, method in METHODS.items() if method.available}
+    covered = {key for key, *_ in CASES} | {key for key, _ in GAN_CASES}
+    assert covered == {key for key, method in METHODS.items() if method.available}
 
 
 def test_every_method_is_listed_with_a_paper():

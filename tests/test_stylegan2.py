@@ -94,6 +94,30 @@ def _to_nvidia(state: dict) -> dict:
     return nv
 
 
+def _discriminator_to_nvidia(state: dict, size: int) -> dict:
+    """NVIDIA's names of a tiny residual discriminator (test-side inverse)."""
+    nv = {f"b{size}.fromrgb.weight": state["convs.0.0.weight"], f"b{size}.fromrgb.bias": state["convs.0.1.bias"]}
+    res, k = size, 1
+    while res > 4:
+        nv[f"b{res}.conv0.weight"], nv[f"b{res}.conv0.bias"] = (
+            state[f"convs.{k}.conv1.0.weight"],
+            state[f"convs.{k}.conv1.1.bias"],
+        )
+        nv[f"b{res}.conv1.weight"], nv[f"b{res}.conv1.bias"] = (
+            state[f"convs.{k}.conv2.1.weight"],
+            state[f"convs.{k}.conv2.2.bias"],
+        )
+        nv[f"b{res}.skip.weight"] = state[f"convs.{k}.skip.1.weight"]
+        res, k = res // 2, k + 1
+    nv["b4.conv.weight"], nv["b4.conv.bias"] = state["final_conv.0.weight"], state["final_conv.1.bias"]
+    for i, layer in enumerate(("fc", "out")):
+        nv[f"b4.{layer}.weight"], nv[f"b4.{layer}.bias"] = (
+            state[f"final_linear.{i}.weight"],
+            state[f"final_linear.{i}.bias"],
+        )
+    return nv
+
+
 @pytest.fixture
 def persistence_module(monkeypatch):
     """A stand-in for NVIDIA's torch_utils.persistence, only so that pickle can *write* its references."""
@@ -123,23 +147,37 @@ def _persistent(module, class_name: str, params: dict, children: dict, source: s
 
 
 def test_nvidia_pickle_loads_without_running_its_code(tmp_path, persistence_module):
-    generator, _ = _tiny()
+    generator, discriminator = _tiny()
     nv = _to_nvidia(generator.state_dict())
     marker = tmp_path / "code-ran"
     source = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('executed')\n"
 
-    def tree(prefix: str):
+    def tree(nv: dict, prefix: str = "", name: str = "Generator"):
         names = {k[len(prefix) :] for k in nv if k.startswith(prefix)}
         params = {n: torch.nn.Parameter(nv[prefix + n]) for n in names if "." not in n}
-        children = {c: tree(f"{prefix}{c}.") for c in sorted({n.split(".")[0] for n in names if "." in n})}
-        return _persistent(persistence_module, prefix or "Generator", params, children, source)
+        children = {c: tree(nv, f"{prefix}{c}.") for c in sorted({n.split(".")[0] for n in names if "." in n})}
+        return _persistent(persistence_module, prefix or name, params, children, source)
 
     path = tmp_path / "network-snapshot.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"G_ema": tree(""), "training_set_kwargs": {"resolution": 16}}, f)
+        pickle.dump({"G_ema": tree(nv), "training_set_kwargs": {"resolution": 16}}, f)
     model = load_model(str(path))
     assert not marker.exists()
     assert torch.equal(_images(model.generator), _images(generator))
+    assert model.discriminator is None  # a pickle of G_ema alone
+
+    # A training snapshot also holds the residual discriminator, which becomes ours weight for weight.
+    with torch.no_grad():
+        for name, p in discriminator.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    with open(path, "wb") as f:
+        pickle.dump({"G_ema": tree(nv), "D": tree(_discriminator_to_nvidia(discriminator.state_dict(), 16),
+                                                  name="Discriminator")}, f)  # fmt: skip
+    model = load_model(str(path))
+    images = _images(generator, seeds=range(4))
+    with torch.no_grad():
+        assert torch.equal(model.discriminator(images), discriminator(images))
 
 
 class _Exploit:

@@ -1,0 +1,371 @@
+"""Adapt-then-Unlearn (Tiwary, Guha et al., "Adapt then Unlearn: Exploring Parameter Space Semantics
+for Unlearning in Generative Adversarial Networks", TMLR 2025): unlearning a feature of a GAN with
+no real data, from the generator's own samples.
+
+The samples are split by a detector (the domain judge, else CLIP zero-shot) into negatives, which
+show the concept, and positives, which do not; either set may instead be a folder of images.
+
+Stage 1, adapt: a copy of the generator is adapted to the negatives, as few-shot GAN adaptation:
+the pretrained discriminator, StyleGAN2's losses, and an EWC penalty (Li et al., NeurIPS 2020)
+
+    ewc = ewc_weight / 2 * sum_i F_i (theta_i - theta0_i)^2
+
+with F the diagonal Fisher information of the discriminator's logit of a few generated samples,
+so that the parameters the output depends on most stay near theta0. The adapted parameters
+theta_N then sit away from theta0 in the direction that adds the concept. Several adapted models
+(different seeds) may be trained.
+
+Stage 2, unlearn: the *original* generator is trained adversarially on the positives, plus a
+repulsion from every adapted model. With d = sum over adapted models of the mean over parameter
+tensors of mean((theta - theta_N)^2):
+
+    IL2 = 1 / (alpha d),   NL2 = -alpha d,   EL2 = exp(-alpha d)     (times repulsion_weight)
+
+The paper's code: EL2 with weight 100, alpha ("gamma") 1, 2,000 adaptation and 1,000 unlearning
+iterations at batch 16 and learning rate 0.002, EWC weight 5e8 with the Fisher of 32 samples, R1 10.
+Its style mixing and path-length regularisation are left out here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+
+from evaluators.detect import concept_detectors
+from pipelines.errors import InputError
+from pipelines.files import atomic_write
+from pipelines.images import image_folder_files, load_square_images
+
+from .common import check_concepts
+from .gan_training import (
+    AdversarialSettings,
+    adversarial_networks,
+    adversarial_step,
+    real_batch,
+    sample_pool,
+    split_pool,
+)
+from .training import ErasureResult, RunContext, TrainingLoop
+
+REPULSIONS = ("el2", "il2", "nl2")
+PAPER_REPULSION_WEIGHT = {"el2": 100.0, "il2": 1.0, "nl2": 1.0}
+
+
+@dataclass
+class AdaptUnlearnConfig:
+    # Defaults: the paper's code (MNIST and CelebA-HQ StyleGAN2, rosinality's trainer).
+    negatives: str | None = field(
+        default=None, metadata={"help": "folder of images that show the concept (default: the generator's own "
+                                "samples the classifier flags)"},
+    )  # fmt: skip
+    positives: str | None = field(
+        default=None, metadata={"help": "folder of images without the concept (default: the generator's own "
+                                "samples the classifier does not flag)"},
+    )  # fmt: skip
+    classifier: Literal["auto", "judge", "clip"] = field(
+        default="auto", metadata={"help": "what labels the generator's samples: auto (the domain judge where the "
+                                  "family has one, else CLIP zero-shot), judge or clip"},
+    )  # fmt: skip
+    clip: str | None = field(
+        default=None, metadata={"help": "CLIP of the clip classifier (default: digits-clip for digits, "
+                                "openai/clip-vit-large-patch14 otherwise; or open_clip:NAME:WEIGHTS)"},
+    )  # fmt: skip
+    pool: int = field(default=4000, metadata={"help": "generator samples labelled to find negatives and positives"})
+    num_negatives: int = field(default=200, metadata={"help": "negatives to adapt on (0: every flagged sample); from a folder, at most this many"})
+    num_positives: int = field(default=0, metadata={"help": "positives to unlearn on (0: every other sample); from a folder, at most this many"})
+    adapted_models: int = field(default=1, metadata={"help": "adapted models to repel from (each its own seed)"})
+    adapt_steps: int = field(default=2000, metadata={"help": "stage 1 iterations per adapted model"})
+    unlearn_steps: int = field(default=1000, metadata={"help": "stage 2 iterations"})
+    batch_size: int = field(default=16, metadata={"help": "images per iteration"})
+    lr: float = field(default=0.002, metadata={"help": "Adam learning rate of generator and discriminator"})
+    adam_betas: list[float] = field(default_factory=lambda: [0.0, 0.99], metadata={"help": "Adam betas"})
+    r1: float = field(default=10.0, metadata={"help": "R1 penalty weight (lazy, every r1_every iterations)"})
+    r1_every: int = field(default=16, metadata={"help": "iterations between R1 penalties"})
+    instance_noise: float = field(default=0.0, metadata={"help": "std of the noise added to discriminator inputs"})
+    ewc_weight: float = field(default=5e8, metadata={"help": "EWC penalty weight (lambda) in stage 1"})
+    fisher_samples: int = field(default=32, metadata={"help": "samples of the Fisher information estimate"})
+    repulsion: Literal["el2", "il2", "nl2"] = field(
+        default="el2", metadata={"help": "repulsion form: el2 = exp(-alpha d), il2 = 1/(alpha d), nl2 = -alpha d"}
+    )
+    repulsion_weight: float | None = field(
+        default=None, metadata={"help": "weight of the repulsion (none: the paper's, 100 for el2, 1 otherwise)"}
+    )
+    alpha: float = field(default=1.0, metadata={"help": "scale of the parameter distance d in the repulsion"})
+
+    # Tuned for digits-gan (benchmarks/RESULTS.md): its discriminator was trained with instance noise.
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "digits": {"instance_noise": 0.1},
+    }
+
+    def __post_init__(self) -> None:
+        counts = {"pool": self.pool, "adapted_models": self.adapted_models, "adapt_steps": self.adapt_steps,
+                  "unlearn_steps": self.unlearn_steps, "batch_size": self.batch_size, "r1_every": self.r1_every,
+                  "fisher_samples": self.fisher_samples}  # fmt: skip
+        if bad := [k for k, v in counts.items() if v < 1]:
+            raise ValueError(f"{', '.join(bad)} must be >= 1")
+        if self.num_negatives < 0 or self.num_positives < 0:
+            raise ValueError("num_negatives and num_positives must be >= 0 (0: all)")
+        reals = {"lr": self.lr, "alpha": self.alpha}
+        if bad := [k for k, v in reals.items() if not (math.isfinite(v) and v > 0)]:
+            raise ValueError(f"{', '.join(bad)} must be positive and finite")
+        nonnegative = {"r1": self.r1, "instance_noise": self.instance_noise, "ewc_weight": self.ewc_weight,
+                       "repulsion_weight": self.weight}  # fmt: skip
+        if bad := [k for k, v in nonnegative.items() if not (math.isfinite(v) and v >= 0)]:
+            raise ValueError(f"{', '.join(bad)} must be finite and >= 0")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError("adam_betas must be two numbers in [0, 1)")
+        for folder in (self.negatives, self.positives):
+            if folder is not None:
+                image_folder_files(folder, 0)  # every file readable, at least one
+
+    @property
+    def weight(self) -> float:
+        return PAPER_REPULSION_WEIGHT[self.repulsion] if self.repulsion_weight is None else self.repulsion_weight
+
+    def adversarial(self) -> AdversarialSettings:
+        return AdversarialSettings(self.lr, tuple(self.adam_betas), self.r1, self.r1_every, self.instance_noise)
+
+
+CONFIG = AdaptUnlearnConfig
+
+
+# --- the two regularisers ------------------------------------------------------------------------
+
+
+def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def fisher_diagonal(generator, discriminator, samples: int, seed: int, instance_noise: float = 0.0,
+                    ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Diagonal Fisher information of the generator's trainable parameters: the mean over
+    `samples` generated images of the squared gradient of the discriminator's logit of each."""
+    params = _trainable(generator)
+    device = next(iter(params.values())).device
+    noise = torch.Generator().manual_seed(seed)
+    z = torch.randn(samples, generator.config.style_dim, generator=noise).to(device)
+    images = generator(z, randomize_noise=False)
+    if instance_noise > 0:
+        images = images + instance_noise * torch.randn(images.shape, generator=noise).to(device)
+    logits = discriminator(images).flatten()
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(samples):
+        grads = torch.autograd.grad(logits[i], list(params.values()), retain_graph=i < samples - 1, allow_unused=True)
+        for (name, _), grad in zip(params.items(), grads):
+            if grad is not None:
+                fisher[name] += grad.detach() ** 2 / samples
+    return fisher
+
+
+def ewc_penalty(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor],
+                fisher: dict[str, torch.Tensor], weight: float) -> torch.Tensor:  # fmt: skip
+    """weight / 2 * sum_i F_i (theta_i - anchor_i)^2 over the parameters named in `fisher`."""
+    total = sum((fisher[n] * (params[n] - anchor[n]) ** 2).sum() for n in fisher)
+    return weight / 2 * total
+
+
+def parameter_distance(params: dict[str, torch.Tensor], adapted: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """d: over adapted models, the sum of the mean over parameter tensors of mean((theta - theta_N)^2)."""
+    names = list(adapted[0])
+    return sum(sum(((params[n] - theta[n]) ** 2).mean() for n in names) / len(names) for theta in adapted)
+
+
+def repulsion(distance: torch.Tensor, form: str, alpha: float) -> torch.Tensor:
+    """The paper's three repulsions of a parameter distance; each falls as the distance grows."""
+    if form == "il2":
+        return 1 / (alpha * distance)
+    if form == "nl2":
+        return -alpha * distance
+    if form == "el2":
+        return torch.exp(-alpha * distance)
+    raise ValueError(f"repulsion must be one of {', '.join(REPULSIONS)}, not {form!r}")
+
+
+# --- the two stages --------------------------------------------------------------------------------
+
+
+def _stage_run(run: RunContext, name: str, seed: int) -> RunContext:
+    folder = run.checkpoint_dir / name if run.checkpoint_dir is not None else None
+    return dataclasses.replace(run, seed=seed, checkpoint_dir=folder)
+
+
+def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, torch.Tensor],
+          config: AdaptUnlearnConfig, run: RunContext, fingerprint: dict, desc: str,
+          ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Stage 1 for one adapted model: copies of `generator` and `discriminator` adapted to
+    `negatives` under the EWC penalty; returns the adapted generator's trainable parameters."""
+    generator, discriminator = copy.deepcopy(generator).train(), copy.deepcopy(discriminator).train()
+    anchor = {n: p.detach().clone() for n, p in _trainable(generator).items()}
+    loop = TrainingLoop(run, adversarial_networks(generator, discriminator, config.adversarial()), desc=desc,
+                        fingerprint=fingerprint)  # fmt: skip
+    params = _trainable(generator)  # the same tensors the prepared module trains
+    device = run.torch_device
+    negatives = negatives.to(device)
+
+    def step_fn(step: int) -> dict[str, float]:
+        real = real_batch(negatives, config.batch_size, run)
+        return adversarial_step(loop, real, step, config.adversarial(),
+                                lambda: ewc_penalty(params, anchor, fisher, config.ewc_weight))  # fmt: skip
+
+    loop.fit(step_fn, config.adapt_steps)
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dict[str, torch.Tensor]],
+            config: AdaptUnlearnConfig, run: RunContext, fingerprint: dict) -> dict[str, float]:  # fmt: skip
+    """Stage 2: `generator` itself (in place) trained on `positives` with the repulsion from
+    `adapted`; `discriminator` is trained beside it."""
+    generator.train()
+    discriminator.train()
+    loop = TrainingLoop(run, adversarial_networks(generator, discriminator, config.adversarial()),
+                        desc="adapt-unlearn: unlearn", fingerprint=fingerprint)  # fmt: skip
+    params = _trainable(generator)
+    device = run.torch_device
+    positives = positives.to(device)
+    adapted = [{n: t.to(device) for n, t in theta.items()} for theta in adapted]
+
+    def step_fn(step: int) -> dict[str, float]:
+        real = real_batch(positives, config.batch_size, run)
+        distance = {}
+
+        def term() -> torch.Tensor:
+            distance["d"] = parameter_distance(params, adapted)
+            return config.weight * repulsion(distance["d"], config.repulsion, config.alpha)
+
+        logs = adversarial_step(loop, real, step, config.adversarial(), term)
+        return {**logs, "distance": distance["d"].item()}
+
+    return loop.fit(step_fn, config.unlearn_steps)
+
+
+# --- the method ---------------------------------------------------------------------------------
+
+
+def _adapted_file(run: RunContext, k: int) -> Path | None:
+    return run.checkpoint_dir / f"adapted-{k}.safetensors" if run.checkpoint_dir is not None else None
+
+
+def _load_adapted(path: Path | None, fingerprint: dict) -> tuple[dict[str, torch.Tensor], float] | None:
+    """A finished stage-1 model of this run (and the seconds it took), if one is saved."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if path is None or not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if json.loads(meta.get("fingerprint", "null")) != fingerprint:
+        raise InputError(f"{path} was made with other settings; rerun with those, or start over (without --resume)")
+    return load_file(str(path)), float(meta["seconds"])
+
+
+def _save_adapted(path: Path | None, theta: dict[str, torch.Tensor], fingerprint: dict, seconds: float) -> None:
+    from safetensors.torch import save_file
+
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"fingerprint": json.dumps(fingerprint), "seconds": str(seconds)}
+    tensors = {n: t.detach().cpu().contiguous() for n, t in theta.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def _samples(model, concepts: list[str], config: AdaptUnlearnConfig, detectors: dict | None,
+             ) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+    """(negatives, positives, pool size used) in [0, 1] at the generator's resolution."""
+    size = model.generator.config.size
+    given = {}
+    for name, folder, count in (("negatives", config.negatives, config.num_negatives),
+                                ("positives", config.positives, config.num_positives)):  # fmt: skip
+        if folder is not None:
+            files = image_folder_files(Path(folder), 0)
+            given[name] = load_square_images(files[: count or len(files)], size)
+    if len(given) == 2:
+        return given["negatives"], given["positives"], 0
+    pool = sample_pool(model, config.pool)
+    flagged = torch.zeros(len(pool), dtype=torch.bool)
+    for detector in detectors.values():
+        flagged |= detector(pool)
+    wanted = None if "negatives" in given else config.num_negatives
+    negatives, positives = split_pool(pool, flagged, wanted, config.num_positives, " / ".join(concepts))
+    return given.get("negatives", negatives), given.get("positives", positives), config.pool
+
+
+def concept_share(model, theta: dict[str, torch.Tensor], detectors: dict, samples: int = 256) -> float:
+    """The share of `samples` pool samples of the generator with parameters `theta` in which a
+    detector sees its concept: how far stage 1 moved towards the negatives."""
+    adapted = copy.copy(model)
+    adapted.generator = copy.deepcopy(model.generator)
+    with torch.no_grad():
+        for name, p in adapted.generator.named_parameters():
+            if name in theta:
+                p.copy_(theta[name])
+    images = sample_pool(adapted, samples)
+    flagged = torch.zeros(len(images), dtype=torch.bool)
+    for detector in detectors.values():
+        flagged |= detector(images)
+    return round(float(flagged.float().mean()), 4)
+
+
+def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContext) -> ErasureResult:
+    """Unlearn `concepts` from the GAN `model`: adapt copies to negatives, then repel from them."""
+    concepts = check_concepts(concepts)
+    if model.discriminator is None:
+        raise InputError(f"adapt-unlearn trains against the GAN's discriminator, and {model.source.spec} has none")
+    run.check_divisible("batch_size", config.batch_size)
+    device = run.torch_device
+    model.to(device)
+    model.generator.requires_grad_(True)
+    model.discriminator.requires_grad_(True)
+    detectors = None
+    if config.negatives is None or config.positives is None:
+        detectors = concept_detectors(concepts, model.family, str(device), config.clip, config.classifier)
+    negatives, positives, pool = _samples(model, concepts, config, detectors)
+    fingerprint = {"method": "adapt-unlearn", "concepts": concepts, "seed": run.seed, "config": repr(config),
+                   "model": model.source.spec}  # fmt: skip
+
+    seconds, shares = {}, []
+    adapted = []
+    fisher = None
+    for k in range(config.adapted_models):
+        stage = {**fingerprint, "stage": f"adapt-{k}"}
+        saved = _load_adapted(_adapted_file(run, k), stage) if run.resume else None
+        if saved is not None:
+            theta, seconds[f"adapt_{k}"] = saved
+        else:
+            started = time.time()
+            if fisher is None:
+                fisher = fisher_diagonal(model.generator, model.discriminator, config.fisher_samples, run.seed,
+                                         config.instance_noise)  # fmt: skip
+            desc = "adapt-unlearn: adapt" + (f" {k + 1}/{config.adapted_models}" if config.adapted_models > 1 else "")
+            theta = adapt(model.generator, model.discriminator, negatives, fisher, config,
+                          _stage_run(run, f"adapt-{k}", run.seed + 1 + k), stage, desc)  # fmt: skip
+            seconds[f"adapt_{k}"] = round(time.time() - started, 2)
+            if run.is_main:
+                _save_adapted(_adapted_file(run, k), theta, stage, seconds[f"adapt_{k}"])
+        adapted.append({n: t.to(device) for n, t in theta.items()})
+        if detectors is not None:
+            shares.append(concept_share(model, theta, detectors))
+
+    started = time.time()
+    logs = unlearn(model.generator, model.discriminator, positives, adapted, config,
+                   _stage_run(run, "unlearn", run.seed), {**fingerprint, "stage": "unlearn"})  # fmt: skip
+    seconds["unlearn"] = round(time.time() - started, 2)
+    model.generator.eval().requires_grad_(False)
+    model.discriminator.eval().requires_grad_(False)
+    model.latent_avg = model.generator.mean_latent()  # the truncation centre moved with the mapping
+    trained = sum(p.numel() for p in model.generator.parameters()) + sum(
+        p.numel() for p in model.discriminator.parameters()
+    )
+    outcome = {"adapt_unlearn": {"negatives": len(negatives), "positives": len(positives), "pool": pool,
+                                 "adapted_models": config.adapted_models, "adapted_concept_share": shares,
+                                 "stage_seconds": seconds}}  # fmt: skip
+    return ErasureResult(model, ["generator", "discriminator"], trained, logs, outcome)

@@ -1,0 +1,179 @@
+"""Adapt-then-Unlearn: its two regularisers on small tensors, both stages on tiny real StyleGAN2
+networks (this project's implementation), bit-identical resume, and the digits-gan run folder."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from erasure.adapt_unlearn import (
+    AdaptUnlearnConfig,
+    ewc_penalty,
+    parameter_distance,
+    repulsion,
+    unlearn,
+)
+from erasure.api import erase
+from erasure.config import build_config
+from erasure.training import RunContext
+from pipelines import InputError, load_model
+
+from .conftest import tiny_gan
+
+
+@pytest.mark.parametrize("form", ["el2", "il2", "nl2"])
+def test_each_repulsion_falls_as_the_parameters_move_away(form):
+    theta_n = {"w": torch.tensor([1.0, -2.0]), "b": torch.tensor([0.5])}
+    theta = {"w": torch.tensor([1.5, -1.0], requires_grad=True), "b": torch.tensor([0.0], requires_grad=True)}
+    d = parameter_distance(theta, [theta_n])
+    # mean over tensors of each tensor's mean squared difference: ((0.25 + 1) / 2 + 0.25) / 2
+    assert float(d.detach()) == pytest.approx(0.4375)
+    value = repulsion(d, form, alpha=2.0)
+    expected = {"el2": np.exp(-2 * 0.4375), "il2": 1 / (2 * 0.4375), "nl2": -2 * 0.4375}[form]
+    assert float(value.detach()) == pytest.approx(expected)
+    value.backward()
+    # Gradient descent moves theta along -grad: away from the adapted parameters in every coordinate.
+    for name in theta:
+        step = -theta[name].grad
+        assert torch.all(step * (theta[name].detach() - theta_n[name]) > 0), name
+
+
+def test_the_distance_sums_over_adapted_models():
+    theta = {"w": torch.zeros(3)}
+    one, two = {"w": torch.ones(3)}, {"w": torch.full((3,), 2.0)}
+    assert float(parameter_distance(theta, [one, two])) == pytest.approx(1 + 4)
+
+
+def test_ewc_is_zero_at_its_anchor_and_grows_away_from_it():
+    anchor = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0])}
+    fisher = {"a": torch.tensor([2.0, 0.0]), "b": torch.tensor([1.0])}
+    assert float(ewc_penalty(anchor, anchor, fisher, 10.0)) == 0.0
+    values = []
+    for scale in (0.1, 0.2, 0.4):
+        moved = {n: t + scale for n, t in anchor.items()}
+        values.append(float(ewc_penalty(moved, anchor, fisher, 10.0)))
+    # weight / 2 * (2 * s^2 + 0 * s^2 + 1 * s^2): quadratic, and blind where the Fisher is zero
+    assert values == pytest.approx([5 * 3 * s**2 for s in (0.1, 0.2, 0.4)])
+    only_unweighted = {"a": anchor["a"] + torch.tensor([0.0, 5.0]), "b": anchor["b"]}
+    assert float(ewc_penalty(only_unweighted, anchor, fisher, 10.0)) == 0.0
+
+
+def test_stage_two_trains_the_generator_and_never_changes_the_adapted_models():
+    generator, discriminator = tiny_gan()
+    generator.requires_grad_(True)
+    before = {n: p.detach().clone() for n, p in generator.named_parameters()}
+    adapted = [{n: p + 0.01 * torch.randn_like(p) for n, p in before.items()} for _ in range(2)]
+    kept = [{n: t.clone() for n, t in theta.items()} for theta in adapted]
+    config = AdaptUnlearnConfig(unlearn_steps=3, batch_size=4, adapted_models=2)
+    logs = unlearn(generator, discriminator, torch.rand(8, 3, 16, 16), adapted, config,
+                   RunContext(seed=0, progress=False), {})  # fmt: skip
+    assert logs["distance"] > 0
+    assert all(torch.equal(a[n], k[n]) for a, k in zip(adapted, kept) for n in a)
+    assert any(not torch.equal(p, before[n]) for n, p in generator.named_parameters())
+
+
+def _folder(path, count, value):
+    path.mkdir()
+    for i in range(count):
+        pixels = np.full((20, 24, 3), value + 10 * i, dtype=np.uint8)  # any size: resized to the GAN's
+        Image.fromarray(pixels).save(path / f"{i}.png")
+    return path
+
+
+FOLDERS_RUN = ["adapt_steps=4", "unlearn_steps=4", "batch_size=2", "fisher_samples=2", "r1_every=2"]
+
+
+def test_both_stages_resume_to_a_bit_identical_end(tiny_gan_checkpoint, tmp_path):
+    sets = FOLDERS_RUN + [f"negatives={_folder(tmp_path / 'neg', 3, 200)}",
+                          f"positives={_folder(tmp_path / 'pos', 3, 20)}"]  # fmt: skip
+    kwargs = {"out": tmp_path / "whole", "sets": sets, "seed": 3, "checkpoint_every": 2, "progress": False}
+    whole = erase("adapt-unlearn", ["a red square"], str(tiny_gan_checkpoint), **kwargs)
+
+    calls = []
+
+    def interrupt_at(n):
+        def after_step(step, total, logs):
+            calls.append(step)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+
+        return after_step
+
+    kwargs["out"] = tmp_path / "resumed"
+    with pytest.raises(Exception, match="--resume"):  # in stage 1, after its checkpoint at step 2
+        erase("adapt-unlearn", ["a red square"], str(tiny_gan_checkpoint), after_step=interrupt_at(3), **kwargs)
+    calls.clear()
+    with pytest.raises(Exception, match="--resume"):  # stage 1 ends; stage 2 is stopped after its step 2
+        erase("adapt-unlearn", ["a red square"], str(tiny_gan_checkpoint), after_step=interrupt_at(4), resume=True,
+              **kwargs)  # fmt: skip
+    resumed = erase("adapt-unlearn", ["a red square"], str(tiny_gan_checkpoint), resume=True, **kwargs)
+
+    for name in ("generator.safetensors", "discriminator.safetensors"):
+        a, b = load_file(whole / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    manifest = json.loads((resumed / "erasure.json").read_text())
+    assert manifest["adapt_unlearn"]["negatives"] == 3 and manifest["adapt_unlearn"]["positives"] == 3
+    original = load_model(str(tiny_gan_checkpoint))
+    erased = load_model(str(resumed))
+    assert erased.kind == "gan" and not torch.equal(erased.generator.input.input, original.generator.input.input)
+
+
+def test_positives_are_labelled_by_clip_zero_shot_on_other_gans(tiny_gan_checkpoint, tiny_open_clip, tmp_path):
+    sets = FOLDERS_RUN + [f"negatives={_folder(tmp_path / 'neg', 2, 200)}", f"clip={tiny_open_clip}", "pool=64",
+                          "adapt_steps=1", "unlearn_steps=1"]  # fmt: skip
+    run = erase("adapt-unlearn", ["a red square"], str(tiny_gan_checkpoint), out=tmp_path / "run", sets=sets,
+                progress=False)  # fmt: skip
+    outcome = json.loads((run / "erasure.json").read_text())["adapt_unlearn"]
+    assert outcome["pool"] == 64 and outcome["negatives"] == 2
+    assert 0 < outcome["positives"] <= 64 and len(outcome["adapted_concept_share"]) == 1
+
+
+def test_clip_zero_shot_detection_tells_a_concept_apart():
+    from evaluators.detect import ConceptDetector
+    from pipelines.zoo.renders import heldout_renders
+
+    renders = heldout_renders(per_source=1, seed=0)
+    detector = ConceptDetector("seven", "digits", classifier="clip")
+    seen = detector(renders.images)
+    sevens = renders.digits == 7
+    assert detector.judge is None and detector.describe()["model"] == "digits-clip"
+    assert seen[sevens].float().mean() > 0.8 and seen[~sevens].float().mean() < 0.1
+
+
+def test_digits_gan_run_uses_the_judge_and_saves_a_loadable_generator(tmp_path):
+    sets = ["pool=300", "num_negatives=8", "adapt_steps=2", "unlearn_steps=2", "batch_size=4", "fisher_samples=4"]
+    run = erase("adapt-unlearn", ["seven"], "digits-gan", out=tmp_path / "run", sets=sets, progress=False)
+    manifest = json.loads((run / "erasure.json").read_text())
+    assert manifest["config"]["instance_noise"] == 0.1  # the digits preset
+    outcome = manifest["adapt_unlearn"]
+    assert outcome["negatives"] == 8 and outcome["pool"] == 300
+    assert 250 < outcome["positives"] < 292  # digits-gan draws a seven about one time in ten
+    assert manifest["changed_components"] == ["generator", "discriminator"]
+    erased = load_model(str(run))
+    assert erased.generate([0, 1])[0].size == (32, 32)
+
+
+def test_bad_values_and_folders_are_refused_before_any_model_loads(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "notes.txt").write_text("not an image")
+    for sets, message in [
+        ({"negatives": str(bad)}, "notes.txt"),
+        ({"positives": str(tmp_path / "missing")}, "missing"),
+        ({"repulsion": "l1"}, "el2"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"repulsion_weight": -1.0}, "repulsion_weight"),
+        ({"adapt_steps": 0}, "adapt_steps"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            build_config(AdaptUnlearnConfig, "digits", sets)
+
+
+def test_too_few_flagged_samples_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="fewer than the 50 negatives"):
+        erase("adapt-unlearn", ["seven"], "digits-gan", out=tmp_path / "run", progress=False,
+              sets=["pool=100", "num_negatives=50"])  # fmt: skip
+    assert not (tmp_path / "run").exists()
