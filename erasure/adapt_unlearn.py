@@ -39,7 +39,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from evaluators.detect import concept_detectors
+from evaluators.detect import check_classifier, concept_detectors
 from pipelines.errors import InputError
 from pipelines.files import atomic_write
 from pipelines.images import image_folder_files, load_square_images
@@ -70,17 +70,27 @@ class AdaptUnlearnConfig:
         default=None, metadata={"help": "folder of images without the concept (default: the generator's own "
                                 "samples the classifier does not flag)"},
     )  # fmt: skip
-    classifier: Literal["auto", "judge", "clip"] = field(
+    classifier: str = field(
         default="auto", metadata={"help": "what labels the generator's samples: auto (the domain judge where the "
-                                  "family has one, else CLIP zero-shot), judge or clip"},
+                                  "family has one, else CLIP zero-shot), judge, clip, or image-classifier:PATH "
+                                  "(a transformers image classifier; see classifier_label)"},
     )  # fmt: skip
+    classifier_label: str | None = field(
+        default=None, metadata={"help": "the image classifier's label that means the concept"}
+    )
     clip: str | None = field(
         default=None, metadata={"help": "CLIP of the clip classifier (default: digits-clip for digits, "
                                 "openai/clip-vit-large-patch14 otherwise; or open_clip:NAME:WEIGHTS)"},
     )  # fmt: skip
     pool: int = field(default=4000, metadata={"help": "generator samples labelled to find negatives and positives"})
-    num_negatives: int = field(default=200, metadata={"help": "negatives to adapt on (0: every flagged sample); from a folder, at most this many"})
-    num_positives: int = field(default=0, metadata={"help": "positives to unlearn on (0: every other sample); from a folder, at most this many"})
+    num_negatives: int = field(
+        default=200,
+        metadata={"help": "negatives to adapt on (0: every flagged sample); from a folder, at most this many"},
+    )
+    num_positives: int = field(
+        default=0,
+        metadata={"help": "positives to unlearn on (0: every other sample); from a folder, at most this many"},
+    )
     adapted_models: int = field(default=1, metadata={"help": "adapted models to repel from (each its own seed)"})
     adapt_steps: int = field(default=2000, metadata={"help": "stage 1 iterations per adapted model"})
     unlearn_steps: int = field(default=1000, metadata={"help": "stage 2 iterations"})
@@ -122,6 +132,7 @@ class AdaptUnlearnConfig:
             raise ValueError(f"{', '.join(bad)} must be finite and >= 0")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError("adam_betas must be two numbers in [0, 1)")
+        check_classifier(self.classifier, self.classifier_label)
         for folder in (self.negatives, self.positives):
             if folder is not None:
                 image_folder_files(folder, 0)  # every file readable, at least one
@@ -327,7 +338,8 @@ def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContex
     model.discriminator.requires_grad_(True)
     detectors = None
     if config.negatives is None or config.positives is None:
-        detectors = concept_detectors(concepts, model.family, str(device), config.clip, config.classifier)
+        detectors = concept_detectors(concepts, model.family, str(device), config.clip, config.classifier,
+                                      config.classifier_label)  # fmt: skip
     negatives, positives, pool = _samples(model, concepts, config, detectors)
     fingerprint = {"method": "adapt-unlearn", "concepts": concepts, "seed": run.seed, "config": repr(config),
                    "model": model.source.spec}  # fmt: skip

@@ -4,7 +4,8 @@ concept (negatives) and those that do not (positives).
 
 The domain judge decides where the model family has one for the concept (digits-judge, NudeNet);
 elsewhere CLIP zero-shot does: the concept's prompt ensemble against anchor prompts, the rule of
-`evaluate`'s `target_presence_clip`.
+`evaluate`'s `target_presence_clip`. A user may name any transformers image classifier instead
+(`image-classifier:PATH` and the label that means the concept), e.g. an attribute classifier of faces.
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ from .prompts import prompt_set
 
 CLIP_PRESENCE_RULE = "mean embedding of the concept prompts is closer than every anchor prompt"
 CLASSIFIERS = ("auto", "judge", "clip")
+IMAGE_CLASSIFIER = "image-classifier:"
+
+
+def check_classifier(classifier: str, label: str | None) -> None:
+    """Refuse a classifier setting before any model loads."""
+    if classifier.startswith(IMAGE_CLASSIFIER):
+        if not classifier[len(IMAGE_CLASSIFIER) :]:
+            raise InputError(f"name the model: classifier={IMAGE_CLASSIFIER}PATH (a transformers image classifier)")
+        if not label:
+            raise InputError("an image classifier needs classifier_label: the label that means the concept")
+    elif classifier not in CLASSIFIERS:
+        raise InputError(
+            f"classifier must be one of {', '.join(CLASSIFIERS)} or {IMAGE_CLASSIFIER}PATH, not {classifier!r}"
+        )
 
 
 def default_clip(family: str) -> str:
@@ -36,8 +51,7 @@ class ConceptDetector:
 
     def __init__(self, concept: str, family: str, device: str = "cpu", clip: ClipScorer | str | None = None,
                  classifier: str = "auto"):  # fmt: skip
-        if classifier not in CLASSIFIERS:
-            raise InputError(f"classifier must be one of {', '.join(CLASSIFIERS)}, not {classifier!r}")
+        check_classifier(classifier, "-")
         self.concept = concept
         self.judge = default_judge(concept, family, device) if classifier != "clip" else None
         if classifier == "judge" and self.judge is None:
@@ -64,8 +78,53 @@ class ConceptDetector:
 
 
 def concept_detectors(concepts: Sequence[str], family: str, device: str = "cpu", clip: str | None = None,
-                      classifier: str = "auto") -> dict[str, ConceptDetector]:  # fmt: skip
-    """One detector per concept; those that fall back to CLIP share one loaded model."""
+                      classifier: str = "auto", label: str | None = None) -> dict:  # fmt: skip
+    """One detector per concept; those that fall back to CLIP share one loaded model. A named
+    image classifier detects its `label` for every concept."""
+    if classifier.startswith(IMAGE_CLASSIFIER):
+        check_classifier(classifier, label)
+        detector = ImageClassifierDetector(classifier[len(IMAGE_CLASSIFIER) :], label, device)
+        return dict.fromkeys(concepts, detector)
     needs_clip = classifier == "clip" or any(default_judge(c, family, device) is None for c in concepts)
     shared = load_clip(clip or default_clip(family), device) if needs_clip else None
     return {c: ConceptDetector(c, family, device, shared, classifier) for c in concepts}
+
+
+class ImageClassifierDetector:
+    """A transformers image classifier (`AutoModelForImageClassification`, local folder or Hub
+    id): the concept is there when `label` is the top class. Preprocessing (resize, normalise)
+    follows the model's image processor config, on tensors."""
+
+    def __init__(self, path: str, label: str, device: str = "cpu"):
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        try:
+            self.model = AutoModelForImageClassification.from_pretrained(path).to(device).eval()
+            processor = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot load the image classifier {path!r}: {str(exc).splitlines()[0]}") from None
+        labels = self.model.config.label2id
+        if label not in labels:
+            raise InputError(
+                f"the image classifier {path!r} has no label {label!r}; its labels: {', '.join(sorted(labels))}"
+            )
+        self.path, self.label, self.index, self.device = path, label, labels[label], device
+        size = getattr(processor, "size", None) or {}
+        self.size = (size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge")))
+        if None in self.size:
+            self.size = (self.model.config.image_size,) * 2
+        self.mean = torch.tensor(getattr(processor, "image_mean", None) or [0.5] * 3).view(1, 3, 1, 1)
+        self.std = torch.tensor(getattr(processor, "image_std", None) or [0.5] * 3).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        found = []
+        for i in range(0, len(images), batch_size):
+            x = torch.nn.functional.interpolate(images[i : i + batch_size].float(), size=self.size, mode="bilinear",
+                                                antialias=True, align_corners=False)  # fmt: skip
+            x = ((x - self.mean) / self.std).to(self.device)
+            found.append(self.model(pixel_values=x).logits.argmax(-1).cpu() == self.index)
+        return torch.cat(found)
+
+    def describe(self) -> dict:
+        return {"classifier": self.path, "label": self.label, "rule": "argmax of the logits == the label"}

@@ -177,3 +177,29 @@ def test_too_few_flagged_samples_is_a_clear_error(tmp_path):
         erase("adapt-unlearn", ["seven"], "digits-gan", out=tmp_path / "run", progress=False,
               sets=["pool=100", "num_negatives=50"])  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+def test_a_named_image_classifier_labels_the_samples(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from evaluators.detect import concept_detectors
+
+    labels = {0: "clean", 1: "bangs"}
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, id2label=labels, label2id={v: k for k, v in labels.items()})  # fmt: skip
+    torch.manual_seed(0)
+    model = ViTForImageClassification(config).eval()
+    model.save_pretrained(tmp_path / "clf")
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        tmp_path / "clf"
+    )
+    images = torch.rand(6, 3, 16, 16)
+    detector = concept_detectors(["bangs"], "stylegan2", classifier=f"image-classifier:{tmp_path / 'clf'}",
+                                 label="bangs")["bangs"]  # fmt: skip
+    with torch.no_grad():
+        expected = model(pixel_values=(images - 0.5) / 0.5).logits.argmax(-1) == 1
+    assert torch.equal(detector(images), expected)
+    with pytest.raises(InputError, match="its labels: bangs, clean"):
+        concept_detectors(["x"], "stylegan2", classifier=f"image-classifier:{tmp_path / 'clf'}", label="hat")
+    with pytest.raises(InputError, match="classifier_label"):
+        build_config(AdaptUnlearnConfig, "stylegan2", {"classifier": f"image-classifier:{tmp_path / 'clf'}"})
