@@ -47,6 +47,7 @@ from pipelines.images import image_folder_files, load_square_images
 from .common import check_concepts
 from .gan_training import (
     AdversarialSettings,
+    CLIPFeatureDiscriminator,
     adversarial_networks,
     adversarial_step,
     real_batch,
@@ -96,10 +97,15 @@ class AdaptUnlearnConfig:
     unlearn_steps: int = field(default=1000, metadata={"help": "stage 2 iterations"})
     batch_size: int = field(default=16, metadata={"help": "images per iteration"})
     lr: float = field(default=0.002, metadata={"help": "Adam learning rate of generator and discriminator"})
+    unlearn_lr: float | None = field(default=None, metadata={"help": "stage 2's learning rate (none: lr)"})
     adam_betas: list[float] = field(default_factory=lambda: [0.0, 0.99], metadata={"help": "Adam betas"})
     r1: float = field(default=10.0, metadata={"help": "R1 penalty weight (lazy, every r1_every iterations)"})
     r1_every: int = field(default=16, metadata={"help": "iterations between R1 penalties"})
     instance_noise: float = field(default=0.0, metadata={"help": "std of the noise added to discriminator inputs"})
+    vision_aided: str | None = field(
+        default=None, metadata={"help": "a transformers CLIP whose frozen vision tower feeds a second, trained "
+                                "critic head (Kumari et al. 2022), e.g. digits-clip; none: StyleGAN2's alone"},
+    )  # fmt: skip
     ewc_weight: float = field(default=5e8, metadata={"help": "EWC penalty weight (lambda) in stage 1"})
     fisher_samples: int = field(default=32, metadata={"help": "samples of the Fisher information estimate"})
     repulsion: Literal["el2", "il2", "nl2"] = field(
@@ -110,10 +116,13 @@ class AdaptUnlearnConfig:
     )
     alpha: float = field(default=1.0, metadata={"help": "scale of the parameter distance d in the repulsion"})
 
-    # Tuned for digits-gan (benchmarks/RESULTS.md): its discriminator was trained with instance noise.
+    # For digits-gan (benchmarks/RESULTS.md): its discriminator was trained with instance noise; the
+    # paper's EWC weight held the adapted copy at the base's share of the concept; stage 2 at the
+    # paper's learning rate and repulsion weight degraded the generator the most.
     PRESETS: ClassVar[dict[str, dict]] = {
-        "digits": {"instance_noise": 0.1},
-    }
+        "digits": {"instance_noise": 0.1, "ewc_weight": 0.0, "adapt_steps": 400, "unlearn_lr": 5e-4,
+                   "repulsion_weight": 1.0},
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         counts = {"pool": self.pool, "adapted_models": self.adapted_models, "adapt_steps": self.adapt_steps,
@@ -123,7 +132,11 @@ class AdaptUnlearnConfig:
             raise ValueError(f"{', '.join(bad)} must be >= 1")
         if self.num_negatives < 0 or self.num_positives < 0:
             raise ValueError("num_negatives and num_positives must be >= 0 (0: all)")
-        reals = {"lr": self.lr, "alpha": self.alpha}
+        reals = {
+            "lr": self.lr,
+            "alpha": self.alpha,
+            "unlearn_lr": self.lr if self.unlearn_lr is None else self.unlearn_lr,
+        }
         if bad := [k for k, v in reals.items() if not (math.isfinite(v) and v > 0)]:
             raise ValueError(f"{', '.join(bad)} must be positive and finite")
         nonnegative = {"r1": self.r1, "instance_noise": self.instance_noise, "ewc_weight": self.ewc_weight,
@@ -141,8 +154,9 @@ class AdaptUnlearnConfig:
     def weight(self) -> float:
         return PAPER_REPULSION_WEIGHT[self.repulsion] if self.repulsion_weight is None else self.repulsion_weight
 
-    def adversarial(self) -> AdversarialSettings:
-        return AdversarialSettings(self.lr, tuple(self.adam_betas), self.r1, self.r1_every, self.instance_noise)
+    def adversarial(self, stage: str = "adapt") -> AdversarialSettings:
+        lr = self.unlearn_lr if stage == "unlearn" and self.unlearn_lr is not None else self.lr
+        return AdversarialSettings(lr, tuple(self.adam_betas), self.r1, self.r1_every, self.instance_noise)
 
 
 CONFIG = AdaptUnlearnConfig
@@ -203,41 +217,58 @@ def repulsion(distance: torch.Tensor, form: str, alpha: float) -> torch.Tensor:
 # --- the two stages --------------------------------------------------------------------------------
 
 
+def _critic(clip, run: RunContext) -> CLIPFeatureDiscriminator | None:
+    """A vision-aided critic with a fresh head (drawn from the stage's seed) on `clip`, if given."""
+    if clip is None:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(run.seed)
+        return CLIPFeatureDiscriminator.from_clip(clip)
+
+
 def _stage_run(run: RunContext, name: str, seed: int) -> RunContext:
     folder = run.checkpoint_dir / name if run.checkpoint_dir is not None else None
     return dataclasses.replace(run, seed=seed, checkpoint_dir=folder)
 
 
 def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, torch.Tensor],
-          config: AdaptUnlearnConfig, run: RunContext, fingerprint: dict, desc: str,
+          config: AdaptUnlearnConfig, run: RunContext, fingerprint: dict, desc: str, clip=None,
           ) -> dict[str, torch.Tensor]:  # fmt: skip
     """Stage 1 for one adapted model: copies of `generator` and `discriminator` adapted to
     `negatives` under the EWC penalty; returns the adapted generator's trainable parameters."""
     generator, discriminator = copy.deepcopy(generator).train(), copy.deepcopy(discriminator).train()
     anchor = {n: p.detach().clone() for n, p in _trainable(generator).items()}
-    loop = TrainingLoop(run, adversarial_networks(generator, discriminator, config.adversarial()), desc=desc,
+    settings = config.adversarial()
+    critic = _critic(clip, run)
+    loop = TrainingLoop(run, adversarial_networks(generator, discriminator, settings, critic), desc=desc,
                         fingerprint=fingerprint)  # fmt: skip
+    if critic is not None:
+        critic.head = loop.modules["clip_head"]
     params = _trainable(generator)  # the same tensors the prepared module trains
     device = run.torch_device
     negatives = negatives.to(device)
 
     def step_fn(step: int) -> dict[str, float]:
         real = real_batch(negatives, config.batch_size, run)
-        return adversarial_step(loop, real, step, config.adversarial(),
-                                lambda: ewc_penalty(params, anchor, fisher, config.ewc_weight))  # fmt: skip
+        ewc = lambda: ewc_penalty(params, anchor, fisher, config.ewc_weight)  # noqa: E731
+        return adversarial_step(loop, real, step, settings, ewc, critic)
 
     loop.fit(step_fn, config.adapt_steps)
     return {n: p.detach().clone() for n, p in params.items()}
 
 
 def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dict[str, torch.Tensor]],
-            config: AdaptUnlearnConfig, run: RunContext, fingerprint: dict) -> dict[str, float]:  # fmt: skip
+            config: AdaptUnlearnConfig, run: RunContext, fingerprint: dict, clip=None) -> dict[str, float]:  # fmt: skip
     """Stage 2: `generator` itself (in place) trained on `positives` with the repulsion from
     `adapted`; `discriminator` is trained beside it."""
     generator.train()
     discriminator.train()
-    loop = TrainingLoop(run, adversarial_networks(generator, discriminator, config.adversarial()),
+    settings = config.adversarial("unlearn")
+    critic = _critic(clip, run)
+    loop = TrainingLoop(run, adversarial_networks(generator, discriminator, settings, critic),
                         desc="adapt-unlearn: unlearn", fingerprint=fingerprint)  # fmt: skip
+    if critic is not None:
+        critic.head = loop.modules["clip_head"]
     params = _trainable(generator)
     device = run.torch_device
     positives = positives.to(device)
@@ -251,7 +282,7 @@ def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dic
             distance["d"] = parameter_distance(params, adapted)
             return config.weight * repulsion(distance["d"], config.repulsion, config.alpha)
 
-        logs = adversarial_step(loop, real, step, config.adversarial(), term)
+        logs = adversarial_step(loop, real, step, settings, term, critic)
         return {**logs, "distance": distance["d"].item()}
 
     return loop.fit(step_fn, config.unlearn_steps)
@@ -341,6 +372,11 @@ def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContex
         detectors = concept_detectors(concepts, model.family, str(device), config.clip, config.classifier,
                                       config.classifier_label)  # fmt: skip
     negatives, positives, pool = _samples(model, concepts, config, detectors)
+    clip = None
+    if config.vision_aided is not None:
+        from evaluators.clip_models import load_clip
+
+        clip = load_clip(config.vision_aided, str(device))
     fingerprint = {"method": "adapt-unlearn", "concepts": concepts, "seed": run.seed, "config": repr(config),
                    "model": model.source.spec}  # fmt: skip
 
@@ -359,7 +395,7 @@ def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContex
                                          config.instance_noise)  # fmt: skip
             desc = "adapt-unlearn: adapt" + (f" {k + 1}/{config.adapted_models}" if config.adapted_models > 1 else "")
             theta = adapt(model.generator, model.discriminator, negatives, fisher, config,
-                          _stage_run(run, f"adapt-{k}", run.seed + 1 + k), stage, desc)  # fmt: skip
+                          _stage_run(run, f"adapt-{k}", run.seed + 1 + k), stage, desc, clip)  # fmt: skip
             seconds[f"adapt_{k}"] = round(time.time() - started, 2)
             if run.is_main:
                 _save_adapted(_adapted_file(run, k), theta, stage, seconds[f"adapt_{k}"])
@@ -369,7 +405,7 @@ def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContex
 
     started = time.time()
     logs = unlearn(model.generator, model.discriminator, positives, adapted, config,
-                   _stage_run(run, "unlearn", run.seed), {**fingerprint, "stage": "unlearn"})  # fmt: skip
+                   _stage_run(run, "unlearn", run.seed), {**fingerprint, "stage": "unlearn"}, clip)  # fmt: skip
     seconds["unlearn"] = round(time.time() - started, 2)
     model.generator.eval().requires_grad_(False)
     model.discriminator.eval().requires_grad_(False)

@@ -3,8 +3,10 @@ and the generator's own samples split by a concept detector.
 
 The adversarial step is StyleGAN2's (Karras et al., CVPR 2020): non-saturating logistic loss, lazy
 R1 penalty on real images every `r1_every` steps (with the matching correction of the
-discriminator's Adam), optional instance noise on every discriminator input. "Real" images are
-whatever the method trains towards: negatives when adapting, positives when unlearning.
+discriminator's Adam), optional instance noise on every discriminator input, and optionally a
+second, vision-aided critic (Kumari et al., CVPR 2022: a small head on a frozen CLIP vision tower).
+"Real" images are whatever the method trains towards: negatives when adapting, positives when
+unlearning.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 
 from .training import Network, RunContext, TrainingLoop
+
+CLIP_HEAD_WIDTH = 256
 
 # The pool of samples a method labels is drawn from latent seeds far from the evaluation's
 # (0, 1, 2, ...), so that no evaluated latent was ever a training image.
@@ -33,21 +37,67 @@ class AdversarialSettings:
     instance_noise: float
 
 
-def adversarial_networks(generator, discriminator, settings: AdversarialSettings) -> dict[str, Network]:
-    """The generator and discriminator as networks of the shared loop, with StyleGAN2's Adam
-    settings (the discriminator's corrected for the lazy R1 steps). No gradient clipping."""
+class CLIPFeatureDiscriminator(torch.nn.Module):
+    """A small trainable head on frozen CLIP image features: the vision-aided discriminator of
+    Kumari et al. (CVPR 2022), trained beside StyleGAN2's own. The pretrained features tell the
+    generator about content (digit shape in the digits world) from the first steps.
+
+    `preprocess` maps images in [-1, 1] to the vision tower's pixel values; None passes them as
+    they are (digits-clip normalises with mean = std = 0.5, so [-1, 1] are its pixel values)."""
+
+    def __init__(self, vision_model, head: torch.nn.Module, preprocess=None):
+        super().__init__()
+        self.vision = vision_model.eval().requires_grad_(False)
+        self.head = head
+        self.preprocess = preprocess
+
+    @staticmethod
+    def new_head(vision_model, hidden: int = CLIP_HEAD_WIDTH) -> torch.nn.Module:
+        """The head's input: class token and mean patch token of every layer."""
+        layers, width = vision_model.config.num_hidden_layers, vision_model.config.hidden_size
+        return torch.nn.Sequential(
+            torch.nn.Linear(width * 2 * layers, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, 1)
+        )
+
+    @classmethod
+    def from_clip(cls, scorer, head: torch.nn.Module | None = None) -> CLIPFeatureDiscriminator:
+        """On the vision tower of a transformers CLIP loaded by `evaluators.clip_models.load_clip`."""
+        if scorer.model is None:
+            raise InputError(f"the vision-aided critic needs a transformers CLIP, not {scorer.name!r}")
+        vision = scorer.model.vision_model
+        return cls(vision, head or cls.new_head(vision), lambda images: scorer.preprocess((images + 1) / 2))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [N, 1], the vision tower's pooled output [N, D]) for images in [-1, 1]."""
+        pixels = images if self.preprocess is None else self.preprocess(images)
+        out = self.vision(pixel_values=pixels, output_hidden_states=True)
+        features = [torch.cat([h[:, 0], h[:, 1:].mean(1)], -1) for h in out.hidden_states[1:]]
+        return self.head(torch.cat(features, -1)), out.pooler_output
+
+
+def adversarial_networks(generator, discriminator, settings: AdversarialSettings,
+                         critic: CLIPFeatureDiscriminator | None = None) -> dict[str, Network]:  # fmt: skip
+    """The generator, the discriminator (and the vision-aided critic's head) as networks of the
+    shared loop, with StyleGAN2's Adam settings (the discriminator's corrected for the lazy R1
+    steps). No gradient clipping."""
     lazy = settings.r1_every / (settings.r1_every + 1)
     beta1, beta2 = settings.betas
     g_params = [p for p in generator.parameters() if p.requires_grad]
     g_optim = torch.optim.Adam(g_params, lr=settings.lr, betas=(beta1, beta2))
     d_optim = torch.optim.Adam(discriminator.parameters(), lr=settings.lr * lazy, betas=(beta1**lazy, beta2**lazy))
-    return {"generator": Network(generator, g_optim, None), "discriminator": Network(discriminator, d_optim, None)}
+    networks = {"generator": Network(generator, g_optim, None), "discriminator": Network(discriminator, d_optim, None)}
+    if critic is not None:
+        h_optim = torch.optim.Adam(critic.head.parameters(), lr=settings.lr, betas=(beta1, beta2))
+        networks["clip_head"] = Network(critic.head, h_optim, None)
+    return networks
 
 
 def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings: AdversarialSettings,
-                     generator_term: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:  # fmt: skip
+                     generator_term: Callable[[], torch.Tensor] | None = None,
+                     critic: CLIPFeatureDiscriminator | None = None) -> dict[str, float]:  # fmt: skip
     """One discriminator update on `real` ([B, 3, S, S] in [-1, 1], this process's rows) against
-    fresh samples, then one generator update; `generator_term()` adds to the generator's loss."""
+    fresh samples (and one of the vision-aided critic's head, whose prepared module `critic.head`
+    must be), then one generator update; `generator_term()` adds to the generator's loss."""
     generator, discriminator = loop.modules["generator"], loop.modules["discriminator"]
     batch, style_dim = len(real), _unwrap(generator).config.style_dim
 
@@ -56,10 +106,18 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
             return images
         return images + settings.instance_noise * torch.randn_like(images)
 
+    def logistic(critic_fn, fake_images, real_images) -> torch.Tensor:
+        return F.softplus(critic_fn(noisy(fake_images))).mean() + F.softplus(-critic_fn(noisy(real_images))).mean()
+
     with torch.no_grad():
         fake = generator(torch.randn(batch, style_dim, device=real.device))
-    loss_d = F.softplus(discriminator(noisy(fake))).mean() + F.softplus(-discriminator(noisy(real))).mean()
-    logs = {"d": loss_d.item()}
+    logs = {}
+    if critic is not None:
+        loss_head = logistic(lambda x: critic(x)[0], fake, real)
+        loop.update("clip_head", loss_head)
+        logs["clip"] = loss_head.item()
+    loss_d = logistic(discriminator, fake, real)
+    logs["d"] = loss_d.item()
     if settings.r1 > 0 and step % settings.r1_every == 0:
         real = real.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(discriminator(noisy(real)).sum(), real, create_graph=True)
@@ -68,16 +126,21 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
         logs["r1"] = r1.item()
     loop.update("discriminator", loss_d)
 
-    discriminator.requires_grad_(False)  # frozen while the generator steps
-    images = generator(torch.randn(batch, style_dim, device=real.device))
-    loss_g = F.softplus(-discriminator(noisy(images))).mean()
+    critics = [discriminator] + ([critic.head] if critic is not None else [])
+    for module in critics:  # frozen while the generator steps
+        module.requires_grad_(False)
+    images = noisy(generator(torch.randn(batch, style_dim, device=real.device)))
+    loss_g = F.softplus(-discriminator(images)).mean()
+    if critic is not None:
+        loss_g = loss_g + F.softplus(-critic(images)[0]).mean()
     logs["g"] = loss_g.item()
     if generator_term is not None:
         term = generator_term()
         logs["term"] = term.item()
         loss_g = loss_g + term
     loop.update("generator", loss_g)
-    discriminator.requires_grad_(True)
+    for module in critics:
+        module.requires_grad_(True)
     return logs
 
 

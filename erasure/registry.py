@@ -107,7 +107,7 @@ _METHODS = [
     Method("sfd", "data-free forgetting distilled into a one-step generator (Score Forgetting Distillation)",
            SFD, "unet (one-step generator)", "text-to-image", None),
     Method("text2unlearn", "CLIP-guided directional unlearning of a GAN from a text prompt only",
-           TEXT2UNLEARN, "generator", "gan", None),
+           TEXT2UNLEARN, "generator", "gan", "erasure.text2unlearn"),
     Method("adapt-unlearn", "adapt a GAN to negative samples, then repel the original from it",
            ADAPT_UNLEARN, "generator", "gan", "erasure.adapt_unlearn"),
 ]  # fmt: skip

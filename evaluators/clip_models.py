@@ -34,6 +34,7 @@ class ClipScorer:
     _encode_text: object = field(repr=False)
     version: str = ""
     device: str = "cpu"
+    model: object = field(default=None, repr=False)  # the transformers CLIPModel (None for open_clip)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, torch.float32)
@@ -103,7 +104,7 @@ def _transformers_clip(path: Path, name: str, version: str, device: str) -> Clip
         return model.get_image_features(pixel_values=pixels).pooler_output
 
     size = model.config.vision_config.image_size
-    return ClipScorer(name, size, mean, std, encode_image, encode_text, version, device)
+    return ClipScorer(name, size, mean, std, encode_image, encode_text, version, device, model)
 
 
 def _tokenizer_for(path: Path, context: int):

@@ -77,3 +77,13 @@ def _mmd2_unbiased(x: np.ndarray, y: np.ndarray, d: int) -> float:
     sum_xx = (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
     sum_yy = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
     return float(sum_xx + sum_yy - 2 * kxy.mean())
+
+
+def wasserstein_1d(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """Wasserstein-1 distance between two samples of scalars: the area between their empirical CDFs."""
+    a = np.sort(np.asarray(a, dtype=np.float64).ravel())
+    b = np.sort(np.asarray(b, dtype=np.float64).ravel())
+    values = np.sort(np.concatenate([a, b]))
+    cdf_a = np.searchsorted(a, values[:-1], side="right") / len(a)
+    cdf_b = np.searchsorted(b, values[:-1], side="right") / len(b)
+    return float(np.sum(np.abs(cdf_a - cdf_b) * np.diff(values)))

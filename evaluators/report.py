@@ -26,12 +26,17 @@ from .metrics import (
     clip_score,
     frechet_distance,
     kernel_inception_distance,
+    wasserstein_1d,
     zero_shot_presence,
 )
 from .prompts import prompt_set
 
 FORMAT = "erasure-eval/1"
 GRID_PROMPTS, GRID_SEEDS = 6, 6
+DEGREE_OF_UNLEARNING = (
+    "Wasserstein-1 distance between the before and after distributions of the CLIP score (cosine of each "
+    "sample's image embedding and the mean embedding of the concept prompts): Text-to-Unlearn's degree of unlearning"
+)
 
 
 @dataclass
@@ -276,6 +281,13 @@ def evaluate_gan(
         metrics["presence_clip"] = _pair(
             *(float(presence[m].float().mean()) for m in ("before", "after")), clip_settings
         )
+        concept_mean = torch.nn.functional.normalize(concept_text.mean(0), dim=-1)
+        scores = {m: (features[m] @ concept_mean).cpu() for m in images}
+        metrics["degree_of_unlearning_w1"] = {
+            "value": wasserstein_1d(scores["before"], scores["after"]),
+            "before_mean_score": float(scores["before"].mean()), "after_mean_score": float(scores["after"].mean()),
+            "settings": {**clip.describe(), "images": samples, "formula": DEGREE_OF_UNLEARNING},
+        }  # fmt: skip
         absent = ~presence["before"]
         if judge is not None:
             detected = {m: judge.detects(images[m], concept) for m in images}

@@ -121,6 +121,21 @@ def test_both_stages_resume_to_a_bit_identical_end(tiny_gan_checkpoint, tmp_path
     assert erased.kind == "gan" and not torch.equal(erased.generator.input.input, original.generator.input.input)
 
 
+def test_the_vision_aided_critic_needs_a_transformers_clip(tiny_open_clip):
+    from erasure.gan_training import CLIPFeatureDiscriminator
+    from evaluators.clip_models import load_clip
+
+    with pytest.raises(InputError, match="transformers CLIP"):
+        CLIPFeatureDiscriminator.from_clip(load_clip(tiny_open_clip))
+    critic = CLIPFeatureDiscriminator.from_clip(load_clip("digits-clip"))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    logits, pooled = critic(images)
+    assert logits.shape == (2, 1) and pooled.shape[0] == 2
+    # digits-clip's own normalisation maps [-1, 1] onto itself: the zoo recipe feeds images as they are
+    plain = CLIPFeatureDiscriminator(critic.vision, critic.head)
+    assert torch.allclose(plain(images)[0], logits, atol=1e-5)
+
+
 def test_positives_are_labelled_by_clip_zero_shot_on_other_gans(tiny_gan_checkpoint, tiny_open_clip, tmp_path):
     sets = FOLDERS_RUN + [f"negatives={_folder(tmp_path / 'neg', 2, 200)}", f"clip={tiny_open_clip}", "pool=64",
                           "adapt_steps=1", "unlearn_steps=1"]  # fmt: skip
@@ -144,7 +159,15 @@ def test_clip_zero_shot_detection_tells_a_concept_apart():
 
 
 def test_digits_gan_run_uses_the_judge_and_saves_a_loadable_generator(tmp_path):
-    sets = ["pool=300", "num_negatives=8", "adapt_steps=2", "unlearn_steps=2", "batch_size=4", "fisher_samples=4"]
+    sets = [
+        "pool=300",
+        "num_negatives=8",
+        "adapt_steps=2",
+        "unlearn_steps=2",
+        "batch_size=4",
+        "fisher_samples=4",
+        "vision_aided=digits-clip",
+    ]
     run = erase("adapt-unlearn", ["seven"], "digits-gan", out=tmp_path / "run", sets=sets, progress=False)
     manifest = json.loads((run / "erasure.json").read_text())
     assert manifest["config"]["instance_noise"] == 0.1  # the digits preset
@@ -152,6 +175,7 @@ def test_digits_gan_run_uses_the_judge_and_saves_a_loadable_generator(tmp_path):
     assert outcome["negatives"] == 8 and outcome["pool"] == 300
     assert 250 < outcome["positives"] < 292  # digits-gan draws a seven about one time in ten
     assert manifest["changed_components"] == ["generator", "discriminator"]
+    assert "clip" in manifest["final_logs"]  # the vision-aided critic trained beside the discriminator
     erased = load_model(str(run))
     assert erased.generate([0, 1])[0].size == (32, 32)
 

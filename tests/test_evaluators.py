@@ -147,5 +147,6 @@ def test_gan_eval_uses_latent_seeds_and_reports_no_difference_against_itself(tmp
     metrics = report["concepts"]["seven"]["metrics"]
     assert metrics["presence_judge"]["difference"] == 0 and metrics["pul_percent"]["value"] == 0
     assert metrics["presence_clip"]["difference"] == 0
+    assert metrics["degree_of_unlearning_w1"]["value"] == 0  # the same CLIP score distribution
     assert "without the concept" in metrics["fid_vs_base_without_concept"]["settings"]["reference"]
     assert report["settings"]["samples"] == 64 and (tmp_path / report["grids"]["samples"]).is_file()

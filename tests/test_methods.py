@@ -68,15 +68,19 @@ def test_method_changes_exactly_its_scope_and_round_trips(key, sets, component, 
         assert all(torch.equal(after[name][k], reloaded[name][k]) for k in after[name])
 
 
-# GAN methods: key, --set options ({negatives}/{positives}: image folders the test writes)
+# GAN methods: key, --set options ({negatives}/{positives}: image folders the test writes), model
+# (None: a tiny StyleGAN2 checkpoint), concept. Text-to-Unlearn needs a CLIP that sees the concept
+# in some samples and not in others, which a random one does not: it runs on digits-gan.
 GAN_CASES = [
     ("adapt-unlearn", ["adapt_steps=2", "unlearn_steps=2", "batch_size=2", "fisher_samples=2", "negatives={negatives}",
-                       "positives={positives}"]),
+                       "positives={positives}"], None, "a red square"),
+    ("text2unlearn", ["steps=2", "pool=200", "batch_size=4", "lr=0.01"], "digits-gan", "seven"),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("key, sets", GAN_CASES, ids=[c[0] for c in GAN_CASES])
-def test_gan_method_changes_the_generator_and_round_trips(key, sets, tiny_gan_checkpoint, tmp_path):
+@pytest.mark.parametrize("key, sets, model_name, concept", GAN_CASES, ids=[c[0] for c in GAN_CASES])
+def test_gan_method_changes_the_generator_and_round_trips(key, sets, model_name, concept, tiny_gan_checkpoint,
+                                                          tmp_path):  # fmt: skip
     config_cls, entry = METHODS[key].load()
     folders = {}
     for name, value in (("negatives", 200), ("positives", 30)):
@@ -84,10 +88,10 @@ def test_gan_method_changes_the_generator_and_round_trips(key, sets, tiny_gan_ch
         folders[name].mkdir()
         for i in range(2):
             Image.fromarray(np.full((16, 16, 3), value + i, dtype=np.uint8)).save(folders[name] / f"{i}.png")
-    config = build_config(config_cls, "stylegan2", parse_sets([s.format(**folders) for s in sets]))
-    model = load_model(str(tiny_gan_checkpoint))
+    model = load_model(model_name or str(tiny_gan_checkpoint))
+    config = build_config(config_cls, model.family, parse_sets([s.format(**folders) for s in sets]))
     before = {k: v.clone() for k, v in model.generator.state_dict().items()}
-    result = entry(model, ["a red square"], config, RunContext(seed=0, progress=False))
+    result = entry(model, [concept], config, RunContext(seed=0, progress=False))
     assert "generator" in result.changed
     after = result.model.generator.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
@@ -102,7 +106,7 @@ def test_gan_method_changes_the_generator_and_round_trips(key, sets, tiny_gan_ch
 
 
 def test_every_available_method_has_a_case_in_the_matrix():
-    covered = {key for key, *_ in CASES} | {key for key, _ in GAN_CASES}
+    covered = {key for key, *_ in CASES} | {key for key, *_ in GAN_CASES}
     assert covered == {key for key, method in METHODS.items() if method.available}
 
 

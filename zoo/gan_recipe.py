@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from erasure.gan_training import CLIPFeatureDiscriminator
 from erasure.training import Network, RunContext, TrainingLoop
 from pipelines.zoo.renders import RenderSampler
 
@@ -22,40 +23,12 @@ INSTANCE_NOISE = 0.1
 R1_GAMMA, R1_EVERY = 0.1, 16
 LEARNING_RATE, BETAS = 2.5e-3, (0.0, 0.99)
 DISTILLATION_WEIGHT, DISTILLATION_GUIDANCE = 0.15, 5.0  # the third stage's, see distil_gan
-CLIP_HEAD_WIDTH = 256
 
 
 def digits_gan_config():
     from pipelines.stylegan2 import StyleGAN2Config
 
     return StyleGAN2Config(size=32, style_dim=128, n_mlp=8, channels={4: 128, 8: 128, 16: 64, 32: 32})
-
-
-class CLIPFeatureDiscriminator(torch.nn.Module):
-    """A small trainable head on frozen digits-clip image features: the vision-aided discriminator
-    of Kumari et al. (CVPR 2022), trained beside StyleGAN2's own. The pretrained features tell the
-    generator about digit shape from the first steps; with StyleGAN2's discriminator alone the
-    generator fell into one shape or colour after another."""
-
-    def __init__(self, vision_model, head: torch.nn.Module):
-        super().__init__()
-        self.vision = vision_model.eval().requires_grad_(False)
-        self.head = head
-
-    @staticmethod
-    def new_head(vision_model, hidden: int = CLIP_HEAD_WIDTH) -> torch.nn.Module:
-        """The head's input: class token and mean patch token of every layer."""
-        layers, width = vision_model.config.num_hidden_layers, vision_model.config.hidden_size
-        return torch.nn.Sequential(
-            torch.nn.Linear(width * 2 * layers, hidden), torch.nn.LeakyReLU(0.2), torch.nn.Linear(hidden, 1)
-        )
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits [N, 1], digits-clip's pooled output [N, D]) for images in [-1, 1]."""
-        # digits-clip normalises with mean = std = 0.5, so images in [-1, 1] are its pixel values
-        out = self.vision(pixel_values=images, output_hidden_states=True)
-        features = [torch.cat([h[:, 0], h[:, 1:].mean(1)], -1) for h in out.hidden_states[1:]]
-        return self.head(torch.cat(features, -1)), out.pooler_output
 
 
 def _noisy(images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,270 @@
+"""Text-to-Unlearn (Nagasubramaniam et al., "Prompting Forgetting: Unlearning in GANs via Textual
+Guidance", 2025): unlearning a concept from a GAN when the only input about it is text. The paper
+has no public code; this is the design of METHODS.md section 4.
+
+1. A concept direction `i` in CLIP's image-embedding space, either
+   - `text` (the cheap default, StyleGAN-NADA's): the normalised difference of the mean CLIP text
+     embeddings of prompts that name the concept and of prompts that do not (its neighbours); or
+   - `mapper` (StyleCLIP's latent mapper): a small MLP `M` trained so that `w + 0.1 M(w)` renders
+     images CLIP matches with the concept (an L2 term keeps the edits small); `i` is the mean
+     normalised difference of the CLIP image embeddings of the edited and the original renders.
+2. Directional unlearning: a copy `G_t` of the generator (mapping network and ToRGB layers frozen,
+   as StyleGAN-NADA) is trained so that, on latent codes whose renders show the concept (CLIP
+   zero-shot, on the frozen generator `G_f`), images move *against* `i`:
+
+       L_dir = 1 - cos(E_I(G_t(w)) - E_I(G_f(w)), -i)
+
+   while on codes whose renders do not show it they stay put: the pixel MSE and the CLIP-feature
+   distance between `G_t(w)` and `G_f(w)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from evaluators.detect import ConceptDetector, default_clip
+
+from .common import check_concepts
+from .gan_training import POOL_SEED_OFFSET
+from .training import ErasureResult, Network, RunContext, TrainingLoop
+
+MAPPER_STEP = 0.1  # StyleCLIP's w + 0.1 M(w)
+
+
+@dataclass
+class TextToUnlearnConfig:
+    clip: str | None = field(
+        default=None, metadata={"help": "CLIP that guides (default: digits-clip for digits, "
+                                "openai/clip-vit-large-patch14 otherwise; or open_clip:NAME:WEIGHTS)"},
+    )  # fmt: skip
+    direction: Literal["text", "mapper"] = field(
+        default="text", metadata={"help": "concept direction: text (prompt embeddings) or mapper (a latent "
+                                  "mapper trained to add the concept; CLIP image embeddings)"},
+    )  # fmt: skip
+    concept_prompts: list[str] = field(
+        default_factory=list, metadata={"help": "prompts naming the concept ('{}' = the concept; default: the "
+                                        "evaluation's CLIP ensemble for it)"},
+    )  # fmt: skip
+    neutral_prompts: list[str] = field(
+        default_factory=list, metadata={"help": "prompts without it (default: the evaluation's anchor prompts)"}
+    )
+    pool: int = field(default=2000, metadata={"help": "latent codes labelled by CLIP zero-shot (concept or not)"})
+    steps: int = field(default=300, metadata={"help": "generator updates"})
+    batch_size: int = field(default=8, metadata={"help": "codes per update, half with the concept, half without"})
+    lr: float = field(default=0.002, metadata={"help": "Adam learning rate (StyleGAN-NADA's)"})
+    adam_betas: list[float] = field(default_factory=lambda: [0.0, 0.99], metadata={"help": "Adam betas"})
+    direction_weight: float = field(default=1.0, metadata={"help": "weight of L_dir"})
+    preserve_pixel: float = field(default=1.0, metadata={"help": "weight of the pixel MSE on codes without it"})
+    preserve_clip: float = field(default=1.0, metadata={"help": "weight of 1 - cos of CLIP features without it"})
+    train_mapping: bool = field(default=False, metadata={"help": "also train the mapping network"})
+    train_torgb: bool = field(default=False, metadata={"help": "also train the ToRGB layers"})
+    mapper_steps: int = field(default=200, metadata={"help": "mapper direction: mapper updates"})
+    mapper_lr: float = field(default=0.01, metadata={"help": "mapper direction: Adam learning rate"})
+    mapper_l2: float = field(default=0.8, metadata={"help": "mapper direction: weight of ||w_hat - w||^2"})
+    mapper_samples: int = field(default=256, metadata={"help": "mapper direction: renders averaged into i"})
+
+    PRESETS: ClassVar[dict[str, dict]] = {"digits": {}}
+
+    def __post_init__(self) -> None:
+        counts = {"pool": self.pool, "steps": self.steps, "mapper_steps": self.mapper_steps,
+                  "mapper_samples": self.mapper_samples}  # fmt: skip
+        if bad := [k for k, v in counts.items() if v < 1]:
+            raise ValueError(f"{', '.join(bad)} must be >= 1")
+        if self.batch_size < 2 or self.batch_size % 2:
+            raise ValueError("batch_size must be an even number >= 2 (half with the concept, half without)")
+        reals = {"lr": self.lr, "mapper_lr": self.mapper_lr}
+        if bad := [k for k, v in reals.items() if not (math.isfinite(v) and v > 0)]:
+            raise ValueError(f"{', '.join(bad)} must be positive and finite")
+        weights = {"direction_weight": self.direction_weight, "preserve_pixel": self.preserve_pixel,
+                   "preserve_clip": self.preserve_clip, "mapper_l2": self.mapper_l2}  # fmt: skip
+        if bad := [k for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]:
+            raise ValueError(f"{', '.join(bad)} must be finite and >= 0")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError("adam_betas must be two numbers in [0, 1)")
+
+
+CONFIG = TextToUnlearnConfig
+
+
+# --- the concept direction -----------------------------------------------------------------------
+
+
+def text_direction(clip, concept_prompts: list[str], neutral_prompts: list[str]) -> torch.Tensor:
+    """normalise(mean E_T(concept prompts) - mean E_T(neutral prompts)), [D]."""
+    with torch.no_grad():
+        concept = clip.text_features(concept_prompts).mean(0)
+        neutral = clip.text_features(neutral_prompts).mean(0)
+    return F.normalize(concept - neutral, dim=-1)
+
+
+class LatentMapper(torch.nn.Module):
+    """StyleCLIP's global mapper, one MLP for all of w: w -> an edit of w."""
+
+    def __init__(self, dim: int, layers: int = 4):
+        super().__init__()
+        blocks = []
+        for _ in range(layers - 1):
+            blocks += [torch.nn.Linear(dim, dim), torch.nn.LeakyReLU(0.2)]
+        self.net = torch.nn.Sequential(*blocks, torch.nn.Linear(dim, dim))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + MAPPER_STEP * self.net(w)
+
+
+def mapper_direction(generator, clip, concept_prompts: list[str], config: TextToUnlearnConfig, seed: int,
+                     device) -> torch.Tensor:  # fmt: skip
+    """Train a latent mapper to add the concept to the frozen generator's renders; the direction is
+    the mean normalised CLIP image-embedding difference of edited and original renders, [D]."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mapper = LatentMapper(generator.config.style_dim).to(device)
+        with torch.no_grad():
+            target = F.normalize(clip.text_features(concept_prompts).mean(0), dim=-1)
+        optimizer = torch.optim.Adam(mapper.parameters(), lr=config.mapper_lr)
+        noise = generator.fixed_noise()
+        for _ in range(config.mapper_steps):
+            with torch.no_grad():
+                w = generator.mapping(torch.randn(config.batch_size, generator.config.style_dim, device=device))
+            edited = mapper(w)
+            image = clip.image_features(_unit(generator.synthesis(edited, noise)))
+            loss = (1 - image @ target).mean() + config.mapper_l2 * (edited - w).pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            z = torch.randn(config.mapper_samples, generator.config.style_dim, device=device)
+            w = generator.mapping(z)
+            before = clip.image_features(_unit(generator.synthesis(w, noise)))
+            after = clip.image_features(_unit(generator.synthesis(mapper(w), noise)))
+    return F.normalize(F.normalize(after - before, dim=-1).mean(0), dim=-1)
+
+
+# --- the unlearning -------------------------------------------------------------------------------
+
+
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    return (images.clamp(-1, 1) + 1) / 2
+
+
+class FixedNoiseSynthesis(torch.nn.Module):
+    """w -> images with the generator's fixed noise, as a module of its own so that the shared loop
+    (and DistributedDataParallel) sees the forward pass that trains."""
+
+    def __init__(self, generator):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.generator.synthesis(w, self.generator.fixed_noise())
+
+
+def select_trainable(generator, train_mapping: bool, train_torgb: bool) -> int:
+    """Freeze the mapping network and the ToRGB layers unless asked; returns the trainable count."""
+    generator.requires_grad_(True)
+    if not train_mapping:
+        generator.style.requires_grad_(False)
+    if not train_torgb:
+        generator.to_rgb1.requires_grad_(False)
+        generator.to_rgbs.requires_grad_(False)
+    return sum(p.numel() for p in generator.parameters() if p.requires_grad)
+
+
+def directional_loss(student: torch.Tensor, frozen: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(student - frozen, -direction) over rows (CLIP image embeddings)."""
+    return (1 - F.cosine_similarity(student - frozen, -direction[None], dim=-1, eps=1e-8)).mean()
+
+
+def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunContext) -> ErasureResult:
+    """Unlearn `concepts` from the GAN `model` from their names alone, guided by CLIP."""
+    import copy
+
+    from evaluators.clip_models import load_clip
+    from evaluators.prompts import prompt_set
+
+    from .gan_training import sample_pool
+
+    concepts = check_concepts(concepts)
+    run.check_divisible("batch_size", config.batch_size)
+    device = run.torch_device
+    model.to(device)
+    clip = load_clip(config.clip or default_clip(model.family), str(device))
+    frozen = model.generator.eval().requires_grad_(False)
+
+    directions, flagged, used = [], [], {}
+    pool_z = model.latents(range(POOL_SEED_OFFSET, POOL_SEED_OFFSET + config.pool))
+    pool_images = sample_pool(model, config.pool)
+    for concept in concepts:
+        prompts = prompt_set(concept, model.family)
+        concept_prompts = [p.format(concept) for p in config.concept_prompts] or prompts.clip_concept
+        neutral_prompts = config.neutral_prompts or prompts.clip_anchors
+        used[concept] = {"concept_prompts": concept_prompts, "neutral_prompts": neutral_prompts}
+        if config.direction == "text":
+            directions.append(text_direction(clip, concept_prompts, neutral_prompts))
+        else:
+            directions.append(mapper_direction(frozen, clip, concept_prompts, config, run.seed, device))
+        flagged.append(ConceptDetector(concept, model.family, str(device), clip, classifier="clip")(pool_images))
+    flagged = torch.stack(flagged, 1)  # [pool, concepts]
+    bearing, absent = flagged.any(1).nonzero().flatten(), (~flagged.any(1)).nonzero().flatten()
+    if len(bearing) == 0 or len(absent) == 0:
+        from pipelines.errors import InputError
+
+        what = "none" if len(bearing) == 0 else "all"
+        raise InputError(f"CLIP sees {' / '.join(concepts)} in {what} of {config.pool} samples: nothing to "
+                         "unlearn from, or nothing to keep; raise `pool` or name the concept otherwise")  # fmt: skip
+
+    student = copy.deepcopy(frozen).train()
+    trainable = select_trainable(student, config.train_mapping, config.train_torgb)
+    synthesis = FixedNoiseSynthesis(student)
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr,
+                                 betas=tuple(config.adam_betas))  # fmt: skip
+    fingerprint = {"method": "text2unlearn", "concepts": concepts, "seed": run.seed, "config": repr(config),
+                   "model": model.source.spec}  # fmt: skip
+    loop = TrainingLoop(run, {"generator": Network(synthesis, optimizer, None)}, desc="text2unlearn",
+                        fingerprint=fingerprint)  # fmt: skip
+    synthesis_train = loop.modules["generator"]
+    half = config.batch_size // 2
+    noise = frozen.fixed_noise()
+
+    def step_fn(step: int) -> dict[str, float]:
+        rows = torch.cat([bearing[torch.randint(0, len(bearing), (half,))],
+                          absent[torch.randint(0, len(absent), (half,))]])  # fmt: skip
+        rows = run.shard(rows)
+        z = pool_z[rows.to(pool_z.device)]
+        mapping = student if config.train_mapping else frozen
+        w = mapping.mapping(z)
+        with torch.no_grad():
+            frozen_images = frozen.synthesis(frozen.mapping(z), noise)
+            frozen_features = clip.image_features(_unit(frozen_images))
+        images = synthesis_train(w)
+        features = clip.image_features(_unit(images))
+        has = flagged[rows].to(device)
+        logs: dict[str, float] = {}
+        loss = torch.zeros((), device=device)
+        for k, direction in enumerate(directions):
+            if has[:, k].any():
+                term = directional_loss(features[has[:, k]], frozen_features[has[:, k]], direction.to(device))
+                loss = loss + config.direction_weight * term
+                logs[f"dir_{k}"] = term.item()
+        keep = ~has.any(1)
+        if keep.any():
+            pixel = F.mse_loss(images[keep], frozen_images[keep])
+            clip_distance = (1 - (features[keep] * frozen_features[keep]).sum(-1)).mean()
+            loss = loss + config.preserve_pixel * pixel + config.preserve_clip * clip_distance
+            logs |= {"keep_pixel": pixel.item(), "keep_clip": clip_distance.item()}
+        loop.update("generator", loss)
+        return logs
+
+    logs = loop.fit(step_fn, config.steps)
+    student.eval().requires_grad_(False)
+    model.generator = student
+    model.latent_avg = student.mean_latent()
+    outcome = {"text2unlearn": {
+        "direction": config.direction, "pool": config.pool, "concept_bearing_codes": len(bearing),
+        "codes_without": len(absent), "clip": clip.describe(), "prompts": used,
+    }}  # fmt: skip
+    return ErasureResult(model, ["generator"], trainable, logs, outcome)

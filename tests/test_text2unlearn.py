@@ -1,0 +1,88 @@
+"""Text-to-Unlearn: the concept direction on a tiny CLIP, frozen layers that stay bit-identical,
+bit-identical resume, several concepts, and the degree of unlearning."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from erasure.api import erase
+from erasure.text2unlearn import TextToUnlearnConfig, directional_loss, text_direction
+from evaluators.metrics import wasserstein_1d
+from pipelines import load_model
+
+FAST = ["steps=4", "pool=200", "batch_size=4", "lr=0.01"]
+
+
+def test_the_text_direction_points_from_the_neutral_prompts_to_the_concept(tiny_open_clip):
+    from evaluators.clip_models import load_clip
+
+    clip = load_clip(tiny_open_clip)
+    concept, neutral = ["a red square", "a photo of a red square"], ["a blue circle", "a photo of a blue circle"]
+    direction = text_direction(clip, concept, neutral)
+    with torch.no_grad():
+        c, n = clip.text_features(concept).mean(0), clip.text_features(neutral).mean(0)
+    assert float(direction.norm()) == pytest.approx(1.0)
+    assert torch.allclose(direction, (c - n) / (c - n).norm(), atol=1e-6)
+    assert float(direction @ c) > float(direction @ n)
+
+
+def test_the_directional_loss_is_lowest_when_images_move_against_the_direction():
+    direction = torch.tensor([1.0, 0.0])
+    frozen = torch.zeros(3, 2)
+    against, along = frozen - direction, frozen + direction
+    assert float(directional_loss(against, frozen, direction)) == pytest.approx(0.0)
+    assert float(directional_loss(along, frozen, direction)) == pytest.approx(2.0)
+
+
+def test_frozen_layers_stay_bit_identical_and_the_rest_moves(tmp_path):
+    run = erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "run", sets=FAST, progress=False)
+    base, erased = load_model("digits-gan").generator.state_dict(), load_model(str(run)).generator.state_dict()
+    frozen = [k for k in base if k.startswith(("style.", "to_rgb1.", "to_rgbs."))]
+    assert frozen and all(torch.equal(base[k], erased[k]) for k in frozen)
+    moved = [k for k in base if k.startswith("convs.") and k.endswith("weight") and not torch.equal(base[k], erased[k])]
+    assert moved
+    outcome = json.loads((run / "erasure.json").read_text())["text2unlearn"]
+    assert outcome["direction"] == "text" and 0 < outcome["concept_bearing_codes"] < 200
+
+
+def test_an_interrupted_run_resumes_to_a_bit_identical_end(tmp_path):
+    kwargs = {"sets": FAST, "seed": 2, "checkpoint_every": 2, "progress": False}
+    whole = erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "whole", **kwargs)
+
+    def stop_at_3(step, total, logs):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Exception, match="--resume"):
+        erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "resumed", after_step=stop_at_3, **kwargs)
+    resumed = erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "resumed", resume=True, **kwargs)
+    a, b = load_file(whole / "generator.safetensors"), load_file(resumed / "generator.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_several_concepts_and_the_mapper_direction(tmp_path):
+    sets = FAST + ["direction=mapper", "mapper_steps=2", "mapper_samples=8", "train_torgb=true"]
+    run = erase("text2unlearn", ["red", "seven"], "digits-gan", out=tmp_path / "run", sets=sets, progress=False)
+    manifest = json.loads((run / "erasure.json").read_text())
+    assert manifest["text2unlearn"]["direction"] == "mapper"
+    assert set(manifest["text2unlearn"]["prompts"]) == {"red", "seven"}
+    assert {"dir_0", "dir_1"} & set(manifest["final_logs"])
+
+
+def test_bad_values_are_refused():
+    from erasure.config import build_config
+    from pipelines import InputError
+
+    for sets, message in [({"batch_size": 3}, "even"), ({"lr": 0.0}, "lr"), ({"direction": "other"}, "mapper"),
+                          ({"preserve_clip": float("inf")}, "preserve_clip")]:  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            build_config(TextToUnlearnConfig, "digits", sets)
+
+
+def test_wasserstein_1d():
+    a = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert wasserstein_1d(a, a) == 0.0
+    assert wasserstein_1d(a, a + 0.5) == pytest.approx(0.5)
+    assert wasserstein_1d(torch.tensor([0.0]), torch.tensor([0.0, 1.0])) == pytest.approx(0.5)
