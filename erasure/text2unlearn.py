@@ -15,7 +15,8 @@ has no public code; this is the design of METHODS.md section 4.
        L_dir = 1 - cos(E_I(G_t(w)) - E_I(G_f(w)), -i)
 
    while on codes whose renders do not show it they stay put: the pixel MSE and the CLIP-feature
-   distance between `G_t(w)` and `G_f(w)`.
+   distance between `G_t(w)` and `G_f(w)`. L_dir only asks the renders to move *towards* -i, not
+   how far; `push_weight` adds the distance moved along i, <E_I(G_t(w)) - E_I(G_f(w)), i>.
 """
 
 from __future__ import annotations
@@ -59,8 +60,16 @@ class TextToUnlearnConfig:
     lr: float = field(default=0.002, metadata={"help": "Adam learning rate (StyleGAN-NADA's)"})
     adam_betas: list[float] = field(default_factory=lambda: [0.0, 0.99], metadata={"help": "Adam betas"})
     direction_weight: float = field(default=1.0, metadata={"help": "weight of L_dir"})
+    push_weight: float = field(
+        default=0.0, metadata={"help": "weight of <E_I(G_t(w)) - E_I(G_f(w)), i>: how far, not only which way, "
+                               "the concept's renders move against i (L_dir is blind to the distance)"},
+    )  # fmt: skip
     preserve_pixel: float = field(default=1.0, metadata={"help": "weight of the pixel MSE on codes without it"})
     preserve_clip: float = field(default=1.0, metadata={"help": "weight of 1 - cos of CLIP features without it"})
+    augment: int = field(
+        default=0, metadata={"help": "random shifts (up to 1/8 of the side) of each render CLIP scores, averaged: "
+                             "a change must survive them, which small adversarial pixel edits do not"},
+    )  # fmt: skip
     train_mapping: bool = field(default=False, metadata={"help": "also train the mapping network"})
     train_torgb: bool = field(default=False, metadata={"help": "also train the ToRGB layers"})
     mapper_steps: int = field(default=200, metadata={"help": "mapper direction: mapper updates"})
@@ -68,19 +77,24 @@ class TextToUnlearnConfig:
     mapper_l2: float = field(default=0.8, metadata={"help": "mapper direction: weight of ||w_hat - w||^2"})
     mapper_samples: int = field(default=256, metadata={"help": "mapper direction: renders averaged into i"})
 
-    PRESETS: ClassVar[dict[str, dict]] = {"digits": {}}
+    # For digits-gan (benchmarks/RESULTS.md): L_dir alone barely moved the sevens (PUL 2%); with the
+    # push term, longer runs removed them but broke the other digits. This is the balance measured.
+    PRESETS: ClassVar[dict[str, dict]] = {"digits": {"lr": 0.01, "steps": 1000, "push_weight": 100.0}}
 
     def __post_init__(self) -> None:
         counts = {"pool": self.pool, "steps": self.steps, "mapper_steps": self.mapper_steps,
                   "mapper_samples": self.mapper_samples}  # fmt: skip
         if bad := [k for k, v in counts.items() if v < 1]:
             raise ValueError(f"{', '.join(bad)} must be >= 1")
+        if self.augment < 0:
+            raise ValueError("augment must be >= 0")
         if self.batch_size < 2 or self.batch_size % 2:
             raise ValueError("batch_size must be an even number >= 2 (half with the concept, half without)")
         reals = {"lr": self.lr, "mapper_lr": self.mapper_lr}
         if bad := [k for k, v in reals.items() if not (math.isfinite(v) and v > 0)]:
             raise ValueError(f"{', '.join(bad)} must be positive and finite")
-        weights = {"direction_weight": self.direction_weight, "preserve_pixel": self.preserve_pixel,
+        weights = {"direction_weight": self.direction_weight, "push_weight": self.push_weight,
+                   "preserve_pixel": self.preserve_pixel,
                    "preserve_clip": self.preserve_clip, "mapper_l2": self.mapper_l2}  # fmt: skip
         if bad := [k for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]:
             raise ValueError(f"{', '.join(bad)} must be finite and >= 0")
@@ -174,6 +188,24 @@ def select_trainable(generator, train_mapping: bool, train_torgb: bool) -> int:
     return sum(p.numel() for p in generator.parameters() if p.requires_grad)
 
 
+def shifted_features(clip, images: list[torch.Tensor], views: int) -> list[torch.Tensor]:
+    """CLIP image embeddings of each batch in `images` ([N, 3, S, S] in [0, 1]), averaged over
+    `views` random shifts of up to 1/8 of the side (replicated edges; the same shifts for every
+    batch, so that their differences compare like with like), normalised; unshifted when 0."""
+    if views == 0:
+        return [clip.image_features(x) for x in images]
+    side = images[0].shape[-1]
+    pad = max(1, side // 8)
+    offsets = [torch.randint(0, 2 * pad + 1, (2,)).tolist() for _ in range(views)]
+    out = []
+    for x in images:
+        padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+        shifted = torch.cat([padded[..., dy : dy + side, dx : dx + side] for dy, dx in offsets])
+        features = clip.image_features(shifted).view(views, len(x), -1).mean(0)
+        out.append(F.normalize(features, dim=-1))
+    return out
+
+
 def directional_loss(student: torch.Tensor, frozen: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """Mean of 1 - cos(student - frozen, -direction) over rows (CLIP image embeddings)."""
     return (1 - F.cosine_similarity(student - frozen, -direction[None], dim=-1, eps=1e-8)).mean()
@@ -239,17 +271,22 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
         w = mapping.mapping(z)
         with torch.no_grad():
             frozen_images = frozen.synthesis(frozen.mapping(z), noise)
-            frozen_features = clip.image_features(_unit(frozen_images))
         images = synthesis_train(w)
-        features = clip.image_features(_unit(images))
+        fork = torch.get_rng_state()  # the same shifts for both
+        with torch.no_grad():
+            (frozen_features,) = shifted_features(clip, [_unit(frozen_images)], config.augment)
+        torch.set_rng_state(fork)
+        (features,) = shifted_features(clip, [_unit(images)], config.augment)
         has = flagged[rows].to(device)
         logs: dict[str, float] = {}
         loss = torch.zeros((), device=device)
         for k, direction in enumerate(directions):
             if has[:, k].any():
+                moved = features[has[:, k]] - frozen_features[has[:, k]]
                 term = directional_loss(features[has[:, k]], frozen_features[has[:, k]], direction.to(device))
-                loss = loss + config.direction_weight * term
-                logs[f"dir_{k}"] = term.item()
+                push = (moved @ direction.to(device)).mean()
+                loss = loss + config.direction_weight * term + config.push_weight * push
+                logs[f"dir_{k}"], logs[f"push_{k}"] = term.item(), push.item()
         keep = ~has.any(1)
         if keep.any():
             pixel = F.mse_loss(images[keep], frozen_images[keep])

@@ -63,12 +63,13 @@ def test_an_interrupted_run_resumes_to_a_bit_identical_end(tmp_path):
 
 
 def test_several_concepts_and_the_mapper_direction(tmp_path):
-    sets = FAST + ["direction=mapper", "mapper_steps=2", "mapper_samples=8", "train_torgb=true"]
+    sets = FAST + ["direction=mapper", "mapper_steps=2", "mapper_samples=8", "train_torgb=true", "push_weight=1"]
     run = erase("text2unlearn", ["red", "seven"], "digits-gan", out=tmp_path / "run", sets=sets, progress=False)
     manifest = json.loads((run / "erasure.json").read_text())
     assert manifest["text2unlearn"]["direction"] == "mapper"
     assert set(manifest["text2unlearn"]["prompts"]) == {"red", "seven"}
     assert {"dir_0", "dir_1"} & set(manifest["final_logs"])
+    assert {"push_0", "push_1"} & set(manifest["final_logs"])
 
 
 def test_bad_values_are_refused():
