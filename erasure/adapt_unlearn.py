@@ -121,7 +121,7 @@ class AdaptUnlearnConfig:
     # paper's EWC weight held the adapted copy at the base's share of the concept.
     PRESETS: ClassVar[dict[str, dict]] = {
         "digits": {"instance_noise": 0.1, "vision_aided": "digits-clip", "ewc_weight": 0.0, "adapt_steps": 400,
-                   "unlearn_lr": 5e-4, "unlearn_steps": 2000, "repulsion_weight": 1.0},
+                   "adapted_models": 3, "unlearn_lr": 5e-4, "unlearn_steps": 2000, "repulsion_weight": 1.0},
     }  # fmt: skip
 
     def __post_init__(self) -> None:
