@@ -39,6 +39,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from evaluators.clip_models import check_clip_name
 from evaluators.detect import check_classifier, concept_detectors
 from pipelines.errors import InputError
 from pipelines.files import atomic_write
@@ -54,7 +55,7 @@ from .gan_training import (
     sample_pool,
     split_pool,
 )
-from .training import ErasureResult, RunContext, TrainingLoop
+from .training import ErasureResult, RunContext, TrainingLoop, trainable_parameters
 
 REPULSIONS = ("el2", "il2", "nl2")
 PAPER_REPULSION_WEIGHT = {"el2": 100.0, "il2": 1.0, "nl2": 1.0}
@@ -146,6 +147,10 @@ class AdaptUnlearnConfig:
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError("adam_betas must be two numbers in [0, 1)")
         check_classifier(self.classifier, self.classifier_label)
+        if self.clip is not None:
+            check_clip_name(self.clip)
+        if self.vision_aided is not None:
+            check_clip_name(self.vision_aided, transformers_only=True)
         for folder in (self.negatives, self.positives):
             if folder is not None:
                 image_folder_files(folder, 0)  # every file readable, at least one
@@ -165,15 +170,11 @@ CONFIG = AdaptUnlearnConfig
 # --- the two regularisers ------------------------------------------------------------------------
 
 
-def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in module.named_parameters() if p.requires_grad}
-
-
 def fisher_diagonal(generator, discriminator, samples: int, seed: int, instance_noise: float = 0.0,
                     ) -> dict[str, torch.Tensor]:  # fmt: skip
     """Diagonal Fisher information of the generator's trainable parameters: the mean over
     `samples` generated images of the squared gradient of the discriminator's logit of each."""
-    params = _trainable(generator)
+    params = trainable_parameters(generator)
     device = next(iter(params.values())).device
     noise = torch.Generator().manual_seed(seed)
     z = torch.randn(samples, generator.config.style_dim, generator=noise).to(device)
@@ -238,14 +239,14 @@ def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, t
     `negatives` under the EWC penalty (none without a Fisher); returns the adapted generator's trainable
     parameters."""
     generator, discriminator = copy.deepcopy(generator).train(), copy.deepcopy(discriminator).train()
-    anchor = {n: p.detach().clone() for n, p in _trainable(generator).items()}
+    anchor = {n: p.detach().clone() for n, p in trainable_parameters(generator).items()}
     settings = config.adversarial()
     critic = _critic(clip, run)
     loop = TrainingLoop(run, adversarial_networks(generator, discriminator, settings, critic), desc=desc,
                         fingerprint=fingerprint)  # fmt: skip
     if critic is not None:
         critic.head = loop.modules["clip_head"]
-    params = _trainable(generator)  # the same tensors the prepared module trains
+    params = trainable_parameters(generator)  # the same tensors the prepared module trains
     device = run.torch_device
     negatives = negatives.to(device)
 
@@ -272,7 +273,7 @@ def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dic
                         desc="adapt-unlearn: unlearn", fingerprint=fingerprint)  # fmt: skip
     if critic is not None:
         critic.head = loop.modules["clip_head"]
-    params = _trainable(generator)
+    params = trainable_parameters(generator)
     device = run.torch_device
     positives = positives.to(device)
     adapted = [{n: t.to(device) for n, t in theta.items()} for theta in adapted]
@@ -336,9 +337,7 @@ def _samples(model, concepts: list[str], config: AdaptUnlearnConfig, detectors: 
     if len(given) == 2:
         return given["negatives"], given["positives"], 0
     pool = sample_pool(model, config.pool)
-    flagged = torch.zeros(len(pool), dtype=torch.bool)
-    for detector in detectors.values():
-        flagged |= detector(pool)
+    flagged = _flagged(pool, detectors)
     wanted = None if "negatives" in given else config.num_negatives
     negatives, positives = split_pool(pool, flagged, wanted, config.num_positives, " / ".join(concepts))
     return given.get("negatives", negatives), given.get("positives", positives), config.pool
@@ -353,11 +352,15 @@ def concept_share(model, theta: dict[str, torch.Tensor], detectors: dict, sample
         for name, p in adapted.generator.named_parameters():
             if name in theta:
                 p.copy_(theta[name])
-    images = sample_pool(adapted, samples)
+    return round(float(_flagged(sample_pool(adapted, samples), detectors).float().mean()), 4)
+
+
+def _flagged(images: torch.Tensor, detectors: dict) -> torch.Tensor:
+    """Per image: whether any detector sees its concept."""
     flagged = torch.zeros(len(images), dtype=torch.bool)
     for detector in detectors.values():
         flagged |= detector(images)
-    return round(float(flagged.float().mean()), 4)
+    return flagged
 
 
 def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContext) -> ErasureResult:

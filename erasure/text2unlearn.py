@@ -21,6 +21,7 @@ has no public code; this is the design of METHODS.md section 4.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -28,10 +29,12 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from evaluators.clip_models import check_clip_name
 from evaluators.detect import ConceptDetector, default_clip
+from pipelines.errors import InputError
 
 from .common import check_concepts
-from .gan_training import POOL_SEED_OFFSET
+from .gan_training import POOL_SEED_OFFSET, sample_pool
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 MAPPER_STEP = 0.1  # StyleCLIP's w + 0.1 M(w)
@@ -86,8 +89,15 @@ class TextToUnlearnConfig:
                   "mapper_samples": self.mapper_samples}  # fmt: skip
         if bad := [k for k, v in counts.items() if v < 1]:
             raise ValueError(f"{', '.join(bad)} must be >= 1")
+        if self.clip is not None:
+            check_clip_name(self.clip)
         if self.augment < 0:
             raise ValueError("augment must be >= 0")
+        for prompt in self.concept_prompts:
+            try:
+                prompt.format("x")
+            except (IndexError, KeyError, ValueError):
+                raise ValueError(f"concept prompt {prompt!r}: only '{{}}' (the concept) may stand in braces") from None
         if self.batch_size < 2 or self.batch_size % 2:
             raise ValueError("batch_size must be an even number >= 2 (half with the concept, half without)")
         reals = {"lr": self.lr, "mapper_lr": self.mapper_lr}
@@ -177,7 +187,7 @@ class FixedNoiseSynthesis(torch.nn.Module):
         return self.generator.synthesis(w, self.generator.fixed_noise())
 
 
-def select_trainable(generator, train_mapping: bool, train_torgb: bool) -> int:
+def freeze_mapping_and_torgb(generator, train_mapping: bool, train_torgb: bool) -> int:
     """Freeze the mapping network and the ToRGB layers unless asked; returns the trainable count."""
     generator.requires_grad_(True)
     if not train_mapping:
@@ -213,12 +223,8 @@ def directional_loss(student: torch.Tensor, frozen: torch.Tensor, direction: tor
 
 def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunContext) -> ErasureResult:
     """Unlearn `concepts` from the GAN `model` from their names alone, guided by CLIP."""
-    import copy
-
     from evaluators.clip_models import load_clip
     from evaluators.prompts import prompt_set
-
-    from .gan_training import sample_pool
 
     concepts = check_concepts(concepts)
     run.check_divisible("batch_size", config.batch_size)
@@ -243,14 +249,12 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
     flagged = torch.stack(flagged, 1)  # [pool, concepts]
     bearing, absent = flagged.any(1).nonzero().flatten(), (~flagged.any(1)).nonzero().flatten()
     if len(bearing) == 0 or len(absent) == 0:
-        from pipelines.errors import InputError
-
         what = "none" if len(bearing) == 0 else "all"
         raise InputError(f"CLIP sees {' / '.join(concepts)} in {what} of {config.pool} samples: nothing to "
                          "unlearn from, or nothing to keep; raise `pool` or name the concept otherwise")  # fmt: skip
 
     student = copy.deepcopy(frozen).train()
-    trainable = select_trainable(student, config.train_mapping, config.train_torgb)
+    trainable = freeze_mapping_and_torgb(student, config.train_mapping, config.train_torgb)
     synthesis = FixedNoiseSynthesis(student)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                  betas=tuple(config.adam_betas))  # fmt: skip

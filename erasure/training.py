@@ -132,7 +132,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _trainable(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters of `module` that train, by name."""
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
@@ -181,7 +182,7 @@ class TrainingLoop:
         accelerator.backward(loss)
         max_norm = self.networks[name].max_grad_norm
         if max_norm is not None:
-            accelerator.clip_grad_norm_(list(_trainable(self.modules[name]).values()), max_norm)
+            accelerator.clip_grad_norm_(list(trainable_parameters(self.modules[name]).values()), max_norm)
         optimizer.step()
 
     def stop(self) -> None:
@@ -230,7 +231,8 @@ class TrainingLoop:
         payload = {
             "step": step,
             "networks": {
-                n: {k: p.detach().cpu() for k, p in _trainable(unwrap(m)).items()} for n, m in self.modules.items()
+                n: {k: p.detach().cpu() for k, p in trainable_parameters(unwrap(m)).items()}
+                for n, m in self.modules.items()
             },  # fmt: skip
             "optimizers": {n: opt.state_dict() for n, opt in self._optimizers.items()},
             "state": {
@@ -256,7 +258,7 @@ class TrainingLoop:
         unwrap = self.run.accelerator.unwrap_model
         with torch.no_grad():
             for name, module in self.modules.items():
-                params = _trainable(unwrap(module))
+                params = trainable_parameters(unwrap(module))
                 for key, value in saved["networks"][name].items():
                     params[key].copy_(value)
         for name, optimizer in self._optimizers.items():

@@ -59,20 +59,32 @@ class ClipScorer:
         return {"model": self.name, "version": self.version, "image_size": self.image_size}
 
 
+def check_clip_name(name: str, transformers_only: bool = False) -> None:
+    """Refuse a CLIP name `load_clip` could not resolve, before any model loads."""
+    from pipelines.zoo import models as zoo
+
+    if name.startswith("open_clip:"):
+        if transformers_only:
+            raise InputError(f"{name!r}: a transformers CLIP is needed here (digits-clip, a CLIP folder or a Hub id)")
+        return
+    known = zoo.canonical_name(name) == "digits-clip" or Path(name).expanduser().is_dir()
+    if not known and not ("/" in name and not Path(name).exists()):
+        raise InputError(f"unknown CLIP model {name!r}: use digits-clip, a CLIP folder, a Hub id or open_clip:<name>")
+
+
 def load_clip(name: str = "digits-clip", device: str = "cpu") -> ClipScorer:
     if name.startswith("open_clip:"):
         return _open_clip(name, device)
     from pipelines.loading import hub_snapshot, weights_digest
     from pipelines.zoo import models as zoo
 
+    check_clip_name(name)
     if zoo.canonical_name(name) == "digits-clip":
         path = zoo.embedded_path("digits-clip")
     elif Path(name).expanduser().is_dir():
         path = Path(name).expanduser()
-    elif "/" in name and not Path(name).exists():
-        path, _ = hub_snapshot(name)
     else:
-        raise InputError(f"unknown CLIP model {name!r}: use digits-clip, a CLIP folder, a Hub id or open_clip:<name>")
+        path, _ = hub_snapshot(name)
     return _transformers_clip(path, name, weights_digest(path)[:12], device)
 
 

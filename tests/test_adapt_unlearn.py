@@ -191,6 +191,13 @@ def test_bad_values_and_folders_are_refused_before_any_model_loads(tmp_path):
         ({"alpha": float("nan")}, "alpha"),
         ({"repulsion_weight": -1.0}, "repulsion_weight"),
         ({"adapt_steps": 0}, "adapt_steps"),
+        ({"unlearn_lr": 0.0}, "unlearn_lr"),
+        ({"num_negatives": -1}, "num_negatives"),
+        ({"instance_noise": float("inf")}, "instance_noise"),
+        ({"adam_betas": [0.0, 1.0]}, "adam_betas"),
+        ({"classifier": "bogus"}, "classifier must be"),
+        ({"vision_aided": "bogus"}, "unknown CLIP"),
+        ({"vision_aided": "open_clip:ViT-B-32"}, "transformers CLIP"),
     ]:
         with pytest.raises(InputError, match=message):
             build_config(AdaptUnlearnConfig, "digits", sets)

@@ -77,7 +77,10 @@ def test_bad_values_are_refused():
     from pipelines import InputError
 
     for sets, message in [({"batch_size": 3}, "even"), ({"lr": 0.0}, "lr"), ({"direction": "other"}, "mapper"),
-                          ({"preserve_clip": float("inf")}, "preserve_clip")]:  # fmt: skip
+                          ({"preserve_clip": float("inf")}, "preserve_clip"), ({"push_weight": -1.0}, "push_weight"),
+                          ({"augment": -1}, "augment"), ({"mapper_steps": 0}, "mapper_steps"),
+                          ({"mapper_lr": float("nan")}, "mapper_lr"),
+                          ({"concept_prompts": ["a {x}"]}, "braces"), ({"clip": "bogus"}, "unknown CLIP")]:  # fmt: skip
         with pytest.raises(InputError, match=message):
             build_config(TextToUnlearnConfig, "digits", sets)
 
