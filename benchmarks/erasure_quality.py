@@ -98,6 +98,7 @@ def main() -> None:
                 outcome = attack_success_rate(model, base, judge, args.concept, prompts, seeds, settings, progress=True)
                 outcome.pop("attacked_images")
                 asr[name] = {k: v for k, v in outcome.items() if k != "settings"}
+                asr[name]["loss"] = outcome["settings"]["method"]  # a one-step generator is attacked its own way
                 asr["settings"] = {k: v for k, v in outcome["settings"].items() if k not in ("prompts", "judge")}
             result["attack"] = asr
         print(json.dumps(result, indent=2))

@@ -57,7 +57,7 @@ def erase(
     overrides.append(parse_sets(list(sets)) if not isinstance(sets, dict) else dict(sets))
     config = build_config(config_cls, source.family, *overrides)
     if hasattr(config, "check_model"):  # what a config can check once it knows the model family
-        config.check_model(source.family)
+        config.check_model(source.family, concepts)
     run_dir = RunDirectory(out or default_out_dir(method, concepts), resume=resume)
     run = RunContext(
         seed=seed, device=device, mixed_precision=mixed_precision, checkpoint_dir=run_dir.checkpoint_dir,

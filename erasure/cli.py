@@ -254,8 +254,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     width = max(len(k) for k in METHODS)
     for method in METHODS.values():
-        status = "" if method.available else "  [planned: not available yet]"
-        print(f"{method.key:<{width}}  {method.summary}{status}")
+        print(f"{method.key:<{width}}  {method.summary}")
         print(f"{'':<{width}}  patches: {method.patches}; paper: {method.paper.title} ({method.paper.venue}) "
               f"{method.paper.url}")  # fmt: skip
     return 0

@@ -37,6 +37,7 @@ def run_eval(
     """Evaluate and write the JSON report (and grids beside it); returns the JSON path."""
     from evaluators.report import evaluate, evaluate_gan
     from pipelines import load_model, resolve
+    from pipelines.loading import comparable_kinds
 
     from .common import check_concepts
 
@@ -52,7 +53,7 @@ def run_eval(
     if samples is not None and samples < 1:
         raise InputError("--samples must be at least 1")
     after_source, before_source = resolve(target), resolve(baseline)
-    if after_source.kind != before_source.kind:
+    if not comparable_kinds(after_source.kind, before_source.kind):
         raise InputError(f"cannot compare a {after_source.kind} model with a {before_source.kind} model")
     if manifest is not None:
         json_path = Path(json_path) if json_path else Path(target) / "eval.json"

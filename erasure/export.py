@@ -41,8 +41,8 @@ KNOWN_LICENSES = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
 }
 LICENSE_PLACEHOLDER = "unknown-fill-in-the-base-model-license"  # Hub `license_name` syntax: [a-z0-9-.]
-PIPELINE_TAGS = {"text-to-image": "text-to-image", "gan": "unconditional-image-generation"}
-LIBRARIES = {"text-to-image": "diffusers", "gan": "pytorch"}
+PIPELINE_TAGS = {"text-to-image": "text-to-image", "one-step": "text-to-image", "gan": "unconditional-image-generation"}
+LIBRARIES = {"text-to-image": "diffusers", "one-step": "diffusers", "gan": "pytorch"}
 
 
 # Loading snippets of the card; the tests run them against the exported folder.
@@ -86,6 +86,17 @@ from huggingface_hub import hf_hub_download
 path = hf_hub_download("{repo_id}", "{file}")
 pipe = StableDiffusionPipeline.from_single_file(path, config="{repo_id}")
 ```"""
+
+ONE_STEP_USAGE = """\
+## How to use
+
+A one-step generator (Score Forgetting Distillation): one UNet evaluation per image, guidance
+distilled in. With the concept-erasure toolkit, `load_model("{repo_id}")` loads it like any model.
+With plain diffusers and transformers, the step is:
+
+```python
+from huggingface_hub import snapshot_download
+{recipe}```"""
 
 GAN_USAGE = """\
 ## How to use
@@ -232,7 +243,7 @@ def _model_files(path: Path, kind: str) -> list[Path]:
 def _check_single_file(run: Run) -> None:
     """The single-file writer knows SD 1.x's layout only (CLIP ViT-L-style text encoder, 768-wide)."""
     if run.kind != "text-to-image":
-        raise InputError("--single-file writes the Stable Diffusion layout; a GAN run has no such form")
+        raise InputError(f"--single-file writes the Stable Diffusion layout; a {run.kind} run has no such form")
     index = json.loads((run.path / "model_index.json").read_text())
     if index.get("text_encoder") != ["transformers", "CLIPTextModel"]:
         raise InputError("--single-file writes the SD 1.x layout, which needs a CLIPTextModel text encoder")
@@ -459,7 +470,7 @@ def _evaluation(run: Run) -> str:
         "## Evaluation",
         "",
         f"Measured by `erasure eval`: the erased model and its base (`{report['before']['spec']}`) draw the same "
-        f"{'(prompt, seed) grid' if run.kind == 'text-to-image' else 'latent seeds'} and are judged alike. "
+        f"{'latent seeds' if run.kind == 'gan' else '(prompt, seed) grid'} and are judged alike. "
         f"Settings: {_settings_text(settings)}.",
     ]
     if report.get("baseline_matches_run") is False:
@@ -481,6 +492,12 @@ def _evaluation(run: Run) -> str:
 def _usage(run: Run, repo_id: str, single_file: bool) -> str:
     if run.kind == "gan":
         return GAN_USAGE.format(repo_id=repo_id)
+    if run.kind == "one-step":
+        from pipelines.one_step import PLAIN_DIFFUSERS_RECIPE
+
+        prompt = _concepts(run)[0].replace('"', "'")
+        recipe = PLAIN_DIFFUSERS_RECIPE.format(folder=f'snapshot_download("{repo_id}")', prompt=prompt)
+        return ONE_STEP_USAGE.format(repo_id=repo_id, recipe=recipe)
     from pipelines.diffusion import SD_SAMPLING
 
     sampling = {**SD_SAMPLING, **run.model_card.get("sampling", {})}

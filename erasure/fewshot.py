@@ -121,7 +121,7 @@ class FewShotConfig:
         if self.images is not None and self.images != BUILTIN:
             image_folder_files(self.images, self.num_images)  # every file readable, enough of them
 
-    def check_model(self, family: str) -> None:
+    def check_model(self, family: str, concepts: list[str]) -> None:
         """What the config can only check once the model family is known (before it loads)."""
         if self.images is None:
             raise InputError("fewshot needs a few images of the concept: pass --images DIR (or --set images=DIR)")
@@ -174,7 +174,7 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     from evaluators.report import PresenceCheck
 
     concepts = check_concepts(concepts)
-    config.check_model(model.family)
+    config.check_model(model.family, concepts)
     run.check_divisible("batch_size", config.batch_size)
     device = run.torch_device
     model.to(device)

@@ -29,16 +29,10 @@ class Method:
     paper: Paper
     patches: str  # the component(s) the method changes
     model_kind: str  # "text-to-image" or "gan"
-    module: str | None  # "erasure.esd" holds <Name>Config and erase(); None while not implemented
-
-    @property
-    def available(self) -> bool:
-        return self.module is not None
+    module: str  # "erasure.esd" holds <Name>Config and erase()
 
     def load(self) -> tuple[type, Any]:
         """(config class, entry function) of the method."""
-        if self.module is None:
-            raise InputError(f"method {self.key!r} is planned but not available yet in this version")
         mod = importlib.import_module(self.module)
         return mod.CONFIG, mod.erase
 
@@ -105,7 +99,7 @@ _METHODS = [
     Method("fewshot", "gradient ascent on the text encoder from a few real images of the concept",
            FEWSHOT, "text_encoder", "text-to-image", "erasure.fewshot"),
     Method("sfd", "data-free forgetting distilled into a one-step generator (Score Forgetting Distillation)",
-           SFD, "unet (one-step generator)", "text-to-image", None),
+           SFD, "unet (one-step generator)", "text-to-image", "erasure.sfd"),
     Method("text2unlearn", "CLIP-guided directional unlearning of a GAN from a text prompt only",
            TEXT2UNLEARN, "generator", "gan", "erasure.text2unlearn"),
     Method("adapt-unlearn", "adapt a GAN to negative samples, then repel the original from it",

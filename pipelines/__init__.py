@@ -18,6 +18,10 @@ def load_model(spec, device: str = "cpu", single_file_config=None):
         from .diffusion import load_text_to_image
 
         return load_text_to_image(source, device=device, single_file_config=single_file_config)
+    if source.kind == "one-step":
+        from .diffusion import load_one_step
+
+        return load_one_step(source, device=device)
     if source.kind == "gan":
         from .gan import load_gan
 

@@ -145,14 +145,16 @@ class TextToImageModel:
                 embeds = prompt_embeds[[i for i, _ in batch]].to(self.device, self.unet.dtype)
             else:
                 embeds = self.encode([prompts[i] for i, _ in batch])
-            out = self.pipe(
-                prompt_embeds=embeds, negative_prompt_embeds=negative.expand(len(batch), -1, -1),
-                num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="pil",
-            )  # fmt: skip
-            images.update(zip(batch, out.images))
+            images.update(zip(batch, self._sample(embeds, negative, generators, steps, guidance)))
             bar.update(len(batch))
         bar.close()
         return images
+
+    def _sample(self, embeds, negative, generators, steps, guidance) -> list[Image.Image]:
+        return self.pipe(
+            prompt_embeds=embeds, negative_prompt_embeds=negative.expand(len(embeds), -1, -1),
+            num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="pil",
+        ).images  # fmt: skip
 
     def replace(self, name: str, module: torch.nn.Module) -> None:
         """Swap a component (e.g. a patched text encoder) into the pipeline."""
@@ -176,6 +178,39 @@ class TextToImageModel:
         directory = Path(directory)
         self.pipe.save_pretrained(directory, safe_serialization=True)
         write_model_card(directory, {**self.source.card, **(card or {})})
+
+
+class OneStepModel(TextToImageModel):
+    """A one-step generator (pipelines/one_step.py): the same interface, one UNet evaluation per image.
+
+    Guidance was distilled into its weights, so `steps` and `guidance` of `generate` are ignored.
+    """
+
+    kind = "one-step"
+
+    @property
+    def sampling(self) -> dict:
+        return {"steps": 1, "guidance": 0.0}
+
+    @property
+    def t_init(self) -> int:
+        return self.pipe.config.t_init
+
+    def _sample(self, embeds, negative, generators, steps, guidance) -> list[Image.Image]:
+        return self.pipe(prompt_embeds=embeds, generator=generators, output_type="pil").images
+
+
+def load_one_step(source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a one-step generator folder written by SFD."""
+    from .one_step import OneStepPipeline
+
+    _quiet_diffusers()
+    check_safetensors(source.path)
+    try:
+        pipe = OneStepPipeline.from_pretrained(source.path, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"cannot load a one-step pipeline from {source.path}: {exc}") from None
+    return OneStepModel(pipe, source).to(device)
 
 
 def load_text_to_image(
@@ -268,4 +303,4 @@ def _shipped_config_for(path: Path) -> Path:
     return shipped[model_type]
 
 
-__all__ = ["TextToImageModel", "load_text_to_image"]
+__all__ = ["OneStepModel", "TextToImageModel", "load_one_step", "load_text_to_image"]

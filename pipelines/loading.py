@@ -29,6 +29,12 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 GAN_FILE_SUFFIXES = (".pt", ".pkl")
 PIPELINE_CLASSES = {"StableDiffusionPipeline": "text-to-image", "OneStepPipeline": "one-step"}
 GAN_CONFIG_FILE = "generator_config.json"
+PROMPTED_KINDS = ("text-to-image", "one-step")  # prompt-conditioned: generated and judged alike
+
+
+def comparable_kinds(a: str, b: str) -> bool:
+    """Whether models of kinds `a` and `b` can be compared (e.g. an SFD one-step run with its teacher)."""
+    return a == b or (a in PROMPTED_KINDS and b in PROMPTED_KINDS)
 
 
 @dataclass

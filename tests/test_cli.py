@@ -49,7 +49,7 @@ def test_methods_lists_every_method_with_its_paper():
             ["erase", "--method", "esd", "--concept", "cat", "--model", "{tiny}", "--set", "colour=red"],
             "unknown option",
         ),
-        (["erase", "--method", "sfd", "--concept", "cat", "--model", "{tiny}"], "not available yet"),
+        (["erase", "--method", "sfd", "--concept", "cat", "--model", "{tiny}"], "pass --set override=TEXT"),
         (["erase", "--method", "fewshot", "--concept", "cat", "--model", "{tiny}"], "pass --images DIR"),
         (["erase", "--method", "esd", "--concept", "cat", "--model", "{empty}"], "not a model folder"),
         (["erase", "--method", "esd", "--concept", "cat", "--model", "{tiny}", "--device", "cuda"], "CUDA"),

@@ -203,7 +203,7 @@ def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path
     "args, message",
     [
         (["{gan}", "--local-dir", "{tmp}/hub"], "no eval.json"),
-        (["{gan}", "--local-dir", "{tmp}/hub", "--no-eval", "--single-file"], "a GAN run has no such form"),
+        (["{gan}", "--local-dir", "{tmp}/hub", "--no-eval", "--single-file"], "a gan run has no such form"),
         (["{run}", "--local-dir", "{tmp}/taken"], "already exists"),
         (["{run}", "--local-dir", "{tmp}/no/such/parent/hub"], "does not exist"),
         (["{tiny}", "--local-dir", "{tmp}/hub"], "not an erased run folder"),

@@ -158,10 +158,11 @@ def _erase_tab(preview: Preview, page: SimpleNamespace) -> None:
 
 def _is_text_to_image(run: str) -> bool:
     from pipelines import resolve
+    from pipelines.loading import PROMPTED_KINDS
 
     try:
         read_run(run)
-        return resolve(run).kind == "text-to-image"
+        return resolve(run).kind in PROMPTED_KINDS
     except InputError:
         return False
 

@@ -71,6 +71,7 @@ def compare(
 ) -> Comparison:
     """Generate every (prompt, seed) with the base model and with each run; GANs take seeds only."""
     from pipelines import resolve
+    from pipelines.loading import comparable_kinds
 
     base = (base or "").strip() or None
     runs = [r for r in runs if r]
@@ -78,7 +79,7 @@ def compare(
         read_run(run)
     kind = resolve(base).kind
     for run in runs:
-        if (run_kind := resolve(run).kind) != kind:
+        if not comparable_kinds(run_kind := resolve(run).kind, kind):
             raise InputError(f"{run} is a {run_kind} model; it cannot be compared with a {kind} base model")
     if not seeds:
         raise InputError("choose at least one seed")

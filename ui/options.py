@@ -44,7 +44,7 @@ class Option:
 
 
 def available_methods() -> list[str]:
-    return [key for key, method in METHODS.items() if method.available]
+    return list(METHODS)
 
 
 def method_options(method: str) -> list[Option]:

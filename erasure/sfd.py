@@ -1,0 +1,346 @@
+"""Score Forgetting Distillation (Chen, Zhang & Zhou, "Score Forgetting Distillation: A Swift,
+Data-Free Method for Machine Unlearning in Diffusion Models", ICLR 2025).
+
+Three UNets of the teacher's architecture: the frozen teacher f_phi, a fake-score network f_psi
+and a one-step generator G_theta, both initialised from the teacher. G maps noise to a clean
+latent in one evaluation (pipelines/one_step.py). Each iteration:
+
+1. fake-score step: the ordinary eps denoising loss on sg(x_g), each sample under the condition
+   it was generated with (remain prompts and the forget prompts);
+2. generator step, SiD's loss on freshly diffused x_g (gradients reach G through x_g and x_t;
+   neither score network's weights change), with p the teacher's and s the fake network's x0:
+
+       L(x_g) = sum((p - s) * ((p - x_g) - alpha * (p - s))) / w,   w = sg(mean |p - x_g|)
+
+   The forgetting term is the same expression for samples of the forget prompt, with the teacher
+   queried under the *override* prompt: G's distribution for the concept is pulled toward the
+   teacher's distribution for the override. Generator loss = L(remain) + lambda * L(forget).
+
+No image is used: remain prompts come from the model's own prompt distribution. The teacher's
+classifier-free guidance enters through p, so the generator samples with guidance baked in. The
+saved model is the generator's EMA.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.errors import InputError
+
+from .common import check_concepts, frozen_copy, retain_prompts
+from .training import ErasureResult, Network, RunContext, TrainingLoop
+
+SD_TEMPLATES = ["{}", "a photo of {}", "an image of {}", "a picture of {}", "a painting of {}"]
+
+
+@dataclass
+class SFDConfig:
+    # Defaults: the paper's Stable Diffusion setting (Sec. 5 and its SD script).
+    override: str | None = field(
+        default=None,
+        metadata={"help": "what the concept becomes (the teacher is queried under it), e.g. 'a person wearing "
+                  "clothes'; digits family default: the next digit, colour or style"},
+    )  # fmt: skip
+    distill_only: bool = field(
+        default=False, metadata={"help": "distil the teacher into a one-step generator without forgetting"}
+    )
+    alpha: float = field(default=1.0, metadata={"help": "SiD's alpha (1.2 for class-conditional models)"})
+    forget_weight: float = field(default=1.0, metadata={"help": "lambda: weight of the forgetting term"})
+    t_init: int = field(
+        default=625, metadata={"help": "generator timestep (sigma ~ 2.5: 625 for SD's scaled-linear schedule)"}
+    )
+    t_min: int = field(default=20, metadata={"help": "smallest timestep of the score losses"})
+    t_max: int = field(default=980, metadata={"help": "largest timestep of the score losses (exclusive)"})
+    guidance: float | None = field(
+        default=4.5, metadata={"help": "teacher's classifier-free guidance in the generator loss (none: the model's)"}
+    )
+    iterations: int = field(default=2000, metadata={"help": "fake-score + generator update pairs"})
+    batch_size: int = field(default=4, metadata={"help": "remain samples per update"})
+    forget_batch: int = field(default=4, metadata={"help": "forget samples per update"})
+    generator_lr: float = field(default=1e-6, metadata={"help": "Adam learning rate of the generator"})
+    fake_lr: float = field(default=3e-6, metadata={"help": "Adam learning rate of the fake-score network"})
+    adam_betas: list[float] = field(default_factory=lambda: [0.0, 0.999], metadata={"help": "Adam betas"})
+    ema_decay: float = field(
+        default=0.0, metadata={"help": "decay of the generator's EMA, whose weights are saved (0: no EMA)"}
+    )
+    remain_prompts: int = field(default=1000, metadata={"help": "size of the pool of remain prompts"})
+    prompt_templates: list[str] = field(
+        default_factory=lambda: list(SD_TEMPLATES),
+        metadata={"help": "templates of the forget and override prompts ('{}' = the concept or the override)"},
+    )  # fmt: skip
+
+    # Tuned for the embedded digits world (benchmarks/RESULTS.md): the class-conditional alpha 1.2
+    # with guidance 5 collapsed the colours; SD's alpha 1 at ten times SD's learning rates distils
+    # in 300 updates (about three minutes on 2 CPU cores).
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "digits": {
+            "guidance": None, "iterations": 300, "batch_size": 16, "forget_batch": 4, "generator_lr": 1e-5,
+            "fake_lr": 3e-5, "ema_decay": 0.99, "prompt_templates": ["{}", "a {}", "the number {}", "a handwritten {}"],
+        },
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        positive = {"generator_lr": self.generator_lr, "fake_lr": self.fake_lr, "alpha": self.alpha}
+        for name, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be positive and finite")
+        if not (math.isfinite(self.forget_weight) and self.forget_weight >= 0):
+            raise ValueError("forget_weight must be >= 0 and finite")
+        if self.guidance is not None and not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError("guidance must be >= 0 and finite, or none")
+        if not 0 < self.t_min < self.t_max <= 1000 or not 0 < self.t_init < 1000:
+            raise ValueError("timesteps must satisfy 0 < t_min < t_max <= 1000 and 0 < t_init < 1000")
+        if self.iterations < 1 or self.batch_size < 1 or self.forget_batch < 0 or self.remain_prompts < 1:
+            raise ValueError("iterations, batch_size and remain_prompts must be >= 1, forget_batch >= 0")
+        if self.forget_batch == 0 and not self.distill_only:
+            raise ValueError("forget_batch = 0 leaves nothing to forget; use distill_only=true to only distil")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError("adam_betas must be two numbers in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must be in [0, 1)")
+        if not self.prompt_templates or any("{}" not in t for t in self.prompt_templates):
+            raise ValueError("every prompt template must contain '{}'")
+        if self.override is not None and not self.override.strip():
+            raise ValueError("override must not be empty")
+
+    def check_model(self, family: str, concepts: list[str]) -> None:
+        """What can only be checked once the model family is known (before it loads)."""
+        if self.override is not None or self.distill_only:
+            return
+        if family != "digits":
+            raise InputError(
+                "sfd needs what the concept becomes: pass --set override=TEXT (e.g. override='a person wearing "
+                "clothes' for nudity); the digits family picks a neighbour by default"
+            )
+        for concept in concepts:
+            default_override(concept)
+
+
+CONFIG = SFDConfig
+
+
+# --- the losses ---------------------------------------------------------------------------------
+
+
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """The clean sample a noise prediction implies; `abar` broadcasts over [B, 1, 1, 1]."""
+    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def sid_loss(p: torch.Tensor, s: torch.Tensor, x_g: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SiD's generator loss per sample: sum((p - s) * ((p - x_g) - alpha (p - s))) / w, w = sg(mean|p - x_g|)."""
+    dims = tuple(range(1, p.dim()))
+    w = (p - x_g).abs().mean(dim=dims).detach().clamp_min(1e-8)
+    return ((p - s) * ((p - x_g) - alpha * (p - s))).sum(dim=dims) / w
+
+
+class EMA:
+    """An exponential moving average of a module's parameters (checkpointed with the run)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for name, param in module.named_parameters():
+            self.shadow[name].lerp_(param.detach(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for name, param in module.named_parameters():
+            param.copy_(self.shadow[name])
+
+    def state_dict(self) -> dict:
+        return {n: t.cpu() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            self.shadow[name].copy_(value)
+
+
+class frozen:
+    """Within the block, `module`'s weights take no gradient (inputs still do)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.flags = [p.requires_grad for p in self.module.parameters()]
+        self.module.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for param, flag in zip(self.module.parameters(), self.flags):
+            param.requires_grad_(flag)
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+
+def default_override(concept: str) -> str:
+    """The digits world's neighbour: the next digit, colour or style."""
+    from pipelines.zoo.world import HEADS, parse_concept
+
+    parsed = parse_concept(concept)
+    if parsed is None:
+        raise InputError(f"{concept!r} is not a digit, colour or style of the digits world; pass --set override=TEXT")
+    names = HEADS[parsed.head]
+    return names[(parsed.index + 1) % len(names)]
+
+
+def _world_caption(labels: dict[str, int], rng: random.Random) -> str:
+    from pipelines.zoo.renders import caption
+
+    return caption(labels["digit"], labels["colour"], labels["style"], rng)
+
+
+def forget_pairs(overrides: dict[str, str], family: str, templates: list[str], seed: int, n: int = 200):
+    """(forget prompt, override prompt) pairs for every concept -> override. In the digits world they
+    are the world's own captions of the concept, and the override prompt is the same caption with the
+    override in the concept's place; elsewhere the templates filled with each."""
+    rng = random.Random(seed)
+    pairs = []
+    for concept, override in overrides.items():
+        if family == "digits":
+            from pipelines.zoo.world import HEADS, parse_concept
+
+            target, swap = parse_concept(concept), parse_concept(override)
+            if target is not None and swap is not None and target.head == swap.head:
+                for _ in range(n):
+                    labels = {head: rng.randrange(len(names)) for head, names in HEADS.items()}
+                    labels[target.head] = target.index
+                    state = rng.getstate()
+                    forget = _world_caption(labels, rng)
+                    rng.setstate(state)  # the same template and word choices for the override
+                    pairs.append((forget, _world_caption({**labels, swap.head: swap.index}, rng)))
+                continue
+        pairs += [(t.format(concept), t.format(override)) for t in templates]
+    return pairs
+
+
+def remain_pool(concepts: list[str], family: str, seed: int, n: int) -> list[str]:
+    """Prompts of what stays: the world's captions without the concept, or COCO prompts for SD."""
+    rng = random.Random(seed)
+    if family != "digits":
+        return retain_prompts(family, concepts, rng, n)
+    from pipelines.zoo.world import HEADS, parse_concept
+
+    erased = [p for p in map(parse_concept, concepts) if p is not None]
+    pool = []
+    while len(pool) < n:
+        labels = {head: rng.randrange(len(names)) for head, names in HEADS.items()}
+        if any(labels[e.head] == e.index for e in erased):
+            continue
+        pool.append(_world_caption(labels, rng))
+    return pool
+
+
+# --- the method ---------------------------------------------------------------------------------
+
+
+def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
+    """Distil `model` into a one-step generator that no longer generates `concepts`."""
+    from pipelines.diffusion import OneStepModel
+    from pipelines.one_step import OneStepPipeline, one_step_sample
+
+    concepts = check_concepts(concepts)
+    config.check_model(model.family, concepts)
+    run.check_divisible("batch_size", config.batch_size)
+    run.check_divisible("forget_batch", config.forget_batch)
+    overrides = {c: config.override or default_override(c) for c in concepts} if not config.distill_only else {}
+    guidance = model.sampling["guidance"] if config.guidance is None else config.guidance
+    device = run.torch_device
+    model.to(device)
+    for module in (model.unet, model.text_encoder, model.vae):
+        module.requires_grad_(False)
+
+    teacher = model.unet.eval()
+    generator = frozen_copy(teacher).train().requires_grad_(True)
+    fake = frozen_copy(teacher).train().requires_grad_(True)
+    alphas = model.scheduler.alphas_cumprod.to(device, torch.float32)
+    latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
+
+    pairs = forget_pairs(overrides, model.family, config.prompt_templates, run.seed or 0)
+    # Distilling only keeps the whole prompt distribution, concept included: that is the teacher to match.
+    remain = remain_pool(list(overrides), model.family, run.seed or 0, config.remain_prompts)
+    with torch.no_grad():
+        uncond = model.encode([""])
+
+    def optimiser(module, lr):
+        return torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(config.adam_betas))
+
+    ema = EMA(generator, config.ema_decay)
+    loop = TrainingLoop(
+        run,
+        # Unclipped, as in the reference code in float32.
+        {"fake": Network(fake, optimiser(fake, config.fake_lr), max_grad_norm=None),
+         "generator": Network(generator, optimiser(generator, config.generator_lr), max_grad_norm=None)},
+        desc="sfd", state={"ema": ema},
+        fingerprint={"method": "sfd", "concepts": concepts, "seed": run.seed, "config": repr(config)},
+    )  # fmt: skip
+    n_forget = 0 if config.distill_only else config.forget_batch
+
+    def draw_conditions():
+        """The global batch's prompts: remain rows first, then forget rows (with their override)."""
+        prompts = random.choices(remain, k=config.batch_size)
+        chosen = random.choices(pairs, k=n_forget)
+        student = prompts + [f for f, _ in chosen]
+        teacher_prompts = prompts + [o for _, o in chosen]
+        with torch.no_grad():
+            return model.encode(run.shard(student)), model.encode(run.shard(teacher_prompts))
+
+    def noisy(x0: torch.Tensor):
+        t = torch.randint(config.t_min, config.t_max, (len(x0),), device=device)
+        noise = torch.randn_like(x0)
+        abar = alphas[t].view(-1, 1, 1, 1)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t, noise, abar
+
+    def step_fn(step: int) -> dict[str, float]:
+        rows = config.batch_size + n_forget
+        # 1. fake-score step on the generator's current samples
+        cond, _ = draw_conditions()
+        z = run.shard(torch.randn((rows, *latent_shape), device=device))
+        with torch.no_grad():
+            x_g = one_step_sample(generator, alphas, config.t_init, z, cond)
+        x_t, t, noise, _ = noisy(x_g)
+        fake_loss = F.mse_loss(loop.modules["fake"](x_t, t, cond).sample, noise)
+        loop.update("fake", fake_loss)
+
+        # 2. generator step
+        cond, teacher_cond = draw_conditions()
+        z = run.shard(torch.randn((rows, *latent_shape), device=device))
+        x_g = one_step_sample(loop.modules["generator"], alphas, config.t_init, z, cond)
+        x_t, t, _, abar = noisy(x_g)
+        with frozen(fake):
+            s = x0_from_eps(x_t, fake(x_t, t, cond).sample, abar)
+        eps_u, eps_c = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                               torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond])).sample.chunk(2)  # fmt: skip
+        p = x0_from_eps(x_t, eps_u + guidance * (eps_c - eps_u), abar)
+        per_sample = sid_loss(p, s, x_g, config.alpha)
+        local_remain = config.batch_size // run.num_processes
+        remain_loss = per_sample[:local_remain].mean()
+        forget_loss = per_sample[local_remain:].mean() if n_forget else torch.zeros((), device=device)
+        loop.update("generator", remain_loss + config.forget_weight * forget_loss)
+        ema.update(generator)
+        return {"fake": fake_loss.item(), "remain": remain_loss.item(), "forget": forget_loss.item()}
+
+    logs = loop.fit(step_fn, config.iterations)
+    ema.copy_to(generator)
+    generator.eval().requires_grad_(False)
+    pipe = OneStepPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=generator,
+        scheduler=model.scheduler, t_init=config.t_init,
+    )  # fmt: skip
+    one_step = OneStepModel(pipe, model.source)
+    outcome = {
+        "sfd": {"overrides": overrides, "distilled_guidance": guidance, "t_init": config.t_init,
+                "forget_prompts": len(pairs), "remain_prompts": len(remain)},
+    }  # fmt: skip
+    trainable = sum(p.numel() for p in generator.parameters())
+    return ErasureResult(one_step, ["unet"], trainable, logs, outcome)

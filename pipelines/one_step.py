@@ -1,0 +1,120 @@
+"""A one-step text-to-image pipeline: the generator that Score Forgetting Distillation produces.
+
+The generator is a UNet of the teacher's architecture, applied once: latent noise `z` is scaled to
+the noise level of timestep `t_init` (x = sqrt(1 - abar) z, the noisy latent of a zero image),
+the UNet predicts eps there, and the implied clean latent
+
+    x0 = (x - sqrt(1 - abar) * eps) / sqrt(abar)
+
+is decoded by the VAE. Classifier-free guidance was distilled into the weights, so sampling costs
+one UNet evaluation and takes no guidance scale. Every part is a standard diffusers/transformers
+class saved in the usual layout (model_index.json, safetensors per component); `t_init` lives in
+model_index.json. A plain diffusers user can rebuild the same step from those parts (README).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+
+def one_step_sample(unet, alphas_cumprod: torch.Tensor, t_init: int, z: torch.Tensor, embeds: torch.Tensor):
+    """The generator's clean latent for noise `z` under prompt embeddings `embeds` (differentiable)."""
+    abar = alphas_cumprod[t_init].to(z.device, torch.float32)
+    sigma, scale = (1 - abar).sqrt(), abar.sqrt()
+    x = (sigma * z).to(unet.dtype)
+    t = torch.full((len(z),), t_init, device=z.device, dtype=torch.long)
+    eps = unet(x, t, embeds.to(unet.dtype)).sample
+    return (x.float() - sigma * eps.float()) / scale
+
+
+def seed_noise(seeds, shape, device) -> torch.Tensor:
+    """The initial noise the pipelines draw for each seed (one CPU generator per image), stacked."""
+    rows = [torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    return torch.cat(rows).to(device)
+
+
+# The same step with plain diffusers/transformers classes (README, Hub model cards; tested):
+# `{folder}` is a Python expression for the model folder, `{prompt}` the prompt.
+PLAIN_DIFFUSERS_RECIPE = """\
+import json, os, torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+folder = {folder}
+unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+t_init = json.load(open(os.path.join(folder, "model_index.json")))["t_init"]
+abar = DDIMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod[t_init]
+
+ids = tokenizer(["{prompt}"], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+size = unet.config.sample_size
+with torch.no_grad():
+    z = torch.randn(1, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
+    x = (1 - abar).sqrt() * z  # the noisy latent of a zero image at t_init
+    eps = unet(x, t_init, text_encoder(ids.input_ids)[0]).sample
+    latent = (x - (1 - abar).sqrt() * eps) / abar.sqrt()  # one step to a clean latent
+    decoded = vae.decode(latent / vae.config.scaling_factor).sample
+image = VaeImageProcessor().postprocess(decoded)[0]
+image.save("sample.png")
+"""
+
+
+class OneStepPipeline(DiffusionPipeline):
+    """Text-to-image in one UNet evaluation (guidance distilled in); see the module docstring."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, t_init: int = 625):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.register_to_config(t_init=int(t_init))
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+        return self.text_encoder(ids.to(self._execution_device))[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass either `prompt` or `prompt_embeds`")
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompt([prompt] if isinstance(prompt, str) else list(prompt))
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        size = self.unet.config.sample_size
+        shape = (len(prompt_embeds), self.unet.config.in_channels, size, size)
+        device = self._execution_device
+        # The same per-image generators as StableDiffusionPipeline, so a seed means the same noise.
+        z = latents if latents is not None else randn_tensor(shape, generator=generator, device=device)
+        alphas = self.scheduler.alphas_cumprod
+        clean = one_step_sample(self.unet, alphas, self.config.t_init, z.to(device), prompt_embeds)
+        if output_type == "latent":
+            images = clean
+        else:
+            decoded = self.vae.decode(clean.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+__all__ = ["PLAIN_DIFFUSERS_RECIPE", "OneStepPipeline", "one_step_sample", "seed_noise"]

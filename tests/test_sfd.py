@@ -1,0 +1,200 @@
+"""Score Forgetting Distillation and the one-step pipeline: the SiD loss, a frozen teacher, the
+conditions of the forgetting term, save/load and the plain-diffusers recipe, bit-identical resume."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from erasure.api import erase
+from erasure.config import build_config, parse_sets
+from erasure.sfd import SFDConfig, forget_pairs, remain_pool, sid_loss
+from erasure.sfd import erase as sfd_erase
+from erasure.training import RunContext
+from pipelines import InputError, load_model
+from pipelines.one_step import PLAIN_DIFFUSERS_RECIPE
+
+FAST = ["iterations=2", "batch_size=2", "forget_batch=1", "generator_lr=1e-3", "fake_lr=1e-3", "remain_prompts=8",
+        "override=a dog", "prompt_templates={}"]  # fmt: skip
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_the_sid_loss_with_alpha_one_is_p_minus_s_times_s_minus_x_over_w():
+    g = torch.Generator().manual_seed(0)
+    p, s, x = (torch.randn(3, 4, 2, 2, generator=g) for _ in range(3))
+    w = (p - x).abs().mean(dim=(1, 2, 3))
+    expected = ((p - s) * (s - x)).sum(dim=(1, 2, 3)) / w
+    assert torch.allclose(sid_loss(p, s, x, alpha=1.0), expected, atol=1e-5)
+    # alpha weighs the (p - s)^2 term: alpha = 0 leaves (p - s)(p - x) / w
+    assert torch.allclose(sid_loss(p, s, x, alpha=0.0), ((p - s) * (p - x)).sum(dim=(1, 2, 3)) / w, atol=1e-5)
+    # w is a constant of the gradient (stop-gradient), x_g is not
+    x.requires_grad_(True)
+    sid_loss(p, s, x, alpha=1.0).sum().backward()
+    assert torch.allclose(x.grad, -(p - s) / w.view(-1, 1, 1, 1), atol=1e-5)
+
+
+def _run_with_hooks(tiny_pipeline_dir, sets):
+    """One SFD iteration on the tiny pipeline, recording (which net, timesteps, conditions) of every UNet call."""
+    model = load_model(str(tiny_pipeline_dir))
+    teacher_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    calls = []
+
+    def record(module, args, kwargs):
+        t, cond = args[1], args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+        net = "teacher" if module is model.unet else "student"
+        calls.append((net, torch.as_tensor(t).clone(), cond.detach().clone()))
+
+    # deepcopy carries the hook over to the generator and fake-score copies; `module` tells them apart.
+    model.unet.register_forward_pre_hook(record, with_kwargs=True)
+    config = build_config(SFDConfig, "sd", parse_sets(sets))
+    result = sfd_erase(model, ["cat"], config, RunContext(seed=0, progress=False))
+    return model, teacher_before, calls, result
+
+
+def test_the_teacher_never_changes_and_the_forgetting_term_uses_the_override(tiny_pipeline_dir):
+    sets = FAST + ["iterations=1", "t_init=990"]  # t_init outside [t_min, t_max): generator calls stand out
+    model, teacher_before, calls, result = _run_with_hooks(tiny_pipeline_dir, sets)
+    assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in teacher_before.items())
+    assert result.model.unet is not model.unet and result.changed == ["unet"]
+
+    with torch.no_grad():
+        concept, override = model.encode(["cat"])[0], model.encode(["a dog"])[0]
+    generator_calls = [c for net, t, c in calls if net == "student" and bool((t == 990).all())]
+    fake_calls = [c for net, t, c in calls if net == "student" and not bool((t == 990).any())]
+    teacher_calls = [c for net, _, c in calls if net == "teacher"]
+    assert len(generator_calls) == 2 and len(fake_calls) == 2 and len(teacher_calls) == 1
+    # rows: 2 remain prompts, then the forget prompt; the teacher's batch is [unconditional; conditional]
+    for cond in generator_calls + fake_calls:
+        assert torch.equal(cond[2], concept) and not torch.equal(cond[0], concept)
+    teacher_cond = teacher_calls[0][3:]
+    assert torch.equal(teacher_cond[2], override) and not torch.equal(teacher_cond[2], concept)
+    assert torch.equal(teacher_cond[:2], generator_calls[1][:2])  # remain rows: the teacher sees the same prompt
+
+
+def test_distill_only_has_no_forget_rows_and_keeps_the_concept_in_the_prompts(tiny_pipeline_dir):
+    sets = [s for s in FAST if not s.startswith("override")] + ["iterations=1", "distill_only=true", "t_init=990"]
+    _, _, calls, result = _run_with_hooks(tiny_pipeline_dir, sets)
+    assert all(len(c) == 2 for net, _, c in calls if net == "student")
+    assert result.outcome["sfd"]["overrides"] == {}
+    assert any(re.search(r"\b(seven|7)\b", p) for p in remain_pool([], "digits", 0, 400))
+
+
+def test_prompts_of_the_digits_world():
+    pairs = forget_pairs({"seven": "eight"}, "digits", ["{}"], seed=0, n=50)
+    assert len(pairs) == 50
+    for forget, override in pairs:
+        assert re.search(r"\b(seven|7)\b", forget) and not re.search(r"\b(eight|8)\b", forget)
+        same = forget.replace("seven", "eight").replace("7", "8")
+        assert re.sub(r"\ban\b", "a", same) == re.sub(r"\ban\b", "a", override)  # "a 7" -> "an 8"
+    remain = remain_pool(["seven"], "digits", 0, 300)
+    assert len(remain) == 300 and not any(re.search(r"\b(seven|7)\b", p) for p in remain)
+    # every other digit is in the remain pool
+    assert all(any(re.search(rf"\b{d}\b", p) for p in remain) for d in ("zero", "one", "eight", "nine"))
+
+
+def test_the_one_step_pipeline_saves_loads_and_samples_bit_for_bit(tiny_pipeline_dir, tmp_path):
+    run = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=FAST, progress=False)
+    index = json.loads((run / "model_index.json").read_text())
+    assert index["_class_name"] == "OneStepPipeline" and index["t_init"] == 625
+    assert sorted(p.suffix for p in (run / "unet").iterdir()) == [".json", ".safetensors"]
+    first, second = load_model(str(run)), load_model(str(run))
+    assert first.kind == "one-step"
+    a = first.generate(["a cat", "a dog"], [0, 1])
+    b = second.generate(["a cat", "a dog"], [0, 1])
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+    # one image depends only on its prompt and seed, as for the teacher's pipeline
+    alone = first.generate(["a dog"], [1])[0][0]
+    assert np.array_equal(np.asarray(alone), np.asarray(a[1][1]))
+    assert not np.array_equal(np.asarray(a[0][0]), np.asarray(a[0][1]))
+
+
+def test_the_readme_recipe_reproduces_the_pipeline_with_plain_diffusers(tiny_pipeline_dir, tmp_path):
+    run = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=FAST, progress=False)
+    block = re.search(r"<!-- one-step recipe -->\s*```python\n(.*?)```", README.read_text(), re.S)
+    assert block and block.group(1) == PLAIN_DIFFUSERS_RECIPE.format(folder='"runs/sfd-seven"', prompt="a seven")
+    code = PLAIN_DIFFUSERS_RECIPE.format(folder=repr(str(run)), prompt="a cat").replace('image.save("sample.png")', "")
+    namespace: dict = {}
+    exec(compile(code, "README recipe", "exec"), namespace)  # noqa: S102 - the README's own code
+    expected = load_model(str(run)).generate(["a cat"], [0])[0][0]
+    assert np.abs(np.asarray(namespace["image"], float) - np.asarray(expected, float)).max() <= 1
+
+
+def test_an_interrupted_run_resumes_to_a_bit_identical_end(tiny_pipeline_dir, tmp_path):
+    sets = FAST + ["iterations=4", "ema_decay=0.5"]
+    kwargs = {"sets": sets, "seed": 3, "checkpoint_every": 2, "progress": False}
+    whole = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "whole", **kwargs)
+
+    def stop_at_3(step, total, logs):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Exception, match="--resume"):
+        erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "resumed", after_step=stop_at_3, **kwargs)
+    resumed = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "resumed", resume=True, **kwargs)
+    a, b = load_model(str(whole)).unet.state_dict(), load_model(str(resumed)).unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_values_are_refused(tiny_pipeline_dir, tmp_path):
+    for bad in ["alpha=0", "generator_lr=nan", "fake_lr=-1", "forget_weight=-1", "guidance=inf", "t_min=0",
+                "t_min=500,t_max=400", "t_init=1000", "iterations=0", "batch_size=0", "forget_batch=-1",
+                "ema_decay=1", "adam_betas=0.9", "prompt_templates=a photo", "override= "]:  # fmt: skip
+        with pytest.raises(InputError):
+            build_config(SFDConfig, "sd", parse_sets(bad.split(",")))
+    with pytest.raises(InputError, match="forget_batch = 0"):
+        build_config(SFDConfig, "sd", parse_sets(["forget_batch=0"]))
+    # a real model needs to be told what the concept becomes, before anything loads
+    with pytest.raises(InputError, match="override"):
+        erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["iterations=1"], progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(InputError, match="not a digit"):
+        erase("sfd", ["a cat"], "digits", out=tmp_path / "run2", sets=["iterations=1"], progress=False)
+    assert not (tmp_path / "run2").exists() and not list(tmp_path.glob(".run2*"))
+
+
+def test_a_one_step_run_is_evaluated_against_its_teacher_and_exported(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+
+    from erasure.evaluation import run_eval
+    from erasure.export import export_run
+
+    run = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=FAST, progress=False)
+    report = json.loads(run_eval(str(run), samples=1, clip="digits-clip", progress=False).read_text())
+    assert report["baseline_matches_run"] and report["before"]["sha256"] != report["after"]["sha256"]
+    hub = export_run(run, "me/tiny-sfd", local_dir=tmp_path / "hub").folder
+    assert (hub / "eval.json").is_file()
+    card = ModelCard.load(hub / "README.md")
+    assert card.data.to_dict()["pipeline_tag"] == "text-to-image" and card.data.to_dict()["library_name"] == "diffusers"
+    code = re.search(r"```python\n(.*?)```", card.text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(code.replace('snapshot_download("me/tiny-sfd")', repr(str(hub))), namespace)  # noqa: S102
+    expected = load_model(str(run)).generate(["cat"], [0])[0][0]
+    assert np.abs(np.asarray(namespace["image"], float) - np.asarray(expected, float)).max() <= 1
+    assert (tmp_path / "sample.png").is_file()
+
+
+def test_the_embedding_attack_on_a_one_step_generator_uses_its_own_noise():
+    from evaluators.attack import AttackSettings, attack_success_rate
+    from evaluators.report import default_judge
+    from pipelines.diffusion import OneStepModel
+    from pipelines.one_step import OneStepPipeline, one_step_sample, seed_noise
+
+    teacher = load_model("digits-sd")
+    parts = {k: getattr(teacher, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}
+    one_step = OneStepModel(OneStepPipeline(**parts, t_init=625), teacher.source)
+    # the noise the attack optimises against is the noise the pipeline samples each seed with
+    with torch.no_grad():
+        embeds = one_step.encode(["a seven", "a seven"])
+        latents = one_step_sample(one_step.unet, one_step.scheduler.alphas_cumprod, 625,
+                                  seed_noise([3, 4], (4, 8, 8), "cpu"), embeds)  # fmt: skip
+        piped = one_step.pipe(prompt_embeds=embeds, generator=[torch.Generator().manual_seed(s) for s in (3, 4)],
+                              output_type="latent").images  # fmt: skip
+    assert torch.equal(latents, piped)
+    judge = default_judge("seven", "digits")
+    outcome = attack_success_rate(one_step, teacher, judge, "seven", ["a seven"], [0, 1], AttackSettings(steps=2))
+    assert outcome["pairs"] == 2 and "one-step" in outcome["settings"]["method"]
+    assert 0 <= outcome["asr"] <= 1 and len(outcome["attacked_images"]) == 2
