@@ -285,6 +285,12 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         fingerprint={"method": "sfd", "concepts": concepts, "seed": run.seed, "config": repr(config)},
     )  # fmt: skip
     n_forget = 0 if config.distill_only else config.forget_batch
+    rows = config.batch_size + n_forget
+
+    def local(batch):
+        """This process's remain rows, then its forget rows, of a global [remain; forget] batch."""
+        remain_rows, forget_rows = run.shard(batch[: config.batch_size]), run.shard(batch[config.batch_size :])
+        return remain_rows + forget_rows if isinstance(batch, list) else torch.cat([remain_rows, forget_rows])
 
     def draw_conditions():
         """The global batch's prompts: remain rows first, then forget rows (with their override)."""
@@ -293,19 +299,18 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         student = prompts + [f for f, _ in chosen]
         teacher_prompts = prompts + [o for _, o in chosen]
         with torch.no_grad():
-            return model.encode(run.shard(student)), model.encode(run.shard(teacher_prompts))
+            return model.encode(local(student)), model.encode(local(teacher_prompts))
 
     def noisy(x0: torch.Tensor):
-        t = torch.randint(config.t_min, config.t_max, (len(x0),), device=device)
-        noise = torch.randn_like(x0)
+        t = local(torch.randint(config.t_min, config.t_max, (rows,), device=device))
+        noise = local(torch.randn((rows, *latent_shape), device=device))
         abar = alphas[t].view(-1, 1, 1, 1)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t, noise, abar
 
     def step_fn(step: int) -> dict[str, float]:
-        rows = config.batch_size + n_forget
         # 1. fake-score step on the generator's current samples
         cond, _ = draw_conditions()
-        z = run.shard(torch.randn((rows, *latent_shape), device=device))
+        z = local(torch.randn((rows, *latent_shape), device=device))
         with torch.no_grad():
             x_g = one_step_sample(generator, alphas, config.t_init, z, cond)
         x_t, t, noise, _ = noisy(x_g)
@@ -314,7 +319,7 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
 
         # 2. generator step
         cond, teacher_cond = draw_conditions()
-        z = run.shard(torch.randn((rows, *latent_shape), device=device))
+        z = local(torch.randn((rows, *latent_shape), device=device))
         x_g = one_step_sample(loop.modules["generator"], alphas, config.t_init, z, cond)
         x_t, t, _, abar = noisy(x_g)
         with frozen(fake):

@@ -24,9 +24,10 @@ def one_step_sample(unet, alphas_cumprod: torch.Tensor, t_init: int, z: torch.Te
     """The generator's clean latent for noise `z` under prompt embeddings `embeds` (differentiable)."""
     abar = alphas_cumprod[t_init].to(z.device, torch.float32)
     sigma, scale = (1 - abar).sqrt(), abar.sqrt()
-    x = (sigma * z).to(unet.dtype)
+    dtype = next(unet.parameters()).dtype  # also for a DistributedDataParallel-wrapped UNet
+    x = (sigma * z).to(dtype)
     t = torch.full((len(z),), t_init, device=z.device, dtype=torch.long)
-    eps = unet(x, t, embeds.to(unet.dtype)).sample
+    eps = unet(x, t, embeds.to(dtype)).sample
     return (x.float() - sigma * eps.float()) / scale
 
 

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from erasure.advunlearn import attack_embeddings
+from erasure.advunlearn import attack_embeddings, fast_at_start
 from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
 
@@ -39,7 +39,9 @@ def test_pgd_and_fast_at_lower_the_attack_objective(tiny_model):
     with torch.no_grad():
         initial = loss_of(start).item()
     pgd = attack_embeddings(loss_of, start, "pgd", steps=20, lr=0.05)
-    fast = attack_embeddings(loss_of, start, "fast-at", steps=1, lr=1e-3)
+    fast = attack_embeddings(loss_of, fast_at_start(start, 1e-3), "fast-at", steps=1, lr=1e-3)
+    # the random start lies within lr / 1.25 of the start, and the step moves every coordinate by lr
+    assert (fast - start).abs().max() <= 1e-3 * (1 + 1 / 1.25) + 1e-7
     with torch.no_grad():
         assert loss_of(pgd).item() < initial
         assert loss_of(fast).item() < initial
@@ -69,3 +71,42 @@ def test_erased_text_encoder_is_plug_and_play(tiny_pipeline_dir, tmp_path):
     assert all(torch.equal(v, erased[k]) for k, v in second.text_encoder.state_dict().items())
     after = second.generate(["a cat"], [0], steps=3)[0][0]
     assert before.tobytes() != after.tobytes()
+
+
+def test_the_trajectory_bank_is_drawn_once_and_resumes_bit_identically(tiny_pipeline_dir, tmp_path):
+    import json
+
+    import pytest
+
+    from erasure.api import erase
+    from pipelines import load_model
+
+    sets = ["iterations=5", "warmup=1", "attack=fast-at", "ddim_steps=3", "retain_batch=2", "lr=1e-2", "batch_size=2",
+            "bank_size=2", "bank_refresh=3"]  # fmt: skip
+    kwargs = {"sets": sets, "seed": 4, "checkpoint_every": 2, "progress": False}
+    whole = erase("advunlearn", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "whole", **kwargs)
+    seconds = json.loads((whole / "erasure.json").read_text())["advunlearn"]["seconds"]
+    assert "bank" in seconds and "trajectories" not in seconds and "attack" in seconds
+
+    def stop_at_3(step, total, logs):  # resumes from the checkpoint of step 2, before the bank's refresh
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Exception, match="--resume"):
+        erase("advunlearn", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "resumed", after_step=stop_at_3, **kwargs)
+    resumed = erase("advunlearn", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "resumed", resume=True, **kwargs)
+    a = load_model(str(whole)).text_encoder.state_dict()
+    b = load_model(str(resumed)).text_encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bank_settings_are_checked_before_loading():
+    import pytest
+
+    from erasure.advunlearn import AdvUnlearnConfig
+    from erasure.config import build_config, parse_sets
+    from pipelines import InputError
+
+    for bad in ("bank_size=-1", "bank_refresh=-2"):
+        with pytest.raises(InputError, match="bank_size and bank_refresh"):
+            build_config(AdvUnlearnConfig, "digits", parse_sets([bad]))

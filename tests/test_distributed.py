@@ -87,3 +87,36 @@ def test_a_batch_the_processes_cannot_share_is_refused(tiny_pipeline_dir, tmp_pa
                    "cat", "--set", "batch_size=3", "--out", str(tmp_path / "run"), check=False)  # fmt: skip
     assert done.returncode != 0 and "batch_size = 3 must be a multiple of the 2 processes" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_advunlearn_with_a_bank_and_fast_at_trains_as_one_on_two_processes(tiny_pipeline_dir, tmp_path):
+    sets = ["iterations=3", "warmup=1", "attack=fast-at", "ddim_steps=3", "retain_batch=2", "lr=1e-2", "batch_size=2",
+            "bank_size=2"]  # fmt: skip
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    _launch(2, str(SCRIPT), "advunlearn", str(tiny_pipeline_dir), str(tmp_path / "two"), *sets)
+    _launch(1, str(SCRIPT), "advunlearn", str(tiny_pipeline_dir), str(tmp_path / "one"), *sets)
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["hashes"] == ranks[1]["hashes"] and len(set(ranks[0]["hashes"])) == 3
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    from pipelines import load_model
+
+    base = load_model(str(tiny_pipeline_dir)).text_encoder.state_dict()
+    moved = sum(float(((one[k] - base[k.split(".", 1)[1]]) ** 2).sum()) for k in one) ** 0.5
+    gap = sum(float(((one[k] - two[k]) ** 2).sum()) for k in one) ** 0.5
+    assert moved > 0.1 and gap < 1e-2 * moved, (moved, gap)
+
+
+def test_sfd_on_two_processes_distils_the_same_generator_as_one(tiny_pipeline_dir, tmp_path):
+    from pipelines import load_model
+
+    sets = ["iterations=3", "batch_size=2", "forget_batch=2", "generator_lr=1e-2", "fake_lr=1e-2", "override=a dog",
+            "remain_prompts=8"]  # fmt: skip
+    args = ["-m", "erasure", "erase", "--method", "sfd", "--model", str(tiny_pipeline_dir), "--concept", "cat",
+            *[a for s in sets for a in ("--set", s)], "--quiet"]  # fmt: skip
+    _launch(2, *args, "--out", str(tmp_path / "two"))
+    _launch(1, *args, "--out", str(tmp_path / "one"))
+    base = load_model(str(tiny_pipeline_dir)).unet.state_dict()
+    one, two = (load_model(str(tmp_path / n)).unet.state_dict() for n in ("one", "two"))
+    moved = sum(float(((one[k] - base[k]) ** 2).sum()) for k in one) ** 0.5
+    gap = sum(float(((one[k] - two[k]) ** 2).sum()) for k in one) ** 0.5
+    assert moved > 0.1 and gap < 1e-2 * moved, (moved, gap)
