@@ -39,8 +39,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+class Parser(argparse.ArgumentParser):
+    """No abbreviated options: `sample --model X` must not silently mean `--model-config X`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="erasure", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

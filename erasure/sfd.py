@@ -19,6 +19,10 @@ latent in one evaluation (pipelines/one_step.py). Each iteration:
 No image is used: remain prompts come from the model's own prompt distribution. The teacher's
 classifier-free guidance enters through p, so the generator samples with guidance baked in. The
 saved model is the generator's EMA.
+
+Two departures from the reference SD script, both on purpose: the generator starts from the teacher
+(the method as published; the script starts from an already distilled SiD-LSG generator), and the
+fake score is trained and queried without guidance (SiD-LSG also guides it).
 """
 
 from __future__ import annotations

@@ -199,6 +199,10 @@ class OneStepModel(TextToImageModel):
     def _sample(self, embeds, negative, generators, steps, guidance) -> list[Image.Image]:
         return self.pipe(prompt_embeds=embeds, generator=generators, output_type="pil").images
 
+    def save(self, directory: str | Path, card: dict | None = None) -> None:
+        # The teacher's card carries its own sampling defaults; this model's are one step, no guidance.
+        super().save(directory, {**(card or {}), "sampling": self.sampling})
+
 
 def load_one_step(source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load a one-step generator folder written by SFD."""

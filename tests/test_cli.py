@@ -115,3 +115,11 @@ def test_sample_embedded_models(tmp_path):
     assert sorted(p.name for p in (tmp_path / "gan").iterdir()) == ["s3.png", "s4.png"]
     result = run("sample", "digits-gan", "--prompt", "a seven", "--out", str(tmp_path / "x.png"))
     assert result.returncode == 2 and "takes no --prompt" in result.stderr
+
+
+def test_options_are_never_abbreviated(tiny_pipeline_dir, tmp_path):
+    # `--model` is not an option of `sample` (the model is positional); it must not become --model-config
+    result = run("sample", "--model", str(tiny_pipeline_dir), "--prompt", "a cat", "--out", str(tmp_path / "g.png"),
+                 cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "unrecognized arguments: --model" in result.stderr
+    assert not (tmp_path / "g.png").exists()

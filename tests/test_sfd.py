@@ -100,6 +100,7 @@ def test_the_one_step_pipeline_saves_loads_and_samples_bit_for_bit(tiny_pipeline
     index = json.loads((run / "model_index.json").read_text())
     assert index["_class_name"] == "OneStepPipeline" and index["t_init"] == 625
     assert sorted(p.suffix for p in (run / "unet").iterdir()) == [".json", ".safetensors"]
+    assert json.loads((run / "erasure_model.json").read_text())["sampling"] == {"steps": 1, "guidance": 0.0}
     first, second = load_model(str(run)), load_model(str(run))
     assert first.kind == "one-step"
     a = first.generate(["a cat", "a dog"], [0, 1])
