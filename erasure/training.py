@@ -18,6 +18,7 @@ checkpoints and the run folder.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -203,10 +204,13 @@ class TrainingLoop:
             range(start, steps), initial=start, total=steps, desc=self.desc, unit="step",
             disable=not (run.progress and run.is_main),
         )  # fmt: skip
+        last_finite: dict[str, float] = {}
         for step in bar:
             with accelerator.autocast():
                 logs = step_fn(step)
             logs = self._mean_over_processes(logs)
+            self._check_finite(step + 1, logs, last_finite)
+            last_finite = logs
             bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
             done = step + 1
             if run.checkpoint_dir is not None and run.checkpoint_every > 0 and done % run.checkpoint_every == 0:
@@ -218,6 +222,19 @@ class TrainingLoop:
                 break
         bar.close()
         return logs
+
+    def _check_finite(self, step: int, logs: dict[str, float], last_finite: dict[str, float]) -> None:
+        """Stop at the first non-finite loss or weight, before it reaches a checkpoint or the run folder."""
+        bad = [f"{k} = {v}" for k, v in logs.items() if not math.isfinite(v)]
+        for name, module in self.modules.items():
+            if any(not torch.isfinite(p).all() for p in trainable_parameters(module).values()):
+                bad.append(f"weights of the {name} are not finite")
+        if bad:
+            before = ", ".join(f"{k} = {v:.4g}" for k, v in last_finite.items()) or "none yet"
+            raise InputError(
+                f"training diverged at step {step}: {'; '.join(bad)} (last finite losses: {before}); "
+                "lower the learning rate or check the settings"
+            )
 
     def _mean_over_processes(self, logs: dict[str, float]) -> dict[str, float]:
         if self.run.num_processes == 1 or not logs:

@@ -98,3 +98,30 @@ def test_interrupted_advunlearn_run_resumes_to_the_same_text_encoder(tiny_pipeli
     base = load_model(str(tiny_pipeline_dir)).text_encoder.state_dict()
     assert any(not torch.equal(a[k], base[k]) for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_diverging_run_stops_at_the_step_it_diverges_and_leaves_no_run_folder(tiny_pipeline_dir, tmp_path):
+    # negative_guidance = nan makes the ESD target, hence the loss, NaN at the first step
+    with pytest.raises(InputError, match="training diverged at step 1: loss = nan"):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK + ["negative_guidance=nan"],
+              progress=False)  # fmt: skip
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run*"))
+
+    # weights poisoned after step 2 are caught at step 3, and the checkpoint of step 2 is the good one
+    from erasure.config import build_config, parse_sets
+    from erasure.esd import ESDConfig
+    from erasure.esd import erase as esd_erase
+    from erasure.training import RunContext, load_checkpoint
+
+    model = load_model(str(tiny_pipeline_dir))
+
+    def poison(step, total, logs):
+        if step == 2:
+            with torch.no_grad():
+                next(p for p in model.unet.parameters() if p.requires_grad).fill_(float("nan"))
+
+    run = RunContext(seed=0, progress=False, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2, after_step=poison)
+    with pytest.raises(InputError, match="training diverged at step 3: .*weights of the unet are not finite"):
+        esd_erase(model, ["cat"], build_config(ESDConfig, "sd", parse_sets(QUICK)), run)
+    saved = load_checkpoint(tmp_path / "ckpt")
+    assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["networks"]["unet"].values())
