@@ -35,6 +35,7 @@ from pipelines.errors import InputError
 from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
 from .common import (
+    DIGIT_TEMPLATES,
     check_concepts,
     concept_prompts,
     ddim_scheduler,
@@ -99,7 +100,7 @@ class AdvUnlearnConfig:
         "digits": {
             "iterations": 900, "lr": 3e-4, "attack": "fast-at", "attack_steps": 30, "attack_lr": 0.002,
             "attack_tokens": 3, "warmup": 30, "retain_weight": 8.0, "retain_batch": 8, "ddim_steps": 25,
-            "batch_size": 8, "bank_size": 32, "prompt_templates": ["{}", "a {}", "the number {}", "a handwritten {}"],
+            "batch_size": 8, "bank_size": 32, "prompt_templates": DIGIT_TEMPLATES,
         },
     }  # fmt: skip
 

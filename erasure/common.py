@@ -84,6 +84,9 @@ def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 # --- prompts ----------------------------------------------------------------------------------
 
+# The digits family's presets: how the world's captions name a digit on its own.
+DIGIT_TEMPLATES = ["{}", "a {}", "the number {}", "a handwritten {}"]
+
 
 def check_concepts(concepts: Sequence[str]) -> list[str]:
     cleaned = [c.strip() for c in concepts]

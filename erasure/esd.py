@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
+    DIGIT_TEMPLATES,
     check_concepts,
     concept_prompts,
     ddim_scheduler,
@@ -30,8 +31,6 @@ from .common import (
     validate_scope,
 )
 from .training import ErasureResult, Network, RunContext, TrainingLoop
-
-DIGIT_TEMPLATES = ["{}", "a {}", "the number {}", "a handwritten {}"]
 
 
 @dataclass

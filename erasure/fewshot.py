@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 from pipelines.images import image_folder_files, load_square_images
 
-from .common import check_concepts, select_trainable, validate_scope
+from .common import DIGIT_TEMPLATES, check_concepts, select_trainable, validate_scope
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 BUILTIN = "builtin"
@@ -100,7 +100,7 @@ class FewShotConfig:
     PRESETS: ClassVar[dict[str, dict]] = {
         "digits": {
             "images": BUILTIN, "num_images": 8, "lr": 3e-3, "epochs": 10,
-            "prompt_templates": ["{}", "a {}", "the number {}", "a handwritten {}"],
+            "prompt_templates": DIGIT_TEMPLATES,
         },
     }  # fmt: skip
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from pipelines.errors import InputError
 
-from .common import check_concepts, frozen_copy, retain_prompts
+from .common import DIGIT_TEMPLATES, check_concepts, frozen_copy, retain_prompts
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 SD_TEMPLATES = ["{}", "a photo of {}", "an image of {}", "a picture of {}", "a painting of {}"]
@@ -85,7 +85,7 @@ class SFDConfig:
     PRESETS: ClassVar[dict[str, dict]] = {
         "digits": {
             "guidance": None, "iterations": 300, "batch_size": 16, "forget_batch": 4, "generator_lr": 1e-5,
-            "fake_lr": 3e-5, "ema_decay": 0.99, "prompt_templates": ["{}", "a {}", "the number {}", "a handwritten {}"],
+            "fake_lr": 3e-5, "ema_decay": 0.99, "prompt_templates": DIGIT_TEMPLATES,
         },
     }  # fmt: skip
 
@@ -130,11 +130,6 @@ CONFIG = SFDConfig
 
 
 # --- the losses ---------------------------------------------------------------------------------
-
-
-def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
-    """The clean sample a noise prediction implies; `abar` broadcasts over [B, 1, 1, 1]."""
-    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
 
 
 def sid_loss(p: torch.Tensor, s: torch.Tensor, x_g: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -251,7 +246,7 @@ def remain_pool(concepts: list[str], family: str, seed: int, n: int) -> list[str
 def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
     """Distil `model` into a one-step generator that no longer generates `concepts`."""
     from pipelines.diffusion import OneStepModel
-    from pipelines.one_step import OneStepPipeline, one_step_sample
+    from pipelines.one_step import OneStepPipeline, one_step_sample, x0_from_eps
 
     concepts = check_concepts(concepts)
     config.check_model(model.family, concepts)

@@ -20,15 +20,19 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 
+def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """The clean sample a noise prediction implies (abar broadcasts over x_t)."""
+    return (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
 def one_step_sample(unet, alphas_cumprod: torch.Tensor, t_init: int, z: torch.Tensor, embeds: torch.Tensor):
     """The generator's clean latent for noise `z` under prompt embeddings `embeds` (differentiable)."""
     abar = alphas_cumprod[t_init].to(z.device, torch.float32)
-    sigma, scale = (1 - abar).sqrt(), abar.sqrt()
     dtype = next(unet.parameters()).dtype  # also for a DistributedDataParallel-wrapped UNet
-    x = (sigma * z).to(dtype)
+    x = ((1 - abar).sqrt() * z).to(dtype)
     t = torch.full((len(z),), t_init, device=z.device, dtype=torch.long)
     eps = unet(x, t, embeds.to(dtype)).sample
-    return (x.float() - sigma * eps.float()) / scale
+    return x0_from_eps(x.float(), eps.float(), abar)
 
 
 def seed_noise(seeds, shape, device) -> torch.Tensor:
@@ -118,4 +122,4 @@ class OneStepPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
-__all__ = ["PLAIN_DIFFUSERS_RECIPE", "OneStepPipeline", "one_step_sample", "seed_noise"]
+__all__ = ["PLAIN_DIFFUSERS_RECIPE", "OneStepPipeline", "one_step_sample", "seed_noise", "x0_from_eps"]

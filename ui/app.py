@@ -11,13 +11,14 @@ from types import SimpleNamespace
 import gradio as gr
 
 from erasure.output import read_run
+from erasure.registry import METHODS
 from pipelines.errors import InputError
 
 from .compare import ModelCache
 from .events import wire_compare, wire_erase, wire_export, wire_metrics
 from .jobs import EraseJob
 from .metrics import HEADERS
-from .options import PAPER, available_methods, component, method_options, preset_names
+from .options import PAPER, component, method_options, preset_names
 from .runs import default_prompts, find_runs, run_choices
 
 # Digits-world images are 32x32: scale them up without blurring.
@@ -124,7 +125,7 @@ def build_app(preview: Preview) -> gr.Blocks:
 
 def _erase_tab(preview: Preview, page: SimpleNamespace) -> None:
     """Method, concepts, and one input per field of each method's config (only the chosen method's shown)."""
-    methods = available_methods()
+    methods = list(METHODS)
     page.options = [option for method in methods for option in method_options(method)]
     presets = preset_names(page.options)
     family = preview.family()

@@ -43,10 +43,6 @@ class Option:
         return f"{self.help} ({self.type_name}; paper: {_show(self.default)}{tuned})".strip()
 
 
-def available_methods() -> list[str]:
-    return list(METHODS)
-
-
 def method_options(method: str) -> list[Option]:
     config_cls, _ = METHODS[method].load()
     hints = typing.get_type_hints(config_cls)
