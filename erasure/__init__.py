@@ -6,7 +6,8 @@
 The package imports lightly (the command line must start fast); `erase` loads on first use.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is set (pyproject.toml reads it)
+DISTRIBUTION = "concept-erasure-toolkit"  # the name on the package index; the command is `erasure`
 __all__ = ["erase", "__version__"]
 
 

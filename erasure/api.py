@@ -8,6 +8,7 @@ model as a diffusers-loadable folder (the changed component is a standalone subf
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,14 +16,28 @@ from pathlib import Path
 from pipelines.errors import InputError
 from pipelines.files import slug
 
-from .config import build_config, config_to_dict, load_yaml, parse_sets
+from .config import build_config, config_to_dict, load_config_file, parse_sets
 from .output import InterruptedRun, RunDirectory, library_versions, peak_memory_mb, write_manifest
 from .registry import get_method
 from .training import RunContext
 
+log = logging.getLogger(__name__)
+
 
 def default_out_dir(method: str, concepts: Sequence[str]) -> Path:
     return Path("runs") / f"{method}-{slug('-'.join(concepts))}"
+
+
+def _check_save_mode(save: str, source) -> None:
+    from pipelines.components import SAVE_MODES
+
+    if save not in SAVE_MODES:
+        raise InputError(f"unknown --save {save!r}; choose one of: {', '.join(SAVE_MODES)}")
+    if save == "changed" and (source.kind == "gan" or not source.path.is_dir()):
+        raise InputError(
+            f"--save changed needs a base saved as a diffusers pipeline folder; {source.spec} is a "
+            f"{'GAN' if source.kind == 'gan' else 'single-file checkpoint'}: use --save full"
+        )
 
 
 def erase(
@@ -34,26 +49,30 @@ def erase(
     config_file: str | Path | None = None,
     sets: Sequence[str] | dict = (),
     seed: int = 0,
-    device: str = "cpu",
+    device: str = "auto",
     mixed_precision: str = "no",
     resume: bool = False,
     checkpoint_every: int = 50,
     progress: bool = True,
     after_step: Callable[[int, int, dict], None] | None = None,
     model_config: str | Path | None = None,
+    save: str = "full",
 ) -> Path:
     """Erase `concepts` from `model` with `method`; returns the finished run folder."""
     from pipelines import load_model, resolve
+    from pipelines.devices import resolve_device
 
     from .common import check_concepts
 
+    device = resolve_device(device)
     spec = get_method(method)
     config_cls, entry = spec.load()
     concepts = check_concepts(list(concepts))
     source = resolve(model)
     if source.kind != spec.model_kind:
         raise InputError(f"{method} erases from {spec.model_kind} models, but {source.spec} is a {source.kind} model")
-    overrides = [load_yaml(config_file)] if config_file else []
+    _check_save_mode(save, source)
+    overrides = [load_config_file(config_file)[0]] if config_file else []
     overrides.append(parse_sets(list(sets)) if not isinstance(sets, dict) else dict(sets))
     config = build_config(config_cls, source.family, *overrides)
     if hasattr(config, "check_model"):  # what a config can check once it knows the model family
@@ -71,21 +90,25 @@ def erase(
         run_dir.begin()
     try:
         started = time.time()
+        log.info("loading %s (%s) on %s", source.spec, source.origin, device)
         base = load_model(source, device=device, single_file_config=model_config)
         loaded = time.time()
+        log.info("erasing %s with %s", ", ".join(concepts), method)
         result = entry(base, concepts, config, run)
         wall, erase_time = time.time() - started, time.time() - loaded
 
         def write(folder: Path) -> None:
             erased = {"method": method, "concepts": concepts, "base_model": source.spec}
-            result.model.save(folder, card={"erased": erased})
+            stored = result.model.save(folder, card={"erased": erased}, changed=result.changed, mode=save)
+            log.info("saved %s: %s", run_dir.final, ", ".join(f"{k} {v}" for k, v in stored.items()) or "whole")
             total = sum(p.numel() for name in result.changed for p in getattr(result.model, name).parameters())
             write_manifest(folder, {
                 "method": method, "paper": spec.paper.title, "paper_url": spec.paper.url,
                 "concepts": concepts, "base_model": source.describe(), "config": config_to_dict(config),
                 "seed": seed, "device": device, "mixed_precision": mixed_precision, "processes": run.num_processes,
-                "changed_components": result.changed, "trainable_parameters": result.trainable_parameters,
-                "changed_component_parameters": total, "final_logs": result.logs, **result.outcome,
+                "changed_components": result.changed, "save": save, "stored_components": stored,
+                "trainable_parameters": result.trainable_parameters, "changed_component_parameters": total,
+                "final_logs": result.logs, **result.outcome,
                 "wall_time_s": round(wall, 2), "erase_time_s": round(erase_time, 2), **peak_memory_mb(device),
                 "versions": library_versions(),
             })  # fmt: skip

@@ -12,6 +12,7 @@ import sys
 
 from pipelines.errors import InputError
 
+from . import DISTRIBUTION, __version__
 from .registry import METHODS
 
 DESCRIPTION = """\
@@ -32,7 +33,9 @@ examples:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto, the GPU when there is one)"
+    )
     p.add_argument(
         "--model-config", metavar="DIR",
         help="for a single-file checkpoint: a diffusers folder with its component configs (SD 1.x is built in)",
@@ -51,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="erasure", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__} ({DISTRIBUTION})")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the toolkit does (loading, saving)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(
@@ -59,11 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Erase CONCEPT from MODEL with METHOD. The run folder is written atomically: it is a "
         "diffusers-loadable model folder plus erasure.json with everything that produced it.",
     )  # fmt: skip
-    p.add_argument("--method", required=True, choices=list(METHODS), help="erasure method (see `erasure methods`)")
+    p.add_argument("--method", choices=list(METHODS), help="erasure method (see `erasure methods`)")
     p.add_argument("--model", default=None, help="model to erase from (default: the embedded `digits`)")
-    p.add_argument("--concept", action="append", required=True, help="concept to erase; repeat for several")
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of method options")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="set one method option (repeatable)")
+    p.add_argument("--concept", action="append", help="concept to erase; repeat for several")
+    p.add_argument(
+        "--config", metavar="FILE",
+        help="YAML file of method options (`--show-config > FILE` writes one), or a finished run's erasure.json: "
+        "then its method, concepts, base model, seed and options are the defaults, and the run is reproduced",
+    )  # fmt: skip
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="set one method option (repeatable); a list is a,b,c or, when an item holds a comma, a YAML list "
+        "such as \"prompt_templates=['a photo of {}, in a museum', '{}']\"",
+    )  # fmt: skip
     p.add_argument(
         "--images", metavar="DIR|builtin",
         help="a folder of a few images of the concept, for methods that learn from images (fewshot); "
@@ -71,12 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="run folder to create (default: runs/<method>-<concept>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="accelerate mixed precision")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="accelerate mixed precision")
+    p.add_argument(
+        "--save", default="full", choices=["full", "changed"],
+        help="full: a complete pipeline folder, unchanged components linked or copied from the base byte for "
+        "byte (default); changed: only the changed components and a reference to the base (by path or hub id "
+        "and sha256), which every erasure command resolves",
+    )  # fmt: skip
     p.add_argument(
         "--checkpoint-every", type=int, default=50, metavar="N", help="checkpoint every N steps (default: 50)"
     )
-    p.add_argument("--show-config", action="store_true", help="print the method's options and defaults, then exit")
+    p.add_argument(
+        "--show-config", action="store_true",
+        help="print the method's options for --model (with --config/--set applied) as YAML that --config reads back, "
+        "then exit",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_options(p)
     p.set_defaults(func=cmd_erase)
@@ -131,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda for generating and erasing (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N for generating and erasing "
+                   "(default: auto, the GPU when there is one)")  # fmt: skip
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser(
@@ -179,14 +203,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_erase(args: argparse.Namespace) -> int:
     from .api import erase
+    from .config import load_config_file
 
+    recorded = load_config_file(args.config)[1] if args.config else None
+    if recorded is not None:  # a finished run's erasure.json: its settings are the defaults
+        from .output import recorded_base_model
+
+        args.method = args.method or recorded["method"]
+        args.concept = args.concept or recorded["concepts"]
+        args.model = args.model or recorded_base_model(recorded)
+        args.seed = recorded.get("seed", 0) if args.seed is None else args.seed
+        args.mixed_precision = args.mixed_precision or recorded.get("mixed_precision")
+    if args.method is None:
+        raise InputError(f"--method is needed; choose one of: {', '.join(METHODS)}")
+    sets = ([f"images={args.images}"] if args.images else []) + args.set
     if args.show_config:
-        return _show_config(args.method)
+        return _show_config(args.method, args.model, args.config, sets)
+    if not args.concept:
+        raise InputError("--concept is needed (repeat it for several concepts)")
     out = erase(
-        args.method, args.concept, args.model, out=args.out, config_file=args.config,
-        sets=([f"images={args.images}"] if args.images else []) + args.set,
-        seed=args.seed, device=args.device, mixed_precision=args.mixed_precision, resume=args.resume,
-        checkpoint_every=args.checkpoint_every, progress=not args.quiet, model_config=args.model_config,
+        args.method, args.concept, args.model, out=args.out, config_file=args.config, sets=sets,
+        seed=0 if args.seed is None else args.seed, device=args.device, mixed_precision=args.mixed_precision or "no",
+        resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet,
+        model_config=args.model_config, save=args.save,
     )  # fmt: skip
     from accelerate import PartialState
 
@@ -195,18 +234,17 @@ def cmd_erase(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_config(method: str) -> int:
-    from .config import describe_fields
+def _show_config(method: str, model: str | None, config_file: str | None, sets: list[str]) -> int:
+    from pipelines import resolve
+
+    from .config import build_config, config_yaml, load_config_file, parse_sets
     from .registry import get_method
 
     config_cls, _ = get_method(method).load()
-    presets = getattr(config_cls, "PRESETS", {})
-    print(f"{method} options (paper defaults; model-family presets in brackets):")
-    for name, type_name, default, help_text in describe_fields(config_cls):
-        tuned = ", ".join(f"{family}: {values[name]}" for family, values in presets.items() if name in values)
-        print(f"  {name} ({type_name}) = {default!r}" + (f"  [{tuned}]" if tuned else ""))
-        if help_text:
-            print(f"      {help_text}")
+    family = resolve(model).family
+    layers = [load_config_file(config_file)[0]] if config_file else []
+    config = build_config(config_cls, family, *layers, parse_sets(sets))
+    print(config_yaml(method, config, family), end="")
     return 0
 
 
@@ -297,16 +335,31 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`erasure methods | head`): stop quietly, as Unix tools do. Output still
+        # buffered for the closed pipe would fail again at exit, so stdout is pointed at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get("ERASURE_DEBUG") == "1"
+    from pipelines.logs import log_to_stderr
+
     from .output import InterruptedRun
 
+    log_to_stderr(verbose=args.verbose)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        raise
     except InputError as exc:
         return _fail(f"error: {exc}", 2, debug)
     except InterruptedRun as exc:

@@ -65,7 +65,7 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
     if origin in (list, tuple):
         (item_type, *_) = get_args(tp)
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+            value = _split_list(name, value)
         if not isinstance(value, (list, tuple)):
             raise InputError(f"bad value for {name}: {value!r} is not a list")
         items = [coerce(name, item_type, v) for v in value]
@@ -99,6 +99,22 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
     raise TypeError(f"config field {name} has an unsupported type {tp!r}")
 
 
+def _split_list(name: str, text: str) -> list:
+    """A list from the command line: `a,b,c`, or a YAML list `['a photo of {}, in a museum', b]` when an
+    item holds a comma."""
+    import yaml
+
+    if text.strip().startswith("["):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise InputError(f"bad value for {name}: {text!r} is not a YAML list") from None
+        if not isinstance(value, list):
+            raise InputError(f"bad value for {name}: {text!r} is not a YAML list")
+        return value
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def parse_sets(pairs: list[str]) -> dict[str, str]:
     """`["lr=1e-4", "scope=attn"]` -> {"lr": "1e-4", "scope": "attn"}."""
     out: dict[str, str] = {}
@@ -123,6 +139,51 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"config file {path} must hold a mapping of option: value")
     return data
+
+
+RUN_FORMAT_PREFIX = "erasure-run/"
+
+
+def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict | None]:
+    """Method options from `path`: a YAML file of `option: value`, or a finished run's erasure.json.
+
+    For a run's erasure.json the options are its resolved config, and the manifest comes back too
+    (method, concepts, base model, seed), so that a rerun can reproduce the run.
+    """
+    data = load_yaml(path)
+    if not str(data.get("format", "")).startswith(RUN_FORMAT_PREFIX):
+        return data, None
+    options = data.get("config")
+    if not isinstance(options, dict) or not data.get("method") or not data.get("concepts"):
+        raise InputError(f"{path} is a run manifest without its method, concepts or config; it cannot be rerun")
+    return options, data
+
+
+def config_yaml(method: str, config: Any, family: str) -> str:
+    """`config` as a YAML file that `--config` reads back, each option with its help and paper default."""
+    defaults = {name: default for name, _, default, _ in describe_fields(type(config))}
+    values = config_to_dict(config)
+    lines = [
+        f"# {method} options for the {family} model family: paper defaults, then the family's preset,",
+        f"# then --config and --set. Use it with: erasure erase --method {method} --config THIS_FILE",
+    ]
+    for name, type_name, _, help_text in describe_fields(type(config)):
+        paper = "" if values[name] == _plain(defaults[name]) else f" [paper default: {_yaml_value(defaults[name])}]"
+        lines.append(f"# {name} ({type_name}){paper}{': ' + help_text if help_text else ''}")
+        lines.append(f"{name}: {_yaml_value(values[name])}")
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _yaml_value(value: Any) -> str:
+    """One value in YAML flow style (lists on one line, strings quoted when YAML needs it)."""
+    import yaml
+
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, width=2**31)
+    return text.strip().removesuffix("...").strip()  # a lone scalar ends with a document-end marker
 
 
 def build_config(cls: type, family: str, *layers: dict[str, Any]):

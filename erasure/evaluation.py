@@ -12,12 +12,7 @@ from pathlib import Path
 from pipelines.errors import InputError
 from pipelines.files import atomic_write, slug, write_json
 
-from .output import read_manifest
-
-
-def _baseline_spec(manifest: dict) -> str:
-    base = manifest["base_model"]
-    return base["spec"] if base["origin"] in ("embedded", "hub") else base["path"]
+from .output import read_manifest, recorded_base_model
 
 
 def run_eval(
@@ -30,20 +25,22 @@ def run_eval(
     seed: int = 0,
     clip: str | None = None,
     fid_features: str | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     model_config: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
     """Evaluate and write the JSON report (and grids beside it); returns the JSON path."""
     from evaluators.report import evaluate, evaluate_gan
     from pipelines import load_model, resolve
+    from pipelines.devices import resolve_device
     from pipelines.loading import comparable_kinds
 
     from .common import check_concepts
 
+    device = resolve_device(device)
     manifest = read_manifest(target) if Path(target).is_dir() else None
     if manifest is not None:
-        baseline = baseline or _baseline_spec(manifest)
+        baseline = baseline or recorded_base_model(manifest)
         concepts = concepts or manifest["concepts"]
     if not baseline:
         raise InputError("--baseline is needed: the model is not an erased run folder")

@@ -121,7 +121,7 @@ class Run:
     manifest: dict
     kind: str  # "text-to-image" or "gan"
     method: Method
-    model_files: list[Path]  # relative to `path`: what makes up the loadable model
+    model_files: dict[Path, Path]  # what makes up the loadable model: {path in the Hub folder: file}
     model_card: dict  # erasure_model.json (family, sampling defaults, what was erased)
     report: dict | None  # eval.json; None when exported with --no-eval
 
@@ -195,10 +195,12 @@ def load_run(run_dir: str | Path, *, no_eval: bool = False) -> Run:
     if source.kind not in PIPELINE_TAGS:
         raise InputError(f"{path}: exporting {source.kind} models is not available in this version")
     files = _model_files(path, source.kind)
-    pickled = [f for f in files if f.suffix in PICKLED_SUFFIXES]
+    pickled = [f for f in files.values() if f.suffix in PICKLED_SUFFIXES]
     if pickled:
-        raise InputError(f"{path / pickled[0]}: only safetensors weights are exported, never pickled files")
-    check_safetensors(path)
+        raise InputError(f"{pickled[0]}: only safetensors weights are exported, never pickled files")
+    for file in files.values():
+        if file.suffix == ".safetensors":
+            check_safetensors(file)
 
     report = None
     if not no_eval:
@@ -221,22 +223,20 @@ def load_run(run_dir: str | Path, *, no_eval: bool = False) -> Run:
     return Run(path, manifest, source.kind, method, files, source.card, report)
 
 
-def _model_files(path: Path, kind: str) -> list[Path]:
-    """The files that make up the loadable model, relative to the run folder."""
+def _model_files(path: Path, kind: str) -> dict[Path, Path]:
+    """The files that make up the loadable model: {path in the Hub folder: file to copy}."""
+    from pipelines.components import component_folders
+
     if kind == "gan":
         root = Path(".") if (path / GAN_FILES[0]).is_file() else Path("generator")
         missing = [name for name in GAN_FILES if not (path / root / name).is_file()]
         if missing:
             raise InputError(f"{path} is not a complete GAN folder (missing {', '.join(missing)})")
-        return [root / name for name in GAN_FILES]
-    index = json.loads((path / "model_index.json").read_text())
-    files = [Path("model_index.json")]
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or None in spec:
-            continue  # attributes such as requires_safety_checker, and absent parts (safety_checker)
-        if not (path / name).is_dir():
-            raise InputError(f"{path} is missing the {name}/ folder that model_index.json lists")
-        files += sorted(p.relative_to(path) for p in (path / name).rglob("*") if p.is_file())
+        return {root / name: path / root / name for name in GAN_FILES}
+    files = {Path("model_index.json"): path / "model_index.json"}
+    # A `--save changed` run lends its unchanged components from its base: the Hub folder gets them whole.
+    for name, folder in component_folders(path).items():
+        files.update((Path(name) / p.relative_to(folder), p) for p in sorted(folder.rglob("*")) if p.is_file())
     return files
 
 
@@ -272,9 +272,9 @@ def _check_hub_access() -> None:
 
 def write_hub_folder(run: Run, folder: Path, repo_id: str, metadata: dict, *, single_file: bool = False) -> None:
     """Fill `folder` (which exists and is empty) with everything the Hub repository holds."""
-    for rel in run.model_files:
+    for rel, file in run.model_files.items():
         # A GAN's files go under generator/, where the toolkit's loader and its Hub download look for them.
-        _copy(run.path / rel, folder / "generator" / rel.name if run.kind == "gan" else folder / rel)
+        _copy(file, folder / "generator" / rel.name if run.kind == "gan" else folder / rel)
     for name in (MANIFEST, MODEL_CARD_FILE):
         if (run.path / name).is_file():
             _copy(run.path / name, folder / name)

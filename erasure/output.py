@@ -19,7 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.errors import InputError
-from pipelines.files import write_json
+from pipelines.files import normalise_permissions, write_json
+
+from . import DISTRIBUTION
 
 MANIFEST = "erasure.json"
 FORMAT = "erasure-run/1"
@@ -56,6 +58,7 @@ class RunDirectory:
         staging = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.staging-", dir=self.final.parent))
         try:
             write(staging)
+            normalise_permissions(staging)  # mkdtemp's 0700 (and safetensors' 0600) would keep colleagues out
             os.rename(staging, self.final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -75,7 +78,7 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for package in ("concept-erasure", "torch", "diffusers", "transformers", "accelerate", "open-clip-torch"):
+    for package in (DISTRIBUTION, "torch", "diffusers", "transformers", "accelerate", "open-clip-torch"):
         try:
             out[package] = version(package)
         except PackageNotFoundError:
@@ -106,6 +109,12 @@ def read_manifest(directory: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         raise InputError(f"{path} is not valid JSON") from None
+
+
+def recorded_base_model(manifest: dict) -> str:
+    """The base model of a run as a name `resolve` takes: embedded names and Hub ids as given, else the path."""
+    base = manifest["base_model"]
+    return base["spec"] if base["origin"] in ("embedded", "hub") else base["path"]
 
 
 def read_run(path: str | Path) -> dict:

@@ -21,13 +21,15 @@ def sample(
     steps: int | None = None,
     guidance: float | None = None,
     truncation: float = 1.0,
-    device: str = "cpu",
+    device: str = "auto",
     model_config: str | Path | None = None,
 ) -> Path:
     """Generate `n` images per prompt with seeds seed..seed+n-1 and write them to `out`."""
     from pipelines import load_model, resolve
+    from pipelines.devices import resolve_device
     from pipelines.images import labelled_grid
 
+    device = resolve_device(device)
     if n < 1:
         raise InputError("--n must be at least 1")
     source = resolve(model)

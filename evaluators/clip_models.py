@@ -94,10 +94,12 @@ def _transformers_clip(path: Path, name: str, version: str, device: str) -> Clip
     from transformers import CLIPModel
 
     from pipelines.loading import check_safetensors
+    from pipelines.logs import quiet_libraries
 
     check_safetensors(path)
     try:
-        model = CLIPModel.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        with quiet_libraries():
+            model = CLIPModel.from_pretrained(path, dtype=torch.float32).to(device).eval()
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load a CLIP model from {path}: {exc}") from None
     model.requires_grad_(False)

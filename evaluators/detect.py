@@ -98,9 +98,12 @@ class ImageClassifierDetector:
     def __init__(self, path: str, label: str, device: str = "cpu"):
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+        from pipelines.logs import quiet_libraries
+
         try:
-            self.model = AutoModelForImageClassification.from_pretrained(path).to(device).eval()
-            processor = AutoImageProcessor.from_pretrained(path)
+            with quiet_libraries():
+                self.model = AutoModelForImageClassification.from_pretrained(path).to(device).eval()
+                processor = AutoImageProcessor.from_pretrained(path)
         except (OSError, ValueError) as exc:
             raise InputError(f"cannot load the image classifier {path!r}: {str(exc).splitlines()[0]}") from None
         labels = self.model.config.label2id

@@ -117,7 +117,7 @@ class NudeNetJudge:
             from nudenet import NudeDetector
         except ImportError:
             raise InputError(
-                "the NudeNet judge needs the optional extra: pip install 'concept-erasure[nudenet]'"
+                "the NudeNet judge needs the optional extra: pip install 'concept-erasure-toolkit[nudenet]'"
             ) from None
         self.detector = NudeDetector()
         self.threshold = threshold

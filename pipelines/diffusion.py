@@ -14,22 +14,14 @@ import torch
 from PIL import Image
 
 from .cards import write_model_card
+from .components import loadable_folder, save_pipeline
 from .errors import InputError
 from .loading import ModelSource, check_safetensors
+from .logs import quiet_libraries
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 # Sampling defaults for checkpoints that carry no erasure_model.json (real Stable Diffusion).
 SD_SAMPLING = {"steps": 30, "guidance": 7.5}
-
-
-def _quiet_diffusers() -> None:
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
 
 
 class TextToImageModel:
@@ -173,11 +165,23 @@ class TextToImageModel:
         cls = type(getattr(self.pipe, name))
         self.replace(name, cls.from_pretrained(folder, dtype=getattr(self.pipe, name).dtype))
 
-    def save(self, directory: str | Path, card: dict | None = None) -> None:
-        """Save the whole pipeline (diffusers layout, safetensors) and its erasure_model.json."""
+    def save(
+        self, directory: str | Path, card: dict | None = None, *, changed: list[str] | None = None, mode: str = "full"
+    ) -> dict[str, str]:
+        """Save the pipeline (diffusers layout, safetensors) and its erasure_model.json.
+
+        With `changed` (the components that differ from the base), the others are the base's own files:
+        linked into a complete folder (`mode="full"`), or referenced (`mode="changed"`, see
+        pipelines/components.py). Without it, every component is serialised. Returns how each was stored.
+        """
         directory = Path(directory)
-        self.pipe.save_pretrained(directory, safe_serialization=True)
+        if changed is None:
+            self.pipe.save_pretrained(directory, safe_serialization=True)
+            stored = {}
+        else:
+            stored = save_pipeline(self.pipe, directory, changed=changed, source=self.source, mode=mode)
         write_model_card(directory, {**self.source.card, **(card or {})})
+        return stored
 
 
 class OneStepModel(TextToImageModel):
@@ -199,19 +203,19 @@ class OneStepModel(TextToImageModel):
     def _sample(self, embeds, negative, generators, steps, guidance) -> list[Image.Image]:
         return self.pipe(prompt_embeds=embeds, generator=generators, output_type="pil").images
 
-    def save(self, directory: str | Path, card: dict | None = None) -> None:
+    def save(self, directory: str | Path, card: dict | None = None, **how) -> dict[str, str]:
         # The teacher's card carries its own sampling defaults; this model's are one step, no guidance.
-        super().save(directory, {**(card or {}), "sampling": self.sampling})
+        return super().save(directory, {**(card or {}), "sampling": self.sampling}, **how)
 
 
 def load_one_step(source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load a one-step generator folder written by SFD."""
     from .one_step import OneStepPipeline
 
-    _quiet_diffusers()
     check_safetensors(source.path)
     try:
-        pipe = OneStepPipeline.from_pretrained(source.path, dtype=dtype)
+        with quiet_libraries(), loadable_folder(source.path) as folder:
+            pipe = OneStepPipeline.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"cannot load a one-step pipeline from {source.path}: {exc}") from None
     return OneStepModel(pipe, source).to(device)
@@ -226,14 +230,14 @@ def load_text_to_image(
     """Load a StableDiffusionPipeline from a resolved source (folder, Hub snapshot or single file)."""
     from diffusers import StableDiffusionPipeline
 
-    _quiet_diffusers()
     no_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     if source.origin == "single-file":
         pipe = _load_single_file(source.path, single_file_config, dtype, no_checker)
     else:
         check_safetensors(source.path)
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(source.path, dtype=dtype, **no_checker)
+            with quiet_libraries(), loadable_folder(source.path) as folder:
+                pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, **no_checker)
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(f"cannot load a Stable Diffusion pipeline from {source.path}: {exc}") from None
     model = TextToImageModel(pipe, source).to(device)
@@ -273,9 +277,10 @@ def _load_single_file(path: Path, config: str | Path | None, dtype: torch.dtype,
         raise InputError(f"{config} is not a diffusers config folder (no model_index.json)")
     try:
         tokenizer = _config_tokenizer(config) or clip_tokenizer()
-        return StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), tokenizer=tokenizer, local_files_only=True, dtype=dtype, **extra
-        )
+        with quiet_libraries():
+            return StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config), tokenizer=tokenizer, local_files_only=True, dtype=dtype, **extra
+            )
     except InputError:
         raise
     except Exception as exc:

@@ -19,12 +19,47 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, normal_mode())  # mkstemp makes it private (0600); the result is an ordinary file
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask would, for an instant, in every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_mode(folder: bool = False) -> int:
+    """The mode `open` / `mkdir` would give: 0666 / 0777 less the umask (tempfile's are private, 0600 / 0700)."""
+    return (0o777 if folder else 0o666) & ~current_umask()
+
+
+def normalise_permissions(folder: Path) -> None:
+    """Give `folder` and what it holds the modes of ordinary files and folders.
+
+    Writers such as safetensors' create files 0600. Files with other hard links (a base model's
+    weights linked into a run) keep their mode: it belongs to the base.
+    """
+    folder.chmod(normal_mode(folder=True))
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(normal_mode(folder=True))
+        elif path.stat().st_nlink == 1:
+            path.chmod(normal_mode())
 
 
 def write_json(path: str | Path, data, **dump_options) -> Path:

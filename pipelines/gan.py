@@ -58,10 +58,13 @@ class GANModel:
             out += to_pil(self.images(self.latents(seeds[i : i + batch_size]), truncation))
         return out
 
-    def save(self, directory: str | Path, card: dict | None = None) -> None:
+    def save(self, directory: str | Path, card: dict | None = None, **how) -> dict[str, str]:
+        """Save the generator (and discriminator) whole: a GAN folder is two files of a few MB, with no
+        components to share with its base, so the `changed`/`mode` options of pipelines do not apply."""
         directory = Path(directory)
         save_gan(directory, self.generator, self.discriminator, self.latent_avg)
         write_model_card(directory, {**self.source.card, **(card or {})})
+        return {}
 
 
 def load_gan(source: ModelSource, device: str = "cpu") -> GANModel:

@@ -55,7 +55,7 @@ class ModelSource:
 
     def describe(self) -> dict:
         return {
-            "spec": self.spec, "kind": self.kind, "origin": self.origin, "path": str(self.path),
+            "spec": self.spec, "kind": self.kind, "origin": self.origin, "path": str(Path(self.path).resolve()),
             "revision": self.revision, "family": self.family, "sha256": weights_digest(self.path),
         }  # fmt: skip
 

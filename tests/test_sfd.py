@@ -142,7 +142,8 @@ def test_an_interrupted_run_resumes_to_a_bit_identical_end(tiny_pipeline_dir, tm
 def test_bad_values_are_refused(tiny_pipeline_dir, tmp_path):
     for bad in ["alpha=0", "generator_lr=nan", "fake_lr=-1", "forget_weight=-1", "guidance=inf", "t_min=0",
                 "t_min=500,t_max=400", "t_init=1000", "iterations=0", "batch_size=0", "forget_batch=-1",
-                "ema_decay=1", "adam_betas=0.9", "prompt_templates=a photo", "override= ", "remain_prompts=0"]:  # fmt: skip
+                "ema_decay=1", "adam_betas=0.9", "prompt_templates=a photo", "override= ",
+                "remain_prompts=0"]:  # fmt: skip
         with pytest.raises(InputError):
             build_config(SFDConfig, "sd", parse_sets(bad.split(",")))
     with pytest.raises(InputError, match="forget_batch = 0"):

@@ -18,12 +18,14 @@ def launch(
     port: int = 7860,
     share: bool = False,
     runs_dir: str | Path = "runs",
-    device: str = "cpu",
+    device: str = "auto",
 ) -> None:
     """Check the arguments, then serve the app until interrupted (bound to `host`; public only with `share`)."""
     from erasure.output import read_run
     from pipelines import resolve
+    from pipelines.devices import resolve_device
 
+    device = resolve_device(device)
     if not 0 < port < 65536:
         from pipelines.errors import InputError
 

@@ -1,0 +1,188 @@
+"""Installing and running next to other packages: the distribution, the command's manners (version,
+device, pipes, logging, permissions), reproducible configs, and run folders that fit real model sizes."""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from importlib.metadata import distribution
+
+import pytest
+import torch
+
+from erasure import DISTRIBUTION, __version__
+from pipelines.errors import InputError
+from pipelines.zoo import models as zoo
+
+ESD_TINY = ["--method", "esd", "--concept", "a cat", "--set", "iterations=2", "--set", "ddim_steps=3", "--quiet"]
+
+
+def run(*args, cwd=None, umask=None):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    preexec = (lambda: os.umask(umask)) if umask is not None else None
+    return subprocess.run([sys.executable, "-m", "erasure", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, preexec_fn=preexec, timeout=600)  # fmt: skip
+
+
+def test_the_distribution_carries_its_licence_and_declares_what_the_code_imports():
+    dist = distribution(DISTRIBUTION)
+    assert dist.metadata["License-Expression"] == "Apache-2.0"
+    licence = [f for f in dist.files or [] if f.name == "LICENSE"]
+    assert licence and "Apache License" in licence[0].read_text()
+    declared = {req.split(">")[0].split("=")[0].split("[")[0].strip().lower() for req in dist.requires or []}
+    for needed in ("torch", "torchvision", "diffusers", "transformers", "accelerate", "open-clip-torch", "pandas"):
+        assert needed in declared
+
+
+def test_python_dash_m_and_version():
+    result = run("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"erasure {__version__} ({DISTRIBUTION})"
+    result = run("methods")
+    assert result.returncode == 0 and "advunlearn" in result.stdout
+
+
+def test_a_closed_pipe_ends_quietly():
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "erasure", "methods"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)  # fmt: skip
+    proc.stdout.close()  # the reader is gone before the first line is written, as with `| head -0`
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and err == b""
+
+
+def test_auto_device_is_the_cpu_on_a_machine_without_cuda():
+    from pipelines.devices import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert resolve_device("auto") == resolve_device(None) == "cpu"
+    for bad, message in [("foo", "unknown device"), ("cuda", "CUDA is not available"), ("mps", "not supported")]:
+        with pytest.raises(InputError, match=message):
+            resolve_device(bad)
+
+
+def test_loading_leaves_the_libraries_verbosity_alone(tiny_pipeline_dir):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from pipelines import load_model
+
+    transformers_logging.set_verbosity_info()
+    diffusers_logging.set_verbosity_warning()
+    try:
+        load_model(str(tiny_pipeline_dir))
+        assert transformers_logging.get_verbosity() == transformers_logging.INFO
+        assert diffusers_logging.get_verbosity() == diffusers_logging.WARNING
+        assert transformers_logging.is_progress_bar_enabled()
+    finally:
+        transformers_logging.set_verbosity_warning()
+
+
+def test_show_config_needs_no_concept_and_round_trips_through_config(tiny_pipeline_dir, tmp_path):
+    shown = run("erase", "--method", "sfd", "--show-config")
+    assert shown.returncode == 0, shown.stderr
+    assert "iterations: 300" in shown.stdout and "[paper default: 2000]" in shown.stdout  # digits preset
+    (tmp_path / "sfd.yaml").write_text(shown.stdout)
+    again = run("erase", "--method", "sfd", "--config", str(tmp_path / "sfd.yaml"), "--show-config")
+    assert again.returncode == 0 and again.stdout == shown.stdout
+
+    edited = shown.stdout.replace("iterations: 300", "iterations: 7")
+    (tmp_path / "sfd.yaml").write_text(edited)
+    again = run("erase", "--method", "sfd", "--config", str(tmp_path / "sfd.yaml"), "--show-config",
+                "--set", "prompt_templates=['a photo of {}, in a museum', '{}']")  # fmt: skip
+    assert "iterations: 7" in again.stdout
+    assert "prompt_templates: ['a photo of {}, in a museum', '{}']" in again.stdout
+
+    sd = run("erase", "--method", "esd", "--model", str(tiny_pipeline_dir), "--show-config")
+    assert "iterations: 1000" in sd.stdout  # the paper's value for a Stable-Diffusion-family model
+    assert run("erase", "--method", "esd").stderr.startswith("error: --concept is needed")
+
+
+def test_a_run_is_reproduced_from_its_erasure_json_and_its_files_are_readable_by_others(tiny_pipeline_dir, tmp_path):
+    first = run("erase", *ESD_TINY, "--model", str(tiny_pipeline_dir), "--seed", "3", "--out", "first", cwd=tmp_path,
+                umask=0o002)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    for path in [tmp_path / "first", *(tmp_path / "first").rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if path.is_dir():
+            assert mode == 0o775, path
+        elif path.stat().st_nlink == 1:  # linked base files keep the base's mode
+            assert mode == 0o664, path
+
+    again = run("erase", "--config", "first/erasure.json", "--out", "again", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    a, b = (json.loads((tmp_path / name / "erasure.json").read_text()) for name in ("first", "again"))
+    for key in ("method", "concepts", "seed", "config"):
+        assert a[key] == b[key]
+    assert b["base_model"]["sha256"] == a["base_model"]["sha256"]
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "first" / weights).read_bytes() == (tmp_path / "again" / weights).read_bytes()
+
+
+def _files_size(folder) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_unchanged_components_are_the_base_files_and_a_changed_only_run_loads_them(tiny_pipeline_dir, tmp_path):
+    from pipelines import load_model
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_pipeline_dir, base)
+    for mode in ("full", "changed"):
+        result = run("erase", *ESD_TINY, "--model", str(base), "--save", mode, "--out", mode, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    full, changed = tmp_path / "full", tmp_path / "changed"
+
+    stored = json.loads((full / "erasure.json").read_text())["stored_components"]
+    assert stored == {"vae": "linked", "text_encoder": "linked", "tokenizer": "linked", "unet": "saved",
+                      "scheduler": "linked"}  # fmt: skip
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        for file in (base / part).iterdir():
+            assert (full / part / file.name).read_bytes() == file.read_bytes()
+    assert sorted(p.name for p in changed.iterdir() if p.is_dir()) == ["unet"]
+    assert _files_size(changed) - _files_size(changed / "unet") < 8_000  # the rest is a few small JSON files
+
+    images = [load_model(str(run_dir)).generate(["a cat"], [0, 1], steps=3)[0] for run_dir in (full, changed)]
+    for a, b in zip(*images):
+        assert a.tobytes() == b.tobytes()
+
+    tampered = base / "vae" / "config.json"
+    tampered.write_text(tampered.read_text().replace('"sample_size": 16', '"sample_size": 32'))
+    result = run("sample", str(changed), "--prompt", "a cat", "--out", str(tmp_path / "g.png"))
+    assert result.returncode == 2 and "has changed since the run was saved" in result.stderr, result.stderr
+    shutil.rmtree(base)
+    result = run("sample", str(changed), "--prompt", "a cat", "--out", str(tmp_path / "g.png"))
+    assert result.returncode == 2 and "is no longer there" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "g.png").exists()
+    assert load_model(str(full)).unet is not None  # the full run does not depend on its base
+
+
+def test_save_changed_is_refused_for_a_gan_before_any_work(tmp_path):
+    result = run("erase", "--method", "text2unlearn", "--model", "digits-gan", "--concept", "seven",
+                 "--save", "changed", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2 and "--save changed needs a base saved as a diffusers pipeline" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_advunlearn_run_of_digits_sd_is_the_base_plus_its_text_encoder(tmp_path):
+    base = zoo.embedded_path("digits-sd")
+    sets = ["--set", "iterations=2", "--set", "bank_size=0", "--quiet"]
+    for mode in ("full", "changed"):
+        result = run("erase", "--method", "advunlearn", "--concept", "seven", *sets, "--save", mode, "--out", mode,
+                     cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    encoder = _files_size(tmp_path / "full" / "text_encoder")
+    assert _files_size(tmp_path / "full") <= _files_size(base) + encoder
+    assert _files_size(tmp_path / "changed") <= encoder + 8_000
+    # the unchanged UNet keeps the base's fp16 file
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "full" / unet).read_bytes() == (base / unet).read_bytes()
+
+
+def test_shipped_digits_sd_has_one_weight_file_per_component():
+    # (the old shards carried an index whose total_size counted the float32 bytes before the fp16 conversion)
+    for part in ("unet", "text_encoder", "vae"):
+        files = sorted(p.name for p in (zoo.SHIPPED_ROOT / "digits-sd" / part).iterdir() if "safetensors" in p.name)
+        assert files == ["model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"]
