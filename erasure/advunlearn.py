@@ -54,16 +54,22 @@ class AdvUnlearnConfig:
     scope: str = field(
         default="full", metadata={"help": "text-encoder parameters to train: full | attn | mlp | layers=i..j"}
     )
-    iterations: int = field(default=1000, metadata={"help": "outer (unlearning) steps"})
-    lr: float = field(default=1e-5, metadata={"help": "Adam learning rate of the text encoder"})
+    iterations: int = field(default=1000, metadata={"bounds": "[1, inf)", "help": "outer (unlearning) steps"})
+    lr: float = field(default=1e-5, metadata={"bounds": "(0, inf)", "help": "Adam learning rate of the text encoder"})
     attack: Literal["pgd", "fast-at"] = field(
         default="pgd",
         metadata={"help": "inner attack: pgd (attack_steps Adam steps) or fast-at (one sign step of attack_lr from a "
                   "random point within attack_lr / 1.25 of the start: Wong et al.'s fast AT)"},
     )  # fmt: skip
-    attack_tokens: int = field(default=1, metadata={"help": "k: adversarial embeddings inserted after the start token"})
-    attack_steps: int = field(default=30, metadata={"help": "optimiser steps of the pgd attack per iteration"})
-    attack_lr: float = field(default=1e-3, metadata={"help": "pgd: Adam lr of the attack; fast-at: sign-step size"})
+    attack_tokens: int = field(
+        default=1, metadata={"bounds": "[1, 75]", "help": "k: adversarial embeddings inserted after the start token"}
+    )
+    attack_steps: int = field(
+        default=30, metadata={"bounds": "[1, inf)", "help": "optimiser steps of the pgd attack per iteration"}
+    )
+    attack_lr: float = field(
+        default=1e-3, metadata={"bounds": "(0, inf)", "help": "pgd: Adam lr of the attack; fast-at: sign-step size"}
+    )
     attack_init: Literal["latest", "random"] = field(
         default="latest",
         metadata={"help": "start of each attack: latest (warm start from the previous one) | random (fresh tokens)"},
@@ -74,21 +80,29 @@ class AdvUnlearnConfig:
     )
     warmup: int = field(default=200, metadata={"help": "first iterations without attack (plain ESD on the encoder)"})
     retain_weight: float = field(
-        default=0.3, metadata={"help": "gamma of the utility-retaining term (0.3 nudity, code 1.0)"}
+        default=0.3,
+        metadata={"bounds": "[0, inf)", "help": "gamma of the utility-retaining term (0.3 nudity, code 1.0)"},
     )
-    retain_batch: int = field(default=5, metadata={"help": "retain prompts per iteration"})
-    negative_guidance: float = field(default=1.0, metadata={"help": "eta of the ESD target"})
+    retain_batch: int = field(default=5, metadata={"bounds": "[1, inf)", "help": "retain prompts per iteration"})
+    negative_guidance: float = field(default=1.0, metadata={"bounds": "[0, inf)", "help": "eta of the ESD target"})
     bank_size: int = field(
         default=0,
         metadata={"help": "iterations' worth of x_t (concept and retain) drawn once with the frozen UNet and original "
                   "encoder, with their targets, and reused; 0: fresh trajectories every iteration (the paper)"},
     )  # fmt: skip
     bank_refresh: int = field(default=0, metadata={"help": "iterations between redrawing the bank (0: never)"})
-    ddim_steps: int = field(default=50, metadata={"help": "DDIM steps of the trajectory that makes x_t"})
-    sample_guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance while sampling x_t"})
-    batch_size: int = field(default=1, metadata={"help": "x_t samples of the concept per iteration"})
+    ddim_steps: int = field(
+        default=50, metadata={"bounds": "[2, 1000]", "help": "DDIM steps of the trajectory that makes x_t"}
+    )
+    sample_guidance: float = field(
+        default=3.0, metadata={"bounds": "[0, inf)", "help": "classifier-free guidance while sampling x_t"}
+    )
+    batch_size: int = field(
+        default=1, metadata={"bounds": "[1, inf)", "help": "x_t samples of the concept per iteration"}
+    )
     prompt_templates: list[str] = field(
-        default_factory=lambda: ["{}"], metadata={"help": "templates filled with each concept ('{}' = the concept)"}
+        default_factory=lambda: ["{}"],
+        metadata={"templates": True, "help": "templates filled with each concept ('{}' = the concept)"},
     )
 
     # Tuned for the embedded digits world (erasing "seven"; every setting tried is measured in
@@ -106,16 +120,6 @@ class AdvUnlearnConfig:
 
     def __post_init__(self) -> None:
         validate_scope("text_encoder", self.scope)
-        if self.iterations < 1 or self.attack_tokens < 1 or self.attack_steps < 1 or self.ddim_steps < 2:
-            raise ValueError("iterations, attack_tokens, attack_steps must be >= 1 and ddim_steps >= 2")
-        if self.warmup < 0 or self.retain_weight < 0 or self.retain_batch < 1 or self.batch_size < 1:
-            raise ValueError("warmup and retain_weight must be >= 0; retain_batch and batch_size >= 1")
-        if self.bank_size < 0 or self.bank_refresh < 0:
-            raise ValueError("bank_size and bank_refresh must be >= 0")
-        if self.lr <= 0 or self.attack_lr <= 0:
-            raise ValueError("lr and attack_lr must be positive")
-        if not self.prompt_templates or any("{}" not in t for t in self.prompt_templates):
-            raise ValueError("every prompt template must contain '{}' for the concept")
 
 
 CONFIG = AdvUnlearnConfig
@@ -207,9 +211,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     # Every process holds all adversaries (the checkpoint's), and attacks with its own rows.
     state = {"adv": random_tokens(torch.Generator().manual_seed(run.seed))}
     optimizer = torch.optim.Adam([p for p in encoder.parameters() if p.requires_grad], lr=config.lr)
-    fingerprint = {"method": "advunlearn", "concepts": concepts, "seed": run.seed, "config": repr(config)}
-    loop = TrainingLoop(run, {"text_encoder": Network(encoder, optimizer)}, desc="advunlearn", state=state,
-                        fingerprint=fingerprint)  # fmt: skip
+    loop = TrainingLoop(run, {"text_encoder": Network(encoder, optimizer)}, desc="advunlearn", state=state)  # fmt: skip
     # The prepared encoder runs the retain term's forward pass, which (under several processes)
     # makes the backward pass synchronise the encoder's gradients; the adversarial forward pass
     # reaches the encoder's layers directly, through `encode_with_inserted`.

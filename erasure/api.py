@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipelines.errors import InputError
-from pipelines.files import slug
+from pipelines.files import check_writable, slug
 
 from .config import build_config, config_to_dict, load_config_file, parse_sets
 from .output import InterruptedRun, RunDirectory, library_versions, peak_memory_mb, write_manifest
@@ -38,6 +38,18 @@ def _check_save_mode(save: str, source) -> None:
             f"--save changed needs a base saved as a diffusers pipeline folder; {source.spec} is a "
             f"{'GAN' if source.kind == 'gan' else 'single-file checkpoint'}: use --save full"
         )
+
+
+def run_fingerprint(
+    method: str, concepts: list[str], config, seed: int, mixed_precision: str, base_model: dict
+) -> dict:
+    """Everything that determines a run's result; a checkpoint resumes only under the same one."""
+    versions = library_versions()
+    return {
+        "method": method, "concepts": list(concepts), "config": config_to_dict(config), "seed": seed,
+        "mixed_precision": mixed_precision, "base_model_sha256": base_model["sha256"],
+        "versions": {k: versions.get(k) for k in ("torch", "diffusers", "transformers")},
+    }  # fmt: skip
 
 
 def erase(
@@ -77,10 +89,16 @@ def erase(
     config = build_config(config_cls, source.family, *overrides)
     if hasattr(config, "check_model"):  # what a config can check once it knows the model family
         config.check_model(source.family, concepts)
-    run_dir = RunDirectory(out or default_out_dir(method, concepts), resume=resume)
+    from .bounds import SEED_BOUNDS, check_number
+
+    check_number("--seed", seed, SEED_BOUNDS)
+    check_number("--checkpoint-every", checkpoint_every, "[1, inf)")
+    run_dir = RunDirectory(check_writable(default_out_dir(method, concepts) if out is None else out), resume=resume)
+    base_model = source.describe()  # hashes the base's weights: the run and its checkpoints are tied to them
     run = RunContext(
         seed=seed, device=device, mixed_precision=mixed_precision, checkpoint_dir=run_dir.checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=resume, progress=progress, after_step=after_step,
+        fingerprint=run_fingerprint(method, concepts, config, seed, mixed_precision, base_model),
     )  # fmt: skip
     # Under several processes (accelerate launch, torchrun) every process trains; the main one
     # alone owns the run folder. All check it before any of them creates anything.
@@ -90,7 +108,6 @@ def erase(
         run_dir.begin()
     try:
         started = time.time()
-        log.info("loading %s (%s) on %s", source.spec, source.origin, device)
         base = load_model(source, device=device, single_file_config=model_config)
         loaded = time.time()
         log.info("erasing %s with %s", ", ".join(concepts), method)
@@ -104,7 +121,7 @@ def erase(
             total = sum(p.numel() for name in result.changed for p in getattr(result.model, name).parameters())
             write_manifest(folder, {
                 "method": method, "paper": spec.paper.title, "paper_url": spec.paper.url,
-                "concepts": concepts, "base_model": source.describe(), "config": config_to_dict(config),
+                "concepts": concepts, "base_model": base_model, "config": config_to_dict(config),
                 "seed": seed, "device": device, "mixed_precision": mixed_precision, "processes": run.num_processes,
                 "changed_components": result.changed, "save": save, "stored_components": stored,
                 "trainable_parameters": result.trainable_parameters, "changed_component_parameters": total,

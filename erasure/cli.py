@@ -13,6 +13,7 @@ import sys
 from pipelines.errors import InputError
 
 from . import DISTRIBUTION, __version__
+from .bounds import COUNT, GUIDANCE, STEPS, TRUNCATION, number, seed
 from .registry import METHODS
 
 DESCRIPTION = """\
@@ -21,6 +22,8 @@ model or a GAN, look at it before/after, measure it, publish it.
 
 Every command works offline on the embedded digits world (the default model, `digits`).
 """
+
+CONFIRM_IMAGES = 1024  # `sample` asks for --yes above this many images
 
 EPILOG = """\
 examples:
@@ -43,11 +46,15 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """No abbreviated options: `sample --model X` must not silently mean `--model-config X`."""
+    """No abbreviated options (`sample --model X` must not silently mean `--model-config X`), and a bad
+    command line ends like any other bad input: one `error:` line, exit code 2."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="run folder to create (default: runs/<method>-<concept>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    p.add_argument("--seed", type=seed, default=None, help="random seed (default: 0)")
     p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="accelerate mixed precision")
     p.add_argument(
         "--save", default="full", choices=["full", "changed"],
@@ -93,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and sha256), which every erasure command resolves",
     )  # fmt: skip
     p.add_argument(
-        "--checkpoint-every", type=int, default=50, metavar="N", help="checkpoint every N steps (default: 50)"
+        "--checkpoint-every",
+        type=number(int, COUNT),
+        default=50,
+        metavar="N",
+        help="checkpoint every N steps (default: 50)",
     )
     p.add_argument(
         "--show-config", action="store_true",
@@ -109,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", action="append", help="concept to measure (default: the run's concepts)")
     p.add_argument("--baseline", help="model to compare with (default: the run's base model)")
     p.add_argument("--json", metavar="FILE", help="where to write the report (default: DIR/eval.json)")
-    p.add_argument("--samples", type=int, default=None, metavar="N", help="seeds per prompt")
-    p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    p.add_argument("--samples", type=number(int, COUNT), default=None, metavar="N", help="seeds per prompt")
+    p.add_argument("--seed", type=seed, default=0, help="first seed (default: 0)")
     p.add_argument(
         "--clip",
         help="CLIP model for scoring (default: digits-clip for digits models, "
@@ -133,12 +144,19 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="model or run folder (default: digits)")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable; GANs take none)")
-    p.add_argument("--n", type=int, default=4, help="images per prompt (default: 4)")
-    p.add_argument("--seed", type=int, default=0, help="first seed (default: 0)")
+    p.add_argument(
+        "--n", type=number(int, COUNT), default=4,
+        help=f"images per prompt (default: 4; more than {CONFIRM_IMAGES} images in all need --yes)",
+    )  # fmt: skip
+    p.add_argument("--yes", action="store_true", help="confirm a large --n")
+    p.add_argument("--seed", type=seed, default=0, help="first seed (default: 0)")
     p.add_argument("--out", required=True, metavar="GRID.png|DIR", help="grid image or output folder")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the model's)")
-    p.add_argument("--truncation", type=float, default=1.0, help="GAN truncation psi (default: 1.0)")
+    p.add_argument("--steps", type=number(int, STEPS), help=f"sampling steps, {STEPS} (default: the model's)")
+    p.add_argument("--guidance", type=number(float, GUIDANCE), help="classifier-free guidance (default: the model's)")
+    p.add_argument(
+        "--truncation", type=number(float, TRUNCATION), default=1.0,
+        help=f"GAN truncation psi, {TRUNCATION} (default: 1.0)",
+    )  # fmt: skip
     _add_model_options(p)
     p.set_defaults(func=cmd_sample)
 
@@ -152,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--erased", action="append", default=[], metavar="DIR", help="erased run folder to compare "
                    "(repeatable; default: the newest run under ./runs/)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--port", type=number(int, "[1, 65535]"), default=7860, help="port (default: 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N for generating and erasing "
                    "(default: auto, the GPU when there is one)")  # fmt: skip
@@ -191,9 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
         "takes about 6, in three stages that resume from snapshots)",
     )
     z.add_argument("--out", required=True, metavar="DIR", help="folder to build into (use it with ERASURE_ZOO=DIR)")
-    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--seed", type=seed, default=0)
     z.add_argument("--only", action="append", default=[], metavar="NAME", help="build only this model (repeatable)")
-    z.add_argument("--scale", type=float, default=1.0, help="fraction of the recipe's steps (smoke runs)")
+    z.add_argument(
+        "--scale",
+        type=number(float, "(0, inf)"),
+        default=1.0,
+        help="fraction of the recipe's steps (smoke runs)",
+    )
     z.set_defaults(func=cmd_zoo_build)
     return parser
 
@@ -266,6 +289,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .sampling import sample
 
+    images = args.n * max(1, len(args.prompt))
+    if images > CONFIRM_IMAGES and not args.yes:
+        raise InputError(f"this makes {images} images; pass --yes to confirm")
     written = sample(
         args.model, args.prompt, n=args.n, seed=args.seed, out=args.out, steps=args.steps, guidance=args.guidance,
         truncation=args.truncation, device=args.device, model_config=args.model_config,
@@ -324,8 +350,10 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
 def cmd_zoo_build(args: argparse.Namespace) -> int:
     import json
 
+    from pipelines.files import check_writable
     from zoo.build import build_zoo
 
+    check_writable(args.out)
     try:
         report = build_zoo(args.out, seed=args.seed, scale=args.scale, only=tuple(args.only))
     except ValueError as exc:

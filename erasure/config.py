@@ -167,9 +167,11 @@ def config_yaml(method: str, config: Any, family: str) -> str:
         f"# {method} options for the {family} model family: paper defaults, then the family's preset,",
         f"# then --config and --set. Use it with: erasure erase --method {method} --config THIS_FILE",
     ]
+    bounds = {f.name: f.metadata.get("bounds") for f in dataclasses.fields(config)}
     for name, type_name, _, help_text in describe_fields(type(config)):
         paper = "" if values[name] == _plain(defaults[name]) else f" [paper default: {_yaml_value(defaults[name])}]"
-        lines.append(f"# {name} ({type_name}){paper}{': ' + help_text if help_text else ''}")
+        kind = f"{type_name}, {bounds[name]}" if bounds[name] else type_name
+        lines.append(f"# {name} ({kind}){paper}{': ' + help_text if help_text else ''}")
         lines.append(f"{name}: {_yaml_value(values[name])}")
     return "\n".join(lines) + "\n"
 
@@ -187,19 +189,67 @@ def _yaml_value(value: Any) -> str:
 
 
 def build_config(cls: type, family: str, *layers: dict[str, Any]):
-    """Instantiate `cls` from its defaults, its preset for `family`, then each layer of overrides."""
+    """Instantiate `cls` from its defaults, its preset for `family`, then each layer of overrides.
+
+    Every value is checked against its field's rules (check_field) before the dataclass is built,
+    whether it came from a default, a preset, a file or `--set`.
+    """
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = dict(getattr(cls, "PRESETS", {}).get(family, {}))
     for layer in layers:
         for key, value in layer.items():
-            if key not in names:
-                raise InputError(f"unknown option {key!r} for {cls.__name__}; valid options: {', '.join(names)}")
+            if key not in fields:
+                raise InputError(f"unknown option {key!r} for {cls.__name__}; valid options: {', '.join(fields)}")
             values[key] = coerce(key, hints[key], value)
+    for name, f in fields.items():
+        check_field(f, values[name] if name in values else _default(f))
     try:
         return cls(**values)
     except (ValueError, TypeError) as exc:
         raise InputError(f"bad config: {exc}") from None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def check_field(f: dataclasses.Field, value: Any) -> None:
+    """The rules of a config field, from its metadata:
+
+    - `bounds`: an interval (see erasure/bounds.py) for the number or for each number of a list;
+      integers without one must be >= 0, and every float must be finite;
+    - `length`: the exact length of a list (Adam's two betas);
+    - `templates`: each string holds `{}` (the concept) and no other braces; the list may be empty
+      only when its default is.
+    """
+    from .bounds import check_number
+
+    items = value if isinstance(value, (list, tuple)) else [value]
+    bounds = f.metadata.get("bounds")
+    for item in items:
+        if isinstance(item, bool) or item is None:
+            continue
+        if isinstance(item, int):
+            check_number(f.name, item, bounds or "[0, inf)")
+        elif isinstance(item, float):
+            check_number(f.name, item, bounds)
+    if "length" in f.metadata and len(items) != f.metadata["length"]:
+        raise InputError(f"{f.name} must hold {f.metadata['length']} values, not {len(items)}")
+    if f.metadata.get("templates"):
+        if not items and _default(f):
+            raise InputError(f"{f.name} needs at least one template")
+        for template in items:
+            if "{}" not in template or _braces_besides_concept(template):
+                raise InputError(f"{f.name}: {template!r} must contain '{{}}' (the concept) and no other braces")
+
+
+def _braces_besides_concept(template: str) -> bool:
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        return True
+    return False
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -46,16 +46,23 @@ class ESDConfig:
             "attn | mlp | layers=i..j"
         },
     )
-    iterations: int = field(default=1000, metadata={"help": "optimiser steps"})
-    lr: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
+    iterations: int = field(default=1000, metadata={"bounds": "[1, inf)", "help": "optimiser steps"})
+    lr: float = field(default=1e-5, metadata={"bounds": "(0, inf)", "help": "Adam learning rate"})
     negative_guidance: float = field(
-        default=1.0, metadata={"help": "eta: strength of the guidance away from the concept"}
+        default=1.0, metadata={"bounds": "[0, inf)", "help": "eta: strength of the guidance away from the concept"}
     )
-    ddim_steps: int = field(default=50, metadata={"help": "DDIM steps of the trajectory that makes x_t"})
-    sample_guidance: float = field(default=3.0, metadata={"help": "classifier-free guidance while sampling x_t"})
-    batch_size: int = field(default=1, metadata={"help": "x_t samples per step (one trajectory, several seeds)"})
+    ddim_steps: int = field(
+        default=50, metadata={"bounds": "[2, 1000]", "help": "DDIM steps of the trajectory that makes x_t"}
+    )
+    sample_guidance: float = field(
+        default=3.0, metadata={"bounds": "[0, inf)", "help": "classifier-free guidance while sampling x_t"}
+    )
+    batch_size: int = field(
+        default=1, metadata={"bounds": "[1, inf)", "help": "x_t samples per step (one trajectory, several seeds)"}
+    )
     prompt_templates: list[str] = field(
-        default_factory=lambda: ["{}"], metadata={"help": "templates filled with each concept ('{}' = the concept)"}
+        default_factory=lambda: ["{}"],
+        metadata={"templates": True, "help": "templates filled with each concept ('{}' = the concept)"},
     )
 
     # Tuned for the embedded digits world (about a minute on 2 CPU cores). ESD-u, as the paper
@@ -71,12 +78,6 @@ class ESDConfig:
         if self.scope is None:
             self.scope = "xattn" if self.component == "unet" else "full"
         validate_scope(self.component, self.scope)
-        if self.iterations < 1 or self.ddim_steps < 2 or self.batch_size < 1:
-            raise ValueError("iterations and batch_size must be >= 1 and ddim_steps >= 2")
-        if self.lr <= 0:
-            raise ValueError("lr must be positive")
-        if not self.prompt_templates or any("{}" not in t for t in self.prompt_templates):
-            raise ValueError("every prompt template must contain '{}' for the concept")
 
 
 CONFIG = ESDConfig
@@ -118,7 +119,6 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
     optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=config.lr)
     loop = TrainingLoop(
         run, {config.component: Network(trained, optimizer)}, desc="esd",
-        fingerprint={"method": "esd", "concepts": concepts, "seed": run.seed, "config": repr(config)},
     )  # fmt: skip
     # The trained forward pass goes through the prepared network (gradients synchronised across
     # processes); the sampling passes, without gradients, use the model as it is.

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from pipelines.errors import InputError
-from pipelines.files import atomic_write, slug, write_json
+from pipelines.files import atomic_write, check_writable, slug, write_json
 
 from .output import read_manifest, recorded_base_model
 
@@ -30,14 +30,19 @@ def run_eval(
     progress: bool = True,
 ) -> Path:
     """Evaluate and write the JSON report (and grids beside it); returns the JSON path."""
+    from evaluators.clip_models import check_clip_name
+    from evaluators.features import check_feature_spec
     from evaluators.report import evaluate, evaluate_gan
     from pipelines import load_model, resolve
     from pipelines.devices import resolve_device
     from pipelines.loading import comparable_kinds
 
+    from .bounds import SEED_BOUNDS, check_number
     from .common import check_concepts
 
+    # Everything is resolved and checked here, before a model loads or an image is generated.
     device = resolve_device(device)
+    after_source = resolve(target)
     manifest = read_manifest(target) if Path(target).is_dir() else None
     if manifest is not None:
         baseline = baseline or recorded_base_model(manifest)
@@ -47,9 +52,13 @@ def run_eval(
     if not concepts:
         raise InputError("--concept is needed: the model is not an erased run folder")
     concepts = check_concepts(concepts)
-    if samples is not None and samples < 1:
-        raise InputError("--samples must be at least 1")
-    after_source, before_source = resolve(target), resolve(baseline)
+    if samples is not None:
+        check_number("--samples", samples, "[1, inf)")
+    check_number("--seed", seed, SEED_BOUNDS)
+    if clip is not None:
+        check_clip_name(clip)
+    before_source = resolve(baseline)
+    check_feature_spec(fid_features, before_source.family)
     if not comparable_kinds(after_source.kind, before_source.kind):
         raise InputError(f"cannot compare a {after_source.kind} model with a {before_source.kind} model")
     if manifest is not None:
@@ -60,6 +69,7 @@ def run_eval(
         grid_dir = json_path.parent / f"{json_path.stem}-grids"
     if not json_path.parent.is_dir():
         raise InputError(f"folder {json_path.parent} does not exist")
+    check_writable(json_path, "--json")
 
     after = load_model(after_source, device=device, single_file_config=model_config)
     before = load_model(before_source, device=device, single_file_config=model_config)

@@ -15,7 +15,6 @@ else CLIP zero-shot), and the run ends once the concept's presence falls below `
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,26 +68,33 @@ class FewShotConfig:
         default="object", metadata={"help": "caption templates: object (27, 'a photo of a {}') or style (19)"}
     )
     prompt_templates: list[str] = field(
-        default_factory=list, metadata={"help": "own caption templates ('{}' = the concept); replace `captions`"}
+        default_factory=list,
+        metadata={"templates": True, "help": "own caption templates ('{}' = the concept); replace `captions`"},
     )
     scope: str = field(
         default="mlp+last-attn",
         metadata={"help": "text-encoder parameters to train: mlp+last-attn (the paper's) | full | attn | mlp | "
                   "layers=i..j"},
     )  # fmt: skip
-    epochs: int = field(default=5, metadata={"help": "passes over the images (at most; see stop_below)"})
-    batch_size: int = field(default=2, metadata={"help": "images per update"})
-    lr: float = field(default=1e-5, metadata={"help": "Adam learning rate"})
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98], metadata={"help": "Adam betas"})
-    adam_eps: float = field(default=1e-6, metadata={"help": "Adam epsilon"})
-    weight_decay: float = field(default=1e-8, metadata={"help": "Adam(W) weight decay"})
+    epochs: int = field(
+        default=5, metadata={"bounds": "[1, inf)", "help": "passes over the images (at most; see stop_below)"}
+    )
+    batch_size: int = field(default=2, metadata={"bounds": "[1, inf)", "help": "images per update"})
+    lr: float = field(default=1e-5, metadata={"bounds": "(0, inf)", "help": "Adam learning rate"})
+    adam_betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.98], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}
+    )
+    adam_eps: float = field(default=1e-6, metadata={"bounds": "(0, inf)", "help": "Adam epsilon"})
+    weight_decay: float = field(default=1e-8, metadata={"bounds": "[0, inf)", "help": "Adam(W) weight decay"})
     stop_below: float | None = field(
         default=0.1,
-        metadata={"help": "stop after the first epoch whose quick samples show the concept less often than this "
-                  "(none: run every epoch)"},
+        metadata={"bounds": "(0, 1]", "help": "stop after the first epoch whose quick samples show the concept less "
+                  "often than this (none: run every epoch)"},
     )  # fmt: skip
-    stop_samples: int = field(default=8, metadata={"help": "quick samples per check (seeds 0..n-1)"})
-    stop_steps: int = field(default=10, metadata={"help": "sampling steps of the quick samples"})
+    stop_samples: int = field(
+        default=8, metadata={"bounds": "[1, inf)", "help": "quick samples per check (seeds 0..n-1)"}
+    )
+    stop_steps: int = field(default=10, metadata={"bounds": "[1, inf)", "help": "sampling steps of the quick samples"})
     stop_clip: str | None = field(
         default=None,
         metadata={"help": "CLIP of the check where the family has no judge (default: digits-clip for digits, "
@@ -106,18 +112,6 @@ class FewShotConfig:
 
     def __post_init__(self) -> None:
         validate_scope("text_encoder", self.scope)
-        if self.num_images < 0 or self.epochs < 1 or self.batch_size < 1 or self.stop_samples < 1:
-            raise ValueError("num_images must be >= 0; epochs, batch_size and stop_samples >= 1")
-        if self.stop_steps < 1:
-            raise ValueError("stop_steps must be >= 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or not (self.adam_eps > 0) or not self.weight_decay >= 0:
-            raise ValueError("lr and adam_eps must be positive and finite, weight_decay >= 0")
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError("adam_betas must be two numbers in [0, 1)")
-        if self.stop_below is not None and not 0 < self.stop_below <= 1:
-            raise ValueError("stop_below must be in (0, 1], or none")
-        if any("{}" not in t for t in self.prompt_templates):
-            raise ValueError("every prompt template must contain '{}' for the concept")
         if self.images is not None and self.images != BUILTIN:
             image_folder_files(self.images, self.num_images)  # every file readable, enough of them
 
@@ -208,9 +202,7 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
         eps=config.adam_eps, weight_decay=config.weight_decay,
     )  # fmt: skip
     state = {"order": torch.arange(n), "stopped_at_epoch": 0, "presence": -1.0}
-    fingerprint = {"method": "fewshot", "concepts": concepts, "seed": run.seed, "config": repr(config)}
-    loop = TrainingLoop(run, {"text_encoder": Network(encoder, optimizer)}, desc="fewshot", state=state,
-                        fingerprint=fingerprint)  # fmt: skip
+    loop = TrainingLoop(run, {"text_encoder": Network(encoder, optimizer)}, desc="fewshot", state=state)  # fmt: skip
     encoder_train = loop.modules["text_encoder"]
 
     def step_fn(step: int) -> dict[str, float]:

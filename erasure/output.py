@@ -8,6 +8,7 @@ leaves only what `--resume` needs.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -19,28 +20,44 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.errors import InputError
-from pipelines.files import normalise_permissions, write_json
+from pipelines.files import normal_mode, normalise_permissions, write_json
 
 from . import DISTRIBUTION
 
 MANIFEST = "erasure.json"
+REQUIRED_KEYS = ("method", "concepts", "base_model", "config", "seed")
+LOCK_FILE = "lock"
 FORMAT = "erasure-run/1"
 
 
 class RunDirectory:
+    """`--out` and its hidden work folder, owned by one process at a time.
+
+    The process that trains holds an exclusive `flock` on `.<name>.work/lock` (which also records
+    its pid): a second process on the same `--out` is refused at once, naming the first. The kernel
+    drops the lock when its holder dies, so the work folder of a killed run is free for `--resume`.
+    """
+
     def __init__(self, out: str | Path, resume: bool = False):
         self.final = Path(out).expanduser().resolve()
         self.work = self.final.parent / f".{self.final.name}.work"
         self.resume = resume
+        self._lock: int | None = None  # the file descriptor holding the lock, while this process owns the run
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.work / "checkpoint"
 
     def check(self) -> None:
-        """Refuse to overwrite a finished run or to silently restart an interrupted one."""
+        """Refuse to overwrite a finished run, to join a running one, or to silently restart an interrupted one."""
         if self.final.exists():
             raise InputError(f"{self.final} already exists; choose another --out or remove it")
+        holder = self._holder()
+        if holder is not None:
+            raise InputError(
+                f"{self.final} is being written by process {holder}; wait for it to finish, or stop it and "
+                "rerun with --resume"
+            )
         if self.resume and not self.work.exists():
             raise InputError(f"nothing to resume for {self.final} (no {self.work.name} folder)")
         if not self.resume and self.work.exists():
@@ -49,9 +66,43 @@ class RunDirectory:
             )
 
     def begin(self) -> None:
+        """Create the work folder and take its lock (or take over an interrupted run's with --resume)."""
         self.check()
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.work.mkdir(exist_ok=True)
+        try:
+            self.work.mkdir(exist_ok=self.resume)
+        except FileExistsError:  # another process started this run since check()
+            self.check()
+            raise
+        fd = os.open(self.work / LOCK_FILE, os.O_RDWR | os.O_CREAT, normal_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(f"{self.final} is being written by process {self._holder()}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock = fd
+
+    def _holder(self) -> int | str | None:
+        """The pid of the process holding the run's lock, or None when nobody does."""
+        try:
+            fd = os.open(self.work / LOCK_FILE, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip()
+            return int(pid) if pid.isdigit() else "(unknown)"
+        finally:
+            os.close(fd)
+        return None
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def commit(self, write: Callable[[Path], None]) -> Path:
         """Write the result through `write(staging_dir)`, then move it into place in one rename."""
@@ -64,14 +115,23 @@ class RunDirectory:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         shutil.rmtree(self.work, ignore_errors=True)
+        self._release()
         return self.final
 
     def abandon(self) -> bool:
-        """After a failure: drop the work folder unless a checkpoint makes it resumable."""
-        if self.checkpoint_dir.exists() and any(self.checkpoint_dir.iterdir()):
-            return True
-        shutil.rmtree(self.work, ignore_errors=True)
-        return False
+        """After a failure: drop the work folder unless a checkpoint makes it resumable.
+
+        Only the process that owns the run touches its work folder.
+        """
+        if self._lock is None:
+            return False
+        try:
+            if self.checkpoint_dir.exists() and any(self.checkpoint_dir.iterdir()):
+                return True
+            shutil.rmtree(self.work, ignore_errors=True)
+            return False
+        finally:
+            self._release()
 
 
 def library_versions() -> dict[str, str]:
@@ -106,9 +166,17 @@ def read_manifest(directory: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError(f"{path} is not valid JSON") from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(manifest, dict) or key not in manifest]
+    base = manifest.get("base_model") if isinstance(manifest, dict) else None
+    if not missing and not (isinstance(base, dict) and {"spec", "origin", "path"} <= base.keys()):
+        missing = ["base_model.spec/origin/path"]
+    if missing or not isinstance(manifest["concepts"], list) or not manifest["concepts"]:
+        what = f"it lacks {', '.join(missing)}" if missing else "its concepts are not a list"
+        raise InputError(f"{path} is not a complete run manifest ({what}); rerun the erasure that made it")
+    return manifest
 
 
 def recorded_base_model(manifest: dict) -> str:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipelines.errors import InputError
-from pipelines.files import atomic_write
+from pipelines.files import atomic_write, check_writable
 
 GAN_ROW = 8  # images per grid row for unconditional models
 
@@ -29,9 +29,17 @@ def sample(
     from pipelines.devices import resolve_device
     from pipelines.images import labelled_grid
 
+    from .bounds import COUNT, GUIDANCE, SEED_BOUNDS, STEPS, TRUNCATION, check_number
+
+    check_number("--n", n, COUNT)
+    check_number("--seed", seed, SEED_BOUNDS)
+    check_number("--seed + --n", seed + n - 1, SEED_BOUNDS)
+    for name, value, bounds in (("--steps", steps, STEPS), ("--guidance", guidance, GUIDANCE)):
+        if value is not None:
+            check_number(name, value, bounds)
+    check_number("--truncation", truncation, TRUNCATION)
     device = resolve_device(device)
-    if n < 1:
-        raise InputError("--n must be at least 1")
+    out = check_writable(out)
     source = resolve(model)
     prompts = list(prompts)
     if source.kind == "gan":
@@ -41,7 +49,6 @@ def sample(
         raise InputError("give at least one --prompt")
     elif any(not p.strip() for p in prompts):
         raise InputError("empty --prompt")
-    out = Path(out)
     as_grid = out.suffix.lower() == ".png"
     if as_grid and not out.parent.exists():
         raise InputError(f"folder {out.parent} does not exist")

@@ -22,7 +22,6 @@ has no public code; this is the design of METHODS.md section 4.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -57,59 +56,60 @@ class TextToUnlearnConfig:
     neutral_prompts: list[str] = field(
         default_factory=list, metadata={"help": "prompts without it (default: the evaluation's anchor prompts)"}
     )
-    pool: int = field(default=2000, metadata={"help": "latent codes labelled by CLIP zero-shot (concept or not)"})
-    steps: int = field(default=300, metadata={"help": "generator updates"})
-    batch_size: int = field(default=8, metadata={"help": "codes per update, half with the concept, half without"})
-    lr: float = field(default=0.002, metadata={"help": "Adam learning rate (StyleGAN-NADA's)"})
-    adam_betas: list[float] = field(default_factory=lambda: [0.0, 0.99], metadata={"help": "Adam betas"})
-    direction_weight: float = field(default=1.0, metadata={"help": "weight of L_dir"})
+    pool: int = field(
+        default=2000,
+        metadata={"bounds": "[1, inf)", "help": "latent codes labelled by CLIP zero-shot (concept or not)"},
+    )
+    steps: int = field(default=300, metadata={"bounds": "[1, inf)", "help": "generator updates"})
+    batch_size: int = field(
+        default=8, metadata={"bounds": "[2, inf)", "help": "codes per update, half with the concept, half without"}
+    )
+    lr: float = field(default=0.002, metadata={"bounds": "(0, inf)", "help": "Adam learning rate (StyleGAN-NADA's)"})
+    adam_betas: list[float] = field(
+        default_factory=lambda: [0.0, 0.99], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}
+    )
+    direction_weight: float = field(default=1.0, metadata={"bounds": "[0, inf)", "help": "weight of L_dir"})
     push_weight: float = field(
-        default=0.0, metadata={"help": "weight of <E_I(G_t(w)) - E_I(G_f(w)), i>: how far, not only which way, "
-                               "the concept's renders move against i (L_dir is blind to the distance)"},
+        default=0.0, metadata={"bounds": "[0, inf)", "help": "weight of <E_I(G_t(w)) - E_I(G_f(w)), i>: how far, not "
+                               "only which way, the concept's renders move against i (L_dir is blind to the distance)"},
     )  # fmt: skip
-    preserve_pixel: float = field(default=1.0, metadata={"help": "weight of the pixel MSE on codes without it"})
-    preserve_clip: float = field(default=1.0, metadata={"help": "weight of 1 - cos of CLIP features without it"})
+    preserve_pixel: float = field(
+        default=1.0, metadata={"bounds": "[0, inf)", "help": "weight of the pixel MSE on codes without it"}
+    )
+    preserve_clip: float = field(
+        default=1.0, metadata={"bounds": "[0, inf)", "help": "weight of 1 - cos of CLIP features without it"}
+    )
     augment: int = field(
         default=0, metadata={"help": "random shifts (up to 1/8 of the side) of each render CLIP scores, averaged: "
                              "a change must survive them, which small adversarial pixel edits do not"},
     )  # fmt: skip
     train_mapping: bool = field(default=False, metadata={"help": "also train the mapping network"})
     train_torgb: bool = field(default=False, metadata={"help": "also train the ToRGB layers"})
-    mapper_steps: int = field(default=200, metadata={"help": "mapper direction: mapper updates"})
-    mapper_lr: float = field(default=0.01, metadata={"help": "mapper direction: Adam learning rate"})
-    mapper_l2: float = field(default=0.8, metadata={"help": "mapper direction: weight of ||w_hat - w||^2"})
-    mapper_samples: int = field(default=256, metadata={"help": "mapper direction: renders averaged into i"})
+    mapper_steps: int = field(default=200, metadata={"bounds": "[1, inf)", "help": "mapper direction: mapper updates"})
+    mapper_lr: float = field(
+        default=0.01, metadata={"bounds": "(0, inf)", "help": "mapper direction: Adam learning rate"}
+    )
+    mapper_l2: float = field(
+        default=0.8, metadata={"bounds": "[0, inf)", "help": "mapper direction: weight of ||w_hat - w||^2"}
+    )
+    mapper_samples: int = field(
+        default=256, metadata={"bounds": "[1, inf)", "help": "mapper direction: renders averaged into i"}
+    )
 
     # For digits-gan (benchmarks/RESULTS.md): L_dir alone barely moved the sevens (PUL 2%); with the
     # push term, longer runs removed them but broke the other digits. This is the balance measured.
     PRESETS: ClassVar[dict[str, dict]] = {"digits": {"lr": 0.01, "steps": 1000, "push_weight": 100.0}}
 
     def __post_init__(self) -> None:
-        counts = {"pool": self.pool, "steps": self.steps, "mapper_steps": self.mapper_steps,
-                  "mapper_samples": self.mapper_samples}  # fmt: skip
-        if bad := [k for k, v in counts.items() if v < 1]:
-            raise ValueError(f"{', '.join(bad)} must be >= 1")
         if self.clip is not None:
             check_clip_name(self.clip)
-        if self.augment < 0:
-            raise ValueError("augment must be >= 0")
         for prompt in self.concept_prompts:
             try:
                 prompt.format("x")
             except (IndexError, KeyError, ValueError):
                 raise ValueError(f"concept prompt {prompt!r}: only '{{}}' (the concept) may stand in braces") from None
-        if self.batch_size < 2 or self.batch_size % 2:
-            raise ValueError("batch_size must be an even number >= 2 (half with the concept, half without)")
-        reals = {"lr": self.lr, "mapper_lr": self.mapper_lr}
-        if bad := [k for k, v in reals.items() if not (math.isfinite(v) and v > 0)]:
-            raise ValueError(f"{', '.join(bad)} must be positive and finite")
-        weights = {"direction_weight": self.direction_weight, "push_weight": self.push_weight,
-                   "preserve_pixel": self.preserve_pixel,
-                   "preserve_clip": self.preserve_clip, "mapper_l2": self.mapper_l2}  # fmt: skip
-        if bad := [k for k, v in weights.items() if not (math.isfinite(v) and v >= 0)]:
-            raise ValueError(f"{', '.join(bad)} must be finite and >= 0")
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise ValueError("adam_betas must be two numbers in [0, 1)")
+        if self.batch_size % 2:
+            raise ValueError("batch_size must be even (half with the concept, half without)")
 
 
 CONFIG = TextToUnlearnConfig
@@ -258,10 +258,7 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
     synthesis = FixedNoiseSynthesis(student)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                  betas=tuple(config.adam_betas))  # fmt: skip
-    fingerprint = {"method": "text2unlearn", "concepts": concepts, "seed": run.seed, "config": repr(config),
-                   "model": model.source.spec}  # fmt: skip
-    loop = TrainingLoop(run, {"generator": Network(synthesis, optimizer, None)}, desc="text2unlearn",
-                        fingerprint=fingerprint)  # fmt: skip
+    loop = TrainingLoop(run, {"generator": Network(synthesis, optimizer, None)}, desc="text2unlearn")  # fmt: skip
     synthesis_train = loop.modules["generator"]
     half = config.batch_size // 2
     noise = frozen.fixed_noise()

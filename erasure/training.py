@@ -45,6 +45,7 @@ class RunContext:
     resume: bool = False
     progress: bool = True
     after_step: Callable[[int, int, dict], None] | None = None  # (step, total, logs), e.g. the UI's progress
+    fingerprint: dict = field(default_factory=dict)  # what determines the result (erasure.api.run_fingerprint)
     _accelerator: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -153,7 +154,8 @@ class TrainingLoop:
     `state` is method state that must survive a resume: tensors and plain values (replaced in the
     dict on resume; a step function updates them in place, e.g. AdvUnlearn's warm-started attack)
     and objects with `state_dict()`/`load_state_dict()` (an EMA copy, a data sampler).
-    `fingerprint` (method, resolved config, concepts, seed) must match on resume.
+    A checkpoint is resumed only under the same `run.fingerprint` (base model, method, config,
+    concepts, seed, library versions), plus `fingerprint`: what a stage adds (adapt-unlearn's stages).
     """
 
     def __init__(
@@ -167,7 +169,7 @@ class TrainingLoop:
     ):
         self.run, self.desc = run, desc
         self.state = state if state is not None else {}
-        self.fingerprint = fingerprint or {}
+        self.fingerprint = {**run.fingerprint, **(fingerprint or {})}
         self.networks = networks
         accelerator = run.accelerator
         self.modules: dict[str, torch.nn.Module] = {}  # what the step function calls: the prepared modules
@@ -268,9 +270,11 @@ class TrainingLoop:
             return 0
         saved = load_checkpoint(path)
         if saved["fingerprint"] != self.fingerprint:
+            differs = sorted(k for k in {*saved["fingerprint"], *self.fingerprint}
+                             if saved["fingerprint"].get(k) != self.fingerprint.get(k))  # fmt: skip
             raise InputError(
-                f"the checkpoint in {path} was made with other settings; rerun with those, or start over "
-                "(without --resume)"
+                f"the checkpoint in {path} was made with other values of: {', '.join(differs)}; rerun with the "
+                "settings of that run, or start over (delete that folder, or run without --resume into another --out)"
             )
         unwrap = self.run.accelerator.unwrap_model
         with torch.no_grad():

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.errors import InputError
+from pipelines.safe_load import load_tensors
 
 
 @dataclass
@@ -35,10 +36,7 @@ def inception_features(weights: str | Path, device: str = "cpu") -> FeatureExtra
     weights = Path(weights)
     if not weights.is_file():
         raise InputError(f"Inception weights not found: {weights}")
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"cannot read Inception weights {weights}: {exc}") from None
+    state = load_tensors(weights, f"Inception weights {weights}")
     network = inception_v3(weights=None, aux_logits=True, init_weights=False)
     try:
         network.load_state_dict(state)
@@ -57,6 +55,22 @@ def inception_features(weights: str | Path, device: str = "cpu") -> FeatureExtra
         return torch.cat(out)
 
     return FeatureExtractor(f"inception-v3 pool (torchvision weights {weights.name})", extract)
+
+
+def check_feature_spec(spec: str | None, family: str) -> None:
+    """Refuse FID features that cannot be made, before any image is generated (None: the default)."""
+    if spec is None or spec == "clip":
+        return
+    if spec == "judge":
+        if family != "digits":
+            raise InputError("--fid-features judge needs the digits world's judge; use clip or inception:FILE")
+        return
+    if spec.startswith("inception:"):
+        weights = Path(spec.split(":", 1)[1]).expanduser()
+        if not weights.is_file():
+            raise InputError(f"--fid-features {spec}: no such Inception weights file {weights}")
+        return
+    raise InputError(f"unknown --fid-features {spec!r}: use judge, clip or inception:<weights file>")
 
 
 def feature_extractor(spec: str, judge=None, clip=None, device: str = "cpu") -> FeatureExtractor:

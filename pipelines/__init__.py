@@ -5,15 +5,20 @@ Importing this package is cheap; torch and diffusers load when a model does.
 
 from __future__ import annotations
 
+import logging
+
 from .errors import InputError
 from .loading import ModelSource, resolve
 
 __all__ = ["InputError", "ModelSource", "resolve", "load_model"]
 
+log = logging.getLogger(__name__)
+
 
 def load_model(spec, device: str = "cpu", single_file_config=None):
     """Load any supported model (name, path, Hub id or ModelSource) as its backend."""
     source = spec if isinstance(spec, ModelSource) else resolve(spec)
+    log.info("loading model %s (%s, %s)", source.spec, source.kind, source.origin)
     if source.kind == "text-to-image":
         from .diffusion import load_text_to_image
 

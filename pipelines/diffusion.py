@@ -125,7 +125,7 @@ class TextToImageModel:
     def _run(self, jobs, prompts, prompt_embeds, steps, guidance, batch_size, progress) -> dict:
         from tqdm.auto import tqdm
 
-        steps = steps or self.sampling["steps"]
+        steps = self.sampling["steps"] if steps is None else steps
         guidance = self.sampling["guidance"] if guidance is None else guidance
         negative = self.encode([""])
         images: dict[tuple[int, int], Image.Image] = {}

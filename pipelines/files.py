@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import InputError
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it into place.
@@ -60,6 +62,26 @@ def normalise_permissions(folder: Path) -> None:
             path.chmod(normal_mode(folder=True))
         elif path.stat().st_nlink == 1:
             path.chmod(normal_mode())
+
+
+def check_writable(path: str | Path, what: str = "--out") -> Path:
+    """`path` if it can be created: refuses an empty path, a path inside a file, and a folder this
+    process cannot write to (tried with a probe file, which is removed). Nothing is left behind."""
+    if not str(path).strip():
+        raise InputError(f"{what} is empty")
+    path = Path(path).expanduser()
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{what} {path} cannot be created: {ancestor} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".erasure-probe-", dir=ancestor)
+    except OSError as exc:
+        raise InputError(f"{what} {path} cannot be created: {ancestor} is not writable ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 def write_json(path: str | Path, data, **dump_options) -> Path:

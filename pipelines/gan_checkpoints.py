@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .safe_load import load_tensors, refusal_reason
 from .stylegan2 import Discriminator, Generator, StyleGAN2Config
 
 CONFIG_FILE = "generator_config.json"
@@ -112,15 +113,7 @@ def infer_config(state: dict[str, torch.Tensor]) -> StyleGAN2Config:
 
 
 def load_rosinality(path: Path) -> tuple[Generator, Discriminator | None, torch.Tensor | None]:
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise InputError(
-            f"refused to load {path}: it holds objects beyond tensors ({str(exc).splitlines()[0]})"
-        ) from None
-    except Exception as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
+    ckpt = load_tensors(path, str(path), allowed_globals=[argparse.Namespace])
     if not isinstance(ckpt, dict) or "g_ema" not in ckpt:
         raise InputError(f"{path} is not a rosinality StyleGAN2 checkpoint (no 'g_ema')")
     g_state = ckpt["g_ema"]
@@ -199,9 +192,10 @@ def read_nvidia_pickle(path: Path) -> dict:
         with open(path, "rb") as f:
             data = RestrictedUnpickler(f).load()
     except pickle.UnpicklingError as exc:
-        raise InputError(f"refused to load {path}: {exc} (only StyleGAN2 weights are read from pickles)") from None
+        reason = refusal_reason(exc)
+        raise InputError(f"refused to load {path}: {reason} (only StyleGAN2 weights are read from pickles)") from None
     except Exception as exc:
-        raise InputError(f"cannot read {path} as a StyleGAN2 pickle: {exc}") from None
+        raise InputError(f"cannot read {path} as a StyleGAN2 pickle: {refusal_reason(exc)}") from None
     if not isinstance(data, dict) or not isinstance(data.get("G_ema"), PersistentRecord):
         raise InputError(f"{path} is not an NVIDIA StyleGAN2 pickle (no 'G_ema' network)")
     return data
@@ -289,8 +283,11 @@ def nvidia_discriminator_to_rosinality(nv: dict[str, torch.Tensor], size: int) -
 
 def load_nvidia(path: Path) -> tuple[Generator, Discriminator | None, torch.Tensor | None]:
     data = read_nvidia_pickle(path)
-    state, w_avg = nvidia_generator_to_rosinality(flatten_record(data["G_ema"]))
-    config = infer_config(state)
+    try:
+        state, w_avg = nvidia_generator_to_rosinality(flatten_record(data["G_ema"]))
+        config = infer_config(state)
+    except (KeyError, IndexError, ValueError, InputError) as exc:
+        raise InputError(f"{path}: its G_ema holds no StyleGAN2 generator weights ({exc})") from None
     generator = Generator(config)
     missing = [
         k for k in generator.state_dict() if k not in state and not k.startswith("noises.") and not k.endswith("kernel")

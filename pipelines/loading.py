@@ -142,6 +142,8 @@ def resolve(spec: str | os.PathLike | None) -> ModelSource:
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         local, revision = hub_snapshot(spec)
         return ModelSource(spec, _folder_kind(local), local, "hub", revision=revision, card=read_model_card(local))
+    if spec.startswith((".", "/", "~")) or os.sep in spec or path.suffix:
+        raise InputError(f"no such path: {spec}")
     raise InputError(
         f"no such model: {spec!r} is neither an embedded model ({', '.join(sorted(zoo.EMBEDDED))}), "
         f"an existing path, nor a Hub id (org/name)"

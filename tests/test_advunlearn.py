@@ -107,6 +107,6 @@ def test_bank_settings_are_checked_before_loading():
     from erasure.config import build_config, parse_sets
     from pipelines import InputError
 
-    for bad in ("bank_size=-1", "bank_refresh=-2"):
-        with pytest.raises(InputError, match="bank_size and bank_refresh"):
+    for bad, message in (("bank_size=-1", "bank_size must be >= 0, not -1"), ("bank_refresh=-2", "bank_refresh")):
+        with pytest.raises(InputError, match=message):
             build_config(AdvUnlearnConfig, "digits", parse_sets([bad]))

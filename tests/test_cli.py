@@ -42,7 +42,7 @@ def test_methods_lists_every_method_with_its_paper():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["erase", "--method", "esd", "--concept", "cat", "--model", "/no/such/dir"], "no such model"),
+        (["erase", "--method", "esd", "--concept", "cat", "--model", "/no/such/dir"], "no such path"),
         (["erase", "--method", "esd", "--concept", "", "--model", "{tiny}"], "concept to erase is empty"),
         (["erase", "--method", "esd", "--concept", "cat", "--model", "{tiny}", "--set", "lr=fast"], "not a number"),
         (

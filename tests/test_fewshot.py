@@ -133,11 +133,12 @@ def test_the_command_line_takes_images(tiny_pipeline_dir, image_folder, tmp_path
 
 @pytest.mark.parametrize(
     "value, message",
-    [("lr=nan", "lr and adam_eps must be positive and finite"), ("lr=-1", "positive and finite"),
-     ("adam_eps=0", "positive and finite"), ("weight_decay=-1", "weight_decay >= 0"),
-     ("adam_betas=0.9", "two numbers in [0, 1)"), ("adam_betas=0.9,1.5", "two numbers in [0, 1)"),
-     ("epochs=0", "epochs, batch_size and stop_samples >= 1"), ("num_images=-1", "num_images must be >= 0"),
-     ("stop_below=1.5", "stop_below must be in (0, 1]"), ("stop_steps=0", "stop_steps must be >= 1"),
+    [("lr=nan", "lr must be a finite number, not nan"), ("lr=-1", "lr must be > 0, not -1"),
+     ("adam_eps=0", "adam_eps must be > 0"), ("weight_decay=-1", "weight_decay must be >= 0"),
+     ("adam_betas=0.9", "adam_betas must hold 2 values"),
+     ("adam_betas=0.9,1.5", "adam_betas must be between 0 and 1 (1 excluded), not 1.5"),
+     ("epochs=0", "epochs must be >= 1"), ("num_images=-1", "num_images must be >= 0"),
+     ("stop_below=1.5", "stop_below must be between 0 and 1 (0 excluded)"), ("stop_steps=0", "stop_steps must be >= 1"),
      ("prompt_templates=a photo", "must contain '{}'"), ("captions=poem", "choose one of: object, style"),
      ("scope=everything", "unknown text-encoder scope")],
 )  # fmt: skip

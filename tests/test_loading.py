@@ -71,7 +71,7 @@ def test_offline_hub_id_fails_fast_with_a_readable_error(monkeypatch):
 
 
 def test_bad_inputs_are_input_errors(tmp_path, tiny_pipeline_dir):
-    with pytest.raises(InputError, match="no such model"):
+    with pytest.raises(InputError, match="no such path"):
         resolve(str(tmp_path / "missing"))
     with pytest.raises(InputError, match="not a model folder"):
         resolve(str(tmp_path))

@@ -113,7 +113,7 @@ def test_errors_are_messages_in_the_page_and_the_server_keeps_serving(client, se
         client.predict(**{**erase_args(served, "x", iterations=2, every=1), "concepts": " , "}, api_name="/erase")
     with pytest.raises(AppError, match="not a path"):
         client.predict(**erase_args(served, "../escape", iterations=2, every=1), api_name="/erase")
-    with pytest.raises(AppError, match="lr must be positive"):  # a run that fails: its config is refused
+    with pytest.raises(AppError, match="lr must be > 0"):  # a run that fails: its config is refused
         client.predict(**{**erase_args(served, "x", iterations=2, every=1), "esd_lr": -1}, api_name="/erase")
     with pytest.raises(AppError, match="already exists"):
         client.predict(**erase_args(served, "esd-cat", iterations=2, every=1), api_name="/erase")

@@ -180,6 +180,14 @@ def test_nvidia_pickle_loads_without_running_its_code(tmp_path, persistence_modu
         assert torch.equal(model.discriminator(images), discriminator(images))
 
 
+def test_an_nvidia_pickle_without_weights_is_refused_in_one_line(tmp_path, persistence_module):
+    path = tmp_path / "empty-snapshot.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"G_ema": _persistent(persistence_module, "Generator", {}, {}, "")}, f)
+    with pytest.raises(InputError, match="its G_ema holds no StyleGAN2 generator weights"):
+        load_model(str(path))
+
+
 class _Exploit:
     def __init__(self, marker):
         self.marker = str(marker)

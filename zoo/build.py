@@ -50,13 +50,15 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
 
     from pipelines.tokenizer import clip_tokenizer
 
-    steps = recipe.RecipeSteps().scaled(scale)
-    out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
     names = only or BUILD_ORDER
     unknown = set(names) - set(BUILD_ORDER)
     if unknown:
         raise ValueError(f"cannot build {sorted(unknown)}; buildable: {', '.join(BUILD_ORDER)}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, not {scale}")
+    steps = recipe.RecipeSteps().scaled(scale)
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
     report: dict = {"seed": seed, "scale": scale, "steps": steps.__dict__, "seconds": {}}
     common = {"seed": seed, "recipe_scale": scale, "built": time.strftime("%Y-%m-%d")}
 

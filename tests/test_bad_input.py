@@ -1,0 +1,172 @@
+"""Bad or hostile input through the command line, as a user types it: every case must end with exit code 2
+and one `error:` line, no traceback, nothing left behind, and - unless reading the file is the check - no
+model loaded (the commands run with `-v`, which logs each model load)."""
+
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+
+from erasure.api import erase
+
+TOO_BIG_SEED = str(2**70)
+
+
+def run(*args, cwd, timeout=300):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    return subprocess.run([sys.executable, "-m", "erasure", "-v", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)  # fmt: skip
+
+
+ESD = ["erase", "--method", "esd", "--concept", "cat", "--model", "{tiny}"]
+# (arguments, what the error line says, whether reading a model file is the check itself)
+CASES = [
+    ([*ESD, "--set", "negative_guidance=nan"], "negative_guidance must be a finite number, not nan", False),
+    ([*ESD, "--set", "lr=inf"], "lr must be a finite number, not inf", False),
+    ([*ESD, "--set", "lr=nan"], "lr must be a finite number", False),
+    ([*ESD, "--set", "lr=-1"], "lr must be > 0, not -1", False),
+    ([*ESD, "--set", "ddim_steps=5000"], "ddim_steps must be between 2 and 1000, not 5000", False),
+    ([*ESD, "--set", "iterations=0"], "iterations must be >= 1", False),
+    ([*ESD, "--set", "prompt_templates=a photo of {{}}, in a museum"], "'in a museum' must contain '{}'", False),
+    ([*ESD, "--seed", "-1"], "argument --seed: must be between 0 and 4294967295, not -1", False),
+    ([*ESD, "--seed", TOO_BIG_SEED], "argument --seed: must be between 0 and 4294967295", False),
+    ([*ESD, "--seed", "x"], "argument --seed: 'x' is not an integer", False),
+    ([*ESD, "--device", "foo"], "unknown device 'foo'", False),
+    ([*ESD, "--checkpoint-every", "-1"], "argument --checkpoint-every: must be >= 1", False),
+    ([*ESD, "--out", "/proc/x"], "--out /proc/x cannot be created", False),
+    ([*ESD, "--out", "{file}/sub"], "is a file, not a folder", False),
+    ([*ESD, "--out", ""], "--out is empty", False),
+    ([*ESD, "--save", "changed", "--resume"], "nothing to resume", False),
+    (["erase", "--method", "esd", "--concept", "cat", "--model", "./nope"], "no such path: ./nope", False),
+    (["erase", "--concept", "cat"], "--method is needed", False),
+    (["erase", "--method", "esd", "--model", "{tiny}"], "--concept is needed", False),
+    (["erase", "--config", "{partialrun}"], "a run manifest without its method, concepts or config", False),
+    (["sample", "{tiny}", "--prompt", "a cat", "--out", "/proc/x.png"], "--out /proc/x.png cannot be created", False),
+    (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--steps", "-1"], "argument --steps", False),
+    (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--steps", "0"], "between 1 and 1000, not 0", False),
+    (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--guidance", "nan"], "argument --guidance", False),
+    (["sample", "digits-gan", "--out", "o.png", "--truncation", "nan"], "argument --truncation", False),
+    (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--n", "0"], "argument --n: must be >= 1", False),
+    (["sample", "{tiny}", "--prompt", "a", "--prompt", "b", "--out", "o", "--n", "600"], "pass --yes", False),
+    (
+        ["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--seed", "4294967295", "--n", "2"],
+        "--seed + --n must be between 0 and 4294967295",
+        False,
+    ),  # fmt: skip
+    (["sample", "{randpt}", "--out", "o.png"], "refused to load", True),
+    (["sample", "{nvpkl}", "--out", "o.png"], "is not an NVIDIA StyleGAN2 pickle", True),
+    (["eval", "{emptyrun}"], "not a complete run manifest", False),
+    (["eval", "./nope"], "no such path: ./nope", False),
+    (["eval", "{run}", "--fid-features", "bogus"], "unknown --fid-features 'bogus'", False),
+    (["eval", "{run}", "--fid-features", "inception:/missing"], "no such Inception weights file /missing", False),
+    (["eval", "{run}", "--clip", "no-such-clip"], "unknown CLIP model", False),
+    (["eval", "{run}", "--samples", "0"], "argument --samples: must be >= 1", False),
+    (["eval", "{run}", "--json", "/proc/e.json"], "cannot be created", False),
+    (["zoo", "build", "--out", "z", "--scale", "-1"], "argument --scale: must be > 0", False),
+    (["zoo", "build", "--out", ""], "--out is empty", False),
+    (["zoo", "build", "--out", "z", "--only", "bogus"], "cannot build ['bogus']", False),
+    (["preview", "--port", "70000"], "argument --port", False),
+]
+if not torch.cuda.is_available():
+    CASES.append((["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--device", "cuda"],
+                  "CUDA is not available", False))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fixtures(tiny_pipeline_dir, tmp_path_factory):
+    """Things to point the bad input at: a file, a run, a run whose manifest is {}, bad checkpoints."""
+    root = tmp_path_factory.mktemp("bad-input-fixtures")
+    (root / "file").write_text("not a folder")
+    run = erase("esd", ["cat"], str(tiny_pipeline_dir), out=root / "run", sets=["iterations=1", "ddim_steps=2"],
+                progress=False)  # fmt: skip
+    empty = root / "emptyrun"  # a finished run whose erasure.json was emptied
+    shutil.copytree(run, empty)
+    (empty / "erasure.json").write_text("{}")
+    (root / "partial.json").write_text('{"format": "erasure-run/1", "method": "esd"}')
+    (root / "random.pt").write_bytes(os.urandom(300))
+    with open(root / "nv.pkl", "wb") as f:  # an NVIDIA-style snapshot whose G_ema is a plain dict, not a network
+        pickle.dump({"G_ema": OrderedDict(), "training_set_kwargs": {}}, f)
+    return {"tiny": str(tiny_pipeline_dir), "file": str(root / "file"), "run": str(run), "emptyrun": str(empty),
+            "partialrun": str(root / "partial.json"),
+            "randpt": str(root / "random.pt"), "nvpkl": str(root / "nv.pkl")}  # fmt: skip
+
+
+def _listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("args, message, loads", CASES, ids=[" ".join(c[0])[:60] for c in CASES])
+def test_bad_input_is_refused_with_one_line(args, message, loads, fixtures, tmp_path):
+    args = [a.format(**fixtures) for a in args]
+    watched = [tmp_path, *(p for p in map(os.path.dirname, fixtures.values()))]
+    before = {str(folder): _listing(Path(folder)) for folder in watched}
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr
+    if not loads:
+        assert lines == errors, result.stderr  # with -v, a model load would have logged a line
+    after = {str(folder): _listing(Path(folder)) for folder in watched}
+    assert after == before  # nothing half-written, no empty folders
+
+
+def test_table_covers_every_command():
+    assert {case[0][0] for case in CASES} == {"erase", "sample", "eval", "zoo", "preview"}
+
+
+def _erase_command(model, iterations: int, checkpoint_every: int) -> list[str]:
+    return [sys.executable, "-m", "erasure", "erase", "--method", "esd", "--concept", "cat", "--model", str(model),
+            "--out", "run", "--quiet", "--set", f"iterations={iterations}", "--set", "ddim_steps=3",
+            "--checkpoint-every", str(checkpoint_every)]  # fmt: skip
+
+
+def _wait_for(path: Path, process, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not (path.is_file() and path.stat().st_size) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+
+
+def test_a_second_process_on_the_same_out_is_refused_at_once_and_the_first_finishes(tiny_pipeline_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    command = _erase_command(tiny_pipeline_dir, iterations=600, checkpoint_every=1000)
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / ".run.work" / "lock", first)
+    for extra in ([], ["--resume"]):
+        assert first.poll() is None, "the first run ended before the second could start"
+        started = time.time()
+        second = subprocess.run(command + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert f"is being written by process {first.pid}" in second.stderr
+        assert time.time() - started < 30  # refused before any model loads (the interpreter's start included)
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert (tmp_path / "run" / "erasure.json").is_file() and not (tmp_path / ".run.work").exists()
+
+
+def test_a_killed_run_leaves_a_stale_lock_that_resume_takes_over(tiny_pipeline_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    command = _erase_command(tiny_pipeline_dir, iterations=40, checkpoint_every=2)
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(tmp_path / ".run.work" / "checkpoint" / "checkpoint.pt", first)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert (tmp_path / ".run.work" / "lock").is_file()  # left behind by the killed process, but no longer held
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "pass --resume" in again.stderr, again.stderr
+    other = _erase_command(tiny_pipeline_dir, iterations=41, checkpoint_every=2)
+    refused = subprocess.run([*other, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "made with other values of: config" in refused.stderr, refused.stderr
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "run" / "erasure.json").is_file()
