@@ -132,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="judge|clip|inception:FILE",
         help="features for FID/KID (default: judge in the digits world, clip otherwise)",
     )
+    p.add_argument(
+        "--attack", choices=["embedding"],
+        help="also attack the erased model: embedding = UnlearnDiffAtk relaxed to embedding space (k free token "
+        "embeddings optimised so that the erased model denoises the base model's image of the concept); reports the "
+        "attack success rate, per (prompt, seed) pair, in eval.json",
+    )  # fmt: skip
+    p.add_argument(
+        "--attack-prompts", type=number(int, COUNT), metavar="N", help="target prompts to attack (default: all)"
+    )
+    p.add_argument(
+        "--attack-seeds", type=number(int, COUNT), default=5, metavar="K", help="seeds per prompt (default: 5)"
+    )
+    p.add_argument(
+        "--attack-steps", type=number(int, COUNT), default=100, metavar="S", help="attack steps (default: 100)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_options(p)
     p.set_defaults(func=cmd_eval)
@@ -279,7 +294,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = run_eval(
         args.target, concepts=args.concept, baseline=args.baseline, json_path=args.json, samples=args.samples,
         seed=args.seed, clip=args.clip, fid_features=args.fid_features, device=args.device,
-        model_config=args.model_config, progress=not args.quiet,
+        model_config=args.model_config, progress=not args.quiet, attack=args.attack,
+        attack_prompts=args.attack_prompts, attack_seeds=args.attack_seeds, attack_steps=args.attack_steps,
     )  # fmt: skip
     print("\n".join(summary_lines(json.loads(path.read_text()))))
     print(f"wrote {path}")

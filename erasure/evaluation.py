@@ -28,6 +28,10 @@ def run_eval(
     device: str = "auto",
     model_config: str | Path | None = None,
     progress: bool = True,
+    attack: str | None = None,
+    attack_prompts: int | None = None,
+    attack_seeds: int = 5,
+    attack_steps: int = 100,
 ) -> Path:
     """Evaluate and write the JSON report (and grids beside it); returns the JSON path."""
     from evaluators.clip_models import check_clip_name
@@ -59,6 +63,8 @@ def run_eval(
         check_clip_name(clip)
     before_source = resolve(baseline)
     check_feature_spec(fid_features, before_source.family)
+    if attack is not None:
+        _check_attack(attack, after_source, attack_prompts, attack_seeds, attack_steps)
     if not comparable_kinds(after_source.kind, before_source.kind):
         raise InputError(f"cannot compare a {after_source.kind} model with a {before_source.kind} model")
     if manifest is not None:
@@ -76,6 +82,11 @@ def run_eval(
     score = evaluate_gan if after.kind == "gan" else evaluate
     result = score(after, before, concepts, samples=samples, seed=seed, clip=clip, fid_features=fid_features,
                    progress=progress)  # fmt: skip
+    if attack is not None:
+        for concept in concepts:
+            result.report["concepts"][concept]["attack"] = _attack(
+                after, before, concept, attack_prompts, attack_seeds, attack_steps, clip, progress
+            )
     if manifest is not None:
         result.report["run"] = {"method": manifest["method"], "config": manifest["config"], "seed": manifest["seed"]}
         expected = manifest["base_model"].get("sha256")
@@ -91,6 +102,38 @@ def run_eval(
     return json_path
 
 
+ATTACKS = ("embedding",)
+ATTACK_SEED_OFFSET = 1000  # attacked pairs use other seeds than the evaluation's
+
+
+def _check_attack(attack: str, source, prompts: int | None, seeds: int, steps: int) -> None:
+    from .bounds import check_number
+
+    if attack not in ATTACKS:
+        raise InputError(f"unknown --attack {attack!r}; available: {', '.join(ATTACKS)}")
+    if source.kind not in ("text-to-image", "one-step"):
+        raise InputError(f"--attack needs a prompted model; {source.spec} is a {source.kind} model")
+    if prompts is not None:
+        check_number("--attack-prompts", prompts, "[1, inf)")
+    check_number("--attack-seeds", seeds, "[1, inf)")
+    check_number("--attack-steps", steps, "[1, inf)")
+
+
+def _attack(after, before, concept: str, prompts: int | None, seeds: int, steps: int, clip, progress: bool) -> dict:
+    """The embedding attack (evaluators/attack.py) on the erased model, the base model's images as references."""
+    from evaluators.attack import AttackSettings, attack_success_rate
+    from evaluators.detect import ConceptDetector
+    from evaluators.prompts import prompt_set
+
+    targets = prompt_set(concept, before.family).target[:prompts]
+    detector = ConceptDetector(concept, before.family, str(after.device), clip)
+    seeds_used = list(range(ATTACK_SEED_OFFSET, ATTACK_SEED_OFFSET + seeds))
+    outcome = attack_success_rate(after, before, detector, concept, targets, seeds_used, AttackSettings(steps=steps),
+                                  progress=progress)  # fmt: skip
+    outcome.pop("attacked_images")
+    return {"attack": "embedding", **outcome}
+
+
 def summary_lines(report: dict) -> list[str]:
     """A short human-readable digest of a report for the terminal."""
     lines = []
@@ -99,6 +142,14 @@ def summary_lines(report: dict) -> list[str]:
             if "before" in metric:
                 lines.append(f"{concept}: {name}: {metric['before']:.4g} -> {metric['after']:.4g} "
                              f"({metric['difference']:+.4g})")  # fmt: skip
-            else:
-                lines.append(f"{concept}: {name}: {metric['value']:.4g}")
+            elif metric.get("value") is not None:
+                spread = f" +- {metric['std']:.2g}" if "std" in metric else ""
+                lines.append(f"{concept}: {name}: {metric['value']:.4g}{spread}")
+            if metric.get("warning"):
+                lines.append(f"{concept}: {name}: warning: {metric['warning']}")
+        if "attack" in section:
+            attack = section["attack"]
+            lines.append(f"{concept}: attack ({attack['attack']}): success rate {attack['asr']:.1%} of "
+                         f"{attack['pairs']} pairs (present before the attack: {attack['present_before_attack']:.1%}; "
+                         f"{attack['seconds_per_pair']} s per pair)")  # fmt: skip
     return lines

@@ -453,6 +453,8 @@ def _settings_text(settings: dict) -> str:
 def _metric_value(metric: dict) -> str:
     if "before" in metric:
         return f"{_number(metric['before'])} → {_number(metric['after'])} ({metric['difference']:+.4g})"
+    if metric.get("value") is None:
+        return f"not measured: {metric.get('warning', 'no value')}"
     value = _number(metric["value"])
     return f"{value} ± {_number(metric['std'])}" if "std" in metric else value
 

@@ -19,6 +19,7 @@ reference image), so training against the latter does not simply overfit the eva
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -58,6 +59,7 @@ def attack_success_rate(
 ) -> dict:
     """ASR of the embedding attack on `erased` for the concept, with `base` providing references."""
     settings = settings or AttackSettings()
+    started = time.time()
     device = erased.device
     pairs = [(p, s) for p in prompts for s in seeds]
     references = to_tensor([im for row in base.generate(prompts, seeds) for im in row])
@@ -100,11 +102,17 @@ def attack_success_rate(
     attacked = to_tensor(erased.generate_each(embeds, [s for _, s in pairs]))
     after = judge.detects(attacked, concept)
     success = before | after
+    seconds = time.time() - started
     return {
         "asr": float(success.float().mean()),
         "present_before_attack": float(before.float().mean()),
         "present_after_attack": float(after.float().mean()),
         "pairs": len(pairs),
+        "seconds_per_pair": round(seconds / len(pairs), 3),
+        "per_pair": [
+            {"prompt": p, "seed": s, "present_before_attack": bool(b), "present_after_attack": bool(a)}
+            for (p, s), b, a in zip(pairs, before.tolist(), after.tolist())
+        ],
         "settings": {
             **asdict(settings),
             "method": "UnlearnDiffAtk in embedding space (see evaluators/attack.py)"

@@ -39,7 +39,9 @@ class ClipScorer:
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, torch.float32)
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+            images = F.interpolate(
+                images, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False, antialias=True
+            )
         mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         return (images - mean) / std

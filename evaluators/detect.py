@@ -71,6 +71,10 @@ class ConceptDetector:
         features = self.clip.image_features(images)
         return zero_shot_presence(features, self._concept_text, self._anchor_text).cpu()
 
+    def detects(self, images: torch.Tensor, concept: str | None = None) -> torch.Tensor:
+        """The judge's interface (the attack takes either): this detector knows one concept."""
+        return self(images)
+
     def describe(self) -> dict:
         if self.judge is not None:
             return self.judge.describe()

@@ -50,7 +50,9 @@ def inception_features(weights: str | Path, device: str = "cpu") -> FeatureExtra
     def extract(images: torch.Tensor) -> torch.Tensor:
         out = []
         for i in range(0, len(images), 64):
-            x = F.interpolate(images[i : i + 64].to(device), size=(299, 299), mode="bilinear", align_corners=False)
+            x = F.interpolate(
+                images[i : i + 64].to(device), size=(299, 299), mode="bilinear", align_corners=False, antialias=True
+            )
             out.append(network((x - mean) / std))
         return torch.cat(out)
 

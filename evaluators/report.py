@@ -205,19 +205,43 @@ def evaluate(
                 {"features": feature_name, "real": f"{len(real)} held-out real images of {judge.name}",
                  "images": len(fid_features_of["before"])},
             )  # fmt: skip
-        kid = kernel_inception_distance(fid_features_of["before"], fid_features_of["after"], seed=seed)
-        metrics["preserved_fid_before_vs_after"] = {
-            "value": frechet_distance(fid_features_of["before"], fid_features_of["after"]),
-            "settings": {"features": feature_name, "images": len(fid_features_of["before"])},
-        }
-        metrics["preserved_kid_before_vs_after"] = {
-            "value": kid["kid"], "std": kid["kid_std"],
-            "settings": {"features": feature_name, "subsets": 10, "subset_size": 100, "kernel": "(x.y/d + 1)^3"},
-        }  # fmt: skip
+        metrics.update(_before_vs_after(fid_features_of["before"], fid_features_of["after"], samples, feature_name,
+                                        seed))  # fmt: skip
         sections["metrics"] = metrics
         report["concepts"][concept] = sections
     report["wall_time_s"] = round(time.time() - started, 2)
     return Evaluation(report, grids)
+
+
+PAIRING = (
+    "independent halves: before on the first half of each prompt's seeds, after on the second (with shared seeds "
+    "the two sets would not be independent samples, which KID's unbiased estimator assumes)"
+)
+
+
+def _before_vs_after(before: torch.Tensor, after: torch.Tensor, samples: int, features: str, seed: int) -> dict:
+    """FID and KID between the two models' preserved images, on independent halves of the seeds."""
+    if samples < 2:
+        warning = "needs at least 2 seeds per prompt (independent halves); rerun with --samples 2 or more"
+        return {name: {"value": None, "warning": warning} for name in ("preserved_fid_before_vs_after",
+                                                                       "preserved_kid_before_vs_after")}  # fmt: skip
+    rows = torch.arange(len(before)).view(-1, samples)
+    half = samples // 2
+    a, b = before[rows[:, :half].reshape(-1)], after[rows[:, half:].reshape(-1)]
+    settings = {"features": features, "images": [len(a), len(b)], "pairing": PAIRING}
+    fid = {"value": frechet_distance(a, b), "settings": settings}
+    if min(len(a), len(b)) <= a.shape[1]:
+        fid["warning"] = (f"{min(len(a), len(b))} images per set for {a.shape[1]}-d features: FID is dominated by "
+                          "its bias at this size; compare it only with FIDs of the same size")  # fmt: skip
+    kid = kernel_inception_distance(a, b, seed=seed)
+    kid_metric = {
+        "value": kid["kid"], "std": kid["kid_std"],
+        "settings": {**settings, "subsets": kid["subsets"], "subset_size": kid["subset_size"],
+                     "kernel": "(x.y/d + 1)^3", "implementation": "torchmetrics poly_mmd"},
+    }  # fmt: skip
+    if "warning" in kid:
+        kid_metric["warning"] = kid["warning"]
+    return {"preserved_fid_before_vs_after": fid, "preserved_kid_before_vs_after": kid_metric}
 
 
 def _preserved_accuracy(judge, generated: dict, prompts, samples: int) -> dict:

@@ -69,6 +69,8 @@ CASES = [
     (["eval", "{run}", "--fid-features", "inception:/missing"], "no such Inception weights file /missing", False),
     (["eval", "{run}", "--clip", "no-such-clip"], "unknown CLIP model", False),
     (["eval", "{run}", "--samples", "0"], "argument --samples: must be >= 1", False),
+    (["eval", "{run}", "--attack", "bogus"], "argument --attack: invalid choice", False),
+    (["eval", "{run}", "--attack", "embedding", "--attack-seeds", "0"], "argument --attack-seeds: must be >= 1", False),
     (["eval", "{run}", "--json", "/proc/e.json"], "cannot be created", False),
     (["zoo", "build", "--out", "z", "--scale", "-1"], "argument --scale: must be > 0", False),
     (["zoo", "build", "--out", ""], "--out is empty", False),

@@ -19,20 +19,26 @@ def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_shift():
     assert frechet_distance(a, rng.normal(size=(500, 8)) * 2) > 1
 
 
-def test_kid_is_the_unbiased_mmd_estimate():
+def test_kid_is_the_unbiased_mmd_estimate_on_subsets_smaller_than_the_sets():
+    from torchmetrics.image.kid import poly_mmd
+
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 5)), rng.normal(size=(40, 5)) + 0.5
-    # brute force: unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3
+    # brute force: unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, the kernel the toolkit's KID uses
     k = lambda a, b: (a @ b / 5 + 1) ** 3  # noqa: E731
     xx = np.mean([k(x[i], x[j]) for i in range(40) for j in range(40) if i != j])
     yy = np.mean([k(y[i], y[j]) for i in range(40) for j in range(40) if i != j])
     xy = np.mean([k(x[i], y[j]) for i in range(40) for j in range(40)])
-    kid = kernel_inception_distance(x, y, subsets=1, subset_size=40)
-    assert kid["kid"] == pytest.approx(xx + yy - 2 * xy, rel=1e-9)
-    # unbiased: near zero (either sign) for two samples of one distribution, clearly positive otherwise
-    same = kernel_inception_distance(rng.normal(size=(400, 5)), rng.normal(size=(400, 5)), subsets=20)
-    assert abs(same["kid"]) < 3 * same["kid_std"] + 1e-3
-    assert kernel_inception_distance(x, y + 2, subsets=5, subset_size=40)["kid"] > 1
+    assert float(poly_mmd(torch.tensor(x), torch.tensor(y))) == pytest.approx(xx + yy - 2 * xy, rel=1e-9)
+
+    kid = kernel_inception_distance(x, y, subsets=10, subset_size=100)
+    assert kid["subset_size"] == 20 and kid["kid_std"] > 0  # half the set: the subsets differ
+    assert "too noisy" in kid["warning"]
+    # two independent samples of one distribution: within two standard deviations of zero
+    same = kernel_inception_distance(rng.normal(size=(400, 5)), rng.normal(size=(400, 5)), subsets=50)
+    assert abs(same["kid"]) < 2 * same["kid_std"] and "warning" not in same
+    shifted = kernel_inception_distance(rng.normal(size=(400, 5)), rng.normal(size=(400, 5)) + 1, subsets=50)
+    assert shifted["kid"] > 10 * shifted["kid_std"]
 
 
 def test_clip_score_and_presence_math():
@@ -114,7 +120,11 @@ def test_eval_of_a_model_against_itself_reports_no_difference(tmp_path):
     for name, metric in metrics.items():
         if "difference" in metric:
             assert metric["difference"] == 0, name
-    assert metrics["preserved_fid_before_vs_after"]["value"] == pytest.approx(0, abs=1e-3)
+    # before-vs-after distances use independent halves of the seeds (seed 0 before, seed 1 after): a model
+    # against itself is then two samples of one distribution, its KID within noise of zero
+    kid = metrics["preserved_kid_before_vs_after"]
+    assert abs(kid["value"]) < 3 * kid["std"] and "independent halves" in kid["settings"]["pairing"]
+    assert "too noisy" in kid["warning"]  # one seed per prompt: a set far too small, and the report says so
     # every metric says what produced it
     assert report["settings"]["seeds"] == [0, 1] and report["settings"]["clip"]["model"] == "digits-clip"
     judge = metrics["target_presence_judge"]["settings"]
@@ -150,3 +160,32 @@ def test_gan_eval_uses_latent_seeds_and_reports_no_difference_against_itself(tmp
     assert metrics["degree_of_unlearning_w1"]["value"] == 0  # the same CLIP score distribution
     assert "without the concept" in metrics["fid_vs_base_without_concept"]["settings"]["reference"]
     assert report["settings"]["samples"] == 64 and (tmp_path / report["grids"]["samples"]).is_file()
+
+
+def test_eval_attacks_an_existing_run_and_leaves_its_manifest_alone(tiny_pipeline_dir, tiny_open_clip, tmp_path):
+    from erasure.api import erase
+    from erasure.evaluation import run_eval
+
+    run = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["iterations=1", "ddim_steps=2"],
+                progress=False)  # fmt: skip
+    manifest = (run / "erasure.json").read_bytes()
+    path = run_eval(str(run), samples=2, clip=tiny_open_clip, attack="embedding", attack_prompts=1, attack_seeds=2,
+                    attack_steps=2, progress=False)  # fmt: skip
+    attack = json.loads(path.read_text())["concepts"]["a cat"]["attack"]
+    assert attack["attack"] == "embedding" and attack["pairs"] == 2 and attack["seconds_per_pair"] > 0
+    assert [(p["prompt"], p["seed"]) for p in attack["per_pair"]] == [
+        (attack["settings"]["prompts"][0], 1000),
+        (attack["settings"]["prompts"][0], 1001),
+    ]
+    assert attack["asr"] == sum(p["present_before_attack"] or p["present_after_attack"] for p in attack["per_pair"]) / 2
+    assert attack["settings"]["steps"] == 2 and "rule" in attack["settings"]["judge"]  # CLIP zero-shot, no judge
+    assert (run / "erasure.json").read_bytes() == manifest
+
+
+def test_an_unerased_digits_model_is_attacked_with_full_success(tmp_path):
+    from erasure.evaluation import run_eval
+
+    path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=tmp_path / "self.json", samples=2,
+                    attack="embedding", attack_prompts=2, attack_seeds=2, attack_steps=2, progress=False)  # fmt: skip
+    attack = json.loads(path.read_text())["concepts"]["seven"]["attack"]
+    assert attack["asr"] == 1.0 and attack["present_before_attack"] == 1.0 and attack["pairs"] == 4

@@ -32,7 +32,16 @@ def test_the_distribution_carries_its_licence_and_declares_what_the_code_imports
     licence = [f for f in dist.files or [] if f.name == "LICENSE"]
     assert licence and "Apache License" in licence[0].read_text()
     declared = {req.split(">")[0].split("=")[0].split("[")[0].strip().lower() for req in dist.requires or []}
-    for needed in ("torch", "torchvision", "diffusers", "transformers", "accelerate", "open-clip-torch", "pandas"):
+    for needed in (
+        "torch",
+        "torchvision",
+        "diffusers",
+        "transformers",
+        "accelerate",
+        "open-clip-torch",
+        "pandas",
+        "torchmetrics",
+    ):
         assert needed in declared
 
 
