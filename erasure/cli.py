@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="features for FID/KID (default: judge in the digits world, clip otherwise)",
     )
     p.add_argument(
+        "--prompts", metavar="FILE",
+        help="target prompts: a CSV with a `prompt` column and optional `seed`/`evaluation_seed` and "
+        "`guidance`/`evaluation_guidance` columns (the I2P layout; a row with a seed is drawn once, with it), or a "
+        "text file of one prompt per line (drawn with every seed)",
+    )  # fmt: skip
+    p.add_argument("--preserved-prompts", metavar="FILE", help="preserved prompts, in the same formats as --prompts")
+    p.add_argument("--neighbours", nargs="+", metavar="TEXT", help="neighbour concepts added to the preserved prompts")
+    p.add_argument(
         "--attack", choices=["embedding"],
         help="also attack the erased model: embedding = UnlearnDiffAtk relaxed to embedding space (k free token "
         "embeddings optimised so that the erased model denoises the base model's image of the concept); reports the "
@@ -296,9 +304,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed, clip=args.clip, fid_features=args.fid_features, device=args.device,
         model_config=args.model_config, progress=not args.quiet, attack=args.attack,
         attack_prompts=args.attack_prompts, attack_seeds=args.attack_seeds, attack_steps=args.attack_steps,
+        prompts_file=args.prompts, preserved_prompts_file=args.preserved_prompts, neighbours=args.neighbours,
     )  # fmt: skip
-    print("\n".join(summary_lines(json.loads(path.read_text()))))
-    print(f"wrote {path}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print("\n".join(summary_lines(json.loads(path.read_text()))))
+        print(f"wrote {path}")
     return 0
 
 

@@ -32,10 +32,14 @@ def run_eval(
     attack_prompts: int | None = None,
     attack_seeds: int = 5,
     attack_steps: int = 100,
+    prompts_file: str | Path | None = None,
+    preserved_prompts_file: str | Path | None = None,
+    neighbours: list[str] | None = None,
 ) -> Path:
     """Evaluate and write the JSON report (and grids beside it); returns the JSON path."""
     from evaluators.clip_models import check_clip_name
     from evaluators.features import check_feature_spec
+    from evaluators.prompt_files import read_prompt_file
     from evaluators.report import evaluate, evaluate_gan
     from pipelines import load_model, resolve
     from pipelines.devices import resolve_device
@@ -65,6 +69,15 @@ def run_eval(
     check_feature_spec(fid_features, before_source.family)
     if attack is not None:
         _check_attack(attack, after_source, attack_prompts, attack_seeds, attack_steps)
+    prompt_options = {"target_rows": prompts_file, "preserved_rows": preserved_prompts_file, "neighbours": neighbours}
+    if after_source.kind == "gan" and any(prompt_options.values()):
+        raise InputError("--prompts, --preserved-prompts and --neighbours need a prompted model, not a GAN")
+    prompt_options["target_rows"] = read_prompt_file(prompts_file) if prompts_file else None
+    prompt_options["preserved_rows"] = (
+        read_prompt_file(preserved_prompts_file, "--preserved-prompts") if preserved_prompts_file else None
+    )
+    if neighbours is not None and any(not n.strip() for n in neighbours):
+        raise InputError("--neighbours: empty concept")
     if not comparable_kinds(after_source.kind, before_source.kind):
         raise InputError(f"cannot compare a {after_source.kind} model with a {before_source.kind} model")
     if manifest is not None:
@@ -77,11 +90,25 @@ def run_eval(
         raise InputError(f"folder {json_path.parent} does not exist")
     check_writable(json_path, "--json")
 
+    from accelerate import PartialState
+
+    # under `accelerate launch` / `torchrun`, every process draws a share of the images
+    state = PartialState(cpu=not device.startswith("cuda"))
+    if state.num_processes > 1 and device.startswith("cuda"):
+        device = str(state.device)  # one GPU per process
+    progress = progress and state.is_main_process
     after = load_model(after_source, device=device, single_file_config=model_config)
     before = load_model(before_source, device=device, single_file_config=model_config)
-    score = evaluate_gan if after.kind == "gan" else evaluate
-    result = score(after, before, concepts, samples=samples, seed=seed, clip=clip, fid_features=fid_features,
-                   progress=progress)  # fmt: skip
+    if after.kind == "gan":
+        result = evaluate_gan(after, before, concepts, samples=samples, seed=seed, clip=clip,
+                              fid_features=fid_features, progress=progress)  # fmt: skip
+    else:
+        result = evaluate(after, before, concepts, samples=samples, seed=seed, clip=clip, fid_features=fid_features,
+                          progress=progress, **prompt_options)  # fmt: skip
+    result.report["settings"]["processes"] = state.num_processes
+    if not state.is_main_process:  # the main process scores the attack and writes the report
+        state.wait_for_everyone()
+        return json_path
     if attack is not None:
         for concept in concepts:
             result.report["concepts"][concept]["attack"] = _attack(
@@ -99,6 +126,7 @@ def run_eval(
         atomic_write(path, lambda tmp, grid=grid: grid.save(tmp, format="PNG"))
         result.report["grids"][name] = os.path.relpath(path, json_path.parent)
     write_json(json_path, result.report, default=float)
+    state.wait_for_everyone()
     return json_path
 
 

@@ -33,6 +33,7 @@ from .prompts import prompt_set
 
 FORMAT = "erasure-eval/1"
 GRID_PROMPTS, GRID_SEEDS = 6, 6
+BATCH = 16  # images generated at once
 DEGREE_OF_UNLEARNING = (
     "Wasserstein-1 distance between the before and after distributions of the CLIP score (cosine of each "
     "sample's image embedding and the mean embedding of the concept prompts): Text-to-Unlearn's degree of unlearning"
@@ -43,6 +44,7 @@ DEGREE_OF_UNLEARNING = (
 class Evaluation:
     report: dict
     grids: dict[str, Image.Image] = field(default_factory=dict)
+    images: dict = field(default_factory=dict)  # (concept, part, "before"/"after") -> the images scored [N, 3, H, W]
 
 
 def default_samples(family: str) -> int:
@@ -128,6 +130,103 @@ def _side_by_side(rows_before, rows_after, row_labels, column_labels, before_nam
     return canvas
 
 
+@dataclass
+class PromptRows:
+    """What one part of the protocol draws: each prompt with its own seeds and guidance (None: the default)."""
+
+    texts: list[str]
+    seeds: list[list[int]]
+    guidance: list[float | None]
+
+    @classmethod
+    def uniform(cls, texts: list[str], seeds: list[int]) -> PromptRows:
+        return cls(list(texts), [list(seeds) for _ in texts], [None] * len(texts))
+
+    @classmethod
+    def from_file(cls, rows: list, seeds: list[int]) -> PromptRows:
+        """Rows of a prompt file (evaluators/prompt_files.py): a row's own seed, else the protocol's seeds."""
+        return cls([r.text for r in rows], [[r.seed] if r.seed is not None else list(seeds) for r in rows],
+                   [r.guidance for r in rows])  # fmt: skip
+
+    @property
+    def counts(self) -> list[int]:
+        return [len(s) for s in self.seeds]
+
+    def halves(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Indices of two independent halves of the images: the first and second half of each prompt's seeds,
+        or, when prompts have a single seed each (prompt files), alternate prompts. None when impossible."""
+        starts = torch.tensor([0, *self.counts]).cumsum(0)
+        if min(self.counts) >= 2:
+            pick = [(range(a, a + n // 2), range(a + n // 2, a + n)) for a, n in zip(starts.tolist(), self.counts)]
+        elif len(self.texts) >= 2:
+            pick = [(range(a, a + n), range(0)) if i % 2 == 0 else (range(0), range(a, a + n))
+                    for i, (a, n) in enumerate(zip(starts.tolist(), self.counts))]  # fmt: skip
+        else:
+            return None
+        first = torch.tensor([i for a, _ in pick for i in a], dtype=torch.long)
+        second = torch.tensor([i for _, b in pick for i in b], dtype=torch.long)
+        return (first, second) if len(first) >= 2 and len(second) >= 2 else None
+
+    def describe(self) -> dict:
+        out: dict = {"prompts": self.texts}
+        if any(s != self.seeds[0] for s in self.seeds):
+            out["seeds"] = self.seeds
+        if any(g is not None for g in self.guidance):
+            out["guidance"] = self.guidance
+        return out
+
+
+def _draw(model, rows: PromptRows, steps, guidance, progress: bool, desc: str) -> tuple[torch.Tensor, list]:
+    """Images of every (prompt, seed) of `rows`, in row order; each prompt under its own guidance."""
+    jobs = [(i, s) for i, seeds in enumerate(rows.seeds) for s in seeds]
+    images: dict = {}
+    for g in dict.fromkeys(rows.guidance):  # one call per guidance value, in order of appearance
+        group = [job for job in jobs if rows.guidance[job[0]] == g]
+        images.update(_generate_shared(model, rows.texts, group, steps, guidance if g is None else g, progress, desc))
+    grid_rows = [[images[i, s] for s in seeds] for i, seeds in enumerate(rows.seeds)]
+    return to_tensor([images[job] for job in jobs]), grid_rows
+
+
+def _generate_shared(model, texts, jobs, steps, guidance, progress: bool, desc: str) -> dict:
+    """{job: image}, the jobs split across the processes of `accelerate launch` / `torchrun` and gathered.
+
+    The split is by whole batches of BATCH jobs, the batches a single process would draw: an image
+    depends on the batch it is drawn in by a rounding step, so this keeps the report identical.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return dict(zip(jobs, model.generate_jobs(texts, jobs, steps=steps, guidance=guidance, batch_size=BATCH,
+                                                  progress=progress, desc=desc)))  # fmt: skip
+    batches = [jobs[i : i + BATCH] for i in range(0, len(jobs), BATCH)]
+    with state.split_between_processes(batches) as mine:
+        drawn = [
+            pair
+            for batch in mine
+            for pair in zip(batch, model.generate_jobs(texts, batch, steps=steps, guidance=guidance, batch_size=BATCH,
+                                                        progress=progress and state.is_main_process, desc=desc))
+        ]  # fmt: skip
+    return dict(gather_object(drawn))
+
+
+def _grid_pages(name: str, rows: PromptRows, drawn_before, drawn_after, before_name, after_name) -> dict:
+    """Side-by-side grids of every prompt, GRID_PROMPTS per page; the first GRID_SEEDS seeds of each."""
+    uniform = all(s == rows.seeds[0] for s in rows.seeds)
+    labels = (
+        rows.texts if uniform else [f"{t} (seed {s[0]})" if len(s) == 1 else t for t, s in zip(rows.texts, rows.seeds)]
+    )
+    columns = [f"seed {s}" for s in rows.seeds[0]] if uniform else [f"#{j + 1}" for j in range(max(rows.counts))]
+    pages = {}
+    for page, first in enumerate(range(0, len(rows.texts), GRID_PROMPTS)):
+        chunk = slice(first, first + GRID_PROMPTS)
+        key = name if page == 0 else f"{name}-{page + 1}"
+        pages[key] = _side_by_side(drawn_before[chunk], drawn_after[chunk], labels[chunk], columns, before_name,
+                                   after_name)  # fmt: skip
+    return pages
+
+
 def evaluate(
     after,
     before,
@@ -141,8 +240,14 @@ def evaluate(
     neighbours: list[str] | None = None,
     fid_features: str | None = None,
     progress: bool = True,
+    target_rows: list | None = None,
+    preserved_rows: list | None = None,
 ) -> Evaluation:
-    """Score text-to-image model `after` against `before` on `concepts`."""
+    """Score text-to-image model `after` against `before` on `concepts`.
+
+    `target_rows` / `preserved_rows` (read by evaluators/prompt_files.py) replace the built-in target and
+    preserved prompts; `neighbours` adds neighbour concepts to the preserved ones.
+    """
     started = time.time()
     family = before.family
     samples = samples or default_samples(family)
@@ -154,37 +259,50 @@ def evaluate(
         "settings": {
             "seeds": seeds, "samples_per_prompt": samples, "steps": steps or before.sampling["steps"],
             "guidance": before.sampling["guidance"] if guidance is None else guidance, "clip": clip.describe(),
+            "grids": f"every prompt, {GRID_PROMPTS} per page; the first {GRID_SEEDS} seeds of each",
         },
         "concepts": {},
     }  # fmt: skip
     grids: dict[str, Image.Image] = {}
+    images: dict = {}
     for concept in concepts:
         prompts = prompt_set(concept, family, neighbours)
+        labelled = len(prompts.preserved_labels)
+        preserved = prompts.preserved + [n for n in neighbours or [] if family == "digits"]
+        parts = {
+            "target": (PromptRows.from_file(target_rows, seeds) if target_rows
+                       else PromptRows.uniform(prompts.target, seeds)),
+            "preserved": (PromptRows.from_file(preserved_rows, seeds) if preserved_rows
+                          else PromptRows.uniform(preserved, seeds)),
+        }  # fmt: skip
+        if preserved_rows:
+            labelled = 0  # the user's prompts carry no labels for the judge
         judge = protocol.judge(concept)
-        sections: dict = {"prompts": prompts.describe(), "judge": judge.describe() if judge else None}
+        sections: dict = {"prompts": {**prompts.describe(), "target_prompts": parts["target"].describe(),
+                                      "preserved_prompts": parts["preserved"].describe()},
+                          "judge": judge.describe() if judge else None}  # fmt: skip
         generated = {}
-        for part, texts in (("target", prompts.target), ("preserved", prompts.preserved)):
+        for part, rows in parts.items():
             for name, model in (("before", before), ("after", after)):
-                generated[part, name] = _images(model, texts, seeds, steps, guidance, progress)
-            grids[f"{slug(concept)}-{part}"] = _side_by_side(
-                generated[part, "before"][1], generated[part, "after"][1], texts, [f"seed {s}" for s in seeds],
-                before.source.spec, after.source.spec,
-            )  # fmt: skip
+                generated[part, name] = _draw(model, rows, steps, guidance, progress, f"{name}: {part} prompts")
+                images[concept, part, name] = generated[part, name][0]
+            grids.update(_grid_pages(f"{slug(concept)}-{part}", rows, generated[part, "before"][1],
+                                     generated[part, "after"][1], before.source.spec, after.source.spec))  # fmt: skip
 
         metrics: dict = {}
-        n_target = len(prompts.target) * samples
+        n_target = sum(parts["target"].counts)
         with torch.no_grad():
             concept_text = clip.text_features(prompts.clip_concept)
             anchor_text = clip.text_features(prompts.clip_anchors)
-            features = {key: clip.image_features(images) for key, (images, _) in generated.items()}
+            features = {key: clip.image_features(drawn) for key, (drawn, _) in generated.items()}
         clip_settings = {**clip.describe(), "rule": CLIP_PRESENCE_RULE, "images": n_target}
         presence = [zero_shot_presence(features["target", m], concept_text, anchor_text) for m in ("before", "after")]
         metrics["target_presence_clip"] = _pair(*(float(p.float().mean()) for p in presence), clip_settings)
-        for part, texts in (("target", prompts.target), ("preserved", prompts.preserved)):
+        for part, rows in parts.items():
             with torch.no_grad():
-                text = clip.text_features(texts).repeat_interleave(samples, dim=0)
+                text = clip.text_features(rows.texts).repeat_interleave(torch.tensor(rows.counts), dim=0)
             scores = [clip_score(features[part, m], text) for m in ("before", "after")]
-            settings = {**clip.describe(), "formula": CLIP_SCORE_FORMULA, "images": len(texts) * samples}
+            settings = {**clip.describe(), "formula": CLIP_SCORE_FORMULA, "images": sum(rows.counts)}
             metrics[f"{part}_clip_score"] = _pair(scores[0]["clip_score"], scores[1]["clip_score"], settings)
 
         if judge is not None:
@@ -192,8 +310,8 @@ def evaluate(
                 float(judge.detects(generated["target", m][0], concept).float().mean()) for m in ("before", "after")
             ]
             metrics["target_presence_judge"] = _pair(*presence, {**judge.describe(), "images": n_target})
-        if hasattr(judge, "predict") and prompts.preserved_labels:
-            metrics.update(_preserved_accuracy(judge, generated, prompts, samples))
+        if hasattr(judge, "predict") and labelled:
+            metrics.update(_preserved_accuracy(judge, generated, prompts, parts["preserved"].counts[:labelled]))
         extractor = protocol.extractor(judge)
         fid_features_of = {m: extractor(generated["preserved", m][0]) for m in ("before", "after")}
         feature_name = extractor.name
@@ -205,29 +323,29 @@ def evaluate(
                 {"features": feature_name, "real": f"{len(real)} held-out real images of {judge.name}",
                  "images": len(fid_features_of["before"])},
             )  # fmt: skip
-        metrics.update(_before_vs_after(fid_features_of["before"], fid_features_of["after"], samples, feature_name,
-                                        seed))  # fmt: skip
+        metrics.update(_before_vs_after(fid_features_of["before"], fid_features_of["after"], parts["preserved"],
+                                        feature_name, seed))  # fmt: skip
         sections["metrics"] = metrics
         report["concepts"][concept] = sections
     report["wall_time_s"] = round(time.time() - started, 2)
-    return Evaluation(report, grids)
+    return Evaluation(report, grids, images)
 
 
 PAIRING = (
-    "independent halves: before on the first half of each prompt's seeds, after on the second (with shared seeds "
-    "the two sets would not be independent samples, which KID's unbiased estimator assumes)"
+    "independent halves: before on the first half of each prompt's seeds, after on the second (or alternate "
+    "prompts when each has one seed); with shared seeds the two sets would not be independent samples, which "
+    "KID's unbiased estimator assumes"
 )
 
 
-def _before_vs_after(before: torch.Tensor, after: torch.Tensor, samples: int, features: str, seed: int) -> dict:
-    """FID and KID between the two models' preserved images, on independent halves of the seeds."""
-    if samples < 2:
-        warning = "needs at least 2 seeds per prompt (independent halves); rerun with --samples 2 or more"
+def _before_vs_after(before: torch.Tensor, after: torch.Tensor, rows: PromptRows, features: str, seed: int) -> dict:
+    """FID and KID between the two models' preserved images, on independent halves (PromptRows.halves)."""
+    halves = rows.halves()
+    if halves is None:
+        warning = "needs two independent halves: 2 seeds per prompt (--samples 2) or 2 prompts with their own seeds"
         return {name: {"value": None, "warning": warning} for name in ("preserved_fid_before_vs_after",
                                                                        "preserved_kid_before_vs_after")}  # fmt: skip
-    rows = torch.arange(len(before)).view(-1, samples)
-    half = samples // 2
-    a, b = before[rows[:, :half].reshape(-1)], after[rows[:, half:].reshape(-1)]
+    a, b = before[halves[0]], after[halves[1]]
     settings = {"features": features, "images": [len(a), len(b)], "pairing": PAIRING}
     fid = {"value": frechet_distance(a, b), "settings": settings}
     if min(len(a), len(b)) <= a.shape[1]:
@@ -244,15 +362,18 @@ def _before_vs_after(before: torch.Tensor, after: torch.Tensor, samples: int, fe
     return {"preserved_fid_before_vs_after": fid, "preserved_kid_before_vs_after": kid_metric}
 
 
-def _preserved_accuracy(judge, generated: dict, prompts, samples: int) -> dict:
-    """Judge accuracy on the (labelled) preserved prompts: every head, and the concept's own head."""
+def _preserved_accuracy(judge, generated: dict, prompts, counts: list[int]) -> dict:
+    """Judge accuracy on the labelled preserved prompts (the first len(counts) rows): every head, and the
+    concept's own head."""
     heads = list(prompts.preserved_labels[0])
+    repeats = torch.tensor(counts)
     expected = {
-        head: torch.tensor([label[head] for label in prompts.preserved_labels]).repeat_interleave(samples)
+        head: torch.tensor([label[head] for label in prompts.preserved_labels]).repeat_interleave(repeats)
         for head in heads
     }
+    n = int(repeats.sum())
     out = {}
-    predictions = {m: judge.predict(generated["preserved", m][0]) for m in ("before", "after")}
+    predictions = {m: judge.predict(generated["preserved", m][0][:n]) for m in ("before", "after")}
     for head in heads:
         accuracy = [
             float((predictions[m][head].argmax(-1) == expected[head]).float().mean()) for m in ("before", "after")

@@ -95,6 +95,7 @@ class TextToImageModel:
         batch_size: int = 16,
         prompt_embeds: torch.Tensor | None = None,
         progress: bool = False,
+        desc: str = "generating",
     ) -> list[list[Image.Image]]:
         """Images for every (prompt, seed): `result[i][j]` is prompt i with seed j.
 
@@ -103,8 +104,24 @@ class TextToImageModel:
         e.g. for adversarial embeddings; `prompts` then only label the rows.
         """
         jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
-        images = self._run(jobs, prompts, prompt_embeds, steps, guidance, batch_size, progress)
+        images = self._run(jobs, prompts, prompt_embeds, steps, guidance, batch_size, progress, desc)
         return [[images[(i, s)] for s in seeds] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def generate_jobs(
+        self,
+        prompts: Sequence[str],
+        jobs: Sequence[tuple[int, int]],
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+        desc: str = "generating",
+    ) -> list[Image.Image]:
+        """One image per (prompt index, seed) job, in order: prompt files give each prompt its own seed."""
+        images = self._run(list(jobs), prompts, None, steps, guidance, batch_size, progress, desc)
+        return [images[tuple(job)] for job in jobs]
 
     @torch.no_grad()
     def generate_each(
@@ -122,14 +139,14 @@ class TextToImageModel:
         images = self._run(jobs, None, prompt_embeds, steps, guidance, batch_size, progress)
         return [images[job] for job in jobs]
 
-    def _run(self, jobs, prompts, prompt_embeds, steps, guidance, batch_size, progress) -> dict:
+    def _run(self, jobs, prompts, prompt_embeds, steps, guidance, batch_size, progress, desc="generating") -> dict:
         from tqdm.auto import tqdm
 
         steps = self.sampling["steps"] if steps is None else steps
         guidance = self.sampling["guidance"] if guidance is None else guidance
         negative = self.encode([""])
         images: dict[tuple[int, int], Image.Image] = {}
-        bar = tqdm(total=len(jobs), desc="generating", unit="img", disable=not progress)
+        bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress)
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start : start + batch_size]
             generators = [torch.Generator("cpu").manual_seed(int(s)) for _, s in batch]

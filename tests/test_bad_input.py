@@ -69,6 +69,8 @@ CASES = [
     (["eval", "{run}", "--fid-features", "inception:/missing"], "no such Inception weights file /missing", False),
     (["eval", "{run}", "--clip", "no-such-clip"], "unknown CLIP model", False),
     (["eval", "{run}", "--samples", "0"], "argument --samples: must be >= 1", False),
+    (["eval", "{run}", "--prompts", "missing.csv"], "--prompts missing.csv: no such file", False),
+    (["eval", "{run}", "--prompts", "{badcsv}"], "line 3: the seed 'x' is not an integer", False),
     (["eval", "{run}", "--attack", "bogus"], "argument --attack: invalid choice", False),
     (["eval", "{run}", "--attack", "embedding", "--attack-seeds", "0"], "argument --attack-seeds: must be >= 1", False),
     (["eval", "{run}", "--json", "/proc/e.json"], "cannot be created", False),
@@ -93,11 +95,12 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
     shutil.copytree(run, empty)
     (empty / "erasure.json").write_text("{}")
     (root / "partial.json").write_text('{"format": "erasure-run/1", "method": "esd"}')
-    (root / "random.pt").write_bytes(os.urandom(300))
+    (root / "random.pt").write_bytes(b"\x80\x02\xff" + os.urandom(300))  # a pickle header, then an invalid opcode
+    (root / "bad.csv").write_text("prompt,evaluation_seed\na cat,1\na dog,x\n")
     with open(root / "nv.pkl", "wb") as f:  # an NVIDIA-style snapshot whose G_ema is a plain dict, not a network
         pickle.dump({"G_ema": OrderedDict(), "training_set_kwargs": {}}, f)
     return {"tiny": str(tiny_pipeline_dir), "file": str(root / "file"), "run": str(run), "emptyrun": str(empty),
-            "partialrun": str(root / "partial.json"),
+            "partialrun": str(root / "partial.json"), "badcsv": str(root / "bad.csv"),
             "randpt": str(root / "random.pt"), "nvpkl": str(root / "nv.pkl")}  # fmt: skip
 
 

@@ -120,3 +120,15 @@ def test_sfd_on_two_processes_distils_the_same_generator_as_one(tiny_pipeline_di
     moved = sum(float(((one[k] - base[k]) ** 2).sum()) for k in one) ** 0.5
     gap = sum(float(((one[k] - two[k]) ** 2).sum()) for k in one) ** 0.5
     assert moved > 0.1 and gap < 1e-2 * moved, (moved, gap)
+
+
+def test_eval_on_two_processes_reports_what_one_process_does(tmp_path):
+    args = ["-m", "erasure", "eval", "digits", "--baseline", "digits", "--concept", "seven", "--samples", "3",
+            "--quiet", "--device", "cpu"]  # fmt: skip
+    _launch(1, *args, "--json", str(tmp_path / "one.json"))
+    _launch(2, *args, "--json", str(tmp_path / "two.json"))
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (one["settings"]["processes"], two["settings"]["processes"]) == (1, 2)
+    assert one["concepts"] == two["concepts"]  # every metric, bit for bit: the same batches were drawn
+    grids = sorted(p.name for p in (tmp_path / "two-grids").iterdir())
+    assert grids == sorted(p.name for p in (tmp_path / "one-grids").iterdir()) and "seven-preserved-2.png" in grids

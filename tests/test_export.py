@@ -145,7 +145,8 @@ def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(ev
         if "before" in metric:
             assert f"{metric['before']:.4g} → {metric['after']:.4g}" in row, name
         if "images" in metric["settings"]:
-            assert f"images: {metric['settings']['images']}" in row, name
+            images = metric["settings"]["images"]  # a list for the two halves of before-vs-after metrics
+            assert f"images: {', '.join(map(str, images)) if isinstance(images, list) else images}" in row, name
     assert "samples_per_prompt: 1" in text and "model digits-clip" in text  # the eval's own settings
     for grid in report["grids"].values():
         assert f"]({grid})" in text and (exported.folder / grid).is_file()  # embedded, and shipped

@@ -1,0 +1,97 @@
+"""Prompt files users bring to an evaluation: the I2P layout of the erasure papers, or plain text.
+
+- CSV with a header: a `prompt` column, and optionally a seed (`seed` or I2P's `evaluation_seed`)
+  and a guidance scale (`guidance` or I2P's `evaluation_guidance`) per row. A row with a seed is
+  drawn once, with that seed; the seed column is then required on every row.
+- Any other file: one prompt per non-empty line, drawn with the protocol's seeds.
+
+Every problem is reported with the file and the line it is on, before any model loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.errors import InputError
+
+SEED_COLUMNS = ("seed", "evaluation_seed")
+GUIDANCE_COLUMNS = ("guidance", "evaluation_guidance")
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    text: str
+    seed: int | None = None  # None: the protocol's seeds
+    guidance: float | None = None  # None: the model's default
+
+
+def read_prompt_file(path: str | Path, what: str = "--prompts") -> list[PromptRow]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"{what} {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{what} {path}: cannot read it as UTF-8 text ({exc})") from None
+    rows = _csv_rows(path, text, what) if path.suffix.lower() == ".csv" else _text_rows(text)
+    if not rows:
+        raise InputError(f"{what} {path} holds no prompts")
+    return rows
+
+
+def _text_rows(text: str) -> list[PromptRow]:
+    return [PromptRow(line.strip()) for line in text.splitlines() if line.strip()]
+
+
+def _csv_rows(path: Path, text: str, what: str) -> list[PromptRow]:
+    try:
+        reader = csv.DictReader(text.splitlines())
+        header = [name.strip() for name in reader.fieldnames or []]
+    except csv.Error as exc:
+        raise InputError(f"{what} {path}: not a readable CSV file ({exc})") from None
+    if "prompt" not in header:
+        raise InputError(f"{what} {path}: line 1 must be a header with a 'prompt' column (found: {', '.join(header)})")
+    seed_column = next((c for c in SEED_COLUMNS if c in header), None)
+    guidance_column = next((c for c in GUIDANCE_COLUMNS if c in header), None)
+    rows = []
+    try:
+        for record in reader:
+            line = reader.line_num
+            record = {(k or "").strip(): (v or "").strip() for k, v in record.items()}
+            prompt = record.get("prompt", "")
+            if not prompt:
+                raise InputError(f"{what} {path}, line {line}: empty prompt")
+            seed = _seed(record.get(seed_column, ""), f"{what} {path}, line {line}") if seed_column else None
+            guidance = record.get(guidance_column, "") if guidance_column else ""
+            rows.append(PromptRow(prompt, seed, _guidance(guidance, f"{what} {path}, line {line}")))
+    except csv.Error as exc:
+        raise InputError(f"{what} {path}, line {reader.line_num}: {exc}") from None
+    return rows
+
+
+def _seed(text: str, where: str) -> int:
+    try:
+        value = float(text)
+        if not value.is_integer():
+            raise ValueError
+    except ValueError:
+        raise InputError(f"{where}: the seed {text!r} is not an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise InputError(f"{where}: the seed {text} is not between 0 and {MAX_SEED}")
+    return int(value)
+
+
+def _guidance(text: str, where: str) -> float | None:
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError(f"{where}: the guidance {text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise InputError(f"{where}: the guidance {text} must be a finite number >= 0")
+    return value

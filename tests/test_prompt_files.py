@@ -1,0 +1,65 @@
+"""Prompt files for `erasure eval --prompts/--preserved-prompts`: the I2P CSV layout and plain text."""
+
+import pytest
+
+from evaluators.prompt_files import PromptRow, read_prompt_file
+from pipelines.errors import InputError
+
+
+def test_i2p_csv_and_plain_text(tmp_path):
+    csv = tmp_path / "i2p.csv"
+    csv.write_text('prompt,categories,evaluation_seed,evaluation_guidance\n"a cat, sitting",x,7,7.5\na dog,y,8,\n')
+    assert read_prompt_file(csv) == [PromptRow("a cat, sitting", 7, 7.5), PromptRow("a dog", 8, None)]
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("a cat\n\n  a dog  \n")
+    assert read_prompt_file(plain) == [PromptRow("a cat"), PromptRow("a dog")]
+    short = tmp_path / "short.csv"
+    short.write_text("prompt,seed,guidance\na cat,1,2\n")
+    assert read_prompt_file(short) == [PromptRow("a cat", 1, 2.0)]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.csv", None, "no such file"),
+        ("empty.txt", "\n\n", "holds no prompts"),
+        ("header.csv", "text,seed\na cat,1\n", "line 1 must be a header with a 'prompt' column"),
+        ("blank.csv", "prompt,seed\na cat,1\n,2\n", "line 3: empty prompt"),
+        ("seed.csv", "prompt,evaluation_seed\na cat,one\n", "line 2: the seed 'one' is not an integer"),
+        ("noseed.csv", "prompt,seed\na cat,1\na dog,\n", "line 3: the seed '' is not an integer"),
+        ("range.csv", "prompt,seed\na cat,-3\n", "line 2: the seed -3 is not between 0 and"),
+        ("guidance.csv", "prompt,guidance\na cat,strong\n", "line 2: the guidance 'strong' is not a number"),
+        ("nan.csv", "prompt,guidance\na cat,nan\n", "line 2: the guidance nan must be a finite number"),
+        ("latin1.txt", b"caf\xe9\n", "cannot read it as UTF-8"),
+    ],
+)  # fmt: skip
+def test_every_prompt_file_error_names_the_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        read_prompt_file(path)
+
+
+def test_eval_draws_each_row_of_an_i2p_file_with_its_own_seed_and_guidance(tmp_path):
+    from evaluators.report import evaluate
+    from pipelines import load_model
+    from pipelines.images import to_tensor
+
+    rows = [PromptRow(f"a {c} seven" if i % 2 else f"a {c} three", 100 + 3 * i, [2.0, 5.0, 8.0][i % 3])
+            for i, c in enumerate(["red", "blue", "green", "yellow"] * 5)]  # fmt: skip
+    model = load_model("digits")
+    result = evaluate(model, model, ["seven"], samples=2, steps=4, target_rows=rows, progress=False)
+    drawn = result.images["seven", "target", "after"]
+    assert len(drawn) == 20
+    for i in (0, 7, 13, 19):
+        direct = to_tensor(model.generate([rows[i].text], [rows[i].seed], steps=4, guidance=rows[i].guidance)[0])
+        # equal up to a rounding step on a few pixels (a batch of 7 and a batch of 1 round differently on CPU)
+        assert (drawn[i] - direct[0]).abs().max() <= 1 / 255 + 1e-6, i
+        other = to_tensor(model.generate([rows[i].text], [rows[i].seed + 1], steps=4, guidance=rows[i].guidance)[0])
+        louder = to_tensor(model.generate([rows[i].text], [rows[i].seed], steps=4, guidance=rows[i].guidance + 3)[0])
+        assert (drawn[i] - other[0]).abs().mean() > 0.02 and (drawn[i] - louder[0]).abs().mean() > 0.005, i
+    described = result.report["concepts"]["seven"]["prompts"]["target_prompts"]
+    assert described["seeds"][7] == [121] and described["guidance"][7] == 5.0
