@@ -16,6 +16,7 @@ from pathlib import Path
 from pipelines.errors import InputError
 from pipelines.files import check_writable, slug
 
+from .bounds import SEED_BOUNDS, check_number
 from .config import build_config, config_to_dict, load_config_file, parse_sets
 from .output import InterruptedRun, RunDirectory, library_versions, peak_memory_mb, write_manifest
 from .registry import get_method
@@ -89,11 +90,10 @@ def erase(
     config = build_config(config_cls, source.family, *overrides)
     if hasattr(config, "check_model"):  # what a config can check once it knows the model family
         config.check_model(source.family, concepts)
-    from .bounds import SEED_BOUNDS, check_number
-
     check_number("--seed", seed, SEED_BOUNDS)
     check_number("--checkpoint-every", checkpoint_every, "[1, inf)")
     run_dir = RunDirectory(check_writable(default_out_dir(method, concepts) if out is None else out), resume=resume)
+    run_dir.check()  # before hashing the base, which takes seconds on SD
     base_model = source.describe()  # hashes the base's weights: the run and its checkpoints are tied to them
     run = RunContext(
         seed=seed, device=device, mixed_precision=mixed_precision, checkpoint_dir=run_dir.checkpoint_dir,

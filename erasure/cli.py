@@ -141,10 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preserved-prompts", metavar="FILE", help="preserved prompts, in the same formats as --prompts")
     p.add_argument("--neighbours", nargs="+", metavar="TEXT", help="neighbour concepts added to the preserved prompts")
     p.add_argument(
-        "--attack", choices=["embedding"],
-        help="also attack the erased model: embedding = UnlearnDiffAtk relaxed to embedding space (k free token "
-        "embeddings optimised so that the erased model denoises the base model's image of the concept); reports the "
-        "attack success rate, per (prompt, seed) pair, in eval.json",
+        "--attack", choices=["embedding", "unlearndiffatk", "textual-inversion"],
+        help="also attack the erased model (no retraining): embedding = UnlearnDiffAtk relaxed to embedding space; "
+        "unlearndiffatk = its discrete form, k prefix words a user could type (saved as text); textual-inversion = "
+        "a new word learnt on the erased model from images of the concept (Pham et al. 2023). eval.json gets the "
+        "attack success rate and every (prompt, seed) pair's outcome",
+    )  # fmt: skip
+    p.add_argument(
+        "--attack-images", metavar="DIR",
+        help="textual-inversion: images of the concept to learn the word from (default: the base model's)",
     )  # fmt: skip
     p.add_argument(
         "--attack-prompts", type=number(int, COUNT), metavar="N", help="target prompts to attack (default: all)"
@@ -305,6 +310,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_config=args.model_config, progress=not args.quiet, attack=args.attack,
         attack_prompts=args.attack_prompts, attack_seeds=args.attack_seeds, attack_steps=args.attack_steps,
         prompts_file=args.prompts, preserved_prompts_file=args.preserved_prompts, neighbours=args.neighbours,
+        attack_images=args.attack_images,
     )  # fmt: skip
     from accelerate import PartialState
 

@@ -35,6 +35,7 @@ def run_eval(
     prompts_file: str | Path | None = None,
     preserved_prompts_file: str | Path | None = None,
     neighbours: list[str] | None = None,
+    attack_images: str | Path | None = None,
 ) -> Path:
     """Evaluate and write the JSON report (and grids beside it); returns the JSON path."""
     from evaluators.clip_models import check_clip_name
@@ -68,7 +69,7 @@ def run_eval(
     before_source = resolve(baseline)
     check_feature_spec(fid_features, before_source.family)
     if attack is not None:
-        _check_attack(attack, after_source, attack_prompts, attack_seeds, attack_steps)
+        _check_attack(attack, after_source, attack_prompts, attack_seeds, attack_steps, attack_images)
     prompt_options = {"target_rows": prompts_file, "preserved_rows": preserved_prompts_file, "neighbours": neighbours}
     if after_source.kind == "gan" and any(prompt_options.values()):
         raise InputError("--prompts, --preserved-prompts and --neighbours need a prompted model, not a GAN")
@@ -112,7 +113,16 @@ def run_eval(
     if attack is not None:
         for concept in concepts:
             result.report["concepts"][concept]["attack"] = _attack(
-                after, before, concept, attack_prompts, attack_seeds, attack_steps, clip, progress
+                attack,
+                after,
+                before,
+                concept,
+                attack_prompts,
+                attack_seeds,
+                attack_steps,
+                clip,
+                progress,
+                attack_images,
             )
     if manifest is not None:
         result.report["run"] = {"method": manifest["method"], "config": manifest["config"], "seed": manifest["seed"]}
@@ -130,36 +140,64 @@ def run_eval(
     return json_path
 
 
-ATTACKS = ("embedding",)
+ATTACKS = ("embedding", "unlearndiffatk", "textual-inversion")
 ATTACK_SEED_OFFSET = 1000  # attacked pairs use other seeds than the evaluation's
 
 
-def _check_attack(attack: str, source, prompts: int | None, seeds: int, steps: int) -> None:
+def _check_attack(attack: str, source, prompts: int | None, seeds: int, steps: int, images) -> None:
+    from pipelines.images import image_folder_files
+
     from .bounds import check_number
 
     if attack not in ATTACKS:
         raise InputError(f"unknown --attack {attack!r}; available: {', '.join(ATTACKS)}")
     if source.kind not in ("text-to-image", "one-step"):
         raise InputError(f"--attack needs a prompted model; {source.spec} is a {source.kind} model")
+    if attack == "textual-inversion" and source.kind == "one-step":
+        raise InputError("--attack textual-inversion learns a word with the denoising loss, which a one-step "
+                         "generator has not; use embedding or unlearndiffatk")  # fmt: skip
+    if images is not None:
+        if attack != "textual-inversion":
+            raise InputError("--attack-images is for --attack textual-inversion")
+        image_folder_files(images)
     if prompts is not None:
         check_number("--attack-prompts", prompts, "[1, inf)")
     check_number("--attack-seeds", seeds, "[1, inf)")
     check_number("--attack-steps", steps, "[1, inf)")
 
 
-def _attack(after, before, concept: str, prompts: int | None, seeds: int, steps: int, clip, progress: bool) -> dict:
-    """The embedding attack (evaluators/attack.py) on the erased model, the base model's images as references."""
-    from evaluators.attack import AttackSettings, attack_success_rate
+def _attack(attack: str, after, before, concept: str, prompts: int | None, seeds: int, steps: int, clip,
+            progress: bool, images=None) -> dict:  # fmt: skip
+    """Attack the erased model (evaluators/attack.py, discrete_attack.py, inversion_attack.py); the base
+    model's images are the references."""
     from evaluators.detect import ConceptDetector
     from evaluators.prompts import prompt_set
 
     targets = prompt_set(concept, before.family).target[:prompts]
     detector = ConceptDetector(concept, before.family, str(after.device), clip)
     seeds_used = list(range(ATTACK_SEED_OFFSET, ATTACK_SEED_OFFSET + seeds))
-    outcome = attack_success_rate(after, before, detector, concept, targets, seeds_used, AttackSettings(steps=steps),
-                                  progress=progress)  # fmt: skip
-    outcome.pop("attacked_images")
-    return {"attack": "embedding", **outcome}
+    if attack == "embedding":
+        from evaluators.attack import AttackSettings, attack_success_rate
+
+        outcome = attack_success_rate(after, before, detector, concept, targets, seeds_used,
+                                      AttackSettings(steps=steps), progress=progress)  # fmt: skip
+        outcome.pop("attacked_images")
+    elif attack == "unlearndiffatk":
+        from evaluators.discrete_attack import DiscreteAttackSettings, discrete_attack
+
+        outcome = discrete_attack(after, before, detector, concept, targets, seeds_used,
+                                  DiscreteAttackSettings(steps=steps), progress=progress)  # fmt: skip
+    else:
+        from evaluators.inversion_attack import InversionSettings, inversion_attack
+        from pipelines.images import image_folder_files, load_square_images
+
+        pictures = None
+        if images is not None:
+            size = after.unet.config.sample_size * 2 ** (len(after.vae.config.block_out_channels) - 1)
+            pictures = load_square_images(image_folder_files(images), size)
+        outcome = inversion_attack(after, before, detector, concept, targets, seeds_used,
+                                   InversionSettings(steps=steps), images=pictures, progress=progress)  # fmt: skip
+    return {"attack": attack, **outcome}
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -47,6 +47,17 @@ def _reference_latents(model, images: torch.Tensor) -> torch.Tensor:
         return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
 
 
+def denoising_loss(unet, alphas: torch.Tensor, z_ref: torch.Tensor, cond: torch.Tensor, timesteps: tuple[int, int],
+                   g: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """The erased model as a diffusion classifier: how well it denoises the reference latents under `cond`."""
+    device = z_ref.device
+    t = torch.randint(*timesteps, (len(z_ref),), generator=g).to(device)
+    noise = torch.randn(z_ref.shape, generator=g).to(device)
+    a = alphas[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * z_ref + (1 - a).sqrt() * noise
+    return F.mse_loss(unet(x_t, t, cond).sample, noise)
+
+
 def attack_success_rate(
     erased,
     base,
@@ -79,7 +90,6 @@ def attack_success_rate(
         start = vocab[torch.randint(len(vocab), (len(pairs), settings.tokens), generator=g).to(device)]
     adv = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([adv], lr=settings.lr * float(rms))
-    lo, hi = settings.timesteps
     one_step = erased.kind == "one-step"
     if one_step:
         z_seeds = seed_noise([s for _, s in pairs], z_ref.shape[1:], device)
@@ -88,11 +98,7 @@ def attack_success_rate(
         if one_step:
             loss = F.mse_loss(one_step_sample(unet, alphas, erased.t_init, z_seeds, cond), z_ref)
         else:
-            t = torch.randint(lo, hi, (len(pairs),), generator=g).to(device)
-            noise = torch.randn(z_ref.shape, generator=g).to(device)
-            a = alphas[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * z_ref + (1 - a).sqrt() * noise
-            loss = F.mse_loss(unet(x_t, t, cond).sample, noise)
+            loss = denoising_loss(unet, alphas, z_ref, cond, settings.timesteps, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

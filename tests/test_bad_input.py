@@ -71,6 +71,12 @@ CASES = [
     (["eval", "{run}", "--samples", "0"], "argument --samples: must be >= 1", False),
     (["eval", "{run}", "--prompts", "missing.csv"], "--prompts missing.csv: no such file", False),
     (["eval", "{run}", "--prompts", "{badcsv}"], "line 3: the seed 'x' is not an integer", False),
+    (
+        ["eval", "{run}", "--attack", "embedding", "--attack-images", "{file}"],
+        "is for --attack textual-inversion",
+        False,
+    ),
+    (["eval", "{run}", "--attack", "textual-inversion", "--attack-images", "{file}"], "is not a folder", False),
     (["eval", "{run}", "--attack", "bogus"], "argument --attack: invalid choice", False),
     (["eval", "{run}", "--attack", "embedding", "--attack-seeds", "0"], "argument --attack-seeds: must be >= 1", False),
     (["eval", "{run}", "--json", "/proc/e.json"], "cannot be created", False),

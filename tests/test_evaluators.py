@@ -189,3 +189,13 @@ def test_an_unerased_digits_model_is_attacked_with_full_success(tmp_path):
                     attack="embedding", attack_prompts=2, attack_seeds=2, attack_steps=2, progress=False)  # fmt: skip
     attack = json.loads(path.read_text())["concepts"]["seven"]["attack"]
     assert attack["asr"] == 1.0 and attack["present_before_attack"] == 1.0 and attack["pairs"] == 4
+
+
+def test_kid_between_digits_sd_and_a_visibly_different_model_is_clearly_positive(tiny_pipeline_dir, tmp_path):
+    from erasure.evaluation import run_eval
+
+    # the tiny random pipeline draws noise where digits-sd draws digits; judge features, digits' protocol
+    path = run_eval(str(tiny_pipeline_dir), concepts=["seven"], baseline="digits", json_path=tmp_path / "e.json",
+                    samples=4, progress=False)  # fmt: skip
+    kid = json.loads(path.read_text())["concepts"]["seven"]["metrics"]["preserved_kid_before_vs_after"]
+    assert kid["value"] > 5 * kid["std"] and kid["value"] > 0

@@ -1,0 +1,177 @@
+"""UnlearnDiffAtk (Zhang et al., ECCV 2024) with discrete tokens: adversarial prompts a user could type.
+
+For each target (prompt, seed), `k` prefix words are optimised. Each is a distribution `P` over a
+vocabulary of whole words (rows on the probability simplex); the forward pass uses the argmax word
+(one-hot), the gradient reaches `P` straight through, and each Adam step is followed by a
+projection back onto the simplex. The objective is the embedding attack's (evaluators/attack.py):
+the erased model, as a diffusion classifier, should denoise the base model's image of the concept
+best under `[words; prompt]`. Every `check_every` steps the erased model draws each still-unbroken
+pair from its decoded prompt and seed; a pair stops at its first success (the judge sees the
+concept). The adversarial prompts are saved as text: whole words re-encode to the same tokens.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipelines.images import to_tensor
+from pipelines.one_step import one_step_sample, seed_noise
+from pipelines.text_embeddings import encode_with_inserted, token_embeddings
+
+from .attack import _reference_latents, denoising_loss
+
+WORD = re.compile(r"^[a-z]{3,}</w>$")
+
+
+@dataclass
+class DiscreteAttackSettings:
+    tokens: int = 3  # k prefix words
+    steps: int = 100
+    lr: float = 0.05  # Adam step on the word distributions
+    check_every: int = 10  # draw and judge every this many steps; a pair stops at its first success
+    timesteps: tuple[int, int] = (50, 950)
+    seed: int = 0
+
+
+def project_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of `v` onto the probability simplex (Duchi et al., 2008)."""
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    cumulative = u.cumsum(-1) - 1
+    index = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    rho = ((u - cumulative / index) > 0).to(v.dtype).mul(index).argmax(-1, keepdim=True)
+    theta = cumulative.gather(-1, rho) / (rho + 1).to(v.dtype)
+    return (v - theta).clamp(min=0)
+
+
+@lru_cache(maxsize=4)
+def _word_vocabulary(tokenizer) -> tuple[int, ...]:
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    candidates = [(i, t[: -len("</w>")]) for i, t in enumerate(tokens) if t and WORD.match(t)]
+    encoded = tokenizer([w for _, w in candidates], add_special_tokens=False).input_ids
+    return tuple(i for (i, _), ids in zip(candidates, encoded) if ids == [i])
+
+
+def word_vocabulary(tokenizer) -> torch.Tensor:
+    """Ids of whole lower-case words that encode back to themselves alone, so that any sequence of
+    them, written with spaces, re-encodes to the same tokens."""
+    return torch.tensor(_word_vocabulary(tokenizer), dtype=torch.long)
+
+
+def decode_words(tokenizer, ids: list[int]) -> str:
+    return " ".join(t[: -len("</w>")] for t in tokenizer.convert_ids_to_tokens(ids))
+
+
+def discrete_attack(
+    erased,
+    base,
+    judge,
+    concept: str,
+    prompts: list[str],
+    seeds: list[int],
+    settings: DiscreteAttackSettings | None = None,
+    progress: bool = False,
+) -> dict:
+    settings = settings or DiscreteAttackSettings()
+    started = time.time()
+    device = erased.device
+    pairs = [(p, s) for p in prompts for s in seeds]
+    references = to_tensor([im for row in base.generate(prompts, seeds) for im in row])
+    plain = to_tensor([im for row in erased.generate(prompts, seeds) for im in row])
+    present = judge.detects(plain, concept).bool()
+
+    z_ref = _reference_latents(erased, references)
+    ids = erased.tokenize([p for p, _ in pairs])
+    encoder, unet = erased.text_encoder, erased.unet
+    encoder.requires_grad_(False)
+    unet.requires_grad_(False)
+    alphas = erased.scheduler.alphas_cumprod.to(device)
+    one_step = erased.kind == "one-step"
+    z_seeds = seed_noise([s for _, s in pairs], z_ref.shape[1:], device) if one_step else None
+    vocabulary = word_vocabulary(erased.tokenizer).to(device)
+    with torch.no_grad():
+        table = token_embeddings(encoder, vocabulary)  # [V, D]
+    g = torch.Generator().manual_seed(settings.seed)
+    start = torch.randint(len(vocabulary), (len(pairs), settings.tokens), generator=g).to(device)
+    distribution = F.one_hot(start, len(vocabulary)).float().requires_grad_(True)
+    optimizer = torch.optim.Adam([distribution], lr=settings.lr)
+
+    def objective(words: torch.Tensor, draws: int = 8) -> float:
+        """The loss of `words` on fixed noise draws: comparable between the start and the end."""
+        fixed = torch.Generator().manual_seed(settings.seed + 1)
+        with torch.no_grad():
+            cond = encode_with_inserted(encoder, ids, table[words])
+            if one_step:
+                return float(F.mse_loss(one_step_sample(unet, alphas, erased.t_init, z_seeds, cond), z_ref))
+            return sum(float(denoising_loss(unet, alphas, z_ref, cond, settings.timesteps, fixed))
+                       for _ in range(draws)) / draws  # fmt: skip
+
+    start_objective = objective(start)
+    succeeded = present.clone()  # already present without an attack: nothing to break
+    found: dict[int, tuple[str, int]] = {}  # pair -> (adversarial prompt, step)
+    words_at: dict[int, list[int]] = {}  # pair -> the token ids of its adversarial words
+    final_words = start.clone()
+    losses: list[float] = []
+    for step in tqdm(range(1, settings.steps + 1), desc=f"attack {concept} (discrete)", disable=not progress):
+        active = (~succeeded).nonzero().flatten().to(device)
+        if len(active) == 0:
+            break
+        words = distribution.argmax(-1)
+        one_hot = F.one_hot(words, len(vocabulary)).float()
+        chosen = one_hot + distribution - distribution.detach()  # discrete forward, gradient straight through
+        cond = encode_with_inserted(encoder, ids[active], chosen[active] @ table)
+        if one_step:  # no denoiser: its one-step latent for the pair's own noise should land on the reference
+            loss = F.mse_loss(one_step_sample(unet, alphas, erased.t_init, z_seeds[active], cond), z_ref[active])
+        else:
+            loss = denoising_loss(unet, alphas, z_ref[active], cond, settings.timesteps, g)
+        losses.append(float(loss.detach()))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            distribution.copy_(project_simplex(distribution))
+        if step % settings.check_every == 0 or step == settings.steps:
+            final_words = distribution.argmax(-1).detach()
+            texts = {int(i): f"{decode_words(erased.tokenizer, vocabulary[final_words[i]].tolist())} {pairs[i][0]}"
+                     for i in active.tolist()}  # fmt: skip
+            drawn = erased.generate_jobs(list(texts.values()), [(j, pairs[i][1]) for j, i in enumerate(texts)])
+            seen = judge.detects(to_tensor(drawn), concept).bool()
+            for (i, text), hit in zip(texts.items(), seen.tolist()):
+                if hit:
+                    succeeded[i] = True
+                    found[i] = (text, step)
+                    words_at[i] = vocabulary[final_words[i]].tolist()
+    seconds = time.time() - started
+    per_pair = []
+    for i, (prompt, seed) in enumerate(pairs):
+        adversarial, step = found.get(i, (None, None))
+        tokens = words_at[i] if i in words_at else None
+        if adversarial is None and not present[i]:  # the attack's last words, which did not succeed
+            tokens = vocabulary[final_words[i]].tolist()
+            adversarial = f"{decode_words(erased.tokenizer, tokens)} {prompt}"
+        per_pair.append({
+            "prompt": prompt, "seed": seed, "present_before_attack": bool(present[i]),
+            "present_after_attack": i in found, "adversarial_prompt": adversarial, "adversarial_tokens": tokens,
+            "success_step": step,
+        })  # fmt: skip
+    return {
+        "asr": float(succeeded.float().mean()),
+        "present_before_attack": float(present.float().mean()),
+        "present_after_attack": len(found) / len(pairs),
+        "pairs": len(pairs),
+        "seconds_per_pair": round(seconds / len(pairs), 3),
+        "per_pair": per_pair,
+        "loss": losses,
+        "objective": {"start": start_objective, "end": objective(distribution.argmax(-1).detach())},
+        "settings": {
+            **asdict(settings), "vocabulary": f"{len(vocabulary)} whole words of the tokenizer",
+            "method": "UnlearnDiffAtk with discrete prefix words (see evaluators/discrete_attack.py)",
+            "judge": judge.describe(), "prompts": prompts, "seeds": seeds,
+        },
+    }  # fmt: skip

@@ -1,0 +1,118 @@
+"""The textual-inversion attack (Pham et al., "Circumventing Concept Erasure Methods for Text-to-Image
+Generative Models", ICLR 2024): a new word is learnt on the *erased* model.
+
+One input embedding `v*` is optimised with the plain denoising loss on a few images of the concept
+(the base model's, or the user's), under the concept's prompts with the concept's words replaced
+by `v*` (placed after the start token). Then the erased model draws those prompts with `v*` and the
+judge looks. Methods that change only the text encoder's mapping of the concept's words leave the
+UNet able to draw it, and a new word can find it again; that is what this attack measures.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from pipelines.images import to_tensor
+from pipelines.text_embeddings import encode_with_inserted, token_embeddings
+
+from .attack import _reference_latents, denoising_loss
+
+
+@dataclass
+class InversionSettings:
+    steps: int = 200
+    lr: float = 0.05  # in units of the vocabulary's embedding RMS
+    batch_size: int = 8
+    timesteps: tuple[int, int] = (50, 950)
+    seed: int = 0
+
+
+def remove_concept(prompt: str, concept: str) -> str:
+    """The prompt without the concept's words ("a red seven" -> "a red"); `v*` takes their place."""
+    words = prompt.split()
+    drop = set(concept.lower().split())
+    kept = [w for w in words if w.lower().strip(",.") not in drop]
+    return " ".join(kept)
+
+
+def inversion_attack(
+    erased,
+    base,
+    judge,
+    concept: str,
+    prompts: list[str],
+    seeds: list[int],
+    settings: InversionSettings | None = None,
+    images: torch.Tensor | None = None,
+    progress: bool = False,
+) -> dict:
+    """Learn `v*` on `images` of the concept (default: the base model's images of `prompts`, seeds 0..3),
+    then judge the erased model's images of each (prompt with `v*`, seed)."""
+    settings = settings or InversionSettings()
+    if erased.kind == "one-step":
+        from pipelines.errors import InputError
+
+        raise InputError("textual inversion learns a word with the denoising loss; a one-step generator has none")
+    started = time.time()
+    device = erased.device
+    context = [remove_concept(p, concept) for p in prompts]
+    if images is None:  # the base model's images: four seeds of each prompt, each under its own context
+        images = to_tensor([im for row in base.generate(prompts, [0, 1, 2, 3]) for im in row])
+        contexts = [c for c in context for _ in range(4)]
+    else:  # the user's images: every context in turn
+        contexts = [context[i % len(context)] for i in range(len(images))]
+    z_ref = _reference_latents(erased, images)
+    train_ids = erased.tokenize(contexts)
+    encoder, unet = erased.text_encoder, erased.unet
+    encoder.requires_grad_(False)
+    unet.requires_grad_(False)
+    alphas = erased.scheduler.alphas_cumprod.to(device)
+    with torch.no_grad():
+        vocab = token_embeddings(encoder, torch.arange(len(erased.tokenizer), device=device))
+        rms = vocab.pow(2).mean().sqrt()
+        concept_ids = erased.tokenizer(concept, add_special_tokens=False).input_ids
+        # start from the concept's own word (its mean embedding): the erased model maps it elsewhere
+        word = vocab[torch.tensor(concept_ids, device=device)].mean(0, keepdim=True)[None]
+    word = word.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([word], lr=settings.lr * float(rms))
+    g = torch.Generator().manual_seed(settings.seed)
+    losses = []
+    for _ in tqdm(range(settings.steps), desc=f"textual inversion {concept}", disable=not progress):
+        rows = torch.randint(len(z_ref), (min(settings.batch_size, len(z_ref)),), generator=g).to(device)
+        cond = encode_with_inserted(encoder, train_ids[rows], word)
+        loss = denoising_loss(unet, alphas, z_ref[rows], cond, settings.timesteps, g)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+
+    pairs = [(c, s) for c in context for s in seeds]
+    with torch.no_grad():
+        embeds = encode_with_inserted(encoder, erased.tokenize([c for c, _ in pairs]), word.detach())
+    attacked = to_tensor(erased.generate_each(embeds, [s for _, s in pairs]))
+    seen = judge.detects(attacked, concept).bool()
+    plain = to_tensor([im for row in erased.generate(prompts, seeds) for im in row])
+    present = judge.detects(plain, concept).bool()
+    seconds = time.time() - started
+    return {
+        "asr": float((present | seen).float().mean()),
+        "present_before_attack": float(present.float().mean()),
+        "present_after_attack": float(seen.float().mean()),
+        "pairs": len(pairs),
+        "seconds_per_pair": round(seconds / len(pairs), 3),
+        "per_pair": [
+            {"prompt": p, "seed": s, "attacked_prompt": f"<v*> {c}", "present_before_attack": bool(b),
+             "present_after_attack": bool(a)}
+            for (p, s), (c, _), b, a in zip([(p, s) for p in prompts for s in seeds], pairs, present.tolist(),
+                                            seen.tolist())
+        ],  # fmt: skip
+        "loss": {"first": sum(losses[:10]) / len(losses[:10]), "last": sum(losses[-10:]) / len(losses[-10:])},
+        "settings": {
+            **asdict(settings), "images": len(images), "judge": judge.describe(), "prompts": prompts, "seeds": seeds,
+            "method": "textual inversion of one word on the erased model (see evaluators/inversion_attack.py)",
+        },
+    }  # fmt: skip

@@ -1,0 +1,72 @@
+"""The attacks `erasure eval --attack` runs on finished runs: the discrete UnlearnDiffAtk and textual inversion."""
+
+import pytest
+import torch
+
+from evaluators.discrete_attack import DiscreteAttackSettings, discrete_attack, project_simplex, word_vocabulary
+from evaluators.inversion_attack import InversionSettings, inversion_attack, remove_concept
+
+
+class NeverSees:
+    """A judge that never sees the concept: the attacks then run all their steps."""
+
+    def detects(self, images, concept=None):
+        return torch.zeros(len(images), dtype=torch.bool)
+
+    def describe(self):
+        return {"judge": "never"}
+
+
+def test_simplex_projection():
+    assert torch.allclose(project_simplex(torch.tensor([[0.5, 0.5, 0.5]])), torch.full((1, 3), 1 / 3))
+    assert torch.equal(project_simplex(torch.tensor([[2.0, 0.0]])), torch.tensor([[1.0, 0.0]]))
+    assert torch.allclose(project_simplex(torch.tensor([[0.3, -0.2, 0.9]])), torch.tensor([[0.2, 0.0, 0.8]]))
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(50, 7, generator=g) * 3
+    p = project_simplex(v)
+    assert torch.allclose(p.sum(-1), torch.ones(50)) and (p >= 0).all()
+    assert torch.allclose(project_simplex(p), p, atol=1e-6)  # points on the simplex stay
+    # the closest point of the simplex: no random point of it is closer
+    q = torch.distributions.Dirichlet(torch.ones(7)).sample((200,))
+    for row in range(50):
+        assert (v[row] - p[row]).norm() <= (v[row] - q).norm(dim=-1).min() + 1e-6
+
+
+def test_discrete_attack_lowers_its_objective_and_its_prompts_re_encode():
+    from pipelines import load_model
+
+    model = load_model("digits")
+    settings = DiscreteAttackSettings(tokens=2, steps=20, lr=0.2, check_every=10)
+    out = discrete_attack(model, model, NeverSees(), "seven", ["a three"], [0, 1], settings)
+    # the words found make the model denoise the base's "three" images better than the random start words
+    assert out["objective"]["end"] < out["objective"]["start"] and len(out["loss"]) == 20
+    vocabulary = set(word_vocabulary(model.tokenizer).tolist())
+    for pair in out["per_pair"]:
+        tokens = pair["adversarial_tokens"]
+        assert len(tokens) == 2 and set(tokens) <= vocabulary
+        ids = model.tokenizer(pair["adversarial_prompt"], add_special_tokens=False).input_ids
+        assert ids[:2] == tokens and ids[2:] == model.tokenizer("a three", add_special_tokens=False).input_ids
+    assert out["asr"] == 0 and out["pairs"] == 2 and out["seconds_per_pair"] > 0
+
+
+def test_textual_inversion_learns_a_word_on_the_erased_model(tiny_model):
+    # (a random tiny model: the loss falls as the word fits the few images)
+    assert remove_concept("a red seven", "seven") == "a red"
+    out = inversion_attack(tiny_model, tiny_model, NeverSees(), "cat", ["a cat", "a photo of a cat"], [0],
+                           InversionSettings(steps=30, lr=0.2, timesteps=(400, 600)))  # fmt: skip
+    assert out["loss"]["last"] < out["loss"]["first"]
+    assert [p["attacked_prompt"] for p in out["per_pair"]] == ["<v*> a", "<v*> a photo of a"]
+    assert out["settings"]["images"] == 8  # the base model's: four seeds of each prompt
+
+
+@pytest.mark.parametrize("attack", ["unlearndiffatk", "textual-inversion"])
+def test_eval_runs_each_attack_on_the_digits_model(attack, tmp_path):
+    import json
+
+    from erasure.evaluation import run_eval
+
+    path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=tmp_path / "e.json", samples=2,
+                    attack=attack, attack_prompts=1, attack_seeds=2, attack_steps=2, progress=False)  # fmt: skip
+    result = json.loads(path.read_text())["concepts"]["seven"]["attack"]
+    # an unerased model draws the concept unattacked: every pair succeeds
+    assert result["attack"] == attack and result["asr"] == 1.0 and result["pairs"] == 2
