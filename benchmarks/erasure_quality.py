@@ -43,6 +43,10 @@ def main() -> None:
     parser.add_argument("--attack-seeds", type=int, default=20, help="seeds per target prompt for the attack")
     parser.add_argument("--attack-steps", type=int, default=100)
     parser.add_argument(
+        "--also-attack", action="append", default=[], choices=["unlearndiffatk", "textual-inversion"],
+        help="with --attack: also run these attacks of `erasure eval --attack` on the erased model (same code)",
+    )  # fmt: skip
+    parser.add_argument(
         "--skip-base-attack", action="store_true",
         help="attack the erased model only (the base model's ASR does not depend on the method: 100%% on digits-sd)",
     )  # fmt: skip
@@ -102,9 +106,15 @@ def main() -> None:
             for name, model in attacked:
                 outcome = attack_success_rate(model, base, judge, args.concept, prompts, seeds, settings, progress=True)
                 outcome.pop("attacked_images")
-                asr[name] = {k: v for k, v in outcome.items() if k != "settings"}
+                asr[name] = {k: v for k, v in outcome.items() if k not in ("settings", "per_pair")}
                 asr[name]["loss"] = outcome["settings"]["method"]  # a one-step generator is attacked its own way
                 asr["settings"] = {k: v for k, v in outcome["settings"].items() if k not in ("prompts", "judge")}
+            for kind in args.also_attack:  # the code `erasure eval RUN --attack KIND` runs
+                from erasure.evaluation import run_attack
+
+                outcome = run_attack(kind, erased, base, args.concept, None, args.attack_seeds, args.attack_steps,
+                                     None, True)  # fmt: skip
+                asr[kind] = {k: v for k, v in outcome.items() if k not in ("settings", "per_pair", "loss")}
             result["attack"] = asr
         print(json.dumps(result, indent=2))
     finally:

@@ -112,7 +112,7 @@ def run_eval(
         return json_path
     if attack is not None:
         for concept in concepts:
-            result.report["concepts"][concept]["attack"] = _attack(
+            result.report["concepts"][concept]["attack"] = run_attack(
                 attack,
                 after,
                 before,
@@ -166,7 +166,7 @@ def _check_attack(attack: str, source, prompts: int | None, seeds: int, steps: i
     check_number("--attack-steps", steps, "[1, inf)")
 
 
-def _attack(attack: str, after, before, concept: str, prompts: int | None, seeds: int, steps: int, clip,
+def run_attack(attack: str, after, before, concept: str, prompts: int | None, seeds: int, steps: int, clip,
             progress: bool, images=None) -> dict:  # fmt: skip
     """Attack the erased model (evaluators/attack.py, discrete_attack.py, inversion_attack.py); the base
     model's images are the references."""
