@@ -54,7 +54,9 @@ class Bounds:
         return f"between {low} and {high}" + (f" ({' and '.join(excluded)} excluded)" if excluded else "")
 
 
-def _number(value: float) -> str:
+def _number(value: float | int) -> str:
+    if isinstance(value, int):
+        return str(value) if len(str(value)) <= 30 else f"{str(value)[:12]}... ({len(str(value))} digits)"
     return str(int(value)) if value.is_integer() else str(value)
 
 
@@ -65,7 +67,7 @@ def violation(value: float | int, bounds: str | Bounds | None) -> str | None:
     if bounds is None:
         return None
     interval = Bounds.parse(bounds) if isinstance(bounds, str) else bounds
-    return None if value in interval else f"must be {interval.describe()}, not {_number(float(value))}"
+    return None if value in interval else f"must be {interval.describe()}, not {_number(value)}"
 
 
 def check_number(name: str, value: float | int, bounds: str | Bounds | None) -> None:

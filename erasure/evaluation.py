@@ -107,9 +107,8 @@ def run_eval(
         result = evaluate(after, before, concepts, samples=samples, seed=seed, clip=clip, fid_features=fid_features,
                           progress=progress, **prompt_options)  # fmt: skip
     result.report["settings"]["processes"] = state.num_processes
-    if not state.is_main_process:  # the main process scores the attack and writes the report
-        state.wait_for_everyone()
-        return json_path
+    if not state.is_main_process:  # the main process attacks and writes; it needs no other process for that,
+        return json_path  # so none waits for it (a long attack would outlast a collective's timeout)
     if attack is not None:
         for concept in concepts:
             result.report["concepts"][concept]["attack"] = run_attack(
@@ -136,7 +135,6 @@ def run_eval(
         atomic_write(path, lambda tmp, grid=grid: grid.save(tmp, format="PNG"))
         result.report["grids"][name] = os.path.relpath(path, json_path.parent)
     write_json(json_path, result.report, default=float)
-    state.wait_for_everyone()
     return json_path
 
 

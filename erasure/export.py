@@ -247,7 +247,9 @@ def _check_single_file(run: Run) -> None:
     index = json.loads((run.path / "model_index.json").read_text())
     if index.get("text_encoder") != ["transformers", "CLIPTextModel"]:
         raise InputError("--single-file writes the SD 1.x layout, which needs a CLIPTextModel text encoder")
-    width = json.loads((run.path / "unet" / "config.json").read_text()).get("cross_attention_dim")
+    from pipelines.components import component_folders
+
+    width = json.loads((component_folders(run.path)["unet"] / "config.json").read_text()).get("cross_attention_dim")
     if width == 1024:
         raise InputError("--single-file writes the SD 1.x layout; this model looks like SD 2.x (1024-wide text)")
 

@@ -75,11 +75,9 @@ class RunDirectory:
             self.check()
             raise
         fd = os.open(self.work / LOCK_FILE, os.O_RDWR | os.O_CREAT, normal_mode())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_exclusively(fd):
             os.close(fd)
-            raise InputError(f"{self.final} is being written by process {self._holder()}") from None
+            raise InputError(f"{self.final} is being written by process {self._holder() or '(another)'}")
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock = fd
@@ -114,7 +112,8 @@ class RunDirectory:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        shutil.rmtree(self.work, ignore_errors=True)
+        if self._lock is not None:  # the run's own work folder (an export owns none)
+            shutil.rmtree(self.work, ignore_errors=True)
         self._release()
         return self.final
 
@@ -132,6 +131,17 @@ class RunDirectory:
             return False
         finally:
             self._release()
+
+
+def _lock_exclusively(fd: int, attempts: int = 20) -> bool:
+    """Take the run's lock, allowing for another process's momentary shared lock (`_holder`'s probe)."""
+    for _ in range(attempts):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.05)
+    return False
 
 
 def library_versions() -> dict[str, str]:

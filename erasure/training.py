@@ -145,7 +145,9 @@ def _stateful(value) -> bool:
 
 def load_checkpoint(path: Path) -> dict:
     # Our own files, but still loaded without executing code: tensors and plain containers only.
-    return torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    from pipelines.safe_load import load_tensors
+
+    return load_tensors(path / CHECKPOINT_FILE, f"the checkpoint {path / CHECKPOINT_FILE}")
 
 
 class TrainingLoop:

@@ -42,9 +42,12 @@ class AttackSettings:
 
 def _reference_latents(model, images: torch.Tensor) -> torch.Tensor:
     vae = model.vae
+    latents = []
     with torch.no_grad():
-        pixels = images.to(model.device, vae.dtype) * 2 - 1
-        return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+        for chunk in images.split(8):  # SD's VAE encoder at 512 px: a few images at a time
+            pixels = chunk.to(model.device, vae.dtype) * 2 - 1
+            latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
+    return torch.cat(latents)
 
 
 def denoising_loss(unet, alphas: torch.Tensor, z_ref: torch.Tensor, cond: torch.Tensor, timesteps: tuple[int, int],

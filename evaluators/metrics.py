@@ -49,6 +49,7 @@ def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray)
 
 
 KID_MIN_IMAGES = 50  # below this many images per set, KID's subsets are too small to mean much
+KID_MIN_SET = 4  # the unbiased estimator needs subsets of 2, hence sets of 4
 
 
 def kernel_inception_distance(
@@ -69,8 +70,8 @@ def kernel_inception_distance(
 
     a, b = torch.as_tensor(np.asarray(a), dtype=torch.float64), torch.as_tensor(np.asarray(b), dtype=torch.float64)
     n = min(len(a), len(b))
-    if n < 4:
-        raise ValueError(f"KID needs at least 4 images per set, got {n}")
+    if n < KID_MIN_SET:
+        raise ValueError(f"KID needs at least {KID_MIN_SET} images per set, got {n}")
     m = min(subset_size, n // 2)
     g = torch.Generator().manual_seed(seed)
     values = [

@@ -11,6 +11,7 @@ Every problem is reported with the file and the line it is on, before any model 
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ def _text_rows(text: str) -> list[PromptRow]:
 
 def _csv_rows(path: Path, text: str, what: str) -> list[PromptRow]:
     try:
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted line breaks stay inside their prompt
         header = [name.strip() for name in reader.fieldnames or []]
     except csv.Error as exc:
         raise InputError(f"{what} {path}: not a readable CSV file ({exc})") from None

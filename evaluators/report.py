@@ -23,6 +23,7 @@ from .features import FeatureExtractor, feature_extractor
 from .judges import default_judge
 from .metrics import (
     CLIP_SCORE_FORMULA,
+    KID_MIN_SET,
     clip_score,
     frechet_distance,
     kernel_inception_distance,
@@ -165,7 +166,7 @@ class PromptRows:
             return None
         first = torch.tensor([i for a, _ in pick for i in a], dtype=torch.long)
         second = torch.tensor([i for _, b in pick for i in b], dtype=torch.long)
-        return (first, second) if len(first) >= 2 and len(second) >= 2 else None
+        return (first, second) if min(len(first), len(second)) >= KID_MIN_SET else None
 
     def describe(self) -> dict:
         out: dict = {"prompts": self.texts}
@@ -300,7 +301,8 @@ def evaluate(
         metrics["target_presence_clip"] = _pair(*(float(p.float().mean()) for p in presence), clip_settings)
         for part, rows in parts.items():
             with torch.no_grad():
-                text = clip.text_features(rows.texts).repeat_interleave(torch.tensor(rows.counts), dim=0)
+                text = clip.text_features(rows.texts)
+                text = text.repeat_interleave(torch.tensor(rows.counts, device=text.device), dim=0)
             scores = [clip_score(features[part, m], text) for m in ("before", "after")]
             settings = {**clip.describe(), "formula": CLIP_SCORE_FORMULA, "images": sum(rows.counts)}
             metrics[f"{part}_clip_score"] = _pair(scores[0]["clip_score"], scores[1]["clip_score"], settings)
@@ -342,7 +344,10 @@ def _before_vs_after(before: torch.Tensor, after: torch.Tensor, rows: PromptRows
     """FID and KID between the two models' preserved images, on independent halves (PromptRows.halves)."""
     halves = rows.halves()
     if halves is None:
-        warning = "needs two independent halves: 2 seeds per prompt (--samples 2) or 2 prompts with their own seeds"
+        warning = (
+            f"needs two independent halves of at least {KID_MIN_SET} images: 2 seeds per prompt "
+            "(--samples 2) or more prompts"
+        )
         return {name: {"value": None, "warning": warning} for name in ("preserved_fid_before_vs_after",
                                                                        "preserved_kid_before_vs_after")}  # fmt: skip
     a, b = before[halves[0]], after[halves[1]]

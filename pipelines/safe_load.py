@@ -7,6 +7,7 @@ succeed": advice that runs the file's code. The reason is kept, the advice is no
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,13 @@ def load_tensors(source: str | Path | Any, name: str, allowed_globals: Iterable[
 
 
 def refusal_reason(exc: BaseException) -> str:
-    """The cause in torch's message, without its advice to load with `weights_only=False`."""
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:
-        detail = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n")[0].strip()
-        return detail or "unsupported content"
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first.split(". ")[0] if "weights_only" not in first else "unsupported content"
+    """The cause in torch's message, without its boilerplate and without its advice (to load with
+    `weights_only=False`, or to allowlist the refused global): both would run the file's code."""
+    boilerplate = ("weights_only", "safe_globals", "allowlist", "Weights only load failed", "In PyTorch",
+                   "Check the documentation", "Please file an issue", "Do it only if",
+                   "WeightsUnpickler error")  # fmt: skip
+    for sentence in re.split(r"(?<=[.!?])\s+|\n+", str(exc)):
+        sentence = sentence.strip()
+        if sentence and not any(phrase in sentence for phrase in boilerplate):
+            return sentence.rstrip(".")
+    return "unsupported content"

@@ -39,6 +39,7 @@ CASES = [
     ([*ESD, "--seed", "-1"], "argument --seed: must be between 0 and 4294967295, not -1", False),
     ([*ESD, "--seed", TOO_BIG_SEED], "argument --seed: must be between 0 and 4294967295", False),
     ([*ESD, "--seed", "x"], "argument --seed: 'x' is not an integer", False),
+    ([*ESD, "--seed", "9" * 400], "(400 digits)", False),
     ([*ESD, "--device", "foo"], "unknown device 'foo'", False),
     ([*ESD, "--checkpoint-every", "-1"], "argument --checkpoint-every: must be >= 1", False),
     ([*ESD, "--out", "/proc/x"], "--out /proc/x cannot be created", False),

@@ -13,6 +13,9 @@ def test_i2p_csv_and_plain_text(tmp_path):
     plain = tmp_path / "prompts.txt"
     plain.write_text("a cat\n\n  a dog  \n")
     assert read_prompt_file(plain) == [PromptRow("a cat"), PromptRow("a dog")]
+    quoted = tmp_path / "quoted.csv"  # a line break inside a quoted prompt stays in it
+    quoted.write_text('prompt,seed\n"a cat\non a mat",3\na dog,4\n')
+    assert read_prompt_file(quoted) == [PromptRow("a cat\non a mat", 3), PromptRow("a dog", 4)]
     short = tmp_path / "short.csv"
     short.write_text("prompt,seed,guidance\na cat,1,2\n")
     assert read_prompt_file(short) == [PromptRow("a cat", 1, 2.0)]
