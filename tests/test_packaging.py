@@ -186,12 +186,23 @@ def test_an_advunlearn_run_of_digits_sd_is_the_base_plus_its_text_encoder(tmp_pa
     assert _files_size(tmp_path / "full") <= _files_size(base) + encoder
     assert _files_size(tmp_path / "changed") <= encoder + 8_000
     # the unchanged UNet keeps the base's fp16 file
-    unet = "unet/diffusion_pytorch_model.safetensors"
-    assert (tmp_path / "full" / unet).read_bytes() == (base / unet).read_bytes()
+    for file in (base / "unet").iterdir():
+        assert (tmp_path / "full" / "unet" / file.name).read_bytes() == file.read_bytes()
 
 
-def test_shipped_digits_sd_has_one_weight_file_per_component():
+def test_shipped_weights_are_small_files_and_shard_indexes_tell_the_truth():
     # (the old shards carried an index whose total_size counted the float32 bytes before the fp16 conversion)
-    for part in ("unet", "text_encoder", "vae"):
-        files = sorted(p.name for p in (zoo.SHIPPED_ROOT / "digits-sd" / part).iterdir() if "safetensors" in p.name)
-        assert files == ["model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"]
+    from safetensors import safe_open
+
+    root = zoo.SHIPPED_ROOT
+    assert all(p.stat().st_size < 8 * 2**20 for p in root.rglob("*.safetensors"))
+    indexes = list((root / "digits-sd").rglob("*.safetensors.index.json"))
+    assert indexes  # the UNet is sharded to keep every file under 8 MB
+    for index in indexes:
+        data = json.loads(index.read_text())
+        size = 0
+        for shard in set(data["weight_map"].values()):
+            with safe_open(str(index.parent / shard), "pt") as f:
+                assert set(f.keys()) == {k for k, v in data["weight_map"].items() if v == shard}
+                size += sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+        assert data["metadata"]["total_size"] == size, index

@@ -20,8 +20,7 @@ from pipelines.gan_checkpoints import CONFIG_FILE
 from . import gan_recipe, recipe
 
 BUILD_ORDER = ("digits-judge", "digits-clip", "digits-sd", "digits-gan")
-SINGLE_FILE = "1GB"  # one safetensors file per component: the index of a sharded one would have to be
-# rewritten after the fp16 conversion below, which halves the sizes it records
+SHARD_SIZE = "6MB"  # every shipped file under 8 MB; the weights are fp16 before saving, so the index's sizes hold
 DEFAULT_SAMPLING = {"steps": 25, "guidance": 5.0}  # digits-sd's, stored in its card
 
 
@@ -97,7 +96,7 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
         )  # fmt: skip
         if path.exists():
             shutil.rmtree(path)
-        pipe.save_pretrained(path, safe_serialization=True, max_shard_size=SINGLE_FILE)
+        pipe.to(dtype=torch.float16).save_pretrained(path, safe_serialization=True, max_shard_size=SHARD_SIZE)
         shutil.rmtree(work, ignore_errors=True)
         _to_half(path)
         card = {
