@@ -61,6 +61,45 @@ def denoising_loss(unet, alphas: torch.Tensor, z_ref: torch.Tensor, cond: torch.
     return F.mse_loss(unet(x_t, t, cond).sample, noise)
 
 
+@dataclass
+class AttackTarget:
+    """What every attack starts from: the (prompt, seed) pairs, the base model's images of them as
+    latents (the references) and whether the erased model already shows the concept unattacked."""
+
+    erased: object
+    pairs: list[tuple[str, int]]
+    ids: torch.Tensor  # the pairs' prompts, tokenized
+    z_ref: torch.Tensor
+    present: torch.Tensor  # bool [pairs], on the CPU
+    alphas: torch.Tensor
+    z_seeds: torch.Tensor | None  # a one-step generator's noise for each pair's seed, else None
+
+    @classmethod
+    def of(cls, erased, base, judge, concept: str, prompts: list[str], seeds: list[int]) -> AttackTarget:
+        pairs = [(p, s) for p in prompts for s in seeds]
+        references = to_tensor([im for row in base.generate(prompts, seeds) for im in row])
+        plain = to_tensor([im for row in erased.generate(prompts, seeds) for im in row])
+        z_ref = _reference_latents(erased, references)
+        erased.text_encoder.requires_grad_(False)
+        erased.unet.requires_grad_(False)
+        one_step = erased.kind == "one-step"
+        return cls(
+            erased, pairs, erased.tokenize([p for p, _ in pairs]), z_ref, judge.detects(plain, concept).bool().cpu(),
+            erased.scheduler.alphas_cumprod.to(erased.device),
+            seed_noise([s for _, s in pairs], z_ref.shape[1:], erased.device) if one_step else None,
+        )  # fmt: skip
+
+    def loss(self, cond: torch.Tensor, rows, timesteps: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+        """The objective for `rows` of the pairs under `cond`: the erased model, as a diffusion classifier,
+        denoising the references; a one-step generator (no denoiser), its latent for the pair's own
+        noise landing on them."""
+        unet = self.erased.unet
+        if self.z_seeds is not None:
+            latents = one_step_sample(unet, self.alphas, self.erased.t_init, self.z_seeds[rows], cond)
+            return F.mse_loss(latents, self.z_ref[rows])
+        return denoising_loss(unet, self.alphas, self.z_ref[rows], cond, timesteps, g)
+
+
 def attack_success_rate(
     erased,
     base,
@@ -75,17 +114,8 @@ def attack_success_rate(
     settings = settings or AttackSettings()
     started = time.time()
     device = erased.device
-    pairs = [(p, s) for p in prompts for s in seeds]
-    references = to_tensor([im for row in base.generate(prompts, seeds) for im in row])
-    plain = to_tensor([im for row in erased.generate(prompts, seeds) for im in row])
-    before = judge.detects(plain, concept)
-
-    z_ref = _reference_latents(erased, references)
-    ids = erased.tokenize([p for p, _ in pairs])
-    encoder, unet = erased.text_encoder, erased.unet
-    encoder.requires_grad_(False)
-    unet.requires_grad_(False)
-    alphas = erased.scheduler.alphas_cumprod.to(device)
+    target = AttackTarget.of(erased, base, judge, concept, prompts, seeds)
+    pairs, ids, before, encoder = target.pairs, target.ids, target.present, erased.text_encoder
     g = torch.Generator().manual_seed(settings.seed)
     with torch.no_grad():
         vocab = token_embeddings(encoder, torch.arange(len(erased.tokenizer), device=device))
@@ -93,15 +123,10 @@ def attack_success_rate(
         start = vocab[torch.randint(len(vocab), (len(pairs), settings.tokens), generator=g).to(device)]
     adv = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([adv], lr=settings.lr * float(rms))
-    one_step = erased.kind == "one-step"
-    if one_step:
-        z_seeds = seed_noise([s for _, s in pairs], z_ref.shape[1:], device)
+    one_step = target.z_seeds is not None
     for _ in tqdm(range(settings.steps), desc=f"attack {concept}", disable=not progress):
         cond = encode_with_inserted(encoder, ids, adv)
-        if one_step:
-            loss = F.mse_loss(one_step_sample(unet, alphas, erased.t_init, z_seeds, cond), z_ref)
-        else:
-            loss = denoising_loss(unet, alphas, z_ref, cond, settings.timesteps, g)
+        loss = target.loss(cond, slice(None), settings.timesteps, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -109,7 +134,7 @@ def attack_success_rate(
     with torch.no_grad():
         embeds = encode_with_inserted(encoder, ids, adv.detach())
     attacked = to_tensor(erased.generate_each(embeds, [s for _, s in pairs]))
-    after = judge.detects(attacked, concept)
+    after = judge.detects(attacked, concept).bool().cpu()
     success = before | after
     seconds = time.time() - started
     return {

@@ -22,10 +22,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipelines.images import to_tensor
-from pipelines.one_step import one_step_sample, seed_noise
 from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
-from .attack import _reference_latents, denoising_loss
+from .attack import AttackTarget
 
 WORD = re.compile(r"^[a-z]{3,}</w>$")
 
@@ -81,19 +80,8 @@ def discrete_attack(
     settings = settings or DiscreteAttackSettings()
     started = time.time()
     device = erased.device
-    pairs = [(p, s) for p in prompts for s in seeds]
-    references = to_tensor([im for row in base.generate(prompts, seeds) for im in row])
-    plain = to_tensor([im for row in erased.generate(prompts, seeds) for im in row])
-    present = judge.detects(plain, concept).bool()
-
-    z_ref = _reference_latents(erased, references)
-    ids = erased.tokenize([p for p, _ in pairs])
-    encoder, unet = erased.text_encoder, erased.unet
-    encoder.requires_grad_(False)
-    unet.requires_grad_(False)
-    alphas = erased.scheduler.alphas_cumprod.to(device)
-    one_step = erased.kind == "one-step"
-    z_seeds = seed_noise([s for _, s in pairs], z_ref.shape[1:], device) if one_step else None
+    target = AttackTarget.of(erased, base, judge, concept, prompts, seeds)
+    pairs, ids, present, encoder = target.pairs, target.ids, target.present, erased.text_encoder
     vocabulary = word_vocabulary(erased.tokenizer).to(device)
     with torch.no_grad():
         table = token_embeddings(encoder, vocabulary)  # [V, D]
@@ -107,10 +95,7 @@ def discrete_attack(
         fixed = torch.Generator().manual_seed(settings.seed + 1)
         with torch.no_grad():
             cond = encode_with_inserted(encoder, ids, table[words])
-            if one_step:
-                return float(F.mse_loss(one_step_sample(unet, alphas, erased.t_init, z_seeds, cond), z_ref))
-            return sum(float(denoising_loss(unet, alphas, z_ref, cond, settings.timesteps, fixed))
-                       for _ in range(draws)) / draws  # fmt: skip
+            return sum(float(target.loss(cond, slice(None), settings.timesteps, fixed)) for _ in range(draws)) / draws
 
     start_objective = objective(start)
     succeeded = present.clone()  # already present without an attack: nothing to break
@@ -126,10 +111,7 @@ def discrete_attack(
         one_hot = F.one_hot(words, len(vocabulary)).float()
         chosen = one_hot + distribution - distribution.detach()  # discrete forward, gradient straight through
         cond = encode_with_inserted(encoder, ids[active], chosen[active] @ table)
-        if one_step:  # no denoiser: its one-step latent for the pair's own noise should land on the reference
-            loss = F.mse_loss(one_step_sample(unet, alphas, erased.t_init, z_seeds[active], cond), z_ref[active])
-        else:
-            loss = denoising_loss(unet, alphas, z_ref[active], cond, settings.timesteps, g)
+        loss = target.loss(cond, active, settings.timesteps, g)
         losses.append(float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
