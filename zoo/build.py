@@ -6,6 +6,7 @@ small; every loader in this project upcasts them to float32.
 
 from __future__ import annotations
 
+import copy
 import functools
 import shutil
 import time
@@ -96,7 +97,9 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
         )  # fmt: skip
         if path.exists():
             shutil.rmtree(path)
-        pipe.to(dtype=torch.float16).save_pretrained(path, safe_serialization=True, max_shard_size=SHARD_SIZE)
+        # a half-precision copy: the recipe's float32 modules (the text encoder is digits-clip's) stay as they are
+        copy.deepcopy(pipe).to(dtype=torch.float16).save_pretrained(path, safe_serialization=True,
+                                                                     max_shard_size=SHARD_SIZE)  # fmt: skip
         shutil.rmtree(work, ignore_errors=True)
         _to_half(path)
         card = {
