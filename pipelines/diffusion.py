@@ -16,6 +16,7 @@ from PIL import Image
 from .cards import write_model_card
 from .components import loadable_folder, save_pipeline
 from .errors import InputError
+from .images import decode_latents
 from .loading import ModelSource, check_safetensors
 from .logs import quiet_libraries
 
@@ -160,10 +161,11 @@ class TextToImageModel:
         return images
 
     def _sample(self, embeds, negative, generators, steps, guidance) -> list[Image.Image]:
-        return self.pipe(
+        latents = self.pipe(
             prompt_embeds=embeds, negative_prompt_embeds=negative.expand(len(embeds), -1, -1),
-            num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="pil",
+            num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="latent",
         ).images  # fmt: skip
+        return decode_latents(self.vae, latents)
 
     def replace(self, name: str, module: torch.nn.Module) -> None:
         """Swap a component (e.g. a patched text encoder) into the pipeline."""

@@ -19,6 +19,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from .images import decode_latents
+
 
 def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
     """The clean sample a noise prediction implies (abar broadcasts over x_t)."""
@@ -115,6 +117,8 @@ class OneStepPipeline(DiffusionPipeline):
         clean = one_step_sample(self.unet, alphas, self.config.t_init, z.to(device), prompt_embeds)
         if output_type == "latent":
             images = clean
+        elif output_type == "pil":
+            images = decode_latents(self.vae, clean)
         else:
             decoded = self.vae.decode(clean.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
             images = self.image_processor.postprocess(decoded, output_type=output_type)
