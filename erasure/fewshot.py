@@ -31,6 +31,7 @@ from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 BUILTIN = "builtin"
 BUILTIN_COUNT = 4  # the paper's default number of images
+TOKENS = "tokens"
 
 # Captions of the kind textual inversion trains with (the paper fills such templates with the concept).
 OBJECT_TEMPLATES = [
@@ -74,7 +75,8 @@ class FewShotConfig:
     scope: str = field(
         default="mlp+last-attn",
         metadata={"help": "text-encoder parameters to train: mlp+last-attn (the paper's) | full | attn | mlp | "
-                  "layers=i..j"},
+                  "layers=i..j | tokens (only the input embeddings of the concept's own words: a word filter "
+                  "that synonyms and attacks bypass, see benchmarks/RESULTS.md)"},
     )  # fmt: skip
     epochs: int = field(
         default=5, metadata={"bounds": "[1, inf)", "help": "passes over the images (at most; see stop_below)"}
@@ -111,7 +113,8 @@ class FewShotConfig:
     }  # fmt: skip
 
     def __post_init__(self) -> None:
-        validate_scope("text_encoder", self.scope)
+        if self.scope != TOKENS:
+            validate_scope("text_encoder", self.scope)
         if self.images is not None and self.images != BUILTIN:
             image_folder_files(self.images, self.num_images)  # every file readable, enough of them
 
@@ -144,6 +147,24 @@ def builtin_images(concept: str, count: int, seed: int) -> torch.Tensor:
     matching = (labels == parsed.index).nonzero().flatten()
     chosen = matching[torch.randperm(len(matching), generator=torch.Generator().manual_seed(seed))[:count]]
     return renders.images[chosen]
+
+
+def train_concept_tokens(encoder, tokenizer, concepts: list[str]) -> int:
+    """Freeze `encoder` except the input-embedding rows of the concepts' tokens; returns their size.
+
+    The embedding matrix trains as one parameter whose gradient is masked to those rows, so every
+    other word keeps its embedding bit for bit, and a prompt without the concept's tokens encodes
+    exactly as before. (Adam leaves a row with zero gradient where it is; weight decay would not,
+    so the optimiser gets none for this parameter.)
+    """
+    ids = sorted({i for c in concepts for i in tokenizer(c, add_special_tokens=False).input_ids})
+    weight = encoder.get_input_embeddings().weight
+    encoder.requires_grad_(False)
+    weight.requires_grad_(True)
+    mask = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
+    mask[ids] = 1
+    weight.register_hook(lambda grad: grad * mask)
+    return len(ids) * weight.shape[1]
 
 
 def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
@@ -193,13 +214,16 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     encoder = model.text_encoder
     for module in (model.unet, model.vae, encoder):
         module.requires_grad_(False)
-    n_trainable = select_trainable(encoder, "text_encoder", config.scope)
+    if config.scope == TOKENS:
+        n_trainable = train_concept_tokens(encoder, model.tokenizer, concepts)
+    else:
+        n_trainable = select_trainable(encoder, "text_encoder", config.scope)
     encoder.train()
     unet = model.unet.eval()
     scheduler = model.scheduler
     optimizer = torch.optim.AdamW(
         [p for p in encoder.parameters() if p.requires_grad], lr=config.lr, betas=tuple(config.adam_betas),
-        eps=config.adam_eps, weight_decay=config.weight_decay,
+        eps=config.adam_eps, weight_decay=0.0 if config.scope == TOKENS else config.weight_decay,
     )  # fmt: skip
     state = {"order": torch.arange(n), "stopped_at_epoch": 0, "presence": -1.0}
     loop = TrainingLoop(run, {"text_encoder": Network(encoder, optimizer)}, desc="fewshot", state=state)  # fmt: skip

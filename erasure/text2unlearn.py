@@ -73,6 +73,11 @@ class TextToUnlearnConfig:
         default=0.0, metadata={"bounds": "[0, inf)", "help": "weight of <E_I(G_t(w)) - E_I(G_f(w)), i>: how far, not "
                                "only which way, the concept's renders move against i (L_dir is blind to the distance)"},
     )  # fmt: skip
+    push_stop: bool = field(
+        default=False, metadata={"help": "stop pushing a render once its projection on i is down to the mean "
+                                 "projection of the pool's renders without the concept (a hinge, not a push "
+                                 "without end)"},
+    )  # fmt: skip
     preserve_pixel: float = field(
         default=1.0, metadata={"bounds": "[0, inf)", "help": "weight of the pixel MSE on codes without it"}
     )
@@ -82,6 +87,14 @@ class TextToUnlearnConfig:
     augment: int = field(
         default=0, metadata={"help": "random shifts (up to 1/8 of the side) of each render CLIP scores, averaged: "
                              "a change must survive them, which small adversarial pixel edits do not"},
+    )  # fmt: skip
+    resolutions: list[int] = field(
+        default_factory=list, metadata={"help": "train only the synthesis convolutions of these resolutions, e.g. "
+                                        "[4, 8] (default: all)"},
+    )  # fmt: skip
+    lr_decay: float = field(
+        default=0.0, metadata={"bounds": "[0, 1]", "help": "share of the updates, at the end, over which the "
+                               "learning rate falls linearly to zero"},
     )  # fmt: skip
     train_mapping: bool = field(default=False, metadata={"help": "also train the mapping network"})
     train_torgb: bool = field(default=False, metadata={"help": "also train the ToRGB layers"})
@@ -110,6 +123,9 @@ class TextToUnlearnConfig:
                 raise ValueError(f"concept prompt {prompt!r}: only '{{}}' (the concept) may stand in braces") from None
         if self.batch_size % 2:
             raise ValueError("batch_size must be even (half with the concept, half without)")
+        for resolution in self.resolutions:
+            if resolution < 4 or resolution & (resolution - 1):
+                raise ValueError(f"resolutions: {resolution} is not a power of two from 4 up")
 
 
 CONFIG = TextToUnlearnConfig
@@ -187,9 +203,27 @@ class FixedNoiseSynthesis(torch.nn.Module):
         return self.generator.synthesis(w, self.generator.fixed_noise())
 
 
-def freeze_mapping_and_torgb(generator, train_mapping: bool, train_torgb: bool) -> int:
-    """Freeze the mapping network and the ToRGB layers unless asked; returns the trainable count."""
+def synthesis_layers(generator, resolution: int) -> list[torch.nn.Module]:
+    """The synthesis network's constant input and convolutions working at `resolution` (4, 8, ...)."""
+    if resolution == 4:
+        return [generator.input, generator.conv1]
+    level = resolution.bit_length() - 4  # 8 -> 0, 16 -> 1, ...
+    if resolution & (resolution - 1) or not 0 <= level < len(generator.convs) // 2:
+        raise InputError(f"resolutions: {resolution} is not a resolution of this {generator.config.size}px generator "
+                         f"(4 to {generator.config.size}, powers of two)")  # fmt: skip
+    return [generator.convs[2 * level], generator.convs[2 * level + 1]]
+
+
+def freeze_mapping_and_torgb(generator, train_mapping: bool, train_torgb: bool, resolutions=()) -> int:
+    """Freeze the mapping network and the ToRGB layers unless asked, and the synthesis layers outside
+    `resolutions` when some are named; returns the trainable count."""
     generator.requires_grad_(True)
+    if resolutions:
+        for layer in [generator.input, generator.conv1, *generator.convs]:
+            layer.requires_grad_(False)
+        for resolution in resolutions:
+            for layer in synthesis_layers(generator, resolution):
+                layer.requires_grad_(True)
     if not train_mapping:
         generator.style.requires_grad_(False)
     if not train_torgb:
@@ -219,6 +253,15 @@ def shifted_features(clip, images: list[torch.Tensor], views: int) -> list[torch
 def directional_loss(student: torch.Tensor, frozen: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """Mean of 1 - cos(student - frozen, -direction) over rows (CLIP image embeddings)."""
     return (1 - F.cosine_similarity(student - frozen, -direction[None], dim=-1, eps=1e-8)).mean()
+
+
+def push_term(features: torch.Tensor, moved: torch.Tensor, direction: torch.Tensor, floor: float | None):
+    """How far renders sit along the concept direction, to be minimised: the mean of <moved, i>
+    (without end), or with a `floor`, of relu(<E_I(G_t(w)), i> - floor), which stops pushing a
+    render once it projects no higher than the renders without the concept."""
+    if floor is None:
+        return (moved @ direction).mean()
+    return F.relu(features @ direction - floor).mean()
 
 
 def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunContext) -> ErasureResult:
@@ -253,8 +296,14 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
         raise InputError(f"CLIP sees {' / '.join(concepts)} in {what} of {config.pool} samples: nothing to "
                          "unlearn from, or nothing to keep; raise `pool` or name the concept otherwise")  # fmt: skip
 
+    floors = None
+    if config.push_stop:  # where renders without the concept sit along each direction, on average
+        with torch.no_grad():
+            absent_features = clip.image_features(pool_images[absent].to(device))
+        floors = [(absent_features @ d.to(device)).mean().item() for d in directions]
+
     student = copy.deepcopy(frozen).train()
-    trainable = freeze_mapping_and_torgb(student, config.train_mapping, config.train_torgb)
+    trainable = freeze_mapping_and_torgb(student, config.train_mapping, config.train_torgb, config.resolutions)
     synthesis = FixedNoiseSynthesis(student)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                  betas=tuple(config.adam_betas))  # fmt: skip
@@ -264,6 +313,10 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
     noise = frozen.fixed_noise()
 
     def step_fn(step: int) -> dict[str, float]:
+        if config.lr_decay:  # a function of the step alone, so a resumed run takes the same rates
+            remaining = (config.steps - step) / (config.steps * config.lr_decay)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * min(1.0, remaining)
         rows = torch.cat([bearing[torch.randint(0, len(bearing), (half,))],
                           absent[torch.randint(0, len(absent), (half,))]])  # fmt: skip
         rows = run.shard(rows)
@@ -285,7 +338,9 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
             if has[:, k].any():
                 moved = features[has[:, k]] - frozen_features[has[:, k]]
                 term = directional_loss(features[has[:, k]], frozen_features[has[:, k]], direction.to(device))
-                push = (moved @ direction.to(device)).mean()
+                push = push_term(
+                    features[has[:, k]], moved, direction.to(device), None if floors is None else floors[k]
+                )
                 loss = loss + config.direction_weight * term + config.push_weight * push
                 logs[f"dir_{k}"], logs[f"push_{k}"] = term.item(), push.item()
         keep = ~has.any(1)
@@ -303,6 +358,6 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
     model.latent_avg = student.mean_latent()
     outcome = {"text2unlearn": {
         "direction": config.direction, "pool": config.pool, "concept_bearing_codes": len(bearing),
-        "codes_without": len(absent), "clip": clip.describe(), "prompts": used,
+        "codes_without": len(absent), "clip": clip.describe(), "prompts": used, "push_floors": floors,
     }}  # fmt: skip
     return ErasureResult(model, ["generator"], trainable, logs, outcome)

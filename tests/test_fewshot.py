@@ -65,6 +65,26 @@ def test_the_loss_is_the_negated_denoising_loss_of_the_cached_latents(tiny_pipel
     assert after > before + 0.02, (float(before), float(after))  # descent would lower it
 
 
+def test_the_tokens_scope_changes_only_the_concepts_embedding_rows(tiny_pipeline_dir, image_folder):
+    model = load_model(str(tiny_pipeline_dir))
+    before = {k: v.clone() for k, v in model.text_encoder.state_dict().items()}
+    unrelated = model.encode(["dog", "the dog on grass"])
+    sets = [f"images={image_folder}", *QUICK, "scope=tokens", "stop_below=none", "weight_decay=0.1"]
+    config = build_config(FewShotConfig, "sd", parse_sets(sets))
+    result = fewshot_erase(model, ["a cat"], config, RunContext(seed=0, progress=False))
+
+    ids = model.tokenizer("a cat", add_special_tokens=False).input_ids
+    width = model.text_encoder.config.hidden_size
+    assert len(set(ids)) == 2 and result.trainable_parameters == 2 * width
+    after = model.text_encoder.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) == 1 and changed[0].endswith("token_embedding.weight")
+    rows = (before[changed[0]] != after[changed[0]]).any(dim=1).nonzero().flatten().tolist()
+    assert rows == sorted(set(ids))  # both rows moved, no other word's embedding (no weight decay on them)
+    assert torch.equal(model.encode(["dog", "the dog on grass"]), unrelated)  # prompts without the concept's tokens
+    assert not torch.equal(model.encode(["a cat"]), result.model.encode(["dog"]))
+
+
 def test_the_stopping_rule_ends_the_run_at_once_on_an_absent_concept(tiny_pipeline_dir, image_folder, tmp_path):
     # digits-clip sees no red seven in the tiny model's noise (0 of 16 quick samples)
     sets = [f"images={image_folder}", *QUICK, "stop_samples=8"]
@@ -140,7 +160,7 @@ def test_the_command_line_takes_images(tiny_pipeline_dir, image_folder, tmp_path
      ("epochs=0", "epochs must be >= 1"), ("num_images=-1", "num_images must be >= 0"),
      ("stop_below=1.5", "stop_below must be between 0 and 1 (0 excluded)"), ("stop_steps=0", "stop_steps must be >= 1"),
      ("prompt_templates=a photo", "must contain '{}'"), ("captions=poem", "choose one of: object, style"),
-     ("scope=everything", "unknown text-encoder scope")],
+     ("scope=everything", "unknown text-encoder scope"), ("scope=token", "unknown text-encoder scope")],
 )  # fmt: skip
 def test_bad_option_values_are_refused_before_any_model_loads(value, message, tiny_pipeline_dir, tmp_path):
     with pytest.raises(InputError, match=re.escape(message)):

@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from erasure.api import erase
-from erasure.text2unlearn import TextToUnlearnConfig, directional_loss, text_direction
+from erasure.text2unlearn import TextToUnlearnConfig, directional_loss, push_term, text_direction
 from evaluators.metrics import wasserstein_1d
-from pipelines import load_model
+from pipelines import InputError, load_model
 
 FAST = ["steps=4", "pool=200", "batch_size=4", "lr=0.01"]
 
@@ -36,6 +36,30 @@ def test_the_directional_loss_is_lowest_when_images_move_against_the_direction()
     assert float(directional_loss(along, frozen, direction)) == pytest.approx(2.0)
 
 
+def test_the_push_stops_at_the_floor():
+    direction = torch.tensor([1.0, 0.0])
+    features = torch.tensor([[0.9, 0.1], [0.2, 0.5]], requires_grad=True)  # projections 0.9 and 0.2
+    moved = features - torch.tensor([[0.5, 0.0], [0.5, 0.0]])
+    assert float(push_term(features, moved, direction, None).detach()) == pytest.approx(0.05)  # 0.4, -0.3: no floor
+    stopped = push_term(features, moved, direction, 0.3)
+    assert float(stopped.detach()) == pytest.approx(0.3)  # (0.9 - 0.3 + 0) / 2
+    (grad,) = torch.autograd.grad(stopped, features)
+    assert torch.equal(grad[1], torch.zeros(2)) and grad[0, 0] > 0  # the render below the floor is left alone
+
+
+def test_only_the_resolutions_named_train(tmp_path):
+    sets = [*FAST, "resolutions=[4, 8]"]
+    run = erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "run", sets=sets, progress=False)
+    base, erased = load_model("digits-gan").generator.state_dict(), load_model(str(run)).generator.state_dict()
+    moved = {k for k in base if not torch.equal(base[k], erased[k])}
+    trained = ("input.", "conv1.", "convs.0.", "convs.1.")
+    assert moved and all(k.startswith(trained) for k in moved), sorted(moved)
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in moved if k.startswith("convs.")} == {"convs.0", "convs.1"}
+    with pytest.raises(InputError, match="not a resolution of this 32px generator"):
+        erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "big", sets=[*FAST, "resolutions=[64]"])
+    assert not (tmp_path / "big").exists()
+
+
 def test_frozen_layers_stay_bit_identical_and_the_rest_moves(tmp_path):
     run = erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "run", sets=FAST, progress=False)
     base, erased = load_model("digits-gan").generator.state_dict(), load_model(str(run)).generator.state_dict()
@@ -48,7 +72,9 @@ def test_frozen_layers_stay_bit_identical_and_the_rest_moves(tmp_path):
 
 
 def test_an_interrupted_run_resumes_to_a_bit_identical_end(tmp_path):
-    kwargs = {"sets": FAST, "seed": 2, "checkpoint_every": 2, "progress": False}
+    # with the learning-rate decay and the push's floor, both of which must resume exactly
+    kwargs = {"sets": [*FAST, "lr_decay=0.5", "push_stop=true", "push_weight=10"], "seed": 2, "checkpoint_every": 2,
+              "progress": False}  # fmt: skip
     whole = erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "whole", **kwargs)
 
     def stop_at_3(step, total, logs):
@@ -74,13 +100,14 @@ def test_several_concepts_and_the_mapper_direction(tmp_path):
 
 def test_bad_values_are_refused():
     from erasure.config import build_config
-    from pipelines import InputError
 
     for sets, message in [({"batch_size": 3}, "even"), ({"lr": 0.0}, "lr"), ({"direction": "other"}, "mapper"),
                           ({"preserve_clip": float("inf")}, "preserve_clip"), ({"push_weight": -1.0}, "push_weight"),
                           ({"augment": -1}, "augment"), ({"mapper_steps": 0}, "mapper_steps"),
                           ({"mapper_lr": float("nan")}, "mapper_lr"),
-                          ({"concept_prompts": ["a {x}"]}, "braces"), ({"clip": "bogus"}, "unknown CLIP")]:  # fmt: skip
+                          ({"concept_prompts": ["a {x}"]}, "braces"), ({"clip": "bogus"}, "unknown CLIP"),
+                          ({"resolutions": [6]}, "power of two"), ({"resolutions": [2]}, "power of two"),
+                          ({"lr_decay": 1.5}, "lr_decay")]:  # fmt: skip
         with pytest.raises(InputError, match=message):
             build_config(TextToUnlearnConfig, "digits", sets)
 
