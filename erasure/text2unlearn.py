@@ -109,9 +109,13 @@ class TextToUnlearnConfig:
         default=256, metadata={"bounds": "[1, inf)", "help": "mapper direction: renders averaged into i"}
     )
 
-    # For digits-gan (benchmarks/RESULTS.md): L_dir alone barely moved the sevens (PUL 2%); with the
-    # push term, longer runs removed them but broke the other digits. This is the balance measured.
-    PRESETS: ClassVar[dict[str, dict]] = {"digits": {"lr": 0.01, "steps": 1000, "push_weight": 100.0}}
+    # For digits-gan (benchmarks/RESULTS.md): L_dir alone barely moved the sevens (PUL 2%); a push
+    # without end removed them but broke the other digits past ~1,000 updates. Stopping the push at
+    # the renders without the concept, with stronger preservation, removes them and keeps the rest.
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "digits": {"lr": 0.01, "steps": 1500, "push_weight": 100.0, "push_stop": True, "preserve_pixel": 10.0,
+                   "preserve_clip": 10.0},
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.clip is not None:
