@@ -88,12 +88,6 @@ class FewShotConfig:
     )
     adam_eps: float = field(default=1e-6, metadata={"bounds": "(0, inf)", "help": "Adam epsilon"})
     weight_decay: float = field(default=1e-8, metadata={"bounds": "[0, inf)", "help": "Adam(W) weight decay"})
-    ascent_until: Literal["none", "empty-prompt"] = field(
-        default="none",
-        metadata={"help": "none (the paper: ascend without end) | empty-prompt: stop the ascent on an image once "
-                  "its denoising loss under the caption reaches its loss under the empty prompt (the caption then "
-                  "tells the UNet no more than no caption)"},
-    )  # fmt: skip
     stop_below: float | None = field(
         default=0.1,
         metadata={"bounds": "(0, 1]", "help": "stop after the first epoch whose quick samples show the concept less "
@@ -174,13 +168,11 @@ def train_concept_tokens(encoder, tokenizer, concepts: list[str]) -> int:
 
 
 def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
-                   t: torch.Tensor, per_image: bool = False) -> torch.Tensor:  # fmt: skip
-    """The ordinary denoising loss of `latents` under text condition `cond` (eps- or v-prediction):
-    their mean, or one value per image."""
+                   t: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The ordinary denoising loss of `latents` under text condition `cond` (eps- or v-prediction)."""
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-    squared = F.mse_loss(unet(noisy, t, cond).sample, target, reduction="none")
-    return squared.flatten(1).mean(1) if per_image else squared.mean()
+    return F.mse_loss(unet(noisy, t, cond).sample, target)
 
 
 @torch.no_grad()
@@ -220,10 +212,6 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     templates = config.templates()
 
     encoder = model.text_encoder
-    ceiling_cond = None
-    if config.ascent_until == "empty-prompt":  # the base encoder's empty prompt, fixed for the whole run
-        with torch.no_grad():
-            ceiling_cond = model.encode([""]).detach()
     for module in (model.unet, model.vae, encoder):
         module.requires_grad_(False)
     if config.scope == TOKENS:
@@ -251,16 +239,8 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
         x0 = latents[rows.to(device)]
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), device=device)
-        cond = model.encode(prompts, encoder_train)
-        if ceiling_cond is None:
-            mse = objective = denoising_loss(unet, scheduler, x0, cond, noise, t)
-        else:
-            per_image = denoising_loss(unet, scheduler, x0, cond, noise, t, per_image=True)
-            with torch.no_grad():
-                ceiling = denoising_loss(unet, scheduler, x0, ceiling_cond.expand(len(x0), -1, -1), noise, t, True)
-            mse = per_image.mean()
-            objective = torch.minimum(per_image, ceiling).mean()  # no gradient from images at the ceiling
-        loop.update("text_encoder", -objective)  # gradient ascent
+        mse = denoising_loss(unet, scheduler, x0, model.encode(prompts, encoder_train), noise, t)
+        loop.update("text_encoder", -mse)  # gradient ascent
         logs = {"denoising_mse": mse.item()}
         if index == per_epoch - 1 and config.stop_below is not None:
             presence = presence_check(model, range(config.stop_samples), steps=config.stop_steps)
