@@ -218,7 +218,7 @@ def synthesis_layers(generator, resolution: int) -> list[torch.nn.Module]:
     return [generator.convs[2 * level], generator.convs[2 * level + 1]]
 
 
-def freeze_mapping_and_torgb(generator, train_mapping: bool, train_torgb: bool, resolutions=()) -> int:
+def select_trainable_layers(generator, train_mapping: bool, train_torgb: bool, resolutions=()) -> int:
     """Freeze the mapping network and the ToRGB layers unless asked, and the synthesis layers outside
     `resolutions` when some are named; returns the trainable count."""
     generator.requires_grad_(True)
@@ -307,7 +307,7 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
         floors = [(absent_features @ d.to(device)).mean().item() for d in directions]
 
     student = copy.deepcopy(frozen).train()
-    trainable = freeze_mapping_and_torgb(student, config.train_mapping, config.train_torgb, config.resolutions)
+    trainable = select_trainable_layers(student, config.train_mapping, config.train_torgb, config.resolutions)
     synthesis = FixedNoiseSynthesis(student)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                  betas=tuple(config.adam_betas))  # fmt: skip
