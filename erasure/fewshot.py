@@ -26,12 +26,14 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 from pipelines.images import image_folder_files, load_square_images
 
-from .common import DIGIT_TEMPLATES, check_concepts, select_trainable, validate_scope
+from .common import DIGIT_TEMPLATES, check_concepts, retain_prompts, select_trainable, validate_scope
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 BUILTIN = "builtin"
 BUILTIN_COUNT = 4  # the paper's default number of images
 TOKENS = "tokens"
+AUGMENT_ZOOM = 0.15
+AUGMENT_SHIFT = 0.075
 
 # Captions of the kind textual inversion trains with (the paper fills such templates with the concept).
 OBJECT_TEMPLATES = [
@@ -65,6 +67,11 @@ class FewShotConfig:
     num_images: int = field(
         default=0, metadata={"help": "images to use, in name order (0: all of the folder; builtin: 4)"}
     )
+    augment: int = field(
+        default=0,
+        metadata={"bounds": "[0, inf)", "help": "extra views of each image (random zoom and shift), encoded once with "
+                  "the originals; each update takes one view of each image at random (0: the images alone)"},
+    )  # fmt: skip
     captions: Literal["object", "style"] = field(
         default="object", metadata={"help": "caption templates: object (27, 'a photo of a {}') or style (19)"}
     )
@@ -78,6 +85,27 @@ class FewShotConfig:
                   "layers=i..j | tokens (only the input embeddings of the concept's own words: a word filter "
                   "that synonyms and attacks bypass, see benchmarks/RESULTS.md)"},
     )  # fmt: skip
+    min_timestep: int = field(
+        default=0,
+        metadata={"bounds": "[0, inf)", "help": "noise the images at timesteps from this one up (0: every timestep, "
+                  "the paper's); the early, noisy timesteps are where the caption decides what is drawn"},
+    )  # fmt: skip
+    noise_draws: int = field(
+        default=1,
+        metadata={"bounds": "[1, inf)", "help": "noise draws (each with its own timestep and caption) per image "
+                  "and update: more draws give a steadier ascent direction"},
+    )  # fmt: skip
+    ascend_through: Literal["all", "concept"] = field(
+        default="all",
+        metadata={"help": "caption positions the ascent moves: all (the paper's) | concept (the concept's words and "
+                  "the positions after them; the words before it are shared with every other prompt)"},
+    )  # fmt: skip
+    retain_weight: float = field(
+        default=0.0,
+        metadata={"bounds": "[0, inf)", "help": "weight of a term the paper lacks: keep the encoder's output on prompts "
+                  "without the concept (COCO objects; the rest of the digits world) where it was (0: pure ascent)"},
+    )  # fmt: skip
+    retain_batch: int = field(default=8, metadata={"bounds": "[1, inf)", "help": "retain prompts per update"})
     epochs: int = field(
         default=5, metadata={"bounds": "[1, inf)", "help": "passes over the images (at most; see stop_below)"}
     )
@@ -167,12 +195,42 @@ def train_concept_tokens(encoder, tokenizer, concepts: list[str]) -> int:
     return len(ids) * weight.shape[1]
 
 
+def concept_position_mask(ids: torch.Tensor, tokenizer, concepts: list[str]) -> torch.Tensor:
+    """[B, L, 1]: 1 from the first position where one of `concepts` starts (its token ids, in order),
+    0 before it; rows without any of the concepts are all 1."""
+    mask = torch.ones(*ids.shape, 1)
+    patterns = [tokenizer(c, add_special_tokens=False).input_ids for c in concepts]
+    for row, sequence in enumerate(ids.tolist()):
+        starts = [i for p in patterns for i in range(len(sequence) - len(p) + 1) if sequence[i : i + len(p)] == p]
+        if starts:
+            mask[row, : min(starts)] = 0
+    return mask
+
+
 def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
                    t: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """The ordinary denoising loss of `latents` under text condition `cond` (eps- or v-prediction)."""
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
     return F.mse_loss(unet(noisy, t, cond).sample, target)
+
+
+def augmented_views(images: torch.Tensor, extra: int, generator: torch.Generator) -> torch.Tensor:
+    """[n, 1 + extra, C, H, W]: each image, then `extra` copies zoomed by up to 15% and shifted by up to
+    7.5% of the side. Mild enough to keep a digit or an object whole, enough that the ascent sees the
+    concept in more than a few exact pixel arrangements."""
+    n = len(images)
+    if extra == 0:
+        return images[:, None]
+    scale = 1 + (torch.rand(n * extra, generator=generator) * 2 - 1) * AUGMENT_ZOOM
+    shift = (torch.rand(n * extra, 2, generator=generator) * 2 - 1) * AUGMENT_SHIFT * 2  # grid spans [-1, 1]
+    theta = torch.zeros(n * extra, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    theta[:, :, 2] = shift
+    sources = images.repeat_interleave(extra, dim=0)
+    grid = F.affine_grid(theta.to(images.dtype), list(sources.shape), align_corners=False)
+    moved = F.grid_sample(sources, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return torch.cat([images[:, None], moved.view(n, extra, *images.shape[1:])], dim=1)
 
 
 @torch.no_grad()
@@ -204,7 +262,9 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     else:  # one folder of images, captioned with every concept
         images = load_square_images(image_folder_files(Path(config.images), config.num_images), resolution)
         captions = None
-    latents = encode_images(model, images, torch.Generator().manual_seed(run.seed)).to(device)
+    views = augmented_views(images, config.augment, torch.Generator().manual_seed(run.seed))
+    latents = encode_images(model, views.flatten(0, 1), torch.Generator().manual_seed(run.seed)).to(device)
+    latents = latents.view(*views.shape[:2], *latents.shape[1:])  # [image, view, ...]
     n = len(latents)
     batch = min(config.batch_size, n)
     run.check_divisible("the batch of images", batch)
@@ -212,6 +272,12 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     templates = config.templates()
 
     encoder = model.text_encoder
+    retain, retain_targets = [], None
+    if config.retain_weight:
+        retain = retain_prompts(model.family, concepts, random.Random(run.seed))
+        run.check_divisible("retain_batch", min(config.retain_batch, len(retain)))
+        with torch.no_grad():
+            retain_targets = model.encode(retain)
     for module in (model.unet, model.vae, encoder):
         module.requires_grad_(False)
     if config.scope == TOKENS:
@@ -233,15 +299,30 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
         epoch, index = divmod(step, per_epoch)
         if index == 0:  # each epoch visits the images in a fresh order
             state["order"] = torch.randperm(n)
-        rows = run.shard(state["order"][index * batch : (index + 1) * batch])
+        rows = state["order"][index * batch : (index + 1) * batch]
+        # One view of each image (the image itself when there are no extra views).
+        picks = torch.randint(0, latents.shape[1], (len(rows),)) if config.augment else torch.zeros_like(rows)
+        rows, picks = run.shard(rows), run.shard(picks)
+        rows, picks = rows.repeat_interleave(config.noise_draws), picks.repeat_interleave(config.noise_draws)
         prompts = [random.choice(templates).format(captions[i] if captions else random.choice(concepts))
                    for i in rows.tolist()]  # fmt: skip
-        x0 = latents[rows.to(device)]
+        x0 = latents[rows.to(device), picks.to(device)]
         noise = torch.randn_like(x0)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), device=device)
-        mse = denoising_loss(unet, scheduler, x0, model.encode(prompts, encoder_train), noise, t)
-        loop.update("text_encoder", -mse)  # gradient ascent
+        t = torch.randint(config.min_timestep, scheduler.config.num_train_timesteps, (len(x0),), device=device)
+        ids = model.tokenize(prompts)
+        cond = encoder_train(ids)[0]
+        if config.ascend_through == "concept":  # same values; the gradient only reaches the concept's positions
+            mask = concept_position_mask(ids, model.tokenizer, concepts).to(cond)
+            cond = mask * cond + (1 - mask) * cond.detach()
+        mse = denoising_loss(unet, scheduler, x0, cond, noise, t)
         logs = {"denoising_mse": mse.item()}
+        loss = -mse  # gradient ascent
+        if retain:
+            kept = run.shard(torch.tensor(random.sample(range(len(retain)), min(config.retain_batch, len(retain)))))
+            drift = F.mse_loss(model.encode([retain[i] for i in kept.tolist()], encoder_train), retain_targets[kept])
+            loss = loss + config.retain_weight * drift
+            logs["retain_drift"] = drift.item()
+        loop.update("text_encoder", loss)
         if index == per_epoch - 1 and config.stop_below is not None:
             presence = presence_check(model, range(config.stop_samples), steps=config.stop_steps)
             state["presence"], logs["presence"] = presence, presence
