@@ -53,19 +53,23 @@ def default_samples(family: str) -> int:
 
 
 class PresenceCheck:
-    """A cheap check while a method trains: the share of a few quick samples of the concepts (their
-    first two target prompts, `seeds`) in which the concepts' detectors (the domain judge, else CLIP
-    zero-shot) still see them. Judges and CLIP load once, when the check is made."""
+    """A cheap check while a method trains: the share of a few quick samples of the concepts in which
+    the concepts' detectors (the domain judge, else CLIP zero-shot) still see them. The samples go
+    round all of a concept's target prompts (sample i: prompt i mod P, seed i), so that a concept
+    gone from its first prompts but not from "a red ..." or "a handwritten ..." still counts as
+    present. Judges and CLIP load once, when the check is made."""
 
     def __init__(self, family: str, concepts: list[str], device: str = "cpu", clip: str | None = None):
-        self.prompts = {c: prompt_set(c, family) for c in concepts}
+        self.prompts = {c: prompt_set(c, family).target for c in concepts}
         self.detectors = concept_detectors(concepts, family, device, clip)
 
     @torch.no_grad()
-    def __call__(self, model, seeds, steps: int) -> float:
+    def __call__(self, model, samples: int, steps: int) -> float:
         shares = []
         for concept, detector in self.detectors.items():
-            images = _images(model, self.prompts[concept].target[:2], list(seeds), steps, None, False)[0]
+            prompts = self.prompts[concept]
+            jobs = [(i % len(prompts), i) for i in range(samples)]
+            images = to_tensor(model.generate_jobs(prompts, jobs, steps=steps))
             shares.append(float(detector(images).float().mean()))
         return sum(shares) / len(shares)
 

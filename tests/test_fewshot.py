@@ -85,8 +85,35 @@ def test_the_tokens_scope_changes_only_the_concepts_embedding_rows(tiny_pipeline
     assert not torch.allclose(result.model.encode(["a cat"]), concept)  # the concept's own prompt moved
 
 
+def test_the_retain_term_holds_prompts_without_the_concept_where_they_were(tiny_pipeline_dir, image_folder):
+    # the same ascent with and without the term: prompts without the concept (COCO objects on a
+    # real-family model) move far less with it, while the cached latents still get harder to denoise
+    retain = ["a photo of a dog", "a photo of a bicycle", "a photo of a pizza"]
+    base = load_model(str(tiny_pipeline_dir))
+    latents = encode_images(base, load_square_images(sorted(image_folder.iterdir()), 16), torch.Generator())
+    noise, t = _probes(base, latents)
+    caption = ["a photo of a cat"] * len(latents)
+    with torch.no_grad():
+        before_retain = base.encode(retain)
+        before_loss = denoising_loss(base.unet, base.scheduler, latents, base.encode(caption), noise, t)
+    drift, loss, logs = {}, {}, {}
+    for weight in (0.0, 0.1):
+        model = load_model(str(tiny_pipeline_dir))
+        sets = [f"images={image_folder}", *QUICK, "epochs=6", "stop_below=none", f"retain_weight={weight}",
+                "retain_batch=4"]  # fmt: skip
+        result = fewshot_erase(model, ["a cat"], build_config(FewShotConfig, "sd", parse_sets(sets)),
+                               RunContext(seed=0, progress=False))  # fmt: skip
+        with torch.no_grad():
+            drift[weight] = float(((model.encode(retain) - before_retain) ** 2).mean())
+            loss[weight] = float(denoising_loss(model.unet, model.scheduler, latents, model.encode(caption), noise, t))
+        logs[weight] = result.logs
+    assert "retain_drift" in logs[0.1] and "retain_drift" not in logs[0.0]
+    assert drift[0.1] < 0.25 * drift[0.0], drift  # measured: 14 times less
+    assert loss[0.1] > before_loss + 0.005, (loss, float(before_loss))  # the ascent itself still happens
+
+
 def test_the_stopping_rule_ends_the_run_at_once_on_an_absent_concept(tiny_pipeline_dir, image_folder, tmp_path):
-    # digits-clip sees no red seven in the tiny model's noise (0 of 16 quick samples)
+    # digits-clip sees no red seven in the tiny model's noise (0 of the 8 quick samples)
     sets = [f"images={image_folder}", *QUICK, "stop_samples=8"]
     out = erase("fewshot", ["a red seven"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False, sets=sets)
     manifest = json.loads((out / "erasure.json").read_text())
@@ -98,6 +125,9 @@ def test_the_stopping_rule_ends_the_run_at_once_on_an_absent_concept(tiny_pipeli
     without = erase("fewshot", ["a red seven"], str(tiny_pipeline_dir), out=tmp_path / "all", progress=False,
                     sets=[*sets, "stop_below=none"])  # fmt: skip
     assert json.loads((without / "erasure.json").read_text())["fewshot"]["epochs_run"] == 3
+    patient = erase("fewshot", ["a red seven"], str(tiny_pipeline_dir), out=tmp_path / "patient", progress=False,
+                    sets=[*sets, "stop_patience=2"])  # fmt: skip
+    assert json.loads((patient / "erasure.json").read_text())["fewshot"]["epochs_run"] == 2  # two checks in a row
 
 
 def test_any_format_and_size_is_resized_and_cropped_to_the_model(image_folder):
@@ -160,7 +190,9 @@ def test_the_command_line_takes_images(tiny_pipeline_dir, image_folder, tmp_path
      ("epochs=0", "epochs must be >= 1"), ("num_images=-1", "num_images must be >= 0"),
      ("stop_below=1.5", "stop_below must be between 0 and 1 (0 excluded)"), ("stop_steps=0", "stop_steps must be >= 1"),
      ("prompt_templates=a photo", "must contain '{}'"), ("captions=poem", "choose one of: object, style"),
-     ("scope=everything", "unknown text-encoder scope"), ("scope=token", "unknown text-encoder scope")],
+     ("scope=everything", "unknown text-encoder scope"), ("scope=token", "unknown text-encoder scope"),
+     ("retain_weight=-1", "retain_weight must be >= 0"), ("retain_batch=0", "retain_batch must be >= 1"),
+     ("stop_samples=0", "stop_samples must be >= 1"), ("stop_patience=0", "stop_patience must be >= 1")],
 )  # fmt: skip
 def test_bad_option_values_are_refused_before_any_model_loads(value, message, tiny_pipeline_dir, tmp_path):
     with pytest.raises(InputError, match=re.escape(message)):
