@@ -26,6 +26,8 @@ CASES = [
     # the paper's scope: every MLP and the last block's attention ({images}: a folder the test writes)
     ("fewshot", ["images={images}", "epochs=2", "lr=1e-2", "stop_below=none"], "text_encoder",
      lambda n: ".mlp." in n or "encoder.layers.1.self_attn." in n),
+    ("fewshot", ["images={images}", "epochs=2", "lr=1e-2", "stop_below=none", "retain_weight=0.3", "retain_batch=2"],
+     "text_encoder", lambda n: ".mlp." in n or "encoder.layers.1.self_attn." in n),  # the retain term, same scope
     # the one-step generator: a new UNet, every weight of it trained; the teacher's folder is the base
     ("sfd", ["iterations=2", "batch_size=2", "forget_batch=1", "generator_lr=1e-2", "fake_lr=1e-2",
              "remain_prompts=8", "override=a dog"], "unet", lambda n: True),
