@@ -8,8 +8,9 @@ The paper has no retain term and no anchor: the text encoder stops mapping the c
 what the UNet draws for it, and the concept falls back to related ones the model already knows.
 The images are encoded by the VAE once; each epoch visits each of them; a run is a few epochs
 (about ten updates). `retain_weight` adds a term the paper lacks, on by default only in the digits
-preset: the mean squared change of the encoder's output on prompts without the concept (as in
-AdvUnlearn's utility term), which keeps the other concepts where the ascent would drag them.
+preset: the mean squared change of the encoder's output on prompts without the concept (cheaper
+than AdvUnlearn's utility term, which compares the UNet's predictions under those prompts), which
+keeps the other concepts where the ascent would drag them.
 
 The paper leaves the choice of epoch to the user. Here a stopping rule picks it: after each epoch,
 a few quick samples of the concept are judged (the domain judge where the model family has one,
@@ -266,8 +267,7 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
         x0 = latents[rows.to(device)]
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), device=device)
-        cond = model.encode(prompts, encoder_train)
-        mse = denoising_loss(unet, scheduler, x0, cond, noise, t)
+        mse = denoising_loss(unet, scheduler, x0, model.encode(prompts, encoder_train), noise, t)
         logs = {"denoising_mse": mse.item()}
         loss = -mse  # gradient ascent
         if retain:

@@ -109,11 +109,6 @@ class _Protocol:
         return extractor(judge.real_images(seed=self.seed, without=without))
 
 
-def _images(model, prompts: list[str], seeds: list[int], steps, guidance, progress: bool) -> tuple[torch.Tensor, list]:
-    rows = model.generate(prompts, seeds, steps=steps, guidance=guidance, progress=progress)
-    return to_tensor([im for row in rows for im in row]), rows
-
-
 def _pair(before: float, after: float, settings: dict) -> dict:
     return {"before": before, "after": after, "difference": after - before, "settings": settings}
 
