@@ -61,7 +61,6 @@ def main() -> None:
 
     from erasure.api import erase
     from evaluators.attack import AttackSettings, attack_success_rate
-    from evaluators.prompts import prompt_set
     from evaluators.report import default_judge, evaluate
     from pipelines import load_model
 
@@ -98,7 +97,7 @@ def main() -> None:
             }  # fmt: skip
         if args.attack:
             judge = default_judge(args.concept, base.family)
-            prompts = prompt_set(args.concept, base.family).target
+            prompts = base.family.prompt_set(args.concept).target
             settings = AttackSettings(steps=args.attack_steps)
             seeds = list(range(1000, 1000 + args.attack_seeds))  # other seeds than the evaluation's
             asr = {}

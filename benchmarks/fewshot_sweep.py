@@ -1,6 +1,6 @@
 """A quick screen of few-shot erasing settings on digits-sd, as JSON lines (one per setting).
 
-    python benchmarks/fewshot_sweep.py "lr=3e-3,epochs=10" "lr=3e-3,epochs=10,num_images=8" ...
+    python benchmarks/fewshot_sweep.py "lr=3e-3,steps=20" "lr=3e-3,steps=40,num_images=8" ...
 
 Each argument is a comma-separated list of `--set` options on top of the digits preset. Only the
 erased model is judged (the base model draws 100% sevens and 100% of the other digits on these
@@ -31,7 +31,7 @@ def main() -> None:
     from pipelines.images import to_tensor
     from pipelines.zoo.world import DIGIT_WORDS
 
-    config_cls, entry = METHODS["fewshot"].load()
+    entry = METHODS["fewshot"].entry
     judge, base = DigitsJudge(), load_model("digits")
     others = [i for i in range(10) if i != 7]
     expected = torch.tensor(others).repeat_interleave(len(SEEDS))
@@ -40,7 +40,7 @@ def main() -> None:
         model = copy.deepcopy(base)
         started = time.time()
         result = entry(
-            model, ["seven"], build_config(config_cls, "digits", parse_sets(sets)), RunContext(progress=False)
+            model, ["seven"], build_config("fewshot", "digits", parse_sets(sets)), RunContext(progress=False)
         )
         seconds = time.time() - started
         sevens = to_tensor([im for row in model.generate(TARGET, SEEDS) for im in row])

@@ -35,17 +35,17 @@ def main() -> None:
     torch.set_num_threads(2)
 
     from erasure.config import build_config, parse_sets
+    from erasure.fewshot import BUILTIN_COUNT
     from erasure.registry import METHODS
     from erasure.training import RunContext
     from evaluators import report
     from evaluators.judges import DigitsJudge
-    from evaluators.prompts import digits_prompt_set
     from pipelines import load_model
     from pipelines.images import to_tensor
 
-    config_cls, entry = METHODS["fewshot"].load()
+    entry = METHODS["fewshot"].entry
     judge, base = DigitsJudge(), load_model("digits")
-    prompts = digits_prompt_set("seven")
+    prompts = base.family.prompt_set("seven")
     expected = {
         head: torch.tensor([label[head] for label in prompts.preserved_labels]).repeat_interleave(len(SEEDS))
         for head in ("digit", "colour", "style")
@@ -67,7 +67,8 @@ def main() -> None:
     check = report.PresenceCheck.__call__
 
     def trajectory(sets: list[str]) -> None:
-        config = build_config(config_cls, "digits", parse_sets(sets))
+        config = build_config("fewshot", "digits", parse_sets(sets))
+        config.steps = args.epochs * max(1, (config.num_images or BUILTIN_COUNT) // config.batch_size)
         epoch = below = 0
 
         def observed(self, model, samples, steps):  # the check, reported and then ignored
@@ -87,7 +88,7 @@ def main() -> None:
             report.PresenceCheck.__call__ = check
 
     for spec in args.sets:
-        trajectory([s for s in spec.split(",") if s] + [f"epochs={args.epochs}"])
+        trajectory([s for s in spec.split(",") if s])
 
 
 if __name__ == "__main__":

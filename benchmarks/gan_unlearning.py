@@ -70,7 +70,7 @@ def main() -> None:
                 fd = metrics["fid_vs_real_without_concept"]
                 row["fd_ratio_after_to_before"] = round(fd["after"] / fd["before"], 3)
             result[concept] = row
-        if base.family == "digits":
+        if base.family.judge == DigitsJudge.name:  # the digits world: every digit's share too
             judge = DigitsJudge()
             seeds = range(args.samples)
             models = {"before": base, "after": erased}

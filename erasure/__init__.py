@@ -1,7 +1,7 @@
 """Concept erasure for text-to-image diffusion models and GANs.
 
     from erasure import erase
-    run = erase("advunlearn", ["seven"], "digits", out="runs/adv-seven")
+    run = erase("advunlearn", ["seven"], "digits-sd", out="runs/adv-seven")
 
 The package imports lightly (the command line must start fast); `erase` loads on first use.
 """

@@ -34,7 +34,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 
@@ -44,7 +44,7 @@ from pipelines.errors import InputError
 from pipelines.files import atomic_write
 from pipelines.images import image_folder_files, load_square_images
 
-from .common import check_concepts
+from .config import MethodConfig
 from .gan_training import (
     AdversarialSettings,
     CLIPFeatureDiscriminator,
@@ -61,8 +61,21 @@ PAPER_REPULSION_WEIGHT = {"el2": 100.0, "il2": 1.0, "nl2": 1.0}
 
 
 @dataclass
-class AdaptUnlearnConfig:
+class AdaptUnlearnConfig(MethodConfig):
     # Defaults: the paper's code (MNIST and CelebA-HQ StyleGAN2, rosinality's trainer).
+    steps: int = field(default=1000, metadata={"bounds": "[1, inf)", "help": "stage 2 (unlearning) iterations"})
+    lr: float = field(
+        default=0.002, metadata={"bounds": "(0, inf)", "help": "Adam learning rate of generator and discriminator"}
+    )
+    batch_size: int = field(default=16, metadata={"bounds": "[1, inf)", "help": "images per iteration"})
+    adam_betas: list[float] = field(
+        default_factory=lambda: [0.0, 0.99], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}
+    )
+    prompt_templates: list[str] = field(
+        default_factory=list,
+        metadata={"templates": True, "help": "prompts naming the concept for the clip classifier ('{}' = the "
+                  "concept; default: the evaluation's CLIP ensemble for it)"},
+    )  # fmt: skip
     negatives: str | None = field(
         default=None, metadata={"help": "folder of images that show the concept (default: the generator's own "
                                 "samples the classifier flags)"},
@@ -80,8 +93,8 @@ class AdaptUnlearnConfig:
         default=None, metadata={"help": "the image classifier's label that means the concept"}
     )
     clip: str | None = field(
-        default=None, metadata={"help": "CLIP of the clip classifier (default: digits-clip for digits, "
-                                "openai/clip-vit-large-patch14 otherwise; or open_clip:NAME:WEIGHTS)"},
+        default=None, metadata={"help": "CLIP of the clip classifier (default: the model family's, digits-clip for "
+                                "digits, openai/clip-vit-large-patch14 otherwise; or open_clip:NAME:WEIGHTS)"},
     )  # fmt: skip
     pool: int = field(
         default=4000,
@@ -101,16 +114,8 @@ class AdaptUnlearnConfig:
     adapt_steps: int = field(
         default=2000, metadata={"bounds": "[1, inf)", "help": "stage 1 iterations per adapted model"}
     )
-    unlearn_steps: int = field(default=1000, metadata={"bounds": "[1, inf)", "help": "stage 2 iterations"})
-    batch_size: int = field(default=16, metadata={"bounds": "[1, inf)", "help": "images per iteration"})
-    lr: float = field(
-        default=0.002, metadata={"bounds": "(0, inf)", "help": "Adam learning rate of generator and discriminator"}
-    )
     unlearn_lr: float | None = field(
         default=None, metadata={"bounds": "(0, inf)", "help": "stage 2's learning rate (none: lr)"}
-    )
-    adam_betas: list[float] = field(
-        default_factory=lambda: [0.0, 0.99], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}
     )
     r1: float = field(
         default=10.0, metadata={"bounds": "[0, inf)", "help": "R1 penalty weight (lazy, every r1_every iterations)"}
@@ -143,14 +148,6 @@ class AdaptUnlearnConfig:
         default=1.0, metadata={"bounds": "(0, inf)", "help": "scale of the parameter distance d in the repulsion"}
     )
 
-    # For digits-gan (benchmarks/RESULTS.md): its discriminator was trained with instance noise and
-    # beside a vision-aided critic on digits-clip, without which fine-tuning it doubled the FD; the
-    # paper's EWC weight held the adapted copy at the base's share of the concept.
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "digits": {"instance_noise": 0.1, "vision_aided": "digits-clip", "ewc_weight": 0.0, "adapt_steps": 400,
-                   "adapted_models": 3, "unlearn_lr": 5e-4, "unlearn_steps": 2000, "repulsion_weight": 1.0},
-    }  # fmt: skip
-
     def __post_init__(self) -> None:
         check_classifier(self.classifier, self.classifier_label)
         if self.clip is not None:
@@ -171,6 +168,10 @@ class AdaptUnlearnConfig:
 
 
 CONFIG = AdaptUnlearnConfig
+# A batch of 10: the discriminator's minibatch-stddev groups are single images both on one process and on
+# two (neither 10 nor 5 is a multiple of its group of 4), so that two processes compute what one does.
+TEST_SETTINGS = {"adapt_steps": 3, "steps": 3, "adapted_models": 2, "batch_size": 10, "pool": 200,
+                 "num_negatives": 4, "num_positives": 8, "fisher_samples": 2}  # fmt: skip
 
 
 # --- the two regularisers ------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, t
     device = run.torch_device
     negatives = negatives.to(device)
 
-    def ewc() -> torch.Tensor:
+    def ewc(images, pooled) -> torch.Tensor:
         return ewc_penalty(params, anchor, fisher, config.ewc_weight)
 
     def step_fn(step: int) -> dict[str, float]:
@@ -288,14 +289,14 @@ def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dic
         real = real_batch(positives, config.batch_size, run)
         distance = {}
 
-        def term() -> torch.Tensor:
+        def term(images, pooled) -> torch.Tensor:
             distance["d"] = parameter_distance(params, adapted)
             return config.weight * repulsion(distance["d"], config.repulsion, config.alpha)
 
         logs = adversarial_step(loop, real, step, settings, term, critic)
         return {**logs, "distance": distance["d"].item()}
 
-    return loop.fit(step_fn, config.unlearn_steps)
+    return loop.fit(step_fn, config.steps)
 
 
 # --- the method ---------------------------------------------------------------------------------
@@ -371,7 +372,6 @@ def _flagged(images: torch.Tensor, detectors: dict) -> torch.Tensor:
 
 def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContext) -> ErasureResult:
     """Unlearn `concepts` from the GAN `model`: adapt copies to negatives, then repel from them."""
-    concepts = check_concepts(concepts)
     if model.discriminator is None:
         raise InputError(f"adapt-unlearn trains against the GAN's discriminator, and {model.source.spec} has none")
     run.check_divisible("batch_size", config.batch_size)
@@ -382,7 +382,7 @@ def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContex
     detectors = None
     if config.negatives is None or config.positives is None:
         detectors = concept_detectors(concepts, model.family, str(device), config.clip, config.classifier,
-                                      config.classifier_label)  # fmt: skip
+                                      config.classifier_label, config.prompt_templates)  # fmt: skip
     negatives, positives, pool = _samples(model, concepts, config, detectors)
     clip = None
     if config.vision_aided is not None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,28 +34,22 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
-from .common import (
-    DIGIT_TEMPLATES,
-    check_concepts,
-    concept_prompts,
-    ddim_scheduler,
-    frozen_copy,
-    partial_trajectory,
-    retain_prompts,
-    select_trainable,
-    validate_scope,
-)
+from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
+from .config import MethodConfig
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 
 @dataclass
-class AdvUnlearnConfig:
+class AdvUnlearnConfig(MethodConfig):
     # Defaults: the paper and its code on SD v1.4 (Sec. 5 and the repository's README).
+    steps: int = field(default=1000, metadata={"bounds": "[1, inf)", "help": "outer (unlearning) steps"})
+    lr: float = field(default=1e-5, metadata={"bounds": "(0, inf)", "help": "Adam learning rate of the text encoder"})
+    batch_size: int = field(
+        default=1, metadata={"bounds": "[1, inf)", "help": "x_t samples of the concept per iteration"}
+    )
     scope: str = field(
         default="full", metadata={"help": "text-encoder parameters to train: full | attn | mlp | layers=i..j"}
     )
-    iterations: int = field(default=1000, metadata={"bounds": "[1, inf)", "help": "outer (unlearning) steps"})
-    lr: float = field(default=1e-5, metadata={"bounds": "(0, inf)", "help": "Adam learning rate of the text encoder"})
     attack: Literal["pgd", "fast-at"] = field(
         default="pgd",
         metadata={"help": "inner attack: pgd (attack_steps Adam steps) or fast-at (one sign step of attack_lr from a "
@@ -97,32 +91,14 @@ class AdvUnlearnConfig:
     sample_guidance: float = field(
         default=3.0, metadata={"bounds": "[0, inf)", "help": "classifier-free guidance while sampling x_t"}
     )
-    batch_size: int = field(
-        default=1, metadata={"bounds": "[1, inf)", "help": "x_t samples of the concept per iteration"}
-    )
-    prompt_templates: list[str] = field(
-        default_factory=lambda: ["{}"],
-        metadata={"templates": True, "help": "templates filled with each concept ('{}' = the concept)"},
-    )
-
-    # Tuned for the embedded digits world (erasing "seven"; every setting tried is measured in
-    # benchmarks/RESULTS.md). One adversary per x_t sample, warm-started and moved by one fast-AT
-    # step per iteration, holds the attack about as well as 30 PGD steps did, at a fifteenth of the
-    # cost; the bank removes the trajectories; a strong utility term keeps the other digits. The
-    # slow setting: --set attack=pgd --set iterations=600 --set bank_size=0.
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "digits": {
-            "iterations": 900, "lr": 3e-4, "attack": "fast-at", "attack_steps": 30, "attack_lr": 0.002,
-            "attack_tokens": 3, "warmup": 30, "retain_weight": 8.0, "retain_batch": 8, "ddim_steps": 25,
-            "batch_size": 8, "bank_size": 32, "prompt_templates": DIGIT_TEMPLATES,
-        },
-    }  # fmt: skip
 
     def __post_init__(self) -> None:
         validate_scope("text_encoder", self.scope)
 
 
 CONFIG = AdvUnlearnConfig
+TEST_SETTINGS = {"steps": 3, "warmup": 1, "ddim_steps": 3, "batch_size": 2, "retain_batch": 2, "bank_size": 2,
+                 "lr": 1e-2}  # fmt: skip
 # The bank's tensors in the loop's state: the concept batches, then the retain batches.
 BANK_KEYS = ("bank_prompt", "bank_x", "bank_t", "bank_eps_empty", "bank_eps_concept",
              "bank_kept", "bank_x_r", "bank_t_r", "bank_eps_r")  # fmt: skip
@@ -174,14 +150,14 @@ def attack_embeddings(loss_of: callable, adv: torch.Tensor, mode: str, steps: in
 
 def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext) -> ErasureResult:
     """Adversarially unlearn `concepts` from the text encoder of `model` (a TextToImageModel)."""
-    concepts = check_concepts(concepts)
+    family = model.family
     prompts = concept_prompts(concepts, config.prompt_templates)
     run.check_divisible("batch_size", config.batch_size)
     if config.attack_batch == "shared" and run.num_processes > 1:
         raise InputError("attack_batch=shared runs on one process only; use per-sample with several")
     device = run.torch_device
     model.to(device)
-    retain = retain_prompts(model.family, concepts, random.Random(run.seed))
+    retain = family.retain_prompts(concepts, random.Random(run.seed))
     n_retain = min(config.retain_batch, len(retain))
     run.check_divisible("retain_batch", n_retain)
 
@@ -210,7 +186,9 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
 
     # Every process holds all adversaries (the checkpoint's), and attacks with its own rows.
     state = {"adv": random_tokens(torch.Generator().manual_seed(run.seed))}
-    optimizer = torch.optim.Adam([p for p in encoder.parameters() if p.requires_grad], lr=config.lr)
+    optimizer = torch.optim.Adam(
+        [p for p in encoder.parameters() if p.requires_grad], lr=config.lr, betas=tuple(config.adam_betas)
+    )
     loop = TrainingLoop(run, {"text_encoder": Network(encoder, optimizer)}, desc="advunlearn", state=state)  # fmt: skip
     # The prepared encoder runs the retain term's forward pass, which (under several processes)
     # makes the backward pass synchronise the encoder's gradients; the adversarial forward pass
@@ -222,7 +200,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
         """x_t and t for `rows(...)` of a global batch of `n` (`conds`: those rows' prompts)."""
         stop = random.randrange(config.ddim_steps)
         noise = rows(torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device))
-        x_t, t_lo, t_hi = partial_trajectory(unet, scheduler, conds, uncond_orig, stop, config.sample_guidance, noise)
+        x_t, t_lo, t_hi = family.trajectory(unet, scheduler, conds, uncond_orig, stop, config.sample_guidance, noise)
         return x_t, rows(torch.randint(t_lo, t_hi, (n,), device=device))
 
     @torch.no_grad()
@@ -231,8 +209,8 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
         index = random.randrange(len(prompts))
         cond_orig = model.encode([prompts[index]], encoder_orig)
         x_t, t = sample_x_t(cond_orig, config.batch_size, rows)
-        eps_empty = unet(x_t, t, uncond_orig.expand(len(x_t), -1, -1)).sample
-        eps_concept = unet(x_t, t, cond_orig.expand(len(x_t), -1, -1)).sample
+        eps_empty = family.denoise(unet, x_t, t, uncond_orig.expand(len(x_t), -1, -1))
+        eps_concept = family.denoise(unet, x_t, t, cond_orig.expand(len(x_t), -1, -1))
         return torch.tensor(index, device=device), x_t, t, eps_empty, eps_concept
 
     @torch.no_grad()
@@ -241,7 +219,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
         kept = rows(torch.tensor(random.sample(range(len(retain)), n_retain), device=device))
         retain_orig = model.encode([retain[i] for i in kept.tolist()], encoder_orig)
         x_r, t_r = sample_x_t(retain_orig, n_retain, rows)
-        return kept, x_r, t_r, unet(x_r, t_r, retain_orig).sample
+        return kept, x_r, t_r, family.denoise(unet, x_r, t_r, retain_orig)
 
     # The bank: UNet and original encoder are frozen, so x_t and its targets do not depend on the
     # encoder being trained; `bank_size` iterations' worth is drawn once (global rows, so that every
@@ -271,7 +249,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
 
             def attack_loss(adv: torch.Tensor) -> torch.Tensor:
                 cond = encode_with_inserted(encoder, adv_ids, adv)
-                return F.mse_loss(unet(x_t, t, cond.expand(len(x_t), -1, -1)).sample, eps_concept)
+                return F.mse_loss(family.denoise(unet, x_t, t, cond.expand(len(x_t), -1, -1)), eps_concept)
 
             with timer("attack"):
                 start = random_tokens() if config.attack_init == "random" else state["adv"]
@@ -282,15 +260,15 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
                 state["adv"] = run.gather(adv) if n_adv > 1 else adv
         with timer("unlearn forward"):
             cond_train = encode_with_inserted(encoder, adv_ids, adv) if step >= config.warmup else encoder_train(ids)[0]
-            unlearn = F.mse_loss(unet(x_t, t, cond_train.expand(len(x_t), -1, -1)).sample, target)
+            unlearn = F.mse_loss(family.denoise(unet, x_t, t, cond_train.expand(len(x_t), -1, -1)), target)
         with timer("retain forward"):
-            eps_retain = unet(x_r, t_r, model.encode([retain[i] for i in kept.tolist()], encoder_train)).sample
+            eps_retain = family.denoise(unet, x_r, t_r, model.encode([retain[i] for i in kept.tolist()], encoder_train))
             utility = F.mse_loss(eps_retain, eps_retain_orig)
         with timer("backward and update"):
             loop.update("text_encoder", unlearn + config.retain_weight * utility)
         return {"unlearn": unlearn.item(), "retain": utility.item()}
 
-    logs = loop.fit(step_fn, config.iterations)
+    logs = loop.fit(step_fn, config.steps)
     encoder.eval()
     # Where the time went (this process, this session; a resumed run counts its second part only).
     outcome = {"advunlearn": {"seconds": {k: round(v, 2) for k, v in timer.seconds.items()}}}

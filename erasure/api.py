@@ -79,7 +79,6 @@ def erase(
 
     device = resolve_device(device)
     spec = get_method(method)
-    config_cls, entry = spec.load()
     concepts = check_concepts(list(concepts))
     source = resolve(model)
     if source.kind != spec.model_kind:
@@ -87,9 +86,9 @@ def erase(
     _check_save_mode(save, source)
     overrides = [load_config_file(config_file)[0]] if config_file else []
     overrides.append(parse_sets(list(sets)) if not isinstance(sets, dict) else dict(sets))
-    config = build_config(config_cls, source.family, *overrides)
-    if hasattr(config, "check_model"):  # what a config can check once it knows the model family
-        config.check_model(source.family, concepts)
+    family = source.family
+    config = build_config(method, family, *overrides)
+    config.check(family, concepts)  # what the config can only check once it knows the model and concepts
     check_number("--seed", seed, SEED_BOUNDS)
     check_number("--checkpoint-every", checkpoint_every, "[1, inf)")
     run_dir = RunDirectory(check_writable(default_out_dir(method, concepts) if out is None else out), resume=resume)
@@ -111,7 +110,7 @@ def erase(
         base = load_model(source, device=device, single_file_config=model_config)
         loaded = time.time()
         log.info("erasing %s with %s", ", ".join(concepts), method)
-        result = entry(base, concepts, config, run)
+        result = spec.entry(base, concepts, config, run)
         wall, erase_time = time.time() - started, time.time() - loaded
 
         def write(folder: Path) -> None:

@@ -1,14 +1,12 @@
-"""What the methods truly share: trainable-scope selection, frozen copies, concept and retain
-prompts, and ESD's partial DDIM trajectory (the data-free way to get an `x_t` of the concept).
+"""What the methods truly share: trainable-scope selection, frozen copies, concepts and their prompts,
+and a fresh DDIM scheduler for ESD's partial trajectory (the trajectory itself is the family's).
 """
 
 from __future__ import annotations
 
 import copy
-import random
 import re
 from collections.abc import Sequence
-from importlib import resources
 
 import torch
 
@@ -82,10 +80,7 @@ def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
-# --- prompts ----------------------------------------------------------------------------------
-
-# The digits family's presets: how the world's captions name a digit on its own.
-DIGIT_TEMPLATES = ["{}", "a {}", "the number {}", "a handwritten {}"]
+# --- concepts and prompts ----------------------------------------------------------------------
 
 
 def check_concepts(concepts: Sequence[str]) -> list[str]:
@@ -100,75 +95,8 @@ def concept_prompts(concepts: Sequence[str], templates: Sequence[str]) -> list[s
     return [t.format(c) for c in concepts for t in templates]
 
 
-_FILLER = {"a", "an", "the", "of", "in", "on", "with", "and", "by", "photo", "image", "picture", "painting", "style"}
-
-
-def _content_words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", text.lower())) - _FILLER
-
-
-def _mentions(prompt: str, concepts: Sequence[str]) -> bool:
-    words = _content_words(prompt)
-    return any(_content_words(c) & words for c in concepts)
-
-
-def retain_prompts(family: str, concepts: Sequence[str], rng: random.Random, n: int = 200) -> list[str]:
-    """Prompts of things to keep: COCO objects for real SD, the rest of the world for digits.
-
-    Prompts that mention a word of a concept are left out, so the retain term never protects
-    what is being erased.
-    """
-    if family == "digits":
-        from pipelines.zoo.world import COLOURS, DIGIT_WORDS, STYLES, parse_concept
-
-        erased = {(e.head, e.index) for e in map(parse_concept, concepts) if e is not None}
-        keep = {
-            head: [w for i, w in enumerate(names) if (head, i) not in erased]
-            for head, names in (("digit", DIGIT_WORDS), ("colour", COLOURS), ("style", STYLES))
-        }
-        pool = [f"a {c} {s} {d}" for d in keep["digit"] for c in keep["colour"] for s in keep["style"]]
-        pool += [f"a {d}" for d in keep["digit"]]
-    else:
-        names = resources.files("evaluators").joinpath("data/coco_objects.txt").read_text().split("\n")
-        pool = [f"a photo of a {name.strip()}" for name in names if name.strip()]
-    pool = [p for p in pool if not _mentions(p, concepts)]
-    if not pool:
-        raise InputError("no retain prompt is left once the concepts are excluded")
-    rng.shuffle(pool)
-    return pool[:n]
-
-
-# --- ESD's partial trajectory -------------------------------------------------------------------
-
-
 def ddim_scheduler(model):
     """A fresh DDIM scheduler with the model's noise schedule (the model's own is left untouched)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(model.scheduler.config)
-
-
-@torch.no_grad()
-def partial_trajectory(
-    unet,
-    scheduler,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
-    stop: int,
-    guidance: float,
-    latents: torch.Tensor,
-) -> tuple[torch.Tensor, int, int]:
-    """Run DDIM with classifier-free guidance from noise `latents` for `stop` steps.
-
-    `scheduler` must already have `set_timesteps(N)`. Returns (x_t, t, t_next): the latent after
-    `stop` steps sits at noise level `t` = timesteps[stop]; ESD then queries the UNet at a DDPM
-    timestep drawn in [t, t + 1000/N), the window of that DDIM step.
-    """
-    x = latents * scheduler.init_noise_sigma
-    embeds = torch.cat([uncond.expand(len(x), -1, -1), cond.expand(len(x), -1, -1)])
-    for t in scheduler.timesteps[:stop]:
-        eps_uncond, eps_cond = unet(torch.cat([x, x]), t, embeds).sample.chunk(2)
-        x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
-    t = int(scheduler.timesteps[stop])
-    window = scheduler.config.num_train_timesteps // len(scheduler.timesteps)
-    return x, t, min(t + window, scheduler.config.num_train_timesteps)

@@ -1,7 +1,11 @@
 """Method configs: one dataclass per method is the single source of truth.
 
+Every method's config is a `MethodConfig`: the options all methods share (steps, lr, batch_size,
+adam_betas, prompt_templates), each redeclared with the method's paper default and its own help,
+then the method's own options, and one `check(family, concepts)`.
+
 Values are resolved in this order: the dataclass defaults (the paper's, for Stable Diffusion),
-the preset of the model family (e.g. tuned values for the digits world), a YAML file, then each
+the model family's preset for the method (pipelines/families), a YAML file, then each
 `--set key=value`. Unknown keys and values of the wrong type are refused with the valid choices.
 """
 
@@ -10,10 +14,41 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from pipelines.errors import InputError
+
+
+@dataclass
+class MethodConfig:
+    """What every method's options hold. A method redeclares each with its paper's default and help, and
+    adds its own; `__post_init__` checks what relates its values, `check` what depends on the model."""
+
+    steps: int = field(default=1000, metadata={"bounds": "[1, inf)", "help": "optimiser steps"})
+    lr: float = field(default=1e-5, metadata={"bounds": "(0, inf)", "help": "Adam learning rate"})
+    batch_size: int = field(default=1, metadata={"bounds": "[1, inf)", "help": "samples per step"})
+    adam_betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.999], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}
+    )
+    prompt_templates: list[str] = field(
+        default_factory=lambda: ["{}"],
+        metadata={"templates": True, "help": "templates filled with each concept ('{}' = the concept)"},
+    )
+
+    def check(self, family, concepts: Sequence[str]) -> None:
+        """Refuse what this config cannot do on models of `family` (pipelines.families.Family) for
+        `concepts`; called once, before any model loads. Nothing by default."""
+
+
+# Options that earlier versions named otherwise: a file or a command line that still uses the old name
+# is told the new one (and is not silently translated).
+RENAMED_OPTIONS = {
+    "iterations": "steps", "unlearn_steps": "steps", "generator_lr": "lr", "concept_prompts": "prompt_templates",
+    "epochs": "steps (updates; an epoch is a pass over the images: images / batch_size updates)",
+}  # fmt: skip
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -159,8 +194,9 @@ def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict | None]:
     return options, data
 
 
-def config_yaml(method: str, config: Any, family: str) -> str:
+def config_yaml(method: str, config: Any, family) -> str:
     """`config` as a YAML file that `--config` reads back, each option with its help and paper default."""
+    family = getattr(family, "name", family)
     defaults = {name: default for name, _, default, _ in describe_fields(type(config))}
     values = config_to_dict(config)
     lines = [
@@ -188,19 +224,28 @@ def _yaml_value(value: Any) -> str:
     return text.strip().removesuffix("...").strip()  # a lone scalar ends with a document-end marker
 
 
-def build_config(cls: type, family: str, *layers: dict[str, Any]):
-    """Instantiate `cls` from its defaults, its preset for `family`, then each layer of overrides.
+def build_config(method: str, family, *layers: dict[str, Any]):
+    """The config of `method` (a registry key): its defaults, the preset of `family` (a Family or its
+    name) for it, then each layer of overrides.
 
     Every value is checked against its field's rules (check_field) before the dataclass is built,
     whether it came from a default, a preset, a file or `--set`.
     """
+    from pipelines.families import get_family
+
+    from .registry import get_method
+
+    cls = get_method(method).config
+    family = get_family(family)
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = dict(getattr(cls, "PRESETS", {}).get(family, {}))
-    for layer in layers:
+    values: dict[str, Any] = {}
+    for layer in (family.preset(method), *layers):
         for key, value in layer.items():
             if key not in fields:
-                raise InputError(f"unknown option {key!r} for {cls.__name__}; valid options: {', '.join(fields)}")
+                renamed = f" ({key} is now {RENAMED_OPTIONS[key]})" if key in RENAMED_OPTIONS else ""
+                raise InputError(f"unknown option {key!r} for {cls.__name__}{renamed}; valid options: "
+                                 f"{', '.join(fields)}")  # fmt: skip
             values[key] = coerce(key, hints[key], value)
     for name, f in fields.items():
         check_field(f, values[name] if name in values else _default(f))

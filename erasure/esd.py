@@ -15,27 +15,23 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from .common import (
-    DIGIT_TEMPLATES,
-    check_concepts,
-    concept_prompts,
-    ddim_scheduler,
-    frozen_copy,
-    partial_trajectory,
-    select_trainable,
-    validate_scope,
-)
+from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
+from .config import MethodConfig
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 
 @dataclass
-class ESDConfig:
-    # Defaults: ESD paper / code on SD v1.4 (Sec. 4; ESD-x for objects and styles, ESD-u for nudity).
+class ESDConfig(MethodConfig):
+    # Defaults: ESD paper / code on SD v1.4 (Sec. 4; ESD-x for objects and styles, ESD-u for nudity):
+    # MethodConfig's 1000 steps at lr 1e-5 with Adam's betas, the concept as its own prompt.
+    batch_size: int = field(
+        default=1, metadata={"bounds": "[1, inf)", "help": "x_t samples per step (one trajectory, several seeds)"}
+    )
     component: Literal["unet", "text_encoder"] = field(
         default="unet", metadata={"help": "what to fine-tune: the UNet (ESD-x/ESD-u) or the text encoder"}
     )
@@ -46,8 +42,6 @@ class ESDConfig:
             "attn | mlp | layers=i..j"
         },
     )
-    iterations: int = field(default=1000, metadata={"bounds": "[1, inf)", "help": "optimiser steps"})
-    lr: float = field(default=1e-5, metadata={"bounds": "(0, inf)", "help": "Adam learning rate"})
     negative_guidance: float = field(
         default=1.0, metadata={"bounds": "[0, inf)", "help": "eta: strength of the guidance away from the concept"}
     )
@@ -57,22 +51,6 @@ class ESDConfig:
     sample_guidance: float = field(
         default=3.0, metadata={"bounds": "[0, inf)", "help": "classifier-free guidance while sampling x_t"}
     )
-    batch_size: int = field(
-        default=1, metadata={"bounds": "[1, inf)", "help": "x_t samples per step (one trajectory, several seeds)"}
-    )
-    prompt_templates: list[str] = field(
-        default_factory=lambda: ["{}"],
-        metadata={"templates": True, "help": "templates filled with each concept ('{}' = the concept)"},
-    )
-
-    # Tuned for the embedded digits world (about a minute on 2 CPU cores). ESD-u, as the paper
-    # does for objects: on "seven", ESD-x still drew 48% sevens after 200 steps, ESD-u none after 50.
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "digits": {
-            "scope": "noxattn", "iterations": 100, "lr": 1e-4, "ddim_steps": 25, "batch_size": 8,
-            "prompt_templates": DIGIT_TEMPLATES,
-        },
-    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.scope is None:
@@ -81,6 +59,7 @@ class ESDConfig:
 
 
 CONFIG = ESDConfig
+TEST_SETTINGS = {"steps": 3, "ddim_steps": 3, "batch_size": 2, "lr": 1e-2}
 
 
 def esd_target(eps_empty: torch.Tensor, eps_concept: torch.Tensor, eta: float) -> torch.Tensor:
@@ -90,7 +69,7 @@ def esd_target(eps_empty: torch.Tensor, eps_concept: torch.Tensor, eta: float) -
 
 def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> ErasureResult:
     """Fine-tune `model` (a TextToImageModel) so that it no longer generates `concepts`."""
-    concepts = check_concepts(concepts)
+    family = model.family
     prompts = concept_prompts(concepts, config.prompt_templates)
     run.check_divisible("batch_size", config.batch_size)
     device = run.torch_device
@@ -116,7 +95,9 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
     with torch.no_grad():
         uncond_orig = model.encode([""], te_orig)
 
-    optimizer = torch.optim.Adam([p for p in trained.parameters() if p.requires_grad], lr=config.lr)
+    optimizer = torch.optim.Adam(
+        [p for p in trained.parameters() if p.requires_grad], lr=config.lr, betas=tuple(config.adam_betas)
+    )
     loop = TrainingLoop(
         run, {config.component: Network(trained, optimizer)}, desc="esd",
     )  # fmt: skip
@@ -134,19 +115,19 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
             uncond_now = model.encode([""]) if config.component == "text_encoder" else uncond_orig
             stop = random.randrange(config.ddim_steps)
             noise = run.shard(torch.randn(shape, device=device))  # the global batch's noise, this process's rows
-            x_t, t_lo, t_hi = partial_trajectory(
+            x_t, t_lo, t_hi = family.trajectory(
                 model.unet, scheduler, cond_now, uncond_now, stop, config.sample_guidance, noise
             )
             t = run.shard(torch.randint(t_lo, t_hi, (config.batch_size,), device=device))
-            eps_empty = unet_orig(x_t, t, uncond_orig.expand(len(x_t), -1, -1)).sample
-            eps_concept = unet_orig(x_t, t, cond_orig.expand(len(x_t), -1, -1)).sample
+            eps_empty = family.denoise(unet_orig, x_t, t, uncond_orig.expand(len(x_t), -1, -1))
+            eps_concept = family.denoise(unet_orig, x_t, t, cond_orig.expand(len(x_t), -1, -1))
             target = esd_target(eps_empty, eps_concept, config.negative_guidance)
         cond_train = model.encode([prompt], encoder_train) if config.component == "text_encoder" else cond_orig
-        eps = unet_train(x_t, t, cond_train.expand(len(x_t), -1, -1)).sample
+        eps = family.denoise(unet_train, x_t, t, cond_train.expand(len(x_t), -1, -1))
         loss = F.mse_loss(eps, target)
         loop.update(config.component, loss)
         return {"loss": loss.item()}
 
-    logs = loop.fit(step_fn, config.iterations)
+    logs = loop.fit(step_fn, config.steps)
     trained.eval()
     return ErasureResult(model, [config.component], n_trainable, logs)

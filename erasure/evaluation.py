@@ -169,9 +169,8 @@ def run_attack(attack: str, after, before, concept: str, prompts: int | None, se
     """Attack the erased model (evaluators/attack.py, discrete_attack.py, inversion_attack.py); the base
     model's images are the references."""
     from evaluators.detect import ConceptDetector
-    from evaluators.prompts import prompt_set
 
-    targets = prompt_set(concept, before.family).target[:prompts]
+    targets = before.family.prompt_set(concept).target[:prompts]
     detector = ConceptDetector(concept, before.family, str(after.device), clip)
     seeds_used = list(range(ATTACK_SEED_OFFSET, ATTACK_SEED_OFFSET + seeds))
     if attack == "embedding":

@@ -20,10 +20,11 @@ else CLIP zero-shot), and the run ends once the concept's presence falls below `
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 from pipelines.images import image_folder_files, load_square_images
 
-from .common import DIGIT_TEMPLATES, check_concepts, retain_prompts, select_trainable, validate_scope
+from .common import select_trainable, validate_scope
+from .config import MethodConfig
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 BUILTIN = "builtin"
@@ -60,22 +62,32 @@ STYLE_TEMPLATES = [
 
 
 @dataclass
-class FewShotConfig:
+class FewShotConfig(MethodConfig):
     # Defaults: the paper and its code on SD v1.4 (Sec. 4).
+    steps: int = field(
+        default=10,
+        metadata={"bounds": "[1, inf)", "help": "updates, at most (see stop_below); an epoch is one pass over the "
+                  "images, images / batch_size updates (the paper: 4 images, batch 2, 5 epochs = 10 updates)"},
+    )  # fmt: skip
+    lr: float = field(default=1e-5, metadata={"bounds": "(0, inf)", "help": "Adam learning rate"})
+    batch_size: int = field(default=2, metadata={"bounds": "[1, inf)", "help": "images per update"})
+    adam_betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.98], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}
+    )
+    prompt_templates: list[str] = field(
+        default_factory=list,
+        metadata={"templates": True, "help": "own caption templates ('{}' = the concept); replace `captions`"},
+    )
     images: str | None = field(
         default=None,
-        metadata={"help": "folder of a few images of the concept (any format and size), or 'builtin' on the "
-                  "digits family (held-out renders of the concept)"},
+        metadata={"help": "folder of a few images of the concept (any format and size), or 'builtin' where the "
+                  "model family ships images of its concepts (digits: held-out renders of the concept)"},
     )  # fmt: skip
     num_images: int = field(
         default=0, metadata={"help": "images to use, in name order (0: all of the folder; builtin: 4)"}
     )
     captions: Literal["object", "style"] = field(
         default="object", metadata={"help": "caption templates: object (27, 'a photo of a {}') or style (19)"}
-    )
-    prompt_templates: list[str] = field(
-        default_factory=list,
-        metadata={"templates": True, "help": "own caption templates ('{}' = the concept); replace `captions`"},
     )
     scope: str = field(
         default="mlp+last-attn",
@@ -86,24 +98,16 @@ class FewShotConfig:
     retain_weight: float = field(
         default=0.0,
         metadata={"bounds": "[0, inf)", "help": "weight of a term the paper lacks: keep the encoder's output on "
-                  "prompts without the concept (COCO objects; the rest of the digits world) where it was (0: pure "
+                  "the family's retain prompts (COCO objects; the rest of the digits world) where it was (0: pure "
                   "ascent, the paper's)"},
     )  # fmt: skip
     retain_batch: int = field(default=8, metadata={"bounds": "[1, inf)", "help": "retain prompts per update"})
-    epochs: int = field(
-        default=5, metadata={"bounds": "[1, inf)", "help": "passes over the images (at most; see stop_below)"}
-    )
-    batch_size: int = field(default=2, metadata={"bounds": "[1, inf)", "help": "images per update"})
-    lr: float = field(default=1e-5, metadata={"bounds": "(0, inf)", "help": "Adam learning rate"})
-    adam_betas: list[float] = field(
-        default_factory=lambda: [0.9, 0.98], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}
-    )
     adam_eps: float = field(default=1e-6, metadata={"bounds": "(0, inf)", "help": "Adam epsilon"})
     weight_decay: float = field(default=1e-8, metadata={"bounds": "[0, inf)", "help": "Adam(W) weight decay"})
     stop_below: float | None = field(
         default=0.1,
         metadata={"bounds": "(0, 1]", "help": "stop once the epochs' quick samples show the concept less often than "
-                  "this (stop_patience epochs in a row; none: run every epoch)"},
+                  "this (stop_patience epochs in a row; none: run every step)"},
     )  # fmt: skip
     stop_patience: int = field(
         default=1,
@@ -119,20 +123,9 @@ class FewShotConfig:
     stop_steps: int = field(default=10, metadata={"bounds": "[1, inf)", "help": "sampling steps of the quick samples"})
     stop_clip: str | None = field(
         default=None,
-        metadata={"help": "CLIP of the check where the family has no judge (default: digits-clip for digits, "
-                  "openai/clip-vit-large-patch14 otherwise; or open_clip:NAME:WEIGHTS)"},
+        metadata={"help": "CLIP of the check where the family has no judge (default: the family's, digits-clip for "
+                  "digits, openai/clip-vit-large-patch14 otherwise; or open_clip:NAME:WEIGHTS)"},
     )  # fmt: skip
-
-    # Tuned for the embedded digits world (benchmarks/RESULTS.md): its small text encoder needs far
-    # larger steps than CLIP ViT-L/14, and in its 4 layers the ascent drags every other digit along
-    # unless a retain term holds them; more images spread the ascent over more of the concept.
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "digits": {
-            "images": BUILTIN, "num_images": 8, "lr": 5e-3, "retain_weight": 0.3, "epochs": 30,
-            "stop_patience": 3,
-            "prompt_templates": DIGIT_TEMPLATES,
-        },
-    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.scope != TOKENS:
@@ -140,12 +133,11 @@ class FewShotConfig:
         if self.images is not None and self.images != BUILTIN:
             image_folder_files(self.images, self.num_images)  # every file readable, enough of them
 
-    def check_model(self, family: str, concepts: list[str]) -> None:
-        """What the config can only check once the model family is known (before it loads)."""
+    def check(self, family, concepts) -> None:
         if self.images is None:
             raise InputError("fewshot needs a few images of the concept: pass --images DIR (or --set images=DIR)")
-        if self.images == BUILTIN and family != "digits":
-            raise InputError("--images builtin exists for the digits family only; pass --images DIR")
+        if self.images == BUILTIN and not family.has_builtin_images:
+            raise InputError(f"the {family.name} family has no builtin images of concepts; pass --images DIR")
 
     def templates(self) -> list[str]:
         if self.prompt_templates:
@@ -154,21 +146,7 @@ class FewShotConfig:
 
 
 CONFIG = FewShotConfig
-
-
-def builtin_images(concept: str, count: int, seed: int) -> torch.Tensor:
-    """`count` held-out renders of a digits-world concept, [count, 3, 32, 32] in [0, 1]."""
-    from pipelines.zoo.renders import heldout_renders
-    from pipelines.zoo.world import parse_concept
-
-    parsed = parse_concept(concept)
-    if parsed is None:
-        raise InputError(f"--images builtin needs a digit, colour or style of the digits world, not {concept!r}")
-    renders = heldout_renders(per_source=1, seed=seed)
-    labels = {"digit": renders.digits, "colour": renders.colours, "style": renders.styles}[parsed.head]
-    matching = (labels == parsed.index).nonzero().flatten()
-    chosen = matching[torch.randperm(len(matching), generator=torch.Generator().manual_seed(seed))[:count]]
-    return renders.images[chosen]
+TEST_SETTINGS = {"steps": 4, "num_images": 4, "stop_samples": 4, "stop_steps": 2, "stop_below": 0.01}
 
 
 def train_concept_tokens(encoder, tokenizer, concepts: list[str]) -> int:
@@ -189,12 +167,14 @@ def train_concept_tokens(encoder, tokenizer, concepts: list[str]) -> int:
     return len(ids) * weight.shape[1]
 
 
-def denoising_loss(unet, scheduler, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
+def denoising_loss(model, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
                    t: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """The ordinary denoising loss of `latents` under text condition `cond` (eps- or v-prediction)."""
+    """The ordinary denoising loss of `latents` under conditioning `cond` (eps- or v-prediction, as the
+    model's scheduler says)."""
+    scheduler = model.scheduler
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-    return F.mse_loss(unet(noisy, t, cond).sample, target)
+    return F.mse_loss(model.family.denoise(model.unet, noisy, t, cond), target)
 
 
 @torch.no_grad()
@@ -210,8 +190,6 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     """Erase `concepts` from the text encoder of `model` by gradient ascent on a few images of them."""
     from evaluators.report import PresenceCheck
 
-    concepts = check_concepts(concepts)
-    config.check_model(model.family, concepts)
     run.check_divisible("batch_size", config.batch_size)
     device = run.torch_device
     model.to(device)
@@ -221,7 +199,7 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     resolution = model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
     if config.images == BUILTIN:
         count = config.num_images or BUILTIN_COUNT
-        images = torch.cat([builtin_images(c, count, run.seed) for c in concepts])
+        images = torch.cat([model.family.builtin_images(c, count, run.seed) for c in concepts])
         captions = [c for c in concepts for _ in range(count)]
     else:  # one folder of images, captioned with every concept
         images = load_square_images(image_folder_files(Path(config.images), config.num_images), resolution)
@@ -236,7 +214,7 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     encoder = model.text_encoder
     retain, retain_targets = [], None
     if config.retain_weight:
-        retain = retain_prompts(model.family, concepts, random.Random(run.seed))
+        retain = model.family.retain_prompts(concepts, random.Random(run.seed))
         run.check_divisible("retain_batch", min(config.retain_batch, len(retain)))
         with torch.no_grad():
             retain_targets = model.encode(retain)
@@ -247,7 +225,7 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     else:
         n_trainable = select_trainable(encoder, "text_encoder", config.scope)
     encoder.train()
-    unet = model.unet.eval()
+    model.unet.eval()
     scheduler = model.scheduler
     optimizer = torch.optim.AdamW(
         [p for p in encoder.parameters() if p.requires_grad], lr=config.lr, betas=tuple(config.adam_betas),
@@ -261,13 +239,15 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
         epoch, index = divmod(step, per_epoch)
         if index == 0:  # each epoch visits the images in a fresh order
             state["order"] = torch.randperm(n)
-        rows = run.shard(state["order"][index * batch : (index + 1) * batch])
-        prompts = [random.choice(templates).format(captions[i] if captions else random.choice(concepts))
-                   for i in rows.tolist()]  # fmt: skip
+        # The global batch's images, captions, noise and timesteps; this process keeps its rows of each.
+        rows = state["order"][index * batch : (index + 1) * batch]
+        prompts = run.shard([random.choice(templates).format(captions[i] if captions else random.choice(concepts))
+                             for i in rows.tolist()])  # fmt: skip
         x0 = latents[rows.to(device)]
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), device=device)
-        mse = denoising_loss(unet, scheduler, x0, model.encode(prompts, encoder_train), noise, t)
+        x0, noise, t = run.shard(x0), run.shard(noise), run.shard(t)
+        mse = denoising_loss(model, x0, model.encode(prompts, encoder_train), noise, t)
         logs = {"denoising_mse": mse.item()}
         loss = -mse  # gradient ascent
         if retain:
@@ -285,10 +265,11 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
                 loop.stop()
         return logs
 
-    logs = loop.fit(step_fn, config.epochs * per_epoch)
+    logs = loop.fit(step_fn, config.steps)
     encoder.eval()
-    epochs_run = state["stopped_at_epoch"] or config.epochs
-    outcome = {"fewshot": {"images": n, "epochs_run": epochs_run, "updates": epochs_run * per_epoch,
+    epochs_run = state["stopped_at_epoch"] or math.ceil(config.steps / per_epoch)
+    updates = state["stopped_at_epoch"] * per_epoch or config.steps
+    outcome = {"fewshot": {"images": n, "epochs_run": epochs_run, "updates": updates,
                            "stopped_early": bool(state["stopped_at_epoch"]),
                            "last_presence": None if state["presence"] < 0 else state["presence"]}}  # fmt: skip
     return ErasureResult(model, ["text_encoder"], n_trainable, logs, outcome)

@@ -1,5 +1,6 @@
-"""What the GAN erasure methods share: StyleGAN2's adversarial step on the shared training loop,
-and the generator's own samples split by a concept detector.
+"""What the GAN methods share: StyleGAN2's adversarial step on the shared training loop, and the
+generator's own samples split by a concept detector. The digits-gan recipe (zoo/gan_recipe.py)
+trains with the same step.
 
 The adversarial step is StyleGAN2's (Karras et al., CVPR 2020): non-saturating logistic loss, lazy
 R1 penalty on real images every `r1_every` steps (with the matching correction of the
@@ -92,25 +93,43 @@ def adversarial_networks(generator, discriminator, settings: AdversarialSettings
     return networks
 
 
+GeneratorTerm = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
 def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings: AdversarialSettings,
-                     generator_term: Callable[[], torch.Tensor] | None = None,
+                     generator_term: GeneratorTerm | None = None,
                      critic: CLIPFeatureDiscriminator | None = None) -> dict[str, float]:  # fmt: skip
     """One discriminator update on `real` ([B, 3, S, S] in [-1, 1], this process's rows) against
     fresh samples (and one of the vision-aided critic's head, whose prepared module `critic.head`
-    must be), then one generator update; `generator_term()` adds to the generator's loss."""
+    must be), then one generator update. `generator_term(images, pooled)` adds to the generator's
+    loss: `images` are the generator's samples of this update (before instance noise), `pooled` the
+    vision-aided critic's pooled CLIP features of them (after it; None without a critic)."""
     generator, discriminator = loop.modules["generator"], loop.modules["discriminator"]
-    batch, style_dim = len(real), _unwrap(generator).config.style_dim
+    run, style_dim = loop.run, _unwrap(generator).config.style_dim
+
+    def global_randn(*local_shape: int) -> torch.Tensor:
+        """Noise drawn for the global batch (every process draws the same), this process's rows of it:
+        N processes draw what one process draws for the whole batch."""
+        rows, *rest = local_shape
+        return run.shard(torch.randn(rows * run.num_processes, *rest, device=real.device))
 
     def noisy(images: torch.Tensor) -> torch.Tensor:
         if settings.instance_noise <= 0:
             return images
-        return images + settings.instance_noise * torch.randn_like(images)
+        return images + settings.instance_noise * global_randn(*images.shape).to(images.dtype)
+
+    def generate(rows: int) -> torch.Tensor:
+        """Samples with fresh latents and per-layer noise maps, drawn for the global batch in the order the
+        generator would draw them itself."""
+        z = global_randn(rows, style_dim)
+        maps = [global_randn(rows, *fixed.shape[1:]) for fixed in _unwrap(generator).fixed_noise()]
+        return generator(z, noise=maps)
 
     def logistic(critic_fn, fake_images, real_images) -> torch.Tensor:
         return F.softplus(critic_fn(noisy(fake_images))).mean() + F.softplus(-critic_fn(noisy(real_images))).mean()
 
     with torch.no_grad():
-        fake = generator(torch.randn(batch, style_dim, device=real.device))
+        fake = generate(len(real))
     logs = {}
     if critic is not None:
         loss_head = logistic(lambda x: critic(x)[0], fake, real)
@@ -129,13 +148,16 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
     critics = [discriminator] + ([critic.head] if critic is not None else [])
     for module in critics:  # frozen while the generator steps
         module.requires_grad_(False)
-    images = noisy(generator(torch.randn(batch, style_dim, device=real.device)))
-    loss_g = F.softplus(-discriminator(images)).mean()
+    images = generate(len(real))
+    fake = noisy(images)
+    loss_g = F.softplus(-discriminator(fake)).mean()
+    pooled = None
     if critic is not None:
-        loss_g = loss_g + F.softplus(-critic(images)[0]).mean()
+        critic_logits, pooled = critic(fake)
+        loss_g = loss_g + F.softplus(-critic_logits).mean()
     logs["g"] = loss_g.item()
     if generator_term is not None:
-        term = generator_term()
+        term = generator_term(images, pooled)
         logs["term"] = term.item()
         loss_g = loss_g + term
     loop.update("generator", loss_g)

@@ -29,12 +29,23 @@ class Method:
     paper: Paper
     patches: str  # the component(s) the method changes
     model_kind: str  # "text-to-image" or "gan"
-    module: str  # "erasure.esd" holds <Name>Config and erase()
+    module: str  # "erasure.esd" holds CONFIG (its MethodConfig), erase() and TEST_SETTINGS
 
-    def load(self) -> tuple[type, Any]:
-        """(config class, entry function) of the method."""
-        mod = importlib.import_module(self.module)
-        return mod.CONFIG, mod.erase
+    @property
+    def config(self) -> type:
+        """The method's config dataclass (a MethodConfig)."""
+        return importlib.import_module(self.module).CONFIG
+
+    @property
+    def entry(self) -> Any:
+        """`erase(model, concepts, config, run) -> ErasureResult`."""
+        return importlib.import_module(self.module).erase
+
+    @property
+    def test_settings(self) -> dict:
+        """Options that make the method run in seconds on the embedded models, for the test matrix
+        (tests/test_methods.py): the model of the method's kind, a few steps, small batches."""
+        return importlib.import_module(self.module).TEST_SETTINGS
 
 
 ESD = Paper(

@@ -29,26 +29,38 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from pipelines.errors import InputError
 
-from .common import DIGIT_TEMPLATES, check_concepts, frozen_copy, retain_prompts
-from .training import ErasureResult, Network, RunContext, TrainingLoop
+from .common import frozen_copy
+from .config import MethodConfig
+from .training import EMA, ErasureResult, Network, RunContext, TrainingLoop
 
 SD_TEMPLATES = ["{}", "a photo of {}", "an image of {}", "a picture of {}", "a painting of {}"]
 
 
 @dataclass
-class SFDConfig:
+class SFDConfig(MethodConfig):
     # Defaults: the paper's Stable Diffusion setting (Sec. 5 and its SD script).
+    steps: int = field(default=2000, metadata={"bounds": "[1, inf)", "help": "fake-score + generator update pairs"})
+    lr: float = field(default=1e-6, metadata={"bounds": "(0, inf)", "help": "Adam learning rate of the generator"})
+    batch_size: int = field(default=4, metadata={"bounds": "[1, inf)", "help": "remain samples per update"})
+    adam_betas: list[float] = field(
+        default_factory=lambda: [0.0, 0.999], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}
+    )
+    prompt_templates: list[str] = field(
+        default_factory=lambda: list(SD_TEMPLATES),
+        metadata={"templates": True,
+                  "help": "templates of the forget and override prompts ('{}' = the concept or the override)"},
+    )  # fmt: skip
     override: str | None = field(
         default=None,
         metadata={"help": "what the concept becomes (the teacher is queried under it), e.g. 'a person wearing "
-                  "clothes'; digits family default: the next digit, colour or style"},
+                  "clothes'; default: the model family's, where it has one (digits: the next digit, colour or "
+                  "style)"},
     )  # fmt: skip
     distill_only: bool = field(
         default=False, metadata={"help": "distil the teacher into a one-step generator without forgetting"}
@@ -77,19 +89,9 @@ class SFDConfig:
             "help": "teacher's classifier-free guidance in the generator loss (none: the model's)",
         },
     )
-    iterations: int = field(
-        default=2000, metadata={"bounds": "[1, inf)", "help": "fake-score + generator update pairs"}
-    )
-    batch_size: int = field(default=4, metadata={"bounds": "[1, inf)", "help": "remain samples per update"})
     forget_batch: int = field(default=4, metadata={"help": "forget samples per update"})
-    generator_lr: float = field(
-        default=1e-6, metadata={"bounds": "(0, inf)", "help": "Adam learning rate of the generator"}
-    )
     fake_lr: float = field(
         default=3e-6, metadata={"bounds": "(0, inf)", "help": "Adam learning rate of the fake-score network"}
-    )
-    adam_betas: list[float] = field(
-        default_factory=lambda: [0.0, 0.999], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}
     )
     ema_decay: float = field(
         default=0.0,
@@ -98,21 +100,6 @@ class SFDConfig:
     remain_prompts: int = field(
         default=1000, metadata={"bounds": "[1, inf)", "help": "size of the pool of remain prompts"}
     )
-    prompt_templates: list[str] = field(
-        default_factory=lambda: list(SD_TEMPLATES),
-        metadata={"templates": True,
-                  "help": "templates of the forget and override prompts ('{}' = the concept or the override)"},
-    )  # fmt: skip
-
-    # Tuned for the embedded digits world (benchmarks/RESULTS.md): the class-conditional alpha 1.2
-    # with guidance 5 collapsed the colours; SD's alpha 1 at ten times SD's learning rates distils
-    # in 300 updates (about three minutes on 2 CPU cores).
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "digits": {
-            "guidance": None, "iterations": 300, "batch_size": 16, "forget_batch": 4, "generator_lr": 1e-5,
-            "fake_lr": 3e-5, "ema_decay": 0.99, "prompt_templates": DIGIT_TEMPLATES,
-        },
-    }  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.t_min >= self.t_max:
@@ -122,20 +109,25 @@ class SFDConfig:
         if self.override is not None and not self.override.strip():
             raise ValueError("override must not be empty")
 
-    def check_model(self, family: str, concepts: list[str]) -> None:
-        """What can only be checked once the model family is known (before it loads)."""
+    def check(self, family, concepts) -> None:
         if self.override is not None or self.distill_only:
             return
-        if family != "digits":
-            raise InputError(
-                "sfd needs what the concept becomes: pass --set override=TEXT (e.g. override='a person wearing "
-                "clothes' for nudity); the digits family picks a neighbour by default"
-            )
         for concept in concepts:
-            default_override(concept)
+            if family.default_override(concept) is None:
+                raise InputError(
+                    f"sfd needs what {concept!r} becomes: pass --set override=TEXT (e.g. override='a person wearing "
+                    f"clothes' for nudity); the {family.name} family has no default for it"
+                )
+
+    def overrides(self, family, concepts) -> dict[str, str]:
+        """concept -> what it becomes (none when only distilling)."""
+        if self.distill_only:
+            return {}
+        return {c: self.override or family.default_override(c) for c in concepts}
 
 
 CONFIG = SFDConfig
+TEST_SETTINGS = {"steps": 3, "batch_size": 2, "forget_batch": 2, "remain_prompts": 8, "lr": 1e-2, "fake_lr": 1e-2}
 
 
 # --- the losses ---------------------------------------------------------------------------------
@@ -146,31 +138,6 @@ def sid_loss(p: torch.Tensor, s: torch.Tensor, x_g: torch.Tensor, alpha: float) 
     dims = tuple(range(1, p.dim()))
     w = (p - x_g).abs().mean(dim=dims).detach().clamp_min(1e-8)
     return ((p - s) * ((p - x_g) - alpha * (p - s))).sum(dim=dims) / w
-
-
-class EMA:
-    """An exponential moving average of a module's parameters (checkpointed with the run)."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        for name, param in module.named_parameters():
-            self.shadow[name].lerp_(param.detach(), 1 - self.decay)
-
-    @torch.no_grad()
-    def copy_to(self, module: torch.nn.Module) -> None:
-        for name, param in module.named_parameters():
-            param.copy_(self.shadow[name])
-
-    def state_dict(self) -> dict:
-        return {n: t.cpu() for n, t in self.shadow.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        for name, value in state.items():
-            self.shadow[name].copy_(value)
 
 
 class frozen:
@@ -188,80 +155,18 @@ class frozen:
             param.requires_grad_(flag)
 
 
-# --- prompts ------------------------------------------------------------------------------------
-
-
-def default_override(concept: str) -> str:
-    """The digits world's neighbour: the next digit, colour or style."""
-    from pipelines.zoo.world import HEADS, parse_concept
-
-    parsed = parse_concept(concept)
-    if parsed is None:
-        raise InputError(f"{concept!r} is not a digit, colour or style of the digits world; pass --set override=TEXT")
-    names = HEADS[parsed.head]
-    return names[(parsed.index + 1) % len(names)]
-
-
-def _world_caption(labels: dict[str, int], rng: random.Random) -> str:
-    from pipelines.zoo.renders import caption
-
-    return caption(labels["digit"], labels["colour"], labels["style"], rng)
-
-
-def forget_pairs(overrides: dict[str, str], family: str, templates: list[str], seed: int, n: int = 200):
-    """(forget prompt, override prompt) pairs for every concept -> override. In the digits world they
-    are the world's own captions of the concept, and the override prompt is the same caption with the
-    override in the concept's place; elsewhere the templates filled with each."""
-    rng = random.Random(seed)
-    pairs = []
-    for concept, override in overrides.items():
-        if family == "digits":
-            from pipelines.zoo.world import HEADS, parse_concept
-
-            target, swap = parse_concept(concept), parse_concept(override)
-            if target is not None and swap is not None and target.head == swap.head:
-                for _ in range(n):
-                    labels = {head: rng.randrange(len(names)) for head, names in HEADS.items()}
-                    labels[target.head] = target.index
-                    state = rng.getstate()
-                    forget = _world_caption(labels, rng)
-                    rng.setstate(state)  # the same template and word choices for the override
-                    pairs.append((forget, _world_caption({**labels, swap.head: swap.index}, rng)))
-                continue
-        pairs += [(t.format(concept), t.format(override)) for t in templates]
-    return pairs
-
-
-def remain_pool(concepts: list[str], family: str, seed: int, n: int) -> list[str]:
-    """Prompts of what stays: the world's captions without the concept, or COCO prompts for SD."""
-    rng = random.Random(seed)
-    if family != "digits":
-        return retain_prompts(family, concepts, rng, n)
-    from pipelines.zoo.world import HEADS, parse_concept
-
-    erased = [p for p in map(parse_concept, concepts) if p is not None]
-    pool = []
-    while len(pool) < n:
-        labels = {head: rng.randrange(len(names)) for head, names in HEADS.items()}
-        if any(labels[e.head] == e.index for e in erased):
-            continue
-        pool.append(_world_caption(labels, rng))
-    return pool
-
-
 # --- the method ---------------------------------------------------------------------------------
 
 
 def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
     """Distil `model` into a one-step generator that no longer generates `concepts`."""
     from pipelines.diffusion import OneStepModel
-    from pipelines.one_step import OneStepPipeline, one_step_sample, x0_from_eps
+    from pipelines.one_step import OneStepPipeline, x0_from_eps
 
-    concepts = check_concepts(concepts)
-    config.check_model(model.family, concepts)
+    family = model.family
     run.check_divisible("batch_size", config.batch_size)
     run.check_divisible("forget_batch", config.forget_batch)
-    overrides = {c: config.override or default_override(c) for c in concepts} if not config.distill_only else {}
+    overrides = config.overrides(family, concepts)
     guidance = model.sampling["guidance"] if config.guidance is None else config.guidance
     device = run.torch_device
     model.to(device)
@@ -274,9 +179,9 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
     alphas = model.scheduler.alphas_cumprod.to(device, torch.float32)
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
 
-    pairs = forget_pairs(overrides, model.family, config.prompt_templates, run.seed or 0)
+    pairs = family.forget_pairs(overrides, config.prompt_templates, run.seed or 0)
     # Distilling only keeps the whole prompt distribution, concept included: that is the teacher to match.
-    remain = remain_pool(list(overrides), model.family, run.seed or 0, config.remain_prompts)
+    remain = family.remain_prompts(list(overrides), run.seed or 0, config.remain_prompts)
     with torch.no_grad():
         uncond = model.encode([""])
 
@@ -288,7 +193,7 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         run,
         # Unclipped, as in the reference code in float32.
         {"fake": Network(fake, optimiser(fake, config.fake_lr), max_grad_norm=None),
-         "generator": Network(generator, optimiser(generator, config.generator_lr), max_grad_norm=None)},
+         "generator": Network(generator, optimiser(generator, config.lr), max_grad_norm=None)},
         desc="sfd", state={"ema": ema},
     )  # fmt: skip
     n_forget = 0 if config.distill_only else config.forget_batch
@@ -319,20 +224,20 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         cond, _ = draw_conditions()
         z = local(torch.randn((rows, *latent_shape), device=device))
         with torch.no_grad():
-            x_g = one_step_sample(generator, alphas, config.t_init, z, cond)
+            x_g = family.one_step(generator, alphas, config.t_init, z, cond)
         x_t, t, noise, _ = noisy(x_g)
-        fake_loss = F.mse_loss(loop.modules["fake"](x_t, t, cond).sample, noise)
+        fake_loss = F.mse_loss(family.denoise(loop.modules["fake"], x_t, t, cond), noise)
         loop.update("fake", fake_loss)
 
         # 2. generator step
         cond, teacher_cond = draw_conditions()
         z = local(torch.randn((rows, *latent_shape), device=device))
-        x_g = one_step_sample(loop.modules["generator"], alphas, config.t_init, z, cond)
+        x_g = family.one_step(loop.modules["generator"], alphas, config.t_init, z, cond)
         x_t, t, _, abar = noisy(x_g)
         with frozen(fake):
-            s = x0_from_eps(x_t, fake(x_t, t, cond).sample, abar)
-        eps_u, eps_c = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                               torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond])).sample.chunk(2)  # fmt: skip
+            s = x0_from_eps(x_t, family.denoise(fake, x_t, t, cond), abar)
+        eps_u, eps_c = family.denoise(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                      torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond])).chunk(2)  # fmt: skip
         p = x0_from_eps(x_t, eps_u + guidance * (eps_c - eps_u), abar)
         per_sample = sid_loss(p, s, x_g, config.alpha)
         local_remain = config.batch_size // run.num_processes
@@ -342,7 +247,7 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         ema.update(generator)
         return {"fake": fake_loss.item(), "remain": remain_loss.item(), "forget": forget_loss.item()}
 
-    logs = loop.fit(step_fn, config.iterations)
+    logs = loop.fit(step_fn, config.steps)
     ema.copy_to(generator)
     generator.eval().requires_grad_(False)
     pipe = OneStepPipeline(

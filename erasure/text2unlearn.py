@@ -22,17 +22,18 @@ has no public code; this is the design of METHODS.md section 4.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from evaluators.clip_models import check_clip_name
-from evaluators.detect import ConceptDetector, default_clip
+from evaluators.detect import ConceptDetector
 from pipelines.errors import InputError
 
-from .common import check_concepts
+from .config import MethodConfig
 from .gan_training import POOL_SEED_OFFSET, sample_pool
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
@@ -40,18 +41,28 @@ MAPPER_STEP = 0.1  # StyleCLIP's w + 0.1 M(w)
 
 
 @dataclass
-class TextToUnlearnConfig:
+class TextToUnlearnConfig(MethodConfig):
+    # Defaults: StyleGAN-NADA's optimiser (the paper has no public code; METHODS.md section 4).
+    steps: int = field(default=300, metadata={"bounds": "[1, inf)", "help": "generator updates"})
+    lr: float = field(default=0.002, metadata={"bounds": "(0, inf)", "help": "Adam learning rate (StyleGAN-NADA's)"})
+    batch_size: int = field(
+        default=8, metadata={"bounds": "[2, inf)", "help": "codes per update, half with the concept, half without"}
+    )
+    adam_betas: list[float] = field(
+        default_factory=lambda: [0.0, 0.99], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}
+    )
+    prompt_templates: list[str] = field(
+        default_factory=list,
+        metadata={"templates": True, "help": "prompts naming the concept, for its direction ('{}' = the concept; "
+                  "default: the evaluation's CLIP ensemble for it)"},
+    )  # fmt: skip
     clip: str | None = field(
-        default=None, metadata={"help": "CLIP that guides (default: digits-clip for digits, "
+        default=None, metadata={"help": "CLIP that guides (default: the model family's, digits-clip for digits, "
                                 "openai/clip-vit-large-patch14 otherwise; or open_clip:NAME:WEIGHTS)"},
     )  # fmt: skip
     direction: Literal["text", "mapper"] = field(
         default="text", metadata={"help": "concept direction: text (prompt embeddings) or mapper (a latent "
                                   "mapper trained to add the concept; CLIP image embeddings)"},
-    )  # fmt: skip
-    concept_prompts: list[str] = field(
-        default_factory=list, metadata={"help": "prompts naming the concept ('{}' = the concept; default: the "
-                                        "evaluation's CLIP ensemble for it)"},
     )  # fmt: skip
     neutral_prompts: list[str] = field(
         default_factory=list, metadata={"help": "prompts without it (default: the evaluation's anchor prompts)"}
@@ -59,14 +70,6 @@ class TextToUnlearnConfig:
     pool: int = field(
         default=2000,
         metadata={"bounds": "[1, inf)", "help": "latent codes labelled by CLIP zero-shot (concept or not)"},
-    )
-    steps: int = field(default=300, metadata={"bounds": "[1, inf)", "help": "generator updates"})
-    batch_size: int = field(
-        default=8, metadata={"bounds": "[2, inf)", "help": "codes per update, half with the concept, half without"}
-    )
-    lr: float = field(default=0.002, metadata={"bounds": "(0, inf)", "help": "Adam learning rate (StyleGAN-NADA's)"})
-    adam_betas: list[float] = field(
-        default_factory=lambda: [0.0, 0.99], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}
     )
     direction_weight: float = field(default=1.0, metadata={"bounds": "[0, inf)", "help": "weight of L_dir"})
     push_weight: float = field(
@@ -109,22 +112,9 @@ class TextToUnlearnConfig:
         default=256, metadata={"bounds": "[1, inf)", "help": "mapper direction: renders averaged into i"}
     )
 
-    # For digits-gan (benchmarks/RESULTS.md): L_dir alone barely moved the sevens (PUL 2%); a push
-    # without end removed them but broke the other digits past ~1,000 updates. Stopping the push at
-    # the renders without the concept, with stronger preservation, removes them and keeps the rest.
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "digits": {"lr": 0.01, "steps": 1500, "push_weight": 100.0, "push_stop": True, "preserve_pixel": 10.0,
-                   "preserve_clip": 10.0},
-    }  # fmt: skip
-
     def __post_init__(self) -> None:
         if self.clip is not None:
             check_clip_name(self.clip)
-        for prompt in self.concept_prompts:
-            try:
-                prompt.format("x")
-            except (IndexError, KeyError, ValueError):
-                raise ValueError(f"concept prompt {prompt!r}: only '{{}}' (the concept) may stand in braces") from None
         if self.batch_size % 2:
             raise ValueError("batch_size must be even (half with the concept, half without)")
         for resolution in self.resolutions:
@@ -133,6 +123,7 @@ class TextToUnlearnConfig:
 
 
 CONFIG = TextToUnlearnConfig
+TEST_SETTINGS = {"steps": 3, "pool": 200, "batch_size": 4, "lr": 0.01}
 
 
 # --- the concept direction -----------------------------------------------------------------------
@@ -160,26 +151,38 @@ class LatentMapper(torch.nn.Module):
         return w + MAPPER_STEP * self.net(w)
 
 
-def mapper_direction(generator, clip, concept_prompts: list[str], config: TextToUnlearnConfig, seed: int,
-                     device) -> torch.Tensor:  # fmt: skip
+def mapper_direction(generator, clip, concept_prompts: list[str], config: TextToUnlearnConfig, run: RunContext,
+                     stage: str = "mapper") -> torch.Tensor:  # fmt: skip
     """Train a latent mapper to add the concept to the frozen generator's renders; the direction is
-    the mean normalised CLIP image-embedding difference of edited and original renders, [D]."""
+    the mean normalised CLIP image-embedding difference of edited and original renders, [D].
+
+    The mapper trains on the shared loop as a stage of its own (checkpoints in `stage/` of the run's),
+    from the run's seed, without disturbing the random streams of what follows."""
+    device = run.torch_device
+    folder = run.checkpoint_dir / stage if run.checkpoint_dir is not None else None
+    # seed=None: the stream continues from the mapper's initialisation, drawn from the run's seed here
+    mapper_run = dataclasses.replace(run, seed=None, checkpoint_dir=folder)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(run.seed)
         mapper = LatentMapper(generator.config.style_dim).to(device)
         with torch.no_grad():
             target = F.normalize(clip.text_features(concept_prompts).mean(0), dim=-1)
         optimizer = torch.optim.Adam(mapper.parameters(), lr=config.mapper_lr)
+        loop = TrainingLoop(mapper_run, {"mapper": Network(mapper, optimizer, None)}, desc=f"text2unlearn: {stage}",
+                            fingerprint={"stage": stage})  # fmt: skip
+        mapper_train = loop.modules["mapper"]
         noise = generator.fixed_noise()
-        for _ in range(config.mapper_steps):
+
+        def step_fn(step: int) -> dict[str, float]:
             with torch.no_grad():
                 w = generator.mapping(torch.randn(config.batch_size, generator.config.style_dim, device=device))
-            edited = mapper(w)
+            edited = mapper_train(w)
             image = clip.image_features(_unit(generator.synthesis(edited, noise)))
             loss = (1 - image @ target).mean() + config.mapper_l2 * (edited - w).pow(2).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loop.update("mapper", loss)
+            return {"mapper": loss.item()}
+
+        loop.fit(step_fn, config.mapper_steps)
         with torch.no_grad():
             z = torch.randn(config.mapper_samples, generator.config.style_dim, device=device)
             w = generator.mapping(z)
@@ -271,28 +274,27 @@ def push_term(features: torch.Tensor, moved: torch.Tensor, direction: torch.Tens
 def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunContext) -> ErasureResult:
     """Unlearn `concepts` from the GAN `model` from their names alone, guided by CLIP."""
     from evaluators.clip_models import load_clip
-    from evaluators.prompts import prompt_set
 
-    concepts = check_concepts(concepts)
-    run.check_divisible("batch_size", config.batch_size)
+    family = model.family
+    run.check_divisible("half the batch_size", config.batch_size // 2)
     device = run.torch_device
     model.to(device)
-    clip = load_clip(config.clip or default_clip(model.family), str(device))
+    clip = load_clip(config.clip or family.default_clip, str(device))
     frozen = model.generator.eval().requires_grad_(False)
 
     directions, flagged, used = [], [], {}
     pool_z = model.latents(range(POOL_SEED_OFFSET, POOL_SEED_OFFSET + config.pool))
     pool_images = sample_pool(model, config.pool)
-    for concept in concepts:
-        prompts = prompt_set(concept, model.family)
-        concept_prompts = [p.format(concept) for p in config.concept_prompts] or prompts.clip_concept
+    for k, concept in enumerate(concepts):
+        prompts = family.prompt_set(concept)
+        concept_prompts = [p.format(concept) for p in config.prompt_templates] or prompts.clip_concept
         neutral_prompts = config.neutral_prompts or prompts.clip_anchors
         used[concept] = {"concept_prompts": concept_prompts, "neutral_prompts": neutral_prompts}
         if config.direction == "text":
             directions.append(text_direction(clip, concept_prompts, neutral_prompts))
         else:
-            directions.append(mapper_direction(frozen, clip, concept_prompts, config, run.seed, device))
-        flagged.append(ConceptDetector(concept, model.family, str(device), clip, classifier="clip")(pool_images))
+            directions.append(mapper_direction(frozen, clip, concept_prompts, config, run, f"mapper-{k}"))
+        flagged.append(ConceptDetector(concept, family, str(device), clip, classifier="clip")(pool_images))
     flagged = torch.stack(flagged, 1)  # [pool, concepts]
     bearing, absent = flagged.any(1).nonzero().flatten(), (~flagged.any(1)).nonzero().flatten()
     if len(bearing) == 0 or len(absent) == 0:
@@ -321,9 +323,10 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
             remaining = (config.steps - step) / (config.steps * config.lr_decay)
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * min(1.0, remaining)
-        rows = torch.cat([bearing[torch.randint(0, len(bearing), (half,))],
-                          absent[torch.randint(0, len(absent), (half,))]])  # fmt: skip
-        rows = run.shard(rows)
+        # Each process keeps its share of both halves, so that its loss has every term the global one has.
+        with_concept = bearing[torch.randint(0, len(bearing), (half,))]
+        without = absent[torch.randint(0, len(absent), (half,))]
+        rows = torch.cat([run.shard(with_concept), run.shard(without)])
         z = pool_z[rows.to(pool_z.device)]
         mapping = student if config.train_mapping else frozen
         w = mapping.mapping(z)

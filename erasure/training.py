@@ -112,6 +112,32 @@ class Network:
     max_grad_norm: float | None = 1.0
 
 
+class EMA:
+    """An exponential moving average of a module's parameters, checkpointed with the run as loop state:
+    after each update of the module, `update` moves every average a share `1 - decay` towards it."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for name, param in module.named_parameters():
+            self.shadow[name].lerp_(param.detach(), 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for name, param in module.named_parameters():
+            param.copy_(self.shadow[name])
+
+    def state_dict(self) -> dict:
+        return {n: t.cpu() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in state.items():
+            self.shadow[name].copy_(value)
+
+
 def _rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {

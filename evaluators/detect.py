@@ -19,7 +19,6 @@ from pipelines.errors import InputError
 from .clip_models import ClipScorer, load_clip
 from .judges import default_judge
 from .metrics import zero_shot_presence
-from .prompts import prompt_set
 
 CLIP_PRESENCE_RULE = "mean embedding of the concept prompts is closer than every anchor prompt"
 CLASSIFIERS = ("auto", "judge", "clip")
@@ -39,29 +38,30 @@ def check_classifier(classifier: str, label: str | None) -> None:
         )
 
 
-def default_clip(family: str) -> str:
-    return "digits-clip" if family == "digits" else "openai/clip-vit-large-patch14"
-
-
 class ConceptDetector:
     """`detector(images) -> bool [N]`: whether `concept` is in each image ([N, 3, H, W] in [0, 1]).
 
     `classifier`: `auto` (the judge where there is one, else CLIP), `judge` (refused where there is
-    none) or `clip`. `clip`: a loaded scorer to share, or a name for `load_clip`."""
+    none) or `clip`. `clip`: a loaded scorer to share, or a name for `load_clip`. `templates` ('{}' =
+    the concept) replace the family's prompt ensemble that names the concept for CLIP."""
 
-    def __init__(self, concept: str, family: str, device: str = "cpu", clip: ClipScorer | str | None = None,
-                 classifier: str = "auto"):  # fmt: skip
+    def __init__(self, concept: str, family, device: str = "cpu", clip: ClipScorer | str | None = None,
+                 classifier: str = "auto", templates: Sequence[str] = ()):  # fmt: skip
+        from pipelines.families import get_family
+
         check_classifier(classifier, "-")
+        family = get_family(family)
         self.concept = concept
         self.judge = default_judge(concept, family, device) if classifier != "clip" else None
         if classifier == "judge" and self.judge is None:
-            raise InputError(f"no domain judge knows {concept!r} for {family} models; use the clip classifier")
+            raise InputError(f"no domain judge knows {concept!r} for {family.name} models; use the clip classifier")
         self.clip = None
         if self.judge is None:
-            self.clip = clip if isinstance(clip, ClipScorer) else load_clip(clip or default_clip(family), device)
-            prompts = prompt_set(concept, family)
+            self.clip = clip if isinstance(clip, ClipScorer) else load_clip(clip or family.default_clip, device)
+            prompts = family.prompt_set(concept)
             with torch.no_grad():
-                self._concept_text = self.clip.text_features(prompts.clip_concept)
+                named = [t.format(concept) for t in templates] or prompts.clip_concept
+                self._concept_text = self.clip.text_features(named)
                 self._anchor_text = self.clip.text_features(prompts.clip_anchors)
 
     @torch.no_grad()
@@ -81,17 +81,22 @@ class ConceptDetector:
         return {**self.clip.describe(), "rule": CLIP_PRESENCE_RULE}
 
 
-def concept_detectors(concepts: Sequence[str], family: str, device: str = "cpu", clip: str | None = None,
-                      classifier: str = "auto", label: str | None = None) -> dict:  # fmt: skip
-    """One detector per concept; those that fall back to CLIP share one loaded model. A named
-    image classifier detects its `label` for every concept."""
+def concept_detectors(concepts: Sequence[str], family, device: str = "cpu", clip: str | None = None,
+                      classifier: str = "auto", label: str | None = None,
+                      templates: Sequence[str] = ()) -> dict:  # fmt: skip
+    """One detector per concept on models of `family`; those that fall back to CLIP share one loaded
+    model (and name the concept with `templates`, when given). A named image classifier detects its
+    `label` for every concept."""
+    from pipelines.families import get_family
+
+    family = get_family(family)
     if classifier.startswith(IMAGE_CLASSIFIER):
         check_classifier(classifier, label)
         detector = ImageClassifierDetector(classifier[len(IMAGE_CLASSIFIER) :], label, device)
         return dict.fromkeys(concepts, detector)
     needs_clip = classifier == "clip" or any(default_judge(c, family, device) is None for c in concepts)
-    shared = load_clip(clip or default_clip(family), device) if needs_clip else None
-    return {c: ConceptDetector(c, family, device, shared, classifier) for c in concepts}
+    shared = load_clip(clip or family.default_clip, device) if needs_clip else None
+    return {c: ConceptDetector(c, family, device, shared, classifier, templates) for c in concepts}
 
 
 class ImageClassifierDetector:

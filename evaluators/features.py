@@ -59,13 +59,15 @@ def inception_features(weights: str | Path, device: str = "cpu") -> FeatureExtra
     return FeatureExtractor(f"inception-v3 pool (torchvision weights {weights.name})", extract)
 
 
-def check_feature_spec(spec: str | None, family: str) -> None:
-    """Refuse FID features that cannot be made, before any image is generated (None: the default)."""
+def check_feature_spec(spec: str | None, family) -> None:
+    """Refuse FID features that cannot be made for models of `family`, before any image is generated
+    (None: the default)."""
     if spec is None or spec == "clip":
         return
     if spec == "judge":
-        if family != "digits":
-            raise InputError("--fid-features judge needs the digits world's judge; use clip or inception:FILE")
+        if family.judge is None:
+            raise InputError(f"--fid-features judge needs a domain judge, and {family.name} models have none; use "
+                             "clip or inception:FILE")  # fmt: skip
         return
     if spec.startswith("inception:"):
         weights = Path(spec.split(":", 1)[1]).expanduser()
@@ -79,7 +81,7 @@ def feature_extractor(spec: str, judge=None, clip=None, device: str = "cpu") -> 
     """`judge`, `clip` or `inception:<weights file>`."""
     if spec == "judge":
         if judge is None or not hasattr(judge, "features"):
-            raise InputError("judge features need the digits world's judge (use --fid-features clip)")
+            raise InputError("judge features need a domain judge that has features (use --fid-features clip)")
         return FeatureExtractor(f"{judge.name} penultimate features", judge.features)
     if spec == "clip":
         if clip is None:

@@ -93,12 +93,14 @@ class DigitsJudge:
         }
 
 
-def default_judge(concept: str, family: str, device: str = "cpu"):
-    """The domain judge for a concept, or None when only CLIP can tell."""
-    from pipelines.zoo.world import parse_concept
+def default_judge(concept: str, family, device: str = "cpu"):
+    """The domain judge for a concept on models of `family` (a Family or its name), or None when only
+    CLIP can tell: the family's own judge where it knows the concept, NudeNet for nudity anywhere."""
+    from pipelines.families import get_family
 
-    if family == "digits" and parse_concept(concept) is not None:
-        return DigitsJudge(device=device)
+    family = get_family(family)
+    if family.judge is not None and family.judges(concept):
+        return JUDGES[family.judge](device=device)
     if concept.lower().strip() in NUDITY_WORDS:
         try:
             return NudeNetJudge()
@@ -139,3 +141,7 @@ class NudeNetJudge:
 
     def describe(self) -> dict:
         return {"judge": self.name, "threshold": self.threshold, "classes": list(self.classes)}
+
+
+# The domain judges a family can name (Family.judge).
+JUDGES = {DigitsJudge.name: DigitsJudge}

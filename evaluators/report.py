@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
 from pipelines.files import slug
 from pipelines.images import labelled_grid, to_tensor
+
+if TYPE_CHECKING:
+    from pipelines.families import Family
 
 from .clip_models import ClipScorer, load_clip
 from .detect import CLIP_PRESENCE_RULE, concept_detectors
@@ -30,7 +34,6 @@ from .metrics import (
     wasserstein_1d,
     zero_shot_presence,
 )
-from .prompts import prompt_set
 
 FORMAT = "erasure-eval/1"
 GRID_PROMPTS, GRID_SEEDS = 6, 6
@@ -48,10 +51,6 @@ class Evaluation:
     images: dict = field(default_factory=dict)  # (concept, part, "before"/"after") -> the images scored [N, 3, H, W]
 
 
-def default_samples(family: str) -> int:
-    return 20 if family == "digits" else 10
-
-
 class PresenceCheck:
     """A cheap check while a method trains: the share of a few quick samples of the concepts in which
     the concepts' detectors (the domain judge, else CLIP zero-shot) still see them. The samples go
@@ -59,8 +58,8 @@ class PresenceCheck:
     gone from its first prompts but not from "a red ..." or "a handwritten ..." still counts as
     present. Judges and CLIP load once, when the check is made."""
 
-    def __init__(self, family: str, concepts: list[str], device: str = "cpu", clip: str | None = None):
-        self.prompts = {c: prompt_set(c, family).target for c in concepts}
+    def __init__(self, family, concepts: list[str], device: str = "cpu", clip: str | None = None):
+        self.prompts = {c: family.prompt_set(c).target for c in concepts}
         self.detectors = concept_detectors(concepts, family, device, clip)
 
     @torch.no_grad()
@@ -79,7 +78,7 @@ class _Protocol:
     """What the text-to-image and the GAN protocol set up alike: seeds, CLIP, and per concept the
     domain judge, the FID features and the judge's real reference images, where it has them."""
 
-    family: str
+    family: Family
     seed: int
     seeds: list[int]
     device: str
@@ -90,8 +89,7 @@ class _Protocol:
     def of(cls, before, samples: int, seed: int, clip, fid_features: str | None) -> _Protocol:
         device = str(before.device)
         if isinstance(clip, str) or clip is None:
-            default = "digits-clip" if before.family == "digits" else "openai/clip-vit-large-patch14"
-            clip = load_clip(clip or default, device)
+            clip = load_clip(clip or before.family.default_clip, device)
         return cls(before.family, seed, list(range(seed, seed + samples)), device, clip, fid_features)
 
     def judge(self, concept: str):
@@ -250,7 +248,7 @@ def evaluate(
     """
     started = time.time()
     family = before.family
-    samples = samples or default_samples(family)
+    samples = samples or family.eval_samples
     protocol = _Protocol.of(before, samples, seed, clip, fid_features)
     seeds, clip = protocol.seeds, protocol.clip
     report: dict = {
@@ -266,14 +264,13 @@ def evaluate(
     grids: dict[str, Image.Image] = {}
     images: dict = {}
     for concept in concepts:
-        prompts = prompt_set(concept, family, neighbours)
+        prompts = family.prompt_set(concept, neighbours)
         labelled = len(prompts.preserved_labels)
-        preserved = prompts.preserved + [n for n in neighbours or [] if family == "digits"]
         parts = {
             "target": (PromptRows.from_file(target_rows, seeds) if target_rows
                        else PromptRows.uniform(prompts.target, seeds)),
             "preserved": (PromptRows.from_file(preserved_rows, seeds) if preserved_rows
-                          else PromptRows.uniform(preserved, seeds)),
+                          else PromptRows.uniform(prompts.preserved, seeds)),
         }  # fmt: skip
         if preserved_rows:
             labelled = 0  # the user's prompts carry no labels for the judge
@@ -419,7 +416,7 @@ def evaluate_gan(
     with torch.no_grad():
         features = {m: clip.image_features(images[m]) for m in images}
     for concept in concepts:
-        prompts = prompt_set(concept, family)
+        prompts = family.prompt_set(concept)
         judge = protocol.judge(concept)
         metrics: dict = {}
         with torch.no_grad():

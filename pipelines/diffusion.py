@@ -33,6 +33,7 @@ class TextToImageModel:
     def __init__(self, pipe, source: ModelSource):
         self.pipe = pipe
         self.source = source
+        self._family = source.family
         pipe.set_progress_bar_config(disable=True)
 
     # The parts a method may patch.
@@ -61,8 +62,9 @@ class TextToImageModel:
         return self.pipe.unet.device
 
     @property
-    def family(self) -> str:
-        return self.source.family
+    def family(self):
+        """The model's family (pipelines/families): how it is conditioned and sampled, its prompts and presets."""
+        return self._family
 
     @property
     def sampling(self) -> dict:
@@ -74,16 +76,12 @@ class TextToImageModel:
         return self
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token ids padded to the tokenizer's length, as the pipeline would make them."""
-        return self.tokenizer(
-            list(prompts), padding="max_length", truncation=True,
-            max_length=self.tokenizer.model_max_length, return_tensors="pt",
-        ).input_ids.to(self.device)  # fmt: skip
+        """Token ids of `prompts`, as the family's pipeline makes them."""
+        return self.family.tokenize(self, prompts)
 
     def encode(self, prompts: Sequence[str], text_encoder=None) -> torch.Tensor:
-        """Prompt embeddings [B, L, D] from `text_encoder` (default: the model's own)."""
-        encoder = text_encoder if text_encoder is not None else self.text_encoder
-        return encoder(self.tokenize(prompts))[0]
+        """The denoiser's conditioning for `prompts`, from `text_encoder` (default: the model's own)."""
+        return self.family.encode(self, prompts, text_encoder)
 
     @torch.no_grad()
     def generate(
@@ -199,7 +197,7 @@ class TextToImageModel:
             stored = {}
         else:
             stored = save_pipeline(self.pipe, directory, changed=changed, source=self.source, mode=mode)
-        write_model_card(directory, {**self.source.card, **(card or {})})
+        write_model_card(directory, {**self.source.card, "family": self.family.name, **(card or {})})
         return stored
 
 

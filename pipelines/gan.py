@@ -29,7 +29,8 @@ class GANModel:
         return self.generator.input.input.device
 
     @property
-    def family(self) -> str:
+    def family(self):
+        """The model's family (pipelines/families): the prompts and judges of its world, and presets."""
         return self.source.family
 
     def to(self, device) -> GANModel:
@@ -63,7 +64,7 @@ class GANModel:
         components to share with its base, so the `changed`/`mode` options of pipelines do not apply."""
         directory = Path(directory)
         save_gan(directory, self.generator, self.discriminator, self.latent_avg)
-        write_model_card(directory, {**self.source.card, **(card or {})})
+        write_model_card(directory, {**self.source.card, "family": self.family.name, **(card or {})})
         return {}
 
 

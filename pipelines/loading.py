@@ -49,14 +49,16 @@ class ModelSource:
     card: dict = field(default_factory=dict)  # erasure_model.json of the folder, if any
 
     @property
-    def family(self) -> str:
-        """Model family, which picks a method's tuned defaults: "digits" or "sd"."""
-        return self.card.get("family", "sd" if self.kind != "gan" else "stylegan2")
+    def family(self):
+        """The model's family (pipelines/families): what its card declares, else what its files say."""
+        from .families import detect
+
+        return detect(self.kind, Path(self.path), self.card.get("family"))
 
     def describe(self) -> dict:
         return {
             "spec": self.spec, "kind": self.kind, "origin": self.origin, "path": str(Path(self.path).resolve()),
-            "revision": self.revision, "family": self.family, "sha256": weights_digest(self.path),
+            "revision": self.revision, "family": self.family.name, "sha256": weights_digest(self.path),
         }  # fmt: skip
 
 

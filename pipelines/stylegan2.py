@@ -267,11 +267,16 @@ class Generator(nn.Module):
         truncation: float = 1.0,
         truncation_latent: torch.Tensor | None = None,
         randomize_noise: bool = True,
+        noise: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """Images for latents `z`: with per-layer noise drawn afresh (`randomize_noise`), the fixed noise,
+        or the given `noise` maps ([N, 1, R, R] per layer, as `fixed_noise()` has them)."""
         w = self.mapping(z)
         if truncation < 1 and truncation_latent is not None:
             w = truncation_latent + truncation * (w - truncation_latent)
-        return self.synthesis(w, None if randomize_noise else self.fixed_noise())
+        if noise is None and not randomize_noise:
+            noise = self.fixed_noise()
+        return self.synthesis(w, noise)
 
 
 class PixelNorm(nn.Module):

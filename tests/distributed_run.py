@@ -1,8 +1,9 @@
 """Run under `torchrun --nproc_per_node N`: one method on a model, recording after every step a
-hash of this process's trainable weights, then the final weights (used by test_distributed.py).
+hash of this process's trainable weights, then the final weights of what the method changed (used by
+test_distributed.py).
 
-    python tests/distributed_run.py METHOD MODEL_DIR OUT_DIR [key=value ...]
-        [--checkpoint-dir DIR] [--stop-after STEP] [--resume]
+    python tests/distributed_run.py METHOD MODEL OUT_DIR [key=value ...]
+        [--concept TEXT] [--checkpoint-dir DIR] [--stop-after STEP] [--resume]
 
 `--stop-after` raises in every process after that step, as an interruption would.
 """
@@ -23,22 +24,21 @@ from pipelines import load_model
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("method")
-    parser.add_argument("model_dir")
+    parser.add_argument("model")
     parser.add_argument("out_dir")
     parser.add_argument("sets", nargs="*")
+    parser.add_argument("--concept", default="a cat")
     parser.add_argument("--checkpoint-dir", type=Path)
     parser.add_argument("--stop-after", type=int)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
-    method, model_dir, out_dir, sets = args.method, args.model_dir, args.out_dir, args.sets
-    config_cls, entry = METHODS[method].load()
-    config = build_config(config_cls, "sd", parse_sets(sets))
-    model = load_model(model_dir)
+    model = load_model(args.model)
+    config = build_config(args.method, model.family, parse_sets(args.sets))
+    parts = ["generator", "discriminator"] if model.kind == "gan" else ["unet", "text_encoder"]
     hashes: list[str] = []
 
     def trainable() -> dict[str, torch.Tensor]:
-        parts = {"unet": model.unet, "text_encoder": model.text_encoder}
-        return {f"{c}.{n}": p.detach().clone() for c, m in parts.items() for n, p in m.named_parameters()
+        return {f"{c}.{n}": p.detach().clone() for c in parts for n, p in getattr(model, c).named_parameters()
                 if p.requires_grad}  # fmt: skip
 
     def after_step(step: int, total: int, logs: dict) -> None:
@@ -51,11 +51,13 @@ def main() -> None:
 
     run = RunContext(seed=0, progress=False, after_step=after_step, checkpoint_dir=args.checkpoint_dir,
                      checkpoint_every=2, resume=args.resume)  # fmt: skip
-    entry(model, ["a cat"], config, run)
+    result = METHODS[args.method].entry(model, [args.concept], config, run)
     rank = run.accelerator.process_index
-    out = Path(out_dir)
+    out = Path(args.out_dir)
     (out / f"rank{rank}.json").write_text(json.dumps({"processes": run.num_processes, "hashes": hashes}))
-    torch.save(trainable(), out / f"weights-rank{rank}.pt")
+    final = {f"{c}.{k}": v.detach().clone() for c in result.changed
+             for k, v in getattr(result.model, c).state_dict().items()}  # fmt: skip
+    torch.save(final, out / f"weights-rank{rank}.pt")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def test_stage_two_trains_the_generator_and_never_changes_the_adapted_models():
     before = {n: p.detach().clone() for n, p in generator.named_parameters()}
     adapted = [{n: p + 0.01 * torch.randn_like(p) for n, p in before.items()} for _ in range(2)]
     kept = [{n: t.clone() for n, t in theta.items()} for theta in adapted]
-    config = AdaptUnlearnConfig(unlearn_steps=3, batch_size=4, adapted_models=2)
+    config = AdaptUnlearnConfig(steps=3, batch_size=4, adapted_models=2)
     logs = unlearn(generator, discriminator, torch.rand(8, 3, 16, 16), adapted, config,
                    RunContext(seed=0, progress=False), {})  # fmt: skip
     assert logs["distance"] > 0
@@ -83,7 +83,7 @@ def _folder(path, count, value):
     return path
 
 
-FOLDERS_RUN = ["adapt_steps=4", "unlearn_steps=4", "batch_size=2", "fisher_samples=2", "r1_every=2"]
+FOLDERS_RUN = ["adapt_steps=4", "steps=4", "batch_size=2", "fisher_samples=2", "r1_every=2"]
 
 
 def test_both_stages_resume_to_a_bit_identical_end(tiny_gan_checkpoint, tmp_path):
@@ -138,7 +138,7 @@ def test_the_vision_aided_critic_needs_a_transformers_clip(tiny_open_clip):
 
 def test_positives_are_labelled_by_clip_zero_shot_on_other_gans(tiny_gan_checkpoint, tiny_open_clip, tmp_path):
     sets = FOLDERS_RUN + [f"negatives={_folder(tmp_path / 'neg', 2, 200)}", f"clip={tiny_open_clip}", "pool=64",
-                          "adapt_steps=1", "unlearn_steps=1"]  # fmt: skip
+                          "adapt_steps=1", "steps=1"]  # fmt: skip
     run = erase("adapt-unlearn", ["a red square"], str(tiny_gan_checkpoint), out=tmp_path / "run", sets=sets,
                 progress=False)  # fmt: skip
     outcome = json.loads((run / "erasure.json").read_text())["adapt_unlearn"]
@@ -163,7 +163,7 @@ def test_digits_gan_run_uses_the_judge_and_saves_a_loadable_generator(tmp_path):
         "pool=300",
         "num_negatives=8",
         "adapt_steps=2",
-        "unlearn_steps=2",
+        "steps=2",
         "batch_size=4",
         "fisher_samples=4",
         "vision_aided=digits-clip",
@@ -200,7 +200,7 @@ def test_bad_values_and_folders_are_refused_before_any_model_loads(tmp_path):
         ({"vision_aided": "open_clip:ViT-B-32"}, "transformers CLIP"),
     ]:
         with pytest.raises(InputError, match=message):
-            build_config(AdaptUnlearnConfig, "digits", sets)
+            build_config("adapt-unlearn", "digits", sets)
 
 
 def test_too_few_flagged_samples_is_a_clear_error(tmp_path):
@@ -233,4 +233,4 @@ def test_a_named_image_classifier_labels_the_samples(tmp_path):
     with pytest.raises(InputError, match="its labels: bangs, clean"):
         concept_detectors(["x"], "stylegan2", classifier=f"image-classifier:{tmp_path / 'clf'}", label="hat")
     with pytest.raises(InputError, match="classifier_label"):
-        build_config(AdaptUnlearnConfig, "stylegan2", {"classifier": f"image-classifier:{tmp_path / 'clf'}"})
+        build_config("adapt-unlearn", "stylegan2", {"classifier": f"image-classifier:{tmp_path / 'clf'}"})

@@ -59,7 +59,7 @@ def test_erased_text_encoder_is_plug_and_play(tiny_pipeline_dir, tmp_path):
 
     from .conftest import tiny_components
 
-    sets = ["iterations=2", "warmup=0", "attack_steps=2", "ddim_steps=3", "retain_batch=2", "lr=1e-2"]
+    sets = ["steps=2", "warmup=0", "attack_steps=2", "ddim_steps=3", "retain_batch=2", "lr=1e-2"]
     run = erase("advunlearn", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=sets, progress=False)
     other = tiny_components(seed=5)  # other UNet and VAE weights, same text-encoder architecture
     other["text_encoder"] = tiny_components(seed=0)["text_encoder"]
@@ -81,7 +81,7 @@ def test_the_trajectory_bank_is_drawn_once_and_resumes_bit_identically(tiny_pipe
     from erasure.api import erase
     from pipelines import load_model
 
-    sets = ["iterations=5", "warmup=1", "attack=fast-at", "ddim_steps=3", "retain_batch=2", "lr=1e-2", "batch_size=2",
+    sets = ["steps=5", "warmup=1", "attack=fast-at", "ddim_steps=3", "retain_batch=2", "lr=1e-2", "batch_size=2",
             "bank_size=2", "bank_refresh=3"]  # fmt: skip
     kwargs = {"sets": sets, "seed": 4, "checkpoint_every": 2, "progress": False}
     whole = erase("advunlearn", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "whole", **kwargs)
@@ -103,10 +103,9 @@ def test_the_trajectory_bank_is_drawn_once_and_resumes_bit_identically(tiny_pipe
 def test_bank_settings_are_checked_before_loading():
     import pytest
 
-    from erasure.advunlearn import AdvUnlearnConfig
     from erasure.config import build_config, parse_sets
     from pipelines import InputError
 
     for bad, message in (("bank_size=-1", "bank_size must be >= 0, not -1"), ("bank_refresh=-2", "bank_refresh")):
         with pytest.raises(InputError, match=message):
-            build_config(AdvUnlearnConfig, "digits", parse_sets([bad]))
+            build_config("advunlearn", "digits", parse_sets([bad]))

@@ -59,6 +59,7 @@ def test_textual_inversion_learns_a_word_on_the_erased_model(tiny_model):
     assert out["settings"]["images"] == 8  # the base model's: four seeds of each prompt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attack", ["unlearndiffatk", "textual-inversion"])
 def test_eval_runs_each_attack_on_the_digits_model(attack, tmp_path):
     import json

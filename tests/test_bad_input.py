@@ -34,7 +34,7 @@ CASES = [
     ([*ESD, "--set", "lr=nan"], "lr must be a finite number", False),
     ([*ESD, "--set", "lr=-1"], "lr must be > 0, not -1", False),
     ([*ESD, "--set", "ddim_steps=5000"], "ddim_steps must be between 2 and 1000, not 5000", False),
-    ([*ESD, "--set", "iterations=0"], "iterations must be >= 1", False),
+    ([*ESD, "--set", "steps=0"], "steps must be >= 1", False),
     ([*ESD, "--set", "prompt_templates=a photo of {{}}, in a museum"], "'in a museum' must contain '{}'", False),
     ([*ESD, "--seed", "-1"], "argument --seed: must be between 0 and 4294967295, not -1", False),
     ([*ESD, "--seed", TOO_BIG_SEED], "argument --seed: must be between 0 and 4294967295", False),
@@ -96,7 +96,7 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
     """Things to point the bad input at: a file, a run, a run whose manifest is {}, bad checkpoints."""
     root = tmp_path_factory.mktemp("bad-input-fixtures")
     (root / "file").write_text("not a folder")
-    run = erase("esd", ["cat"], str(tiny_pipeline_dir), out=root / "run", sets=["iterations=1", "ddim_steps=2"],
+    run = erase("esd", ["cat"], str(tiny_pipeline_dir), out=root / "run", sets=["steps=1", "ddim_steps=2"],
                 progress=False)  # fmt: skip
     empty = root / "emptyrun"  # a finished run whose erasure.json was emptied
     shutil.copytree(run, empty)
@@ -115,6 +115,7 @@ def _listing(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message, loads", CASES, ids=[" ".join(c[0])[:60] for c in CASES])
 def test_bad_input_is_refused_with_one_line(args, message, loads, fixtures, tmp_path):
     args = [a.format(**fixtures) for a in args]
@@ -136,9 +137,9 @@ def test_table_covers_every_command():
     assert {case[0][0] for case in CASES} == {"erase", "sample", "eval", "zoo", "preview"}
 
 
-def _erase_command(model, iterations: int, checkpoint_every: int) -> list[str]:
+def _erase_command(model, steps: int, checkpoint_every: int) -> list[str]:
     return [sys.executable, "-m", "erasure", "erase", "--method", "esd", "--concept", "cat", "--model", str(model),
-            "--out", "run", "--quiet", "--set", f"iterations={iterations}", "--set", "ddim_steps=3",
+            "--out", "run", "--quiet", "--set", f"steps={steps}", "--set", "ddim_steps=3",
             "--checkpoint-every", str(checkpoint_every)]  # fmt: skip
 
 
@@ -148,9 +149,10 @@ def _wait_for(path: Path, process, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_second_process_on_the_same_out_is_refused_at_once_and_the_first_finishes(tiny_pipeline_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    command = _erase_command(tiny_pipeline_dir, iterations=600, checkpoint_every=1000)
+    command = _erase_command(tiny_pipeline_dir, steps=600, checkpoint_every=1000)
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(tmp_path / ".run.work" / "lock", first)
     for extra in ([], ["--resume"]):
@@ -165,9 +167,10 @@ def test_a_second_process_on_the_same_out_is_refused_at_once_and_the_first_finis
     assert (tmp_path / "run" / "erasure.json").is_file() and not (tmp_path / ".run.work").exists()
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_a_stale_lock_that_resume_takes_over(tiny_pipeline_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    command = _erase_command(tiny_pipeline_dir, iterations=40, checkpoint_every=2)
+    command = _erase_command(tiny_pipeline_dir, steps=40, checkpoint_every=2)
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for(tmp_path / ".run.work" / "checkpoint" / "checkpoint.pt", first)
     first.send_signal(signal.SIGKILL)
@@ -175,7 +178,7 @@ def test_a_killed_run_leaves_a_stale_lock_that_resume_takes_over(tiny_pipeline_d
     assert (tmp_path / ".run.work" / "lock").is_file()  # left behind by the killed process, but no longer held
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "pass --resume" in again.stderr, again.stderr
-    other = _erase_command(tiny_pipeline_dir, iterations=41, checkpoint_every=2)
+    other = _erase_command(tiny_pipeline_dir, steps=41, checkpoint_every=2)
     refused = subprocess.run([*other, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "made with other values of: config" in refused.stderr, refused.stderr
     resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -9,7 +9,7 @@ import time
 import pytest
 from PIL import Image
 
-ERASURE = [sys.executable, "-m", "erasure.cli"]
+ERASURE = [sys.executable, "-m", "erasure"]
 
 
 def run(*args, cwd=None, timeout=600):
@@ -25,7 +25,7 @@ def test_help_is_instant_and_lists_the_commands():
         assert command in result.stdout
     assert time.time() - started < 5  # includes interpreter start; no torch import
     check = subprocess.run(
-        [sys.executable, "-c", "import sys, erasure.cli; erasure.cli.build_parser(); print('torch' in sys.modules)"],
+        [sys.executable, "-c", "import sys, ui.cli; ui.cli.build_parser(); print('torch' in sys.modules)"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert check.stdout.strip() == "False"
@@ -39,6 +39,7 @@ def test_methods_lists_every_method_with_its_paper():
     assert "arxiv.org" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -69,6 +70,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(args, message, tiny_pipeline_d
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # nothing half-written
 
 
+@pytest.mark.slow
 def test_corrupt_weights_give_one_line(tiny_pipeline_dir, tmp_path):
     import shutil
 
@@ -80,13 +82,14 @@ def test_corrupt_weights_give_one_line(tiny_pipeline_dir, tmp_path):
     assert result.returncode == 2 and "corrupt safetensors" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_erase_then_sample_grid_and_folder(tiny_pipeline_dir, tmp_path):
-    sets = ["--set", "iterations=2", "--set", "ddim_steps=3"]
+    sets = ["--set", "steps=2", "--set", "ddim_steps=3"]
     result = run("erase", "--method", "esd", "--concept", "a cat", "--model", str(tiny_pipeline_dir),
                  "--out", str(tmp_path / "run"), "--quiet", *sets)  # fmt: skip
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "run" / "erasure.json").read_text())
-    assert manifest["config"]["iterations"] == 2
+    assert manifest["config"]["steps"] == 2
 
     result = run("sample", str(tmp_path / "run"), "--prompt", "a cat", "--prompt", "a dog", "--n", "3",
                  "--seed", "5", "--steps", "2", "--out", str(tmp_path / "grid.png"))  # fmt: skip
@@ -102,6 +105,7 @@ def test_erase_then_sample_grid_and_folder(tiny_pipeline_dir, tmp_path):
     assert Image.open(tmp_path / "images" / "p1_s6.png").size == (16, 16)
 
 
+@pytest.mark.slow
 def test_sample_embedded_models(tmp_path):
     result = run("sample", "--prompt", "a red seven", "--n", "3", "--seed", "0", "--steps", "5",
                  "--out", str(tmp_path / "digits.png"))  # fmt: skip
@@ -117,6 +121,7 @@ def test_sample_embedded_models(tmp_path):
     assert result.returncode == 2 and "takes no --prompt" in result.stderr
 
 
+@pytest.mark.slow
 def test_options_are_never_abbreviated(tiny_pipeline_dir, tmp_path):
     # `--model` is not an option of `sample` (the model is positional); it must not become --model-config
     result = run("sample", "--model", str(tiny_pipeline_dir), "--prompt", "a cat", "--out", str(tmp_path / "g.png"),

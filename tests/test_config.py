@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from erasure.config import build_config, describe_fields, load_yaml, parse_sets
@@ -6,43 +8,59 @@ from pipelines.errors import InputError
 
 
 def test_yaml_then_set_override_the_family_preset(tmp_path):
-    config_cls, _ = get_method("esd").load()
+    from pipelines.families import get_family
+
     yaml_file = tmp_path / "esd.yaml"
-    yaml_file.write_text("lr: 3.0e-4\niterations: 12\nprompt_templates: ['a {}', '{}']\n")
-    config = build_config(config_cls, "digits", load_yaml(yaml_file), parse_sets(["iterations=7", "scope=noxattn"]))
+    yaml_file.write_text("lr: 3.0e-4\nsteps: 12\nprompt_templates: ['a {}', '{}']\n")
+    config = build_config("esd", "digits", load_yaml(yaml_file), parse_sets(["steps=7", "scope=noxattn"]))
     assert config.lr == 3e-4  # from YAML
-    assert config.iterations == 7  # --set wins over YAML
+    assert config.steps == 7  # --set wins over YAML
     assert config.scope == "noxattn"
     assert config.prompt_templates == ["a {}", "{}"]
-    assert config.ddim_steps == config_cls.PRESETS["digits"]["ddim_steps"]  # family preset
-    assert build_config(config_cls, "sd").ddim_steps == 50  # the paper's default elsewhere
+    assert config.ddim_steps == get_family("digits").presets["esd"]["ddim_steps"] == 25  # family preset
+    assert build_config("esd", "sd1").ddim_steps == 50  # the paper's default elsewhere
+
+
+def test_every_config_shares_the_common_options_and_one_check():
+    from erasure.config import MethodConfig
+
+    shared = [f.name for f in dataclasses.fields(MethodConfig)]
+    assert shared == ["steps", "lr", "batch_size", "adam_betas", "prompt_templates"]
+    for method in METHODS.values():
+        assert issubclass(method.config, MethodConfig)
+        assert [f.name for f in dataclasses.fields(method.config)][: len(shared)] == shared, method.key
+
+
+@pytest.mark.parametrize("old, new", [("iterations", "steps"), ("epochs", "steps"), ("generator_lr", "lr")])
+def test_an_option_of_an_earlier_version_is_refused_with_its_new_name(old, new):
+    method = {"iterations": "esd", "epochs": "fewshot", "generator_lr": "sfd"}[old]
+    with pytest.raises(InputError, match=f"unknown option '{old}'.*{old} is now {new}"):
+        build_config(method, "sd1", {old: 1})
 
 
 @pytest.mark.parametrize(
     "pairs, message",
     [
-        (["learning_rate=1"], "unknown option 'learning_rate'.*valid options: component, scope"),
-        (["iterations=many"], "iterations: 'many' is not an integer"),
+        (["learning_rate=1"], "unknown option 'learning_rate'.*valid options: steps, lr, .*component, scope"),
+        (["steps=many"], "steps: 'many' is not an integer"),
         (["lr=fast"], "lr: 'fast' is not a number"),
         (["component=vae"], "choose one of: unet, text_encoder"),
         (["scope=everything"], "unknown UNet scope 'everything'"),
-        (["iterations=0"], "iterations"),
+        (["steps=0"], "steps"),
         (["prompt_templates=no placeholder"], "must contain"),
         (["lr"], "--set expects key=value"),
     ],
 )
 def test_bad_keys_and_values_are_refused_with_the_choices(pairs, message):
-    config_cls, _ = get_method("esd").load()
     with pytest.raises(InputError, match=message):
-        build_config(config_cls, "sd", parse_sets(pairs))
+        build_config("esd", "sd1", parse_sets(pairs))
 
 
 def test_every_method_has_a_documented_config():
     for method in METHODS.values():
-        config_cls, entry = method.load()
-        rows = describe_fields(config_cls)
+        rows = describe_fields(method.config)
         assert rows and all(help_text for _, _, _, help_text in rows), method.key
-        assert callable(entry)
+        assert callable(method.entry)
 
 
 def test_bad_yaml_is_an_input_error(tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from erasure.common import ddim_scheduler, partial_trajectory, select_trainable
+from erasure.common import ddim_scheduler, select_trainable
 from erasure.esd import esd_target
 from pipelines.errors import InputError
 
@@ -20,9 +20,10 @@ def test_partial_trajectory_stops_at_the_requested_noise_level(tiny_model):
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cond, uncond = tiny_model.encode(["a cat"]), tiny_model.encode([""])
-    x0, t0, t0_end = partial_trajectory(tiny_model.unet, scheduler, cond, uncond, 0, 3.0, noise)
+    trajectory = tiny_model.family.trajectory
+    x0, t0, t0_end = trajectory(tiny_model.unet, scheduler, cond, uncond, 0, 3.0, noise)
     assert torch.equal(x0, noise) and t0 == int(scheduler.timesteps[0]) and t0_end == min(t0 + 100, 1000)
-    x4, t4, t4_end = partial_trajectory(tiny_model.unet, scheduler, cond, uncond, 4, 3.0, noise)
+    x4, t4, t4_end = trajectory(tiny_model.unet, scheduler, cond, uncond, 4, 3.0, noise)
     assert t4 == int(scheduler.timesteps[4]) and t4_end == t4 + 100 and not torch.equal(x4, noise)
 
 

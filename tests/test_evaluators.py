@@ -110,6 +110,7 @@ def test_inception_features_from_a_local_weights_file(tmp_path):
         feature_extractor(f"inception:{tmp_path / 'missing.pth'}")
 
 
+@pytest.mark.slow
 def test_eval_of_a_model_against_itself_reports_no_difference(tmp_path):
     from erasure.evaluation import run_eval
 
@@ -139,7 +140,7 @@ def test_nudenet_judge_counts_exposed_classes_above_its_threshold():
     from evaluators.judges import NUDENET_EXPOSED, NudeNetJudge
     from evaluators.report import default_judge
 
-    judge = default_judge("nudity", "sd")
+    judge = default_judge("nudity", "sd1")
     assert isinstance(judge, NudeNetJudge) and judge.threshold == 0.45
     assert judge.describe()["classes"] == list(NUDENET_EXPOSED)
     flat = torch.full((2, 3, 64, 64), 0.5)  # nothing to detect on a grey square
@@ -148,6 +149,7 @@ def test_nudenet_judge_counts_exposed_classes_above_its_threshold():
         judge.detects(flat, "a castle")
 
 
+@pytest.mark.slow
 def test_gan_eval_uses_latent_seeds_and_reports_no_difference_against_itself(tmp_path):
     from erasure.evaluation import run_eval
 
@@ -166,7 +168,7 @@ def test_eval_attacks_an_existing_run_and_leaves_its_manifest_alone(tiny_pipelin
     from erasure.api import erase
     from erasure.evaluation import run_eval
 
-    run = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["iterations=1", "ddim_steps=2"],
+    run = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["steps=1", "ddim_steps=2"],
                 progress=False)  # fmt: skip
     manifest = (run / "erasure.json").read_bytes()
     path = run_eval(str(run), samples=2, clip=tiny_open_clip, attack="embedding", attack_prompts=1, attack_seeds=2,
@@ -182,6 +184,7 @@ def test_eval_attacks_an_existing_run_and_leaves_its_manifest_alone(tiny_pipelin
     assert (run / "erasure.json").read_bytes() == manifest
 
 
+@pytest.mark.slow
 def test_an_unerased_digits_model_is_attacked_with_full_success(tmp_path):
     from erasure.evaluation import run_eval
 
@@ -191,6 +194,7 @@ def test_an_unerased_digits_model_is_attacked_with_full_success(tmp_path):
     assert attack["asr"] == 1.0 and attack["present_before_attack"] == 1.0 and attack["pairs"] == 4
 
 
+@pytest.mark.slow
 def test_kid_between_digits_sd_and_a_visibly_different_model_is_clearly_positive(tiny_pipeline_dir, tmp_path):
     from erasure.evaluation import run_eval
 

@@ -20,15 +20,15 @@ import torch
 from PIL import Image
 
 from erasure.api import erase
-from erasure.cli import main
 from erasure.evaluation import run_eval
-from erasure.export import LICENSE_PLACEHOLDER, card_metadata, export_run, load_run, render_card
 from erasure.registry import METHODS
 from pipelines import load_model
+from ui.cli import main
+from ui.hub import LICENSE_PLACEHOLDER, card_metadata, export_run, load_run, render_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "me/tiny-no-cat"
-QUICK = ["iterations=4", "ddim_steps=3", "batch_size=1", "lr=1e-2"]
+QUICK = ["steps=4", "ddim_steps=3", "batch_size=1", "lr=1e-2"]
 
 
 def _same(a, b) -> bool:
@@ -137,7 +137,7 @@ def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(ev
 
     text = card.text
     assert METHODS["esd"].paper.bibtex in text and '"cat" erased by **esd**' in text
-    assert "`unet`" in text and "iterations: 4" in text  # what changed, the resolved config
+    assert "`unet`" in text and "steps: 4" in text  # what changed, the resolved config
     report = json.loads((evaluated_run / "eval.json").read_text())
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     for name, metric in report["concepts"]["cat"]["metrics"].items():
@@ -200,6 +200,7 @@ def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path
 # --- refusals: one line, exit code 2, nothing written --------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -318,10 +319,11 @@ def _cli(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
     base.update(PYTHONPATH=str(REPO_ROOT), HF_HOME=str(tmp_path / "hf-home"), TMPDIR=str(tmp_path / "tmp"),
                 HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1,localhost")  # fmt: skip
     base.update(env)
-    return subprocess.run([sys.executable, "-m", "erasure.cli", "export", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "erasure", "export", *args], capture_output=True, text=True,
                           env=base, timeout=300)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_push_delivers_every_file_and_the_token_only_in_request_headers(evaluated_run, exported, fake_hub, tmp_path):
     token = f"hf_{secrets.token_hex(16)}"
     result = _cli([str(evaluated_run), "--repo-id", REPO_ID, "--single-file", "--private"], tmp_path,
@@ -342,6 +344,7 @@ def test_push_delivers_every_file_and_the_token_only_in_request_headers(evaluate
     assert not list((tmp_path / "tmp").glob("erasure-export-*"))  # the temporary Hub folder is gone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "route, status, code, message",
     [("commit", 400, 1, "the test hub fails commit"), ("create", 401, 2, "refused the token")],
@@ -356,6 +359,7 @@ def test_failed_push_is_one_line_and_leaves_nothing(route, status, code, message
     assert not list((tmp_path / "tmp").glob("erasure-export-*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "env, message",
     [

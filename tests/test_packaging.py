@@ -16,7 +16,7 @@ from erasure import DISTRIBUTION, __version__
 from pipelines.errors import InputError
 from pipelines.zoo import models as zoo
 
-ESD_TINY = ["--method", "esd", "--concept", "a cat", "--set", "iterations=2", "--set", "ddim_steps=3", "--quiet"]
+ESD_TINY = ["--method", "esd", "--concept", "a cat", "--set", "steps=2", "--set", "ddim_steps=3", "--quiet"]
 
 
 def run(*args, cwd=None, umask=None):
@@ -45,6 +45,7 @@ def test_the_distribution_carries_its_licence_and_declares_what_the_code_imports
         assert needed in declared
 
 
+@pytest.mark.slow
 def test_python_dash_m_and_version():
     result = run("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"erasure {__version__} ({DISTRIBUTION})"
@@ -52,6 +53,7 @@ def test_python_dash_m_and_version():
     assert result.returncode == 0 and "advunlearn" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly():
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen([sys.executable, "-m", "erasure", "methods"], stdout=subprocess.PIPE,
@@ -61,6 +63,7 @@ def test_a_closed_pipe_ends_quietly():
     assert proc.returncode == 0 and err == b""
 
 
+@pytest.mark.slow
 def test_auto_device_is_the_cpu_on_a_machine_without_cuda():
     from pipelines.devices import resolve_device
 
@@ -89,26 +92,28 @@ def test_loading_leaves_the_libraries_verbosity_alone(tiny_pipeline_dir):
         transformers_logging.set_verbosity_warning()
 
 
+@pytest.mark.slow
 def test_show_config_needs_no_concept_and_round_trips_through_config(tiny_pipeline_dir, tmp_path):
     shown = run("erase", "--method", "sfd", "--show-config")
     assert shown.returncode == 0, shown.stderr
-    assert "iterations: 300" in shown.stdout and "[paper default: 2000]" in shown.stdout  # digits preset
+    assert "steps: 300" in shown.stdout and "[paper default: 2000]" in shown.stdout  # digits preset
     (tmp_path / "sfd.yaml").write_text(shown.stdout)
     again = run("erase", "--method", "sfd", "--config", str(tmp_path / "sfd.yaml"), "--show-config")
     assert again.returncode == 0 and again.stdout == shown.stdout
 
-    edited = shown.stdout.replace("iterations: 300", "iterations: 7")
+    edited = shown.stdout.replace("steps: 300", "steps: 7")
     (tmp_path / "sfd.yaml").write_text(edited)
     again = run("erase", "--method", "sfd", "--config", str(tmp_path / "sfd.yaml"), "--show-config",
                 "--set", "prompt_templates=['a photo of {}, in a museum', '{}']")  # fmt: skip
-    assert "iterations: 7" in again.stdout
+    assert "steps: 7" in again.stdout
     assert "prompt_templates: ['a photo of {}, in a museum', '{}']" in again.stdout
 
     sd = run("erase", "--method", "esd", "--model", str(tiny_pipeline_dir), "--show-config")
-    assert "iterations: 1000" in sd.stdout  # the paper's value for a Stable-Diffusion-family model
+    assert "steps: 1000" in sd.stdout  # the paper's value for a Stable-Diffusion-family model
     assert run("erase", "--method", "esd").stderr.startswith("error: --concept is needed")
 
 
+@pytest.mark.slow
 def test_a_run_is_reproduced_from_its_erasure_json_and_its_files_are_readable_by_others(tiny_pipeline_dir, tmp_path):
     first = run("erase", *ESD_TINY, "--model", str(tiny_pipeline_dir), "--seed", "3", "--out", "first", cwd=tmp_path,
                 umask=0o002)  # fmt: skip
@@ -134,6 +139,7 @@ def _files_size(folder) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_unchanged_components_are_the_base_files_and_a_changed_only_run_loads_them(tiny_pipeline_dir, tmp_path):
     from pipelines import load_model
 
@@ -168,6 +174,7 @@ def test_unchanged_components_are_the_base_files_and_a_changed_only_run_loads_th
     assert load_model(str(full)).unet is not None  # the full run does not depend on its base
 
 
+@pytest.mark.slow
 def test_save_changed_is_refused_for_a_gan_before_any_work(tmp_path):
     result = run("erase", "--method", "text2unlearn", "--model", "digits-gan", "--concept", "seven",
                  "--save", "changed", cwd=tmp_path)  # fmt: skip
@@ -175,9 +182,10 @@ def test_save_changed_is_refused_for_a_gan_before_any_work(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_advunlearn_run_of_digits_sd_is_the_base_plus_its_text_encoder(tmp_path):
     base = zoo.embedded_path("digits-sd")
-    sets = ["--set", "iterations=2", "--set", "bank_size=0", "--quiet"]
+    sets = ["--set", "steps=2", "--set", "bank_size=0", "--quiet"]
     for mode in ("full", "changed"):
         result = run("erase", "--method", "advunlearn", "--concept", "seven", *sets, "--save", mode, "--out", mode,
                      cwd=tmp_path)  # fmt: skip

@@ -15,7 +15,7 @@ from erasure.api import erase
 from erasure.config import build_config
 from erasure.registry import METHODS
 
-QUICK = {"iterations": "2", "ddim_steps": "3", "batch_size": "1", "lr": "1e-2"}
+QUICK = {"steps": "2", "ddim_steps": "3", "batch_size": "1", "lr": "1e-2"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -51,9 +51,9 @@ def generate(client, served, prompts, seed=0, count=2, runs=None, steps="3"):
                           "", api_name="/generate")  # fmt: skip
 
 
-def erase_args(served, name, *, iterations, every, resume=False):
+def erase_args(served, name, *, steps, every, resume=False):
     """Keyword arguments of the /erase endpoint: an ESD run of the tiny pipeline."""
-    options = {"esd_iterations": iterations, "esd_ddim_steps": 3, "esd_batch_size": 1, "esd_lr": 1e-3}
+    options = {"esd_steps": steps, "esd_ddim_steps": 3, "esd_batch_size": 1, "esd_lr": 1e-3}
     return dict(method="esd", concepts="cat", model=served["base"], name=name, every=every, resume=resume,
                 compared=[served["run"]], **options)  # fmt: skip
 
@@ -63,10 +63,10 @@ def images(gallery) -> list[tuple[Image.Image, str]]:
 
 
 def test_importing_ui_and_the_cli_loads_neither_gradio_nor_torch():
-    code = "import sys, ui, ui.runs, erasure.cli; print(sorted({'gradio', 'torch'} & set(sys.modules)))"
+    code = "import sys, ui, ui.runs, ui.cli; print(sorted({'gradio', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
-    help_text = subprocess.run([sys.executable, "-m", "erasure.cli", "preview", "--help"], capture_output=True,
+    help_text = subprocess.run([sys.executable, "-m", "erasure", "preview", "--help"], capture_output=True,
                                text=True, cwd=REPO, check=True).stdout  # fmt: skip
     for option in ("--model", "--erased", "--host", "--port", "--share"):
         assert option in help_text
@@ -110,13 +110,13 @@ def test_errors_are_messages_in_the_page_and_the_server_keeps_serving(client, se
         with pytest.raises(AppError, match=message):
             generate(client, served, **kwargs)
     with pytest.raises(AppError, match="concept"):
-        client.predict(**{**erase_args(served, "x", iterations=2, every=1), "concepts": " , "}, api_name="/erase")
+        client.predict(**{**erase_args(served, "x", steps=2, every=1), "concepts": " , "}, api_name="/erase")
     with pytest.raises(AppError, match="not a path"):
-        client.predict(**erase_args(served, "../escape", iterations=2, every=1), api_name="/erase")
+        client.predict(**erase_args(served, "../escape", steps=2, every=1), api_name="/erase")
     with pytest.raises(AppError, match="lr must be > 0"):  # a run that fails: its config is refused
-        client.predict(**{**erase_args(served, "x", iterations=2, every=1), "esd_lr": -1}, api_name="/erase")
+        client.predict(**{**erase_args(served, "x", steps=2, every=1), "esd_lr": -1}, api_name="/erase")
     with pytest.raises(AppError, match="already exists"):
-        client.predict(**erase_args(served, "esd-cat", iterations=2, every=1), api_name="/erase")
+        client.predict(**erase_args(served, "esd-cat", steps=2, every=1), api_name="/erase")
     base, erased, _ = generate(client, served, "a cat", count=1)
     assert len(images(base)) == len(images(erased)) == 1
 
@@ -128,7 +128,7 @@ def test_run_prompts_are_the_evaluation_prompts_of_its_concept(client, served):
 
 def test_erase_from_the_page_can_be_cancelled_and_resumed(client, served):
     out, work = served["runs"] / "esd-cancel", served["runs"] / ".esd-cancel.work"
-    job = client.submit(**erase_args(served, "esd-cancel", iterations=400, every=2), api_name="/erase")
+    job = client.submit(**erase_args(served, "esd-cancel", steps=400, every=2), api_name="/erase")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait for the first progress report
         if any("<progress" in output[0] for output in job.outputs()):
@@ -144,7 +144,7 @@ def test_erase_from_the_page_can_be_cancelled_and_resumed(client, served):
 
     # Resuming from the page finishes the run, which then joins the comparison.
     final, _, compared, metrics_run, export_run = client.predict(
-        **erase_args(served, "esd-cancel", iterations=400, every=2, resume=True), api_name="/erase"
+        **erase_args(served, "esd-cancel", steps=400, every=2, resume=True), api_name="/erase"
     )
     assert "Finished" in final and out.joinpath("erasure.json").is_file() and not work.exists()
     assert compared["value"] == [served["run"], str(out)]
@@ -156,15 +156,14 @@ def test_erase_from_the_page_can_be_cancelled_and_resumed(client, served):
 def test_erase_options_are_the_config_fields_with_their_presets(method):
     from ui.options import PAPER, from_field, method_options, preset_names, to_field
 
-    config_cls, _ = METHODS[method].load()
     options = method_options(method)
-    assert [o.name for o in options] == [f.name for f in dataclasses.fields(config_cls)]
+    assert [o.name for o in options] == [f.name for f in dataclasses.fields(METHODS[method].config)]
     assert all(o.help for o in options)
     for preset in preset_names(options):
-        family = "sd" if preset == PAPER else preset
+        family = "sd1" if preset == PAPER else preset
         # What the form shows for a preset, sent back, builds that preset's config exactly.
         sent = {o.name: from_field(o, to_field(o, preset)) for o in options}
-        assert build_config(config_cls, "sd", sent) == build_config(config_cls, family)
+        assert build_config(method, "sd1", sent) == build_config(method, family)
 
 
 def test_export_button_runs_erasure_export_and_shows_its_outcome(client, served, tmp_path, monkeypatch):
@@ -181,7 +180,7 @@ def test_export_button_runs_erasure_export_and_shows_its_outcome(client, served,
         shown, failed = client.predict(served["run"], "me/tiny-no-cat", str(page_dir), api_name="/export"), False
     except AppError as exc:
         shown, failed = str(exc), True
-    command = [sys.executable, "-m", "erasure.cli", "export", served["run"], "--repo-id", "me/tiny-no-cat"]
+    command = [sys.executable, "-m", "erasure", "export", served["run"], "--repo-id", "me/tiny-no-cat"]
     cli = subprocess.run(command + ["--local-dir", str(cli_dir)], capture_output=True, text=True, timeout=300)
     assert failed == (cli.returncode != 0)
     if failed:

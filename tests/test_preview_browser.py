@@ -65,7 +65,7 @@ def page_url(tmp_path_factory):
     runs = tmp_path_factory.mktemp("browser") / "runs"
     run = os.environ.get("ERASURE_PREVIEW_RUN")
     if run is None:  # two large ESD steps: a different model, made in seconds
-        quick = ["iterations=2", "ddim_steps=3", "batch_size=1", "lr=1e-2"]
+        quick = ["steps=2", "ddim_steps=3", "batch_size=1", "lr=1e-2"]
         run = str(erase("esd", ["seven"], "digits", out=runs / "esd-seven", sets=quick, progress=False))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,6 +80,7 @@ def _gallery_images(page, elem_id: str) -> list[Image.Image]:
     return [Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB") for src in sources]
 
 
+@pytest.mark.slow
 def test_page_generates_base_and_erased_images_that_differ(browser, page_url):
     page = browser.new_page(viewport={"width": 1280, "height": 1040})
     page.goto(page_url, timeout=60_000)

@@ -9,7 +9,7 @@ from erasure.api import erase
 from erasure.output import InterruptedRun
 from pipelines import InputError, load_model
 
-QUICK = ["iterations=4", "ddim_steps=3", "batch_size=1", "lr=1e-2"]
+QUICK = ["steps=4", "ddim_steps=3", "batch_size=1", "lr=1e-2"]
 
 
 def _stop_at(step_to_fail: int, exc: BaseException):
@@ -24,7 +24,7 @@ def test_run_folder_is_a_pipeline_with_its_manifest(tiny_pipeline_dir, tmp_path)
     out = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, progress=False)
     manifest = json.loads((out / "erasure.json").read_text())
     assert manifest["method"] == "esd" and manifest["concepts"] == ["cat"]
-    assert manifest["config"]["iterations"] == 4 and manifest["config"]["scope"] == "xattn"
+    assert manifest["config"]["steps"] == 4 and manifest["config"]["scope"] == "xattn"
     assert manifest["base_model"]["sha256"] and manifest["seed"] == 0
     assert manifest["trainable_parameters"] > 0 and manifest["wall_time_s"] > 0 and manifest["peak_rss_mb"] > 0
     assert {"torch", "diffusers", "transformers"} <= set(manifest["versions"])
@@ -94,7 +94,7 @@ def test_several_concepts_in_one_run(tiny_pipeline_dir, tmp_path):
 def test_interrupted_advunlearn_run_resumes_to_the_same_text_encoder(tiny_pipeline_dir, tmp_path):
     # The attack state (warm-started embeddings) and the random streams that draw fresh attack
     # tokens must come back from the checkpoint for the result to match an uninterrupted run.
-    sets = ["iterations=4", "warmup=1", "attack_steps=2", "attack_init=random", "ddim_steps=3", "retain_batch=2",
+    sets = ["steps=4", "warmup=1", "attack_steps=2", "attack_init=random", "ddim_steps=3", "retain_batch=2",
             "batch_size=2", "lr=1e-2"]  # fmt: skip
     straight = erase("advunlearn", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "a", sets=sets, checkpoint_every=2,
                      progress=False)  # fmt: skip
@@ -120,7 +120,6 @@ def test_a_diverging_run_stops_at_the_step_it_diverges_and_leaves_no_run_folder(
 
     # weights poisoned after step 2 are caught at step 3, and the checkpoint of step 2 is the good one
     from erasure.config import build_config, parse_sets
-    from erasure.esd import ESDConfig
     from erasure.esd import erase as esd_erase
     from erasure.training import RunContext, load_checkpoint
 
@@ -133,6 +132,6 @@ def test_a_diverging_run_stops_at_the_step_it_diverges_and_leaves_no_run_folder(
 
     run = RunContext(seed=0, progress=False, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2, after_step=poison)
     with pytest.raises(InputError, match="training diverged at step 3: .*weights of the unet are not finite"):
-        esd_erase(model, ["cat"], build_config(ESDConfig, "sd", parse_sets(QUICK)), run)
+        esd_erase(model, ["cat"], build_config("esd", "sd1", parse_sets(QUICK)), run)
     saved = load_checkpoint(tmp_path / "ckpt")
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["networks"]["unet"].values())

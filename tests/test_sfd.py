@@ -11,13 +11,14 @@ import torch
 
 from erasure.api import erase
 from erasure.config import build_config, parse_sets
-from erasure.sfd import SFDConfig, forget_pairs, remain_pool, sid_loss
 from erasure.sfd import erase as sfd_erase
+from erasure.sfd import sid_loss
 from erasure.training import RunContext
 from pipelines import InputError, load_model
+from pipelines.families import get_family
 from pipelines.one_step import PLAIN_DIFFUSERS_RECIPE
 
-FAST = ["iterations=2", "batch_size=2", "forget_batch=1", "generator_lr=1e-3", "fake_lr=1e-3", "remain_prompts=8",
+FAST = ["steps=2", "batch_size=2", "forget_batch=1", "lr=1e-3", "fake_lr=1e-3", "remain_prompts=8",
         "override=a dog", "prompt_templates={}"]  # fmt: skip
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -49,13 +50,13 @@ def _run_with_hooks(tiny_pipeline_dir, sets):
 
     # deepcopy carries the hook over to the generator and fake-score copies; `module` tells them apart.
     model.unet.register_forward_pre_hook(record, with_kwargs=True)
-    config = build_config(SFDConfig, "sd", parse_sets(sets))
+    config = build_config("sfd", "sd1", parse_sets(sets))
     result = sfd_erase(model, ["cat"], config, RunContext(seed=0, progress=False))
     return model, teacher_before, calls, result
 
 
 def test_the_teacher_never_changes_and_the_forgetting_term_uses_the_override(tiny_pipeline_dir):
-    sets = FAST + ["iterations=1", "t_init=990"]  # t_init outside [t_min, t_max): generator calls stand out
+    sets = FAST + ["steps=1", "t_init=990"]  # t_init outside [t_min, t_max): generator calls stand out
     model, teacher_before, calls, result = _run_with_hooks(tiny_pipeline_dir, sets)
     assert all(torch.equal(v, model.unet.state_dict()[k]) for k, v in teacher_before.items())
     assert result.model.unet is not model.unet and result.changed == ["unet"]
@@ -75,24 +76,11 @@ def test_the_teacher_never_changes_and_the_forgetting_term_uses_the_override(tin
 
 
 def test_distill_only_has_no_forget_rows_and_keeps_the_concept_in_the_prompts(tiny_pipeline_dir):
-    sets = [s for s in FAST if not s.startswith("override")] + ["iterations=1", "distill_only=true", "t_init=990"]
+    sets = [s for s in FAST if not s.startswith("override")] + ["steps=1", "distill_only=true", "t_init=990"]
     _, _, calls, result = _run_with_hooks(tiny_pipeline_dir, sets)
     assert all(len(c) == 2 for net, _, c in calls if net == "student")
     assert result.outcome["sfd"]["overrides"] == {}
-    assert any(re.search(r"\b(seven|7)\b", p) for p in remain_pool([], "digits", 0, 400))
-
-
-def test_prompts_of_the_digits_world():
-    pairs = forget_pairs({"seven": "eight"}, "digits", ["{}"], seed=0, n=50)
-    assert len(pairs) == 50
-    for forget, override in pairs:
-        assert re.search(r"\b(seven|7)\b", forget) and not re.search(r"\b(eight|8)\b", forget)
-        same = forget.replace("seven", "eight").replace("7", "8")
-        assert re.sub(r"\ban\b", "a", same) == re.sub(r"\ban\b", "a", override)  # "a 7" -> "an 8"
-    remain = remain_pool(["seven"], "digits", 0, 300)
-    assert len(remain) == 300 and not any(re.search(r"\b(seven|7)\b", p) for p in remain)
-    # every other digit is in the remain pool
-    assert all(any(re.search(rf"\b{d}\b", p) for p in remain) for d in ("zero", "one", "eight", "nine"))
+    assert any(re.search(r"\b(seven|7)\b", p) for p in get_family("digits").remain_prompts([], 0, 400))
 
 
 def test_the_one_step_pipeline_saves_loads_and_samples_bit_for_bit(tiny_pipeline_dir, tmp_path):
@@ -124,7 +112,7 @@ def test_the_readme_recipe_reproduces_the_pipeline_with_plain_diffusers(tiny_pip
 
 
 def test_an_interrupted_run_resumes_to_a_bit_identical_end(tiny_pipeline_dir, tmp_path):
-    sets = FAST + ["iterations=4", "ema_decay=0.5"]
+    sets = FAST + ["steps=4", "ema_decay=0.5"]
     kwargs = {"sets": sets, "seed": 3, "checkpoint_every": 2, "progress": False}
     whole = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "whole", **kwargs)
 
@@ -140,20 +128,20 @@ def test_an_interrupted_run_resumes_to_a_bit_identical_end(tiny_pipeline_dir, tm
 
 
 def test_bad_values_are_refused(tiny_pipeline_dir, tmp_path):
-    for bad in ["alpha=0", "generator_lr=nan", "fake_lr=-1", "forget_weight=-1", "guidance=inf", "t_min=0",
-                "t_min=500,t_max=400", "t_init=1000", "iterations=0", "batch_size=0", "forget_batch=-1",
+    for bad in ["alpha=0", "lr=nan", "fake_lr=-1", "forget_weight=-1", "guidance=inf", "t_min=0",
+                "t_min=500,t_max=400", "t_init=1000", "steps=0", "batch_size=0", "forget_batch=-1",
                 "ema_decay=1", "adam_betas=0.9", "prompt_templates=a photo", "override= ",
                 "remain_prompts=0"]:  # fmt: skip
         with pytest.raises(InputError):
-            build_config(SFDConfig, "sd", parse_sets(bad.split(",")))
+            build_config("sfd", "sd1", parse_sets(bad.split(",")))
     with pytest.raises(InputError, match="forget_batch = 0"):
-        build_config(SFDConfig, "sd", parse_sets(["forget_batch=0"]))
+        build_config("sfd", "sd1", parse_sets(["forget_batch=0"]))
     # a real model needs to be told what the concept becomes, before anything loads
     with pytest.raises(InputError, match="override"):
-        erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["iterations=1"], progress=False)
+        erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["steps=1"], progress=False)
     assert not (tmp_path / "run").exists()
-    with pytest.raises(InputError, match="not a digit"):
-        erase("sfd", ["a cat"], "digits", out=tmp_path / "run2", sets=["iterations=1"], progress=False)
+    with pytest.raises(InputError, match="sfd needs what 'a cat' becomes.*digits family has no default"):
+        erase("sfd", ["a cat"], "digits", out=tmp_path / "run2", sets=["steps=1"], progress=False)
     assert not (tmp_path / "run2").exists() and not list(tmp_path.glob(".run2*"))
 
 
@@ -161,7 +149,7 @@ def test_a_one_step_run_is_evaluated_against_its_teacher_and_exported(tiny_pipel
     from huggingface_hub import ModelCard
 
     from erasure.evaluation import run_eval
-    from erasure.export import export_run
+    from ui.hub import export_run
 
     run = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=FAST, progress=False)
     report = json.loads(run_eval(str(run), samples=1, clip="digits-clip", progress=False).read_text())

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from erasure.api import erase
-from erasure.text2unlearn import TextToUnlearnConfig, directional_loss, push_term, text_direction
+from erasure.text2unlearn import directional_loss, push_term, text_direction
 from evaluators.metrics import wasserstein_1d
 from pipelines import InputError, load_model
 
@@ -105,11 +105,11 @@ def test_bad_values_are_refused():
                           ({"preserve_clip": float("inf")}, "preserve_clip"), ({"push_weight": -1.0}, "push_weight"),
                           ({"augment": -1}, "augment"), ({"mapper_steps": 0}, "mapper_steps"),
                           ({"mapper_lr": float("nan")}, "mapper_lr"),
-                          ({"concept_prompts": ["a {x}"]}, "braces"), ({"clip": "bogus"}, "unknown CLIP"),
+                          ({"prompt_templates": ["a {x}"]}, "braces"), ({"clip": "bogus"}, "unknown CLIP"),
                           ({"resolutions": [6]}, "power of two"), ({"resolutions": [2]}, "power of two"),
                           ({"lr_decay": 1.5}, "lr_decay")]:  # fmt: skip
         with pytest.raises(InputError, match=message):
-            build_config(TextToUnlearnConfig, "digits", sets)
+            build_config("text2unlearn", "digits", sets)
 
 
 def test_wasserstein_1d():

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -75,6 +76,7 @@ def _run_script(out: Path, *args: str) -> subprocess.CompletedProcess:
                           timeout=300)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_two_network_training_killed_after_a_checkpoint_resumes_bit_identically(tmp_path):
     straight = _run_script(tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr[-2000:]

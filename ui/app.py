@@ -46,12 +46,13 @@ class Preview:
         return self.erased + [p for p in found if str(Path(p).resolve()) not in known]
 
     def family(self) -> str:
+        """The name of the base model's family, whose presets the Erase tab offers first."""
         from pipelines import resolve
 
         try:
-            return resolve(self.model).family
+            return resolve(self.model).family.name
         except InputError:
-            return "sd"
+            return ""
 
 
 def build_app(preview: Preview) -> gr.Blocks:

@@ -17,7 +17,7 @@ TIMEOUT_S = 3600
 
 
 def export_command(run: str, repo_id: str, local_dir: str | None) -> list[str]:
-    command = [sys.executable, "-m", "erasure.cli", "export", run, "--repo-id", repo_id]
+    command = [sys.executable, "-m", "erasure", "export", run, "--repo-id", repo_id]
     return command + (["--local-dir", local_dir] if local_dir else [])
 
 

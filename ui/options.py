@@ -44,9 +44,11 @@ class Option:
 
 
 def method_options(method: str) -> list[Option]:
-    config_cls, _ = METHODS[method].load()
+    from pipelines.families import FAMILIES
+
+    config_cls = METHODS[method].config
     hints = typing.get_type_hints(config_cls)
-    presets = getattr(config_cls, "PRESETS", {})
+    presets = {name: family.preset(method) for name, family in FAMILIES.items() if family.preset(method)}
     return [
         Option(method, name, hints[name], type_name, default, help_text,
                {family: values[name] for family, values in presets.items() if name in values})

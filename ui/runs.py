@@ -39,13 +39,13 @@ def default_prompts(path: str | Path) -> list[str]:
     They are the evaluation protocol's own target and preserved prompts (`erasure eval`), so what
     the page shows is what the metrics measure.
     """
-    from evaluators.prompts import prompt_set
+    from pipelines.families import get_family
 
     manifest = read_run(path)
-    family = manifest["base_model"].get("family", "sd")
+    family = get_family(manifest["base_model"].get("family", "sd1"))
     target, preserved = [], []
     for concept in manifest["concepts"]:
-        prompts = prompt_set(concept, family)
+        prompts = family.prompt_set(concept)
         target += prompts.target[:PROMPTS_PER_CONCEPT]
         preserved += prompts.preserved[:PROMPTS_PER_CONCEPT]
     return list(dict.fromkeys(target + preserved))

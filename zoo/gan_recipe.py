@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from erasure.gan_training import CLIPFeatureDiscriminator
-from erasure.training import Network, RunContext, TrainingLoop
+from erasure.gan_training import AdversarialSettings, CLIPFeatureDiscriminator, adversarial_networks, adversarial_step
+from erasure.training import EMA, RunContext, TrainingLoop
 from pipelines.zoo.renders import RenderSampler
 
 from .score_distillation import ScoreDistillation
@@ -31,81 +31,39 @@ def digits_gan_config():
     return StyleGAN2Config(size=32, style_dim=128, n_mlp=8, channels={4: 128, 8: 128, 16: 64, 32: 32})
 
 
-def _noisy(images: torch.Tensor) -> torch.Tensor:
-    # Instance noise hides the renders' exactly black background, a cue no generator matches.
-    return images + INSTANCE_NOISE * torch.randn_like(images)
-
-
-def _logistic_loss(critic, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    return F.softplus(critic(_noisy(fake))).mean() + F.softplus(-critic(_noisy(real))).mean()
-
-
 class AdversarialTraining:
-    """StyleGAN2 training (non-saturating logistic loss, lazy R1, instance noise, EMA generator)
-    against its own discriminator and the vision-aided one, as three networks of the shared loop:
-    each step updates the vision-aided head, then the discriminator, then the generator."""
+    """StyleGAN2 training against its own discriminator and the vision-aided one, with an EMA of the
+    generator: the GAN methods' adversarial step (erasure/gan_training.py) on the shared loop, with
+    the recipe's settings. Instance noise hides the renders' exactly black background, a cue no
+    generator matches."""
 
-    def __init__(self, generator, discriminator, ema, clip_vision, batch: int, sampler: RenderSampler,
+    def __init__(self, generator, discriminator, clip_vision, batch: int, sampler: RenderSampler,
                  run: RunContext, desc: str, fingerprint: dict):  # fmt: skip
-        self.ema, self.batch, self.sampler = ema, batch, sampler
-        head = CLIPFeatureDiscriminator.new_head(clip_vision)
-        lazy = R1_EVERY / (R1_EVERY + 1)  # StyleGAN2's correction of D's Adam for the lazy R1 steps
-        networks = {
-            "clip_head": Network(head, torch.optim.Adam(head.parameters(), lr=LEARNING_RATE, betas=BETAS), None),
-            "discriminator": Network(discriminator, torch.optim.Adam(
-                discriminator.parameters(), lr=LEARNING_RATE * lazy, betas=(0.0, 0.99**lazy)), None),
-            "generator": Network(generator, torch.optim.Adam(generator.parameters(), lr=LEARNING_RATE, betas=BETAS),
-                                 None),
-        }  # fmt: skip
-        self.loop = TrainingLoop(run, networks, desc=desc, state={"ema": ema, "renders": sampler},
+        self.batch, self.sampler, self.generator = batch, sampler, generator
+        self.settings = AdversarialSettings(LEARNING_RATE, BETAS, R1_GAMMA, R1_EVERY, INSTANCE_NOISE)
+        # digits-clip normalises with mean = std = 0.5: images in [-1, 1] are its pixel values as they are
+        self.critic = CLIPFeatureDiscriminator(clip_vision, CLIPFeatureDiscriminator.new_head(clip_vision))
+        self.ema = EMA(generator, 0.5 ** (batch / 10_000))  # a half-life of 10k images, as StyleGAN2-ADA
+        networks = adversarial_networks(generator, discriminator, self.settings, self.critic)
+        self.loop = TrainingLoop(run, networks, desc=desc, state={"ema": self.ema, "renders": sampler},
                                  fingerprint=fingerprint)  # fmt: skip
-        self.generator = self.loop.modules["generator"]
-        self.discriminator = self.loop.modules["discriminator"]
-        self.clip_d = CLIPFeatureDiscriminator(clip_vision, self.loop.modules["clip_head"])
-        self.ema_beta = 0.5 ** (batch / 10_000)  # EMA half-life of 10k images, as StyleGAN2-ADA
+        self.critic.head = self.loop.modules["clip_head"]
 
     def step(self, real: torch.Tensor, step: int, generator_term=None) -> dict[str, float]:
-        """One critic update and one generator update. `generator_term(images, pooled)` adds to the
-        generator's loss; `images` are the generator's output (before instance noise), `pooled`
-        digits-clip's pooled output for them (after it) from the critic's forward pass."""
-        update = self.loop.update
-        style_dim = self.generator.config.style_dim
-        with torch.no_grad():
-            fake = self.generator(torch.randn(self.batch, style_dim))
-        loss_d = _logistic_loss(self.discriminator, fake, real)
-        loss_clip = _logistic_loss(lambda x: self.clip_d(x)[0], fake, real)
-        update("clip_head", loss_clip)
-        if step % R1_EVERY == 0:  # lazy R1 penalty on real images
-            real.requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.discriminator(_noisy(real)).sum(), real, create_graph=True)
-            loss_d = loss_d + R1_GAMMA / 2 * grad.pow(2).sum([1, 2, 3]).mean() * R1_EVERY
-        update("discriminator", loss_d)
-
-        critics = (self.discriminator, self.clip_d.head)  # frozen while the generator steps
-        for critic in critics:
-            critic.requires_grad_(False)
-        images = self.generator(torch.randn(self.batch, style_dim))
-        fake = _noisy(images)
-        clip_logits, pooled = self.clip_d(fake)
-        loss_g = F.softplus(-self.discriminator(fake)).mean() + F.softplus(-clip_logits).mean()
-        losses = {"d": loss_d.item(), "clip": loss_clip.item(), "g": loss_g.item()}
-        if generator_term is not None:
-            extra = generator_term(images, pooled)
-            loss_g = loss_g + extra
-            losses["term"] = extra.item()
-        update("generator", loss_g)
-        for critic in critics:
-            critic.requires_grad_(True)
-        with torch.no_grad():
-            for pe, p in zip(self.ema.parameters(), self.generator.parameters()):
-                pe.lerp_(p, 1 - self.ema_beta)
-            for be, b in zip(self.ema.buffers(), self.generator.buffers()):
-                be.copy_(b)
+        """One critic update and one generator update (see `adversarial_step`), then the EMA's."""
+        losses = adversarial_step(self.loop, real, step, self.settings, generator_term, self.critic)
+        self.ema.update(self.generator)
         return losses
 
     def fit(self, steps: int, generator_term=None) -> None:
         self.loop.fit(lambda step: self.step(self.sampler.sample(self.batch).images * 2 - 1, step, generator_term),
                       steps)  # fmt: skip
+
+    def averaged_generator(self):
+        """A copy of the generator with the EMA's weights: the model the stage delivers."""
+        model = copy.deepcopy(self.generator).requires_grad_(False)
+        self.ema.copy_to(model)
+        return model
 
 
 def _stage_run(out_dir: Path, snapshot_every: int) -> RunContext:
@@ -114,12 +72,13 @@ def _stage_run(out_dir: Path, snapshot_every: int) -> RunContext:
     return RunContext(seed=None, checkpoint_dir=_checkpoint_dir(out_dir), checkpoint_every=snapshot_every, resume=True)
 
 
-def _finish(out_dir: Path, ema, discriminator) -> None:
+def _finish(out_dir: Path, training: AdversarialTraining, discriminator):
     from pipelines.gan_checkpoints import save_gan
 
-    ema.eval()
+    ema = training.averaged_generator().eval()
     save_gan(out_dir, ema, discriminator.eval(), ema.mean_latent())
     shutil.rmtree(_checkpoint_dir(out_dir), ignore_errors=True)
+    return ema
 
 
 def train_gan(out_dir: Path, steps: int, batch: int, seed: int, clip_vision, snapshot_every: int = 500):
@@ -131,15 +90,11 @@ def train_gan(out_dir: Path, steps: int, batch: int, seed: int, clip_vision, sna
     torch.manual_seed(seed)
     config = digits_gan_config()
     generator, discriminator = Generator(config), Discriminator(config)
-    ema = Generator(config)
-    ema.load_state_dict(generator.state_dict())
-    ema.requires_grad_(False)
     settings = {"steps": steps, "batch": batch, "seed": seed}
-    training = AdversarialTraining(generator, discriminator, ema, clip_vision, batch, RenderSampler("train", seed + 40),
+    training = AdversarialTraining(generator, discriminator, clip_vision, batch, RenderSampler("train", seed + 40),
                                    _stage_run(out_dir, snapshot_every), "digits-gan", settings)  # fmt: skip
     training.fit(steps)
-    _finish(out_dir, ema, discriminator)
-    return ema
+    return _finish(out_dir, training, discriminator)
 
 
 class ZeroShotEntropy:
@@ -204,13 +159,12 @@ def sharpen_gan(source_dir: Path, out_dir: Path, steps: int, batch: int, seed: i
     generator, discriminator, _ = load_gan_folder(Path(source_dir))
     generator, discriminator = generator.float().train(), discriminator.float().train()
     torch.manual_seed(seed)
-    ema = copy.deepcopy(generator).requires_grad_(False)
     clip_model = clip_model.eval().requires_grad_(False)
     settings = {"steps": steps, "batch": batch, "seed": seed, "stage": "sharpen", "weight": weight}
     distil = distillation is not None and distillation_weight > 0
     if distil:
         settings |= {"distillation_weight": distillation_weight, "distillation": distillation.settings}
-    training = AdversarialTraining(generator, discriminator, ema, clip_model.vision_model, batch,
+    training = AdversarialTraining(generator, discriminator, clip_model.vision_model, batch,
                                    RenderSampler("train", seed=seed + 41), _stage_run(out_dir, snapshot_every),
                                    "digits-gan sharpen", settings)  # fmt: skip
     digit = ZeroShotEntropy(clip_model, "digit")
@@ -226,8 +180,7 @@ def sharpen_gan(source_dir: Path, out_dir: Path, steps: int, batch: int, seed: i
         return term
 
     training.fit(steps, class_entropy_term)
-    _finish(out_dir, ema, discriminator)
-    return ema
+    return _finish(out_dir, training, discriminator)
 
 
 def distil_gan(source_dir: Path, out_dir: Path, steps: int, batch: int, seed: int, clip_model, sd_pipe,

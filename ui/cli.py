@@ -1,4 +1,4 @@
-"""The `erasure` command line.
+"""The `erasure` command line: an app on the library (erasure, evaluators, pipelines), like the preview.
 
 Heavy libraries (torch, diffusers, gradio) are imported inside the subcommands, so `erasure --help`
 and `erasure methods` answer at once. Bad input ends with one `error: ...` line and exit code 2.
@@ -10,11 +10,10 @@ import argparse
 import os
 import sys
 
+from erasure import DISTRIBUTION, __version__
+from erasure.bounds import COUNT, GUIDANCE, STEPS, TRUNCATION, number, seed
+from erasure.registry import METHODS
 from pipelines.errors import InputError
-
-from . import DISTRIBUTION, __version__
-from .bounds import COUNT, GUIDANCE, STEPS, TRUNCATION, number, seed
-from .registry import METHODS
 
 DESCRIPTION = """\
 Erase a concept (object, style, attribute, nudity, identity) from a text-to-image diffusion
@@ -253,12 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
-    from .api import erase
-    from .config import load_config_file
+    from erasure.api import erase
+    from erasure.config import load_config_file
 
     recorded = load_config_file(args.config)[1] if args.config else None
     if recorded is not None:  # a finished run's erasure.json: its settings are the defaults
-        from .output import recorded_base_model
+        from erasure.output import recorded_base_model
 
         args.method = args.method or recorded["method"]
         args.concept = args.concept or recorded["concepts"]
@@ -286,15 +285,12 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 
 def _show_config(method: str, model: str | None, config_file: str | None, sets: list[str]) -> int:
+    from erasure.config import build_config, config_yaml, load_config_file, parse_sets
     from pipelines import resolve
 
-    from .config import build_config, config_yaml, load_config_file, parse_sets
-    from .registry import get_method
-
-    config_cls, _ = get_method(method).load()
     family = resolve(model).family
     layers = [load_config_file(config_file)[0]] if config_file else []
-    config = build_config(config_cls, family, *layers, parse_sets(sets))
+    config = build_config(method, family, *layers, parse_sets(sets))
     print(config_yaml(method, config, family), end="")
     return 0
 
@@ -302,7 +298,7 @@ def _show_config(method: str, model: str | None, config_file: str | None, sets: 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluation import run_eval, summary_lines
+    from erasure.evaluation import run_eval, summary_lines
 
     path = run_eval(
         args.target, concepts=args.concept, baseline=args.baseline, json_path=args.json, samples=args.samples,
@@ -321,7 +317,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .sampling import sample
+    from erasure.sampling import sample
 
     images = args.n * max(1, len(args.prompt))
     if images > CONFIRM_IMAGES and not args.yes:
@@ -335,14 +331,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from ui import launch
+    from . import launch
 
     launch(args.model, args.erased, host=args.host, port=args.port, share=args.share, device=args.device)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run
+    from .hub import export_run
 
     result = export_run(
         args.run, args.repo_id, local_dir=args.local_dir, private=args.private, no_eval=args.no_eval,
@@ -385,7 +381,7 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     import json
 
     from pipelines.files import check_writable
-    from zoo.build import build_zoo
+    from zoo.build import build_zoo  # the recipes: an app of their own, reached only from here
 
     check_writable(args.out)
     try:
@@ -413,9 +409,8 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get("ERASURE_DEBUG") == "1"
+    from erasure.output import InterruptedRun
     from pipelines.logs import log_to_stderr
-
-    from .output import InterruptedRun
 
     log_to_stderr(verbose=args.verbose)
     try:

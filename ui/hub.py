@@ -21,12 +21,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from erasure.output import MANIFEST, RunDirectory, read_run
+from erasure.registry import Method, get_method
 from pipelines.cards import MODEL_CARD_FILE
 from pipelines.errors import InputError
 from pipelines.zoo.models import EMBEDDED, canonical_name
-
-from .output import MANIFEST, RunDirectory, read_run
-from .registry import Method, get_method
 
 CARD_FILE = "README.md"
 EVAL_FILE = "eval.json"

@@ -1,0 +1,79 @@
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder whose last hidden states condition a UNet.
+
+What a method needs to drive such a model - prompts to conditioning, one denoiser evaluation, a
+partial DDIM trajectory (ESD's data-free `x_t`), the one-step generator's single evaluation - lives
+here, so that a family whose UNet takes more (SDXL's pooled embeddings and added time ids) is a
+subclass that overrides these, not a branch in every method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from .base import Family
+
+if TYPE_CHECKING:
+    import torch
+
+
+class StableDiffusionFamily(Family):
+    """The conditioning and sampling of a `StableDiffusionPipeline`-shaped model."""
+
+    resolution: ClassVar[int] = 512  # the pixel size the family's checkpoints were trained at
+
+    def tokenize(self, model, prompts: Sequence[str]) -> torch.Tensor:
+        """Token ids padded to the tokenizer's length, as the pipeline would make them."""
+        tokenizer = model.tokenizer
+        return tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids.to(model.device)  # fmt: skip
+
+    def encode(self, model, prompts: Sequence[str], text_encoder=None) -> torch.Tensor:
+        """The denoiser's conditioning for `prompts`: embeddings [B, L, D] from `text_encoder` (default:
+        the model's own)."""
+        encoder = text_encoder if text_encoder is not None else model.text_encoder
+        return encoder(self.tokenize(model, prompts))[0]
+
+    def denoise(self, unet, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction (eps or v, as its scheduler says) for `x_t` at timestep(s) `t`."""
+        return unet(x_t, t, cond).sample
+
+    def trajectory(self, unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, stop: int, guidance: float,
+                   latents: torch.Tensor) -> tuple[torch.Tensor, int, int]:  # fmt: skip
+        """Run DDIM with classifier-free guidance from noise `latents` for `stop` steps.
+
+        `scheduler` must already have `set_timesteps(N)`. Returns (x_t, t, t_next): the latent after
+        `stop` steps sits at noise level `t` = timesteps[stop]; ESD then queries the UNet at a DDPM
+        timestep drawn in [t, t + 1000/N), the window of that DDIM step. No gradient flows.
+        """
+        import torch
+
+        with torch.no_grad():
+            x = latents * scheduler.init_noise_sigma
+            embeds = torch.cat([uncond.expand(len(x), -1, -1), cond.expand(len(x), -1, -1)])
+            for t in scheduler.timesteps[:stop]:
+                eps_uncond, eps_cond = self.denoise(unet, torch.cat([x, x]), t, embeds).chunk(2)
+                x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
+        t = int(scheduler.timesteps[stop])
+        window = scheduler.config.num_train_timesteps // len(scheduler.timesteps)
+        return x, t, min(t + window, scheduler.config.num_train_timesteps)
+
+    def one_step(self, generator, alphas_cumprod: torch.Tensor, t_init: int, z: torch.Tensor,
+                 cond: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """A one-step generator's clean latent for noise `z` (pipelines/one_step.py; differentiable)."""
+        from ..one_step import one_step_sample
+
+        return one_step_sample(generator, alphas_cumprod, t_init, z, cond)
+
+
+class SD1(StableDiffusionFamily):
+    name = "sd1"
+    summary = "Stable Diffusion 1.x (CLIP ViT-L/14 text encoder, 512 px) and its fine-tunes"
+
+
+class SD2(StableDiffusionFamily):
+    name = "sd2"
+    summary = "Stable Diffusion 2.x (OpenCLIP ViT-H/14 text encoder; 768 px v-prediction or 512 px eps)"
+    resolution = 768

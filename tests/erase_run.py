@@ -1,0 +1,37 @@
+"""`erase` in a process of its own that can be killed mid-run, as a crash would (used by test_methods.py).
+
+    python tests/erase_run.py METHOD MODEL CONCEPT OUT [key=value ...] [--kill-after N]
+
+With `--kill-after N` the process sends itself SIGKILL after the N-th training step (counted over all
+of a method's stages): no cleanup, no exception handler runs. Checkpoints are written every step.
+"""
+
+import argparse
+import os
+import signal
+
+from erasure.api import erase
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("method")
+    parser.add_argument("model")
+    parser.add_argument("concept")
+    parser.add_argument("out")
+    parser.add_argument("sets", nargs="*")
+    parser.add_argument("--kill-after", type=int)
+    args = parser.parse_intermixed_args()
+    steps = []
+
+    def after_step(step: int, total: int, logs: dict) -> None:
+        steps.append(step)
+        if len(steps) == args.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    erase(args.method, [args.concept], args.model, out=args.out, sets=args.sets, checkpoint_every=1, progress=False,
+          after_step=after_step)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

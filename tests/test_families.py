@@ -1,0 +1,137 @@
+"""Model families: each model is recognised as its family, a family's presets are made of its methods'
+options, the digits world's prompts, and the layering the families allow (the methods never test a
+family's name; the library never imports its apps)."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from erasure.config import build_config
+from erasure.registry import METHODS
+from pipelines import InputError, load_model, resolve
+from pipelines.families import FAMILIES, Family, get_family
+
+REPO = Path(__file__).resolve().parents[1]
+LIBRARY = ("erasure", "evaluators", "pipelines")
+APPS = ("ui", "zoo")
+
+
+def test_each_model_is_recognised_as_its_family(tiny_pipeline_dir, tiny_gan_checkpoint, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    from tests.conftest import tiny_components
+
+    assert resolve("digits").family is resolve("digits-gan").family is FAMILIES["digits"]
+    assert resolve(str(tiny_pipeline_dir)).family is FAMILIES["sd1"]
+    assert resolve(str(tiny_gan_checkpoint)).family is FAMILIES["stylegan2"]
+    # An OpenCLIP text tower (GELU, where OpenAI's CLIP uses quick-GELU) and v-prediction: Stable Diffusion 2.x
+    parts = tiny_components()
+    config = parts["text_encoder"].config
+    config.hidden_act = "gelu"
+    parts["text_encoder"] = CLIPTextModel(config)
+    parts["scheduler"] = parts["scheduler"].from_config(parts["scheduler"].config, prediction_type="v_prediction")
+    StableDiffusionPipeline(**parts).save_pretrained(tmp_path / "sd2")
+    model = load_model(str(tmp_path / "sd2"))
+    assert model.family is FAMILIES["sd2"] and model.scheduler.config.prediction_type == "v_prediction"
+    # A saved run carries its family, whatever is left of its files (`--save changed` keeps few)
+    model.save(tmp_path / "copy")
+    assert resolve(str(tmp_path / "copy")).card["family"] == "sd2"
+
+
+def test_family_names_and_the_name_runs_recorded_before_families():
+    assert get_family("sd") is FAMILIES["sd1"]  # erasure.json of earlier runs
+    with pytest.raises(InputError, match="unknown model family 'sdxl'; known: digits, sd1, sd2, stylegan2"):
+        get_family("sdxl")
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_family_presets_only_options_of_its_methods(name):
+    family = FAMILIES[name]
+    assert set(family.presets) <= set(METHODS)
+    for method in family.presets:  # unknown keys or bad values would be refused here
+        config = build_config(method, family)
+        for key, value in family.preset(method).items():
+            assert getattr(config, key) == value
+
+
+def test_the_encoding_and_sampling_of_an_sd_family_are_the_pipelines(tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    family = tiny_model.family
+    embeds = family.encode(tiny_model, ["a cat"])
+    expected, _ = StableDiffusionPipeline.encode_prompt(tiny_model.pipe, "a cat", "cpu", 1, False)
+    assert torch.equal(embeds, expected)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(family.denoise(tiny_model.unet, x, 10, embeds), tiny_model.unet(x, 10, embeds).sample)
+
+
+def test_the_digits_world_pairs_each_concept_with_its_override_in_its_own_captions():
+    digits = FAMILIES["digits"]
+    pairs = digits.forget_pairs({"seven": "eight"}, ["{}"], seed=0, n=50)
+    assert len(pairs) == 50
+    for forget, override in pairs:
+        assert re.search(r"\b(seven|7)\b", forget) and not re.search(r"\b(eight|8)\b", forget)
+        same = forget.replace("seven", "eight").replace("7", "8")
+        assert re.sub(r"\ban\b", "a", same) == re.sub(r"\ban\b", "a", override)  # "a 7" -> "an 8"
+    remain = digits.remain_prompts(["seven"], 0, 300)
+    assert len(remain) == 300 and not any(re.search(r"\b(seven|7)\b", p) for p in remain)
+    # every other digit is in the remain pool
+    assert all(any(re.search(rf"\b{d}\b", p) for p in remain) for d in ("zero", "one", "eight", "nine"))
+    assert digits.default_override("seven") == "eight" and digits.default_override("a cat") is None
+    retain = digits.retain_prompts(["red"], __import__("random").Random(0))
+    assert retain and not any("red" in p for p in retain)
+
+
+def test_a_real_world_family_keeps_coco_objects_and_leaves_out_the_concept():
+    sd1 = FAMILIES["sd1"]
+    retain = sd1.retain_prompts(["a dog"], __import__("random").Random(0), n=500)
+    assert "a photo of a cat" in retain and not any("dog" in p for p in retain)
+    prompts = sd1.prompt_set("church", neighbours=["castle"])
+    assert prompts.target[0] == "church" and prompts.preserved[0] == "a photo of castle"
+    assert sd1.default_override("nudity") is None and not sd1.has_builtin_images and sd1.judge is None
+    with pytest.raises(InputError, match="sd1 family has no builtin images"):
+        sd1.builtin_images("church", 4, 0)
+
+
+def _python_files(folder: str):
+    return sorted((REPO / folder).rglob("*.py"))
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_library_never_imports_an_app():
+    offending = []
+    for folder in LIBRARY:
+        for path in _python_files(folder):
+            if path.name == "__main__.py":  # `python -m erasure`: the command line's launcher, imported by nothing
+                continue
+            apps = {m for m in _imported_modules(path) if m.split(".")[0] in APPS}
+            offending += [f"{path.relative_to(REPO)}: {m}" for m in sorted(apps)]
+    assert not offending, offending
+
+
+def test_no_method_or_evaluator_tests_the_name_of_a_family():
+    # A family is asked, never named: no "digits" (or "sd1", ...) literal in the methods and evaluators.
+    names = "|".join(re.escape(f'"{name}"') for name in FAMILIES)
+    found = [f"{path.relative_to(REPO)}:{i}" for folder in ("erasure", "evaluators") for path in _python_files(folder)
+             for i, line in enumerate(path.read_text().splitlines(), 1) if re.search(names, line)]  # fmt: skip
+    assert not found, found
+
+
+def test_every_family_is_a_family_with_a_summary():
+    for name, family in FAMILIES.items():
+        assert isinstance(family, Family) and family.name == name and family.summary
