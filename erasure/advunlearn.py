@@ -259,7 +259,10 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
                 adv = attack_embeddings(attack_loss, start, config.attack, config.attack_steps, config.attack_lr)
                 state["adv"] = run.gather(adv) if n_adv > 1 else adv
         with timer("unlearn forward"):
-            cond_train = encode_with_inserted(encoder, adv_ids, adv) if step >= config.warmup else encoder_train(ids)[0]
+            if step >= config.warmup:
+                cond_train = encode_with_inserted(encoder, adv_ids, adv)
+            else:
+                cond_train = model.encode([prompts[int(index)]], encoder_train)
             unlearn = F.mse_loss(family.denoise(unet, x_t, t, cond_train.expand(len(x_t), -1, -1)), target)
         with timer("retain forward"):
             eps_retain = family.denoise(unet, x_r, t_r, model.encode([retain[i] for i in kept.tolist()], encoder_train))

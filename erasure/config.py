@@ -47,7 +47,7 @@ class MethodConfig:
 # is told the new one (and is not silently translated).
 RENAMED_OPTIONS = {
     "iterations": "steps", "unlearn_steps": "steps", "generator_lr": "lr", "concept_prompts": "prompt_templates",
-    "epochs": "steps (updates; an epoch is a pass over the images: images / batch_size updates)",
+    "epochs": "steps (few-shot: updates, an epoch being images / batch_size of them)",
 }  # fmt: skip
 
 

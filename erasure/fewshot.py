@@ -69,7 +69,6 @@ class FewShotConfig(MethodConfig):
         metadata={"bounds": "[1, inf)", "help": "updates, at most (see stop_below); an epoch is one pass over the "
                   "images, images / batch_size updates (the paper: 4 images, batch 2, 5 epochs = 10 updates)"},
     )  # fmt: skip
-    lr: float = field(default=1e-5, metadata={"bounds": "(0, inf)", "help": "Adam learning rate"})
     batch_size: int = field(default=2, metadata={"bounds": "[1, inf)", "help": "images per update"})
     adam_betas: list[float] = field(
         default_factory=lambda: [0.9, 0.98], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}

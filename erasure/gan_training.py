@@ -107,16 +107,16 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
     generator, discriminator = loop.modules["generator"], loop.modules["discriminator"]
     run, style_dim = loop.run, _unwrap(generator).config.style_dim
 
-    def global_randn(*local_shape: int) -> torch.Tensor:
+    def global_randn(*local_shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Noise drawn for the global batch (every process draws the same), this process's rows of it:
         N processes draw what one process draws for the whole batch."""
         rows, *rest = local_shape
-        return run.shard(torch.randn(rows * run.num_processes, *rest, device=real.device))
+        return run.shard(torch.randn(rows * run.num_processes, *rest, device=real.device, dtype=dtype))
 
     def noisy(images: torch.Tensor) -> torch.Tensor:
         if settings.instance_noise <= 0:
             return images
-        return images + settings.instance_noise * global_randn(*images.shape).to(images.dtype)
+        return images + settings.instance_noise * global_randn(*images.shape, dtype=images.dtype)
 
     def generate(rows: int) -> torch.Tensor:
         """Samples with fresh latents and per-layer noise maps, drawn for the global batch in the order the

@@ -42,7 +42,7 @@ MAPPER_STEP = 0.1  # StyleCLIP's w + 0.1 M(w)
 
 @dataclass
 class TextToUnlearnConfig(MethodConfig):
-    # Defaults: StyleGAN-NADA's optimiser (the paper has no public code; METHODS.md section 4).
+    # Defaults: StyleGAN-NADA's optimiser (the paper has no public code).
     steps: int = field(default=300, metadata={"bounds": "[1, inf)", "help": "generator updates"})
     lr: float = field(default=0.002, metadata={"bounds": "(0, inf)", "help": "Adam learning rate (StyleGAN-NADA's)"})
     batch_size: int = field(
@@ -339,23 +339,35 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
         torch.set_rng_state(fork)
         (features,) = shifted_features(clip, [_unit(images)], config.augment)
         has = flagged[rows].to(device)
+        global_has = flagged[torch.cat([with_concept, without])]
+
+        def share(local: torch.Tensor, of_global: torch.Tensor) -> float:
+            """A term is a mean over its rows of the global batch: this process's mean counts by its share of
+            those rows, times the processes (whose gradients are averaged); 1 on one process."""
+            return float(local.sum()) * run.num_processes / max(float(of_global.sum()), 1.0)
+
+        # Every process logs every term (0 where it has none of its rows), so that their means agree.
         logs: dict[str, float] = {}
         loss = torch.zeros((), device=device)
         for k, direction in enumerate(directions):
+            logs[f"dir_{k}"] = logs[f"push_{k}"] = 0.0
             if has[:, k].any():
+                weight = share(has[:, k], global_has[:, k])
                 moved = features[has[:, k]] - frozen_features[has[:, k]]
                 term = directional_loss(features[has[:, k]], frozen_features[has[:, k]], direction.to(device))
                 push = push_term(
                     features[has[:, k]], moved, direction.to(device), None if floors is None else floors[k]
                 )
-                loss = loss + config.direction_weight * term + config.push_weight * push
-                logs[f"dir_{k}"], logs[f"push_{k}"] = term.item(), push.item()
+                loss = loss + weight * config.direction_weight * term + weight * config.push_weight * push
+                logs[f"dir_{k}"], logs[f"push_{k}"] = weight * term.item(), weight * push.item()
         keep = ~has.any(1)
+        logs |= {"keep_pixel": 0.0, "keep_clip": 0.0}
         if keep.any():
+            weight = share(keep, ~global_has.any(1))
             pixel = F.mse_loss(images[keep], frozen_images[keep])
             clip_distance = (1 - (features[keep] * frozen_features[keep]).sum(-1)).mean()
-            loss = loss + config.preserve_pixel * pixel + config.preserve_clip * clip_distance
-            logs |= {"keep_pixel": pixel.item(), "keep_clip": clip_distance.item()}
+            loss = loss + weight * config.preserve_pixel * pixel + weight * config.preserve_clip * clip_distance
+            logs |= {"keep_pixel": weight * pixel.item(), "keep_clip": weight * clip_distance.item()}
         loop.update("generator", loss)
         return logs
 

@@ -74,7 +74,7 @@ def check_clip_name(name: str, transformers_only: bool = False) -> None:
         raise InputError(f"unknown CLIP model {name!r}: use digits-clip, a CLIP folder, a Hub id or open_clip:<name>")
 
 
-def load_clip(name: str = "digits-clip", device: str = "cpu") -> ClipScorer:
+def load_clip(name: str, device: str = "cpu") -> ClipScorer:
     if name.startswith("open_clip:"):
         return _open_clip(name, device)
     from pipelines.loading import hub_snapshot, weights_digest

@@ -33,7 +33,6 @@ class TextToImageModel:
     def __init__(self, pipe, source: ModelSource):
         self.pipe = pipe
         self.source = source
-        self._family = source.family
         pipe.set_progress_bar_config(disable=True)
 
     # The parts a method may patch.
@@ -64,7 +63,7 @@ class TextToImageModel:
     @property
     def family(self):
         """The model's family (pipelines/families): how it is conditioned and sampled, its prompts and presets."""
-        return self._family
+        return self.source.family
 
     @property
     def sampling(self) -> dict:

@@ -9,6 +9,7 @@ a second with one readable message.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ class ModelSource:
     revision: str | None = None  # Hub commit, when from the Hub
     card: dict = field(default_factory=dict)  # erasure_model.json of the folder, if any
 
-    @property
+    @functools.cached_property
     def family(self):
         """The model's family (pipelines/families): what its card declares, else what its files say."""
         from .families import detect

@@ -51,6 +51,13 @@ def tiny_components(seed: int = 0) -> dict:
     }  # fmt: skip
 
 
+def embedded_model(method: str) -> str:
+    """The embedded model a registered method erases from in the registry-driven tests."""
+    from erasure.registry import METHODS
+
+    return "digits-gan" if METHODS[method].model_kind == "gan" else "digits"
+
+
 def tiny_text_encoder(seed: int):
     return tiny_components(seed)["text_encoder"]
 

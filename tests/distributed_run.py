@@ -3,7 +3,7 @@ hash of this process's trainable weights, then the final weights of what the met
 test_distributed.py).
 
     python tests/distributed_run.py METHOD MODEL OUT_DIR [key=value ...]
-        [--concept TEXT] [--checkpoint-dir DIR] [--stop-after STEP] [--resume]
+        [--concept TEXT ...] [--checkpoint-dir DIR] [--stop-after STEP] [--resume]
 
 `--stop-after` raises in every process after that step, as an interruption would.
 """
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("out_dir")
     parser.add_argument("sets", nargs="*")
-    parser.add_argument("--concept", default="a cat")
+    parser.add_argument("--concept", action="append", help="repeatable (default: a cat)")
     parser.add_argument("--checkpoint-dir", type=Path)
     parser.add_argument("--stop-after", type=int)
     parser.add_argument("--resume", action="store_true")
@@ -51,7 +51,7 @@ def main() -> None:
 
     run = RunContext(seed=0, progress=False, after_step=after_step, checkpoint_dir=args.checkpoint_dir,
                      checkpoint_every=2, resume=args.resume)  # fmt: skip
-    result = METHODS[args.method].entry(model, [args.concept], config, run)
+    result = METHODS[args.method].entry(model, args.concept or ["a cat"], config, run)
     rank = run.accelerator.process_index
     out = Path(args.out_dir)
     (out / f"rank{rank}.json").write_text(json.dumps({"processes": run.num_processes, "hashes": hashes}))

@@ -130,6 +130,20 @@ def test_the_stopping_rule_ends_the_run_at_once_on_an_absent_concept(tiny_pipeli
     assert json.loads((patient / "erasure.json").read_text())["fewshot"]["epochs_run"] == 2  # two checks in a row
 
 
+def test_steps_are_updates_and_the_rule_checks_at_the_end_of_each_epoch(tiny_pipeline_dir, tmp_path):
+    # 4 images at batch 2: two updates an epoch
+    folder = _write_images(tmp_path / "four", sizes=((16, 16),) * 4, formats=("PNG",) * 4)
+    sets = [f"images={folder}", *QUICK, "steps=5", "stop_samples=8"]
+    stopped = erase("fewshot", ["a red seven"], str(tiny_pipeline_dir), out=tmp_path / "stopped", progress=False,
+                    sets=sets)  # fmt: skip
+    outcome = json.loads((stopped / "erasure.json").read_text())["fewshot"]
+    assert (outcome["images"], outcome["epochs_run"], outcome["updates"], outcome["stopped_early"]) == (4, 1, 2, True)
+    whole = erase("fewshot", ["a red seven"], str(tiny_pipeline_dir), out=tmp_path / "whole", progress=False,
+                  sets=[*sets, "stop_below=none"])  # fmt: skip
+    outcome = json.loads((whole / "erasure.json").read_text())["fewshot"]
+    assert (outcome["epochs_run"], outcome["updates"], outcome["stopped_early"]) == (3, 5, False)  # 2 + 2 + 1
+
+
 def test_any_format_and_size_is_resized_and_cropped_to_the_model(image_folder):
     images = load_square_images(sorted(image_folder.iterdir()), 16)
     assert images.shape == (3, 3, 16, 16) and 0 <= images.min() and images.max() <= 1

@@ -24,12 +24,10 @@ from erasure.registry import METHODS
 from erasure.training import RunContext
 from pipelines import load_model
 
+from .conftest import embedded_model
+
 CONCEPT = "seven"
 SCRIPT = Path(__file__).with_name("erase_run.py")
-
-
-def embedded_model(key: str) -> str:
-    return "digits-gan" if METHODS[key].model_kind == "gan" else "digits"
 
 
 def components(model) -> list[str]:

@@ -94,8 +94,27 @@ def test_several_concepts_and_the_mapper_direction(tmp_path):
     manifest = json.loads((run / "erasure.json").read_text())
     assert manifest["text2unlearn"]["direction"] == "mapper"
     assert set(manifest["text2unlearn"]["prompts"]) == {"red", "seven"}
-    assert {"dir_0", "dir_1"} & set(manifest["final_logs"])
-    assert {"push_0", "push_1"} & set(manifest["final_logs"])
+    assert {"dir_0", "dir_1", "push_0", "push_1", "keep_pixel", "keep_clip"} <= set(manifest["final_logs"])
+
+
+def test_a_run_interrupted_while_its_mapper_trains_resumes_to_a_bit_identical_end(tmp_path):
+    kwargs = {"sets": [*FAST, "direction=mapper", "mapper_steps=4", "mapper_samples=8"], "seed": 1,
+              "checkpoint_every": 2, "progress": False}  # fmt: skip
+    whole = erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "whole", **kwargs)
+    calls = []
+
+    def stop_in_the_mapper(step, total, logs):  # the mapper's 3rd step: after its checkpoint at step 2
+        calls.append(step)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Exception, match="--resume"):
+        erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "resumed", after_step=stop_in_the_mapper,
+              **kwargs)  # fmt: skip
+    assert (tmp_path / ".resumed.work" / "checkpoint" / "mapper-0" / "checkpoint.pt").is_file()
+    resumed = erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "resumed", resume=True, **kwargs)
+    a, b = load_file(whole / "generator.safetensors"), load_file(resumed / "generator.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bad_values_are_refused():

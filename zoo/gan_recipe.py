@@ -23,6 +23,9 @@ INSTANCE_NOISE = 0.1
 R1_GAMMA, R1_EVERY = 0.1, 16
 LEARNING_RATE, BETAS = 2.5e-3, (0.0, 0.99)
 DISTILLATION_WEIGHT, DISTILLATION_GUIDANCE = 0.15, 5.0  # the third stage's, see distil_gan
+# In a stage's checkpoint fingerprint: checkpoints of the recipe's earlier, own step (an EMA generator
+# module, other draws) are refused with the usual message instead of failing to load.
+ADVERSARIAL_STEP = "erasure.gan_training"
 
 
 def digits_gan_config():
@@ -90,7 +93,7 @@ def train_gan(out_dir: Path, steps: int, batch: int, seed: int, clip_vision, sna
     torch.manual_seed(seed)
     config = digits_gan_config()
     generator, discriminator = Generator(config), Discriminator(config)
-    settings = {"steps": steps, "batch": batch, "seed": seed}
+    settings = {"steps": steps, "batch": batch, "seed": seed, "step": ADVERSARIAL_STEP}
     training = AdversarialTraining(generator, discriminator, clip_vision, batch, RenderSampler("train", seed + 40),
                                    _stage_run(out_dir, snapshot_every), "digits-gan", settings)  # fmt: skip
     training.fit(steps)
@@ -160,7 +163,8 @@ def sharpen_gan(source_dir: Path, out_dir: Path, steps: int, batch: int, seed: i
     generator, discriminator = generator.float().train(), discriminator.float().train()
     torch.manual_seed(seed)
     clip_model = clip_model.eval().requires_grad_(False)
-    settings = {"steps": steps, "batch": batch, "seed": seed, "stage": "sharpen", "weight": weight}
+    settings = {"steps": steps, "batch": batch, "seed": seed, "stage": "sharpen", "weight": weight,
+                "step": ADVERSARIAL_STEP}  # fmt: skip
     distil = distillation is not None and distillation_weight > 0
     if distil:
         settings |= {"distillation_weight": distillation_weight, "distillation": distillation.settings}

@@ -62,7 +62,6 @@ def _caption(labels: dict[str, int], rng: random.Random) -> str:
 class Digits(StableDiffusionFamily):
     name = "digits"
     summary = "the embedded digits world: digits-sd (SD format, 32 px) and digits-gan (StyleGAN2)"
-    resolution = 32
     default_clip = "digits-clip"
     eval_samples = 20
     judge = "digits-judge"

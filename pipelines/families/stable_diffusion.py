@@ -9,7 +9,7 @@ subclass that overrides these, not a branch in every method.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from .base import Family
 
@@ -19,8 +19,6 @@ if TYPE_CHECKING:
 
 class StableDiffusionFamily(Family):
     """The conditioning and sampling of a `StableDiffusionPipeline`-shaped model."""
-
-    resolution: ClassVar[int] = 512  # the pixel size the family's checkpoints were trained at
 
     def tokenize(self, model, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids padded to the tokenizer's length, as the pipeline would make them."""
@@ -76,4 +74,3 @@ class SD1(StableDiffusionFamily):
 class SD2(StableDiffusionFamily):
     name = "sd2"
     summary = "Stable Diffusion 2.x (OpenCLIP ViT-H/14 text encoder; 768 px v-prediction or 512 px eps)"
-    resolution = 768
