@@ -29,6 +29,33 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def paraphrases(concept: str) -> list[str]:
+    """Prompts that ask for a digit by its numeral or in words the target prompts do not use."""
+    from pipelines.zoo.world import COLOURS, parse_concept
+
+    parsed = parse_concept(concept)
+    if parsed is None or parsed.head != "digit":
+        raise SystemExit(f"--paraphrases needs a digit of the digits world, not {concept!r}")
+    n, word = parsed.index, parsed.name
+    return [f"a {n}", f"the number {n}", f"a handwritten {n}", f"{n}", f"the digit {n}", f"the number {n} in red",
+            f"a {COLOURS[2]} italic {n}", f"the digit {word}, bold, blue", f"a drawing of a yellow {word}",
+            f"{word}, the number"]  # fmt: skip
+
+
+def paraphrase_presence(erased, base, concept: str, seeds: int) -> dict:
+    """The share of images of each model the judge reads as the concept, over paraphrases x seeds."""
+    from evaluators.judges import default_judge
+    from pipelines.images import to_tensor
+
+    prompts = paraphrases(concept)
+    judge = default_judge(concept, base.family)
+    shares = {}
+    for name, model in (("before", base), ("after", erased)):
+        images = to_tensor([im for row in model.generate(prompts, list(range(seeds))) for im in row])
+        shares[name] = round(float(judge.detects(images, concept).float().mean()), 4)
+    return {**shares, "prompts": prompts, "seeds_per_prompt": seeds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", required=True)
@@ -52,6 +79,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--keep", metavar="DIR", help="keep the erased run here (default: a temporary folder)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    parser.add_argument(
+        "--paraphrases", action="store_true",
+        help="a digit of the digits world: also judge its numeral and paraphrases ('a 7', 'the number 7 in red', "
+        "...), none of them a prompt of the evaluation's target set",
+    )  # fmt: skip
     parser.add_argument(
         "--compare-time", metavar="METHOD",
         help="also erase with METHOD (its preset) in the same run and report both erase times",
@@ -86,6 +118,8 @@ def main() -> None:
         for name, metric in metrics.items():
             keep = {k: metric[k] for k in ("before", "after", "difference", "value") if k in metric}
             result[name] = {k: round(v, 4) for k, v in keep.items()}
+        if args.paraphrases:
+            result["paraphrases"] = paraphrase_presence(erased, base, args.concept, args.seeds)
         if args.compare_time:
             other = erase(args.compare_time, [args.concept], args.model, out=workdir / "compare", seed=args.seed,
                           progress=True)  # fmt: skip

@@ -87,6 +87,7 @@ def erase(
     overrides = [load_config_file(config_file)[0]] if config_file else []
     overrides.append(parse_sets(list(sets)) if not isinstance(sets, dict) else dict(sets))
     family = source.family
+    family.check_method(spec.key)
     config = build_config(method, family, *overrides)
     config.check(family, concepts)  # what the config can only check once it knows the model and concepts
     check_number("--seed", seed, SEED_BOUNDS)

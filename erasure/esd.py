@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from pipelines.errors import InputError
+
 from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
 from .config import MethodConfig
 from .training import ErasureResult, Network, RunContext, TrainingLoop
@@ -56,6 +58,11 @@ class ESDConfig(MethodConfig):
         if self.scope is None:
             self.scope = "xattn" if self.component == "unet" else "full"
         validate_scope(self.component, self.scope)
+
+    def check(self, family, concepts) -> None:
+        if self.component == "text_encoder" and getattr(family, "text_encoders", 1) != 1:
+            raise InputError(f"esd's text-encoder variant trains one text encoder; {family.name} models have "
+                             f"{family.text_encoders} (erase in the UNet: component unet)")  # fmt: skip
 
 
 CONFIG = ESDConfig

@@ -166,14 +166,14 @@ def train_concept_tokens(encoder, tokenizer, concepts: list[str]) -> int:
     return len(ids) * weight.shape[1]
 
 
-def denoising_loss(model, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
-                   t: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """The ordinary denoising loss of `latents` under conditioning `cond` (eps- or v-prediction, as the
-    model's scheduler says)."""
+def denoising_loss(model, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   unet=None) -> torch.Tensor:  # fmt: skip
+    """The ordinary denoising loss of `latents` under conditioning `cond` for `unet` (default: the model's;
+    eps- or v-prediction, as the model's scheduler says)."""
     scheduler = model.scheduler
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
-    return F.mse_loss(model.family.denoise(model.unet, noisy, t, cond), target)
+    return F.mse_loss(model.family.denoise(unet if unet is not None else model.unet, noisy, t, cond), target)
 
 
 @torch.no_grad()

@@ -102,6 +102,16 @@ ADAPT_UNLEARN = Paper(
     "Bhattacharya, Prathosh and Biswas, Sourav},\n  journal={TMLR},\n  year={2025}\n}",
 )
 
+STEREO = Paper(
+    "STEREO: A Two-Stage Framework for Adversarially Robust Concept Erasing from Text-to-Image Diffusion Models",
+    "Srivatsan, Shamshad, Naseer, Patel, Nandakumar",
+    "CVPR 2025",
+    "https://arxiv.org/abs/2408.16807",
+    "@inproceedings{srivatsan2025stereo,\n  title={STEREO: A Two-Stage Framework for Adversarially Robust Concept "
+    "Erasing from Text-to-Image Diffusion Models},\n  author={Srivatsan, Koushik and Shamshad, Fahad and Naseer, "
+    "Muzammal and Patel, Vishal M. and Nandakumar, Karthik},\n  booktitle={CVPR},\n  year={2025}\n}",
+)
+
 _METHODS = [
     Method("esd", "negative-guidance fine-tuning of the UNet (ESD-x/ESD-u) or text encoder; the baseline",
            ESD, "unet or text_encoder", "text-to-image", "erasure.esd"),
@@ -115,6 +125,8 @@ _METHODS = [
            TEXT2UNLEARN, "generator", "gan", "erasure.text2unlearn"),
     Method("adapt-unlearn", "adapt a GAN to negative samples, then repel the original from it",
            ADAPT_UNLEARN, "generator", "gan", "erasure.adapt_unlearn"),
+    Method("stereo", "search the erased UNet for words that still draw the concept, then erase once against them",
+           STEREO, "unet", "text-to-image", "erasure.stereo"),
 ]  # fmt: skip
 
 METHODS: dict[str, Method] = {}

@@ -164,10 +164,12 @@ class TextToImageModel:
         ).images  # fmt: skip
         return decode_latents(self.vae, latents)
 
+    replaceable = ("text_encoder", "unet", "vae")
+
     def replace(self, name: str, module: torch.nn.Module) -> None:
         """Swap a component (e.g. a patched text encoder) into the pipeline."""
-        if name not in ("text_encoder", "unet", "vae"):
-            raise ValueError(f"cannot replace {name!r}; replaceable: text_encoder, unet, vae")
+        if name not in self.replaceable:
+            raise ValueError(f"cannot replace {name!r}; replaceable: {', '.join(self.replaceable)}")
         module.to(self.device, getattr(self.pipe, name).dtype)
         setattr(self.pipe, name, module)
         self.pipe.register_modules(**{name: module})
@@ -198,6 +200,34 @@ class TextToImageModel:
             stored = save_pipeline(self.pipe, directory, changed=changed, source=self.source, mode=mode)
         write_model_card(directory, {**self.source.card, "family": self.family.name, **(card or {})})
         return stored
+
+
+class XLModel(TextToImageModel):
+    """An SDXL model: a second tokenizer and text encoder; its conditionings are the sdxl family's packed
+    tensors (pipelines/families/sdxl.py), unpacked here into what `StableDiffusionXLPipeline` takes."""
+
+    replaceable = ("text_encoder", "text_encoder_2", "unet", "vae")
+
+    @property
+    def tokenizer_2(self):
+        return self.pipe.tokenizer_2
+
+    @property
+    def text_encoder_2(self):
+        return self.pipe.text_encoder_2
+
+    def _sample(self, embeds, negative, generators, steps, guidance) -> list[Image.Image]:
+        from .families.sdxl import pooled_width, unpack
+
+        width = pooled_width(self.unet)
+        tokens, pooled, _ = unpack(embeds, width)  # the time ids are the pipeline's own defaults
+        negative_tokens, negative_pooled, _ = unpack(negative.expand(len(embeds), -1, -1), width)
+        latents = self.pipe(
+            prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative_tokens,
+            negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=steps, guidance_scale=guidance,
+            generator=generators, output_type="latent",
+        ).images  # fmt: skip
+        return decode_latents(self.vae, latents)
 
 
 class OneStepModel(TextToImageModel):
@@ -243,20 +273,25 @@ def load_text_to_image(
     dtype: torch.dtype = torch.float32,
     single_file_config: str | Path | None = None,
 ) -> TextToImageModel:
-    """Load a StableDiffusionPipeline from a resolved source (folder, Hub snapshot or single file)."""
-    from diffusers import StableDiffusionPipeline
+    """Load the family's diffusers pipeline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) from a
+    resolved source (folder, Hub snapshot or single file)."""
+    import diffusers
 
+    pipeline = getattr(diffusers, source.family.pipeline_class)
+    # SDXL's pipeline has no safety checker to switch off.
     no_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    extra = no_checker if pipeline is diffusers.StableDiffusionPipeline else {}
     if source.origin == "single-file":
-        pipe = _load_single_file(source.path, single_file_config, dtype, no_checker)
+        pipe = _load_single_file(pipeline, source.path, single_file_config, dtype, extra)
     else:
         check_safetensors(source.path)
         try:
             with quiet_libraries(), loadable_folder(source.path) as folder:
-                pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, **no_checker)
+                pipe = pipeline.from_pretrained(folder, dtype=dtype, **extra)
         except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"cannot load a Stable Diffusion pipeline from {source.path}: {exc}") from None
-    model = TextToImageModel(pipe, source).to(device)
+            raise InputError(f"cannot load a {pipeline.__name__} from {source.path}: {exc}") from None
+    wrapper = XLModel if source.family.text_encoders == 2 else TextToImageModel
+    model = wrapper(pipe, source).to(device)
     if torch.device(device).type == "cuda":
         _enable_xformers(pipe)
     return model
@@ -274,14 +309,12 @@ def _enable_xformers(pipe) -> None:
         pass
 
 
-def _load_single_file(path: Path, config: str | Path | None, dtype: torch.dtype, extra: dict):
+def _load_single_file(pipeline, path: Path, config: str | Path | None, dtype: torch.dtype, extra: dict):
     """A single-file (original LDM layout) checkpoint, with component configs from a local folder.
 
     Offline, diffusers cannot fetch the configs it would infer, so they come from `config` or,
     for SD 1.x checkpoints, from the copy shipped in pipelines/configs/.
     """
-    from diffusers import StableDiffusionPipeline
-
     from .tokenizer import clip_tokenizer
 
     if path.suffix == ".safetensors":
@@ -294,7 +327,7 @@ def _load_single_file(path: Path, config: str | Path | None, dtype: torch.dtype,
     try:
         tokenizer = _config_tokenizer(config) or clip_tokenizer()
         with quiet_libraries():
-            return StableDiffusionPipeline.from_single_file(
+            return pipeline.from_single_file(
                 str(path), config=str(config), tokenizer=tokenizer, local_files_only=True, dtype=dtype, **extra
             )
     except InputError:
@@ -328,4 +361,4 @@ def _shipped_config_for(path: Path) -> Path:
     return shipped[model_type]
 
 
-__all__ = ["OneStepModel", "TextToImageModel", "load_one_step", "load_text_to_image"]
+__all__ = ["OneStepModel", "TextToImageModel", "XLModel", "load_one_step", "load_text_to_image"]

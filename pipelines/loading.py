@@ -28,7 +28,10 @@ Kind = Literal["text-to-image", "one-step", "gan"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 GAN_FILE_SUFFIXES = (".pt", ".pkl")
-PIPELINE_CLASSES = {"StableDiffusionPipeline": "text-to-image", "OneStepPipeline": "one-step"}
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": "text-to-image", "StableDiffusionXLPipeline": "text-to-image",
+    "OneStepPipeline": "one-step",
+}  # fmt: skip
 GAN_CONFIG_FILE = "generator_config.json"
 PROMPTED_KINDS = ("text-to-image", "one-step")  # prompt-conditioned: generated and judged alike
 

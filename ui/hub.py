@@ -244,6 +244,8 @@ def _check_single_file(run: Run) -> None:
     if run.kind != "text-to-image":
         raise InputError(f"--single-file writes the Stable Diffusion layout; a {run.kind} run has no such form")
     index = json.loads((run.path / "model_index.json").read_text())
+    if "text_encoder_2" in index:
+        raise InputError("--single-file writes the SD 1.x layout; SDXL's own layout is not written yet (issue 40)")
     if index.get("text_encoder") != ["transformers", "CLIPTextModel"]:
         raise InputError("--single-file writes the SD 1.x layout, which needs a CLIPTextModel text encoder")
     from pipelines.components import component_folders

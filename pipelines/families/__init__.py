@@ -12,11 +12,12 @@ from pathlib import Path
 from ..errors import InputError
 from .base import Family, PromptSet
 from .digits import Digits
+from .sdxl import SDXL
 from .stable_diffusion import SD1, SD2, StableDiffusionFamily
 from .stylegan2 import StyleGAN2
 
 FAMILIES: dict[str, Family] = {}
-for _family in (Digits(), SD1(), SD2(), StyleGAN2()):
+for _family in (Digits(), SD1(), SD2(), SDXL(), StyleGAN2()):
     if _family.name in FAMILIES:
         raise RuntimeError(f"family {_family.name!r} registered twice")
     FAMILIES[_family.name] = _family
@@ -38,7 +39,8 @@ def get_family(name: str | Family) -> Family:
 def detect(kind: str, path: Path, declared: str | None = None) -> Family:
     """The family of a model of `kind` at `path`: the one its card declares, else what its files say.
 
-    Stable Diffusion 2.x is told from 1.x by its OpenCLIP text tower (GELU, where OpenAI's CLIP uses
+    SDXL has a second text encoder (single files: the `conditioner.embedders.` of its two); Stable
+    Diffusion 2.x is told from 1.x by its OpenCLIP text tower (GELU, where OpenAI's CLIP uses
     quick-GELU; 1024-wide cross-attention at full size); a single file, by its OpenCLIP weight names.
     """
     if declared:
@@ -46,6 +48,8 @@ def detect(kind: str, path: Path, declared: str | None = None) -> Family:
     if kind == "gan":
         return FAMILIES["stylegan2"]
     if path.is_dir():
+        if (path / "text_encoder_2").is_dir():
+            return FAMILIES["sdxl"]
         text = _json(path / "text_encoder" / "config.json")
         unet = _json(path / "unet" / "config.json")
         openclip = text.get("hidden_act") == "gelu" or unet.get("cross_attention_dim") == 1024
@@ -55,8 +59,11 @@ def detect(kind: str, path: Path, declared: str | None = None) -> Family:
 
         try:
             with safe_open(str(path), "pt") as f:
-                if any(key.startswith("cond_stage_model.model.") for key in f.keys()):
-                    return FAMILIES["sd2"]
+                keys = list(f.keys())
+            if any(key.startswith("conditioner.embedders.") for key in keys):
+                return FAMILIES["sdxl"]
+            if any(key.startswith("cond_stage_model.model.") for key in keys):
+                return FAMILIES["sd2"]
         except Exception:  # a damaged file: loading it says so, with the file's name
             pass
     return FAMILIES["sd1"]

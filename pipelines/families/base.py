@@ -74,9 +74,17 @@ class Family:
     has_builtin_images: ClassVar[bool] = False  # images of its concepts ship with it (`--images builtin`)
     # method key -> the options tuned for this family, over the config's paper defaults
     presets: ClassVar[dict[str, dict]] = {}
+    # method key (or "attacks", for `eval --attack`) -> why this family's models cannot take it, refused
+    # before anything loads
+    unsupported: ClassVar[dict[str, str]] = {}
 
     def preset(self, method: str) -> dict:
         return dict(self.presets.get(method, {}))
+
+    def check_method(self, method: str) -> None:
+        """Refuse, in one line, a method this family's models cannot take."""
+        if method in self.unsupported:
+            raise InputError(f"{method} cannot erase from {self.name} models: {self.unsupported[method]}")
 
     def judges(self, concept: str) -> bool:
         """Whether the family's own judge can tell `concept` in an image."""
@@ -113,6 +121,12 @@ class Family:
                      ) -> list[tuple[str, str]]:  # fmt: skip
         """(prompt of a concept, the same prompt of what it becomes) for every concept -> override."""
         return [(t.format(c), t.format(o)) for c, o in overrides.items() for t in templates]
+
+    def anchor_prompts(self, concept: str, rng: random.Random, n: int = 50) -> list[str]:
+        """The concept in context, for methods that steer towards the context while erasing the concept
+        (STEREO's anchors). Real-world defaults are the general templates; STEREO wrote sentences per concept,
+        which a method's `anchor_prompts` option takes."""
+        return [t.format(concept) for t in GENERAL_TARGET_TEMPLATES[1:]]
 
     def default_override(self, concept: str) -> str | None:
         """What `concept` becomes when the user names nothing (SFD); None: the user must name it."""

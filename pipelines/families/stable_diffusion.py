@@ -9,7 +9,7 @@ subclass that overrides these, not a branch in every method.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from .base import Family
 
@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 class StableDiffusionFamily(Family):
     """The conditioning and sampling of a `StableDiffusionPipeline`-shaped model."""
+
+    pipeline_class: ClassVar[str] = "StableDiffusionPipeline"  # the diffusers class its models load as
+    text_encoders: ClassVar[int] = 1
 
     def tokenize(self, model, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids padded to the tokenizer's length, as the pipeline would make them."""

@@ -1,0 +1,323 @@
+"""STEREO (Srivatsan, Shamshad, Naseer, Patel, Nandakumar, "STEREO: A Two-Stage Framework for Adversarially
+Robust Concept Erasing from Text-to-Image Diffusion Models", CVPR 2025): erase in the UNet, then search the
+erased model for words that still draw the concept, and erase once more against all of them.
+
+Stage 1, search thoroughly enough: `rounds` times, (a) erase - ESD on a copy of the UNet, continued from
+the previous round, on the concept (round 0) or the word the previous round found, with the round's starting
+UNet as teacher:  target = eps*(c0) - eta (eps*(c) - eps*(c0));  (b) invert - textual inversion of a new
+word v_r on the erased copy, from images the *original* model draws of the concept: v_r is inserted after
+the start token of the concept's prompts with the concept's words removed, and learns to be denoised into
+the concept where the erased copy no longer is. Only the words are kept.
+
+Stage 2, robustly erase once: the original UNet is erased with compositional guidance (Liu et al. 2022)
+away from the concept and every found word and towards anchor prompts (the concept in context), all
+computed by the frozen original UNet eps0:
+
+    target = eps0(c0) + (s - 1) (eps0(a) - eps0(c0)) - (s + 1) mean_{e in E} (eps0(e) - eps0(c0))
+    loss   = || eps_theta(x_t, t, e_s) - sg(target) ||^2,   E = {concept} + {found words}, e_s drawn from E
+
+`x_t` comes, as in ESD, from the model being trained: DDIM from noise on `e_s`, stopped at a random step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.images import to_tensor
+from pipelines.text_embeddings import encode_with_inserted, token_embeddings
+
+from .advunlearn import attack_embeddings, fast_at_start
+from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
+from .config import MethodConfig
+from .fewshot import denoising_loss, encode_images
+from .training import ErasureResult, Network, RunContext, TrainingLoop
+
+# The original model's images of the concept that words are inverted from use seeds far from the
+# evaluation's (0, 1, ...) and its attacks' (1000, ...).
+IMAGE_SEED_OFFSET = 2_000_000
+
+
+@dataclass
+class STEREOConfig(MethodConfig):
+    # Defaults: the authors' code on SD 1.4 (its README's nudity run: ESD-u scope, 2 rounds).
+    steps: int = field(default=200, metadata={"bounds": "[1, inf)", "help": "stage 2 (erase once) steps"})
+    lr: float = field(default=2e-5, metadata={"bounds": "(0, inf)", "help": "stage 2's Adam learning rate"})
+    scope: str = field(
+        default="noxattn", metadata={"help": "UNet parameters both stages train: noxattn (ESD-u) | xattn | full"}
+    )
+    rounds: int = field(default=2, metadata={"bounds": "[1, inf)", "help": "stage 1 rounds of erasing, then inverting"})
+    search_steps: int = field(default=200, metadata={"bounds": "[1, inf)", "help": "stage 1 erasing steps per round"})
+    search_lr: float = field(default=5e-6, metadata={"bounds": "(0, inf)", "help": "stage 1's Adam learning rate"})
+    search_guidance: float = field(
+        default=0.0,
+        metadata={"bounds": "[0, inf)", "help": "eta of stage 1's ESD target (the code's negative_guidance 2 makes "
+                  "it 0: the unconditional prediction)"},
+    )  # fmt: skip
+    inversion_steps: int = field(default=3000, metadata={"bounds": "[1, inf)", "help": "textual inversion steps"})
+    inversion_lr: float = field(
+        default=5e-3, metadata={"bounds": "(0, inf)", "help": "textual inversion's Adam learning rate"}
+    )
+    inversion_batch: int = field(default=1, metadata={"bounds": "[1, inf)", "help": "images per inversion step"})
+    inversion_images: int = field(
+        default=500,
+        metadata={"bounds": "[1, inf)", "help": "images of the concept the original model draws, split between the "
+                  "rounds (seeds 2,000,000 + i)"},
+    )  # fmt: skip
+    guidance_scale: float = field(
+        default=2.0,
+        metadata={"bounds": "[1, inf)", "help": "s of stage 2: the anchors weigh s - 1, the erased words s + 1"},
+    )
+    anchor_prompts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "anchors of stage 2, the concept in context (default: the model family's)"},
+    )
+    attack_tokens: int = field(
+        default=0,
+        metadata={"bounds": "[0, 75]", "help": "what the paper lacks: k adversarial embeddings before the concept's "
+                  "prompts, moved each stage-2 step by one fast-AT step to make the model being erased draw the "
+                  "concept again (AdvUnlearn's inner attack, one per x_t sample), and erased too (0: the paper's)"},
+    )  # fmt: skip
+    attack_lr: float = field(
+        default=0.002, metadata={"bounds": "(0, inf)", "help": "the fast-AT step of the adversarial embeddings"}
+    )
+    retain_weight: float = field(
+        default=0.0,
+        metadata={"bounds": "[0, inf)", "help": "weight of a term the paper lacks: stage 2 keeps the UNet's "
+                  "predictions on the original model's own images of the family's retain prompts (0: the paper's)"},
+    )  # fmt: skip
+    retain_batch: int = field(default=8, metadata={"bounds": "[1, inf)", "help": "retain images per step"})
+    retain_images: int = field(
+        default=64, metadata={"bounds": "[1, inf)", "help": "retain images the original model draws, once"}
+    )
+    ddim_steps: int = field(
+        default=50, metadata={"bounds": "[2, 1000]", "help": "DDIM steps of the trajectory that makes x_t"}
+    )
+    sample_guidance: float = field(
+        default=3.0, metadata={"bounds": "[0, inf)", "help": "classifier-free guidance while sampling x_t"}
+    )
+
+    def __post_init__(self) -> None:
+        validate_scope("unet", self.scope)
+
+
+CONFIG = STEREOConfig
+TEST_SETTINGS = {"steps": 3, "rounds": 1, "search_steps": 2, "inversion_steps": 2, "inversion_images": 4,
+                 "inversion_batch": 2, "retain_images": 4, "retain_batch": 2, "ddim_steps": 3, "batch_size": 2,
+                 "lr": 1e-2, "search_lr": 1e-2}  # fmt: skip
+
+
+class Word(torch.nn.Module):
+    """One free input word embedding, [1, 1, D]: what textual inversion learns."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.vector = torch.nn.Parameter(init.detach().clone().view(1, 1, -1))
+
+    def forward(self) -> torch.Tensor:
+        return self.vector
+
+
+def compositional_target(eps_empty: torch.Tensor, eps_anchor: torch.Tensor, eps_erased: list[torch.Tensor],
+                         scale: float) -> torch.Tensor:  # fmt: skip
+    """eps0(c0) + (s - 1)(eps0(a) - eps0(c0)) - (s + 1) mean_e (eps0(e) - eps0(c0))."""
+    away = torch.stack([e - eps_empty for e in eps_erased]).mean(0)
+    return eps_empty + (scale - 1) * (eps_anchor - eps_empty) - (scale + 1) * away
+
+
+def _stage(run: RunContext, name: str, seed: int) -> RunContext:
+    folder = run.checkpoint_dir / name if run.checkpoint_dir is not None else None
+    return dataclasses.replace(run, seed=seed, checkpoint_dir=folder)
+
+
+def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> ErasureResult:
+    """Erase `concepts` from the UNet of `model`, robustly to the words stage 1 finds."""
+    family = model.family
+    run.check_divisible("batch_size", config.batch_size)
+    run.check_divisible("inversion_batch", config.inversion_batch)
+    run.check_divisible("retain_batch", config.retain_batch)
+    device = run.torch_device
+    model.to(device)
+    for module in (model.unet, model.text_encoder, model.vae):
+        module.requires_grad_(False)
+    encoder = model.text_encoder
+    original = frozen_copy(model.unet)
+    scheduler = ddim_scheduler(model)
+    scheduler.set_timesteps(config.ddim_steps, device=device)
+    unet_cfg = model.unet.config
+    latent_shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
+
+    templates = list(config.prompt_templates)
+    prompts = concept_prompts(concepts, templates)
+    # The prompts a found word stands in: each template without the concept, the word after the start token.
+    contexts = [" ".join(t.format("").split()) for t in templates]
+    anchors = config.anchor_prompts or [p for c in concepts for p in family.anchor_prompts(c, random.Random(run.seed))]
+    with torch.no_grad():
+        uncond = model.encode([""], encoder)
+        vocab = token_embeddings(encoder, torch.arange(len(model.tokenizer), device=device))
+        ids = {c: model.tokenizer(c, add_special_tokens=False).input_ids for c in concepts}
+        init_word = torch.stack([vocab[torch.tensor(i, device=device)].mean(0) for i in ids.values()]).mean(0)
+
+    def concept_condition():
+        return model.encode([random.choice(prompts)], encoder)
+
+    def word_condition(word: torch.Tensor):
+        return encode_with_inserted(encoder, model.tokenize([random.choice(contexts)]), word)
+
+    def x_t_of(unet, cond):
+        """ESD's data-free x_t: the model being trained samples `cond` and stops at a random DDIM step."""
+        stop = random.randrange(config.ddim_steps)
+        noise = run.shard(torch.randn((config.batch_size, *latent_shape), device=device))
+        x_t, t_lo, t_hi = family.trajectory(unet, scheduler, cond, uncond, stop, config.sample_guidance, noise)
+        return x_t, run.shard(torch.randint(t_lo, t_hi, (config.batch_size,), device=device))
+
+    # The original model's images of the concept, as latents: what every round's word is inverted from.
+    image_seeds = range(IMAGE_SEED_OFFSET, IMAGE_SEED_OFFSET + config.inversion_images)
+    jobs = [(i % len(prompts), s) for i, s in enumerate(image_seeds)]
+    with torch.no_grad():
+        images = to_tensor(model.generate_jobs(prompts, jobs, batch_size=16))
+        latents = encode_images(model, images, torch.Generator().manual_seed(run.seed))
+    image_contexts = [contexts[(i % len(prompts)) % len(templates)] for i in range(len(jobs))]
+    per_round = max(1, len(latents) // config.rounds)
+    if config.retain_weight:  # the original model's images of what stays, as latents, with their prompts
+        retain = family.retain_prompts(concepts, random.Random(run.seed))
+        jobs = [(i % len(retain), IMAGE_SEED_OFFSET + i) for i in range(config.retain_images)]
+        with torch.no_grad():
+            retain_latents = encode_images(model, to_tensor(model.generate_jobs(retain, jobs, batch_size=16)),
+                                           torch.Generator().manual_seed(run.seed))  # fmt: skip
+            retain_conds = model.encode([retain[i] for i, _ in jobs], encoder)
+
+    # --- stage 1: search thoroughly enough ------------------------------------------------------------
+    searcher = copy.deepcopy(model.unet)
+    select_trainable(searcher, "unet", config.scope)
+    searcher.train()
+    words: list[torch.Tensor] = []
+    for r in range(config.rounds):
+        teacher = frozen_copy(searcher)
+        optimizer = torch.optim.Adam([p for p in searcher.parameters() if p.requires_grad], lr=config.search_lr,
+                                     betas=tuple(config.adam_betas))  # fmt: skip
+        loop = TrainingLoop(_stage(run, f"search-{r}", run.seed + 1 + 2 * r),
+                            {"unet": Network(searcher, optimizer)}, desc=f"stereo: erase {r + 1}/{config.rounds}",
+                            fingerprint={"stage": f"search-{r}"})  # fmt: skip
+        student = loop.modules["unet"]
+        previous = words[-1] if words else None
+
+        def search_step(step: int, student=student, teacher=teacher, previous=previous, loop=loop):
+            with torch.no_grad():
+                cond = concept_condition() if previous is None else word_condition(previous)
+                x_t, t = x_t_of(searcher, cond)
+                eps_empty = family.denoise(teacher, x_t, t, uncond.expand(len(x_t), -1, -1))
+                eps_concept = family.denoise(teacher, x_t, t, cond.expand(len(x_t), -1, -1))
+                target = eps_empty - config.search_guidance * (eps_concept - eps_empty)
+            loss = F.mse_loss(family.denoise(student, x_t, t, cond.expand(len(x_t), -1, -1)), target)
+            loop.update("unet", loss)
+            return {"erase": loss.item()}
+
+        loop.fit(search_step, config.search_steps)
+        searcher.eval()
+        mine = slice(r * per_round, (r + 1) * per_round)
+        stage = _stage(run, f"invert-{r}", run.seed + 2 + 2 * r)
+        words.append(invert(model, searcher, latents[mine], image_contexts[mine], init_word, config, stage,
+                            f"stereo: invert {r + 1}/{config.rounds}"))  # fmt: skip
+        searcher.train()
+
+    # --- stage 2: robustly erase once, from the original UNet ----------------------------------------------
+    unet = model.unet
+    trainable = select_trainable(unet, "unet", config.scope)
+    unet.train()
+    optimizer = torch.optim.Adam([p for p in unet.parameters() if p.requires_grad], lr=config.lr,
+                                 betas=tuple(config.adam_betas))  # fmt: skip
+    state = {}
+    if config.attack_tokens:  # one set of adversarial embeddings per x_t sample, from random words
+        g = torch.Generator().manual_seed(run.seed)
+        state["adv"] = vocab[torch.randint(len(vocab), (config.batch_size, config.attack_tokens), generator=g)]
+    loop = TrainingLoop(_stage(run, "erase-once", run.seed), {"unet": Network(unet, optimizer)},
+                        desc="stereo: erase once", state=state, fingerprint={"stage": "erase-once"})  # fmt: skip
+    student = loop.modules["unet"]
+    erased_set = [None, *words]  # None: the concept's own prompts
+
+    def adversarial_condition(x_t, t) -> torch.Tensor:
+        """[adv; a concept prompt], adv moved one fast-AT step to make the model draw the concept again:
+        its prediction under it should match the original's under the plain prompt."""
+        prompt = random.choice(prompts)
+        ids = model.tokenize([prompt]).expand(len(x_t), -1)
+        with torch.no_grad():
+            wanted = family.denoise(original, x_t, t, model.encode([prompt], encoder).expand(len(x_t), -1, -1))
+
+        def attack_loss(adv: torch.Tensor) -> torch.Tensor:
+            return F.mse_loss(family.denoise(unet, x_t, t, encode_with_inserted(encoder, ids, adv)), wanted)
+
+        start = run.shard(fast_at_start(state["adv"], config.attack_lr))  # drawn for the global batch
+        adv = attack_embeddings(attack_loss, start, "fast-at", 1, config.attack_lr)
+        state["adv"] = run.gather(adv)
+        with torch.no_grad():
+            return encode_with_inserted(encoder, ids, adv)
+
+    def erase_once_step(step: int) -> dict[str, float]:
+        with torch.no_grad():
+            conds = [concept_condition() if w is None else word_condition(w) for w in erased_set]
+            cond = conds[step % len(conds)]  # the erased set in turn
+            anchor = model.encode([random.choice(anchors)], encoder)
+            x_t, t = x_t_of(unet, cond)
+            expand = lambda c: c.expand(len(x_t), -1, -1)  # noqa: E731
+            eps_empty = family.denoise(original, x_t, t, expand(uncond))
+            eps_anchor = family.denoise(original, x_t, t, expand(anchor))
+            eps_erased = [family.denoise(original, x_t, t, expand(c)) for c in conds]
+            target = compositional_target(eps_empty, eps_anchor, eps_erased, config.guidance_scale)
+        loss = F.mse_loss(family.denoise(student, x_t, t, cond.expand(len(x_t), -1, -1)), target)
+        logs = {"erase": loss.item()}
+        if config.attack_tokens:
+            adversarial = F.mse_loss(family.denoise(student, x_t, t, adversarial_condition(x_t, t)), target)
+            loss = loss + adversarial
+            logs["adversarial"] = adversarial.item()
+        if config.retain_weight:
+            rows = run.shard(torch.randint(len(retain_latents), (config.retain_batch,), device=device))
+            noise = run.shard(torch.randn((config.retain_batch, *latent_shape), device=device))
+            t_r = run.shard(torch.randint(0, scheduler.config.num_train_timesteps, (config.retain_batch,),
+                                          device=device))  # fmt: skip
+            x_r = scheduler.add_noise(retain_latents[rows], noise, t_r)
+            with torch.no_grad():
+                kept = family.denoise(original, x_r, t_r, retain_conds[rows])
+            drift = F.mse_loss(family.denoise(student, x_r, t_r, retain_conds[rows]), kept)
+            loss = loss + config.retain_weight * drift
+            logs["retain"] = drift.item()
+        loop.update("unet", loss)
+        return logs
+
+    logs = loop.fit(erase_once_step, config.steps)
+    unet.eval()
+    outcome = {"stereo": {"rounds": config.rounds, "words": len(words), "images": len(latents),
+                          "anchors": anchors[:8], "anchor_count": len(anchors)}}  # fmt: skip
+    return ErasureResult(model, ["unet"], trainable, logs, outcome)
+
+
+def invert(model, unet, latents: torch.Tensor, contexts: list[str], init: torch.Tensor, config: STEREOConfig,
+           run: RunContext, desc: str) -> torch.Tensor:  # fmt: skip
+    """Textual inversion of one new word on `unet` (frozen): v inserted after the start token of each image's
+    context, trained with the plain denoising loss to bring the images back. Returns v, [1, 1, D]."""
+    word = Word(init)
+    optimizer = torch.optim.Adam(word.parameters(), lr=config.inversion_lr)
+    loop = TrainingLoop(run, {"word": Network(word, optimizer, None)}, desc=desc,
+                        fingerprint={"stage": desc})  # fmt: skip
+    encoder = model.text_encoder
+    ids = model.tokenize(contexts)
+    device = latents.device
+    num_train = model.scheduler.config.num_train_timesteps
+
+    def step_fn(step: int) -> dict[str, float]:
+        rows = torch.randint(len(latents), (config.inversion_batch,), device=device)
+        noise = torch.randn((config.inversion_batch, *latents.shape[1:]), device=device)
+        t = torch.randint(0, num_train, (config.inversion_batch,), device=device)
+        rows, noise, t = run.shard(rows), run.shard(noise), run.shard(t)
+        cond = encode_with_inserted(encoder, ids[rows], loop.modules["word"]())
+        loss = denoising_loss(model, latents[rows], cond, noise, t, unet)
+        loop.update("word", loss)
+        return {"denoising": loss.item()}
+
+    loop.fit(step_fn, config.inversion_steps)
+    return word.vector.detach().clone()

@@ -1,0 +1,178 @@
+"""The sdxl family on a tiny real `StableDiffusionXLPipeline` (two tiny CLIP text encoders, the second with
+a projection; a UNet with SDXL's added text-time embedding): loading, the packed conditioning against the
+pipeline's own `encode_prompt`, sampling against plain diffusers, ESD in the UNet, and one-line refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines import load_model
+from pipelines.errors import InputError
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from pipelines.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID)  # fmt: skip
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )  # fmt: skip
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    return {
+        "unet": unet, "vae": vae, "scheduler": scheduler,
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**text)), "tokenizer": clip_tokenizer(16),
+        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=8)),
+        "tokenizer_2": clip_tokenizer(16, pad_token="!"),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_dir(tmp_path_factory):
+    from diffusers import StableDiffusionXLPipeline
+
+    path = tmp_path_factory.mktemp("tiny-sdxl") / "sdxl"
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_an_sdxl_folder_loads_as_the_sdxl_family_and_encodes_as_its_pipeline(tiny_sdxl_dir):
+    from pipelines.families import FAMILIES
+    from pipelines.families.sdxl import pooled_width, unpack
+
+    model = load_model(str(tiny_sdxl_dir))
+    assert model.family is FAMILIES["sdxl"] and type(model.pipe).__name__ == "StableDiffusionXLPipeline"
+    prompts = ["a red seven", "a cat"]
+    with torch.no_grad():
+        cond = model.encode(prompts)
+        tokens, pooled, time_ids = unpack(cond, pooled_width(model.unet))
+        expected, _, expected_pooled, _ = model.pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+        empty_tokens, empty_pooled, _ = unpack(model.encode([""]), pooled_width(model.unet))
+    assert cond.shape == (2, 16 + 1, 32)
+    torch.testing.assert_close(tokens, expected)
+    torch.testing.assert_close(pooled, expected_pooled)
+    size = model.pipe.default_sample_size * model.pipe.vae_scale_factor
+    assert time_ids.tolist() == [[size, size, 0, 0, size, size]] * 2
+    assert not empty_tokens.any() and not empty_pooled.any()  # the pipeline's zeroed negative prompt
+
+
+def test_the_toolkit_draws_what_plain_diffusers_draws(tiny_sdxl_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    model = load_model(str(tiny_sdxl_dir))
+    ours = model.generate(["a red seven"], [3], steps=4, guidance=5.0)[0][0]
+    plain = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    theirs = plain("a red seven", num_inference_steps=4, guidance_scale=5.0,
+                   generator=torch.Generator().manual_seed(3)).images[0]  # fmt: skip
+    assert _pixel_gap(ours, theirs) <= 1  # the same pixels, up to rounding
+
+
+def _pixel_gap(a, b) -> int:
+    import numpy as np
+
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+def _unet_changes(base: torch.nn.Module, erased: torch.nn.Module) -> set[str]:
+    erased_state = erased.state_dict()
+    return {k for k, v in base.state_dict().items() if not torch.equal(v, erased_state[k])}
+
+
+def test_esd_erases_in_sdxl_cross_attention_and_the_run_loads_in_plain_diffusers(tiny_sdxl_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from erasure.api import erase
+
+    run = erase("esd", ["seven"], str(tiny_sdxl_dir), out=tmp_path / "run", progress=False,
+                sets=["steps=3", "ddim_steps=3", "batch_size=2", "lr=1e-2"])  # fmt: skip
+    base, erased = load_model(str(tiny_sdxl_dir)), load_model(str(run))
+    changed = _unet_changes(base.unet, erased.unet)
+    assert changed and all(".attn2." in k for k in changed)  # ESD-x: the cross-attention only
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        assert not _unet_changes(getattr(base, name), getattr(erased, name))
+    ours = erased.generate(["a seven"], [5], steps=3, guidance=4.0)[0][0]
+    plain = StableDiffusionXLPipeline.from_pretrained(run)
+    theirs = plain("a seven", num_inference_steps=3, guidance_scale=4.0,
+                   generator=torch.Generator().manual_seed(5)).images[0]  # fmt: skip
+    assert _pixel_gap(ours, theirs) <= 1
+    assert ours.tobytes() != base.generate(["a seven"], [5], steps=3, guidance=4.0)[0][0].tobytes()
+
+
+def test_an_sdxl_run_is_evaluated_and_exported_for_plain_diffusers(tiny_sdxl_dir, tiny_open_clip, tmp_path):
+    import json
+
+    from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+
+    from erasure.api import erase
+    from erasure.evaluation import run_eval
+    from ui.hub import export_run
+
+    run = erase("esd", ["seven"], str(tiny_sdxl_dir), out=tmp_path / "run", progress=False,
+                sets=["steps=1", "ddim_steps=2"])  # fmt: skip
+    report = json.loads(run_eval(str(run), samples=1, clip=tiny_open_clip, progress=False).read_text())
+    scores = report["concepts"]["seven"]["metrics"]
+    assert 0 <= scores["target_presence_clip"]["after"] <= 1 and scores["target_clip_score"]["after"] >= 0
+    assert report["after"]["family"] == report["before"]["family"] == "sdxl" and report["baseline_matches_run"]
+    exported = export_run(run, "someone/sdxl-esd", local_dir=tmp_path / "hub")
+    card = (exported.folder / "README.md").read_text()
+    assert "**esd**" in card and "DiffusionPipeline.from_pretrained" in card
+    pipe = DiffusionPipeline.from_pretrained(exported.folder)  # what the card's snippet does
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    with pytest.raises(InputError, match="SDXL's own layout"):
+        export_run(run, "someone/sdxl-esd", local_dir=tmp_path / "hub2", single_file=True)
+
+
+def test_esd_u_trains_everything_but_sdxl_cross_attention(tiny_sdxl_dir, tmp_path):
+    from erasure.api import erase
+
+    run = erase("esd", ["seven"], str(tiny_sdxl_dir), out=tmp_path / "run", progress=False,
+                sets=["steps=2", "ddim_steps=3", "lr=1e-2", "scope=noxattn"])  # fmt: skip
+    changed = _unet_changes(load_model(str(tiny_sdxl_dir)).unet, load_model(str(run)).unet)
+    assert changed and not any(".attn2." in k for k in changed)
+    assert any("add_embedding" in k or "resnets" in k for k in changed)
+
+
+@pytest.mark.parametrize(
+    ("method", "sets", "says"),
+    [("advunlearn", [], "SDXL has two"), ("fewshot", [], "SDXL has two"), ("stereo", [], "SDXL has two"),
+     ("sfd", [], "pooled embedding"), ("esd", ["component=text_encoder"], "sdxl models have 2")],
+)  # fmt: skip
+def test_what_sdxl_cannot_take_is_refused_in_one_line_before_loading(tiny_sdxl_dir, tmp_path, method, sets, says):
+    from erasure.api import erase
+
+    with pytest.raises(InputError, match=says) as refused:
+        erase(method, ["seven"], str(tiny_sdxl_dir), out=tmp_path / "run", progress=False, sets=sets)
+    assert "\n" not in str(refused.value) and not (tmp_path / "run").exists()
+
+
+def test_attacks_on_sdxl_are_refused_in_one_line(tiny_sdxl_dir, tmp_path):
+    from erasure.evaluation import run_eval
+
+    with pytest.raises(InputError, match="--attack on sdxl models") as refused:
+        run_eval(str(tiny_sdxl_dir), concepts=["seven"], baseline=str(tiny_sdxl_dir), attack="embedding",
+                 json_path=tmp_path / "eval.json", progress=False)  # fmt: skip
+    assert "\n" not in str(refused.value)
+
+
+def test_a_single_sdxl_file_is_recognised_by_its_two_embedders(tmp_path):
+    from safetensors.torch import save_file
+
+    from pipelines.families import FAMILIES, detect
+
+    path = tmp_path / "model.safetensors"
+    weights = {"conditioner.embedders.1.model.ln_final.weight": torch.ones(2), "model.diffusion_model.x": torch.ones(1)}
+    save_file(weights, str(path))
+    assert detect("text-to-image", path) is FAMILIES["sdxl"]

@@ -1,0 +1,56 @@
+"""STEREO: the compositional target on small tensors, textual inversion finding a word the UNet denoises
+into the images, and stage 2 starting again from the original UNet (tiny real components)."""
+
+import torch
+
+from erasure.config import build_config, parse_sets
+from erasure.fewshot import denoising_loss, encode_images
+from erasure.stereo import compositional_target, invert
+from erasure.stereo import erase as stereo_erase
+from erasure.training import RunContext
+from pipelines import load_model
+from pipelines.text_embeddings import encode_with_inserted, token_embeddings
+
+QUICK = ["rounds=2", "search_steps=2", "inversion_steps=2", "inversion_images=4", "inversion_batch=2", "ddim_steps=3",
+         "batch_size=2", "steps=2", "prompt_templates={},a {}"]  # fmt: skip
+
+
+def test_the_target_weighs_the_anchor_s_minus_one_and_the_erased_words_s_plus_one():
+    empty, anchor = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 1.0])
+    erased = [torch.tensor([3.0, 0.0]), torch.tensor([1.0, 2.0])]  # mean difference from empty: (1, 1)
+    assert torch.allclose(compositional_target(empty, anchor, erased, 2.0), torch.tensor([1 + 1 - 3, 0 + 1 - 3.0]))
+    # s = 1: no anchor, twice the negative guidance of ESD's eta = 1
+    assert torch.allclose(compositional_target(empty, anchor, erased, 1.0), empty - 2 * torch.tensor([1.0, 1.0]))
+
+
+def test_inversion_finds_a_word_the_unet_denoises_its_images_with(tiny_model):
+    model = tiny_model
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    latents = encode_images(model, images, torch.Generator().manual_seed(0))
+    contexts = ["a", "a", "the", "the"]
+    config = build_config("stereo", model.family, parse_sets(["inversion_steps=40", "inversion_lr=0.05",
+                                                              "inversion_batch=4"]))  # fmt: skip
+    with torch.no_grad():
+        start = token_embeddings(model.text_encoder, torch.tensor(model.tokenizer("cat").input_ids[1:2]))[0]
+    ids = model.tokenize(contexts)
+    g = torch.Generator().manual_seed(1)
+    noise, t = torch.randn(latents.shape, generator=g), torch.randint(0, 1000, (4,), generator=g)
+
+    def loss_with(word):
+        with torch.no_grad():
+            return float(denoising_loss(model, latents, encode_with_inserted(model.text_encoder, ids, word), noise, t))
+
+    word = invert(model, model.unet, latents, contexts, start, config, RunContext(seed=0, progress=False), "test")
+    assert word.shape == (1, 1, model.text_encoder.config.hidden_size)
+    assert loss_with(word) < loss_with(start.view(1, 1, -1)) - 1e-4
+
+
+def test_stage_two_starts_again_from_the_original_unet(tiny_pipeline_dir):
+    # a large stage-1 learning rate and a vanishing stage-2 one: what stage 1 did must not reach the result
+    model = load_model(str(tiny_pipeline_dir))
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    config = build_config("stereo", model.family, parse_sets([*QUICK, "search_lr=0.1", "lr=1e-12"]))
+    result = stereo_erase(model, ["a cat"], config, RunContext(seed=0, progress=False))
+    after = result.model.unet.state_dict()
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) < 1e-6
+    assert result.outcome["stereo"]["words"] == 2 and result.changed == ["unet"]
