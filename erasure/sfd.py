@@ -164,6 +164,10 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
     from pipelines.one_step import OneStepPipeline, x0_from_eps
 
     family = model.family
+    prediction = model.scheduler.config.prediction_type
+    if prediction != "epsilon":  # x0_from_eps, the one-step step and its plain-diffusers recipe read eps
+        raise InputError(f"sfd distils a noise-predicting (epsilon) teacher; this model predicts {prediction} "
+                         "(SD 2.x at 768 px): not supported yet")  # fmt: skip
     run.check_divisible("batch_size", config.batch_size)
     run.check_divisible("forget_batch", config.forget_batch)
     overrides = config.overrides(family, concepts)

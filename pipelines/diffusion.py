@@ -312,8 +312,8 @@ def _enable_xformers(pipe) -> None:
 def _load_single_file(pipeline, path: Path, config: str | Path | None, dtype: torch.dtype, extra: dict):
     """A single-file (original LDM layout) checkpoint, with component configs from a local folder.
 
-    Offline, diffusers cannot fetch the configs it would infer, so they come from `config` or,
-    for SD 1.x checkpoints, from the copy shipped in pipelines/configs/.
+    Offline, diffusers cannot fetch the configs it would infer, so they come from `config` or, for SD 1.x,
+    SD 2.x (768-px v-prediction) and SDXL base checkpoints, from the copies shipped in pipelines/configs/.
     """
     from .tokenizer import clip_tokenizer
 
@@ -325,10 +325,12 @@ def _load_single_file(pipeline, path: Path, config: str | Path | None, dtype: to
     if not (config / "model_index.json").is_file():
         raise InputError(f"{config} is not a diffusers config folder (no model_index.json)")
     try:
-        tokenizer = _config_tokenizer(config) or clip_tokenizer()
+        tokenizers = {"tokenizer": _config_tokenizer(config / "tokenizer") or clip_tokenizer()}
+        if (config / "tokenizer_2").is_dir():  # SDXL's second tokenizer pads with "!"
+            tokenizers["tokenizer_2"] = _config_tokenizer(config / "tokenizer_2")
         with quiet_libraries():
             return pipeline.from_single_file(
-                str(path), config=str(config), tokenizer=tokenizer, local_files_only=True, dtype=dtype, **extra
+                str(path), config=str(config), local_files_only=True, dtype=dtype, **tokenizers, **extra
             )
     except InputError:
         raise
@@ -336,11 +338,21 @@ def _load_single_file(pipeline, path: Path, config: str | Path | None, dtype: to
         raise InputError(f"cannot load single-file checkpoint {path}: {exc}") from None
 
 
-def _config_tokenizer(config: Path):
-    if (config / "tokenizer").is_dir() and any((config / "tokenizer").glob("*.json")):
+def _config_tokenizer(folder: Path):
+    """A config folder's tokenizer: its own files, or - shipped configs carry no vocabulary - the real CLIP
+    vocabulary with the length and padding its tokenizer_config.json names."""
+    from .tokenizer import clip_tokenizer
+
+    if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
         from transformers import CLIPTokenizer
 
-        return CLIPTokenizer.from_pretrained(config / "tokenizer")
+        return CLIPTokenizer.from_pretrained(folder)
+    settings = folder / "tokenizer_config.json"
+    if settings.is_file():
+        import json
+
+        spec = json.loads(settings.read_text())
+        return clip_tokenizer(spec.get("model_max_length", 77), spec.get("pad_token", "<|endoftext|>"))
     return None
 
 
@@ -352,13 +364,15 @@ def _shipped_config_for(path: Path) -> Path:
         model_type = infer_diffusers_model_type(checkpoint)
     except Exception as exc:
         raise InputError(f"cannot read single-file checkpoint {path}: {exc}") from None
-    shipped = {"v1": SHIPPED_CONFIGS / "sd-v1"}
+    # SD 2.x files are taken as 768-px v-prediction (2.0-v, 2.1); a 512-px epsilon one (2.x-base) needs
+    # --model-config.
+    shipped = {"v1": "sd-v1", "v2": "sd-v2", "xl_base": "sdxl-base"}
     if model_type not in shipped:
         raise InputError(
             f"{path} looks like a {model_type!r} checkpoint; pass --model-config with a diffusers folder "
             f"of its configs (shipped: {', '.join(shipped)})"
         )
-    return shipped[model_type]
+    return SHIPPED_CONFIGS / shipped[model_type]
 
 
 __all__ = ["OneStepModel", "TextToImageModel", "XLModel", "load_one_step", "load_text_to_image"]

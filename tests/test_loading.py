@@ -131,3 +131,38 @@ def test_shipped_sd1_configs_describe_stable_diffusion_1(tmp_path):
     assert round(count(unet) / 1e6) == 860
     assert round(count(vae) / 1e6) == 84
     assert round(count(text) / 1e6) == 123
+
+
+def _parameters_in_millions(root, names: dict[str, str]) -> dict[str, int]:
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    counts = {}
+    with init_empty_weights():
+        for folder, cls in names.items():
+            if hasattr(diffusers, cls):
+                model_cls = getattr(diffusers, cls)
+                model = model_cls.from_config(model_cls.load_config(root / folder))
+            else:
+                model_cls = getattr(transformers, cls)
+                model = model_cls(model_cls.config_class.from_pretrained(root / folder))
+            counts[folder] = round(sum(p.numel() for p in model.parameters()) / 1e6)
+    return counts
+
+
+def test_shipped_sd2_and_sdxl_configs_build_the_real_architectures():
+    """The configs of offline single-file SD 2.x and SDXL loading (and of real-size random models built for
+    GPU checks) give the published parameter counts."""
+    from pipelines.diffusion import SHIPPED_CONFIGS, _config_tokenizer
+
+    sd2 = _parameters_in_millions(SHIPPED_CONFIGS / "sd-v2", {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL",
+                                                              "text_encoder": "CLIPTextModel"})  # fmt: skip
+    assert sd2 == {"unet": 866, "vae": 84, "text_encoder": 340}
+    xl = _parameters_in_millions(SHIPPED_CONFIGS / "sdxl-base", {
+        "unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+        "text_encoder_2": "CLIPTextModelWithProjection"})  # fmt: skip
+    assert xl == {"unet": 2567, "vae": 84, "text_encoder": 123, "text_encoder_2": 695}
+    assert _config_tokenizer(SHIPPED_CONFIGS / "sd-v2" / "tokenizer").pad_token == "!"
+    assert _config_tokenizer(SHIPPED_CONFIGS / "sdxl-base" / "tokenizer_2").pad_token == "!"
+    assert _config_tokenizer(SHIPPED_CONFIGS / "sdxl-base" / "tokenizer").model_max_length == 77

@@ -1,0 +1,82 @@
+"""Every text-to-image method on a tiny real Stable Diffusion 2.x model: an OpenCLIP-style text tower (GELU,
+"!" padding) and a v-prediction scheduler. Each run changes only its component and loads with plain
+`StableDiffusionPipeline`, which draws the toolkit's pixels; what cannot run on v-prediction is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from erasure.api import erase
+from erasure.registry import METHODS
+from pipelines import load_model
+from pipelines.errors import InputError
+
+from .conftest import tiny_components
+
+
+@pytest.fixture(scope="module")
+def tiny_sd2_dir(tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    from pipelines.tokenizer import clip_tokenizer
+
+    parts = tiny_components(seed=1)
+    config = parts["text_encoder"].config
+    config.hidden_act = "gelu"
+    torch.manual_seed(1)
+    parts["text_encoder"] = CLIPTextModel(config)
+    parts["tokenizer"] = clip_tokenizer(16, pad_token="!")
+    parts["scheduler"] = parts["scheduler"].from_config(parts["scheduler"].config, prediction_type="v_prediction")
+    path = tmp_path_factory.mktemp("tiny-sd2") / "sd2"
+    StableDiffusionPipeline(**parts).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def concept_images(tmp_path_factory):
+    """A few pictures of "the concept" for few-shot erasing (random, but real image files)."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+TEXT_TO_IMAGE = [key for key, m in METHODS.items() if m.model_kind == "text-to-image" and key != "sfd"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", TEXT_TO_IMAGE)
+def test_each_method_erases_from_sd2_and_plain_diffusers_draws_the_run(key, tiny_sd2_dir, concept_images, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    settings = {**METHODS[key].test_settings}
+    if key == "fewshot":  # no offline CLIP for a real-world family's stopping rule: the fixed number of updates
+        settings.update(images=str(concept_images), stop_below=None)
+    run = erase(key, ["a cat"], str(tiny_sd2_dir), out=tmp_path / "run", progress=False,
+                sets=[f"{k}={'none' if v is None else v}" for k, v in settings.items()])  # fmt: skip
+    manifest = json.loads((run / "erasure.json").read_text())
+    assert manifest["base_model"]["family"] == "sd2"
+    base, erased = load_model(str(tiny_sd2_dir)), load_model(str(run))
+    for name in ("unet", "text_encoder", "vae"):
+        same = all(torch.equal(a, b) for a, b in zip(getattr(base, name).state_dict().values(),
+                                                       getattr(erased, name).state_dict().values()))  # fmt: skip
+        assert same == (name not in manifest["changed_components"]), name
+    ours = erased.generate(["a cat"], [7], steps=4, guidance=5.0)[0][0]
+    plain = StableDiffusionPipeline.from_pretrained(run, safety_checker=None, requires_safety_checker=False)
+    theirs = plain("a cat", num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(7))
+    gap = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(theirs.images[0], dtype=np.int16)).max()
+    assert gap <= 1
+
+
+def test_sfd_refuses_a_v_prediction_teacher_in_one_line_and_leaves_nothing(tiny_sd2_dir, tmp_path):
+    sets = [f"{k}={v}" for k, v in METHODS["sfd"].test_settings.items()] + ["override=a dog"]
+    with pytest.raises(InputError, match="predicts v_prediction") as refused:
+        erase("sfd", ["a cat"], str(tiny_sd2_dir), out=tmp_path / "run", progress=False, sets=sets)
+    assert "\n" not in str(refused.value) and not (tmp_path / "run").exists()
