@@ -14,7 +14,7 @@ away from the concept and every found word and towards anchor prompts (the conce
 computed by the frozen original UNet eps0:
 
     target = eps0(c0) + (s - 1) (eps0(a) - eps0(c0)) - (s + 1) mean_{e in E} (eps0(e) - eps0(c0))
-    loss   = || eps_theta(x_t, t, e_s) - sg(target) ||^2,   E = {concept} + {found words}, e_s drawn from E
+    loss   = || eps_theta(x_t, t, e_s) - sg(target) ||^2,   E = {concept} + {found words}, e_s each of E in turn
 
 `x_t` comes, as in ESD, from the model being trained: DDIM from noise on `e_s`, stopped at a random step.
 """
@@ -104,10 +104,13 @@ class STEREOConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         validate_scope("unet", self.scope)
+        if self.inversion_images < self.rounds:
+            raise ValueError(f"inversion_images ({self.inversion_images}) must give each of the {self.rounds} rounds "
+                             "at least one image")  # fmt: skip
 
 
 CONFIG = STEREOConfig
-TEST_SETTINGS = {"steps": 3, "rounds": 1, "search_steps": 2, "inversion_steps": 2, "inversion_images": 4,
+TEST_SETTINGS = {"steps": 3, "rounds": 1, "search_steps": 3, "inversion_steps": 3, "inversion_images": 4,
                  "inversion_batch": 2, "retain_images": 4, "retain_batch": 2, "ddim_steps": 3, "batch_size": 2,
                  "lr": 1e-2, "search_lr": 1e-2}  # fmt: skip
 
@@ -128,6 +131,11 @@ def compositional_target(eps_empty: torch.Tensor, eps_anchor: torch.Tensor, eps_
     """eps0(c0) + (s - 1)(eps0(a) - eps0(c0)) - (s + 1) mean_e (eps0(e) - eps0(c0))."""
     away = torch.stack([e - eps_empty for e in eps_erased]).mean(0)
     return eps_empty + (scale - 1) * (eps_anchor - eps_empty) - (scale + 1) * away
+
+
+def _encode_in_chunks(model, images: torch.Tensor, generator: torch.Generator, chunk: int = 64) -> torch.Tensor:
+    """VAE latents of many images, `chunk` at a time (500 images at 512 px at once would not fit a GPU)."""
+    return torch.cat([encode_images(model, images[i : i + chunk], generator) for i in range(0, len(images), chunk)])
 
 
 def _stage(run: RunContext, name: str, seed: int) -> RunContext:
@@ -181,15 +189,15 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
     jobs = [(i % len(prompts), s) for i, s in enumerate(image_seeds)]
     with torch.no_grad():
         images = to_tensor(model.generate_jobs(prompts, jobs, batch_size=16))
-        latents = encode_images(model, images, torch.Generator().manual_seed(run.seed))
+        latents = _encode_in_chunks(model, images, torch.Generator().manual_seed(run.seed))
     image_contexts = [contexts[(i % len(prompts)) % len(templates)] for i in range(len(jobs))]
     per_round = max(1, len(latents) // config.rounds)
     if config.retain_weight:  # the original model's images of what stays, as latents, with their prompts
         retain = family.retain_prompts(concepts, random.Random(run.seed))
         jobs = [(i % len(retain), IMAGE_SEED_OFFSET + i) for i in range(config.retain_images)]
         with torch.no_grad():
-            retain_latents = encode_images(model, to_tensor(model.generate_jobs(retain, jobs, batch_size=16)),
-                                           torch.Generator().manual_seed(run.seed))  # fmt: skip
+            retain_latents = _encode_in_chunks(model, to_tensor(model.generate_jobs(retain, jobs, batch_size=16)),
+                                               torch.Generator().manual_seed(run.seed))  # fmt: skip
             retain_conds = model.encode([retain[i] for i, _ in jobs], encoder)
 
     # --- stage 1: search thoroughly enough ------------------------------------------------------------
@@ -220,11 +228,18 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
 
         loop.fit(search_step, config.search_steps)
         searcher.eval()
+        trained = [p for p in searcher.parameters() if p.requires_grad]
+        searcher.requires_grad_(False)  # the word alone learns; no UNet gradient is built
         mine = slice(r * per_round, (r + 1) * per_round)
         stage = _stage(run, f"invert-{r}", run.seed + 2 + 2 * r)
         words.append(invert(model, searcher, latents[mine], image_contexts[mine], init_word, config, stage,
                             f"stereo: invert {r + 1}/{config.rounds}"))  # fmt: skip
+        for p in trained:
+            p.requires_grad_(True)
         searcher.train()
+    del teacher, optimizer, loop, student, search_step
+    searcher = None  # stage 1's networks go before stage 2's are built
+    run.accelerator.free_memory()  # accelerate holds every prepared network and optimizer until told
 
     # --- stage 2: robustly erase once, from the original UNet ----------------------------------------------
     unet = model.unet

@@ -1,8 +1,10 @@
-"""Write a Stable Diffusion 1.x pipeline as one original-layout (LDM) checkpoint.
+"""Write a Stable Diffusion 1.x or SDXL pipeline as one original-layout (LDM / SGM) checkpoint.
 
 The reverse of diffusers' `from_single_file`: UIs such as A1111 and ComfyUI take this layout, and
-tests use it to exercise the single-file loading path with tiny models. Only SD 1.x's CLIP text
-encoder layout is written (`cond_stage_model.transformer.*`).
+tests use it to exercise the single-file loading path with tiny models. SD 1.x's CLIP text encoder is
+written as `cond_stage_model.transformer.*`; SDXL's two as `conditioner.embedders.0.transformer.*`
+(the same HF layout) and `conditioner.embedders.1.model.*` (OpenCLIP's: fused q/k/v, `resblocks`,
+the projection transposed). SD 2.x's OpenCLIP tower (one layer fewer in diffusers) is not written.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
     for key, value in unet.state_dict().items():
         parts = key.split(".")
         is_resnet = ".resnets." in key
-        if key.startswith("time_embedding."):
+        if key.startswith("add_embedding."):  # SDXL's pooled-text and time-id embedding
+            new = key.replace("add_embedding.linear_", "label_emb.0.linear_")
+            new = new.replace("label_emb.0.linear_1", "label_emb.0.0").replace("label_emb.0.linear_2", "label_emb.0.2")
+        elif key.startswith("time_embedding."):
             new = key.replace("time_embedding.linear_1", "time_embed.0").replace(
                 "time_embedding.linear_2", "time_embed.2"
             )
@@ -104,10 +109,44 @@ def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
     }
 
 
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # fmt: skip
+
+
+def open_clip_text_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers `CLIPTextModelWithProjection` in OpenCLIP's layout (SDXL's second embedder)."""
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {
+        prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
+        prefix + "ln_final.bias": state.pop("final_layer_norm.bias"),
+        prefix + "text_projection": state.pop("text_projection.weight").T.contiguous(),
+    }
+    for i in range(text_encoder.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [state.pop(f"{layer}self_attn.{p}_proj.{kind}") for p in "qkv"]
+            out[f"{block}attn.in_proj_{kind}"] = torch.cat(qkv)
+            for new, old in _OPEN_CLIP_LAYER.items():
+                out[f"{block}{old}.{kind}"] = state.pop(f"{layer}{new}.{kind}")
+    state.pop("embeddings.position_ids", None)  # a buffer, rebuilt on load
+    if state:
+        raise KeyError(f"no OpenCLIP name for text encoder keys {sorted(state)[:3]}")
+    return out
+
+
 def save_single_file(model, path: str | Path) -> None:
-    """Write the pipeline of a `TextToImageModel` as one LDM-layout `.safetensors` file."""
+    """Write the pipeline of a `TextToImageModel` (SD 1.x or SDXL) as one `.safetensors` file."""
     from safetensors.torch import save_file
 
     pipe = model.pipe
-    state = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae), **text_encoder_to_ldm(pipe.text_encoder)}
+    state = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae)}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        first = text_encoder_to_ldm(pipe.text_encoder)
+        prefix = "conditioner.embedders.0.transformer."
+        state.update({prefix + k.removeprefix("cond_stage_model.transformer."): v for k, v in first.items()})
+        state.update(open_clip_text_to_ldm(pipe.text_encoder_2, "conditioner.embedders.1.model."))
+    else:
+        state.update(text_encoder_to_ldm(pipe.text_encoder))
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))

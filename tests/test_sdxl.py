@@ -11,19 +11,21 @@ from pipelines import load_model
 from pipelines.errors import InputError
 
 
-def tiny_sdxl_components(seed: int = 0) -> dict:
+def tiny_sdxl_components(seed: int = 0, second_width: int = 16, second_layers: int = 3) -> dict:
+    """A tiny SDXL; a single file needs a second encoder of another width than the first (diffusers tells
+    the two apart by width) and of at least 10 layers (it recognises SDXL by its 10th)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from pipelines.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
 
     torch.manual_seed(seed)
-    text = dict(vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-                max_position_embeddings=16, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID)  # fmt: skip
+    text = dict(vocab_size=VOCAB_SIZE, intermediate_size=32, num_attention_heads=2, max_position_embeddings=16,
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID)  # fmt: skip
     unet = UNet2DConditionModel(
         block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2, use_linear_projection=True,
+        cross_attention_dim=16 + second_width, norm_num_groups=4, attention_head_dim=2, use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4,
     )  # fmt: skip
     vae = AutoencoderKL(
@@ -34,8 +36,10 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
                                        steps_offset=1, timestep_spacing="leading")  # fmt: skip
     return {
         "unet": unet, "vae": vae, "scheduler": scheduler,
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**text)), "tokenizer": clip_tokenizer(16),
-        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=8)),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**text, hidden_size=16, num_hidden_layers=3)),
+        "tokenizer": clip_tokenizer(16),
+        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(
+            **text, hidden_size=second_width, num_hidden_layers=second_layers, projection_dim=8)),
         "tokenizer_2": clip_tokenizer(16, pad_token="!"),
     }  # fmt: skip
 
@@ -67,6 +71,33 @@ def test_an_sdxl_folder_loads_as_the_sdxl_family_and_encodes_as_its_pipeline(tin
     size = model.pipe.default_sample_size * model.pipe.vae_scale_factor
     assert time_ids.tolist() == [[size, size, 0, 0, size, size]] * 2
     assert not empty_tokens.any() and not empty_pooled.any()  # the pipeline's zeroed negative prompt
+
+
+@pytest.mark.parametrize("zeros_for_empty", [True, False])
+def test_the_family_denoises_as_the_pipeline_conditions_its_unet(tiny_sdxl_dir, zeros_for_empty):
+    from diffusers import StableDiffusionXLPipeline
+
+    from pipelines.families.sdxl import pooled_width, unpack
+
+    model = load_model(str(tiny_sdxl_dir))
+    model.pipe.register_to_config(force_zeros_for_empty_prompt=zeros_for_empty)
+    pipe: StableDiffusionXLPipeline = model.pipe
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    prompts = ["a red seven", ""]
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.family.denoise(model.unet, x, 500, model.encode(prompts))
+        tokens, negative_tokens, pooled, negative_pooled = pipe.encode_prompt(
+            prompts[:1], do_classifier_free_guidance=True, negative_prompt=None if zeros_for_empty else ""
+        )
+        projection = pipe.text_encoder_2.config.projection_dim
+        time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=tokens.dtype,
+                                          text_encoder_projection_dim=projection)  # fmt: skip
+        theirs = model.unet(x, 500, torch.cat([tokens, negative_tokens]), added_cond_kwargs={
+            "text_embeds": torch.cat([pooled, negative_pooled]), "time_ids": time_ids.repeat(2, 1)}).sample  # fmt: skip
+        _, empty_pooled, _ = unpack(model.encode([""]), pooled_width(model.unet))
+    torch.testing.assert_close(ours, theirs)
+    assert bool(empty_pooled.any()) != zeros_for_empty  # "" is encoded unless the pipeline zeroes it
 
 
 def test_the_toolkit_draws_what_plain_diffusers_draws(tiny_sdxl_dir):
@@ -109,6 +140,11 @@ def test_esd_erases_in_sdxl_cross_attention_and_the_run_loads_in_plain_diffusers
                    generator=torch.Generator().manual_seed(5)).images[0]  # fmt: skip
     assert _pixel_gap(ours, theirs) <= 1
     assert ours.tobytes() != base.generate(["a seven"], [5], steps=3, guidance=4.0)[0][0].tobytes()
+    # the preview's before/after comparison takes the run as it takes any other
+    from ui.compare import ModelCache, compare
+
+    shown = compare(ModelCache(), str(tiny_sdxl_dir), [str(run)], ["a seven"], [5], steps=3, guidance=4.0)
+    assert shown.erased[0][0].tobytes() == ours.tobytes() and shown.base[0][0].tobytes() != ours.tobytes()
 
 
 def test_an_sdxl_run_is_evaluated_and_exported_for_plain_diffusers(tiny_sdxl_dir, tiny_open_clip, tmp_path):
@@ -131,8 +167,6 @@ def test_an_sdxl_run_is_evaluated_and_exported_for_plain_diffusers(tiny_sdxl_dir
     assert "**esd**" in card and "DiffusionPipeline.from_pretrained" in card
     pipe = DiffusionPipeline.from_pretrained(exported.folder)  # what the card's snippet does
     assert isinstance(pipe, StableDiffusionXLPipeline)
-    with pytest.raises(InputError, match="SDXL's own layout"):
-        export_run(run, "someone/sdxl-esd", local_dir=tmp_path / "hub2", single_file=True)
 
 
 def test_esd_u_trains_everything_but_sdxl_cross_attention(tiny_sdxl_dir, tmp_path):
@@ -142,7 +176,8 @@ def test_esd_u_trains_everything_but_sdxl_cross_attention(tiny_sdxl_dir, tmp_pat
                 sets=["steps=2", "ddim_steps=3", "lr=1e-2", "scope=noxattn"])  # fmt: skip
     changed = _unet_changes(load_model(str(tiny_sdxl_dir)).unet, load_model(str(run)).unet)
     assert changed and not any(".attn2." in k for k in changed)
-    assert any("add_embedding" in k or "resnets" in k for k in changed)
+    # ESD-u: every non-cross-attention weight, SDXL's pooled-text/time-id embedding among them
+    assert any(k.startswith("add_embedding.") for k in changed) and any(".resnets." in k for k in changed)
 
 
 @pytest.mark.parametrize(
@@ -176,3 +211,28 @@ def test_a_single_sdxl_file_is_recognised_by_its_two_embedders(tmp_path):
     weights = {"conditioner.embedders.1.model.ln_final.weight": torch.ones(2), "model.diffusion_model.x": torch.ones(1)}
     save_file(weights, str(path))
     assert detect("text-to-image", path) is FAMILIES["sdxl"]
+
+
+def test_an_sdxl_run_exports_as_one_file_that_loads_back_to_the_same_weights(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from erasure.output import write_manifest
+    from pipelines import resolve
+    from pipelines.families import FAMILIES, detect
+    from ui.hub import export_run
+
+    folder = tmp_path / "base"
+    StableDiffusionXLPipeline(**tiny_sdxl_components(2, second_width=24, second_layers=10)).save_pretrained(folder)
+    run = tmp_path / "run"
+    load_model(str(folder)).save(run, card={"erased": {"method": "esd", "concepts": ["seven"], "base_model": "x"}})
+    write_manifest(run, {"method": "esd", "concepts": ["seven"], "base_model": resolve(str(folder)).describe(),
+                         "config": {}, "seed": 0, "changed_components": ["unet"]})  # fmt: skip
+    exported = export_run(run, "someone/sdxl-one-file", local_dir=tmp_path / "hub", no_eval=True, single_file=True)
+    path = exported.folder / "sdxl-one-file.safetensors"
+    assert "StableDiffusionXLPipeline.from_single_file" in (exported.folder / "README.md").read_text()
+    assert detect("text-to-image", path) is FAMILIES["sdxl"]
+    original, reloaded = load_model(str(folder)), load_model(str(path), single_file_config=str(exported.folder))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert not _unet_changes(getattr(original, name), getattr(reloaded, name)), name
+    plain = StableDiffusionXLPipeline.from_single_file(str(path), config=str(exported.folder), local_files_only=True)
+    assert not _unet_changes(original.text_encoder_2, plain.text_encoder_2)

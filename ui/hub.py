@@ -74,16 +74,16 @@ pipe = DiffusionPipeline.from_pretrained("{base}", {name}={name})
 ```"""
 
 SINGLE_FILE_USAGE = """\
-`{file}` is the same model as one file in the original Stable Diffusion (LDM) layout: UNet, VAE and
-CLIP text encoder, the format A1111 and ComfyUI load (put it in their checkpoint folder; they expect
-SD 1.x-sized models). With diffusers, this repository provides the configs:
+`{file}` is the same model as one file in the original Stable Diffusion layout: UNet, VAE and
+text encoder(s), the format A1111 and ComfyUI load (put it in their checkpoint folder; they expect
+models of the real architecture's size). With diffusers, this repository provides the configs:
 
 ```python
-from diffusers import StableDiffusionPipeline
+from diffusers import {pipeline}
 from huggingface_hub import hf_hub_download
 
 path = hf_hub_download("{repo_id}", "{file}")
-pipe = StableDiffusionPipeline.from_single_file(path, config="{repo_id}")
+pipe = {pipeline}.from_single_file(path, config="{repo_id}")
 ```"""
 
 ONE_STEP_USAGE = """\
@@ -240,12 +240,12 @@ def _model_files(path: Path, kind: str) -> dict[Path, Path]:
 
 
 def _check_single_file(run: Run) -> None:
-    """The single-file writer knows SD 1.x's layout only (CLIP ViT-L-style text encoder, 768-wide)."""
+    """The single-file writer knows SD 1.x's layout (CLIP ViT-L-style text encoder) and SDXL's."""
     if run.kind != "text-to-image":
         raise InputError(f"--single-file writes the Stable Diffusion layout; a {run.kind} run has no such form")
     index = json.loads((run.path / "model_index.json").read_text())
-    if "text_encoder_2" in index:
-        raise InputError("--single-file writes the SD 1.x layout; SDXL's own layout is not written yet (issue 40)")
+    if index.get("_class_name") == "StableDiffusionXLPipeline":
+        return
     if index.get("text_encoder") != ["transformers", "CLIPTextModel"]:
         raise InputError("--single-file writes the SD 1.x layout, which needs a CLIPTextModel text encoder")
     from pipelines.components import component_folders
@@ -516,7 +516,8 @@ def _usage(run: Run, repo_id: str, single_file: bool) -> str:
         parts.append(COMPONENT_USAGE.format(repo_id=repo_id, name=changed[0], library=library, cls=cls,
                                             base=base["spec"]))  # fmt: skip
     if single_file:
-        parts.append(SINGLE_FILE_USAGE.format(repo_id=repo_id, file=single_file_name(repo_id)))
+        pipeline = index.get("_class_name", "StableDiffusionPipeline")
+        parts.append(SINGLE_FILE_USAGE.format(repo_id=repo_id, file=single_file_name(repo_id), pipeline=pipeline))
     return "\n\n".join(parts)
 
 

@@ -5,7 +5,8 @@ pooled (projected) embedding and six "time ids" (original size, crop corner, tar
 a conditioning as one tensor they expand, concatenate, index and compare; so that every such method
 runs unchanged, this family packs what the UNet takes into one tensor [B, L + 1, D]: the L token rows,
 then one row that carries the pooled embedding followed by the time ids (zero-padded to D). Only this
-family reads that last row (`denoise`); to the methods it is an opaque conditioning.
+family (`denoise`) and the SDXL model's sampling read that last row; to the methods it is an opaque
+conditioning.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def pack(token_embeds: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tenso
 
 def pooled_width(unet) -> int:
     """The pooled embedding's width the UNet was built for (its added embedding minus the time ids')."""
-    config = unet.config
+    config = getattr(unet, "module", unet).config  # a network wrapped for several processes keeps its own
     return config.projection_class_embeddings_input_dim - TIME_IDS * config.addition_time_embed_dim
 
 
@@ -74,7 +75,8 @@ class SDXL(StableDiffusionFamily):
     def encode(self, model, prompts: Sequence[str], text_encoder=None) -> torch.Tensor:
         """The packed conditioning of `prompts`, as `StableDiffusionXLPipeline.encode_prompt` makes it: each
         encoder's penultimate hidden states side by side, the second's projected pooled output, the pipeline's
-        default time ids; the empty prompt is all zeros where the pipeline zeroes its negative prompt."""
+        default time ids; the empty prompt's embeddings (not its time ids) are zeros where the pipeline zeroes
+        its negative prompt."""
         import torch
 
         if text_encoder is not None and text_encoder is not model.text_encoder:
