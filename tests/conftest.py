@@ -51,6 +51,39 @@ def tiny_components(seed: int = 0) -> dict:
     }  # fmt: skip
 
 
+def tiny_sdxl_components(seed: int = 0, second_width: int = 16, second_layers: int = 3) -> dict:
+    """A tiny SDXL; a single file needs a second encoder of another width than the first (diffusers tells
+    the two apart by width) and of at least 10 layers (it recognises SDXL by its 10th)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from pipelines.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=VOCAB_SIZE, intermediate_size=32, num_attention_heads=2, max_position_embeddings=16,
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID)  # fmt: skip
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 + second_width, norm_num_groups=4, attention_head_dim=2, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )  # fmt: skip
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    return {
+        "unet": unet, "vae": vae, "scheduler": scheduler,
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**text, hidden_size=16, num_hidden_layers=3)),
+        "tokenizer": clip_tokenizer(16),
+        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(
+            **text, hidden_size=second_width, num_hidden_layers=second_layers, projection_dim=8)),
+        "tokenizer_2": clip_tokenizer(16, pad_token="!"),
+    }  # fmt: skip
+
+
 def embedded_model(method: str) -> str:
     """The embedded model a registered method erases from in the registry-driven tests."""
     from erasure.registry import METHODS

@@ -12,7 +12,7 @@ import torch
 
 from erasure.registry import METHODS
 
-from .conftest import embedded_model
+from .conftest import embedded_model, tiny_sdxl_components
 
 pytestmark = pytest.mark.slow  # subprocesses under torchrun
 
@@ -49,6 +49,17 @@ def test_two_processes_hold_identical_weights_after_every_step(two_process_run):
     assert len(ranks[0]["hashes"]) == 4
     assert ranks[0]["hashes"] == ranks[1]["hashes"]
     assert len(set(ranks[0]["hashes"])) == 4  # the weights moved at every step
+
+
+def test_esd_on_sdxl_trains_as_one_on_two_processes(tmp_path):
+    """The SDXL family's packed conditioning through the network each process wraps for the other."""
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(tmp_path / "sdxl")
+    (tmp_path / "two").mkdir()
+    _launch(2, str(SCRIPT), "esd", str(tmp_path / "sdxl"), str(tmp_path / "two"), *ESD)
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["hashes"] == ranks[1]["hashes"] and len(set(ranks[0]["hashes"])) == 4
 
 
 def test_two_processes_equal_one_process_on_the_same_global_batch(two_process_run, tiny_pipeline_dir, tmp_path):
