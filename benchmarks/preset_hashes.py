@@ -25,6 +25,7 @@ SHORT = {
     "advunlearn": ["steps=34"],  # past the preset's 30 warm-up steps: the attack runs too
     "fewshot": ["steps=8"],  # two epochs of its 8 builtin images at batch 2
     "sfd": ["steps=3"],
+    "stereo": ["search_steps=3", "inversion_steps=3", "steps=3"],  # both rounds, all 64 + 64 images
     "text2unlearn": ["steps=10", "pool=600"],
     "adapt-unlearn": ["adapt_steps=3", "steps=3", "pool=2400"],
 }
