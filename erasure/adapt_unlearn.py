@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,6 @@ import torch
 from evaluators.clip_models import check_clip_name
 from evaluators.detect import check_classifier, concept_detectors
 from pipelines.errors import InputError
-from pipelines.files import atomic_write
 from pipelines.images import image_folder_files, load_square_images
 
 from .config import MethodConfig
@@ -54,7 +52,14 @@ from .gan_training import (
     sample_pool,
     split_pool,
 )
-from .training import ErasureResult, RunContext, TrainingLoop, trainable_parameters
+from .training import (
+    ErasureResult,
+    RunContext,
+    TrainingLoop,
+    load_finished_stage,
+    save_finished_stage,
+    trainable_parameters,
+)  # fmt: skip
 
 REPULSIONS = ("el2", "il2", "nl2")
 PAPER_REPULSION_WEIGHT = {"el2": 100.0, "il2": 1.0, "nl2": 1.0}
@@ -306,31 +311,6 @@ def _adapted_file(run: RunContext, k: int) -> Path | None:
     return run.checkpoint_dir / f"adapted-{k}.safetensors" if run.checkpoint_dir is not None else None
 
 
-def _load_adapted(path: Path | None, fingerprint: dict) -> tuple[dict[str, torch.Tensor], float] | None:
-    """A finished stage-1 model of this run (and the seconds it took), if one is saved."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    if path is None or not path.is_file():
-        return None
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if json.loads(meta.get("fingerprint", "null")) != fingerprint:
-        raise InputError(f"{path} was made with other settings; rerun with those, or start over (without --resume)")
-    return load_file(str(path)), float(meta["seconds"])
-
-
-def _save_adapted(path: Path | None, theta: dict[str, torch.Tensor], fingerprint: dict, seconds: float) -> None:
-    from safetensors.torch import save_file
-
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"fingerprint": json.dumps(fingerprint), "seconds": str(seconds)}
-    tensors = {n: t.detach().cpu().contiguous() for n, t in theta.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-
-
 def _samples(model, concepts: list[str], config: AdaptUnlearnConfig, detectors: dict | None,
              ) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
     """(negatives, positives, pool size used) in [0, 1] at the generator's resolution."""
@@ -396,9 +376,9 @@ def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContex
     fisher = None
     for k in range(config.adapted_models):
         stage = {**fingerprint, "stage": f"adapt-{k}"}
-        saved = _load_adapted(_adapted_file(run, k), stage) if run.resume else None
+        saved = load_finished_stage(_adapted_file(run, k), stage) if run.resume else None
         if saved is not None:
-            theta, seconds[f"adapt_{k}"] = saved
+            theta, seconds[f"adapt_{k}"] = saved[0], float(saved[1]["seconds"])
         else:
             started = time.time()
             if fisher is None and config.ewc_weight > 0:
@@ -409,7 +389,7 @@ def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContex
                           _stage_run(run, f"adapt-{k}", run.seed + 1 + k), stage, desc, clip)  # fmt: skip
             seconds[f"adapt_{k}"] = round(time.time() - started, 2)
             if run.is_main:
-                _save_adapted(_adapted_file(run, k), theta, stage, seconds[f"adapt_{k}"])
+                save_finished_stage(_adapted_file(run, k), theta, stage, seconds=str(seconds[f"adapt_{k}"]))
         adapted.append({n: t.to(device) for n, t in theta.items()})
         if detectors is not None:
             shares.append(concept_share(model, theta, detectors))

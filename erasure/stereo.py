@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,14 @@ from .advunlearn import attack_embeddings, fast_at_start
 from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
 from .config import MethodConfig
 from .fewshot import denoising_loss, encode_images
-from .training import ErasureResult, Network, RunContext, TrainingLoop
+from .training import (
+    ErasureResult,
+    Network,
+    RunContext,
+    TrainingLoop,
+    load_finished_stage,
+    save_finished_stage,
+)  # fmt: skip
 
 # The original model's images of the concept that words are inverted from use seeds far from the
 # evaluation's (0, 1, ...) and its attacks' (1000, ...).
@@ -184,14 +192,6 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
         x_t, t_lo, t_hi = family.trajectory(unet, scheduler, cond, uncond, stop, config.sample_guidance, noise)
         return x_t, run.shard(torch.randint(t_lo, t_hi, (config.batch_size,), device=device))
 
-    # The original model's images of the concept, as latents: what every round's word is inverted from.
-    image_seeds = range(IMAGE_SEED_OFFSET, IMAGE_SEED_OFFSET + config.inversion_images)
-    jobs = [(i % len(prompts), s) for i, s in enumerate(image_seeds)]
-    with torch.no_grad():
-        images = to_tensor(model.generate_jobs(prompts, jobs, batch_size=16))
-        latents = _encode_in_chunks(model, images, torch.Generator().manual_seed(run.seed))
-    image_contexts = [contexts[(i % len(prompts)) % len(templates)] for i in range(len(jobs))]
-    per_round = max(1, len(latents) // config.rounds)
     if config.retain_weight:  # the original model's images of what stays, as latents, with their prompts
         retain = family.retain_prompts(concepts, random.Random(run.seed))
         jobs = [(i % len(retain), IMAGE_SEED_OFFSET + i) for i in range(config.retain_images)]
@@ -201,45 +201,70 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
             retain_conds = model.encode([retain[i] for i, _ in jobs], encoder)
 
     # --- stage 1: search thoroughly enough ------------------------------------------------------------
-    searcher = copy.deepcopy(model.unet)
-    select_trainable(searcher, "unet", config.scope)
-    searcher.train()
-    words: list[torch.Tensor] = []
-    for r in range(config.rounds):
-        teacher = frozen_copy(searcher)
-        optimizer = torch.optim.Adam([p for p in searcher.parameters() if p.requires_grad], lr=config.search_lr,
-                                     betas=tuple(config.adam_betas))  # fmt: skip
-        loop = TrainingLoop(_stage(run, f"search-{r}", run.seed + 1 + 2 * r),
-                            {"unet": Network(searcher, optimizer)}, desc=f"stereo: erase {r + 1}/{config.rounds}",
-                            fingerprint={"stage": f"search-{r}"})  # fmt: skip
-        student = loop.modules["unet"]
-        previous = words[-1] if words else None
-
-        def search_step(step: int, student=student, teacher=teacher, previous=previous, loop=loop):
-            with torch.no_grad():
-                cond = concept_condition() if previous is None else word_condition(previous)
-                x_t, t = x_t_of(searcher, cond)
-                eps_empty = family.denoise(teacher, x_t, t, uncond.expand(len(x_t), -1, -1))
-                eps_concept = family.denoise(teacher, x_t, t, cond.expand(len(x_t), -1, -1))
-                target = eps_empty - config.search_guidance * (eps_concept - eps_empty)
-            loss = F.mse_loss(family.denoise(student, x_t, t, cond.expand(len(x_t), -1, -1)), target)
-            loop.update("unet", loss)
-            return {"erase": loss.item()}
-
-        loop.fit(search_step, config.search_steps)
-        searcher.eval()
-        trained = [p for p in searcher.parameters() if p.requires_grad]
-        searcher.requires_grad_(False)  # the word alone learns; no UNet gradient is built
-        mine = slice(r * per_round, (r + 1) * per_round)
-        stage = _stage(run, f"invert-{r}", run.seed + 2 + 2 * r)
-        words.append(invert(model, searcher, latents[mine], image_contexts[mine], init_word, config, stage,
-                            f"stereo: invert {r + 1}/{config.rounds}"))  # fmt: skip
-        for p in trained:
-            p.requires_grad_(True)
+    def search() -> list[torch.Tensor]:
+        """Rounds of erasing a copy of the UNet, each followed by inverting a word that still draws the
+        concept on it; returns the words."""
+        # The original model's images of the concept, as latents: what every round's word is inverted from.
+        image_seeds = range(IMAGE_SEED_OFFSET, IMAGE_SEED_OFFSET + config.inversion_images)
+        jobs = [(i % len(prompts), s) for i, s in enumerate(image_seeds)]
+        with torch.no_grad():
+            images = to_tensor(model.generate_jobs(prompts, jobs, batch_size=16))
+            latents = _encode_in_chunks(model, images, torch.Generator().manual_seed(run.seed))
+        image_contexts = [contexts[(i % len(prompts)) % len(templates)] for i in range(len(jobs))]
+        per_round = max(1, len(latents) // config.rounds)
+        searcher = copy.deepcopy(model.unet)
+        select_trainable(searcher, "unet", config.scope)
         searcher.train()
-    del teacher, optimizer, loop, student, search_step
-    searcher = None  # stage 1's networks go before stage 2's are built
-    run.accelerator.free_memory()  # accelerate holds every prepared network and optimizer until told
+        words: list[torch.Tensor] = []
+        for r in range(config.rounds):
+            teacher = frozen_copy(searcher)
+            optimizer = torch.optim.Adam([p for p in searcher.parameters() if p.requires_grad], lr=config.search_lr,
+                                         betas=tuple(config.adam_betas))  # fmt: skip
+            loop = TrainingLoop(_stage(run, f"search-{r}", run.seed + 1 + 2 * r),
+                                {"unet": Network(searcher, optimizer)}, desc=f"stereo: erase {r + 1}/{config.rounds}",
+                                fingerprint={"stage": f"search-{r}"})  # fmt: skip
+            student = loop.modules["unet"]
+            previous = words[-1] if words else None
+
+            def search_step(step: int, student=student, teacher=teacher, previous=previous, loop=loop):
+                with torch.no_grad():
+                    cond = concept_condition() if previous is None else word_condition(previous)
+                    x_t, t = x_t_of(searcher, cond)
+                    eps_empty = family.denoise(teacher, x_t, t, uncond.expand(len(x_t), -1, -1))
+                    eps_concept = family.denoise(teacher, x_t, t, cond.expand(len(x_t), -1, -1))
+                    target = eps_empty - config.search_guidance * (eps_concept - eps_empty)
+                loss = F.mse_loss(family.denoise(student, x_t, t, cond.expand(len(x_t), -1, -1)), target)
+                loop.update("unet", loss)
+                return {"erase": loss.item()}
+
+            loop.fit(search_step, config.search_steps)
+            searcher.eval()
+            trained = [p for p in searcher.parameters() if p.requires_grad]
+            searcher.requires_grad_(False)  # the word alone learns; no UNet gradient is built
+            mine = slice(r * per_round, (r + 1) * per_round)
+            stage = _stage(run, f"invert-{r}", run.seed + 2 + 2 * r)
+            words.append(invert(model, searcher, latents[mine], image_contexts[mine], init_word, config, stage,
+                                f"stereo: invert {r + 1}/{config.rounds}"))  # fmt: skip
+            for p in trained:
+                p.requires_grad_(True)
+            searcher.train()
+        return words
+
+    # Only the words leave stage 1: saved once it is over, they stand in for it when a run resumes, and its
+    # checkpoints (a UNet and its Adam state per stage, gigabytes at SD size) are deleted.
+    words_file = run.checkpoint_dir / "stereo-words.safetensors" if run.checkpoint_dir is not None else None
+    searched = {**run.fingerprint, "stage": "search"}
+    found = load_finished_stage(words_file, searched) if run.resume else None
+    if found is not None:
+        words = [found[0][f"word-{r}"].to(device) for r in range(config.rounds)]
+    else:
+        words = search()
+        run.accelerator.free_memory()  # accelerate holds every network and optimizer it prepared until told
+        if run.is_main and words_file is not None:
+            save_finished_stage(words_file, {f"word-{r}": w for r, w in enumerate(words)}, searched)
+            for r in range(config.rounds):
+                for stage in (f"search-{r}", f"invert-{r}"):
+                    shutil.rmtree(run.checkpoint_dir / stage, ignore_errors=True)
 
     # --- stage 2: robustly erase once, from the original UNet ----------------------------------------------
     unet = model.unet
@@ -306,7 +331,7 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
 
     logs = loop.fit(erase_once_step, config.steps)
     unet.eval()
-    outcome = {"stereo": {"rounds": config.rounds, "words": len(words), "images": len(latents),
+    outcome = {"stereo": {"rounds": config.rounds, "words": len(words), "images": config.inversion_images,
                           "anchors": anchors[:8], "anchor_count": len(anchors)}}  # fmt: skip
     return ErasureResult(model, ["unet"], trainable, logs, outcome)
 

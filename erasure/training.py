@@ -169,6 +169,37 @@ def _stateful(value) -> bool:
     return hasattr(value, "state_dict") and hasattr(value, "load_state_dict")
 
 
+def save_finished_stage(path: Path | None, tensors: dict[str, torch.Tensor], fingerprint: dict, **meta: str) -> None:
+    """What a finished stage of a multi-stage method hands on (safetensors, with the fingerprint it was made
+    under): a resumed run takes it instead of training the stage again."""
+    import json
+
+    from safetensors.torch import save_file
+
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"fingerprint": json.dumps(fingerprint), **meta}
+    tensors = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+def load_finished_stage(path: Path | None, fingerprint: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """A finished stage saved by `save_finished_stage` under this fingerprint (tensors, metadata), if any."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if path is None or not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if json.loads(meta.get("fingerprint", "null")) != fingerprint:
+        raise InputError(f"{path} was made with other settings; rerun with those, or start over (without --resume)")
+    return load_file(str(path)), meta
+
+
 def load_checkpoint(path: Path) -> dict:
     # Our own files, but still loaded without executing code: tensors and plain containers only.
     from pipelines.safe_load import load_tensors

@@ -1,8 +1,10 @@
 """STEREO: the compositional target on small tensors, textual inversion finding a word the UNet denoises
 into the images, and stage 2 starting again from the original UNet (tiny real components)."""
 
+import pytest
 import torch
 
+from erasure.api import erase
 from erasure.config import build_config, parse_sets
 from erasure.fewshot import denoising_loss, encode_images
 from erasure.stereo import compositional_target, invert
@@ -54,3 +56,35 @@ def test_stage_two_starts_again_from_the_original_unet(tiny_pipeline_dir):
     after = result.model.unet.state_dict()
     assert max(float((after[k] - before[k]).abs().max()) for k in before) < 1e-6
     assert result.outcome["stereo"]["words"] == 2 and result.changed == ["unet"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_stage_two_resumes_from_its_words_without_stage_one_checkpoints(tmp_path):
+    """Stage 1 (3 erasing + 3 inversion steps) hands on its words only; killed at stage 2's second step, the
+    run keeps those words and no stage-1 checkpoint, and resumes to the uninterrupted weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from erasure.registry import METHODS
+    from tests.test_methods import changed_weights
+
+    settings = [f"{k}={v}" for k, v in METHODS["stereo"].test_settings.items()]
+    straight = erase("stereo", ["seven"], "digits", out=tmp_path / "straight", sets=settings, checkpoint_every=1,
+                     progress=False)  # fmt: skip
+    script = Path(__file__).with_name("erase_run.py")
+    command = [sys.executable, str(script), "stereo", "digits", "seven", str(tmp_path / "killed"), "--kill-after",
+               "8", *settings]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    work = tmp_path / ".killed.work"
+    kept = sorted(p.name for p in work.rglob("*") if p.is_dir() or p.suffix == ".safetensors")
+    assert any(name == "stereo-words.safetensors" for name in kept), kept
+    assert not any(name.startswith(("search-", "invert-")) for name in kept), kept
+    resumed = erase("stereo", ["seven"], "digits", out=tmp_path / "killed", sets=settings, checkpoint_every=1,
+                    resume=True, progress=False)  # fmt: skip
+    a, b = changed_weights(straight), changed_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
