@@ -177,12 +177,15 @@ def denoising_loss(model, latents: torch.Tensor, cond: torch.Tensor, noise: torc
 
 
 @torch.no_grad()
-def encode_images(model, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """VAE latents (scaled as the UNet sees them) of images in [0, 1]."""
+def encode_images(model, images: torch.Tensor, generator: torch.Generator, chunk: int = 64) -> torch.Tensor:
+    """VAE latents (scaled as the UNet sees them) of images in [0, 1], `chunk` images at a time (hundreds of
+    images at 512 px at once would not fit a GPU)."""
     vae = model.vae
-    pixels = (images * 2 - 1).to(model.device, vae.dtype)
-    latents = vae.encode(pixels).latent_dist.sample(generator)
-    return latents * vae.config.scaling_factor
+    latents = []
+    for start in range(0, len(images), chunk):
+        pixels = (images[start : start + chunk] * 2 - 1).to(model.device, vae.dtype)
+        latents.append(vae.encode(pixels).latent_dist.sample(generator))
+    return torch.cat(latents) * vae.config.scaling_factor
 
 
 def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) -> ErasureResult:

@@ -141,11 +141,6 @@ def compositional_target(eps_empty: torch.Tensor, eps_anchor: torch.Tensor, eps_
     return eps_empty + (scale - 1) * (eps_anchor - eps_empty) - (scale + 1) * away
 
 
-def _encode_in_chunks(model, images: torch.Tensor, generator: torch.Generator, chunk: int = 64) -> torch.Tensor:
-    """VAE latents of many images, `chunk` at a time (500 images at 512 px at once would not fit a GPU)."""
-    return torch.cat([encode_images(model, images[i : i + chunk], generator) for i in range(0, len(images), chunk)])
-
-
 def _stage(run: RunContext, name: str, seed: int) -> RunContext:
     folder = run.checkpoint_dir / name if run.checkpoint_dir is not None else None
     return dataclasses.replace(run, seed=seed, checkpoint_dir=folder)
@@ -196,8 +191,8 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
         retain = family.retain_prompts(concepts, random.Random(run.seed))
         jobs = [(i % len(retain), IMAGE_SEED_OFFSET + i) for i in range(config.retain_images)]
         with torch.no_grad():
-            retain_latents = _encode_in_chunks(model, to_tensor(model.generate_jobs(retain, jobs, batch_size=16)),
-                                               torch.Generator().manual_seed(run.seed))  # fmt: skip
+            retain_latents = encode_images(model, to_tensor(model.generate_jobs(retain, jobs, batch_size=16)),
+                                           torch.Generator().manual_seed(run.seed))  # fmt: skip
             retain_conds = model.encode([retain[i] for i, _ in jobs], encoder)
 
     # --- stage 1: search thoroughly enough ------------------------------------------------------------
@@ -209,7 +204,7 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
         jobs = [(i % len(prompts), s) for i, s in enumerate(image_seeds)]
         with torch.no_grad():
             images = to_tensor(model.generate_jobs(prompts, jobs, batch_size=16))
-            latents = _encode_in_chunks(model, images, torch.Generator().manual_seed(run.seed))
+            latents = encode_images(model, images, torch.Generator().manual_seed(run.seed))
         image_contexts = [contexts[(i % len(prompts)) % len(templates)] for i in range(len(jobs))]
         per_round = max(1, len(latents) // config.rounds)
         searcher = copy.deepcopy(model.unet)

@@ -159,10 +159,14 @@ class TextToImageModel:
 
     def _sample(self, embeds, negative, generators, steps, guidance) -> list[Image.Image]:
         latents = self.pipe(
-            prompt_embeds=embeds, negative_prompt_embeds=negative.expand(len(embeds), -1, -1),
+            **self._pipeline_conditioning(embeds, negative.expand(len(embeds), -1, -1)),
             num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="latent",
         ).images  # fmt: skip
         return decode_latents(self.vae, latents)
+
+    def _pipeline_conditioning(self, embeds: torch.Tensor, negative: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The family's conditionings as the pipeline's keyword arguments."""
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
 
     replaceable = ("text_encoder", "unet", "vae")
 
@@ -216,18 +220,14 @@ class XLModel(TextToImageModel):
     def text_encoder_2(self):
         return self.pipe.text_encoder_2
 
-    def _sample(self, embeds, negative, generators, steps, guidance) -> list[Image.Image]:
+    def _pipeline_conditioning(self, embeds: torch.Tensor, negative: torch.Tensor) -> dict[str, torch.Tensor]:
         from .families.sdxl import pooled_width, unpack
 
         width = pooled_width(self.unet)
         tokens, pooled, _ = unpack(embeds, width)  # the time ids are the pipeline's own defaults
-        negative_tokens, negative_pooled, _ = unpack(negative.expand(len(embeds), -1, -1), width)
-        latents = self.pipe(
-            prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative_tokens,
-            negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=steps, guidance_scale=guidance,
-            generator=generators, output_type="latent",
-        ).images  # fmt: skip
-        return decode_latents(self.vae, latents)
+        negative_tokens, negative_pooled, _ = unpack(negative, width)
+        return {"prompt_embeds": tokens, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": negative_tokens,
+                "negative_pooled_prompt_embeds": negative_pooled}  # fmt: skip
 
 
 class OneStepModel(TextToImageModel):

@@ -78,3 +78,19 @@ def test_bad_yaml_is_an_input_error(tmp_path):
 def test_unknown_method_lists_the_methods():
     with pytest.raises(InputError, match="choose one of: esd, advunlearn"):
         get_method("magic")
+
+
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        (["rounds=3", "inversion_images=2"], "inversion_images \\(2\\) must give each of the 3 rounds"),
+        (["guidance_scale=0.5"], "guidance_scale"),
+        (["attack_tokens=76"], "attack_tokens"),
+        (["retain_weight=-1"], "retain_weight"),
+        (["retain_weight=nan"], "retain_weight"),
+        (["scope=everything"], "unknown UNet scope 'everything'"),
+    ],
+)
+def test_stereo_options_are_checked_before_any_model_loads(pairs, message):
+    with pytest.raises(InputError, match=message):
+        build_config("stereo", "sd1", parse_sets(pairs))
