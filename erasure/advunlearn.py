@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.errors import InputError
-from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
-from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
+from .common import (
+    check_encoder_scope, concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope,
+)
 from .config import MethodConfig
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
@@ -48,7 +49,9 @@ class AdvUnlearnConfig(MethodConfig):
         default=1, metadata={"bounds": "[1, inf)", "help": "x_t samples of the concept per iteration"}
     )
     scope: str = field(
-        default="full", metadata={"help": "text-encoder parameters to train: full | attn | mlp | layers=i..j"}
+        default="full",
+        metadata={"help": "text-encoder parameters to train: full | attn | mlp | layers=i..j; on SDXL both encoders, or "
+                  "one named before the scope (text_encoder:full, text_encoder_2:attn)"},
     )
     attack: Literal["pgd", "fast-at"] = field(
         default="pgd",
@@ -94,6 +97,9 @@ class AdvUnlearnConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         validate_scope("text_encoder", self.scope)
+
+    def check(self, family, concepts) -> None:
+        check_encoder_scope(family, self.scope)
 
 
 CONFIG = AdvUnlearnConfig
@@ -161,7 +167,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     n_retain = min(config.retain_batch, len(retain))
     run.check_divisible("retain_batch", n_retain)
 
-    encoder = model.text_encoder
+    encoder = family.text_tower(model)  # the text encoder(s) as one network (SDXL: both; its pooled embedding too)
     encoder_orig = frozen_copy(encoder)
     for module in (model.unet, model.vae, encoder):
         module.requires_grad_(False)
@@ -174,7 +180,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     cfg = model.unet.config
     with torch.no_grad():
         uncond_orig = model.encode([""], encoder_orig)
-        vocab = token_embeddings(encoder_orig, torch.arange(len(model.tokenizer), device=device))
+        vocab = family.vocabulary(model, encoder_orig)
     # One set of adversarial embeddings for the whole batch, or one per x_t sample (more attack
     # directions per step for the same UNet work; the same thing at the paper's batch size 1).
     n_adv = config.batch_size if config.attack_batch == "per-sample" else 1
@@ -192,7 +198,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     loop = TrainingLoop(run, {"text_encoder": Network(encoder, optimizer)}, desc="advunlearn", state=state)  # fmt: skip
     # The prepared encoder runs the retain term's forward pass, which (under several processes)
     # makes the backward pass synchronise the encoder's gradients; the adversarial forward pass
-    # reaches the encoder's layers directly, through `encode_with_inserted`.
+    # reaches the encoder's layers directly, through `family.encode_inserted`.
     encoder_train = loop.modules["text_encoder"]
     timer = SectionTimer()
 
@@ -248,7 +254,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
             adv_ids = ids.expand(len(x_t) if n_adv > 1 else 1, -1)
 
             def attack_loss(adv: torch.Tensor) -> torch.Tensor:
-                cond = encode_with_inserted(encoder, adv_ids, adv)
+                cond = family.encode_inserted(model, encoder, adv_ids, adv)
                 return F.mse_loss(family.denoise(unet, x_t, t, cond.expand(len(x_t), -1, -1)), eps_concept)
 
             with timer("attack"):
@@ -260,7 +266,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
                 state["adv"] = run.gather(adv) if n_adv > 1 else adv
         with timer("unlearn forward"):
             if step >= config.warmup:
-                cond_train = encode_with_inserted(encoder, adv_ids, adv)
+                cond_train = family.encode_inserted(model, encoder, adv_ids, adv)
             else:
                 cond_train = model.encode([prompts[int(index)]], encoder_train)
             unlearn = F.mse_loss(family.denoise(unet, x_t, t, cond_train.expand(len(x_t), -1, -1)), target)
@@ -275,4 +281,4 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     encoder.eval()
     # Where the time went (this process, this session; a resumed run counts its second part only).
     outcome = {"advunlearn": {"seconds": {k: round(v, 2) for k, v in timer.seconds.items()}}}
-    return ErasureResult(model, ["text_encoder"], n_trainable, logs, outcome)
+    return ErasureResult(model, family.tower_components(config.scope), n_trainable, logs, outcome)

@@ -14,7 +14,7 @@ from pipelines.errors import InputError
 
 # --- trainable scopes -------------------------------------------------------------------------
 
-TEXT_ENCODER_SCOPES = "full | attn | mlp | layers=i..j"
+TEXT_ENCODER_SCOPES = "full | attn | mlp | layers=i..j, each also after one encoder's name: text_encoder_2:attn"
 UNET_SCOPES = "xattn | noxattn | full"
 _LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
 
@@ -45,8 +45,36 @@ def _unet_rule(scope: str):
     raise InputError(f"unknown UNet scope {scope!r}; choose one of: {UNET_SCOPES}")
 
 
+def split_encoder_scope(scope: str) -> tuple[str | None, str]:
+    """`text_encoder_2:attn` -> ("text_encoder_2", "attn"): a text-encoder scope may name one encoder of a
+    family that has several (SDXL); without a name it spans all of them."""
+    if ":" in scope:
+        name, rest = scope.split(":", 1)
+        return name, rest
+    return None, scope
+
+
 def select_trainable(module: torch.nn.Module, component: str, scope: str) -> int:
-    """Freeze `module` except the parameters in `scope`; returns how many parameters train."""
+    """Freeze `module` except the parameters in `scope`; returns how many parameters train. A text tower of
+    several encoders (`named_encoders()`) applies the scope to each encoder it names (all, by default)."""
+    if component != "unet":
+        chosen, scope = split_encoder_scope(scope)
+        parts = module.named_encoders() if hasattr(module, "named_encoders") else {"text_encoder": module}
+        if chosen is not None and chosen not in parts:
+            raise InputError(f"scope names {chosen!r}; this model's text encoders are: {', '.join(parts)}")
+        module.requires_grad_(False)
+        count = sum(_select(part, component, scope) for name, part in parts.items() if chosen in (None, name))
+        for param in module.inert_parameters() if hasattr(module, "inert_parameters") else ():
+            count -= param.numel() if param.requires_grad else 0
+            param.requires_grad_(False)
+    else:
+        count = _select(module, component, scope)
+    if count == 0:
+        raise InputError(f"scope {scope!r} selects no parameter of the {component}")
+    return count
+
+
+def _select(module: torch.nn.Module, component: str, scope: str) -> int:
     rule = _unet_rule(scope) if component == "unet" else _text_encoder_rule(scope)
     if rule is None:
         layers = [int(m.group(1)) for n, _ in module.named_parameters() if (m := _LAYER.search(n))]
@@ -60,8 +88,6 @@ def select_trainable(module: torch.nn.Module, component: str, scope: str) -> int
     for name, param in module.named_parameters():
         param.requires_grad_(rule(name))
         count += param.numel() if param.requires_grad else 0
-    if count == 0:
-        raise InputError(f"scope {scope!r} selects no parameter of the {component}")
     return count
 
 
@@ -70,7 +96,15 @@ def validate_scope(component: str, scope: str) -> None:
     if component == "unet":
         _unet_rule(scope)
     else:
-        _text_encoder_rule(scope)
+        _text_encoder_rule(split_encoder_scope(scope)[1])
+
+
+def check_encoder_scope(family, scope: str) -> None:
+    """Refuse, before loading, a scope that names a text encoder `family`'s models do not have."""
+    chosen, _ = split_encoder_scope(scope)
+    if chosen is not None and chosen not in family.text_encoder_names:
+        raise InputError(f"scope {scope!r} names {chosen!r}; {family.name} models have: "
+                         f"{', '.join(family.text_encoder_names)}")  # fmt: skip
 
 
 def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:

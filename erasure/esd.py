@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 from pipelines.errors import InputError
 
-from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
+from .common import (
+    check_encoder_scope, concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope,
+)
 from .config import MethodConfig
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
@@ -41,7 +43,7 @@ class ESDConfig(MethodConfig):
         default=None,
         metadata={
             "help": "UNet: xattn (ESD-x, default) | noxattn (ESD-u) | full; text encoder: full (default) | "
-            "attn | mlp | layers=i..j"
+            "attn | mlp | layers=i..j, each also after one encoder's name (SDXL: text_encoder_2:full)"
         },
     )
     negative_guidance: float = field(
@@ -60,9 +62,8 @@ class ESDConfig(MethodConfig):
         validate_scope(self.component, self.scope)
 
     def check(self, family, concepts) -> None:
-        if self.component == "text_encoder" and getattr(family, "text_encoders", 1) != 1:
-            raise InputError(f"esd's text-encoder variant trains one text encoder; {family.name} models have "
-                             f"{family.text_encoders} (erase in the UNet: component unet)")  # fmt: skip
+        if self.component == "text_encoder":
+            check_encoder_scope(family, self.scope)
 
 
 CONFIG = ESDConfig
@@ -82,14 +83,15 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
     device = run.torch_device
     model.to(device)
 
-    trained = model.unet if config.component == "unet" else model.text_encoder
+    tower = family.text_tower(model)  # the text encoder(s), as one network
+    trained = model.unet if config.component == "unet" else tower
     original = frozen_copy(trained)
-    for module in (model.unet, model.text_encoder, model.vae):
+    for module in (model.unet, tower, model.vae):
         module.requires_grad_(False)
     n_trainable = select_trainable(trained, config.component, config.scope)
     trained.train()
     unet_orig = original if config.component == "unet" else model.unet
-    te_orig = original if config.component == "text_encoder" else model.text_encoder
+    te_orig = original if config.component == "text_encoder" else tower
 
     scheduler = ddim_scheduler(model)
     scheduler.set_timesteps(config.ddim_steps, device=device)
@@ -137,4 +139,5 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
 
     logs = loop.fit(step_fn, config.steps)
     trained.eval()
-    return ErasureResult(model, [config.component], n_trainable, logs)
+    changed = ["unet"] if config.component == "unet" else family.tower_components(config.scope)
+    return ErasureResult(model, changed, n_trainable, logs)

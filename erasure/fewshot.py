@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 from pipelines.images import image_folder_files, load_square_images
 
-from .common import select_trainable, validate_scope
+from .common import check_encoder_scope, select_trainable, validate_scope
 from .config import MethodConfig
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
@@ -133,6 +133,8 @@ class FewShotConfig(MethodConfig):
             image_folder_files(self.images, self.num_images)  # every file readable, enough of them
 
     def check(self, family, concepts) -> None:
+        if self.scope != TOKENS:
+            check_encoder_scope(family, self.scope)
         if self.images is None:
             raise InputError("fewshot needs a few images of the concept: pass --images DIR (or --set images=DIR)")
         if self.images == BUILTIN and not family.has_builtin_images:
@@ -148,8 +150,9 @@ CONFIG = FewShotConfig
 TEST_SETTINGS = {"steps": 4, "num_images": 4, "stop_samples": 4, "stop_steps": 2, "stop_below": 0.01}
 
 
-def train_concept_tokens(encoder, tokenizer, concepts: list[str]) -> int:
-    """Freeze `encoder` except the input-embedding rows of the concepts' tokens; returns their size.
+def train_concept_tokens(tower, tokenizer, concepts: list[str]) -> int:
+    """Freeze the text tower `tower` except the input-embedding rows of the concepts' tokens (in each of its
+    encoders); returns their size.
 
     The embedding matrix trains as one parameter whose gradient is masked to those rows, so every
     other word keeps its embedding bit for bit, and a prompt without the concept's tokens encodes
@@ -157,13 +160,17 @@ def train_concept_tokens(encoder, tokenizer, concepts: list[str]) -> int:
     so the optimiser gets none for this parameter.)
     """
     ids = sorted({i for c in concepts for i in tokenizer(c, add_special_tokens=False).input_ids})
-    weight = encoder.get_input_embeddings().weight
-    encoder.requires_grad_(False)
-    weight.requires_grad_(True)
-    mask = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
-    mask[ids] = 1
-    weight.register_hook(lambda grad: grad * mask)
-    return len(ids) * weight.shape[1]
+    tower.requires_grad_(False)
+    encoders = tower.named_encoders().values() if hasattr(tower, "named_encoders") else [tower]
+    size = 0
+    for encoder in encoders:
+        weight = encoder.get_input_embeddings().weight
+        weight.requires_grad_(True)
+        mask = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
+        mask[ids] = 1
+        weight.register_hook(lambda grad, mask=mask: grad * mask)
+        size += len(ids) * weight.shape[1]
+    return size
 
 
 def denoising_loss(model, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
@@ -213,7 +220,7 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     per_epoch = max(1, n // batch)
     templates = config.templates()
 
-    encoder = model.text_encoder
+    encoder = model.family.text_tower(model)  # the text encoder(s) as one network (SDXL: both)
     retain, retain_targets = [], None
     if config.retain_weight:
         retain = model.family.retain_prompts(concepts, random.Random(run.seed))
@@ -274,4 +281,5 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     outcome = {"fewshot": {"images": n, "epochs_run": epochs_run, "updates": updates,
                            "stopped_early": bool(state["stopped_at_epoch"]),
                            "last_presence": None if state["presence"] < 0 else state["presence"]}}  # fmt: skip
-    return ErasureResult(model, ["text_encoder"], n_trainable, logs, outcome)
+    changed = model.family.tower_components("" if config.scope == TOKENS else config.scope)
+    return ErasureResult(model, changed, n_trainable, logs, outcome)

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.images import to_tensor
-from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
 from .advunlearn import attack_embeddings, fast_at_start
 from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
@@ -154,9 +153,9 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
     run.check_divisible("retain_batch", config.retain_batch)
     device = run.torch_device
     model.to(device)
-    for module in (model.unet, model.text_encoder, model.vae):
+    encoder = family.text_tower(model)  # frozen: STEREO erases in the UNet
+    for module in (model.unet, encoder, model.vae):
         module.requires_grad_(False)
-    encoder = model.text_encoder
     original = frozen_copy(model.unet)
     scheduler = ddim_scheduler(model)
     scheduler.set_timesteps(config.ddim_steps, device=device)
@@ -170,7 +169,7 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
     anchors = config.anchor_prompts or [p for c in concepts for p in family.anchor_prompts(c, random.Random(run.seed))]
     with torch.no_grad():
         uncond = model.encode([""], encoder)
-        vocab = token_embeddings(encoder, torch.arange(len(model.tokenizer), device=device))
+        vocab = family.vocabulary(model, encoder)
         ids = {c: model.tokenizer(c, add_special_tokens=False).input_ids for c in concepts}
         init_word = torch.stack([vocab[torch.tensor(i, device=device)].mean(0) for i in ids.values()]).mean(0)
 
@@ -178,7 +177,7 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
         return model.encode([random.choice(prompts)], encoder)
 
     def word_condition(word: torch.Tensor):
-        return encode_with_inserted(encoder, model.tokenize([random.choice(contexts)]), word)
+        return family.encode_inserted(model, encoder, model.tokenize([random.choice(contexts)]), word)
 
     def x_t_of(unet, cond):
         """ESD's data-free x_t: the model being trained samples `cond` and stops at a random DDIM step."""
@@ -285,13 +284,13 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
             wanted = family.denoise(original, x_t, t, model.encode([prompt], encoder).expand(len(x_t), -1, -1))
 
         def attack_loss(adv: torch.Tensor) -> torch.Tensor:
-            return F.mse_loss(family.denoise(unet, x_t, t, encode_with_inserted(encoder, ids, adv)), wanted)
+            return F.mse_loss(family.denoise(unet, x_t, t, family.encode_inserted(model, encoder, ids, adv)), wanted)
 
         start = run.shard(fast_at_start(state["adv"], config.attack_lr))  # drawn for the global batch
         adv = attack_embeddings(attack_loss, start, "fast-at", 1, config.attack_lr)
         state["adv"] = run.gather(adv)
         with torch.no_grad():
-            return encode_with_inserted(encoder, ids, adv)
+            return family.encode_inserted(model, encoder, ids, adv)
 
     def erase_once_step(step: int) -> dict[str, float]:
         with torch.no_grad():
@@ -339,7 +338,7 @@ def invert(model, unet, latents: torch.Tensor, contexts: list[str], init: torch.
     optimizer = torch.optim.Adam(word.parameters(), lr=config.inversion_lr)
     loop = TrainingLoop(run, {"word": Network(word, optimizer, None)}, desc=desc,
                         fingerprint={"stage": desc})  # fmt: skip
-    encoder = model.text_encoder
+    encoder = model.family.text_tower(model)
     ids = model.tokenize(contexts)
     device = latents.device
     num_train = model.scheduler.config.num_train_timesteps
@@ -349,7 +348,7 @@ def invert(model, unet, latents: torch.Tensor, contexts: list[str], init: torch.
         noise = torch.randn((config.inversion_batch, *latents.shape[1:]), device=device)
         t = torch.randint(0, num_train, (config.inversion_batch,), device=device)
         rows, noise, t = run.shard(rows), run.shard(noise), run.shard(t)
-        cond = encode_with_inserted(encoder, ids[rows], loop.modules["word"]())
+        cond = model.family.encode_inserted(model, encoder, ids[rows], loop.modules["word"]())
         loss = denoising_loss(model, latents[rows], cond, noise, t, unet)
         loop.update("word", loss)
         return {"denoising": loss.item()}

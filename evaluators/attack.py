@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from pipelines.images import to_tensor
 from pipelines.one_step import one_step_sample, seed_noise
-from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
 
 @dataclass
@@ -50,15 +49,19 @@ def _reference_latents(model, images: torch.Tensor) -> torch.Tensor:
     return torch.cat(latents)
 
 
-def denoising_loss(unet, alphas: torch.Tensor, z_ref: torch.Tensor, cond: torch.Tensor, timesteps: tuple[int, int],
+def denoising_loss(model, alphas: torch.Tensor, z_ref: torch.Tensor, cond: torch.Tensor, timesteps: tuple[int, int],
                    g: torch.Generator) -> torch.Tensor:  # fmt: skip
-    """The erased model as a diffusion classifier: how well it denoises the reference latents under `cond`."""
+    """The erased model as a diffusion classifier: how well it denoises the reference latents under `cond`
+    (its prediction against the noise, or against v for a v-prediction model)."""
     device = z_ref.device
     t = torch.randint(*timesteps, (len(z_ref),), generator=g).to(device)
     noise = torch.randn(z_ref.shape, generator=g).to(device)
     a = alphas[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * z_ref + (1 - a).sqrt() * noise
-    return F.mse_loss(unet(x_t, t, cond).sample, noise)
+    wanted = noise
+    if model.scheduler.config.prediction_type == "v_prediction":
+        wanted = a.sqrt() * noise - (1 - a).sqrt() * z_ref
+    return F.mse_loss(model.family.denoise(model.unet, x_t, t, cond), wanted)
 
 
 @dataclass
@@ -69,6 +72,7 @@ class AttackTarget:
     erased: object
     pairs: list[tuple[str, int]]
     ids: torch.Tensor  # the pairs' prompts, tokenized
+    tower: torch.nn.Module  # the erased model's text encoder(s), frozen: where the attack's words go in
     z_ref: torch.Tensor
     present: torch.Tensor  # bool [pairs], on the CPU
     alphas: torch.Tensor
@@ -80,11 +84,13 @@ class AttackTarget:
         references = to_tensor([im for row in base.generate(prompts, seeds) for im in row])
         plain = to_tensor([im for row in erased.generate(prompts, seeds) for im in row])
         z_ref = _reference_latents(erased, references)
-        erased.text_encoder.requires_grad_(False)
+        tower = erased.family.text_tower(erased)
+        tower.requires_grad_(False)
         erased.unet.requires_grad_(False)
         one_step = erased.kind == "one-step"
         return cls(
-            erased, pairs, erased.tokenize([p for p, _ in pairs]), z_ref, judge.detects(plain, concept).bool().cpu(),
+            erased, pairs, erased.tokenize([p for p, _ in pairs]), tower, z_ref,
+            judge.detects(plain, concept).bool().cpu(),
             erased.scheduler.alphas_cumprod.to(erased.device),
             seed_noise([s for _, s in pairs], z_ref.shape[1:], erased.device) if one_step else None,
         )  # fmt: skip
@@ -97,7 +103,11 @@ class AttackTarget:
         if self.z_seeds is not None:
             latents = one_step_sample(unet, self.alphas, self.erased.t_init, self.z_seeds[rows], cond)
             return F.mse_loss(latents, self.z_ref[rows])
-        return denoising_loss(unet, self.alphas, self.z_ref[rows], cond, timesteps, g)
+        return denoising_loss(self.erased, self.alphas, self.z_ref[rows], cond, timesteps, g)
+
+    def encode(self, rows, words: torch.Tensor) -> torch.Tensor:
+        """The conditioning of `rows` of the pairs' prompts with free `words` inserted after the start token."""
+        return self.erased.family.encode_inserted(self.erased, self.tower, self.ids[rows], words)
 
 
 def attack_success_rate(
@@ -115,24 +125,25 @@ def attack_success_rate(
     started = time.time()
     device = erased.device
     target = AttackTarget.of(erased, base, judge, concept, prompts, seeds)
-    pairs, ids, before, encoder = target.pairs, target.ids, target.present, erased.text_encoder
+    pairs, before = target.pairs, target.present
     g = torch.Generator().manual_seed(settings.seed)
     with torch.no_grad():
-        vocab = token_embeddings(encoder, torch.arange(len(erased.tokenizer), device=device))
+        vocab = erased.family.vocabulary(erased, target.tower)
         rms = vocab.pow(2).mean().sqrt()
         start = vocab[torch.randint(len(vocab), (len(pairs), settings.tokens), generator=g).to(device)]
     adv = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([adv], lr=settings.lr * float(rms))
     one_step = target.z_seeds is not None
+    losses = []
     for _ in tqdm(range(settings.steps), desc=f"attack {concept}", disable=not progress):
-        cond = encode_with_inserted(encoder, ids, adv)
-        loss = target.loss(cond, slice(None), settings.timesteps, g)
+        loss = target.loss(target.encode(slice(None), adv), slice(None), settings.timesteps, g)
+        losses.append(float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     with torch.no_grad():
-        embeds = encode_with_inserted(encoder, ids, adv.detach())
+        embeds = target.encode(slice(None), adv.detach())
     attacked = to_tensor(erased.generate_each(embeds, [s for _, s in pairs]))
     after = judge.detects(attacked, concept).bool().cpu()
     success = before | after
@@ -147,6 +158,7 @@ def attack_success_rate(
             {"prompt": p, "seed": s, "present_before_attack": bool(b), "present_after_attack": bool(a)}
             for (p, s), b, a in zip(pairs, before.tolist(), after.tolist())
         ],
+        "loss": {"first": sum(losses[:10]) / len(losses[:10]), "last": sum(losses[-10:]) / len(losses[-10:])},
         "settings": {
             **asdict(settings),
             "method": "UnlearnDiffAtk in embedding space (see evaluators/attack.py)"

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipelines.images import to_tensor
-from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
 from .attack import AttackTarget
 
@@ -81,10 +80,10 @@ def discrete_attack(
     started = time.time()
     device = erased.device
     target = AttackTarget.of(erased, base, judge, concept, prompts, seeds)
-    pairs, ids, present, encoder = target.pairs, target.ids, target.present, erased.text_encoder
+    pairs, present = target.pairs, target.present
     vocabulary = word_vocabulary(erased.tokenizer).to(device)
     with torch.no_grad():
-        table = token_embeddings(encoder, vocabulary)  # [V, D]
+        table = erased.family.vocabulary(erased, target.tower)[vocabulary]  # [V, D]
     g = torch.Generator().manual_seed(settings.seed)
     start = torch.randint(len(vocabulary), (len(pairs), settings.tokens), generator=g).to(device)
     distribution = F.one_hot(start, len(vocabulary)).float().requires_grad_(True)
@@ -94,7 +93,7 @@ def discrete_attack(
         """The loss of `words` on fixed noise draws: comparable between the start and the end."""
         fixed = torch.Generator().manual_seed(settings.seed + 1)
         with torch.no_grad():
-            cond = encode_with_inserted(encoder, ids, table[words])
+            cond = target.encode(slice(None), table[words])
             return sum(float(target.loss(cond, slice(None), settings.timesteps, fixed)) for _ in range(draws)) / draws
 
     start_objective = objective(start)
@@ -110,7 +109,7 @@ def discrete_attack(
         words = distribution.argmax(-1)
         one_hot = F.one_hot(words, len(vocabulary)).float()
         chosen = one_hot + distribution - distribution.detach()  # discrete forward, gradient straight through
-        cond = encode_with_inserted(encoder, ids[active], chosen[active] @ table)
+        cond = target.encode(active, chosen[active] @ table)
         loss = target.loss(cond, active, settings.timesteps, g)
         losses.append(float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)

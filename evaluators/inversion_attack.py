@@ -17,7 +17,6 @@ import torch
 from tqdm.auto import tqdm
 
 from pipelines.images import to_tensor
-from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
 from .attack import _reference_latents, denoising_loss
 
@@ -67,12 +66,13 @@ def inversion_attack(
         contexts = [context[i % len(context)] for i in range(len(images))]
     z_ref = _reference_latents(erased, images)
     train_ids = erased.tokenize(contexts)
-    encoder, unet = erased.text_encoder, erased.unet
+    family = erased.family
+    encoder = family.text_tower(erased)
     encoder.requires_grad_(False)
-    unet.requires_grad_(False)
+    erased.unet.requires_grad_(False)
     alphas = erased.scheduler.alphas_cumprod.to(device)
     with torch.no_grad():
-        vocab = token_embeddings(encoder, torch.arange(len(erased.tokenizer), device=device))
+        vocab = family.vocabulary(erased, encoder)
         rms = vocab.pow(2).mean().sqrt()
         concept_ids = erased.tokenizer(concept, add_special_tokens=False).input_ids
         # start from the concept's own word (its mean embedding): the erased model maps it elsewhere
@@ -83,8 +83,8 @@ def inversion_attack(
     losses = []
     for _ in tqdm(range(settings.steps), desc=f"textual inversion {concept}", disable=not progress):
         rows = torch.randint(len(z_ref), (min(settings.batch_size, len(z_ref)),), generator=g).to(device)
-        cond = encode_with_inserted(encoder, train_ids[rows], word)
-        loss = denoising_loss(unet, alphas, z_ref[rows], cond, settings.timesteps, g)
+        cond = family.encode_inserted(erased, encoder, train_ids[rows], word)
+        loss = denoising_loss(erased, alphas, z_ref[rows], cond, settings.timesteps, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -92,7 +92,7 @@ def inversion_attack(
 
     pairs = [(c, s) for c in context for s in seeds]
     with torch.no_grad():
-        embeds = encode_with_inserted(encoder, erased.tokenize([c for c, _ in pairs]), word.detach())
+        embeds = family.encode_inserted(erased, encoder, erased.tokenize([c for c, _ in pairs]), word.detach())
     attacked = to_tensor(erased.generate_each(embeds, [s for _, s in pairs]))
     seen = judge.detects(attacked, concept).bool()
     plain = to_tensor([im for row in erased.generate(prompts, seeds) for im in row])

@@ -3,7 +3,8 @@
 Both AdvUnlearn's inner attack and the robustness evaluator optimise `k` free embeddings placed
 right after the start token: `[<start>, adv_1..adv_k, concept tokens..., <end>, pad...]`. The
 sequence keeps the tokenizer's length (the last `k` positions, padding, are dropped), so the
-result can replace `text_encoder(input_ids)[0]` anywhere.
+result can replace `text_encoder(input_ids)[0]` anywhere. SDXL's two encoders run as one module
+(`SDXLTextTower`), a free word entering each with its part of a [D1 + D2] vector.
 """
 
 from __future__ import annotations
@@ -23,13 +24,9 @@ def token_embeddings(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
 
 def encode_with_inserted(text_encoder, input_ids: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
     """Last hidden states [B, L, D] for `input_ids` with `inserted` ([B or 1, k, D]) after the start token."""
-    model = _text_model(text_encoder)
-    words = token_embeddings(text_encoder, input_ids)
-    batch, length, _ = words.shape
-    k = inserted.shape[1]
-    inserted = inserted.to(words.dtype).expand(batch, -1, -1)
-    words = torch.cat([words[:, :1], inserted, words[:, 1 : length - k]], dim=1)
-    return encode_word_embeddings(text_encoder, words) if k else model(input_ids)[0]
+    if not inserted.shape[1]:
+        return text_encoder(input_ids)[0]
+    return encode_word_embeddings(text_encoder, insert_after_start(token_embeddings(text_encoder, input_ids), inserted))
 
 
 def encode_word_embeddings(text_encoder, words: torch.Tensor) -> torch.Tensor:
@@ -41,3 +38,72 @@ def encode_word_embeddings(text_encoder, words: torch.Tensor) -> torch.Tensor:
     causal = causal[None, None].to(hidden.dtype)
     hidden = model.encoder(inputs_embeds=hidden, attention_mask=causal).last_hidden_state
     return model.final_layer_norm(hidden)
+
+
+def insert_after_start(words: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
+    """`[<start>, inserted..., words[1 : L - k]]`: the sequence keeps its length L."""
+    batch, length, _ = words.shape
+    k = inserted.shape[1]
+    inserted = inserted.to(words.dtype).expand(batch, -1, -1)
+    return torch.cat([words[:, :1], inserted, words[:, 1 : length - k]], dim=1)
+
+
+def hidden_states_of_words(text_encoder, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(penultimate layer's hidden states, last hidden states after the final LayerNorm) [B, L, D] from word
+    embeddings: SDXL conditions on the first and pools the second."""
+    model = _text_model(text_encoder)
+    hidden = model.embeddings(inputs_embeds=words)
+    length = hidden.shape[1]
+    causal = torch.full((length, length), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)
+    causal = causal[None, None].to(hidden.dtype)
+    penultimate = hidden
+    for layer in model.encoder.layers:
+        penultimate = hidden
+        out = layer(hidden, causal)
+        hidden = out[0] if isinstance(out, tuple) else out  # older transformers return a tuple
+    return penultimate, model.final_layer_norm(hidden)
+
+
+def end_positions(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+    """Where each sequence's end token sits: where CLIP pools (its first end token; the highest id for
+    checkpoints whose config predates a correct `eos_token_id`, as transformers does)."""
+    eos = text_encoder.config.eos_token_id
+    if eos == 2:
+        return input_ids.argmax(dim=-1)
+    return (input_ids == eos).int().argmax(dim=-1)
+
+
+class SDXLTextTower(torch.nn.Module):
+    """Both SDXL text encoders as one module, so that a text-encoder method trains, copies and synchronises them
+    as one network. Takes both tokenizers' ids side by side (`SDXL.tokenize`) and returns (token embeddings
+    [B, L, D1 + D2]: each encoder's penultimate layer, pooled [B, P]: the second's projected end token)."""
+
+    def __init__(self, text_encoder, text_encoder_2, first_length: int):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.first_length = first_length
+
+    def named_encoders(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+    def inert_parameters(self) -> list[torch.nn.Parameter]:
+        """The first encoder's last block and final LayerNorm: SDXL conditions on that encoder's penultimate layer,
+        so they never reach the UNet (trained, they would not move, and processes would wait for their gradients)."""
+        model = _text_model(self.text_encoder)
+        return [*model.encoder.layers[-1].parameters(), *model.final_layer_norm.parameters()]
+
+    def forward(self, ids: torch.Tensor, inserted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        ids_1, ids_2 = ids[:, : self.first_length], ids[:, self.first_length :]
+        if inserted is None or not inserted.shape[1]:
+            first = self.text_encoder(ids_1, output_hidden_states=True).hidden_states[-2]
+            second = self.text_encoder_2(ids_2, output_hidden_states=True)
+            return torch.cat([first, second.hidden_states[-2]], dim=-1), second.text_embeds
+        k, width = inserted.shape[1], self.text_encoder.config.hidden_size
+        first, _ = hidden_states_of_words(
+            self.text_encoder, insert_after_start(token_embeddings(self.text_encoder, ids_1), inserted[..., :width]))
+        second, last = hidden_states_of_words(
+            self.text_encoder_2, insert_after_start(token_embeddings(self.text_encoder_2, ids_2), inserted[..., width:]))
+        # The end token moved k places on (it falls off a prompt that filled the sequence: the last place then).
+        ends = (end_positions(self.text_encoder_2, ids_2) + k).clamp(max=ids_2.shape[1] - 1)
+        pooled = self.text_encoder_2.text_projection(last[torch.arange(len(last), device=last.device), ends])
+        return torch.cat([first, second], dim=-1), pooled

@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(args.model)
     config = build_config(args.method, model.family, parse_sets(args.sets))
-    parts = ["generator", "discriminator"] if model.kind == "gan" else ["unet", "text_encoder"]
+    parts = ["generator", "discriminator"] if model.kind == "gan" else ["unet", *model.family.text_encoder_names]
     hashes: list[str] = []
 
     def trainable() -> dict[str, torch.Tensor]:

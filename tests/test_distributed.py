@@ -51,15 +51,23 @@ def test_two_processes_hold_identical_weights_after_every_step(two_process_run):
     assert len(set(ranks[0]["hashes"])) == 4  # the weights moved at every step
 
 
-def test_esd_on_sdxl_trains_as_one_on_two_processes(tmp_path):
-    """The SDXL family's packed conditioning through the network each process wraps for the other."""
+@pytest.mark.parametrize("key", ["esd", "advunlearn"])
+def test_sdxl_trains_as_one_on_two_processes(key, tmp_path):
+    """The SDXL family's packed conditioning, and its two text encoders as one network (advunlearn), through the
+    network each process wraps for the other."""
     from diffusers import StableDiffusionXLPipeline
 
     StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(tmp_path / "sdxl")
     (tmp_path / "two").mkdir()
-    _launch(2, str(SCRIPT), "esd", str(tmp_path / "sdxl"), str(tmp_path / "two"), *ESD)
+    sets = ESD if key == "esd" else [f"{k}={v}" for k, v in METHODS[key].test_settings.items()]
+    _launch(2, str(SCRIPT), key, str(tmp_path / "sdxl"), str(tmp_path / "two"), *sets)
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["hashes"] == ranks[1]["hashes"] and len(set(ranks[0]["hashes"])) == 4
+    steps = 4 if key == "esd" else METHODS[key].test_settings["steps"]
+    assert ranks[0]["hashes"] == ranks[1]["hashes"] and len(set(ranks[0]["hashes"])) == steps
+    if key == "advunlearn":  # both encoders trained, identical on both ranks
+        weights = [_weights(tmp_path / "two", r) for r in (0, 1)]
+        assert {k.split(".")[0] for k in weights[0]} == {"text_encoder", "text_encoder_2"}
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_two_processes_equal_one_process_on_the_same_global_batch(two_process_run, tiny_pipeline_dir, tmp_path):

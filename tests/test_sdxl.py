@@ -1,6 +1,8 @@
 """The sdxl family on a tiny real `StableDiffusionXLPipeline` (two tiny CLIP text encoders, the second with
 a projection; a UNet with SDXL's added text-time embedding): loading, the packed conditioning against the
-pipeline's own `encode_prompt`, sampling against plain diffusers, ESD in the UNet, and one-line refusals."""
+pipeline's own `encode_prompt`, sampling against plain diffusers, both encoders as one text tower, every
+method but SFD (its runs load in plain diffusers and draw the toolkit's pixels; killed, they resume), the
+attacks, and one-line refusals."""
 
 from __future__ import annotations
 
@@ -149,26 +151,185 @@ def test_esd_u_trains_everything_but_sdxl_cross_attention(tiny_sdxl_dir, tmp_pat
     assert any(k.startswith("add_embedding.") for k in changed) and any(".resnets." in k for k in changed)
 
 
-@pytest.mark.parametrize(
-    ("method", "sets", "says"),
-    [("advunlearn", [], "SDXL has two"), ("fewshot", [], "SDXL has two"), ("stereo", [], "SDXL has two"),
-     ("sfd", [], "pooled embedding"), ("esd", ["component=text_encoder"], "sdxl models have 2")],
-)  # fmt: skip
-def test_what_sdxl_cannot_take_is_refused_in_one_line_before_loading(tiny_sdxl_dir, tmp_path, method, sets, says):
+def test_sfd_is_refused_on_sdxl_in_one_line_before_loading(tiny_sdxl_dir, tmp_path):
     from erasure.api import erase
 
-    with pytest.raises(InputError, match=says) as refused:
-        erase(method, ["seven"], str(tiny_sdxl_dir), out=tmp_path / "run", progress=False, sets=sets)
+    with pytest.raises(InputError, match="pooled embedding") as refused:
+        erase("sfd", ["seven"], str(tiny_sdxl_dir), out=tmp_path / "run", progress=False, sets=["override=a dog"])
     assert "\n" not in str(refused.value) and not (tmp_path / "run").exists()
 
 
-def test_attacks_on_sdxl_are_refused_in_one_line(tiny_sdxl_dir, tmp_path):
+# --- the text tower: both encoders as one network, free words inserted into each ---------------------------
+
+
+def test_a_word_inserted_in_both_encoders_encodes_as_the_prompt_that_holds_it(tiny_sdxl_dir):
+    model = load_model(str(tiny_sdxl_dir))
+    family, tower = model.family, model.family.text_tower(model)
+    vocab = family.vocabulary(model, tower)
+    assert vocab.shape == (len(model.tokenizer), 16 + 16)  # both encoders' input embeddings side by side
+    seven = model.tokenizer("seven", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        inserted = family.encode_inserted(model, tower, model.tokenize(["a photo", "a red cat"]), vocab[seven][None])
+        plain = model.encode(["seven a photo", "seven a red cat"])
+        nothing = family.encode_inserted(model, tower, model.tokenize(["a photo"]), vocab[:0][None])
+    # token rows of both encoders, the pooled embedding read at the end token one place on, the time ids
+    assert torch.equal(inserted, plain)
+    assert torch.equal(nothing, model.encode(["a photo"]))
+
+
+def test_a_text_tower_scope_names_one_encoder_or_spans_both(tiny_sdxl_dir, tmp_path):
+    from erasure.api import erase
+
+    sets = ["steps=2", "warmup=1", "attack_steps=2", "ddim_steps=3", "retain_batch=2", "lr=1e-2", "batch_size=2"]
+    base = load_model(str(tiny_sdxl_dir))
+    for scope, trained in [("text_encoder_2:attn", {"text_encoder_2"}), ("text_encoder:mlp", {"text_encoder"}),
+                           ("full", {"text_encoder", "text_encoder_2"})]:  # fmt: skip
+        run = erase("advunlearn", ["seven"], str(tiny_sdxl_dir), out=tmp_path / scope.replace(":", "-"),
+                    progress=False, sets=[*sets, f"scope={scope}"])  # fmt: skip
+        erased = load_model(str(run))
+        moved = {name: _unet_changes(getattr(base, name), getattr(erased, name))
+                 for name in ("text_encoder", "text_encoder_2", "unet")}  # fmt: skip
+        assert {name for name, keys in moved.items() if keys} == trained, scope
+        # SDXL reads the first encoder's penultimate layer: its last block and final LayerNorm never train
+        assert not any("encoder.layers.2." in k or "final_layer_norm" in k
+                       for k in moved["text_encoder"])  # fmt: skip
+        part = scope.split(":")[-1]
+        for name in trained:
+            assert all((".self_attn." in k) if part == "attn" else (".mlp." in k) if part == "mlp" else True
+                       for k in moved[name])  # fmt: skip
+    with pytest.raises(InputError, match="text_encoder_3") as refused:
+        erase("advunlearn", ["seven"], str(tiny_sdxl_dir), out=tmp_path / "no", progress=False,
+              sets=["scope=text_encoder_3:full"])  # fmt: skip
+    assert "\n" not in str(refused.value) and not (tmp_path / "no").exists()
+
+
+@pytest.fixture(scope="module")
+def concept_images(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _test_sets(key: str, images) -> list[str]:
+    from erasure.registry import METHODS
+
+    method, _, extra = key.partition("+")
+    settings = {**METHODS[method].test_settings}
+    if method == "fewshot":  # no offline CLIP for a real-world family's stopping rule: the fixed number of updates
+        settings.update(images=str(images), stop_below=None)
+    return [f"{k}={'none' if v is None else v}" for k, v in settings.items()] + ([extra] if extra else [])
+
+
+# every text-to-image method but SFD; ESD in the UNet and in the text encoders; few-shot on its token rows
+SDXL_CELLS = ["esd", "esd+component=text_encoder", "advunlearn", "fewshot", "fewshot+scope=tokens", "stereo"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", SDXL_CELLS)
+def test_each_method_erases_from_sdxl_and_plain_diffusers_draws_the_run(key, tiny_sdxl_dir, concept_images, tmp_path):
+    import json
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from erasure.api import erase
+
+    run = erase(key.partition("+")[0], ["a cat"], str(tiny_sdxl_dir), out=tmp_path / "run", progress=False,
+                sets=_test_sets(key, concept_images))  # fmt: skip
+    manifest = json.loads((run / "erasure.json").read_text())
+    text_tower = key.startswith(("advunlearn", "fewshot")) or "text_encoder" in key
+    assert manifest["changed_components"] == (["text_encoder", "text_encoder_2"] if text_tower else ["unet"])
+    base, erased = load_model(str(tiny_sdxl_dir)), load_model(str(run))
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        assert bool(_unet_changes(getattr(base, name), getattr(erased, name))) == (
+            name in manifest["changed_components"]), name  # fmt: skip
+    ours = erased.generate(["a cat"], [7], steps=4, guidance=5.0)[0][0]
+    plain = StableDiffusionXLPipeline.from_pretrained(run)
+    theirs = plain("a cat", num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(7))
+    assert _pixel_gap(ours, theirs.images[0]) <= 1
+    assert ours.tobytes() != base.generate(["a cat"], [7], steps=4, guidance=5.0)[0][0].tobytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["esd", "esd+component=text_encoder", "advunlearn", "fewshot", "stereo"])
+def test_each_method_killed_on_sdxl_resumes_to_the_uninterrupted_run(key, tiny_sdxl_dir, concept_images, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from erasure.api import erase
+
+    method, sets = key.partition("+")[0], _test_sets(key, concept_images)
+    straight = erase(method, ["a cat"], str(tiny_sdxl_dir), out=tmp_path / "straight", sets=sets, checkpoint_every=1,
+                     progress=False)  # fmt: skip
+    script = Path(__file__).with_name("erase_run.py")
+    command = [sys.executable, str(script), method, str(tiny_sdxl_dir), "a cat", str(tmp_path / "killed"),
+               "--kill-after", "2", *sets]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = erase(method, ["a cat"], str(tiny_sdxl_dir), out=tmp_path / "killed", sets=sets, checkpoint_every=1,
+                    resume=True, progress=False)  # fmt: skip
+    changed = json.loads((straight / "erasure.json").read_text())["changed_components"]
+    a, b = load_model(str(straight)), load_model(str(resumed))
+    for name in changed:
+        assert not _unet_changes(getattr(a, name), getattr(b, name)), name
+
+
+class _NeverSees:
+    """A judge that never sees the concept: every attack runs all its steps."""
+
+    def detects(self, images, concept=None):
+        return torch.zeros(len(images), dtype=torch.bool)
+
+    def describe(self):
+        return {"judge": "never"}
+
+
+def test_each_attack_reaches_into_both_sdxl_encoders(tiny_sdxl_dir):
+    from evaluators.attack import AttackSettings, AttackTarget, attack_success_rate
+    from evaluators.discrete_attack import DiscreteAttackSettings, discrete_attack
+    from evaluators.inversion_attack import InversionSettings, inversion_attack
+
+    model = load_model(str(tiny_sdxl_dir))
+    prompts, seeds = ["a cat", "a photo of a cat"], [0, 1]
+    # the attacks' objective has a gradient in both parts of a free word: both encoders take it
+    target = AttackTarget.of(model, model, _NeverSees(), "cat", prompts, seeds)
+    words = model.family.vocabulary(model, target.tower)[torch.tensor([[5, 6, 7]] * 4)].requires_grad_(True)
+    target.loss(target.encode(slice(None), words), slice(None), (400, 600), torch.Generator().manual_seed(0)).backward()
+    assert words.grad[..., :16].abs().sum() > 0 and words.grad[..., 16:].abs().sum() > 0
+
+    embedding = attack_success_rate(model, model, _NeverSees(), "cat", prompts, seeds, AttackSettings(steps=3))
+    discrete = discrete_attack(model, model, _NeverSees(), "cat", prompts, seeds,
+                               DiscreteAttackSettings(tokens=2, steps=3, check_every=3))  # fmt: skip
+    inversion = inversion_attack(model, model, _NeverSees(), "cat", prompts, [0], InversionSettings(steps=3))
+    assert embedding["pairs"] == discrete["pairs"] == 4 and inversion["pairs"] == 2
+    assert [p["attacked_prompt"] for p in inversion["per_pair"]] == ["<v*> a", "<v*> a photo of a"]
+    for pair in discrete["per_pair"]:  # the words found are words: their prompt re-encodes to them
+        ids = model.tokenizer(pair["adversarial_prompt"], add_special_tokens=False).input_ids
+        assert ids[:2] == pair["adversarial_tokens"]
+    assert not any(p.requires_grad for name in ("text_encoder", "text_encoder_2", "unet")
+                   for p in getattr(model, name).parameters())  # the attacks train no weight  # fmt: skip
+
+
+@pytest.mark.slow
+def test_eval_attacks_an_sdxl_run(tiny_sdxl_dir, tiny_open_clip, tmp_path):
+    import json
+
     from erasure.evaluation import run_eval
 
-    with pytest.raises(InputError, match="--attack on sdxl models") as refused:
-        run_eval(str(tiny_sdxl_dir), concepts=["seven"], baseline=str(tiny_sdxl_dir), attack="embedding",
-                 json_path=tmp_path / "eval.json", progress=False)  # fmt: skip
-    assert "\n" not in str(refused.value)
+    path = run_eval(str(tiny_sdxl_dir), concepts=["seven"], baseline=str(tiny_sdxl_dir), attack="embedding",
+                    json_path=tmp_path / "eval.json", samples=1, clip=tiny_open_clip, attack_prompts=1,
+                    attack_seeds=2, attack_steps=2, progress=False)  # fmt: skip
+    result = json.loads(path.read_text())["concepts"]["seven"]["attack"]
+    assert result["attack"] == "embedding" and result["pairs"] == 2 and 0 <= result["asr"] <= 1
 
 
 def test_a_single_sdxl_file_is_recognised_by_its_two_embedders(tmp_path):

@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     import torch
 
 TIME_IDS = 6  # (original height, width, crop top, left, target height, width)
-_TWO_ENCODERS = "it edits the input embeddings of one CLIP text encoder and SDXL has two (issue 40)"
-
 
 def pack(token_embeds: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
     """[B, L, D] token embeddings, [B, P] pooled, [B, 6] time ids -> the family's conditioning [B, L + 1, D]."""
@@ -53,17 +51,18 @@ class SDXL(StableDiffusionFamily):
     summary = "Stable Diffusion XL base (CLIP ViT-L/14 + OpenCLIP ViT-bigG/14 text encoders, 1024 px)"
     pipeline_class = "StableDiffusionXLPipeline"
     text_encoders = 2
+    text_encoder_names = ("text_encoder", "text_encoder_2")
     unsupported = {
-        "advunlearn": _TWO_ENCODERS,
-        "fewshot": _TWO_ENCODERS,
-        "stereo": "its textual inversion learns a word of one CLIP text encoder and SDXL has two (issue 40)",
         "sfd": "its one-step generator does not yet pass SDXL's pooled embedding and time ids (issue 40)",
-        "attacks": "the attacks edit the input embeddings of one CLIP text encoder and SDXL has two (issue 40)",
     }
 
     def tokenize(self, model, prompts: Sequence[str]) -> torch.Tensor:
-        """Token ids of the first tokenizer (the second pads with "!" where the first pads with its end token)."""
-        return self._ids(model.tokenizer, prompts, model.device)
+        """Both tokenizers' ids side by side [B, L1 + L2] (the second pads with "!" where the first pads with
+        its end token); to the methods, as opaque as the packed conditioning."""
+        import torch
+
+        return torch.cat([self._ids(model.tokenizer, prompts, model.device),
+                          self._ids(model.tokenizer_2, prompts, model.device)], dim=1)  # fmt: skip
 
     @staticmethod
     def _ids(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
@@ -72,29 +71,60 @@ class SDXL(StableDiffusionFamily):
             return_tensors="pt",
         ).input_ids.to(device)  # fmt: skip
 
+    def text_tower(self, model):
+        if len(model.tokenizer) != len(model.tokenizer_2):
+            raise InputError("the two SDXL tokenizers have different vocabularies; a word cannot be inserted in both")
+        from ..text_embeddings import SDXLTextTower
+
+        return SDXLTextTower(model.text_encoder, model.text_encoder_2, model.tokenizer.model_max_length)
+
+    def vocabulary(self, model, tower) -> torch.Tensor:
+        """Each token's input embeddings in both encoders, side by side [V, D1 + D2] (the tokenizers share CLIP's
+        vocabulary): a free word is one vector whose parts enter each encoder."""
+        import torch
+
+        from ..text_embeddings import token_embeddings
+
+        ids = torch.arange(len(model.tokenizer), device=model.device)
+        encoders = getattr(tower, "module", tower).named_encoders().values()  # a wrapped network keeps its own
+        return torch.cat([token_embeddings(e, ids) for e in encoders], dim=-1)
+
     def encode(self, model, prompts: Sequence[str], text_encoder=None) -> torch.Tensor:
         """The packed conditioning of `prompts`, as `StableDiffusionXLPipeline.encode_prompt` makes it: each
         encoder's penultimate hidden states side by side, the second's projected pooled output, the pipeline's
         default time ids; the empty prompt's embeddings (not its time ids) are zeros where the pipeline zeroes
-        its negative prompt."""
+        its negative prompt. `text_encoder`: a text tower (`text_tower`; default: the model's encoders)."""
         import torch
 
-        if text_encoder is not None and text_encoder is not model.text_encoder:
-            raise InputError("an SDXL conditioning comes from both of the model's own text encoders")
-        device = model.device
-        hidden, pooled = [], None
-        for tokenizer, encoder in ((model.tokenizer, model.text_encoder), (model.tokenizer_2, model.text_encoder_2)):
-            out = encoder(self._ids(tokenizer, prompts, device), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled = out[0]  # the last encoder's projected pooled output
-        token_embeds = torch.cat(hidden, dim=-1)
-        size = model.pipe.default_sample_size * model.pipe.vae_scale_factor
-        time_ids = torch.tensor([size, size, 0, 0, size, size], device=device).expand(len(prompts), -1)
+        tower = self._tower(model, text_encoder)
+        token_embeds, pooled = tower(self.tokenize(model, prompts))
         if model.pipe.config.force_zeros_for_empty_prompt:
-            empty = torch.tensor([p == "" for p in prompts], device=device)
+            empty = torch.tensor([p == "" for p in prompts], device=token_embeds.device)
             token_embeds = torch.where(empty[:, None, None], torch.zeros_like(token_embeds), token_embeds)
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
-        return pack(token_embeds, pooled, time_ids)
+        return pack(token_embeds, pooled, self._time_ids(model, len(prompts), token_embeds.device))
+
+    def encode_inserted(self, model, tower, ids: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
+        """Free words ([B or 1, k, D1 + D2]) after the start token of both encoders' sequences; the pooled
+        embedding is read at the end token, k places further on."""
+        token_embeds, pooled = tower(ids, inserted)
+        return pack(token_embeds, pooled, self._time_ids(model, len(ids), token_embeds.device))
+
+    def _tower(self, model, given):
+        if given is None:
+            return self.text_tower(model)
+        from ..text_embeddings import SDXLTextTower
+
+        if not isinstance(getattr(given, "module", given), SDXLTextTower):
+            raise InputError("an SDXL conditioning comes from both text encoders: pass the family's text_tower")
+        return given
+
+    @staticmethod
+    def _time_ids(model, n: int, device) -> torch.Tensor:
+        import torch
+
+        size = model.pipe.default_sample_size * model.pipe.vae_scale_factor
+        return torch.tensor([size, size, 0, 0, size, size], device=device).expand(n, -1)
 
     def denoise(self, unet, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
         token_embeds, pooled, time_ids = unpack(cond, pooled_width(unet))
@@ -103,3 +133,4 @@ class SDXL(StableDiffusionFamily):
 
     def one_step(self, generator, alphas_cumprod, t_init, z, cond):
         raise InputError(f"one-step generators of {self.name} models: {self.unsupported['sfd']}")
+

@@ -32,10 +32,39 @@ class StableDiffusionFamily(Family):
         ).input_ids.to(model.device)  # fmt: skip
 
     def encode(self, model, prompts: Sequence[str], text_encoder=None) -> torch.Tensor:
-        """The denoiser's conditioning for `prompts`: embeddings [B, L, D] from `text_encoder` (default:
-        the model's own)."""
+        """The denoiser's conditioning for `prompts`: embeddings [B, L, D] from `text_encoder` (a text tower,
+        default: the model's own)."""
         encoder = text_encoder if text_encoder is not None else model.text_encoder
         return encoder(self.tokenize(model, prompts))[0]
+
+    # --- the text tower: what the text-encoder methods train and the attacks reach into -------------
+
+    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+
+    def text_tower(self, model):
+        """The module that turns token ids into the conditioning's text part: what a text-encoder method trains
+        (as one network), copies frozen, and hands to `encode` / `encode_inserted`. Here the one text encoder."""
+        return model.text_encoder
+
+    def tower_components(self, scope: str) -> list[str]:
+        """The pipeline components a text-tower method with `scope` changes (`name:scope` picks one)."""
+        chosen = scope.split(":", 1)[0] if ":" in scope else None
+        return [name for name in self.text_encoder_names if chosen in (None, name)]
+
+    def vocabulary(self, model, tower) -> torch.Tensor:
+        """The input word embedding [V, D] of every token of the tokenizer: where inserted words start from."""
+        import torch
+
+        from ..text_embeddings import token_embeddings
+
+        return token_embeddings(tower, torch.arange(len(model.tokenizer), device=model.device))
+
+    def encode_inserted(self, model, tower, ids: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
+        """The conditioning of token ids `ids` (from `tokenize`) with free word embeddings `inserted`
+        ([B or 1, k, D], D as `vocabulary`'s) placed after the start token."""
+        from ..text_embeddings import encode_with_inserted
+
+        return encode_with_inserted(tower, ids, inserted)
 
     def denoise(self, unet, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction (eps or v, as its scheduler says) for `x_t` at timestep(s) `t`."""
