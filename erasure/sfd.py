@@ -5,7 +5,7 @@ Three UNets of the teacher's architecture: the frozen teacher f_phi, a fake-scor
 and a one-step generator G_theta, both initialised from the teacher. G maps noise to a clean
 latent in one evaluation (pipelines/one_step.py). Each iteration:
 
-1. fake-score step: the ordinary eps denoising loss on sg(x_g), each sample under the condition
+1. fake-score step: the ordinary denoising loss (eps, or v as the teacher predicts) on sg(x_g), each sample under the condition
    it was generated with (remain prompts and the forget prompts);
 2. generator step, SiD's loss on freshly diffused x_g (gradients reach G through x_g and x_t;
    neither score network's weights change), with p the teacher's and s the fake network's x0:
@@ -160,21 +160,20 @@ class frozen:
 
 def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
     """Distil `model` into a one-step generator that no longer generates `concepts`."""
-    from pipelines.diffusion import OneStepModel
-    from pipelines.one_step import OneStepPipeline, x0_from_eps
+    from pipelines.diffusion import one_step_model
+    from pipelines.one_step import OneStepPipeline, x0_from_prediction
 
     family = model.family
-    prediction = model.scheduler.config.prediction_type
-    if prediction != "epsilon":  # x0_from_eps, the one-step step and its plain-diffusers recipe read eps
-        raise InputError(f"sfd distils a noise-predicting (epsilon) teacher; this model predicts {prediction} "
-                         "(SD 2.x at 768 px): not supported yet")  # fmt: skip
+    prediction = model.scheduler.config.prediction_type  # eps, or v (SD 2.x at 768 px): the generator predicts it too
+    if prediction not in ("epsilon", "v_prediction"):
+        raise InputError(f"sfd distils a teacher that predicts eps or v; this model predicts {prediction}")
     run.check_divisible("batch_size", config.batch_size)
     run.check_divisible("forget_batch", config.forget_batch)
     overrides = config.overrides(family, concepts)
     guidance = model.sampling["guidance"] if config.guidance is None else config.guidance
     device = run.torch_device
     model.to(device)
-    for module in (model.unet, model.text_encoder, model.vae):
+    for module in (model.unet, family.text_tower(model), model.vae):
         module.requires_grad_(False)
 
     teacher = model.unet.eval()
@@ -218,31 +217,33 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
             return model.encode(local(student)), model.encode(local(teacher_prompts))
 
     def noisy(x0: torch.Tensor):
+        """x_t, t, what the denoiser should predict there (eps or v), abar."""
         t = local(torch.randint(config.t_min, config.t_max, (rows,), device=device))
         noise = local(torch.randn((rows, *latent_shape), device=device))
         abar = alphas[t].view(-1, 1, 1, 1)
-        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t, noise, abar
+        wanted = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if prediction == "v_prediction" else noise
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t, wanted, abar
 
     def step_fn(step: int) -> dict[str, float]:
         # 1. fake-score step on the generator's current samples
         cond, _ = draw_conditions()
         z = local(torch.randn((rows, *latent_shape), device=device))
         with torch.no_grad():
-            x_g = family.one_step(generator, alphas, config.t_init, z, cond)
-        x_t, t, noise, _ = noisy(x_g)
-        fake_loss = F.mse_loss(family.denoise(loop.modules["fake"], x_t, t, cond), noise)
+            x_g = family.one_step(generator, alphas, config.t_init, z, cond, prediction)
+        x_t, t, wanted, _ = noisy(x_g)
+        fake_loss = F.mse_loss(family.denoise(loop.modules["fake"], x_t, t, cond), wanted)
         loop.update("fake", fake_loss)
 
         # 2. generator step
         cond, teacher_cond = draw_conditions()
         z = local(torch.randn((rows, *latent_shape), device=device))
-        x_g = family.one_step(loop.modules["generator"], alphas, config.t_init, z, cond)
+        x_g = family.one_step(loop.modules["generator"], alphas, config.t_init, z, cond, prediction)
         x_t, t, _, abar = noisy(x_g)
         with frozen(fake):
-            s = x0_from_eps(x_t, family.denoise(fake, x_t, t, cond), abar)
+            s = x0_from_prediction(x_t, family.denoise(fake, x_t, t, cond), abar, prediction)
         eps_u, eps_c = family.denoise(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
                                       torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond])).chunk(2)  # fmt: skip
-        p = x0_from_eps(x_t, eps_u + guidance * (eps_c - eps_u), abar)
+        p = x0_from_prediction(x_t, eps_u + guidance * (eps_c - eps_u), abar, prediction)  # guidance: linear in v too
         per_sample = sid_loss(p, s, x_g, config.alpha)
         local_remain = config.batch_size // run.num_processes
         remain_loss = per_sample[:local_remain].mean()
@@ -254,11 +255,12 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
     logs = loop.fit(step_fn, config.steps)
     ema.copy_to(generator)
     generator.eval().requires_grad_(False)
+    second = {"tokenizer_2": model.tokenizer_2, "text_encoder_2": model.text_encoder_2} if family.text_encoders == 2 else {}
     pipe = OneStepPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=generator,
-        scheduler=model.scheduler, t_init=config.t_init,
+        scheduler=model.scheduler, t_init=config.t_init, **second,
     )  # fmt: skip
-    one_step = OneStepModel(pipe, model.source)
+    one_step = one_step_model(pipe, model.source)
     outcome = {
         "sfd": {"overrides": overrides, "distilled_guidance": guidance, "t_init": config.t_init,
                 "forget_prompts": len(pairs), "remain_prompts": len(remain)},

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pipelines.images import to_tensor
-from pipelines.one_step import one_step_sample, seed_noise
+from pipelines.one_step import seed_noise
 
 
 @dataclass
@@ -101,7 +101,9 @@ class AttackTarget:
         noise landing on them."""
         unet = self.erased.unet
         if self.z_seeds is not None:
-            latents = one_step_sample(unet, self.alphas, self.erased.t_init, self.z_seeds[rows], cond)
+            prediction = self.erased.scheduler.config.prediction_type
+            latents = self.erased.family.one_step(unet, self.alphas, self.erased.t_init, self.z_seeds[rows], cond,
+                                                  prediction)  # fmt: skip
             return F.mse_loss(latents, self.z_ref[rows])
         return denoising_loss(self.erased, self.alphas, self.z_ref[rows], cond, timesteps, g)
 

@@ -247,11 +247,22 @@ class OneStepModel(TextToImageModel):
         return self.pipe.config.t_init
 
     def _sample(self, embeds, negative, generators, steps, guidance) -> list[Image.Image]:
-        return self.pipe(prompt_embeds=embeds, generator=generators, output_type="pil").images
+        conditioning = self._pipeline_conditioning(embeds, negative.expand(len(embeds), -1, -1))
+        positive = {k: v for k, v in conditioning.items() if not k.startswith("negative")}  # no guidance to apply
+        return self.pipe(**positive, generator=generators, output_type="pil").images
 
     def save(self, directory: str | Path, card: dict | None = None, **how) -> dict[str, str]:
         # The teacher's card carries its own sampling defaults; this model's are one step, no guidance.
         return super().save(directory, {**(card or {}), "sampling": self.sampling}, **how)
+
+
+class OneStepXLModel(OneStepModel, XLModel):
+    """SDXL's one-step generator: the one-step interface, SDXL's second encoder and packed conditionings."""
+
+
+def one_step_model(pipe, source: ModelSource) -> OneStepModel:
+    """The model wrapper of a one-step pipeline, as its family's conditioning needs."""
+    return (OneStepXLModel if source.family.text_encoders == 2 else OneStepModel)(pipe, source)
 
 
 def load_one_step(source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -264,7 +275,7 @@ def load_one_step(source: ModelSource, device: str | torch.device = "cpu", dtype
             pipe = OneStepPipeline.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"cannot load a one-step pipeline from {source.path}: {exc}") from None
-    return OneStepModel(pipe, source).to(device)
+    return one_step_model(pipe, source).to(device)
 
 
 def load_text_to_image(
@@ -375,4 +386,5 @@ def _shipped_config_for(path: Path) -> Path:
     return SHIPPED_CONFIGS / shipped[model_type]
 
 
-__all__ = ["OneStepModel", "TextToImageModel", "XLModel", "load_one_step", "load_text_to_image"]
+__all__ = ["OneStepModel", "OneStepXLModel", "TextToImageModel", "XLModel", "load_one_step", "load_text_to_image",
+           "one_step_model"]  # fmt: skip

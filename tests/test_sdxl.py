@@ -1,10 +1,13 @@
 """The sdxl family on a tiny real `StableDiffusionXLPipeline` (two tiny CLIP text encoders, the second with
 a projection; a UNet with SDXL's added text-time embedding): loading, the packed conditioning against the
 pipeline's own `encode_prompt`, sampling against plain diffusers, both encoders as one text tower, every
-method but SFD (its runs load in plain diffusers and draw the toolkit's pixels; killed, they resume), the
-attacks, and one-line refusals."""
+method (their runs load in plain diffusers, or through the one-step recipe, and draw the toolkit's pixels;
+killed, they resume), and the attacks."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,12 +154,31 @@ def test_esd_u_trains_everything_but_sdxl_cross_attention(tiny_sdxl_dir, tmp_pat
     assert any(k.startswith("add_embedding.") for k in changed) and any(".resnets." in k for k in changed)
 
 
-def test_sfd_is_refused_on_sdxl_in_one_line_before_loading(tiny_sdxl_dir, tmp_path):
-    from erasure.api import erase
+def test_sfd_distils_sdxl_into_a_one_step_generator_that_plain_diffusers_reproduces(tiny_sdxl_dir, tmp_path):
+    import json
 
-    with pytest.raises(InputError, match="pooled embedding") as refused:
-        erase("sfd", ["seven"], str(tiny_sdxl_dir), out=tmp_path / "run", progress=False, sets=["override=a dog"])
-    assert "\n" not in str(refused.value) and not (tmp_path / "run").exists()
+    import numpy as np
+
+    from erasure.api import erase
+    from erasure.registry import METHODS
+    from pipelines.one_step import PLAIN_DIFFUSERS_RECIPE_XL
+
+    sets = [f"{k}={v}" for k, v in METHODS["sfd"].test_settings.items()] + ["override=a dog"]
+    run = erase("sfd", ["a cat"], str(tiny_sdxl_dir), out=tmp_path / "run", progress=False, sets=sets)
+    index = json.loads((run / "model_index.json").read_text())
+    assert index["_class_name"] == "OneStepPipeline" and index["text_encoder_2"][1] == "CLIPTextModelWithProjection"
+    model = load_model(str(run))
+    assert model.kind == "one-step" and model.family.name == "sdxl"
+    # the generator's UNet takes SDXL's added conditioning, and moved from the teacher's weights
+    assert _unet_changes(load_model(str(tiny_sdxl_dir)).unet, model.unet)
+    ours = model.generate(["a cat"], [0])[0][0]
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- one-step recipe sdxl -->\s*```python\n(.*?)```", readme, re.S)
+    assert block and block.group(1) == PLAIN_DIFFUSERS_RECIPE_XL.format(folder='"runs/sfd-xl"', prompt="a cat")
+    code = PLAIN_DIFFUSERS_RECIPE_XL.format(folder=repr(str(run)), prompt="a cat").replace('image.save("sample.png")', "")
+    namespace: dict = {}
+    exec(compile(code, "README recipe", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert np.abs(np.asarray(namespace["image"], float) - np.asarray(ours, float)).max() <= 1
 
 
 # --- the text tower: both encoders as one network, free words inserted into each ---------------------------
@@ -225,7 +247,8 @@ def _test_sets(key: str, images) -> list[str]:
     return [f"{k}={'none' if v is None else v}" for k, v in settings.items()] + ([extra] if extra else [])
 
 
-# every text-to-image method but SFD; ESD in the UNet and in the text encoders; few-shot on its token rows
+# every text-to-image method but SFD (its one-step pipeline is not diffusers' own: the recipe test above);
+# ESD in the UNet and in the text encoders; few-shot on its token rows
 SDXL_CELLS = ["esd", "esd+component=text_encoder", "advunlearn", "fewshot", "fewshot+scope=tokens", "stereo"]
 
 
@@ -255,7 +278,8 @@ def test_each_method_erases_from_sdxl_and_plain_diffusers_draws_the_run(key, tin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", ["esd", "esd+component=text_encoder", "advunlearn", "fewshot", "stereo"])
+@pytest.mark.parametrize("key", ["esd", "esd+component=text_encoder", "advunlearn", "fewshot", "stereo",
+                                 "sfd+override=a dog"])  # fmt: skip
 def test_each_method_killed_on_sdxl_resumes_to_the_uninterrupted_run(key, tiny_sdxl_dir, concept_images, tmp_path):
     import json
     import os

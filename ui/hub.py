@@ -498,10 +498,11 @@ def _usage(run: Run, repo_id: str, single_file: bool) -> str:
     if run.kind == "gan":
         return GAN_USAGE.format(repo_id=repo_id)
     if run.kind == "one-step":
-        from pipelines.one_step import PLAIN_DIFFUSERS_RECIPE
+        from pipelines.one_step import PLAIN_DIFFUSERS_RECIPE, PLAIN_DIFFUSERS_RECIPE_XL
 
         prompt = _concepts(run)[0].replace('"', "'")
-        recipe = PLAIN_DIFFUSERS_RECIPE.format(folder=f'snapshot_download("{repo_id}")', prompt=prompt)
+        template = PLAIN_DIFFUSERS_RECIPE_XL if run.model_card.get("family") == "sdxl" else PLAIN_DIFFUSERS_RECIPE
+        recipe = template.format(folder=f'snapshot_download("{repo_id}")', prompt=prompt)
         return ONE_STEP_USAGE.format(repo_id=repo_id, recipe=recipe)
     from pipelines.diffusion import SD_SAMPLING
 

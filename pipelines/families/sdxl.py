@@ -52,9 +52,6 @@ class SDXL(StableDiffusionFamily):
     pipeline_class = "StableDiffusionXLPipeline"
     text_encoders = 2
     text_encoder_names = ("text_encoder", "text_encoder_2")
-    unsupported = {
-        "sfd": "its one-step generator does not yet pass SDXL's pooled embedding and time ids (issue 40)",
-    }
 
     def tokenize(self, model, prompts: Sequence[str]) -> torch.Tensor:
         """Both tokenizers' ids side by side [B, L1 + L2] (the second pads with "!" where the first pads with
@@ -98,7 +95,7 @@ class SDXL(StableDiffusionFamily):
 
         tower = self._tower(model, text_encoder)
         token_embeds, pooled = tower(self.tokenize(model, prompts))
-        if model.pipe.config.force_zeros_for_empty_prompt:
+        if getattr(model.pipe.config, "force_zeros_for_empty_prompt", True):  # (a one-step pipeline has no negative)
             empty = torch.tensor([p == "" for p in prompts], device=token_embeds.device)
             token_embeds = torch.where(empty[:, None, None], torch.zeros_like(token_embeds), token_embeds)
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
@@ -123,7 +120,7 @@ class SDXL(StableDiffusionFamily):
     def _time_ids(model, n: int, device) -> torch.Tensor:
         import torch
 
-        size = model.pipe.default_sample_size * model.pipe.vae_scale_factor
+        size = model.unet.config.sample_size * model.pipe.vae_scale_factor  # the pipeline's default image size
         return torch.tensor([size, size, 0, 0, size, size], device=device).expand(n, -1)
 
     def denoise(self, unet, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
@@ -131,6 +128,9 @@ class SDXL(StableDiffusionFamily):
         added = {"text_embeds": pooled, "time_ids": time_ids}
         return unet(x_t, t, token_embeds, added_cond_kwargs=added).sample
 
-    def one_step(self, generator, alphas_cumprod, t_init, z, cond):
-        raise InputError(f"one-step generators of {self.name} models: {self.unsupported['sfd']}")
+    def one_step(self, generator, alphas_cumprod, t_init, z, cond, prediction: str = "epsilon"):
+        from ..one_step import one_step_sample
 
+        token_embeds, pooled, time_ids = unpack(cond, pooled_width(generator))
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        return one_step_sample(generator, alphas_cumprod, t_init, z, token_embeds, added, prediction)

@@ -90,12 +90,13 @@ class StableDiffusionFamily(Family):
         window = scheduler.config.num_train_timesteps // len(scheduler.timesteps)
         return x, t, min(t + window, scheduler.config.num_train_timesteps)
 
-    def one_step(self, generator, alphas_cumprod: torch.Tensor, t_init: int, z: torch.Tensor,
-                 cond: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        """A one-step generator's clean latent for noise `z` (pipelines/one_step.py; differentiable)."""
+    def one_step(self, generator, alphas_cumprod: torch.Tensor, t_init: int, z: torch.Tensor, cond: torch.Tensor,
+                 prediction: str = "epsilon") -> torch.Tensor:  # fmt: skip
+        """A one-step generator's clean latent for noise `z` (pipelines/one_step.py; differentiable); `prediction`:
+        what its UNet predicts (its scheduler's `prediction_type`)."""
         from ..one_step import one_step_sample
 
-        return one_step_sample(generator, alphas_cumprod, t_init, z, cond)
+        return one_step_sample(generator, alphas_cumprod, t_init, z, cond, prediction=prediction)
 
 
 class SD1(StableDiffusionFamily):
