@@ -1,10 +1,13 @@
-"""Write a Stable Diffusion 1.x or SDXL pipeline as one original-layout (LDM / SGM) checkpoint.
+"""Write a Stable Diffusion 1.x, 2.x or SDXL pipeline as one original-layout (LDM / SGM) checkpoint.
 
 The reverse of diffusers' `from_single_file`: UIs such as A1111 and ComfyUI take this layout, and
 tests use it to exercise the single-file loading path with tiny models. SD 1.x's CLIP text encoder is
 written as `cond_stage_model.transformer.*`; SDXL's two as `conditioner.embedders.0.transformer.*`
 (the same HF layout) and `conditioner.embedders.1.model.*` (OpenCLIP's: fused q/k/v, `resblocks`,
-the projection transposed). SD 2.x's OpenCLIP tower (one layer fewer in diffusers) is not written.
+the projection transposed); SD 2.x's OpenCLIP tower as `cond_stage_model.model.*`. Diffusers keeps
+only the 23 blocks of SD 2.x's 24 that its penultimate-layer conditioning runs, so the file holds
+those 23: the 24th never reaches the UNet (diffusers' converter and the original `FrozenOpenCLIPEmbedder`
+with `layer="penultimate"` skip it).
 """
 
 from __future__ import annotations
@@ -114,15 +117,16 @@ _OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out
 
 
 def open_clip_text_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
-    """A transformers `CLIPTextModelWithProjection` in OpenCLIP's layout (SDXL's second embedder)."""
+    """A transformers CLIP text model in OpenCLIP's layout (SDXL's second embedder, SD 2.x's text tower)."""
     state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
     out = {
         prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
         prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
         prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
         prefix + "ln_final.bias": state.pop("final_layer_norm.bias"),
-        prefix + "text_projection": state.pop("text_projection.weight").T.contiguous(),
     }
+    if "text_projection.weight" in state:  # SDXL's second encoder projects its pooled output; SD 2.x's does not
+        out[prefix + "text_projection"] = state.pop("text_projection.weight").T.contiguous()
     for i in range(text_encoder.config.num_hidden_layers):
         layer, block = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
@@ -137,7 +141,7 @@ def open_clip_text_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def save_single_file(model, path: str | Path) -> None:
-    """Write the pipeline of a `TextToImageModel` (SD 1.x or SDXL) as one `.safetensors` file."""
+    """Write the pipeline of a `TextToImageModel` (SD 1.x, 2.x or SDXL) as one `.safetensors` file."""
     from safetensors.torch import save_file
 
     pipe = model.pipe
@@ -147,6 +151,8 @@ def save_single_file(model, path: str | Path) -> None:
         prefix = "conditioner.embedders.0.transformer."
         state.update({prefix + k.removeprefix("cond_stage_model.transformer."): v for k, v in first.items()})
         state.update(open_clip_text_to_ldm(pipe.text_encoder_2, "conditioner.embedders.1.model."))
+    elif model.family.name == "sd2":
+        state.update(open_clip_text_to_ldm(pipe.text_encoder, "cond_stage_model.model."))
     else:
         state.update(text_encoder_to_ldm(pipe.text_encoder))
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))

@@ -91,3 +91,41 @@ def test_sfd_distils_a_v_prediction_teacher_and_plain_diffusers_reproduces_the_g
     namespace: dict = {}
     exec(compile(code, "README recipe", "exec"), namespace)  # noqa: S102 - the README's own code
     assert np.abs(np.asarray(namespace["image"], float) - np.asarray(ours, float)).max() <= 1
+
+
+def test_an_sd2_run_exports_as_one_file_that_loads_back_to_the_same_weights(tmp_path):
+    """SD 2.x's OpenCLIP tower in the original layout (`cond_stage_model.model.*`, fused q/k/v); read back by
+    the toolkit and by diffusers' own converter."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from erasure.output import write_manifest
+    from pipelines import resolve
+    from pipelines.families import FAMILIES, detect
+    from pipelines.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
+    from ui.hub import export_run
+
+    parts = tiny_components(seed=2)
+    torch.manual_seed(2)  # an OpenCLIP-style tower: GELU, "!" padding, no projection
+    parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=parts["unet"].config.cross_attention_dim, intermediate_size=32,
+        num_attention_heads=2, num_hidden_layers=3, max_position_embeddings=16, hidden_act="gelu",
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=0))  # fmt: skip
+    parts["tokenizer"] = clip_tokenizer(16, pad_token="!")
+    parts["scheduler"] = parts["scheduler"].from_config(parts["scheduler"].config, prediction_type="v_prediction")
+    folder, run = tmp_path / "base", tmp_path / "run"
+    StableDiffusionPipeline(**parts).save_pretrained(folder)
+    load_model(str(folder)).save(run, card={"erased": {"method": "esd", "concepts": ["a cat"], "base_model": "x"}})
+    write_manifest(run, {"method": "esd", "concepts": ["a cat"], "base_model": resolve(str(folder)).describe(),
+                         "config": {}, "seed": 0, "changed_components": ["unet"]})  # fmt: skip
+    exported = export_run(run, "someone/sd2-one-file", local_dir=tmp_path / "hub", no_eval=True, single_file=True)
+    path = exported.folder / "sd2-one-file.safetensors"
+    assert detect("text-to-image", path) is FAMILIES["sd2"]
+    original = load_model(str(folder))
+    reloaded = load_model(str(path), single_file_config=str(exported.folder))
+    plain = StableDiffusionPipeline.from_single_file(str(path), config=str(exported.folder), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder"):
+        ours = getattr(original, name).state_dict()
+        for other in (getattr(reloaded, name).state_dict(), getattr(plain, name).state_dict()):
+            assert ours.keys() == other.keys() and all(torch.equal(ours[k], other[k]) for k in ours), name
+    assert plain.scheduler.config.prediction_type == "v_prediction"

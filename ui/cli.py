@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--single-file", action="store_true",
-        help="also write the model as one original-layout SD 1.x .safetensors (A1111 / ComfyUI)",
+        help="also write the model as one original-layout .safetensors (SD 1.x, 2.x or SDXL; A1111 / ComfyUI)",
     )  # fmt: skip
     p.set_defaults(func=cmd_export)
 

@@ -240,19 +240,14 @@ def _model_files(path: Path, kind: str) -> dict[Path, Path]:
 
 
 def _check_single_file(run: Run) -> None:
-    """The single-file writer knows SD 1.x's layout (CLIP ViT-L-style text encoder) and SDXL's."""
+    """The single-file writer knows the layouts of SD 1.x (and the digits world, built like it), SD 2.x and SDXL."""
     if run.kind != "text-to-image":
         raise InputError(f"--single-file writes the Stable Diffusion layout; a {run.kind} run has no such form")
     index = json.loads((run.path / "model_index.json").read_text())
     if index.get("_class_name") == "StableDiffusionXLPipeline":
         return
     if index.get("text_encoder") != ["transformers", "CLIPTextModel"]:
-        raise InputError("--single-file writes the SD 1.x layout, which needs a CLIPTextModel text encoder")
-    from pipelines.components import component_folders
-
-    width = json.loads((component_folders(run.path)["unet"] / "config.json").read_text()).get("cross_attention_dim")
-    if width == 1024:
-        raise InputError("--single-file writes the SD 1.x layout; this model looks like SD 2.x (1024-wide text)")
+        raise InputError("--single-file writes the Stable Diffusion layout, which needs a CLIPTextModel text encoder")
 
 
 def _check_hub_access() -> None:
