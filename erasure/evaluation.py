@@ -28,6 +28,7 @@ def run_eval(
     device: str = "auto",
     model_config: str | Path | None = None,
     progress: bool = True,
+    dtype: str = "auto",
     attack: str | None = None,
     attack_prompts: int | None = None,
     attack_seeds: int = 5,
@@ -43,7 +44,7 @@ def run_eval(
     from evaluators.prompt_files import read_prompt_file
     from evaluators.report import evaluate, evaluate_gan
     from pipelines import load_model, resolve
-    from pipelines.devices import resolve_device
+    from pipelines.devices import dtype_name, resolve_device, resolve_dtype
     from pipelines.loading import comparable_kinds
 
     from .bounds import SEED_BOUNDS, check_number
@@ -51,6 +52,7 @@ def run_eval(
 
     # Everything is resolved and checked here, before a model loads or an image is generated.
     device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     after_source = resolve(target)
     manifest = read_manifest(target) if Path(target).is_dir() else None
     if manifest is not None:
@@ -98,8 +100,8 @@ def run_eval(
     if state.num_processes > 1 and device.startswith("cuda"):
         device = str(state.device)  # one GPU per process
     progress = progress and state.is_main_process
-    after = load_model(after_source, device=device, single_file_config=model_config)
-    before = load_model(before_source, device=device, single_file_config=model_config)
+    after = load_model(after_source, device=device, single_file_config=model_config, dtype=torch_dtype)
+    before = load_model(before_source, device=device, single_file_config=model_config, dtype=torch_dtype)
     if after.kind == "gan":
         result = evaluate_gan(after, before, concepts, samples=samples, seed=seed, clip=clip,
                               fid_features=fid_features, progress=progress)  # fmt: skip
@@ -107,6 +109,7 @@ def run_eval(
         result = evaluate(after, before, concepts, samples=samples, seed=seed, clip=clip, fid_features=fid_features,
                           progress=progress, **prompt_options)  # fmt: skip
     result.report["settings"]["processes"] = state.num_processes
+    result.report["settings"]["dtype"] = dtype_name(torch_dtype)
     if not state.is_main_process:  # the main process attacks and writes; it needs no other process for that,
         return json_path  # so none waits for it (a long attack would outlast a collective's timeout)
     if attack is not None:

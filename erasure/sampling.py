@@ -23,10 +23,11 @@ def sample(
     truncation: float = 1.0,
     device: str = "auto",
     model_config: str | Path | None = None,
+    dtype: str = "auto",
 ) -> Path:
     """Generate `n` images per prompt with seeds seed..seed+n-1 and write them to `out`."""
     from pipelines import load_model, resolve
-    from pipelines.devices import resolve_device
+    from pipelines.devices import resolve_device, resolve_dtype
     from pipelines.images import labelled_grid
 
     from .bounds import COUNT, GUIDANCE, SEED_BOUNDS, STEPS, TRUNCATION, check_number
@@ -39,6 +40,7 @@ def sample(
             check_number(name, value, bounds)
     check_number("--truncation", truncation, TRUNCATION)
     device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     out = check_writable(out)
     source = resolve(model)
     prompts = list(prompts)
@@ -55,7 +57,7 @@ def sample(
     if not as_grid and out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a folder")
 
-    backend = load_model(source, device=device, single_file_config=model_config)
+    backend = load_model(source, device=device, single_file_config=model_config, dtype=torch_dtype)
     seeds = list(range(seed, seed + n))
     if source.kind == "gan":
         images = backend.generate(seeds, truncation=truncation)

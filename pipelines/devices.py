@@ -30,3 +30,27 @@ def resolve_device(device: str | None = AUTO) -> str:
     if parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return name
+
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def resolve_dtype(dtype: str | None, device: str):
+    """The weights' dtype for inference: `auto` is half precision on a GPU (what diffusers users run) and float32 on
+    the CPU (where half precision is slower, and where the digits results were measured)."""
+    import torch
+
+    name = (dtype or AUTO).strip().lower()
+    if name == AUTO:
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise InputError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+    return table[name]
+
+
+def dtype_name(dtype) -> str:
+    """torch.float16 -> "fp16" (as `--dtype` spells it), for the settings a result is saved with."""
+    import torch
+
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))

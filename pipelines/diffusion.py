@@ -162,7 +162,9 @@ class TextToImageModel:
             **self._pipeline_conditioning(embeds, negative.expand(len(embeds), -1, -1)),
             num_inference_steps=steps, guidance_scale=guidance, generator=generators, output_type="latent",
         ).images  # fmt: skip
-        return decode_latents(self.vae, latents)
+        return decode_latents(self.vae, latents, upcast=self.upcast_vae)
+
+    upcast_vae = False  # decode a float16 VAE in float32 where its config asks (SDXL's pipeline does)
 
     def _pipeline_conditioning(self, embeds: torch.Tensor, negative: torch.Tensor) -> dict[str, torch.Tensor]:
         """The family's conditionings as the pipeline's keyword arguments."""
@@ -211,6 +213,7 @@ class XLModel(TextToImageModel):
     tensors (pipelines/families/sdxl.py), unpacked here into what `StableDiffusionXLPipeline` takes."""
 
     replaceable = ("text_encoder", "text_encoder_2", "unet", "vae")
+    upcast_vae = True
 
     @property
     def tokenizer_2(self):

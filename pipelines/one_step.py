@@ -184,7 +184,7 @@ class OneStepPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = clean
         elif output_type == "pil":
-            images = decode_latents(self.vae, clean)
+            images = decode_latents(self.vae, clean, upcast=self.text_encoder_2 is not None)
         else:
             decoded = self.vae.decode(clean.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
             images = self.image_processor.postprocess(decoded, output_type=output_type)

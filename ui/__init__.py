@@ -19,13 +19,15 @@ def launch(
     share: bool = False,
     runs_dir: str | Path = "runs",
     device: str = "auto",
+    dtype: str = "auto",
 ) -> None:
     """Check the arguments, then serve the app until interrupted (bound to `host`; public only with `share`)."""
     from erasure.output import read_run
     from pipelines import resolve
-    from pipelines.devices import resolve_device
+    from pipelines.devices import resolve_device, resolve_dtype
 
     device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     if not 0 < port < 65536:
         from pipelines.errors import InputError
 
@@ -37,5 +39,6 @@ def launch(
     from .app import Preview
     from .app import launch as serve
 
-    serve(Preview(model=model, erased=[str(r) for r in erased], runs_dir=Path(runs_dir), device=device),
-          host=host, port=port, share=share)  # fmt: skip
+    preview = Preview(model=model, erased=[str(r) for r in erased], runs_dir=Path(runs_dir), device=device,
+                      dtype=torch_dtype)  # fmt: skip
+    serve(preview, host=host, port=port, share=share)

@@ -33,12 +33,13 @@ class Preview:
     erased: list[str] = field(default_factory=list)  # runs named on the command line, listed first
     runs_dir: Path = Path("runs")  # where finished runs are found and new ones are written
     device: str = "cpu"
+    dtype: object = None  # the compared models' weights (a torch dtype; None: float32)
     cache: ModelCache | None = None  # models loaded for Compare, shared by every visitor
     jobs: dict[str, EraseJob] = field(default_factory=dict)  # browser session -> its running erasure
 
     def __post_init__(self) -> None:
         self.runs_dir = Path(self.runs_dir)
-        self.cache = self.cache or ModelCache(device=self.device)
+        self.cache = self.cache or ModelCache(device=self.device, dtype=self.dtype)
 
     def runs(self) -> list[str]:
         found = [str(p) for p in find_runs(self.runs_dir)]

@@ -44,6 +44,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_dtype_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+        help="weights' precision for generating: auto (default) is fp16 on a GPU and fp32 on the CPU",
+    )  # fmt: skip
+
+
 class Parser(argparse.ArgumentParser):
     """No abbreviated options (`sample --model X` must not silently mean `--model-config X`), and a bad
     command line ends like any other bad input: one `error:` line, exit code 2."""
@@ -161,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_options(p)
+    _add_dtype_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -185,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"GAN truncation psi, {TRUNCATION} (default: 1.0)",
     )  # fmt: skip
     _add_model_options(p)
+    _add_dtype_option(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
@@ -201,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N for generating and erasing "
                    "(default: auto, the GPU when there is one)")  # fmt: skip
+    _add_dtype_option(p)
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser(
@@ -302,7 +312,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     path = run_eval(
         args.target, concepts=args.concept, baseline=args.baseline, json_path=args.json, samples=args.samples,
-        seed=args.seed, clip=args.clip, fid_features=args.fid_features, device=args.device,
+        seed=args.seed, clip=args.clip, fid_features=args.fid_features, device=args.device, dtype=args.dtype,
         model_config=args.model_config, progress=not args.quiet, attack=args.attack,
         attack_prompts=args.attack_prompts, attack_seeds=args.attack_seeds, attack_steps=args.attack_steps,
         prompts_file=args.prompts, preserved_prompts_file=args.preserved_prompts, neighbours=args.neighbours,
@@ -324,7 +334,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise InputError(f"this makes {images} images; pass --yes to confirm")
     written = sample(
         args.model, args.prompt, n=args.n, seed=args.seed, out=args.out, steps=args.steps, guidance=args.guidance,
-        truncation=args.truncation, device=args.device, model_config=args.model_config,
+        truncation=args.truncation, device=args.device, model_config=args.model_config, dtype=args.dtype,
     )  # fmt: skip
     print(f"wrote {written}")
     return 0
@@ -333,7 +343,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_preview(args: argparse.Namespace) -> int:
     from . import launch
 
-    launch(args.model, args.erased, host=args.host, port=args.port, share=args.share, device=args.device)
+    launch(args.model, args.erased, host=args.host, port=args.port, share=args.share, device=args.device,
+           dtype=args.dtype)  # fmt: skip
     return 0
 
 

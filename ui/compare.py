@@ -31,9 +31,9 @@ class Comparison:
 class ModelCache:
     """The last few loaded backends by resolved location, loaded once and reused across requests."""
 
-    def __init__(self, size: int = 4, device: str = "cpu"):
+    def __init__(self, size: int = 4, device: str = "cpu", dtype=None):
         self.size = size
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.lock = threading.RLock()
         self._models: OrderedDict[str, object] = OrderedDict()
 
@@ -47,7 +47,7 @@ class ModelCache:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            model = load_model(source, device=self.device)
+            model = load_model(source, device=self.device, dtype=self.dtype)
             self._models[key] = model
             while len(self._models) > self.size:
                 self._models.popitem(last=False)

@@ -1,0 +1,58 @@
+"""`--dtype`: the weights' precision for generating (sample, eval, preview). `auto` is fp16 on a GPU and fp32 on
+the CPU; a half-precision model draws what the float32 one draws, up to rounding; SDXL's VAE decodes in float32
+where its config asks (as SDXL's pipeline does)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import load_model
+from pipelines.devices import resolve_dtype
+from pipelines.errors import InputError
+
+from .conftest import tiny_sdxl_components
+
+
+def test_auto_is_half_on_a_gpu_and_float32_on_the_cpu():
+    assert resolve_dtype("auto", "cuda:0") is torch.float16 and resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype("bf16", "cpu") is torch.bfloat16 and resolve_dtype(None, "cpu") is torch.float32
+    with pytest.raises(InputError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8", "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_digits_model_draws_the_float32_images(dtype):
+    full, half = load_model("digits"), load_model("digits", dtype=dtype)
+    assert {p.dtype for name in ("unet", "text_encoder", "vae") for p in getattr(half, name).parameters()} == {dtype}
+    a = np.stack([np.asarray(im, float) for im in full.generate(["a red seven", "a blue two"], [0, 1])[0]])
+    b = np.stack([np.asarray(im, float) for im in half.generate(["a red seven", "a blue two"], [0, 1])[0]])
+    assert np.abs(a - b).mean() < 6  # pixel levels of 255: rounding, not another picture
+
+
+def test_sdxl_in_float16_decodes_its_vae_in_float32_and_keeps_it_half(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(tmp_path / "xl")
+    full, half = load_model(str(tmp_path / "xl")), load_model(str(tmp_path / "xl"), dtype=torch.float16)
+    assert half.vae.config.force_upcast and half.upcast_vae
+    a = np.asarray(full.generate(["a cat"], [3], steps=3)[0][0], float)
+    b = np.asarray(half.generate(["a cat"], [3], steps=3)[0][0], float)
+    assert np.abs(a - b).mean() < 6 and half.vae.dtype == torch.float16
+
+
+def test_sample_and_eval_take_dtype_and_eval_records_it(tmp_path):
+    from erasure.evaluation import run_eval
+    from erasure.sampling import sample
+
+    grid = sample("digits", ["a red seven"], n=2, seed=0, out=tmp_path / "grid.png", dtype="bf16")
+    assert grid.is_file()
+    path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=tmp_path / "e.json", samples=1,
+                    dtype="bf16", progress=False)  # fmt: skip
+    assert json.loads(path.read_text())["settings"]["dtype"] == "bf16"
+    with pytest.raises(InputError, match="unknown dtype"):
+        sample("digits", ["a seven"], n=1, seed=0, out=tmp_path / "x.png", dtype="half")
+    assert not (tmp_path / "x.png").exists()
