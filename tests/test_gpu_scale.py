@@ -1,0 +1,50 @@
+"""`benchmarks/gpu_scale.py`, the prepared script of the GPU checks (issues 39, 40): it builds each family at real
+size from the shipped configs, and runs end to end on toy components, so that device minutes are not spent on
+a script that breaks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "gpu_scale.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("gpu_scale", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("family", "pipeline", "millions"), [
+    ("sd1", "StableDiffusionPipeline", {"unet": 860, "text_encoder": 123, "vae": 84}),
+    ("sd2", "StableDiffusionPipeline", {"unet": 866, "text_encoder": 340, "vae": 84}),
+    ("sdxl", "StableDiffusionXLPipeline", {"unet": 2567, "text_encoder": 123, "text_encoder_2": 695, "vae": 84}),
+])  # fmt: skip
+def test_the_script_builds_each_family_at_its_real_size(family, pipeline, millions):
+    pipe = _script().build_pipeline(family, "meta", seed=0)  # shapes only: no memory, no time
+    assert type(pipe).__name__ == pipeline
+    counts = {name: round(sum(p.numel() for p in part.parameters()) / 1e6)
+              for name, part in pipe.components.items() if hasattr(part, "parameters")}  # fmt: skip
+    assert counts == millions
+
+
+@pytest.mark.slow
+def test_the_script_runs_end_to_end_on_a_tiny_sdxl(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--family", "sdxl", "--tiny", "--device", "cpu", "--steps", "3",
+               "--batch", "2", "--sample-steps", "2", "--scratch", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout[done.stdout.rindex("\n{\n") + 1 :])
+    assert report["sample"]["toolkit_images_per_s"] > 0 and report["sample"]["plain_diffusers_images_per_s"] > 0
+    for method in ("esd", "advunlearn"):
+        assert report["erase"][method]["steps_timed"] == 2 and report["erase"][method]["s_per_step_median"] > 0
+    assert report["single_file"]["unet_bit_identical"] is True
