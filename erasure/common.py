@@ -58,15 +58,15 @@ def select_trainable(module: torch.nn.Module, component: str, scope: str) -> int
     """Freeze `module` except the parameters in `scope`; returns how many parameters train. A text tower of
     several encoders (`named_encoders()`) applies the scope to each encoder it names (all, by default)."""
     if component != "unet":
-        chosen, scope = split_encoder_scope(scope)
+        chosen, inner = split_encoder_scope(scope)
         parts = module.named_encoders() if hasattr(module, "named_encoders") else {"text_encoder": module}
         if chosen is not None and chosen not in parts:
             raise InputError(f"scope names {chosen!r}; this model's text encoders are: {', '.join(parts)}")
+        # Weights that never reach the UNet (SDXL: the first encoder's last block) neither train nor count as
+        # an encoder's "last" block.
+        inert = {id(p) for p in (module.inert_parameters() if hasattr(module, "inert_parameters") else ())}
         module.requires_grad_(False)
-        count = sum(_select(part, component, scope) for name, part in parts.items() if chosen in (None, name))
-        for param in module.inert_parameters() if hasattr(module, "inert_parameters") else ():
-            count -= param.numel() if param.requires_grad else 0
-            param.requires_grad_(False)
+        count = sum(_select(part, component, inner, inert) for name, part in parts.items() if chosen in (None, name))
     else:
         count = _select(module, component, scope)
     if count == 0:
@@ -74,10 +74,10 @@ def select_trainable(module: torch.nn.Module, component: str, scope: str) -> int
     return count
 
 
-def _select(module: torch.nn.Module, component: str, scope: str) -> int:
+def _select(module: torch.nn.Module, component: str, scope: str, inert: set[int] = frozenset()) -> int:
     rule = _unet_rule(scope) if component == "unet" else _text_encoder_rule(scope)
     if rule is None:
-        layers = [int(m.group(1)) for n, _ in module.named_parameters() if (m := _LAYER.search(n))]
+        layers = [int(m.group(1)) for n, p in module.named_parameters() if (m := _LAYER.search(n)) and id(p) not in inert]
         last = max(layers, default=-1)
 
         def rule(name: str) -> bool:
@@ -86,7 +86,7 @@ def _select(module: torch.nn.Module, component: str, scope: str) -> int:
 
     count = 0
     for name, param in module.named_parameters():
-        param.requires_grad_(rule(name))
+        param.requires_grad_(rule(name) and id(param) not in inert)
         count += param.numel() if param.requires_grad else 0
     return count
 

@@ -64,6 +64,13 @@ class ESDConfig(MethodConfig):
     def check(self, family, concepts) -> None:
         if self.component == "text_encoder":
             check_encoder_scope(family, self.scope)
+        # A preset that tunes lr but names no scope tuned it for ESD-x (SDXL's: 2e-4, where the authors drop to
+        # 1e-5 for every other scope); run elsewhere, that lr is refused rather than silently reused.
+        tuned = family.preset("esd")
+        if "lr" in tuned and "scope" not in tuned and self.lr == tuned["lr"] and \
+                (self.component, self.scope) != ("unet", "xattn"):  # fmt: skip
+            raise InputError(f"the {family.name} ESD preset's lr {tuned['lr']:g} is ESD-x's; for another scope pass "
+                             "--set lr=... (ESD's authors use 1e-5)")  # fmt: skip
 
 
 CONFIG = ESDConfig

@@ -7,6 +7,8 @@ denoises that reference best under `[adv; prompt]`:
 
     min_adv  E_{t, n} || eps_erased(sqrt(a_t) z_ref + sqrt(1 - a_t) n, t, E([adv; prompt])) - n ||^2
 
+(for a v-prediction model, its v against sqrt(a_t) n - sqrt(1 - a_t) z_ref).
+
 A one-step generator (SFD) is no denoiser, so there the same embeddings are optimised so that
 its one-step latent for the pair's own noise lands on the reference:
 `min_adv || G(z_seed, E([adv; prompt])) - z_ref ||^2`.
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipelines.images import to_tensor
+from pipelines.images import to_tensor, vae_precision
 from pipelines.one_step import seed_noise
 
 
@@ -40,12 +42,11 @@ class AttackSettings:
 
 
 def _reference_latents(model, images: torch.Tensor) -> torch.Tensor:
-    vae = model.vae
     latents = []
-    with torch.no_grad():
+    with torch.no_grad(), vae_precision(model.vae, getattr(model, "upcast_vae", False)) as vae:
         for chunk in images.split(8):  # SD's VAE encoder at 512 px: a few images at a time
             pixels = chunk.to(model.device, vae.dtype) * 2 - 1
-            latents.append(vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor)
+            latents.append(vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor)
     return torch.cat(latents)
 
 
@@ -61,7 +62,14 @@ def denoising_loss(model, alphas: torch.Tensor, z_ref: torch.Tensor, cond: torch
     wanted = noise
     if model.scheduler.config.prediction_type == "v_prediction":
         wanted = a.sqrt() * noise - (1 - a).sqrt() * z_ref
-    return F.mse_loss(model.family.denoise(model.unet, x_t, t, cond), wanted)
+    dtype = model.unet.dtype  # a half-precision model denoises in its precision; the loss is taken in float32
+    return F.mse_loss(model.family.denoise(model.unet, x_t.to(dtype), t, cond.to(dtype)).float(), wanted)
+
+
+def loss_ends(losses: list[float]) -> dict:
+    """The mean loss of the first and of the last ten steps (None without steps)."""
+    mean = lambda part: sum(part) / len(part) if part else None  # noqa: E731
+    return {"first": mean(losses[:10]), "last": mean(losses[-10:])}
 
 
 @dataclass
@@ -160,7 +168,7 @@ def attack_success_rate(
             {"prompt": p, "seed": s, "present_before_attack": bool(b), "present_after_attack": bool(a)}
             for (p, s), b, a in zip(pairs, before.tolist(), after.tolist())
         ],
-        "loss": {"first": sum(losses[:10]) / len(losses[:10]), "last": sum(losses[-10:]) / len(losses[-10:])},
+        "loss": loss_ends(losses),
         "settings": {
             **asdict(settings),
             "method": "UnlearnDiffAtk in embedding space (see evaluators/attack.py)"

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from pipelines.images import to_tensor
 
-from .attack import _reference_latents, denoising_loss
+from .attack import _reference_latents, denoising_loss, loss_ends
 
 
 @dataclass
@@ -110,7 +110,7 @@ def inversion_attack(
             for (p, s), (c, _), b, a in zip([(p, s) for p in prompts for s in seeds], pairs, present.tolist(),
                                             seen.tolist())
         ],  # fmt: skip
-        "loss": {"first": sum(losses[:10]) / len(losses[:10]), "last": sum(losses[-10:]) / len(losses[-10:])},
+        "loss": loss_ends(losses),
         "settings": {
             **asdict(settings), "images": len(images), "judge": judge.describe(), "prompts": prompts, "seeds": seeds,
             "method": "textual inversion of one word on the erased model (see evaluators/inversion_attack.py)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,23 +23,30 @@ DECODE_CHUNK = 16
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, chunk: int = DECODE_CHUNK, upcast: bool = False) -> list[Image.Image]:
-    """Clean latents (in the UNet's scaled space) -> PIL images, through the VAE, `chunk` at a time. `upcast`: a
-    float16 VAE whose config asks for it (`force_upcast`) decodes in float32, as SDXL's pipeline does (SDXL's VAE
-    overflows in float16; SD 1.x's pipeline decodes in float16)."""
+@contextmanager
+def vae_precision(vae, upcast: bool):
+    """Within the block, a float16 VAE whose config asks for it (`force_upcast`) runs in float32 when `upcast`:
+    SDXL's VAE overflows in float16, and SDXL's pipelines upcast it (SD 1.x's decode in float16)."""
     import torch
 
     upcast = upcast and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     if upcast:
         vae.to(torch.float32)
-    images = []
     try:
-        for part in latents.split(chunk):
-            decoded = vae.decode(part.to(vae.dtype) / vae.config.scaling_factor).sample
-            images += to_pil(decoded.float() / 2 + 0.5)
+        yield vae
     finally:
         if upcast:
             vae.to(torch.float16)
+
+
+def decode_latents(vae, latents: torch.Tensor, chunk: int = DECODE_CHUNK, upcast: bool = False) -> list[Image.Image]:
+    """Clean latents (in the UNet's scaled space) -> PIL images, through the VAE, `chunk` at a time (`upcast`: see
+    `vae_precision`)."""
+    images = []
+    with vae_precision(vae, upcast):
+        for part in latents.split(chunk):
+            decoded = vae.decode(part.to(vae.dtype) / vae.config.scaling_factor).sample
+            images += to_pil(decoded.float() / 2 + 0.5)
     return images
 
 

@@ -95,7 +95,8 @@ encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
             CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")]
 tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=name) for name in ("tokenizer", "tokenizer_2")]
 t_init = json.load(open(os.path.join(folder, "model_index.json")))["t_init"]
-abar = DDIMScheduler.from_pretrained(folder, subfolder="scheduler").alphas_cumprod[t_init]
+scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+abar = scheduler.alphas_cumprod[t_init]
 
 size = unet.config.sample_size
 pixels = size * 2 ** (len(vae.config.block_out_channels) - 1)
@@ -107,8 +108,11 @@ with torch.no_grad():
     added = {{"text_embeds": outs[1].text_embeds, "time_ids": torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]])}}
     z = torch.randn(1, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0))
     x = (1 - abar).sqrt() * z  # the noisy latent of a zero image at t_init
-    eps = unet(x, t_init, tokens, added_cond_kwargs=added).sample
-    latent = (x - (1 - abar).sqrt() * eps) / abar.sqrt()  # one step to a clean latent
+    out = unet(x, t_init, tokens, added_cond_kwargs=added).sample
+    if scheduler.config.prediction_type == "v_prediction":
+        latent = abar.sqrt() * x - (1 - abar).sqrt() * out
+    else:  # one step to a clean latent from the predicted noise
+        latent = (x - (1 - abar).sqrt() * out) / abar.sqrt()
     decoded = vae.decode(latent / vae.config.scaling_factor).sample
 image = VaeImageProcessor().postprocess(decoded)[0]
 image.save("sample.png")

@@ -39,9 +39,41 @@ def test_sdxl_in_float16_decodes_its_vae_in_float32_and_keeps_it_half(tmp_path):
     StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(tmp_path / "xl")
     full, half = load_model(str(tmp_path / "xl")), load_model(str(tmp_path / "xl"), dtype=torch.float16)
     assert half.vae.config.force_upcast and half.upcast_vae
+    decode, seen = half.vae.decode, []
+
+    def watched_decode(latents, *args, **kwargs):  # the real decode, noting the precision it runs in
+        seen.append((latents.dtype, half.vae.dtype))
+        return decode(latents, *args, **kwargs)
+
+    half.vae.decode = watched_decode
     a = np.asarray(full.generate(["a cat"], [3], steps=3)[0][0], float)
     b = np.asarray(half.generate(["a cat"], [3], steps=3)[0][0], float)
-    assert np.abs(a - b).mean() < 6 and half.vae.dtype == torch.float16
+    assert seen == [(torch.float32, torch.float32)] and half.vae.dtype == torch.float16
+    assert np.abs(a - b).mean() < 6
+
+
+class NeverSees:
+    def detects(self, images, concept=None):
+        return torch.zeros(len(images), dtype=torch.bool)
+
+    def describe(self):
+        return {"judge": "never"}
+
+
+def test_every_attack_runs_on_a_half_precision_model():
+    """The attacks optimise their free words in float32 and run the model in its own precision."""
+    from evaluators.attack import AttackSettings, attack_success_rate
+    from evaluators.discrete_attack import DiscreteAttackSettings, discrete_attack
+    from evaluators.inversion_attack import InversionSettings, inversion_attack
+
+    model = load_model("digits", dtype=torch.bfloat16)
+    prompts, seeds = ["a red seven"], [0, 1]
+    embedding = attack_success_rate(model, model, NeverSees(), "seven", prompts, seeds, AttackSettings(steps=3))
+    discrete = discrete_attack(model, model, NeverSees(), "seven", prompts, seeds,
+                               DiscreteAttackSettings(tokens=2, steps=3, check_every=3))  # fmt: skip
+    inversion = inversion_attack(model, model, NeverSees(), "seven", prompts, [0], InversionSettings(steps=3))
+    for loss in (embedding["loss"]["last"], discrete["objective"]["end"], inversion["loss"]["last"]):
+        assert np.isfinite(loss) and loss > 0
 
 
 def test_sample_and_eval_take_dtype_and_eval_records_it(tmp_path):

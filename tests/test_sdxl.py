@@ -154,6 +154,20 @@ def test_esd_u_trains_everything_but_sdxl_cross_attention(tiny_sdxl_dir, tmp_pat
     assert any(k.startswith("add_embedding.") for k in changed) and any(".resnets." in k for k in changed)
 
 
+def test_esd_on_sdxl_starts_from_the_authors_sdxl_script():
+    from erasure.config import build_config
+    from pipelines.families import FAMILIES
+
+    config = build_config("esd", FAMILIES["sdxl"])
+    assert (config.steps, config.lr, config.sample_guidance, config.scope) == (200, 2e-4, 2.0, "xattn")
+    assert build_config("esd", FAMILIES["sd1"]).lr == 1e-5  # the SD 1.x paper's
+    # ESD-x's lr is not reused silently for another scope (the authors use 1e-5 there)
+    for sets in ({"scope": "noxattn"}, {"component": "text_encoder"}):
+        with pytest.raises(InputError, match="lr 0.0002 is ESD-x's"):
+            build_config("esd", FAMILIES["sdxl"], sets).check(FAMILIES["sdxl"], ["a cat"])
+    build_config("esd", FAMILIES["sdxl"], {"scope": "noxattn", "lr": 1e-5}).check(FAMILIES["sdxl"], ["a cat"])
+
+
 def test_sfd_distils_sdxl_into_a_one_step_generator_that_plain_diffusers_reproduces(tiny_sdxl_dir, tmp_path):
     import json
 
@@ -223,6 +237,22 @@ def test_a_text_tower_scope_names_one_encoder_or_spans_both(tiny_sdxl_dir, tmp_p
         erase("advunlearn", ["seven"], str(tiny_sdxl_dir), out=tmp_path / "no", progress=False,
               sets=["scope=text_encoder_3:full"])  # fmt: skip
     assert "\n" not in str(refused.value) and not (tmp_path / "no").exists()
+
+
+def test_few_shot_scope_takes_the_last_block_that_reaches_the_unet(tiny_sdxl_dir):
+    """mlp+last-attn (the paper's): every MLP and the last block's attention of each encoder; SDXL reads the first
+    encoder's penultimate layer, so its 'last block' is the one before its last (both tiny encoders: 3 blocks)."""
+    from erasure.common import select_trainable
+
+    model = load_model(str(tiny_sdxl_dir))
+    tower = model.family.text_tower(model)
+    select_trainable(tower, "text_encoder", "mlp+last-attn")
+    trained = {n for n, p in tower.named_parameters() if p.requires_grad}
+    first = {n for n in trained if n.startswith("text_encoder.")}
+    second = {n for n in trained if n.startswith("text_encoder_2.")}
+    assert any(".layers.1.self_attn." in n for n in first) and not any(".layers.2." in n for n in first)
+    assert any(".layers.2.self_attn." in n for n in second) and not any(".layers.1.self_attn." in n for n in second)
+    assert all(".mlp." in n or ".self_attn." in n for n in trained)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ pooled (projected) embedding and six "time ids" (original size, crop corner, tar
 a conditioning as one tensor they expand, concatenate, index and compare; so that every such method
 runs unchanged, this family packs what the UNet takes into one tensor [B, L + 1, D]: the L token rows,
 then one row that carries the pooled embedding followed by the time ids (zero-padded to D). Only this
-family (`denoise`) and the SDXL model's sampling read that last row; to the methods it is an opaque
-conditioning.
+family (`denoise`, `one_step`) and the SDXL models' sampling read that last row; to the methods it is an
+opaque conditioning. The two text encoders are one text tower (`SDXLTextTower`) to the methods that train
+or reach into them.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class SDXL(StableDiffusionFamily):
     pipeline_class = "StableDiffusionXLPipeline"
     text_encoders = 2
     text_encoder_names = ("text_encoder", "text_encoder_2")
+    # The ESD authors' SDXL script (esd_sdxl.py): ESD-x for 200 iterations at lr 2e-4, x_t drawn with guidance 2
+    # (for its experimental other scopes they drop the lr to 1e-5: ESD refuses 2e-4 there unless --set lr names
+    # it). No other method's paper ran on SDXL: they keep their SD 1.x defaults.
+    presets = {"esd": {"steps": 200, "lr": 2e-4, "sample_guidance": 2.0}}
 
     def tokenize(self, model, prompts: Sequence[str]) -> torch.Tensor:
         """Both tokenizers' ids side by side [B, L1 + L2] (the second pads with "!" where the first pads with
@@ -84,7 +89,7 @@ class SDXL(StableDiffusionFamily):
 
         ids = torch.arange(len(model.tokenizer), device=model.device)
         encoders = getattr(tower, "module", tower).named_encoders().values()  # a wrapped network keeps its own
-        return torch.cat([token_embeddings(e, ids) for e in encoders], dim=-1)
+        return torch.cat([token_embeddings(e, ids) for e in encoders], dim=-1).float()
 
     def encode(self, model, prompts: Sequence[str], text_encoder=None) -> torch.Tensor:
         """The packed conditioning of `prompts`, as `StableDiffusionXLPipeline.encode_prompt` makes it: each

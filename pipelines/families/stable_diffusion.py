@@ -52,12 +52,13 @@ class StableDiffusionFamily(Family):
         return [name for name in self.text_encoder_names if chosen in (None, name)]
 
     def vocabulary(self, model, tower) -> torch.Tensor:
-        """The input word embedding [V, D] of every token of the tokenizer: where inserted words start from."""
+        """The input word embedding [V, D] of every token of the tokenizer, in float32 (free words are optimised
+        there, whatever the model's precision): where inserted words start from."""
         import torch
 
         from ..text_embeddings import token_embeddings
 
-        return token_embeddings(tower, torch.arange(len(model.tokenizer), device=model.device))
+        return token_embeddings(tower, torch.arange(len(model.tokenizer), device=model.device)).float()
 
     def encode_inserted(self, model, tower, ids: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
         """The conditioning of token ids `ids` (from `tokenize`) with free word embeddings `inserted`
