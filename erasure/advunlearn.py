@@ -36,12 +36,12 @@ from pipelines.errors import InputError
 from .common import (
     check_encoder_scope, concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope,
 )
-from .config import MethodConfig
+from .lora import LoraOptions, attach_lora
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 
 @dataclass
-class AdvUnlearnConfig(MethodConfig):
+class AdvUnlearnConfig(LoraOptions):
     # Defaults: the paper and its code on SD v1.4 (Sec. 5 and the repository's README).
     steps: int = field(default=1000, metadata={"bounds": "[1, inf)", "help": "outer (unlearning) steps"})
     lr: float = field(default=1e-5, metadata={"bounds": "(0, inf)", "help": "Adam learning rate of the text encoder"})
@@ -96,6 +96,7 @@ class AdvUnlearnConfig(MethodConfig):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         validate_scope("text_encoder", self.scope)
 
     def check(self, family, concepts) -> None:
@@ -172,6 +173,8 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     for module in (model.unet, model.vae, encoder):
         module.requires_grad_(False)
     n_trainable = select_trainable(encoder, "text_encoder", config.scope)
+    if config.lora_rank:
+        n_trainable = attach_lora(encoder, config, run.seed)
     encoder.train()
     unet = model.unet.eval()
 

@@ -32,11 +32,11 @@ def default_out_dir(method: str, concepts: Sequence[str]) -> Path:
 def _check_save_mode(save: str, source) -> None:
     from pipelines.components import SAVE_MODES
 
-    if save not in SAVE_MODES:
-        raise InputError(f"unknown --save {save!r}; choose one of: {', '.join(SAVE_MODES)}")
-    if save == "changed" and (source.kind == "gan" or not source.path.is_dir()):
+    if save not in (*SAVE_MODES, "lora"):
+        raise InputError(f"unknown --save {save!r}; choose one of: {', '.join(SAVE_MODES)}, lora")
+    if save in ("changed", "lora") and (source.kind == "gan" or not source.path.is_dir()):
         raise InputError(
-            f"--save changed needs a base saved as a diffusers pipeline folder; {source.spec} is a "
+            f"--save {save} needs a base saved as a diffusers pipeline folder; {source.spec} is a "
             f"{'GAN' if source.kind == 'gan' else 'single-file checkpoint'}: use --save full"
         )
 
@@ -90,6 +90,9 @@ def erase(
     family.check_method(spec.key)
     config = build_config(method, family, *overrides)
     config.check(family, concepts)  # what the config can only check once it knows the model and concepts
+    lora_rank = getattr(config, "lora_rank", 0)
+    if save == "lora" and not lora_rank:
+        raise InputError("--save lora keeps a run's LoRA adapters: train them with --set lora_rank=R (e.g. 8)")
     check_number("--seed", seed, SEED_BOUNDS)
     check_number("--checkpoint-every", checkpoint_every, "[1, inf)")
     run_dir = RunDirectory(check_writable(default_out_dir(method, concepts) if out is None else out), resume=resume)
@@ -112,11 +115,22 @@ def erase(
         loaded = time.time()
         log.info("erasing %s with %s", ", ".join(concepts), method)
         result = spec.entry(base, concepts, config, run)
+        from .lora import LORA_FILE, adapter_size, save_adapters, take_adapters
+
+        # LoRA runs: the adapters are kept apart, then merged, so the model saves as a plain pipeline
+        adapters = take_adapters(result.model, result.changed) if lora_rank else {}
         wall, erase_time = time.time() - started, time.time() - loaded
 
         def write(folder: Path) -> None:
             erased = {"method": method, "concepts": concepts, "base_model": source.spec}
-            stored = result.model.save(folder, card={"erased": erased}, changed=result.changed, mode=save)
+            card = {"erased": erased, **({"lora_adapters": LORA_FILE} if save == "lora" else {})}
+            changed, mode = ([], "changed") if save == "lora" else (result.changed, save)
+            stored = result.model.save(folder, card=card, changed=changed, mode=mode)
+            lora = {}
+            if adapters:
+                path = save_adapters(result.model, folder, adapters, config)
+                lora = {"lora": {"rank": lora_rank, "alpha": config.lora_alpha or lora_rank,
+                                 "components": sorted(adapters), **adapter_size(path)}}  # fmt: skip
             log.info("saved %s: %s", run_dir.final, ", ".join(f"{k} {v}" for k, v in stored.items()) or "whole")
             total = sum(p.numel() for name in result.changed for p in getattr(result.model, name).parameters())
             write_manifest(folder, {
@@ -125,7 +139,7 @@ def erase(
                 "seed": seed, "device": device, "mixed_precision": mixed_precision, "processes": run.num_processes,
                 "changed_components": result.changed, "save": save, "stored_components": stored,
                 "trainable_parameters": result.trainable_parameters, "changed_component_parameters": total,
-                "final_logs": result.logs, **result.outcome,
+                "final_logs": result.logs, **result.outcome, **lora,
                 "wall_time_s": round(wall, 2), "erase_time_s": round(erase_time, 2), **peak_memory_mb(device),
                 "versions": library_versions(),
             })  # fmt: skip

@@ -25,12 +25,12 @@ from pipelines.errors import InputError
 from .common import (
     check_encoder_scope, concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope,
 )
-from .config import MethodConfig
+from .lora import LoraOptions, attach_lora
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 
 @dataclass
-class ESDConfig(MethodConfig):
+class ESDConfig(LoraOptions):
     # Defaults: ESD paper / code on SD v1.4 (Sec. 4; ESD-x for objects and styles, ESD-u for nudity):
     # MethodConfig's 1000 steps at lr 1e-5 with Adam's betas, the concept as its own prompt.
     batch_size: int = field(
@@ -57,6 +57,7 @@ class ESDConfig(MethodConfig):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.scope is None:
             self.scope = "xattn" if self.component == "unet" else "full"
         validate_scope(self.component, self.scope)
@@ -96,6 +97,8 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
     for module in (model.unet, tower, model.vae):
         module.requires_grad_(False)
     n_trainable = select_trainable(trained, config.component, config.scope)
+    if config.lora_rank:
+        n_trainable = attach_lora(trained, config, run.seed)
     trained.train()
     unet_orig = original if config.component == "unet" else model.unet
     te_orig = original if config.component == "text_encoder" else tower

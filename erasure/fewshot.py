@@ -33,7 +33,7 @@ from pipelines.errors import InputError
 from pipelines.images import image_folder_files, load_square_images
 
 from .common import check_encoder_scope, select_trainable, validate_scope
-from .config import MethodConfig
+from .lora import LoraOptions, attach_lora
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 BUILTIN = "builtin"
@@ -62,7 +62,7 @@ STYLE_TEMPLATES = [
 
 
 @dataclass
-class FewShotConfig(MethodConfig):
+class FewShotConfig(LoraOptions):
     # Defaults: the paper and its code on SD v1.4 (Sec. 4).
     steps: int = field(
         default=10,
@@ -127,6 +127,9 @@ class FewShotConfig(MethodConfig):
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.scope == TOKENS and self.lora_rank:
+            raise ValueError("scope=tokens trains input-embedding rows, which take no LoRA; choose another scope")
         if self.scope != TOKENS:
             validate_scope("text_encoder", self.scope)
         if self.images is not None and self.images != BUILTIN:
@@ -233,6 +236,8 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
         n_trainable = train_concept_tokens(encoder, model.tokenizer, concepts)
     else:
         n_trainable = select_trainable(encoder, "text_encoder", config.scope)
+        if config.lora_rank:
+            n_trainable = attach_lora(encoder, config, run.seed)
     encoder.train()
     model.unet.eval()
     scheduler = model.scheduler

@@ -34,7 +34,7 @@ from pipelines.images import to_tensor
 
 from .advunlearn import attack_embeddings, fast_at_start
 from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
-from .config import MethodConfig
+from .lora import LoraOptions, attach_lora
 from .fewshot import denoising_loss, encode_images
 from .training import (
     ErasureResult,
@@ -51,7 +51,7 @@ IMAGE_SEED_OFFSET = 2_000_000
 
 
 @dataclass
-class STEREOConfig(MethodConfig):
+class STEREOConfig(LoraOptions):
     # Defaults: the authors' code on SD 1.4 (its README's nudity run: ESD-u scope, 2 rounds).
     steps: int = field(default=200, metadata={"bounds": "[1, inf)", "help": "stage 2 (erase once) steps"})
     lr: float = field(default=2e-5, metadata={"bounds": "(0, inf)", "help": "stage 2's Adam learning rate"})
@@ -110,6 +110,7 @@ class STEREOConfig(MethodConfig):
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         validate_scope("unet", self.scope)
         if self.inversion_images < self.rounds:
             raise ValueError(f"inversion_images ({self.inversion_images}) must give each of the {self.rounds} rounds "
@@ -263,6 +264,8 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
     # --- stage 2: robustly erase once, from the original UNet ----------------------------------------------
     unet = model.unet
     trainable = select_trainable(unet, "unet", config.scope)
+    if config.lora_rank:  # stage 2's UNet only: stage 1 erases copies that are thrown away
+        trainable = attach_lora(unet, config, run.seed)
     unet.train()
     optimizer = torch.optim.Adam([p for p in unet.parameters() if p.requires_grad], lr=config.lr,
                                  betas=tuple(config.adam_betas))  # fmt: skip

@@ -100,10 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=None, help="random seed (default: 0)")
     p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="accelerate mixed precision")
     p.add_argument(
-        "--save", default="full", choices=["full", "changed"],
+        "--save", default="full", choices=["full", "changed", "lora"],
         help="full: a complete pipeline folder, unchanged components linked or copied from the base byte for "
         "byte (default); changed: only the changed components and a reference to the base (by path or hub id "
-        "and sha256), which every erasure command resolves",
+        "and sha256), which every erasure command resolves; lora: a run trained with --set lora_rank=R kept as its "
+        "diffusers LoRA file alone (pytorch_lora_weights.safetensors) and that reference",
     )  # fmt: skip
     p.add_argument(
         "--checkpoint-every",

@@ -1,0 +1,120 @@
+"""LoRA erasures: a method trains low-rank adapters (peft) on its scope instead of the full weights.
+
+With `--set lora_rank=R` the method's scope still picks what changes (ESD-x: the cross-attention, AdvUnlearn:
+the text encoder's blocks, ...); every Linear and Conv2d layer whose weight the scope trains gets an adapter
+`W + (alpha / R) B A` and only A and B train (norms and biases in the scope stay as they are). The run folder
+then holds, beside the usual pipeline (the adapters merged into the weights, so every command and plain
+`from_pretrained` take it as any run), the adapters as the standard diffusers LoRA file
+`pytorch_lora_weights.safetensors`, which `pipe.load_lora_weights(run)` loads into a pipeline of the base
+model. `--save lora` keeps the adapters alone (the base lends every component, as for `--save changed`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipelines.errors import InputError
+from pipelines.lora_files import ADAPTER, LORA_FILE
+
+from .config import MethodConfig
+
+
+@dataclass
+class LoraOptions(MethodConfig):
+    """The LoRA options of a method that trains a UNet or text encoder (0: full weights, the papers')."""
+
+    lora_rank: int = field(
+        default=0, metadata={"bounds": "[0, inf)", "help": "train rank-R adapters on the scope instead of its weights "
+                             "(0: the full weights, the paper's); the run also holds them as a diffusers LoRA file"},
+    )  # fmt: skip
+    lora_alpha: float | None = field(
+        default=None, metadata={"bounds": "(0, inf)", "help": "LoRA alpha: the update is alpha / rank * B A (default: "
+                                "the rank)"},
+    )  # fmt: skip
+    lora_targets: list[str] = field(
+        default_factory=list,
+        metadata={"help": "only the scope's layers whose name ends with one of these (e.g. to_k,to_v; default: every "
+                  "Linear and Conv2d layer of the scope)"},
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if not self.lora_rank and (self.lora_alpha is not None or self.lora_targets):
+            raise ValueError("lora_alpha and lora_targets need lora_rank > 0")
+
+
+def attach_lora(module: torch.nn.Module, config: LoraOptions, seed: int) -> int:
+    """After the scope's selection (`select_trainable`): adapters on every Linear / Conv2d layer of `module` whose
+    weight the scope trains (and whose name ends with one of `lora_targets`, if given); only they train. Their
+    random start (A; B starts at zero) is drawn from `seed`. Returns their parameter count."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = [
+        name for name, layer in module.named_modules()
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and layer.weight.requires_grad
+        and (not config.lora_targets or any(name.endswith(t) for t in config.lora_targets))
+    ]  # fmt: skip
+    if not names:
+        raise InputError(f"lora_targets {config.lora_targets} match no Linear or Conv2d layer of the scope")
+    settings = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank, target_modules=names)
+    with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator: seeded, and left as it was
+        torch.manual_seed(seed)
+        inject_adapter_in_model(settings, module, adapter_name=ADAPTER)
+    count = 0
+    for name, param in module.named_parameters():
+        param.requires_grad_(".lora_" in name)
+        count += param.numel() if param.requires_grad else 0
+    return count
+
+
+def has_lora(module: torch.nn.Module) -> bool:
+    return any(".lora_A." in name for name, _ in module.named_parameters())
+
+
+def take_adapters(model, components: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """The adapters of each of `components` of `model` (peft's names, without the adapter's), then merged into the
+    weights and removed: the model is a plain pipeline again."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapters = {}
+    for name in components:
+        module = getattr(model, name)
+        if not has_lora(module):
+            continue
+        # peft's parameter names carry the adapter's (`to_k.lora_A.erasure.weight`); the LoRA file's do not. (The
+        # adapters may have been injected into a larger module, SDXL's text tower: read them off the component.)
+        adapters[name] = {k.replace(f".{ADAPTER}.", "."): v.detach().cpu().clone()
+                          for k, v in module.named_parameters() if ".lora_" in k}  # fmt: skip
+        for path, layer in list(module.named_modules()):
+            if isinstance(layer, BaseTunerLayer):
+                layer.merge()
+                parent_path, _, child = path.rpartition(".")
+                setattr(module.get_submodule(parent_path) if parent_path else module, child, layer.get_base_layer())
+    return adapters
+
+
+def save_adapters(model, directory: Path, adapters: dict[str, dict[str, torch.Tensor]], config: LoraOptions) -> Path:
+    """Write `adapters` as the diffusers LoRA file of `model`'s pipeline class (`load_lora_weights` reads it)."""
+    from peft import LoraConfig
+
+    layers, metadata = {}, {}
+    for name, state in adapters.items():
+        layers[f"{name}_lora_layers"] = state
+        targets = sorted({k.split(".lora_")[0] for k in state})
+        settings = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
+                              target_modules=targets)  # fmt: skip
+        metadata[f"{name}_lora_adapter_metadata"] = json.loads(json.dumps(settings.to_dict(), default=list))
+    type(model.pipe).save_lora_weights(directory, **layers, **metadata, safe_serialization=True)
+    return directory / LORA_FILE
+
+
+def adapter_size(path: Path) -> dict:
+    """The LoRA file's size on disk and its parameter count."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        count = sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
+    return {"file": path.name, "bytes": path.stat().st_size, "parameters": count}

@@ -1,0 +1,135 @@
+"""LoRA erasures (`--set lora_rank=R`): each method that trains a UNet or text encoder trains peft adapters on its
+scope instead; the run holds them as the standard diffusers LoRA file, which plain diffusers' `load_lora_weights`
+applies to the base model's pipeline to draw the toolkit's own images of the run; `--save lora` keeps that file
+alone; a killed LoRA run resumes to the uninterrupted adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from erasure.api import erase
+from erasure.registry import METHODS
+from pipelines import load_model
+from pipelines.errors import InputError
+
+from .conftest import tiny_sdxl_components
+
+
+def _sets(key: str, images: Path, **extra) -> list[str]:
+    settings = {**METHODS[key].test_settings, **extra}
+    if key == "fewshot":
+        settings.update(images=str(images), stop_below=None)
+    return [f"{k}={'none' if v is None else v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="module")
+def concept_images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def _plain_draw(pipeline_class, base: Path, run: Path) -> np.ndarray:
+    pipe = pipeline_class.from_pretrained(base)
+    pipe.load_lora_weights(str(run))  # diffusers' own loader, the standard file name
+    image = pipe("a cat", num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(7))
+    return np.asarray(image.images[0], float)
+
+
+def _toolkit_draw(model_path) -> np.ndarray:
+    return np.asarray(load_model(str(model_path)).generate(["a cat"], [7], steps=4, guidance=5.0)[0][0], float)
+
+
+@pytest.mark.parametrize(("key", "component"), [("esd", "unet"), ("advunlearn", "text_encoder"),
+                                                ("fewshot", "text_encoder"), ("stereo", "unet")])  # fmt: skip
+def test_a_lora_run_loads_in_plain_diffusers_and_draws_the_toolkit_images(key, component, tiny_pipeline_dir,
+                                                                          concept_images, tmp_path):  # fmt: skip
+    from diffusers import StableDiffusionPipeline
+
+    run = erase(key, ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False,
+                sets=_sets(key, concept_images, lora_rank=4, lora_alpha=8, lr=1e-2))  # fmt: skip
+    manifest = json.loads((run / "erasure.json").read_text())
+    lora = manifest["lora"]
+    assert lora["components"] == [component] and lora["rank"] == 4 and lora["alpha"] == 8
+    assert lora["parameters"] == manifest["trainable_parameters"] > 0  # only the adapters trained
+    ours = _toolkit_draw(run)
+    assert np.abs(_plain_draw(StableDiffusionPipeline, tiny_pipeline_dir, run) - ours).max() <= 1
+    assert np.abs(_toolkit_draw(tiny_pipeline_dir) - ours).max() > 1  # the adapters changed the picture
+
+
+def test_an_sdxl_lora_run_adapts_both_text_encoders(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(tmp_path / "xl")
+    run = erase("advunlearn", ["a cat"], str(tmp_path / "xl"), out=tmp_path / "run", progress=False,
+                sets=_sets("advunlearn", tmp_path, lora_rank=2))  # fmt: skip
+    assert json.loads((run / "erasure.json").read_text())["lora"]["components"] == ["text_encoder", "text_encoder_2"]
+    assert np.abs(_plain_draw(StableDiffusionXLPipeline, tmp_path / "xl", run) - _toolkit_draw(run)).max() <= 1
+
+
+def test_save_lora_keeps_the_adapters_alone_and_loads_as_the_full_run(tiny_pipeline_dir, tmp_path):
+    sets = _sets("esd", tmp_path, lora_rank=4)
+    full = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "full", progress=False, sets=sets)
+    small = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "small", progress=False, sets=sets,
+                  save="lora")  # fmt: skip
+    assert not (small / "unet").exists() and (small / "pytorch_lora_weights.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(run / "pytorch_lora_weights.safetensors")) for run in (full, small))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same seed: the same adapters
+    assert np.abs(_toolkit_draw(small) - _toolkit_draw(full)).max() <= 1
+    # every component is the base's: the run lends them, the adapters are merged in at load
+    assert json.loads((small / "erasure.json").read_text())["save"] == "lora"
+
+
+@pytest.mark.parametrize(("sets", "save", "says"), [
+    (["steps=2"], "lora", "--save lora keeps a run's LoRA adapters"),
+    (["lora_alpha=4"], "full", "need lora_rank > 0"),
+    (["lora_rank=4", "lora_targets=no_such_layer"], "full", "match no Linear or Conv2d layer"),
+])  # fmt: skip
+def test_lora_settings_that_cannot_work_are_refused_in_one_line(sets, save, says, tiny_pipeline_dir, tmp_path):
+    with pytest.raises(InputError, match=says) as refused:
+        erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False, sets=sets, save=save)
+    assert "\n" not in str(refused.value) and not (tmp_path / "run").exists()
+
+
+def test_lora_targets_narrow_the_scope_to_the_named_layers(tiny_pipeline_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    run = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False,
+                sets=_sets("esd", tmp_path, lora_rank=2, lora_targets="to_k,to_v"))  # fmt: skip
+    keys = load_file(str(run / "pytorch_lora_weights.safetensors")).keys()
+    assert keys and all(".attn2.to_k." in k or ".attn2.to_v." in k for k in keys)  # ESD-x's scope, then k and v
+
+
+@pytest.mark.slow
+def test_a_killed_lora_run_resumes_to_the_uninterrupted_adapters(tiny_pipeline_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    sets = _sets("esd", tmp_path, lora_rank=4)
+    straight = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "straight", sets=sets,
+                     checkpoint_every=1, progress=False)  # fmt: skip
+    script = Path(__file__).with_name("erase_run.py")
+    command = [sys.executable, str(script), "esd", str(tiny_pipeline_dir), "a cat", str(tmp_path / "killed"),
+               "--kill-after", "2", *sets]  # fmt: skip
+    killed = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(script.parent.parent)},
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "killed", sets=sets,
+                    checkpoint_every=1, resume=True, progress=False)  # fmt: skip
+    a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
