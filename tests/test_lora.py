@@ -133,3 +133,24 @@ def test_a_killed_lora_run_resumes_to_the_uninterrupted_adapters(tiny_pipeline_d
     a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
     b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_lora_erasures_stack_in_one_pipeline_with_strengths(tiny_pipeline_dir, tmp_path):
+    """benchmarks/lora_stack.py's stacking: both runs' files in one base pipeline (plain `load_lora_weights`,
+    `set_adapters`); strength 0 switches an erasure off, 1 and 1 apply both."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lora_stack", Path(__file__).parent.parent / "benchmarks" /
+                                                  "lora_stack.py")  # fmt: skip
+    stack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stack)
+    runs = [erase("esd", [concept], str(tiny_pipeline_dir), out=tmp_path / concept, progress=False,
+                  sets=_sets("esd", tmp_path, lora_rank=4)) for concept in ("a cat", "a dog")]  # fmt: skip
+
+    def draw(model):
+        return np.asarray(model.generate(["a cat"], [7], steps=4, guidance=5.0)[0][0], float)
+
+    first_only = draw(stack.stacked(str(tiny_pipeline_dir), runs, [1.0, 0.0]))
+    assert np.abs(first_only - _toolkit_draw(runs[0])).max() <= 1
+    both = draw(stack.stacked(str(tiny_pipeline_dir), runs, [1.0, 1.0]))
+    assert np.abs(both - first_only).max() > 1 and np.abs(both - _toolkit_draw(runs[1])).max() > 1
