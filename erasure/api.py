@@ -128,7 +128,7 @@ def erase(
             stored = result.model.save(folder, card=card, changed=changed, mode=mode)
             lora = {}
             if adapters:
-                path = save_adapters(result.model, folder, adapters, config)
+                path = save_adapters(type(result.model.pipe), folder, adapters, lora_rank, config.lora_alpha or lora_rank)
                 lora = {"lora": {"rank": lora_rank, "alpha": config.lora_alpha or lora_rank,
                                  "components": sorted(adapters), **adapter_size(path)}}  # fmt: skip
             log.info("saved %s: %s", run_dir.final, ", ".join(f"{k} {v}" for k, v in stored.items()) or "whole")

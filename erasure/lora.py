@@ -96,18 +96,18 @@ def take_adapters(model, components: list[str]) -> dict[str, dict[str, torch.Ten
     return adapters
 
 
-def save_adapters(model, directory: Path, adapters: dict[str, dict[str, torch.Tensor]], config: LoraOptions) -> Path:
-    """Write `adapters` as the diffusers LoRA file of `model`'s pipeline class (`load_lora_weights` reads it)."""
+def save_adapters(pipeline_class, directory: Path, adapters: dict[str, dict[str, torch.Tensor]], rank: int,
+                  alpha: float) -> Path:  # fmt: skip
+    """Write `adapters` as the diffusers LoRA file of `pipeline_class` (its `load_lora_weights` reads it)."""
     from peft import LoraConfig
 
     layers, metadata = {}, {}
     for name, state in adapters.items():
         layers[f"{name}_lora_layers"] = state
         targets = sorted({k.split(".lora_")[0] for k in state})
-        settings = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or config.lora_rank,
-                              target_modules=targets)  # fmt: skip
+        settings = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
         metadata[f"{name}_lora_adapter_metadata"] = json.loads(json.dumps(settings.to_dict(), default=list))
-    type(model.pipe).save_lora_weights(directory, **layers, **metadata, safe_serialization=True)
+    pipeline_class.save_lora_weights(directory, **layers, **metadata, safe_serialization=True)
     return directory / LORA_FILE
 
 
@@ -118,3 +118,52 @@ def adapter_size(path: Path) -> dict:
     with safe_open(str(path), "pt") as f:
         count = sum(torch.Size(f.get_slice(k).get_shape()).numel() for k in f.keys())
     return {"file": path.name, "bytes": path.stat().st_size, "parameters": count}
+
+
+def reduce_to_lora(run_dir: Path, rank: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """A full-weight run as LoRA adapters: each changed Linear / Conv2d weight's change from the base, cut to its
+    `rank` leading singular directions (B = U sqrt(S), A = sqrt(S) V^T; a convolution's kernel is flattened for
+    the SVD and its B is 1x1). Returns the adapters per component (peft's names, as `take_adapters`) and the
+    relative Frobenius error of the reduction, overall and of the worst layer; the other weights that changed
+    (norms, biases) are not in the adapters and are counted apart."""
+    from erasure.output import read_run, recorded_base_model
+    from pipelines import load_model
+
+    manifest = read_run(run_dir)
+    run, base = load_model(str(run_dir)), load_model(recorded_base_model(manifest))
+    adapters, squared_error, squared_change, worst, left_out = {}, 0.0, 0.0, 0.0, 0
+    for component in manifest["changed_components"]:
+        ours, theirs = getattr(run, component), getattr(base, component)
+        before = dict(theirs.named_modules())
+        state, covered = {}, set()
+        for name, layer in ours.named_modules():
+            if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            delta = (layer.weight - before[name].weight).detach().double()
+            if not delta.any():
+                continue
+            matrix = delta.flatten(1)
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            r = min(rank, len(s))
+            b, a = u[:, :r] * s[:r].sqrt(), s[:r].sqrt()[:, None] * vh[:r]
+            # every layer gets exactly `rank` rows (zeros past its own rank), as one LoRA config describes them
+            b = torch.nn.functional.pad(b, (0, rank - r))
+            a = torch.nn.functional.pad(a, (0, 0, 0, rank - r))
+            error = (matrix - b @ a).pow(2).sum().item()
+            squared_error, squared_change = squared_error + error, squared_change + matrix.pow(2).sum().item()
+            worst = max(worst, (error / matrix.pow(2).sum().item()) ** 0.5)
+            shape = delta.shape
+            if layer.weight.dim() == 4:  # A: a convolution of the layer's kernel; B: 1x1
+                a, b = a.reshape(rank, *shape[1:]), b.reshape(shape[0], rank, 1, 1)
+            state[f"{name}.lora_A.weight"] = a.float().contiguous()
+            state[f"{name}.lora_B.weight"] = b.float().contiguous()
+            covered.add(f"{name}.weight")
+        for (param_name, param), original in zip(ours.named_parameters(), theirs.parameters()):
+            left_out += param_name not in covered and not torch.equal(param, original)
+        if state:
+            adapters[component] = state
+    if not adapters:
+        raise InputError(f"{run_dir} changed no Linear or Conv2d weight of its base: nothing to reduce to a LoRA")
+    report = {"rank": rank, "relative_error": round((squared_error / max(squared_change, 1e-30)) ** 0.5, 6),
+              "worst_layer_relative_error": round(worst, 6), "changed_tensors_left_out": left_out}  # fmt: skip
+    return adapters, report

@@ -154,3 +154,27 @@ def test_two_lora_erasures_stack_in_one_pipeline_with_strengths(tiny_pipeline_di
     assert np.abs(first_only - _toolkit_draw(runs[0])).max() <= 1
     both = draw(stack.stacked(str(tiny_pipeline_dir), runs, [1.0, 1.0]))
     assert np.abs(both - first_only).max() > 1 and np.abs(both - _toolkit_draw(runs[1])).max() > 1
+
+
+def test_a_full_weight_run_reduces_to_a_lora_by_svd_with_its_error(tiny_pipeline_dir, tmp_path):
+    """`export --as-lora R`: the change of every Linear / Conv2d weight cut to rank R. At a rank no layer exceeds
+    the reduction is exact and plain `load_lora_weights` draws the run (ESD-x: only the cross-attention's output
+    biases are left out, a pixel level at most); at rank 1 its error is reported."""
+    from diffusers import StableDiffusionPipeline
+
+    from ui.hub import export_run
+
+    run = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False,
+                sets=_sets("esd", tmp_path))  # fmt: skip
+    exact = export_run(run, "someone/exact", local_dir=tmp_path / "exact", no_eval=True, as_lora=64)
+    report = json.loads((exact.folder / "lora_reduction.json").read_text())
+    assert report["relative_error"] < 1e-5 and any("relative error" in n for n in exact.notes)
+    assert report["changed_tensors_left_out"] > 0  # the to_out biases ESD-x also moved, kept apart
+    rough = export_run(run, "someone/rough", local_dir=tmp_path / "rough", no_eval=True, as_lora=1)
+    assert json.loads((rough.folder / "lora_reduction.json").read_text())["relative_error"] > 0.05
+    plain = _plain_draw(StableDiffusionPipeline, tiny_pipeline_dir, exact.folder)
+    assert np.abs(plain - _toolkit_draw(run)).max() <= 2 and np.abs(plain - _toolkit_draw(tiny_pipeline_dir)).max() > 2
+    with pytest.raises(InputError, match="trained as LoRA adapters"):
+        lora_run = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "lora", progress=False,
+                         sets=_sets("esd", tmp_path, lora_rank=2))  # fmt: skip
+        export_run(lora_run, "someone/x", local_dir=tmp_path / "x", no_eval=True, as_lora=2)

@@ -232,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--single-file", action="store_true",
         help="also write the model as one original-layout .safetensors (SD 1.x, 2.x or SDXL; A1111 / ComfyUI)",
     )  # fmt: skip
+    p.add_argument(
+        "--as-lora", type=number(int, COUNT), metavar="RANK",
+        help="also write the run's weight change as LoRA adapters of this rank (SVD; pytorch_lora_weights.safetensors, "
+        "loaded by diffusers' load_lora_weights), and the reduction's error (lora_reduction.json)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("methods", help="list the erasure methods and their papers")
@@ -354,7 +359,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     result = export_run(
         args.run, args.repo_id, local_dir=args.local_dir, private=args.private, no_eval=args.no_eval,
-        single_file=args.single_file,
+        single_file=args.single_file, as_lora=args.as_lora,
     )  # fmt: skip
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -141,12 +141,16 @@ def export_run(
     private: bool = False,
     no_eval: bool = False,
     single_file: bool = False,
+    as_lora: int | None = None,
 ) -> Exported:
-    """Build the Hub folder of a run: into `local_dir` (nothing pushed), or pushed to `repo_id`."""
+    """Build the Hub folder of a run: into `local_dir` (nothing pushed), or pushed to `repo_id`. `as_lora`: also
+    the run's weight change reduced to LoRA adapters of that rank (SVD), with the reduction's error."""
     _check_repo_id(repo_id)
     run = load_run(run_dir, no_eval=no_eval)
     if single_file:
         _check_single_file(run)
+    if as_lora is not None:
+        _check_as_lora(run, as_lora)
     if local_dir is not None:
         local_dir = Path(local_dir).expanduser().resolve()
         if local_dir.exists():
@@ -159,6 +163,8 @@ def export_run(
 
     def build(folder: Path) -> None:
         write_hub_folder(run, folder, repo_id, metadata, single_file=single_file)
+        if as_lora is not None:
+            notes.append(_write_reduced_lora(run, folder, as_lora))
 
     if local_dir is not None:
         RunDirectory(local_dir).commit(build)
@@ -248,6 +254,32 @@ def _check_single_file(run: Run) -> None:
         return
     if index.get("text_encoder") != ["transformers", "CLIPTextModel"]:
         raise InputError("--single-file writes the Stable Diffusion layout, which needs a CLIPTextModel text encoder")
+
+
+def _check_as_lora(run: Run, rank: int) -> None:
+    from pipelines.lora_files import LORA_FILE
+
+    if run.kind != "text-to-image":
+        raise InputError(f"--as-lora reduces a diffusion run's weight change; a {run.kind} run has no LoRA form")
+    if rank < 1:
+        raise InputError(f"--as-lora takes a rank of at least 1, not {rank}")
+    if (run.path / LORA_FILE).exists():
+        raise InputError(f"{run.path} was trained as LoRA adapters: its {LORA_FILE} is exported as it is")
+
+
+def _write_reduced_lora(run: Run, folder: Path, rank: int) -> str:
+    """The run's change as a LoRA file in the Hub folder, and the reduction's error beside it; returns a note."""
+    import diffusers
+
+    from erasure.lora import reduce_to_lora, save_adapters
+
+    adapters, report = reduce_to_lora(run.path, rank)
+    pipeline_class = getattr(diffusers, json.loads((run.path / "model_index.json").read_text())["_class_name"])
+    save_adapters(pipeline_class, folder, adapters, rank, rank)
+    (folder / "lora_reduction.json").write_text(json.dumps(report, indent=2) + "\n")
+    return (f"LoRA of rank {rank} (SVD of the weight change): relative error {report['relative_error']:.4f}, worst "
+            f"layer {report['worst_layer_relative_error']:.4f}; {report['changed_tensors_left_out']} changed "
+            "norm/bias tensors are not in it")
 
 
 def _check_hub_access() -> None:
