@@ -25,15 +25,10 @@ METRICS = ("target_presence_judge", "preserved_accuracy", "preserved_accuracy_co
 def stacked(base_spec: str, runs: list[Path], strengths: list[float]):
     """The base model with every run's adapters at its strength, fused (a toolkit model, as `load_model` gives)."""
     from pipelines import load_model
-    from pipelines.lora_files import LORA_FILE
+    from pipelines.lora_files import apply_lora_files
 
     model = load_model(base_spec)
-    names = [f"erasure_{i}" for i in range(len(runs))]
-    for name, run in zip(names, runs):
-        model.pipe.load_lora_weights(str(run), weight_name=LORA_FILE, adapter_name=name)
-    model.pipe.set_adapters(names, adapter_weights=strengths)
-    model.pipe.fuse_lora(adapter_names=names)
-    model.pipe.unload_lora_weights()
+    apply_lora_files(model.pipe, runs, strengths)
     return model
 
 

@@ -305,9 +305,9 @@ def load_text_to_image(
         except (OSError, ValueError, KeyError) as exc:
             raise InputError(f"cannot load a {pipeline.__name__} from {source.path}: {exc}") from None
     if source.card.get("lora_adapters"):  # an `erase --save lora` run: the base's weights and the run's adapters
-        from .lora_files import apply_lora_file
+        from .lora_files import apply_lora_files
 
-        apply_lora_file(pipe, source.path)
+        apply_lora_files(pipe, [source.path])
     wrapper = XLModel if source.family.text_encoders == 2 else TextToImageModel
     model = wrapper(pipe, source).to(device)
     if torch.device(device).type == "cuda":

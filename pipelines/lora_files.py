@@ -9,11 +9,15 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "erasure"
 
 
-def apply_lora_file(pipe, folder: str | Path) -> None:
-    """Load the run folder's adapters into `pipe` with diffusers' own loader and merge them into the weights."""
+def apply_lora_files(pipe, folders: list[str | Path], strengths: list[float] | None = None) -> None:
+    """Load each folder's adapters into `pipe` with diffusers' own loader (at its strength, default 1) and merge
+    them all into the weights: one run's erasure, or several stacked."""
     from .logs import quiet_libraries
 
+    names = [f"{ADAPTER}_{i}" for i in range(len(folders))]
     with quiet_libraries():
-        pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=ADAPTER)
-        pipe.fuse_lora(adapter_names=[ADAPTER])
+        for name, folder in zip(names, folders):
+            pipe.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=name)
+        pipe.set_adapters(names, adapter_weights=strengths or [1.0] * len(names))
+        pipe.fuse_lora(adapter_names=names)
         pipe.unload_lora_weights()

@@ -156,3 +156,26 @@ def tiny_gan_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-gan") / "tiny-stylegan2.pt"
     save_rosinality(path, *tiny_gan())
     return path
+
+
+@pytest.fixture(scope="module")
+def concept_images(tmp_path_factory):
+    """A few pictures of "the concept" for few-shot erasing (random, but real image files)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+class NeverSees:
+    """A judge that never sees the concept: the attacks then run all their steps."""
+
+    def detects(self, images, concept=None):
+        return torch.zeros(len(images), dtype=torch.bool)
+
+    def describe(self):
+        return {"judge": "never"}

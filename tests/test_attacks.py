@@ -6,15 +6,7 @@ import torch
 from evaluators.discrete_attack import DiscreteAttackSettings, discrete_attack, project_simplex, word_vocabulary
 from evaluators.inversion_attack import InversionSettings, inversion_attack, remove_concept
 
-
-class NeverSees:
-    """A judge that never sees the concept: the attacks then run all their steps."""
-
-    def detects(self, images, concept=None):
-        return torch.zeros(len(images), dtype=torch.bool)
-
-    def describe(self):
-        return {"judge": "never"}
+from .conftest import NeverSees
 
 
 def test_simplex_projection():

@@ -31,17 +31,6 @@ def _sets(key: str, images: Path, **extra) -> list[str]:
     return [f"{k}={'none' if v is None else v}" for k, v in settings.items()]
 
 
-@pytest.fixture(scope="module")
-def concept_images(tmp_path_factory):
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
-
-
 def _plain_draw(pipeline_class, base: Path, run: Path) -> np.ndarray:
     pipe = pipeline_class.from_pretrained(base)
     pipe.load_lora_weights(str(run))  # diffusers' own loader, the standard file name
@@ -98,6 +87,7 @@ def test_save_lora_keeps_the_adapters_alone_and_loads_as_the_full_run(tiny_pipel
 @pytest.mark.parametrize(("sets", "save", "says"), [
     (["steps=2"], "lora", "--save lora keeps a run's LoRA adapters"),
     (["lora_alpha=4"], "full", "need lora_rank > 0"),
+    (["lora_rank=-1"], "full", "lora_rank"),
     (["lora_rank=4", "lora_targets=no_such_layer"], "full", "match no Linear or Conv2d layer"),
 ])  # fmt: skip
 def test_lora_settings_that_cannot_work_are_refused_in_one_line(sets, save, says, tiny_pipeline_dir, tmp_path):

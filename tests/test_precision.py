@@ -14,7 +14,7 @@ from pipelines import load_model
 from pipelines.devices import resolve_dtype
 from pipelines.errors import InputError
 
-from .conftest import tiny_sdxl_components
+from .conftest import NeverSees, tiny_sdxl_components
 
 
 def test_auto_is_half_on_a_gpu_and_float32_on_the_cpu():
@@ -50,14 +50,6 @@ def test_sdxl_in_float16_decodes_its_vae_in_float32_and_keeps_it_half(tmp_path):
     b = np.asarray(half.generate(["a cat"], [3], steps=3)[0][0], float)
     assert seen == [(torch.float32, torch.float32)] and half.vae.dtype == torch.float16
     assert np.abs(a - b).mean() < 6
-
-
-class NeverSees:
-    def detects(self, images, concept=None):
-        return torch.zeros(len(images), dtype=torch.bool)
-
-    def describe(self):
-        return {"judge": "never"}
 
 
 def test_every_attack_runs_on_a_half_precision_model():

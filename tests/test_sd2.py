@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from erasure.api import erase
 from erasure.registry import METHODS
@@ -36,16 +35,6 @@ def tiny_sd2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd2") / "sd2"
     StableDiffusionPipeline(**parts).save_pretrained(path, safe_serialization=True)
     return path
-
-
-@pytest.fixture(scope="module")
-def concept_images(tmp_path_factory):
-    """A few pictures of "the concept" for few-shot erasing (random, but real image files)."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 TEXT_TO_IMAGE = [key for key, m in METHODS.items() if m.model_kind == "text-to-image" and key != "sfd"]

@@ -15,7 +15,7 @@ import torch
 from pipelines import load_model
 from pipelines.errors import InputError
 
-from .conftest import tiny_sdxl_components
+from .conftest import NeverSees, tiny_sdxl_components
 
 
 @pytest.fixture(scope="module")
@@ -255,18 +255,6 @@ def test_few_shot_scope_takes_the_last_block_that_reaches_the_unet(tiny_sdxl_dir
     assert all(".mlp." in n or ".self_attn." in n for n in trained)
 
 
-@pytest.fixture(scope="module")
-def concept_images(tmp_path_factory):
-    import numpy as np
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
-
-
 def _test_sets(key: str, images) -> list[str]:
     from erasure.registry import METHODS
 
@@ -337,16 +325,6 @@ def test_each_method_killed_on_sdxl_resumes_to_the_uninterrupted_run(key, tiny_s
         assert not _unet_changes(getattr(a, name), getattr(b, name)), name
 
 
-class _NeverSees:
-    """A judge that never sees the concept: every attack runs all its steps."""
-
-    def detects(self, images, concept=None):
-        return torch.zeros(len(images), dtype=torch.bool)
-
-    def describe(self):
-        return {"judge": "never"}
-
-
 def test_each_attack_reaches_into_both_sdxl_encoders(tiny_sdxl_dir):
     from evaluators.attack import AttackSettings, AttackTarget, attack_success_rate
     from evaluators.discrete_attack import DiscreteAttackSettings, discrete_attack
@@ -355,15 +333,15 @@ def test_each_attack_reaches_into_both_sdxl_encoders(tiny_sdxl_dir):
     model = load_model(str(tiny_sdxl_dir))
     prompts, seeds = ["a cat", "a photo of a cat"], [0, 1]
     # the attacks' objective has a gradient in both parts of a free word: both encoders take it
-    target = AttackTarget.of(model, model, _NeverSees(), "cat", prompts, seeds)
+    target = AttackTarget.of(model, model, NeverSees(), "cat", prompts, seeds)
     words = model.family.vocabulary(model, target.tower)[torch.tensor([[5, 6, 7]] * 4)].requires_grad_(True)
     target.loss(target.encode(slice(None), words), slice(None), (400, 600), torch.Generator().manual_seed(0)).backward()
     assert words.grad[..., :16].abs().sum() > 0 and words.grad[..., 16:].abs().sum() > 0
 
-    embedding = attack_success_rate(model, model, _NeverSees(), "cat", prompts, seeds, AttackSettings(steps=3))
-    discrete = discrete_attack(model, model, _NeverSees(), "cat", prompts, seeds,
+    embedding = attack_success_rate(model, model, NeverSees(), "cat", prompts, seeds, AttackSettings(steps=3))
+    discrete = discrete_attack(model, model, NeverSees(), "cat", prompts, seeds,
                                DiscreteAttackSettings(tokens=2, steps=3, check_every=3))  # fmt: skip
-    inversion = inversion_attack(model, model, _NeverSees(), "cat", prompts, [0], InversionSettings(steps=3))
+    inversion = inversion_attack(model, model, NeverSees(), "cat", prompts, [0], InversionSettings(steps=3))
     assert embedding["pairs"] == discrete["pairs"] == 4 and inversion["pairs"] == 2
     assert [p["attacked_prompt"] for p in inversion["per_pair"]] == ["<v*> a", "<v*> a photo of a"]
     for pair in discrete["per_pair"]:  # the words found are words: their prompt re-encodes to them
