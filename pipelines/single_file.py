@@ -29,48 +29,48 @@ def _rename(key: str, table: dict[str, str]) -> str:
 
 
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+    return {"model.diffusion_model." + unet_key_to_ldm(unet, key): value for key, value in unet.state_dict().items()}
+
+
+def unet_key_to_ldm(unet, key: str) -> str:
+    """A diffusers UNet parameter's name in the LDM / SGM layout (without `model.diffusion_model.`); kohya LoRA
+    files name SDXL's layers this way."""
     cfg = unet.config
     per_block = cfg.layers_per_block + 1  # resnets per down block plus its downsampler slot
-    out: dict[str, torch.Tensor] = {}
-    for key, value in unet.state_dict().items():
-        parts = key.split(".")
-        is_resnet = ".resnets." in key
-        if key.startswith("add_embedding."):  # SDXL's pooled-text and time-id embedding
-            new = key.replace("add_embedding.linear_", "label_emb.0.linear_")
-            new = new.replace("label_emb.0.linear_1", "label_emb.0.0").replace("label_emb.0.linear_2", "label_emb.0.2")
-        elif key.startswith("time_embedding."):
-            new = key.replace("time_embedding.linear_1", "time_embed.0").replace(
-                "time_embedding.linear_2", "time_embed.2"
-            )
-        elif key.startswith("conv_in."):
-            new = key.replace("conv_in", "input_blocks.0.0")
-        elif key.startswith("conv_norm_out."):
-            new = key.replace("conv_norm_out", "out.0")
-        elif key.startswith("conv_out."):
-            new = key.replace("conv_out", "out.2")
-        elif key.startswith("down_blocks."):
-            i, sub, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
-            if sub == "downsamplers":
-                new = f"input_blocks.{per_block * (i + 1)}.0.op.{rest.split('.', 1)[1]}"
-            else:
-                slot = 0 if sub == "resnets" else 1
-                new = f"input_blocks.{per_block * i + j + 1}.{slot}.{rest}"
-        elif key.startswith("mid_block."):
-            sub, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
-            new = f"middle_block.{1 if sub == 'attentions' else 2 * j}.{rest}"
-        elif key.startswith("up_blocks."):
-            i, sub, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
-            if sub == "upsamplers":
-                has_attention = hasattr(unet.up_blocks[i], "attentions")
-                new = f"output_blocks.{per_block * i + cfg.layers_per_block}.{2 if has_attention else 1}.{rest}"
-            else:
-                new = f"output_blocks.{per_block * i + j}.{0 if sub == 'resnets' else 1}.{rest}"
+    parts = key.split(".")
+    if key.startswith("add_embedding."):  # SDXL's pooled-text and time-id embedding
+        new = key.replace("add_embedding.linear_", "label_emb.0.linear_")
+        new = new.replace("label_emb.0.linear_1", "label_emb.0.0").replace("label_emb.0.linear_2", "label_emb.0.2")
+    elif key.startswith("time_embedding."):
+        new = key.replace("time_embedding.linear_1", "time_embed.0").replace("time_embedding.linear_2", "time_embed.2")
+    elif key.startswith("conv_in."):
+        new = key.replace("conv_in", "input_blocks.0.0")
+    elif key.startswith("conv_norm_out."):
+        new = key.replace("conv_norm_out", "out.0")
+    elif key.startswith("conv_out."):
+        new = key.replace("conv_out", "out.2")
+    elif key.startswith("down_blocks."):
+        i, sub, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+        if sub == "downsamplers":
+            new = f"input_blocks.{per_block * (i + 1)}.0.op.{rest.split('.', 1)[1]}"
         else:
-            raise KeyError(f"no LDM name for UNet key {key}")
-        if is_resnet:
-            new = _rename("." + new + ".", _RESNET).strip(".")
-        out["model.diffusion_model." + new] = value
-    return out
+            slot = 0 if sub == "resnets" else 1
+            new = f"input_blocks.{per_block * i + j + 1}.{slot}.{rest}"
+    elif key.startswith("mid_block."):
+        sub, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        new = f"middle_block.{1 if sub == 'attentions' else 2 * j}.{rest}"
+    elif key.startswith("up_blocks."):
+        i, sub, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+        if sub == "upsamplers":
+            has_attention = hasattr(unet.up_blocks[i], "attentions")
+            new = f"output_blocks.{per_block * i + cfg.layers_per_block}.{2 if has_attention else 1}.{rest}"
+        else:
+            new = f"output_blocks.{per_block * i + j}.{0 if sub == 'resnets' else 1}.{rest}"
+    else:
+        raise KeyError(f"no LDM name for UNet key {key}")
+    if ".resnets." in key:
+        new = _rename("." + new + ".", _RESNET).strip(".")
+    return new
 
 
 def vae_to_ldm(vae) -> dict[str, torch.Tensor]:

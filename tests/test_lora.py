@@ -168,3 +168,64 @@ def test_a_full_weight_run_reduces_to_a_lora_by_svd_with_its_error(tiny_pipeline
         lora_run = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "lora", progress=False,
                          sets=_sets("esd", tmp_path, lora_rank=2))  # fmt: skip
         export_run(lora_run, "someone/x", local_dir=tmp_path / "x", no_eval=True, as_lora=2)
+
+
+def _kohya_draw(pipeline_class, base: Path, folder: Path, file: str) -> np.ndarray:
+    pipe = pipeline_class.from_pretrained(base)
+    pipe.load_lora_weights(str(folder), weight_name=file)  # a non-diffusers file: diffusers' converter reads it
+    image = pipe("a cat", num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(7))
+    return np.asarray(image.images[0], float)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_kohya_export_loads_back_through_diffusers_converter(family, tiny_pipeline_dir, tmp_path):
+    """`export --lora-format kohya`: the UNet's adapters (ESD, every layer: attention, convolutions, SDXL's added
+    embedding under its SGM name) and the text encoders' (AdvUnlearn: SDXL's two as te1 / te2) in the kohya
+    layout; plain diffusers' `load_lora_weights` converts the file and draws the toolkit's image of the run."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from ui.hub import export_run
+
+    if family == "sdxl":
+        pipeline_class, base = StableDiffusionXLPipeline, tmp_path / "xl"
+        pipeline_class(**tiny_sdxl_components()).save_pretrained(base)
+    else:
+        pipeline_class, base = StableDiffusionPipeline, tiny_pipeline_dir
+    for key, extra in [("esd", {"scope": "full", "lr": 1e-2}), ("advunlearn", {"lora_alpha": 8})]:
+        run = erase(key, ["a cat"], str(base), out=tmp_path / key, progress=False,
+                    sets=_sets(key, tmp_path, lora_rank=2, **extra))  # fmt: skip
+        exported = export_run(run, f"someone/{key}", local_dir=tmp_path / f"hub-{key}", no_eval=True,
+                              lora_format="kohya")  # fmt: skip
+        file = f"{key}-lora.safetensors"
+        assert {file, "pytorch_lora_weights.safetensors"} <= set(exported.files)
+        with safe_open(str(exported.folder / file), "pt") as f:
+            names = list(f.keys())
+        assert all(n.startswith(("lora_unet_", "lora_te")) for n in names)
+        if family == "sdxl" and key == "esd":
+            assert any(n.startswith("lora_unet_label_emb_0_0.") for n in names)  # SGM names
+            assert any(n.startswith("lora_unet_input_blocks_") for n in names)
+        if family == "sdxl" and key == "advunlearn":
+            assert {n.split("_text_model")[0] for n in names} == {"lora_te1", "lora_te2"}
+        ours = _toolkit_draw(run)
+        assert np.abs(_kohya_draw(pipeline_class, base, exported.folder, file) - ours).max() <= 1
+        assert np.abs(_toolkit_draw(base) - ours).max() > 1
+        card = (exported.folder / "README.md").read_text()
+        assert "load_lora_weights" in card and file in card
+
+
+def test_kohya_export_of_a_reduced_full_weight_run_and_its_refusal(tiny_pipeline_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from ui.hub import export_run
+
+    run = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False,
+                sets=_sets("esd", tmp_path))  # fmt: skip
+    with pytest.raises(InputError, match="not trained as one"):
+        export_run(run, "someone/x", local_dir=tmp_path / "x", no_eval=True, lora_format="kohya")
+    assert not (tmp_path / "x").exists()
+    exported = export_run(run, "someone/reduced", local_dir=tmp_path / "reduced", no_eval=True, as_lora=64,
+                          lora_format="kohya")  # fmt: skip
+    kohya = _kohya_draw(StableDiffusionPipeline, tiny_pipeline_dir, exported.folder, "reduced-lora.safetensors")
+    plain = _plain_draw(StableDiffusionPipeline, tiny_pipeline_dir, exported.folder)
+    assert np.abs(kohya - plain).max() <= 1

@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the run's weight change as LoRA adapters of this rank (SVD; pytorch_lora_weights.safetensors, "
         "loaded by diffusers' load_lora_weights), and the reduction's error (lora_reduction.json)",
     )  # fmt: skip
+    p.add_argument(
+        "--lora-format", choices=["diffusers", "kohya"], default="diffusers",
+        help="kohya: also write the LoRA (the run's own, or --as-lora's) in the kohya / sd-scripts layout that "
+        "A1111 and ComfyUI load, as REPO-NAME-lora.safetensors (default: the diffusers file only)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("methods", help="list the erasure methods and their papers")
@@ -360,6 +365,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export_run(
         args.run, args.repo_id, local_dir=args.local_dir, private=args.private, no_eval=args.no_eval,
         single_file=args.single_file, as_lora=args.as_lora,
+        lora_format=args.lora_format,
     )  # fmt: skip
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

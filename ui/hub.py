@@ -25,6 +25,8 @@ from erasure.output import MANIFEST, RunDirectory, read_run
 from erasure.registry import Method, get_method
 from pipelines.cards import MODEL_CARD_FILE
 from pipelines.errors import InputError
+from pipelines.families import get_family
+from pipelines.lora_files import LORA_FILE
 from pipelines.zoo.models import EMBEDDED, canonical_name
 
 CARD_FILE = "README.md"
@@ -86,6 +88,21 @@ path = hf_hub_download("{repo_id}", "{file}")
 pipe = {pipeline}.from_single_file(path, config="{repo_id}")
 ```"""
 
+LORA_USAGE = """\
+The erasure is also a LoRA, `{lora_file}`: load it into a pipeline of the base model (as a strength,
+`set_adapters` takes a weight; several erasures stack by loading each):
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{base}")
+pipe.load_lora_weights("{repo_id}", adapter_name="erasure")
+pipe.set_adapters(["erasure"], adapter_weights=[1.0])
+```"""
+
+KOHYA_USAGE = """\
+`{file}` is the same LoRA in the kohya layout, which A1111 and ComfyUI load (put it in their LoRA folder)."""
+
 ONE_STEP_USAGE = """\
 ## How to use
 
@@ -142,15 +159,22 @@ def export_run(
     no_eval: bool = False,
     single_file: bool = False,
     as_lora: int | None = None,
+    lora_format: str = "diffusers",
 ) -> Exported:
     """Build the Hub folder of a run: into `local_dir` (nothing pushed), or pushed to `repo_id`. `as_lora`: also
-    the run's weight change reduced to LoRA adapters of that rank (SVD), with the reduction's error."""
+    the run's weight change reduced to LoRA adapters of that rank (SVD), with the reduction's error. `lora_format`
+    "kohya": the LoRA (the run's or the reduced one) also in the layout A1111 and ComfyUI load."""
     _check_repo_id(repo_id)
     run = load_run(run_dir, no_eval=no_eval)
     if single_file:
         _check_single_file(run)
     if as_lora is not None:
         _check_as_lora(run, as_lora)
+    if lora_format not in ("diffusers", "kohya"):
+        raise InputError(f"unknown LoRA format {lora_format!r}; known: diffusers, kohya")
+    if lora_format == "kohya" and as_lora is None and not (run.path / LORA_FILE).is_file():
+        raise InputError(f"--lora-format kohya writes a LoRA: {run.path} was not trained as one (--set lora_rank=R); "
+                         "reduce it with --as-lora RANK")  # fmt: skip
     if local_dir is not None:
         local_dir = Path(local_dir).expanduser().resolve()
         if local_dir.exists():
@@ -162,9 +186,14 @@ def export_run(
     metadata, notes = card_metadata(run, pushed=local_dir is None)
 
     def build(folder: Path) -> None:
-        write_hub_folder(run, folder, repo_id, metadata, single_file=single_file)
+        write_hub_folder(run, folder, single_file=single_file, repo_id=repo_id)
         if as_lora is not None:
             notes.append(_write_reduced_lora(run, folder, as_lora))
+        if lora_format == "kohya":
+            _write_kohya_lora(run, folder, repo_id)
+        lora = (folder / LORA_FILE).is_file()
+        card = render_card(run, repo_id, metadata, single_file=single_file, lora=lora, kohya=lora_format == "kohya")
+        (folder / CARD_FILE).write_text(card)
 
     if local_dir is not None:
         RunDirectory(local_dir).commit(build)
@@ -242,6 +271,8 @@ def _model_files(path: Path, kind: str) -> dict[Path, Path]:
     # A `--save changed` run lends its unchanged components from its base: the Hub folder gets them whole.
     for name, folder in component_folders(path).items():
         files.update((Path(name) / p.relative_to(folder), p) for p in sorted(folder.rglob("*")) if p.is_file())
+    if (path / LORA_FILE).is_file():  # a run trained as LoRA: its adapters, for load_lora_weights (and, with
+        files[Path(LORA_FILE)] = path / LORA_FILE  # --save lora, the toolkit's loader) on the base's weights
     return files
 
 
@@ -282,6 +313,22 @@ def _write_reduced_lora(run: Run, folder: Path, rank: int) -> str:
             "norm/bias tensors are not in it")
 
 
+def kohya_file_name(repo_id: str) -> str:
+    return f"{repo_id.split('/')[-1]}-lora.safetensors"
+
+
+def _write_kohya_lora(run: Run, folder: Path, repo_id: str) -> None:
+    from pipelines.kohya import write_kohya
+
+    unet = None
+    if run.model_card.get("family") == "sdxl":  # SDXL's kohya names follow its UNet's SGM block layout
+        from pipelines import load_model
+
+        unet = load_model(str(run.path)).unet
+    write_kohya(folder / LORA_FILE, get_family(run.model_card.get("family", "sd1")), unet,
+                folder / kohya_file_name(repo_id))  # fmt: skip
+
+
 def _check_hub_access() -> None:
     """Fail in a second, with what to do, when a push could not happen."""
     from huggingface_hub import constants, get_token
@@ -300,8 +347,8 @@ def _check_hub_access() -> None:
 # --- the folder ---------------------------------------------------------------------------------
 
 
-def write_hub_folder(run: Run, folder: Path, repo_id: str, metadata: dict, *, single_file: bool = False) -> None:
-    """Fill `folder` (which exists and is empty) with everything the Hub repository holds."""
+def write_hub_folder(run: Run, folder: Path, *, repo_id: str, single_file: bool = False) -> None:
+    """Fill `folder` (which exists and is empty) with the run's files (the model card apart)."""
     for rel, file in run.model_files.items():
         # A GAN's files go under generator/, where the toolkit's loader and its Hub download look for them.
         _copy(file, folder / "generator" / rel.name if run.kind == "gan" else folder / rel)
@@ -317,7 +364,6 @@ def write_hub_folder(run: Run, folder: Path, repo_id: str, metadata: dict, *, si
         from pipelines.single_file import save_single_file
 
         save_single_file(load_model(str(run.path)), folder / single_file_name(repo_id))
-    (folder / CARD_FILE).write_text(render_card(run, repo_id, metadata, single_file=single_file))
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -404,7 +450,8 @@ def _concepts(run: Run) -> list[str]:
     return list(run.manifest["concepts"])
 
 
-def render_card(run: Run, repo_id: str, metadata: dict, *, single_file: bool = False) -> str:
+def render_card(run: Run, repo_id: str, metadata: dict, *, single_file: bool = False, lora: bool = False,
+                kohya: bool = False) -> str:  # fmt: skip
     """README.md: YAML metadata (written by huggingface_hub, so it parses back) and the card's text."""
     from huggingface_hub import ModelCardData
 
@@ -412,7 +459,7 @@ def render_card(run: Run, repo_id: str, metadata: dict, *, single_file: bool = F
         _intro(run, repo_id),
         _what_and_how(run),
         _evaluation(run),
-        _usage(run, repo_id, single_file),
+        _usage(run, repo_id, single_file, lora, kohya),
         _caveats(run, metadata),
         f"## Citation\n\n```bibtex\n{run.method.paper.bibtex}\n```",
     ]
@@ -521,7 +568,7 @@ def _evaluation(run: Run) -> str:
     return "\n".join(lines)
 
 
-def _usage(run: Run, repo_id: str, single_file: bool) -> str:
+def _usage(run: Run, repo_id: str, single_file: bool, lora: bool = False, kohya: bool = False) -> str:
     if run.kind == "gan":
         return GAN_USAGE.format(repo_id=repo_id)
     if run.kind == "one-step":
@@ -546,6 +593,11 @@ def _usage(run: Run, repo_id: str, single_file: bool) -> str:
     if single_file:
         pipeline = index.get("_class_name", "StableDiffusionPipeline")
         parts.append(SINGLE_FILE_USAGE.format(repo_id=repo_id, file=single_file_name(repo_id), pipeline=pipeline))
+    if lora:
+        base_name = base["spec"] if base.get("origin") == "hub" else "BASE-MODEL"
+        parts.append(LORA_USAGE.format(repo_id=repo_id, base=base_name, lora_file=LORA_FILE))
+    if kohya:
+        parts.append(KOHYA_USAGE.format(file=kohya_file_name(repo_id)))
     return "\n\n".join(parts)
 
 
