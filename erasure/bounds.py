@@ -20,6 +20,7 @@ COUNT = "[1, inf)"
 STEPS = "[1, 1000]"  # sampling steps: at most the 1000 training timesteps of the schedulers
 GUIDANCE = "[0, inf)"
 TRUNCATION = "[0, 1]"
+LORA_STRENGTH = "[0, 2]"  # an erasure adapter's weight: 0 off, 1 as trained, above 1 pushed further
 _INTERVAL = re.compile(r"^\s*([\[(])\s*(-?inf|[-+0-9.e]+)\s*,\s*(inf|[-+0-9.e]+)\s*([\])])\s*$")
 
 

@@ -167,3 +167,18 @@ def reduce_to_lora(run_dir: Path, rank: int) -> tuple[dict[str, dict[str, torch.
     report = {"rank": rank, "relative_error": round((squared_error / max(squared_change, 1e-30)) ** 0.5, 6),
               "worst_layer_relative_error": round(worst, 6), "changed_tensors_left_out": left_out}  # fmt: skip
     return adapters, report
+
+
+def load_at_strength(run_dir: str | Path, strength: float, **load):
+    """A run trained as LoRA with its erasure at `strength` (0: off, the base model; 1: the run): its base model
+    with the run's adapters fused at that weight by diffusers' loader. `load`: `load_model`'s options."""
+    from erasure.output import read_run, recorded_base_model
+    from pipelines import load_model
+    from pipelines.lora_files import apply_lora_files
+
+    manifest = read_run(run_dir)
+    if not (Path(run_dir) / LORA_FILE).is_file():
+        raise InputError(f"{run_dir} was not trained as LoRA adapters (--set lora_rank=R): it has no strength to set")
+    model = load_model(recorded_base_model(manifest), **load)
+    apply_lora_files(model.pipe, [run_dir], [strength])
+    return model

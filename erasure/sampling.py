@@ -24,13 +24,15 @@ def sample(
     device: str = "auto",
     model_config: str | Path | None = None,
     dtype: str = "auto",
+    lora_strength: float | None = None,
 ) -> Path:
-    """Generate `n` images per prompt with seeds seed..seed+n-1 and write them to `out`."""
+    """Generate `n` images per prompt with seeds seed..seed+n-1 and write them to `out`. `lora_strength`: a run
+    trained as LoRA drawn with its erasure at that weight (0: off)."""
     from pipelines import load_model, resolve
     from pipelines.devices import resolve_device, resolve_dtype
     from pipelines.images import labelled_grid
 
-    from .bounds import COUNT, GUIDANCE, SEED_BOUNDS, STEPS, TRUNCATION, check_number
+    from .bounds import COUNT, GUIDANCE, LORA_STRENGTH, SEED_BOUNDS, STEPS, TRUNCATION, check_number
 
     check_number("--n", n, COUNT)
     check_number("--seed", seed, SEED_BOUNDS)
@@ -39,6 +41,8 @@ def sample(
         if value is not None:
             check_number(name, value, bounds)
     check_number("--truncation", truncation, TRUNCATION)
+    if lora_strength is not None:
+        check_number("--lora-strength", lora_strength, LORA_STRENGTH)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     out = check_writable(out)
@@ -57,7 +61,12 @@ def sample(
     if not as_grid and out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a folder")
 
-    backend = load_model(source, device=device, single_file_config=model_config, dtype=torch_dtype)
+    if lora_strength is not None:
+        from .lora import load_at_strength
+
+        backend = load_at_strength(source.path, lora_strength, device=device, dtype=torch_dtype)
+    else:
+        backend = load_model(source, device=device, single_file_config=model_config, dtype=torch_dtype)
     seeds = list(range(seed, seed + n))
     if source.kind == "gan":
         images = backend.generate(seeds, truncation=truncation)

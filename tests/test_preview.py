@@ -46,9 +46,9 @@ def client(served):
     return Client(served["url"], verbose=False)
 
 
-def generate(client, served, prompts, seed=0, count=2, runs=None, steps="3"):
+def generate(client, served, prompts, seed=0, count=2, runs=None, steps="3", strength=1.0):
     return client.predict(served["base"], runs if runs is not None else [served["run"]], prompts, seed, count, steps,
-                          "", api_name="/generate")  # fmt: skip
+                          "", strength, api_name="/generate")  # fmt: skip
 
 
 def erase_args(served, name, *, steps, every, resume=False):
@@ -87,8 +87,30 @@ def test_generate_endpoint_gives_base_and_erased_images_on_the_same_seeds(client
     assert all(a.tobytes() != b.tobytes() for (a, _), (b, _) in zip(base, erased))
 
 
+def test_a_lora_erasure_is_switched_off_and_weakened_from_the_page(client, served, tmp_path):
+    """The strength slider: 0 draws the base model's images, 1 the run's own, between them something else; a
+    full-weight run beside it is drawn as trained."""
+    from pipelines import load_model
+
+    lora = erase("esd", ["cat"], served["base"], out=tmp_path / "esd-lora", progress=False,
+                 sets={**QUICK, "lora_rank": "4"})  # fmt: skip
+    runs = [str(lora), served["run"]]
+
+    def drawn(strength):
+        base, erased, summary = generate(client, served, "a cat", count=1, runs=runs, strength=strength)
+        return images(base)[0][0].tobytes(), [im.tobytes() for im, _ in images(erased)], images(erased), summary
+
+    base, (off, full_run), captioned, summary = drawn(0.0)
+    assert off == base and captioned[0][1] == "esd-lora @ 0 · a cat · seed 0"
+    assert "LoRA strength 0 on 1 LoRA run(s), 1 full-weight run(s) as trained" in summary
+    _, (on, full_again), _, _ = drawn(1.0)
+    assert on == load_model(str(lora)).generate(["a cat"], [0], steps=3)[0][0].tobytes() != base
+    _, (half, _), _, _ = drawn(0.5)
+    assert half not in (base, on) and full_run == full_again  # the full-weight run takes no strength
+
+
 def test_ten_concurrent_generate_requests_are_all_answered(client, served):
-    jobs = [client.submit(served["base"], [served["run"]], "a cat", seed, 1, "2", "", api_name="/generate")
+    jobs = [client.submit(served["base"], [served["run"]], "a cat", seed, 1, "2", "", 1.0, api_name="/generate")
             for seed in range(10)]  # fmt: skip
     results = [job.result(timeout=120) for job in jobs]
     for seed, (base, erased, _) in enumerate(results):  # each answer is its own request's, none lost

@@ -84,6 +84,10 @@ def build_app(preview: Preview) -> gr.Blocks:
                 # Text, not gr.Number: an empty number box would read as 0, and guidance 0 is a real setting.
                 page.steps = gr.Textbox(label="steps", placeholder="the model's default")
                 page.guidance = gr.Textbox(label="guidance", placeholder="the model's default")
+                page.lora_strength = gr.Slider(
+                    0, 2, value=1, step=0.05, label="LoRA strength", elem_id="lora-strength",
+                    info="runs trained as LoRA (--set lora_rank): the erasure's weight, 0 switches it off",
+                )  # fmt: skip
             with gr.Row():
                 page.take_prompts = gr.Button("Take the runs' prompts")
                 page.generate = gr.Button("Generate", variant="primary", elem_id="generate")

@@ -11,7 +11,7 @@ import os
 import sys
 
 from erasure import DISTRIBUTION, __version__
-from erasure.bounds import COUNT, GUIDANCE, STEPS, TRUNCATION, number, seed
+from erasure.bounds import COUNT, GUIDANCE, LORA_STRENGTH, STEPS, TRUNCATION, number, seed
 from erasure.registry import METHODS
 from pipelines.errors import InputError
 
@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--truncation", type=number(float, TRUNCATION), default=1.0,
         help=f"GAN truncation psi, {TRUNCATION} (default: 1.0)",
     )  # fmt: skip
+    p.add_argument(
+        "--lora-strength", type=number(float, LORA_STRENGTH), metavar="W",
+        help=f"a run trained as LoRA (--set lora_rank=R) drawn with its erasure at weight W, {LORA_STRENGTH}: its "
+        "base model with the adapters at that weight (0: the erasure off; default: the run as trained)",
+    )  # fmt: skip
     _add_model_options(p)
     _add_dtype_option(p)
     p.set_defaults(func=cmd_sample)
@@ -346,6 +351,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     written = sample(
         args.model, args.prompt, n=args.n, seed=args.seed, out=args.out, steps=args.steps, guidance=args.guidance,
         truncation=args.truncation, device=args.device, model_config=args.model_config, dtype=args.dtype,
+        lora_strength=args.lora_strength,
     )  # fmt: skip
     print(f"wrote {written}")
     return 0

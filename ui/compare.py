@@ -13,8 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from erasure.bounds import LORA_STRENGTH, check_number
 from erasure.output import read_run
 from pipelines.errors import InputError
+from pipelines.lora_files import LORA_FILE
 
 MAX_IMAGES = 64  # per model and request: prompts x seeds; beyond this the page would only crawl
 
@@ -37,17 +39,25 @@ class ModelCache:
         self.lock = threading.RLock()
         self._models: OrderedDict[str, object] = OrderedDict()
 
-    def get(self, spec: str | None):
+    def get(self, spec: str | None, lora_strength: float | None = None):
+        """The model of `spec`; with `lora_strength`, a run trained as LoRA with its erasure at that weight."""
         from pipelines import load_model, resolve
 
         source = resolve(spec)  # fails fast, before the lock, on a bad name or folder
         path = Path(source.path).resolve()
         key = f"{path}@{path.stat().st_mtime_ns}"  # a run folder made again under the same name is reloaded
+        if lora_strength is not None:
+            key += f"@lora={lora_strength}"
         with self.lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            model = load_model(source, device=self.device, dtype=self.dtype)
+            if lora_strength is not None:
+                from erasure.lora import load_at_strength
+
+                model = load_at_strength(source.path, lora_strength, device=self.device, dtype=self.dtype)
+            else:
+                model = load_model(source, device=self.device, dtype=self.dtype)
             self._models[key] = model
             while len(self._models) > self.size:
                 self._models.popitem(last=False)
@@ -68,8 +78,10 @@ def compare(
     *,
     steps: int | None = None,
     guidance: float | None = None,
+    lora_strength: float = 1.0,
 ) -> Comparison:
-    """Generate every (prompt, seed) with the base model and with each run; GANs take seeds only."""
+    """Generate every (prompt, seed) with the base model and with each run; GANs take seeds only. Runs trained as
+    LoRA are drawn with their erasure at `lora_strength` (0: off); full-weight runs as they are."""
     from pipelines import resolve
     from pipelines.loading import comparable_kinds
 
@@ -90,14 +102,28 @@ def compare(
     if max(len(prompts), 1) * len(seeds) > MAX_IMAGES:
         raise InputError(f"at most {MAX_IMAGES} images per model: fewer prompts or seeds, please")
 
+    check_number("LoRA strength", lora_strength, LORA_STRENGTH)
+    at_strength = {run: lora_strength if lora_strength != 1 and (Path(run) / LORA_FILE).is_file() else None
+                   for run in runs}  # fmt: skip
+
     with cache.lock:
         before = _images(cache.get(base), prompts, seeds, steps, guidance)
-        after = [(Path(run).name, _images(cache.get(run), prompts, seeds, steps, guidance)) for run in runs]
+        after = [(_run_label(run, at_strength[run]), _images(cache.get(run, at_strength[run]), prompts, seeds, steps,
+                                                             guidance)) for run in runs]  # fmt: skip
     base_items = [(image, f"base · {label}") for image, label in before]
     erased_items = [(image, f"{name} · {label}") for name, images in after for image, label in images]
     what = f"{len(prompts)} prompt(s) x {len(seeds)} seed(s)" if prompts else f"{len(seeds)} latent seed(s)"
     summary = f"{what}: base model and {len(runs)} erased run(s), seeds {seeds[0]}-{seeds[-1]}"
+    if lora_strength != 1:
+        lora_runs = sum(s is not None for s in at_strength.values())
+        summary += f"; LoRA strength {lora_strength:g} on {lora_runs} LoRA run(s)"
+        if lora_runs < len(runs):
+            summary += f", {len(runs) - lora_runs} full-weight run(s) as trained"
     return Comparison(base_items, erased_items, summary)
+
+
+def _run_label(run: str, strength: float | None) -> str:
+    return Path(run).name + ("" if strength is None else f" @ {strength:g}")
 
 
 def _images(model, prompts, seeds, steps, guidance) -> list[tuple[object, str]]:

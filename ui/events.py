@@ -67,11 +67,12 @@ def reported(fn):
 
 def wire_compare(preview, page: SimpleNamespace, demo: gr.Blocks) -> None:
     @reported
-    def generate(base, runs, prompts, seed, count, steps, guidance):
+    def generate(base, runs, prompts, seed, count, steps, guidance, strength):
         first = int(seed or 0)
         seeds = list(range(first, first + int(count)))
         steps, guidance = _optional(steps, int, "steps"), _optional(guidance, float, "guidance")
-        result = compare(preview.cache, base, runs or [], parse_prompts(prompts), seeds, steps=steps, guidance=guidance)
+        result = compare(preview.cache, base, runs or [], parse_prompts(prompts), seeds, steps=steps, guidance=guidance,
+                         lora_strength=float(strength))  # fmt: skip
         columns = len(seeds)
         # The erased side has the most rows (one per run and prompt); both galleries get its height.
         rows = max(1, -(-len(result.erased) // columns))
@@ -80,7 +81,9 @@ def wire_compare(preview, page: SimpleNamespace, demo: gr.Blocks) -> None:
                 gr.Gallery(value=result.erased, columns=columns, height=height), result.summary)  # fmt: skip
 
     page.generate.click(
-        generate, [page.base, page.compare_runs, page.prompts, page.seed, page.count, page.steps, page.guidance],
+        generate,
+        [page.base, page.compare_runs, page.prompts, page.seed, page.count, page.steps, page.guidance,
+         page.lora_strength],
         [page.base_images, page.erased_images, page.compare_status], api_name="generate",
         concurrency_limit=1, concurrency_id="models",
     )  # fmt: skip
