@@ -15,7 +15,7 @@ from pipelines.errors import InputError
 # --- trainable scopes -------------------------------------------------------------------------
 
 TEXT_ENCODER_SCOPES = "full | attn | mlp | layers=i..j, each also after one encoder's name: text_encoder_2:attn"
-UNET_SCOPES = "xattn | noxattn | full"
+UNET_SCOPES = "xattn | noxattn | attn | full"
 _LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
 
 
@@ -40,6 +40,8 @@ def _unet_rule(scope: str):
         return lambda n: ".attn2." in n
     if scope == "noxattn":  # ESD-u: all but cross-attention (and, as in ESD, not the time embedding/output)
         return lambda n: ".attn2." not in n and not n.startswith(("time_embedding", "conv_out", "conv_norm_out"))
+    if scope == "attn":  # every attention layer (a UNet's self- and cross-attention; FLUX's joint attention)
+        return lambda n: ".attn" in n
     if scope == "full":
         return lambda n: True
     raise InputError(f"unknown UNet scope {scope!r}; choose one of: {UNET_SCOPES}")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 
 from .common import (
-    check_encoder_scope, concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope,
+    check_encoder_scope, concept_prompts, frozen_copy, select_trainable, validate_scope,
 )
 from .lora import LoraOptions, attach_lora
 from .training import ErasureResult, Network, RunContext, TrainingLoop
@@ -42,7 +42,7 @@ class ESDConfig(LoraOptions):
     scope: str | None = field(
         default=None,
         metadata={
-            "help": "UNet: xattn (ESD-x, default) | noxattn (ESD-u) | full; text encoder: full (default) | "
+            "help": "UNet: xattn (ESD-x, default) | noxattn (ESD-u) | attn | full (FLUX's transformer: attn | full); text encoder: full (default) | "
             "attn | mlp | layers=i..j, each also after one encoder's name (SDXL: text_encoder_2:full)"
         },
     )
@@ -65,6 +65,9 @@ class ESDConfig(LoraOptions):
     def check(self, family, concepts) -> None:
         if self.component == "text_encoder":
             check_encoder_scope(family, self.scope)
+        if getattr(family, "denoiser", "unet") != "unet" and self.scope in ("xattn", "noxattn"):
+            raise InputError(f"{family.name}'s transformer has joint attention, no cross-attention: ESD's scope there "
+                             "is attn (every attention projection) or full")  # fmt: skip
         # A preset that tunes lr but names no scope tuned it for ESD-x (SDXL's: 2e-4, where the authors drop to
         # 1e-5 for every other scope); run elsewhere, that lr is refused rather than silently reused.
         tuned = family.preset("esd")
@@ -103,14 +106,8 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
     unet_orig = original if config.component == "unet" else model.unet
     te_orig = original if config.component == "text_encoder" else tower
 
-    scheduler = ddim_scheduler(model)
-    scheduler.set_timesteps(config.ddim_steps, device=device)
-    shape = (
-        config.batch_size,
-        model.unet.config.in_channels,
-        model.unet.config.sample_size,
-        model.unet.config.sample_size,
-    )
+    scheduler = family.sampling_scheduler(model, config.ddim_steps, device)
+    shape = family.latent_shape(model, config.batch_size)
     with torch.no_grad():
         uncond_orig = model.encode([""], te_orig)
 
@@ -149,5 +146,5 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
 
     logs = loop.fit(step_fn, config.steps)
     trained.eval()
-    changed = ["unet"] if config.component == "unet" else family.tower_components(config.scope)
+    changed = [family.denoiser] if config.component == "unet" else family.tower_components(config.scope)
     return ErasureResult(model, changed, n_trainable, logs)

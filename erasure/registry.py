@@ -112,6 +112,19 @@ STEREO = Paper(
     "Muzammal and Patel, Vishal M. and Nandakumar, Karthik},\n  booktitle={CVPR},\n  year={2025}\n}",
 )
 
+ERASE_ANYTHING = Paper(
+    "EraseAnything: Enabling Concept Erasure in Rectified Flow Transformers",
+    "Gao, Lu, Walters, Zhou, et al.",
+    "ICML 2025",
+    "https://arxiv.org/abs/2412.20413",
+    "@inproceedings{gao2025eraseanything,\n  title={EraseAnything: Enabling Concept Erasure in Rectified Flow "
+    "Transformers},\n  author={Gao, Daiheng and Lu, Shilin and Walters, Shaw and Zhou, Wenbo and others},\n"
+    "  booktitle={ICML},\n  year={2025}\n}",
+)
+
+# Papers a family's preset follows where it is not the method's own (a family's `preset_papers` names them).
+PRESET_PAPERS = {"eraseanything": ERASE_ANYTHING}
+
 _METHODS = [
     Method("esd", "negative-guidance fine-tuning of the UNet (ESD-x/ESD-u) or text encoder; the baseline",
            ESD, "unet or text_encoder", "text-to-image", "erasure.esd"),
@@ -134,6 +147,12 @@ for _method in _METHODS:
     if _method.key in METHODS:
         raise RuntimeError(f"method key {_method.key!r} registered twice")
     METHODS[_method.key] = _method
+
+
+def preset_paper(family, method_key: str) -> Paper | None:
+    """The paper `family`'s preset of a method follows, when that is not the method's own paper."""
+    name = getattr(family, "preset_papers", {}).get(method_key)
+    return PRESET_PAPERS[name] if name else None
 
 
 def get_method(key: str) -> Method:

@@ -233,6 +233,54 @@ class XLModel(TextToImageModel):
                 "negative_pooled_prompt_embeds": negative_pooled}  # fmt: skip
 
 
+class FluxModel(TextToImageModel):
+    """A FLUX.1 model: the transformer is the denoiser (`unet` to the methods, `transformer` to the pipeline); its
+    conditionings are the flux family's packed tensors (pipelines/families/flux.py). FLUX.1 [dev] is
+    guidance-distilled: `guidance` is the transformer's embedded guidance, and no negative prompt is drawn."""
+
+    replaceable = ("text_encoder", "text_encoder_2", "transformer", "vae")
+    upcast_vae = False
+
+    @property
+    def unet(self):
+        return self.pipe.transformer
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def text_encoder_2(self):
+        return self.pipe.text_encoder_2
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    @property
+    def resolution(self) -> int:
+        """The side of the images it draws by default (a model's card may set it; FLUX.1's is 1024)."""
+        from .families.flux import NATIVE_RESOLUTION
+
+        return int(self.sampling.get("resolution", NATIVE_RESOLUTION))
+
+    @property
+    def sampling(self) -> dict:
+        return {"steps": 28, "guidance": 3.5, **self.source.card.get("sampling", {})}  # FluxPipeline's own defaults
+
+    def replace(self, name: str, module: torch.nn.Module) -> None:
+        super().replace("transformer" if name == "unet" else name, module)
+
+    def _sample(self, embeds, negative, generators, steps, guidance) -> list[Image.Image]:
+        from .families.flux import pooled_width, unpack
+
+        tokens, pooled = unpack(embeds, pooled_width(self.pipe.transformer))
+        return self.pipe(
+            prompt_embeds=tokens, pooled_prompt_embeds=pooled, num_inference_steps=steps, guidance_scale=guidance,
+            height=self.resolution, width=self.resolution, generator=generators, output_type="pil",
+        ).images  # fmt: skip
+
+
 class OneStepModel(TextToImageModel):
     """A one-step generator (pipelines/one_step.py): the same interface, one UNet evaluation per image.
 
@@ -308,7 +356,8 @@ def load_text_to_image(
         from .lora_files import apply_lora_files
 
         apply_lora_files(pipe, [source.path])
-    wrapper = XLModel if source.family.text_encoders == 2 else TextToImageModel
+    wrapper = {"FluxPipeline": FluxModel, "StableDiffusionXLPipeline": XLModel}.get(pipeline.__name__,
+                                                                                      TextToImageModel)  # fmt: skip
     model = wrapper(pipe, source).to(device)
     if torch.device(device).type == "cuda":
         _enable_xformers(pipe)
@@ -393,5 +442,5 @@ def _shipped_config_for(path: Path) -> Path:
     return SHIPPED_CONFIGS / shipped[model_type]
 
 
-__all__ = ["OneStepModel", "OneStepXLModel", "TextToImageModel", "XLModel", "load_one_step", "load_text_to_image",
+__all__ = ["FluxModel", "OneStepModel", "OneStepXLModel", "TextToImageModel", "XLModel", "load_one_step", "load_text_to_image",
            "one_step_model"]  # fmt: skip

@@ -30,6 +30,7 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 GAN_FILE_SUFFIXES = (".pt", ".pkl")
 PIPELINE_CLASSES = {
     "StableDiffusionPipeline": "text-to-image", "StableDiffusionXLPipeline": "text-to-image",
+    "FluxPipeline": "text-to-image",
     "OneStepPipeline": "one-step",
 }  # fmt: skip
 GAN_CONFIG_FILE = "generator_config.json"

@@ -107,3 +107,21 @@ class SDXLTextTower(torch.nn.Module):
         ends = (end_positions(self.text_encoder_2, ids_2) + k).clamp(max=ids_2.shape[1] - 1)
         pooled = self.text_encoder_2.text_projection(last[torch.arange(len(last), device=last.device), ends])
         return torch.cat([first, second], dim=-1), pooled
+
+
+class FluxTextTower(torch.nn.Module):
+    """FLUX.1's two text encoders as one module: CLIP's pooled output and T5's last hidden states, as
+    `FluxPipeline.encode_prompt` computes them. `ids`: the CLIP ids and the T5 ids side by side."""
+
+    def __init__(self, text_encoder, text_encoder_2, first_length: int):
+        super().__init__()
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.first_length = first_length
+
+    def named_encoders(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.text_encoder(ids[:, : self.first_length], output_hidden_states=False).pooler_output
+        tokens = self.text_encoder_2(ids[:, self.first_length :], output_hidden_states=False)[0]
+        return tokens, pooled

@@ -84,6 +84,53 @@ def tiny_sdxl_components(seed: int = 0, second_width: int = 16, second_layers: i
     }  # fmt: skip
 
 
+def tiny_t5_tokenizer(max_length: int = 12):
+    """A real T5TokenizerFast over a small unigram vocabulary (the real one is a 790 KB SentencePiece model)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    words = "a an the photo of image painting picture cat dog seven three red blue green car tree house".split()
+    pieces = ["<pad>", "</s>", "<unk>", *(f"\u2581{w}" for w in words), "\u2581", *"abcdefghijklmnopqrstuvwxyz0123456789"]
+    tokenizer = Tokenizer(models.Unigram([(piece, -float(i)) for i, piece in enumerate(pieces)], unk_id=2))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    return T5TokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)  # fmt: skip
+
+
+def tiny_flux_components(seed: int = 0) -> dict:
+    """The parts of a FluxPipeline at toy size: one double- and one single-stream block, CLIP-L-like pooled and
+    T5-like token embeddings, a 16-channel packed latent of a 4-channel VAE (16x16 images)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from pipelines.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer
+
+    torch.manual_seed(seed)
+    t5_tokenizer = tiny_t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+        shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
+    ))  # fmt: skip
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return {"transformer": transformer, "vae": vae, "text_encoder": clip, "tokenizer": clip_tokenizer(16),
+            "text_encoder_2": t5, "tokenizer_2": t5_tokenizer, "scheduler": scheduler}  # fmt: skip
+
+
 def embedded_model(method: str) -> str:
     """The embedded model a registered method erases from in the registry-driven tests."""
     from erasure.registry import METHODS

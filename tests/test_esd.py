@@ -36,8 +36,12 @@ def test_unet_scopes(tiny_model):
     names = {n for n, p in unet.named_parameters() if p.requires_grad}
     assert not any(".attn2." in n or n.startswith("time_embedding") for n in names)
     assert any(".attn1." in n for n in names) and any("resnets" in n for n in names)
+    select_trainable(unet, "unet", "attn")  # self- and cross-attention (FLUX's transformer: its joint attention)
+    names = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert any(".attn1." in n for n in names) and any(".attn2." in n for n in names)
+    assert all(".attn" in n for n in names)
     with pytest.raises(InputError, match="unknown UNet scope"):
-        select_trainable(unet, "unet", "attn")
+        select_trainable(unet, "unet", "selfattn")
 
 
 def test_text_encoder_scopes(tiny_model):

@@ -44,8 +44,8 @@ def test_each_model_is_recognised_as_its_family(tiny_pipeline_dir, tiny_gan_chec
 
 def test_family_names_and_the_name_runs_recorded_before_families():
     assert get_family("sd") is FAMILIES["sd1"]  # erasure.json of earlier runs
-    with pytest.raises(InputError, match="unknown model family 'flux'; known: digits, sd1, sd2, sdxl, stylegan2"):
-        get_family("flux")
+    with pytest.raises(InputError, match="unknown model family 'sd3'; known: digits, sd1, sd2, sdxl, flux, stylegan2"):
+        get_family("sd3")
 
 
 def test_every_preset_builds_and_a_preset_of_an_unknown_option_is_refused():

@@ -12,7 +12,7 @@ import sys
 
 from erasure import DISTRIBUTION, __version__
 from erasure.bounds import COUNT, GUIDANCE, LORA_STRENGTH, STEPS, TRUNCATION, number, seed
-from erasure.registry import METHODS
+from erasure.registry import METHODS, preset_paper
 from pipelines.errors import InputError
 
 DESCRIPTION = """\
@@ -383,11 +383,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    from pipelines.families import FAMILIES
+
     width = max(len(k) for k in METHODS)
     for method in METHODS.values():
         print(f"{method.key:<{width}}  {method.summary}")
         print(f"{'':<{width}}  patches: {method.patches}; paper: {method.paper.title} ({method.paper.venue}) "
               f"{method.paper.url}")  # fmt: skip
+        for family in FAMILIES.values():
+            paper = preset_paper(family, method.key)
+            if paper is not None:
+                print(f"{'':<{width}}  on {family.name}: the preset of {paper.title} ({paper.venue}) {paper.url}")
     return 0
 
 

@@ -172,6 +172,9 @@ def export_run(
         _check_as_lora(run, as_lora)
     if lora_format not in ("diffusers", "kohya"):
         raise InputError(f"unknown LoRA format {lora_format!r}; known: diffusers, kohya")
+    if lora_format == "kohya" and run.model_card.get("family") == "flux":
+        raise InputError("--lora-format kohya writes the Stable Diffusion families' layout; FLUX's transformer has "
+                         "none in this version (its diffusers LoRA file is exported)")  # fmt: skip
     if lora_format == "kohya" and as_lora is None and not (run.path / LORA_FILE).is_file():
         raise InputError(f"--lora-format kohya writes a LoRA: {run.path} was not trained as one (--set lora_rank=R); "
                          "reduce it with --as-lora RANK")  # fmt: skip
@@ -461,7 +464,7 @@ def render_card(run: Run, repo_id: str, metadata: dict, *, single_file: bool = F
         _evaluation(run),
         _usage(run, repo_id, single_file, lora, kohya),
         _caveats(run, metadata),
-        f"## Citation\n\n```bibtex\n{run.method.paper.bibtex}\n```",
+        _citation(run),
     ]
     return f"---\n{ModelCardData(**metadata).to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
 
@@ -566,6 +569,17 @@ def _evaluation(run: Run) -> str:
     for name, rel in report.get("grids", {}).items():
         lines += ["", f"![before/after: {name}]({rel})"]
     return "\n".join(lines)
+
+
+def _citation(run: Run) -> str:
+    """The method's paper, and the paper its family preset follows where that is another (FLUX's ESD: EraseAnything)."""
+    from erasure.registry import preset_paper
+
+    papers = [run.method.paper]
+    preset = preset_paper(get_family(run.model_card.get("family", "sd1")), run.method.key)
+    if preset is not None:
+        papers.append(preset)
+    return "## Citation\n\n" + "\n\n".join(f"```bibtex\n{paper.bibtex}\n```" for paper in papers)
 
 
 def _usage(run: Run, repo_id: str, single_file: bool, lora: bool = False, kohya: bool = False) -> str:

@@ -12,12 +12,13 @@ from pathlib import Path
 from ..errors import InputError
 from .base import Family, PromptSet
 from .digits import Digits
+from .flux import Flux
 from .sdxl import SDXL
 from .stable_diffusion import SD1, SD2, StableDiffusionFamily
 from .stylegan2 import StyleGAN2
 
 FAMILIES: dict[str, Family] = {}
-for _family in (Digits(), SD1(), SD2(), SDXL(), StyleGAN2()):
+for _family in (Digits(), SD1(), SD2(), SDXL(), Flux(), StyleGAN2()):
     if _family.name in FAMILIES:
         raise RuntimeError(f"family {_family.name!r} registered twice")
     FAMILIES[_family.name] = _family
@@ -48,6 +49,8 @@ def detect(kind: str, path: Path, declared: str | None = None) -> Family:
     if kind == "gan":
         return FAMILIES["stylegan2"]
     if path.is_dir():
+        if (path / "transformer").is_dir() and _json(path / "model_index.json").get("_class_name") == "FluxPipeline":
+            return FAMILIES["flux"]
         if (path / "text_encoder_2").is_dir():
             return FAMILIES["sdxl"]
         text = _json(path / "text_encoder" / "config.json")

@@ -74,6 +74,8 @@ class Family:
     has_builtin_images: ClassVar[bool] = False  # images of its concepts ship with it (`--images builtin`)
     # method key -> the options tuned for this family, over the config's paper defaults
     presets: ClassVar[dict[str, dict]] = {}
+    # method key -> the registry's key of the paper a preset follows where it is not the method's own
+    preset_papers: ClassVar[dict[str, str]] = {}
     # method key (or "attacks", for `eval --attack`) -> why this family's models cannot take it, refused
     # before anything loads
     unsupported: ClassVar[dict[str, str]] = {}

@@ -21,6 +21,7 @@ class StableDiffusionFamily(Family):
     """The conditioning and sampling of a `StableDiffusionPipeline`-shaped model."""
 
     pipeline_class: ClassVar[str] = "StableDiffusionPipeline"  # the diffusers class its models load as
+    denoiser: ClassVar[str] = "unet"  # the pipeline component that denoises (model.unet, whatever its name)
     text_encoders: ClassVar[int] = 1
 
     def tokenize(self, model, prompts: Sequence[str]) -> torch.Tensor:
@@ -67,6 +68,20 @@ class StableDiffusionFamily(Family):
 
         return encode_with_inserted(tower, ids, inserted)
 
+    def latent_shape(self, model, batch: int) -> tuple[int, ...]:
+        """The shape of `batch` latents the denoiser trains on (data-free methods start from such noise)."""
+        config = model.unet.config
+        return (batch, config.in_channels, config.sample_size, config.sample_size)
+
+    def sampling_scheduler(self, model, steps: int, device):
+        """A fresh DDIM scheduler with the model's noise schedule, set to `steps` (the model's own is untouched):
+        what `trajectory` walks."""
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(model.scheduler.config)
+        scheduler.set_timesteps(steps, device=device)
+        return scheduler
+
     def denoise(self, unet, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
         """The UNet's prediction (eps or v, as its scheduler says) for `x_t` at timestep(s) `t`."""
         return unet(x_t, t, cond).sample
@@ -75,7 +90,7 @@ class StableDiffusionFamily(Family):
                    latents: torch.Tensor) -> tuple[torch.Tensor, int, int]:  # fmt: skip
         """Run DDIM with classifier-free guidance from noise `latents` for `stop` steps.
 
-        `scheduler` must already have `set_timesteps(N)`. Returns (x_t, t, t_next): the latent after
+        `scheduler` comes from `sampling_scheduler`. Returns (x_t, t, t_next): the latent after
         `stop` steps sits at noise level `t` = timesteps[stop]; ESD then queries the UNet at a DDPM
         timestep drawn in [t, t + 1000/N), the window of that DDIM step. No gradient flows.
         """

@@ -1,0 +1,136 @@
+"""The flux family on a tiny real `FluxPipeline` (a FluxTransformer2DModel of one double- and one single-stream
+block, a CLIP text encoder for the pooled embedding, a T5 encoder with a real T5 tokenizer, a 4-channel VAE):
+detection, the packed conditioning against the pipeline's `encode_prompt`, sampling against plain diffusers,
+ESD as a LoRA on the transformer (EraseAnything's preset) loading in plain diffusers, eval, export, and the
+refusals of what FLUX cannot take."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from erasure.api import erase
+from pipelines import load_model
+from pipelines.errors import InputError
+
+from .conftest import tiny_flux_components
+
+T5_LENGTH = 12  # the tiny T5 tokenizer's length (FluxPipeline's default, 512, is the real T5's)
+QUICK = ["steps=3", "ddim_steps=4", "batch_size=2", "lr=0.1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_dir(tmp_path_factory):
+    from diffusers import FluxPipeline
+
+    path = tmp_path_factory.mktemp("tiny-flux") / "flux"
+    FluxPipeline(**tiny_flux_components()).save_pretrained(path, safe_serialization=True)
+    # a 16-px model: the toolkit draws at the size its card names (FLUX.1's own: 1024)
+    (path / "erasure_model.json").write_text(json.dumps({"sampling": {"steps": 4, "guidance": 3.5, "resolution": 16}}))
+    return path
+
+
+def _plain(folder: Path, lora_run: Path | None = None, seed: int = 7) -> np.ndarray:
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(folder)
+    if lora_run is not None:
+        pipe.load_lora_weights(str(lora_run))
+    image = pipe("a photo of a cat", height=16, width=16, num_inference_steps=4, guidance_scale=3.5,
+                 max_sequence_length=T5_LENGTH, generator=torch.Generator().manual_seed(seed)).images[0]  # fmt: skip
+    return np.asarray(image, float)
+
+
+def _ours(folder: Path, seed: int = 7) -> np.ndarray:
+    return np.asarray(load_model(str(folder)).generate(["a photo of a cat"], [seed])[0][0], float)
+
+
+def test_a_flux_folder_loads_as_the_flux_family_and_draws_as_plain_diffusers(tiny_flux_dir):
+    from pipelines.families import FAMILIES
+    from pipelines.families.flux import pooled_width, unpack
+
+    model = load_model(str(tiny_flux_dir))
+    assert model.family is FAMILIES["flux"] and model.unet is model.pipe.transformer
+    prompts = ["a red seven", "a photo of a cat"]
+    with torch.no_grad():
+        tokens, pooled = unpack(model.encode(prompts), pooled_width(model.unet))
+        expected, expected_pooled, _ = model.pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=T5_LENGTH)
+    assert torch.equal(tokens, expected) and torch.equal(pooled, expected_pooled)
+    assert np.abs(_ours(tiny_flux_dir) - _plain(tiny_flux_dir)).max() <= 1
+
+
+def test_the_flux_denoiser_and_trajectory_follow_the_pipeline(tiny_flux_dir):
+    """`denoise` packs latents into the transformer's patches and back as FluxPipeline does; the trajectory's Euler
+    steps, run to the end, are the pipeline's own sampling of the same noise at the training resolution."""
+    from diffusers import FluxPipeline
+
+    model = load_model(str(tiny_flux_dir))
+    family = model.family
+    scheduler = family.sampling_scheduler(model, 4, "cpu")
+    shape = family.latent_shape(model, 1)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    cond = model.encode(["a photo of a cat"])
+    x_0, t, t_next = family.trajectory(model.unet, scheduler, cond, None, 4, 3.5, noise)
+    assert t == 0 and t_next > t
+    tokens, pooled = cond[:, :-1], cond[:, -1, : model.unet.config.pooled_projection_dim]
+    packed = FluxPipeline._pack_latents(noise, 1, shape[1], shape[2], shape[3])
+    latents = model.pipe(prompt_embeds=tokens, pooled_prompt_embeds=pooled, latents=packed, height=16, width=16,
+                         num_inference_steps=4, guidance_scale=3.5, output_type="latent").images  # fmt: skip
+    expected = FluxPipeline._unpack_latents(latents, 16, 16, model.pipe.vae_scale_factor)
+    assert torch.allclose(x_0, expected, atol=1e-5)
+
+
+def test_esd_on_flux_is_a_lora_on_the_transformer_that_plain_diffusers_loads(tiny_flux_dir, tmp_path):
+    """The family's preset is EraseAnything's: rank-8 adapters on the double-stream blocks' add_q_proj / add_k_proj;
+    `FluxPipeline.load_lora_weights(run)` on the base draws the toolkit's image of the run."""
+    from safetensors import safe_open
+
+    run = erase("esd", ["cat"], str(tiny_flux_dir), out=tmp_path / "run", progress=False, sets=QUICK)
+    manifest = json.loads((run / "erasure.json").read_text())
+    assert manifest["changed_components"] == ["transformer"]
+    assert manifest["lora"]["rank"] == 8 and manifest["lora"]["components"] == ["transformer"]
+    with safe_open(str(run / "pytorch_lora_weights.safetensors"), "pt") as f:
+        layers = {key.split(".lora_")[0] for key in f.keys()}
+    assert layers == {"transformer.transformer_blocks.0.attn.add_q_proj", "transformer.transformer_blocks.0.attn.add_k_proj"}
+    ours = _ours(run)
+    assert np.abs(_plain(tiny_flux_dir, lora_run=run) - ours).max() <= 1
+    assert np.abs(_ours(tiny_flux_dir) - ours).max() > 1  # the adapters changed the picture
+    small = erase("esd", ["cat"], str(tiny_flux_dir), out=tmp_path / "small", progress=False, sets=QUICK,
+                  save="lora")  # fmt: skip
+    assert not (small / "transformer").exists() and np.abs(_ours(small) - ours).max() <= 1
+
+
+def test_a_flux_run_is_evaluated_and_exported(tiny_flux_dir, tiny_open_clip, tmp_path):
+    from erasure.evaluation import run_eval
+    from ui.hub import export_run
+
+    run = erase("esd", ["cat"], str(tiny_flux_dir), out=tmp_path / "run", progress=False, sets=QUICK)
+    report = json.loads(run_eval(str(run), samples=1, clip=tiny_open_clip, progress=False).read_text())
+    scores = report["concepts"]["cat"]["metrics"]
+    assert 0 <= scores["target_presence_clip"]["after"] <= 1 and report["after"]["family"] == "flux"
+    exported = export_run(run, "someone/flux-esd", local_dir=tmp_path / "hub")
+    assert "pytorch_lora_weights.safetensors" in exported.files
+    card = (exported.folder / "README.md").read_text()
+    assert "load_lora_weights" in card and "gao2025eraseanything" in card  # the preset's paper is cited too
+    with pytest.raises(InputError, match="kohya"):
+        export_run(run, "someone/flux-kohya", local_dir=tmp_path / "kohya", lora_format="kohya")
+    assert not (tmp_path / "kohya").exists()
+    with pytest.raises(InputError, match="--attack on flux"):
+        run_eval(str(run), attack="embedding", samples=1, clip=tiny_open_clip, progress=False)
+
+
+@pytest.mark.parametrize(("method", "sets", "message"), [
+    ("advunlearn", [], "advunlearn cannot erase from flux"),
+    ("fewshot", [], "fewshot cannot erase from flux"),
+    ("stereo", [], "stereo cannot erase from flux"),
+    ("sfd", [], "sfd cannot erase from flux"),
+    ("esd", ["scope=xattn"], "no cross-attention"),
+])  # fmt: skip
+def test_what_flux_cannot_take_is_refused_before_loading(method, sets, message, tiny_flux_dir, tmp_path):
+    with pytest.raises(InputError, match=message):
+        erase(method, ["cat"], str(tiny_flux_dir), out=tmp_path / "run", progress=False, sets=sets)
+    assert not (tmp_path / "run").exists()
