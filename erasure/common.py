@@ -16,16 +16,20 @@ from pipelines.errors import InputError
 
 TEXT_ENCODER_SCOPES = "full | attn | mlp | layers=i..j, each also after one encoder's name: text_encoder_2:attn"
 UNET_SCOPES = "xattn | noxattn | attn | full"
-_LAYER = re.compile(r"encoder\.layers\.(\d+)\.")
+# A block of a CLIP text encoder (`encoder.layers.i.`: `self_attn`, `mlp`) or of T5's (FLUX's second encoder,
+# `encoder.block.i.`: `SelfAttention`, `DenseReluDense`).
+_LAYER = re.compile(r"encoder\.(?:layers|block)\.(\d+)\.")
+_ATTENTION = (".self_attn.", ".SelfAttention.")
+_MLP = (".mlp.", ".DenseReluDense.")
 
 
 def _text_encoder_rule(scope: str):
     if scope == "full":  # every transformer block and the final LayerNorm; embeddings stay frozen
         return lambda n: bool(_LAYER.search(n)) or "final_layer_norm" in n
     if scope == "attn":
-        return lambda n: bool(_LAYER.search(n)) and ".self_attn." in n
+        return lambda n: bool(_LAYER.search(n)) and any(a in n for a in _ATTENTION)
     if scope == "mlp":
-        return lambda n: bool(_LAYER.search(n)) and ".mlp." in n
+        return lambda n: bool(_LAYER.search(n)) and any(m in n for m in _MLP)
     if scope == "mlp+last-attn":  # few-shot erasing's choice: every MLP and the last block's attention
         return None
     match = re.fullmatch(r"layers=(\d+)(?:\.\.|-)(\d+)", scope)
@@ -84,7 +88,8 @@ def _select(module: torch.nn.Module, component: str, scope: str, inert: set[int]
 
         def rule(name: str) -> bool:
             layer = _LAYER.search(name)
-            return layer is not None and (".mlp." in name or (".self_attn." in name and int(layer.group(1)) == last))
+            return layer is not None and (any(m in name for m in _MLP) or
+                                          (any(a in name for a in _ATTENTION) and int(layer.group(1)) == last))
 
     count = 0
     for name, param in module.named_parameters():

@@ -25,7 +25,7 @@ from pipelines.errors import InputError
 from .common import (
     check_encoder_scope, concept_prompts, frozen_copy, select_trainable, validate_scope,
 )
-from .lora import LoraOptions, attach_lora
+from .lora import LoraOptions, attach_lora, check_lora_components
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 
@@ -65,6 +65,9 @@ class ESDConfig(LoraOptions):
     def check(self, family, concepts) -> None:
         if self.component == "text_encoder":
             check_encoder_scope(family, self.scope)
+        if self.lora_rank:
+            unet = getattr(family, "denoiser", "unet")
+            check_lora_components(family, [unet] if self.component == "unet" else family.tower_components(self.scope))
         if getattr(family, "denoiser", "unet") != "unet" and self.scope in ("xattn", "noxattn"):
             raise InputError(f"{family.name}'s transformer has joint attention, no cross-attention: ESD's scope there "
                              "is attn (every attention projection) or full")  # fmt: skip

@@ -33,7 +33,7 @@ from pipelines.errors import InputError
 from pipelines.images import image_folder_files, load_square_images
 
 from .common import check_encoder_scope, select_trainable, validate_scope
-from .lora import LoraOptions, attach_lora
+from .lora import LoraOptions, attach_lora, check_lora_components
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 BUILTIN = "builtin"
@@ -138,6 +138,8 @@ class FewShotConfig(LoraOptions):
     def check(self, family, concepts) -> None:
         if self.scope != TOKENS:
             check_encoder_scope(family, self.scope)
+            if self.lora_rank:
+                check_lora_components(family, family.tower_components(self.scope))
         if self.images is None:
             raise InputError("fewshot needs a few images of the concept: pass --images DIR (or --set images=DIR)")
         if self.images == BUILTIN and not family.has_builtin_images:
@@ -153,7 +155,7 @@ CONFIG = FewShotConfig
 TEST_SETTINGS = {"steps": 4, "num_images": 4, "stop_samples": 4, "stop_steps": 2, "stop_below": 0.01}
 
 
-def train_concept_tokens(tower, tokenizer, concepts: list[str]) -> int:
+def train_concept_tokens(tower, tokenizers: dict, concepts: list[str]) -> int:
     """Freeze the text tower `tower` except the input-embedding rows of the concepts' tokens (in each of its
     encoders); returns their size.
 
@@ -162,11 +164,11 @@ def train_concept_tokens(tower, tokenizer, concepts: list[str]) -> int:
     exactly as before. (Adam leaves a row with zero gradient where it is; weight decay would not,
     so the optimiser gets none for this parameter.)
     """
-    ids = sorted({i for c in concepts for i in tokenizer(c, add_special_tokens=False).input_ids})
     tower.requires_grad_(False)
-    encoders = tower.named_encoders().values() if hasattr(tower, "named_encoders") else [tower]
+    encoders = tower.named_encoders() if hasattr(tower, "named_encoders") else {"text_encoder": tower}
     size = 0
-    for encoder in encoders:
+    for name, encoder in encoders.items():  # each encoder's rows of the concepts' tokens in its own tokenizer
+        ids = sorted({i for c in concepts for i in tokenizers[name](c, add_special_tokens=False).input_ids})
         weight = encoder.get_input_embeddings().weight
         weight.requires_grad_(True)
         mask = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
@@ -179,10 +181,8 @@ def train_concept_tokens(tower, tokenizer, concepts: list[str]) -> int:
 def denoising_loss(model, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                    unet=None) -> torch.Tensor:  # fmt: skip
     """The ordinary denoising loss of `latents` under conditioning `cond` for `unet` (default: the model's;
-    eps- or v-prediction, as the model's scheduler says)."""
-    scheduler = model.scheduler
-    noisy = scheduler.add_noise(latents, noise, t)
-    target = scheduler.get_velocity(latents, noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+    eps- or v-prediction, as the model's scheduler says; FLUX: the flow's velocity)."""
+    noisy, target = model.family.noised(model, latents, noise, t)
     return F.mse_loss(model.family.denoise(unet if unet is not None else model.unet, noisy, t, cond), target)
 
 
@@ -195,7 +195,7 @@ def encode_images(model, images: torch.Tensor, generator: torch.Generator, chunk
     for start in range(0, len(images), chunk):
         pixels = (images[start : start + chunk] * 2 - 1).to(model.device, vae.dtype)
         latents.append(vae.encode(pixels).latent_dist.sample(generator))
-    return torch.cat(latents) * vae.config.scaling_factor
+    return model.family.scale_latents(model, torch.cat(latents))
 
 
 def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) -> ErasureResult:
@@ -208,7 +208,7 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     presence_check = None
     if config.stop_below is not None:
         presence_check = PresenceCheck(model.family, concepts, str(device), clip=config.stop_clip)
-    resolution = model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+    resolution = model.family.image_resolution(model)
     if config.images == BUILTIN:
         count = config.num_images or BUILTIN_COUNT
         images = torch.cat([model.family.builtin_images(c, count, run.seed) for c in concepts])
@@ -233,7 +233,8 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     for module in (model.unet, model.vae, encoder):
         module.requires_grad_(False)
     if config.scope == TOKENS:
-        n_trainable = train_concept_tokens(encoder, model.tokenizer, concepts)
+        tokenizers = {"text_encoder": model.tokenizer, "text_encoder_2": getattr(model.pipe, "tokenizer_2", None)}
+        n_trainable = train_concept_tokens(encoder, tokenizers, concepts)
     else:
         n_trainable = select_trainable(encoder, "text_encoder", config.scope)
         if config.lora_rank:

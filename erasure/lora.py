@@ -46,6 +46,16 @@ class LoraOptions(MethodConfig):
             raise ValueError("lora_alpha and lora_targets need lora_rank > 0")
 
 
+def check_lora_components(family, components: list[str]) -> None:
+    """Refuse, before loading, adapters the family's LoRA file has no place for (diffusers' FLUX loader takes the
+    transformer's and CLIP's, not T5's)."""
+    allowed = getattr(family, "lora_components", None)
+    outside = [c for c in components if allowed is not None and c not in allowed]
+    if outside:
+        raise InputError(f"{family.name}'s LoRA file holds {', '.join(allowed)} adapters, not {', '.join(outside)}: "
+                         "choose a scope without it (e.g. text_encoder:full) or train full weights (lora_rank=0)")
+
+
 def attach_lora(module: torch.nn.Module, config: LoraOptions, seed: int) -> int:
     """After the scope's selection (`select_trainable`): adapters on every Linear / Conv2d layer of `module` whose
     weight the scope trains (and whose name ends with one of `lora_targets`, if given); only they train. Their

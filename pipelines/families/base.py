@@ -76,6 +76,8 @@ class Family:
     presets: ClassVar[dict[str, dict]] = {}
     # method key -> the registry's key of the paper a preset follows where it is not the method's own
     preset_papers: ClassVar[dict[str, str]] = {}
+    # the components the family's diffusers LoRA file can hold (None: every one a method trains)
+    lora_components: ClassVar[tuple[str, ...] | None] = None
     # method key (or "attacks", for `eval --attack`) -> why this family's models cannot take it, refused
     # before anything loads
     unsupported: ClassVar[dict[str, str]] = {}

@@ -7,8 +7,9 @@ classifier-free pass). So that methods hold one conditioning tensor, this family
 and the pooled CLIP embedding into [B, L + 1, D] (the last row carries the pooled embedding, zero-padded), as
 the SDXL family does; latents stay [B, C, H, W] outside `denoise`, which packs them for the transformer.
 
-Only ESD runs on FLUX (EraseAnything's setting: LoRA on the double-stream blocks' text projections); the text
-encoder methods, STEREO, SFD and the attacks are refused before loading.
+ESD runs on FLUX (EraseAnything's setting: LoRA on the double-stream blocks' text projections), and few-shot
+erasing on its two text encoders (CLIP's pooled embedding, T5's tokens); AdvUnlearn, STEREO, SFD and the
+attacks are refused before loading.
 """
 
 from __future__ import annotations
@@ -83,10 +84,10 @@ class Flux(StableDiffusionFamily):
                        "scope": "attn", "lr": 1e-3, "steps": 200, "ddim_steps": 28, "sample_guidance": TRAIN_GUIDANCE,
                        "negative_guidance": 1.0}}  # fmt: skip
     preset_papers = {"esd": "eraseanything"}
+    lora_components = ("transformer", "text_encoder")  # FluxPipeline's LoRA file has no place for T5's adapters
     unsupported = {
         "advunlearn": "its adversarial prompts are CLIP text-encoder words; FLUX's prompt reaches the transformer "
         "through T5, which this version does not train",
-        "fewshot": "training FLUX's text encoders is not available in this version",
         "stereo": "its textual inversion is not available for FLUX's T5 encoder in this version",
         "sfd": "its one-step generator distils a UNet's noise prediction, not a rectified-flow transformer",
         "attacks": "the embedding attacks insert CLIP words; FLUX's T5 vocabulary is not supported in this version",
@@ -121,10 +122,23 @@ class Flux(StableDiffusionFamily):
     def vocabulary(self, model, tower):
         raise InputError(self.unsupported["attacks"])
 
+    def image_resolution(self, model) -> int:
+        """Training images' side: EraseAnything's 512 px, or the model's own size if smaller."""
+        return min(TRAIN_RESOLUTION, model.resolution)
+
     def latent_shape(self, model, batch: int) -> tuple[int, ...]:
-        """x_t's shape for training: EraseAnything's 512 px, or the model's own size if smaller."""
-        side = min(TRAIN_RESOLUTION, model.resolution) // model.pipe.vae_scale_factor
+        side = self.image_resolution(model) // model.pipe.vae_scale_factor
         return (batch, model.unet.config.in_channels // 4, side, side)
+
+    def scale_latents(self, model, latents):
+        config = model.vae.config
+        return (latents - config.shift_factor) * config.scaling_factor
+
+    def noised(self, model, x0, noise, t):
+        """Rectified flow: x_t = (1 - sigma) x0 + sigma noise at sigma = t / 1000; the transformer predicts the
+        velocity noise - x0."""
+        sigma = (t.to(x0.dtype) / model.scheduler.config.num_train_timesteps).view(-1, *[1] * (x0.dim() - 1))
+        return (1 - sigma) * x0 + sigma * noise, noise - x0
 
     def sampling_scheduler(self, model, steps: int, device):
         """The model's flow-matching scheduler, with FluxPipeline's shift for the training resolution."""

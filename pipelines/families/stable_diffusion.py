@@ -73,6 +73,22 @@ class StableDiffusionFamily(Family):
         config = model.unet.config
         return (batch, config.in_channels, config.sample_size, config.sample_size)
 
+    def image_resolution(self, model) -> int:
+        """The side of the images a method trains on (few-shot's real images are resized to it)."""
+        return model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+
+    def scale_latents(self, model, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's latents as the denoiser sees them."""
+        return latents * model.vae.config.scaling_factor
+
+    def noised(self, model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, what the denoiser should predict there): the model's forward process at timesteps `t` (eps, or v on
+        a v-prediction model)."""
+        scheduler = model.scheduler
+        noisy = scheduler.add_noise(x0, noise, t)
+        v = scheduler.config.prediction_type == "v_prediction"
+        return noisy, scheduler.get_velocity(x0, noise, t) if v else noise
+
     def sampling_scheduler(self, model, steps: int, device):
         """A fresh DDIM scheduler with the model's noise schedule, set to `steps` (the model's own is untouched):
         what `trajectory` walks."""
