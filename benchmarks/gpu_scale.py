@@ -1,7 +1,9 @@
-"""Real-size figures on one GPU, as JSON: a random-weight Stable Diffusion 1.x / 2.x / SDXL built offline from the
-shipped configs, then sampling, a few steps of each method, and a single-file round trip, through the toolkit.
+"""Real-size figures on one GPU, as JSON: a random-weight Stable Diffusion 1.x / 2.x / SDXL / FLUX.1 built offline
+from the shipped configs, then sampling, a few steps of each method, and a single-file round trip, through the
+toolkit.
 
     python benchmarks/gpu_scale.py --family sdxl [--methods esd,advunlearn] [--steps 4] [--batch 8]
+    python benchmarks/gpu_scale.py --family flux --methods esd --steps 4 --batch 2 --sample-steps 28
     python benchmarks/gpu_scale.py --family sd1 --tiny --device cpu     # the same code on toy components (CI)
 
 1. build: every component of `pipelines/configs/<family>` from its config (random weights, seeded, made on the
@@ -16,6 +18,9 @@ shipped configs, then sampling, a few steps of each method, and a single-file ro
    `from_single_file`: seconds, file size, and whether the UNet comes back bit for bit.
 
 The methods' weights are random, so what is timed is the computation, not a useful erasure. Time it alone.
+FLUX: bf16 instead of fp16 (FLUX overflows in fp16), ESD is its family preset (EraseAnything's LoRA) saved as
+`--save lora` (a full 12B transformer would not fit the disk twice), no single file, and the T5 tokenizer is a
+stand-in of the real length (its SentencePiece vocabulary is not shipped; the shapes are the same).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-CONFIGS = {"sd1": "sd-v1", "sd2": "sd-v2", "sdxl": "sdxl-base"}
+CONFIGS = {"sd1": "sd-v1", "sd2": "sd-v2", "sdxl": "sdxl-base", "flux": "flux-dev"}
 METHOD_SETTINGS = {  # a few steps of each paper's setting
     "esd": [],
     "advunlearn": ["warmup=0"],
@@ -64,7 +69,11 @@ def build_pipeline(family: str, device: str, seed: int):
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
             continue
         library, cls = spec
-        if name.startswith("tokenizer"):
+        if name.startswith("tokenizer") and cls.startswith("T5"):
+            from tests.conftest import tiny_t5_tokenizer
+
+            parts[name] = tiny_t5_tokenizer(json.loads((root / name / "tokenizer_config.json").read_text())["model_max_length"])
+        elif name.startswith("tokenizer"):
             parts[name] = _config_tokenizer(root / name) or clip_tokenizer()
         elif name == "scheduler":
             parts[name] = getattr(diffusers, cls).from_config(getattr(diffusers, cls).load_config(root / name))
@@ -84,10 +93,12 @@ def build_pipeline(family: str, device: str, seed: int):
 
 def build_tiny(family: str):
     """The tests' toy components of the family (the same code paths, seconds on a CPU)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from tests.conftest import tiny_components, tiny_sdxl_components
+    from tests.conftest import tiny_components, tiny_flux_components, tiny_sdxl_components
 
+    if family == "flux":
+        return FluxPipeline(**tiny_flux_components())
     if family == "sdxl":
         return StableDiffusionXLPipeline(**tiny_sdxl_components(second_width=24, second_layers=10))
     parts = tiny_components()
@@ -111,6 +122,10 @@ def measure_sampling(folder: Path, device: str, dtype, batch: int, steps: int, b
     sync(device)
     ours = len(prompts) / (time.perf_counter() - started)
     pipeline_class = model.pipe.__class__
+    size = {}  # FLUX: the toolkit draws at the model's resolution and T5 length; the plain pipeline the same
+    if pipeline_class.__name__ == "FluxPipeline":
+        size = {"height": model.resolution, "width": model.resolution,
+                "max_sequence_length": min(512, model.pipe.tokenizer_2.model_max_length)}  # fmt: skip
     del model
     _free(device)
 
@@ -119,7 +134,8 @@ def measure_sampling(folder: Path, device: str, dtype, batch: int, steps: int, b
 
     def draw(chunk):
         generators = [torch.Generator("cpu").manual_seed(0) for _ in chunk]
-        return pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
+        return pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                    **size).images  # fmt: skip
 
     draw(prompts[:batch])
     sync(device)
@@ -135,7 +151,8 @@ def measure_sampling(folder: Path, device: str, dtype, batch: int, steps: int, b
             "ratio": round(ours / plain, 3), "plain_class": pipeline_class.__name__}  # fmt: skip
 
 
-def measure_method(method: str, folder: Path, scratch: Path, device: str, steps: int, tiny: bool) -> dict:
+def measure_method(method: str, folder: Path, scratch: Path, device: str, steps: int, tiny: bool,
+                   save: str = "full") -> dict:  # fmt: skip
     from erasure.api import erase
     from erasure.registry import METHODS
 
@@ -156,7 +173,7 @@ def measure_method(method: str, folder: Path, scratch: Path, device: str, steps:
 
     run = erase(method, ["a cat"], str(folder), out=scratch / f"run-{method}", sets=sets, device=device,
                 mixed_precision="bf16" if device.startswith("cuda") else "no", checkpoint_every=10**6,
-                progress=False, after_step=after_step)  # fmt: skip
+                progress=False, after_step=after_step, save=save)  # fmt: skip
     total = time.perf_counter() - started
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     result = {"sets": sets, "steps_timed": len(gaps), "first_step_s": round(stamps[0] - started, 2) if stamps else None,
@@ -223,7 +240,9 @@ def main() -> None:
     parser.add_argument("--scratch", help="working folder (default: a temporary one, deleted at the end)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    half = torch.float16 if args.device.startswith("cuda") else torch.float32
+    half = torch.float32
+    if args.device.startswith("cuda"):
+        half = torch.bfloat16 if args.family == "flux" else torch.float16
 
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(args.scratch or tmp)
@@ -238,6 +257,8 @@ def main() -> None:
         report["parameters_m"] = {name: round(sum(p.numel() for p in part.parameters()) / 1e6)
                                   for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}  # fmt: skip
         pipe.to(dtype=half).save_pretrained(folder, safe_serialization=True)
+        if args.family == "flux" and args.tiny:  # the toy model draws 16-px images (FLUX.1's own: 1024)
+            (folder / "erasure_model.json").write_text(json.dumps({"sampling": {"resolution": 16}}))
         del pipe
         _free(args.device)
         report["build_s"] = round(time.perf_counter() - started, 1)
@@ -250,13 +271,15 @@ def main() -> None:
             report["erase"] = {}
             for method in filter(None, args.methods.split(",")):
                 try:
-                    report["erase"][method] = measure_method(method, folder, scratch, args.device, args.steps, args.tiny)
+                    save = "lora" if args.family == "flux" else "full"
+                    report["erase"][method] = measure_method(method, folder, scratch, args.device, args.steps,
+                                                             args.tiny, save)  # fmt: skip
                     runs.append(Path(report["erase"][method]["run"]))
                 except Exception as exc:  # one method's failure is a figure too; the others still run
                     report["erase"][method] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                 print(json.dumps({method: report["erase"][method]}), flush=True)
         usable = [r for r in runs if json.loads((r / "model_index.json").read_text())["_class_name"] != "OneStepPipeline"]
-        if "export" not in skip and usable:
+        if "export" not in skip and usable and args.family != "flux":
             report["single_file"] = measure_single_file(usable[0], folder, scratch, args.device)
         print(json.dumps(report, indent=2))
 

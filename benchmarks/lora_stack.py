@@ -19,7 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-METRICS = ("target_presence_judge", "preserved_accuracy", "preserved_accuracy_colour", "preserved_accuracy_style")
+# the judge's presence of each concept, and the accuracy of every head the judge reads on what must survive (the
+# head a concept lives on is `preserved_accuracy`: a digit's digits, a colour's colours; the others are suffixed)
+METRICS = ("target_presence_judge", "preserved_accuracy")
 
 
 def stacked(base_spec: str, runs: list[Path], strengths: list[float]):
@@ -37,7 +39,8 @@ def scores(model, base, concepts: list[str], seeds: int) -> dict:
     from evaluators.report import evaluate
 
     report = evaluate(model, base, concepts, samples=seeds, progress=False).report
-    return {side: {c: {m: round(report["concepts"][c]["metrics"][m][side], 4) for m in METRICS} for c in concepts}
+    metrics = {c: report["concepts"][c]["metrics"] for c in concepts}
+    return {side: {c: {m: round(v[side], 4) for m, v in metrics[c].items() if m.startswith(METRICS)} for c in concepts}
             for side in ("before", "after")}  # fmt: skip
 
 

@@ -13,6 +13,7 @@ instead gives the text-encoder variant AdvUnlearn compares with.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,7 +26,7 @@ from pipelines.errors import InputError
 from .common import (
     check_encoder_scope, concept_prompts, frozen_copy, select_trainable, validate_scope,
 )
-from .lora import LoraOptions, attach_lora, check_lora_components
+from .lora import LoraOptions, adapters_disabled, attach_lora, check_lora_components
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 
@@ -99,7 +100,9 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
 
     tower = family.text_tower(model)  # the text encoder(s), as one network
     trained = model.unet if config.component == "unet" else tower
-    original = frozen_copy(trained)
+    # The frozen original: a copy, or - when only adapters train - the same network with its adapters switched
+    # off (a second FLUX transformer would not fit beside the first).
+    original = trained if config.lora_rank else frozen_copy(trained)
     for module in (model.unet, tower, model.vae):
         module.requires_grad_(False)
     n_trainable = select_trainable(trained, config.component, config.scope)
@@ -111,7 +114,11 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
 
     scheduler = family.sampling_scheduler(model, config.ddim_steps, device)
     shape = family.latent_shape(model, config.batch_size)
-    with torch.no_grad():
+
+    def as_original():
+        return adapters_disabled(trained) if config.lora_rank else contextlib.nullcontext()
+
+    with torch.no_grad(), as_original():
         uncond_orig = model.encode([""], te_orig)
 
     optimizer = torch.optim.Adam(
@@ -128,7 +135,8 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
     def step_fn(step: int) -> dict[str, float]:
         prompt = random.choice(prompts)
         with torch.no_grad():
-            cond_orig = model.encode([prompt], te_orig)
+            with as_original():
+                cond_orig = model.encode([prompt], te_orig)
             # x_t comes from the model being erased, as in ESD: the concept is sampled as it is now.
             cond_now = model.encode([prompt]) if config.component == "text_encoder" else cond_orig
             uncond_now = model.encode([""]) if config.component == "text_encoder" else uncond_orig
@@ -138,8 +146,9 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
                 model.unet, scheduler, cond_now, uncond_now, stop, config.sample_guidance, noise
             )
             t = run.shard(torch.randint(t_lo, t_hi, (config.batch_size,), device=device))
-            eps_empty = family.denoise(unet_orig, x_t, t, uncond_orig.expand(len(x_t), -1, -1))
-            eps_concept = family.denoise(unet_orig, x_t, t, cond_orig.expand(len(x_t), -1, -1))
+            with as_original():
+                eps_empty = family.denoise(unet_orig, x_t, t, uncond_orig.expand(len(x_t), -1, -1))
+                eps_concept = family.denoise(unet_orig, x_t, t, cond_orig.expand(len(x_t), -1, -1))
             target = esd_target(eps_empty, eps_concept, config.negative_guidance)
         cond_train = model.encode([prompt], encoder_train) if config.component == "text_encoder" else cond_orig
         eps = family.denoise(unet_train, x_t, t, cond_train.expand(len(x_t), -1, -1))

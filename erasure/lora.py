@@ -12,6 +12,7 @@ model. `--save lora` keeps the adapters alone (the base lends every component, a
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,22 @@ def attach_lora(module: torch.nn.Module, config: LoraOptions, seed: int) -> int:
         param.requires_grad_(".lora_" in name)
         count += param.numel() if param.requires_grad else 0
     return count
+
+
+@contextmanager
+def adapters_disabled(module: torch.nn.Module):
+    """`module` computing as its base weights, the adapters switched off (and frozen) while inside: the original
+    model of a loss, without a copy of the network."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield module
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def has_lora(module: torch.nn.Module) -> bool:

@@ -27,6 +27,7 @@ def _script():
     ("sd1", "StableDiffusionPipeline", {"unet": 860, "text_encoder": 123, "vae": 84}),
     ("sd2", "StableDiffusionPipeline", {"unet": 866, "text_encoder": 340, "vae": 84}),
     ("sdxl", "StableDiffusionXLPipeline", {"unet": 2567, "text_encoder": 123, "text_encoder_2": 695, "vae": 84}),
+    ("flux", "FluxPipeline", {"transformer": 11901, "text_encoder": 123, "text_encoder_2": 4762, "vae": 84}),
 ])  # fmt: skip
 def test_the_script_builds_each_family_at_its_real_size(family, pipeline, millions):
     pipe = _script().build_pipeline(family, "meta", seed=0)  # shapes only: no memory, no time
@@ -48,3 +49,19 @@ def test_the_script_runs_end_to_end_on_a_tiny_sdxl(tmp_path):
     for method in ("esd", "advunlearn"):
         assert report["erase"][method]["steps_timed"] == 2 and report["erase"][method]["s_per_step_median"] > 0
     assert report["single_file"]["unet_bit_identical"] is True
+
+
+@pytest.mark.slow
+def test_the_script_runs_end_to_end_on_a_tiny_flux(tmp_path):
+    """FLUX: sampling against plain `FluxPipeline` at the same size and T5 length, and the family's ESD preset (a
+    LoRA, kept as `--save lora`)."""
+    command = [sys.executable, str(SCRIPT), "--family", "flux", "--tiny", "--device", "cpu", "--methods", "esd",
+               "--steps", "3", "--batch", "2", "--sample-steps", "2", "--scratch", str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout[done.stdout.rindex("\n{\n") + 1 :])
+    assert report["sample"]["plain_class"] == "FluxPipeline" and report["sample"]["toolkit_images_per_s"] > 0
+    assert report["erase"]["esd"]["steps_timed"] == 2 and "single_file" not in report
+    run = Path(report["erase"]["esd"]["run"])
+    assert json.loads((run / "erasure.json").read_text())["lora"]["rank"] == 8 and not (run / "transformer").exists()
