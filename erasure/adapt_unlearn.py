@@ -299,7 +299,7 @@ def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dic
             return config.weight * repulsion(distance["d"], config.repulsion, config.alpha)
 
         logs = adversarial_step(loop, real, step, settings, term, critic)
-        return {**logs, "distance": distance["d"].item()}
+        return {**logs, "distance": distance["d"].detach()}
 
     return loop.fit(step_fn, config.steps)
 

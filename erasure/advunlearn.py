@@ -220,12 +220,12 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
         x_t, t = sample_x_t(cond_orig, config.batch_size, rows)
         eps_empty = family.denoise(unet, x_t, t, uncond_orig.expand(len(x_t), -1, -1))
         eps_concept = family.denoise(unet, x_t, t, cond_orig.expand(len(x_t), -1, -1))
-        return torch.tensor(index, device=device), x_t, t, eps_empty, eps_concept
+        return torch.tensor(index), x_t, t, eps_empty, eps_concept  # indices stay on the host: no device read
 
     @torch.no_grad()
     def draw_retain(rows):
         """One iteration's retain batch: prompt indices, x_t, t and the frozen model's prediction."""
-        kept = rows(torch.tensor(random.sample(range(len(retain)), n_retain), device=device))
+        kept = rows(torch.tensor(random.sample(range(len(retain)), n_retain)))
         retain_orig = model.encode([retain[i] for i in kept.tolist()], encoder_orig)
         x_r, t_r = sample_x_t(retain_orig, n_retain, rows)
         return kept, x_r, t_r, family.denoise(unet, x_r, t_r, retain_orig)
@@ -278,7 +278,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
             utility = F.mse_loss(eps_retain, eps_retain_orig)
         with timer("backward and update"):
             loop.update("text_encoder", unlearn + config.retain_weight * utility)
-        return {"unlearn": unlearn.item(), "retain": utility.item()}
+        return {"unlearn": unlearn.detach(), "retain": utility.detach()}
 
     logs = loop.fit(step_fn, config.steps)
     encoder.eval()

@@ -154,7 +154,7 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
         eps = family.denoise(unet_train, x_t, t, cond_train.expand(len(x_t), -1, -1))
         loss = F.mse_loss(eps, target)
         loop.update(config.component, loss)
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     logs = loop.fit(step_fn, config.steps)
     trained.eval()

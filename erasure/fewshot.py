@@ -263,13 +263,13 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), device=device)
         x0, noise, t = run.shard(x0), run.shard(noise), run.shard(t)
         mse = denoising_loss(model, x0, model.encode(prompts, encoder_train), noise, t)
-        logs = {"denoising_mse": mse.item()}
+        logs = {"denoising_mse": mse.detach()}
         loss = -mse  # gradient ascent
         if retain:
             kept = run.shard(torch.tensor(random.sample(range(len(retain)), min(config.retain_batch, len(retain)))))
             drift = F.mse_loss(model.encode([retain[i] for i in kept.tolist()], encoder_train), retain_targets[kept])
             loss = loss + config.retain_weight * drift
-            logs["retain_drift"] = drift.item()
+            logs["retain_drift"] = drift.detach()
         loop.update("text_encoder", loss)
         if index == per_epoch - 1 and config.stop_below is not None:
             presence = presence_check(model, config.stop_samples, steps=config.stop_steps)

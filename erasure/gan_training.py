@@ -134,15 +134,15 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
     if critic is not None:
         loss_head = logistic(lambda x: critic(x)[0], fake, real)
         loop.update("clip_head", loss_head)
-        logs["clip"] = loss_head.item()
+        logs["clip"] = loss_head.detach()
     loss_d = logistic(discriminator, fake, real)
-    logs["d"] = loss_d.item()
+    logs["d"] = loss_d.detach()
     if settings.r1 > 0 and step % settings.r1_every == 0:
         real = real.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(discriminator(noisy(real)).sum(), real, create_graph=True)
         r1 = grad.pow(2).sum([1, 2, 3]).mean()
         loss_d = loss_d + settings.r1 / 2 * r1 * settings.r1_every
-        logs["r1"] = r1.item()
+        logs["r1"] = r1.detach()
     loop.update("discriminator", loss_d)
 
     critics = [discriminator] + ([critic.head] if critic is not None else [])
@@ -155,10 +155,10 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
     if critic is not None:
         critic_logits, pooled = critic(fake)
         loss_g = loss_g + F.softplus(-critic_logits).mean()
-    logs["g"] = loss_g.item()
+    logs["g"] = loss_g.detach()
     if generator_term is not None:
         term = generator_term(images, pooled)
-        logs["term"] = term.item()
+        logs["term"] = term.detach()
         loss_g = loss_g + term
     loop.update("generator", loss_g)
     for module in critics:

@@ -250,7 +250,7 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         forget_loss = per_sample[local_remain:].mean() if n_forget else torch.zeros((), device=device)
         loop.update("generator", remain_loss + config.forget_weight * forget_loss)
         ema.update(generator)
-        return {"fake": fake_loss.item(), "remain": remain_loss.item(), "forget": forget_loss.item()}
+        return {"fake": fake_loss.detach(), "remain": remain_loss.detach(), "forget": forget_loss.detach()}
 
     logs = loop.fit(step_fn, config.steps)
     ema.copy_to(generator)

@@ -230,7 +230,7 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
                     target = eps_empty - config.search_guidance * (eps_concept - eps_empty)
                 loss = F.mse_loss(family.denoise(student, x_t, t, cond.expand(len(x_t), -1, -1)), target)
                 loop.update("unet", loss)
-                return {"erase": loss.item()}
+                return {"erase": loss.detach()}
 
             loop.fit(search_step, config.search_steps)
             searcher.eval()
@@ -307,11 +307,11 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
             eps_erased = [family.denoise(original, x_t, t, expand(c)) for c in conds]
             target = compositional_target(eps_empty, eps_anchor, eps_erased, config.guidance_scale)
         loss = F.mse_loss(family.denoise(student, x_t, t, cond.expand(len(x_t), -1, -1)), target)
-        logs = {"erase": loss.item()}
+        logs = {"erase": loss.detach()}
         if config.attack_tokens:
             adversarial = F.mse_loss(family.denoise(student, x_t, t, adversarial_condition(x_t, t)), target)
             loss = loss + adversarial
-            logs["adversarial"] = adversarial.item()
+            logs["adversarial"] = adversarial.detach()
         if config.retain_weight:
             rows = run.shard(torch.randint(len(retain_latents), (config.retain_batch,), device=device))
             noise = run.shard(torch.randn((config.retain_batch, *latent_shape), device=device))
@@ -322,7 +322,7 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
                 kept = family.denoise(original, x_r, t_r, retain_conds[rows])
             drift = F.mse_loss(family.denoise(student, x_r, t_r, retain_conds[rows]), kept)
             loss = loss + config.retain_weight * drift
-            logs["retain"] = drift.item()
+            logs["retain"] = drift.detach()
         loop.update("unet", loss)
         return logs
 
@@ -354,7 +354,7 @@ def invert(model, unet, latents: torch.Tensor, contexts: list[str], init: torch.
         cond = model.family.encode_inserted(model, encoder, ids[rows], loop.modules["word"]())
         loss = denoising_loss(model, latents[rows], cond, noise, t, unet)
         loop.update("word", loss)
-        return {"denoising": loss.item()}
+        return {"denoising": loss.detach()}
 
     loop.fit(step_fn, config.inversion_steps)
     return word.vector.detach().clone()

@@ -180,7 +180,7 @@ def mapper_direction(generator, clip, concept_prompts: list[str], config: TextTo
             image = clip.image_features(_unit(generator.synthesis(edited, noise)))
             loss = (1 - image @ target).mean() + config.mapper_l2 * (edited - w).pow(2).mean()
             loop.update("mapper", loss)
-            return {"mapper": loss.item()}
+            return {"mapper": loss.detach()}
 
         loop.fit(step_fn, config.mapper_steps)
         with torch.no_grad():
@@ -359,7 +359,7 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
                     features[has[:, k]], moved, direction.to(device), None if floors is None else floors[k]
                 )
                 loss = loss + weight * config.direction_weight * term + weight * config.push_weight * push
-                logs[f"dir_{k}"], logs[f"push_{k}"] = weight * term.item(), weight * push.item()
+                logs[f"dir_{k}"], logs[f"push_{k}"] = weight * term.detach(), weight * push.detach()
         keep = ~has.any(1)
         logs |= {"keep_pixel": 0.0, "keep_clip": 0.0}
         if keep.any():
@@ -367,7 +367,7 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
             pixel = F.mse_loss(images[keep], frozen_images[keep])
             clip_distance = (1 - (features[keep] * frozen_features[keep]).sum(-1)).mean()
             loss = loss + weight * config.preserve_pixel * pixel + weight * config.preserve_clip * clip_distance
-            logs |= {"keep_pixel": weight * pixel.item(), "keep_clip": weight * clip_distance.item()}
+            logs |= {"keep_pixel": weight * pixel.detach(), "keep_clip": weight * clip_distance.detach()}
         loop.update("generator", loss)
         return logs
 

@@ -9,6 +9,11 @@ method's live losses, `after_step`, periodic checkpoints of every network, optim
 stream and piece of method state, and resuming from the last checkpoint, so that an interrupted
 and resumed run ends bit-identical to an uninterrupted one.
 
+A step function returns its losses as detached tensors (floats are accepted too). Reading a value
+on the host waits for the device, so on a GPU the loop reads them only every `run.sync_every`
+steps, at checkpoints and at the end: once, for all the steps since the last read, together with
+the finiteness of the weights. On the CPU it reads every step, which costs nothing there.
+
 Several processes (`accelerate launch` / `torchrun`) run the same code with the same seed, so
 every process draws the same random numbers; a method draws its *global* batch and keeps its own
 rows with `run.shard(...)`. Gradients are averaged across processes, which makes a run on N
@@ -46,6 +51,7 @@ class RunContext:
     progress: bool = True
     after_step: Callable[[int, int, dict], None] | None = None  # (step, total, logs), e.g. the UI's progress
     fingerprint: dict = field(default_factory=dict)  # what determines the result (erasure.api.run_fingerprint)
+    sync_every: int | None = None  # steps between host reads of the losses; None: 1 on CPU, 25 on a GPU
     _accelerator: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +72,13 @@ class RunContext:
             cpu = not self.device.startswith("cuda")
             self._accelerator = Accelerator(cpu=cpu, mixed_precision=self.mixed_precision)
         return self._accelerator
+
+    @property
+    def steps_between_syncs(self) -> int:
+        if self.sync_every is not None:
+            return max(1, self.sync_every)
+        # The UI's progress wants every step; on a CPU a read is free.
+        return 1 if self.after_step is not None or self.torch_device.type == "cpu" else 25
 
     @property
     def torch_device(self) -> torch.device:
@@ -251,32 +264,39 @@ class TrainingLoop:
         """End `fit` after the current step (a method's stopping rule); the run counts as finished."""
         self._stop_requested = True
 
-    def fit(self, step_fn: Callable[[int], dict[str, float]], steps: int) -> dict[str, float]:
+    def fit(self, step_fn: Callable[[int], dict], steps: int) -> dict[str, float]:
         """Run steps `0..steps-1` of `step_fn(step) -> logs` (resuming where a checkpoint left off);
-        returns the logs of the last step, averaged over the processes."""
+        returns the logs of the last step as floats, averaged over the processes."""
         from tqdm.auto import tqdm
 
         run, accelerator = self.run, self.run.accelerator
         if run.seed is not None:
             run.seed_everything()
         start = self._resume() if run.resume else 0
-        logs: dict[str, float] = {}
         bar = tqdm(
             range(start, steps), initial=start, total=steps, desc=self.desc, unit="step",
             disable=not (run.progress and run.is_main),
         )  # fmt: skip
+        every = run.steps_between_syncs
+        pending: list[tuple[int, dict]] = []  # (step, logs) not yet read on the host
+        logs: dict[str, float] = {}
         last_finite: dict[str, float] = {}
         for step in bar:
             with accelerator.autocast():
-                logs = step_fn(step)
-            logs = self._mean_over_processes(logs)
-            self._check_finite(step + 1, logs, last_finite)
-            last_finite = logs
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+                pending.append((step + 1, step_fn(step)))
             done = step + 1
-            if run.checkpoint_dir is not None and run.checkpoint_every > 0 and done % run.checkpoint_every == 0:
-                if done < steps and run.is_main:
-                    self.save_checkpoint(run.checkpoint_dir, done)
+            checkpoint = (
+                run.checkpoint_dir is not None and run.checkpoint_every > 0
+                and done % run.checkpoint_every == 0 and done < steps
+            )  # fmt: skip
+            last = done == steps or self._stop_requested
+            if checkpoint or last or done % every == 0:
+                last_finite = self._check(self._read(pending), done, last_finite)
+                logs = last_finite
+                pending = []
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+            if checkpoint and run.is_main:
+                self.save_checkpoint(run.checkpoint_dir, done)
             if run.after_step is not None:
                 run.after_step(done, steps, logs)
             if self._stop_requested:
@@ -284,25 +304,44 @@ class TrainingLoop:
         bar.close()
         return logs
 
-    def _check_finite(self, step: int, logs: dict[str, float], last_finite: dict[str, float]) -> None:
-        """Stop at the first non-finite loss or weight, before it reaches a checkpoint or the run folder."""
-        bad = [f"{k} = {v}" for k, v in logs.items() if not math.isfinite(v)]
+    def _read(self, pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, float]]]:
+        """The pending steps' losses as floats, averaged over the processes: one host read for all."""
+        if not pending or not any(logs for _, logs in pending):
+            return [(step, {}) for step, _ in pending]
+        device = self.run.torch_device
+        flat = [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                for _, logs in pending for v in logs.values()]  # fmt: skip
+        values = torch.stack(flat)
+        if self.run.num_processes > 1:
+            values = self.run.accelerator.reduce(values, "mean")
+        values = iter(values.tolist())
+        return [(step, {k: next(values) for k in logs}) for step, logs in pending]
+
+    def _check(self, read: list[tuple[int, dict[str, float]]], step: int, last_finite: dict[str, float]) -> dict:
+        """Stop at the first non-finite loss or weight, before it reaches a checkpoint or the run folder;
+        returns the last step's losses. Weights are checked where they are read, at `step`."""
+        bad: list[str] = []
+        for synced_step, logs in read:
+            bad = [f"{k} = {v}" for k, v in logs.items() if not math.isfinite(v)]
+            if bad:
+                step = synced_step
+                break
+            last_finite = logs
         for name, module in self.modules.items():
-            if any(not torch.isfinite(p).all() for p in trainable_parameters(module).values()):
+            weights = list(trainable_parameters(module).values())
+            if weights and not torch.stack([torch.isfinite(p).all() for p in weights]).all():
                 bad.append(f"weights of the {name} are not finite")
         if bad:
-            before = ", ".join(f"{k} = {v:.4g}" for k, v in last_finite.items()) or "none yet"
-            raise InputError(
-                f"training diverged at step {step}: {'; '.join(bad)} (last finite losses: {before}); "
-                "lower the learning rate or check the settings"
-            )
+            self._diverged(step, bad, last_finite)
+        return last_finite
 
-    def _mean_over_processes(self, logs: dict[str, float]) -> dict[str, float]:
-        if self.run.num_processes == 1 or not logs:
-            return logs
-        values = torch.tensor(list(logs.values()), dtype=torch.float64, device=self.run.torch_device)
-        values = self.run.accelerator.reduce(values, "mean")
-        return dict(zip(logs, values.tolist()))
+    @staticmethod
+    def _diverged(step: int, bad: list[str], last_finite: dict[str, float]) -> None:
+        before = ", ".join(f"{k} = {v:.4g}" for k, v in last_finite.items()) or "none yet"
+        raise InputError(
+            f"training diverged at step {step}: {'; '.join(bad)} (last finite losses: {before}); "
+            "lower the learning rate or check the settings"
+        )
 
     def save_checkpoint(self, path: Path, step: int) -> None:
         unwrap = self.run.accelerator.unwrap_model

@@ -135,3 +135,23 @@ def test_a_diverging_run_stops_at_the_step_it_diverges_and_leaves_no_run_folder(
         esd_erase(model, ["cat"], build_config("esd", "sd1", parse_sets(QUICK)), run)
     saved = load_checkpoint(tmp_path / "ckpt")
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["networks"]["unet"].values())
+
+
+def test_losses_read_every_few_steps_change_nothing_and_still_catch_the_diverging_step(tiny_pipeline_dir):
+    # on a GPU the loop reads losses on the host every `sync_every` steps; forced here on the CPU
+    from erasure.config import build_config, parse_sets
+    from erasure.esd import erase as esd_erase
+    from erasure.training import RunContext
+
+    def trained(sync_every, sets=QUICK):
+        model = load_model(str(tiny_pipeline_dir))
+        result = esd_erase(model, ["cat"], build_config("esd", "sd1", parse_sets(sets)),
+                           RunContext(seed=0, progress=False, sync_every=sync_every))  # fmt: skip
+        return model.unet.state_dict(), result
+
+    (every_step, a), (every_third, b) = trained(1), trained(3)
+    assert all(torch.equal(every_step[k], every_third[k]) for k in every_step)
+    assert a.logs == b.logs and set(a.logs) == {"loss"}
+    # the overflow happens at step 1; it is read at step 3 and reported at the step it happened
+    with pytest.raises(InputError, match="training diverged at step 1: loss = (inf|nan)"):
+        trained(3, QUICK + ["negative_guidance=1e38"])
