@@ -154,8 +154,9 @@ def _check_attack(attack: str, source, prompts: int | None, seeds: int, steps: i
         raise InputError(f"unknown --attack {attack!r}; available: {', '.join(ATTACKS)}")
     if source.kind not in ("text-to-image", "one-step"):
         raise InputError(f"--attack needs a prompted model; {source.spec} is a {source.kind} model")
-    if "attacks" in source.family.unsupported:
-        raise InputError(f"--attack on {source.family.name} models: {source.family.unsupported['attacks']}")
+    why = source.family.unsupported.get(f"attack:{attack}")
+    if why is not None:
+        raise InputError(f"--attack {attack} on {source.family.name} models: {why}")
     if attack == "textual-inversion" and source.kind == "one-step":
         raise InputError("--attack textual-inversion learns a word with the denoising loss, which a one-step "
                          "generator has not; use embedding or unlearndiffatk")  # fmt: skip

@@ -46,22 +46,26 @@ def _reference_latents(model, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), vae_precision(model.vae, getattr(model, "upcast_vae", False)) as vae:
         for chunk in images.split(8):  # SD's VAE encoder at 512 px: a few images at a time
             pixels = chunk.to(model.device, vae.dtype) * 2 - 1
-            latents.append(vae.encode(pixels).latent_dist.mean.float() * vae.config.scaling_factor)
+            latents.append(model.family.scale_latents(model, vae.encode(pixels).latent_dist.mean.float()))
     return torch.cat(latents)
 
 
-def denoising_loss(model, alphas: torch.Tensor, z_ref: torch.Tensor, cond: torch.Tensor, timesteps: tuple[int, int],
-                   g: torch.Generator) -> torch.Tensor:  # fmt: skip
+def denoising_loss(model, alphas: torch.Tensor | None, z_ref: torch.Tensor, cond: torch.Tensor,
+                   timesteps: tuple[int, int], g: torch.Generator) -> torch.Tensor:  # fmt: skip
     """The erased model as a diffusion classifier: how well it denoises the reference latents under `cond`
-    (its prediction against the noise, or against v for a v-prediction model)."""
+    (its prediction against the noise, or against v for a v-prediction model; for a flow-matching model,
+    `alphas` None, its velocity against the family's)."""
     device = z_ref.device
     t = torch.randint(*timesteps, (len(z_ref),), generator=g).to(device)
     noise = torch.randn(z_ref.shape, generator=g).to(device)
-    a = alphas[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * z_ref + (1 - a).sqrt() * noise
-    wanted = noise
-    if model.scheduler.config.prediction_type == "v_prediction":
-        wanted = a.sqrt() * noise - (1 - a).sqrt() * z_ref
+    if alphas is None:
+        x_t, wanted = model.family.noised(model, z_ref, noise, t)
+    else:
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * z_ref + (1 - a).sqrt() * noise
+        wanted = noise
+        if model.scheduler.config.prediction_type == "v_prediction":
+            wanted = a.sqrt() * noise - (1 - a).sqrt() * z_ref
     dtype = model.unet.dtype  # a half-precision model denoises in its precision; the loss is taken in float32
     return F.mse_loss(model.family.denoise(model.unet, x_t.to(dtype), t, cond.to(dtype)).float(), wanted)
 
@@ -83,7 +87,7 @@ class AttackTarget:
     tower: torch.nn.Module  # the erased model's text encoder(s), frozen: where the attack's words go in
     z_ref: torch.Tensor
     present: torch.Tensor  # bool [pairs], on the CPU
-    alphas: torch.Tensor
+    alphas: torch.Tensor | None  # the noise schedule's; None for a flow-matching model
     z_seeds: torch.Tensor | None  # a one-step generator's noise for each pair's seed, else None
 
     @classmethod
@@ -96,10 +100,11 @@ class AttackTarget:
         tower.requires_grad_(False)
         erased.unet.requires_grad_(False)
         one_step = erased.kind == "one-step"
+        alphas = getattr(erased.scheduler, "alphas_cumprod", None)
         return cls(
             erased, pairs, erased.tokenize([p for p, _ in pairs]), tower, z_ref,
             judge.detects(plain, concept).bool().cpu(),
-            erased.scheduler.alphas_cumprod.to(erased.device),
+            None if alphas is None else alphas.to(erased.device),
             seed_noise([s for _, s in pairs], z_ref.shape[1:], erased.device) if one_step else None,
         )  # fmt: skip
 
@@ -139,13 +144,18 @@ def attack_success_rate(
     g = torch.Generator().manual_seed(settings.seed)
     with torch.no_grad():
         vocab = erased.family.vocabulary(erased, target.tower)
-        rms = vocab.pow(2).mean().sqrt()
         start = vocab[torch.randint(len(vocab), (len(pairs), settings.tokens), generator=g).to(device)]
-    adv = start.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([adv], lr=settings.lr * float(rms))
+    # each part of a word (one per encoder whose embeddings differ in scale) steps in units of its own RMS
+    widths = erased.family.word_parts(erased) or (vocab.shape[-1],)
+    parts = [part.clone().requires_grad_(True) for part in start.split(widths, dim=-1)]
+    optimizer = torch.optim.Adam([
+        {"params": [part], "lr": settings.lr * float(rows.pow(2).mean().sqrt())}
+        for part, rows in zip(parts, vocab.split(widths, dim=-1))
+    ])  # fmt: skip
     one_step = target.z_seeds is not None
     losses = []
     for _ in tqdm(range(settings.steps), desc=f"attack {concept}", disable=not progress):
+        adv = torch.cat(parts, dim=-1)
         loss = target.loss(target.encode(slice(None), adv), slice(None), settings.timesteps, g)
         losses.append(float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
@@ -153,7 +163,7 @@ def attack_success_rate(
         optimizer.step()
 
     with torch.no_grad():
-        embeds = target.encode(slice(None), adv.detach())
+        embeds = target.encode(slice(None), torch.cat(parts, dim=-1))
     attacked = to_tensor(erased.generate_each(embeds, [s for _, s in pairs]))
     after = judge.detects(attacked, concept).bool().cpu()
     success = before | after

@@ -4,7 +4,8 @@ Both AdvUnlearn's inner attack and the robustness evaluator optimise `k` free em
 right after the start token: `[<start>, adv_1..adv_k, concept tokens..., <end>, pad...]`. The
 sequence keeps the tokenizer's length (the last `k` positions, padding, are dropped), so the
 result can replace `text_encoder(input_ids)[0]` anywhere. SDXL's two encoders run as one module
-(`SDXLTextTower`), a free word entering each with its part of a [D1 + D2] vector.
+(`SDXLTextTower`), a free word entering each with its part of a [D1 + D2] vector; FLUX's CLIP and T5 likewise
+(`FluxTextTower`), the T5 part at the front of T5's sequence, which has no start token.
 """
 
 from __future__ import annotations
@@ -121,7 +122,20 @@ class FluxTextTower(torch.nn.Module):
     def named_encoders(self) -> dict[str, torch.nn.Module]:
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pooled = self.text_encoder(ids[:, : self.first_length], output_hidden_states=False).pooler_output
-        tokens = self.text_encoder_2(ids[:, self.first_length :], output_hidden_states=False)[0]
-        return tokens, pooled
+    def forward(self, ids: torch.Tensor, inserted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5's tokens [B, L, D2], CLIP's pooled [B, D1]); `inserted` ([B or 1, k, D1 + D2]): free words, each
+        entering CLIP after its start token and T5 at the front (T5 has no start token)."""
+        ids_1, ids_2 = ids[:, : self.first_length], ids[:, self.first_length :]
+        if inserted is None or not inserted.shape[1]:
+            pooled = self.text_encoder(ids_1, output_hidden_states=False).pooler_output
+            return self.text_encoder_2(ids_2, output_hidden_states=False)[0], pooled
+        k, width = inserted.shape[1], self.text_encoder.config.hidden_size
+        last = encode_word_embeddings(
+            self.text_encoder, insert_after_start(token_embeddings(self.text_encoder, ids_1), inserted[..., :width]))
+        # CLIPTextModel pools its end token, which moved k places on (the last place, for a prompt that filled it)
+        ends = (end_positions(self.text_encoder, ids_1) + k).clamp(max=ids_1.shape[1] - 1)
+        pooled = last[torch.arange(len(last), device=last.device), ends]
+        words = self.text_encoder_2.get_input_embeddings()(ids_2)
+        t5_words = inserted[..., width:].to(words.dtype).expand(len(words), -1, -1)
+        words = torch.cat([t5_words, words[:, : words.shape[1] - k]], dim=1)
+        return self.text_encoder_2(inputs_embeds=words, output_hidden_states=False)[0], pooled

@@ -1,8 +1,8 @@
 """The flux family on a tiny real `FluxPipeline` (a FluxTransformer2DModel of one double- and one single-stream
 block, a CLIP text encoder for the pooled embedding, a T5 encoder with a real T5 tokenizer, a 4-channel VAE):
 detection, the packed conditioning against the pipeline's `encode_prompt`, sampling against plain diffusers,
-ESD as a LoRA on the transformer (EraseAnything's preset) loading in plain diffusers, eval, export, and the
-refusals of what FLUX cannot take."""
+ESD as a LoRA on the transformer (EraseAnything's preset) loading in plain diffusers, eval, the embedding attack
+through both encoders, export, and the refusals of what FLUX cannot take."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from erasure.api import erase
 from pipelines import load_model
 from pipelines.errors import InputError
 
-from .conftest import tiny_flux_components
+from .conftest import NeverSees, tiny_flux_components
 
 T5_LENGTH = 12  # the tiny T5 tokenizer's length (FluxPipeline's default, 512, is the real T5's)
 QUICK = ["steps=3", "ddim_steps=4", "batch_size=2", "lr=0.1"]
@@ -119,8 +119,48 @@ def test_a_flux_run_is_evaluated_and_exported(tiny_flux_dir, tiny_open_clip, tmp
     with pytest.raises(InputError, match="kohya"):
         export_run(run, "someone/flux-kohya", local_dir=tmp_path / "kohya", lora_format="kohya")
     assert not (tmp_path / "kohya").exists()
-    with pytest.raises(InputError, match="--attack on flux"):
-        run_eval(str(run), attack="embedding", samples=1, clip=tiny_open_clip, progress=False)
+    for attack in ("unlearndiffatk", "textual-inversion"):  # one tokenizer's words; no T5 inversion yet
+        with pytest.raises(InputError, match=f"--attack {attack} on flux models"):
+            run_eval(str(run), attack=attack, samples=1, clip=tiny_open_clip, progress=False)
+    attacked = run_eval(str(run), attack="embedding", samples=1, clip=tiny_open_clip, attack_prompts=1, attack_seeds=2,
+                        attack_steps=2, json_path=tmp_path / "attacked.json", progress=False)  # fmt: skip
+    result = json.loads(attacked.read_text())["concepts"]["cat"]["attack"]
+    assert result["attack"] == "embedding" and result["pairs"] == 2 and 0 <= result["asr"] <= 1
+
+
+def test_a_word_inserted_in_both_flux_encoders_encodes_as_the_prompt_that_holds_it(tiny_flux_dir):
+    model = load_model(str(tiny_flux_dir))
+    family, tower = model.family, model.family.text_tower(model)
+    vocab = family.vocabulary(model, tower)
+    assert vocab.shape == (len(model.tokenizer), 16 + 24) and family.word_parts(model) == (16, 24)
+    seven = model.tokenizer("seven", add_special_tokens=False).input_ids
+    # the word's T5 half is T5's own "seven": a word in both vocabularies
+    assert model.pipe.tokenizer_2.convert_ids_to_tokens(family.t5_ids_of_clip_tokens(model)[seven].tolist()) == [
+        "\u2581seven"]
+    with torch.no_grad():
+        inserted = family.encode_inserted(model, tower, model.tokenize(["a photo", "a red cat"]), vocab[seven][None])
+        plain = model.encode(["seven a photo", "seven a red cat"])
+        nothing = family.encode_inserted(model, tower, model.tokenize(["a photo"]), vocab[:0][None])
+        unchanged = model.encode(["a photo"])  # (T5 differs in the last bit with and without autograd)
+    # CLIP's word after its start token and its pooled end token one place on; T5's word in front
+    assert torch.allclose(inserted, plain, atol=1e-6)
+    assert torch.equal(nothing, unchanged)
+
+
+def test_the_embedding_attack_reaches_into_both_flux_encoders(tiny_flux_dir):
+    from evaluators.attack import AttackSettings, AttackTarget, attack_success_rate
+
+    model = load_model(str(tiny_flux_dir))
+    prompts, seeds = ["a cat", "a photo of a cat"], [0, 1]
+    target = AttackTarget.of(model, model, NeverSees(), "cat", prompts, seeds)
+    assert target.alphas is None  # a flow-matching model: the velocity loss
+    words = model.family.vocabulary(model, target.tower)[torch.tensor([[5, 6, 7]] * 4)].requires_grad_(True)
+    target.loss(target.encode(slice(None), words), slice(None), (400, 600), torch.Generator().manual_seed(0)).backward()
+    assert words.grad[..., :16].abs().sum() > 0 and words.grad[..., 16:].abs().sum() > 0
+    out = attack_success_rate(model, model, NeverSees(), "cat", prompts, seeds, AttackSettings(steps=20, lr=0.5))
+    assert out["pairs"] == 4 and len(out["attacked_images"]) == 4
+    # the diffusion-classifier loss the attack minimises goes down
+    assert out["loss"]["last"] < out["loss"]["first"]
 
 
 def _fewshot_sets(images: Path, *extra: str) -> list[str]:

@@ -78,7 +78,7 @@ class Family:
     preset_papers: ClassVar[dict[str, str]] = {}
     # the components the family's diffusers LoRA file can hold (None: every one a method trains)
     lora_components: ClassVar[tuple[str, ...] | None] = None
-    # method key (or "attacks", for `eval --attack`) -> why this family's models cannot take it, refused
+    # method key (or "attack:NAME", for `eval --attack NAME`) -> why this family's models cannot take it, refused
     # before anything loads
     unsupported: ClassVar[dict[str, str]] = {}
 

@@ -7,9 +7,9 @@ classifier-free pass). So that methods hold one conditioning tensor, this family
 and the pooled CLIP embedding into [B, L + 1, D] (the last row carries the pooled embedding, zero-padded), as
 the SDXL family does; latents stay [B, C, H, W] outside `denoise`, which packs them for the transformer.
 
-ESD runs on FLUX (EraseAnything's setting: LoRA on the double-stream blocks' text projections), and few-shot
-erasing on its two text encoders (CLIP's pooled embedding, T5's tokens); AdvUnlearn, STEREO, SFD and the
-attacks are refused before loading.
+ESD runs on FLUX (EraseAnything's setting: LoRA on the double-stream blocks' text projections), few-shot
+erasing on its two text encoders (CLIP's pooled embedding, T5's tokens), and the embedding attack on both
+encoders at once; AdvUnlearn, STEREO, SFD and the other two attacks are refused before loading.
 """
 
 from __future__ import annotations
@@ -90,7 +90,10 @@ class Flux(StableDiffusionFamily):
         "through T5, which this version does not train",
         "stereo": "its textual inversion is not available for FLUX's T5 encoder in this version",
         "sfd": "its one-step generator distils a UNet's noise prediction, not a rectified-flow transformer",
-        "attacks": "the embedding attacks insert CLIP words; FLUX's T5 vocabulary is not supported in this version",
+        "attack:unlearndiffatk": "its discrete words come from one tokenizer, and FLUX's CLIP and T5 share none; "
+        "use --attack embedding",
+        "attack:textual-inversion": "its learnt word is not available for FLUX's T5 encoder in this version; "
+        "use --attack embedding",
     }
 
     def tokenize(self, model, prompts: Sequence[str]) -> torch.Tensor:
@@ -117,10 +120,37 @@ class Flux(StableDiffusionFamily):
         return pack(tokens, pooled)
 
     def encode_inserted(self, model, tower, ids, inserted):
-        raise InputError(self.unsupported["attacks"])
+        """Free words ([B or 1, k, D1 + D2]: a CLIP part, a T5 part) in both encoders' sequences (`FluxTextTower`)."""
+        tokens, pooled = tower(ids, inserted)
+        return pack(tokens, pooled)
 
     def vocabulary(self, model, tower):
-        raise InputError(self.unsupported["attacks"])
+        """A word per CLIP token [V, D1 + D2]: its CLIP input embedding beside the T5 input embedding of the same
+        text's first T5 piece (the tokenizers share no vocabulary), so that a random start is a word in both."""
+        import torch
+
+        from ..text_embeddings import token_embeddings
+
+        encoders = getattr(tower, "module", tower).named_encoders()
+        clip_ids = torch.arange(len(model.tokenizer), device=model.device)
+        t5_ids = self.t5_ids_of_clip_tokens(model).to(model.device)
+        clip = token_embeddings(encoders["text_encoder"], clip_ids)
+        t5 = encoders["text_encoder_2"].get_input_embeddings()(t5_ids)
+        return torch.cat([clip.float(), t5.float()], dim=-1)
+
+    def word_parts(self, model) -> tuple[int, ...]:
+        # T5-XXL's input embeddings are two orders of magnitude larger than CLIP's
+        return (model.text_encoder.config.hidden_size, model.text_encoder_2.config.d_model)
+
+    @staticmethod
+    def t5_ids_of_clip_tokens(model) -> torch.Tensor:
+        """[V]: for each CLIP token, the first T5 piece of its text (T5's unknown token where it has none)."""
+        import torch
+
+        clip, t5 = model.tokenizer, model.pipe.tokenizer_2
+        texts = [clip.convert_tokens_to_string([token]).strip() for token in clip.convert_ids_to_tokens(range(len(clip)))]
+        pieces = t5(texts, add_special_tokens=False).input_ids
+        return torch.tensor([p[0] if p else t5.unk_token_id for p in pieces], dtype=torch.long)
 
     def image_resolution(self, model) -> int:
         """Training images' side: EraseAnything's 512 px, or the model's own size if smaller."""

@@ -61,6 +61,11 @@ class StableDiffusionFamily(Family):
 
         return token_embeddings(tower, torch.arange(len(model.tokenizer), device=model.device)).float()
 
+    def word_parts(self, model) -> tuple[int, ...]:
+        """The widths of a free word's parts that live at different scales (one part per vocabulary whose
+        embeddings differ in size): an attack steps each part in units of its own RMS. () is one part."""
+        return ()
+
     def encode_inserted(self, model, tower, ids: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
         """The conditioning of token ids `ids` (from `tokenize`) with free word embeddings `inserted`
         ([B or 1, k, D], D as `vocabulary`'s) placed after the start token."""
