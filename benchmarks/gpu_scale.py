@@ -5,6 +5,9 @@ toolkit.
     python benchmarks/gpu_scale.py --family sdxl [--methods esd,advunlearn] [--steps 4] [--batch 8]
     python benchmarks/gpu_scale.py --family flux --methods esd --steps 4 --batch 2 --sample-steps 28
     python benchmarks/gpu_scale.py --family sd1 --tiny --device cpu     # the same code on toy components (CI)
+    python benchmarks/gpu_scale.py --family sd1 --device cpu --methods sfd+lora_rank=8 --steps 2 --skip sample,export
+
+A method may carry settings after `+` (`sfd+lora_rank=8`: SFD's generator and fake score as LoRA adapters).
 
 1. build: every component of `pipelines/configs/<family>` from its config (random weights, seeded, made on the
    device), saved as a diffusers folder (fp16 on a GPU) - no Hub, nothing downloaded;
@@ -151,15 +154,17 @@ def measure_sampling(folder: Path, device: str, dtype, batch: int, steps: int, b
             "ratio": round(ours / plain, 3), "plain_class": pipeline_class.__name__}  # fmt: skip
 
 
-def measure_method(method: str, folder: Path, scratch: Path, device: str, steps: int, tiny: bool,
+def measure_method(variant: str, folder: Path, scratch: Path, device: str, steps: int, tiny: bool,
                    save: str = "full") -> dict:  # fmt: skip
+    """`variant`: a method key, with settings after `+` (`sfd+lora_rank=8`)."""
     from erasure.api import erase
     from erasure.registry import METHODS
 
+    method, *extra = variant.split("+")
     images = scratch / "images"
     if method == "fewshot" and not images.is_dir():
         _write_images(images, 4, 16 if tiny else 512)
-    sets = [s.format(images=images) for s in METHOD_SETTINGS.get(method, [])] + [f"steps={steps}"]
+    sets = [s.format(images=images) for s in METHOD_SETTINGS.get(method, [])] + [f"steps={steps}", *extra]
     if tiny:  # the registry's test settings on toy models (PGD of 30 steps would be the same code, only longer)
         sets = [f"{k}={v}" for k, v in METHODS[method].test_settings.items() if k != "steps"] + sets
     stamps: list[float] = []
@@ -171,7 +176,8 @@ def measure_method(method: str, folder: Path, scratch: Path, device: str, steps:
         sync(device)
         stamps.append(time.perf_counter())
 
-    run = erase(method, ["a cat"], str(folder), out=scratch / f"run-{method}", sets=sets, device=device,
+    out = scratch / f"run-{len(list(scratch.glob('run-*')))}-{method}"
+    run = erase(method, ["a cat"], str(folder), out=out, sets=sets, device=device,
                 mixed_precision="bf16" if device.startswith("cuda") else "no", checkpoint_every=10**6,
                 progress=False, after_step=after_step, save=save)  # fmt: skip
     total = time.perf_counter() - started
@@ -182,6 +188,8 @@ def measure_method(method: str, folder: Path, scratch: Path, device: str, steps:
               "run_s": round(total, 1), "run": str(run)}  # fmt: skip
     if device.startswith("cuda"):
         result["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    else:  # the process's peak resident memory so far (building the pipeline counts too: read it with that)
+        result["peak_rss_gb"] = round(json.loads((run / "erasure.json").read_text())["peak_rss_mb"] / 1024, 2)
     _free(device)
     return result
 

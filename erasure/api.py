@@ -128,7 +128,8 @@ def erase(
             stored = result.model.save(folder, card=card, changed=changed, mode=mode)
             lora = {}
             if adapters:
-                path = save_adapters(type(result.model.pipe), folder, adapters, lora_rank, config.lora_alpha or lora_rank)
+                path = save_adapters(_lora_file_writer(result.model), folder, adapters, lora_rank,
+                                     config.lora_alpha or lora_rank)  # fmt: skip
                 lora = {"lora": {"rank": lora_rank, "alpha": config.lora_alpha or lora_rank,
                                  "components": sorted(adapters), **adapter_size(path)}}  # fmt: skip
             log.info("saved %s: %s", run_dir.final, ", ".join(f"{k} {v}" for k, v in stored.items()) or "whole")
@@ -156,3 +157,12 @@ def erase(
         if run_dir.abandon() if run.is_main else run_dir.checkpoint_dir.exists():
             raise InterruptedRun(run_dir, exc) from exc
         raise
+
+
+def _lora_file_writer(model):
+    """The pipeline class whose `save_lora_weights` writes the run's LoRA file: the run's own, or for a one-step
+    generator (no LoRA loader of its own) its family's pipeline, whose `load_lora_weights` reads the file."""
+    import diffusers
+
+    own = type(model.pipe)
+    return own if hasattr(own, "save_lora_weights") else getattr(diffusers, model.family.pipeline_class)

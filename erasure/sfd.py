@@ -27,6 +27,7 @@ fake score is trained and queried without guidance (SiD-LSG also guides it).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 
@@ -36,14 +37,14 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 
 from .common import frozen_copy
-from .config import MethodConfig
+from .lora import LoraOptions, adapters_disabled, attach_lora
 from .training import EMA, ErasureResult, Network, RunContext, TrainingLoop
 
 SD_TEMPLATES = ["{}", "a photo of {}", "an image of {}", "a picture of {}", "a painting of {}"]
 
 
 @dataclass
-class SFDConfig(MethodConfig):
+class SFDConfig(LoraOptions):
     # Defaults: the paper's Stable Diffusion setting (Sec. 5 and its SD script).
     steps: int = field(default=2000, metadata={"bounds": "[1, inf)", "help": "fake-score + generator update pairs"})
     lr: float = field(default=1e-6, metadata={"bounds": "(0, inf)", "help": "Adam learning rate of the generator"})
@@ -177,8 +178,19 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         module.requires_grad_(False)
 
     teacher = model.unet.eval()
-    generator = frozen_copy(teacher).train().requires_grad_(True)
     fake = frozen_copy(teacher).train().requires_grad_(True)
+    teacher_scope = contextlib.nullcontext
+    if config.lora_rank:
+        # Generator and fake score are the teacher plus adapters of their own (every Linear / Conv2d layer, or
+        # lora_targets); the teacher is the generator with its adapters off: two UNets in memory, not three,
+        # and optimiser state for the adapters alone.
+        generator = teacher.train().requires_grad_(True)
+        attach_lora(generator, config, run.seed or 0)
+        attach_lora(fake, config, (run.seed or 0) + 1)
+        teacher_scope = lambda: adapters_disabled(generator)  # noqa: E731
+    else:
+        generator = frozen_copy(teacher).train().requires_grad_(True)
+    trainable = sum(p.numel() for p in generator.parameters() if p.requires_grad)
     alphas = model.scheduler.alphas_cumprod.to(device, torch.float32)
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
 
@@ -189,7 +201,8 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         uncond = model.encode([""])
 
     def optimiser(module, lr):
-        return torch.optim.Adam(module.parameters(), lr=lr, betas=tuple(config.adam_betas))
+        trained = [p for p in module.parameters() if p.requires_grad]
+        return torch.optim.Adam(trained, lr=lr, betas=tuple(config.adam_betas))
 
     ema = EMA(generator, config.ema_decay)
     loop = TrainingLoop(
@@ -241,8 +254,9 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         x_t, t, _, abar = noisy(x_g)
         with frozen(fake):
             s = x0_from_prediction(x_t, family.denoise(fake, x_t, t, cond), abar, prediction)
-        eps_u, eps_c = family.denoise(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                      torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond])).chunk(2)  # fmt: skip
+        with teacher_scope():
+            eps_u, eps_c = family.denoise(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                          torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond])).chunk(2)  # fmt: skip
         p = x0_from_prediction(x_t, eps_u + guidance * (eps_c - eps_u), abar, prediction)  # guidance: linear in v too
         per_sample = sid_loss(p, s, x_g, config.alpha)
         local_remain = config.batch_size // run.num_processes
@@ -265,5 +279,4 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         "sfd": {"overrides": overrides, "distilled_guidance": guidance, "t_init": config.t_init,
                 "forget_prompts": len(pairs), "remain_prompts": len(remain)},
     }  # fmt: skip
-    trainable = sum(p.numel() for p in generator.parameters())
     return ErasureResult(one_step, ["unet"], trainable, logs, outcome)

@@ -131,17 +131,20 @@ class EMA:
 
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters()}
+        # the trained parameters only: a frozen one would average to itself (a LoRA run's base weights)
+        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
         for name, param in module.named_parameters():
-            self.shadow[name].lerp_(param.detach(), 1 - self.decay)
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach(), 1 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, module: torch.nn.Module) -> None:
         for name, param in module.named_parameters():
-            param.copy_(self.shadow[name])
+            if name in self.shadow:
+                param.copy_(self.shadow[name])
 
     def state_dict(self) -> dict:
         return {n: t.cpu() for n, t in self.shadow.items()}

@@ -326,7 +326,23 @@ def load_one_step(source: ModelSource, device: str | torch.device = "cpu", dtype
             pipe = OneStepPipeline.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"cannot load a one-step pipeline from {source.path}: {exc}") from None
+    if source.card.get("lora_adapters"):  # `sfd --save lora`: the teacher's UNet and the generator's adapters
+        import diffusers
+
+        from .lora_files import apply_lora_files
+
+        # the family's pipeline over the same modules lends its LoRA loader: the adapters merge into `pipe`'s UNet
+        family_pipeline = getattr(diffusers, source.family.pipeline_class)
+        modules = {name: module for name, module in pipe.components.items() if module is not None}
+        apply_lora_files(family_pipeline(**modules, **_NO_SAFETY_CHECKER.get(family_pipeline.__name__, {})),
+                         [source.path])  # fmt: skip
     return one_step_model(pipe, source).to(device)
+
+
+# SD 1.x/2.x's pipeline takes a safety checker, switched off (SDXL's and FLUX's have none).
+_NO_SAFETY_CHECKER = {
+    "StableDiffusionPipeline": {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
+}
 
 
 def load_text_to_image(
@@ -340,9 +356,7 @@ def load_text_to_image(
     import diffusers
 
     pipeline = getattr(diffusers, source.family.pipeline_class)
-    # SDXL's pipeline has no safety checker to switch off.
-    no_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    extra = no_checker if pipeline is diffusers.StableDiffusionPipeline else {}
+    extra = _NO_SAFETY_CHECKER.get(pipeline.__name__, {})
     if source.origin == "single-file":
         pipe = _load_single_file(pipeline, source.path, single_file_config, dtype, extra)
     else:

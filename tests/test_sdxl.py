@@ -195,6 +195,23 @@ def test_sfd_distils_sdxl_into_a_one_step_generator_that_plain_diffusers_reprodu
     assert np.abs(np.asarray(namespace["image"], float) - np.asarray(ours, float)).max() <= 1
 
 
+
+def test_an_sfd_lora_on_sdxl_saves_as_adapters_alone_and_loads_as_the_same_generator(tiny_sdxl_dir, tmp_path):
+    import numpy as np
+
+    from erasure.api import erase
+    from erasure.registry import METHODS
+
+    sets = [f"{k}={v}" for k, v in METHODS["sfd"].test_settings.items()] + ["override=a dog", "lora_rank=2"]
+    full = erase("sfd", ["a cat"], str(tiny_sdxl_dir), out=tmp_path / "full", progress=False, sets=sets)
+    small = erase("sfd", ["a cat"], str(tiny_sdxl_dir), out=tmp_path / "small", progress=False, sets=sets, save="lora")
+    assert not (small / "unet").exists() and (small / "pytorch_lora_weights.safetensors").is_file()
+    a, b = load_model(str(full)), load_model(str(small))
+    assert a.kind == b.kind == "one-step" and b.family.name == "sdxl"
+    ours, again = a.generate(["a cat"], [0])[0][0], b.generate(["a cat"], [0])[0][0]
+    assert np.abs(np.asarray(ours, float) - np.asarray(again, float)).max() <= 1
+    assert _unet_changes(load_model(str(tiny_sdxl_dir)).unet, b.unet)  # the adapters are merged into the UNet
+
 # --- the text tower: both encoders as one network, free words inserted into each ---------------------------
 
 

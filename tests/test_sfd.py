@@ -111,8 +111,9 @@ def test_the_readme_recipe_reproduces_the_pipeline_with_plain_diffusers(tiny_pip
     assert np.abs(np.asarray(namespace["image"], float) - np.asarray(expected, float)).max() <= 1
 
 
-def test_an_interrupted_run_resumes_to_a_bit_identical_end(tiny_pipeline_dir, tmp_path):
-    sets = FAST + ["steps=4", "ema_decay=0.5"]
+@pytest.mark.parametrize("lora", [[], ["lora_rank=4"]], ids=["full", "lora"])
+def test_an_interrupted_run_resumes_to_a_bit_identical_end(lora, tiny_pipeline_dir, tmp_path):
+    sets = FAST + ["steps=4", "ema_decay=0.5", *lora]
     kwargs = {"sets": sets, "seed": 3, "checkpoint_every": 2, "progress": False}
     whole = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "whole", **kwargs)
 
@@ -188,3 +189,51 @@ def test_the_embedding_attack_on_a_one_step_generator_uses_its_own_noise():
     outcome = attack_success_rate(one_step, teacher, judge, "seven", ["a seven"], [0, 1], AttackSettings(steps=2))
     assert outcome["pairs"] == 2 and "one-step" in outcome["settings"]["method"]
     assert 0 <= outcome["asr"] <= 1 and len(outcome["attacked_images"]) == 2
+
+
+def test_an_sfd_lora_run_is_the_teacher_plus_adapters_that_plain_diffusers_loads(tiny_pipeline_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    run = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False,
+                sets=FAST + ["lora_rank=4", "ema_decay=0.5", "lr=0.05"])  # fmt: skip
+    manifest = json.loads((run / "erasure.json").read_text())
+    assert manifest["lora"]["components"] == ["unet"] and manifest["lora"]["parameters"] == manifest[
+        "trainable_parameters"] > 0  # only the generator's adapters are the run's (the fake score's are dropped)
+    # the generator is the teacher's UNet plus the adapters: loaded by diffusers' own loader into the base's
+    # pipeline, its UNet runs the README's one-step recipe to the toolkit's pixels
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.load_lora_weights(str(run))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    adapted = tmp_path / "adapted"
+    pipe.save_pretrained(adapted)
+    index = json.loads((run / "model_index.json").read_text())
+    (adapted / "model_index.json").write_text(json.dumps({**json.loads((adapted / "model_index.json").read_text()),
+                                                          "t_init": index["t_init"]}))  # fmt: skip
+    code = PLAIN_DIFFUSERS_RECIPE.format(folder=repr(str(adapted)), prompt="a cat").replace('image.save("sample.png")', "")
+    namespace: dict = {}
+    exec(compile(code, "README recipe", "exec"), namespace)  # noqa: S102 - the README's own code
+    ours = load_model(str(run))
+    assert ours.kind == "one-step"
+    expected = np.asarray(ours.generate(["a cat"], [0])[0][0], float)
+    assert np.abs(np.asarray(namespace["image"], float) - expected).max() <= 1
+    teacher_step = OneStepOfTeacher(tiny_pipeline_dir, index["t_init"])
+    assert np.abs(teacher_step - expected).max() > 1  # the adapters changed the generator
+    # --save lora: the adapters alone, loading as the same one-step generator
+    small = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "small", progress=False, save="lora",
+                  sets=FAST + ["lora_rank=4", "ema_decay=0.5", "lr=0.05"])  # fmt: skip
+    assert not (small / "unet").exists()
+    again = load_model(str(small))
+    assert again.kind == "one-step" and np.abs(np.asarray(again.generate(["a cat"], [0])[0][0], float) - expected).max() <= 1
+
+
+def OneStepOfTeacher(base: Path, t_init: int) -> np.ndarray:  # noqa: N802 - reads as the thing it draws
+    """The teacher's own UNet taken one step (no training): what the generator starts from."""
+    from pipelines.one_step import OneStepPipeline
+
+    teacher = load_model(str(base))
+    pipe = OneStepPipeline(vae=teacher.vae, text_encoder=teacher.text_encoder, tokenizer=teacher.tokenizer,
+                           unet=teacher.unet, scheduler=teacher.scheduler, t_init=t_init)  # fmt: skip
+    from pipelines.diffusion import one_step_model
+
+    return np.asarray(one_step_model(pipe, teacher.source).generate(["a cat"], [0])[0][0], float)
