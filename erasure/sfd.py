@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from pipelines.errors import InputError
 
@@ -101,6 +102,11 @@ class SFDConfig(LoraOptions):
     remain_prompts: int = field(
         default=1000, metadata={"bounds": "[1, inf)", "help": "size of the pool of remain prompts"}
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "recompute the three UNets' activations in the backward pass instead of keeping them: "
+                  "less memory for more time, the same result"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.t_min >= self.t_max:
@@ -190,6 +196,31 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         teacher_scope = lambda: adapters_disabled(generator)  # noqa: E731
     else:
         generator = frozen_copy(teacher).train().requires_grad_(True)
+    if config.gradient_checkpointing:
+        # The trained networks' own passes: diffusers recomputes each block in the backward pass. The frozen
+        # queries (the teacher: the generator with adapters off, under LoRA; the fake score with its weights
+        # frozen) are recomputed whole, inside the same switches (`recomputed`), their blocks not a second time
+        # (a block's own recomputation would run outside those switches).
+        generator.enable_gradient_checkpointing()
+        fake.enable_gradient_checkpointing()
+
+    def recomputed(query, x_t):
+        if not config.gradient_checkpointing:
+            return query(x_t)
+        return torch.utils.checkpoint.checkpoint(query, x_t, use_reentrant=False)
+
+    @contextlib.contextmanager
+    def whole(unet):
+        """`unet` without its blocks' own checkpointing while inside."""
+        blocks = config.gradient_checkpointing and unet.is_gradient_checkpointing
+        if blocks:
+            unet.disable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            if blocks:
+                unet.enable_gradient_checkpointing()
+
     trainable = sum(p.numel() for p in generator.parameters() if p.requires_grad)
     alphas = model.scheduler.alphas_cumprod.to(device, torch.float32)
     latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
@@ -252,11 +283,18 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         z = local(torch.randn((rows, *latent_shape), device=device))
         x_g = family.one_step(loop.modules["generator"], alphas, config.t_init, z, cond, prediction)
         x_t, t, _, abar = noisy(x_g)
-        with frozen(fake):
-            s = x0_from_prediction(x_t, family.denoise(fake, x_t, t, cond), abar, prediction)
-        with teacher_scope():
-            eps_u, eps_c = family.denoise(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                          torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond])).chunk(2)  # fmt: skip
+
+        def fake_prediction(x_t):
+            with frozen(fake), whole(fake):
+                return family.denoise(fake, x_t, t, cond)
+
+        def teacher_prediction(x_t):
+            with teacher_scope(), whole(teacher):
+                return family.denoise(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                      torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond]))  # fmt: skip
+
+        s = x0_from_prediction(x_t, recomputed(fake_prediction, x_t), abar, prediction)
+        eps_u, eps_c = recomputed(teacher_prediction, x_t).chunk(2)
         p = x0_from_prediction(x_t, eps_u + guidance * (eps_c - eps_u), abar, prediction)  # guidance: linear in v too
         per_sample = sid_loss(p, s, x_g, config.alpha)
         local_remain = config.batch_size // run.num_processes

@@ -237,3 +237,14 @@ def OneStepOfTeacher(base: Path, t_init: int) -> np.ndarray:  # noqa: N802 - rea
     from pipelines.diffusion import one_step_model
 
     return np.asarray(one_step_model(pipe, teacher.source).generate(["a cat"], [0])[0][0], float)
+
+
+@pytest.mark.parametrize("lora", [[], ["lora_rank=4"]], ids=["full", "lora"])
+def test_gradient_checkpointing_trades_memory_for_time_and_changes_nothing(lora, tiny_pipeline_dir):
+    def trained(*extra):
+        model = load_model(str(tiny_pipeline_dir))
+        config = build_config("sfd", get_family("sd1"), parse_sets(FAST + ["lr=0.05", *lora, *extra]))
+        return sfd_erase(model, ["cat"], config, RunContext(seed=0, progress=False)).model.unet.state_dict()
+
+    plain, checkpointed = trained(), trained("gradient_checkpointing=true")
+    assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
