@@ -229,3 +229,22 @@ def test_what_flux_cannot_take_is_refused_before_loading(method, sets, message, 
     with pytest.raises(InputError, match=message):
         erase(method, ["cat"], str(tiny_flux_dir), out=tmp_path / "run", progress=False, sets=sets)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_flux_esd_run_resumes_to_the_uninterrupted_adapters(tiny_flux_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from erasure.output import InterruptedRun
+
+    kwargs = {"sets": QUICK + ["steps=4"], "checkpoint_every": 2, "progress": False, "save": "lora"}
+
+    def stop_at_3(step, total, logs):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    whole = erase("esd", ["cat"], str(tiny_flux_dir), out=tmp_path / "whole", **kwargs)
+    with pytest.raises(InterruptedRun):
+        erase("esd", ["cat"], str(tiny_flux_dir), out=tmp_path / "resumed", after_step=stop_at_3, **kwargs)
+    resumed = erase("esd", ["cat"], str(tiny_flux_dir), out=tmp_path / "resumed", resume=True, **kwargs)
+    a, b = (load_file(str(run / "pytorch_lora_weights.safetensors")) for run in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
