@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from pipelines.errors import InputError
 
+from .checkpointing import checkpoint_with_switches
 from .common import frozen_copy
 from .lora import LoraOptions, adapters_disabled, attach_lora
 from .training import EMA, ErasureResult, Network, RunContext, TrainingLoop
@@ -104,8 +104,8 @@ class SFDConfig(LoraOptions):
     )
     gradient_checkpointing: bool = field(
         default=False,
-        metadata={"help": "recompute the three UNets' activations in the backward pass instead of keeping them: "
-                  "less memory for more time, the same result"},
+        metadata={"help": "recompute the three UNets' activations block by block in the backward pass instead of "
+                  "keeping them: less memory for more time, the same result"},
     )  # fmt: skip
 
     def __post_init__(self) -> None:
@@ -197,29 +197,10 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
     else:
         generator = frozen_copy(teacher).train().requires_grad_(True)
     if config.gradient_checkpointing:
-        # The trained networks' own passes: diffusers recomputes each block in the backward pass. The frozen
-        # queries (the teacher: the generator with adapters off, under LoRA; the fake score with its weights
-        # frozen) are recomputed whole, inside the same switches (`recomputed`), their blocks not a second time
-        # (a block's own recomputation would run outside those switches).
-        generator.enable_gradient_checkpointing()
-        fake.enable_gradient_checkpointing()
-
-    def recomputed(query, x_t):
-        if not config.gradient_checkpointing:
-            return query(x_t)
-        return torch.utils.checkpoint.checkpoint(query, x_t, use_reentrant=False)
-
-    @contextlib.contextmanager
-    def whole(unet):
-        """`unet` without its blocks' own checkpointing while inside."""
-        blocks = config.gradient_checkpointing and unet.is_gradient_checkpointing
-        if blocks:
-            unet.disable_gradient_checkpointing()
-        try:
-            yield
-        finally:
-            if blocks:
-                unet.enable_gradient_checkpointing()
+        # Every block of the three UNets is recomputed in the backward pass, under the switches it ran with (the
+        # teacher is the generator with its adapters off under LoRA; the fake score is queried frozen).
+        for unet in {id(u): u for u in (teacher, generator, fake)}.values():
+            unet.enable_gradient_checkpointing(checkpoint_with_switches)
 
     trainable = sum(p.numel() for p in generator.parameters() if p.requires_grad)
     alphas = model.scheduler.alphas_cumprod.to(device, torch.float32)
@@ -283,18 +264,11 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         z = local(torch.randn((rows, *latent_shape), device=device))
         x_g = family.one_step(loop.modules["generator"], alphas, config.t_init, z, cond, prediction)
         x_t, t, _, abar = noisy(x_g)
-
-        def fake_prediction(x_t):
-            with frozen(fake), whole(fake):
-                return family.denoise(fake, x_t, t, cond)
-
-        def teacher_prediction(x_t):
-            with teacher_scope(), whole(teacher):
-                return family.denoise(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                      torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond]))  # fmt: skip
-
-        s = x0_from_prediction(x_t, recomputed(fake_prediction, x_t), abar, prediction)
-        eps_u, eps_c = recomputed(teacher_prediction, x_t).chunk(2)
+        with frozen(fake):
+            s = x0_from_prediction(x_t, family.denoise(fake, x_t, t, cond), abar, prediction)
+        with teacher_scope():
+            eps_u, eps_c = family.denoise(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                          torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond])).chunk(2)  # fmt: skip
         p = x0_from_prediction(x_t, eps_u + guidance * (eps_c - eps_u), abar, prediction)  # guidance: linear in v too
         per_sample = sid_loss(p, s, x_g, config.alpha)
         local_remain = config.batch_size // run.num_processes

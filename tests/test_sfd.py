@@ -240,11 +240,28 @@ def OneStepOfTeacher(base: Path, t_init: int) -> np.ndarray:  # noqa: N802 - rea
 
 
 @pytest.mark.parametrize("lora", [[], ["lora_rank=4"]], ids=["full", "lora"])
-def test_gradient_checkpointing_trades_memory_for_time_and_changes_nothing(lora, tiny_pipeline_dir):
+def test_gradient_checkpointing_trades_memory_for_time_and_changes_nothing(lora, tiny_pipeline_dir, monkeypatch):
+    import erasure.checkpointing as checkpointing
+
+    recomputed = []  # the switches each recomputed block ran with: (any adapter off, any weight trained)
+    as_recorded = checkpointing._as_recorded
+
+    def counting(block, recorded):
+        adapters, grads = recorded
+        recomputed.append((any(off for _, off in adapters), any(flag for _, flag in grads)))
+        return as_recorded(block, recorded)
+
+    monkeypatch.setattr(checkpointing, "_as_recorded", counting)
+
     def trained(*extra):
         model = load_model(str(tiny_pipeline_dir))
         config = build_config("sfd", get_family("sd1"), parse_sets(FAST + ["lr=0.05", *lora, *extra]))
         return sfd_erase(model, ["cat"], config, RunContext(seed=0, progress=False)).model.unet.state_dict()
 
-    plain, checkpointed = trained(), trained("gradient_checkpointing=true")
+    plain = trained()
+    assert not recomputed
+    checkpointed = trained("gradient_checkpointing=true")
     assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
+    # blocks were recomputed in each role: trained, frozen (fake score, or the teacher), adapters off (LoRA's teacher)
+    assert (False, True) in recomputed and any(not trains for _, trains in recomputed)
+    assert any(off for off, _ in recomputed) == bool(lora)
