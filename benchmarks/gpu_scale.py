@@ -111,8 +111,6 @@ def build_tiny(family: str):
 
 
 def measure_sampling(folder: Path, device: str, dtype, batch: int, steps: int, batches: int) -> dict:
-    import diffusers
-
     from pipelines import load_model
 
     model = load_model(str(folder), device=device, dtype=dtype)
@@ -135,7 +133,7 @@ def measure_sampling(folder: Path, device: str, dtype, batch: int, steps: int, b
     pipe = pipeline_class.from_pretrained(folder, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
 
-    def draw(chunk):
+    def draw(chunk, pipe=pipe):
         generators = [torch.Generator("cpu").manual_seed(0) for _ in chunk]
         return pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
                     **size).images  # fmt: skip
@@ -286,7 +284,8 @@ def main() -> None:
                 except Exception as exc:  # one method's failure is a figure too; the others still run
                     report["erase"][method] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                 print(json.dumps({method: report["erase"][method]}), flush=True)
-        usable = [r for r in runs if json.loads((r / "model_index.json").read_text())["_class_name"] != "OneStepPipeline"]
+        one_step = [json.loads((r / "model_index.json").read_text())["_class_name"] == "OneStepPipeline" for r in runs]
+        usable = [r for r, generator in zip(runs, one_step) if not generator]
         if "export" not in skip and usable and args.family != "flux":
             report["single_file"] = measure_single_file(usable[0], folder, scratch, args.device)
         print(json.dumps(report, indent=2))

@@ -266,9 +266,9 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         x_t, t, _, abar = noisy(x_g)
         with frozen(fake):
             s = x0_from_prediction(x_t, family.denoise(fake, x_t, t, cond), abar, prediction)
+        guided = torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond])
         with teacher_scope():
-            eps_u, eps_c = family.denoise(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                          torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond])).chunk(2)  # fmt: skip
+            eps_u, eps_c = family.denoise(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), guided).chunk(2)
         p = x0_from_prediction(x_t, eps_u + guidance * (eps_c - eps_u), abar, prediction)  # guidance: linear in v too
         per_sample = sid_loss(p, s, x_g, config.alpha)
         local_remain = config.batch_size // run.num_processes

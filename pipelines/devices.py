@@ -54,3 +54,15 @@ def dtype_name(dtype) -> str:
     import torch
 
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def to_device(tensor, device):
+    """A tensor made on the host (token ids), on `device`. On a GPU it goes through pinned memory without waiting:
+    a copy from pageable memory first waits for every kernel already queued, which a training loop would pay at
+    each prompt it encodes."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

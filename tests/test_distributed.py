@@ -114,6 +114,12 @@ def test_a_batch_the_processes_cannot_share_is_refused(tiny_pipeline_dir, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+# The gap allowed between one process and two, as a share of how far the weights moved. SFD's fake score feeds its
+# generator's gradient, so the processes' different rounding grows with every step: 0.47% of the move after one
+# step, 1.2% after the test's three (torch 2.14.1, transformers 5.25), and no coordinate off by a whole step.
+ROUNDING_SHARE = {"sfd": 2e-2}
+
+
 @pytest.mark.parametrize("key", list(METHODS))
 def test_every_method_trains_as_one_on_two_processes(key, tmp_path):
     """Each registered method, with its own test settings on the embedded model of its kind: both
@@ -133,7 +139,7 @@ def test_every_method_trains_as_one_on_two_processes(key, tmp_path):
     base = {f"{c}.{k}": v for c, part in parts.items() if part is not None for k, v in part.state_dict().items()}
     moved = sum(float(((one[k] - base[k]) ** 2).sum()) for k in one) ** 0.5
     gap = sum(float(((one[k] - two[k]) ** 2).sum()) for k in one) ** 0.5
-    assert moved > 0.05 and gap < 1e-2 * moved, (moved, gap)
+    assert moved > 0.05 and gap < ROUNDING_SHARE.get(key, 1e-2) * moved, (moved, gap)
 
 
 def test_text2unlearn_with_two_concepts_weighs_each_term_by_its_rows_on_two_processes(tmp_path):

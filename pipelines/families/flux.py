@@ -105,7 +105,9 @@ class Flux(StableDiffusionFamily):
                                truncation=True, return_tensors="pt").input_ids  # fmt: skip
         t5 = model.pipe.tokenizer_2(list(prompts), padding="max_length", max_length=length, truncation=True,
                                     return_tensors="pt").input_ids  # fmt: skip
-        return torch.cat([clip, t5], dim=1).to(model.device)
+        from ..devices import to_device
+
+        return to_device(torch.cat([clip, t5], dim=1), model.device)
 
     def text_tower(self, model):
         from ..text_embeddings import FluxTextTower
@@ -148,8 +150,9 @@ class Flux(StableDiffusionFamily):
         import torch
 
         clip, t5 = model.tokenizer, model.pipe.tokenizer_2
-        texts = [clip.convert_tokens_to_string([token]).strip() for token in clip.convert_ids_to_tokens(range(len(clip)))]
-        pieces = t5(texts, add_special_tokens=False).input_ids
+        tokens = clip.convert_ids_to_tokens(range(len(clip)))
+        texts = [clip.convert_tokens_to_string([token]).strip() for token in tokens]
+        pieces = t5(texts, add_special_tokens=False, truncation=True, max_length=4).input_ids  # the first is read
         return torch.tensor([p[0] if p else t5.unk_token_id for p in pieces], dtype=torch.long)
 
     def image_resolution(self, model) -> int:

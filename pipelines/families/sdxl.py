@@ -68,10 +68,13 @@ class SDXL(StableDiffusionFamily):
 
     @staticmethod
     def _ids(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
-        return tokenizer(
+        from ..devices import to_device
+
+        ids = tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
             return_tensors="pt",
-        ).input_ids.to(device)  # fmt: skip
+        ).input_ids  # fmt: skip
+        return to_device(ids, device)
 
     def text_tower(self, model):
         if len(model.tokenizer) != len(model.tokenizer_2):

@@ -26,11 +26,14 @@ class StableDiffusionFamily(Family):
 
     def tokenize(self, model, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids padded to the tokenizer's length, as the pipeline would make them."""
+        from ..devices import to_device
+
         tokenizer = model.tokenizer
-        return tokenizer(
+        ids = tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
             return_tensors="pt",
-        ).input_ids.to(model.device)  # fmt: skip
+        ).input_ids  # fmt: skip
+        return to_device(ids, model.device)
 
     def encode(self, model, prompts: Sequence[str], text_encoder=None) -> torch.Tensor:
         """The denoiser's conditioning for `prompts`: embeddings [B, L, D] from `text_encoder` (a text tower,
