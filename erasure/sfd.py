@@ -109,6 +109,7 @@ class SFDConfig(LoraOptions):
     )  # fmt: skip
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.t_min >= self.t_max:
             raise ValueError("t_min must be smaller than t_max")
         if self.forget_batch == 0 and not self.distill_only:

@@ -74,10 +74,16 @@ def end_positions(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
     return (input_ids == eos).int().argmax(dim=-1)
 
 
-class SDXLTextTower(torch.nn.Module):
-    """Both SDXL text encoders as one module, so that a text-encoder method trains, copies and synchronises them
-    as one network. Takes both tokenizers' ids side by side (`SDXL.tokenize`) and returns (token embeddings
-    [B, L, D1 + D2]: each encoder's penultimate layer, pooled [B, P]: the second's projected end token)."""
+def end_token_states(text_encoder, ids: torch.Tensor, hidden: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, D]: `hidden` at each sequence's end token, moved `k` places on by inserted words (the last place, for a
+    prompt that filled the sequence and lost its end token): where a CLIP encoder pools."""
+    ends = (end_positions(text_encoder, ids) + k).clamp(max=ids.shape[1] - 1)
+    return hidden[torch.arange(len(hidden), device=hidden.device), ends]
+
+
+class TwoEncoderTower(torch.nn.Module):
+    """A pipeline's two text encoders as one module, so that a text-encoder method trains, copies and synchronises
+    them as one network. Takes both tokenizers' ids side by side, the first `first_length` the first's."""
 
     def __init__(self, text_encoder, text_encoder_2, first_length: int):
         super().__init__()
@@ -86,6 +92,11 @@ class SDXLTextTower(torch.nn.Module):
 
     def named_encoders(self) -> dict[str, torch.nn.Module]:
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+
+class SDXLTextTower(TwoEncoderTower):
+    """SDXL's two text encoders (`SDXL.tokenize`'s ids); returns (token embeddings [B, L, D1 + D2]: each encoder's
+    penultimate layer, pooled [B, P]: the second's projected end token)."""
 
     def inert_parameters(self) -> list[torch.nn.Parameter]:
         """The first encoder's last block and final LayerNorm: SDXL conditions on that encoder's penultimate layer,
@@ -104,23 +115,13 @@ class SDXLTextTower(torch.nn.Module):
             self.text_encoder, insert_after_start(token_embeddings(self.text_encoder, ids_1), inserted[..., :width]))
         second, last = hidden_states_of_words(
             self.text_encoder_2, insert_after_start(token_embeddings(self.text_encoder_2, ids_2), inserted[..., width:]))
-        # The end token moved k places on (it falls off a prompt that filled the sequence: the last place then).
-        ends = (end_positions(self.text_encoder_2, ids_2) + k).clamp(max=ids_2.shape[1] - 1)
-        pooled = self.text_encoder_2.text_projection(last[torch.arange(len(last), device=last.device), ends])
+        pooled = self.text_encoder_2.text_projection(end_token_states(self.text_encoder_2, ids_2, last, k))
         return torch.cat([first, second], dim=-1), pooled
 
 
-class FluxTextTower(torch.nn.Module):
-    """FLUX.1's two text encoders as one module: CLIP's pooled output and T5's last hidden states, as
+class FluxTextTower(TwoEncoderTower):
+    """FLUX.1's CLIP and T5 encoders: CLIP's pooled output and T5's last hidden states, as
     `FluxPipeline.encode_prompt` computes them. `ids`: the CLIP ids and the T5 ids side by side."""
-
-    def __init__(self, text_encoder, text_encoder_2, first_length: int):
-        super().__init__()
-        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
-        self.first_length = first_length
-
-    def named_encoders(self) -> dict[str, torch.nn.Module]:
-        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
 
     def forward(self, ids: torch.Tensor, inserted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5's tokens [B, L, D2], CLIP's pooled [B, D1]); `inserted` ([B or 1, k, D1 + D2]): free words, each
@@ -132,9 +133,7 @@ class FluxTextTower(torch.nn.Module):
         k, width = inserted.shape[1], self.text_encoder.config.hidden_size
         last = encode_word_embeddings(
             self.text_encoder, insert_after_start(token_embeddings(self.text_encoder, ids_1), inserted[..., :width]))
-        # CLIPTextModel pools its end token, which moved k places on (the last place, for a prompt that filled it)
-        ends = (end_positions(self.text_encoder, ids_1) + k).clamp(max=ids_1.shape[1] - 1)
-        pooled = last[torch.arange(len(last), device=last.device), ends]
+        pooled = end_token_states(self.text_encoder, ids_1, last, k)  # CLIPTextModel's pooler_output
         words = self.text_encoder_2.get_input_embeddings()(ids_2)
         t5_words = inserted[..., width:].to(words.dtype).expand(len(words), -1, -1)
         words = torch.cat([t5_words, words[:, : words.shape[1] - k]], dim=1)

@@ -137,6 +137,10 @@ def test_bad_values_are_refused(tiny_pipeline_dir, tmp_path):
             build_config("sfd", "sd1", parse_sets(bad.split(",")))
     with pytest.raises(InputError, match="forget_batch = 0"):
         build_config("sfd", "sd1", parse_sets(["forget_batch=0"]))
+    with pytest.raises(InputError, match="gradient_checkpointing: 'maybe' is not a boolean"):
+        build_config("sfd", "sd1", parse_sets(["gradient_checkpointing=maybe"]))
+    with pytest.raises(InputError, match="lora_alpha and lora_targets need lora_rank > 0"):
+        build_config("sfd", "sd1", parse_sets(["lora_alpha=4"]))
     # a real model needs to be told what the concept becomes, before anything loads
     with pytest.raises(InputError, match="override"):
         erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["steps=1"], progress=False)
