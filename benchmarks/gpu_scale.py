@@ -7,7 +7,8 @@ toolkit.
     python benchmarks/gpu_scale.py --family sd1 --tiny --device cpu     # the same code on toy components (CI)
     python benchmarks/gpu_scale.py --family sd1 --device cpu --methods sfd+lora_rank=8 --steps 2 --skip sample,export
 
-A method may carry settings after `+` (`sfd+lora_rank=8`: SFD's generator and fake score as LoRA adapters).
+A method may carry settings after `+` (`sfd+lora_rank=8`: SFD's generator and fake score as LoRA adapters);
+`optimizer_state`, `frozen_precision` and `mixed_precision` there are the run's options (`sfd+optimizer_state=8bit`).
 
 1. build: every component of `pipelines/configs/<family>` from its config (random weights, seeded, made on the
    device), saved as a diffusers folder (fp16 on a GPU) - no Hub, nothing downloaded;
@@ -49,6 +50,7 @@ METHOD_SETTINGS = {  # a few steps of each paper's setting
     "stereo": ["rounds=1", "search_steps=2", "inversion_steps=2", "num_images=4"],
     "sfd": ["override=a dog", "batch_size=1", "forget_batch=1"],
 }
+RUN_OPTIONS = ("optimizer_state", "frozen_precision", "mixed_precision")
 
 
 def sync(device: str) -> None:
@@ -154,11 +156,14 @@ def measure_sampling(folder: Path, device: str, dtype, batch: int, steps: int, b
 
 def measure_method(variant: str, folder: Path, scratch: Path, device: str, steps: int, tiny: bool,
                    save: str = "full") -> dict:  # fmt: skip
-    """`variant`: a method key, with settings after `+` (`sfd+lora_rank=8`)."""
+    """`variant`: a method key, with settings after `+` (`sfd+lora_rank=8`); run options among them go to `erase`."""
     from erasure.api import erase
     from erasure.registry import METHODS
 
     method, *extra = variant.split("+")
+    options = {"mixed_precision": "bf16" if device.startswith("cuda") else "no"}
+    options.update(item.split("=", 1) for item in extra if item.split("=", 1)[0] in RUN_OPTIONS)
+    extra = [item for item in extra if item.split("=", 1)[0] not in RUN_OPTIONS]
     images = scratch / "images"
     if method == "fewshot" and not images.is_dir():
         _write_images(images, 4, 16 if tiny else 512)
@@ -175,12 +180,12 @@ def measure_method(variant: str, folder: Path, scratch: Path, device: str, steps
         stamps.append(time.perf_counter())
 
     out = scratch / f"run-{len(list(scratch.glob('run-*')))}-{method}"
-    run = erase(method, ["a cat"], str(folder), out=out, sets=sets, device=device,
-                mixed_precision="bf16" if device.startswith("cuda") else "no", checkpoint_every=10**6,
-                progress=False, after_step=after_step, save=save)  # fmt: skip
+    run = erase(method, ["a cat"], str(folder), out=out, sets=sets, device=device, checkpoint_every=10**6,
+                progress=False, after_step=after_step, save=save, **options)  # fmt: skip
     total = time.perf_counter() - started
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    result = {"sets": sets, "steps_timed": len(gaps), "first_step_s": round(stamps[0] - started, 2) if stamps else None,
+    result = {"sets": sets, **options, "steps_timed": len(gaps),
+              "first_step_s": round(stamps[0] - started, 2) if stamps else None,
               "s_per_step_median": round(statistics.median(gaps), 3) if gaps else None,
               "s_per_step_mean": round(statistics.mean(gaps), 3) if gaps else None,
               "run_s": round(total, 1), "run": str(run)}  # fmt: skip

@@ -254,7 +254,7 @@ def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, t
     anchor = {n: p.detach().clone() for n, p in trainable_parameters(generator).items()}
     settings = config.adversarial()
     critic = _critic(clip, run)
-    loop = TrainingLoop(run, adversarial_networks(generator, discriminator, settings, critic), desc=desc,
+    loop = TrainingLoop(run, adversarial_networks(run, generator, discriminator, settings, critic), desc=desc,
                         fingerprint=fingerprint)  # fmt: skip
     if critic is not None:
         critic.head = loop.modules["clip_head"]
@@ -281,7 +281,7 @@ def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dic
     discriminator.train()
     settings = config.adversarial("unlearn")
     critic = _critic(clip, run)
-    loop = TrainingLoop(run, adversarial_networks(generator, discriminator, settings, critic),
+    loop = TrainingLoop(run, adversarial_networks(run, generator, discriminator, settings, critic),
                         desc="adapt-unlearn: unlearn", fingerprint=fingerprint)  # fmt: skip
     if critic is not None:
         critic.head = loop.modules["clip_head"]

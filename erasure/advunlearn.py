@@ -195,9 +195,8 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
 
     # Every process holds all adversaries (the checkpoint's), and attacks with its own rows.
     state = {"adv": random_tokens(torch.Generator().manual_seed(run.seed))}
-    optimizer = torch.optim.Adam(
-        [p for p in encoder.parameters() if p.requires_grad], lr=config.lr, betas=tuple(config.adam_betas)
-    )
+    optimizer = run.adam([p for p in encoder.parameters() if p.requires_grad], config.lr, config.adam_betas)
+    run.halve_frozen(encoder_orig)  # from here on only called inside the loop, under autocast
     loop = TrainingLoop(run, {"text_encoder": Network(encoder, optimizer)}, desc="advunlearn", state=state)  # fmt: skip
     # The prepared encoder runs the retain term's forward pass, which (under several processes)
     # makes the backward pass synchronise the encoder's gradients; the adversarial forward pass
@@ -280,7 +279,8 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
             loop.update("text_encoder", unlearn + config.retain_weight * utility)
         return {"unlearn": unlearn.detach(), "retain": utility.detach()}
 
-    logs = loop.fit(step_fn, config.steps)
+    with run.frozen_weights(model.unet):
+        logs = loop.fit(step_fn, config.steps)
     encoder.eval()
     # Where the time went (this process, this session; a resumed run counts its second part only).
     outcome = {"advunlearn": {"seconds": {k: round(v, 2) for k, v in timer.seconds.items()}}}

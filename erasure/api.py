@@ -42,13 +42,16 @@ def _check_save_mode(save: str, source) -> None:
 
 
 def run_fingerprint(
-    method: str, concepts: list[str], config, seed: int, mixed_precision: str, base_model: dict
+    method: str, concepts: list[str], config, seed: int, mixed_precision: str, base_model: dict, **precision: str
 ) -> dict:
-    """Everything that determines a run's result; a checkpoint resumes only under the same one."""
+    """Everything that determines a run's result; a checkpoint resumes only under the same one. `precision`:
+    the optimiser state's and the frozen networks' (RunContext's fields), recorded when not the default."""
     versions = library_versions()
+    defaults = {"optimizer_state": "fp32", "frozen_precision": "auto"}
     return {
         "method": method, "concepts": list(concepts), "config": config_to_dict(config), "seed": seed,
         "mixed_precision": mixed_precision, "base_model_sha256": base_model["sha256"],
+        **{k: v for k, v in precision.items() if v != defaults.get(k)},
         "versions": {k: versions.get(k) for k in ("torch", "diffusers", "transformers")},
     }  # fmt: skip
 
@@ -64,6 +67,8 @@ def erase(
     seed: int = 0,
     device: str = "auto",
     mixed_precision: str = "no",
+    optimizer_state: str = "fp32",
+    frozen_precision: str = "auto",
     resume: bool = False,
     checkpoint_every: int = 50,
     progress: bool = True,
@@ -98,10 +103,11 @@ def erase(
     run_dir = RunDirectory(check_writable(default_out_dir(method, concepts) if out is None else out), resume=resume)
     run_dir.check()  # before hashing the base, which takes seconds on SD
     base_model = source.describe()  # hashes the base's weights: the run and its checkpoints are tied to them
+    precision = {"optimizer_state": optimizer_state, "frozen_precision": frozen_precision}
     run = RunContext(
         seed=seed, device=device, mixed_precision=mixed_precision, checkpoint_dir=run_dir.checkpoint_dir,
-        checkpoint_every=checkpoint_every, resume=resume, progress=progress, after_step=after_step,
-        fingerprint=run_fingerprint(method, concepts, config, seed, mixed_precision, base_model),
+        checkpoint_every=checkpoint_every, resume=resume, progress=progress, after_step=after_step, **precision,
+        fingerprint=run_fingerprint(method, concepts, config, seed, mixed_precision, base_model, **precision),
     )  # fmt: skip
     # Under several processes (accelerate launch, torchrun) every process trains; the main one
     # alone owns the run folder. All check it before any of them creates anything.
@@ -138,6 +144,8 @@ def erase(
                 "method": method, "paper": spec.paper.title, "paper_url": spec.paper.url,
                 "concepts": concepts, "base_model": base_model, "config": config_to_dict(config),
                 "seed": seed, "device": device, "mixed_precision": mixed_precision, "processes": run.num_processes,
+                "optimizer_state": optimizer_state, "frozen_precision": frozen_precision,
+                "frozen_dtype": str(run.frozen_dtype).removeprefix("torch."),
                 "changed_components": result.changed, "save": save, "stored_components": stored,
                 "trainable_parameters": result.trainable_parameters, "changed_component_parameters": total,
                 "final_logs": result.logs, **result.outcome, **lora,

@@ -121,9 +121,9 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
     with torch.no_grad(), as_original():
         uncond_orig = model.encode([""], te_orig)
 
-    optimizer = torch.optim.Adam(
-        [p for p in trained.parameters() if p.requires_grad], lr=config.lr, betas=tuple(config.adam_betas)
-    )
+    if not config.lora_rank:
+        run.halve_frozen(original)  # only ever called inside the loop, under autocast
+    optimizer = run.adam([p for p in trained.parameters() if p.requires_grad], config.lr, config.adam_betas)
     loop = TrainingLoop(
         run, {config.component: Network(trained, optimizer)}, desc="esd",
     )  # fmt: skip

@@ -242,9 +242,9 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     encoder.train()
     model.unet.eval()
     scheduler = model.scheduler
-    optimizer = torch.optim.AdamW(
-        [p for p in encoder.parameters() if p.requires_grad], lr=config.lr, betas=tuple(config.adam_betas),
-        eps=config.adam_eps, weight_decay=0.0 if config.scope == TOKENS else config.weight_decay,
+    optimizer = run.adam(
+        [p for p in encoder.parameters() if p.requires_grad], config.lr, config.adam_betas, eps=config.adam_eps,
+        weight_decay=0.0 if config.scope == TOKENS else config.weight_decay, decoupled=True,
     )  # fmt: skip
     state = {"order": torch.arange(n), "stopped_at_epoch": 0, "presence": -1.0, "checks_below": 0}
     loop = TrainingLoop(run, {"text_encoder": Network(encoder, optimizer)}, desc="fewshot", state=state)  # fmt: skip
@@ -280,7 +280,8 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
                 loop.stop()
         return logs
 
-    logs = loop.fit(step_fn, config.steps)
+    with run.frozen_weights(model.unet):
+        logs = loop.fit(step_fn, config.steps)
     encoder.eval()
     epochs_run = state["stopped_at_epoch"] or math.ceil(config.steps / per_epoch)
     updates = state["stopped_at_epoch"] * per_epoch or config.steps

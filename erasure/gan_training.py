@@ -76,7 +76,7 @@ class CLIPFeatureDiscriminator(torch.nn.Module):
         return self.head(torch.cat(features, -1)), out.pooler_output
 
 
-def adversarial_networks(generator, discriminator, settings: AdversarialSettings,
+def adversarial_networks(run: RunContext, generator, discriminator, settings: AdversarialSettings,
                          critic: CLIPFeatureDiscriminator | None = None) -> dict[str, Network]:  # fmt: skip
     """The generator, the discriminator (and the vision-aided critic's head) as networks of the
     shared loop, with StyleGAN2's Adam settings (the discriminator's corrected for the lazy R1
@@ -84,11 +84,11 @@ def adversarial_networks(generator, discriminator, settings: AdversarialSettings
     lazy = settings.r1_every / (settings.r1_every + 1)
     beta1, beta2 = settings.betas
     g_params = [p for p in generator.parameters() if p.requires_grad]
-    g_optim = torch.optim.Adam(g_params, lr=settings.lr, betas=(beta1, beta2))
-    d_optim = torch.optim.Adam(discriminator.parameters(), lr=settings.lr * lazy, betas=(beta1**lazy, beta2**lazy))
+    g_optim = run.adam(g_params, settings.lr, (beta1, beta2))
+    d_optim = run.adam(discriminator.parameters(), settings.lr * lazy, (beta1**lazy, beta2**lazy))
     networks = {"generator": Network(generator, g_optim, None), "discriminator": Network(discriminator, d_optim, None)}
     if critic is not None:
-        h_optim = torch.optim.Adam(critic.head.parameters(), lr=settings.lr, betas=(beta1, beta2))
+        h_optim = run.adam(critic.head.parameters(), settings.lr, (beta1, beta2))
         networks["clip_head"] = Network(critic.head, h_optim, None)
     return networks
 

@@ -77,6 +77,8 @@ def attach_lora(module: torch.nn.Module, config: LoraOptions, seed: int) -> int:
     count = 0
     for name, param in module.named_parameters():
         param.requires_grad_(".lora_" in name)
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()  # adapters on a half-precision base still train in float32
         count += param.numel() if param.requires_grad else 0
     return count
 

@@ -193,10 +193,11 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         # and optimiser state for the adapters alone.
         generator = teacher.train().requires_grad_(True)
         attach_lora(generator, config, run.seed or 0)
-        attach_lora(fake, config, (run.seed or 0) + 1)
+        attach_lora(run.halve_frozen(fake), config, (run.seed or 0) + 1)  # the fake's base is not trained
         teacher_scope = lambda: adapters_disabled(generator)  # noqa: E731
     else:
         generator = frozen_copy(teacher).train().requires_grad_(True)
+        run.halve_frozen(teacher)  # after both copies; only called inside the loop, under autocast
     if config.gradient_checkpointing:
         # Every block of the three UNets is recomputed in the backward pass, under the switches it ran with (the
         # teacher is the generator with its adapters off under LoRA; the fake score is queried frozen).
@@ -214,8 +215,7 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         uncond = model.encode([""])
 
     def optimiser(module, lr):
-        trained = [p for p in module.parameters() if p.requires_grad]
-        return torch.optim.Adam(trained, lr=lr, betas=tuple(config.adam_betas))
+        return run.adam([p for p in module.parameters() if p.requires_grad], lr, config.adam_betas)
 
     ema = EMA(generator, config.ema_decay)
     loop = TrainingLoop(

@@ -213,8 +213,8 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
         words: list[torch.Tensor] = []
         for r in range(config.rounds):
             teacher = frozen_copy(searcher)
-            optimizer = torch.optim.Adam([p for p in searcher.parameters() if p.requires_grad], lr=config.search_lr,
-                                         betas=tuple(config.adam_betas))  # fmt: skip
+            optimizer = run.adam([p for p in searcher.parameters() if p.requires_grad], config.search_lr,
+                                 config.adam_betas)
             loop = TrainingLoop(_stage(run, f"search-{r}", run.seed + 1 + 2 * r),
                                 {"unet": Network(searcher, optimizer)}, desc=f"stereo: erase {r + 1}/{config.rounds}",
                                 fingerprint={"stage": f"search-{r}"})  # fmt: skip
@@ -267,8 +267,7 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
     if config.lora_rank:  # stage 2's UNet only: stage 1 erases copies that are thrown away
         trainable = attach_lora(unet, config, run.seed)
     unet.train()
-    optimizer = torch.optim.Adam([p for p in unet.parameters() if p.requires_grad], lr=config.lr,
-                                 betas=tuple(config.adam_betas))  # fmt: skip
+    optimizer = run.adam([p for p in unet.parameters() if p.requires_grad], config.lr, config.adam_betas)
     state = {}
     if config.attack_tokens:  # one set of adversarial embeddings per x_t sample, from random words
         g = torch.Generator().manual_seed(run.seed)

@@ -311,8 +311,7 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
     student = copy.deepcopy(frozen).train()
     trainable = select_trainable_layers(student, config.train_mapping, config.train_torgb, config.resolutions)
     synthesis = FixedNoiseSynthesis(student)
-    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr,
-                                 betas=tuple(config.adam_betas))  # fmt: skip
+    optimizer = run.adam([p for p in student.parameters() if p.requires_grad], config.lr, config.adam_betas)
     loop = TrainingLoop(run, {"generator": Network(synthesis, optimizer, None)}, desc="text2unlearn")  # fmt: skip
     synthesis_train = loop.modules["generator"]
     half = config.batch_size // 2

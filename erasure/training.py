@@ -23,6 +23,8 @@ checkpoints and the run folder.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
 import random
 from collections.abc import Callable
@@ -36,6 +38,8 @@ from pipelines.errors import InputError
 from pipelines.files import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
+OPTIMIZER_STATES = ("fp32", "8bit")
+FROZEN_PRECISIONS = ("auto", "full", "half")
 
 
 @dataclass
@@ -52,6 +56,8 @@ class RunContext:
     after_step: Callable[[int, int, dict], None] | None = None  # (step, total, logs), e.g. the UI's progress
     fingerprint: dict = field(default_factory=dict)  # what determines the result (erasure.api.run_fingerprint)
     sync_every: int | None = None  # steps between host reads of the losses; None: 1 on CPU, 25 on a GPU
+    optimizer_state: str = "fp32"  # "fp32" | "8bit": Adam's moments (8-bit: bitsandbytes, the `gpu` extra)
+    frozen_precision: str = "auto"  # "auto" | "full" | "half": the frozen networks' weights (see `frozen_dtype`)
     _accelerator: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +67,17 @@ class RunContext:
             raise InputError("--device cuda was asked for but CUDA is not available on this machine")
         if self.mixed_precision == "fp16" and not self.device.startswith("cuda"):
             raise InputError("fp16 mixed precision needs --device cuda; use bf16 or no on CPU")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise InputError(f"--optimizer-state must be {' or '.join(OPTIMIZER_STATES)}, not {self.optimizer_state!r}")
+        if self.optimizer_state == "8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise InputError("--optimizer-state 8bit needs bitsandbytes: pip install -e \".[gpu]\" (or bitsandbytes)")
+        if self.frozen_precision not in FROZEN_PRECISIONS:
+            raise InputError(
+                f"--frozen-precision must be {', '.join(FROZEN_PRECISIONS)}, not {self.frozen_precision!r}"
+            )
+        if self.frozen_precision == "half" and self.mixed_precision == "no":
+            raise InputError("--frozen-precision half computes in the mixed precision: add --mixed-precision bf16 "
+                             "(or fp16 on a GPU)")  # fmt: skip
 
     @property
     def accelerator(self):
@@ -68,10 +85,72 @@ class RunContext:
         or `torchrun` this joins the process group)."""
         if self._accelerator is None:
             from accelerate import Accelerator
+            from accelerate.state import AcceleratorState
 
             cpu = not self.device.startswith("cuda")
-            self._accelerator = Accelerator(cpu=cpu, mixed_precision=self.mixed_precision)
+            if AcceleratorState._shared_state.get("_mixed_precision", self.mixed_precision) != self.mixed_precision:
+                # accelerate keeps one precision per process and refuses another; a process that runs several
+                # erasures (the preview, a benchmark) starts this one's afresh. The process group is kept.
+                AcceleratorState._reset_state()
+            # Autocast's cache would keep a half-precision copy of every trained weight for the whole step: at SD
+            # size, with SFD's generator and fake score, 3.4 GB. Casting again at each use costs little (frozen
+            # weights are never cached anyway: `frozen_dtype` is what spares them the cast), and the result is the same.
+            from accelerate.utils import AutocastKwargs
+
+            self._accelerator = Accelerator(cpu=cpu, mixed_precision=self.mixed_precision,
+                                            kwargs_handlers=[AutocastKwargs(cache_enabled=False)])  # fmt: skip
         return self._accelerator
+
+    @property
+    def frozen_dtype(self) -> torch.dtype:
+        """The dtype of the weights a method computes through but does not train (ESD's original, SFD's teacher,
+        the UNet of the text-encoder methods). Half (the mixed precision's dtype) under `half`, and under `auto`
+        on a GPU with mixed precision: autocast computes in it anyway, and then neither recasts the weights at
+        every call nor keeps them in float32. Float32 otherwise, as every CPU result was measured."""
+        half = self.frozen_precision == "half" or (
+            self.frozen_precision == "auto" and self.mixed_precision != "no" and self.device.startswith("cuda")
+        )
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[self.mixed_precision] if half else torch.float32
+
+    def adam(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+             decoupled: bool = False) -> torch.optim.Optimizer:  # fmt: skip
+        """The Adam (AdamW when `decoupled`) of a network's weights: bitsandbytes' blockwise 8-bit moments under
+        `optimizer_state = 8bit` (a quarter of the state; tensors under 4096 values keep 32-bit moments), else
+        torch's, fused into one kernel on a GPU (the same update, fewer launches)."""
+        params, betas = list(params), tuple(betas)
+        if self.optimizer_state == "8bit":
+            import bitsandbytes as bnb
+
+            kind = bnb.optim.AdamW8bit if decoupled else bnb.optim.Adam8bit
+            return kind(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        kind = torch.optim.AdamW if decoupled else torch.optim.Adam
+        fused = {"fused": True} if all(p.is_cuda and p.dtype == torch.float32 for p in params) and params else {}
+        return kind(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **fused)
+
+    def halve_frozen(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` (frozen, not saved) in `frozen_dtype`; see `frozen_weights` for one that is saved."""
+        if self.frozen_dtype != torch.float32:
+            from pipelines.logs import quiet_libraries
+
+            with quiet_libraries():  # diffusers' advice to load in that dtype instead: the module is in memory
+                module.to(self.frozen_dtype)
+        return module
+
+    @contextlib.contextmanager
+    def frozen_weights(self, module: torch.nn.Module):
+        """`module`, frozen and unchanged by the method, in `frozen_dtype` inside the block and back to its own
+        float32 weights after it (kept on the host meanwhile: the run still saves and returns them)."""
+        if self.frozen_dtype == torch.float32:
+            yield module
+            return
+        kept = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        self.halve_frozen(module)
+        try:
+            yield module
+        finally:
+            with torch.no_grad():
+                module.to(torch.float32)
+                module.load_state_dict(kept)
 
     @property
     def steps_between_syncs(self) -> int:
@@ -262,6 +341,9 @@ class TrainingLoop:
         if max_norm is not None:
             accelerator.clip_grad_norm_(list(trainable_parameters(self.modules[name]).values()), max_norm)
         optimizer.step()
+        # Freed now, not at this network's next update: a method that updates several networks in turn (SFD's
+        # fake score and generator, a GAN's two) then never holds two sets of gradients at once.
+        optimizer.zero_grad(set_to_none=True)
 
     def stop(self) -> None:
         """End `fit` after the current step (a method's stopping rule); the run counts as finished."""

@@ -42,3 +42,7 @@ def log_to_stderr(verbose: bool = False) -> None:
         logger.handlers = [handler]
         logger.setLevel(logging.INFO if verbose else logging.WARNING)
         logger.propagate = False
+    # bitsandbytes' CPU backend warns, whenever diffusers or peft imports it, that it cannot fetch a 4-bit matmul
+    # kernel from the Hub: offline that is always so, and the toolkit uses only its 8-bit Adam. The command
+    # line's process is the toolkit's own; an application importing the toolkit keeps the warning.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -46,6 +46,7 @@ CASES = [
     ([*ESD, "--out", "{file}/sub"], "is a file, not a folder", False),
     ([*ESD, "--out", ""], "--out is empty", False),
     ([*ESD, "--save", "changed", "--resume"], "nothing to resume", False),
+    ([*ESD, "--frozen-precision", "half"], "--frozen-precision half computes in the mixed precision", False),
     (["erase", "--method", "esd", "--concept", "cat", "--model", "./nope"], "no such path: ./nope", False),
     (["erase", "--concept", "cat"], "--method is needed", False),
     (["erase", "--method", "esd", "--model", "{tiny}"], "--concept is needed", False),

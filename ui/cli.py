@@ -100,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=None, help="random seed (default: 0)")
     p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="accelerate mixed precision")
     p.add_argument(
+        "--optimizer-state", default=None, choices=["fp32", "8bit"],
+        help="Adam's moment estimates: fp32 (default; torch's Adam, fused on a GPU) or 8bit (bitsandbytes' blockwise "
+        "8-bit Adam, from the gpu extra: a quarter of the optimiser memory, for full-weight SFD on a 24 GB card)",
+    )  # fmt: skip
+    p.add_argument(
+        "--frozen-precision", default=None, choices=["auto", "full", "half"],
+        help="weights of the networks a method computes through but does not train (ESD's original, SFD's teacher, "
+        "the UNet of advunlearn and fewshot): half keeps them in the --mixed-precision dtype; auto (default) is half "
+        "on a GPU under --mixed-precision, full (float32) otherwise",
+    )  # fmt: skip
+    p.add_argument(
         "--save", default="full", choices=["full", "changed", "lora"],
         help="full: a complete pipeline folder, unchanged components linked or copied from the base byte for "
         "byte (default); changed: only the changed components and a reference to the base (by path or hub id "
@@ -290,6 +301,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
         args.model = args.model or recorded_base_model(recorded)
         args.seed = recorded.get("seed", 0) if args.seed is None else args.seed
         args.mixed_precision = args.mixed_precision or recorded.get("mixed_precision")
+        args.optimizer_state = args.optimizer_state or recorded.get("optimizer_state")
+        args.frozen_precision = args.frozen_precision or recorded.get("frozen_precision")
     if args.method is None:
         raise InputError(f"--method is needed; choose one of: {', '.join(METHODS)}")
     sets = ([f"images={args.images}"] if args.images else []) + args.set
@@ -300,6 +313,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     out = erase(
         args.method, args.concept, args.model, out=args.out, config_file=args.config, sets=sets,
         seed=0 if args.seed is None else args.seed, device=args.device, mixed_precision=args.mixed_precision or "no",
+        optimizer_state=args.optimizer_state or "fp32", frozen_precision=args.frozen_precision or "auto",
         resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet,
         model_config=args.model_config, save=args.save,
     )  # fmt: skip
