@@ -49,6 +49,8 @@ METHOD_SETTINGS = {  # a few steps of each paper's setting
     "fewshot": ["images={images}", "stop_below=none"],
     "stereo": ["rounds=1", "search_steps=2", "inversion_steps=2", "num_images=4"],
     "sfd": ["override=a dog", "batch_size=1", "forget_batch=1"],
+    # the GANs' (benchmarks/gan_scale.py): random images as both sets, so that no detector is needed
+    "adapt-unlearn": ["negatives={images}", "positives={images}", "adapt_steps={steps}"],
 }
 RUN_OPTIONS = ("optimizer_state", "frozen_precision", "mixed_precision")
 
@@ -155,7 +157,7 @@ def measure_sampling(folder: Path, device: str, dtype, batch: int, steps: int, b
 
 
 def measure_method(variant: str, folder: Path, scratch: Path, device: str, steps: int, tiny: bool,
-                   save: str = "full") -> dict:  # fmt: skip
+                   save: str = "full", image_size: int | None = None) -> dict:  # fmt: skip
     """`variant`: a method key, with settings after `+` (`sfd+lora_rank=8`); run options among them go to `erase`."""
     from erasure.api import erase
     from erasure.registry import METHODS
@@ -165,9 +167,9 @@ def measure_method(variant: str, folder: Path, scratch: Path, device: str, steps
     options.update(item.split("=", 1) for item in extra if item.split("=", 1)[0] in RUN_OPTIONS)
     extra = [item for item in extra if item.split("=", 1)[0] not in RUN_OPTIONS]
     images = scratch / "images"
-    if method == "fewshot" and not images.is_dir():
-        _write_images(images, 4, 16 if tiny else 512)
-    sets = [s.format(images=images) for s in METHOD_SETTINGS.get(method, [])] + [f"steps={steps}", *extra]
+    if any("{images}" in s for s in METHOD_SETTINGS.get(method, [])) and not images.is_dir():
+        _write_images(images, 4, image_size or (16 if tiny else 512))
+    sets = [s.format(images=images, steps=steps) for s in METHOD_SETTINGS.get(method, [])] + [f"steps={steps}", *extra]
     if tiny:  # the registry's test settings on toy models (PGD of 30 steps would be the same code, only longer)
         sets = [f"{k}={v}" for k, v in METHODS[method].test_settings.items() if k != "steps"] + sets
     stamps: list[float] = []

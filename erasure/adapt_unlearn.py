@@ -139,6 +139,11 @@ class AdaptUnlearnConfig(MethodConfig):
     fisher_samples: int = field(
         default=32, metadata={"bounds": "[1, inf)", "help": "samples of the Fisher information estimate"}
     )
+    fisher_batch: int = field(
+        default=8,
+        metadata={"bounds": "[0, inf)", "help": "images whose graph is held at once for the Fisher's per-sample "
+                  "gradients (0: all; whole minibatch-stddev groups, so the same Fisher up to rounding)"},
+    )  # fmt: skip
     repulsion: Literal["el2", "il2", "nl2"] = field(
         default="el2", metadata={"help": "repulsion form: el2 = exp(-alpha d), il2 = 1/(alpha d), nl2 = -alpha d"}
     )
@@ -182,24 +187,41 @@ TEST_SETTINGS = {"adapt_steps": 3, "steps": 3, "adapted_models": 2, "batch_size"
 # --- the two regularisers ------------------------------------------------------------------------
 
 
+def stddev_chunks(samples: int, group: int, chunk: int) -> list[list[int]]:
+    """The samples' indices split into chunks of about `chunk` (0: one chunk) on which the discriminator computes
+    what it computes on all of them: its minibatch-stddev layer groups sample j with j + m, j + 2m, ... (m =
+    samples / group), so a chunk takes whole groups, in that order. Samples that form no such groups stay whole."""
+    size = min(samples, group)
+    if not chunk or chunk >= samples or size != group or samples % group:
+        return [list(range(samples))]
+    m, per = samples // group, max(1, chunk // group)
+    return [[g * m + j for g in range(group) for j in range(start, min(start + per, m))] for start in range(0, m, per)]
+
+
 def fisher_diagonal(generator, discriminator, samples: int, seed: int, instance_noise: float = 0.0,
-                    ) -> dict[str, torch.Tensor]:  # fmt: skip
+                    chunk: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
     """Diagonal Fisher information of the generator's trainable parameters: the mean over
-    `samples` generated images of the squared gradient of the discriminator's logit of each."""
+    `samples` generated images of the squared gradient of the discriminator's logit of each.
+    The graph of `chunk` images at a time is held for their per-sample backward passes (0: all)."""
     params = trainable_parameters(generator)
     device = next(iter(params.values())).device
     noise = torch.Generator().manual_seed(seed)
     z = torch.randn(samples, generator.config.style_dim, generator=noise).to(device)
-    images = generator(z, randomize_noise=False)
-    if instance_noise > 0:
-        images = images + instance_noise * torch.randn(images.shape, generator=noise).to(device)
-    logits = discriminator(images).flatten()
+    size = generator.config.size
+    jitter = instance_noise * torch.randn((samples, 3, size, size), generator=noise).to(device) if instance_noise > 0 \
+        else None  # fmt: skip
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    for i in range(samples):
-        grads = torch.autograd.grad(logits[i], list(params.values()), retain_graph=i < samples - 1, allow_unused=True)
-        for (name, _), grad in zip(params.items(), grads):
-            if grad is not None:
-                fisher[name] += grad.detach() ** 2 / samples
+    for rows in stddev_chunks(samples, discriminator.stddev_group, chunk):
+        images = generator(z[rows], randomize_noise=False)
+        if jitter is not None:
+            images = images + jitter[rows]
+        logits = discriminator(images).flatten()
+        for i in range(len(rows)):
+            grads = torch.autograd.grad(logits[i], list(params.values()), retain_graph=i < len(rows) - 1,
+                                        allow_unused=True)  # fmt: skip
+            for (name, _), grad in zip(params.items(), grads):
+                if grad is not None:
+                    fisher[name] += grad.detach() ** 2 / samples
     return fisher
 
 
@@ -383,7 +405,7 @@ def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContex
             started = time.time()
             if fisher is None and config.ewc_weight > 0:
                 fisher = fisher_diagonal(model.generator, model.discriminator, config.fisher_samples, run.seed,
-                                         config.instance_noise)  # fmt: skip
+                                         config.instance_noise, config.fisher_batch)  # fmt: skip
             desc = "adapt-unlearn: adapt" + (f" {k + 1}/{config.adapted_models}" if config.adapted_models > 1 else "")
             theta = adapt(model.generator, model.discriminator, negatives, fisher, config,
                           _stage_run(run, f"adapt-{k}", run.seed + 1 + k), stage, desc, clip)  # fmt: skip

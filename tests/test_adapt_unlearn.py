@@ -61,6 +61,44 @@ def test_ewc_is_zero_at_its_anchor_and_grows_away_from_it():
     assert float(ewc_penalty(only_unweighted, anchor, fisher, 10.0)) == 0.0
 
 
+def test_the_fisher_in_chunks_of_whole_stddev_groups_is_the_fisher_of_all_samples_at_once():
+    from erasure.adapt_unlearn import fisher_diagonal, stddev_chunks
+
+    # the discriminator groups sample j with j + 4 (8 samples, groups of 4: m = 2): a chunk takes both groups' rows
+    assert stddev_chunks(8, 4, 4) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert stddev_chunks(8, 4, 0) == stddev_chunks(8, 4, 8) == [list(range(8))]
+    assert stddev_chunks(6, 4, 4) == [list(range(6))]  # 6 is not a multiple of 4: one group of one each, kept whole
+    generator, discriminator = tiny_gan(size=16)
+    generator.requires_grad_(True)
+    whole = fisher_diagonal(generator, discriminator, 8, seed=3, instance_noise=0.1)
+    chunked = fisher_diagonal(generator, discriminator, 8, seed=3, instance_noise=0.1, chunk=4)
+    assert whole.keys() == chunked.keys() and any(v.abs().sum() > 0 for v in whole.values())
+    assert all(torch.allclose(whole[k], chunked[k], rtol=1e-4, atol=1e-12) for k in whole)
+    # consecutive chunks of 4 would group other samples together: another Fisher, which the chunking avoids
+    consecutive = {k: torch.zeros_like(v) for k, v in whole.items()}
+    for half in (slice(0, 4), slice(4, 8)):
+        part = _fisher_of_rows(generator, discriminator, 8, 3, 0.1, half)
+        consecutive = {k: consecutive[k] + part[k] for k in consecutive}
+    assert not all(torch.allclose(whole[k], consecutive[k], rtol=1e-4, atol=1e-12) for k in whole)
+
+
+def _fisher_of_rows(generator, discriminator, samples, seed, instance_noise, rows):
+    """The Fisher terms of `rows` with the discriminator seeing only those rows (a naive chunking)."""
+    noise = torch.Generator().manual_seed(seed)
+    z = torch.randn(samples, generator.config.style_dim, generator=noise)
+    size = generator.config.size
+    jitter = instance_noise * torch.randn((samples, 3, size, size), generator=noise)
+    params = {n: p for n, p in generator.named_parameters() if p.requires_grad}
+    logits = discriminator(generator(z[rows], randomize_noise=False) + jitter[rows]).flatten()
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in range(len(logits)):
+        grads = torch.autograd.grad(logits[i], list(params.values()), retain_graph=True, allow_unused=True)
+        for (name, _), grad in zip(params.items(), grads):
+            if grad is not None:
+                out[name] += grad ** 2 / samples
+    return out
+
+
 def test_stage_two_trains_the_generator_and_never_changes_the_adapted_models():
     generator, discriminator = tiny_gan()
     generator.requires_grad_(True)

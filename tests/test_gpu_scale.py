@@ -69,3 +69,24 @@ def test_the_script_runs_end_to_end_on_a_tiny_flux(tmp_path):
     assert report["erase"]["esd"]["steps_timed"] == 2 and "single_file" not in report
     run = Path(report["erase"]["esd"]["run"])
     assert json.loads((run / "erasure.json").read_text())["lora"]["rank"] == 8 and not (run / "transformer").exists()
+
+
+@pytest.mark.slow
+def test_the_gan_script_runs_adapt_then_unlearn_with_run_options(tmp_path):
+    """`benchmarks/gan_scale.py` (Adapt-then-Unlearn's memory at StyleGAN2 size) on a 16-px GAN: a run option
+    after "+" reaches the run, not the method's config."""
+    script = SCRIPT.parent / "gan_scale.py"
+    command = [sys.executable, str(script), "--tiny", "--device", "cpu", "--steps", "2",
+               "--methods", "adapt-unlearn,adapt-unlearn+optimizer_state=8bit", "--scratch", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout[done.stdout.rindex("\n{\n") + 1 :])
+    assert report["size"] == 16 and report["generator_m"] >= 0
+    for variant in ("adapt-unlearn", "adapt-unlearn+optimizer_state=8bit"):
+        figures = report["erase"][variant]
+        # the registry's test settings adapt two models: 2 + 2 adaptation steps, 2 unlearning steps, 5 gaps timed
+        assert figures["steps_timed"] == 5 and figures["s_per_step_median"] > 0 and figures["peak_rss_gb"] > 0
+        manifest = json.loads((Path(figures["run"]) / "erasure.json").read_text())
+        assert manifest["config"]["adapt_steps"] == 2 and manifest["config"]["steps"] == 2
+        assert manifest["optimizer_state"] == ("8bit" if "8bit" in variant else "fp32")
