@@ -56,7 +56,7 @@ class RunContext:
     after_step: Callable[[int, int, dict], None] | None = None  # (step, total, logs), e.g. the UI's progress
     fingerprint: dict = field(default_factory=dict)  # what determines the result (erasure.api.run_fingerprint)
     sync_every: int | None = None  # steps between host reads of the losses; None: 1 on CPU, 25 on a GPU
-    optimizer_state: str = "fp32"  # "fp32" | "8bit": Adam's moments (8-bit: bitsandbytes, the `gpu` extra)
+    optimizer_state: str = "fp32"  # "fp32" | "8bit": Adam's moments (8-bit: bitsandbytes, the `adam8bit` extra)
     frozen_precision: str = "auto"  # "auto" | "full" | "half": the frozen networks' weights (see `frozen_dtype`)
     _accelerator: object = field(default=None, repr=False)
 
@@ -70,7 +70,7 @@ class RunContext:
         if self.optimizer_state not in OPTIMIZER_STATES:
             raise InputError(f"--optimizer-state must be {' or '.join(OPTIMIZER_STATES)}, not {self.optimizer_state!r}")
         if self.optimizer_state == "8bit" and importlib.util.find_spec("bitsandbytes") is None:
-            raise InputError("--optimizer-state 8bit needs bitsandbytes: pip install -e \".[gpu]\" (or bitsandbytes)")
+            raise InputError("--optimizer-state 8bit needs bitsandbytes: pip install -e \".[adam8bit]\"")
         if self.frozen_precision not in FROZEN_PRECISIONS:
             raise InputError(
                 f"--frozen-precision must be {', '.join(FROZEN_PRECISIONS)}, not {self.frozen_precision!r}"

@@ -77,16 +77,16 @@ def test_the_gan_script_runs_adapt_then_unlearn_with_run_options(tmp_path):
     after "+" reaches the run, not the method's config."""
     script = SCRIPT.parent / "gan_scale.py"
     command = [sys.executable, str(script), "--tiny", "--device", "cpu", "--steps", "2",
-               "--methods", "adapt-unlearn,adapt-unlearn+optimizer_state=8bit", "--scratch", str(tmp_path)]  # fmt: skip
+               "--methods", "adapt-unlearn,adapt-unlearn+mixed_precision=bf16", "--scratch", str(tmp_path)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout[done.stdout.rindex("\n{\n") + 1 :])
     assert report["size"] == 16 and report["generator_m"] >= 0
-    for variant in ("adapt-unlearn", "adapt-unlearn+optimizer_state=8bit"):
+    for variant in ("adapt-unlearn", "adapt-unlearn+mixed_precision=bf16"):
         figures = report["erase"][variant]
         # the registry's test settings adapt two models: 2 + 2 adaptation steps, 2 unlearning steps, 5 gaps timed
         assert figures["steps_timed"] == 5 and figures["s_per_step_median"] > 0 and figures["peak_rss_gb"] > 0
         manifest = json.loads((Path(figures["run"]) / "erasure.json").read_text())
         assert manifest["config"]["adapt_steps"] == 2 and manifest["config"]["steps"] == 2
-        assert manifest["optimizer_state"] == ("8bit" if "8bit" in variant else "fp32")
+        assert manifest["mixed_precision"] == ("bf16" if "bf16" in variant else "no")

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--optimizer-state", default=None, choices=["fp32", "8bit"],
         help="Adam's moment estimates: fp32 (default; torch's Adam, fused on a GPU) or 8bit (bitsandbytes' blockwise "
-        "8-bit Adam, from the gpu extra: a quarter of the optimiser memory, for full-weight SFD on a 24 GB card)",
+        "8-bit Adam, from the adam8bit extra: a quarter of the optimiser memory, e.g. for full-weight SFD at SD 1.x size)",
     )  # fmt: skip
     p.add_argument(
         "--frozen-precision", default=None, choices=["auto", "full", "half"],

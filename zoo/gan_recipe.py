@@ -47,7 +47,7 @@ class AdversarialTraining:
         # digits-clip normalises with mean = std = 0.5: images in [-1, 1] are its pixel values as they are
         self.critic = CLIPFeatureDiscriminator(clip_vision, CLIPFeatureDiscriminator.new_head(clip_vision))
         self.ema = EMA(generator, 0.5 ** (batch / 10_000))  # a half-life of 10k images, as StyleGAN2-ADA
-        networks = adversarial_networks(generator, discriminator, self.settings, self.critic)
+        networks = adversarial_networks(run, generator, discriminator, self.settings, self.critic)
         self.loop = TrainingLoop(run, networks, desc=desc, state={"ema": self.ema, "renders": sampler},
                                  fingerprint=fingerprint)  # fmt: skip
         self.critic.head = self.loop.modules["clip_head"]
