@@ -82,5 +82,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    main()
+    main()  # run as a script, this folder is on the path: gpu_scale imports

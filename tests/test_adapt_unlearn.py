@@ -231,6 +231,8 @@ def test_bad_values_and_folders_are_refused_before_any_model_loads(tmp_path):
         ({"adapt_steps": 0}, "adapt_steps"),
         ({"unlearn_lr": 0.0}, "unlearn_lr"),
         ({"num_negatives": -1}, "num_negatives"),
+        ({"fisher_batch": -1}, "fisher_batch must be >= 0"),
+        ({"fisher_batch": 2.5}, "fisher_batch"),
         ({"instance_noise": float("inf")}, "instance_noise"),
         ({"adam_betas": [0.0, 1.0]}, "adam_betas"),
         ({"classifier": "bogus"}, "classifier must be"),
