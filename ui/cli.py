@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lora-format", choices=["diffusers", "kohya"], default="diffusers",
         help="kohya: also write the LoRA (the run's own, or --as-lora's) in the kohya / sd-scripts layout that "
-        "A1111 and ComfyUI load, as REPO-NAME-lora.safetensors (default: the diffusers file only)",
+        "A1111 and ComfyUI load (FLUX: sd-scripts' FLUX layout of the blocks' layers, for ComfyUI), as "
+        "REPO-NAME-lora.safetensors (default: the diffusers file only)",
     )  # fmt: skip
     p.set_defaults(func=cmd_export)
 

@@ -103,6 +103,10 @@ pipe.set_adapters(["erasure"], adapter_weights=[1.0])
 KOHYA_USAGE = """\
 `{file}` is the same LoRA in the kohya layout, which A1111 and ComfyUI load (put it in their LoRA folder)."""
 
+KOHYA_USAGE_FLUX = """\
+`{file}` is the same LoRA in sd-scripts' FLUX layout (Black Forest Labs' layer names, q, k and v fused), which
+ComfyUI loads (put it in its LoRA folder)."""
+
 ONE_STEP_USAGE = """\
 ## How to use
 
@@ -172,12 +176,13 @@ def export_run(
         _check_as_lora(run, as_lora)
     if lora_format not in ("diffusers", "kohya"):
         raise InputError(f"unknown LoRA format {lora_format!r}; known: diffusers, kohya")
-    if lora_format == "kohya" and run.model_card.get("family") == "flux":
-        raise InputError("--lora-format kohya writes the Stable Diffusion families' layout; FLUX's transformer has "
-                         "none in this version (its diffusers LoRA file is exported)")  # fmt: skip
     if lora_format == "kohya" and as_lora is None and not (run.path / LORA_FILE).is_file():
         raise InputError(f"--lora-format kohya writes a LoRA: {run.path} was not trained as one (--set lora_rank=R); "
                          "reduce it with --as-lora RANK")  # fmt: skip
+    if lora_format == "kohya" and as_lora is None and run.model_card.get("family") == "flux":
+        from pipelines.kohya import check_flux_layers
+
+        check_flux_layers(run.path / LORA_FILE)
     if local_dir is not None:
         local_dir = Path(local_dir).expanduser().resolve()
         if local_dir.exists():
@@ -611,7 +616,8 @@ def _usage(run: Run, repo_id: str, single_file: bool, lora: bool = False, kohya:
         base_name = base["spec"] if base.get("origin") == "hub" else "BASE-MODEL"
         parts.append(LORA_USAGE.format(repo_id=repo_id, base=base_name, lora_file=LORA_FILE))
     if kohya:
-        parts.append(KOHYA_USAGE.format(file=kohya_file_name(repo_id)))
+        template = KOHYA_USAGE_FLUX if run.model_card.get("family") == "flux" else KOHYA_USAGE
+        parts.append(template.format(file=kohya_file_name(repo_id)))
     return "\n\n".join(parts)
 
 
