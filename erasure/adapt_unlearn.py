@@ -51,6 +51,7 @@ from .gan_training import (
     real_batch,
     sample_pool,
     split_pool,
+    stddev_chunks,
 )
 from .training import (
     ErasureResult,
@@ -144,6 +145,12 @@ class AdaptUnlearnConfig(MethodConfig):
         metadata={"bounds": "[0, inf)", "help": "images whose graph is held at once for the Fisher's per-sample "
                   "gradients (0: all; whole minibatch-stddev groups, so the same Fisher up to rounding)"},
     )  # fmt: skip
+    micro_batch: int = field(
+        default=0,
+        metadata={"bounds": "[0, inf)", "help": "images per forward and backward pass of a training step, the "
+                  "gradients accumulated (0: the whole batch; whole minibatch-stddev groups, so the same update up to "
+                  "rounding): the activations of a batch that does not fit at once"},
+    )  # fmt: skip
     repulsion: Literal["el2", "il2", "nl2"] = field(
         default="el2", metadata={"help": "repulsion form: el2 = exp(-alpha d), il2 = 1/(alpha d), nl2 = -alpha d"}
     )
@@ -185,17 +192,6 @@ TEST_SETTINGS = {"adapt_steps": 3, "steps": 3, "adapted_models": 2, "batch_size"
 
 
 # --- the two regularisers ------------------------------------------------------------------------
-
-
-def stddev_chunks(samples: int, group: int, chunk: int) -> list[list[int]]:
-    """The samples' indices split into chunks of about `chunk` (0: one chunk) on which the discriminator computes
-    what it computes on all of them: its minibatch-stddev layer groups sample j with j + m, j + 2m, ... (m =
-    samples / group), so a chunk takes whole groups, in that order. Samples that form no such groups stay whole."""
-    size = min(samples, group)
-    if not chunk or chunk >= samples or size != group or samples % group:
-        return [list(range(samples))]
-    m, per = samples // group, max(1, chunk // group)
-    return [[g * m + j for g in range(group) for j in range(start, min(start + per, m))] for start in range(0, m, per)]
 
 
 def fisher_diagonal(generator, discriminator, samples: int, seed: int, instance_noise: float = 0.0,
@@ -289,7 +285,7 @@ def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, t
 
     def step_fn(step: int) -> dict[str, float]:
         real = real_batch(negatives, config.batch_size, run)
-        return adversarial_step(loop, real, step, settings, ewc if fisher else None, critic)
+        return adversarial_step(loop, real, step, settings, ewc if fisher else None, critic, config.micro_batch)
 
     loop.fit(step_fn, config.adapt_steps)
     return {n: p.detach().clone() for n, p in params.items()}
@@ -320,7 +316,7 @@ def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dic
             distance["d"] = parameter_distance(params, adapted)
             return config.weight * repulsion(distance["d"], config.repulsion, config.alpha)
 
-        logs = adversarial_step(loop, real, step, settings, term, critic)
+        logs = adversarial_step(loop, real, step, settings, term, critic, config.micro_batch)
         return {**logs, "distance": distance["d"].detach()}
 
     return loop.fit(step_fn, config.steps)

@@ -96,16 +96,36 @@ def adversarial_networks(run: RunContext, generator, discriminator, settings: Ad
 GeneratorTerm = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
+def stddev_chunks(samples: int, group: int, chunk: int) -> list[list[int]]:
+    """The samples' indices split into chunks of about `chunk` (0: one chunk) on which the discriminator computes
+    what it computes on all of them: its minibatch-stddev layer groups sample j with j + m, j + 2m, ... (m =
+    samples / group), so a chunk takes whole groups, in that order. Samples that form no such groups stay whole."""
+    size = min(samples, group)
+    if not chunk or chunk >= samples or size != group or samples % group:
+        return [list(range(samples))]
+    m, per = samples // group, max(1, chunk // group)
+    return [[g * m + j for g in range(group) for j in range(start, min(start + per, m))] for start in range(0, m, per)]
+
+
 def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings: AdversarialSettings,
-                     generator_term: GeneratorTerm | None = None,
-                     critic: CLIPFeatureDiscriminator | None = None) -> dict[str, float]:  # fmt: skip
+                     generator_term: GeneratorTerm | None = None, critic: CLIPFeatureDiscriminator | None = None,
+                     micro_batch: int = 0) -> dict[str, float]:  # fmt: skip
     """One discriminator update on `real` ([B, 3, S, S] in [-1, 1], this process's rows) against
     fresh samples (and one of the vision-aided critic's head, whose prepared module `critic.head`
     must be), then one generator update. `generator_term(images, pooled)` adds to the generator's
     loss: `images` are the generator's samples of this update (before instance noise), `pooled` the
-    vision-aided critic's pooled CLIP features of them (after it; None without a critic)."""
+    vision-aided critic's pooled CLIP features of them (after it; None without a critic); it must be
+    a mean over the images, or not depend on them.
+
+    `micro_batch` > 0: each update's forward and backward passes take about that many images at a
+    time, the gradients accumulated (each part's loss weighted by its share of the batch), so that
+    only one part's graph is held. The parts are whole minibatch-stddev groups of the discriminator,
+    and every random draw is made for the whole batch first, in the same order: the update is the
+    whole batch's up to rounding. 0, or a batch without such groups: the whole batch at once."""
     generator, discriminator = loop.modules["generator"], loop.modules["discriminator"]
     run, style_dim = loop.run, _unwrap(generator).config.style_dim
+    chunks = stddev_chunks(len(real), _unwrap(discriminator).stddev_group, micro_batch)
+    parts = [(rows, len(rows) / len(real)) for rows in chunks] if len(chunks) > 1 else [(slice(None), 1.0)]
 
     def global_randn(*local_shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Noise drawn for the global batch (every process draws the same), this process's rows of it:
@@ -113,54 +133,84 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
         rows, *rest = local_shape
         return run.shard(torch.randn(rows * run.num_processes, *rest, device=real.device, dtype=dtype))
 
-    def noisy(images: torch.Tensor) -> torch.Tensor:
+    def jitter(like: torch.Tensor) -> torch.Tensor | float:
+        """Instance noise for images shaped as `like`."""
         if settings.instance_noise <= 0:
-            return images
-        return images + settings.instance_noise * global_randn(*images.shape, dtype=images.dtype)
+            return 0.0
+        return settings.instance_noise * global_randn(*like.shape, dtype=like.dtype)
 
-    def generate(rows: int) -> torch.Tensor:
-        """Samples with fresh latents and per-layer noise maps, drawn for the global batch in the order the
-        generator would draw them itself."""
-        z = global_randn(rows, style_dim)
-        maps = [global_randn(rows, *fixed.shape[1:]) for fixed in _unwrap(generator).fixed_noise()]
-        return generator(z, noise=maps)
+    def latents() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Fresh latents and per-layer noise maps for the global batch, in the order the generator would draw them
+        itself."""
+        z = global_randn(len(real), style_dim)
+        return z, [global_randn(len(real), *fixed.shape[1:]) for fixed in _unwrap(generator).fixed_noise()]
 
-    def logistic(critic_fn, fake_images, real_images) -> torch.Tensor:
-        return F.softplus(critic_fn(noisy(fake_images))).mean() + F.softplus(-critic_fn(noisy(real_images))).mean()
+    def generate(drawn, rows) -> torch.Tensor:
+        z, maps = drawn
+        return generator(z[rows], noise=[m[rows] for m in maps])
 
-    with torch.no_grad():
-        fake = generate(len(real))
+    def noisy(images: torch.Tensor, noise: torch.Tensor | float, rows) -> torch.Tensor:
+        return images if settings.instance_noise <= 0 else images + noise[rows]
+
+    def logistic(critic_fn, fake_noise, real_noise, rows) -> torch.Tensor:
+        return (F.softplus(critic_fn(noisy(fake[rows], fake_noise, rows))).mean()
+                + F.softplus(-critic_fn(noisy(real[rows], real_noise, rows))).mean())  # fmt: skip
+
     logs = {}
+    with torch.no_grad():
+        drawn = latents()
+        fake = torch.cat([generate(drawn, rows) for rows, _ in parts])
+        if len(parts) > 1:  # back in batch order
+            fake = fake[torch.argsort(torch.tensor(sum(chunks, []), device=fake.device))]
     if critic is not None:
-        loss_head = logistic(lambda x: critic(x)[0], fake, real)
-        loop.update("clip_head", loss_head)
-        logs["clip"] = loss_head.detach()
-    loss_d = logistic(discriminator, fake, real)
-    logs["d"] = loss_d.detach()
-    if settings.r1 > 0 and step % settings.r1_every == 0:
-        real = real.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(discriminator(noisy(real)).sum(), real, create_graph=True)
-        r1 = grad.pow(2).sum([1, 2, 3]).mean()
-        loss_d = loss_d + settings.r1 / 2 * r1 * settings.r1_every
-        logs["r1"] = r1.detach()
-    loop.update("discriminator", loss_d)
+        noises = jitter(fake), jitter(real)
+        logs["clip"] = 0.0
+        for rows, share in parts:
+            loss_head = share * logistic(lambda x: critic(x)[0], *noises, rows)
+            loop.accumulate("clip_head", loss_head)
+            logs["clip"] += loss_head.detach()
+        loop.update("clip_head")
+    noises = jitter(fake), jitter(real)
+    penalised = settings.r1 > 0 and step % settings.r1_every == 0
+    r1_noise = jitter(real) if penalised else 0.0
+    logs["d"] = 0.0
+    if penalised:
+        logs["r1"] = 0.0
+    for rows, share in parts:
+        loss_d = share * logistic(discriminator, *noises, rows)
+        logs["d"] += loss_d.detach()
+        if penalised:
+            real_rows = real[rows].detach().requires_grad_(True)
+            scores = discriminator(noisy(real_rows, r1_noise, rows)).sum()
+            (grad,) = torch.autograd.grad(scores, real_rows, create_graph=True)
+            r1 = share * grad.pow(2).sum([1, 2, 3]).mean()
+            loss_d = loss_d + settings.r1 / 2 * r1 * settings.r1_every
+            logs["r1"] += r1.detach()
+        loop.accumulate("discriminator", loss_d)
+    loop.update("discriminator")
 
     critics = [discriminator] + ([critic.head] if critic is not None else [])
     for module in critics:  # frozen while the generator steps
         module.requires_grad_(False)
-    images = generate(len(real))
-    fake = noisy(images)
-    loss_g = F.softplus(-discriminator(fake)).mean()
-    pooled = None
-    if critic is not None:
-        critic_logits, pooled = critic(fake)
-        loss_g = loss_g + F.softplus(-critic_logits).mean()
-    logs["g"] = loss_g.detach()
+    drawn, noise = latents(), jitter(fake)
+    logs["g"] = 0.0
     if generator_term is not None:
-        term = generator_term(images, pooled)
-        logs["term"] = term.detach()
-        loss_g = loss_g + term
-    loop.update("generator", loss_g)
+        logs["term"] = 0.0
+    for rows, share in parts:
+        images = generate(drawn, rows)
+        seen = noisy(images, noise, rows)
+        loss_g = F.softplus(-discriminator(seen)).mean()
+        pooled = None
+        if critic is not None:
+            critic_logits, pooled = critic(seen)
+            loss_g = loss_g + F.softplus(-critic_logits).mean()
+        logs["g"] += share * loss_g.detach()
+        if generator_term is not None:
+            term = generator_term(images, pooled)
+            logs["term"] += share * term.detach()
+            loss_g = loss_g + term
+        loop.accumulate("generator", share * loss_g)
+    loop.update("generator")
     for module in critics:
         module.requires_grad_(True)
     return logs

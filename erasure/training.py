@@ -329,14 +329,27 @@ class TrainingLoop:
         self.modules: dict[str, torch.nn.Module] = {}  # what the step function calls: the prepared modules
         self._optimizers = {}
         self._stop_requested = False
+        self._accumulating: set[str] = set()
         for name, network in networks.items():
             self.modules[name], self._optimizers[name] = accelerator.prepare(network.module, network.optimizer)
 
-    def update(self, name: str, loss: torch.Tensor) -> None:
-        """One optimiser step of network `name` on `loss` (gradients averaged over the processes)."""
+    def accumulate(self, name: str, loss: torch.Tensor) -> None:
+        """Backpropagate `loss` into network `name`'s gradients, kept for its next `update`: one micro-batch of a
+        step whose whole batch would not fit at once (each micro-batch's graph is freed before the next)."""
+        if name not in self._accumulating:
+            self._optimizers[name].zero_grad(set_to_none=True)
+            self._accumulating.add(name)
+        self.run.accelerator.backward(loss)
+
+    def update(self, name: str, loss: torch.Tensor | None = None) -> None:
+        """One optimiser step of network `name` on `loss` and what `accumulate` gathered since its last step
+        (gradients averaged over the processes)."""
         accelerator, optimizer = self.run.accelerator, self._optimizers[name]
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        if name not in self._accumulating:
+            optimizer.zero_grad(set_to_none=True)
+        self._accumulating.discard(name)
+        if loss is not None:
+            accelerator.backward(loss)
         max_norm = self.networks[name].max_grad_norm
         if max_norm is not None:
             accelerator.clip_grad_norm_(list(trainable_parameters(self.modules[name]).values()), max_norm)

@@ -99,6 +99,44 @@ def _fisher_of_rows(generator, discriminator, samples, seed, instance_noise, row
     return out
 
 
+def _adversarial_step(micro_batch: int) -> dict[str, torch.Tensor]:
+    """Both networks' weights after one StyleGAN2 step (R1 and instance noise on, an EWC-like parameter term)
+    with plain SGD, whose update is the gradient itself: no Adam normalisation to magnify rounding."""
+    from erasure.gan_training import AdversarialSettings, adversarial_step
+    from erasure.training import Network, TrainingLoop
+
+    generator, discriminator = tiny_gan()
+    generator.requires_grad_(True)
+    discriminator.requires_grad_(True)
+    anchor = {n: p.detach().clone() + 0.01 for n, p in generator.named_parameters()}
+    networks = {name: Network(module, torch.optim.SGD(module.parameters(), lr=1.0), None)
+                for name, module in (("generator", generator), ("discriminator", discriminator))}  # fmt: skip
+    loop = TrainingLoop(RunContext(seed=0, progress=False), networks, desc="test")
+    settings = AdversarialSettings(lr=1.0, betas=(0.0, 0.99), r1=10.0, r1_every=1, instance_noise=0.1)
+    torch.manual_seed(5)
+
+    def term(images, pooled):
+        return sum(((p - anchor[n]) ** 2).sum() for n, p in generator.named_parameters())
+
+    logs = adversarial_step(loop, torch.rand(8, 3, 16, 16) * 2 - 1, 0, settings, term, micro_batch=micro_batch)
+    assert set(logs) == {"d", "r1", "g", "term"}
+    return {f"{name}.{n}": p.detach().clone() for name, module in (("g", generator), ("d", discriminator))
+            for n, p in module.named_parameters()}  # fmt: skip
+
+
+def test_a_micro_batched_adversarial_step_is_the_whole_batch_step():
+    """micro_batch=4 on a batch of 8 (stddev groups of 4: two parts of whole groups, samples 0, 2, 4, 6 and 1, 3,
+    5, 7): the same noise, the same discriminator inputs, the gradients accumulated: both networks take the step
+    of the whole batch."""
+    before = {f"{name}.{n}": p.detach().clone() for name, module in zip("gd", tiny_gan())
+              for n, p in module.named_parameters()}  # fmt: skip
+    whole, micro = _adversarial_step(0), _adversarial_step(4)
+    moved = [k for k in whole if not torch.equal(whole[k], before[k])]
+    assert any(k.startswith("g.") for k in moved) and any(k.startswith("d.") for k in moved)
+    for key in whole:
+        assert torch.allclose(whole[key], micro[key], rtol=1e-5, atol=1e-6), key
+
+
 def test_stage_two_trains_the_generator_and_never_changes_the_adapted_models():
     generator, discriminator = tiny_gan()
     generator.requires_grad_(True)
@@ -233,6 +271,7 @@ def test_bad_values_and_folders_are_refused_before_any_model_loads(tmp_path):
         ({"num_negatives": -1}, "num_negatives"),
         ({"fisher_batch": -1}, "fisher_batch must be >= 0"),
         ({"fisher_batch": 2.5}, "fisher_batch"),
+        ({"micro_batch": -1}, "micro_batch must be >= 0"),
         ({"instance_noise": float("inf")}, "instance_noise"),
         ({"adam_betas": [0.0, 1.0]}, "adam_betas"),
         ({"classifier": "bogus"}, "classifier must be"),
