@@ -90,3 +90,20 @@ def test_the_gan_script_runs_adapt_then_unlearn_with_run_options(tmp_path):
         manifest = json.loads((Path(figures["run"]) / "erasure.json").read_text())
         assert manifest["config"]["adapt_steps"] == 2 and manifest["config"]["steps"] == 2
         assert manifest["mixed_precision"] == ("bf16" if "bf16" in variant else "no")
+
+
+def test_the_device_session_script_time_boxes_its_parts(tmp_path):
+    """`benchmarks/device_session.sh` (the prepared commands of a session lent a GPU), checked on toy components:
+    a part's JSON and its line in parts.jsonl; an unknown part is refused."""
+    script = SCRIPT.parent / "device_session.sh"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEVICE_SESSION_TINY": "1", "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(script), "gan"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [line] = [json.loads(text) for text in (tmp_path / "parts.jsonl").read_text().splitlines()]
+    assert line["part"] == "gan" and line["exit"] == 0
+    output = (tmp_path / "gan.json").read_text()
+    report = json.loads(output[output.rindex("\n{\n") + 1 :])
+    assert set(report["erase"]) == {"adapt-unlearn", "adapt-unlearn+micro_batch=4"}
+    assert all("error" not in figures for figures in report["erase"].values())
+    refused = subprocess.run(["bash", str(script), "sd3"], capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 2 and "unknown part sd3" in refused.stderr

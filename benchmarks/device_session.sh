@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU figures of issues 39 (speed, memory), 40 (SDXL) and 41 (FLUX) for a session lent a device machine
+# (15 minutes of device time in all, at most 10 minutes a command), run from the repository root:
+#
+#     bash benchmarks/device_session.sh sd1 main     # ~8 min: issue 39's sampling ratio, steps, SFD's peak, main job
+#     bash benchmarks/device_session.sh sdxl flux    # ~8 min: issues 40 and 41
+#     bash benchmarks/device_session.sh gan          # ~3 min: Adapt-then-Unlearn at 256 px, with and without micro-batches
+#
+# (device tool: carry [".wheels"]). The device machine has torch, transformers and accelerate but not the rest;
+# fetch their wheels here once, into the ignored folder .wheels (never into the repository root):
+#
+#     pip download --no-deps -d .wheels diffusers==0.42.1 peft==0.21.2 open_clip_torch==3.3.0 ftfy wcwidth \
+#         importlib_metadata
+#
+# Each part is time-boxed; its JSON goes to $OUT/PART.json (what it printed before a cut-off included), its log to
+# $OUT/PART.log, and one line per part to $OUT/parts.jsonl (exit status 124: cut off by its box). With
+# DEVICE_SESSION_TINY=1 every part runs on toy components on the CPU in seconds: the check of this script.
+set -u
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+if [ -n "${DEVICE_SESSION_TINY:-}" ]; then
+    scale=(--tiny --device cpu) main=(--seeds 1 --set steps=2 --set warmup=1) box=600
+else
+    scale=() main=() box=0
+    pip install -q --no-deps .wheels/*.whl && pip install -q --no-deps -e . || exit 1
+fi
+
+part() {  # part NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (or $box where set)
+    local name=$1 limit=$2 started=$SECONDS
+    shift 2
+    timeout "$((box > 0 ? box : limit))" "$@" > "$OUT/$name.json" 2> "$OUT/$name.log"
+    local status=$?
+    echo "{\"part\": \"$name\", \"exit\": $status, \"seconds\": $((SECONDS - started))}" | tee -a "$OUT/parts.jsonl"
+}
+
+sd1_methods=esd,advunlearn,fewshot,sfd+lora_rank=8,sfd+gradient_checkpointing=true
+if python -c "import bitsandbytes" 2> /dev/null; then
+    sd1_methods=$sd1_methods,sfd+gradient_checkpointing=true+optimizer_state=8bit
+fi
+for name in "$@"; do
+    case $name in
+        # fp16 sampling at batch 16 and 25 steps against plain diffusers; each method's s/step and peak memory
+        sd1) part sd1 330 python benchmarks/gpu_scale.py --family sd1 --methods "$sd1_methods" --batch 16 "${scale[@]}" ;;
+        # the README's main job (its erase_time_s) and its quality, to set beside the CPU's
+        main) part main 150 python benchmarks/erasure_quality.py --method advunlearn --concept seven "${main[@]}" ;;
+        sdxl) part sdxl 240 python benchmarks/gpu_scale.py --family sdxl --methods esd,advunlearn --steps 4 --batch 8 \
+            "${scale[@]}" ;;
+        flux) part flux 240 python benchmarks/gpu_scale.py --family flux --methods esd --steps 4 --batch 2 \
+            --sample-steps 28 "${scale[@]}" ;;
+        gan) part gan 180 python benchmarks/gan_scale.py --size 256 --steps 2 \
+            --methods adapt-unlearn,adapt-unlearn+micro_batch=4 "${scale[@]}" ;;
+        *) echo "unknown part $name (sd1, main, sdxl, flux, gan)" >&2; exit 2 ;;
+    esac
+done
+echo "figures in $OUT"
