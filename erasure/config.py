@@ -240,13 +240,19 @@ def build_config(method: str, family, *layers: dict[str, Any]):
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
-    for layer in (family.preset(method), *layers):
+    preset = family.preset(method)
+    for layer in (preset, *layers):
         for key, value in layer.items():
             if key not in fields:
                 renamed = f" ({key} is now {RENAMED_OPTIONS[key]})" if key in RENAMED_OPTIONS else ""
                 raise InputError(f"unknown option {key!r} for {cls.__name__}{renamed}; valid options: "
                                  f"{', '.join(fields)}")  # fmt: skip
             values[key] = coerce(key, hints[key], value)
+    chosen = {key for layer in layers for key in layer}
+    if "lora_rank" in chosen and values["lora_rank"] == 0:  # full weights: the preset's adapter settings go too
+        for key in ("lora_alpha", "lora_targets"):
+            if key in preset and key not in chosen:
+                del values[key]
     for name, f in fields.items():
         check_field(f, values[name] if name in values else _default(f))
     try:

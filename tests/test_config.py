@@ -21,6 +21,18 @@ def test_yaml_then_set_override_the_family_preset(tmp_path):
     assert build_config("esd", "sd1").ddim_steps == 50  # the paper's default elsewhere
 
 
+def test_full_weights_over_a_lora_preset_drop_the_presets_adapter_settings():
+    """FLUX's ESD preset is a LoRA (EraseAnything's rank, alpha and targets): `--set lora_rank=0` asks for full
+    weights, and the preset's alpha and targets go with its rank; the user's own are still refused without one."""
+    preset = build_config("esd", "flux")
+    assert preset.lora_rank == 8 and preset.lora_alpha == 8 and preset.lora_targets
+    full = build_config("esd", "flux", parse_sets(["lora_rank=0"]))
+    assert full.lora_rank == 0 and full.lora_alpha is None and full.lora_targets == []
+    assert full.lr == preset.lr and full.scope == preset.scope  # the rest of the preset stays
+    with pytest.raises(InputError, match="need lora_rank > 0"):
+        build_config("esd", "flux", parse_sets(["lora_rank=0", "lora_targets=to_q"]))
+
+
 def test_every_config_shares_the_common_options_and_one_check():
     from erasure.config import MethodConfig
 
