@@ -121,7 +121,8 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
     time, the gradients accumulated (each part's loss weighted by its share of the batch), so that
     only one part's graph is held. The parts are whole minibatch-stddev groups of the discriminator,
     and every random draw is made for the whole batch first, in the same order: the update is the
-    whole batch's up to rounding. 0, or a batch without such groups: the whole batch at once."""
+    whole batch's up to rounding; under several processes gradients are exchanged after the last part only.
+    0, or a batch without such groups: the whole batch at once."""
     generator, discriminator = loop.modules["generator"], loop.modules["discriminator"]
     run, style_dim = loop.run, _unwrap(generator).config.style_dim
     chunks = stddev_chunks(len(real), _unwrap(discriminator).stddev_group, micro_batch)
@@ -165,9 +166,10 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
     if critic is not None:
         noises = jitter(fake), jitter(real)
         logs["clip"] = 0.0
-        for rows, share in parts:
-            loss_head = share * logistic(lambda x: critic(x)[0], *noises, rows)
-            loop.accumulate("clip_head", loss_head)
+        for i, (rows, share) in enumerate(parts):
+            with loop.micro_batch("clip_head", last=i == len(parts) - 1):
+                loss_head = share * logistic(lambda x: critic(x)[0], *noises, rows)
+                loop.accumulate("clip_head", loss_head)
             logs["clip"] += loss_head.detach()
         loop.update("clip_head")
     noises = jitter(fake), jitter(real)
@@ -176,17 +178,18 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
     logs["d"] = 0.0
     if penalised:
         logs["r1"] = 0.0
-    for rows, share in parts:
-        loss_d = share * logistic(discriminator, *noises, rows)
-        logs["d"] += loss_d.detach()
-        if penalised:
-            real_rows = real[rows].detach().requires_grad_(True)
-            scores = discriminator(noisy(real_rows, r1_noise, rows)).sum()
-            (grad,) = torch.autograd.grad(scores, real_rows, create_graph=True)
-            r1 = share * grad.pow(2).sum([1, 2, 3]).mean()
-            loss_d = loss_d + settings.r1 / 2 * r1 * settings.r1_every
-            logs["r1"] += r1.detach()
-        loop.accumulate("discriminator", loss_d)
+    for i, (rows, share) in enumerate(parts):
+        with loop.micro_batch("discriminator", last=i == len(parts) - 1):
+            loss_d = share * logistic(discriminator, *noises, rows)
+            logs["d"] += loss_d.detach()
+            if penalised:
+                real_rows = real[rows].detach().requires_grad_(True)
+                scores = discriminator(noisy(real_rows, r1_noise, rows)).sum()
+                (grad,) = torch.autograd.grad(scores, real_rows, create_graph=True)
+                r1 = share * grad.pow(2).sum([1, 2, 3]).mean()
+                loss_d = loss_d + settings.r1 / 2 * r1 * settings.r1_every
+                logs["r1"] += r1.detach()
+            loop.accumulate("discriminator", loss_d)
     loop.update("discriminator")
 
     critics = [discriminator] + ([critic.head] if critic is not None else [])
@@ -196,20 +199,21 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
     logs["g"] = 0.0
     if generator_term is not None:
         logs["term"] = 0.0
-    for rows, share in parts:
-        images = generate(drawn, rows)
-        seen = noisy(images, noise, rows)
-        loss_g = F.softplus(-discriminator(seen)).mean()
-        pooled = None
-        if critic is not None:
-            critic_logits, pooled = critic(seen)
-            loss_g = loss_g + F.softplus(-critic_logits).mean()
-        logs["g"] += share * loss_g.detach()
-        if generator_term is not None:
-            term = generator_term(images, pooled)
-            logs["term"] += share * term.detach()
-            loss_g = loss_g + term
-        loop.accumulate("generator", share * loss_g)
+    for i, (rows, share) in enumerate(parts):
+        with loop.micro_batch("generator", last=i == len(parts) - 1):
+            images = generate(drawn, rows)
+            seen = noisy(images, noise, rows)
+            loss_g = F.softplus(-discriminator(seen)).mean()
+            pooled = None
+            if critic is not None:
+                critic_logits, pooled = critic(seen)
+                loss_g = loss_g + F.softplus(-critic_logits).mean()
+            logs["g"] += share * loss_g.detach()
+            if generator_term is not None:
+                term = generator_term(images, pooled)
+                logs["term"] += share * term.detach()
+                loss_g = loss_g + term
+            loop.accumulate("generator", share * loss_g)
     loop.update("generator")
     for module in critics:
         module.requires_grad_(True)

@@ -341,6 +341,12 @@ class TrainingLoop:
             self._accumulating.add(name)
         self.run.accelerator.backward(loss)
 
+    def micro_batch(self, name: str, last: bool):
+        """The context of one micro-batch's forward and backward passes into network `name`: under several
+        processes gradients are exchanged once, after the `last` (accumulated locally before it: averaging is
+        linear), not once per micro-batch."""
+        return contextlib.nullcontext() if last else self.run.accelerator.no_sync(self.modules[name])
+
     def update(self, name: str, loss: torch.Tensor | None = None) -> None:
         """One optimiser step of network `name` on `loss` and what `accumulate` gathered since its last step
         (gradients averaged over the processes)."""

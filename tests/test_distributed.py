@@ -142,6 +142,30 @@ def test_every_method_trains_as_one_on_two_processes(key, tmp_path):
     assert moved > 0.05 and gap < ROUNDING_SHARE.get(key, 1e-2) * moved, (moved, gap)
 
 
+def test_micro_batches_on_two_processes_train_as_the_whole_batch(tmp_path):
+    """Adapt-then-Unlearn with micro_batch=4 on 8 rows per process: two parts of whole minibatch-stddev groups, the
+    first accumulated without exchanging gradients. The processes still hold the same weights after every step,
+    and those of the whole batch on two processes, to rounding."""
+    sets = [f"{k}={v}" for k, v in METHODS["adapt-unlearn"].test_settings.items()] + ["batch_size=16"]
+    for name, extra in (("whole", []), ("micro", ["micro_batch=4"])):
+        (tmp_path / name).mkdir()
+        _launch(2, str(SCRIPT), "adapt-unlearn", "digits-gan", str(tmp_path / name), *sets, *extra,
+                "--concept", "seven")  # fmt: skip
+    # The hashes are the erased model's: the adaptation stages train copies, the last `steps` steps move it.
+    ranks = [json.loads((tmp_path / "micro" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = METHODS["adapt-unlearn"].test_settings["steps"]
+    assert ranks[0]["hashes"] == ranks[1]["hashes"] and len(set(ranks[0]["hashes"][-steps - 1 :])) == steps + 1
+    whole, micro = _weights(tmp_path / "whole"), _weights(tmp_path / "micro")
+    assert all(torch.equal(micro[k], _weights(tmp_path / "micro", 1)[k]) for k in micro)
+    from pipelines import load_model
+
+    loaded = load_model("digits-gan")
+    base = {f"{c}.{k}": v for c in ("generator", "discriminator") for k, v in getattr(loaded, c).state_dict().items()}
+    moved = sum(float(((whole[k] - base[k]) ** 2).sum()) for k in whole) ** 0.5
+    gap = sum(float(((whole[k] - micro[k]) ** 2).sum()) for k in whole) ** 0.5
+    assert moved > 0.05 and gap < 1e-3 * moved, (moved, gap)  # 5e-5 of it here
+
+
 def test_text2unlearn_with_two_concepts_weighs_each_term_by_its_rows_on_two_processes(tmp_path):
     # "red" and "seven" flag different rows, so a process may hold rows of one concept and not the other
     sets = [f"{k}={v}" for k, v in METHODS["text2unlearn"].test_settings.items()] + ["batch_size=8", "steps=4"]

@@ -27,6 +27,26 @@ def test_partial_trajectory_stops_at_the_requested_noise_level(tiny_model):
     assert t4 == int(scheduler.timesteps[4]) and t4_end == t4 + 100 and not torch.equal(x4, noise)
 
 
+def test_trajectories_that_stop_apart_share_each_unet_call(tiny_model):
+    """A bank's trajectories run side by side: each row is its own trajectory, at max(stops) UNet calls in all."""
+    scheduler = ddim_scheduler(tiny_model)
+    scheduler.set_timesteps(6)
+    noise = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    stops, prompts = [2, 5, 0, 5, 3], ["a cat", "a dog", "a cat", "a red car", "a dog"]
+    with torch.no_grad():
+        conds, uncond = tiny_model.encode(prompts), tiny_model.encode([""])
+    family = tiny_model.family
+    calls = []
+    hook = tiny_model.unet.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    together = family.trajectories(tiny_model.unet, scheduler, conds, uncond, stops, 3.0, noise)
+    hook.remove()
+    assert calls == [8, 8, 6, 4, 4]  # rows still running, twice for classifier-free guidance
+    for i, stop in enumerate(stops):
+        alone, *_ = family.trajectory(tiny_model.unet, scheduler, conds[i : i + 1], uncond, stop, 3.0, noise[i : i + 1])
+        torch.testing.assert_close(together[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    assert torch.equal(together[2], noise[2])
+
+
 def test_unet_scopes(tiny_model):
     unet = tiny_model.unet
     select_trainable(unet, "unet", "xattn")

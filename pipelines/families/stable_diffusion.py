@@ -118,17 +118,40 @@ class StableDiffusionFamily(Family):
         `stop` steps sits at noise level `t` = timesteps[stop]; ESD then queries the UNet at a DDPM
         timestep drawn in [t, t + 1000/N), the window of that DDIM step. No gradient flows.
         """
-        import torch
+        x = self.trajectories(unet, scheduler, cond, uncond, [stop] * len(latents), guidance, latents)
+        return x, *self.timestep_window(scheduler, stop)
 
-        with torch.no_grad():
-            x = latents * scheduler.init_noise_sigma
-            embeds = torch.cat([uncond.expand(len(x), -1, -1), cond.expand(len(x), -1, -1)])
-            for t in scheduler.timesteps[:stop]:
-                eps_uncond, eps_cond = self.denoise(unet, torch.cat([x, x]), t, embeds).chunk(2)
-                x = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x).prev_sample
+    def timestep_window(self, scheduler, stop: int) -> tuple[int, int]:
+        """[t, t_next): the DDPM timesteps of DDIM step `stop`'s window, where ESD queries the UNet on the x_t
+        that `stop` steps of `scheduler` reach."""
         t = int(scheduler.timesteps[stop])
         window = scheduler.config.num_train_timesteps // len(scheduler.timesteps)
-        return x, t, min(t + window, scheduler.config.num_train_timesteps)
+        return t, min(t + window, scheduler.config.num_train_timesteps)
+
+    def trajectories(self, unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, stops: Sequence[int],
+                     guidance: float, latents: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """`trajectory` for rows that stop at steps of their own: row i of `latents` takes `stops[i]` DDIM steps
+        (`cond`: one row, or one per latent). Every row still running shares each UNet call, so a bank of
+        trajectories costs max(stops) calls rather than their sum. Returns x_t, row for row."""
+        import torch
+
+        # Rows sorted by stop, longest first (stably): those still running are then always a prefix.
+        order = sorted(range(len(stops)), key=lambda i: -stops[i])
+        stops = [stops[i] for i in order]
+        with torch.no_grad():
+            x = latents * scheduler.init_noise_sigma
+            cond = cond.expand(len(x), -1, -1)
+            if order != sorted(order):
+                x, cond = x[order], cond[order]
+            for i, t in enumerate(scheduler.timesteps[: max(stops, default=0)]):
+                running = sum(stop > i for stop in stops)
+                embeds = torch.cat([uncond.expand(running, -1, -1), cond[:running]])
+                eps_uncond, eps_cond = self.denoise(unet, torch.cat([x[:running]] * 2), t, embeds).chunk(2)
+                step = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x[:running]).prev_sample
+                x = step if running == len(x) else torch.cat([step, x[running:]])
+            if order != sorted(order):
+                x = x[sorted(range(len(order)), key=order.__getitem__)]  # back to the callers' order
+        return x
 
     def one_step(self, generator, alphas_cumprod: torch.Tensor, t_init: int, z: torch.Tensor, cond: torch.Tensor,
                  prediction: str = "epsilon") -> torch.Tensor:  # fmt: skip
