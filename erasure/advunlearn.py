@@ -329,4 +329,6 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     encoder.eval()
     # Where the time went (this process, this session; a resumed run counts its second part only).
     outcome = {"advunlearn": {"seconds": {k: round(v, 2) for k, v in timer.seconds.items()}}}
+    if config.bank_size:
+        outcome["advunlearn"]["bank_entries_per_call"] = per_call
     return ErasureResult(model, family.tower_components(config.scope), n_trainable, logs, outcome)

@@ -112,12 +112,26 @@ def test_a_bank_drawn_side_by_side_is_the_bank_drawn_one_entry_at_a_time(tiny_pi
     for per_call in (1, 2):
         run = erase("advunlearn", ["a cat", "a red car"], str(tiny_pipeline_dir), out=tmp_path / f"b{per_call}", seed=1,
                     sets=[*sets, f"bank_batch={per_call}"], progress=False)  # fmt: skip
-        logs[per_call] = json.loads((run / "erasure.json").read_text())["final_logs"]
+        manifest = json.loads((run / "erasure.json").read_text())
+        assert manifest["advunlearn"]["bank_entries_per_call"] == per_call
+        logs[per_call] = manifest["final_logs"]
     assert set(logs[1]) >= {"unlearn", "retain"}
     # The retain term is ~1e-8 after one update, and Adam's first step is the sign of each gradient: rounding
     # in near-zero gradients moves it by up to ~1e-4 of itself.
     for key, rtol in (("unlearn", 1e-5), ("retain", 1e-2)):
         assert logs[1][key] > 0 and abs(logs[2][key] - logs[1][key]) <= rtol * logs[1][key], (key, logs)
+
+
+def test_a_bank_drawn_on_a_gpu_puts_16_sd1_images_in_each_unet_call(tiny_model):
+    from erasure.advunlearn import AdvUnlearnConfig, bank_entries_per_call
+
+    family, cpu, gpu = tiny_model.family, torch.device("cpu"), torch.device("cuda")  # only the device's type is read
+    _, _, height, width = family.latent_shape(tiny_model, 1)
+    config = AdvUnlearnConfig(batch_size=8, retain_batch=5, bank_size=32)
+    assert bank_entries_per_call(config, family, tiny_model, cpu) == 1  # the CPU's digests stay as they were
+    assert bank_entries_per_call(config, family, tiny_model, gpu) == 16 * 64 * 64 // (8 * height * width)
+    chosen = AdvUnlearnConfig(batch_size=8, bank_size=32, bank_batch=3)
+    assert [bank_entries_per_call(chosen, family, tiny_model, d) for d in (cpu, gpu)] == [3, 3]
 
 
 def test_bank_settings_are_checked_before_loading():
