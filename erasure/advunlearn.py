@@ -95,6 +95,11 @@ class AdvUnlearnConfig(LoraOptions):
                   "CPU (bit for bit the draw of earlier versions), on a GPU as many as make about 16 SD 1.x images "
                   "(64x64 latents) a call"},
     )  # fmt: skip
+    shared_forward: bool | None = field(
+        default=None,
+        metadata={"help": "the unlearning and retain terms' UNet passes in one call (default: on a GPU, where a "
+                  "call is a kernel launch per layer; on the CPU two calls, bit for bit earlier versions' rounding)"},
+    )  # fmt: skip
     ddim_steps: int = field(
         default=50, metadata={"bounds": "[2, 1000]", "help": "DDIM steps of the trajectory that makes x_t"}
     )
@@ -292,6 +297,8 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
         concept = [state[k][i] if k == "bank_prompt" else run.shard(state[k][i]) for k in BANK_KEYS[:5]]
         return concept, [run.shard(state[k][j]) for k in BANK_KEYS[5:]]
 
+    shared_forward = config.shared_forward if config.shared_forward is not None else device.type != "cpu"
+
     def step_fn(step: int) -> dict[str, float]:
         (index, x_t, t, eps_empty, eps_concept), (kept, x_r, t_r, eps_retain_orig) = batches(step)
         ids = model.tokenize([prompts[int(index)]])
@@ -311,15 +318,25 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
                 start = run.shard(start) if n_adv > 1 else start
                 adv = attack_embeddings(attack_loss, start, config.attack, config.attack_steps, config.attack_lr)
                 state["adv"] = run.gather(adv) if n_adv > 1 else adv
-        with timer("unlearn forward"):
+        retain_prompts = [retain[i] for i in kept.tolist()]
+        with timer("unlearn and retain forward" if shared_forward else "unlearn forward"):
             if step >= config.warmup:
                 cond_train = family.encode_inserted(model, encoder, adv_ids, adv)
             else:
                 cond_train = model.encode([prompts[int(index)]], encoder_train)
-            unlearn = F.mse_loss(family.denoise(unet, x_t, t, cond_train.expand(len(x_t), -1, -1)), target)
-        with timer("retain forward"):
-            eps_retain = family.denoise(unet, x_r, t_r, model.encode([retain[i] for i in kept.tolist()], encoder_train))
-            utility = F.mse_loss(eps_retain, eps_retain_orig)
+            cond_train = cond_train.expand(len(x_t), -1, -1)
+            if shared_forward:
+                cond_retain = model.encode(retain_prompts, encoder_train)
+                both = family.denoise(unet, torch.cat([x_t, x_r]), torch.cat([t, t_r]),
+                                      torch.cat([cond_train, cond_retain]))  # fmt: skip
+                eps_unlearn, eps_retain = both.split([len(x_t), len(x_r)])
+            else:
+                eps_unlearn = family.denoise(unet, x_t, t, cond_train)
+            unlearn = F.mse_loss(eps_unlearn, target)
+        if not shared_forward:
+            with timer("retain forward"):
+                eps_retain = family.denoise(unet, x_r, t_r, model.encode(retain_prompts, encoder_train))
+        utility = F.mse_loss(eps_retain, eps_retain_orig)
         with timer("backward and update"):
             loop.update("text_encoder", unlearn + config.retain_weight * utility)
         return {"unlearn": unlearn.detach(), "retain": utility.detach()}
@@ -329,6 +346,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     encoder.eval()
     # Where the time went (this process, this session; a resumed run counts its second part only).
     outcome = {"advunlearn": {"seconds": {k: round(v, 2) for k, v in timer.seconds.items()}}}
+    outcome["advunlearn"]["shared_forward"] = shared_forward
     if config.bank_size:
         outcome["advunlearn"]["bank_entries_per_call"] = per_call
     return ErasureResult(model, family.tower_components(config.scope), n_trainable, logs, outcome)

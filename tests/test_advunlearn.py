@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -120,6 +121,37 @@ def test_a_bank_drawn_side_by_side_is_the_bank_drawn_one_entry_at_a_time(tiny_pi
     # in near-zero gradients moves it by up to ~1e-4 of itself.
     for key, rtol in (("unlearn", 1e-5), ("retain", 1e-2)):
         assert logs[1][key] > 0 and abs(logs[2][key] - logs[1][key]) <= rtol * logs[1][key], (key, logs)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_one_unet_call_for_both_terms_gives_the_two_calls_losses(family, tiny_pipeline_dir, tmp_path):
+    """shared_forward (a GPU's default) runs the unlearning and retain terms' UNet passes as one batch: the
+    losses of the second step (after an update through both terms) are the two calls' to rounding. SDXL's
+    packed conditioning rows concatenate too."""
+    import json
+
+    from erasure.api import erase
+
+    model = str(tiny_pipeline_dir)
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        from .conftest import tiny_sdxl_components
+
+        model = str(tmp_path / "sdxl")
+        StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(model)
+    sets = ["steps=2", "warmup=1", "attack=fast-at", "ddim_steps=3", "retain_batch=2", "batch_size=2", "bank_size=2"]
+    logs = {}
+    for shared in ("false", "true"):
+        run = erase("advunlearn", ["a cat"], model, out=tmp_path / shared, seed=2, progress=False,
+                    sets=[*sets, f"shared_forward={shared}"])  # fmt: skip
+        manifest = json.loads((run / "erasure.json").read_text())
+        assert manifest["advunlearn"]["shared_forward"] is (shared == "true")
+        assert ("retain forward" in manifest["advunlearn"]["seconds"]) is (shared == "false")
+        logs[shared] = manifest["final_logs"]
+    for key, rtol in (("unlearn", 1e-5), ("retain", 1e-2)):  # the retain term: as in the bank's test above
+        assert logs["false"][key] > 0 and abs(logs["true"][key] - logs["false"][key]) <= rtol * logs["false"][key], (
+            key, logs)  # fmt: skip
 
 
 def test_a_bank_drawn_on_a_gpu_puts_16_sd1_images_in_each_unet_call(tiny_model):
