@@ -137,11 +137,12 @@ class StableDiffusionFamily(Family):
 
         # Rows sorted by stop, longest first (stably): those still running are then always a prefix.
         order = sorted(range(len(stops)), key=lambda i: -stops[i])
+        reordered = order != list(range(len(order)))
         stops = [stops[i] for i in order]
         with torch.no_grad():
             x = latents * scheduler.init_noise_sigma
             cond = cond.expand(len(x), -1, -1)
-            if order != sorted(order):
+            if reordered:
                 x, cond = x[order], cond[order]
             for i, t in enumerate(scheduler.timesteps[: max(stops, default=0)]):
                 running = sum(stop > i for stop in stops)
@@ -149,7 +150,7 @@ class StableDiffusionFamily(Family):
                 eps_uncond, eps_cond = self.denoise(unet, torch.cat([x[:running]] * 2), t, embeds).chunk(2)
                 step = scheduler.step(eps_uncond + guidance * (eps_cond - eps_uncond), t, x[:running]).prev_sample
                 x = step if running == len(x) else torch.cat([step, x[running:]])
-            if order != sorted(order):
+            if reordered:
                 x = x[sorted(range(len(order)), key=order.__getitem__)]  # back to the callers' order
         return x
 
