@@ -2,8 +2,9 @@
 # The GPU figures of issues 39 (speed, memory), 40 (SDXL) and 41 (FLUX) for a session lent a device machine
 # (15 minutes of device time in all, at most 10 minutes a command), run from the repository root:
 #
-#     bash benchmarks/device_session.sh sd1 main bank  # ~9 min: issue 39's sampling ratio, steps, SFD's peak, main job
-#     bash benchmarks/device_session.sh sdxl flux    # ~8 min: issues 40 and 41
+#     bash benchmarks/device_session.sh main graphs compile  # ~6 min: the main job eager and in CUDA graphs
+#     bash benchmarks/device_session.sh sd1 bank             # ~6 min: issue 39's sampling ratio, steps, SFD's peak
+#     bash benchmarks/device_session.sh sdxl flux            # ~8 min: issues 40 and 41
 #     bash benchmarks/device_session.sh gan          # ~3 min: Adapt-then-Unlearn at 256 px, with and without micro-batches
 #
 # (device tool: carry [".wheels"]). The device machine has torch, transformers and accelerate but not the rest;
@@ -20,8 +21,9 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 if [ -n "${DEVICE_SESSION_TINY:-}" ]; then
     scale=(--tiny --device cpu) main=(--seeds 1 --set steps=2 --set warmup=1) bank=(--set bank_size=2) box=600
+    graphs=aot_eager backends=none,aot_eager  # what the CPU can trace of them
 else
-    scale=() main=() bank=() box=0
+    scale=() main=() bank=() box=0 graphs=cudagraphs backends=none,cudagraphs,inductor
     pip install -q --no-deps .wheels/*.whl && pip install -q --no-deps -e . || exit 1
 fi
 
@@ -43,6 +45,12 @@ for name in "$@"; do
         sd1) part sd1 330 python benchmarks/gpu_scale.py --family sd1 --methods "$sd1_methods" --batch 16 "${scale[@]}" ;;
         # the README's main job (its erase_time_s) and its quality, to set beside the CPU's
         main) part main 150 python benchmarks/erasure_quality.py --method advunlearn --concept seven "${main[@]}" ;;
+        # the same with the step's UNet calls replayed as CUDA graphs (erasure.json: advunlearn.compile_unet says
+        # whether any graph fell back to eager launches)
+        graphs) part graphs 150 python benchmarks/erasure_quality.py --method advunlearn --concept seven \
+            --set compile_unet=$graphs "${main[@]}" ;;
+        # the attack's UNet call eager, in CUDA graphs and fused by inductor: first call (compiling) and per call
+        compile) part compile 150 python benchmarks/compile_speed.py --backends $backends ;;
         # the main job's bank one entry at a time and at the GPU default (all 32 entries per UNet call)
         bank) part bank 90 python benchmarks/bank_speed.py --batches 1,0 "${bank[@]}" ;;
         sdxl) part sdxl 240 python benchmarks/gpu_scale.py --family sdxl --methods esd,advunlearn --steps 4 --batch 8 \
@@ -51,7 +59,7 @@ for name in "$@"; do
             --sample-steps 28 "${scale[@]}" ;;
         gan) part gan 180 python benchmarks/gan_scale.py --size 256 --steps 2 \
             --methods adapt-unlearn,adapt-unlearn+micro_batch=4 "${scale[@]}" ;;
-        *) echo "unknown part $name (sd1, main, bank, sdxl, flux, gan)" >&2; exit 2 ;;
+        *) echo "unknown part $name (sd1, main, graphs, compile, bank, sdxl, flux, gan)" >&2; exit 2 ;;
     esac
 done
 echo "figures in $OUT"

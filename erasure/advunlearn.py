@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 
 from .common import (
-    check_encoder_scope, concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope,
+    StepDenoiser, check_encoder_scope, concept_prompts, ddim_scheduler, frozen_copy, select_trainable,
+    validate_scope,
 )
 from .lora import LoraOptions, attach_lora
 from .training import ErasureResult, Network, RunContext, TrainingLoop
@@ -99,6 +100,13 @@ class AdvUnlearnConfig(LoraOptions):
         default=None,
         metadata={"help": "the unlearning and retain terms' UNet passes in one call (default: on a GPU, where a "
                   "call is a kernel launch per layer; on the CPU two calls, bit for bit earlier versions' rounding)"},
+    )  # fmt: skip
+    compile_unet: Literal["none", "cudagraphs", "inductor", "aot_eager"] = field(
+        default="none",
+        metadata={"help": "torch.compile backend of the UNet's calls in each step (the attack's and the two terms'; "
+                  "the bank stays eager): cudagraphs (CUDA only) replays each call's kernels as one CUDA graph, "
+                  "for a small model whose step is bound by kernel launches; inductor fuses kernels (minutes "
+                  "of compiling); aot_eager only traces"},
     )  # fmt: skip
     ddim_steps: int = field(
         default=50, metadata={"bounds": "[2, 1000]", "help": "DDIM steps of the trajectory that makes x_t"}
@@ -298,9 +306,11 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
         return concept, [run.shard(state[k][j]) for k in BANK_KEYS[5:]]
 
     shared_forward = config.shared_forward if config.shared_forward is not None else device.type != "cpu"
+    denoise = StepDenoiser(family, unet, config.compile_unet, device)
 
     def step_fn(step: int) -> dict[str, float]:
         (index, x_t, t, eps_empty, eps_concept), (kept, x_r, t_r, eps_retain_orig) = batches(step)
+        denoise.new_step()
         ids = model.tokenize([prompts[int(index)]])
         target = eps_empty - config.negative_guidance * (eps_concept - eps_empty)
 
@@ -308,8 +318,9 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
             adv_ids = ids.expand(len(x_t) if n_adv > 1 else 1, -1)
 
             def attack_loss(adv: torch.Tensor) -> torch.Tensor:
+                denoise.new_step()  # the attack's last call is spent: its gradient has been read
                 cond = family.encode_inserted(model, encoder, adv_ids, adv)
-                return F.mse_loss(family.denoise(unet, x_t, t, cond.expand(len(x_t), -1, -1)), eps_concept)
+                return F.mse_loss(denoise(x_t, t, cond.expand(len(x_t), -1, -1)), eps_concept)
 
             with timer("attack"):
                 start = random_tokens() if config.attack_init == "random" else state["adv"]
@@ -327,15 +338,14 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
             cond_train = cond_train.expand(len(x_t), -1, -1)
             if shared_forward:
                 cond_retain = model.encode(retain_prompts, encoder_train)
-                both = family.denoise(unet, torch.cat([x_t, x_r]), torch.cat([t, t_r]),
-                                      torch.cat([cond_train, cond_retain]))  # fmt: skip
+                both = denoise(torch.cat([x_t, x_r]), torch.cat([t, t_r]), torch.cat([cond_train, cond_retain]))
                 eps_unlearn, eps_retain = both.split([len(x_t), len(x_r)])
             else:
-                eps_unlearn = family.denoise(unet, x_t, t, cond_train)
+                eps_unlearn = denoise(x_t, t, cond_train)
             unlearn = F.mse_loss(eps_unlearn, target)
         if not shared_forward:
             with timer("retain forward"):
-                eps_retain = family.denoise(unet, x_r, t_r, model.encode(retain_prompts, encoder_train))
+                eps_retain = denoise(x_r, t_r, model.encode(retain_prompts, encoder_train))
         utility = F.mse_loss(eps_retain, eps_retain_orig)
         with timer("backward and update"):
             loop.update("text_encoder", unlearn + config.retain_weight * utility)
@@ -347,6 +357,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     # Where the time went (this process, this session; a resumed run counts its second part only).
     outcome = {"advunlearn": {"seconds": {k: round(v, 2) for k, v in timer.seconds.items()}}}
     outcome["advunlearn"]["shared_forward"] = shared_forward
+    outcome["advunlearn"]["compile_unet"] = denoise.record()
     if config.bank_size:
         outcome["advunlearn"]["bank_entries_per_call"] = per_call
     return ErasureResult(model, family.tower_components(config.scope), n_trainable, logs, outcome)

@@ -154,6 +154,53 @@ def test_one_unet_call_for_both_terms_gives_the_two_calls_losses(family, tiny_pi
             key, logs)  # fmt: skip
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_compiled_unet_trains_the_encoder_the_eager_unet_trains(family, tiny_pipeline_dir, tmp_path):
+    """compile_unet traces the UNet's calls in the step (the attack's and the two terms') as one graph each
+    (fullgraph: a graph break fails the run); aot_eager runs the traced operators, so the encoder trained
+    through it is the eager run's to rounding. SDXL's added conditioning traces too."""
+    import json
+
+    from torch._dynamo.utils import counters
+
+    from erasure.api import erase
+    from pipelines import load_model
+
+    model = str(tiny_pipeline_dir)
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        from .conftest import tiny_sdxl_components
+
+        model = str(tmp_path / "sdxl")
+        StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(model)
+    sets = ["steps=3", "warmup=1", "attack=pgd", "attack_steps=2", "ddim_steps=3", "retain_batch=2", "batch_size=2",
+            "bank_size=2", "shared_forward=true", "lr=1e-2"]  # fmt: skip
+    runs, graphs = {}, {}
+    for backend in ("none", "aot_eager"):
+        traced = counters["stats"]["unique_graphs"]
+        runs[backend] = erase("advunlearn", ["a cat"], model, out=tmp_path / backend, seed=3, progress=False,
+                              sets=[*sets, f"compile_unet={backend}"])  # fmt: skip
+        graphs[backend] = counters["stats"]["unique_graphs"] - traced
+        manifest = json.loads((runs[backend] / "erasure.json").read_text())
+        assert manifest["advunlearn"]["compile_unet"] == {"backend": backend}
+    assert graphs == {"none": 0, "aot_eager": 2}  # the attack's shape and the two terms' (one step's rows)
+    before, eager, compiled = (load_model(source).text_encoder.state_dict() for source in (model, *runs.values()))
+    moved = max((eager[k] - before[k]).abs().max().item() for k in eager)
+    gap = max((compiled[k] - eager[k]).abs().max().item() for k in eager)
+    assert moved > 1e-3 and gap <= 1e-4 * moved, (moved, gap)
+
+
+def test_cuda_graphs_are_refused_off_a_cuda_device(tiny_pipeline_dir, tmp_path):
+    from erasure.api import erase
+    from pipelines import InputError
+
+    with pytest.raises(InputError, match="compile_unet=cudagraphs needs a CUDA device"):
+        erase("advunlearn", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False,
+              sets=["steps=1", "compile_unet=cudagraphs"])  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_bank_drawn_on_a_gpu_puts_16_sd1_images_in_each_unet_call(tiny_model):
     from erasure.advunlearn import AdvUnlearnConfig, bank_entries_per_call
 
