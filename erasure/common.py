@@ -154,7 +154,7 @@ class StepDenoiser:
 
     A small model's step on a GPU is bound by kernel launches, not arithmetic. `cudagraphs` traces each shape's
     forward and backward once (seconds) and replays their kernels as one CUDA graph; `inductor` fuses kernels
-    (minutes of compiling; on 2 CPU cores the digits UNet compiled in 116 s and then ran 1.9x slower);
+    (minutes of compiling: on a CPU more than the calls of a digits run win back, `benchmarks/compile_speed.py`);
     `aot_eager` traces without changing a kernel: the check that a family's denoiser compiles as one graph.
     """
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipelines.devices import to_device
 from pipelines.errors import InputError
 
 from .training import Network, RunContext, TrainingLoop
@@ -162,7 +163,7 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
         drawn = latents()
         fake = torch.cat([generate(drawn, rows) for rows, _ in parts])
         if len(parts) > 1:  # back in batch order
-            fake = fake[torch.argsort(torch.tensor(sum(chunks, []), device=fake.device))]
+            fake = fake[torch.argsort(to_device(torch.tensor(sum(chunks, [])), fake.device))]
     if critic is not None:
         noises = jitter(fake), jitter(real)
         logs["clip"] = 0.0

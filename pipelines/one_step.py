@@ -19,6 +19,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from .devices import to_device
 from .images import decode_latents
 
 
@@ -151,7 +152,7 @@ class OneStepPipeline(DiffusionPipeline):
     def time_ids(self, n: int) -> torch.Tensor:
         """SDXL's added time ids for a full, uncropped image of the UNet's size."""
         size = self.unet.config.sample_size * self.vae_scale_factor
-        return torch.tensor([[size, size, 0, 0, size, size]], device=self._execution_device).expand(n, -1)
+        return to_device(torch.tensor([[size, size, 0, 0, size, size]]), self._execution_device).expand(n, -1)
 
     @torch.no_grad()
     def __call__(

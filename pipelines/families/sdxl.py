@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..devices import to_device
 from ..errors import InputError
 from .stable_diffusion import StableDiffusionFamily
 
@@ -68,8 +69,6 @@ class SDXL(StableDiffusionFamily):
 
     @staticmethod
     def _ids(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
-        from ..devices import to_device
-
         ids = tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
             return_tensors="pt",
@@ -104,7 +103,7 @@ class SDXL(StableDiffusionFamily):
         tower = self._tower(model, text_encoder)
         token_embeds, pooled = tower(self.tokenize(model, prompts))
         if getattr(model.pipe.config, "force_zeros_for_empty_prompt", True):  # (a one-step pipeline has no negative)
-            empty = torch.tensor([p == "" for p in prompts], device=token_embeds.device)
+            empty = to_device(torch.tensor([p == "" for p in prompts]), token_embeds.device)
             token_embeds = torch.where(empty[:, None, None], torch.zeros_like(token_embeds), token_embeds)
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
         return pack(token_embeds, pooled, self._time_ids(model, len(prompts), token_embeds.device))
@@ -129,7 +128,7 @@ class SDXL(StableDiffusionFamily):
         import torch
 
         size = model.unet.config.sample_size * model.pipe.vae_scale_factor  # the pipeline's default image size
-        return torch.tensor([size, size, 0, 0, size, size], device=device).expand(n, -1)
+        return to_device(torch.tensor([size, size, 0, 0, size, size]), device).expand(n, -1)
 
     def denoise(self, unet, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
         token_embeds, pooled, time_ids = unpack(cond, pooled_width(unet))
