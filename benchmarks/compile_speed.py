@@ -1,13 +1,13 @@
 """What compiling the UNet's calls costs and saves (`compile_unet`, AdvUnlearn's attack call), as JSON.
 
-    python benchmarks/compile_speed.py [--model digits] [--backends none,aot_eager,inductor] [--batch 8]
+    python benchmarks/compile_speed.py [--model digits] [--choices none,aot_eager,inductor] [--batch 8]
                                        [--calls 20] [--device auto]
 
-For each torch.compile backend the script times the call AdvUnlearn's attack repeats step after step: the UNet's
+For each `compile_unet` choice the script times the call AdvUnlearn's attack repeats step after step: the UNet's
 prediction at a batch of x_t for a conditioning that needs a gradient, then that gradient (the UNet frozen).
 `first_call_s` is the first call with its tracing and compiling; `per_call_s` the mean of `--calls` more after
 two warm-up calls; `max_abs_diff` the largest gap of the prediction and the gradient from the eager call's. On a
-GPU, `cudagraph_skips` counts the graphs that fell back to launching kernels one by one. Each backend compiles
+GPU, `cudagraph_skips` counts the graphs that fell back to launching kernels one by one. Each choice compiles
 afresh. Time it alone: other jobs on the cores distort every number.
 """
 
@@ -25,15 +25,14 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_backend(model, backend: str, batch: int, calls: int, reference) -> dict:
+def time_choice(model, choice: str, batch: int, calls: int, reference) -> dict:
     import torch
 
     from erasure.common import StepDenoiser
 
     unet, family = model.unet, model.family
     device = next(unet.parameters()).device
-    torch._dynamo.reset()
-    denoise = StepDenoiser(family, unet, backend, device)
+    denoise = StepDenoiser(family, unet, choice, device)
     generator = torch.Generator(device="cpu").manual_seed(0)
     x_t = family.latent_shape(model, batch)
     x_t = torch.randn(x_t, generator=generator).to(device)
@@ -62,7 +61,8 @@ def time_backend(model, backend: str, batch: int, calls: int, reference) -> dict
     entry = {"first_call_s": round(first_call_s, 3), "per_call_s": round((time.perf_counter() - started) / calls, 5)}
     if reference is not None:
         entry["max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(first, reference))
-    entry.update({k: v for k, v in denoise.record().items() if k != "backend"})
+    entry.update({k: v for k, v in denoise.record().items() if k != "choice"})
+    denoise.close()
     return entry, first
 
 
@@ -70,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="digits", help="a text-to-image model (UNet families)")
     parser.add_argument(
-        "--backends", default=None, help="comma-separated (default: none,aot_eager,inductor; on CUDA also cudagraphs)"
+        "--choices", help="comma-separated (default: none,aot_eager,inductor; on CUDA also cudagraphs,reduce-overhead)"
     )
     parser.add_argument("--batch", type=int, default=8, help="x_t rows per call (the digits preset's batch)")
     parser.add_argument("--calls", type=int, default=20)
@@ -85,14 +85,15 @@ def main() -> None:
     device = torch.device(resolve_device(args.device))
     model = load_model(args.model, device=str(device))
     model.unet.requires_grad_(False).eval()
-    backends = args.backends or "none,aot_eager,inductor" + (",cudagraphs" if device.type == "cuda" else "")
-    result = {"model": args.model, "device": str(device), "batch": args.batch, "calls": args.calls, "backends": {}}
+    cuda = ",cudagraphs,reduce-overhead" if device.type == "cuda" else ""
+    choices = args.choices or "none,aot_eager,inductor" + cuda
+    result = {"model": args.model, "device": str(device), "batch": args.batch, "calls": args.calls, "choices": {}}
     reference = None
-    for backend in backends.split(","):
-        entry, out = time_backend(model, backend, args.batch, args.calls, reference)
+    for choice in choices.split(","):
+        entry, out = time_choice(model, choice, args.batch, args.calls, reference)
         reference = out if reference is None else reference
-        result["backends"][backend] = entry
-        print(json.dumps({backend: entry}), flush=True)  # what a cut-off run still shows
+        result["choices"][choice] = entry
+        print(json.dumps({choice: entry}), flush=True)  # what a cut-off run still shows
     print(json.dumps(result, indent=2))
 
 

@@ -21,9 +21,9 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 if [ -n "${DEVICE_SESSION_TINY:-}" ]; then
     scale=(--tiny --device cpu) main=(--seeds 1 --set steps=2 --set warmup=1) bank=(--set bank_size=2) box=600
-    graphs=aot_eager backends=none,aot_eager  # what the CPU can trace of them
+    graphs=aot_eager choices=none,aot_eager  # what the CPU can trace of them
 else
-    scale=() main=() bank=() box=0 graphs=cudagraphs backends=none,cudagraphs,inductor
+    scale=() main=() bank=() box=0 graphs=cudagraphs choices=none,cudagraphs,reduce-overhead,inductor
     pip install -q --no-deps .wheels/*.whl && pip install -q --no-deps -e . || exit 1
 fi
 
@@ -49,8 +49,8 @@ for name in "$@"; do
         # whether any graph fell back to eager launches)
         graphs) part graphs 150 python benchmarks/erasure_quality.py --method advunlearn --concept seven \
             --set compile_unet=$graphs "${main[@]}" ;;
-        # the attack's UNet call eager, in CUDA graphs and fused by inductor: first call (compiling) and per call
-        compile) part compile 150 python benchmarks/compile_speed.py --backends $backends ;;
+        # the attack's UNet call eager, in CUDA graphs, fused into CUDA graphs and fused: first call and per call
+        compile) part compile 150 python benchmarks/compile_speed.py --choices $choices ;;
         # the main job's bank one entry at a time and at the GPU default (all 32 entries per UNet call)
         bank) part bank 90 python benchmarks/bank_speed.py --batches 1,0 "${bank[@]}" ;;
         sdxl) part sdxl 240 python benchmarks/gpu_scale.py --family sdxl --methods esd,advunlearn --steps 4 --batch 8 \

@@ -101,12 +101,13 @@ class AdvUnlearnConfig(LoraOptions):
         metadata={"help": "the unlearning and retain terms' UNet passes in one call (default: on a GPU, where a "
                   "call is a kernel launch per layer; on the CPU two calls, bit for bit earlier versions' rounding)"},
     )  # fmt: skip
-    compile_unet: Literal["none", "cudagraphs", "inductor", "aot_eager"] = field(
+    compile_unet: Literal["none", "cudagraphs", "reduce-overhead", "inductor", "aot_eager"] = field(
         default="none",
-        metadata={"help": "torch.compile backend of the UNet's calls in each step (the attack's and the two terms'; "
-                  "the bank stays eager): cudagraphs (CUDA only) replays each call's kernels as one CUDA graph, "
-                  "for a small model whose step is bound by kernel launches; inductor fuses kernels (minutes "
-                  "of compiling); aot_eager only traces"},
+        metadata={"help": "torch.compile of the UNet's calls in each step (the attack's and the two terms'; the "
+                  "bank stays eager): cudagraphs (CUDA) replays each call's kernels as one CUDA graph, seconds to "
+                  "trace, for a small model whose step is bound by kernel launches (each graph holds a copy of "
+                  "the weights); reduce-overhead (CUDA) fuses kernels into CUDA graphs, minutes to compile; "
+                  "inductor fuses kernels; aot_eager only traces"},
     )  # fmt: skip
     ddim_steps: int = field(
         default=50, metadata={"bounds": "[2, 1000]", "help": "DDIM steps of the trajectory that makes x_t"}
@@ -310,7 +311,6 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
 
     def step_fn(step: int) -> dict[str, float]:
         (index, x_t, t, eps_empty, eps_concept), (kept, x_r, t_r, eps_retain_orig) = batches(step)
-        denoise.new_step()
         ids = model.tokenize([prompts[int(index)]])
         target = eps_empty - config.negative_guidance * (eps_concept - eps_empty)
 
@@ -330,6 +330,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
                 adv = attack_embeddings(attack_loss, start, config.attack, config.attack_steps, config.attack_lr)
                 state["adv"] = run.gather(adv) if n_adv > 1 else adv
         retain_prompts = [retain[i] for i in kept.tolist()]
+        denoise.new_step()  # the attack's calls are spent
         with timer("unlearn and retain forward" if shared_forward else "unlearn forward"):
             if step >= config.warmup:
                 cond_train = family.encode_inserted(model, encoder, adv_ids, adv)
@@ -351,8 +352,11 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
             loop.update("text_encoder", unlearn + config.retain_weight * utility)
         return {"unlearn": unlearn.detach(), "retain": utility.detach()}
 
-    with run.frozen_weights(model.unet):
-        logs = loop.fit(step_fn, config.steps)
+    try:
+        with run.frozen_weights(model.unet):
+            logs = loop.fit(step_fn, config.steps)
+    finally:
+        denoise.close()
     encoder.eval()
     # Where the time went (this process, this session; a resumed run counts its second part only).
     outcome = {"advunlearn": {"seconds": {k: round(v, 2) for k, v in timer.seconds.items()}}}

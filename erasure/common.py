@@ -145,32 +145,41 @@ def ddim_scheduler(model):
 
 # --- a denoiser's repeated calls, compiled ----------------------------------------------------------
 
-COMPILE_BACKENDS = ("none", "cudagraphs", "inductor", "aot_eager")
+COMPILE_CHOICES = ("none", "cudagraphs", "reduce-overhead", "inductor", "aot_eager")
+_CUDA_GRAPHS = ("cudagraphs", "reduce-overhead")
 
 
 class StepDenoiser:
     """`family.denoise(unet, x_t, t, cond)` for the calls a training step repeats with the same shapes, compiled
-    by torch.compile with `backend` ("none": as is).
+    by torch.compile as `choice` says ("none": as is).
 
     A small model's step on a GPU is bound by kernel launches, not arithmetic. `cudagraphs` traces each shape's
-    forward and backward once (seconds) and replays their kernels as one CUDA graph; `inductor` fuses kernels
-    (minutes of compiling: on a CPU more than the calls of a digits run win back, `benchmarks/compile_speed.py`);
-    `aot_eager` traces without changing a kernel: the check that a family's denoiser compiles as one graph.
+    forward and backward once (seconds) and replays their kernels as one CUDA graph; that backend takes the
+    weights for inputs, so each graph holds a copy of them and each replay refreshes it: for a small model only.
+    `reduce-overhead` (inductor's fused kernels in CUDA graphs, weights in place) and `inductor` compile for
+    minutes (on a CPU more than a digits run's calls win back, `benchmarks/compile_speed.py`); `aot_eager`
+    traces without changing a kernel, the check that a family's denoiser compiles as one graph. `close()` when
+    done: the graphs stay cached in the process otherwise.
     """
 
-    def __init__(self, family, unet, backend: str, device: torch.device):
-        if backend not in COMPILE_BACKENDS:
-            raise InputError(f"unknown compile backend {backend!r}; choose one of: {', '.join(COMPILE_BACKENDS)}")
-        if backend == "cudagraphs" and device.type != "cuda":
-            raise InputError(f"compile_unet=cudagraphs needs a CUDA device (this run is on {device.type})")
-        self.backend = backend
+    def __init__(self, family, unet, choice: str, device: torch.device):
+        if choice not in COMPILE_CHOICES:
+            raise InputError(f"unknown compile choice {choice!r}; choose one of: {', '.join(COMPILE_CHOICES)}")
+        if choice in _CUDA_GRAPHS and device.type != "cuda":
+            raise InputError(f"compile_unet={choice} needs a CUDA device (this run is on {device.type})")
+        self.choice = choice
 
         def denoise(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
             return family.denoise(unet, x_t, t, cond)
 
-        compiled = backend != "none"
-        self._call = torch.compile(denoise, backend=backend, fullgraph=True, dynamic=False) if compiled else denoise
-        self._skips_before = self._skips() if backend == "cudagraphs" else 0
+        self._code = denoise.__code__
+        if choice == "none":
+            self._call = denoise
+            return
+        _attention_without_xformers(unet)  # xformers' kernels are opaque to the tracer; SDPA is as fast
+        how = {"mode": choice} if choice == "reduce-overhead" else {"backend": choice}
+        self._call = torch.compile(denoise, fullgraph=True, dynamic=False, **how)
+        self._skips_before = self._skips()
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self._call(x_t, t, cond)
@@ -178,8 +187,20 @@ class StepDenoiser:
     def new_step(self) -> None:
         """Declare every earlier call's outputs dead and its backward pass done. A CUDA graph's replay reuses its
         outputs' memory; without the mark a second call of a shape records a second graph beside the first."""
-        if self.backend == "cudagraphs":
+        if self.choice in _CUDA_GRAPHS:
             torch.compiler.cudagraph_mark_step_begin()
+
+    def close(self) -> None:
+        """Drop the compiled graphs and the CUDA graphs' memory. Every run's `denoise` shares one code object, so
+        runs in one process (the preview, a benchmark) would add to one cache, which `fullgraph` turns into an
+        error at its recompile limit (8); the trees' step marks would also reach other compiled models."""
+        if self.choice == "none":
+            return
+        torch._dynamo.reset_code(self._code)
+        if self.choice in _CUDA_GRAPHS:
+            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+            reset_cudagraph_trees()
 
     @staticmethod
     def _skips() -> int:
@@ -188,8 +209,20 @@ class StepDenoiser:
         return counters["inductor"]["cudagraph_skips"]
 
     def record(self) -> dict:
-        """What `erasure.json` keeps of the compiling: the backend and, for CUDA graphs, how many graphs fell back
-        to launching kernels one by one (an operator a graph cannot hold)."""
-        if self.backend != "cudagraphs":
-            return {"backend": self.backend}
-        return {"backend": self.backend, "cudagraph_skips": self._skips() - self._skips_before}
+        """What `erasure.json` keeps of the compiling: the choice and, with CUDA graphs, how many of the graphs
+        compiled in this process since the run began fell back to launching kernels one by one."""
+        if self.choice not in _CUDA_GRAPHS:
+            return {"choice": self.choice}
+        return {"choice": self.choice, "cudagraph_skips": self._skips() - self._skips_before}
+
+
+def _attention_without_xformers(unet) -> None:
+    """A UNet that the loader gave xformers' attention (the `gpu` extra) back on PyTorch's SDPA."""
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(unet, UNet2DConditionModel) and any(
+        "XFormers" in type(processor).__name__ for processor in unet.attn_processors.values()
+    ):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())

@@ -183,7 +183,7 @@ def test_a_compiled_unet_trains_the_encoder_the_eager_unet_trains(family, tiny_p
                               sets=[*sets, f"compile_unet={backend}"])  # fmt: skip
         graphs[backend] = counters["stats"]["unique_graphs"] - traced
         manifest = json.loads((runs[backend] / "erasure.json").read_text())
-        assert manifest["advunlearn"]["compile_unet"] == {"backend": backend}
+        assert manifest["advunlearn"]["compile_unet"] == {"choice": backend}
     assert graphs == {"none": 0, "aot_eager": 2}  # the attack's shape and the two terms' (one step's rows)
     before, eager, compiled = (load_model(source).text_encoder.state_dict() for source in (model, *runs.values()))
     moved = max((eager[k] - before[k]).abs().max().item() for k in eager)
@@ -191,14 +191,40 @@ def test_a_compiled_unet_trains_the_encoder_the_eager_unet_trains(family, tiny_p
     assert moved > 1e-3 and gap <= 1e-4 * moved, (moved, gap)
 
 
+def test_compiled_denoisers_of_runs_in_one_process_leave_no_cache_behind(tiny_model):
+    """Every run's denoiser shares one code object: without `close`, a process that erases again and again (the
+    preview, a benchmark) fills its cache up to the recompile limit, an error under fullgraph. A UNet given
+    xformers' attention by the loader goes back to SDPA, which the tracer can see through."""
+    import copy
+
+    import torch._dynamo
+    from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
+
+    from erasure.common import StepDenoiser
+
+    family, cpu = tiny_model.family, torch.device("cpu")
+    unet = copy.deepcopy(tiny_model.unet).requires_grad_(False)
+    unet.set_attn_processor(XFormersAttnProcessor())
+    cond = tiny_model.encode(["a cat"])
+    _, *latent = family.latent_shape(tiny_model, 1)
+    with torch._dynamo.config.patch(recompile_limit=2, cache_size_limit=2):
+        for rows in (1, 2, 3, 4):  # a new shape each time: without `close` the third fails
+            denoise = StepDenoiser(family, unet, "aot_eager", cpu)
+            out = denoise(torch.randn(rows, *latent), torch.full((rows,), 500), cond.expand(rows, -1, -1))
+            assert out.shape == (rows, *latent)
+            denoise.close()
+    assert all(isinstance(p, AttnProcessor2_0) for p in unet.attn_processors.values())
+
+
 def test_cuda_graphs_are_refused_off_a_cuda_device(tiny_pipeline_dir, tmp_path):
     from erasure.api import erase
     from pipelines import InputError
 
-    with pytest.raises(InputError, match="compile_unet=cudagraphs needs a CUDA device"):
-        erase("advunlearn", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False,
-              sets=["steps=1", "compile_unet=cudagraphs"])  # fmt: skip
-    assert not (tmp_path / "run").exists()
+    for choice in ("cudagraphs", "reduce-overhead"):
+        with pytest.raises(InputError, match=f"compile_unet={choice} needs a CUDA device"):
+            erase("advunlearn", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False,
+                  sets=["steps=1", f"compile_unet={choice}"])  # fmt: skip
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_bank_drawn_on_a_gpu_puts_16_sd1_images_in_each_unet_call(tiny_model):
