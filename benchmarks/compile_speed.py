@@ -6,9 +6,9 @@
 For each `compile_unet` choice the script times the call AdvUnlearn's attack repeats step after step: the UNet's
 prediction at a batch of x_t for a conditioning that needs a gradient, then that gradient (the UNet frozen).
 `first_call_s` is the first call with its tracing and compiling; `per_call_s` the mean of `--calls` more after
-two warm-up calls; `max_abs_diff` the largest gap of the prediction and the gradient from the eager call's. On a
-GPU, `cudagraph_skips` counts the graphs that fell back to launching kernels one by one. Each choice compiles
-afresh. Time it alone: other jobs on the cores distort every number.
+two warm-up calls; `max_abs_diff` the largest gap of the prediction and the gradient from the eager call's (which
+always runs first). On a GPU, `cudagraph_skips` counts the graphs that fell back to launching kernels one by one.
+Each choice compiles afresh. Time it alone: other jobs on the cores distort every number.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_choice(model, choice: str, batch: int, calls: int, reference) -> dict:
+def time_choice(model, choice: str, batch: int, calls: int, reference) -> tuple[dict, tuple]:
+    """`choice`'s timings (and its gap from `reference`, the eager call's outputs), and its first call's outputs."""
     import torch
 
     from erasure.common import StepDenoiser
@@ -38,14 +39,14 @@ def time_choice(model, choice: str, batch: int, calls: int, reference) -> dict:
     x_t = torch.randn(x_t, generator=generator).to(device)
     t = torch.randint(0, 1000, (batch,), generator=generator).to(device)
     with torch.no_grad():
-        cond = model.encode(["a handwritten seven"] * batch, model.text_encoder)
+        cond = model.encode(["a handwritten seven"] * batch)
 
     def call():
         denoise.new_step()
         leaf = cond.detach().clone().requires_grad_(True)
         out = denoise(x_t, t, leaf)
         (grad,) = torch.autograd.grad(out.float().square().mean(), leaf)
-        return out.detach().clone(), grad
+        return out.detach().clone(), grad.clone()  # a CUDA graph's next replay reuses their memory
 
     started = time.perf_counter()
     first = call()
@@ -86,10 +87,11 @@ def main() -> None:
     model = load_model(args.model, device=str(device))
     model.unet.requires_grad_(False).eval()
     cuda = ",cudagraphs,reduce-overhead" if device.type == "cuda" else ""
-    choices = args.choices or "none,aot_eager,inductor" + cuda
+    choices = (args.choices or "none,aot_eager,inductor" + cuda).split(",")
+    choices = ["none", *(c for c in choices if c != "none")]  # the eager call first: every gap is from it
     result = {"model": args.model, "device": str(device), "batch": args.batch, "calls": args.calls, "choices": {}}
     reference = None
-    for choice in choices.split(","):
+    for choice in choices:
         entry, out = time_choice(model, choice, args.batch, args.calls, reference)
         reference = out if reference is None else reference
         result["choices"][choice] = entry

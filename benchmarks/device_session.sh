@@ -2,7 +2,7 @@
 # The GPU figures of issues 39 (speed, memory), 40 (SDXL) and 41 (FLUX) for a session lent a device machine
 # (15 minutes of device time in all, at most 10 minutes a command), run from the repository root:
 #
-#     bash benchmarks/device_session.sh main graphs compile  # ~6 min: the main job eager and in CUDA graphs
+#     bash benchmarks/device_session.sh main graphs compile  # ~6-9 min: the main job eager and in CUDA graphs
 #     bash benchmarks/device_session.sh sd1 bank             # ~6 min: issue 39's sampling ratio, steps, SFD's peak
 #     bash benchmarks/device_session.sh sdxl flux            # ~8 min: issues 40 and 41
 #     bash benchmarks/device_session.sh gan          # ~3 min: Adapt-then-Unlearn at 256 px, with and without micro-batches
@@ -50,7 +50,7 @@ for name in "$@"; do
         graphs) part graphs 150 python benchmarks/erasure_quality.py --method advunlearn --concept seven \
             --set compile_unet=$graphs "${main[@]}" ;;
         # the attack's UNet call eager, in CUDA graphs, fused into CUDA graphs and fused: first call and per call
-        compile) part compile 150 python benchmarks/compile_speed.py --choices $choices ;;
+        compile) part compile 240 python benchmarks/compile_speed.py --choices $choices ;;
         # the main job's bank one entry at a time and at the GPU default (all 32 entries per UNet call)
         bank) part bank 90 python benchmarks/bank_speed.py --batches 1,0 "${bank[@]}" ;;
         sdxl) part sdxl 240 python benchmarks/gpu_scale.py --family sdxl --methods esd,advunlearn --steps 4 --batch 8 \

@@ -159,7 +159,7 @@ class StepDenoiser:
     `reduce-overhead` (inductor's fused kernels in CUDA graphs, weights in place) and `inductor` compile for
     minutes (on a CPU more than a digits run's calls win back, `benchmarks/compile_speed.py`); `aot_eager`
     traces without changing a kernel, the check that a family's denoiser compiles as one graph. `close()` when
-    done: the graphs stay cached in the process otherwise.
+    done: the graphs stay cached in the process otherwise, and a UNet on xformers stays on SDPA.
     """
 
     def __init__(self, family, unet, choice: str, device: torch.device):
@@ -172,11 +172,11 @@ class StepDenoiser:
         def denoise(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
             return family.denoise(unet, x_t, t, cond)
 
-        self._code = denoise.__code__
+        self._code, self._unet, self._processors = denoise.__code__, unet, None
         if choice == "none":
             self._call = denoise
             return
-        _attention_without_xformers(unet)  # xformers' kernels are opaque to the tracer; SDPA is as fast
+        self._processors = _attention_without_xformers(unet)  # xformers' kernels are opaque to the tracer
         how = {"mode": choice} if choice == "reduce-overhead" else {"backend": choice}
         self._call = torch.compile(denoise, fullgraph=True, dynamic=False, **how)
         self._skips_before = self._skips()
@@ -196,6 +196,8 @@ class StepDenoiser:
         error at its recompile limit (8); the trees' step marks would also reach other compiled models."""
         if self.choice == "none":
             return
+        if self._processors is not None:  # the UNet's own attention back, for what the process does next
+            self._unet.set_attn_processor(self._processors)
         torch._dynamo.reset_code(self._code)
         if self.choice in _CUDA_GRAPHS:
             from torch._inductor.cudagraph_trees import reset_cudagraph_trees
@@ -216,13 +218,17 @@ class StepDenoiser:
         return {"choice": self.choice, "cudagraph_skips": self._skips() - self._skips_before}
 
 
-def _attention_without_xformers(unet) -> None:
-    """A UNet that the loader gave xformers' attention (the `gpu` extra) back on PyTorch's SDPA."""
+def _attention_without_xformers(unet) -> dict | None:
+    """A UNet that the loader gave xformers' attention (the `gpu` extra) on PyTorch's SDPA instead, which is as fast
+    and which the tracer sees through; returns the processors it had (None: nothing changed)."""
     from diffusers import UNet2DConditionModel
 
-    if isinstance(unet, UNet2DConditionModel) and any(
-        "XFormers" in type(processor).__name__ for processor in unet.attn_processors.values()
-    ):
-        from diffusers.models.attention_processor import AttnProcessor2_0
+    if not isinstance(unet, UNet2DConditionModel):
+        return None
+    processors = unet.attn_processors
+    if not any("XFormers" in type(processor).__name__ for processor in processors.values()):
+        return None
+    from diffusers.models.attention_processor import AttnProcessor2_0
 
-        unet.set_attn_processor(AttnProcessor2_0())
+    unet.set_attn_processor(AttnProcessor2_0())
+    return processors
