@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 
 from .common import (
-    StepDenoiser, check_encoder_scope, concept_prompts, ddim_scheduler, frozen_copy, select_trainable,
+    COMPILE_CHOICES, StepDenoiser, check_encoder_scope, concept_prompts, ddim_scheduler, frozen_copy, select_trainable,
     validate_scope,
 )
 from .lora import LoraOptions, attach_lora
@@ -101,7 +101,7 @@ class AdvUnlearnConfig(LoraOptions):
         metadata={"help": "the unlearning and retain terms' UNet passes in one call (default: on a GPU, where a "
                   "call is a kernel launch per layer; on the CPU two calls, bit for bit earlier versions' rounding)"},
     )  # fmt: skip
-    compile_unet: Literal["none", "cudagraphs", "reduce-overhead", "inductor", "aot_eager"] = field(
+    compile_unet: Literal[COMPILE_CHOICES] = field(
         default="none",
         metadata={"help": "torch.compile of the UNet's calls in each step (the attack's and the two terms'; the "
                   "bank stays eager): cudagraphs (CUDA) replays each call's kernels as one CUDA graph, seconds to "

@@ -249,6 +249,7 @@ def test_bank_settings_are_checked_before_loading():
     for bad, message in (("bank_size=-1", "bank_size must be >= 0, not -1"), ("bank_refresh=-2", "bank_refresh"),
                          ("bank_batch=-1", "bank_batch must be >= 0, not -1"),
                          ("bank_size=0 bank_batch=4", r"bank_batch need bank_size > 0"),
-                         ("shared_forward=maybe", "shared_forward: 'maybe' is not a boolean")):
+                         ("shared_forward=maybe", "shared_forward: 'maybe' is not a boolean"),
+                         ("compile_unet=fast", "bad value for compile_unet: 'fast'; choose one of: none, cudagraphs")):
         with pytest.raises(InputError, match=message):
             build_config("advunlearn", "digits", parse_sets(bad.split()))
