@@ -79,7 +79,8 @@ def build_pipeline(family: str, device: str, seed: int):
         if name.startswith("tokenizer") and cls.startswith("T5"):
             from tests.conftest import tiny_t5_tokenizer
 
-            parts[name] = tiny_t5_tokenizer(json.loads((root / name / "tokenizer_config.json").read_text())["model_max_length"])
+            tokenizer_config = json.loads((root / name / "tokenizer_config.json").read_text())
+            parts[name] = tiny_t5_tokenizer(tokenizer_config["model_max_length"])
         elif name.startswith("tokenizer"):
             parts[name] = _config_tokenizer(root / name) or clip_tokenizer()
         elif name == "scheduler":
@@ -267,8 +268,9 @@ def main() -> None:
             report["gpu"] = torch.cuda.get_device_name()
         started = time.perf_counter()
         pipe = build_tiny(args.family) if args.tiny else build_pipeline(args.family, args.device, seed=0)
+        modules = {name: part for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}
         report["parameters_m"] = {name: round(sum(p.numel() for p in part.parameters()) / 1e6)
-                                  for name, part in pipe.components.items() if isinstance(part, torch.nn.Module)}  # fmt: skip
+                                  for name, part in modules.items()}  # fmt: skip
         pipe.to(dtype=half).save_pretrained(folder, safe_serialization=True)
         if args.family == "flux" and args.tiny:  # the toy model draws 16-px images (FLUX.1's own: 1024)
             (folder / "erasure_model.json").write_text(json.dumps({"sampling": {"resolution": 16}}))

@@ -34,7 +34,13 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 
 from .common import (
-    COMPILE_CHOICES, StepDenoiser, check_encoder_scope, concept_prompts, ddim_scheduler, frozen_copy, select_trainable,
+    COMPILE_CHOICES,
+    StepDenoiser,
+    check_encoder_scope,
+    concept_prompts,
+    ddim_scheduler,
+    frozen_copy,
+    select_trainable,
     validate_scope,
 )
 from .lora import LoraOptions, attach_lora
@@ -51,8 +57,8 @@ class AdvUnlearnConfig(LoraOptions):
     )
     scope: str = field(
         default="full",
-        metadata={"help": "text-encoder parameters to train: full | attn | mlp | layers=i..j; on SDXL both encoders, or "
-                  "one named before the scope (text_encoder:full, text_encoder_2:attn)"},
+        metadata={"help": "text-encoder parameters to train: full | attn | mlp | layers=i..j; on SDXL both encoders, "
+                  "or one named before the scope (text_encoder:full, text_encoder_2:attn)"},
     )
     attack: Literal["pgd", "fast-at"] = field(
         default="pgd",

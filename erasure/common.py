@@ -83,7 +83,8 @@ def select_trainable(module: torch.nn.Module, component: str, scope: str) -> int
 def _select(module: torch.nn.Module, component: str, scope: str, inert: set[int] = frozenset()) -> int:
     rule = _unet_rule(scope) if component == "unet" else _text_encoder_rule(scope)
     if rule is None:
-        layers = [int(m.group(1)) for n, p in module.named_parameters() if (m := _LAYER.search(n)) and id(p) not in inert]
+        named = module.named_parameters()
+        layers = [int(m.group(1)) for n, p in named if (m := _LAYER.search(n)) and id(p) not in inert]
         last = max(layers, default=-1)
 
         def rule(name: str) -> bool:

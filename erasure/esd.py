@@ -24,7 +24,11 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 
 from .common import (
-    check_encoder_scope, concept_prompts, frozen_copy, select_trainable, validate_scope,
+    check_encoder_scope,
+    concept_prompts,
+    frozen_copy,
+    select_trainable,
+    validate_scope,
 )
 from .lora import LoraOptions, adapters_disabled, attach_lora, check_lora_components
 from .training import ErasureResult, Network, RunContext, TrainingLoop
@@ -43,8 +47,9 @@ class ESDConfig(LoraOptions):
     scope: str | None = field(
         default=None,
         metadata={
-            "help": "UNet: xattn (ESD-x, default) | noxattn (ESD-u) | attn | full (FLUX's transformer: attn | full); text encoder: full (default) | "
-            "attn | mlp | layers=i..j, each also after one encoder's name (SDXL: text_encoder_2:full)"
+            "help": "UNet: xattn (ESD-x, default) | noxattn (ESD-u) | attn | full (FLUX's transformer: attn | full); "
+            "text encoder: full (default) | attn | mlp | layers=i..j, each also after one encoder's name "
+            "(SDXL: text_encoder_2:full)"
         },
     )
     negative_guidance: float = field(

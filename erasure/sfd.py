@@ -5,8 +5,8 @@ Three UNets of the teacher's architecture: the frozen teacher f_phi, a fake-scor
 and a one-step generator G_theta, both initialised from the teacher. G maps noise to a clean
 latent in one evaluation (pipelines/one_step.py). Each iteration:
 
-1. fake-score step: the ordinary denoising loss (eps, or v as the teacher predicts) on sg(x_g), each sample under the condition
-   it was generated with (remain prompts and the forget prompts);
+1. fake-score step: the ordinary denoising loss (eps, or v as the teacher predicts) on sg(x_g), each sample under
+   the condition it was generated with (remain prompts and the forget prompts);
 2. generator step, SiD's loss on freshly diffused x_g (gradients reach G through x_g and x_t;
    neither score network's weights change), with p the teacher's and s the fake network's x0:
 
@@ -282,7 +282,9 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
     logs = loop.fit(step_fn, config.steps)
     ema.copy_to(generator)
     generator.eval().requires_grad_(False)
-    second = {"tokenizer_2": model.tokenizer_2, "text_encoder_2": model.text_encoder_2} if family.text_encoders == 2 else {}
+    second = {}
+    if family.text_encoders == 2:
+        second = {"tokenizer_2": model.tokenizer_2, "text_encoder_2": model.text_encoder_2}
     pipe = OneStepPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=generator,
         scheduler=model.scheduler, t_init=config.t_init, **second,

@@ -34,8 +34,8 @@ from pipelines.images import to_tensor
 
 from .advunlearn import attack_embeddings, fast_at_start
 from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
-from .lora import LoraOptions, attach_lora
 from .fewshot import denoising_loss, encode_images
+from .lora import LoraOptions, attach_lora
 from .training import (
     ErasureResult,
     Network,

@@ -456,5 +456,7 @@ def _shipped_config_for(path: Path) -> Path:
     return SHIPPED_CONFIGS / shipped[model_type]
 
 
-__all__ = ["FluxModel", "OneStepModel", "OneStepXLModel", "TextToImageModel", "XLModel", "load_one_step", "load_text_to_image",
-           "one_step_model"]  # fmt: skip
+__all__ = [
+    "FluxModel", "OneStepModel", "OneStepXLModel", "TextToImageModel", "XLModel", "load_one_step",
+    "load_text_to_image", "one_step_model",
+]  # fmt: skip

@@ -9,7 +9,8 @@ the UNet predicts eps there, and the implied clean latent
 is decoded by the VAE; an SDXL generator also takes the pooled text embedding and time ids.
 Classifier-free guidance was distilled into the weights, so sampling costs one UNet evaluation and
 takes no guidance scale. Every part is a standard diffusers/transformers class saved in the usual
-layout (model_index.json, safetensors per component); `t_init` lives in model_index.json. A plain diffusers user can rebuild the same step from those parts (README).
+layout (model_index.json, safetensors per component); `t_init` lives in model_index.json. A plain diffusers
+user can rebuild the same step from those parts (README).
 """
 
 from __future__ import annotations
@@ -170,9 +171,12 @@ class OneStepPipeline(DiffusionPipeline):
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError("pass either `prompt` or `prompt_embeds`")
         if prompt_embeds is None:
-            prompt_embeds, pooled_prompt_embeds = self.encode_prompt([prompt] if isinstance(prompt, str) else list(prompt))
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds, pooled_prompt_embeds = self.encode_prompt(prompts)
         if (self.text_encoder_2 is not None) != (pooled_prompt_embeds is not None):
-            raise ValueError("an SDXL one-step pipeline takes `pooled_prompt_embeds` with `prompt_embeds` (and only it)")
+            raise ValueError(
+                "an SDXL one-step pipeline takes `pooled_prompt_embeds` with `prompt_embeds` (and only it)"
+            )
         prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         added = None
         if pooled_prompt_embeds is not None:

@@ -113,8 +113,8 @@ class SDXLTextTower(TwoEncoderTower):
         k, width = inserted.shape[1], self.text_encoder.config.hidden_size
         first, _ = hidden_states_of_words(
             self.text_encoder, insert_after_start(token_embeddings(self.text_encoder, ids_1), inserted[..., :width]))
-        second, last = hidden_states_of_words(
-            self.text_encoder_2, insert_after_start(token_embeddings(self.text_encoder_2, ids_2), inserted[..., width:]))
+        second_inputs = insert_after_start(token_embeddings(self.text_encoder_2, ids_2), inserted[..., width:])
+        second, last = hidden_states_of_words(self.text_encoder_2, second_inputs)
         pooled = self.text_encoder_2.text_projection(end_token_states(self.text_encoder_2, ids_2, last, k))
         return torch.cat([first, second], dim=-1), pooled
 

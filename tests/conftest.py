@@ -90,7 +90,8 @@ def tiny_t5_tokenizer(max_length: int = 12):
     from transformers import T5TokenizerFast
 
     words = "a an the photo of image painting picture cat dog seven three red blue green car tree house".split()
-    pieces = ["<pad>", "</s>", "<unk>", *(f"\u2581{w}" for w in words), "\u2581", *"abcdefghijklmnopqrstuvwxyz0123456789"]
+    characters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    pieces = ["<pad>", "</s>", "<unk>", *(f"\u2581{w}" for w in words), "\u2581", *characters]
     tokenizer = Tokenizer(models.Unigram([(piece, -float(i)) for i, piece in enumerate(pieces)], unk_id=2))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()

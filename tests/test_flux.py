@@ -101,7 +101,8 @@ def test_esd_on_flux_is_a_lora_on_the_transformer_that_plain_diffusers_loads(tin
     assert manifest["lora"]["rank"] == 8 and manifest["lora"]["components"] == ["transformer"]
     with safe_open(str(run / "pytorch_lora_weights.safetensors"), "pt") as f:
         layers = {key.split(".lora_")[0] for key in f.keys()}
-    assert layers == {"transformer.transformer_blocks.0.attn.add_q_proj", "transformer.transformer_blocks.0.attn.add_k_proj"}
+    block = "transformer.transformer_blocks.0.attn"
+    assert layers == {f"{block}.add_q_proj", f"{block}.add_k_proj"}
     ours = _ours(run)
     assert np.abs(_plain(tiny_flux_dir, lora_run=run) - ours).max() <= 1
     assert np.abs(_ours(tiny_flux_dir) - ours).max() > 1  # the adapters changed the picture
@@ -165,7 +166,7 @@ def test_a_flux_lora_in_sd_scripts_layout_loads_through_diffusers_converter(tiny
     assert np.abs(_kohya_draw(tiny_flux_dir, exported.folder, "blocks-lora.safetensors") - ours).max() <= 1
     assert np.abs(_ours(tiny_flux_dir) - ours).max() > 1
     embedder = erase("esd", ["cat"], str(tiny_flux_dir), out=tmp_path / "embedder", progress=False,
-                     sets=QUICK + ["steps=1", "scope=full", "lora_rank=2", "lora_targets=x_embedder,add_q_proj"])  # fmt: skip
+                     sets=[*QUICK, "steps=1", "scope=full", "lora_rank=2", "lora_targets=x_embedder,add_q_proj"])
     with pytest.raises(InputError, match="x_embedder would be lost"):
         export_run(embedder, "someone/x", local_dir=tmp_path / "refused", no_eval=True, lora_format="kohya")
     assert not (tmp_path / "refused").exists()

@@ -214,3 +214,12 @@ def test_shipped_weights_are_small_files_and_shard_indexes_tell_the_truth():
                 assert set(f.keys()) == {k for k, v in data["weight_map"].items() if v == shard}
                 size += sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
         assert data["metadata"]["total_size"] == size, index
+
+
+def test_the_code_passes_the_projects_own_lint_settings():
+    # ruff comes with the dev extra; its settings (pyproject.toml) are the project's style, so a change that
+    # breaks them fails here rather than piling up unnoticed.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise", root],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -189,7 +189,8 @@ def test_sfd_distils_sdxl_into_a_one_step_generator_that_plain_diffusers_reprodu
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     block = re.search(r"<!-- one-step recipe sdxl -->\s*```python\n(.*?)```", readme, re.S)
     assert block and block.group(1) == PLAIN_DIFFUSERS_RECIPE_XL.format(folder='"runs/sfd-xl"', prompt="a cat")
-    code = PLAIN_DIFFUSERS_RECIPE_XL.format(folder=repr(str(run)), prompt="a cat").replace('image.save("sample.png")', "")
+    code = PLAIN_DIFFUSERS_RECIPE_XL.format(folder=repr(str(run)), prompt="a cat")
+    code = code.replace('image.save("sample.png")', "")
     namespace: dict = {}
     exec(compile(code, "README recipe", "exec"), namespace)  # noqa: S102 - the README's own code
     assert np.abs(np.asarray(namespace["image"], float) - np.asarray(ours, float)).max() <= 1

@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="accelerate mixed precision")
     p.add_argument(
         "--optimizer-state", default=None, choices=["fp32", "8bit"],
-        help="Adam's moment estimates: fp32 (default; torch's Adam, fused on a GPU) or 8bit (bitsandbytes' blockwise "
-        "8-bit Adam, from the adam8bit extra: a quarter of the optimiser memory, e.g. for full-weight SFD at SD 1.x size)",
+        help="Adam's moment estimates: fp32 (default; torch's Adam, fused on a GPU) or 8bit (bitsandbytes' "
+        "blockwise 8-bit Adam, from the adam8bit extra: a quarter of the optimiser memory, e.g. for full-weight SFD "
+        "at SD 1.x size)",
     )  # fmt: skip
     p.add_argument(
         "--frozen-precision", default=None, choices=["auto", "full", "half"],

@@ -89,7 +89,9 @@ class StableDiffusionFamily(Family):
         """The VAE's latents as the denoiser sees them."""
         return latents * model.vae.config.scaling_factor
 
-    def noised(self, model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def noised(
+        self, model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, what the denoiser should predict there): the model's forward process at timesteps `t` (eps, or v on
         a v-prediction model)."""
         scheduler = model.scheduler
