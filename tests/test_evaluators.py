@@ -188,7 +188,11 @@ def test_eval_attacks_an_existing_run_and_leaves_its_manifest_alone(tiny_pipelin
 def test_an_unerased_digits_model_is_attacked_with_full_success(tmp_path):
     from erasure.evaluation import run_eval
 
+    # two prompts of each kind: the attack takes the target prompts; the rest of the report is not what is tested
+    (tmp_path / "target.txt").write_text("a seven\na green seven\n")
+    (tmp_path / "preserved.txt").write_text("a three\na red one\n")
     path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=tmp_path / "self.json", samples=2,
+                    prompts_file=tmp_path / "target.txt", preserved_prompts_file=tmp_path / "preserved.txt",
                     attack="embedding", attack_prompts=2, attack_seeds=2, attack_steps=2, progress=False)  # fmt: skip
     attack = json.loads(path.read_text())["concepts"]["seven"]["attack"]
     assert attack["asr"] == 1.0 and attack["present_before_attack"] == 1.0 and attack["pairs"] == 4

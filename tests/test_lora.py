@@ -231,26 +231,31 @@ def test_kohya_export_of_a_reduced_full_weight_run_and_its_refusal(tiny_pipeline
     assert np.abs(kohya - plain).max() <= 1
 
 
-def test_sample_draws_a_lora_run_at_a_strength(tiny_pipeline_dir, tmp_path):
+def test_sample_draws_a_lora_run_at_a_strength(tiny_pipeline_dir, tmp_path, capsys):
     """`erasure sample RUN --lora-strength W`: 0 is the base model's image, 1 the run's; a full-weight run or a
     strength outside [0, 2] is refused in one line."""
     from PIL import Image
+
+    from ui.cli import main
 
     run = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False,
                 sets=_sets("esd", tmp_path, lora_rank=4, lr=1e-2))  # fmt: skip
     full = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "full", progress=False,
                  sets=_sets("esd", tmp_path))  # fmt: skip
 
-    def sample(model, *extra):
+    def sample(model, *extra):  # in this process: each `erasure sample` subprocess would cost its imports
         out = tmp_path / f"{len(list(tmp_path.iterdir()))}.png"
-        done = subprocess.run([sys.executable, "-m", "erasure", "sample", str(model), "--prompt", "a cat", "--n", "1",
-                               "--steps", "4", "--out", str(out), *extra], capture_output=True, text=True)  # fmt: skip
-        return done, (np.asarray(Image.open(out), float) if out.exists() else None)
+        capsys.readouterr()
+        try:
+            code = main(["sample", str(model), "--prompt", "a cat", "--n", "1", "--steps", "4", "--out", str(out),
+                         *extra])  # fmt: skip
+        except SystemExit as refused:  # argparse's refusal of a value
+            code = refused.code
+        return code, capsys.readouterr().err, (np.asarray(Image.open(out), float) if out.exists() else None)
 
-    _, base = sample(tiny_pipeline_dir)
-    _, erased = sample(run)
-    assert np.abs(sample(run, "--lora-strength", "0")[1] - base).max() == 0
-    assert np.abs(sample(run, "--lora-strength", "1")[1] - erased).max() <= 1
+    base, erased = sample(tiny_pipeline_dir)[2], sample(run)[2]
+    assert np.abs(sample(run, "--lora-strength", "0")[2] - base).max() == 0
+    assert np.abs(sample(run, "--lora-strength", "1")[2] - erased).max() <= 1
     for model, strength, message in [(full, "0.5", "not trained as LoRA"), (run, "3", "between 0 and 2")]:
-        done, image = sample(model, "--lora-strength", strength)
-        assert done.returncode != 0 and image is None and message in done.stderr.strip().splitlines()[-1]
+        code, err, image = sample(model, "--lora-strength", strength)
+        assert code != 0 and image is None and message in err.strip().splitlines()[-1]
