@@ -196,6 +196,8 @@ def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict | None]:
 
 def config_yaml(method: str, config: Any, family) -> str:
     """`config` as a YAML file that `--config` reads back, each option with its help and paper default."""
+    from pipelines.families import get_family
+
     family = getattr(family, "name", family)
     defaults = {name: default for name, _, default, _ in describe_fields(type(config))}
     values = config_to_dict(config)
@@ -203,6 +205,11 @@ def config_yaml(method: str, config: Any, family) -> str:
         f"# {method} options for the {family} model family: paper defaults, then the family's preset,",
         f"# then --config and --set. Use it with: erasure erase --method {method} --config THIS_FILE",
     ]
+    lora = get_family(family).lora_preset(method) if getattr(config, "lora_rank", 0) else {}
+    lora.pop("lora_rank", None)
+    if lora:
+        lines.append(f"# With LoRA adapters, the {family} preset also takes: "
+                     f"{', '.join(f'{k}={_yaml_value(v)}' for k, v in lora.items())} (unless set).")
     bounds = {f.name: f.metadata.get("bounds") for f in dataclasses.fields(config)}
     for name, type_name, _, help_text in describe_fields(type(config)):
         paper = "" if values[name] == _plain(defaults[name]) else f" [paper default: {_yaml_value(defaults[name])}]"
@@ -226,7 +233,8 @@ def _yaml_value(value: Any) -> str:
 
 def build_config(method: str, family, *layers: dict[str, Any]):
     """The config of `method` (a registry key): its defaults, the preset of `family` (a Family or its
-    name) for it, then each layer of overrides.
+    name) for it, then each layer of overrides. A run with LoRA adapters (lora_rank > 0) also takes the
+    family's LoRA preset for what no layer sets.
 
     Every value is checked against its field's rules (check_field) before the dataclass is built,
     whether it came from a default, a preset, a file or `--set`.
@@ -253,6 +261,10 @@ def build_config(method: str, family, *layers: dict[str, Any]):
         for key in ("lora_alpha", "lora_targets"):
             if key in preset and key not in chosen:
                 del values[key]
+    if values.get("lora_rank"):  # adapters: the family's LoRA preset over its preset, under the user's own choices
+        for key, value in family.lora_preset(method).items():
+            if key != "lora_rank" and key not in chosen:
+                values[key] = coerce(key, hints[key], value)
     for name, f in fields.items():
         check_field(f, values[name] if name in values else _default(f))
     try:

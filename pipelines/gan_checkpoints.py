@@ -163,8 +163,22 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, *args):
     return torch.nn.Parameter(data, requires_grad=requires_grad)
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only tensors, plain containers and NVIDIA's persistence records."""
+def _rebuild_tensor(storage, offset, size, stride, requires_grad, backward_hooks, *metadata):
+    if backward_hooks:  # hooks are callables a file must not hand us, however allow-listed
+        raise pickle.UnpicklingError("refused a tensor with backward hooks")
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, OrderedDict(), *metadata)
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Resolves only tensors, plain containers and NVIDIA's persistence records.
+
+    The pure-Python unpickler, because its opcodes can be overridden: BUILD sets attributes of whatever sits
+    below it, and on an allow-listed function or class that would outlive the load (a refused file could still
+    rewrite, say, a tensor rebuilder's defaults for every later load in the process). Here it may set the
+    state of a record or an EasyDict only.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     ALLOWED = {
         ("collections", "OrderedDict"): OrderedDict,
@@ -173,7 +187,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         ("builtins", "dict"): dict,
         ("builtins", "list"): list,
         ("builtins", "tuple"): tuple,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): _rebuild_persistent,
@@ -185,6 +199,14 @@ class RestrictedUnpickler(pickle.Unpickler):
         if found is None:
             raise pickle.UnpicklingError(f"refused global {module}.{name}")
         return found
+
+    def load_build(self):
+        target = self.stack[-2]  # BUILD's state is on top, the object it sets below it
+        if not isinstance(target, (PersistentRecord, _AttrDict)):
+            raise pickle.UnpicklingError(f"refused to set the state of {type(target).__name__}")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def read_nvidia_pickle(path: Path) -> dict:

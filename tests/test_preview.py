@@ -182,10 +182,12 @@ def test_erase_options_are_the_config_fields_with_their_presets(method):
     assert [o.name for o in options] == [f.name for f in dataclasses.fields(METHODS[method].config)]
     assert all(o.help for o in options)
     for preset in preset_names(options):
-        family = "sd1" if preset == PAPER else preset
-        # What the form shows for a preset, sent back, builds that preset's config exactly.
+        family, lora, _ = ("sd1" if preset == PAPER else preset).partition(" + LoRA")
+        # What the form shows for a preset, sent back, builds that preset's config exactly; a LoRA preset's is
+        # the family's preset at the rank it was measured at.
         sent = {o.name: from_field(o, to_field(o, preset)) for o in options}
-        assert build_config(method, "sd1", sent) == build_config(method, family)
+        rank = {"lora_rank": sent["lora_rank"]} if lora else {}
+        assert build_config(method, "sd1", sent) == build_config(method, family, rank)
 
 
 def test_export_button_runs_erasure_export_and_shows_its_outcome(client, served, tmp_path, monkeypatch):

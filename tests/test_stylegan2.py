@@ -210,3 +210,32 @@ def test_malicious_pickles_are_refused_and_never_execute(tmp_path):
     assert "system" in str(refusal.value)
     assert not any(word in str(refusal.value) for word in ("safe_globals", "allowlist", "weights_only"))
     assert not marker.exists()
+
+
+# BUILD (setattr through a pickle's state) on the allow-listed tensor rebuilder: rewriting its defaults would
+# negate every tensor any later weights-only load in the process rebuilt, although this load is refused.
+_REWRITE_DEFAULTS = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__"
+                     b"}X\x03\x00\x00\x00negq\x00\x88s\x85s\x86b.")
+
+
+class _TensorWithHooks:
+    def __reduce__(self):
+        hooks = OrderedDict([(0, dict)])  # an allow-listed callable, handed over as a backward hook
+        storage = torch.TypedStorage(3, dtype=torch.float32)  # the form NVIDIA's pickles hold
+        return (torch._utils._rebuild_tensor_v2, (storage, 0, (3,), (1,), False, hooks))
+
+
+def test_a_pickle_cannot_change_allow_listed_functions_or_hand_over_hooks(tmp_path):
+    defaults = torch._utils._rebuild_tensor_v2.__defaults__
+    pkl = tmp_path / "rewrite.pkl"
+    pkl.write_bytes(_REWRITE_DEFAULTS)
+    with pytest.raises(InputError, match="refused to set the state of function"):
+        load_model(str(pkl))
+    assert torch._utils._rebuild_tensor_v2.__defaults__ == defaults
+    pkl.write_bytes(pickle.dumps({"G_ema": _TensorWithHooks()}))
+    with pytest.raises(InputError, match="refused a tensor with backward hooks"):
+        load_model(str(pkl))
+    generator, _ = _tiny()  # and the tensors loaded afterwards are what was saved
+    torch.save({"g_ema": generator.state_dict(), "args": argparse.Namespace(size=16, latent=8, n_mlp=2)},
+               tmp_path / "clean.pt")  # fmt: skip
+    assert torch.equal(_images(load_model(str(tmp_path / "clean.pt")).generator), _images(generator))

@@ -49,6 +49,8 @@ def method_options(method: str) -> list[Option]:
     config_cls = METHODS[method].config
     hints = typing.get_type_hints(config_cls)
     presets = {name: family.preset(method) for name, family in FAMILIES.items() if family.preset(method)}
+    presets |= {f"{name} + LoRA": {**family.preset(method), **family.lora_preset(method)}
+                for name, family in FAMILIES.items() if family.lora_preset(method)}  # fmt: skip
     return [
         Option(method, name, hints[name], type_name, default, help_text,
                {family: values[name] for family, values in presets.items() if name in values})

@@ -74,6 +74,9 @@ class Family:
     has_builtin_images: ClassVar[bool] = False  # images of its concepts ship with it (`--images builtin`)
     # method key -> the options tuned for this family, over the config's paper defaults
     presets: ClassVar[dict[str, dict]] = {}
+    # method key -> what a LoRA run of it (lora_rank > 0) changes of that preset, with the rank it was measured
+    # at: an adapter starts at zero and needs larger steps than full weights to move as far
+    lora_presets: ClassVar[dict[str, dict]] = {}
     # method key -> the registry's key of the paper a preset follows where it is not the method's own
     preset_papers: ClassVar[dict[str, str]] = {}
     # the components the family's diffusers LoRA file can hold (None: every one a method trains)
@@ -84,6 +87,9 @@ class Family:
 
     def preset(self, method: str) -> dict:
         return dict(self.presets.get(method, {}))
+
+    def lora_preset(self, method: str) -> dict:
+        return dict(self.lora_presets.get(method, {}))
 
     def check_method(self, method: str) -> None:
         """Refuse, in one line, a method this family's models cannot take."""
