@@ -82,6 +82,18 @@ def test_save_lora_keeps_the_adapters_alone_and_loads_as_the_full_run(tiny_pipel
     assert np.abs(_toolkit_draw(small) - _toolkit_draw(full)).max() <= 1
     # every component is the base's: the run lends them, the adapters are merged in at load
     assert json.loads((small / "erasure.json").read_text())["save"] == "lora"
+    # Exported, it is the erased model for plain `from_pretrained` (the adapters merged into its UNet) and for the
+    # toolkit, and the adapter file for the base's `load_lora_weights`.
+    from diffusers import StableDiffusionPipeline
+
+    from ui.hub import export_run
+
+    hub = export_run(small, "someone/small", local_dir=tmp_path / "hub", no_eval=True).folder
+    pipe = StableDiffusionPipeline.from_pretrained(hub)
+    plain = pipe("a cat", num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(7))
+    assert np.abs(np.asarray(plain.images[0], float) - _toolkit_draw(small)).max() <= 1
+    assert np.abs(_toolkit_draw(hub) - _toolkit_draw(small)).max() <= 1
+    assert np.abs(_plain_draw(StableDiffusionPipeline, tiny_pipeline_dir, hub) - _toolkit_draw(small)).max() <= 1
 
 
 @pytest.mark.parametrize(("sets", "save", "says"), [

@@ -230,6 +230,14 @@ def test_an_sfd_lora_run_is_the_teacher_plus_adapters_that_plain_diffusers_loads
     again = load_model(str(small))
     assert again.kind == "one-step"
     assert np.abs(np.asarray(again.generate(["a cat"], [0])[0][0], float) - expected).max() <= 1
+    # exported, the generator's adapters are merged into the Hub folder's UNet: the README's recipe runs on it
+    from ui.hub import export_run
+
+    hub = export_run(small, "someone/small", local_dir=tmp_path / "hub", no_eval=True).folder
+    namespace = {}
+    code = PLAIN_DIFFUSERS_RECIPE.format(folder=repr(str(hub)), prompt="a cat").replace('image.save("sample.png")', "")
+    exec(compile(code, "README recipe", "exec"), namespace)  # noqa: S102
+    assert np.abs(np.asarray(namespace["image"], float) - expected).max() <= 1
 
 
 def OneStepOfTeacher(base: Path, t_init: int) -> np.ndarray:  # noqa: N802 - reads as the thing it draws

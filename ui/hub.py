@@ -357,11 +357,14 @@ def _check_hub_access() -> None:
 
 def write_hub_folder(run: Run, folder: Path, *, repo_id: str, single_file: bool = False) -> None:
     """Fill `folder` (which exists and is empty) with the run's files (the model card apart)."""
-    for rel, file in run.model_files.items():
-        # A GAN's files go under generator/, where the toolkit's loader and its Hub download look for them.
-        _copy(file, folder / "generator" / rel.name if run.kind == "gan" else folder / rel)
+    if run.model_card.get("lora_adapters"):
+        _write_merged(run, folder)
+    else:
+        for rel, file in run.model_files.items():
+            # A GAN's files go under generator/, where the toolkit's loader and its Hub download look for them.
+            _copy(file, folder / "generator" / rel.name if run.kind == "gan" else folder / rel)
     for name in (MANIFEST, MODEL_CARD_FILE):
-        if (run.path / name).is_file():
+        if (run.path / name).is_file() and not (folder / name).exists():
             _copy(run.path / name, folder / name)
     if run.report is not None:
         _copy(run.path / EVAL_FILE, folder / EVAL_FILE)
@@ -372,6 +375,20 @@ def write_hub_folder(run: Run, folder: Path, *, repo_id: str, single_file: bool 
         from pipelines.single_file import save_single_file
 
         save_single_file(load_model(str(run.path)), folder / single_file_name(repo_id))
+
+
+def _write_merged(run: Run, folder: Path) -> None:
+    """A `--save lora` run holds adapters over its base's weights: the Hub folder gets the components they change
+    with the adapters merged in, so that `from_pretrained(repo)` loads the erased model, as for any other run; the
+    adapter file rides along for `load_lora_weights` on the base."""
+    from pipelines import load_model
+    from pipelines.cards import read_model_card, write_model_card
+
+    model = load_model(str(run.path))  # merges the adapters
+    model.save(folder, changed=run.manifest["lora"]["components"], mode="full")
+    card = {key: value for key, value in read_model_card(folder).items() if key != "lora_adapters"}
+    write_model_card(folder, card)
+    _copy(run.path / LORA_FILE, folder / LORA_FILE)
 
 
 def _copy(src: Path, dst: Path) -> None:
