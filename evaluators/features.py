@@ -37,7 +37,9 @@ def inception_features(weights: str | Path, device: str = "cpu") -> FeatureExtra
     if not weights.is_file():
         raise InputError(f"Inception weights not found: {weights}")
     state = load_tensors(weights, f"Inception weights {weights}")
-    network = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    # torchvision's Inception-v3 weights (ported from Google's) expect pixels in [-1, 1]: its own builder turns
+    # transform_input on for them, which maps the ImageNet-normalised input below to that range.
+    network = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:

@@ -104,8 +104,17 @@ def test_inception_features_from_a_local_weights_file(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "inception.pth"
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), path)
-    features = feature_extractor(f"inception:{path}")(torch.rand(2, 3, 32, 32))
+    images = torch.rand(2, 3, 32, 32)
+    features = feature_extractor(f"inception:{path}")(images)
     assert features.shape == (2, 2048)
+    # The network sees what Google's weights were trained on: pixels in [-1, 1], as torchvision's builder sets up.
+    plain = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    plain.load_state_dict(torch.load(path, weights_only=True))
+    plain.fc = torch.nn.Identity()
+    resized = torch.nn.functional.interpolate(images, size=(299, 299), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        expected = plain.eval()(resized * 2 - 1)
+    assert torch.allclose(features, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())  # random: tiny
     with pytest.raises(InputError, match="not found"):
         feature_extractor(f"inception:{tmp_path / 'missing.pth'}")
 
