@@ -434,7 +434,7 @@ def evaluate_gan(
             "before_mean_score": float(scores["before"].mean()), "after_mean_score": float(scores["after"].mean()),
             "settings": {**clip.describe(), "images": samples, "formula": DEGREE_OF_UNLEARNING},
         }  # fmt: skip
-        absent = ~presence["before"]
+        absent = ~presence["before"].cpu()  # it indexes the extractor's features, which are on the CPU
         if judge is not None:
             detected = {m: judge.detects(images[m], concept) for m in images}
             b, a = (float(detected[m].float().mean()) for m in ("before", "after"))
@@ -443,7 +443,7 @@ def evaluate_gan(
                 "value": 100 * (b - a) / b if b > 0 else 0.0,
                 "settings": {"formula": "100 * (before - after) / before, of presence_judge"},
             }
-            absent = ~detected["before"]
+            absent = ~detected["before"].cpu()
         extractor = protocol.extractor(judge)
         feats = {m: extractor(images[m]) for m in images}
         metrics["fid_vs_base_without_concept"] = {
