@@ -23,6 +23,7 @@ from .logs import quiet_libraries
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 # Sampling defaults for checkpoints that carry no erasure_model.json (real Stable Diffusion).
 SD_SAMPLING = {"steps": 30, "guidance": 7.5}
+FLUX_SAMPLING = {"steps": 28, "guidance": 3.5}  # FluxPipeline's own defaults
 
 
 class TextToImageModel:
@@ -266,7 +267,7 @@ class FluxModel(TextToImageModel):
 
     @property
     def sampling(self) -> dict:
-        return {"steps": 28, "guidance": 3.5, **self.source.card.get("sampling", {})}  # FluxPipeline's own defaults
+        return {**FLUX_SAMPLING, **self.source.card.get("sampling", {})}
 
     def replace(self, name: str, module: torch.nn.Module) -> None:
         super().replace("transformer" if name == "unet" else name, module)

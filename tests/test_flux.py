@@ -123,9 +123,15 @@ def test_a_flux_run_is_evaluated_and_exported(tiny_flux_dir, tiny_open_clip, tmp
     assert "pytorch_lora_weights.safetensors" in exported.files
     card = (exported.folder / "README.md").read_text()
     assert "load_lora_weights" in card and "gao2025eraseanything" in card  # the preset's paper is cited too
+    assert "num_inference_steps=4, guidance_scale=3.5" in card  # the card's sampling
     kohya = export_run(run, "someone/flux-kohya", local_dir=tmp_path / "kohya", lora_format="kohya")
     assert "flux-kohya-lora.safetensors" in (kohya.folder / "README.md").read_text()
     assert np.abs(_kohya_draw(tiny_flux_dir, kohya.folder, "flux-kohya-lora.safetensors") - _ours(run)).max() <= 1
+    # A base whose card names none (a Hub FLUX.1): FLUX's own sampling, not Stable Diffusion's.
+    (run / "erasure_model.json").write_text(json.dumps({**json.loads((run / "erasure_model.json").read_text()),
+                                                         "sampling": {"resolution": 16}}))  # fmt: skip
+    card = (export_run(run, "someone/flux", local_dir=tmp_path / "hub2").folder / "README.md").read_text()
+    assert "num_inference_steps=28, guidance_scale=3.5" in card
     for attack in ("unlearndiffatk", "textual-inversion"):  # one tokenizer's words; no T5 inversion yet
         with pytest.raises(InputError, match=f"--attack {attack} on flux models"):
             run_eval(str(run), attack=attack, samples=1, clip=tiny_open_clip, progress=False)

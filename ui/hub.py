@@ -614,9 +614,10 @@ def _usage(run: Run, repo_id: str, single_file: bool, lora: bool = False, kohya:
         template = PLAIN_DIFFUSERS_RECIPE_XL if run.model_card.get("family") == "sdxl" else PLAIN_DIFFUSERS_RECIPE
         recipe = template.format(folder=f'snapshot_download("{repo_id}")', prompt=prompt)
         return ONE_STEP_USAGE.format(repo_id=repo_id, recipe=recipe)
-    from pipelines.diffusion import SD_SAMPLING
+    from pipelines.diffusion import FLUX_SAMPLING, SD_SAMPLING
 
-    sampling = {**SD_SAMPLING, **run.model_card.get("sampling", {})}
+    defaults = FLUX_SAMPLING if run.model_card.get("family") == "flux" else SD_SAMPLING
+    sampling = {**defaults, **run.model_card.get("sampling", {})}
     prompt = _concepts(run)[0].replace('"', "'")
     parts = [DIFFUSERS_USAGE.format(repo_id=repo_id, prompt=prompt, **sampling)]
     changed = run.manifest.get("changed_components", [])
