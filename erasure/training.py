@@ -242,7 +242,9 @@ def _rng_state() -> dict:
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's device only: only the main process writes checkpoints, and every process draws the same
+        # stream on its own device (the same global batch), so each restores the main one's onto its own device.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -252,7 +254,8 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, list) else cuda)  # a list: every device's (older runs)
 
 
 def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -461,6 +464,8 @@ class TrainingLoop:
                 for k, v in self.state.items()
             },  # fmt: skip
             "rng": _rng_state(),
+            # fp16's loss scale and its growth count: a resume that started them over would skip other steps
+            "scaler": None if self.run.accelerator.scaler is None else self.run.accelerator.scaler.state_dict(),
             "fingerprint": self.fingerprint,
         }
         path.mkdir(parents=True, exist_ok=True)
@@ -491,6 +496,8 @@ class TrainingLoop:
                 self.state[key].load_state_dict(value)
             else:
                 self.state[key] = value.to(self.run.torch_device) if torch.is_tensor(value) else value
+        if saved.get("scaler") is not None and self.run.accelerator.scaler is not None:
+            self.run.accelerator.scaler.load_state_dict(saved["scaler"])
         _set_rng_state(saved["rng"])
         return saved["step"]
 

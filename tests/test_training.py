@@ -131,6 +131,34 @@ def test_gradients_are_clipped_per_network(tmp_path):
     assert torch.allclose(big.weight.norm(), torch.tensor(0.5))  # one SGD step of a gradient clipped to 0.5
 
 
+def _scaled_run(tmp_path, steps: int, resume: bool) -> tuple[torch.nn.Module, torch.amp.GradScaler]:
+    """A run whose accelerator scales its losses, as fp16 does on a GPU (a CPU GradScaler here: fp16 needs CUDA),
+    with a scale that grows at every step."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 1)
+    run = RunContext(progress=False, checkpoint_dir=tmp_path / "checkpoint", checkpoint_every=1, resume=resume)
+    run._accelerator = Accelerator(cpu=True)
+    run._accelerator.scaler = scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    loop = TrainingLoop(run, {"net": Network(net, torch.optim.SGD(net.parameters(), lr=0.1))}, desc="scaled")
+
+    def step_fn(step: int) -> dict[str, float]:
+        loop.update("net", loop.modules["net"](torch.randn(4, 2)).pow(2).mean())
+        return {}
+
+    loop.fit(step_fn, steps)
+    return net, scaler
+
+
+def test_the_loss_scale_of_fp16_is_checkpointed_and_resumed(tmp_path):
+    straight, straight_scaler = _scaled_run(tmp_path / "straight", 3, resume=False)
+    _scaled_run(tmp_path / "killed", 2, resume=False)  # stopped after its second step's checkpoint
+    resumed, resumed_scaler = _scaled_run(tmp_path / "killed", 3, resume=True)
+    assert straight_scaler.get_scale() == resumed_scaler.get_scale() == 2.0**13  # grown at each of 3 steps
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
