@@ -148,6 +148,15 @@ def sid_loss(p: torch.Tensor, s: torch.Tensor, x_g: torch.Tensor, alpha: float) 
     return ((p - s) * ((p - x_g) - alpha * (p - s))).sum(dim=dims) / w
 
 
+def fake_score_loss(out: torch.Tensor, wanted: torch.Tensor, abar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The fake score's denoising loss: eps-MSE, as SiD fits it. A v-predicting network's error is weighted by abar
+    (= snr / (snr + 1)): its v error is its eps error over sqrt(abar), which unweighted would let the noisiest
+    timesteps (1 / abar up to ~170 on SD's schedule) dominate the fit."""
+    if prediction == "v_prediction":
+        return (abar * (out - wanted).pow(2)).mean()
+    return F.mse_loss(out, wanted)
+
+
 class frozen:
     """Within the block, `module`'s weights take no gradient (inputs still do)."""
 
@@ -256,8 +265,8 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         z = local(torch.randn((rows, *latent_shape), device=device))
         with torch.no_grad():
             x_g = family.one_step(generator, alphas, config.t_init, z, cond, prediction)
-        x_t, t, wanted, _ = noisy(x_g)
-        fake_loss = F.mse_loss(family.denoise(loop.modules["fake"], x_t, t, cond), wanted)
+        x_t, t, wanted, abar = noisy(x_g)
+        fake_loss = fake_score_loss(family.denoise(loop.modules["fake"], x_t, t, cond), wanted, abar, prediction)
         loop.update("fake", fake_loss)
 
         # 2. generator step

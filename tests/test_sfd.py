@@ -37,6 +37,20 @@ def test_the_sid_loss_with_alpha_one_is_p_minus_s_times_s_minus_x_over_w():
     assert torch.allclose(x.grad, -(p - s) / w.view(-1, 1, 1, 1), atol=1e-5)
 
 
+def test_the_fake_scores_loss_is_the_eps_error_for_a_v_predicting_network_too():
+    from erasure.sfd import fake_score_loss
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise, out = (torch.randn(3, 4, 2, 2, generator=g) for _ in range(3))
+    abar = torch.tensor([0.999, 0.5, 0.006]).view(-1, 1, 1, 1)  # SD's schedule spans about these
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    v = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    eps_of_out = abar.sqrt() * out + (1 - abar).sqrt() * x_t  # the eps a v prediction implies at x_t
+    expected = torch.nn.functional.mse_loss(eps_of_out, noise)
+    assert torch.allclose(fake_score_loss(out, v, abar, "v_prediction"), expected, atol=1e-6)
+    assert torch.equal(fake_score_loss(out, noise, abar, "epsilon"), torch.nn.functional.mse_loss(out, noise))
+
+
 def _run_with_hooks(tiny_pipeline_dir, sets):
     """One SFD iteration on the tiny pipeline, recording (which net, timesteps, conditions) of every UNet call."""
     model = load_model(str(tiny_pipeline_dir))
