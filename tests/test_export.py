@@ -250,7 +250,8 @@ class FakeHub(ThreadingHTTPServer):
         self.endpoint = f"http://127.0.0.1:{self.server_address[1]}"
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, authorization)
         self.created: list[dict] = []
-        self.files: dict[str, bytes] = {}
+        self.files: dict[str, bytes] = {}  # the repository's files, as commits leave them
+        self.deleted: list[str] = []
         self.fail: dict[str, int] = {}  # route -> HTTP status to answer instead
 
 
@@ -269,7 +270,11 @@ class _HubHandler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        self.server.requests.append(("GET", self.path, self.headers.get("authorization")))
+        hub = self.server
+        hub.requests.append(("GET", self.path, self.headers.get("authorization")))
+        if re.fullmatch(r"/api/models/[^/]+/[^/]+/tree/main", self.path.split("?")[0]):  # the repository's files
+            return self._reply(200, [{"type": "file", "path": path, "oid": "0" * 40, "size": len(data)}
+                                     for path, data in hub.files.items()])  # fmt: skip
         self._reply(404, {"error": f"not served by the test hub: GET {self.path}"})
 
     def do_POST(self):
@@ -295,6 +300,9 @@ class _HubHandler(BaseHTTPRequestHandler):
                 item = json.loads(line)
                 if item["key"] == "file":
                     hub.files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                elif item["key"] == "deletedFile":
+                    hub.deleted.append(item["value"]["path"])
+                    del hub.files[item["value"]["path"]]
             oid = "0" * 40
             return self._reply(200, {"commitUrl": f"{hub.endpoint}/{m.group(1)}/commit/{oid}", "commitOid": oid})
         self._reply(404, {"error": f"not served by the test hub: POST {path}"})
@@ -326,15 +334,19 @@ def _cli(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_push_delivers_every_file_and_the_token_only_in_request_headers(evaluated_run, exported, fake_hub, tmp_path):
     token = f"hf_{secrets.token_hex(16)}"
+    # The repository holds an earlier export's files: they go, .gitattributes (the Hub's own) stays.
+    fake_hub.files = {".gitattributes": b"*.safetensors filter=lfs", "old-lora.safetensors": b"0", "README.md": b"x"}
     result = _cli([str(evaluated_run), "--repo-id", REPO_ID, "--single-file", "--private"], tmp_path,
                   HF_ENDPOINT=fake_hub.endpoint, HF_TOKEN=token, HF_HUB_VERBOSITY="debug")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"pushed {len(exported.files)} files to {fake_hub.endpoint}/{REPO_ID}" in result.stdout
-    # Every file of the folder that --local-dir writes arrives, with the same bytes.
-    assert fake_hub.files == _files(exported.folder)
+    # Every file of the folder that --local-dir writes arrives, with the same bytes, and nothing else stays.
+    assert fake_hub.deleted == ["old-lora.safetensors"]
+    assert fake_hub.files == {**_files(exported.folder), ".gitattributes": b"*.safetensors filter=lfs"}
     assert fake_hub.created == [{"name": "tiny-no-cat", "organization": "me", "visibility": "private"}]
     assert all(auth == f"Bearer {token}" for _, _, auth in fake_hub.requests)
-    assert not [r for r in fake_hub.requests if r[0] == "GET"]  # nothing the test hub does not serve
+    served = re.compile(r"/api/models/me/tiny-no-cat/tree/main(\?.*)?")
+    assert not [r for r in fake_hub.requests if r[0] == "GET" and not served.fullmatch(r[1])]  # all served
     # The token is in no file (sent, local, temporary or cached) and in no line of output or debug log.
     assert "(authenticated: True)" in result.stderr  # huggingface_hub's debug log of each request is on
     assert token not in result.stdout + result.stderr

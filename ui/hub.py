@@ -413,7 +413,10 @@ def push(folder: Path, repo_id: str, *, private: bool, message: str) -> str:
     try:
         # private=None keeps the namespace's default visibility (and an existing repo's).
         url = api.create_repo(repo_id, private=True if private else None, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"erasure export ({message})")
+        # The repository becomes the export: what an earlier export left (another LoRA file, a single file, old
+        # grids) goes in the same commit, so the card never sits beside weights it does not describe.
+        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"erasure export ({message})",
+                          delete_patterns="*")  # fmt: skip
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):
