@@ -147,6 +147,8 @@ def resolve(spec: str | os.PathLike | None) -> ModelSource:
             f"checkpoint or a {'/'.join(GAN_FILE_SUFFIXES)} StyleGAN2 checkpoint"
         )
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        if path.parent.is_dir():  # `runs/esd-sevn` beside a runs/ folder is a mistyped path, not a Hub id
+            raise InputError(_missing_in_folder(path))
         local, revision = hub_snapshot(spec)
         return ModelSource(spec, _folder_kind(local), local, "hub", revision=revision, card=read_model_card(local))
     if spec.startswith((".", "/", "~")) or os.sep in spec or path.suffix:
@@ -155,6 +157,15 @@ def resolve(spec: str | os.PathLike | None) -> ModelSource:
         f"no such model: {spec!r} is neither an embedded model ({', '.join(sorted(zoo.EMBEDDED))}), "
         f"an existing path, nor a Hub id (org/name)"
     )
+
+
+def _missing_in_folder(path: Path) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=3)
+    hint = f"; did you mean {' or '.join(str(path.parent / n) for n in near)}?" if near else ""
+    return (f"no such path: {path} (the folder {path.parent}/ is here, so it is not looked up on the Hub; "
+            f"for the Hub model {path}, run from another folder){hint}")  # fmt: skip
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

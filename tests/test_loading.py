@@ -86,6 +86,16 @@ def test_offline_hub_id_fails_fast_with_a_readable_error(monkeypatch):
         resolve("erasure-tests/no-such-model")
 
 
+def test_a_mistyped_run_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """`runs/esd-sevn` has a Hub id's shape; beside a runs/ folder it is a path with a typo (online, it would have
+    fetched a stranger's model)."""
+    (tmp_path / "runs" / "esd-seven").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a lookup would fail with another message
+    with pytest.raises(InputError, match=r"no such path: runs/esd-sevn .*did you mean runs/esd-seven\?"):
+        resolve("runs/esd-sevn")
+
+
 def test_bad_inputs_are_input_errors(tmp_path, tiny_pipeline_dir):
     with pytest.raises(InputError, match="no such path"):
         resolve(str(tmp_path / "missing"))
