@@ -5,8 +5,8 @@ Three UNets of the teacher's architecture: the frozen teacher f_phi, a fake-scor
 and a one-step generator G_theta, both initialised from the teacher. G maps noise to a clean
 latent in one evaluation (pipelines/one_step.py). Each iteration:
 
-1. fake-score step: the ordinary denoising loss (eps, or v as the teacher predicts) on sg(x_g), each sample under
-   the condition it was generated with (remain prompts and the forget prompts);
+1. fake-score step: the ordinary denoising loss (eps-MSE; a v-predicting teacher's v error weighted to it) on
+   sg(x_g), each sample under the condition it was generated with (remain prompts and the forget prompts);
 2. generator step, SiD's loss on freshly diffused x_g (gradients reach G through x_g and x_t;
    neither score network's weights change), with p the teacher's and s the fake network's x0:
 
@@ -16,7 +16,8 @@ latent in one evaluation (pipelines/one_step.py). Each iteration:
    queried under the *override* prompt: G's distribution for the concept is pulled toward the
    teacher's distribution for the override. Generator loss = L(remain) + lambda * L(forget).
 
-No image is used: remain prompts come from the model's own prompt distribution. The teacher's
+No image is used: remain prompts come from the model's own prompt distribution (the family's prompts, or
+`remain_prompt_file`: on SD, the 80 COCO-object prompts a family has are a narrow stand-in for captions). The teacher's
 classifier-free guidance enters through p, so the generator samples with guidance baked in. The
 saved model is the generator's EMA.
 
@@ -102,6 +103,12 @@ class SFDConfig(LoraOptions):
     remain_prompts: int = field(
         default=1000, metadata={"bounds": "[1, inf)", "help": "size of the pool of remain prompts"}
     )
+    remain_prompt_file: str | None = field(
+        default=None,
+        metadata={"help": "prompts to distil over instead of the family's own (one per line, or a CSV with a prompt "
+                  "column; the paper's are LAION captions): those that mention a concept are left out, and "
+                  "remain_prompts of the rest are drawn"},
+    )  # fmt: skip
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "recompute the three UNets' activations block by block in the backward pass instead of "
@@ -118,6 +125,8 @@ class SFDConfig(LoraOptions):
             raise ValueError("override must not be empty")
 
     def check(self, family, concepts) -> None:
+        if self.remain_prompt_file is not None:
+            remain_prompts_from_file(self.remain_prompt_file, concepts, 0, 1)  # refused now, not after loading
         if self.override is not None or self.distill_only:
             return
         for concept in concepts:
@@ -135,6 +144,19 @@ class SFDConfig(LoraOptions):
 
 
 CONFIG = SFDConfig
+
+
+def remain_prompts_from_file(path: str, concepts: list[str], seed: int, n: int) -> list[str]:
+    """Up to `n` prompts of a prompt file, in the order of `seed`, without those that mention a concept."""
+    from evaluators.prompt_files import read_prompt_file
+    from pipelines.families.base import mentions
+
+    prompts = [row.text for row in read_prompt_file(path, "remain_prompt_file")]
+    kept = [prompt for prompt in dict.fromkeys(prompts) if not mentions(prompt, concepts)]
+    if not kept:
+        raise InputError(f"remain_prompt_file {path}: every prompt mentions {' or '.join(concepts)}")
+    random.Random(seed).shuffle(kept)
+    return kept[:n]
 TEST_SETTINGS = {"steps": 3, "batch_size": 2, "forget_batch": 2, "remain_prompts": 8, "lr": 1e-2, "fake_lr": 1e-2}
 
 
@@ -219,7 +241,11 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
 
     pairs = family.forget_pairs(overrides, config.prompt_templates, run.seed or 0)
     # Distilling only keeps the whole prompt distribution, concept included: that is the teacher to match.
-    remain = family.remain_prompts(list(overrides), run.seed or 0, config.remain_prompts)
+    if config.remain_prompt_file is not None:
+        remain = remain_prompts_from_file(config.remain_prompt_file, list(overrides), run.seed or 0,
+                                          config.remain_prompts)  # fmt: skip
+    else:
+        remain = family.remain_prompts(list(overrides), run.seed or 0, config.remain_prompts)
     with torch.no_grad():
         uncond = model.encode([""])
 

@@ -51,6 +51,21 @@ def test_the_fake_scores_loss_is_the_eps_error_for_a_v_predicting_network_too():
     assert torch.equal(fake_score_loss(out, noise, abar, "epsilon"), torch.nn.functional.mse_loss(out, noise))
 
 
+def test_remain_prompts_can_come_from_a_file_without_the_concept(tiny_pipeline_dir, tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a photo of a tree\na cat on a mat\na red car\na photo of a tree\n")
+    model = load_model(str(tiny_pipeline_dir))
+    config = build_config("sfd", "sd1", parse_sets(FAST + ["steps=1", f"remain_prompt_file={captions}"]))
+    config.check(model.family, ["cat"])
+    result = sfd_erase(model, ["cat"], config, RunContext(seed=0, progress=False))
+    assert result.outcome["sfd"]["remain_prompts"] == 2  # the tree and the car: the cat left out, no repeats
+    captions.write_text("a cat\nthe cat sleeps\n")
+    with pytest.raises(InputError, match="every prompt mentions cat"):
+        config.check(model.family, ["cat"])
+    with pytest.raises(InputError, match="remain_prompt_file .*missing.txt: no such file"):
+        build_config("sfd", "sd1", {"remain_prompt_file": str(tmp_path / "missing.txt")}).check(model.family, ["cat"])
+
+
 def _run_with_hooks(tiny_pipeline_dir, sets):
     """One SFD iteration on the tiny pipeline, recording (which net, timesteps, conditions) of every UNet call."""
     model = load_model(str(tiny_pipeline_dir))
