@@ -86,6 +86,12 @@ def _base_folder(ref: dict, folder: Path) -> Path:
         raise InputError(f"the base model of {folder} ({ref['spec']}) is no longer there: {exc}") from None
     if not source.path.is_dir() or not (source.path / "model_index.json").is_file():
         raise InputError(f"the base model of {folder} ({ref['spec']}) is not a diffusers pipeline folder")
+    pinned = ref.get("revision")
+    if source.origin == "hub" and pinned and source.revision != pinned:
+        # The Hub repository moved on since the run; the snapshot the run was made from may still be cached.
+        cached = source.path.parent / pinned
+        if (cached / "model_index.json").is_file():
+            return cached
     return source.path
 
 

@@ -174,6 +174,36 @@ def test_unchanged_components_are_the_base_files_and_a_changed_only_run_loads_th
     assert load_model(str(full)).unet is not None  # the full run does not depend on its base
 
 
+def test_a_changed_run_of_a_hub_model_reads_the_snapshot_it_was_made_from(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """A Hub id in the local cache (huggingface_hub's layout: refs/main names the snapshot) is a base like any other;
+    once the repository moves on, a `--save changed` run takes the snapshot it recorded while the cache holds it."""
+    import huggingface_hub.constants
+
+    from erasure.api import erase
+    from pipelines import load_model
+
+    repo = tmp_path / "cache" / "models--someone--tiny-sd"
+    first, second = "a" * 40, "b" * 40
+    shutil.copytree(tiny_pipeline_dir, repo / "snapshots" / first)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run_dir = erase("esd", ["a cat"], "someone/tiny-sd", out=tmp_path / "run", save="changed", progress=False,
+                    sets=["steps=1", "ddim_steps=2"])  # fmt: skip
+    assert json.loads((run_dir / "erasure_base.json").read_text())["revision"] == first
+    drawn = load_model(str(run_dir)).generate(["a cat"], [0], steps=2)[0][0].tobytes()
+
+    shutil.copytree(repo / "snapshots" / first, repo / "snapshots" / second)  # a new commit changes the VAE
+    config = repo / "snapshots" / second / "vae" / "config.json"
+    config.write_text(config.read_text().replace('"sample_size": 16', '"sample_size": 32'))
+    (repo / "refs" / "main").write_text(second)
+    assert load_model(str(run_dir)).generate(["a cat"], [0], steps=2)[0][0].tobytes() == drawn
+    shutil.rmtree(repo / "snapshots" / first)  # gone from the cache: the run cannot be drawn as it was
+    with pytest.raises(InputError, match="has changed since the run was saved"):
+        load_model(str(run_dir))
+
+
 @pytest.mark.slow
 def test_save_changed_is_refused_for_a_gan_before_any_work(tmp_path):
     result = run("erase", "--method", "text2unlearn", "--model", "digits-gan", "--concept", "seven",
