@@ -59,7 +59,7 @@ ESD = Paper(
 )
 ADVUNLEARN = Paper(
     "Defensive Unlearning with Adversarial Training for Robust Concept Erasure in Diffusion Models",
-    "Zhang, Chen, Jia, Zhang, Liu, Ding, Hong, Liu",
+    "Zhang, Chen, Jia, Zhang, Fan, Liu, Hong, Ding, Liu",
     "NeurIPS 2024",
     "https://arxiv.org/abs/2405.15234",
     "@inproceedings{zhang2024defensive,\n  title={Defensive Unlearning with Adversarial Training for Robust "

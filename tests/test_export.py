@@ -148,6 +148,9 @@ def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(ev
             images = metric["settings"]["images"]  # a list for the two halves of before-vs-after metrics
             assert f"images: {', '.join(map(str, images)) if isinstance(images, list) else images}" in row, name
     assert "samples_per_prompt: 1" in text and "model digits-clip" in text  # the eval's own settings
+    prompts = report["concepts"]["cat"]["prompts"]
+    assert f"Target prompts: {'; '.join(prompts['target_prompts']['prompts'])}." in text
+    assert f"Preserved prompts: {'; '.join(prompts['preserved_prompts']['prompts'])}." in text
     for grid in report["grids"].values():
         assert f"]({grid})" in text and (exported.folder / grid).is_file()  # embedded, and shipped
     assert "Erasure is not a guarantee" in text and "Adversarial robustness was not measured" in text

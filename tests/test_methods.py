@@ -8,6 +8,7 @@ The scope rules themselves (which parameters each scope trains) are checked exac
 Diffusion components, and Adapt-then-Unlearn on a tiny StyleGAN2 of another family."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,6 +181,17 @@ def test_every_method_is_listed_with_a_paper_and_its_test_settings_build():
     assert set(METHODS) >= {"esd", "advunlearn", "fewshot", "sfd", "text2unlearn", "adapt-unlearn"}
     for key, method in METHODS.items():
         assert method.paper.url.startswith("https://arxiv.org/") and method.paper.bibtex.startswith("@")
+        _check_authors(method.paper)
         for family in FAMILIES.values():  # every family's preset is made of the method's own options
             build_config(key, family, method.test_settings)
     assert main(["methods"]) == 0
+
+
+def _check_authors(paper) -> None:
+    """The short author line (cards, `erasure methods`) is the BibTeX's surnames, in order (or its first ones, then
+    et al.)."""
+    authors = re.search(r"author=\{(.*?)\},", paper.bibtex).group(1).split(" and ")
+    surnames = [name.split(",")[0].strip() for name in authors if name != "others"]
+    short = paper.authors.removesuffix(" et al.").removesuffix(", et al.").split(", ")
+    assert short == surnames[: len(short)], paper.title
+    assert len(short) == len(surnames) or paper.authors.endswith("et al."), paper.title

@@ -588,12 +588,18 @@ def _evaluation(run: Run) -> str:
             lines.append(f"| {name} | {_metric_value(metric)} | {_settings_text(metric.get('settings', {}))} |")
         prompts = section.get("prompts")
         if prompts:
-            lines += ["", f"Target prompts: {'; '.join(prompts['target_prompts'])}.",
-                      f"Preserved prompts: {'; '.join(prompts['preserved_prompts'])}."]  # fmt: skip
+            lines += ["", f"Target prompts: {'; '.join(_prompt_texts(prompts['target_prompts']))}.",
+                      f"Preserved prompts: {'; '.join(_prompt_texts(prompts['preserved_prompts']))}."]  # fmt: skip
     lines += ["", "Before/after grids (left: base, right: erased; same seeds in each column):"]
     for name, rel in report.get("grids", {}).items():
         lines += ["", f"![before/after: {name}]({rel})"]
     return "\n".join(lines)
+
+
+def _prompt_texts(part) -> list[str]:
+    """The prompts of one part of eval.json: {"prompts": [...], seeds and guidance where they vary}, or the plain
+    list of earlier versions."""
+    return part["prompts"] if isinstance(part, dict) else part
 
 
 def _citation(run: Run) -> str:
