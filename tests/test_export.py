@@ -213,6 +213,7 @@ def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path
         (["{run}", "--local-dir", "{tmp}/no/such/parent/hub"], "does not exist"),
         (["{tiny}", "--local-dir", "{tmp}/hub"], "not an erased run folder"),
         (["{run}", "--repo-id", "not a repo id", "--local-dir", "{tmp}/hub"], "not a Hub repository id"),
+        (["{run}", "--repo-id", "no-owner", "--local-dir", "{tmp}/hub"], "needs its owner: ORG/NAME"),
     ],
 )
 def test_bad_export_gives_one_line_and_exit_code_2(args, message, evaluated_run, gan_run, tiny_pipeline_dir,

@@ -224,6 +224,8 @@ def _check_repo_id(repo_id: str) -> None:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
         raise InputError(f"--repo-id {repo_id!r} is not a Hub repository id (ORG/NAME): {exc}") from None
+    if repo_id.count("/") != 1:  # a bare NAME lands in the pusher's namespace, and the card would name the wrong repo
+        raise InputError(f"--repo-id {repo_id!r} needs its owner: ORG/NAME (or USER/NAME)")
 
 
 def load_run(run_dir: str | Path, *, no_eval: bool = False) -> Run:
