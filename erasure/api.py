@@ -113,8 +113,12 @@ def erase(
     # alone owns the run folder. All check it before any of them creates anything.
     run_dir.check()
     run.accelerator.wait_for_everyone()
+    resumed = resume and run_dir.saved_progress()
     if run.is_main:
         run_dir.begin()
+        if resume and not resumed:
+            log.warning("nothing to resume in %s: the run stopped before its first checkpoint, so it starts from "
+                        "its first step", run_dir.work)  # fmt: skip
     try:
         started = time.time()
         base = load_model(source, device=device, single_file_config=model_config)
@@ -149,6 +153,7 @@ def erase(
                 "changed_components": result.changed, "save": save, "stored_components": stored,
                 "trainable_parameters": result.trainable_parameters, "changed_component_parameters": total,
                 "final_logs": result.logs, **result.outcome, **lora,
+                "resumed": resumed,  # then the times below are of the resumed part
                 "wall_time_s": round(wall, 2), "erase_time_s": round(erase_time, 2), **peak_memory_mb(device),
                 "versions": library_versions(),
             })  # fmt: skip

@@ -82,6 +82,10 @@ class RunDirectory:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock = fd
 
+    def saved_progress(self) -> bool:
+        """Whether the work folder holds anything to resume from (a checkpoint, a finished stage), not only a lock."""
+        return self.work.is_dir() and any(p.name != LOCK_FILE for p in self.work.iterdir())
+
     def _holder(self) -> int | str | None:
         """The pid of the process holding the run's lock, or None when nobody does."""
         try:

@@ -186,3 +186,16 @@ def test_a_killed_run_leaves_a_stale_lock_that_resume_takes_over(tiny_pipeline_d
                              timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert (tmp_path / "run" / "erasure.json").is_file()
+    assert '"resumed": true' in (tmp_path / "run" / "erasure.json").read_text()  # its times are of the second part
+
+
+def test_resuming_a_run_that_stopped_before_its_first_checkpoint_says_it_starts_over(tiny_pipeline_dir, tmp_path,
+                                                                                     caplog):  # fmt: skip
+    (tmp_path / ".run.work").mkdir()
+    (tmp_path / ".run.work" / "lock").write_text("12345\n")  # what a run killed before its first checkpoint leaves
+    with caplog.at_level("WARNING", logger="erasure"):
+        run = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", resume=True, progress=False,
+                    sets=["steps=1", "ddim_steps=2"])  # fmt: skip
+    assert any("nothing to resume" in r.getMessage() and "starts from its first step" in r.getMessage()
+               for r in caplog.records), caplog.text  # fmt: skip
+    assert '"resumed": false' in (run / "erasure.json").read_text()
