@@ -172,6 +172,27 @@ def bank_entries_per_call(config: AdvUnlearnConfig, family, model, device: torch
     return max(1, BANK_LATENT_PIXELS // (rows * height * width))
 
 
+class bank_bar:
+    """A progress bar over the bank's trajectories (concept and retain entries): drawn before the first step, they
+    take minutes at SD size, during which the training bar would sit at 0."""
+
+    def __init__(self, run: RunContext, bank_size: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=2 * bank_size, desc="advunlearn: drawing the bank's trajectories", unit="x_t",
+                        leave=False, disable=not (run.progress and run.is_main))  # fmt: skip
+
+    def counted(self, entries: list) -> list:
+        self.bar.update(len(entries))
+        return entries
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
 FAST_AT_STEP_TO_RADIUS = 1.25  # Wong, Rice & Kolter 2020: step alpha = 1.25 epsilon after a uniform start
 
 
@@ -301,11 +322,11 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
             with timer("trajectories"):
                 return draw_concepts(1, run.shard)[0], draw_retains(1, run.shard)[0]
         if "bank_x" not in state or (config.bank_refresh and step and step % config.bank_refresh == 0):
-            with timer("bank"):
+            with timer("bank"), bank_bar(run, config.bank_size) as bar:
                 whole = lambda batch: batch  # noqa: E731
                 counts = [min(per_call, config.bank_size - i) for i in range(0, config.bank_size, per_call)]
-                concept = [entry for count in counts for entry in draw_concepts(count, whole)]
-                kept = [entry for count in counts for entry in draw_retains(count, whole)]
+                concept = [entry for count in counts for entry in bar.counted(draw_concepts(count, whole))]
+                kept = [entry for count in counts for entry in bar.counted(draw_retains(count, whole))]
                 for key, parts in zip(BANK_KEYS, [*zip(*concept), *zip(*kept)]):
                     state[key] = torch.stack(parts)
         i, j = random.randrange(config.bank_size), random.randrange(config.bank_size)

@@ -101,6 +101,17 @@ def test_the_trajectory_bank_is_drawn_once_and_resumes_bit_identically(tiny_pipe
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_drawing_the_bank_shows_its_own_progress(tiny_pipeline_dir, tmp_path, capsys):
+    """Minutes at SD size before the first step: a bar of its own, so that the run does not look hung at 0."""
+    from erasure.api import erase
+
+    sets = ["steps=1", "warmup=0", "attack=fast-at", "ddim_steps=2", "retain_batch=2", "batch_size=2", "bank_size=3"]
+    erase("advunlearn", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=sets, progress=True)
+    err = capsys.readouterr().err
+    assert "advunlearn: drawing the bank's trajectories:   0%" in err and "0/6" in err, err[-2000:]
+    assert err.index("drawing the bank") < err.index("advunlearn: 100%")  # before the first step's end
+
+
 def test_a_bank_drawn_side_by_side_is_the_bank_drawn_one_entry_at_a_time(tiny_pipeline_dir, tmp_path):
     """bank_batch draws the same random numbers in the same order: only the UNet calls' batches change, and the
     losses of the second step (on bank entries, after an update) agree to rounding."""
