@@ -128,7 +128,7 @@ def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
 def check_concepts(concepts: Sequence[str]) -> list[str]:
     cleaned = [c.strip() for c in concepts]
     if not cleaned or any(not c for c in cleaned):
-        raise InputError("the concept to erase is empty; pass --concept TEXT")
+        raise InputError("a concept is empty; pass --concept TEXT")
     return cleaned
 
 

@@ -10,6 +10,9 @@ from pipelines.files import atomic_write, check_writable
 
 GAN_ROW = 8  # images per grid row for unconditional models
 
+# an --out with one of these suffixes is one grid image in that format; any other is a folder of PNGs
+GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
 
 def sample(
     model: str | None,
@@ -55,7 +58,7 @@ def sample(
         raise InputError("give at least one --prompt")
     elif any(not p.strip() for p in prompts):
         raise InputError("empty --prompt")
-    as_grid = out.suffix.lower() == ".png"
+    as_grid = out.suffix.lower() in GRID_FORMATS
     if as_grid and not out.parent.exists():
         raise InputError(f"folder {out.parent} does not exist")
     if not as_grid and out.exists() and not out.is_dir():
@@ -79,7 +82,7 @@ def sample(
 
     if as_grid:
         grid = labelled_grid(rows, labels, columns)
-        return atomic_write(out, lambda tmp: grid.save(tmp, format="PNG"))
+        return atomic_write(out, lambda tmp: grid.save(tmp, format=GRID_FORMATS[out.suffix.lower()]))
     out.mkdir(parents=True, exist_ok=True)
     if source.kind == "gan":  # no prompts: one file per seed
         for s, image in zip(seeds, images):

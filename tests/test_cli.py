@@ -44,7 +44,7 @@ def test_methods_lists_every_method_with_its_paper():
     "args, message",
     [
         (["erase", "--method", "esd", "--concept", "cat", "--model", "/no/such/dir"], "no such path"),
-        (["erase", "--method", "esd", "--concept", "", "--model", "{tiny}"], "concept to erase is empty"),
+        (["erase", "--method", "esd", "--concept", "", "--model", "{tiny}"], "a concept is empty"),
         (["erase", "--method", "esd", "--concept", "cat", "--model", "{tiny}", "--set", "lr=fast"], "not a number"),
         (
             ["erase", "--method", "esd", "--concept", "cat", "--model", "{tiny}", "--set", "colour=red"],
@@ -103,6 +103,13 @@ def test_erase_then_sample_grid_and_folder(tiny_pipeline_dir, tmp_path):
     names = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert names == ["p0_s5.png", "p0_s6.png", "p1_s5.png", "p1_s6.png"]
     assert Image.open(tmp_path / "images" / "p1_s6.png").size == (16, 16)
+
+    from ui.cli import main  # a grid in the format its name says, in-process
+
+    for name, image_format in (("grid.jpg", "JPEG"), ("grid.webp", "WEBP")):
+        assert main(["sample", str(tmp_path / "run"), "--prompt", "a cat", "--n", "1", "--steps", "2",
+                     "--out", str(tmp_path / name)]) == 0  # fmt: skip
+        assert Image.open(tmp_path / name).format == image_format
 
 
 @pytest.mark.slow

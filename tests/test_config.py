@@ -92,8 +92,8 @@ def test_every_method_has_a_documented_config():
 
 def test_bad_yaml_is_an_input_error(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("lr: [unclosed\n")
-    with pytest.raises(InputError, match="not valid YAML"):
+    path.write_text("steps: 3\nlr: [unclosed\n")
+    with pytest.raises(InputError, match=r"not valid YAML \(line 3, column 1\): expected ','"):  # where, and what
         load_yaml(path)
     path.write_text("- a list\n")
     with pytest.raises(InputError, match="mapping"):

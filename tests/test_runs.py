@@ -79,7 +79,7 @@ def test_existing_output_and_missing_resume_are_refused(tiny_pipeline_dir, tmp_p
         erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "taken", sets=QUICK)
     with pytest.raises(InputError, match="nothing to resume"):
         erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "new", sets=QUICK, resume=True)
-    with pytest.raises(InputError, match="concept to erase is empty"):
+    with pytest.raises(InputError, match="a concept is empty"):
         erase("esd", [" "], str(tiny_pipeline_dir), out=tmp_path / "new", sets=QUICK)
 
 

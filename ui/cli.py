@@ -188,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "sample", help="generate images from any model (pipeline folder, run folder, embedded name)",
-        description="Generate N images per prompt with seeds S..S+N-1. --out *.png writes one labelled grid "
-        "(rows: prompts, columns: seeds); any other --out is a folder of p{prompt}_s{seed}.png files "
+        description="Generate N images per prompt with seeds S..S+N-1. --out *.png (or .jpg, .webp) writes one "
+        "labelled grid (rows: prompts, columns: seeds); any other --out is a folder of p{prompt}_s{seed}.png files "
         "(s{seed}.png for GANs).",
     )  # fmt: skip
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="model or run folder (default: digits)")
