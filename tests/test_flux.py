@@ -109,6 +109,10 @@ def test_esd_on_flux_is_a_lora_on_the_transformer_that_plain_diffusers_loads(tin
     small = erase("esd", ["cat"], str(tiny_flux_dir), out=tmp_path / "small", progress=False, sets=QUICK,
                   save="lora")  # fmt: skip
     assert not (small / "transformer").exists() and np.abs(_ours(small) - ours).max() <= 1
+    from ui.hub import export_run  # exported: the adapters merged into the Hub folder's transformer
+
+    hub = export_run(small, "someone/small", local_dir=tmp_path / "hub", no_eval=True).folder
+    assert np.abs(_plain(hub) - ours).max() <= 1
 
 
 def test_a_flux_run_is_evaluated_and_exported(tiny_flux_dir, tiny_open_clip, tmp_path):
