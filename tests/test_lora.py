@@ -89,6 +89,7 @@ def test_save_lora_keeps_the_adapters_alone_and_loads_as_the_full_run(tiny_pipel
     from ui.hub import export_run
 
     hub = export_run(small, "someone/small", local_dir=tmp_path / "hub", no_eval=True).folder
+    assert all(p.stat().st_nlink == 1 for p in hub.rglob("*") if p.is_file())  # copies: no file shared with the base
     pipe = StableDiffusionPipeline.from_pretrained(hub)
     plain = pipe("a cat", num_inference_steps=4, guidance_scale=5.0, generator=torch.Generator().manual_seed(7))
     assert np.abs(np.asarray(plain.images[0], float) - _toolkit_draw(small)).max() <= 1

@@ -388,6 +388,9 @@ def _write_merged(run: Run, folder: Path) -> None:
 
     model = load_model(str(run.path))  # merges the adapters
     model.save(folder, changed=run.manifest["lora"]["components"], mode="full")
+    for file in (p for p in folder.rglob("*") if p.is_file() and p.stat().st_nlink > 1):
+        shutil.copyfile(file, file.with_name(file.name + ".copy"))  # the export's own bytes, not links to the base's
+        file.with_name(file.name + ".copy").replace(file)
     card = {key: value for key, value in read_model_card(folder).items() if key != "lora_adapters"}
     write_model_card(folder, card)
     _copy(run.path / LORA_FILE, folder / LORA_FILE)
