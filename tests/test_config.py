@@ -34,13 +34,15 @@ def test_full_weights_over_a_lora_preset_drop_the_presets_adapter_settings():
 
 
 def test_a_lora_run_takes_the_familys_lora_preset_under_the_users_own_choices():
-    """On digits, ESD's and SFD's adapters need ten times the full weights' learning rates (benchmarks/RESULTS.md,
-    "LoRA erasures"): `--set lora_rank=R` alone takes them, an explicit lr wins, full weights keep the preset's."""
+    """On digits, ESD's, SFD's and STEREO's adapters need larger learning rates than their full weights
+    (benchmarks/RESULTS.md, "The digits LoRA preset"): `--set lora_rank=R` alone takes them, an explicit lr wins,
+    full weights keep the preset's."""
     full = build_config("esd", "digits")
     assert full.lr == 1e-4
     assert build_config("esd", "digits", parse_sets(["lora_rank=8"])).lr == 1e-3
     assert build_config("esd", "digits", parse_sets(["lora_rank=4", "lr=2e-4"])).lr == 2e-4
     assert build_config("esd", "digits", {"lora_rank": 8}, parse_sets(["lora_rank=0"])).lr == 1e-4
+    assert build_config("stereo", "digits", parse_sets(["lora_rank=8"])).lr == 5e-4
     sfd = build_config("sfd", "digits", parse_sets(["lora_rank=8", "fake_lr=1e-4"]))
     assert (sfd.lr, sfd.fake_lr) == (1e-4, 1e-4)
     assert build_config("advunlearn", "digits", parse_sets(["lora_rank=8"])).lr == build_config(

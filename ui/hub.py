@@ -536,7 +536,8 @@ def _what_and_how(run: Run) -> str:
         + (f", revision `{base['revision']}`" if base.get("revision") else "")
         + f"), weights sha256 `{base.get('sha256')}`.",
         f"- **Run:** seed {m.get('seed')}, device {m.get('device')}, mixed precision {m.get('mixed_precision')}, "
-        f"{m.get('wall_time_s')} s{' (the part after it was resumed)' if m.get('resumed') else ''}; versions: " + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
+        f"{m.get('wall_time_s')} s{' (the part after it was resumed)' if m.get('resumed') else ''}; versions: "
+        + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()),
         "",
         "The method's resolved settings (also in `erasure.json`, with everything else the run recorded):",
         "",
