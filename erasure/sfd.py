@@ -144,6 +144,7 @@ class SFDConfig(LoraOptions):
 
 
 CONFIG = SFDConfig
+TEST_SETTINGS = {"steps": 3, "batch_size": 2, "forget_batch": 2, "remain_prompts": 8, "lr": 1e-2, "fake_lr": 1e-2}
 
 
 def remain_prompts_from_file(path: str, concepts: list[str], seed: int, n: int) -> list[str]:
@@ -157,7 +158,6 @@ def remain_prompts_from_file(path: str, concepts: list[str], seed: int, n: int) 
         raise InputError(f"remain_prompt_file {path}: every prompt mentions {' or '.join(concepts)}")
     random.Random(seed).shuffle(kept)
     return kept[:n]
-TEST_SETTINGS = {"steps": 3, "batch_size": 2, "forget_batch": 2, "remain_prompts": 8, "lr": 1e-2, "fake_lr": 1e-2}
 
 
 # --- the losses ---------------------------------------------------------------------------------
