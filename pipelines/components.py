@@ -146,7 +146,7 @@ def save_pipeline(pipe, directory: Path, *, changed: list[str], source, mode: st
     for name in _components_of(pipe):
         folder = base.get(name)
         if name in changed or folder is None or not _lendable(folder):
-            _save_component(getattr(pipe, name), directory / name)
+            save_component(getattr(pipe, name), directory / name)
             stored[name] = "saved"
         elif mode == "full":
             link_folder(folder, directory / name)
@@ -166,7 +166,7 @@ def _components_of(pipe) -> list[str]:
     ]
 
 
-def _save_component(module, folder: Path) -> None:
+def save_component(module, folder: Path) -> None:
     from .logs import quiet_libraries
 
     save = module.save_pretrained

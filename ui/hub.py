@@ -359,15 +359,17 @@ def _check_hub_access() -> None:
 
 def write_hub_folder(run: Run, folder: Path, *, repo_id: str, single_file: bool = False) -> None:
     """Fill `folder` (which exists and is empty) with the run's files (the model card apart)."""
-    if run.model_card.get("lora_adapters"):
-        _write_merged(run, folder)
-    else:
-        for rel, file in run.model_files.items():
+    # A `--save lora` run lends every component from its base: those its adapters change are written merged.
+    merged = run.manifest["lora"]["components"] if run.model_card.get("lora_adapters") else []
+    for rel, file in run.model_files.items():
+        if rel.parts[0] not in merged:
             # A GAN's files go under generator/, where the toolkit's loader and its Hub download look for them.
             _copy(file, folder / "generator" / rel.name if run.kind == "gan" else folder / rel)
     for name in (MANIFEST, MODEL_CARD_FILE):
-        if (run.path / name).is_file() and not (folder / name).exists():
+        if (run.path / name).is_file():
             _copy(run.path / name, folder / name)
+    if merged:
+        _write_merged(run, folder, merged)
     if run.report is not None:
         _copy(run.path / EVAL_FILE, folder / EVAL_FILE)
         for rel in run.report.get("grids", {}).values():
@@ -379,21 +381,18 @@ def write_hub_folder(run: Run, folder: Path, *, repo_id: str, single_file: bool 
         save_single_file(load_model(str(run.path)), folder / single_file_name(repo_id))
 
 
-def _write_merged(run: Run, folder: Path) -> None:
-    """A `--save lora` run holds adapters over its base's weights: the Hub folder gets the components they change
-    with the adapters merged in, so that `from_pretrained(repo)` loads the erased model, as for any other run; the
-    adapter file rides along for `load_lora_weights` on the base."""
+def _write_merged(run: Run, folder: Path, components: list[str]) -> None:
+    """A `--save lora` run holds adapters over its base's weights: the Hub folder gets the `components` they change
+    with the adapters merged in, so that `from_pretrained(repo)` loads the erased model, as for any other run (the
+    adapter file rides along for `load_lora_weights` on the base), and a card without the adapters to apply."""
     from pipelines import load_model
-    from pipelines.cards import read_model_card, write_model_card
+    from pipelines.cards import write_model_card
+    from pipelines.components import save_component
 
     model = load_model(str(run.path))  # merges the adapters
-    model.save(folder, changed=run.manifest["lora"]["components"], mode="full")
-    for file in (p for p in folder.rglob("*") if p.is_file() and p.stat().st_nlink > 1):
-        shutil.copyfile(file, file.with_name(file.name + ".copy"))  # the export's own bytes, not links to the base's
-        file.with_name(file.name + ".copy").replace(file)
-    card = {key: value for key, value in read_model_card(folder).items() if key != "lora_adapters"}
-    write_model_card(folder, card)
-    _copy(run.path / LORA_FILE, folder / LORA_FILE)
+    for name in components:
+        save_component(getattr(model.pipe, name), folder / name)
+    write_model_card(folder, {k: v for k, v in run.model_card.items() if k != "lora_adapters"})
 
 
 def _copy(src: Path, dst: Path) -> None:
