@@ -42,15 +42,18 @@ def _check_save_mode(save: str, source) -> None:
 
 
 def run_fingerprint(
-    method: str, concepts: list[str], config, seed: int, mixed_precision: str, base_model: dict, **precision: str
+    method: str, concepts: list[str], config, seed: int, mixed_precision: str, base_model: dict, device: str,
+    **precision: str,
 ) -> dict:
     """Everything that determines a run's result; a checkpoint resumes only under the same one. `precision`:
-    the optimiser state's and the frozen networks' (RunContext's fields), recorded when not the default."""
+    the optimiser state's and the frozen networks' (RunContext's fields), recorded when not the default.
+    The kind of device counts too: its random streams differ, and it decides the frozen networks' dtype."""
     versions = library_versions()
     defaults = {"optimizer_state": "fp32", "frozen_precision": "auto"}
     return {
         "method": method, "concepts": list(concepts), "config": config_to_dict(config), "seed": seed,
         "mixed_precision": mixed_precision, "base_model_sha256": base_model["sha256"],
+        "device": device.partition(":")[0],
         **{k: v for k, v in precision.items() if v != defaults.get(k)},
         "versions": {k: versions.get(k) for k in ("torch", "diffusers", "transformers")},
     }  # fmt: skip
@@ -107,7 +110,8 @@ def erase(
     run = RunContext(
         seed=seed, device=device, mixed_precision=mixed_precision, checkpoint_dir=run_dir.checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=resume, progress=progress, after_step=after_step, **precision,
-        fingerprint=run_fingerprint(method, concepts, config, seed, mixed_precision, base_model, **precision),
+        fingerprint=run_fingerprint(method, concepts, config, seed, mixed_precision, base_model, device,
+                                    **precision),
     )  # fmt: skip
     # Under several processes (accelerate launch, torchrun) every process trains; the main one
     # alone owns the run folder. All check it before any of them creates anything.

@@ -9,6 +9,7 @@ leaves only what `--resume` needs.
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import os
 import platform
@@ -108,6 +109,12 @@ class RunDirectory:
 
     def commit(self, write: Callable[[Path], None]) -> Path:
         """Write the result through `write(staging_dir)`, then move it into place in one rename."""
+        if self._lock is not None:
+            # Staging folders of this run left by a killed process (it held the lock we hold now): gigabytes at SD size.
+            prefix = f".{self.final.name}.staging-"
+            for stale in self.final.parent.glob(f"{glob.escape(prefix)}*"):
+                if "." not in stale.name.removeprefix(prefix):  # not the staging folder of a run named `NAME.staging-x`
+                    shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.staging-", dir=self.final.parent))
         try:
             write(staging)

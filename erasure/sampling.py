@@ -84,11 +84,11 @@ def sample(
         grid = labelled_grid(rows, labels, columns)
         return atomic_write(out, lambda tmp: grid.save(tmp, format=GRID_FORMATS[out.suffix.lower()]))
     out.mkdir(parents=True, exist_ok=True)
-    if source.kind == "gan":  # no prompts: one file per seed
-        for s, image in zip(seeds, images):
-            image.save(out / f"s{s}.png")
-        return out
-    for i, row in enumerate(rows):
-        for s, image in zip(seeds, row):
-            image.save(out / f"p{i}_s{s}.png")
+    named = (
+        [(f"s{s}.png", image) for s, image in zip(seeds, images)]  # a GAN has no prompts: one file per seed
+        if source.kind == "gan"
+        else [(f"p{i}_s{s}.png", image) for i, row in enumerate(rows) for s, image in zip(seeds, row)]
+    )
+    for name, image in named:  # each file whole or absent, even if the command is killed while writing
+        atomic_write(out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
     return out

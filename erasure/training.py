@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +89,10 @@ class RunContext:
             from accelerate.state import AcceleratorState
 
             cpu = not self.device.startswith("cuda")
+            index = self.device.partition(":")[2]
+            if not cpu and index and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                # One process: accelerate trains on the current CUDA device, not the one --device names.
+                torch.cuda.set_device(int(index))
             if AcceleratorState._shared_state.get("_mixed_precision", self.mixed_precision) != self.mixed_precision:
                 # accelerate keeps one precision per process and refuses another; a process that runs several
                 # erasures (the preview, a benchmark) starts this one's afresh. The process group is kept.
@@ -363,7 +368,10 @@ class TrainingLoop:
             accelerator.backward(loss)
         max_norm = self.networks[name].max_grad_norm
         if max_norm is not None:
-            accelerator.clip_grad_norm_(list(trainable_parameters(self.modules[name]).values()), max_norm)
+            # This optimiser's gradients only: accelerate's own clip_grad_norm_ unscales fp16 gradients through every
+            # optimiser it ever prepared, and one over the same weights (STEREO's search rounds) divides them again.
+            accelerator.unscale_gradients(optimizer=optimizer)
+            torch.nn.utils.clip_grad_norm_(list(trainable_parameters(self.modules[name]).values()), max_norm)
         optimizer.step()
         # Freed now, not at this network's next update: a method that updates several networks in turn (SFD's
         # fake score and generator, a GAN's two) then never holds two sets of gradients at once.
@@ -394,11 +402,12 @@ class TrainingLoop:
             with accelerator.autocast():
                 pending.append((step + 1, step_fn(step)))
             done = step + 1
+            last = done == steps or self._stop_requested
+            # No checkpoint at the step a stopping rule ended the run: a resume from it would train on past the stop.
             checkpoint = (
                 run.checkpoint_dir is not None and run.checkpoint_every > 0
-                and done % run.checkpoint_every == 0 and done < steps
+                and done % run.checkpoint_every == 0 and not last
             )  # fmt: skip
-            last = done == steps or self._stop_requested
             if checkpoint or last or done % every == 0:
                 last_finite = self._check(self._read(pending), done, last_finite)
                 logs = last_finite
@@ -411,7 +420,18 @@ class TrainingLoop:
             if self._stop_requested:
                 break
         bar.close()
+        self._release()
         return logs
+
+    def _release(self) -> None:
+        """accelerate keeps every network and optimiser it prepared until the process ends; a method with several
+        stages (Adapt-then-Unlearn's adapted copies, Text-to-Unlearn's mappers) would hold each finished stage's
+        weights and Adam moments through the next. Forgotten here, they are freed once the method drops them."""
+        accelerator = self.run.accelerator
+        mine = {id(m) for m in self.modules.values()} | {id(o) for o in self._optimizers.values()}
+        for held in ("_models", "_optimizers"):
+            if isinstance(getattr(accelerator, held, None), list):
+                setattr(accelerator, held, [x for x in getattr(accelerator, held) if id(x) not in mine])
 
     def _read(self, pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, float]]]:
         """The pending steps' losses as floats, averaged over the processes: one host read for all."""
@@ -496,8 +516,12 @@ class TrainingLoop:
         for key, value in saved["state"].items():
             if _stateful(self.state.get(key)):
                 self.state[key].load_state_dict(value)
+            elif torch.is_tensor(value):
+                # where the method keeps it (AdvUnlearn's bank indices stay on the host, read there every step)
+                fresh = self.state.get(key)
+                self.state[key] = value.to(fresh.device if torch.is_tensor(fresh) else self.run.torch_device)
             else:
-                self.state[key] = value.to(self.run.torch_device) if torch.is_tensor(value) else value
+                self.state[key] = value
         if saved.get("scaler") is not None and self.run.accelerator.scaler is not None:
             self.run.accelerator.scaler.load_state_dict(saved["scaler"])
         _set_rng_state(saved["rng"])

@@ -102,9 +102,12 @@ def _folder_kind(path: Path) -> Kind:
     index = path / "model_index.json"
     if index.is_file():
         try:
-            class_name = json.loads(index.read_text()).get("_class_name", "")
-        except json.JSONDecodeError:
+            index_json = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise InputError(f"{index} is not valid JSON") from None
+        if not isinstance(index_json, dict):
+            raise InputError(f"{index} is not a pipeline index (a JSON object with _class_name)")
+        class_name = index_json.get("_class_name", "")
         if class_name not in PIPELINE_CLASSES:
             raise InputError(
                 f"{path} holds a {class_name or 'unknown'} pipeline; supported: {', '.join(PIPELINE_CLASSES)}"

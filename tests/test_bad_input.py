@@ -64,6 +64,8 @@ CASES = [
         False,
     ),  # fmt: skip
     (["sample", "{randpt}", "--out", "o.png"], "refused to load", True),
+    (["sample", "{listindex}", "--out", "o.png"], "model_index.json is not a pipeline index", False),
+    (["sample", "{badindex}", "--out", "o.png"], "model_index.json is not valid JSON", False),
     (["sample", "{nvpkl}", "--out", "o.png"], "is not an NVIDIA StyleGAN2 pickle", True),
     (["eval", "{emptyrun}"], "not a complete run manifest", False),
     (["eval", "./nope"], "no such path: ./nope", False),
@@ -105,11 +107,15 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
     (root / "partial.json").write_text('{"format": "erasure-run/1", "method": "esd"}')
     (root / "random.pt").write_bytes(b"\x80\x02\xff" + os.urandom(300))  # a pickle header, then an invalid opcode
     (root / "bad.csv").write_text("prompt,evaluation_seed\na cat,1\na dog,x\n")
+    for name, index in (("listindex", b"[]"), ("badindex", b"\xff{")):  # JSON but no object; not even text
+        (root / name).mkdir()
+        (root / name / "model_index.json").write_bytes(index)
     with open(root / "nv.pkl", "wb") as f:  # an NVIDIA-style snapshot whose G_ema is a plain dict, not a network
         pickle.dump({"G_ema": OrderedDict(), "training_set_kwargs": {}}, f)
     return {"tiny": str(tiny_pipeline_dir), "file": str(root / "file"), "run": str(run), "emptyrun": str(empty),
             "partialrun": str(root / "partial.json"), "badcsv": str(root / "bad.csv"),
-            "randpt": str(root / "random.pt"), "nvpkl": str(root / "nv.pkl")}  # fmt: skip
+            "randpt": str(root / "random.pt"), "nvpkl": str(root / "nv.pkl"), "listindex": str(root / "listindex"),
+            "badindex": str(root / "badindex")}  # fmt: skip
 
 
 def _listing(folder):

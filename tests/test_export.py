@@ -151,6 +151,7 @@ def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(ev
     prompts = report["concepts"]["cat"]["prompts"]
     assert f"Target prompts: {'; '.join(prompts['target_prompts']['prompts'])}." in text
     assert f"Preserved prompts: {'; '.join(prompts['preserved_prompts']['prompts'])}." in text
+    assert report["grids"]
     for grid in report["grids"].values():
         assert f"]({grid})" in text and (exported.folder / grid).is_file()  # embedded, and shipped
     assert "Erasure is not a guarantee" in text and "Adversarial robustness was not measured" in text

@@ -11,7 +11,7 @@ from .conftest import tiny_text_encoder
 
 
 def _same(a, b) -> bool:
-    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    return len(a) == len(b) > 0 and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
 
 
 def test_local_folder_loads_with_all_parts(tiny_pipeline_dir):

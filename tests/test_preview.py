@@ -13,6 +13,7 @@ from PIL import Image
 
 from erasure.api import erase
 from erasure.config import build_config
+from erasure.evaluation import run_eval
 from erasure.registry import METHODS
 
 QUICK = {"steps": "2", "ddim_steps": "3", "batch_size": "1", "lr": "1e-2"}
@@ -198,16 +199,19 @@ def test_export_button_runs_erasure_export_and_shows_its_outcome(client, served,
         client.predict(served["run"], " ", str(tmp_path / "out"), api_name="/export")
     with pytest.raises(AppError, match="no Hugging Face token"):
         client.predict(served["run"], "me/tiny-no-cat", "", api_name="/export")
-    # With a local folder the page runs `erasure export`: its output, or its error line, is what the page shows.
+    with pytest.raises(AppError, match="no eval.json yet: press Evaluate first"):  # --no-eval is not on the page
+        client.predict(served["run"], "me/tiny-no-cat", str(tmp_path / "out"), api_name="/export")
+    assert not (tmp_path / "out").exists()
+    # Evaluated (other tests do not mind its eval.json), the run is exported by `erasure export`: the page shows
+    # what that command prints.
+    run = served["run"]
+    run_eval(run, samples=1, clip="digits-clip", progress=False)
     page_dir, cli_dir = tmp_path / "page", tmp_path / "cli"
-    try:
-        shown, failed = client.predict(served["run"], "me/tiny-no-cat", str(page_dir), api_name="/export"), False
-    except AppError as exc:
-        shown, failed = str(exc), True
-    command = [sys.executable, "-m", "erasure", "export", served["run"], "--repo-id", "me/tiny-no-cat"]
+    shown = client.predict(run, "me/tiny-no-cat", str(page_dir), api_name="/export")
+    command = [sys.executable, "-m", "erasure", "export", run, "--repo-id", "me/tiny-no-cat"]
     cli = subprocess.run(command + ["--local-dir", str(cli_dir)], capture_output=True, text=True, timeout=300)
-    assert failed == (cli.returncode != 0)
-    if failed:
-        assert shown == cli.stderr.strip().splitlines()[-1].removeprefix("error: ").replace(str(cli_dir), str(page_dir))
-    else:
-        assert any(page_dir.iterdir())
+    assert cli.returncode == 0, cli.stderr
+    assert shown == cli.stdout.strip().replace(str(cli_dir), str(page_dir))
+    assert (page_dir / "README.md").is_file() and sorted(p.name for p in page_dir.iterdir()) == sorted(
+        p.name for p in cli_dir.iterdir()
+    )

@@ -58,12 +58,34 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_pipeline_dir, tmp_path)
     ):  # the same layout, other weights
         erase("esd", ["cat"], str(tmp_path / "other-model"), out=tmp_path / "b", sets=QUICK, resume=True,
               progress=False)  # fmt: skip
+    # A checkpoint made on a GPU (other random streams, frozen networks in half precision) does not resume on the CPU
+    checkpoint = tmp_path / ".b.work" / "checkpoint" / "checkpoint.pt"
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["fingerprint"]["device"] == "cpu"
+    torch.save({**saved, "fingerprint": {**saved["fingerprint"], "device": "cuda"}}, tmp_path / "gpu.pt")
+    checkpoint.rename(tmp_path / "cpu.pt")
+    (tmp_path / "gpu.pt").rename(checkpoint)
+    with pytest.raises(InputError, match="made with other values of: device"):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK, checkpoint_every=2, resume=True,
+              progress=False)  # fmt: skip
+    (tmp_path / "cpu.pt").replace(checkpoint)
     resumed = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK, checkpoint_every=2,
                     resume=True, progress=False)  # fmt: skip
     a, b = load_model(str(straight)).unet.state_dict(), load_model(str(resumed)).unet.state_dict()
     base = load_model(str(tiny_pipeline_dir)).unet.state_dict()
     assert any(not torch.equal(a[k], base[k]) for k in a)  # it did train
     assert all(torch.equal(a[k], b[k]) for k in a)  # and resuming changed nothing
+
+
+def test_a_resumed_run_removes_the_staging_folder_its_killed_process_left(tiny_pipeline_dir, tmp_path):
+    with pytest.raises(InterruptedRun):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, checkpoint_every=2,
+              progress=False, after_step=_stop_at(3, KeyboardInterrupt()))  # fmt: skip
+    (tmp_path / ".run.staging-k1ll3d" / "unet").mkdir(parents=True)  # as a SIGKILL while saving leaves it
+    (tmp_path / ".run.staging-x.staging-abc").mkdir()  # another run's (named run.staging-x): kept
+    erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, checkpoint_every=2, resume=True,
+          progress=False)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.staging-x.staging-abc", "run"]
 
 
 def test_failed_run_leaves_nothing_behind(tiny_pipeline_dir, tmp_path):

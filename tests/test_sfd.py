@@ -162,7 +162,7 @@ def test_bad_values_are_refused(tiny_pipeline_dir, tmp_path):
                 "t_min=500,t_max=400", "t_init=1000", "steps=0", "batch_size=0", "forget_batch=-1",
                 "ema_decay=1", "adam_betas=0.9", "prompt_templates=a photo", "override= ",
                 "remain_prompts=0"]:  # fmt: skip
-        with pytest.raises(InputError):
+        with pytest.raises(InputError, match=bad.split("=")[0]):  # each refusal names the value it refuses
             build_config("sfd", "sd1", parse_sets(bad.split(",")))
     with pytest.raises(InputError, match="forget_batch = 0"):
         build_config("sfd", "sd1", parse_sets(["forget_batch=0"]))
@@ -221,7 +221,11 @@ def test_the_embedding_attack_on_a_one_step_generator_uses_its_own_noise():
     judge = default_judge("seven", "digits")
     outcome = attack_success_rate(one_step, teacher, judge, "seven", ["a seven"], [0, 1], AttackSettings(steps=2))
     assert outcome["pairs"] == 2 and "one-step" in outcome["settings"]["method"]
-    assert 0 <= outcome["asr"] <= 1 and len(outcome["attacked_images"]) == 2
+    # the report is the judge's verdict on the images the attack drew: success = seen before or after it
+    seen = judge.detects(outcome["attacked_images"], "seven").bool().tolist()
+    assert [p["present_after_attack"] for p in outcome["per_pair"]] == seen and len(seen) == 2
+    hits = [p["present_before_attack"] or p["present_after_attack"] for p in outcome["per_pair"]]
+    assert outcome["asr"] == sum(hits) / 2
 
 
 def test_an_sfd_lora_run_is_the_teacher_plus_adapters_that_plain_diffusers_loads(tiny_pipeline_dir, tmp_path):

@@ -95,7 +95,7 @@ def test_two_network_training_killed_after_a_checkpoint_resumes_bit_identically(
 def test_each_network_steps_only_when_its_update_is_called(tmp_path):
     torch.manual_seed(0)
     first, second = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
-    before = copy.deepcopy(second.state_dict())
+    first_before, before = copy.deepcopy(first.state_dict()), copy.deepcopy(second.state_dict())
     loop = TrainingLoop(
         RunContext(progress=False),
         {"first": Network(first, torch.optim.SGD(first.parameters(), lr=0.1)),
@@ -112,6 +112,7 @@ def test_each_network_steps_only_when_its_update_is_called(tmp_path):
     logs = loop.fit(step_fn, 3)
     assert set(logs) == {"loss"}
     assert all(torch.equal(before[k], v) for k, v in second.state_dict().items())
+    assert not any(torch.equal(first_before[k], v) for k, v in first.state_dict().items())
 
 
 def test_gradients_are_clipped_per_network(tmp_path):
@@ -153,10 +154,108 @@ def _scaled_run(tmp_path, steps: int, resume: bool) -> tuple[torch.nn.Module, to
 
 def test_the_loss_scale_of_fp16_is_checkpointed_and_resumed(tmp_path):
     straight, straight_scaler = _scaled_run(tmp_path / "straight", 3, resume=False)
-    _scaled_run(tmp_path / "killed", 2, resume=False)  # stopped after its second step's checkpoint
+    _scaled_run(tmp_path / "killed", 2, resume=False)  # a shorter run: its last checkpoint is its first step's
     resumed, resumed_scaler = _scaled_run(tmp_path / "killed", 3, resume=True)
     assert straight_scaler.get_scale() == resumed_scaler.get_scale() == 2.0**13  # grown at each of 3 steps
-    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters(), strict=True))
+
+
+def _fp16_on_cpu(monkeypatch, run: RunContext) -> torch.amp.GradScaler:
+    """The accelerator of `run` as `--mixed-precision fp16` makes it on a GPU: native AMP with a GradScaler
+    (a CPU one: fp16 needs CUDA). accelerate's state is shared by the process: monkeypatch puts it back."""
+    from accelerate import Accelerator
+
+    run._accelerator = accelerator = Accelerator(cpu=True)
+    monkeypatch.setattr(accelerator, "native_amp", True)
+    monkeypatch.setattr(accelerator.state, "_mixed_precision", "fp16")
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    return accelerator.scaler
+
+
+def test_fp16_gradients_are_unscaled_once_when_several_loops_train_one_network(monkeypatch):
+    """STEREO's search rounds: a new loop and optimiser per round over the same weights, clipped."""
+    run = RunContext(progress=False, seed=0)
+    _fp16_on_cpu(monkeypatch, run)
+    net = torch.nn.Linear(1, 1, bias=False)
+    applied = []
+    for _ in range(3):
+        loop = TrainingLoop(run, {"net": Network(net, torch.optim.SGD(net.parameters(), lr=1.0), 10.0)}, desc="r")
+        before = net.weight.item()
+
+        def step_fn(step: int, loop=loop) -> dict:
+            loop.update("net", loop.modules["net"](torch.ones(1, 1)).sum())  # d loss / d weight = 1
+            return {}
+
+        loop.fit(step_fn, 1)
+        applied.append(before - net.weight.item())
+    assert applied == pytest.approx([1.0, 1.0, 1.0])  # the loss scale divided out once, in every round
+
+
+def _finished_stage(run: RunContext):
+    """Weak references to the network and optimiser of a two-step loop that has finished and been dropped."""
+    import weakref
+
+    net = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(net.parameters())
+    loop = TrainingLoop(run, {"net": Network(net, optimizer)}, desc="stage")
+
+    def step_fn(step: int) -> dict:
+        loop.update("net", loop.modules["net"](torch.randn(4, 2)).pow(2).mean())
+        return {}
+
+    loop.fit(step_fn, 2)
+    return weakref.ref(net), weakref.ref(optimizer)
+
+
+def test_a_finished_loop_leaves_its_networks_to_be_freed():
+    import gc
+
+    run = RunContext(progress=False)
+    freed = _finished_stage(run)
+    gc.collect()
+    assert all(ref() is None for ref in freed)  # the accelerator that prepared them holds neither
+
+
+class _Crash(Exception):
+    pass
+
+
+def _stopping_run(folder, resume: bool, crash_at: int | None = None) -> tuple[torch.nn.Module, list[int]]:
+    """Six steps, a checkpoint every two, and a stopping rule that ends the run at its second step (as few-shot's
+    `stop_below` does); `crash_at` kills it right after that step's checkpoint would be written."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 1)
+
+    def after_step(step: int, total: int, logs: dict) -> None:
+        if step == crash_at:
+            raise _Crash
+
+    run = RunContext(seed=1, progress=False, checkpoint_dir=folder / "checkpoint", checkpoint_every=2,
+                     resume=resume, after_step=after_step)  # fmt: skip
+    loop = TrainingLoop(run, {"net": Network(net, torch.optim.SGD(net.parameters(), lr=0.1))}, desc="stops")
+    trained: list[int] = []
+
+    def step_fn(step: int) -> dict[str, float]:
+        trained.append(step)
+        loop.update("net", loop.modules["net"](torch.randn(4, 2)).pow(2).mean())
+        if step == 1:
+            loop.stop()
+        return {}
+
+    try:
+        loop.fit(step_fn, 6)
+    except _Crash:
+        pass
+    return net, trained
+
+
+def test_a_run_its_stopping_rule_ended_does_not_train_on_when_resumed(tmp_path):
+    straight, straight_steps = _stopping_run(tmp_path / "straight", resume=False)
+    _stopping_run(tmp_path / "crashed", resume=False, crash_at=2)
+    resumed, resumed_steps = _stopping_run(tmp_path / "crashed", resume=True)
+    assert straight_steps == [0, 1]
+    assert resumed_steps[-1] == 1  # the resume stops where the run did, not at step 5
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters(), strict=True))
 
 
 if __name__ == "__main__":

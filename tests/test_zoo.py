@@ -35,7 +35,7 @@ def test_shipped_models_generate_deterministically():
     model = load_model("digits")
     a = model.generate(["a red seven"], [0, 1], steps=10)[0]
     b = model.generate(["a red seven"], [0, 1], steps=10)[0]
-    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    assert len(a) == len(b) == 2 and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
     assert a[0].size == (32, 32)
     gan = load_model("digits-gan")
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(gan.generate([3, 4]), gan.generate([3, 4])))
@@ -131,6 +131,7 @@ def test_interrupted_gan_training_resumes_from_its_checkpoint_bit_identically(
     monkeypatch.setattr(TrainingLoop, "save_checkpoint", save)
     resumed = run(tmp_path / "resumed", **settings)
     assert not checkpoint.exists()
+    assert straight.state_dict().keys() == resumed.state_dict().keys()
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from erasure.output import read_run
 from pipelines.errors import InputError
+from ui.hub import EVAL_FILE
 
 TIMEOUT_S = 3600
 
@@ -33,7 +35,15 @@ def export_run(run: str, repo_id: str, local_dir: str | None) -> str:
         raise InputError(
             "no Hugging Face token is configured (`hf auth login` or HF_TOKEN): give a local folder to export to"
         )
-    done = subprocess.run(export_command(run, repo_id, local_dir), capture_output=True, text=True, timeout=TIMEOUT_S)
+    if not (Path(run) / EVAL_FILE).is_file():
+        # The command line would suggest --no-eval, which the page does not offer: its card would report nothing.
+        raise InputError(f"{Path(run).name} has no {EVAL_FILE} yet: press Evaluate first, the model card reports it")
+    try:
+        done = subprocess.run(export_command(run, repo_id, local_dir), capture_output=True, text=True,
+                              timeout=TIMEOUT_S)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise InputError(f"the export did not finish within {TIMEOUT_S // 60} minutes; run `erasure export` in a "
+                         "terminal to see where it stalls") from None  # fmt: skip
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
         raise InputError(lines[-1].removeprefix("error: "))
