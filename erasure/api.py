@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipelines.errors import InputError
-from pipelines.files import check_writable, slug
+from pipelines.files import check_outside, check_writable, slug
 
 from .bounds import SEED_BOUNDS, check_number
 from .config import build_config, config_to_dict, load_config_file, parse_sets
@@ -82,6 +82,7 @@ def erase(
     """Erase `concepts` from `model` with `method`; returns the finished run folder."""
     from pipelines import load_model, resolve
     from pipelines.devices import resolve_device
+    from pipelines.loading import check_model_config
 
     from .common import check_concepts
 
@@ -89,6 +90,7 @@ def erase(
     spec = get_method(method)
     concepts = check_concepts(list(concepts))
     source = resolve(model)
+    check_model_config(model_config, source)
     if source.kind != spec.model_kind:
         raise InputError(f"{method} erases from {spec.model_kind} models, but {source.spec} is a {source.kind} model")
     _check_save_mode(save, source)
@@ -103,7 +105,9 @@ def erase(
         raise InputError("--save lora keeps a run's LoRA adapters: train them with --set lora_rank=R (e.g. 8)")
     check_number("--seed", seed, SEED_BOUNDS)
     check_number("--checkpoint-every", checkpoint_every, "[1, inf)")
-    run_dir = RunDirectory(check_writable(default_out_dir(method, concepts) if out is None else out), resume=resume)
+    out = check_writable(default_out_dir(method, concepts) if out is None else out)
+    check_outside(out, source.path, "--out", "the model it erases from")
+    run_dir = RunDirectory(out, resume=resume)
     run_dir.check()  # before hashing the base, which takes seconds on SD
     base_model = source.describe()  # hashes the base's weights: the run and its checkpoints are tied to them
     precision = {"optimizer_state": optimizer_state, "frozen_precision": frozen_precision}

@@ -45,7 +45,7 @@ def run_eval(
     from evaluators.report import evaluate, evaluate_gan
     from pipelines import load_model, resolve
     from pipelines.devices import dtype_name, resolve_device, resolve_dtype
-    from pipelines.loading import comparable_kinds
+    from pipelines.loading import check_model_config, comparable_kinds
 
     from .bounds import SEED_BOUNDS, check_number
     from .common import check_concepts
@@ -69,6 +69,7 @@ def run_eval(
     if clip is not None:
         check_clip_name(clip)
     before_source = resolve(baseline)
+    check_model_config(model_config, after_source, before_source)
     check_feature_spec(fid_features, before_source.family)
     if attack is not None:
         _check_attack(attack, after_source, attack_prompts, attack_seeds, attack_steps, attack_images)
@@ -85,12 +86,16 @@ def run_eval(
         raise InputError(f"cannot compare a {after_source.kind} model with a {before_source.kind} model")
     if manifest is not None:
         json_path = Path(json_path) if json_path else Path(target) / "eval.json"
-        grid_dir = json_path.parent / "grids"
     else:
         json_path = Path(json_path) if json_path else Path(f"eval-{slug('-'.join(concepts))}.json")
-        grid_dir = json_path.parent / f"{json_path.stem}-grids"
+    # A run's own report keeps its grids in RUN/grids (what export publishes); any other report beside its file,
+    # so that two reports in one folder do not overwrite each other's.
+    own_report = manifest is not None and json_path.resolve() == (Path(target) / "eval.json").resolve()
+    grid_dir = json_path.parent / ("grids" if own_report else f"{json_path.stem}-grids")
     if not json_path.parent.is_dir():
         raise InputError(f"folder {json_path.parent} does not exist")
+    if json_path.is_dir():
+        raise InputError(f"--json {json_path} is a folder; give the report's file name, e.g. {json_path / 'eval.json'}")
     check_writable(json_path, "--json")
 
     from accelerate import PartialState

@@ -132,8 +132,11 @@ class FewShotConfig(LoraOptions):
             raise ValueError("scope=tokens trains input-embedding rows, which take no LoRA; choose another scope")
         if self.scope != TOKENS:
             validate_scope("text_encoder", self.scope)
+        if self.images is not None and not self.images.strip():
+            raise ValueError("images is empty: give a folder of images of the concept, or builtin")
         if self.images is not None and self.images != BUILTIN:
             image_folder_files(self.images, self.num_images)  # every file readable, enough of them
+            self.images = str(Path(self.images).expanduser().absolute())  # `--config RUN/erasure.json` from anywhere
 
     def check(self, family, concepts) -> None:
         if self.scope != TOKENS:

@@ -23,14 +23,19 @@ from pipelines.lora_files import ADAPTER, LORA_FILE
 
 from .config import MethodConfig
 
+# Beyond the widths of the models' layers (SD's 1280, FLUX's 3072 attention) a rank only pads every layer with
+# zeros, and its adapters' memory grows with it: a typo such as 100000 would exhaust the machine's memory.
+MAX_LORA_RANK = 1024
+
 
 @dataclass
 class LoraOptions(MethodConfig):
     """The LoRA options of a method that trains a UNet or text encoder (0: full weights, the papers')."""
 
     lora_rank: int = field(
-        default=0, metadata={"bounds": "[0, inf)", "help": "train rank-R adapters on the scope instead of its weights "
-                             "(0: the full weights, the paper's); the run also holds them as a diffusers LoRA file"},
+        default=0, metadata={"bounds": f"[0, {MAX_LORA_RANK}]", "help": "train rank-R adapters on the scope "
+                             "instead of its weights (0: the full weights, the paper's); the run also holds them as a "
+                             "diffusers LoRA file"},
     )  # fmt: skip
     lora_alpha: float | None = field(
         default=None, metadata={"bounds": "(0, inf)", "help": "LoRA alpha: the update is alpha / rank * B A (default: "

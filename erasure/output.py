@@ -61,7 +61,8 @@ class RunDirectory:
             )
         if self.resume and not self.work.exists():
             raise InputError(f"nothing to resume for {self.final} (no {self.work.name} folder)")
-        if not self.resume and self.work.exists():
+        # (a work folder holding only a lock was killed before its first checkpoint: a plain rerun starts afresh)
+        if not self.resume and self.saved_progress():
             raise InputError(
                 f"an interrupted run of {self.final} exists in {self.work}; pass --resume or delete that folder"
             )
@@ -71,7 +72,7 @@ class RunDirectory:
         self.check()
         self.final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.work.mkdir(exist_ok=self.resume)
+            self.work.mkdir(exist_ok=self.resume or not self.saved_progress())
         except FileExistsError:  # another process started this run since check()
             self.check()
             raise

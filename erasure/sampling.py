@@ -23,7 +23,7 @@ def sample(
     out: str | Path,
     steps: int | None = None,
     guidance: float | None = None,
-    truncation: float = 1.0,
+    truncation: float | None = None,
     device: str = "auto",
     model_config: str | Path | None = None,
     dtype: str = "auto",
@@ -34,6 +34,7 @@ def sample(
     from pipelines import load_model, resolve
     from pipelines.devices import resolve_device, resolve_dtype
     from pipelines.images import labelled_grid
+    from pipelines.loading import check_model_config
 
     from .bounds import COUNT, GUIDANCE, LORA_STRENGTH, SEED_BOUNDS, STEPS, TRUNCATION, check_number
 
@@ -43,14 +44,24 @@ def sample(
     for name, value, bounds in (("--steps", steps, STEPS), ("--guidance", guidance, GUIDANCE)):
         if value is not None:
             check_number(name, value, bounds)
-    check_number("--truncation", truncation, TRUNCATION)
+    if truncation is not None:
+        check_number("--truncation", truncation, TRUNCATION)
     if lora_strength is not None:
         check_number("--lora-strength", lora_strength, LORA_STRENGTH)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     out = check_writable(out)
     source = resolve(model)
+    check_model_config(model_config, source)
     prompts = list(prompts)
+    # An option the model has no use for is refused rather than ignored: the user would believe it applied.
+    unused = [("--truncation", truncation)] if source.kind != "gan" else []
+    if source.kind in ("gan", "one-step"):
+        unused += [("--steps", steps), ("--guidance", guidance)]
+    given = [name for name, value in unused if value is not None]
+    if given:
+        kind = {"gan": "a GAN", "one-step": "a one-step generator"}.get(source.kind, "a diffusion model")
+        raise InputError(f"{source.spec} is {kind}: {given[0]} does not apply to it")
     if source.kind == "gan":
         if prompts:
             raise InputError(f"{source.spec} is an unconditional GAN: it takes no --prompt")
@@ -61,6 +72,8 @@ def sample(
     as_grid = out.suffix.lower() in GRID_FORMATS
     if as_grid and not out.parent.exists():
         raise InputError(f"folder {out.parent} does not exist")
+    if as_grid and out.is_dir():
+        raise InputError(f"{out} is a folder; a grid is one image file (give a new name, or a folder without .png)")
     if not as_grid and out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a folder")
 
@@ -72,7 +85,7 @@ def sample(
         backend = load_model(source, device=device, single_file_config=model_config, dtype=torch_dtype)
     seeds = list(range(seed, seed + n))
     if source.kind == "gan":
-        images = backend.generate(seeds, truncation=truncation)
+        images = backend.generate(seeds, truncation=1.0 if truncation is None else truncation)
         rows = [images[i : i + GAN_ROW] for i in range(0, n, GAN_ROW)]
         labels = [f"seeds {seeds[i]}-{seeds[min(i + GAN_ROW, n) - 1]}" for i in range(0, n, GAN_ROW)]
         columns = [f"+{j}" for j in range(min(n, GAN_ROW))]

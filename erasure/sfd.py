@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +124,8 @@ class SFDConfig(LoraOptions):
             raise ValueError("forget_batch = 0 leaves nothing to forget; use distill_only=true to only distil")
         if self.override is not None and not self.override.strip():
             raise ValueError("override must not be empty")
+        if self.remain_prompt_file:  # recorded absolute: `--config RUN/erasure.json` reruns it from any folder
+            self.remain_prompt_file = str(Path(self.remain_prompt_file).expanduser().absolute())
 
     def check(self, family, concepts) -> None:
         if self.remain_prompt_file is not None:

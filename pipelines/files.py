@@ -84,6 +84,14 @@ def check_writable(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
+def check_outside(path: str | Path, folder: str | Path, what: str, folder_what: str) -> None:
+    """Refuse to write `path` inside `folder`, a model that is read: a model is identified by the digest of every
+    weight file under it, so weights written into it would make it (and the runs tied to it) another model."""
+    path, folder = Path(path).expanduser().resolve(), Path(folder).expanduser().resolve()
+    if folder.is_dir() and (path == folder or folder in path.parents):
+        raise InputError(f"{what} {path} is inside {folder_what} {folder}; write it somewhere else")
+
+
 def write_json(path: str | Path, data, **dump_options) -> Path:
     """`data` as indented JSON with a final newline, written atomically."""
     text = json.dumps(data, indent=2, **dump_options) + "\n"

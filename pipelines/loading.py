@@ -120,6 +120,17 @@ def _folder_kind(path: Path) -> Kind:
     )
 
 
+def check_model_config(model_config, *sources: ModelSource) -> None:
+    """`--model-config` names the component configs of a single-file checkpoint: given for anything else (or
+    missing), it is refused rather than silently ignored."""
+    if model_config is None:
+        return
+    if not any(Path(s.path).is_file() for s in sources):
+        raise InputError(f"--model-config applies to single-file checkpoints; {sources[0].spec} is not one")
+    if not Path(model_config).expanduser().exists():
+        raise InputError(f"--model-config {model_config}: no such file or folder")
+
+
 def resolve(spec: str | os.PathLike | None) -> ModelSource:
     """Turn a model name, path or Hub id into a ModelSource, or raise InputError."""
     spec = str(spec) if spec is not None else zoo.DEFAULT_MODEL

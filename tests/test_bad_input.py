@@ -65,6 +65,14 @@ CASES = [
     ),  # fmt: skip
     (["sample", "{randpt}", "--out", "o.png"], "refused to load", True),
     (["sample", "{listindex}", "--out", "o.png"], "model_index.json is not a pipeline index", False),
+    (["sample", "digits-gan", "--steps", "3", "--out", "o.png"], "is a GAN: --steps does not apply to it", False),
+    (["sample", "{tiny}", "--prompt", "a", "--truncation", "0.5", "--out", "o.png"], "--truncation does not", False),
+    (["sample", "{tiny}", "--prompt", "a", "--model-config", "/x", "--out", "o.png"], "applies to single-file", False),
+    (["eval", "{run}", "--attack-steps", "3"], "--attack-steps sets up an attack: add --attack", False),
+    (["sample", "{tiny}", "--prompt", "a cat", "--out", "{folderpng}"], "is a folder; a grid is one image file", False),
+    (["eval", "{run}", "--json", "{run}"], "is a folder; give the report's file name", False),
+    ([*ESD, "--out", "{tiny}/erased"], "is inside the model it erases from", False),
+    ([*ESD, "--set", "lora_rank=100000"], "lora_rank must be between 0 and 1024, not 100000", False),
     (["sample", "{badindex}", "--out", "o.png"], "model_index.json is not valid JSON", False),
     (["sample", "{nvpkl}", "--out", "o.png"], "is not an NVIDIA StyleGAN2 pickle", True),
     (["eval", "{emptyrun}"], "not a complete run manifest", False),
@@ -107,6 +115,7 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
     (root / "partial.json").write_text('{"format": "erasure-run/1", "method": "esd"}')
     (root / "random.pt").write_bytes(b"\x80\x02\xff" + os.urandom(300))  # a pickle header, then an invalid opcode
     (root / "bad.csv").write_text("prompt,evaluation_seed\na cat,1\na dog,x\n")
+    (root / "folder.png").mkdir()
     for name, index in (("listindex", b"[]"), ("badindex", b"\xff{")):  # JSON but no object; not even text
         (root / name).mkdir()
         (root / name / "model_index.json").write_bytes(index)
@@ -115,7 +124,7 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
     return {"tiny": str(tiny_pipeline_dir), "file": str(root / "file"), "run": str(run), "emptyrun": str(empty),
             "partialrun": str(root / "partial.json"), "badcsv": str(root / "bad.csv"),
             "randpt": str(root / "random.pt"), "nvpkl": str(root / "nv.pkl"), "listindex": str(root / "listindex"),
-            "badindex": str(root / "badindex")}  # fmt: skip
+            "badindex": str(root / "badindex"), "folderpng": str(root / "folder.png")}  # fmt: skip
 
 
 def _listing(folder):
@@ -205,3 +214,12 @@ def test_resuming_a_run_that_stopped_before_its_first_checkpoint_says_it_starts_
     assert any("nothing to resume" in r.getMessage() and "starts from its first step" in r.getMessage()
                for r in caplog.records), caplog.text  # fmt: skip
     assert '"resumed": false' in (run / "erasure.json").read_text()
+
+
+def test_a_plain_rerun_of_a_run_killed_before_its_first_checkpoint_starts_afresh(tiny_pipeline_dir, tmp_path):
+    (tmp_path / ".run.work").mkdir()
+    (tmp_path / ".run.work" / "lock").write_text("12345\n")  # nothing to resume: no reason to ask for --resume
+    run = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False,
+                sets=["steps=1", "ddim_steps=2"])  # fmt: skip
+    assert '"resumed": false' in (run / "erasure.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -49,6 +49,13 @@ def test_clip_score_and_presence_math():
     assert score["clip_score"] == pytest.approx(100 * 2**-0.5 / 2)  # negative cosines count as 0
     concept, anchors = torch.tensor([1.0, 0.0]), torch.tensor([[0.0, 1.0]])
     assert zero_shot_presence(image, concept, anchors).tolist() == [True, False]
+    # a prompt ensemble [P, D] (what evaluation passes) competes through its normalised mean, here (1, 1) / sqrt 2:
+    # each image is closer to one of the prompts than the anchor is, but only the first to their mean
+    ensemble = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    images = torch.nn.functional.normalize(torch.tensor([[1.0, 0.9], [1.0, -0.1]]), dim=-1)
+    anchors = torch.nn.functional.normalize(torch.tensor([[1.0, -0.5]]), dim=-1)
+    assert zero_shot_presence(images, ensemble, anchors).tolist() == [True, False]
+    assert zero_shot_presence(images, ensemble[0], anchors).tolist() == [True, True]
 
 
 def test_digits_clip_orders_matched_above_mismatched_pairs():

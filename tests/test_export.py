@@ -215,6 +215,8 @@ def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path
         (["{tiny}", "--local-dir", "{tmp}/hub"], "not an erased run folder"),
         (["{run}", "--repo-id", "not a repo id", "--local-dir", "{tmp}/hub"], "not a Hub repository id"),
         (["{run}", "--repo-id", "no-owner", "--local-dir", "{tmp}/hub"], "needs its owner: ORG/NAME"),
+        (["{run}", "--local-dir", "{run}/hub"], "is inside the run"),  # its digest would then change
+        (["{run}", "--local-dir", "{tmp}/hub", "--as-lora", "100000"], "a rank between 1 and 1024, not 100000"),
     ],
 )
 def test_bad_export_gives_one_line_and_exit_code_2(args, message, evaluated_run, gan_run, tiny_pipeline_dir,
@@ -239,6 +241,19 @@ def test_an_evaluation_of_other_weights_is_refused(evaluated_run, tiny_pipeline_
     unet = "unet/diffusion_pytorch_model.safetensors"
     shutil.copyfile(tiny_pipeline_dir / unet, run / unet)  # the run's weights changed after `erasure eval`
     with pytest.raises(InputError, match="measured on other weights"):
+        export_run(run, REPO_ID, local_dir=tmp_path / "hub")
+    assert not (tmp_path / "hub").exists()
+
+
+def test_an_evaluation_of_another_concept_is_refused(evaluated_run, tmp_path):
+    import shutil
+
+    from pipelines import InputError
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    run_eval(str(run), concepts=["dog"], samples=1, clip="digits-clip", progress=False)  # the run erased "cat"
+    with pytest.raises(InputError, match="does not measure the erased concept 'cat'"):
         export_run(run, REPO_ID, local_dir=tmp_path / "hub")
     assert not (tmp_path / "hub").exists()
 

@@ -183,13 +183,22 @@ def test_a_model_without_builtin_images_needs_a_folder(tiny_pipeline_dir, tmp_pa
         erase("fewshot", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["images=builtin"])
 
 
-def test_the_command_line_takes_images(tiny_pipeline_dir, image_folder, tmp_path, capsys):
+def test_the_command_line_takes_images(tiny_pipeline_dir, image_folder, tmp_path, capsys, monkeypatch):
     from ui.cli import main
 
     sets = [arg for s in QUICK for arg in ("--set", s)]
+    monkeypatch.chdir(image_folder.parent)
     code = main(["erase", "--method", "fewshot", "--model", str(tiny_pipeline_dir), "--concept", "a cat",
-                 "--images", str(image_folder), *sets, "--quiet", "--out", str(tmp_path / "run")])  # fmt: skip
+                 "--images", image_folder.name, *sets, "--quiet", "--out", str(tmp_path / "run")])  # fmt: skip
     assert code == 0 and (tmp_path / "run" / "text_encoder" / "config.json").is_file()
+    # the folder is recorded as an absolute path: the run's manifest reruns it from any folder
+    manifest = json.loads((tmp_path / "run" / "erasure.json").read_text())
+    assert manifest["config"]["images"] == str(image_folder.absolute())
+    monkeypatch.chdir(tmp_path / "run")
+    assert main(["erase", "--config", "erasure.json", "--quiet", "--out", str(tmp_path / "again")]) == 0
+    assert main(["erase", "--method", "fewshot", "--concept", "seven", "--images", "", "--out",
+                 str(tmp_path / "empty")]) == 2  # fmt: skip
+    assert "images is empty" in capsys.readouterr().err
     assert main(["erase", "--method", "esd", "--concept", "seven", "--images", str(image_folder),
                  "--out", str(tmp_path / "esd")]) == 2  # fmt: skip
     assert "unknown option 'images'" in capsys.readouterr().err

@@ -176,10 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--attack-prompts", type=number(int, COUNT), metavar="N", help="target prompts to attack (default: all)"
     )
     p.add_argument(
-        "--attack-seeds", type=number(int, COUNT), default=5, metavar="K", help="seeds per prompt (default: 5)"
+        "--attack-seeds", type=number(int, COUNT), metavar="K", help="seeds per prompt (default: 5)"
     )
     p.add_argument(
-        "--attack-steps", type=number(int, COUNT), default=100, metavar="S", help="attack steps (default: 100)"
+        "--attack-steps", type=number(int, COUNT), metavar="S", help="attack steps (default: 100)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_options(p)
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=number(int, STEPS), help=f"sampling steps, {STEPS} (default: the model's)")
     p.add_argument("--guidance", type=number(float, GUIDANCE), help="classifier-free guidance (default: the model's)")
     p.add_argument(
-        "--truncation", type=number(float, TRUNCATION), default=1.0,
+        "--truncation", type=number(float, TRUNCATION),
         help=f"GAN truncation psi, {TRUNCATION} (default: 1.0)",
     )  # fmt: skip
     p.add_argument(
@@ -309,7 +309,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
         args.frozen_precision = args.frozen_precision or recorded.get("frozen_precision")
     if args.method is None:
         raise InputError(f"--method is needed; choose one of: {', '.join(METHODS)}")
-    sets = ([f"images={args.images}"] if args.images else []) + args.set
+    sets = ([f"images={args.images}"] if args.images is not None else []) + args.set
     if args.show_config:
         return _show_config(args.method, args.model, args.config, sets)
     if not args.concept:
@@ -342,13 +342,20 @@ def _show_config(method: str, model: str | None, config_file: str | None, sets: 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from erasure.evaluation import run_eval, summary_lines
+    from erasure.evaluation import ATTACKS, run_eval, summary_lines
 
+    attack_options = {"--attack-prompts": args.attack_prompts, "--attack-seeds": args.attack_seeds,
+                      "--attack-steps": args.attack_steps, "--attack-images": args.attack_images}  # fmt: skip
+    given = [name for name, value in attack_options.items() if value is not None]
+    if given and args.attack is None:
+        raise InputError(f"{given[0]} sets up an attack: add --attack ({', '.join(ATTACKS)})")
+    # left out when not given: run_eval's defaults apply
+    attack_settings = {k: getattr(args, k) for k in ("attack_seeds", "attack_steps") if getattr(args, k) is not None}
     path = run_eval(
         args.target, concepts=args.concept, baseline=args.baseline, json_path=args.json, samples=args.samples,
         seed=args.seed, clip=args.clip, fid_features=args.fid_features, device=args.device, dtype=args.dtype,
         model_config=args.model_config, progress=not args.quiet, attack=args.attack,
-        attack_prompts=args.attack_prompts, attack_seeds=args.attack_seeds, attack_steps=args.attack_steps,
+        attack_prompts=args.attack_prompts, **attack_settings,
         prompts_file=args.prompts, preserved_prompts_file=args.preserved_prompts, neighbours=args.neighbours,
         attack_images=args.attack_images,
     )  # fmt: skip

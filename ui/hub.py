@@ -26,6 +26,7 @@ from erasure.registry import Method, get_method
 from pipelines.cards import MODEL_CARD_FILE
 from pipelines.errors import InputError
 from pipelines.families import get_family
+from pipelines.files import check_outside
 from pipelines.lora_files import LORA_FILE
 from pipelines.zoo.models import EMBEDDED, canonical_name
 
@@ -185,6 +186,7 @@ def export_run(
         check_flux_layers(run.path / LORA_FILE)
     if local_dir is not None:
         local_dir = Path(local_dir).expanduser().resolve()
+        check_outside(local_dir, run.path, "--local-dir", "the run")
         if local_dir.exists():
             raise InputError(f"{local_dir} already exists; choose another --local-dir or remove it")
         if not local_dir.parent.is_dir():
@@ -261,6 +263,10 @@ def load_run(run_dir: str | Path, *, no_eval: bool = False) -> Run:
         # The card must describe these weights: an evaluation of other weights would be a false claim.
         if report.get("after", {}).get("sha256") != weights_digest(path):
             raise InputError(f"{eval_path} was measured on other weights than {path} holds; rerun `erasure eval`")
+        unmeasured = [c for c in manifest["concepts"] if c not in report.get("concepts", {})]
+        if unmeasured:  # a card of this run would report another concept's figures as this erasure's
+            raise InputError(f"{eval_path} does not measure the erased concept {unmeasured[0]!r}; rerun "
+                             f"`erasure eval {path}` without --concept")  # fmt: skip
         missing = [g for g in report.get("grids", {}).values() if not (path / g).is_file()]
         if missing:
             raise InputError(f"{eval_path} lists grid {path / missing[0]}, which is missing; rerun `erasure eval`")
@@ -302,8 +308,10 @@ def _check_as_lora(run: Run, rank: int) -> None:
 
     if run.kind != "text-to-image":
         raise InputError(f"--as-lora reduces a diffusion run's weight change; a {run.kind} run has no LoRA form")
-    if rank < 1:
-        raise InputError(f"--as-lora takes a rank of at least 1, not {rank}")
+    from erasure.lora import MAX_LORA_RANK
+
+    if not 1 <= rank <= MAX_LORA_RANK:
+        raise InputError(f"--as-lora takes a rank between 1 and {MAX_LORA_RANK}, not {rank}")
     if (run.path / LORA_FILE).exists():
         raise InputError(f"{run.path} was trained as LoRA adapters: its {LORA_FILE} is exported as it is")
 
