@@ -100,6 +100,8 @@ def erase(
     family.check_method(spec.key)
     config = build_config(method, family, *overrides)
     config.check(family, concepts)  # what the config can only check once it knows the model and concepts
+    for concept in concepts:
+        family.prompt_set(concept)  # a concept the family cannot evaluate (the digits world's are a closed set)
     lora_rank = getattr(config, "lora_rank", 0)
     if save == "lora" and not lora_rank:
         raise InputError("--save lora keeps a run's LoRA adapters: train them with --set lora_rank=R (e.g. 8)")

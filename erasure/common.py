@@ -129,6 +129,9 @@ def check_concepts(concepts: Sequence[str]) -> list[str]:
     cleaned = [c.strip() for c in concepts]
     if not cleaned or any(not c for c in cleaned):
         raise InputError("a concept is empty; pass --concept TEXT")
+    twice = next((c for i, c in enumerate(cleaned) if c in cleaned[:i]), None)
+    if twice is not None:  # it would weigh double in the losses and fill the report twice
+        raise InputError(f"the concept {twice!r} is given twice")
     return cleaned
 
 

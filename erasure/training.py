@@ -309,7 +309,11 @@ def load_checkpoint(path: Path) -> dict:
     # Our own files, but still loaded without executing code: tensors and plain containers only.
     from pipelines.safe_load import load_tensors
 
-    return load_tensors(path / CHECKPOINT_FILE, f"the checkpoint {path / CHECKPOINT_FILE}")
+    try:
+        return load_tensors(path / CHECKPOINT_FILE, f"the checkpoint {path / CHECKPOINT_FILE}")
+    except InputError as exc:  # the advice for a model file (a safetensors copy) does not fit a damaged checkpoint
+        reason = str(exc).partition(" - ")[0]
+        raise InputError(f"{reason}; delete {path.parent} to start the run over") from None
 
 
 class TrainingLoop:

@@ -49,6 +49,8 @@ CASES = [
     ([*ESD, "--frozen-precision", "half"], "--frozen-precision half computes in the mixed precision", False),
     (["erase", "--method", "esd", "--concept", "cat", "--model", "./nope"], "no such path: ./nope", False),
     (["erase", "--concept", "cat"], "--method is needed", False),
+    ([*ESD, "--concept", " cat"], "the concept 'cat' is given twice", False),
+    (["erase", "--method", "esd", "--concept", "zebra"], "'zebra' is not a digit, colour or style", False),
     (["erase", "--method", "esd", "--model", "{tiny}"], "--concept is needed", False),
     (["erase", "--config", "{partialrun}"], "a run manifest without its method, concepts or config", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "/proc/x.png"], "--out /proc/x.png cannot be created", False),
@@ -95,6 +97,8 @@ CASES = [
     (["zoo", "build", "--out", "z", "--scale", "-1"], "argument --scale: must be > 0", False),
     (["zoo", "build", "--out", ""], "--out is empty", False),
     (["zoo", "build", "--out", "z", "--only", "bogus"], "cannot build ['bogus']", False),
+    (["zoo", "build", "--out", "z", "--only", "digits-gan"], "digits-gan is built from digits-clip", False),
+    (["zoo", "build", "--out", "{file}"], "is a file; --out is the folder", False),
     (["preview", "--port", "70000"], "argument --port", False),
 ]
 if not torch.cuda.is_available():
@@ -223,3 +227,17 @@ def test_a_plain_rerun_of_a_run_killed_before_its_first_checkpoint_starts_afresh
                 sets=["steps=1", "ddim_steps=2"])  # fmt: skip
     assert '"resumed": false' in (run / "erasure.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_preview_on_a_port_another_server_holds_is_refused(tmp_path):
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        result = run("preview", "--port", str(port), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: cannot serve on 127.0.0.1:{port} (Address already in use): pass another --port"
+    )

@@ -69,6 +69,12 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_pipeline_dir, tmp_path)
         erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK, checkpoint_every=2, resume=True,
               progress=False)  # fmt: skip
     (tmp_path / "cpu.pt").replace(checkpoint)
+    whole = checkpoint.read_bytes()
+    checkpoint.write_bytes(whole[: len(whole) // 2])  # as a full disk leaves it
+    with pytest.raises(InputError, match=r"cannot read the checkpoint .*; delete .*\.b\.work to start the run over"):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK, checkpoint_every=2, resume=True,
+              progress=False)  # fmt: skip
+    checkpoint.write_bytes(whole)
     resumed = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK, checkpoint_every=2,
                     resume=True, progress=False)  # fmt: skip
     a, b = load_model(str(straight)).unet.state_dict(), load_model(str(resumed)).unet.state_dict()

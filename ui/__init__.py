@@ -35,6 +35,7 @@ def launch(
     for run in erased:
         read_run(run)  # a bad folder fails here, with one line, before gradio starts
     resolve(model)
+    _check_port_free(host, port)
 
     from .app import Preview
     from .app import launch as serve
@@ -42,3 +43,17 @@ def launch(
     preview = Preview(model=model, erased=[str(r) for r in erased], runs_dir=Path(runs_dir), device=device,
                       dtype=torch_dtype)  # fmt: skip
     serve(preview, host=host, port=port, share=share)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another server holds now, naming --port (gradio's own message names its Python API)."""
+    import socket
+
+    from pipelines.errors import InputError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closing port is free
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InputError(f"cannot serve on {host}:{port} ({exc.strerror}): pass another --port") from None

@@ -23,6 +23,8 @@ from . import gan_recipe, recipe
 BUILD_ORDER = ("digits-judge", "digits-clip", "digits-sd", "digits-gan")
 SHARD_SIZE = "6MB"  # every shipped file under 8 MB; the weights are fp16 before saving, so the index's sizes hold
 DEFAULT_SAMPLING = {"steps": 25, "guidance": 5.0}  # digits-sd's, stored in its card
+NEEDS = {"digits-sd": ("digits-clip",), "digits-gan": ("digits-clip", "digits-sd")}  # the models each is built from
+NEEDS_FILE = {"digits-clip": "config.json", "digits-sd": "model_index.json"}  # how a finished one is recognised
 
 
 def _to_half(directory: Path) -> None:
@@ -58,6 +60,14 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
         raise ValueError(f"scale must be > 0, not {scale}")
     steps = recipe.RecipeSteps().scaled(scale)
     out_root = Path(out_root)
+    if out_root.exists() and not out_root.is_dir():
+        raise ValueError(f"{out_root} is a file; --out is the folder the models are written into")
+    # What a model is built from must be there before hours of training, not looked up (on the Hub) after them.
+    for name in names:
+        for need in NEEDS.get(name, ()):
+            if need not in names and not (out_root / need / NEEDS_FILE[need]).is_file():
+                raise ValueError(f"{name} is built from {need}, which is neither built in this run nor in "
+                                 f"{out_root}: add it (--only {need} --only {name})")  # fmt: skip
     out_root.mkdir(parents=True, exist_ok=True)
     report: dict = {"seed": seed, "scale": scale, "steps": steps.__dict__, "seconds": {}}
     common = {"seed": seed, "recipe_scale": scale, "built": time.strftime("%Y-%m-%d")}

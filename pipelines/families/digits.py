@@ -97,7 +97,8 @@ class Digits(StableDiffusionFamily):
         as they are, unlabelled."""
         parsed = parse_concept(concept)
         if parsed is None:
-            raise InputError(f"{concept!r} is not a digit, colour or style of the digits world")
+            raise InputError(f"{concept!r} is not a digit, colour or style of the digits world (one of them, e.g. "
+                             "seven, 7, red or italic: its evaluation prompts and judge know no other)")
         word = HEADS[parsed.head][parsed.index]
         if parsed.head == "digit":
             target = [f"a {word}", f"the number {word}", f"a handwritten {word}"]
