@@ -41,7 +41,7 @@ def build_gan(folder: Path, size: int, tiny: bool) -> dict:
     with torch.no_grad():
         latent_avg = generator.mean_latent()
     save_gan(folder, generator, discriminator, latent_avg)
-    count = lambda m: round(sum(p.numel() for p in m.parameters()) / 1e6, 1)  # noqa: E731
+    count = lambda m: round(sum(p.numel() for p in m.parameters()) / 1e6, 3)  # noqa: E731
     return {"generator_m": count(generator), "discriminator_m": count(discriminator)}
 
 

@@ -301,7 +301,8 @@ def load_finished_stage(path: Path | None, fingerprint: dict) -> tuple[dict[str,
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     if json.loads(meta.get("fingerprint", "null")) != fingerprint:
-        raise InputError(f"{path} was made with other settings; rerun with those, or start over (without --resume)")
+        raise InputError(f"{path} was made with other settings; rerun with those, or delete {path.parent} to start "
+                         "over")  # fmt: skip
     return load_file(str(path)), meta
 
 

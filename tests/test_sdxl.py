@@ -134,7 +134,11 @@ def test_an_sdxl_run_is_evaluated_and_exported_for_plain_diffusers(tiny_sdxl_dir
                 sets=["steps=1", "ddim_steps=2"])  # fmt: skip
     report = json.loads(run_eval(str(run), samples=1, clip=tiny_open_clip, progress=False).read_text())
     scores = report["concepts"]["seven"]["metrics"]
-    assert 0 <= scores["target_presence_clip"]["after"] <= 1 and scores["target_clip_score"]["after"] >= 0
+    for name in ("target_presence_clip", "target_clip_score", "preserved_clip_score"):  # both models were scored
+        metric = scores[name]
+        assert metric["difference"] == pytest.approx(metric["after"] - metric["before"]), name
+    assert scores["target_presence_clip"]["settings"]["images"] == len(report["concepts"]["seven"]["prompts"][
+        "target_prompts"]["prompts"])  # one seed per prompt, each image judged
     assert report["after"]["family"] == report["before"]["family"] == "sdxl" and report["baseline_matches_run"]
     exported = export_run(run, "someone/sdxl-esd", local_dir=tmp_path / "hub")
     card = (exported.folder / "README.md").read_text()

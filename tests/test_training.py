@@ -216,6 +216,31 @@ def test_a_finished_loop_leaves_its_networks_to_be_freed():
     assert all(ref() is None for ref in freed)  # the accelerator that prepared them holds neither
 
 
+def test_a_finished_stage_is_taken_only_under_its_own_settings(tmp_path):
+    from erasure.training import load_finished_stage, save_finished_stage
+    from pipelines.errors import InputError
+
+    stage = tmp_path / "checkpoint" / "stage.safetensors"
+    save_finished_stage(stage, {"w": torch.arange(3.0)}, {"config": {"lr": 1}}, note="kept")
+    tensors, meta = load_finished_stage(stage, {"config": {"lr": 1}})
+    assert torch.equal(tensors["w"], torch.arange(3.0)) and meta["note"] == "kept"
+    assert load_finished_stage(tmp_path / "none.safetensors", {}) is None
+    with pytest.raises(InputError, match=f"made with other settings; rerun with those, or delete {stage.parent}"):
+        load_finished_stage(stage, {"config": {"lr": 2}})
+
+
+def test_frozen_weights_come_back_in_float32_even_when_the_block_fails():
+    run = RunContext(progress=False, mixed_precision="bf16", frozen_precision="half")
+    torch.manual_seed(0)
+    frozen = torch.nn.Linear(3, 3)
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with run.frozen_weights(frozen) as halved:
+            assert halved.weight.dtype == torch.bfloat16
+            raise RuntimeError("inside")
+    assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in frozen.state_dict().items())
+
+
 class _Crash(Exception):
     pass
 
