@@ -309,6 +309,14 @@ def cmd_erase(args: argparse.Namespace) -> int:
         args.frozen_precision = args.frozen_precision or recorded.get("frozen_precision")
     if args.method is None:
         raise InputError(f"--method is needed; choose one of: {', '.join(METHODS)}")
+    if args.images is not None:
+        import dataclasses
+
+        from erasure.registry import get_method
+
+        if "images" not in {f.name for f in dataclasses.fields(get_method(args.method).config)}:
+            learners = [m.key for m in METHODS.values() if "images" in {f.name for f in dataclasses.fields(m.config)}]
+            raise InputError(f"{args.method} learns from no images; --images is for {', '.join(learners)}")
     sets = ([f"images={args.images}"] if args.images is not None else []) + args.set
     if args.show_config:
         return _show_config(args.method, args.model, args.config, sets)
