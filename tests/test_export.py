@@ -245,6 +245,14 @@ def test_an_evaluation_of_other_weights_is_refused(evaluated_run, tiny_pipeline_
     assert not (tmp_path / "hub").exists()
 
 
+def test_a_report_written_elsewhere_keeps_its_grids_beside_it(evaluated_run, tmp_path):
+    own = {p: p.read_bytes() for p in (evaluated_run / "grids").iterdir()}
+    report = run_eval(str(evaluated_run), samples=1, clip="digits-clip", progress=False, json_path=tmp_path / "b.json")
+    grids = json.loads(report.read_text())["grids"]
+    assert grids and all((tmp_path / g).is_file() and g.startswith("b-grids/") for g in grids.values())
+    assert {p: p.read_bytes() for p in (evaluated_run / "grids").iterdir()} == own  # the run's own are untouched
+
+
 def test_an_evaluation_of_another_concept_is_refused(evaluated_run, tmp_path):
     import shutil
 

@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="DIR_OR_MODEL", help="an erased run folder, or any model with --baseline")
     p.add_argument("--concept", action="append", help="concept to measure (default: the run's concepts)")
     p.add_argument("--baseline", help="model to compare with (default: the run's base model)")
-    p.add_argument("--json", metavar="FILE", help="where to write the report (default: DIR/eval.json)")
+    p.add_argument("--json", metavar="FILE", help="where to write the report (default: DIR/eval.json, grids in "
+                   "DIR/grids/; elsewhere, grids in FILE-STEM-grids/ beside it)")  # fmt: skip
     p.add_argument("--samples", type=number(int, COUNT), default=None, metavar="N",
                    help="seeds per prompt (default: 20 on digits models, 10 on others); a GAN run: latent samples "
                         "(default: 1000)")  # fmt: skip
