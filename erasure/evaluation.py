@@ -6,6 +6,7 @@ else; the report goes to RUN/eval.json and the before/after grids to RUN/grids/.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -96,6 +97,8 @@ def run_eval(
         raise InputError(f"folder {json_path.parent} does not exist")
     if json_path.is_dir():
         raise InputError(f"--json {json_path} is a folder; give the report's file name, e.g. {json_path / 'eval.json'}")
+    if json_path.exists() and not _is_report(json_path):
+        raise InputError(f"--json {json_path} exists and is not an evaluation report; it is left as it is")
     check_writable(json_path, "--json")
 
     from accelerate import PartialState
@@ -227,3 +230,13 @@ def summary_lines(report: dict) -> list[str]:
                          f"{attack['pairs']} pairs (present before the attack: {attack['present_before_attack']:.1%}; "
                          f"{attack['seconds_per_pair']} s per pair)")  # fmt: skip
     return lines
+
+
+def _is_report(path: Path) -> bool:
+    """Whether `path` holds an earlier report (which a new evaluation replaces), not some other file."""
+    from evaluators.report import FORMAT
+
+    try:
+        return json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False

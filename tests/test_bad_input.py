@@ -73,6 +73,7 @@ CASES = [
     (["eval", "{run}", "--attack-steps", "3"], "--attack-steps sets up an attack: add --attack", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "{folderpng}"], "is a folder; a grid is one image file", False),
     (["eval", "{run}", "--json", "{run}"], "is a folder; give the report's file name", False),
+    (["eval", "{run}", "--json", "{badcsv}"], "exists and is not an evaluation report", False),
     ([*ESD, "--out", "{tiny}/erased"], "is inside the model it erases from", False),
     ([*ESD, "--set", "lora_rank=100000"], "lora_rank must be between 0 and 1024, not 100000", False),
     (["sample", "{badindex}", "--out", "o.png"], "model_index.json is not valid JSON", False),
