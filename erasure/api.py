@@ -59,6 +59,16 @@ def run_fingerprint(
     }  # fmt: skip
 
 
+def _warn_of_cut_concepts(model, concepts: Sequence[str]) -> None:
+    """A concept longer than the text encoder's context is cut there without an error: say so."""
+    tokenizer = getattr(model, "tokenizer", None)
+    for concept in concepts if tokenizer is not None else ():
+        tokens = len(tokenizer(concept).input_ids)
+        if tokens > tokenizer.model_max_length:
+            log.warning("the concept %r is %d tokens long; the text encoder reads %d, so the rest is cut off",
+                        concept[:40] + "...", tokens, tokenizer.model_max_length)  # fmt: skip
+
+
 def erase(
     method: str,
     concepts: Sequence[str],
@@ -133,6 +143,7 @@ def erase(
         started = time.time()
         base = load_model(source, device=device, single_file_config=model_config)
         loaded = time.time()
+        _warn_of_cut_concepts(base, concepts)
         log.info("erasing %s with %s", ", ".join(concepts), method)
         result = spec.entry(base, concepts, config, run)
         from .lora import LORA_FILE, adapter_size, save_adapters, take_adapters

@@ -183,3 +183,11 @@ def test_losses_read_every_few_steps_change_nothing_and_still_catch_the_divergin
     # the overflow happens at step 1; it is read at step 3 and reported at the step it happened
     with pytest.raises(InputError, match="training diverged at step 1: loss = (inf|nan)"):
         trained(3, QUICK + ["negative_guidance=1e38"])
+
+
+def test_a_concept_longer_than_the_text_encoders_context_is_erased_with_a_warning(tiny_pipeline_dir, tmp_path, caplog):
+    concept = " ".join(["cat"] * 100)
+    with caplog.at_level("WARNING", logger="erasure"):
+        erase("esd", [concept], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["steps=1", "ddim_steps=2"],
+              progress=False)  # fmt: skip
+    assert any("tokens long; the text encoder reads" in r.getMessage() for r in caplog.records), caplog.text
