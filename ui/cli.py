@@ -315,8 +315,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
         from erasure.registry import get_method
 
-        if "images" not in {f.name for f in dataclasses.fields(get_method(args.method).config)}:
-            learners = [m.key for m in METHODS.values() if "images" in {f.name for f in dataclasses.fields(m.config)}]
+        learners = [m.key for m in METHODS.values() if "images" in {f.name for f in dataclasses.fields(m.config)}]
+        if get_method(args.method).key not in learners:
             raise InputError(f"{args.method} learns from no images; --images is for {', '.join(learners)}")
     sets = ([f"images={args.images}"] if args.images is not None else []) + args.set
     if args.show_config:
