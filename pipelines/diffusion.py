@@ -72,7 +72,7 @@ class TextToImageModel:
         return {**SD_SAMPLING, **self.source.card.get("sampling", {})}
 
     def to(self, device: str | torch.device) -> TextToImageModel:
-        self.pipe.to(device)
+        self.pipe.to(device, silence_dtype_warnings=True)  # resolve_dtype says what half precision costs on the CPU
         return self
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:

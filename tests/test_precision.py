@@ -24,6 +24,17 @@ def test_auto_is_half_on_a_gpu_and_float32_on_the_cpu():
         resolve_dtype("fp8", "cpu")
 
 
+def test_fp16_on_the_cpu_is_said_once_to_be_slow_and_not_said_to_fail(tmp_path, capfd):
+    from ui.cli import main
+
+    assert main(["sample", "digits", "--prompt", "a red seven", "--n", "1", "--steps", "2", "--dtype", "fp16",
+                 "--out", str(tmp_path / "s")]) == 0  # fmt: skip
+    err = capfd.readouterr().err
+    assert err.count("--dtype fp16 on the CPU works but is several times slower") == 1
+    assert "cannot run with `cpu` device" not in err  # diffusers' warning, wrong since torch runs half on the CPU
+    assert (tmp_path / "s" / "p0_s0.png").is_file()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_half_precision_digits_model_draws_the_float32_images(dtype):
     full, half = load_model("digits"), load_model("digits", dtype=dtype)
