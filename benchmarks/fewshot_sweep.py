@@ -10,9 +10,9 @@ It is a screen, not the protocol: confirm a choice with `erasure_quality.py --me
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
-import sys
 import time
 
 import torch
@@ -22,6 +22,9 @@ SEEDS = list(range(4))
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("settings", nargs="+", help='--set options of one setting, e.g. "lr=3e-3,steps=20"')
+    args = parser.parse_args()
     torch.set_num_threads(1)
     from erasure.config import build_config, parse_sets
     from erasure.registry import METHODS
@@ -35,7 +38,7 @@ def main() -> None:
     judge, base = DigitsJudge(), load_model("digits")
     others = [i for i in range(10) if i != 7]
     expected = torch.tensor(others).repeat_interleave(len(SEEDS))
-    for spec in sys.argv[1:]:
+    for spec in args.settings:
         sets = [s for s in spec.split(",") if s]
         model = copy.deepcopy(base)
         started = time.time()
