@@ -142,9 +142,9 @@ def concept_prompts(concepts: Sequence[str], templates: Sequence[str]) -> list[s
 
 def ddim_scheduler(model):
     """A fresh DDIM scheduler with the model's noise schedule (the model's own is left untouched)."""
-    from diffusers import DDIMScheduler
+    from pipelines.families.stable_diffusion import ddim_sampler
 
-    return DDIMScheduler.from_config(model.scheduler.config)
+    return ddim_sampler(model.scheduler.config)
 
 
 # --- a denoiser's repeated calls, compiled ----------------------------------------------------------

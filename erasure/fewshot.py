@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.errors import InputError
-from pipelines.images import image_folder_files, load_square_images
+from pipelines.images import image_folder_files, load_square_images, vae_precision
 
 from .common import check_encoder_scope, select_trainable, validate_scope
 from .lora import LoraOptions, attach_lora, check_lora_components
@@ -193,11 +193,12 @@ def denoising_loss(model, latents: torch.Tensor, cond: torch.Tensor, noise: torc
 def encode_images(model, images: torch.Tensor, generator: torch.Generator, chunk: int = 64) -> torch.Tensor:
     """VAE latents (scaled as the UNet sees them) of images in [0, 1], `chunk` images at a time (hundreds of
     images at 512 px at once would not fit a GPU)."""
-    vae = model.vae
-    latents = []
-    for start in range(0, len(images), chunk):
-        pixels = (images[start : start + chunk] * 2 - 1).to(model.device, vae.dtype)
-        latents.append(vae.encode(pixels).latent_dist.sample(generator))
+    dtype, latents = model.vae.dtype, []
+    # SDXL's VAE overflows in float16: it encodes in float32, as diffusers' SDXL img2img does
+    with vae_precision(model.vae, getattr(model, "upcast_vae", False)) as vae:
+        for start in range(0, len(images), chunk):
+            pixels = (images[start : start + chunk] * 2 - 1).to(model.device, vae.dtype)
+            latents.append(vae.encode(pixels).latent_dist.sample(generator).to(dtype))
     return model.family.scale_latents(model, torch.cat(latents))
 
 

@@ -11,7 +11,6 @@ model. `--save lora` keeps the adapters alone (the base lends every component, a
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,14 +132,15 @@ def take_adapters(model, components: list[str]) -> dict[str, dict[str, torch.Ten
 def save_adapters(pipeline_class, directory: Path, adapters: dict[str, dict[str, torch.Tensor]], rank: int,
                   alpha: float) -> Path:  # fmt: skip
     """Write `adapters` as the diffusers LoRA file of `pipeline_class` (its `load_lora_weights` reads it)."""
-    from peft import LoraConfig
-
     layers, metadata = {}, {}
     for name, state in adapters.items():
-        layers[f"{name}_lora_layers"] = state
+        # Only what a LoraConfig needs (peft's full to_dict() names fields older peft releases refuse). The targets
+        # match by suffix, so the flattened names below find the layers with or without `text_model.`
         targets = sorted({k.split(".lora_")[0] for k in state})
-        settings = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
-        metadata[f"{name}_lora_adapter_metadata"] = json.loads(json.dumps(settings.to_dict(), default=list))
+        metadata[f"{name}_lora_adapter_metadata"] = {"r": rank, "lora_alpha": alpha, "target_modules": targets}
+        if name.startswith("text_encoder"):  # transformers >= 5.6 flattened CLIPTextModel; the file keeps the level
+            state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+        layers[f"{name}_lora_layers"] = state
     pipeline_class.save_lora_weights(directory, **layers, **metadata, safe_serialization=True)
     return directory / LORA_FILE
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from erasure.api import erase
 from erasure.registry import METHODS
@@ -54,6 +55,13 @@ def test_a_lora_run_loads_in_plain_diffusers_and_draws_the_toolkit_images(key, c
     lora = manifest["lora"]
     assert lora["components"] == [component] and lora["rank"] == 4 and lora["alpha"] == 8
     assert lora["parameters"] == manifest["trainable_parameters"] > 0  # only the adapters trained
+    with safe_open(str(run / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys, settings = list(f.keys()), json.loads(f.metadata()["lora_adapter_metadata"])
+    # The standard names (CLIP's under `text_model.`, as ComfyUI and transformers < 5.6 expect), and only the
+    # LoraConfig fields every peft release takes
+    assert keys and all(k.startswith("text_encoder.text_model." if component == "text_encoder" else "unet.")
+                        for k in keys)  # fmt: skip
+    assert {k.split(".", 1)[1] for k in settings} == {"r", "lora_alpha", "target_modules"}
     ours = _toolkit_draw(run)
     assert np.abs(_plain_draw(StableDiffusionPipeline, tiny_pipeline_dir, run) - ours).max() <= 1
     assert np.abs(_toolkit_draw(tiny_pipeline_dir) - ours).max() > 1  # the adapters changed the picture

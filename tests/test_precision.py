@@ -63,6 +63,27 @@ def test_sdxl_in_float16_decodes_its_vae_in_float32_and_keeps_it_half(tmp_path):
     assert np.abs(a - b).mean() < 6
 
 
+def test_few_shot_encodes_its_images_through_a_float16_sdxl_vae_in_float32(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from erasure.fewshot import encode_images
+
+    StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(tmp_path / "xl")
+    full, half = load_model(str(tmp_path / "xl")), load_model(str(tmp_path / "xl"), dtype=torch.float16)
+    encode, seen = half.vae.encode, []
+
+    def watched_encode(pixels, *args, **kwargs):  # the real encode, noting the precision it runs in
+        seen.append((pixels.dtype, half.vae.dtype))
+        return encode(pixels, *args, **kwargs)
+
+    half.vae.encode = watched_encode
+    images = torch.rand(2, 3, 64, 64)
+    a = encode_images(full, images, torch.Generator().manual_seed(0))
+    b = encode_images(half, images, torch.Generator().manual_seed(0))
+    assert seen == [(torch.float32, torch.float32)] and half.vae.dtype == torch.float16 and b.dtype == torch.float16
+    torch.testing.assert_close(b.float(), a, atol=1e-2, rtol=1e-2)
+
+
 def test_every_attack_runs_on_a_half_precision_model():
     """The attacks optimise their free words in float32 and run the model in its own precision."""
     from evaluators.attack import AttackSettings, attack_success_rate

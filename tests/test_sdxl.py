@@ -386,15 +386,40 @@ def test_eval_attacks_an_sdxl_run(tiny_sdxl_dir, tiny_open_clip, tmp_path):
     assert result["attack"] == "embedding" and result["pairs"] == 2 and 0 <= result["asr"] <= 1
 
 
-def test_a_single_sdxl_file_is_recognised_by_its_two_embedders(tmp_path):
+def test_methods_noise_and_walk_sdxl_as_it_was_trained_not_as_its_euler_sampler(tiny_sdxl_dir):
+    """Euler's add_noise gives x0 + sigma * noise (sigma up to ~14.6) and DDIM's default clips x0 to [-1, 1]:
+    the forward process of a method's loss and its trajectories must be latent diffusion's."""
+    from erasure.common import ddim_scheduler
+
+    model = load_model(str(tiny_sdxl_dir))
+    assert type(model.scheduler).__name__ == "EulerDiscreteScheduler" and "clip_sample" not in model.scheduler.config
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    abar = model.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy, target = model.family.noised(model, x0, noise, t)
+    torch.testing.assert_close(noisy, abar.sqrt() * x0 + (1 - abar).sqrt() * noise)
+    assert target is noise
+    for scheduler in (ddim_scheduler(model), model.family.sampling_scheduler(model, 10, "cpu")):
+        assert not scheduler.config.clip_sample and not scheduler.config.set_alpha_to_one
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt", "legacy-ckpt"])
+def test_a_single_file_is_recognised_by_its_text_embedders(tmp_path, fmt):
+    """SDXL by its two `conditioner.embedders`, SD 2.x by its OpenCLIP tower, in safetensors or a pickled `.ckpt`
+    (torch's zip format, or its legacy one, holding a Lightning `state_dict`)."""
     from safetensors.torch import save_file
 
     from pipelines.families import FAMILIES, detect
 
-    path = tmp_path / "model.safetensors"
-    weights = {"conditioner.embedders.1.model.ln_final.weight": torch.ones(2), "model.diffusion_model.x": torch.ones(1)}
-    save_file(weights, str(path))
-    assert detect("text-to-image", path) is FAMILIES["sdxl"]
+    towers = {"sdxl": "conditioner.embedders.1.model.ln_final.weight", "sd2": "cond_stage_model.model.ln_final.weight",
+              "sd1": "cond_stage_model.transformer.text_model.final_layer_norm.weight"}  # fmt: skip
+    for family, key in towers.items():
+        weights = {key: torch.ones(2), "model.diffusion_model.x": torch.ones(1)}
+        path = tmp_path / f"{family}.{fmt.split('-')[-1]}"
+        if fmt == "safetensors":
+            save_file(weights, str(path))
+        else:
+            torch.save({"state_dict": weights, "global_step": 1}, path, _use_new_zipfile_serialization=fmt == "ckpt")
+        assert detect("text-to-image", path) is FAMILIES[family], (family, fmt)
 
 
 def test_an_sdxl_run_exports_as_one_file_that_loads_back_to_the_same_weights(tmp_path):

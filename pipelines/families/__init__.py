@@ -57,19 +57,34 @@ def detect(kind: str, path: Path, declared: str | None = None) -> Family:
         unet = _json(path / "unet" / "config.json")
         openclip = text.get("hidden_act") == "gelu" or unet.get("cross_attention_dim") == 1024
         return FAMILIES["sd2" if openclip else "sd1"]
+    if path.suffix in (".safetensors", ".ckpt"):
+        try:
+            keys = _single_file_keys(path)
+        except Exception:  # a damaged file: loading it says so, with the file's name
+            keys = []
+        if any(key.startswith("conditioner.embedders.") for key in keys):
+            return FAMILIES["sdxl"]
+        if any(key.startswith("cond_stage_model.model.") for key in keys):
+            return FAMILIES["sd2"]
+    return FAMILIES["sd1"]
+
+
+def _single_file_keys(path: Path) -> list[str]:
+    """The weight names of a single-file checkpoint, read without running any code from it and, where the format
+    allows (safetensors; a `.ckpt` in torch's zip format, memory-mapped), without reading its tensors."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        try:
-            with safe_open(str(path), "pt") as f:
-                keys = list(f.keys())
-            if any(key.startswith("conditioner.embedders.") for key in keys):
-                return FAMILIES["sdxl"]
-            if any(key.startswith("cond_stage_model.model.") for key in keys):
-                return FAMILIES["sd2"]
-        except Exception:  # a damaged file: loading it says so, with the file's name
-            pass
-    return FAMILIES["sd1"]
+        with safe_open(str(path), "pt") as f:
+            return list(f.keys())
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # torch's legacy (pre-zip) format cannot be mapped: read it whole
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    weights = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
+    return [key for key in weights if isinstance(key, str)] if isinstance(weights, dict) else []
 
 
 def _json(path: Path) -> dict:

@@ -17,6 +17,16 @@ if TYPE_CHECKING:
     import torch
 
 
+def ddim_sampler(scheduler_config):
+    """DDIM with a model's noise schedule. A config that does not say (Euler's, as diffusers saves it; SDXL's
+    single-file config) gets latent diffusion's settings, not DDIM's pixel-space defaults: a clipped x0 would
+    distort every trajectory whose latents leave [-1, 1], as SDXL's do."""
+    from diffusers import DDIMScheduler
+
+    unsaid = {key: False for key in ("clip_sample", "set_alpha_to_one") if key not in scheduler_config}
+    return DDIMScheduler.from_config(scheduler_config, **unsaid)
+
+
 class StableDiffusionFamily(Family):
     """The conditioning and sampling of a `StableDiffusionPipeline`-shaped model."""
 
@@ -94,7 +104,11 @@ class StableDiffusionFamily(Family):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, what the denoiser should predict there): the model's forward process at timesteps `t` (eps, or v on
         a v-prediction model)."""
-        scheduler = model.scheduler
+        # DDPM's, not the model's own scheduler: a sampler such as SDXL's Euler noises to x0 + sigma * noise,
+        # which the UNet never sees (it takes the scaled input), and PNDM has no get_velocity
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(model.scheduler.config)
         noisy = scheduler.add_noise(x0, noise, t)
         v = scheduler.config.prediction_type == "v_prediction"
         return noisy, scheduler.get_velocity(x0, noise, t) if v else noise
@@ -102,9 +116,7 @@ class StableDiffusionFamily(Family):
     def sampling_scheduler(self, model, steps: int, device):
         """A fresh DDIM scheduler with the model's noise schedule, set to `steps` (the model's own is untouched):
         what `trajectory` walks."""
-        from diffusers import DDIMScheduler
-
-        scheduler = DDIMScheduler.from_config(model.scheduler.config)
+        scheduler = ddim_sampler(model.scheduler.config)
         scheduler.set_timesteps(steps, device=device)
         return scheduler
 
