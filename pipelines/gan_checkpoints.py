@@ -8,7 +8,11 @@ Formats read:
   (torch_utils.persistence), which an ordinary unpickler would execute. `RestrictedUnpickler`
   resolves only an allow-list of globals; persistent objects become inert records of their
   parameters and buffers (their `module_src` is never touched), tensors are rebuilt with
-  weights-only loading, and anything else is refused.
+  weights-only loading, numpy's plain numeric scalars (the layers' gains) are read from their bytes,
+  and anything else is refused.
+
+Every format declares its architecture, so a file of a few bytes could ask for a generator of any size:
+it is checked against fixed limits (`checked_config`) before anything is built.
 
 NVIDIA -> this layout (= rosinality's), for G_ema (the pickle's discriminator is not read):
   mapping.fc{i}.{weight,bias}             -> style.{i+1}.{weight,bias}
@@ -30,19 +34,26 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import InputError
-from .safe_load import load_tensors, refusal_reason
-from .stylegan2 import Discriminator, Generator, StyleGAN2Config
+from .safe_load import load_tensors, refusal_reason, zip_refusal
+from .stylegan2 import Discriminator, Generator, StyleGAN2Config, default_channels
 
 CONFIG_FILE = "generator_config.json"
 G_FILE, D_FILE = "generator.safetensors", "discriminator.safetensors"
+
+# The largest architecture a file may declare: every released StyleGAN2 fits with room to spare (FFHQ 1024:
+# size 1024, at most 512 channels, style_dim 512, n_mlp 8), while the worst a tiny file can now ask for is
+# about 1.8 GB of weights (generator and discriminator at every limit), not any amount.
+MAX_SIZE, MAX_CHANNELS, MAX_STYLE_DIM, MAX_MLP = 2048, 1024, 1024, 16
 
 
 # --- this project's format ---------------------------------------------------------------------
@@ -72,10 +83,11 @@ def load_gan_folder(directory: Path) -> tuple[Generator, Discriminator | None, t
     from .loading import check_safetensors
 
     check_safetensors(directory)
-    raw = json.loads((directory / CONFIG_FILE).read_text())
-    config = StyleGAN2Config(**{k: raw[k] for k in ("size", "style_dim", "n_mlp", "channels", "lr_mlp") if k in raw})
+    if not (directory / G_FILE).is_file():
+        raise InputError(f"{directory} has no {G_FILE}")
+    config = checked_config(_read_config_file(directory / CONFIG_FILE), str(directory / CONFIG_FILE))
     state = load_file(str(directory / G_FILE))
-    latent_avg = state.pop("latent_avg", None)
+    latent_avg = _checked_latent(state.pop("latent_avg", None), config, str(directory / G_FILE))
     generator = _build(Generator(config), state, "generator")
     discriminator = None
     if (directory / D_FILE).is_file():
@@ -83,30 +95,98 @@ def load_gan_folder(directory: Path) -> tuple[Generator, Discriminator | None, t
     return generator, discriminator, latent_avg
 
 
-def _build(module, state: dict, what: str):
+def _read_config_file(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, a number too long to convert
+        raise InputError(f"{path} is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path} is not a generator config (a JSON object with size, style_dim, n_mlp, channels)")
+    return raw
+
+
+def _build(module, state, what: str):
     try:
         module.load_state_dict(state)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:  # TypeError: not a state dict at all
         raise InputError(f"the {what} weights do not match the architecture: {str(exc).splitlines()[0]}") from None
     return module.eval()
 
 
-# --- architecture inference --------------------------------------------------------------------
+def _checked_latent(latent, config: StyleGAN2Config, source: str) -> torch.Tensor | None:
+    """The file's mean w as [1, style_dim] (None if it has none), refused unless it is one."""
+    if latent is None:
+        return None
+    if not isinstance(latent, torch.Tensor) or latent.numel() != config.style_dim:
+        raise InputError(f"{source}: its mean w (latent_avg) is not a vector of style_dim={config.style_dim} numbers")
+    return latent.reshape(1, -1)
 
 
-def infer_config(state: dict[str, torch.Tensor]) -> StyleGAN2Config:
+# --- architecture ------------------------------------------------------------------------------
+
+
+def checked_config(values: dict, source: str) -> StyleGAN2Config:
+    """The architecture a file declares, refused in one line unless it is within the limits above.
+
+    Missing fields take StyleGAN2Config's defaults, as missing channels take StyleGAN2's."""
+    size = values.get("size", 256)
+    style_dim, n_mlp, lr_mlp = values.get("style_dim", 512), values.get("n_mlp", 8), values.get("lr_mlp", 0.01)
+    channels = values.get("channels") or default_channels(size if _is_int(size, 8, MAX_SIZE) else 8)
+    problem = _architecture_problem(size, style_dim, n_mlp, lr_mlp, channels)
+    if problem:
+        raise InputError(f"{source}: unsupported StyleGAN2 architecture: {problem}")
+    channels = {r: c for r, c in _by_resolution(channels).items() if r <= size}
+    return StyleGAN2Config(size=size, style_dim=style_dim, n_mlp=n_mlp, channels=channels, lr_mlp=float(lr_mlp))
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _by_resolution(channels: dict) -> dict:
+    """Channels keyed by int resolution (JSON keys are strings); keys that are no resolution are left out."""
+    out = {}
+    for key, count in channels.items():
+        if isinstance(key, str) and key.isdecimal() and len(key) < 6:  # int() refuses strings of 4300+ digits
+            key = int(key)
+        if isinstance(key, int):
+            out[key] = count
+    return out
+
+
+def _architecture_problem(size, style_dim, n_mlp, lr_mlp, channels) -> str | None:
+    if not (_is_int(size, 8, MAX_SIZE) and size & (size - 1) == 0):
+        return f"size must be a power of two from 8 to {MAX_SIZE}, not {size!r}"
+    for name, value, limit in (("style_dim", style_dim, MAX_STYLE_DIM), ("n_mlp", n_mlp, MAX_MLP)):
+        if not _is_int(value, 1, limit):
+            return f"{name} must be an integer from 1 to {limit}, not {value!r}"
+    if isinstance(lr_mlp, bool) or not isinstance(lr_mlp, (int, float)) or not 0 < lr_mlp < math.inf:
+        return f"lr_mlp must be a positive number, not {lr_mlp!r}"
+    if not isinstance(channels, dict):
+        return "channels must map each resolution to its number of channels"
+    by_resolution = _by_resolution(channels)
+    for res in (2**i for i in range(2, size.bit_length())):
+        count = by_resolution.get(res)
+        if not _is_int(count, 1, MAX_CHANNELS):
+            return f"channels at resolution {res} must be an integer from 1 to {MAX_CHANNELS}, not {count!r}"
+    return None
+
+
+def infer_config(state: dict[str, torch.Tensor], source: str) -> StyleGAN2Config:
     """Read size, style_dim, n_mlp and channels off a rosinality-layout generator state dict."""
     try:
         n_mlp = len({k.split(".")[1] for k in state if re.match(r"style\.\d+\.weight$", k)})
         style_dim = state["style.1.weight"].shape[1]
         n_rgbs = len({k.split(".")[1] for k in state if k.startswith("to_rgbs.")})
-        size = 2 ** (n_rgbs + 2)
         channels = {4: state["conv1.conv.weight"].shape[1]}
         for i in range(n_rgbs):
             channels[2 ** (i + 3)] = state[f"convs.{2 * i}.conv.weight"].shape[1]
     except KeyError as exc:
-        raise InputError(f"not a StyleGAN2 generator state dict (missing {exc})") from None
-    return StyleGAN2Config(size=size, style_dim=style_dim, n_mlp=n_mlp, channels=channels)
+        raise InputError(f"{source}: not a StyleGAN2 generator state dict (missing {exc})") from None
+    except (TypeError, AttributeError, IndexError):  # keys that are not names, values that are not weights
+        raise InputError(f"{source}: not a StyleGAN2 generator state dict") from None
+    declared = {"size": 2 ** (n_rgbs + 2), "style_dim": style_dim, "n_mlp": n_mlp, "channels": channels}
+    return checked_config(declared, source)
 
 
 # --- rosinality .pt ----------------------------------------------------------------------------
@@ -117,10 +197,12 @@ def load_rosinality(path: Path) -> tuple[Generator, Discriminator | None, torch.
     if not isinstance(ckpt, dict) or "g_ema" not in ckpt:
         raise InputError(f"{path} is not a rosinality StyleGAN2 checkpoint (no 'g_ema')")
     g_state = ckpt["g_ema"]
-    config = infer_config(g_state)
+    if not isinstance(g_state, dict):
+        raise InputError(f"{path}: its g_ema is not a generator state dict")
+    config = infer_config(g_state, str(path))
     generator = _build(Generator(config), g_state, "generator")
     discriminator = _build(Discriminator(config), ckpt["d"], "discriminator") if "d" in ckpt else None
-    return generator, discriminator, ckpt.get("latent_avg")
+    return generator, discriminator, _checked_latent(ckpt.get("latent_avg"), config, str(path))
 
 
 def save_rosinality(path: str | Path, generator: Generator, discriminator: Discriminator | None = None,
@@ -155,8 +237,37 @@ def _rebuild_persistent(meta):
     return PersistentRecord(meta)
 
 
-def _storage_from_bytes(data: bytes):
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+# NVIDIA's layers keep their gains as numpy float64 scalars (`lr_multiplier / np.sqrt(in_features)`), which pickle
+# as numpy.dtype(name, align, copy) with BUILD(state), then multiarray.scalar(dtype, raw bytes). Both are rebuilt
+# from data alone, for plain numbers only: numpy's own reconstructors would also make object dtypes, whose
+# scalars unpickle arbitrary objects.
+NUMERIC_DTYPE = re.compile(r"[biufc]\d{1,2}$")  # bool, int, uint, float, complex of a given byte size
+
+
+class _NumpyDtype:
+    """Stand-in for numpy.dtype(name, align, copy): the name of a plain numeric dtype and its byte order."""
+
+    def __init__(self, name, align=False, copy=False):
+        try:  # np.dtype only parses the names the pattern lets through: "f8", "i4", "b1"...
+            self.dtype = np.dtype(name) if isinstance(name, str) and NUMERIC_DTYPE.match(name) else None
+        except TypeError:  # "f9" and the like
+            self.dtype = None
+        if self.dtype is None or self.dtype.kind not in "biufc":
+            raise pickle.UnpicklingError(f"refused numpy dtype {name!r} (only plain numbers are read)")
+
+    def __setstate__(self, state):
+        # (version, byte order, subarray, names, fields, ...): a plain number has no sub-array and no fields
+        plain = isinstance(state, tuple) and len(state) > 4 and state[2:5] == (None, None, None)
+        if not (plain and state[1] in ("<", ">", "|", "=")):
+            raise pickle.UnpicklingError("refused a numpy dtype with sub-arrays or fields")
+        self.dtype = self.dtype.newbyteorder(state[1])
+
+
+def _numpy_scalar(dtype, data=None):
+    """Stand-in for numpy's multiarray.scalar(dtype, raw bytes): the number read back from its bytes."""
+    if not (isinstance(dtype, _NumpyDtype) and isinstance(data, bytes) and len(data) == dtype.dtype.itemsize):
+        raise pickle.UnpicklingError("refused a numpy scalar that is not a plain number")
+    return np.frombuffer(data, dtype=dtype.dtype)[0]
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, *args):
@@ -170,12 +281,16 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad, backward_hooks
 
 
 class RestrictedUnpickler(pickle._Unpickler):
-    """Resolves only tensors, plain containers and NVIDIA's persistence records.
+    """Resolves only tensors, plain containers, numpy's plain numbers and NVIDIA's persistence records.
 
     The pure-Python unpickler, because its opcodes can be overridden: BUILD sets attributes of whatever sits
     below it, and on an allow-listed function or class that would outlive the load (a refused file could still
     rewrite, say, a tensor rebuilder's defaults for every later load in the process). Here it may set the
-    state of a record or an EasyDict only.
+    state of a record, an EasyDict or a numpy dtype stand-in only.
+
+    Storages come as torch-serialized payloads (`torch.storage._load_from_bytes`); one payload can be
+    referenced any number of times, so each is decoded once, and all of them together to no more bytes
+    than the file holds (`max_decoded_bytes`).
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)
@@ -189,20 +304,50 @@ class RestrictedUnpickler(pickle._Unpickler):
         ("builtins", "tuple"): tuple,
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): _rebuild_persistent,
         ("dnnlib.util", "EasyDict"): _AttrDict,
+        ("numpy", "dtype"): _NumpyDtype,
+        ("numpy.core.multiarray", "scalar"): _numpy_scalar,  # numpy < 2
+        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     }
 
+    def __init__(self, file, max_decoded_bytes: int):
+        super().__init__(file)
+        self.max_decoded_bytes = max_decoded_bytes
+        self.decoded_bytes = 0
+        self.storages: dict[int, tuple[bytes, object]] = {}  # id(payload) -> (payload, kept alive; storage)
+
     def find_class(self, module: str, name: str):
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return self.storage_from_bytes  # bound: the cache and the byte count are this load's
         found = self.ALLOWED.get((module, name))
         if found is None:
             raise pickle.UnpicklingError(f"refused global {module}.{name}")
         return found
 
+    def storage_from_bytes(self, data: bytes):
+        if not isinstance(data, bytes):
+            raise pickle.UnpicklingError("refused a storage that is not serialized bytes")
+        if id(data) in self.storages:
+            return self.storages[id(data)][1]
+        reason = zip_refusal(io.BytesIO(data))
+        if reason:
+            raise pickle.UnpicklingError(f"refused a serialized storage ({reason})")
+        storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if isinstance(storage, torch.TypedStorage):  # what NVIDIA's pickles hold; its nbytes() warns of deprecation
+            self.decoded_bytes += storage._nbytes()
+        elif isinstance(storage, torch.UntypedStorage):
+            self.decoded_bytes += storage.nbytes()
+        else:
+            raise pickle.UnpicklingError(f"refused a serialized storage that holds a {type(storage).__name__}")
+        if self.decoded_bytes > self.max_decoded_bytes:
+            raise pickle.UnpicklingError("refused storages that decode to more bytes than the file holds")
+        self.storages[id(data)] = (data, storage)
+        return storage
+
     def load_build(self):
         target = self.stack[-2]  # BUILD's state is on top, the object it sets below it
-        if not isinstance(target, (PersistentRecord, _AttrDict)):
+        if not isinstance(target, (PersistentRecord, _AttrDict, _NumpyDtype)):
             raise pickle.UnpicklingError(f"refused to set the state of {type(target).__name__}")
         super().load_build()
 
@@ -212,7 +357,7 @@ class RestrictedUnpickler(pickle._Unpickler):
 def read_nvidia_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            data = RestrictedUnpickler(f).load()
+            data = RestrictedUnpickler(f, max_decoded_bytes=path.stat().st_size).load()
     except pickle.UnpicklingError as exc:
         reason = refusal_reason(exc)
         raise InputError(f"refused to load {path}: {reason} (only StyleGAN2 weights are read from pickles)") from None
@@ -303,29 +448,43 @@ def nvidia_discriminator_to_rosinality(nv: dict[str, torch.Tensor], size: int) -
     return out
 
 
+# What reading a pickled network's tensors in our layout raises when they are not what StyleGAN2's are.
+NOT_STYLEGAN2 = (KeyError, IndexError, ValueError, TypeError, AttributeError, RuntimeError)
+
+
+def _generator_state(record: PersistentRecord, path: Path) -> tuple[dict, torch.Tensor | None]:
+    """G_ema's weights in this layout and its mean w, or one readable refusal."""
+    try:
+        nv = flatten_record(record)
+        if any(k.startswith("mapping.embed.") for k in nv):  # a class-label embedding: c_dim > 0
+            raise InputError(f"{path}: a conditional StyleGAN2 (generating from class labels) is not supported")
+        return nvidia_generator_to_rosinality(nv)
+    except NOT_STYLEGAN2 as exc:
+        raise InputError(f"{path}: its G_ema holds no StyleGAN2 generator weights ({exc})") from None
+
+
 def load_nvidia(path: Path) -> tuple[Generator, Discriminator | None, torch.Tensor | None]:
     data = read_nvidia_pickle(path)
-    try:
-        state, w_avg = nvidia_generator_to_rosinality(flatten_record(data["G_ema"]))
-        config = infer_config(state)
-    except (KeyError, IndexError, ValueError, InputError) as exc:
-        raise InputError(f"{path}: its G_ema holds no StyleGAN2 generator weights ({exc})") from None
+    state, w_avg = _generator_state(data["G_ema"], path)
+    config = infer_config(state, str(path))
     generator = Generator(config)
     missing = [
         k for k in generator.state_dict() if k not in state and not k.startswith("noises.") and not k.endswith("kernel")
     ]
     if missing:
         raise InputError(f"{path}: the generator lacks {len(missing)} weights, e.g. {missing[0]}")
-    defaults = generator.state_dict()
-    generator.load_state_dict({**defaults, **state})
+    generator = _build(generator, {**generator.state_dict(), **state}, "generator")
     discriminator = None
     if isinstance(data.get("D"), PersistentRecord):  # absent from pickles that hold G_ema alone
-        d_state = nvidia_discriminator_to_rosinality(flatten_record(data["D"]), config.size)
+        try:
+            d_state = nvidia_discriminator_to_rosinality(flatten_record(data["D"]), config.size)
+        except NOT_STYLEGAN2:
+            d_state = None
         if d_state is None:
             raise InputError(f"{path}: its discriminator is not StyleGAN2's unconditional residual one")
         discriminator = Discriminator(config)
         discriminator = _build(discriminator, {**discriminator.state_dict(), **d_state}, f"{path.name} discriminator")
-    return generator.eval(), discriminator, None if w_avg is None else w_avg.reshape(1, -1)
+    return generator, discriminator, _checked_latent(w_avg, config, str(path))
 
 
 def load_any(path: Path) -> tuple[Generator, Discriminator | None, torch.Tensor | None]:

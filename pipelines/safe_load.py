@@ -2,23 +2,40 @@
 
 torch's own message for a refused pickle says that loading with `weights_only=False` "will likely
 succeed": advice that runs the file's code. The reason is kept, the advice is not.
+
+torch.load also inflates whatever a zip entry declares before any of this applies, so zip-format files
+are checked first (`zip_refusal`).
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import InputError
+
+ZIP_MAGIC = b"PK\x03\x04"  # how torch.load tells its zip format from the older one
 
 
 def load_tensors(source: str | Path | Any, name: str, allowed_globals: Iterable[type] = ()) -> Any:
     """Load `source` (a path or a file object) with `weights_only=True`; `name` names it in errors."""
     import torch
 
+    try:
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as file:
+                reason = zip_refusal(file)
+        else:
+            reason = zip_refusal(source)
+    except OSError as exc:
+        raise InputError(f"cannot read {name}: {exc}") from None
+    if reason:
+        raise InputError(f"refused to load {name}: {reason}")
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(source, map_location="cpu", weights_only=True)
@@ -29,6 +46,33 @@ def load_tensors(source: str | Path | Any, name: str, allowed_globals: Iterable[
         ) from None
     except Exception as exc:
         raise InputError(f"cannot read {name}: {refusal_reason(exc)}") from None
+
+
+def zip_refusal(file: BinaryIO) -> str | None:
+    """Why torch.load must not open this zip-format file, or None (also for files in torch's older format).
+
+    torch.save stores its entries uncompressed, while torch's reader inflates compressed ones to the size they
+    declare: a file of kilobytes could take gigabytes before anything else is checked. Only the zip directory is
+    read here; the file is left at the position it had.
+    """
+    start = file.tell()
+    try:
+        if file.read(4) != ZIP_MAGIC:
+            return None
+        size = file.seek(0, os.SEEK_END) - start
+        file.seek(start)
+        try:
+            with zipfile.ZipFile(file) as archive:
+                entries = archive.infolist()
+        except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+            return f"not a readable zip archive ({exc})"
+    finally:
+        file.seek(start)
+    if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):
+        return "it holds compressed entries, which torch.save never writes"
+    if sum(entry.file_size for entry in entries) > size:
+        return "its entries declare more bytes than the file holds"
+    return None
 
 
 def refusal_reason(exc: BaseException) -> str:

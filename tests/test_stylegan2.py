@@ -1,17 +1,21 @@
 """StyleGAN2: tiny forward/backward, checkpoint formats, and pickles that must never run code."""
 
 import argparse
+import io
+import json
 import os
 import pickle
 import sys
 import types
+import zipfile
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 
 from pipelines import InputError, load_model
-from pipelines.gan_checkpoints import save_rosinality
+from pipelines.gan_checkpoints import CONFIG_FILE, flatten_record, read_nvidia_pickle, save_gan, save_rosinality
 from pipelines.stylegan2 import Discriminator, Generator, StyleGAN2Config
 
 TINY = StyleGAN2Config(size=16, style_dim=8, n_mlp=2, channels={4: 8, 8: 8, 16: 4})
@@ -135,15 +139,33 @@ def persistence_module(monkeypatch):
     return module
 
 
+def _nvidia_gains(params: dict) -> dict:
+    """The gains NVIDIA's layers keep as attributes: numpy float64 scalars, made the way its networks.py makes them."""
+    if "weight" not in params:
+        return {}
+    lr_multiplier, in_features = 0.01, params["weight"][0].numel()
+    return {"weight_gain": lr_multiplier / np.sqrt(in_features), "act_gain": np.sqrt(2)}  # lrelu's def_gain
+
+
 def _persistent(module, class_name: str, params: dict, children: dict, source: str):
     class Persistent:  # pickles exactly like an NVIDIA persistent_class instance
         def __reduce__(self):
             state = {"training": False, "_parameters": OrderedDict(params), "_buffers": OrderedDict(),
-                     "_non_persistent_buffers_set": set(), "_modules": OrderedDict(children)}  # fmt: skip
+                     "_non_persistent_buffers_set": set(), "_modules": OrderedDict(children),
+                     **_nvidia_gains(params)}  # fmt: skip
             meta = {"type": "class", "version": 6, "module_src": source, "class_name": class_name, "state": state}
             return (module._reconstruct_persistent_obj, (meta,))
 
     return Persistent()
+
+
+def _tree(module, nv: dict, source: str = "", prefix: str = "", name: str = "Generator"):
+    """NVIDIA's nesting of persistent networks, over the tensors `nv` names."""
+    names = {k[len(prefix) :] for k in nv if k.startswith(prefix)}
+    params = {n: torch.nn.Parameter(nv[prefix + n]) for n in names if "." not in n}
+    child_names = sorted({n.split(".")[0] for n in names if "." in n})
+    children = {c: _tree(module, nv, source, f"{prefix}{c}.") for c in child_names}
+    return _persistent(module, prefix or name, params, children, source)
 
 
 def test_nvidia_pickle_loads_without_running_its_code(tmp_path, persistence_module):
@@ -152,15 +174,13 @@ def test_nvidia_pickle_loads_without_running_its_code(tmp_path, persistence_modu
     marker = tmp_path / "code-ran"
     source = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('executed')\n"
 
-    def tree(nv: dict, prefix: str = "", name: str = "Generator"):
-        names = {k[len(prefix) :] for k in nv if k.startswith(prefix)}
-        params = {n: torch.nn.Parameter(nv[prefix + n]) for n in names if "." not in n}
-        children = {c: tree(nv, f"{prefix}{c}.") for c in sorted({n.split(".")[0] for n in names if "." in n})}
-        return _persistent(persistence_module, prefix or name, params, children, source)
+    def tree(nv: dict, name: str = "Generator"):
+        return _tree(persistence_module, nv, source, name=name)
 
     path = tmp_path / "network-snapshot.pkl"
     with open(path, "wb") as f:
         pickle.dump({"G_ema": tree(nv), "training_set_kwargs": {"resolution": 16}}, f)
+    assert b"multiarray" in path.read_bytes()  # the gains are numpy scalars, as in every genuine pickle
     model = load_model(str(path))
     assert not marker.exists()
     assert torch.equal(_images(model.generator), _images(generator))
@@ -178,6 +198,28 @@ def test_nvidia_pickle_loads_without_running_its_code(tmp_path, persistence_modu
     images = _images(generator, seeds=range(4))
     with torch.no_grad():
         assert torch.equal(model.discriminator(images), discriminator(images))
+
+
+@pytest.mark.parametrize("value", [np.dtype(object), np.str_("abc"), np.datetime64("2021-01-01")])
+def test_numpy_values_other_than_plain_numbers_are_refused(tmp_path, value):
+    path = tmp_path / "numpy.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": value}))
+    with pytest.raises(InputError, match="refused numpy dtype"):
+        load_model(str(path))
+
+
+def test_unsupported_nvidia_generators_are_refused_in_one_line(tmp_path, persistence_module):
+    nv = _to_nvidia(_tiny()[0].state_dict())
+    path = tmp_path / "network-snapshot.pkl"
+    labels = {"mapping.embed.weight": torch.randn(8, 10), "mapping.embed.bias": torch.zeros(8),
+              "mapping.fc0.weight": torch.randn(8, 16)}  # c_dim=10 embedded to 8, concatenated to z  # fmt: skip
+    path.write_bytes(pickle.dumps({"G_ema": _tree(persistence_module, {**nv, **labels})}))
+    with pytest.raises(InputError, match="conditional StyleGAN2"):
+        load_model(str(path))
+    z_dim_16 = {**nv, "mapping.fc0.weight": torch.randn(8, 16)}  # z_dim 16, w_dim 8: not our mapping
+    path.write_bytes(pickle.dumps({"G_ema": _tree(persistence_module, z_dim_16)}))
+    with pytest.raises(InputError, match="weights do not match"):
+        load_model(str(path))
 
 
 def test_an_nvidia_pickle_without_weights_is_refused_in_one_line(tmp_path, persistence_module):
@@ -239,3 +281,85 @@ def test_a_pickle_cannot_change_allow_listed_functions_or_hand_over_hooks(tmp_pa
     torch.save({"g_ema": generator.state_dict(), "args": argparse.Namespace(size=16, latent=8, n_mlp=2)},
                tmp_path / "clean.pt")  # fmt: skip
     assert torch.equal(_images(load_model(str(tmp_path / "clean.pt")).generator), _images(generator))
+
+
+class _Payload:
+    """A storage as NVIDIA's pickles hold one: `torch.storage._load_from_bytes(torch-serialized bytes)`."""
+
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (self.payload,))
+
+
+class _PayloadTensor:
+    def __init__(self, payload: bytes, numel: int):
+        self.payload, self.numel = payload, numel
+
+    def __reduce__(self):
+        return (torch._utils._rebuild_tensor_v2, (_Payload(self.payload), 0, (self.numel,), (1,), False, OrderedDict()))
+
+
+def test_a_storage_payload_referenced_many_times_is_decoded_once(tmp_path, persistence_module):
+    payload = torch.TypedStorage(256, dtype=torch.float32, _internal=True).__reduce__()[1][0]  # 1 KB, once in the file
+    params = {f"w{i}": _PayloadTensor(payload, 256) for i in range(500)}  # each one a reference to the same bytes
+    path = tmp_path / "shared.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": _persistent(persistence_module, "Generator", params, {}, "")}))
+    tensors = flatten_record(read_nvidia_pickle(path)["G_ema"]).values()
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1  # not 500 decoded copies
+
+
+def _deflated(data: bytes) -> bytes:
+    """The same zip archive with compressed entries: torch's reader inflates them, torch.save never writes them."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as original, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as copy:
+        for name in original.namelist():
+            copy.writestr(name, original.read(name))
+    return out.getvalue()
+
+
+def test_compressed_zip_entries_are_refused_before_torch_inflates_them(tmp_path):
+    generator, _ = _tiny()
+    buffer = io.BytesIO()
+    torch.save({"g_ema": generator.state_dict()}, buffer)
+    (tmp_path / "deflated.pt").write_bytes(_deflated(buffer.getvalue()))
+    with pytest.raises(InputError, match="compressed entries"):
+        load_model(str(tmp_path / "deflated.pt"))
+    buffer = io.BytesIO()
+    torch.save(torch.TypedStorage(256, dtype=torch.float32, _internal=True), buffer)  # a zip, nested in a pickle
+    (tmp_path / "nested.pkl").write_bytes(pickle.dumps({"G_ema": _PayloadTensor(_deflated(buffer.getvalue()), 256)}))
+    with pytest.raises(InputError, match="compressed entries"):
+        load_model(str(tmp_path / "nested.pkl"))
+
+
+@pytest.mark.parametrize("declared", [
+    {"size": 12}, {"size": "16"}, {"n_mlp": 17}, {"style_dim": 1025},
+    {"channels": {"4": 8, "8": 8, "16": 1025}}, {"channels": [8, 8, 4]},
+])  # fmt: skip
+def test_an_architecture_beyond_the_limits_is_refused_before_it_is_built(tmp_path, declared):
+    save_gan(tmp_path, _tiny()[0])
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, **declared}))
+    with pytest.raises(InputError, match="unsupported StyleGAN2 architecture"):
+        load_model(str(tmp_path))
+
+
+def test_a_tiny_pt_cannot_declare_a_huge_generator(tmp_path):
+    one = torch.zeros(1)  # every weight a stride-0 view of one number: a file of a few KB
+    state = {"style.1.weight": one.expand(8, 8), "conv1.conv.weight": one.expand(1, 1025, 1025, 3, 3),
+             "to_rgbs.0.bias": one, "convs.0.conv.weight": one.expand(1, 1025, 1025, 3, 3)}  # fmt: skip
+    torch.save({"g_ema": state}, tmp_path / "huge.pt")
+    with pytest.raises(InputError, match="channels at resolution 4 must be an integer from 1 to 1024"):
+        load_model(str(tmp_path / "huge.pt"))
+
+
+def test_broken_gan_files_are_refused_in_one_line(tmp_path):
+    generator, discriminator = _tiny()
+    save_gan(tmp_path / "folder", generator)
+    (tmp_path / "folder" / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(InputError, match="is not valid JSON"):
+        load_model(str(tmp_path / "folder"))
+    torch.save({"g_ema": generator.state_dict(), "d": list(discriminator.state_dict().values())}, tmp_path / "d.pt")
+    with pytest.raises(InputError, match="discriminator weights do not match"):
+        load_model(str(tmp_path / "d.pt"))
