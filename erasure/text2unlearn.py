@@ -257,9 +257,20 @@ def shifted_features(clip, images: list[torch.Tensor], views: int) -> list[torch
     return out
 
 
+# Below this length a row's CLIP embedding has not moved, and its cosine has no direction to follow
+UNMOVED = 1e-6
+
+
 def directional_loss(student: torch.Tensor, frozen: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """Mean of 1 - cos(student - frozen, -direction) over rows (CLIP image embeddings)."""
-    return (1 - F.cosine_similarity(student - frozen, -direction[None], dim=-1, eps=1e-8)).mean()
+    """Mean of 1 - cos(student - frozen, -direction) over rows (CLIP image embeddings); a row that has not moved
+    counts as cos 0, without a gradient. At the first step the student is the frozen generator: the cosine of a
+    zero vector through torch's eps has a gradient of ~1e8, and that one step filled Adam's second moment so that
+    every later update was ~1e-4 of its size (the run stalled after its first step)."""
+    moved = student - frozen
+    length = moved.norm(dim=-1)
+    live = length > UNMOVED
+    cos = (moved @ -F.normalize(direction, dim=-1)) / torch.where(live, length, torch.ones_like(length))
+    return (1 - torch.where(live, cos, torch.zeros_like(cos))).mean()
 
 
 def push_term(features: torch.Tensor, moved: torch.Tensor, direction: torch.Tensor, floor: float | None):
@@ -373,7 +384,8 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
     logs = loop.fit(step_fn, config.steps)
     student.eval().requires_grad_(False)
     model.generator = student
-    model.latent_avg = student.mean_latent()
+    if config.train_mapping:  # else the mapping, and the checkpoint's tracked truncation centre, are unchanged
+        model.latent_avg = student.mean_latent()
     outcome = {"text2unlearn": {
         "direction": config.direction, "pool": config.pool, "concept_bearing_codes": len(bearing),
         "codes_without": len(absent), "clip": clip.describe(), "prompts": used, "push_floors": floors,

@@ -36,6 +36,21 @@ def test_the_directional_loss_is_lowest_when_images_move_against_the_direction()
     assert float(directional_loss(along, frozen, direction)) == pytest.approx(2.0)
 
 
+def test_a_render_that_has_not_moved_pulls_no_gradient():
+    """At the first step the student is the frozen generator: torch's cosine of the zero vector had a gradient of
+    ~1e8 there, which filled Adam's second moment and stalled every later step."""
+    frozen = torch.randn(4, 8)
+    student = torch.cat([frozen[:2], frozen[2:] + 1e-3]).requires_grad_()  # two rows unmoved, two moved a little
+    direction = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    loss = directional_loss(student, frozen, direction)
+    loss.backward()
+    assert not student.grad[:2].any()
+    assert 0 < float(student.grad[2:].norm()) < 1e3  # the moved rows' cosine: finite, of order 1 / length
+    moved = student[2:].detach() - frozen[2:]
+    cos = torch.nn.functional.cosine_similarity(moved, -direction[None], dim=-1)
+    assert float(loss) == pytest.approx(float((2 + (1 - cos).sum()) / 4), abs=1e-6)
+
+
 def test_the_push_stops_at_the_floor():
     direction = torch.tensor([1.0, 0.0])
     features = torch.tensor([[0.9, 0.1], [0.2, 0.5]], requires_grad=True)  # projections 0.9 and 0.2
@@ -65,6 +80,8 @@ def test_frozen_layers_stay_bit_identical_and_the_rest_moves(tmp_path):
     base, erased = load_model("digits-gan").generator.state_dict(), load_model(str(run)).generator.state_dict()
     frozen = [k for k in base if k.startswith(("style.", "to_rgb1.", "to_rgbs."))]
     assert frozen and all(torch.equal(base[k], erased[k]) for k in frozen)
+    # the mapping is frozen: so is the truncation centre the checkpoint tracked
+    assert torch.equal(load_model("digits-gan").latent_avg, load_model(str(run)).latent_avg)
     moved = [k for k in base if k.startswith("convs.") and k.endswith("weight") and not torch.equal(base[k], erased[k])]
     assert moved
     outcome = json.loads((run / "erasure.json").read_text())["text2unlearn"]
