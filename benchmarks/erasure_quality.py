@@ -117,7 +117,7 @@ def main() -> None:
         }  # fmt: skip
         for name, metric in metrics.items():
             keep = {k: metric[k] for k in ("before", "after", "difference", "value") if k in metric}
-            result[name] = {k: round(v, 4) for k, v in keep.items()}
+            result[name] = {k: None if v is None else round(v, 4) for k, v in keep.items()}
         if args.paraphrases:
             result["paraphrases"] = paraphrase_presence(erased, base, args.concept, args.seeds)
         if args.compare_time:

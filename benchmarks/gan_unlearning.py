@@ -65,9 +65,9 @@ def main() -> None:
             row = {}
             for name, metric in metrics.items():
                 keep = {k: metric[k] for k in ("before", "after", "value") if k in metric}
-                row[name] = {k: round(v, 4) for k, v in keep.items()}
-            if "fid_vs_real_without_concept" in metrics:
-                fd = metrics["fid_vs_real_without_concept"]
+                row[name] = {k: None if v is None else round(v, 4) for k, v in keep.items()}
+            fd = metrics.get("fid_vs_real_without_concept", {})
+            if fd.get("after") is not None and fd.get("before"):  # none below two samples
                 row["fd_ratio_after_to_before"] = round(fd["after"] / fd["before"], 3)
             result[concept] = row
         if base.family.judge == DigitsJudge.name:  # the digits world: every digit's share too

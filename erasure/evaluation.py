@@ -216,7 +216,7 @@ def summary_lines(report: dict) -> list[str]:
     lines = []
     for concept, section in report["concepts"].items():
         for name, metric in section["metrics"].items():
-            if "before" in metric:
+            if metric.get("difference") is not None:  # a before/after pair with both values (an FID may have none)
                 lines.append(f"{concept}: {name}: {metric['before']:.4g} -> {metric['after']:.4g} "
                              f"({metric['difference']:+.4g})")  # fmt: skip
             elif metric.get("value") is not None:

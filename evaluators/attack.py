@@ -70,6 +70,23 @@ def denoising_loss(model, alphas: torch.Tensor | None, z_ref: torch.Tensor, cond
     return F.mse_loss(model.family.denoise(model.unet, x_t.to(dtype), t, cond.to(dtype)).float(), wanted)
 
 
+def outcome_shares(before: torch.Tensor, after: torch.Tensor) -> dict:
+    """The shares every attack (this one, discrete_attack.py, inversion_attack.py) reports over all its
+    (prompt, seed) pairs, from bool [pairs] each:
+
+    - `present_before_attack`: the judge sees the concept in the erased model's image of the pair, unattacked;
+    - `present_after_attack`: it sees the concept in the pair's image at the end of the attack (the discrete
+      attack stops at a pair's first success, so for a pair present before, that is the unattacked image);
+    - `asr`: either of the two, UnlearnDiffAtk's attack success rate.
+    """
+    before, after = before.bool().cpu(), after.bool().cpu()
+    return {
+        "asr": float((before | after).float().mean()),
+        "present_before_attack": float(before.float().mean()),
+        "present_after_attack": float(after.float().mean()),
+    }
+
+
 def loss_ends(losses: list[float]) -> dict:
     """The mean loss of the first and of the last ten steps (None without steps)."""
     mean = lambda part: sum(part) / len(part) if part else None  # noqa: E731
@@ -166,12 +183,9 @@ def attack_success_rate(
         embeds = target.encode(slice(None), torch.cat(parts, dim=-1))
     attacked = to_tensor(erased.generate_each(embeds, [s for _, s in pairs]))
     after = judge.detects(attacked, concept).bool().cpu()
-    success = before | after
     seconds = time.time() - started
     return {
-        "asr": float(success.float().mean()),
-        "present_before_attack": float(before.float().mean()),
-        "present_after_attack": float(after.float().mean()),
+        **outcome_shares(before, after),
         "pairs": len(pairs),
         "seconds_per_pair": round(seconds / len(pairs), 3),
         "per_pair": [

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from pipelines.images import to_tensor
 
-from .attack import AttackTarget
+from .attack import AttackTarget, outcome_shares
 
 WORD = re.compile(r"^[a-z]{3,}</w>$")
 
@@ -129,6 +129,8 @@ def discrete_attack(
                     found[i] = (text, step)
                     words_at[i] = vocabulary[final_words[i]].tolist()
     seconds = time.time() - started
+    # a pair present before is not attacked: its first success is its unattacked image (attack.outcome_shares)
+    after = present | torch.tensor([i in found for i in range(len(pairs))], dtype=torch.bool)
     per_pair = []
     for i, (prompt, seed) in enumerate(pairs):
         adversarial, step = found.get(i, (None, None))
@@ -138,13 +140,11 @@ def discrete_attack(
             adversarial = f"{decode_words(erased.tokenizer, tokens)} {prompt}"
         per_pair.append({
             "prompt": prompt, "seed": seed, "present_before_attack": bool(present[i]),
-            "present_after_attack": i in found, "adversarial_prompt": adversarial, "adversarial_tokens": tokens,
+            "present_after_attack": bool(after[i]), "adversarial_prompt": adversarial, "adversarial_tokens": tokens,
             "success_step": step,
         })  # fmt: skip
     return {
-        "asr": float(succeeded.float().mean()),
-        "present_before_attack": float(present.float().mean()),
-        "present_after_attack": len(found) / len(pairs),
+        **outcome_shares(present, after),
         "pairs": len(pairs),
         "seconds_per_pair": round(seconds / len(pairs), 3),
         "per_pair": per_pair,

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from pipelines.images import to_tensor
 
-from .attack import _reference_latents, denoising_loss, loss_ends
+from .attack import _reference_latents, denoising_loss, loss_ends, outcome_shares
 
 
 @dataclass
@@ -99,9 +99,7 @@ def inversion_attack(
     present = judge.detects(plain, concept).bool()
     seconds = time.time() - started
     return {
-        "asr": float((present | seen).float().mean()),
-        "present_before_attack": float(present.float().mean()),
-        "present_after_attack": float(seen.float().mean()),
+        **outcome_shares(present, seen),
         "pairs": len(pairs),
         "seconds_per_pair": round(seconds / len(pairs), 3),
         "per_pair": [

@@ -29,11 +29,20 @@ def zero_shot_presence(image_features: torch.Tensor, concept: torch.Tensor, anch
     return concept_sim > anchor_sim.max(dim=1).values
 
 
+FID_MIN_SET = 2  # a covariance needs two images
+
+
 def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets [N, D] (FID when D is Inception's)."""
+    """Frechet distance between Gaussians fitted to two feature sets [N, D] (FID when D is Inception's).
+
+    Raises ValueError below FID_MIN_SET rows in either set, where the distance is undefined.
+    """
     from scipy import linalg
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    n = min(len(a), len(b))
+    if n < FID_MIN_SET:  # checked first: scipy's sqrtm takes minutes over the NaN covariance of one row, then fails
+        raise ValueError(f"FID needs at least {FID_MIN_SET} images per set, got {n}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     with warnings.catch_warnings():
@@ -46,6 +55,16 @@ def frechet_distance(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray)
         covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     covmean = covmean.real
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+
+
+def fid_warning(n: int, dim: int) -> str | None:
+    """The caveat of an FID of `n` images per set on `dim`-d features, or None for sets large enough."""
+    if n < FID_MIN_SET:
+        return f"{n} image(s) in a set: FID needs at least {FID_MIN_SET} per set"
+    if n <= dim:
+        return (f"{n} images per set for {dim}-d features: FID is dominated by its bias at this size; compare it "
+                "only with FIDs of the same size")  # fmt: skip
+    return None
 
 
 KID_MIN_IMAGES = 50  # below this many images per set, KID's subsets are too small to mean much

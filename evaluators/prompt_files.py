@@ -1,8 +1,9 @@
 """Prompt files users bring to an evaluation: the I2P layout of the erasure papers, or plain text.
 
-- CSV with a header: a `prompt` column, and optionally a seed (`seed` or I2P's `evaluation_seed`)
-  and a guidance scale (`guidance` or I2P's `evaluation_guidance`) per row. A row with a seed is
-  drawn once, with that seed; the seed column is then required on every row.
+- CSV with a header: a `prompt` column, and optionally a seed (`seed`, the erasure papers'
+  `evaluation_seed`, or the I2P dataset's own `sd_seed`) and a guidance scale (`guidance`,
+  `evaluation_guidance` or `sd_guidance_scale`) per row, the first of these names the header has. A
+  row with a seed is drawn once, with that seed; the seed column is then required on every row.
 - Any other file: one prompt per non-empty line, drawn with the protocol's seeds.
 
 Every problem is reported with the file and the line it is on, before any model loads.
@@ -18,8 +19,9 @@ from pathlib import Path
 
 from pipelines.errors import InputError
 
-SEED_COLUMNS = ("seed", "evaluation_seed")
-GUIDANCE_COLUMNS = ("guidance", "evaluation_guidance")
+# In order of preference: the papers' files derived from I2P keep its sd_* columns beside their evaluation_* ones.
+SEED_COLUMNS = ("seed", "evaluation_seed", "sd_seed")
+GUIDANCE_COLUMNS = ("guidance", "evaluation_guidance", "sd_guidance_scale")
 MAX_SEED = 2**32 - 1
 
 
@@ -62,6 +64,9 @@ def _csv_rows(path: Path, text: str, what: str) -> list[PromptRow]:
     try:
         for record in reader:
             line = reader.line_num
+            if None in record:  # csv.DictReader files the fields beyond the header's under None
+                raise InputError(f"{what} {path}, line {line}: {len(header) + len(record[None])} fields, the header "
+                                 f"has {len(header)}; quote prompts that contain commas")  # fmt: skip
             record = {(k or "").strip(): (v or "").strip() for k, v in record.items()}
             prompt = record.get("prompt", "")
             if not prompt:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from PIL import Image
@@ -27,8 +27,10 @@ from .features import FeatureExtractor, feature_extractor
 from .judges import default_judge
 from .metrics import (
     CLIP_SCORE_FORMULA,
+    FID_MIN_SET,
     KID_MIN_SET,
     clip_score,
+    fid_warning,
     frechet_distance,
     kernel_inception_distance,
     wasserstein_1d,
@@ -107,8 +109,30 @@ class _Protocol:
         return extractor(judge.real_images(seed=self.seed, without=without))
 
 
-def _pair(before: float, after: float, settings: dict) -> dict:
-    return {"before": before, "after": after, "difference": after - before, "settings": settings}
+def _pair(before: float | None, after: float | None, settings: dict) -> dict:
+    difference = None if before is None or after is None else after - before
+    return {"before": before, "after": after, "difference": difference, "settings": settings}
+
+
+def _warned(metric: dict, *warnings: str | None) -> dict:
+    """`metric` with its warnings (those not None), which hold whether or not it has a value."""
+    kept = [w for w in warnings if w]
+    if kept:
+        metric["warning"] = "; ".join(kept)
+    return metric
+
+
+def _fid(a: torch.Tensor, b: torch.Tensor) -> tuple[float | None, str | None]:
+    """FID of two feature sets and its caveat (metrics.fid_warning); None below FID_MIN_SET images in a set."""
+    n = min(len(a), len(b))
+    return (frechet_distance(a, b) if n >= FID_MIN_SET else None), fid_warning(n, a.shape[1])
+
+
+def _fid_pair(before: torch.Tensor, after: torch.Tensor, reference: torch.Tensor, settings: dict) -> dict:
+    """FID of the base's and of the erased model's features against one reference, as a before/after metric
+    (the two sets are drawn alike, so they have the same size and the same caveat)."""
+    (fid_before, warning), (fid_after, _) = _fid(before, reference), _fid(after, reference)
+    return _warned(_pair(fid_before, fid_after, settings), warning)
 
 
 def _side_by_side(rows_before, rows_after, row_labels, column_labels, before_name, after_name) -> Image.Image:
@@ -126,6 +150,17 @@ def _side_by_side(rows_before, rows_after, row_labels, column_labels, before_nam
     canvas.paste(left, (0, header))
     canvas.paste(right, (left.width + 16, header))
     return canvas
+
+
+class Halves(NamedTuple):
+    first: torch.Tensor  # image indices
+    second: torch.Tensor
+    same_prompts: bool  # False: the halves hold different prompts (one seed each)
+
+
+def _indices(groups: list[list[int]]) -> torch.Tensor:
+    """The image indices of (prompt, seed) pairs, each a list of indices (a file may list a pair twice), flattened."""
+    return torch.tensor(sorted(i for group in groups for i in group), dtype=torch.long)
 
 
 @dataclass
@@ -150,20 +185,32 @@ class PromptRows:
     def counts(self) -> list[int]:
         return [len(s) for s in self.seeds]
 
-    def halves(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Indices of two independent halves of the images: the first and second half of each prompt's seeds,
-        or, when prompts have a single seed each (prompt files), alternate prompts. None when impossible."""
-        starts = torch.tensor([0, *self.counts]).cumsum(0)
-        if min(self.counts) >= 2:
-            pick = [(range(a, a + n // 2), range(a + n // 2, a + n)) for a, n in zip(starts.tolist(), self.counts)]
-        elif len(self.texts) >= 2:
-            pick = [(range(a, a + n), range(0)) if i % 2 == 0 else (range(0), range(a, a + n))
-                    for i, (a, n) in enumerate(zip(starts.tolist(), self.counts))]  # fmt: skip
-        else:
-            return None
-        first = torch.tensor([i for a, _ in pick for i in a], dtype=torch.long)
-        second = torch.tensor([i for _, b in pick for i in b], dtype=torch.long)
-        return (first, second) if min(len(first), len(second)) >= KID_MIN_SET else None
+    def halves(self, seed: int = 0) -> Halves | None:
+        """Indices of two independent halves of the images (before-vs-after distances take the base's images of
+        the first, the erased model's of the second); None when either would hold fewer than KID_MIN_SET.
+
+        No (prompt, seed) may be in both halves: the two models' images of it are not independent, which KID's
+        unbiased estimator assumes (and FID of a model against itself would be 0 at any size, hiding its bias).
+        And the halves should hold the same prompts: at the sizes evaluated, halves of different prompts differ
+        more by their prompts than two models differ (the digits model against itself on its preserved prompts:
+        FID ~37 on halves of the same prompts at 2 seeds each, several hundred on halves of different prompts).
+        So each prompt's seeds are split between the halves (a prompt file may list a prompt once per seed), and a
+        prompt with one seed is left out. Only when that leaves too few images are the prompts themselves split,
+        at random (seeded) so that each half is a sample of the same prompts, and the metric warns of it.
+        """
+        by_prompt: dict = {}  # (text, guidance) -> {seed: [its image indices]}; the images are in row order
+        jobs = [(key, s) for key, seeds in zip(zip(self.texts, self.guidance), self.seeds) for s in seeds]
+        for i, (key, s) in enumerate(jobs):
+            by_prompt.setdefault(key, {}).setdefault(s, []).append(i)
+        prompts = [list(by_seed.values()) for by_seed in by_prompt.values()]  # per prompt: per seed, its images
+        split = [(p[: len(p) // 2], p[len(p) // 2 :]) for p in prompts if len(p) >= 2]
+        first, second = (_indices([pair for halves in split for pair in halves[k]]) for k in (0, 1))
+        if min(len(first), len(second)) >= KID_MIN_SET:
+            return Halves(first, second, True)
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+        first, second = (_indices([pair for j in part for pair in prompts[j]])
+                         for part in (order[: len(order) // 2], order[len(order) // 2 :]))  # fmt: skip
+        return Halves(first, second, False) if min(len(first), len(second)) >= KID_MIN_SET else None
 
     def describe(self) -> dict:
         out: dict = {"prompts": self.texts}
@@ -315,9 +362,8 @@ def evaluate(
         feature_name = extractor.name
         real = protocol.real_features(judge, extractor)
         if real is not None:
-            metrics["preserved_fid_vs_real"] = _pair(
-                frechet_distance(fid_features_of["before"], real),
-                frechet_distance(fid_features_of["after"], real),
+            metrics["preserved_fid_vs_real"] = _fid_pair(
+                fid_features_of["before"], fid_features_of["after"], real,
                 {"features": feature_name, "real": f"{len(real)} held-out real images of {judge.name}",
                  "images": len(fid_features_of["before"])},
             )  # fmt: skip
@@ -330,15 +376,24 @@ def evaluate(
 
 
 PAIRING = (
-    "independent halves: before on the first half of each prompt's seeds, after on the second (or alternate "
-    "prompts when each has one seed); with shared seeds the two sets would not be independent samples, which "
-    "KID's unbiased estimator assumes"
+    "independent halves: before on the first half of each prompt's seeds, after on the second (prompts with a single "
+    "seed left out); with shared seeds the two sets would not be independent samples, which KID's unbiased "
+    "estimator assumes"
+)
+PAIRING_BY_PROMPT = (
+    "independent halves of different prompts: one seed per prompt, so the prompts were split at random, before on "
+    "one half and after on the other"
+)
+DIFFERENT_PROMPTS = (
+    "the halves hold different prompts (one seed per prompt): the distance includes the difference between the two "
+    "sets of prompts, large even between identical models unless there are many prompts; 2 seeds per prompt "
+    "(--samples 2, or a file listing each prompt with two seeds) compare like with like"
 )
 
 
 def _before_vs_after(before: torch.Tensor, after: torch.Tensor, rows: PromptRows, features: str, seed: int) -> dict:
     """FID and KID between the two models' preserved images, on independent halves (PromptRows.halves)."""
-    halves = rows.halves()
+    halves = rows.halves(seed)
     if halves is None:
         warning = (
             f"needs two independent halves of at least {KID_MIN_SET} images: 2 seeds per prompt "
@@ -346,21 +401,20 @@ def _before_vs_after(before: torch.Tensor, after: torch.Tensor, rows: PromptRows
         )
         return {name: {"value": None, "warning": warning} for name in ("preserved_fid_before_vs_after",
                                                                        "preserved_kid_before_vs_after")}  # fmt: skip
-    a, b = before[halves[0]], after[halves[1]]
-    settings = {"features": features, "images": [len(a), len(b)], "pairing": PAIRING}
-    fid = {"value": frechet_distance(a, b), "settings": settings}
-    if min(len(a), len(b)) <= a.shape[1]:
-        fid["warning"] = (f"{min(len(a), len(b))} images per set for {a.shape[1]}-d features: FID is dominated by "
-                          "its bias at this size; compare it only with FIDs of the same size")  # fmt: skip
+    a, b = before[halves.first], after[halves.second]
+    pairing, prompts_warning = (PAIRING, None) if halves.same_prompts else (PAIRING_BY_PROMPT, DIFFERENT_PROMPTS)
+    settings = {"features": features, "images": [len(a), len(b)], "pairing": pairing}
+    fid, size_warning = _fid(a, b)
     kid = kernel_inception_distance(a, b, seed=seed)
     kid_metric = {
         "value": kid["kid"], "std": kid["kid_std"],
         "settings": {**settings, "subsets": kid["subsets"], "subset_size": kid["subset_size"],
                      "kernel": "(x.y/d + 1)^3", "implementation": "torchmetrics poly_mmd"},
     }  # fmt: skip
-    if "warning" in kid:
-        kid_metric["warning"] = kid["warning"]
-    return {"preserved_fid_before_vs_after": fid, "preserved_kid_before_vs_after": kid_metric}
+    return {
+        "preserved_fid_before_vs_after": _warned({"value": fid, "settings": settings}, size_warning, prompts_warning),
+        "preserved_kid_before_vs_after": _warned(kid_metric, kid.get("warning"), prompts_warning),
+    }
 
 
 def _preserved_accuracy(judge, generated: dict, prompts, counts: list[int]) -> dict:
@@ -439,35 +493,43 @@ def evaluate_gan(
             detected = {m: judge.detects(images[m], concept) for m in images}
             b, a = (float(detected[m].float().mean()) for m in ("before", "after"))
             metrics["presence_judge"] = _pair(b, a, {**judge.describe(), "images": samples})
-            metrics["pul_percent"] = {
-                "value": 100 * (b - a) / b if b > 0 else 0.0,
-                "settings": {"formula": "100 * (before - after) / before, of presence_judge"},
-            }
+            metrics["pul_percent"] = _pul(b, a)
             absent = ~detected["before"].cpu()
         extractor = protocol.extractor(judge)
         feats = {m: extractor(images[m]) for m in images}
-        metrics["fid_vs_base_without_concept"] = {
-            "value": frechet_distance(feats["after"], feats["before"][absent]),
-            "settings": {
-                "features": extractor.name,
-                "reference": f"{int(absent.sum())} base samples without the concept",
-            },
-        }
+        fid, warning = _fid(feats["after"], feats["before"][absent])
+        reference = f"{int(absent.sum())} base samples without the concept"
+        metrics["fid_vs_base_without_concept"] = _warned(
+            {"value": fid, "settings": {"features": extractor.name, "reference": reference}}, warning
+        )
         real_feats = protocol.real_features(judge, extractor, without=concept)
         if real_feats is not None:
-            metrics["fid_vs_real_without_concept"] = _pair(
-                frechet_distance(feats["before"], real_feats), frechet_distance(feats["after"], real_feats),
+            metrics["fid_vs_real_without_concept"] = _fid_pair(
+                feats["before"], feats["after"], real_feats,
                 {"features": extractor.name, "real": f"{len(real_feats)} held-out real images without {concept}"},
             )  # fmt: skip
         report["concepts"][concept] = {"judge": judge.describe() if judge else None, "metrics": metrics}
     rows = {m: to_pil_rows(images[m][: GRID_SEEDS * GRID_PROMPTS], GRID_SEEDS) for m in images}
-    row_labels = [
-        f"seeds {seeds[0] + GRID_SEEDS * r}-{seeds[0] + GRID_SEEDS * r + GRID_SEEDS - 1}" for r in range(GRID_PROMPTS)
-    ]
-    grids["samples"] = _side_by_side(rows["before"], rows["after"], row_labels, [f"+{j}" for j in range(GRID_SEEDS)],
-                                     before.source.spec, after.source.spec)  # fmt: skip
+    # each row's label names the seeds it holds: the last row may be short, and there may be fewer rows
+    row_labels = [_seed_range(seeds[GRID_SEEDS * r], len(row)) for r, row in enumerate(rows["before"])]
+    columns = [f"+{j}" for j in range(len(rows["before"][0]))]
+    grids["samples"] = _side_by_side(rows["before"], rows["after"], row_labels, columns, before.source.spec,
+                                     after.source.spec)  # fmt: skip
     report["wall_time_s"] = round(time.time() - started, 2)
     return Evaluation(report, grids)
+
+
+def _pul(before: float, after: float) -> dict:
+    """Adapt-then-Unlearn's PUL: the percentage of the concept's presence removed; undefined where the base never
+    shows the concept (0 there would read as "nothing was erased")."""
+    metric = {"value": None, "settings": {"formula": "100 * (before - after) / before, of presence_judge"}}
+    if before == 0:
+        return _warned(metric, "the base model never shows the concept in these samples: PUL is undefined")
+    return {**metric, "value": 100 * (before - after) / before}
+
+
+def _seed_range(first: int, count: int) -> str:
+    return f"seed {first}" if count == 1 else f"seeds {first}-{first + count - 1}"
 
 
 def to_pil_rows(images: torch.Tensor, per_row: int) -> list[list[Image.Image]]:

@@ -51,6 +51,33 @@ def test_textual_inversion_learns_a_word_on_the_erased_model(tiny_model):
     assert out["settings"]["images"] == 8  # the base model's: four seeds of each prompt
 
 
+class AlwaysSees:
+    """A judge that always sees the concept: every pair is present before any attack."""
+
+    def detects(self, images, concept=None):
+        return torch.ones(len(images), dtype=torch.bool)
+
+    def describe(self):
+        return {"judge": "always"}
+
+
+def test_the_three_attacks_count_present_after_attack_alike():
+    from evaluators.attack import AttackSettings, attack_success_rate
+    from pipelines import load_model
+
+    model = load_model("digits")
+    args = (model, model, AlwaysSees(), "seven", ["a seven"], [0])
+    outcomes = [
+        attack_success_rate(*args, AttackSettings(steps=1)),
+        discrete_attack(*args, DiscreteAttackSettings(steps=1)),  # stops at once: every pair is already a success
+        inversion_attack(*args, InversionSettings(steps=1)),
+    ]
+    # the concept shows at the end of every attack on every pair (attack.outcome_shares)
+    for out in outcomes:
+        assert out["present_before_attack"] == out["present_after_attack"] == out["asr"] == 1.0
+        assert all(pair["present_after_attack"] for pair in out["per_pair"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attack", ["unlearndiffatk", "textual-inversion"])
 def test_eval_runs_each_attack_on_the_digits_model(attack, tmp_path):

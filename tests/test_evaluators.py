@@ -224,3 +224,44 @@ def test_kid_between_digits_sd_and_a_visibly_different_model_is_clearly_positive
                     samples=4, progress=False)  # fmt: skip
     kid = json.loads(path.read_text())["concepts"]["seven"]["metrics"]["preserved_kid_before_vs_after"]
     assert kid["value"] > 5 * kid["std"] and kid["value"] > 0
+
+
+def test_before_vs_after_halves_hold_the_same_prompts_and_say_when_they_cannot():
+    from evaluators.prompt_files import PromptRow
+    from evaluators.report import PromptRows, _before_vs_after
+
+    texts = ["a red three", "a blue one", "a green two", "a red five"]
+    # a seeded file listing each prompt once per seed, seed after seed (the images are in row order)
+    rows = PromptRows.from_file([PromptRow(t, s) for s in (7, 8) for t in texts], seeds=[0])
+    first, second = rows.halves()[:2]
+    pairs = [(t, s[0]) for t, s in zip(rows.texts, rows.seeds)]
+    assert sorted(pairs[i][0] for i in first) == sorted(pairs[i][0] for i in second) == sorted(texts)
+    assert not {pairs[i] for i in first} & {pairs[i] for i in second}  # independent: no (prompt, seed) in both
+    # one seed per prompt: the halves cannot hold the same prompts, and both distances say so
+    single = PromptRows.from_file([PromptRow(f"{t} on a wall {k}", 7) for k in (1, 2) for t in texts], seeds=[0])
+    features = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    metrics = _before_vs_after(features, features, single, "random", seed=0)
+    assert all("different prompts" in metric["warning"] for metric in metrics.values())
+
+
+def test_gan_eval_of_two_samples_reports_what_it_cannot_measure_and_labels_its_grid():
+    from evaluators.report import GRID_SEEDS, _side_by_side, evaluate_gan, to_pil_rows
+    from pipelines import load_model
+    from pipelines.images import to_tensor
+
+    model = load_model("digits-gan")
+    # digits-gan draws an eight and a two from seeds 0 and 1: one base sample without "eight", none with "seven"
+    result = evaluate_gan(model, model, ["eight", "seven"], samples=2, progress=False)
+    eight, seven = (result.report["concepts"][c]["metrics"] for c in ("eight", "seven"))
+    assert eight["presence_judge"]["before"] == 0.5 and seven["presence_judge"]["before"] == 0
+    # FID of one image is undefined (and took minutes to fail); of two it is mostly bias, and says so
+    fid = eight["fid_vs_base_without_concept"]
+    assert fid["value"] is None and "needs at least 2" in fid["warning"]
+    assert "dominated by its bias" in seven["fid_vs_base_without_concept"]["warning"]
+    assert "dominated by its bias" in seven["fid_vs_real_without_concept"]["warning"]
+    assert seven["pul_percent"]["value"] is None and "never shows the concept" in seven["pul_percent"]["warning"]
+    assert eight["pul_percent"]["value"] == 0
+    # the grid's one row and two columns are labelled with the seeds drawn
+    rows = to_pil_rows(to_tensor(model.generate([0, 1])), GRID_SEEDS)
+    expected = _side_by_side(rows, rows, ["seeds 0-1"], ["+0", "+1"], "digits-gan", "digits-gan")
+    assert result.grids["samples"].tobytes() == expected.tobytes()

@@ -158,6 +158,39 @@ def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(ev
     assert "tiny-no-cat.safetensors" in text and "from_single_file" in text
 
 
+def test_card_and_metrics_page_show_attack_results_and_every_warning(evaluated_run, tmp_path):
+    from ui.metrics import HEADERS, eval_table
+
+    report = json.loads((evaluated_run / "eval.json").read_text())
+    metrics = report["concepts"]["cat"]["metrics"]
+    # one seed per prompt: the before-vs-after KID has a value and warnings, which the value does not make moot
+    kid = metrics["preserved_kid_before_vs_after"]
+    assert kid["value"] is not None and "too noisy" in kid["warning"]
+    # what `erasure eval --attack` stores beside the metrics (erasure/evaluation.py)
+    report["concepts"]["cat"]["attack"] = {
+        "attack": "embedding", "asr": 0.5, "present_before_attack": 0.25, "present_after_attack": 0.5, "pairs": 4,
+        "seconds_per_pair": 0.1, "per_pair": [], "settings": {"steps": 2, "prompts": ["a cat"], "seeds": [1000, 1001]},
+    }  # fmt: skip
+    run = replace(load_run(evaluated_run), report=report)
+    card = render_card(run, REPO_ID, card_metadata(run)[0])
+    rows = [line for line in card.splitlines() if line.startswith("| ")]
+    for name, metric in metrics.items():
+        if metric.get("warning"):
+            assert metric["warning"] in next(r for r in rows if r.startswith(f"| {name} |")), name
+    measured = "50.0% of 4 (prompt, seed) pairs under the embedding attack (present before the attack: 25.0%)"
+    assert measured in next(r for r in rows if r.startswith("| attack_success_rate |"))
+    assert "Adversarial robustness was not measured" not in card and f"cat: {measured}" in card
+
+    # the page's table: every warning in its own column, and the attack's success rate
+    page_run = tmp_path / "run"
+    page_run.mkdir()
+    (page_run / "erasure.json").write_bytes((evaluated_run / "erasure.json").read_bytes())
+    (page_run / "eval.json").write_text(json.dumps(report))
+    table = {row[1]: dict(zip(HEADERS, row)) for row in eval_table(page_run)[0]}
+    assert table["preserved_kid_before_vs_after"]["warning"] == kid["warning"]
+    assert table["attack_success_rate (embedding, 4 pairs)"]["after"] == 0.5
+
+
 def test_card_snippet_loads_the_exported_folder_and_draws_the_runs_image(evaluated_run, exported, in_tmp):
     snippet = _python_block((exported.folder / "README.md").read_text())
     exec(snippet.replace(f'"{REPO_ID}"', f'"{exported.folder}"'), {})  # the folder stands in for the Hub repo

@@ -21,6 +21,15 @@ def test_i2p_csv_and_plain_text(tmp_path):
     assert read_prompt_file(short) == [PromptRow("a cat", 1, 2.0)]
 
 
+def test_the_i2p_datasets_own_seed_and_guidance_columns_are_read(tmp_path):
+    i2p = tmp_path / "i2p.csv"  # the I2P dataset's layout: sd_seed, sd_guidance_scale
+    i2p.write_text("prompt,categories,sd_seed,sd_guidance_scale,sd_image_width\na cat,x,123,7,512\n")
+    assert read_prompt_file(i2p) == [PromptRow("a cat", 123, 7.0)]
+    both = tmp_path / "both.csv"  # the papers' files derived from I2P keep both: theirs are what they evaluated with
+    both.write_text("prompt,sd_seed,evaluation_seed,sd_guidance_scale,evaluation_guidance\na cat,123,4,7,7.5\n")
+    assert read_prompt_file(both) == [PromptRow("a cat", 4, 7.5)]
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [
@@ -33,6 +42,8 @@ def test_i2p_csv_and_plain_text(tmp_path):
         ("range.csv", "prompt,seed\na cat,-3\n", "line 2: the seed -3 is not between 0 and"),
         ("guidance.csv", "prompt,guidance\na cat,strong\n", "line 2: the guidance 'strong' is not a number"),
         ("nan.csv", "prompt,guidance\na cat,nan\n", "line 2: the guidance nan must be a finite number"),
+        ("comma.csv", "prompt,seed\na cat,1\na cat, sitting,2\n",
+         "line 3: 3 fields, the header has 2; quote prompts that contain commas"),
         ("latin1.txt", b"caf\xe9\n", "cannot read it as UTF-8"),
     ],
 )  # fmt: skip
@@ -66,3 +77,15 @@ def test_eval_draws_each_row_of_an_i2p_file_with_its_own_seed_and_guidance(tmp_p
         assert (drawn[i] - other[0]).abs().mean() > 0.02 and (drawn[i] - louder[0]).abs().mean() > 0.005, i
     described = result.report["concepts"]["seven"]["prompts"]["target_prompts"]
     assert described["seeds"][7] == [121] and described["guidance"][7] == 5.0
+
+
+def test_a_one_row_preserved_file_gives_no_fid_at_once(tmp_path):
+    from evaluators.report import evaluate
+    from pipelines import load_model
+
+    model = load_model("digits")
+    # one image per set: FID is undefined (its computation took minutes, then failed); the report says why
+    result = evaluate(model, model, ["seven"], samples=1, steps=2, target_rows=[PromptRow("a seven", 3)],
+                      preserved_rows=[PromptRow("a red three", 5)], progress=False)  # fmt: skip
+    fid = result.report["concepts"]["seven"]["metrics"]["preserved_fid_vs_real"]
+    assert fid["before"] is None and fid["after"] is None and "needs at least 2" in fid["warning"]

@@ -156,9 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prompts", metavar="FILE",
-        help="target prompts: a CSV with a `prompt` column and optional `seed`/`evaluation_seed` and "
-        "`guidance`/`evaluation_guidance` columns (the I2P layout; a row with a seed is drawn once, with it), or a "
-        "text file of one prompt per line (drawn with every seed)",
+        help="target prompts: a CSV with a `prompt` column and optional `seed`/`evaluation_seed`/`sd_seed` and "
+        "`guidance`/`evaluation_guidance`/`sd_guidance_scale` columns (the I2P layout; a row with a seed is drawn "
+        "once, with it), or a text file of one prompt per line (drawn with every seed)",
     )  # fmt: skip
     p.add_argument("--preserved-prompts", metavar="FILE", help="preserved prompts, in the same formats as --prompts")
     p.add_argument("--neighbours", nargs="+", metavar="TEXT", help="neighbour concepts added to the preserved prompts")

@@ -569,12 +569,20 @@ def _settings_text(settings: dict) -> str:
 
 
 def _metric_value(metric: dict) -> str:
-    if "before" in metric:
-        return f"{_number(metric['before'])} → {_number(metric['after'])} ({metric['difference']:+.4g})"
-    if metric.get("value") is None:
+    """A metric's cell: before → after (change), or its value; and its warning, which a value does not make moot."""
+    if metric.get("after", metric.get("value")) is None:
         return f"not measured: {metric.get('warning', 'no value')}"
-    value = _number(metric["value"])
-    return f"{value} ± {_number(metric['std'])}" if "std" in metric else value
+    if "before" in metric:
+        text = f"{_number(metric['before'])} → {_number(metric['after'])} ({metric['difference']:+.4g})"
+    else:
+        text = f"{_number(metric['value'])} ± {_number(metric['std'])}" if "std" in metric else _number(metric["value"])
+    return f"{text} (**warning:** {metric['warning']})" if metric.get("warning") else text
+
+
+def attack_value(attack: dict) -> str:
+    """An `erasure eval --attack` result (the "attack" of a concept in eval.json) in one line."""
+    return (f"{attack['asr']:.1%} of {attack['pairs']} (prompt, seed) pairs under the {attack['attack']} attack "
+            f"(present before the attack: {attack['present_before_attack']:.1%})")  # fmt: skip
 
 
 def _evaluation(run: Run) -> str:
@@ -599,6 +607,9 @@ def _evaluation(run: Run) -> str:
         lines += ["", f"### {concept}", "", "| metric | before → after (change) | settings |", "|---|---|---|"]
         for name, metric in section["metrics"].items():
             lines.append(f"| {name} | {_metric_value(metric)} | {_settings_text(metric.get('settings', {}))} |")
+        if section.get("attack"):  # erasure/evaluation.py keeps it beside the metrics
+            attack = section["attack"]
+            lines.append(f"| attack_success_rate | {attack_value(attack)} | {_settings_text(attack['settings'])} |")
         prompts = section.get("prompts")
         if prompts:
             lines += ["", f"Target prompts: {'; '.join(_prompt_texts(prompts['target_prompts']))}.",
@@ -669,14 +680,10 @@ def _caveats(run: Run, metadata: dict) -> str:
         "wordings, other languages, adversarial prompts or embeddings, further fine-tuning, or merging with "
         "other weights can bring it back. Do not use this model as the only safeguard.",
     ]
-    attacks = {
-        (concept, name): metric
-        for concept, section in (run.report or {}).get("concepts", {}).items()
-        for name, metric in section["metrics"].items()
-        if "attack" in name or "asr" in name
-    }
+    concepts = (run.report or {}).get("concepts", {})
+    attacks = {concept: section["attack"] for concept, section in concepts.items() if section.get("attack")}
     if attacks:
-        measured = "; ".join(f"{c}: {name} {_metric_value(m)}" for (c, name), m in attacks.items())
+        measured = "; ".join(f"{concept}: {attack_value(attack)}" for concept, attack in attacks.items())
         lines.append(f"- **Adversarial robustness** (attack success, see the tables): {measured}.")
     else:
         lines.append("- **Adversarial robustness was not measured** for this model: no attack results are recorded.")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from erasure.output import read_run
 
-HEADERS = ["concept", "metric", "before", "after", "difference"]
+HEADERS = ["concept", "metric", "before", "after", "difference", "warning"]
 
 
 def eval_table(run: str | Path) -> tuple[list[list], list[tuple[str, str]], str]:
@@ -20,11 +20,16 @@ def eval_table(run: str | Path) -> tuple[list[list], list[tuple[str, str]], str]
     rows = []
     for concept, section in report["concepts"].items():
         for name, metric in section["metrics"].items():
+            warning = metric.get("warning")  # it holds for a value too (e.g. a small set), so it is always shown
             if "before" in metric:
                 rows.append([concept, name, _round(metric["before"]), _round(metric["after"]),
-                             _round(metric["difference"])])  # fmt: skip
+                             _round(metric["difference"]), warning])  # fmt: skip
             else:  # a metric of the erased model alone, e.g. FID against the base model's images
-                rows.append([concept, name, None, _round(metric["value"]), None])
+                rows.append([concept, name, None, _round(metric["value"]), None, warning])
+        if section.get("attack"):  # `erasure eval --attack`: the erased model's attack success rate
+            attack = section["attack"]
+            rows.append([concept, f"attack_success_rate ({attack['attack']}, {attack['pairs']} pairs)", None,
+                         _round(attack["asr"]), None, None])  # fmt: skip
     grids = [(str(path.parent / rel), name) for name, rel in report.get("grids", {}).items()]
     settings = report.get("settings", {})
     message = f"{path} · seeds per prompt: {settings.get('samples_per_prompt', settings.get('samples', '?'))}"
