@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipelines.errors import InputError
@@ -133,6 +134,7 @@ def run_eval(
                 clip,
                 progress,
                 attack_images,
+                file_prompts=[row.text for row in prompt_options["target_rows"] or ()],
             )
     if manifest is not None:
         result.report["run"] = {"method": manifest["method"], "config": manifest["config"], "seed": manifest["seed"]}
@@ -179,12 +181,15 @@ def _check_attack(attack: str, source, prompts: int | None, seeds: int, steps: i
 
 
 def run_attack(attack: str, after, before, concept: str, prompts: int | None, seeds: int, steps: int, clip,
-            progress: bool, images=None) -> dict:  # fmt: skip
+            progress: bool, images=None, file_prompts: Sequence[str] = ()) -> dict:  # fmt: skip
     """Attack the erased model (evaluators/attack.py, discrete_attack.py, inversion_attack.py); the base
-    model's images are the references."""
+    model's images are the references. The prompts attacked are the first `prompts` of the `--prompts` file
+    (`file_prompts`, each once) when one was given, else of the concept's built-in target prompts; each with the
+    attack's own seeds, apart from the evaluation's."""
     from evaluators.detect import ConceptDetector
 
-    targets = before.family.prompt_set(concept).target[:prompts]
+    targets = list(dict.fromkeys(file_prompts)) or before.family.prompt_set(concept).target
+    targets = targets[:prompts]
     detector = ConceptDetector(concept, before.family, str(after.device), clip)
     seeds_used = list(range(ATTACK_SEED_OFFSET, ATTACK_SEED_OFFSET + seeds))
     if attack == "embedding":

@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="textual-inversion: images of the concept to learn the word from (default: the base model's)",
     )  # fmt: skip
     p.add_argument(
-        "--attack-prompts", type=number(int, COUNT), metavar="N", help="target prompts to attack (default: all)"
+        "--attack-prompts", type=number(int, COUNT), metavar="N",
+        help="target prompts to attack, the first N of --prompts or of the built-in ones (default: all)",
     )
     p.add_argument(
         "--attack-seeds", type=number(int, COUNT), metavar="K", help="seeds per prompt (default: 5)"
