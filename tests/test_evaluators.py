@@ -39,6 +39,11 @@ def test_kid_is_the_unbiased_mmd_estimate_on_subsets_smaller_than_the_sets():
     assert abs(same["kid"]) < 2 * same["kid_std"] and "warning" not in same
     shifted = kernel_inception_distance(rng.normal(size=(400, 5)), rng.normal(size=(400, 5)) + 1, subsets=50)
     assert shifted["kid"] > 10 * shifted["kid_std"]
+    # sets of different sizes: subsets of half the smaller, and the same verdicts
+    uneven = kernel_inception_distance(rng.normal(size=(120, 5)), rng.normal(size=(400, 5)), subsets=50)
+    assert uneven["subset_size"] == 60 and abs(uneven["kid"]) < 2 * uneven["kid_std"]
+    uneven_shifted = kernel_inception_distance(rng.normal(size=(400, 5)), rng.normal(size=(120, 5)) + 1, subsets=50)
+    assert uneven_shifted["subset_size"] == 60 and uneven_shifted["kid"] > 4 * uneven_shifted["kid_std"]
 
 
 def test_clip_score_and_presence_math():
