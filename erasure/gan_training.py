@@ -232,9 +232,30 @@ def real_batch(images: torch.Tensor, batch: int, run: RunContext) -> torch.Tenso
 def sample_pool(gan, count: int, batch: int = 250) -> torch.Tensor:
     """`count` samples of the generator ([count, 3, S, S] in [0, 1], on the CPU) from the fixed
     latent seeds POOL_SEED_OFFSET + i, with the generator's fixed noise."""
+    check_pool_memory(count, gan.generator.config.size)
     seeds = range(POOL_SEED_OFFSET, POOL_SEED_OFFSET + count)
     chunks = [gan.images(gan.latents(seeds[i : i + batch])).cpu() for i in range(0, count, batch)]
     return torch.cat(chunks)
+
+
+def check_pool_memory(count: int, size: int, available: int | None = None) -> None:
+    """Refuse, before drawing, a pool the host cannot hold: it is kept as float images (at 1024 px the default pool
+    of 2,000 takes 25 GB), and running out of memory would end the run minutes later without a word."""
+    needed = count * 3 * size * size * 4
+    available = available_host_memory() if available is None else available
+    if available is not None and needed > 0.8 * available:
+        raise InputError(f"a pool of {count} samples at {size} px takes {needed / 2**30:.1f} GiB of host memory, "
+                         f"and {available / 2**30:.1f} GiB is available: lower it with --set pool=N")  # fmt: skip
+
+
+def available_host_memory() -> int | None:
+    """Bytes of host memory available (Linux's MemAvailable), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def split_pool(images: torch.Tensor, detected: torch.Tensor, negatives: int | None, positives: int, concept: str,

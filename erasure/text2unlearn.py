@@ -34,7 +34,7 @@ from evaluators.detect import ConceptDetector
 from pipelines.errors import InputError
 
 from .config import MethodConfig
-from .gan_training import POOL_SEED_OFFSET, sample_pool
+from .gan_training import POOL_SEED_OFFSET, check_pool_memory, sample_pool
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 MAPPER_STEP = 0.1  # StyleCLIP's w + 0.1 M(w)
@@ -288,6 +288,7 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
 
     family = model.family
     run.check_divisible("half the batch_size", config.batch_size // 2)
+    check_pool_memory(config.pool, model.generator.config.size)  # before its codes are drawn, one seed at a time
     device = run.torch_device
     model.to(device)
     clip = load_clip(config.clip or family.default_clip, str(device))

@@ -148,6 +148,21 @@ def test_bad_values_are_refused():
             build_config("text2unlearn", "digits", sets)
 
 
+def test_a_pool_the_host_cannot_hold_is_refused_before_it_is_drawn(tmp_path):
+    from erasure.gan_training import available_host_memory, check_pool_memory
+
+    check_pool_memory(2000, 32, available=2**30)  # digits-gan's pool: 25 MB
+    with pytest.raises(InputError, match=r"pool of 2000 samples at 1024 px takes 23.4 GiB .* --set pool=N"):
+        check_pool_memory(2000, 1024, available=16 * 2**30)
+    if available_host_memory() is None:
+        pytest.skip("this host does not say how much memory it has")
+    # 10^7 renders of 32 px are 123 GB: refused through the real run at once, nothing left behind
+    with pytest.raises(InputError, match="lower it with --set pool=N"):
+        erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "run", sets=[*FAST, "pool=10000000"],
+              progress=False)  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
 def test_wasserstein_1d():
     a = torch.tensor([0.0, 1.0, 2.0, 3.0])
     assert wasserstein_1d(a, a) == 0.0
