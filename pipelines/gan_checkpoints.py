@@ -37,6 +37,7 @@ import json
 import math
 import pickle
 import re
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -330,7 +331,10 @@ class RestrictedUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError("refused a storage that is not serialized bytes")
         if id(data) in self.storages:
             return self.storages[id(data)][1]
-        reason = zip_refusal(io.BytesIO(data))
+        try:
+            reason = zip_refusal(io.BytesIO(data))
+        except zipfile.BadZipFile as exc:
+            raise pickle.UnpicklingError(f"a serialized storage is damaged ({exc})") from None
         if reason:
             raise pickle.UnpicklingError(f"refused a serialized storage ({reason})")
         storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

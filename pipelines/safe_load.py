@@ -32,7 +32,7 @@ def load_tensors(source: str | Path | Any, name: str, allowed_globals: Iterable[
                 reason = zip_refusal(file)
         else:
             reason = zip_refusal(source)
-    except OSError as exc:
+    except (OSError, zipfile.BadZipFile) as exc:  # BadZipFile: a damaged file (a full disk cuts one short)
         raise InputError(f"cannot read {name}: {exc}") from None
     if reason:
         raise InputError(f"refused to load {name}: {reason}")
@@ -49,7 +49,8 @@ def load_tensors(source: str | Path | Any, name: str, allowed_globals: Iterable[
 
 
 def zip_refusal(file: BinaryIO) -> str | None:
-    """Why torch.load must not open this zip-format file, or None (also for files in torch's older format).
+    """Why torch.load must not open this zip-format file, or None (also for files in torch's older format);
+    zipfile.BadZipFile for one whose zip directory cannot be read (damaged, or not a zip after all).
 
     torch.save stores its entries uncompressed, while torch's reader inflates compressed ones to the size they
     declare: a file of kilobytes could take gigabytes before anything else is checked. Only the zip directory is
@@ -64,8 +65,8 @@ def zip_refusal(file: BinaryIO) -> str | None:
         try:
             with zipfile.ZipFile(file) as archive:
                 entries = archive.infolist()
-        except (zipfile.BadZipFile, ValueError, EOFError) as exc:
-            return f"not a readable zip archive ({exc})"
+        except (zipfile.BadZipFile, ValueError, EOFError) as exc:  # not opened: torch's reader would fail too
+            raise zipfile.BadZipFile(f"not a readable zip archive ({exc})") from None
     finally:
         file.seek(start)
     if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):

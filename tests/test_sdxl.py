@@ -283,7 +283,8 @@ def _test_sets(key: str, images) -> list[str]:
     method, _, extra = key.partition("+")
     settings = {**METHODS[method].test_settings}
     if method == "fewshot":  # no offline CLIP for a real-world family's stopping rule: the fixed number of updates
-        settings.update(images=str(images), stop_below=None)
+        # (and a step that moves the token rows of a tiny random encoder enough to change a 16-px picture)
+        settings.update(images=str(images), stop_below=None, lr=1e-2)
     return [f"{k}={'none' if v is None else v}" for k, v in settings.items()] + ([extra] if extra else [])
 
 
