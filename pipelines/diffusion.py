@@ -19,6 +19,7 @@ from .errors import InputError
 from .images import decode_latents
 from .loading import ModelSource, check_safetensors
 from .logs import quiet_libraries
+from .safe_load import check_torch_file
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 # Sampling defaults for checkpoints that carry no erasure_model.json (real Stable Diffusion).
@@ -401,6 +402,8 @@ def _load_single_file(pipeline, path: Path, config: str | Path | None, dtype: to
 
     if path.suffix == ".safetensors":
         check_safetensors(path)
+    else:  # torch.load (diffusers', then ours) would inflate compressed entries before reading anything
+        check_torch_file(path, str(path))
     if config is None:
         config = _shipped_config_for(path)
     config = Path(config)

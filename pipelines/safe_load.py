@@ -26,16 +26,7 @@ def load_tensors(source: str | Path | Any, name: str, allowed_globals: Iterable[
     """Load `source` (a path or a file object) with `weights_only=True`; `name` names it in errors."""
     import torch
 
-    try:
-        if isinstance(source, (str, Path)):
-            with open(source, "rb") as file:
-                reason = zip_refusal(file)
-        else:
-            reason = zip_refusal(source)
-    except (OSError, zipfile.BadZipFile) as exc:  # BadZipFile: a damaged file (a full disk cuts one short)
-        raise InputError(f"cannot read {name}: {exc}") from None
-    if reason:
-        raise InputError(f"refused to load {name}: {reason}")
+    check_torch_file(source, name)
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
             return torch.load(source, map_location="cpu", weights_only=True)
@@ -46,6 +37,20 @@ def load_tensors(source: str | Path | Any, name: str, allowed_globals: Iterable[
         ) from None
     except Exception as exc:
         raise InputError(f"cannot read {name}: {refusal_reason(exc)}") from None
+
+
+def check_torch_file(source: str | Path | BinaryIO, name: str) -> None:
+    """Refuse, in one line, a file torch.load must not open (`zip_refusal`) or cannot read."""
+    try:
+        if isinstance(source, (str, Path)):
+            with open(source, "rb") as file:
+                reason = zip_refusal(file)
+        else:
+            reason = zip_refusal(source)
+    except (OSError, zipfile.BadZipFile) as exc:  # BadZipFile: a damaged file (a full disk cuts one short)
+        raise InputError(f"cannot read {name}: {exc}") from None
+    if reason:
+        raise InputError(f"refused to load {name}: {reason}")
 
 
 def zip_refusal(file: BinaryIO) -> str | None:

@@ -61,6 +61,28 @@ def test_single_file_checkpoint_loads_to_the_same_model(tiny_model, tiny_pipelin
     assert _same(tiny_model.generate(["a cat"], [0], steps=3)[0], loaded.generate(["a cat"], [0], steps=3)[0])
 
 
+def test_a_ckpt_loads_and_a_compressed_one_is_refused_before_torch_inflates_it(tiny_model, tiny_pipeline_dir,
+                                                                             tmp_path):  # fmt: skip
+    import io
+    import zipfile
+
+    from safetensors.torch import load_file
+
+    save_single_file(tiny_model, tmp_path / "tiny.safetensors")
+    torch.save({"state_dict": load_file(str(tmp_path / "tiny.safetensors"))}, tmp_path / "tiny.ckpt")
+    loaded = load_model(str(tmp_path / "tiny.ckpt"), single_file_config=tiny_pipeline_dir)
+    assert loaded.source.origin == "single-file" and loaded.family.name == "sd1"
+    assert _same(tiny_model.generate(["a cat"], [0], steps=3)[0], loaded.generate(["a cat"], [0], steps=3)[0])
+    # the same archive with deflated entries (torch.save never writes them; torch.load inflates whatever they declare)
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(tmp_path / "tiny.ckpt") as original, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as z:
+        for name in original.namelist():
+            z.writestr(name, original.read(name))
+    (tmp_path / "deflated.ckpt").write_bytes(deflated.getvalue())
+    with pytest.raises(InputError, match=r"refused to load .*deflated\.ckpt: it holds compressed entries"):
+        load_model(str(tmp_path / "deflated.ckpt"), single_file_config=tiny_pipeline_dir)
+
+
 def test_swapped_text_encoder_changes_outputs_and_survives_save(tiny_model, tmp_path):
     before = tiny_model.generate(["a cat"], [0, 1], steps=3)[0]
     tiny_model.replace("text_encoder", tiny_text_encoder(seed=7))

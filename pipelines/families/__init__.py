@@ -79,6 +79,9 @@ def _single_file_keys(path: Path) -> list[str]:
             return list(f.keys())
     import torch
 
+    from ..safe_load import check_torch_file
+
+    check_torch_file(path, str(path))  # compressed entries would be inflated before anything is read
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # torch's legacy (pre-zip) format cannot be mapped: read it whole
