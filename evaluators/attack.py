@@ -50,22 +50,15 @@ def _reference_latents(model, images: torch.Tensor) -> torch.Tensor:
     return torch.cat(latents)
 
 
-def denoising_loss(model, alphas: torch.Tensor | None, z_ref: torch.Tensor, cond: torch.Tensor,
-                   timesteps: tuple[int, int], g: torch.Generator) -> torch.Tensor:  # fmt: skip
+def denoising_loss(model, z_ref: torch.Tensor, cond: torch.Tensor, timesteps: tuple[int, int],
+                   g: torch.Generator) -> torch.Tensor:  # fmt: skip
     """The erased model as a diffusion classifier: how well it denoises the reference latents under `cond`
-    (its prediction against the noise, or against v for a v-prediction model; for a flow-matching model,
-    `alphas` None, its velocity against the family's)."""
+    (its prediction against what the family's forward process says it should predict: the noise, v, or a flow
+    model's velocity)."""
     device = z_ref.device
     t = torch.randint(*timesteps, (len(z_ref),), generator=g).to(device)
     noise = torch.randn(z_ref.shape, generator=g).to(device)
-    if alphas is None:
-        x_t, wanted = model.family.noised(model, z_ref, noise, t)
-    else:
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * z_ref + (1 - a).sqrt() * noise
-        wanted = noise
-        if model.scheduler.config.prediction_type == "v_prediction":
-            wanted = a.sqrt() * noise - (1 - a).sqrt() * z_ref
+    x_t, wanted = model.family.noised(model, z_ref, noise, t)
     dtype = model.unet.dtype  # a half-precision model denoises in its precision; the loss is taken in float32
     return F.mse_loss(model.family.denoise(model.unet, x_t.to(dtype), t, cond.to(dtype)).float(), wanted)
 
@@ -135,7 +128,7 @@ class AttackTarget:
             latents = self.erased.family.one_step(unet, self.alphas, self.erased.t_init, self.z_seeds[rows], cond,
                                                   prediction)  # fmt: skip
             return F.mse_loss(latents, self.z_ref[rows])
-        return denoising_loss(self.erased, self.alphas, self.z_ref[rows], cond, timesteps, g)
+        return denoising_loss(self.erased, self.z_ref[rows], cond, timesteps, g)
 
     def encode(self, rows, words: torch.Tensor) -> torch.Tensor:
         """The conditioning of `rows` of the pairs' prompts with free `words` inserted after the start token."""

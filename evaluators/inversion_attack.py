@@ -70,7 +70,6 @@ def inversion_attack(
     encoder = family.text_tower(erased)
     encoder.requires_grad_(False)
     erased.unet.requires_grad_(False)
-    alphas = erased.scheduler.alphas_cumprod.to(device)
     with torch.no_grad():
         vocab = family.vocabulary(erased, encoder)
         rms = vocab.pow(2).mean().sqrt()
@@ -84,7 +83,7 @@ def inversion_attack(
     for _ in tqdm(range(settings.steps), desc=f"textual inversion {concept}", disable=not progress):
         rows = torch.randint(len(z_ref), (min(settings.batch_size, len(z_ref)),), generator=g).to(device)
         cond = family.encode_inserted(erased, encoder, train_ids[rows], word)
-        loss = denoising_loss(erased, alphas, z_ref[rows], cond, settings.timesteps, g)
+        loss = denoising_loss(erased, z_ref[rows], cond, settings.timesteps, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -103,15 +103,14 @@ class StableDiffusionFamily(Family):
         self, model, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, what the denoiser should predict there): the model's forward process at timesteps `t` (eps, or v on
-        a v-prediction model)."""
-        # DDPM's, not the model's own scheduler: a sampler such as SDXL's Euler noises to x0 + sigma * noise,
-        # which the UNet never sees (it takes the scaled input), and PNDM has no get_velocity
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_config(model.scheduler.config)
-        noisy = scheduler.add_noise(x0, noise, t)
-        v = scheduler.config.prediction_type == "v_prediction"
-        return noisy, scheduler.get_velocity(x0, noise, t) if v else noise
+        a v-prediction model), from the schedule's alphas_cumprod. Not the model's own scheduler's add_noise: a
+        sampler such as SDXL's Euler noises to x0 + sigma * noise, which the UNet never sees (it takes the scaled
+        input), and PNDM has no get_velocity."""
+        abar = model.scheduler.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, *[1] * (x0.dim() - 1))
+        noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        if model.scheduler.config.prediction_type == "v_prediction":
+            return noisy, abar.sqrt() * noise - (1 - abar).sqrt() * x0
+        return noisy, noise
 
     def sampling_scheduler(self, model, steps: int, device):
         """A fresh DDIM scheduler with the model's noise schedule, set to `steps` (the model's own is untouched):
