@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The GPU figures of issues 39 (speed, memory), 40 (SDXL) and 41 (FLUX) for a session lent a device machine
-# (15 minutes of device time in all, at most 10 minutes a command), run from the repository root:
+# The GPU figures of issues 39 (speed, memory), 40 (SDXL) and 41 (FLUX) for a session lent a device machine,
+# run from the repository root (device tool: carry [".wheels"]). A session has 15 minutes of device time in all,
+# the machine's start (a minute or two) included, at most 10 minutes a command, and the machine stays warm only
+# 30 s after a call. So two calls at most, the second at once:
 #
-#     bash benchmarks/device_session.sh main graphs compile  # ~6-9 min: the main job eager and in CUDA graphs
-#     bash benchmarks/device_session.sh sd1 bank             # ~6 min: issue 39's sampling ratio, steps, SFD's peak
-#     bash benchmarks/device_session.sh sdxl flux            # ~8 min: issues 40 and 41
-#     bash benchmarks/device_session.sh gan          # ~3 min: Adapt-then-Unlearn at 256 px, with and without micro-batches
+#     bash benchmarks/device_session.sh main sd1     # ~9 min: issue 39 (main job; sampling ratio, s/step, SFD peak)
+#     bash benchmarks/device_session.sh sdxl         # ~4 min, if that much is left: issue 40
 #
-# (device tool: carry [".wheels"]). The device machine has torch, transformers and accelerate but not the rest;
-# fetch their wheels here once, into the ignored folder .wheels (never into the repository root):
+# and in a later session: `flux gan` (FLUX wants nvidia-h200: its float32 load is ~68 GB before the frozen weights
+# are halved), `graphs compile bank` (the main job in CUDA graphs, the attack's UNet call compiled, the bank's batch).
+#
+# The device machine has torch, transformers and accelerate but not the rest, and no network: fetch their wheels
+# here once, into the ignored folder .wheels (never into the repository root):
 #
 #     pip download --no-deps -d .wheels diffusers==0.42.1 peft==0.21.2 open_clip_torch==3.3.0 ftfy wcwidth \
 #         importlib_metadata
@@ -24,8 +27,12 @@ if [ -n "${DEVICE_SESSION_TINY:-}" ]; then
     graphs=aot_eager choices=none,aot_eager  # what the CPU can trace of them
 else
     scale=() main=() bank=() box=0 graphs=cudagraphs choices=none,cudagraphs,reduce-overhead,inductor
-    pip install -q --no-deps .wheels/*.whl && pip install -q --no-deps -e . || exit 1
+    # Into a folder of their own, without an index (there is none), and the project from its source tree: an
+    # editable install would fetch setuptools for its isolated build.
+    python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .wheels/*.whl || exit 1
 fi
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 
 part() {  # part NAME SECONDS COMMAND...: run COMMAND for at most SECONDS (or $box where set)
     local name=$1 limit=$2 started=$SECONDS
@@ -44,7 +51,7 @@ for name in "$@"; do
         # fp16 sampling at batch 16 and 25 steps against plain diffusers; each method's s/step and peak memory
         sd1) part sd1 330 python benchmarks/gpu_scale.py --family sd1 --methods "$sd1_methods" --batch 16 "${scale[@]}" ;;
         # the README's main job (its erase_time_s) and its quality, to set beside the CPU's
-        main) part main 150 python benchmarks/erasure_quality.py --method advunlearn --concept seven "${main[@]}" ;;
+        main) part main 180 python benchmarks/erasure_quality.py --method advunlearn --concept seven "${main[@]}" ;;
         # the same with the step's UNet calls replayed as CUDA graphs (erasure.json: advunlearn.compile_unet says
         # whether any graph fell back to eager launches)
         graphs) part graphs 150 python benchmarks/erasure_quality.py --method advunlearn --concept seven \

@@ -101,9 +101,13 @@ def main() -> None:
     try:
         run_dir = erase(args.method, [args.concept], args.model, out=out, sets=args.set, seed=args.seed, progress=True)
         manifest = json.loads((run_dir / "erasure.json").read_text())
+        # The erasure's own figures first, on a line of their own: a time-boxed run (the device session) that is
+        # cut off during the evaluation still keeps them.
+        print(json.dumps({"erase": {k: manifest[k] for k in ("device", "wall_time_s", "erase_time_s")}}), flush=True)
+        device = manifest["device"]  # evaluate where the erasure ran: on a GPU, the CPU would take minutes more
         erased_weights = {name: weights_sha256(getattr(load_model(str(run_dir)), name))
                           for name in manifest["changed_components"]}  # fmt: skip
-        erased, base = load_model(str(run_dir)), load_model(args.model)
+        erased, base = load_model(str(run_dir), device=device), load_model(args.model, device=device)
         report = evaluate(erased, base, [args.concept], samples=args.seeds, progress=True).report
         metrics = report["concepts"][args.concept]["metrics"]
         result = {

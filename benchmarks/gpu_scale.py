@@ -274,7 +274,7 @@ def main() -> None:
         pipe.to(dtype=half).save_pretrained(folder, safe_serialization=True)
         if args.family == "flux" and args.tiny:  # the toy model draws 16-px images (FLUX.1's own: 1024)
             (folder / "erasure_model.json").write_text(json.dumps({"sampling": {"resolution": 16}}))
-        del pipe
+        del pipe, modules  # `modules` holds the built networks too: left alive, every peak below would count them
         _free(args.device)
         report["build_s"] = round(time.perf_counter() - started, 1)
         print(json.dumps({"built": report}), flush=True)

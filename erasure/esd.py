@@ -125,9 +125,20 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
 
     with torch.no_grad(), as_original():
         uncond_orig = model.encode([""], te_orig)
+        # The original's conditioning of each prompt, computed once as the steps would (under the loop's autocast):
+        # the frozen text encoders are then idle during training.
+        with run.accelerator.autocast():
+            conditioning = {prompt: model.encode([prompt], te_orig) for prompt in dict.fromkeys(prompts)}
 
-    if not config.lora_rank:
-        run.halve_frozen(original)  # only ever called inside the loop, under autocast
+    # The networks the loop does not train, in the mixed precision's dtype where `frozen_dtype` asks (a GPU
+    # under autocast): the original copy, or under LoRA the base weights beneath the adapters, and the other
+    # component (idle text encoders, or the UNet a text encoder's loss goes through). Those the run returns come
+    # back as their float32 weights. At FLUX size the float32 transformer and T5 alone would fill an 80 GB card.
+    frozen = [model.unet if config.component == "text_encoder" else tower]
+    if config.lora_rank:
+        frozen.append(trained)
+    else:
+        run.halve_frozen(original)  # a copy the run drops: nothing to restore
     optimizer = run.adam([p for p in trained.parameters() if p.requires_grad], config.lr, config.adam_betas)
     loop = TrainingLoop(
         run, {config.component: Network(trained, optimizer)}, desc="esd",
@@ -140,8 +151,7 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
     def step_fn(step: int) -> dict[str, float]:
         prompt = random.choice(prompts)
         with torch.no_grad():
-            with as_original():
-                cond_orig = model.encode([prompt], te_orig)
+            cond_orig = conditioning[prompt]
             # x_t comes from the model being erased, as in ESD: the concept is sampled as it is now.
             cond_now = model.encode([prompt]) if config.component == "text_encoder" else cond_orig
             uncond_now = model.encode([""]) if config.component == "text_encoder" else uncond_orig
@@ -161,7 +171,10 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
         loop.update(config.component, loss)
         return {"loss": loss.detach()}
 
-    logs = loop.fit(step_fn, config.steps)
+    with contextlib.ExitStack() as stack:
+        for network in frozen:
+            stack.enter_context(run.frozen_weights(network))
+        logs = loop.fit(step_fn, config.steps)
     trained.eval()
     changed = [family.denoiser] if config.component == "unet" else family.tower_components(config.scope)
     return ErasureResult(model, changed, n_trainable, logs)

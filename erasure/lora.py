@@ -207,12 +207,17 @@ def load_at_strength(run_dir: str | Path, strength: float, **load):
     """A run trained as LoRA with its erasure at `strength` (0: off, the base model; 1: the run): its base model
     with the run's adapters fused at that weight by diffusers' loader. `load`: `load_model`'s options."""
     from erasure.output import read_run, recorded_base_model
-    from pipelines import load_model
+    from pipelines import load_model, resolve
     from pipelines.lora_files import apply_lora_files
 
     manifest = read_run(run_dir)
     if not (Path(run_dir) / LORA_FILE).is_file():
         raise InputError(f"{run_dir} was not trained as LoRA adapters (--set lora_rank=R): it has no strength to set")
+    if resolve(str(run_dir)).kind == "one-step":
+        # SFD's adapters belong to its one-step generator: on the multi-step base they would draw neither the base
+        # nor the erasure, and at 0 the generator would be the teacher's UNet in one step, which is no base either.
+        raise InputError(f"{run_dir} is a one-step generator (SFD): its LoRA adapters are part of the generator, not "
+                         "an erasure of its base, so it is drawn as trained only (strength 1)")
     model = load_model(recorded_base_model(manifest), **load)
     apply_lora_files(model.pipe, [run_dir], [strength])
     return model

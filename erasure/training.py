@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import math
 import os
 import random
@@ -54,7 +55,9 @@ class RunContext:
     checkpoint_every: int = 50
     resume: bool = False
     progress: bool = True
-    after_step: Callable[[int, int, dict], None] | None = None  # (step, total, logs), e.g. the UI's progress
+    # (step, total, logs) after every step, e.g. the UI's progress; step == total on the last step of each `fit`,
+    # where a stopping rule ended it too
+    after_step: Callable[[int, int, dict], None] | None = None
     fingerprint: dict = field(default_factory=dict)  # what determines the result (erasure.api.run_fingerprint)
     sync_every: int | None = None  # steps between host reads of the losses; None: 1 on CPU, 25 on a GPU
     optimizer_state: str = "fp32"  # "fp32" | "8bit": Adam's moments (8-bit: bitsandbytes, the `adam8bit` extra)
@@ -143,19 +146,22 @@ class RunContext:
 
     @contextlib.contextmanager
     def frozen_weights(self, module: torch.nn.Module):
-        """`module`, frozen and unchanged by the method, in `frozen_dtype` inside the block and back to its own
-        float32 weights after it (kept on the host meanwhile: the run still saves and returns them)."""
+        """`module`'s frozen tensors - all of them, or the base weights under LoRA adapters that train - in
+        `frozen_dtype` inside the block, and back to their own float32 values after it (kept on the host
+        meanwhile: the run still saves and returns them, a LoRA run merged into them)."""
         if self.frozen_dtype == torch.float32:
             yield module
             return
-        kept = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-        self.halve_frozen(module)
+        named = itertools.chain(module.named_parameters(), module.named_buffers())
+        frozen = {name: t for name, t in named if t.is_floating_point() and not t.requires_grad}
+        kept = {name: t.detach().to("cpu", copy=True) for name, t in frozen.items()}
+        for tensor in frozen.values():
+            tensor.data = tensor.data.to(self.frozen_dtype)
         try:
             yield module
         finally:
-            with torch.no_grad():
-                module.to(torch.float32)
-                module.load_state_dict(kept)
+            for name, tensor in frozen.items():
+                tensor.data = kept[name].to(tensor.device)
 
     @property
     def steps_between_syncs(self) -> int:
@@ -421,7 +427,9 @@ class TrainingLoop:
             if checkpoint and run.is_main:
                 self.save_checkpoint(run.checkpoint_dir, done)
             if run.after_step is not None:
-                run.after_step(done, steps, logs)
+                # A stopping rule's last step reports itself as the total: the run ends there, finished, and a
+                # callback that stops runs at checkpoints (the preview's cancel) must not discard it.
+                run.after_step(done, done if self._stop_requested else steps, logs)
             if self._stop_requested:
                 break
         bar.close()

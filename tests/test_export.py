@@ -7,6 +7,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from erasure.api import erase
 from erasure.evaluation import run_eval
 from erasure.registry import METHODS
 from pipelines import load_model
+from pipelines.loading import weights_digest
 from ui.cli import main
 from ui.hub import LICENSE_PLACEHOLDER, card_metadata, export_run, load_run, render_card
 
@@ -90,8 +92,12 @@ def test_local_dir_export_loads_with_diffusers_and_draws_the_runs_images(evaluat
     files = _files(hub)
     run_files = _files(evaluated_run)
     report = json.loads((evaluated_run / "eval.json").read_text())
-    for name in ["model_index.json", "erasure.json", "erasure_model.json", "eval.json", *report["grids"].values()]:
+    for name in ["model_index.json", "erasure.json", "erasure_model.json", *report["grids"].values()]:
         assert files[name] == run_files[name], name
+    # The single file joins the folder's weights: eval.json names their digest, and keeps the one it measured.
+    after = json.loads(files["eval.json"])["after"]
+    assert after["sha256"] == weights_digest(hub) and after["measured_sha256"] == report["after"]["sha256"]
+    assert json.loads(files["eval.json"]) == {**report, "after": after}
     weights = [n for n in run_files if n.endswith(".safetensors")]
     assert {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"} <= set(weights)
     assert all(files[n] == run_files[n] for n in weights)  # the run's weights, byte for byte
@@ -299,6 +305,177 @@ def test_an_evaluation_of_another_concept_is_refused(evaluated_run, tmp_path):
     assert not (tmp_path / "hub").exists()
 
 
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return copy
+
+
+@pytest.mark.parametrize("trap", ["grid outside", "grid absolute", "link outside"])
+def test_a_run_folders_paths_and_links_out_of_it_are_refused(trap, evaluated_run, tmp_path, capsys):
+    run = _copy_run(evaluated_run, tmp_path / "in")
+    (tmp_path / "in" / "outside").mkdir()
+    planted = tmp_path / "in" / "outside" / "secret.png"
+    planted.write_bytes(b"a file of the machine")
+    if trap == "link outside":  # a file the tokenizer loads, linked to a file of the machine
+        (run / "tokenizer" / "tokenizer.json").unlink()
+        (run / "tokenizer" / "tokenizer.json").symlink_to(planted)
+    else:
+        report = json.loads((run / "eval.json").read_text())
+        report["grids"]["evil"] = "../outside/secret.png" if trap == "grid outside" else str(planted)
+        (run / "eval.json").write_text(json.dumps(report))
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["export", str(run), "--repo-id", REPO_ID, "--local-dir", str(tmp_path / "hub")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert ("leads to" if trap == "link outside" else "not in the run's grids/ folder") in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before and planted.read_bytes() == b"a file of the machine"
+
+
+def test_only_the_files_a_component_loads_are_published(evaluated_run, tmp_path):
+    run = _copy_run(evaluated_run, tmp_path)
+    (run / "unet" / "notes.txt").write_text("not for the Hub")
+    (run / "text_encoder" / "linked.txt").symlink_to(tmp_path / "outside.txt")
+    (tmp_path / "outside.txt").write_text("a file of the machine")
+    exported = export_run(run, REPO_ID, local_dir=tmp_path / "hub")
+    assert "unet/notes.txt" not in exported.files and "text_encoder/linked.txt" not in exported.files
+    assert sorted(f for f in exported.files if f.startswith(("unet/", "text_encoder/"))) == [
+        "text_encoder/config.json", "text_encoder/model.safetensors",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    ]  # fmt: skip
+    assert any("text_encoder/linked.txt, unet/notes.txt" in note for note in exported.notes)
+
+
+# --- what the folder says it holds ----------------------------------------------------------------
+
+
+def _as_evaluated(run: Path, evaluated_run: Path) -> Path:
+    """`run` with the report `erasure eval` wrote for `evaluated_run` (its grids too), pinned to `run`'s weights: it
+    stands in for evaluating `run` again (the figures are not what these tests check)."""
+    import shutil
+
+    report = json.loads((evaluated_run / "eval.json").read_text())
+    report["after"] = {**report["after"], "spec": str(run), "path": str(run), "sha256": weights_digest(run)}
+    (run / "eval.json").write_text(json.dumps(report))
+    shutil.copytree(evaluated_run / "grids", run / "grids")
+    return run
+
+
+@pytest.mark.parametrize("save", ["changed", "lora"])
+def test_a_partly_saved_runs_export_says_what_it_holds_and_exports_again(save, evaluated_run, tiny_pipeline_dir,
+                                                                         tmp_path):  # fmt: skip
+    from safetensors.torch import load_file
+
+    sets = QUICK + (["lora_rank=2"] if save == "lora" else [])
+    run = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=sets, progress=False, save=save)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    if save == "changed":  # the same training as evaluated_run's: the same UNet, saved without the base's parts
+        assert (run / unet).read_bytes() == (evaluated_run / unet).read_bytes()
+    measured = weights_digest(_as_evaluated(run, evaluated_run))
+    hub = export_run(run, REPO_ID, local_dir=tmp_path / "hub").folder
+
+    manifest = json.loads((hub / "erasure.json").read_text())
+    assert manifest["save"] == "full" and manifest["run_save"]["save"] == save  # whole components, and the run's way
+    after = json.loads((hub / "eval.json").read_text())["after"]
+    assert after["sha256"] == weights_digest(hub) != measured and after["measured_sha256"] == measured
+    assert f"saved with --save {save}" in after["weights"][0]
+    assert after["weights"][0] in (hub / "README.md").read_text()
+    if save == "lora":  # the merged UNet is, to the bit, the one the toolkit's loader gives the run (and eval)
+        merged = load_file(str(hub / unet))
+        loaded = load_model(str(run)).unet.state_dict()
+        assert merged.keys() == loaded.keys() and all(torch.equal(merged[k], loaded[k]) for k in merged)
+
+    again = export_run(hub, REPO_ID, local_dir=tmp_path / "again").folder  # the folder passes export's own checks
+    assert json.loads((again / "eval.json").read_text())["after"] == after
+    assert (again / "erasure.json").read_bytes() == (hub / "erasure.json").read_bytes()
+
+
+def test_a_reduced_lora_is_called_an_approximation_with_its_error(evaluated_run, tmp_path):
+    hub = export_run(evaluated_run, REPO_ID, local_dir=tmp_path / "hub", as_lora=1).folder
+    reduction = json.loads((hub / "lora_reduction.json").read_text())
+    assert reduction["relative_error"] > 0.01  # rank 1 leaves a visible error
+    for folder in (hub, export_run(hub, REPO_ID, local_dir=tmp_path / "again").folder):  # exported again too
+        card = (folder / "README.md").read_text()
+        assert "The erasure is also a LoRA" not in card and "approximates the erasure as a LoRA" in card
+        assert f"relative error of {reduction['relative_error']:.4f}" in card
+        assert f"worst layer {reduction['worst_layer_relative_error']:.4f}" in card
+        assert "measured on the\nfull weights of this repository, not on the LoRA" in card
+        weights = json.loads((folder / "eval.json").read_text())["after"]["weights"]
+        assert any("approximation" in line and "not measured" in line for line in weights)
+
+
+def test_a_one_step_export_is_not_offered_to_diffusers_pipeline_and_refuses_kohya(tiny_pipeline_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from pipelines import InputError
+
+    sets = ["steps=2", "batch_size=2", "forget_batch=1", "remain_prompts=8", "override=a dog", "prompt_templates={}",
+            "lora_rank=2"]  # fmt: skip
+    run = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=sets, progress=False)
+    with pytest.raises(InputError, match="one-step generator") as refused:
+        export_run(run, REPO_ID, local_dir=tmp_path / "kohya", no_eval=True, lora_format="kohya")
+    assert "\n" not in str(refused.value) and not (tmp_path / "kohya").exists()
+
+    hub = export_run(run, REPO_ID, local_dir=tmp_path / "hub", no_eval=True).folder
+    card = ModelCard.load(hub / "README.md")
+    # the Hub's diffusers snippet would be DiffusionPipeline.from_pretrained, which has no one-step pipeline
+    assert card.data.to_dict()["library_name"] == "concept-erasure-toolkit"
+    assert "`DiffusionPipeline.from_pretrained` does not" in card.text
+    assert "pytorch_lora_weights.safetensors` holds the generator's change" in card.text and (
+        hub / "pytorch_lora_weights.safetensors").is_file()  # fmt: skip
+
+
+# --- an interrupted export leaves nothing behind ---------------------------------------------------
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_an_export_removes_the_staging_folders_of_killed_exports_only(evaluated_run, tmp_path):
+    killed = tmp_path / f".hub.staging-{_dead_pid()}-k1ll3d"  # a SIGKILLed export's, gigabytes at SD size
+    live = tmp_path / f".hub.staging-{os.getpid()}-l1ve"  # a concurrent export's, still being written
+    other = tmp_path / f".hub2.staging-{_dead_pid()}-x"  # another destination's
+    for folder in (killed, live, other):
+        folder.mkdir()
+        (folder / "unet").mkdir()
+    export_run(evaluated_run, REPO_ID, local_dir=tmp_path / "hub")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hub", live.name, other.name])
+
+
+def test_sigterm_during_an_export_removes_its_staging_folder(evaluated_run, tmp_path):
+    """The export is forked at the point where its staging folder is half written, and stopped there by SIGTERM."""
+    import ui.hub
+
+    ready, go = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: export, and wait for the signal halfway
+        status = 0
+        try:
+
+            def half_written(*args, **kwargs):
+                os.write(go, b"x")
+                threading.Event().wait(60)
+
+            ui.hub.write_hub_folder = half_written
+            export_run(evaluated_run, REPO_ID, local_dir=tmp_path / "hub")
+        except SystemExit as exc:
+            status = exc.code
+        except BaseException:
+            status = 1
+        os._exit(status)
+    assert os.read(ready, 1) == b"x"
+    assert [p.name for p in tmp_path.iterdir() if ".hub.staging-" in p.name]  # it is there, half written
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGTERM  # as when SIGTERM ends a process
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- the push, against a local server that answers like the Hub -----------------------------------
 
 
@@ -397,6 +574,7 @@ def test_push_delivers_every_file_and_the_token_only_in_request_headers(evaluate
     token = f"hf_{secrets.token_hex(16)}"
     # The repository holds an earlier export's files: they go, .gitattributes (the Hub's own) stays.
     fake_hub.files = {".gitattributes": b"*.safetensors filter=lfs", "old-lora.safetensors": b"0", "README.md": b"x"}
+    (tmp_path / "tmp" / f"erasure-export-{_dead_pid()}-k1ll3d" / "repo").mkdir(parents=True)  # a killed push's
     result = _cli([str(evaluated_run), "--repo-id", REPO_ID, "--single-file", "--private"], tmp_path,
                   HF_ENDPOINT=fake_hub.endpoint, HF_TOKEN=token, HF_HUB_VERBOSITY="debug")  # fmt: skip
     assert result.returncode == 0, result.stderr

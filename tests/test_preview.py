@@ -2,9 +2,12 @@
 pipeline and a real (two-step) ESD run of it."""
 
 import dataclasses
+import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,15 +31,17 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tiny_pipeline_dir, tmp_path_factory):
-    """The app on a free local port: base = the tiny pipeline, one finished ESD run under runs/."""
+    """The app on a free local port: base = the tiny pipeline, one finished ESD run under runs/, a folder the
+    server is given as a relative path (as its default `runs`), while `erase` returns runs by absolute path."""
     from ui.app import Preview, launch
 
     runs = tmp_path_factory.mktemp("preview") / "runs"
     run = erase("esd", ["cat"], str(tiny_pipeline_dir), out=runs / "esd-cat", sets=QUICK, progress=False)
-    preview = Preview(model=str(tiny_pipeline_dir), runs_dir=runs)
+    preview = Preview(model=str(tiny_pipeline_dir), runs_dir=Path(os.path.relpath(runs)))
     port = free_port()
     demo = launch(preview, port=port, block=False)
-    yield {"url": f"http://127.0.0.1:{port}/", "base": str(tiny_pipeline_dir), "run": str(run), "runs": runs}
+    yield {"url": f"http://127.0.0.1:{port}/", "base": str(tiny_pipeline_dir), "run": str(run), "runs": runs,
+           "listed": preview.runs()[0], "preview": preview}  # the run as the page's lists name it  # fmt: skip
     demo.close()
 
 
@@ -47,9 +52,9 @@ def client(served):
     return Client(served["url"], verbose=False)
 
 
-def generate(client, served, prompts, seed=0, count=2, runs=None, steps="3", strength=1.0):
+def generate(client, served, prompts, seed=0, count=2, runs=None, steps="3", strength=1.0, guidance=""):
     return client.predict(served["base"], runs if runs is not None else [served["run"]], prompts, seed, count, steps,
-                          "", strength, api_name="/generate")  # fmt: skip
+                          guidance, strength, api_name="/generate")  # fmt: skip
 
 
 def erase_args(served, name, *, steps, every, resume=False):
@@ -110,6 +115,18 @@ def test_a_lora_erasure_is_switched_off_and_weakened_from_the_page(client, serve
     assert half not in (base, on) and full_run == full_again  # the full-weight run takes no strength
 
 
+def test_a_one_step_lora_run_takes_no_strength(client, served, tmp_path):
+    """SFD's adapters are its one-step generator's: on the multi-step base they would draw neither the base nor the
+    run, so a strength other than 1 is refused rather than drawn and mislabelled."""
+    from gradio_client.exceptions import AppError
+
+    sfd = erase("sfd", ["cat"], served["base"], out=tmp_path / "sfd-lora", progress=False, save="lora",
+                sets=["steps=1", "batch_size=1", "forget_batch=1", "remain_prompts=2", "override=a dog",
+                      "prompt_templates={}", "lora_rank=2"])  # fmt: skip
+    with pytest.raises(AppError, match="one-step generator .*drawn as trained only"):
+        generate(client, served, "a cat", count=1, runs=[str(sfd)], strength=0.5)
+
+
 def test_ten_concurrent_generate_requests_are_all_answered(client, served):
     jobs = [client.submit(served["base"], [served["run"]], "a cat", seed, 1, "2", "", 1.0, api_name="/generate")
             for seed in range(10)]  # fmt: skip
@@ -128,6 +145,16 @@ def test_errors_are_messages_in_the_page_and_the_server_keeps_serving(client, se
         (dict(runs=[str(tmp_path / "missing")], prompts="a cat"), "is not a folder"),
         (dict(runs=[], prompts="  \n "), "type at least one prompt"),
         (dict(prompts="a cat", steps="many"), "steps must be a whole number"),
+        # the limits `erasure sample` puts on the same settings
+        (dict(prompts="a cat", steps="0"), "steps must be between 1 and 1000, not 0"),
+        (dict(prompts="a cat", steps="-3"), "steps must be between 1 and 1000, not -3"),
+        (dict(prompts="a cat", steps="5000"), "steps must be between 1 and 1000, not 5000"),
+        (dict(prompts="a cat", guidance="nan"), "guidance must be a finite number"),
+        (dict(prompts="a cat", guidance="-50"), "guidance must be >= 0, not -50"),
+        (dict(prompts="a cat", seed=-5), "first seed must be between 0 and 4294967295, not -5"),
+        (dict(prompts="a cat", seed=10**12), "first seed must be between 0 and 4294967295"),
+        (dict(prompts="a cat", seed=2**64), "first seed must be between 0 and 4294967295"),
+        (dict(prompts="a cat", seed=2**32 - 1, count=2), r"last seed \(first seed \+ seeds - 1\) must be between"),
     ]
     for kwargs, message in cases:
         with pytest.raises(AppError, match=message):
@@ -170,9 +197,53 @@ def test_erase_from_the_page_can_be_cancelled_and_resumed(client, served):
         **erase_args(served, "esd-cancel", steps=400, every=2, resume=True), api_name="/erase"
     )
     assert "Finished" in final and out.joinpath("erasure.json").is_file() and not work.exists()
-    assert compared["value"] == [served["run"], str(out)]
-    assert metrics_run["value"] == export_run["value"] == str(out)
-    assert (str(out)) in [value for _, value in compared["choices"]]
+    listed = compared["value"][-1]  # the run as the lists spell it, a value each of them accepts
+    assert compared["value"] == [served["run"], listed] and Path(listed).resolve() == out.resolve()
+    assert metrics_run["value"] == export_run["value"] == listed
+    for dropdown in (compared, metrics_run, export_run):
+        assert listed in [value for _, value in dropdown["choices"]]
+    assert "no eval.json yet" in client.predict(metrics_run["value"], api_name="/metrics")[2]
+
+
+def test_cancel_keeps_a_run_its_stopping_rule_has_just_finished(tiny_pipeline_dir, concept_images, tmp_path):
+    """Few-shot's rule ends the run at a step where the loop writes no checkpoint; a cancel pending then must not
+    turn the finished run into a cancelled one."""
+    from ui.jobs import EraseJob
+
+    # 4 images at batch 2: an epoch is 2 steps, the rule checks after it and stops (digits-clip sees no red seven).
+    sets = {"images": str(concept_images), "steps": 4, "batch_size": 2, "lr": 1e-2, "stop_clip": "digits-clip",
+            "stop_samples": 2, "stop_steps": 2, "stop_below": 1.0}  # fmt: skip
+    job = EraseJob("fewshot", ["a red seven"], str(tiny_pipeline_dir), tmp_path / "run", sets, checkpoint_every=2)
+    job.cancel.set()  # pressed before the step the run stops at, which is also a checkpoint step
+    job.start()
+    reports = []
+    while job.running or not job.updates.empty():
+        reports += [update] if (update := job.wait(0.1)) else []
+    assert job.error is None and job.result == tmp_path / "run" and (tmp_path / "run" / "erasure.json").is_file()
+    assert [(r.step, r.total) for r in reports] == [(1, 4), (2, 2)]  # the stop is the run's last step
+
+
+def test_a_multi_stage_run_shows_each_stage_and_plots_its_losses_apart(tiny_pipeline_dir, tmp_path):
+    """STEREO trains in five loops (erase, invert, erase, invert, erase once), each counting from step 1."""
+    from ui.events import _plot, _plot_rows, _progress_html
+    from ui.jobs import EraseJob
+
+    sets = dict(rounds=2, search_steps=2, inversion_steps=2, inversion_images=4, inversion_batch=2, ddim_steps=3,
+                batch_size=2, steps=2, prompt_templates="{},a {}")  # fmt: skip
+    job = EraseJob("stereo", ["cat"], str(tiny_pipeline_dir), tmp_path / "run", sets).start()
+    reports, history = [], []
+    while job.running or not job.updates.empty():
+        if update := job.wait(0.1):
+            reports.append(update)
+            history += _plot_rows(update)
+    assert job.error is None
+    assert [(r.stage, r.step, r.total) for r in reports] == [(s, i, 2) for s in range(1, 6) for i in (1, 2)]
+    assert "stereo on cat: stage 5: step 2/2" in _progress_html(job, reports[-1])
+    assert "stage" not in _progress_html(job, reports[0])
+    # one series per stage, each in the legend, which makes the chart draw the series that appear after its first
+    assert _plot(history[:2]).colors_in_legend == ["erase"]
+    assert _plot(history).colors_in_legend == [f"stage {s} · {'denoising' if s % 2 == 0 else 'erase'}"
+                                               for s in range(1, 6)]  # fmt: skip
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -191,27 +262,81 @@ def test_erase_options_are_the_config_fields_with_their_presets(method):
         assert build_config(method, "sd1", sent) == build_config(method, family, rank)
 
 
+def test_the_base_model_is_the_selected_runs_own_unless_one_is_given(served):
+    """A GAN run selected beside the default text-to-image digits could not be compared at all."""
+    import gradio as gr
+
+    from ui.app import Preview, build_app
+
+    def base_shown(preview):
+        demo = build_app(preview)
+        return next(b.value for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.label == "base model")
+
+    assert Path(base_shown(Preview(erased=[served["run"]], runs_dir=served["runs"]))) == Path(served["base"])
+    assert base_shown(Preview(model="digits", erased=[served["run"]], runs_dir=served["runs"])) == "digits"
+
+
+def test_a_shared_page_exports_nothing(client, served, tmp_path, monkeypatch):
+    from gradio_client.exceptions import AppError
+
+    monkeypatch.setattr(served["preview"], "shared", True)  # as `--share` sets it; the link itself needs the network
+    for folder in ("", str(tmp_path / "anywhere")):  # neither the Hub with this machine's token nor any folder
+        with pytest.raises(AppError, match=r"Export is off on a shared page \(`--share`\)"):
+            client.predict(served["listed"], "me/tiny-no-cat", folder, api_name="/export")
+    assert not (tmp_path / "anywhere").exists()
+
+
+def test_an_export_past_its_time_is_asked_to_stop_before_it_is_killed(tmp_path):
+    """SIGTERM first, so that `erasure export` can remove its staging folder; SIGKILL would leave it behind."""
+    from ui.export import run_child
+
+    stopped = tmp_path / "stopped"
+    child = "\n".join([
+        "import pathlib, signal, sys, time",
+        f"stopped = pathlib.Path({str(stopped)!r})",
+        "signal.signal(signal.SIGTERM, lambda *_: (stopped.write_text('term'), sys.exit(1)))",
+        "time.sleep(60)",
+    ])  # fmt: skip
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_child([sys.executable, "-c", child], timeout_s=2)
+    assert stopped.read_text() == "term" and time.monotonic() - start < 10
+
+
 def test_export_button_runs_erasure_export_and_shows_its_outcome(client, served, tmp_path, monkeypatch):
     from gradio_client.exceptions import AppError
 
     monkeypatch.delenv("HF_TOKEN", raising=False)  # the server runs in this process
+    run = served["listed"]
     with pytest.raises(AppError, match="repository id"):
-        client.predict(served["run"], " ", str(tmp_path / "out"), api_name="/export")
+        client.predict(run, " ", str(tmp_path / "out"), api_name="/export")
     with pytest.raises(AppError, match="no Hugging Face token"):
-        client.predict(served["run"], "me/tiny-no-cat", "", api_name="/export")
+        client.predict(run, "me/tiny-no-cat", "", api_name="/export")
     with pytest.raises(AppError, match="no eval.json yet: press Evaluate first"):  # --no-eval is not on the page
-        client.predict(served["run"], "me/tiny-no-cat", str(tmp_path / "out"), api_name="/export")
+        client.predict(run, "me/tiny-no-cat", str(tmp_path / "out"), api_name="/export")
     assert not (tmp_path / "out").exists()
     # Evaluated (other tests do not mind its eval.json), the run is exported by `erasure export`: the page shows
     # what that command prints.
-    run = served["run"]
     run_eval(run, samples=1, clip="digits-clip", progress=False)
     page_dir, cli_dir = tmp_path / "page", tmp_path / "cli"
     shown = client.predict(run, "me/tiny-no-cat", str(page_dir), api_name="/export")
     command = [sys.executable, "-m", "erasure", "export", run, "--repo-id", "me/tiny-no-cat"]
     cli = subprocess.run(command + ["--local-dir", str(cli_dir)], capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr
-    assert shown == cli.stdout.strip().replace(str(cli_dir), str(page_dir))
+    # its notes too (here: the tiny base is a folder, not a Hub id), which the command prints on stderr
+    notes = [line for line in cli.stderr.splitlines() if line.startswith("note: ")]
+    assert notes and shown == "\n".join([cli.stdout.strip(), *notes]).replace(str(cli_dir), str(page_dir))
     assert (page_dir / "README.md").is_file() and sorted(p.name for p in page_dir.iterdir()) == sorted(
         p.name for p in cli_dir.iterdir()
     )
+
+    # The Metrics tab shows the evaluation's grids wherever the run is: gradio serves files only from its working and
+    # temporary folders, so here the run is outside both.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))  # the server runs in this process
+    rows, grids, _ = client.predict(run, api_name="/metrics")
+    written = json.loads((Path(run) / "eval.json").read_text())["grids"].values()
+    assert rows["data"] and len(grids) == len(written) > 0
+    for grid, rel in zip(grids, written):  # the grids' own pixels
+        assert Image.open(grid["image"]).tobytes() == Image.open(Path(run) / rel).tobytes()

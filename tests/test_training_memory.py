@@ -146,6 +146,32 @@ def test_esd_with_a_half_precision_original_moves_its_weights_as_with_a_float32_
     assert torch.allclose(moved["half"], moved["full"], rtol=0.05, atol=1e-6)
 
 
+def test_esd_lora_computes_through_a_half_precision_base_and_returns_it_in_float32(tiny_pipeline_dir):
+    model = load_model(str(tiny_pipeline_dir))
+    unet_before, encoder_before = (
+        {k: v.clone() for k, v in module.state_dict().items()} for module in (model.unet, model.text_encoder)
+    )
+    seen = []
+
+    def after_step(step, total, logs):  # the dtypes the loop computes through
+        seen.append({".lora_" in name: p.dtype for name, p in model.unet.named_parameters()}
+                    | {"encoder": next(model.text_encoder.parameters()).dtype})  # fmt: skip
+
+    run = RunContext(seed=0, progress=False, mixed_precision="bf16", frozen_precision="half", after_step=after_step)
+    get_method("esd").entry(model, ["cat"], build_config("esd", "sd1", parse_sets(ESD_FULL + ["lora_rank=4"])), run)
+    # under the adapters the base was bfloat16, and so was the frozen text encoder; the adapters trained in float32
+    assert seen and all(s == {False: torch.bfloat16, True: torch.float32, "encoder": torch.bfloat16} for s in seen)
+    # the run returns the base's own float32 weights (a LoRA run merges its adapters into them), adapters moved
+    unet = model.unet.state_dict()
+    base = {k.replace("base_layer.", ""): v for k, v in unet.items() if ".lora_" not in k}
+    assert base.keys() == unet_before.keys() and all(torch.equal(base[k], v) for k, v in unet_before.items())
+    assert all(torch.equal(v, encoder_before[k]) for k, v in model.text_encoder.state_dict().items())
+    assert {p.dtype for p in model.unet.parameters()} | {p.dtype for p in model.text_encoder.parameters()} == {
+        torch.float32
+    }
+    assert any(v.abs().max() > 0 for k, v in unet.items() if "lora_B" in k)
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_sfd_with_a_half_precision_teacher_trains_a_float32_generator(lora, tiny_pipeline_dir, tmp_path):
     sets = _sets("sfd", "override=a dog", *(["lora_rank=4"] if lora else []))

@@ -10,12 +10,13 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from erasure.output import read_run
+from erasure.output import read_run, recorded_base_model
 from erasure.registry import METHODS
 from pipelines.errors import InputError
 
 from .compare import ModelCache
 from .events import wire_compare, wire_erase, wire_export, wire_metrics
+from .export import SHARED_PAGE_EXPORT
 from .jobs import EraseJob
 from .metrics import HEADERS
 from .options import PAPER, component, method_options, preset_names
@@ -23,6 +24,8 @@ from .runs import default_prompts, find_runs, run_choices
 
 # Digits-world images are 32x32: scale them up without blurring.
 CSS = ".pixelated img { image-rendering: pixelated; }"
+# Every image the page shows is a file in gradio's cache: each hour, those older than an hour are deleted.
+CACHE_LIFETIME_S = 3600
 
 
 @dataclass
@@ -36,6 +39,7 @@ class Preview:
     dtype: object = None  # the compared models' weights (a torch dtype; None: float32)
     cache: ModelCache | None = None  # models loaded for Compare, shared by every visitor
     jobs: dict[str, EraseJob] = field(default_factory=dict)  # browser session -> its running erasure
+    shared: bool = False  # served on a public link (--share): export, which reaches the Hub and any folder, is off
 
     def __post_init__(self) -> None:
         self.runs_dir = Path(self.runs_dir)
@@ -45,6 +49,16 @@ class Preview:
         found = [str(p) for p in find_runs(self.runs_dir)]
         known = {str(Path(p).resolve()) for p in self.erased}
         return self.erased + [p for p in found if str(Path(p).resolve()) not in known]
+
+    def compare_base(self, selected: list[str]) -> str:
+        """The base model Compare opens with: the one given, else the first selected run's own (a GAN run's is a
+        GAN, which the text-to-image digits could not be compared with), else the embedded digits."""
+        if self.model:
+            return self.model
+        try:
+            return recorded_base_model(read_run(selected[0])) if selected else "digits"
+        except InputError:  # the run folder went away since it was listed
+            return "digits"
 
     def family(self) -> str:
         """The name of the base model's family, whose presets the Erase tab offers first."""
@@ -62,14 +76,14 @@ def build_app(preview: Preview) -> gr.Blocks:
     prompts = "\n".join(default_prompts(selected[0])) if selected and _is_text_to_image(selected[0]) else ""
     page = SimpleNamespace()  # the components, by name, for the handlers in `events`
 
-    with gr.Blocks(title="erasure preview") as demo:
+    with gr.Blocks(title="erasure preview", delete_cache=(CACHE_LIFETIME_S, CACHE_LIFETIME_S)) as demo:
         gr.Markdown(
             "# Concept erasure preview\nThe base model and erased runs on the **same seeds**; erase, measure "
             "and export from here. Everything here is also a command: `erasure erase | eval | export`."
         )
         with gr.Tab("Compare"):
             with gr.Row():
-                page.base = gr.Textbox(value=preview.model or "digits", label="base model", scale=1,
+                page.base = gr.Textbox(value=preview.compare_base(selected), label="base model", scale=1,
                                        info="embedded name, model folder, checkpoint file or Hub id")  # fmt: skip
                 page.compare_runs = gr.Dropdown(
                     choices=run_choices(runs), value=selected, multiselect=True, scale=2, label="erased runs",
@@ -109,7 +123,8 @@ def build_app(preview: Preview) -> gr.Blocks:
                 page.evaluate = gr.Button("Evaluate", variant="primary")
             page.metrics_message = gr.Markdown()
             page.table = gr.Dataframe(headers=HEADERS, label="before / after", interactive=False)
-            page.grids = gr.Gallery(label="before/after grids", columns=2, height=480, object_fit="contain")
+            page.grids = gr.Gallery(label="before/after grids", columns=2, height=480, object_fit="contain",
+                                    format="png")  # fmt: skip
 
         with gr.Tab("Export"):
             with gr.Row():
@@ -118,8 +133,8 @@ def build_app(preview: Preview) -> gr.Blocks:
                 page.repo_id = gr.Textbox(label="repository id", placeholder="org/sd14-no-nudity")
                 page.local_dir = gr.Textbox(label="local folder", info="write the Hub folder here and push nothing; "
                                             "empty: push to the Hub (needs a token)")  # fmt: skip
-            page.export = gr.Button("Export", variant="primary")
-            page.export_status = gr.Markdown()
+            page.export = gr.Button("Export", variant="primary", interactive=not preview.shared)
+            page.export_status = gr.Markdown(SHARED_PAGE_EXPORT if preview.shared else "", line_breaks=True)
 
         page.run_lists = [page.compare_runs, page.metrics_run, page.export_run]  # a new run appears in all three
         wire_compare(preview, page, demo)
@@ -176,6 +191,8 @@ def _is_text_to_image(run: str) -> bool:
 
 def launch(preview: Preview, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True):
     """Build and serve the app; `block=False` returns at once (tests), with the app still serving."""
+    if share:
+        preview.shared = True
     demo = build_app(preview)
     demo.queue(default_concurrency_limit=1)
     # Gradio's own banner speaks of launch(share=True); ours names this command's options.

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from erasure.bounds import LORA_STRENGTH, check_number
+from erasure.bounds import GUIDANCE, LORA_STRENGTH, SEED_BOUNDS, STEPS, check_number
 from erasure.output import read_run
 from pipelines.errors import InputError
 from pipelines.lora_files import LORA_FILE
@@ -85,6 +85,7 @@ def compare(
     from pipelines import resolve
     from pipelines.loading import comparable_kinds
 
+    _check_numbers(seeds, steps, guidance, lora_strength)
     base = (base or "").strip() or None
     runs = [r for r in runs if r]
     for run in runs:
@@ -102,14 +103,16 @@ def compare(
     if max(len(prompts), 1) * len(seeds) > MAX_IMAGES:
         raise InputError(f"at most {MAX_IMAGES} images per model: fewer prompts or seeds, please")
 
-    check_number("LoRA strength", lora_strength, LORA_STRENGTH)
     at_strength = {run: lora_strength if lora_strength != 1 and (Path(run) / LORA_FILE).is_file() else None
                    for run in runs}  # fmt: skip
 
     with cache.lock:
-        before = _images(cache.get(base), prompts, seeds, steps, guidance)
-        after = [(_run_label(run, at_strength[run]), _images(cache.get(run, at_strength[run]), prompts, seeds, steps,
-                                                             guidance)) for run in runs]  # fmt: skip
+        # Every model loads (or is refused) before any draws: a bad run fails the request at once.
+        base_model = cache.get(base)
+        run_models = [cache.get(run, at_strength[run]) for run in runs]
+        before = _images(base_model, prompts, seeds, steps, guidance)
+        after = [(_run_label(run, at_strength[run]), _images(model, prompts, seeds, steps, guidance))
+                 for run, model in zip(runs, run_models)]  # fmt: skip
     base_items = [(image, f"base · {label}") for image, label in before]
     erased_items = [(image, f"{name} · {label}") for name, images in after for image, label in images]
     what = f"{len(prompts)} prompt(s) x {len(seeds)} seed(s)" if prompts else f"{len(seeds)} latent seed(s)"
@@ -120,6 +123,18 @@ def compare(
         if lora_runs < len(runs):
             summary += f", {len(runs) - lora_runs} full-weight run(s) as trained"
     return Comparison(base_items, erased_items, summary)
+
+
+def _check_numbers(seeds: Sequence[int], steps: int | None, guidance: float | None, lora_strength: float) -> None:
+    """The limits `erasure sample` puts on the same settings (erasure/bounds.py), named as the page names them."""
+    if seeds:
+        check_number("first seed", min(seeds), SEED_BOUNDS)
+        check_number("last seed (first seed + seeds - 1)", max(seeds), SEED_BOUNDS)
+    if steps is not None:
+        check_number("steps", steps, STEPS)
+    if guidance is not None:
+        check_number("guidance", guidance, GUIDANCE)
+    check_number("LoRA strength", lora_strength, LORA_STRENGTH)
 
 
 def _run_label(run: str, strength: float | None) -> str:

@@ -2,8 +2,9 @@
 
 Every handler turns a failure into a message in the page (`reported`): `InputError` reads as it
 is, anything else as its type and text with the traceback in the server's log; the server itself
-keeps serving. Handlers that touch a model run under a Gradio concurrency limit, so requests
-queue instead of competing for the CPU (or a pipeline that is not thread-safe).
+keeps serving. Handlers that touch a model (Generate, Erase, Evaluate, Export) share one Gradio
+concurrency limit, so they queue behind one another instead of competing for the CPU, the GPU's
+memory or a pipeline that is not thread-safe: one model at a time on the machine.
 """
 
 import functools
@@ -21,8 +22,8 @@ from erasure.output import InterruptedRun
 from pipelines.errors import InputError
 
 from .compare import compare, parse_prompts
-from .export import export_run
-from .jobs import EraseJob, next_checkpoint, parse_concepts, summarise_logs
+from .export import SHARED_PAGE_EXPORT, export_run
+from .jobs import EraseJob, Step, next_checkpoint, parse_concepts, summarise_logs
 from .metrics import eval_table, evaluate_run
 from .options import from_field, to_field
 from .runs import default_prompts, run_choices
@@ -31,6 +32,7 @@ log = logging.getLogger("erasure.preview")
 
 GALLERY_ROW_PX = 150
 UPDATE_EVERY_S = 0.3  # how often a running erasure refreshes the page
+MODEL_WORK = "models"  # the one concurrency id, at limit 1, of every handler that loads or trains a model
 
 
 def reported(fn):
@@ -85,7 +87,7 @@ def wire_compare(preview, page: SimpleNamespace, demo: gr.Blocks) -> None:
         [page.base, page.compare_runs, page.prompts, page.seed, page.count, page.steps, page.guidance,
          page.lora_strength],
         [page.base_images, page.erased_images, page.compare_status], api_name="generate",
-        concurrency_limit=1, concurrency_id="models",
+        concurrency_limit=1, concurrency_id=MODEL_WORK,
     )  # fmt: skip
 
     @reported
@@ -135,13 +137,13 @@ def wire_erase(preview, page: SimpleNamespace) -> None:
         preview.jobs[request.session_hash] = job.start()
         history, last, shown = [], None, 0.0
         starting = f"Starting {html.escape(method)} on {html.escape(', '.join(concepts))}: loading the model..."
-        yield starting, gr.skip(), *unchanged  # no empty plot: its first frame fixes the legend's series
+        yield starting, gr.skip(), *unchanged  # the plot appears with the first step's losses
         try:
             while job.running or not job.updates.empty():
                 update = job.wait(UPDATE_EVERY_S)
                 if update is not None:
                     last = update
-                    history += [{"step": update.step, "value": v, "log": k} for k, v in update.logs.items()]
+                    history += _plot_rows(update)
                 if last is not None and (time.monotonic() - shown >= UPDATE_EVERY_S or not job.running):
                     shown = time.monotonic()
                     yield _progress_html(job, last), _plot(history), *unchanged
@@ -159,8 +161,9 @@ def wire_erase(preview, page: SimpleNamespace) -> None:
         if job.error is not None:  # the message goes to the page; the status must not say "running"
             yield f"<b>Failed</b>: {html.escape(str(job.error))}", gr.skip(), *unchanged
             raise job.error
-        out = str(job.result)
-        choices = run_choices(preview.runs())
+        runs = preview.runs()
+        out = _as_listed(job.result, runs)
+        choices = run_choices(runs)
         joined = list(dict.fromkeys([*(compared or []), out]))
         done = f"<b>Finished</b>: <code>{html.escape(out)}</code> joins the comparison."
         yield (done, _plot(history), gr.Dropdown(choices=choices, value=joined),
@@ -171,7 +174,7 @@ def wire_erase(preview, page: SimpleNamespace) -> None:
               page.compare_runs, *page.option_fields]  # fmt: skip
     page.erase.click(
         start_erase, inputs, [page.erase_status, page.losses, *run_lists], api_name="erase", concurrency_limit=1,
-        concurrency_id="erase", show_progress="minimal", show_progress_on=[page.erase_status],
+        concurrency_id=MODEL_WORK, show_progress="minimal", show_progress_on=[page.erase_status],
     )  # fmt: skip
 
     @reported
@@ -193,7 +196,7 @@ def wire_metrics(preview, page: SimpleNamespace, demo: gr.Blocks) -> None:
     def show_metrics(run):
         if not run:
             return [], [], "Choose a run."
-        return eval_table(run)
+        return _with_images(eval_table(run))
 
     page.metrics_run.change(show_metrics, page.metrics_run, outputs, api_name="metrics")
     demo.load(show_metrics, page.metrics_run, outputs, api_visibility="private")
@@ -204,19 +207,21 @@ def wire_metrics(preview, page: SimpleNamespace, demo: gr.Blocks) -> None:
             raise InputError("choose a run to evaluate")
         progress(0, desc="loading the models")
         evaluate_run(run, _optional(samples, int, "seeds per prompt"), device=preview.device)
-        return eval_table(run)
+        return _with_images(eval_table(run))
 
     page.evaluate.click(evaluate, [page.metrics_run, page.samples], outputs, api_name="evaluate",
-                        concurrency_limit=1, concurrency_id="eval")  # fmt: skip
+                        concurrency_limit=1, concurrency_id=MODEL_WORK)  # fmt: skip
 
 
 def wire_export(preview, page: SimpleNamespace) -> None:
     @reported
     def export(run, repo, folder):
+        if preview.shared:  # checked here, not only on the page: the API reaches this handler without it
+            raise InputError(SHARED_PAGE_EXPORT)
         return export_run(run, repo, folder)
 
     page.export.click(export, [page.export_run, page.repo_id, page.local_dir], page.export_status, api_name="export",
-                      concurrency_limit=1, concurrency_id="export")  # fmt: skip
+                      concurrency_limit=1, concurrency_id=MODEL_WORK)  # fmt: skip
 
 
 def _name_options(fn, options) -> inspect.Signature:
@@ -239,8 +244,31 @@ def _optional(text, kind: type, name: str):
         raise InputError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {text!r}") from None
 
 
+def _as_listed(run: Path, runs: list[str]) -> str:
+    """`run` spelled as the run lists spell it (folders under the runs folder as given; `erase` returns it
+    resolved): a dropdown accepts only a value among its choices."""
+    resolved = Path(run).resolve()
+    return next((listed for listed in runs if Path(listed).resolve() == resolved), str(run))
+
+
+def _with_images(table: tuple) -> tuple:
+    """`eval_table`'s grids as images, not paths: gradio serves files only from its working and temporary
+    folders, and a run may be anywhere (`--erased`, a runs folder elsewhere)."""
+    from PIL import Image
+
+    def opened(path: str) -> Image.Image:
+        with Image.open(path) as image:
+            return image.copy()
+
+    rows, grids, message = table
+    return rows, [(opened(path), caption) for path, caption in grids], message
+
+
 def _progress_html(job: EraseJob, last) -> str:
+    # A multi-stage method's loops count their own steps: a bar per stage, and the stage named from the second on.
     state = f"step {last.step}/{last.total}"
+    if last.stage > 1:
+        state = f"stage {last.stage}: {state}"
     if job.cancel.is_set() and job.running:
         stop = next_checkpoint(last.step, job.checkpoint_every, last.total)
         state += f" · cancelling: stops after the checkpoint at step {stop}" if stop else " · finishing"
@@ -250,9 +278,24 @@ def _progress_html(job: EraseJob, last) -> str:
             f"{' · ' + logs if logs else ''}</div>")  # fmt: skip
 
 
-def _plot(history: list[dict]):
+def _plot_rows(update: Step) -> list[dict]:
+    """The plot's points of one step: one per loss the method logged."""
+    return [{"step": update.step, "value": value, "log": name, "stage": update.stage}
+            for name, value in update.logs.items()]  # fmt: skip
+
+
+def _plot(history: list[dict]) -> gr.LinePlot:
+    """The losses so far. A multi-stage run's series are per stage ("stage 2 · loss"): each stage's loop counts
+    from step 1 again, and two stages' losses on one line would zigzag back."""
     import pandas as pd
 
+    staged = any(entry["stage"] > 1 for entry in history)
+    rows = [{**entry, "log": f"stage {entry['stage']} · {entry['log']}" if staged else entry["log"]}
+            for entry in history]  # fmt: skip
     # Typed explicitly: the plot keeps the axis types of the first frame it gets.
-    frame = pd.DataFrame(history, columns=["step", "value", "log"])
-    return frame.astype({"step": "int64", "value": "float64", "log": "str"})
+    frame = pd.DataFrame(rows, columns=["step", "value", "log"])
+    frame = frame.astype({"step": "int64", "value": "float64", "log": "str"})
+    # The chart keeps the colours of the series it was drawn with, and a frame alone does not redraw it: a series
+    # that appears later (a stage, a loss that starts late) would be invisible. The legend, sent with every frame,
+    # redraws it (a frame without it after one with it does not, in gradio 6).
+    return gr.LinePlot(value=frame, colors_in_legend=list(dict.fromkeys(frame["log"])))

@@ -16,6 +16,12 @@ from pipelines.errors import InputError
 from ui.hub import EVAL_FILE
 
 TIMEOUT_S = 3600
+STOP_GRACE_S = 10  # after SIGTERM, the time `erasure export` has to remove its staging folder before SIGKILL
+NOTE = "note: "  # how `erasure export` starts the remarks it prints on stderr (licence unknown, not a Hub id, ...)
+SHARED_PAGE_EXPORT = (
+    "Export is off on a shared page (`--share`): anyone with the link could push to the Hub with this machine's "
+    "token, to any repository, or write a folder anywhere on this machine. Run `erasure export` in a terminal."
+)
 
 
 def export_command(run: str, repo_id: str, local_dir: str | None) -> list[str]:
@@ -24,7 +30,7 @@ def export_command(run: str, repo_id: str, local_dir: str | None) -> list[str]:
 
 
 def export_run(run: str, repo_id: str, local_dir: str | None) -> str:
-    """Run the export; returns what it printed, or raises InputError with its error line."""
+    """Run the export; returns what it printed (its notes too), or raises InputError with its error line."""
     if not run:
         raise InputError("choose a run to export")
     read_run(run)
@@ -39,15 +45,32 @@ def export_run(run: str, repo_id: str, local_dir: str | None) -> str:
         # The command line would suggest --no-eval, which the page does not offer: its card would report nothing.
         raise InputError(f"{Path(run).name} has no {EVAL_FILE} yet: press Evaluate first, the model card reports it")
     try:
-        done = subprocess.run(export_command(run, repo_id, local_dir), capture_output=True, text=True,
-                              timeout=TIMEOUT_S)  # fmt: skip
+        done = run_child(export_command(run, repo_id, local_dir), TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise InputError(f"the export did not finish within {TIMEOUT_S // 60} minutes; run `erasure export` in a "
                          "terminal to see where it stalls") from None  # fmt: skip
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
         raise InputError(lines[-1].removeprefix("error: "))
-    return done.stdout.strip() or f"exported {run}"
+    notes = [line for line in done.stderr.splitlines() if line.startswith(NOTE)]
+    return "\n".join([done.stdout.strip() or f"exported {run}", *notes])
+
+
+def run_child(command: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run `command`, its output captured; past `timeout_s` it is asked to stop (SIGTERM), so that it removes what
+    it was writing, and killed only if it has not within STOP_GRACE_S; then TimeoutExpired."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            child.terminate()
+            try:
+                child.communicate(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.communicate()
+            raise
+    return subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
 
 
 def _hub_token() -> str | None:

@@ -7,33 +7,58 @@ and the model card `README.md`: Hub metadata, what was erased and how, the paper
 with its settings, how to load the model, and the caveats.
 
 Everything that can be checked is checked before anything is written: the run, its evaluation,
-and for a push a token and a reachable Hub. A `--local-dir` is written atomically (it exists only
-once complete); a push builds the folder in a temporary directory that is always removed. The
-token is only checked for presence: `huggingface_hub` reads it (HF_TOKEN or the stored login) and
-sends it, so it never passes through this module's data, files or messages.
+and for a push a token and a reachable Hub. A run folder is not trusted: only the files its
+components load are published, none that links outside the run (or its base model), and grids only
+from its grids/ folder. A `--local-dir` is written atomically (it exists only once complete); a push
+builds the folder in a temporary directory that is removed, on SIGTERM too, and the next export
+removes what a killed one left. The exported eval.json and erasure.json describe the folder they
+are in (whole components, merged adapters), so that the folder can itself be exported again.
+
+The token is only checked for presence: `huggingface_hub` reads it (HF_TOKEN or the stored login)
+and sends it, so it never passes through this module's data, files or messages.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import re
 import shutil
+import signal
 import tempfile
-from dataclasses import dataclass, field
-from pathlib import Path
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
 
-from erasure.output import MANIFEST, RunDirectory, read_run
+from erasure import DISTRIBUTION
+from erasure.output import MANIFEST, read_run
 from erasure.registry import Method, get_method
 from pipelines.cards import MODEL_CARD_FILE
 from pipelines.errors import InputError
 from pipelines.families import get_family
-from pipelines.files import check_outside
+from pipelines.files import check_outside, normalise_permissions, write_json
 from pipelines.lora_files import LORA_FILE
 from pipelines.zoo.models import EMBEDDED, canonical_name
 
 CARD_FILE = "README.md"
 EVAL_FILE = "eval.json"
+REDUCTION_FILE = "lora_reduction.json"
 GAN_FILES = ("generator_config.json", "generator.safetensors")  # the discriminator is not needed to generate
 PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# What diffusers' and transformers' `save_pretrained` write into a component folder, and `from_pretrained` reads:
+# configs, the tokenizers' files, and weights in safetensors, whole or sharded with an index (a variant such as
+# `.fp16.` is not read without asking for it). Nothing else of a run folder is published: notes, backups, ...
+COMPONENT_FILES = (
+    "config.json", "scheduler_config.json", "preprocessor_config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "spiece.model",
+)  # fmt: skip
+COMPONENT_WEIGHTS = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+STAGING = ".{name}.staging-"  # beside --local-dir, followed by the writer's pid: `.NAME.staging-PID-XXXX`
+PUSH_STAGING = "erasure-export-"  # in the temporary directory, followed the same way
 # The embedded digits models are trained by this repository's recipe and ship under its licence.
 EMBEDDED_LICENSE = "apache-2.0"
 # Well-known bases whose Hub snapshots this toolkit loads without their README (which holds the licence).
@@ -44,7 +69,9 @@ KNOWN_LICENSES = {
 }
 LICENSE_PLACEHOLDER = "unknown-fill-in-the-base-model-license"  # Hub `license_name` syntax: [a-z0-9-.]
 PIPELINE_TAGS = {"text-to-image": "text-to-image", "one-step": "text-to-image", "gan": "unconditional-image-generation"}
-LIBRARIES = {"text-to-image": "diffusers", "one-step": "diffusers", "gan": "pytorch"}
+# A one-step folder is not for diffusers' `DiffusionPipeline` (model_index.json names the toolkit's
+# OneStepPipeline), which the Hub's diffusers snippet would call: the toolkit's loader is what loads it whole.
+LIBRARIES = {"text-to-image": "diffusers", "one-step": DISTRIBUTION, "gan": "pytorch"}
 
 
 # Loading snippets of the card; the tests run them against the exported folder.
@@ -89,9 +116,9 @@ path = hf_hub_download("{repo_id}", "{file}")
 pipe = {pipeline}.from_single_file(path, config="{repo_id}")
 ```"""
 
-LORA_USAGE = """\
-The erasure is also a LoRA, `{lora_file}`: load it into a pipeline of the base model (as a strength,
-`set_adapters` takes a weight; several erasures stack by loading each):
+LORA_LOADING = """\
+Load it into a pipeline of the base model (as a strength, `set_adapters` takes a weight; several erasures stack
+by loading each):
 
 ```python
 from diffusers import DiffusionPipeline
@@ -100,6 +127,16 @@ pipe = DiffusionPipeline.from_pretrained("{base}")
 pipe.load_lora_weights("{repo_id}", adapter_name="erasure")
 pipe.set_adapters(["erasure"], adapter_weights=[1.0])
 ```"""
+
+LORA_USAGE = "The erasure is also a LoRA, `{lora_file}`. " + LORA_LOADING
+
+REDUCED_LORA_INTRO = """\
+`{lora_file}` approximates the erasure as a LoRA: the run's weight change cut to rank {rank} by SVD
+(`{reduction_file}`), with a relative error of {relative_error:.4f} (worst layer {worst_layer_relative_error:.4f}),
+and {changed_tensors_left_out} changed norm or bias tensors left out. The figures of this card were measured on the
+full weights of this repository, not on the LoRA. """
+
+REDUCED_LORA_USAGE = REDUCED_LORA_INTRO + LORA_LOADING
 
 KOHYA_USAGE = """\
 `{file}` is the same LoRA in the kohya layout, which A1111 and ComfyUI load (put it in their LoRA folder)."""
@@ -113,11 +150,19 @@ ONE_STEP_USAGE = """\
 
 A one-step generator (Score Forgetting Distillation): one UNet evaluation per image, guidance
 distilled in. With the concept-erasure toolkit, `load_model("{repo_id}")` loads it like any model.
-With plain diffusers and transformers, the step is:
+Diffusers' `DiffusionPipeline.from_pretrained` does not: diffusers has no one-step pipeline
+(`model_index.json` names the toolkit's `OneStepPipeline`), but its parts load with plain diffusers
+and transformers, and the step is:
 
 ```python
 from huggingface_hub import snapshot_download
 {recipe}```"""
+
+ONE_STEP_LORA_USAGE = """\
+`{lora_file}` holds the generator's change as LoRA adapters over the base's UNet (`unet/` here has them
+merged in). They make the one-step generator, not an erased version of the base's multi-step pipeline: loaded
+into the base's pipeline (`load_lora_weights`, then `fuse_lora`), its UNet is to take the one step above, never the
+base's sampler."""
 
 GAN_USAGE = """\
 ## How to use
@@ -140,11 +185,14 @@ class Run:
 
     path: Path
     manifest: dict
-    kind: str  # "text-to-image" or "gan"
+    kind: str  # "text-to-image", "one-step" or "gan"
     method: Method
     model_files: dict[Path, Path]  # what makes up the loadable model: {path in the Hub folder: file}
     model_card: dict  # erasure_model.json (family, sampling defaults, what was erased)
     report: dict | None  # eval.json; None when exported with --no-eval
+    grids: dict[Path, Path] = field(default_factory=dict)  # eval.json's grids: {path in the Hub folder: file}
+    left_out: list[str] = field(default_factory=list)  # files in the components' folders that no component loads
+    reduction: dict | None = None  # lora_reduction.json: the run's LoRA file is --as-lora's approximation
 
 
 @dataclass
@@ -177,6 +225,9 @@ def export_run(
         _check_as_lora(run, as_lora)
     if lora_format not in ("diffusers", "kohya"):
         raise InputError(f"unknown LoRA format {lora_format!r}; known: diffusers, kohya")
+    if lora_format == "kohya" and run.kind == "one-step":
+        raise InputError("--lora-format kohya: a one-step run's adapters make its one-step generator, and A1111 or "
+                         "ComfyUI would apply them to the base's multi-step sampler; export without it")  # fmt: skip
     if lora_format == "kohya" and as_lora is None and not (run.path / LORA_FILE).is_file():
         raise InputError(f"--lora-format kohya writes a LoRA: {run.path} was not trained as one (--set lora_rank=R); "
                          "reduce it with --as-lora RANK")  # fmt: skip
@@ -194,26 +245,37 @@ def export_run(
     else:
         _check_hub_access()
     metadata, notes = card_metadata(run, pushed=local_dir is None)
+    if run.left_out:
+        notes.append(f"left out {len(run.left_out)} file(s) that no component loads: {', '.join(run.left_out[:5])}"
+                     + (", ..." if len(run.left_out) > 5 else ""))  # fmt: skip
 
     def build(folder: Path) -> None:
         write_hub_folder(run, folder, single_file=single_file, repo_id=repo_id)
+        exported = run
         if as_lora is not None:
-            notes.append(_write_reduced_lora(run, folder, as_lora))
+            exported = replace(run, reduction=_write_reduced_lora(run, folder, as_lora))
+            notes.append(_reduction_note(exported.reduction))
         if lora_format == "kohya":
             _write_kohya_lora(run, folder, repo_id)
+        exported = _write_records(exported, folder, repo_id, single_file=single_file, kohya=lora_format == "kohya")
         lora = (folder / LORA_FILE).is_file()
-        card = render_card(run, repo_id, metadata, single_file=single_file, lora=lora, kohya=lora_format == "kohya")
+        card = render_card(exported, repo_id, metadata, single_file=single_file, lora=lora,
+                           kohya=lora_format == "kohya")  # fmt: skip
         (folder / CARD_FILE).write_text(card)
 
-    if local_dir is not None:
-        RunDirectory(local_dir).commit(build)
-        return Exported(_listing(local_dir), folder=local_dir, notes=notes)
-    with tempfile.TemporaryDirectory(prefix="erasure-export-") as tmp:
-        folder = Path(tmp) / "repo"
-        folder.mkdir()
-        build(folder)
-        url = push(folder, repo_id, private=private, message=f"{run.method.key}: erase {', '.join(_concepts(run))}")
-        return Exported(_listing(folder), url=url, notes=notes)
+    with _sigterm_raises():
+        if local_dir is not None:
+            _write_atomically(local_dir, build)
+            return Exported(_listing(local_dir), folder=local_dir, notes=notes)
+        tmp_root = Path(tempfile.gettempdir())
+        _remove_abandoned(tmp_root, PUSH_STAGING)
+        with tempfile.TemporaryDirectory(prefix=f"{PUSH_STAGING}{os.getpid()}-", dir=tmp_root) as tmp:
+            folder = Path(tmp) / "repo"
+            folder.mkdir()
+            build(folder)
+            message = f"{run.method.key}: erase {', '.join(_concepts(run))}"
+            url = push(folder, repo_id, private=private, message=message)
+            return Exported(_listing(folder), url=url, notes=notes)
 
 
 # --- checks, before anything is written ----------------------------------------------------------
@@ -240,15 +302,18 @@ def load_run(run_dir: str | Path, *, no_eval: bool = False) -> Run:
     source = resolve(str(path))
     if source.kind not in PIPELINE_TAGS:
         raise InputError(f"{path}: exporting {source.kind} models is not available in this version")
-    files = _model_files(path, source.kind)
-    pickled = [f for f in files.values() if f.suffix in PICKLED_SUFFIXES]
-    if pickled:
-        raise InputError(f"{pickled[0]}: only safetensors weights are exported, never pickled files")
+    files, left_out = _model_files(path, source.kind)
     for file in files.values():
         if file.suffix == ".safetensors":
             check_safetensors(file)
+    for name in (MANIFEST, MODEL_CARD_FILE, EVAL_FILE, REDUCTION_FILE):
+        if (path / name).is_file():
+            _inside(path / name, _link_root(path))
+    reduction = None
+    if (path / LORA_FILE).is_file() and (path / REDUCTION_FILE).is_file():  # a folder exported with --as-lora
+        reduction = json.loads((path / REDUCTION_FILE).read_text())
 
-    report = None
+    report, grids = None, {}
     if not no_eval:
         eval_path = path / EVAL_FILE
         if not eval_path.is_file():
@@ -267,29 +332,81 @@ def load_run(run_dir: str | Path, *, no_eval: bool = False) -> Run:
         if unmeasured:  # a card of this run would report another concept's figures as this erasure's
             raise InputError(f"{eval_path} does not measure the erased concept {unmeasured[0]!r}; rerun "
                              f"`erasure eval {path}` without --concept")  # fmt: skip
-        missing = [g for g in report.get("grids", {}).values() if not (path / g).is_file()]
-        if missing:
-            raise InputError(f"{eval_path} lists grid {path / missing[0]}, which is missing; rerun `erasure eval`")
-    return Run(path, manifest, source.kind, method, files, source.card, report)
+        grids = _grid_files(path, report)
+    return Run(path, manifest, source.kind, method, files, source.card, report, grids, left_out, reduction)
 
 
-def _model_files(path: Path, kind: str) -> dict[Path, Path]:
-    """The files that make up the loadable model: {path in the Hub folder: file to copy}."""
+def _grid_files(path: Path, report: dict) -> dict[Path, Path]:
+    """The before/after grids of the run's eval.json: {path in the Hub folder: file}. `erasure eval` writes them
+    into the run's grids/ folder; a path elsewhere (absolute, or climbing out with ..) would have the export write
+    a file, and the card link one, outside the Hub folder."""
+    eval_path = path / EVAL_FILE
+    grids = report.get("grids", {})
+    if not isinstance(grids, dict):
+        raise InputError(f"{eval_path}: its grids are not a table of names and paths; rerun `erasure eval`")
+    files = {}
+    for name, rel in grids.items():
+        parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+        if len(parts) != 2 or parts[0] != "grids" or parts[1] == "..":
+            raise InputError(f"{eval_path} lists grid {name!r} at {rel!r}, which is not in the run's grids/ folder; "
+                             "rerun `erasure eval`")  # fmt: skip
+        if not (path / rel).is_file():
+            raise InputError(f"{eval_path} lists grid {path / rel}, which is missing; rerun `erasure eval`")
+        files[Path(rel)] = _inside(path / rel, _link_root(path))
+    return files
+
+
+def _model_files(path: Path, kind: str) -> tuple[dict[Path, Path], list[str]]:
+    """The files that make up the loadable model, {path in the Hub folder: file to copy}, and the files of the
+    components' folders left out (no component loads them)."""
     from pipelines.components import component_folders
 
+    root = _link_root(path)
     if kind == "gan":
-        root = Path(".") if (path / GAN_FILES[0]).is_file() else Path("generator")
-        missing = [name for name in GAN_FILES if not (path / root / name).is_file()]
+        gan = Path(".") if (path / GAN_FILES[0]).is_file() else Path("generator")
+        missing = [name for name in GAN_FILES if not (path / gan / name).is_file()]
         if missing:
             raise InputError(f"{path} is not a complete GAN folder (missing {', '.join(missing)})")
-        return {root / name: path / root / name for name in GAN_FILES}
-    files = {Path("model_index.json"): path / "model_index.json"}
+        return {gan / name: _inside(path / gan / name, root) for name in GAN_FILES}, []
+    files = {Path("model_index.json"): _inside(path / "model_index.json", root)}
+    left_out = []
     # A `--save changed` run lends its unchanged components from its base: the Hub folder gets them whole.
     for name, folder in component_folders(path).items():
-        files.update((Path(name) / p.relative_to(folder), p) for p in sorted(folder.rglob("*")) if p.is_file())
+        if name in (".", "..") or Path(name).name != name:
+            raise InputError(f"{path / 'model_index.json'} names a component {name!r}, which is not a folder name")
+        wanted = _component_files(folder)
+        files.update((Path(name) / file.name, _inside(file, _link_root(folder.parent))) for file in wanted)
+        left_out += [f"{name}/{p.relative_to(folder)}" for p in sorted(folder.rglob("*"))
+                     if p not in wanted and not p.is_dir()]  # fmt: skip
     if (path / LORA_FILE).is_file():  # a run trained as LoRA: its adapters, for load_lora_weights (and, with
-        files[Path(LORA_FILE)] = path / LORA_FILE  # --save lora, the toolkit's loader) on the base's weights
-    return files
+        files[Path(LORA_FILE)] = _inside(path / LORA_FILE, root)  # --save lora, the toolkit's loader) on the base
+    return files, left_out
+
+
+def _component_files(folder: Path) -> list[Path]:
+    """The files of a component folder that `from_pretrained` reads; its weights must be safetensors."""
+    wanted = [p for p in sorted(folder.iterdir())
+              if p.is_file() and (p.name in COMPONENT_FILES or COMPONENT_WEIGHTS.fullmatch(p.name))]  # fmt: skip
+    pickled = [p for p in sorted(folder.iterdir()) if p.suffix in PICKLED_SUFFIXES]
+    if pickled and not any(p.suffix == ".safetensors" for p in wanted):
+        raise InputError(f"{pickled[0]}: only safetensors weights are exported, never pickled files")
+    return wanted
+
+
+def _link_root(folder: Path) -> Path:
+    """The folder a model folder's files may lead into: itself, or for a Hub cache snapshot
+    (`models--ORG--NAME/snapshots/REVISION`) its repository's folder, whose blobs/ its files link to."""
+    folder = folder.resolve()
+    return folder.parents[1] if folder.parent.name == "snapshots" else folder
+
+
+def _inside(file: Path, root: Path) -> Path:
+    """`file`, when it (through any links) is a file of `root`: a run folder's links are never followed out of it
+    or its base model, so that an export cannot publish a file of the machine it runs on."""
+    if not file.resolve().is_relative_to(root):
+        raise InputError(f"{file} leads to {file.resolve()}, outside {root}: an export publishes only the files of "
+                         "the run and of its base model")  # fmt: skip
+    return file
 
 
 def _check_single_file(run: Run) -> None:
@@ -316,8 +433,8 @@ def _check_as_lora(run: Run, rank: int) -> None:
         raise InputError(f"{run.path} was trained as LoRA adapters: its {LORA_FILE} is exported as it is")
 
 
-def _write_reduced_lora(run: Run, folder: Path, rank: int) -> str:
-    """The run's change as a LoRA file in the Hub folder, and the reduction's error beside it; returns a note."""
+def _write_reduced_lora(run: Run, folder: Path, rank: int) -> dict:
+    """The run's change as a LoRA file in the Hub folder, and the reduction's error beside it; returns the error."""
     import diffusers
 
     from erasure.lora import reduce_to_lora, save_adapters
@@ -325,10 +442,14 @@ def _write_reduced_lora(run: Run, folder: Path, rank: int) -> str:
     adapters, report = reduce_to_lora(run.path, rank)
     pipeline_class = getattr(diffusers, json.loads((run.path / "model_index.json").read_text())["_class_name"])
     save_adapters(pipeline_class, folder, adapters, rank, rank)
-    (folder / "lora_reduction.json").write_text(json.dumps(report, indent=2) + "\n")
-    return (f"LoRA of rank {rank} (SVD of the weight change): relative error {report['relative_error']:.4f}, worst "
-            f"layer {report['worst_layer_relative_error']:.4f}; {report['changed_tensors_left_out']} changed "
-            "norm/bias tensors are not in it")
+    write_json(folder / REDUCTION_FILE, report)
+    return report
+
+
+def _reduction_note(report: dict) -> str:
+    return (f"LoRA of rank {report['rank']} (SVD of the weight change): relative error {report['relative_error']:.4f}, "
+            f"worst layer {report['worst_layer_relative_error']:.4f}; {report['changed_tensors_left_out']} changed "
+            "norm/bias tensors are not in it")  # fmt: skip
 
 
 def kohya_file_name(repo_id: str) -> str:
@@ -366,22 +487,22 @@ def _check_hub_access() -> None:
 
 
 def write_hub_folder(run: Run, folder: Path, *, repo_id: str, single_file: bool = False) -> None:
-    """Fill `folder` (which exists and is empty) with the run's files (the model card apart)."""
+    """Fill `folder` (which exists and is empty) with the run's model and grids (the records and the model card
+    apart: `_write_records` writes them once every weight file is in place)."""
     # A `--save lora` run lends every component from its base: those its adapters change are written merged.
     merged = run.manifest["lora"]["components"] if run.model_card.get("lora_adapters") else []
     for rel, file in run.model_files.items():
         if rel.parts[0] not in merged:
             # A GAN's files go under generator/, where the toolkit's loader and its Hub download look for them.
             _copy(file, folder / "generator" / rel.name if run.kind == "gan" else folder / rel)
-    for name in (MANIFEST, MODEL_CARD_FILE):
-        if (run.path / name).is_file():
-            _copy(run.path / name, folder / name)
+    if (run.path / MODEL_CARD_FILE).is_file():
+        _copy(run.path / MODEL_CARD_FILE, folder / MODEL_CARD_FILE)
     if merged:
         _write_merged(run, folder, merged)
-    if run.report is not None:
-        _copy(run.path / EVAL_FILE, folder / EVAL_FILE)
-        for rel in run.report.get("grids", {}).values():
-            _copy(run.path / rel, folder / rel)
+    if run.reduction is not None:
+        _copy(run.path / REDUCTION_FILE, folder / REDUCTION_FILE)
+    for rel, file in run.grids.items():
+        _copy(file, folder / rel)
     if single_file:
         from pipelines import load_model
         from pipelines.single_file import save_single_file
@@ -401,6 +522,119 @@ def _write_merged(run: Run, folder: Path, components: list[str]) -> None:
     for name in components:
         save_component(getattr(model.pipe, name), folder / name)
     write_model_card(folder, {k: v for k, v in run.model_card.items() if k != "lora_adapters"})
+
+
+def _write_records(run: Run, folder: Path, repo_id: str, *, single_file: bool, kohya: bool) -> Run:
+    """erasure.json and eval.json of the Hub folder, describing what it holds; returns the run with that eval.json.
+
+    A `--save changed` or `--save lora` run becomes whole components here, and extra files (single file, LoRA)
+    change the folder's weight digest: eval.json then names this folder's digest, keeps the one `erasure eval`
+    measured, and says how the two relate, so that the folder passes `load_run`'s check and can be exported again.
+    """
+    from pipelines.loading import weights_digest
+
+    manifest = run.manifest
+    if manifest.get("save", "full") == "full":
+        _copy(run.path / MANIFEST, folder / MANIFEST)
+    else:  # how the run was saved is kept, apart from what the folder holds
+        saved = {key: manifest[key] for key in ("save", "stored_components") if key in manifest}
+        whole = {k: v for k, v in manifest.items() if k != "stored_components"}
+        write_json(folder / MANIFEST, {**whole, "save": "full", "run_save": saved})
+    if run.report is None:
+        return run
+    after, digest = run.report["after"], weights_digest(folder)
+    if digest == after["sha256"]:
+        _copy(run.path / EVAL_FILE, folder / EVAL_FILE)
+        return run
+    measured = {"sha256": digest, "measured_sha256": after.get("measured_sha256", after["sha256"]),
+                "weights": _measured_weights(run, repo_id, single_file=single_file, kohya=kohya)}  # fmt: skip
+    report = {**run.report, "after": {**after, **measured}}
+    write_json(folder / EVAL_FILE, report)
+    return replace(run, report=report)
+
+
+def _measured_weights(run: Run, repo_id: str, *, single_file: bool, kohya: bool) -> list[str]:
+    """How the weights `erasure eval` measured relate to the files of the Hub folder, where they differ."""
+    saved = run.manifest.get("run_save", run.manifest)
+    lines = []
+    if saved.get("save") == "changed":
+        lent = sorted(k for k, how in saved.get("stored_components", {}).items() if how == "base")
+        lines.append(f"`erasure eval` measured the run saved with --save changed, which took {', '.join(lent)} from "
+                     "its base after checking them against the digests it recorded; this folder holds the same files, "
+                     "every component whole")  # fmt: skip
+    if saved.get("save") == "lora":
+        parts = ", ".join(run.manifest["lora"]["components"])
+        lines.append(f"`erasure eval` measured the run saved with --save lora: the base's {parts} with the run's "
+                     f"LoRA adapters merged in on loading; this folder's {parts} hold them, merged by the same "
+                     "loader")  # fmt: skip
+    if run.kind == "gan":
+        lines.append("the generator's files, byte for byte, under generator/; the run's other weights (a "
+                     "discriminator, which generating does not need) are left out")  # fmt: skip
+    if run.left_out:
+        lines.append(f"left out of this folder, as no component loads them: {', '.join(run.left_out)}")
+    if single_file:
+        lines.append(f"`{single_file_name(repo_id)}`: the same model in the original single-file layout, converted by "
+                     "the export and not measured itself")  # fmt: skip
+    if run.reduction is not None:
+        lines.append(f"`{LORA_FILE}`: an approximation of the erasure as a rank-{run.reduction['rank']} LoRA "
+                     f"(relative error {run.reduction['relative_error']:.4f}, `{REDUCTION_FILE}`), not measured: "
+                     "the figures are the full weights'")  # fmt: skip
+    if kohya:
+        lines.append(f"`{kohya_file_name(repo_id)}`: `{LORA_FILE}` in the kohya layout, not measured itself")
+    return lines
+
+
+def _write_atomically(local_dir: Path, build: Callable[[Path], None]) -> None:
+    """`build` a staging folder beside `local_dir`, then rename it into place: `local_dir` exists only complete.
+
+    The staging folder's name holds this process's id: a later export to `local_dir` removes the folders of killed
+    exports (gigabytes at SD size) and leaves alone one that a live export is still writing."""
+    prefix = STAGING.format(name=local_dir.name)
+    _remove_abandoned(local_dir.parent, prefix)
+    staging = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=local_dir.parent))
+    try:
+        build(staging)
+        normalise_permissions(staging)  # mkdtemp's 0700 (and safetensors' 0600) would keep colleagues out
+        os.rename(staging, local_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove the folders `parent/PREFIX<pid>-*` whose export process is gone (killed before it could clean up)."""
+    for folder in parent.glob(f"{glob.escape(prefix)}*"):
+        pid = re.fullmatch(r"([1-9]\d{0,6})-[^.]+", folder.name.removeprefix(prefix))
+        if pid and folder.is_dir() and not folder.is_symlink() and not _alive(int(pid.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to someone else
+        return True
+    return True
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the Hub folder is built, SIGTERM (`kill`, a job scheduler's stop) raises SystemExit, so that the
+    half-built folder is removed on the way out; Python's default would end the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)  # the exit status of a process that SIGTERM ended
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -603,6 +837,9 @@ def _evaluation(run: Run) -> str:
     ]
     if report.get("baseline_matches_run") is False:
         lines += ["", "**Note:** the baseline measured here is not the exact base this model was erased from."]
+    if report["after"].get("weights"):  # written by the export: what was measured, against what this repo holds
+        lines += ["", "What was measured, and what this repository holds:", ""]
+        lines += [f"- {line}." for line in report["after"]["weights"]]
     for concept, section in report["concepts"].items():
         lines += ["", f"### {concept}", "", "| metric | before → after (change) | settings |", "|---|---|---|"]
         for name, metric in section["metrics"].items():
@@ -646,7 +883,8 @@ def _usage(run: Run, repo_id: str, single_file: bool, lora: bool = False, kohya:
         prompt = _concepts(run)[0].replace('"', "'")
         template = PLAIN_DIFFUSERS_RECIPE_XL if run.model_card.get("family") == "sdxl" else PLAIN_DIFFUSERS_RECIPE
         recipe = template.format(folder=f'snapshot_download("{repo_id}")', prompt=prompt)
-        return ONE_STEP_USAGE.format(repo_id=repo_id, recipe=recipe)
+        usage = ONE_STEP_USAGE.format(repo_id=repo_id, recipe=recipe)
+        return usage + "\n\n" + ONE_STEP_LORA_USAGE.format(lora_file=LORA_FILE) if lora else usage
     from pipelines.diffusion import FLUX_SAMPLING, SD_SAMPLING
 
     defaults = FLUX_SAMPLING if run.model_card.get("family") == "flux" else SD_SAMPLING
@@ -665,7 +903,11 @@ def _usage(run: Run, repo_id: str, single_file: bool, lora: bool = False, kohya:
         parts.append(SINGLE_FILE_USAGE.format(repo_id=repo_id, file=single_file_name(repo_id), pipeline=pipeline))
     if lora:
         base_name = base["spec"] if base.get("origin") == "hub" else "BASE-MODEL"
-        parts.append(LORA_USAGE.format(repo_id=repo_id, base=base_name, lora_file=LORA_FILE))
+        if run.reduction is not None:  # an approximation, whose error the reader needs beside it
+            parts.append(REDUCED_LORA_USAGE.format(repo_id=repo_id, base=base_name, lora_file=LORA_FILE,
+                                                   reduction_file=REDUCTION_FILE, **run.reduction))  # fmt: skip
+        else:
+            parts.append(LORA_USAGE.format(repo_id=repo_id, base=base_name, lora_file=LORA_FILE))
     if kohya:
         template = KOHYA_USAGE_FLUX if run.model_card.get("family") == "flux" else KOHYA_USAGE
         parts.append(template.format(file=kohya_file_name(repo_id)))

@@ -3,7 +3,12 @@
 Cancelling must leave something `--resume` can continue. The training loop writes a checkpoint
 every `checkpoint_every` steps and then calls `after_step`, so a cancelled job stops right after
 its next checkpoint: an exception raised there interrupts `erase()`, which keeps the hidden
-`.NAME.work/` folder (and raises InterruptedRun) instead of deleting it.
+`.NAME.work/` folder (and raises InterruptedRun) instead of deleting it. A run that ends at that
+step (its last, or the one a stopping rule ended it at, reported as step == total) has finished: it
+is kept as finished, not cancelled.
+
+Some methods train in stages, one training loop each (STEREO: search, invert, ..., erase once):
+each loop counts its own steps, so the reports are numbered by stage.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ class CancelledFromPage(Exception):
 @dataclass
 class Step:
     step: int
-    total: int
+    total: int  # of this stage's training loop
     logs: dict[str, float]
+    stage: int = 1  # 1, 2, ...: the training loops of a multi-stage method, in order
 
 
 @dataclass
@@ -44,6 +50,7 @@ class EraseJob:
     result: Path | None = None
     error: BaseException | None = None
     _thread: threading.Thread | None = None
+    _last: Step | None = None
 
     def start(self) -> EraseJob:
         if self.checkpoint_every < 1:
@@ -64,8 +71,16 @@ class EraseJob:
             return None
 
     def _after_step(self, step: int, total: int, logs: dict) -> None:
-        self.updates.put(Step(step, total, dict(logs)))
-        # The same condition under which the training loop has just saved a checkpoint.
+        last = self._last
+        # A loop's last report has step == total, so a report after it belongs to the next stage's loop.
+        if last is None:
+            stage = 1
+        else:
+            stage = last.stage + 1 if last.step == last.total else last.stage
+        self._last = Step(step, total, dict(logs), stage)
+        self.updates.put(self._last)
+        # The same condition under which the training loop has just saved a checkpoint: none at a loop's last step,
+        # which is the one a stopping rule ended it at too (reported as step == total), so a finished run is kept.
         if self.cancel.is_set() and step % self.checkpoint_every == 0 and step < total:
             raise CancelledFromPage(f"cancelled from the page at step {step}/{total}")
 
