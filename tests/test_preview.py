@@ -18,6 +18,7 @@ from erasure.api import erase
 from erasure.config import build_config
 from erasure.evaluation import run_eval
 from erasure.registry import METHODS
+from pipelines.errors import InputError
 
 QUICK = {"steps": "2", "ddim_steps": "3", "batch_size": "1", "lr": "1e-2"}
 REPO = Path(__file__).resolve().parents[1]
@@ -276,7 +277,7 @@ def test_the_base_model_is_the_selected_runs_own_unless_one_is_given(served):
     assert base_shown(Preview(model="digits", erased=[served["run"]], runs_dir=served["runs"])) == "digits"
 
 
-def test_a_shared_page_exports_nothing(client, served, tmp_path, monkeypatch):
+def test_a_shared_page_exports_nothing_and_loads_only_its_own_models(client, served, tmp_path, monkeypatch):
     from gradio_client.exceptions import AppError
 
     monkeypatch.setattr(served["preview"], "shared", True)  # as `--share` sets it; the link itself needs the network
@@ -284,6 +285,16 @@ def test_a_shared_page_exports_nothing(client, served, tmp_path, monkeypatch):
         with pytest.raises(AppError, match=r"Export is off on a shared page \(`--share`\)"):
             client.predict(served["listed"], "me/tiny-no-cat", folder, api_name="/export")
     assert not (tmp_path / "anywhere").exists()
+    # a visitor's own path or Hub id is not loaded, as a base or as a run; the owner's models are
+    with pytest.raises(AppError, match="a shared page .* loads only the embedded models"):
+        generate(client, served, "a cat", runs=[str(tmp_path)])
+    preview = served["preview"]
+    for base, runs in ((str(tmp_path / "elsewhere"), []), ("someone/some-model", []), (None, [str(tmp_path)])):
+        with pytest.raises(InputError, match="a shared page .* loads only the embedded models"):
+            for model in (base, *runs):
+                preview.check_loadable(model)
+    for model in ("digits", served["listed"], None):
+        preview.check_loadable(model)
 
 
 def test_an_export_past_its_time_is_asked_to_stop_before_it_is_killed(tmp_path):

@@ -13,6 +13,7 @@ import gradio as gr
 from erasure.output import read_run, recorded_base_model
 from erasure.registry import METHODS
 from pipelines.errors import InputError
+from pipelines.zoo.models import canonical_name
 
 from .compare import ModelCache
 from .events import wire_compare, wire_erase, wire_export, wire_metrics
@@ -59,6 +60,26 @@ class Preview:
             return recorded_base_model(read_run(selected[0])) if selected else "digits"
         except InputError:  # the run folder went away since it was listed
             return "digits"
+
+    def check_loadable(self, spec: str | None) -> None:
+        """On a shared page (`--share`), only the models its owner chose load: the embedded ones, `--model`, the
+        listed runs and their bases. A visitor's path or Hub id would read any model folder on this machine, or
+        download gigabytes onto it."""
+        spec = (spec or "").strip()
+        if not self.shared or not spec or canonical_name(spec) or spec == self.model:
+            return
+        listed = self.runs()
+        if Path(spec).resolve() in {Path(run).resolve() for run in listed}:
+            return
+        bases = set()
+        for run in listed:
+            try:
+                bases.add(recorded_base_model(read_run(run)))
+            except InputError:  # a run folder that went away since it was listed
+                continue
+        if spec not in bases:
+            raise InputError(f"{spec!r}: a shared page (`--share`) loads only the embedded models, --model, the listed "
+                             "runs and their base models")  # fmt: skip
 
     def family(self) -> str:
         """The name of the base model's family, whose presets the Erase tab offers first."""

@@ -73,6 +73,8 @@ def wire_compare(preview, page: SimpleNamespace, demo: gr.Blocks) -> None:
         first = int(seed or 0)
         seeds = list(range(first, first + int(count)))
         steps, guidance = _optional(steps, int, "steps"), _optional(guidance, float, "guidance")
+        for model in (base, *(runs or [])):
+            preview.check_loadable(model)
         result = compare(preview.cache, base, runs or [], parse_prompts(prompts), seeds, steps=steps, guidance=guidance,
                          lora_strength=float(strength))  # fmt: skip
         columns = len(seeds)
@@ -128,6 +130,7 @@ def wire_erase(preview, page: SimpleNamespace) -> None:
         name = (name or "").strip() or default_out_dir(method, concepts).name
         if Path(name).name != name or name.startswith("."):
             raise InputError(f"a run name is a folder name under {preview.runs_dir}/, not a path: {name!r}")
+        preview.check_loadable(model)
         running = preview.jobs.get(request.session_hash)
         if running is not None and running.running:
             raise InputError("an erasure you started is still running: cancel it or wait for it")
