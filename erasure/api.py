@@ -20,7 +20,7 @@ from .bounds import SEED_BOUNDS, check_number
 from .config import build_config, config_to_dict, load_config_file, parse_sets
 from .output import InterruptedRun, RunDirectory, library_versions, peak_memory_mb, write_manifest
 from .registry import get_method
-from .training import RunContext
+from .training import RunContext, checkpoint_on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -139,58 +139,60 @@ def erase(
         if resume and not resumed:
             log.warning("nothing to resume in %s: the run stopped before its first checkpoint, so it starts from "
                         "its first step", run_dir.work)  # fmt: skip
-    try:
-        started = time.time()
-        base = load_model(source, device=device, single_file_config=model_config)
-        loaded = time.time()
-        _warn_of_cut_concepts(base, concepts)
-        log.info("erasing %s with %s", ", ".join(concepts), method)
-        result = spec.entry(base, concepts, config, run)
-        from .lora import LORA_FILE, adapter_size, save_adapters, take_adapters
+    # A SIGTERM (a scheduler preempting the job) checkpoints the step it arrives at: `--resume` loses nothing.
+    with checkpoint_on_sigterm(run.num_processes == 1):
+        try:
+            started = time.time()
+            base = load_model(source, device=device, single_file_config=model_config)
+            loaded = time.time()
+            _warn_of_cut_concepts(base, concepts)
+            log.info("erasing %s with %s", ", ".join(concepts), method)
+            result = spec.entry(base, concepts, config, run)
+            from .lora import LORA_FILE, adapter_size, save_adapters, take_adapters
 
-        # LoRA runs: the adapters are kept apart, then merged, so the model saves as a plain pipeline
-        adapters = take_adapters(result.model, result.changed) if lora_rank else {}
-        wall, erase_time = time.time() - started, time.time() - loaded
+            # LoRA runs: the adapters are kept apart, then merged, so the model saves as a plain pipeline
+            adapters = take_adapters(result.model, result.changed) if lora_rank else {}
+            wall, erase_time = time.time() - started, time.time() - loaded
 
-        def write(folder: Path) -> None:
-            erased = {"method": method, "concepts": concepts, "base_model": source.spec}
-            card = {"erased": erased, **({"lora_adapters": LORA_FILE} if save == "lora" else {})}
-            changed, mode = ([], "changed") if save == "lora" else (result.changed, save)
-            stored = result.model.save(folder, card=card, changed=changed, mode=mode)
-            lora = {}
-            if adapters:
-                path = save_adapters(_lora_file_writer(result.model), folder, adapters, lora_rank,
-                                     config.lora_alpha or lora_rank)  # fmt: skip
-                lora = {"lora": {"rank": lora_rank, "alpha": config.lora_alpha or lora_rank,
-                                 "components": sorted(adapters), **adapter_size(path)}}  # fmt: skip
-            log.info("saved %s: %s", run_dir.final, ", ".join(f"{k} {v}" for k, v in stored.items()) or "whole")
-            total = sum(p.numel() for name in result.changed for p in getattr(result.model, name).parameters())
-            write_manifest(folder, {
-                "method": method, "paper": spec.paper.title, "paper_url": spec.paper.url,
-                "concepts": concepts, "base_model": base_model, "config": config_to_dict(config),
-                "seed": seed, "device": device, "mixed_precision": mixed_precision, "processes": run.num_processes,
-                "optimizer_state": optimizer_state, "frozen_precision": frozen_precision,
-                "frozen_dtype": str(run.frozen_dtype).removeprefix("torch."),
-                "changed_components": result.changed, "save": save, "stored_components": stored,
-                "trainable_parameters": result.trainable_parameters, "changed_component_parameters": total,
-                "final_logs": result.logs, **result.outcome, **lora,
-                "resumed": resumed,  # then the times below are of the resumed part
-                "wall_time_s": round(wall, 2), "erase_time_s": round(erase_time, 2), **peak_memory_mb(device),
-                "versions": library_versions(),
-            })  # fmt: skip
+            def write(folder: Path) -> None:
+                erased = {"method": method, "concepts": concepts, "base_model": source.spec}
+                card = {"erased": erased, **({"lora_adapters": LORA_FILE} if save == "lora" else {})}
+                changed, mode = ([], "changed") if save == "lora" else (result.changed, save)
+                stored = result.model.save(folder, card=card, changed=changed, mode=mode)
+                lora = {}
+                if adapters:
+                    path = save_adapters(_lora_file_writer(result.model), folder, adapters, lora_rank,
+                                         config.lora_alpha or lora_rank)  # fmt: skip
+                    lora = {"lora": {"rank": lora_rank, "alpha": config.lora_alpha or lora_rank,
+                                     "components": sorted(adapters), **adapter_size(path)}}  # fmt: skip
+                log.info("saved %s: %s", run_dir.final, ", ".join(f"{k} {v}" for k, v in stored.items()) or "whole")
+                total = sum(p.numel() for name in result.changed for p in getattr(result.model, name).parameters())
+                write_manifest(folder, {
+                    "method": method, "paper": spec.paper.title, "paper_url": spec.paper.url,
+                    "concepts": concepts, "base_model": base_model, "config": config_to_dict(config),
+                    "seed": seed, "device": device, "mixed_precision": mixed_precision, "processes": run.num_processes,
+                    "optimizer_state": optimizer_state, "frozen_precision": frozen_precision,
+                    "frozen_dtype": str(run.frozen_dtype).removeprefix("torch."),
+                    "changed_components": result.changed, "save": save, "stored_components": stored,
+                    "trainable_parameters": result.trainable_parameters, "changed_component_parameters": total,
+                    "final_logs": result.logs, **result.outcome, **lora,
+                    "resumed": resumed,  # then the times below are of the resumed part
+                    "wall_time_s": round(wall, 2), "erase_time_s": round(erase_time, 2), **peak_memory_mb(device),
+                    "versions": library_versions(),
+                })  # fmt: skip
 
-        if run.is_main:
-            run_dir.commit(write)
-        run.accelerator.wait_for_everyone()
-        return run_dir.final
-    except InputError:
-        if run.is_main:
-            run_dir.abandon()  # e.g. resuming with other settings: a checkpoint stays for the right command
-        raise
-    except BaseException as exc:
-        if run_dir.abandon() if run.is_main else run_dir.checkpoint_dir.exists():
-            raise InterruptedRun(run_dir, exc) from exc
-        raise
+            if run.is_main:
+                run_dir.commit(write)
+            run.accelerator.wait_for_everyone()
+            return run_dir.final
+        except InputError:
+            if run.is_main:
+                run_dir.abandon()  # e.g. resuming with other settings: a checkpoint stays for the right command
+            raise
+        except BaseException as exc:
+            if run_dir.abandon() if run.is_main else run_dir.checkpoint_dir.exists():
+                raise InterruptedRun(run_dir, exc) from exc
+            raise
 
 
 def _lora_file_writer(model):

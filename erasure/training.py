@@ -29,6 +29,8 @@ import itertools
 import math
 import os
 import random
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,9 @@ from pipelines.errors import InputError
 from pipelines.files import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Set by SIGTERM (a scheduler preempting the job, `kill`) while `checkpoint_on_sigterm` is in force: the training
+# loop then checkpoints the step it is at and stops, instead of losing the steps since its last checkpoint.
+TERMINATION = threading.Event()
 OPTIMIZER_STATES = ("fp32", "8bit")
 FROZEN_PRECISIONS = ("auto", "full", "half")
 
@@ -323,6 +328,35 @@ def load_checkpoint(path: Path) -> dict:
         raise InputError(f"{reason}; delete {path.parent} to start the run over") from None
 
 
+class Terminated(Exception):
+    """SIGTERM arrived: the loop checkpointed the step it was at (`--resume` continues from there) and stopped."""
+
+
+@contextlib.contextmanager
+def checkpoint_on_sigterm(enabled: bool = True):
+    """While inside, SIGTERM asks the training loop to checkpoint and stop at the end of its current step; a second
+    SIGTERM ends the process at once, as usual. Only a process's main thread can take signals (the preview runs
+    erasures in threads of its own, and stops them itself), and only a single process is asked: the processes of
+    a multi-process run would each stop at another step, and wait for each other for ever."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def requested(signum, frame):
+        if TERMINATION.is_set():  # asked twice: stop now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+        TERMINATION.set()
+
+    TERMINATION.clear()
+    previous = signal.signal(signal.SIGTERM, requested)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        TERMINATION.clear()
+
+
 class TrainingLoop:
     """Trains `networks` with a method's step function; see the module docstring.
 
@@ -432,9 +466,20 @@ class TrainingLoop:
                 run.after_step(done, done if self._stop_requested else steps, logs)
             if self._stop_requested:
                 break
+            if TERMINATION.is_set() and not last:
+                self._checkpoint_and_stop(done, steps, pending, last_finite, checkpoint)
         bar.close()
         self._release()
         return logs
+
+    def _checkpoint_and_stop(self, done: int, steps: int, pending: list, last_finite: dict, saved: bool) -> None:
+        """SIGTERM: checkpoint step `done` (its losses checked first, as at any checkpoint), then raise Terminated."""
+        run = self.run
+        if run.checkpoint_dir is not None and run.checkpoint_every > 0 and not saved:
+            self._check(self._read(pending), done, last_finite)
+            self.save_checkpoint(run.checkpoint_dir, done)
+        where = f"a checkpoint of step {done}/{steps}" if run.checkpoint_dir is not None else f"step {done}/{steps}"
+        raise Terminated(f"SIGTERM: stopped at {where}")
 
     def _release(self) -> None:
         """accelerate keeps every network and optimiser it prepared until the process ends; a method with several

@@ -1,9 +1,12 @@
 """`erase` in a process of its own that can be killed mid-run, as a crash would (used by test_methods.py).
 
-    python tests/erase_run.py METHOD MODEL CONCEPT OUT [key=value ...] [--kill-after N]
+    python tests/erase_run.py METHOD MODEL CONCEPT OUT [key=value ...] [--kill-after N] [--term-after N]
+        [--checkpoint-every N]
 
 With `--kill-after N` the process sends itself SIGKILL after the N-th training step (counted over all
-of a method's stages): no cleanup, no exception handler runs. Checkpoints are written every step.
+of a method's stages): no cleanup, no exception handler runs. With `--term-after N` it sends itself
+SIGTERM there instead, as a scheduler preempting the job would. Checkpoints are written every step
+unless `--checkpoint-every` says otherwise.
 """
 
 import argparse
@@ -27,6 +30,8 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("sets", nargs="*")
     parser.add_argument("--kill-after", type=int)
+    parser.add_argument("--term-after", type=int)
+    parser.add_argument("--checkpoint-every", type=int, default=1)
     args = parser.parse_intermixed_args()
     steps = []
 
@@ -34,9 +39,11 @@ def main() -> None:
         steps.append(step)
         if len(steps) == args.kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
+        if len(steps) == args.term_after:
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    erase(args.method, [args.concept], args.model, out=args.out, sets=args.sets, checkpoint_every=1, progress=False,
-          after_step=after_step)  # fmt: skip
+    erase(args.method, [args.concept], args.model, out=args.out, sets=args.sets, checkpoint_every=args.checkpoint_every,
+          progress=False, after_step=after_step)  # fmt: skip
 
 
 if __name__ == "__main__":

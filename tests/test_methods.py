@@ -89,6 +89,30 @@ def test_method_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(key, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_a_sigterm_checkpoints_the_step_it_arrives_at_and_the_resumed_run_ends_as_the_uninterrupted_one(tmp_path):
+    """A scheduler preempting the job sends SIGTERM: the run saves the step it is at, not only its last periodic
+    checkpoint (here none: every 1000 steps), and `--resume` continues from there."""
+    settings = [f"{k}={v}" for k, v in METHODS["esd"].test_settings.items()]
+    model = embedded_model("esd")
+    straight = erase("esd", [CONCEPT], model, out=tmp_path / "straight", sets=settings, progress=False)
+    command = [sys.executable, str(SCRIPT), "esd", model, CONCEPT, str(tmp_path / "stopped"), "--term-after", "2",
+               "--checkpoint-every", "1000", *settings]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent)}
+    stopped = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 1 and "SIGTERM: stopped at a checkpoint of step 2/" in stopped.stderr, stopped.stderr
+    checkpoint = torch.load(tmp_path / ".stopped.work" / "checkpoint" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["step"] == 2 and not (tmp_path / "stopped").exists()
+    resumed = erase("esd", [CONCEPT], model, out=tmp_path / "stopped", sets=settings, resume=True, progress=False)
+    a, b = changed_weights(straight), changed_weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the command line then exits as a shell reports a process SIGTERM ended
+    from erasure.training import Terminated
+    from ui.cli import _interrupted_exit_code
+
+    assert _interrupted_exit_code(Terminated("SIGTERM")) == 143 and _interrupted_exit_code(KeyboardInterrupt()) == 130
+
+
 # --- the scope rules, exactly, on tiny Stable Diffusion components (the sd1 family) ---------------------
 
 # method key, --set options, the component it trains, a predicate for the parameters in scope

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from erasure import DISTRIBUTION, __version__
@@ -490,11 +491,20 @@ def _main(argv: list[str] | None) -> int:
     except InputError as exc:
         return _fail(f"error: {exc}", 2, debug)
     except InterruptedRun as exc:
-        return _fail(f"error: {exc}", 130 if isinstance(exc.__cause__, KeyboardInterrupt) else 1, debug)
+        return _fail(f"error: {exc}", _interrupted_exit_code(exc.__cause__), debug)
     except KeyboardInterrupt:
         return _fail("interrupted", 130, debug)
     except Exception as exc:
         return _fail(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1, debug)
+
+
+def _interrupted_exit_code(cause: BaseException | None) -> int:
+    """A shell's codes for a run stopped by a signal (128 + its number: Ctrl-C, SIGTERM), else 1."""
+    from erasure.training import Terminated
+
+    if isinstance(cause, KeyboardInterrupt):
+        return 128 + signal.SIGINT
+    return 128 + signal.SIGTERM if isinstance(cause, Terminated) else 1
 
 
 def _fail(message: str, code: int, debug: bool) -> int:
