@@ -87,7 +87,7 @@ def test_eval_runs_each_attack_on_the_digits_model(attack, tmp_path):
 
     # the prompts a user brings are the ones attacked, not the built-in ones
     (tmp_path / "prompts.txt").write_text("a blue italic seven\nthe number 7 in green\n")
-    path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=tmp_path / "e.json", samples=2,
+    path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=tmp_path / "e.json", samples=1,
                     attack=attack, attack_prompts=1, attack_seeds=2, attack_steps=2, progress=False,
                     prompts_file=tmp_path / "prompts.txt")  # fmt: skip
     result = json.loads(path.read_text())["concepts"]["seven"]["attack"]

@@ -232,7 +232,7 @@ def test_a_finished_stage_is_taken_only_under_its_own_settings(tmp_path):
 def test_frozen_weights_come_back_in_float32_even_when_the_block_fails():
     run = RunContext(progress=False, mixed_precision="bf16", frozen_precision="half")
     torch.manual_seed(0)
-    frozen = torch.nn.Linear(3, 3)
+    frozen = torch.nn.Linear(3, 3).requires_grad_(False)  # what the methods hand it (a weight that trains stays)
     before = {k: v.clone() for k, v in frozen.state_dict().items()}
     with pytest.raises(RuntimeError, match="inside"):
         with run.frozen_weights(frozen) as halved:
