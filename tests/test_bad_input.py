@@ -171,9 +171,9 @@ def _wait_for(path: Path, process, timeout: float = 120) -> None:
 
 
 @pytest.mark.slow
-def test_a_second_process_on_the_same_out_is_refused_at_once_and_the_first_finishes(tiny_pipeline_dir, tmp_path):
+def test_a_second_process_on_the_same_out_is_refused_at_once_and_the_first_trains_on(tiny_pipeline_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    command = _erase_command(tiny_pipeline_dir, steps=600, checkpoint_every=1000)
+    command = _erase_command(tiny_pipeline_dir, steps=5000, checkpoint_every=100000)
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(tmp_path / ".run.work" / "lock", first)
     for extra in ([], ["--resume"]):
@@ -183,9 +183,12 @@ def test_a_second_process_on_the_same_out_is_refused_at_once_and_the_first_finis
         assert second.returncode == 2, second.stderr
         assert f"is being written by process {first.pid}" in second.stderr
         assert time.time() - started < 30  # refused before any model loads (the interpreter's start included)
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err
-    assert (tmp_path / "run" / "erasure.json").is_file() and not (tmp_path / ".run.work").exists()
+    # Still training: SIGTERM (a scheduler's stop) has it checkpoint the step it is at and exit as SIGTERM's.
+    assert first.poll() is None, "the first run ended before it could be stopped"
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 143 and "SIGTERM: stopped at a checkpoint of step" in err, err
+    assert (tmp_path / ".run.work" / "checkpoint" / "checkpoint.pt").is_file() and not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -183,11 +183,11 @@ def test_text2unlearn_with_two_concepts_weighs_each_term_by_its_rows_on_two_proc
 
 
 def test_eval_on_two_processes_reports_what_one_process_does(tmp_path):
-    # 2 target and 7 preserved prompts (a second grid page) x 3 seeds: 27 images a model, an odd count to split
+    # 2 target and 7 preserved prompts (a second grid page) x 1 seed: 9 images a model, an odd count to split
     (tmp_path / "target.txt").write_text("a seven\na red seven\n")
     preserved = ["a three", "a blue two", "an eight in italic", "a red one", "a green four", "a five", "a bold nine"]
     (tmp_path / "preserved.txt").write_text("\n".join(preserved) + "\n")
-    args = ["-m", "erasure", "eval", "digits", "--baseline", "digits", "--concept", "seven", "--samples", "3",
+    args = ["-m", "erasure", "eval", "digits", "--baseline", "digits", "--concept", "seven", "--samples", "1",
             "--prompts", str(tmp_path / "target.txt"), "--preserved-prompts", str(tmp_path / "preserved.txt"),
             "--quiet", "--device", "cpu"]  # fmt: skip
     _launch(1, *args, "--json", str(tmp_path / "one.json"))
