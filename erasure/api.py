@@ -20,7 +20,7 @@ from .bounds import SEED_BOUNDS, check_number
 from .config import build_config, config_to_dict, load_config_file, parse_sets
 from .output import InterruptedRun, RunDirectory, library_versions, peak_memory_mb, write_manifest
 from .registry import get_method
-from .training import RunContext, checkpoint_on_sigterm
+from .training import RunContext, checkpoint_on_stop
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,9 @@ def erase(
         if resume and not resumed:
             log.warning("nothing to resume in %s: the run stopped before its first checkpoint, so it starts from "
                         "its first step", run_dir.work)  # fmt: skip
-    # A SIGTERM (a scheduler preempting the job) checkpoints the step it arrives at: `--resume` loses nothing.
-    with checkpoint_on_sigterm(run.num_processes == 1):
+    # A SIGTERM (a scheduler preempting the job) or SIGHUP (a dropped ssh session) checkpoints the step it arrives at:
+    # `--resume` loses nothing.
+    with checkpoint_on_stop(run.num_processes == 1):
         try:
             started = time.time()
             base = load_model(source, device=device, single_file_config=model_config)

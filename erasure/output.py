@@ -9,19 +9,17 @@ leaves only what `--resume` needs.
 from __future__ import annotations
 
 import fcntl
-import glob
 import json
 import os
 import platform
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from pipelines.errors import InputError
-from pipelines.files import normal_mode, normalise_permissions, write_json
+from pipelines.files import normal_mode, write_folder_atomically, write_json
 
 from . import DISTRIBUTION
 
@@ -44,6 +42,7 @@ class RunDirectory:
         self.work = self.final.parent / f".{self.final.name}.work"
         self.resume = resume
         self._lock: int | None = None  # the file descriptor holding the lock, while this process owns the run
+        self._made: list[Path] = []  # the folders above the run that `begin` created, innermost first
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -70,6 +69,7 @@ class RunDirectory:
     def begin(self) -> None:
         """Create the work folder and take its lock (or take over an interrupted run's with --resume)."""
         self.check()
+        self._made = [p for p in (self.final.parent, *self.final.parent.parents) if not p.exists()]
         self.final.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.work.mkdir(exist_ok=self.resume or not self.saved_progress())
@@ -110,20 +110,7 @@ class RunDirectory:
 
     def commit(self, write: Callable[[Path], None]) -> Path:
         """Write the result through `write(staging_dir)`, then move it into place in one rename."""
-        if self._lock is not None:
-            # Staging folders of this run left by a killed process (it held the lock we hold now): gigabytes at SD size.
-            prefix = f".{self.final.name}.staging-"
-            for stale in self.final.parent.glob(f"{glob.escape(prefix)}*"):
-                if "." not in stale.name.removeprefix(prefix):  # not the staging folder of a run named `NAME.staging-x`
-                    shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.staging-", dir=self.final.parent))
-        try:
-            write(staging)
-            normalise_permissions(staging)  # mkdtemp's 0700 (and safetensors' 0600) would keep colleagues out
-            os.rename(staging, self.final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        write_folder_atomically(self.final, write)
         if self._lock is not None:  # the run's own work folder (an export owns none)
             shutil.rmtree(self.work, ignore_errors=True)
         self._release()
@@ -140,6 +127,11 @@ class RunDirectory:
             if self.checkpoint_dir.exists() and any(self.checkpoint_dir.iterdir()):
                 return True
             shutil.rmtree(self.work, ignore_errors=True)
+            for folder in self._made:  # e.g. the default `runs/`: a refused run leaves nothing behind
+                try:
+                    folder.rmdir()
+                except OSError:  # another run's files are in it now
+                    break
             return False
         finally:
             self._release()

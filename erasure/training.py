@@ -30,7 +30,6 @@ import math
 import os
 import random
 import signal
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +39,23 @@ import torch
 
 from pipelines.errors import InputError
 from pipelines.files import atomic_write
+from pipelines.signals import handling_stop_signals, signal_name
 
 CHECKPOINT_FILE = "checkpoint.pt"
-# Set by SIGTERM (a scheduler preempting the job, `kill`) while `checkpoint_on_sigterm` is in force: the training
-# loop then checkpoints the step it is at and stops, instead of losing the steps since its last checkpoint.
-TERMINATION = threading.Event()
+
+
+class StopRequest:
+    """The stop signal (SIGTERM, SIGHUP) that arrived while `checkpoint_on_stop` was in force, if any: the training
+    loop then checkpoints the step it is at and stops, instead of losing the steps since its last checkpoint."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+
+STOP_REQUEST = StopRequest()
 OPTIMIZER_STATES = ("fp32", "8bit")
 FROZEN_PRECISIONS = ("auto", "full", "half")
 
@@ -329,32 +340,34 @@ def load_checkpoint(path: Path) -> dict:
 
 
 class Terminated(Exception):
-    """SIGTERM arrived: the loop checkpointed the step it was at (`--resume` continues from there) and stopped."""
+    """A stop signal arrived: the loop checkpointed the step it was at (`--resume` continues from there) and stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 @contextlib.contextmanager
-def checkpoint_on_sigterm(enabled: bool = True):
-    """While inside, SIGTERM asks the training loop to checkpoint and stop at the end of its current step; a second
-    SIGTERM ends the process at once, as usual. Only a process's main thread can take signals (the preview runs
-    erasures in threads of its own, and stops them itself), and only a single process is asked: the processes of
-    a multi-process run would each stop at another step, and wait for each other for ever."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
+def checkpoint_on_stop(enabled: bool = True):
+    """While inside, a stop signal (SIGTERM, SIGHUP) asks the training loop to checkpoint and stop at the end of its
+    current step; a second one ends the process at once, as usual. Only a single process is asked: the processes of a
+    multi-process run would each stop at another step, and wait for each other for ever."""
+    if not enabled:
         yield
         return
 
     def requested(signum, frame):
-        if TERMINATION.is_set():  # asked twice: stop now
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.raise_signal(signal.SIGTERM)
-        TERMINATION.set()
+        if STOP_REQUEST:  # asked twice: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        STOP_REQUEST.signum = signum
 
-    TERMINATION.clear()
-    previous = signal.signal(signal.SIGTERM, requested)
+    STOP_REQUEST.signum = None
     try:
-        yield
+        with handling_stop_signals(requested):
+            yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        TERMINATION.clear()
+        STOP_REQUEST.signum = None
 
 
 class TrainingLoop:
@@ -466,20 +479,21 @@ class TrainingLoop:
                 run.after_step(done, done if self._stop_requested else steps, logs)
             if self._stop_requested:
                 break
-            if TERMINATION.is_set() and not last:
+            if STOP_REQUEST and not last:
                 self._checkpoint_and_stop(done, steps, pending, last_finite, checkpoint)
         bar.close()
         self._release()
         return logs
 
     def _checkpoint_and_stop(self, done: int, steps: int, pending: list, last_finite: dict, saved: bool) -> None:
-        """SIGTERM: checkpoint step `done` (its losses checked first, as at any checkpoint), then raise Terminated."""
+        """A stop signal: checkpoint step `done` (its losses checked first, as at any checkpoint), raise Terminated."""
         run = self.run
         if run.checkpoint_dir is not None and run.checkpoint_every > 0 and not saved:
             self._check(self._read(pending), done, last_finite)
             self.save_checkpoint(run.checkpoint_dir, done)
         where = f"a checkpoint of step {done}/{steps}" if run.checkpoint_dir is not None else f"step {done}/{steps}"
-        raise Terminated(f"SIGTERM: stopped at {where}")
+        signum = STOP_REQUEST.signum
+        raise Terminated(f"{signal_name(signum)}: stopped at {where}", signum)
 
     def _release(self) -> None:
         """accelerate keeps every network and optimiser it prepared until the process ends; a method with several

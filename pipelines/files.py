@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +30,47 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_folder_atomically(folder: str | Path, build: Callable[[Path], None]) -> Path:
+    """`build` a staging folder beside `folder`, then rename it into place: `folder` exists only complete.
+
+    The staging folder is `.NAME.staging-PID-XXXX`, named for the process that writes it: a later write of `folder`
+    removes the staging folders of writers that were killed (gigabytes at SD size) and leaves alone those of live ones.
+    """
+    folder = Path(folder)
+    prefix = f".{folder.name}.staging-"
+    remove_abandoned(folder.parent, prefix)
+    staging = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder.parent))
+    try:
+        build(staging)
+        normalise_permissions(staging)  # mkdtemp's 0700 (and safetensors' 0600) would keep colleagues out
+        os.rename(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove the folders `parent/PREFIX<pid>-XXXX` whose writer process is gone (killed before it could clean up).
+
+    Only that exact shape is matched: `.run.staging-x.staging-123-ab`, the staging folder of a run named
+    `run.staging-x`, is not one of `run`'s."""
+    for found in parent.glob(f"{glob.escape(prefix)}*"):
+        pid = re.fullmatch(r"([1-9]\d{0,6})-[^.]+", found.name.removeprefix(prefix))
+        if pid and found.is_dir() and not found.is_symlink() and not _alive(int(pid.group(1))):
+            shutil.rmtree(found, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to someone else
+        return True
+    return True
 
 
 def current_umask() -> int:

@@ -4,6 +4,7 @@ tokenizer) for fast CPU tests; no mocks of any library."""
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 
 _HOME = tempfile.mkdtemp(prefix="erasure-tests-home-")
@@ -130,6 +131,13 @@ def tiny_flux_components(seed: int = 0) -> dict:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return {"transformer": transformer, "vae": vae, "text_encoder": clip, "tokenizer": clip_tokenizer(16),
             "text_encoder_2": t5, "tokenizer_2": t5_tokenizer, "scheduler": scheduler}  # fmt: skip
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (a killed writer's, in the name of the staging folder it left)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 def embedded_model(method: str) -> str:

@@ -28,6 +28,8 @@ from pipelines.loading import weights_digest
 from ui.cli import main
 from ui.hub import LICENSE_PLACEHOLDER, card_metadata, export_run, load_run, render_card
 
+from .conftest import dead_pid
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "me/tiny-no-cat"
 QUICK = ["steps=4", "ddim_steps=3", "batch_size=1", "lr=1e-2"]
@@ -430,16 +432,10 @@ def test_a_one_step_export_is_not_offered_to_diffusers_pipeline_and_refuses_kohy
 # --- an interrupted export leaves nothing behind ---------------------------------------------------
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
-
-
 def test_an_export_removes_the_staging_folders_of_killed_exports_only(evaluated_run, tmp_path):
-    killed = tmp_path / f".hub.staging-{_dead_pid()}-k1ll3d"  # a SIGKILLed export's, gigabytes at SD size
+    killed = tmp_path / f".hub.staging-{dead_pid()}-k1ll3d"  # a SIGKILLed export's, gigabytes at SD size
     live = tmp_path / f".hub.staging-{os.getpid()}-l1ve"  # a concurrent export's, still being written
-    other = tmp_path / f".hub2.staging-{_dead_pid()}-x"  # another destination's
+    other = tmp_path / f".hub2.staging-{dead_pid()}-x"  # another destination's
     for folder in (killed, live, other):
         folder.mkdir()
         (folder / "unet").mkdir()
@@ -447,8 +443,10 @@ def test_an_export_removes_the_staging_folders_of_killed_exports_only(evaluated_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hub", live.name, other.name])
 
 
-def test_sigterm_during_an_export_removes_its_staging_folder(evaluated_run, tmp_path):
-    """The export is forked at the point where its staging folder is half written, and stopped there by SIGTERM."""
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_during_an_export_removes_its_staging_folder(evaluated_run, tmp_path, stop):
+    """The export is forked at the point where its staging folder is half written, and stopped there by SIGTERM (a
+    scheduler, `kill`) or SIGHUP (a closed terminal)."""
     import ui.hub
 
     ready, go = os.pipe()
@@ -470,9 +468,9 @@ def test_sigterm_during_an_export_removes_its_staging_folder(evaluated_run, tmp_
         os._exit(status)
     assert os.read(ready, 1) == b"x"
     assert [p.name for p in tmp_path.iterdir() if ".hub.staging-" in p.name]  # it is there, half written
-    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, stop)
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGTERM  # as when SIGTERM ends a process
+    assert os.waitstatus_to_exitcode(status) == 128 + stop  # as when the signal ends a process
     assert list(tmp_path.iterdir()) == []
 
 
@@ -574,7 +572,7 @@ def test_push_delivers_every_file_and_the_token_only_in_request_headers(evaluate
     token = f"hf_{secrets.token_hex(16)}"
     # The repository holds an earlier export's files: they go, .gitattributes (the Hub's own) stays.
     fake_hub.files = {".gitattributes": b"*.safetensors filter=lfs", "old-lora.safetensors": b"0", "README.md": b"x"}
-    (tmp_path / "tmp" / f"erasure-export-{_dead_pid()}-k1ll3d" / "repo").mkdir(parents=True)  # a killed push's
+    (tmp_path / "tmp" / f"erasure-export-{dead_pid()}-k1ll3d" / "repo").mkdir(parents=True)  # a killed push's
     result = _cli([str(evaluated_run), "--repo-id", REPO_ID, "--single-file", "--private"], tmp_path,
                   HF_ENDPOINT=fake_hub.endpoint, HF_TOKEN=token, HF_HUB_VERBOSITY="debug")  # fmt: skip
     assert result.returncode == 0, result.stderr

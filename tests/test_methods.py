@@ -106,11 +106,6 @@ def test_a_sigterm_checkpoints_the_step_it_arrives_at_and_the_resumed_run_ends_a
     resumed = erase("esd", [CONCEPT], model, out=tmp_path / "stopped", sets=settings, resume=True, progress=False)
     a, b = changed_weights(straight), changed_weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # the command line then exits as a shell reports a process SIGTERM ended
-    from erasure.training import Terminated
-    from ui.cli import _interrupted_exit_code
-
-    assert _interrupted_exit_code(Terminated("SIGTERM")) == 143 and _interrupted_exit_code(KeyboardInterrupt()) == 130
 
 
 # --- the scope rules, exactly, on tiny Stable Diffusion components (the sd1 family) ---------------------

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from erasure.training import Network, RunContext, TrainingLoop
+from erasure.training import Network, RunContext, Terminated, TrainingLoop, checkpoint_on_stop
 
 STEPS, CRITIC_STEPS = 6, 2
 
@@ -281,6 +281,48 @@ def test_a_run_its_stopping_rule_ended_does_not_train_on_when_resumed(tmp_path):
     assert straight_steps == [0, 1]
     assert resumed_steps[-1] == 1  # the resume stops where the run did, not at step 5
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters(), strict=True))
+
+
+def test_a_sighup_checkpoints_the_step_it_arrives_at_and_nohup_keeps_it_ignored(tmp_path):
+    """A closed terminal or a dropped ssh session sends SIGHUP: the loop saves the step it is at (its periodic
+    checkpoint is every 100 steps) and stops, and the command line exits as a shell reports a process SIGHUP ended.
+    A process started under `nohup` ignores SIGHUP, and goes on ignoring it."""
+    from ui.cli import _interrupted_exit_code
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 1)
+    hang_up_after = 2
+
+    def after_step(step: int, total: int, logs: dict) -> None:
+        if step == hang_up_after:
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    run = RunContext(progress=False, checkpoint_dir=tmp_path / "checkpoint", checkpoint_every=100,
+                     after_step=after_step)  # fmt: skip
+    loop = TrainingLoop(run, {"net": Network(net, torch.optim.SGD(net.parameters(), lr=0.1))}, desc="hangs up")
+
+    def step_fn(step: int) -> dict[str, float]:
+        loop.update("net", loop.modules["net"](torch.randn(4, 2)).pow(2).mean())
+        return {}
+
+    before = signal.getsignal(signal.SIGHUP)
+    with pytest.raises(Terminated, match=f"SIGHUP: stopped at a checkpoint of step {hang_up_after}/6") as stopped:
+        with checkpoint_on_stop():
+            loop.fit(step_fn, 6)
+    assert signal.getsignal(signal.SIGHUP) == before  # the handler is taken down with the loop
+    saved = torch.load(tmp_path / "checkpoint" / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == hang_up_after
+    assert torch.equal(saved["networks"]["net"]["weight"], net.weight.detach())  # the weights it stopped with
+    assert _interrupted_exit_code(stopped.value) == 128 + signal.SIGHUP
+    assert _interrupted_exit_code(KeyboardInterrupt()) == 130  # Ctrl-C's
+
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup` starts a process
+    try:
+        with checkpoint_on_stop():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 if __name__ == "__main__":

@@ -499,12 +499,12 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _interrupted_exit_code(cause: BaseException | None) -> int:
-    """A shell's codes for a run stopped by a signal (128 + its number: Ctrl-C, SIGTERM), else 1."""
+    """A shell's codes for a run stopped by a signal (128 + its number: Ctrl-C, SIGTERM, SIGHUP), else 1."""
     from erasure.training import Terminated
 
     if isinstance(cause, KeyboardInterrupt):
         return 128 + signal.SIGINT
-    return 128 + signal.SIGTERM if isinstance(cause, Terminated) else 1
+    return 128 + cause.signum if isinstance(cause, Terminated) else 1
 
 
 def _fail(message: str, code: int, debug: bool) -> int:

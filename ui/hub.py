@@ -10,7 +10,7 @@ Everything that can be checked is checked before anything is written: the run, i
 and for a push a token and a reachable Hub. A run folder is not trusted: only the files its
 components load are published, none that links outside the run (or its base model), and grids only
 from its grids/ folder. A `--local-dir` is written atomically (it exists only once complete); a push
-builds the folder in a temporary directory that is removed, on SIGTERM too, and the next export
+builds the folder in a temporary directory that is removed, on SIGTERM or SIGHUP too, and the next export
 removes what a killed one left. The exported eval.json and erasure.json describe the folder they
 are in (whole components, merged adapters), so that the folder can itself be exported again.
 
@@ -20,16 +20,11 @@ and sends it, so it never passes through this module's data, files or messages.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 import shutil
-import signal
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
@@ -39,8 +34,9 @@ from erasure.registry import Method, get_method
 from pipelines.cards import MODEL_CARD_FILE
 from pipelines.errors import InputError
 from pipelines.families import get_family
-from pipelines.files import check_outside, normalise_permissions, write_json
+from pipelines.files import check_outside, remove_abandoned, write_folder_atomically, write_json
 from pipelines.lora_files import LORA_FILE
+from pipelines.signals import stop_signals_raise
 from pipelines.zoo.models import EMBEDDED, canonical_name
 
 CARD_FILE = "README.md"
@@ -57,8 +53,7 @@ COMPONENT_FILES = (
     "merges.txt", "spiece.model",
 )  # fmt: skip
 COMPONENT_WEIGHTS = re.compile(r"(diffusion_pytorch_model|model)(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
-STAGING = ".{name}.staging-"  # beside --local-dir, followed by the writer's pid: `.NAME.staging-PID-XXXX`
-PUSH_STAGING = "erasure-export-"  # in the temporary directory, followed the same way
+PUSH_STAGING = "erasure-export-"  # in the temporary directory, then the writer's pid, as for a --local-dir's staging
 # The embedded digits models are trained by this repository's recipe and ship under its licence.
 EMBEDDED_LICENSE = "apache-2.0"
 # Well-known bases whose Hub snapshots this toolkit loads without their README (which holds the licence).
@@ -263,12 +258,12 @@ def export_run(
                            kohya=lora_format == "kohya")  # fmt: skip
         (folder / CARD_FILE).write_text(card)
 
-    with _sigterm_raises():
+    with stop_signals_raise():
         if local_dir is not None:
-            _write_atomically(local_dir, build)
+            write_folder_atomically(local_dir, build)
             return Exported(_listing(local_dir), folder=local_dir, notes=notes)
         tmp_root = Path(tempfile.gettempdir())
-        _remove_abandoned(tmp_root, PUSH_STAGING)
+        remove_abandoned(tmp_root, PUSH_STAGING)
         with tempfile.TemporaryDirectory(prefix=f"{PUSH_STAGING}{os.getpid()}-", dir=tmp_root) as tmp:
             folder = Path(tmp) / "repo"
             folder.mkdir()
@@ -582,59 +577,6 @@ def _measured_weights(run: Run, repo_id: str, *, single_file: bool, kohya: bool)
     if kohya:
         lines.append(f"`{kohya_file_name(repo_id)}`: `{LORA_FILE}` in the kohya layout, not measured itself")
     return lines
-
-
-def _write_atomically(local_dir: Path, build: Callable[[Path], None]) -> None:
-    """`build` a staging folder beside `local_dir`, then rename it into place: `local_dir` exists only complete.
-
-    The staging folder's name holds this process's id: a later export to `local_dir` removes the folders of killed
-    exports (gigabytes at SD size) and leaves alone one that a live export is still writing."""
-    prefix = STAGING.format(name=local_dir.name)
-    _remove_abandoned(local_dir.parent, prefix)
-    staging = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=local_dir.parent))
-    try:
-        build(staging)
-        normalise_permissions(staging)  # mkdtemp's 0700 (and safetensors' 0600) would keep colleagues out
-        os.rename(staging, local_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _remove_abandoned(parent: Path, prefix: str) -> None:
-    """Remove the folders `parent/PREFIX<pid>-*` whose export process is gone (killed before it could clean up)."""
-    for folder in parent.glob(f"{glob.escape(prefix)}*"):
-        pid = re.fullmatch(r"([1-9]\d{0,6})-[^.]+", folder.name.removeprefix(prefix))
-        if pid and folder.is_dir() and not folder.is_symlink() and not _alive(int(pid.group(1))):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, and belongs to someone else
-        return True
-    return True
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While the Hub folder is built, SIGTERM (`kill`, a job scheduler's stop) raises SystemExit, so that the
-    half-built folder is removed on the way out; Python's default would end the process on the spot."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise SystemExit(128 + signum)  # the exit status of a process that SIGTERM ended
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _copy(src: Path, dst: Path) -> None:
