@@ -120,7 +120,12 @@ def test_a_batch_the_processes_cannot_share_is_refused(tiny_pipeline_dir, tmp_pa
 ROUNDING_SHARE = {"sfd": 2e-2}
 
 
-@pytest.mark.parametrize("key", list(METHODS))
+# Methods whose one-process equivalence a test of their own shows, on a harder case: ESD's on tiny SD components at
+# every step, Text-to-Unlearn's with two concepts.
+SHOWN_APART = ("esd", "text2unlearn")
+
+
+@pytest.mark.parametrize("key", [key for key in METHODS if key not in SHOWN_APART])
 def test_every_method_trains_as_one_on_two_processes(key, tmp_path):
     """Each registered method, with its own test settings on the embedded model of its kind: both
     processes end with the same weights, and those of one process on the whole batch (to float rounding)."""
@@ -174,6 +179,7 @@ def test_text2unlearn_with_two_concepts_weighs_each_term_by_its_rows_on_two_proc
         (tmp_path / str(n)).mkdir()
         _launch(n, str(SCRIPT), "text2unlearn", "digits-gan", str(tmp_path / str(n)), *sets, *concepts)
     one, two = _weights(tmp_path / "1"), _weights(tmp_path / "2")
+    assert all(torch.equal(two[k], v) for k, v in _weights(tmp_path / "2", 1).items())  # the processes agree
     from pipelines import load_model
 
     base = {f"generator.{k}": v for k, v in load_model("digits-gan").generator.state_dict().items()}

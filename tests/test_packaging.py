@@ -140,14 +140,15 @@ def _files_size(folder) -> int:
 
 
 @pytest.mark.slow
-def test_unchanged_components_are_the_base_files_and_a_changed_only_run_loads_them(tiny_pipeline_dir, tmp_path):
+def test_unchanged_components_are_the_base_files_and_a_changed_only_run_loads_them(tiny_pipeline_dir, tmp_path,
+                                                                                   capsys):  # fmt: skip
     from pipelines import load_model
+    from ui.cli import main  # in-process: a process of its own spends 2-3 s on imports
 
     base = tmp_path / "base"
     shutil.copytree(tiny_pipeline_dir, base)
     for mode in ("full", "changed"):
-        result = run("erase", *ESD_TINY, "--model", str(base), "--save", mode, "--out", mode, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
+        assert main(["erase", *ESD_TINY, "--model", str(base), "--save", mode, "--out", str(tmp_path / mode)]) == 0
     full, changed = tmp_path / "full", tmp_path / "changed"
 
     stored = json.loads((full / "erasure.json").read_text())["stored_components"]
@@ -165,12 +166,13 @@ def test_unchanged_components_are_the_base_files_and_a_changed_only_run_loads_th
 
     tampered = base / "vae" / "config.json"
     tampered.write_text(tampered.read_text().replace('"sample_size": 16', '"sample_size": 32'))
-    result = run("sample", str(changed), "--prompt", "a cat", "--out", str(tmp_path / "g.png"))
-    assert result.returncode == 2 and "has changed since the run was saved" in result.stderr, result.stderr
+    capsys.readouterr()
+    assert main(["sample", str(changed), "--prompt", "a cat", "--out", str(tmp_path / "g.png")]) == 2
+    assert "has changed since the run was saved" in capsys.readouterr().err
     shutil.rmtree(base)
-    result = run("sample", str(changed), "--prompt", "a cat", "--out", str(tmp_path / "g.png"))
-    assert result.returncode == 2 and "is no longer there" in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "g.png").exists()
+    assert main(["sample", str(changed), "--prompt", "a cat", "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "is no longer there" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "g.png").exists()
     assert load_model(str(full)).unet is not None  # the full run does not depend on its base
 
 
