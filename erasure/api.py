@@ -141,7 +141,7 @@ def erase(
                         "its first step", run_dir.work)  # fmt: skip
     # A SIGTERM (a scheduler preempting the job) or SIGHUP (a dropped ssh session) checkpoints the step it arrives at:
     # `--resume` loses nothing.
-    with checkpoint_on_stop(run.num_processes == 1):
+    with checkpoint_on_stop():
         try:
             started = time.time()
             base = load_model(source, device=device, single_file_config=model_config)

@@ -30,6 +30,7 @@ import math
 import os
 import random
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.at = 0.0  # time.monotonic() of the request
 
     def __bool__(self) -> bool:
         return self.signum is not None
@@ -79,6 +81,7 @@ class RunContext:
     optimizer_state: str = "fp32"  # "fp32" | "8bit": Adam's moments (8-bit: bitsandbytes, the `adam8bit` extra)
     frozen_precision: str = "auto"  # "auto" | "full" | "half": the frozen networks' weights (see `frozen_dtype`)
     _accelerator: object = field(default=None, repr=False)
+    _host_group: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -193,6 +196,16 @@ class RunContext:
     @property
     def num_processes(self) -> int:
         return self.accelerator.num_processes
+
+    @property
+    def host_group(self):
+        """A gloo process group over this run's processes: small exchanges between their host threads (the stop
+        vote) that do not wait for the GPU, as NCCL's would. Created once, by every process at the same point."""
+        if self._host_group is None:
+            import torch.distributed as dist
+
+            self._host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        return self._host_group
 
     @property
     def is_main(self) -> bool:
@@ -347,20 +360,26 @@ class Terminated(Exception):
         self.signum = signum
 
 
+# A second stop signal this long after the first ends the process at once. Sooner, it is the same stop delivered
+# twice: a scheduler signals every process of a job, and torchrun forwards the signal it got to its workers as well.
+SAME_STOP_S = 2.0
+
+
 @contextlib.contextmanager
 def checkpoint_on_stop(enabled: bool = True):
     """While inside, a stop signal (SIGTERM, SIGHUP) asks the training loop to checkpoint and stop at the end of its
-    current step; a second one ends the process at once, as usual. Only a single process is asked: the processes of a
-    multi-process run would each stop at another step, and wait for each other for ever."""
+    current step (the processes of a multi-process run agree on the step); a second one, more than `SAME_STOP_S`
+    later, ends the process at once, as usual."""
     if not enabled:
         yield
         return
 
     def requested(signum, frame):
-        if STOP_REQUEST:  # asked twice: stop now
+        if STOP_REQUEST and time.monotonic() - STOP_REQUEST.at > SAME_STOP_S:  # asked again: stop now
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
-        STOP_REQUEST.signum = signum
+        elif not STOP_REQUEST:
+            STOP_REQUEST.signum, STOP_REQUEST.at = signum, time.monotonic()
 
     STOP_REQUEST.signum = None
     try:
@@ -479,20 +498,36 @@ class TrainingLoop:
                 run.after_step(done, done if self._stop_requested else steps, logs)
             if self._stop_requested:
                 break
-            if STOP_REQUEST and not last:
-                self._checkpoint_and_stop(done, steps, pending, last_finite, checkpoint)
+            if (signum := self._agreed_stop()) and not last:
+                self._checkpoint_and_stop(done, steps, pending, last_finite, checkpoint, signum)
         bar.close()
         self._release()
         return logs
 
-    def _checkpoint_and_stop(self, done: int, steps: int, pending: list, last_finite: dict, saved: bool) -> None:
+    def _agreed_stop(self) -> int | None:
+        """The stop signal to checkpoint and stop for after this step, if any.
+
+        The processes of a multi-process run vote at every step, and stop together: a process that stopped alone, or
+        a step before the others, would leave them waiting for it in a collective for ever. The vote is a gloo
+        all-reduce of one integer between the host threads: it never waits for a GPU."""
+        if self.run.num_processes == 1:
+            return STOP_REQUEST.signum
+        import torch.distributed as dist
+
+        vote = torch.tensor([STOP_REQUEST.signum or 0], dtype=torch.int32)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.run.host_group)
+        return int(vote.item()) or None
+
+    def _checkpoint_and_stop(self, done: int, steps: int, pending: list, last_finite: dict, saved: bool,
+                             signum: int) -> None:  # fmt: skip
         """A stop signal: checkpoint step `done` (its losses checked first, as at any checkpoint), raise Terminated."""
         run = self.run
         if run.checkpoint_dir is not None and run.checkpoint_every > 0 and not saved:
             self._check(self._read(pending), done, last_finite)
-            self.save_checkpoint(run.checkpoint_dir, done)
+            if run.is_main:
+                self.save_checkpoint(run.checkpoint_dir, done)
+            run.accelerator.wait_for_everyone()  # the others report a resumable run only once it is written
         where = f"a checkpoint of step {done}/{steps}" if run.checkpoint_dir is not None else f"step {done}/{steps}"
-        signum = STOP_REQUEST.signum
         raise Terminated(f"{signal_name(signum)}: stopped at {where}", signum)
 
     def _release(self) -> None:

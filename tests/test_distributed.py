@@ -97,6 +97,23 @@ def test_two_processes_resume_to_the_uninterrupted_result(two_process_run, tiny_
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
+def test_a_sigterm_to_one_process_stops_both_at_one_checkpoint_and_resume_loses_nothing(two_process_run,
+                                                                                       tiny_pipeline_dir, tmp_path):
+    """A scheduler's SIGTERM reaches the processes of a job at different moments (here: the second one alone, after
+    its first step; checkpoints are every second step). They agree on a step, checkpoint it and stop; a process that
+    stopped alone would leave the other waiting in a collective for ever."""
+    checkpoint = tmp_path / "checkpoint"
+    common = [str(SCRIPT), "esd", str(tiny_pipeline_dir), str(tmp_path), *ESD, "--checkpoint-dir", str(checkpoint)]
+    stopped = _launch(2, *common, "--term-after", "1", check=False)
+    assert stopped.returncode != 0
+    messages = [(tmp_path / f"stopped-rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1] == "SIGTERM: stopped at a checkpoint of step 1/4", messages
+    assert torch.load(checkpoint / "checkpoint.pt", weights_only=False)["step"] == 1
+    _launch(2, *common, "--resume")
+    resumed, straight = _weights(tmp_path), _weights(two_process_run)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
 def test_erase_as_two_processes_writes_exactly_one_run_folder(tiny_pipeline_dir, tmp_path):
     sets = [arg for s in ESD for arg in ("--set", s)]
     done = _launch(2, "-m", "erasure", "erase", "--method", "esd", "--model", str(tiny_pipeline_dir), "--concept",
