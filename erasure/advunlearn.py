@@ -317,10 +317,20 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     # process can shard any entry) and kept in the checkpointed state.
     per_call = bank_entries_per_call(config, family, model, device)
 
-    def batches(step: int):
+    def concept_sample() -> list:
+        """One iteration's concept batch (prompt index, x_t, t, the frozen model's predictions): from the bank, or
+        drawn now."""
         if not config.bank_size:
             with timer("trajectories"):
-                return draw_concepts(1, run.shard)[0], draw_retains(1, run.shard)[0]
+                return draw_concepts(1, run.shard)[0]
+        i = random.randrange(config.bank_size)
+        return [state[k][i] if k == "bank_prompt" else run.shard(state[k][i]) for k in BANK_KEYS[:5]]
+
+    def batches(step: int):
+        if not config.bank_size:
+            concept = concept_sample()
+            with timer("trajectories"):
+                return concept, draw_retains(1, run.shard)[0]
         if "bank_x" not in state or (config.bank_refresh and step and step % config.bank_refresh == 0):
             with timer("bank"), bank_bar(run, config.bank_size) as bar:
                 whole = lambda batch: batch  # noqa: E731
@@ -329,8 +339,8 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
                 kept = [entry for count in counts for entry in bar.counted(draw_retains(count, whole))]
                 for key, parts in zip(BANK_KEYS, [*zip(*concept), *zip(*kept)]):
                     state[key] = torch.stack(parts)
-        i, j = random.randrange(config.bank_size), random.randrange(config.bank_size)
-        concept = [state[k][i] if k == "bank_prompt" else run.shard(state[k][i]) for k in BANK_KEYS[:5]]
+        concept = concept_sample()
+        j = random.randrange(config.bank_size)
         return concept, [run.shard(state[k][j]) for k in BANK_KEYS[5:]]
 
     shared_forward = config.shared_forward if config.shared_forward is not None else device.type != "cpu"
@@ -346,8 +356,16 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
 
             def attack_loss(adv: torch.Tensor) -> torch.Tensor:
                 denoise.new_step()  # the attack's last call is spent: its gradient has been read
-                cond = family.encode_inserted(model, encoder, adv_ids, adv)
-                return F.mse_loss(denoise(x_t, t, cond.expand(len(x_t), -1, -1)), eps_concept)
+                if config.attack == "pgd":
+                    # Each PGD step fits the words at a noise level and image of its own, as the paper's attack
+                    # redraws them at every step: a prompt attack, not a best response to one (x_t, t). Fast AT's
+                    # one step is taken on the iteration's own batch.
+                    drawn, attack_x, attack_t, _, target = concept_sample()
+                    words = model.tokenize([prompts[int(drawn)]]).expand(len(adv_ids), -1)
+                else:
+                    words, attack_x, attack_t, target = adv_ids, x_t, t, eps_concept
+                cond = family.encode_inserted(model, encoder, words, adv)
+                return F.mse_loss(denoise(attack_x, attack_t, cond.expand(len(attack_x), -1, -1)), target)
 
             with timer("attack"):
                 start = random_tokens() if config.attack_init == "random" else state["adv"]

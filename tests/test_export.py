@@ -453,6 +453,7 @@ def test_a_stop_signal_during_an_export_removes_its_staging_folder(evaluated_run
     pid = os.fork()
     if pid == 0:  # the child: export, and wait for the signal halfway
         status = 0
+        signal.signal(stop, signal.SIG_DFL)  # as a terminal starts a process (the suite may run under nohup)
         try:
 
             def half_written(*args, **kwargs):
