@@ -40,7 +40,7 @@ import torch
 
 from pipelines.errors import InputError
 from pipelines.files import atomic_write
-from pipelines.signals import handling_stop_signals, signal_name
+from pipelines.signals import handling_stop_signals
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -366,13 +366,10 @@ SAME_STOP_S = 2.0
 
 
 @contextlib.contextmanager
-def checkpoint_on_stop(enabled: bool = True):
+def checkpoint_on_stop():
     """While inside, a stop signal (SIGTERM, SIGHUP) asks the training loop to checkpoint and stop at the end of its
     current step (the processes of a multi-process run agree on the step); a second one, more than `SAME_STOP_S`
     later, ends the process at once, as usual."""
-    if not enabled:
-        yield
-        return
 
     def requested(signum, frame):
         if STOP_REQUEST and time.monotonic() - STOP_REQUEST.at > SAME_STOP_S:  # asked again: stop now
@@ -528,7 +525,7 @@ class TrainingLoop:
                 self.save_checkpoint(run.checkpoint_dir, done)
             run.accelerator.wait_for_everyone()  # the others report a resumable run only once it is written
         where = f"a checkpoint of step {done}/{steps}" if run.checkpoint_dir is not None else f"step {done}/{steps}"
-        raise Terminated(f"{signal_name(signum)}: stopped at {where}", signum)
+        raise Terminated(f"{signal.Signals(signum).name}: stopped at {where}", signum)
 
     def _release(self) -> None:
         """accelerate keeps every network and optimiser it prepared until the process ends; a method with several

@@ -19,17 +19,17 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
-def handling_stop_signals(handler: Callable[[int, object], None]) -> Iterator[bool]:
-    """While inside, `handler(signum, frame)` takes the stop signals; yields whether it was installed."""
+def handling_stop_signals(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """While inside, `handler(signum, frame)` takes the stop signals."""
     if threading.current_thread() is not threading.main_thread():
-        yield False
+        yield
         return
     previous = {}
     for signum in STOP_SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             previous[signum] = signal.signal(signum, handler)
     try:
-        yield True
+        yield
     finally:
         for signum, handler_before in previous.items():
             # None: a handler installed outside Python; the default is the nearest we can restore
@@ -47,6 +47,3 @@ def stop_signals_raise() -> Iterator[None]:
     with handling_stop_signals(exit_with_signal_status):
         yield
 
-
-def signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
