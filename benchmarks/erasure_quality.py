@@ -2,6 +2,7 @@
 
     python benchmarks/erasure_quality.py --method advunlearn --concept seven [--seeds 20] [--attack]
         [--set key=value ...] [--model digits] [--keep DIR] [--compare-time esd]
+    python benchmarks/erasure_quality.py --run RUN [--attack ...]    # measure a finished run again
 
 Erases the concept, then scores the run against its base with the before/after protocol
 (evaluators/report.py): concept presence on target prompts (judge and CLIP), preserved accuracy,
@@ -58,9 +59,13 @@ def paraphrase_presence(erased, base, concept: str, seeds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", required=True)
-    parser.add_argument("--concept", required=True)
+    parser.add_argument("--method", help="the method to erase with (required unless --run is given)")
+    parser.add_argument("--concept", help="the concept to erase (default with --run: the run's only concept)")
     parser.add_argument("--model", default="digits")
+    parser.add_argument(
+        "--run", metavar="RUN",
+        help="measure this finished run instead of erasing: its method and base model are read from its erasure.json",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=20, help="seeds per prompt in the evaluation")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -89,6 +94,16 @@ def main() -> None:
         help="also erase with METHOD (its preset) in the same run and report both erase times",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.run:
+        finished = json.loads((Path(args.run) / "erasure.json").read_text())
+        if args.method not in (None, finished["method"]) or args.set or args.compare_time or args.keep:
+            parser.error("--run measures a finished run: --method, --set, --compare-time and --keep do not apply")
+        if args.concept is None and len(finished["concepts"]) != 1:
+            parser.error(f"--run: the run erased {finished['concepts']}; say which with --concept")
+        args.method, args.model = finished["method"], finished["base_model"]["spec"]
+        args.concept = args.concept or finished["concepts"][0]
+    elif args.method is None or args.concept is None:
+        parser.error("--method and --concept are required (or --run RUN)")
     torch.set_num_threads(args.threads)
 
     from erasure.api import erase
@@ -99,7 +114,11 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="erasure-bench-"))
     out = Path(args.keep) if args.keep else workdir / "run"
     try:
-        run_dir = erase(args.method, [args.concept], args.model, out=out, sets=args.set, seed=args.seed, progress=True)
+        if args.run:
+            run_dir = Path(args.run)
+        else:
+            run_dir = erase(args.method, [args.concept], args.model, out=out, sets=args.set, seed=args.seed,
+                            progress=True)  # fmt: skip
         manifest = json.loads((run_dir / "erasure.json").read_text())
         # The erasure's own figures first, on a line of their own: a time-boxed run (the device session) that is
         # cut off during the evaluation still keeps them.
@@ -111,7 +130,8 @@ def main() -> None:
         report = evaluate(erased, base, [args.concept], samples=args.seeds, progress=True).report
         metrics = report["concepts"][args.concept]["metrics"]
         result = {
-            "method": args.method, "concept": args.concept, "model": args.model, "config": manifest["config"],
+            "method": args.method, "concept": args.concept, "model": args.model, "run": args.run,
+            "seed": manifest["seed"], "config": manifest["config"],
             "wall_time_s": manifest["wall_time_s"], "erase_time_s": manifest["erase_time_s"],
             "peak_rss_mb": manifest["peak_rss_mb"],
             "trainable_parameters": manifest["trainable_parameters"],

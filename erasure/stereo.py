@@ -68,9 +68,19 @@ class STEREOConfig(LoraOptions):
     )  # fmt: skip
     inversion_steps: int = field(default=3000, metadata={"bounds": "[1, inf)", "help": "textual inversion steps"})
     inversion_lr: float = field(
-        default=5e-3, metadata={"bounds": "(0, inf)", "help": "textual inversion's Adam learning rate"}
+        default=5e-3, metadata={"bounds": "(0, inf)", "help": "textual inversion's AdamW learning rate"}
     )
     inversion_batch: int = field(default=1, metadata={"bounds": "[1, inf)", "help": "images per inversion step"})
+    inversion_init: str = field(
+        default="",
+        metadata={"help": "the word each inverted word starts from ('': the mean of the concept's own token "
+                  "embeddings; the authors' code starts from a generic word: person, object or art)"},
+    )  # fmt: skip
+    inversion_weight_decay: float = field(
+        default=0.0,
+        metadata={"bounds": "[0, inf)", "help": "AdamW's decoupled weight decay on the inverted word (0: Adam; the "
+                  "authors' code: 0.01)"},
+    )  # fmt: skip
     inversion_images: int = field(
         default=500,
         metadata={"bounds": "[1, inf)", "help": "images of the concept the original model draws, split between the "
@@ -112,6 +122,8 @@ class STEREOConfig(LoraOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_scope("unet", self.scope)
+        if self.inversion_init and not self.inversion_init.strip():
+            raise ValueError("inversion_init must be a word, or empty for the concept's own words")
         if self.inversion_images < self.rounds:
             raise ValueError(f"inversion_images ({self.inversion_images}) must give each of the {self.rounds} rounds "
                              "at least one image")  # fmt: skip
@@ -171,8 +183,7 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
     with torch.no_grad():
         uncond = model.encode([""], encoder)
         vocab = family.vocabulary(model, encoder)
-        ids = {c: model.tokenizer(c, add_special_tokens=False).input_ids for c in concepts}
-        init_word = torch.stack([vocab[torch.tensor(i, device=device)].mean(0) for i in ids.values()]).mean(0)
+        init_word = initial_word(model, vocab, concepts, config.inversion_init)
 
     def concept_condition():
         return model.encode([random.choice(prompts)], encoder)
@@ -332,12 +343,20 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
     return ErasureResult(model, ["unet"], trainable, logs, outcome)
 
 
+def initial_word(model, vocab: torch.Tensor, concepts: list[str], init: str) -> torch.Tensor:
+    """Where inverted words start: the mean token embedding of `init`, or (init "") of each concept's words,
+    averaged over the concepts."""
+    texts = [init] if init else concepts
+    ids = [model.tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    return torch.stack([vocab[torch.tensor(i, device=vocab.device)].mean(0) for i in ids]).mean(0)
+
+
 def invert(model, unet, latents: torch.Tensor, contexts: list[str], init: torch.Tensor, config: STEREOConfig,
            run: RunContext, desc: str) -> torch.Tensor:  # fmt: skip
     """Textual inversion of one new word on `unet` (frozen): v inserted after the start token of each image's
     context, trained with the plain denoising loss to bring the images back. Returns v, [1, 1, D]."""
     word = Word(init)
-    optimizer = torch.optim.Adam(word.parameters(), lr=config.inversion_lr)
+    optimizer = torch.optim.AdamW(word.parameters(), lr=config.inversion_lr, weight_decay=config.inversion_weight_decay)
     loop = TrainingLoop(run, {"word": Network(word, optimizer, None)}, desc=desc,
                         fingerprint={"stage": desc})  # fmt: skip
     encoder = model.family.text_tower(model)

@@ -7,10 +7,11 @@ import torch
 from erasure.api import erase
 from erasure.config import build_config, parse_sets
 from erasure.fewshot import denoising_loss, encode_images
-from erasure.stereo import compositional_target, invert
+from erasure.stereo import compositional_target, initial_word, invert
 from erasure.stereo import erase as stereo_erase
 from erasure.training import RunContext
 from pipelines import load_model
+from pipelines.errors import InputError
 from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
 QUICK = ["rounds=2", "search_steps=2", "inversion_steps=2", "inversion_images=4", "inversion_batch=2", "ddim_steps=3",
@@ -45,6 +46,33 @@ def test_inversion_finds_a_word_the_unet_denoises_its_images_with(tiny_model):
     word = invert(model, model.unet, latents, contexts, start, config, RunContext(seed=0, progress=False), "test")
     assert word.shape == (1, 1, model.text_encoder.config.hidden_size)
     assert loss_with(word) < loss_with(start.view(1, 1, -1)) - 1e-4
+
+
+def test_inverted_words_start_from_the_concept_or_from_the_word_asked_for(tiny_model):
+    model = tiny_model
+    vocab = model.family.vocabulary(model, model.family.text_tower(model))
+    mean_of = lambda text: vocab[model.tokenizer(text, add_special_tokens=False).input_ids].mean(0)  # noqa: E731
+    assert torch.equal(initial_word(model, vocab, ["red cat"], ""), mean_of("red cat"))
+    assert torch.allclose(initial_word(model, vocab, ["cat", "dog"], ""), (mean_of("cat") + mean_of("dog")) / 2)
+    assert torch.equal(initial_word(model, vocab, ["cat"], "object"), mean_of("object"))
+    with pytest.raises(InputError, match="inversion_init must be a word"):
+        build_config("stereo", model.family, parse_sets(["inversion_init=  "]))
+
+
+def test_the_inversion_weight_decay_pulls_the_word_towards_zero(tiny_model):
+    model = tiny_model
+    latents = encode_images(model, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
+                            torch.Generator().manual_seed(0))  # fmt: skip
+    start = torch.randn(model.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    norms = {}
+    for decay in (0.0, 20.0):
+        sets = ["inversion_steps=5", "inversion_lr=0.01", "inversion_batch=2", f"inversion_weight_decay={decay}"]
+        config = build_config("stereo", model.family, parse_sets(sets))
+        run = RunContext(seed=0, progress=False)
+        norms[decay] = float(invert(model, model.unet, latents, ["a", "a"], start, config, run, "test").norm())
+    # AdamW shrinks by (1 - lr * decay) per step: 0.8 ** 5 = 0.33 of the norm, where Adam's 5 steps of at most
+    # lr each move it by at most 0.05.
+    assert norms[20.0] < 0.5 * norms[0.0]
 
 
 def test_stage_two_starts_again_from_the_original_unet(tiny_pipeline_dir):
