@@ -78,6 +78,12 @@ class AdvUnlearnConfig(LoraOptions):
         default="latest",
         metadata={"help": "start of each attack: latest (warm start from the previous one) | random (fresh tokens)"},
     )
+    attack_samples: Literal["redrawn", "iteration"] = field(
+        default="redrawn",
+        metadata={"help": "what each attack step fits: redrawn (an x_t, t and prompt of its own, as the paper's "
+                  "attack: words that attack the prompt) | iteration (the iteration's own batch, which the unlearning "
+                  "step then uses: a best response to each x_t sample)"},
+    )  # fmt: skip
     attack_batch: Literal["per-sample", "shared"] = field(
         default="per-sample",
         metadata={"help": "adversarial embeddings: per-sample (one set per x_t sample) | shared (one for the batch)"},
@@ -356,10 +362,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
 
             def attack_loss(adv: torch.Tensor) -> torch.Tensor:
                 denoise.new_step()  # the attack's last call is spent: its gradient has been read
-                if config.attack == "pgd":
-                    # Each PGD step fits the words at a noise level and image of its own, as the paper's attack
-                    # redraws them at every step: a prompt attack, not a best response to one (x_t, t). Fast AT's
-                    # one step is taken on the iteration's own batch.
+                if config.attack_samples == "redrawn":
                     drawn, attack_x, attack_t, _, target = concept_sample()
                     words = model.tokenize([prompts[int(drawn)]]).expand(len(adv_ids), -1)
                 else:

@@ -165,28 +165,27 @@ def test_one_unet_call_for_both_terms_gives_the_two_calls_losses(family, tiny_pi
             key, logs)  # fmt: skip
 
 
+@pytest.mark.parametrize("samples", ["redrawn", "iteration"])
 @pytest.mark.parametrize("attack", ["pgd", "fast-at"])
-def test_each_pgd_step_fits_the_words_at_a_noise_level_of_its_own(attack, tiny_pipeline_dir):
-    """The paper's PGD redraws x_t and t at every attack step: the words found attack the prompt, not one (x_t, t).
-    Fast AT's one step is taken on the batch the unlearning step then uses."""
+def test_each_attack_step_fits_a_batch_of_its_own_or_the_iterations(attack, samples, tiny_pipeline_dir):
+    """redrawn (the paper's): every attack step draws x_t and t of its own, so the words found attack the prompt,
+    not one (x_t, t); iteration: every step fits the batch the unlearning step then uses."""
     from erasure.config import build_config, parse_sets
     from erasure.registry import METHODS
     from erasure.training import RunContext
     from pipelines import load_model
 
     model = load_model(str(tiny_pipeline_dir))
-    sets = ["steps=1", "warmup=0", f"attack={attack}", "attack_steps=3", "ddim_steps=3", "retain_batch=2",
-            "batch_size=1", "bank_size=32", "shared_forward=false"]  # fmt: skip
+    sets = ["steps=1", "warmup=0", f"attack={attack}", f"attack_samples={samples}", "attack_steps=3", "ddim_steps=3",
+            "retain_batch=2", "batch_size=1", "bank_size=32", "shared_forward=false"]  # fmt: skip
     config = build_config("advunlearn", model.family, parse_sets(sets))
     inputs = []
     model.unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
     METHODS["advunlearn"].entry(model, ["a cat"], config, RunContext(seed=0, progress=False))
     attack_steps = 3 if attack == "pgd" else 1
     *attacked, unlearned, _retained = inputs[-(attack_steps + 2) :]
-    if attack == "pgd":
-        assert len({tuple(x.flatten().tolist()) for x in [*attacked, unlearned]}) == attack_steps + 1
-    else:
-        assert torch.equal(attacked[0], unlearned)
+    distinct = len({tuple(x.flatten().tolist()) for x in [*attacked, unlearned]})
+    assert distinct == (attack_steps + 1 if samples == "redrawn" else 1)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -28,9 +28,9 @@ PRESETS = {
     # attack about as well as 30 PGD steps did, at a fifteenth of the cost; the bank removes the
     # trajectories; a strong utility term keeps the other digits. The slow setting:
     # --set attack=pgd --set steps=600 --set bank_size=0.
-    "advunlearn": {"steps": 900, "lr": 3e-4, "attack": "fast-at", "attack_steps": 30, "attack_lr": 0.002,
-                   "attack_tokens": 3, "warmup": 30, "retain_weight": 8.0, "retain_batch": 8, "ddim_steps": 25,
-                   "batch_size": 8, "bank_size": 32, "prompt_templates": DIGIT_TEMPLATES},
+    "advunlearn": {"steps": 900, "lr": 3e-4, "attack": "fast-at", "attack_samples": "iteration", "attack_steps": 30,
+                   "attack_lr": 0.002, "attack_tokens": 3, "warmup": 30, "retain_weight": 8.0, "retain_batch": 8,
+                   "ddim_steps": 25, "batch_size": 8, "bank_size": 32, "prompt_templates": DIGIT_TEMPLATES},
     # The small text encoder needs far larger steps than CLIP ViT-L/14, and in its 4 layers the ascent
     # drags every other digit along unless a retain term holds them; more images spread the ascent
     # over more of the concept. 120 updates = at most 30 epochs of 8 images at batch 2.
