@@ -27,8 +27,8 @@ PRESETS = {
     # One adversary per x_t sample, warm-started and moved by one fast-AT step per iteration, holds the
     # attack about as well as 30 PGD steps did, at a fifteenth of the cost; the bank removes the
     # trajectories; a strong utility term keeps the other digits. The slow setting:
-    # --set attack=pgd --set steps=600 --set bank_size=0. Each attack step fits the iteration's own batch: the
-    # paper's, redrawn at every step, left the embedding attack 3x the pairs at 600 PGD steps (benchmarks/RESULTS.md).
+    # --set attack=pgd --set steps=600 --set bank_size=0. Each attack step fits the iteration's own batch, which
+    # held the embedding attack better than the paper's redrawn batches (benchmarks/RESULTS.md).
     "advunlearn": {"steps": 900, "lr": 3e-4, "attack": "fast-at", "attack_samples": "iteration", "attack_steps": 30,
                    "attack_lr": 0.002, "attack_tokens": 3, "warmup": 30, "retain_weight": 8.0, "retain_batch": 8,
                    "ddim_steps": 25, "batch_size": 8, "bank_size": 32, "prompt_templates": DIGIT_TEMPLATES},
