@@ -16,7 +16,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Two threads in a run of its own; one in each pytest-xdist worker, as the workers share the cores. Scripts the tests
+# start read the number back (tests/erase_run.py), so that they sum as the test's process does.
+TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+os.environ["ERASURE_TEST_THREADS"] = str(TEST_THREADS)
+torch.set_num_threads(TEST_THREADS)
 
 
 def tiny_components(seed: int = 0) -> dict:

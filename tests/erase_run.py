@@ -19,7 +19,7 @@ from erasure.api import erase
 
 # The threads of the pytest process (conftest.py), whatever OMP_NUM_THREADS says: a sum over another number of
 # threads rounds differently, and the tests compare this process's weights with the parent's bit for bit
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("ERASURE_TEST_THREADS", "2")))
 
 
 def main() -> None:
