@@ -134,9 +134,8 @@ def test_a_batch_the_processes_cannot_share_is_refused(tiny_pipeline_dir, tmp_pa
 # The gap allowed between one process and two, as a share of how far the weights moved. SFD's fake score feeds its
 # generator's gradient, so the processes' different rounding grows with every step: 0.47% of the move after one
 # step, 1.2% after the test's three (torch 2.14.1, transformers 5.25), and no coordinate off by a whole step.
-# STEREO's UNet takes Adam steps of lr 1e-2 from a word inverted on a UNet erased in stage one: a weight whose
-# gradient is rounding-sized takes a whole step one way in one run and the other way in the other. On an AVX2-only
-# CPU: 0.87% after one step of stage two, 1.18% after three, 0.6% of the weights off by more than 1e-3.
+# STEREO's UNet takes Adam steps of lr 1e-2: a weight whose gradient is rounding-sized takes a whole step one way in
+# one run and the other way in the other (1.18% of the move on an AVX2-only CPU; benchmarks/RESULTS.md).
 ROUNDING_SHARE = {"sfd": 2e-2, "stereo": 2e-2}
 
 
