@@ -94,8 +94,6 @@ def run_eval(
     # so that two reports in one folder do not overwrite each other's.
     own_report = manifest is not None and json_path.resolve() == (Path(target) / "eval.json").resolve()
     grid_dir = json_path.parent / ("grids" if own_report else f"{json_path.stem}-grids")
-    if not json_path.parent.is_dir():
-        raise InputError(f"folder {json_path.parent} does not exist")
     if json_path.is_dir():
         raise InputError(f"--json {json_path} is a folder; give the report's file name, e.g. {json_path / 'eval.json'}")
     if json_path.exists() and not _is_report(json_path):
@@ -141,7 +139,7 @@ def run_eval(
         expected = manifest["base_model"].get("sha256")
         result.report["baseline_matches_run"] = expected == result.report["before"]["sha256"]
 
-    grid_dir.mkdir(exist_ok=True)
+    grid_dir.mkdir(parents=True, exist_ok=True)
     result.report["grids"] = {}
     for name, grid in result.grids.items():
         path = grid_dir / f"{name}.png"

@@ -70,8 +70,6 @@ def sample(
     elif any(not p.strip() for p in prompts):
         raise InputError("empty --prompt")
     as_grid = out.suffix.lower() in GRID_FORMATS
-    if as_grid and not out.parent.exists():
-        raise InputError(f"folder {out.parent} does not exist")
     if as_grid and out.is_dir():
         raise InputError(f"{out} is a folder; a grid is one image file (give a new name, or a folder without .png)")
     if not as_grid and out.exists() and not out.is_dir():

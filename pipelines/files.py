@@ -17,9 +17,11 @@ from .errors import InputError
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it into place.
 
-    A crash or an exception mid-write leaves `path` as it was (absent, or the previous version).
+    A crash or an exception mid-write leaves `path` as it was (absent, or the previous version). Missing parent
+    folders are created, as `erase --out` creates its own.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -39,6 +41,7 @@ def write_folder_atomically(folder: str | Path, build: Callable[[Path], None]) -
     removes the staging folders of writers that were killed (gigabytes at SD size) and leaves alone those of live ones.
     """
     folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{folder.name}.staging-"
     remove_abandoned(folder.parent, prefix)
     staging = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder.parent))

@@ -62,10 +62,10 @@ def test_erase_then_sample_grid_and_folder(tiny_pipeline_dir, tmp_path):
     assert names == ["p0_s5.png", "p0_s6.png", "p1_s5.png", "p1_s6.png"]
     assert Image.open(tmp_path / "images" / "p1_s6.png").size == (16, 16)
 
-    for name, image_format in (("grid.jpg", "JPEG"), ("grid.webp", "WEBP")):
+    for name, image_format in (("grid.jpg", "JPEG"), ("grid.webp", "WEBP")):  # grids/ is made, as erase's --out
         assert main(["sample", str(tmp_path / "run"), "--prompt", "a cat", "--n", "1", "--steps", "2",
-                     "--out", str(tmp_path / name)]) == 0  # fmt: skip
-        assert Image.open(tmp_path / name).format == image_format
+                     "--out", str(tmp_path / "grids" / name)]) == 0  # fmt: skip
+        assert Image.open(tmp_path / "grids" / name).format == image_format
 
 
 @pytest.mark.slow

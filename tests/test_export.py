@@ -58,7 +58,9 @@ def evaluated_run(tiny_pipeline_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(evaluated_run, tmp_path_factory):
-    return export_run(evaluated_run, REPO_ID, local_dir=tmp_path_factory.mktemp("export") / "hub", single_file=True)
+    # as the README's command: `--local-dir hub/NAME` where no hub/ exists yet
+    local_dir = tmp_path_factory.mktemp("export") / "hub" / "digits-no-seven"
+    return export_run(evaluated_run, REPO_ID, local_dir=local_dir, single_file=True)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,7 @@ def test_local_dir_export_loads_with_diffusers_and_draws_the_runs_images(evaluat
     assert {"unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"} <= set(weights)
     assert all(files[n] == run_files[n] for n in weights)  # the run's weights, byte for byte
     assert {"README.md", "tiny-no-cat.safetensors"} <= set(files) and sorted(exported.files) == sorted(files)
-    assert not [p for p in hub.parent.iterdir() if p.name != "hub"]  # no staging folder left beside it
+    assert [p.name for p in hub.parent.iterdir()] == [hub.name]  # no staging folder left beside it
 
     pipe = DiffusionPipeline.from_pretrained(hub)
     pipe.set_progress_bar_config(disable=True)
@@ -252,7 +254,7 @@ def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path
         (["{gan}", "--local-dir", "{tmp}/hub"], "no eval.json"),
         (["{gan}", "--local-dir", "{tmp}/hub", "--no-eval", "--single-file"], "a gan run has no such form"),
         (["{run}", "--local-dir", "{tmp}/taken"], "already exists"),
-        (["{run}", "--local-dir", "{tmp}/no/such/parent/hub"], "does not exist"),
+        (["{run}", "--local-dir", "{tmp}/taken/note/hub"], "note is a file, not a folder"),
         (["{tiny}", "--local-dir", "{tmp}/hub"], "not an erased run folder"),
         (["{run}", "--repo-id", "not a repo id", "--local-dir", "{tmp}/hub"], "not a Hub repository id"),
         (["{run}", "--repo-id", "no-owner", "--local-dir", "{tmp}/hub"], "needs its owner: ORG/NAME"),
@@ -263,6 +265,7 @@ def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path
 def test_bad_export_gives_one_line_and_exit_code_2(args, message, evaluated_run, gan_run, tiny_pipeline_dir,
                                                    tmp_path, capsys):  # fmt: skip
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "note").write_text("a file")
     args = [a.format(gan=gan_run, run=evaluated_run, tiny=tiny_pipeline_dir, tmp=tmp_path) for a in args]
     if "--repo-id" not in args:
         args += ["--repo-id", REPO_ID]
@@ -288,9 +291,10 @@ def test_an_evaluation_of_other_weights_is_refused(evaluated_run, tiny_pipeline_
 
 def test_a_report_written_elsewhere_keeps_its_grids_beside_it(evaluated_run, tmp_path):
     own = {p: p.read_bytes() for p in (evaluated_run / "grids").iterdir()}
-    report = run_eval(str(evaluated_run), samples=1, clip="digits-clip", progress=False, json_path=tmp_path / "b.json")
+    reports = tmp_path / "reports"  # not there yet: it is made, as `erase --out`'s parents are
+    report = run_eval(str(evaluated_run), samples=1, clip="digits-clip", progress=False, json_path=reports / "b.json")
     grids = json.loads(report.read_text())["grids"]
-    assert grids and all((tmp_path / g).is_file() and g.startswith("b-grids/") for g in grids.values())
+    assert grids and all((reports / g).is_file() and g.startswith("b-grids/") for g in grids.values())
     assert {p: p.read_bytes() for p in (evaluated_run / "grids").iterdir()} == own  # the run's own are untouched
 
 

@@ -34,7 +34,7 @@ from erasure.registry import Method, get_method
 from pipelines.cards import MODEL_CARD_FILE
 from pipelines.errors import InputError
 from pipelines.families import get_family
-from pipelines.files import check_outside, remove_abandoned, write_folder_atomically, write_json
+from pipelines.files import check_outside, check_writable, remove_abandoned, write_folder_atomically, write_json
 from pipelines.lora_files import LORA_FILE
 from pipelines.signals import stop_signals_raise
 from pipelines.zoo.models import EMBEDDED, canonical_name
@@ -235,8 +235,7 @@ def export_run(
         check_outside(local_dir, run.path, "--local-dir", "the run")
         if local_dir.exists():
             raise InputError(f"{local_dir} already exists; choose another --local-dir or remove it")
-        if not local_dir.parent.is_dir():
-            raise InputError(f"folder {local_dir.parent} does not exist")
+        check_writable(local_dir, "--local-dir")
     else:
         _check_hub_access()
     metadata, notes = card_metadata(run, pushed=local_dir is None)
