@@ -281,7 +281,8 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
             state["checks_below"] = state["checks_below"] + 1 if presence < config.stop_below else 0
             if state["checks_below"] >= config.stop_patience:
                 state["stopped_at_epoch"] = epoch + 1
-                loop.stop()
+                loop.stop(f"the concept showed in under {config.stop_below:.0%} of the quick samples, "
+                          f"{config.stop_patience} epoch(s) in a row (stop_below, stop_patience)")
         return logs
 
     with run.frozen_weights(model.unet):

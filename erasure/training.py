@@ -30,6 +30,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -412,7 +413,7 @@ class TrainingLoop:
         accelerator = run.accelerator
         self.modules: dict[str, torch.nn.Module] = {}  # what the step function calls: the prepared modules
         self._optimizers = {}
-        self._stop_requested = False
+        self._stop_reason: str | None = None  # set by a method's stopping rule
         self._accumulating: set[str] = set()
         for name, network in networks.items():
             self.modules[name], self._optimizers[name] = accelerator.prepare(network.module, network.optimizer)
@@ -451,9 +452,10 @@ class TrainingLoop:
         # fake score and generator, a GAN's two) then never holds two sets of gradients at once.
         optimizer.zero_grad(set_to_none=True)
 
-    def stop(self) -> None:
-        """End `fit` after the current step (a method's stopping rule); the run counts as finished."""
-        self._stop_requested = True
+    def stop(self, reason: str) -> None:
+        """End `fit` after the current step (a method's stopping rule); the run counts as finished. The progress bar
+        ends short of its total, so `reason` is printed under it."""
+        self._stop_reason = reason
 
     def fit(self, step_fn: Callable[[int], dict], steps: int) -> dict[str, float]:
         """Run steps `0..steps-1` of `step_fn(step) -> logs` (resuming where a checkpoint left off);
@@ -476,7 +478,7 @@ class TrainingLoop:
             with accelerator.autocast():
                 pending.append((step + 1, step_fn(step)))
             done = step + 1
-            last = done == steps or self._stop_requested
+            last = done == steps or self._stop_reason is not None
             # No checkpoint at the step a stopping rule ended the run: a resume from it would train on past the stop.
             checkpoint = (
                 run.checkpoint_dir is not None and run.checkpoint_every > 0
@@ -492,8 +494,10 @@ class TrainingLoop:
             if run.after_step is not None:
                 # A stopping rule's last step reports itself as the total: the run ends there, finished, and a
                 # callback that stops runs at checkpoints (the preview's cancel) must not discard it.
-                run.after_step(done, done if self._stop_requested else steps, logs)
-            if self._stop_requested:
+                run.after_step(done, steps if self._stop_reason is None else done, logs)
+            if self._stop_reason is not None:
+                if not bar.disable:
+                    bar.write(f"{self.desc}: stopped at step {done}/{steps}: {self._stop_reason}", file=sys.stderr)
                 break
             if (signum := self._agreed_stop()) and not last:
                 self._checkpoint_and_stop(done, steps, pending, last_finite, checkpoint, signum)

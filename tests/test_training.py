@@ -264,7 +264,7 @@ def _stopping_run(folder, resume: bool, crash_at: int | None = None) -> tuple[to
         trained.append(step)
         loop.update("net", loop.modules["net"](torch.randn(4, 2)).pow(2).mean())
         if step == 1:
-            loop.stop()
+            loop.stop("the rule was met")
         return {}
 
     try:
@@ -281,6 +281,22 @@ def test_a_run_its_stopping_rule_ended_does_not_train_on_when_resumed(tmp_path):
     assert straight_steps == [0, 1]
     assert resumed_steps[-1] == 1  # the resume stops where the run did, not at step 5
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters(), strict=True))
+
+
+def test_a_stopping_rule_says_under_the_progress_bar_why_the_run_ended_short(capsys):
+    net = torch.nn.Linear(2, 1)
+    loop = TrainingLoop(RunContext(seed=1), {"net": Network(net, torch.optim.SGD(net.parameters(), lr=0.1))},
+                        desc="stops")  # fmt: skip
+
+    def step_fn(step: int) -> dict[str, float]:
+        loop.update("net", loop.modules["net"](torch.randn(4, 2)).pow(2).mean())
+        if step == 2:
+            loop.stop("the rule was met")
+        return {}
+
+    loop.fit(step_fn, 10)
+    captured = capsys.readouterr()
+    assert "stops: stopped at step 3/10: the rule was met" in captured.err and not captured.out
 
 
 def test_a_sighup_checkpoints_the_step_it_arrives_at_and_nohup_keeps_it_ignored(tmp_path):
