@@ -1,6 +1,6 @@
 """Text-to-Unlearn (Nagasubramaniam et al., "Prompting Forgetting: Unlearning in GANs via Textual
 Guidance", 2025): unlearning a concept from a GAN when the only input about it is text. The paper
-has no public code; this is the design of METHODS.md section 4.
+has no public code; this follows its description:
 
 1. A concept direction `i` in CLIP's image-embedding space, either
    - `text` (the cheap default, StyleGAN-NADA's): the normalised difference of the mean CLIP text

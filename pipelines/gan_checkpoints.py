@@ -14,7 +14,8 @@ Formats read:
 Every format declares its architecture, so a file of a few bytes could ask for a generator of any size:
 it is checked against fixed limits (`checked_config`) before anything is built.
 
-NVIDIA -> this layout (= rosinality's), for G_ema (the pickle's discriminator is not read):
+NVIDIA -> this layout (= rosinality's), for G_ema (the pickle's residual discriminator, D, is mapped by
+`nvidia_discriminator_to_rosinality`):
   mapping.fc{i}.{weight,bias}             -> style.{i+1}.{weight,bias}
   mapping.w_avg                           -> latent_avg
   synthesis.b4.const                      -> input.input            (unsqueeze 0)

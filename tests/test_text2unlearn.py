@@ -48,7 +48,7 @@ def test_a_render_that_has_not_moved_pulls_no_gradient():
     assert 0 < float(student.grad[2:].norm()) < 1e3  # the moved rows' cosine: finite, of order 1 / length
     moved = student[2:].detach() - frozen[2:]
     cos = torch.nn.functional.cosine_similarity(moved, -direction[None], dim=-1)
-    assert float(loss) == pytest.approx(float((2 + (1 - cos).sum()) / 4), abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(float((2 + (1 - cos).sum()) / 4), abs=1e-6)
 
 
 def test_the_push_stops_at_the_floor():

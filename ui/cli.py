@@ -41,7 +41,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--model-config", metavar="DIR",
-        help="for a single-file checkpoint: a diffusers folder with its component configs (SD 1.x is built in)",
+        help="for a single-file checkpoint: a diffusers folder with its component configs (built in: SD 1.x, 768-px "
+             "SD 2.x, SDXL base)",
     )  # fmt: skip
 
 
@@ -225,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         "an Erase tab with live progress and cancel, each run's metrics, and export. With no arguments it "
         "opens on digits-sd and lists the finished runs under ./runs/.",
     )  # fmt: skip
-    p.add_argument("--model", default=None, help="base model (default: digits)")
+    p.add_argument("--model", default=None, help="base model to compare against (default: the selected run's own "
+                   "base, else digits)")
     p.add_argument("--erased", action="append", default=[], metavar="DIR", help="erased run folder to compare "
                    "(repeatable; default: the newest run under ./runs/)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
