@@ -344,7 +344,8 @@ def _samples(model, concepts: list[str], config: AdaptUnlearnConfig, detectors: 
     pool = sample_pool(model, config.pool)
     flagged = _flagged(pool, detectors)
     wanted = None if "negatives" in given else config.num_negatives
-    negatives, positives = split_pool(pool, flagged, wanted, config.num_positives, " / ".join(concepts))
+    kept = 0 if "positives" in given else config.num_positives  # a folder's count was applied to the folder
+    negatives, positives = split_pool(pool, flagged, wanted, kept, " / ".join(concepts))
     return given.get("negatives", negatives), given.get("positives", positives), config.pool
 
 

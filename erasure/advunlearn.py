@@ -23,6 +23,7 @@ the encoder across attack steps) and the UNet is frozen.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from pipelines.errors import InputError
 
+from .bounds import TRAJECTORY_STEPS
 from .common import (
     COMPILE_CHOICES,
     StepDenoiser,
@@ -88,7 +90,8 @@ class AdvUnlearnConfig(LoraOptions):
         default="per-sample",
         metadata={"help": "adversarial embeddings: per-sample (one set per x_t sample) | shared (one for the batch)"},
     )
-    warmup: int = field(default=200, metadata={"help": "first iterations without attack (plain ESD on the encoder)"})
+    warmup: int = field(default=200, metadata={"help": "first iterations without attack (ESD on the encoder, with the "
+                                                      "retain term)"})
     retain_weight: float = field(
         default=0.3,
         metadata={"bounds": "[0, inf)", "help": "gamma of the utility-retaining term (0.3 nudity, code 1.0)"},
@@ -115,14 +118,14 @@ class AdvUnlearnConfig(LoraOptions):
     )  # fmt: skip
     compile_unet: Literal[COMPILE_CHOICES] = field(
         default="none",
-        metadata={"help": "torch.compile of the UNet's calls in each step (the attack's and the two terms'; the "
-                  "bank stays eager): cudagraphs (CUDA) replays each call's kernels as one CUDA graph, seconds to "
-                  "trace, for a small model whose step is bound by kernel launches (each graph holds a copy of "
-                  "the weights); reduce-overhead (CUDA) fuses kernels into CUDA graphs, minutes to compile; "
-                  "inductor fuses kernels; aot_eager only traces"},
+        metadata={"help": "torch.compile of the UNet's calls in each step (the attack's and the two terms'; drawing "
+                  "x_t and its targets, from the bank or fresh, stays eager): cudagraphs (CUDA) replays each call's "
+                  "kernels as one CUDA graph, seconds to trace, for a small model whose step is bound by kernel "
+                  "launches (each graph holds a copy of the weights); reduce-overhead (CUDA) fuses kernels into CUDA "
+                  "graphs, minutes to compile; inductor fuses kernels; aot_eager only traces"},
     )  # fmt: skip
     ddim_steps: int = field(
-        default=50, metadata={"bounds": "[2, 1000]", "help": "DDIM steps of the trajectory that makes x_t"}
+        default=50, metadata={"bounds": TRAJECTORY_STEPS, "help": "DDIM steps of the trajectory that makes x_t"}
     )
     sample_guidance: float = field(
         default=3.0, metadata={"bounds": "[0, inf)", "help": "classifier-free guidance while sampling x_t"}
@@ -147,21 +150,19 @@ BANK_KEYS = ("bank_prompt", "bank_x", "bank_t", "bank_eps_empty", "bank_eps_conc
 
 
 class SectionTimer:
-    """Seconds spent in each named section: `with timer("attack"): ...`."""
+    """Seconds spent in each named section: `with timer("attack"): ...`. Sections nest (the paper's attack draws
+    trajectories of its own): an inner section's time counts in the outer one as well."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
-        self._name = None
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        self._name = name
-        return self
-
-    def __enter__(self):
-        self._started = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + time.perf_counter() - self._started
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 # Latent pixels per UNet call of a bank drawn on a GPU: 16 SD 1.x images (64 x 64 latents), classifier-free

@@ -19,7 +19,7 @@ from pipelines.files import check_outside, check_writable, slug
 from .bounds import SEED_BOUNDS, check_number
 from .config import build_config, config_to_dict, load_config_file, parse_sets
 from .output import InterruptedRun, RunDirectory, library_versions, peak_memory_mb, write_manifest
-from .registry import get_method
+from .registry import default_model, get_method
 from .training import RunContext, checkpoint_on_stop
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def erase(
     device = resolve_device(device)
     spec = get_method(method)
     concepts = check_concepts(list(concepts))
-    source = resolve(model)
+    source = resolve(default_model(spec.key) if model is None else model)
     check_model_config(model_config, source)
     if source.kind != spec.model_kind:
         raise InputError(f"{method} erases from {spec.model_kind} models, but {source.spec} is a {source.kind} model")

@@ -17,7 +17,11 @@ from pipelines.errors import InputError
 
 SEED_BOUNDS = "[0, 4294967295]"  # what every seeded library (torch, numpy, random) accepts
 COUNT = "[1, inf)"
-STEPS = "[1, 1000]"  # sampling steps: at most the 1000 training timesteps of the schedulers
+# Sampling steps: DDIM's leading spacing with steps_offset=1 (SD 1.x/2.x, digits) starts 1000 steps at timestep 1000,
+# one past the 1000-entry schedule (an IndexError inside diffusers).
+MAX_STEPS = 999
+STEPS = f"[1, {MAX_STEPS}]"
+TRAJECTORY_STEPS = f"[2, {MAX_STEPS}]"  # a partial DDIM trajectory that stops at a random step takes two at least
 GUIDANCE = "[0, inf)"
 TRUNCATION = "[0, 1]"
 LORA_STRENGTH = "[0, 2]"  # an erasure adapter's weight: 0 off, 1 as trained, above 1 pushed further

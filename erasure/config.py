@@ -1,7 +1,7 @@
 """Method configs: one dataclass per method is the single source of truth.
 
 Every method's config is a `MethodConfig`: the options all methods share (steps, lr, batch_size,
-adam_betas, prompt_templates), each redeclared with the method's paper default and its own help,
+adam_betas, prompt_templates), redeclared where the method's paper default or meaning differs,
 then the method's own options, and one `check(family, concepts)`.
 
 Values are resolved in this order: the dataclass defaults (the paper's, for Stable Diffusion),
@@ -11,6 +11,7 @@ the model family's preset for the method (pipelines/families), a YAML file, then
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -24,8 +25,9 @@ from pipelines.errors import InputError
 
 @dataclass
 class MethodConfig:
-    """What every method's options hold. A method redeclares each with its paper's default and help, and
-    adds its own; `__post_init__` checks what relates its values, `check` what depends on the model."""
+    """What every method's options hold. A method redeclares those whose paper default or meaning differs (the
+    others keep these defaults, which are ESD's and AdvUnlearn's), and adds its own; `__post_init__` checks what
+    relates its values, `check` what depends on the model."""
 
     steps: int = field(default=1000, metadata={"bounds": "[1, inf)", "help": "optimiser steps"})
     lr: float = field(default=1e-5, metadata={"bounds": "(0, inf)", "help": "Adam learning rate"})
@@ -214,12 +216,29 @@ def config_yaml(method: str, config: Any, family) -> str:
         lines.append(f"# With LoRA adapters, the {family} preset also takes: "
                      f"{', '.join(f'{k}={_yaml_value(v)}' for k, v in lora.items())} (unless set).")
     bounds = {f.name: f.metadata.get("bounds") for f in dataclasses.fields(config)}
+    resolved = _resolved_defaults(config, defaults)
     for name, type_name, _, help_text in describe_fields(type(config)):
-        paper = "" if values[name] == _plain(defaults[name]) else f" [paper default: {_yaml_value(defaults[name])}]"
+        default = resolved.get(name, defaults[name])
+        paper = "" if values[name] == _plain(default) else f" [paper default: {_yaml_value(default)}]"
         kind = f"{type_name}, {bounds[name]}" if bounds[name] else type_name
         lines.append(f"# {name} ({kind}){paper}{': ' + help_text if help_text else ''}")
         lines.append(f"{name}: {_yaml_value(values[name])}")
     return "\n".join(lines) + "\n"
+
+
+def _resolved_defaults(config: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The defaults of the options whose default, None, `__post_init__` resolves from the others (ESD's scope from
+    its component), as they resolve beside this config's other values."""
+    unresolved = [name for name, default in defaults.items() if default is None]
+    if not unresolved:
+        return {}
+    kwargs = {f.name: None if f.name in unresolved else getattr(config, f.name)
+              for f in dataclasses.fields(config) if f.init}  # fmt: skip
+    try:
+        built = type(config)(**copy.deepcopy(kwargs))
+    except (ValueError, InputError):
+        return {}
+    return {name: _plain(getattr(built, name)) for name in unresolved}
 
 
 def _plain(value: Any) -> Any:

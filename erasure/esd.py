@@ -7,7 +7,8 @@ from it, computed by the frozen original model:
     loss   = || eps_theta(x_t, t, c) - sg(target) ||^2
 
 `x_t` is data-free: the current model samples the concept with DDIM and stops at a random step.
-ESD-x trains the UNet's cross-attention, ESD-u the rest of the UNet; training the text encoder
+ESD-x trains the UNet's cross-attention, ESD-u the rest of the UNet but its time embedding and output
+layers (as the ESD code); training the text encoder
 instead gives the text-encoder variant AdvUnlearn compares with.
 """
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from pipelines.errors import InputError
 
+from .bounds import TRAJECTORY_STEPS
 from .common import (
     check_encoder_scope,
     concept_prompts,
@@ -36,7 +38,7 @@ from .training import ErasureResult, Network, RunContext, TrainingLoop
 
 @dataclass
 class ESDConfig(LoraOptions):
-    # Defaults: ESD paper / code on SD v1.4 (Sec. 4; ESD-x for objects and styles, ESD-u for nudity):
+    # Defaults: ESD paper / code on SD v1.4 (Sec. 4; ESD-x for styles, ESD-u for nudity and objects):
     # MethodConfig's 1000 steps at lr 1e-5 with Adam's betas, the concept as its own prompt.
     batch_size: int = field(
         default=1, metadata={"bounds": "[1, inf)", "help": "x_t samples per step (one trajectory, several seeds)"}
@@ -56,10 +58,13 @@ class ESDConfig(LoraOptions):
         default=1.0, metadata={"bounds": "[0, inf)", "help": "eta: strength of the guidance away from the concept"}
     )
     ddim_steps: int = field(
-        default=50, metadata={"bounds": "[2, 1000]", "help": "DDIM steps of the trajectory that makes x_t"}
+        default=50, metadata={"bounds": TRAJECTORY_STEPS, "help": "DDIM steps of the trajectory that makes x_t "
+                                                           "(FLUX: Euler steps)"}
     )
     sample_guidance: float = field(
-        default=3.0, metadata={"bounds": "[0, inf)", "help": "classifier-free guidance while sampling x_t"}
+        default=3.0, metadata={"bounds": "[0, inf)", "help": "classifier-free guidance while sampling x_t (FLUX: "
+                               "the trajectory's embedded guidance; the frozen model's targets use EraseAnything's "
+                               "3)"}
     )
 
     def __post_init__(self) -> None:

@@ -6,7 +6,8 @@ real images of the concept, captioned with the concept, on the text encoder alon
 
 The paper has no retain term and no anchor: the text encoder stops mapping the concept's words to
 what the UNet draws for it, and the concept falls back to related ones the model already knows.
-The images are encoded by the VAE once; each epoch visits each of them; a run is a few epochs
+The images are encoded by the VAE once; each epoch visits them in a new order, images // batch_size
+batches of them (a remainder waits for a later epoch's order); a run is a few epochs
 (about ten updates). `retain_weight` adds a term the paper lacks, on by default only in the digits
 preset: the mean squared change of the encoder's output on prompts without the concept (cheaper
 than AdvUnlearn's utility term, which compares the UNet's predictions under those prompts), which
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from pipelines.errors import InputError
 from pipelines.images import image_folder_files, load_square_images, vae_precision
 
+from .bounds import STEPS
 from .common import check_encoder_scope, select_trainable, validate_scope
 from .lora import LoraOptions, attach_lora, check_lora_components
 from .training import ErasureResult, Network, RunContext, TrainingLoop
@@ -55,7 +57,8 @@ STYLE_TEMPLATES = [
     "the painting in the style of {}", "a clean painting in the style of {}", "a dirty painting in the style of {}",
     "a dark painting in the style of {}", "a picture in the style of {}", "a cool painting in the style of {}",
     "a close-up painting in the style of {}", "a bright painting in the style of {}",
-    "a good painting in the style of {}", "a close-up painting in the style of {}", "a rendition in the style of {}",
+    "a good painting in the style of {}", "a close-up painting in the style of {}",  # twice, as in textual inversion
+    "a rendition in the style of {}",
     "a nice painting in the style of {}", "a small painting in the style of {}", "a weird painting in the style of {}",
     "a large painting in the style of {}", "an artwork in the style of {}",
 ]  # fmt: skip
@@ -67,7 +70,7 @@ class FewShotConfig(LoraOptions):
     steps: int = field(
         default=10,
         metadata={"bounds": "[1, inf)", "help": "updates, at most (see stop_below); an epoch is one pass over the "
-                  "images, images / batch_size updates (the paper: 4 images, batch 2, 5 epochs = 10 updates)"},
+                  "images, images // batch_size updates (the paper: 4 images, batch 2, 5 epochs = 10 updates)"},
     )  # fmt: skip
     batch_size: int = field(default=2, metadata={"bounds": "[1, inf)", "help": "images per update"})
     adam_betas: list[float] = field(
@@ -83,7 +86,8 @@ class FewShotConfig(LoraOptions):
                   "model family ships images of its concepts (digits: held-out renders of the concept)"},
     )  # fmt: skip
     num_images: int = field(
-        default=0, metadata={"help": "images to use, in name order (0: all of the folder; builtin: 4)"}
+        default=0, metadata={"help": "images to use, in name order (0: all of the folder; builtin: 4 of each "
+                                 "concept)"}
     )
     captions: Literal["object", "style"] = field(
         default="object", metadata={"help": "caption templates: object (27, 'a photo of a {}') or style (19)"}
@@ -102,7 +106,8 @@ class FewShotConfig(LoraOptions):
     )  # fmt: skip
     retain_batch: int = field(default=8, metadata={"bounds": "[1, inf)", "help": "retain prompts per update"})
     adam_eps: float = field(default=1e-6, metadata={"bounds": "(0, inf)", "help": "Adam epsilon"})
-    weight_decay: float = field(default=1e-8, metadata={"bounds": "[0, inf)", "help": "Adam(W) weight decay"})
+    weight_decay: float = field(default=1e-8, metadata={"bounds": "[0, inf)", "help": "AdamW weight decay (none with "
+                                                                       "scope=tokens)"})
     stop_below: float | None = field(
         default=0.1,
         metadata={"bounds": "(0, 1]", "help": "stop once the epochs' quick samples show the concept less often than "
@@ -119,7 +124,7 @@ class FewShotConfig(LoraOptions):
         metadata={"bounds": "[1, inf)", "help": "quick samples per check, round the concept's target prompts of the "
                   "evaluation protocol (sample i: prompt i mod P, seed i)"},
     )  # fmt: skip
-    stop_steps: int = field(default=10, metadata={"bounds": "[1, inf)", "help": "sampling steps of the quick samples"})
+    stop_steps: int = field(default=10, metadata={"bounds": STEPS, "help": "sampling steps of the quick samples"})
     stop_clip: str | None = field(
         default=None,
         metadata={"help": "CLIP of the check where the family has no judge (default: the family's, digits-clip for "

@@ -239,8 +239,9 @@ def sample_pool(gan, count: int, batch: int = 250) -> torch.Tensor:
 
 
 def check_pool_memory(count: int, size: int, available: int | None = None) -> None:
-    """Refuse, before drawing, a pool the host cannot hold: it is kept as float images (at 1024 px the default pool
-    of 2,000 takes 25 GB), and running out of memory would end the run minutes later without a word."""
+    """Refuse, before drawing, a pool the host cannot hold: it is kept as float images (at 1024 px a pool of 2,000,
+    Text-to-Unlearn's default, takes 25 GB), and running out of memory would end the run minutes later without a
+    word."""
     needed = count * 3 * size * size * 4
     available = available_host_memory() if available is None else available
     if available is not None and needed > 0.8 * available:
@@ -266,12 +267,15 @@ def split_pool(images: torch.Tensor, detected: torch.Tensor, negatives: int | No
     flagged = detected.nonzero().flatten()
     clean = (~detected).nonzero().flatten()
     if negatives is not None and len(flagged) < max(negatives, 1):
+        asked = f"fewer than the {negatives} negatives asked for" if negatives else "no negative to adapt to"
         raise InputError(
-            f"only {len(flagged)} of {len(images)} generator samples show {concept!r}, fewer than the {negatives} "
-            "negatives asked for: raise `pool`, lower `num_negatives`, or give a folder with --set negatives=DIR"
+            f"only {len(flagged)} of {len(images)} generator samples show {concept!r}, {asked}: raise `pool`, "
+            "lower `num_negatives`, or give a folder with --set negatives=DIR"
         )
-    if len(clean) == 0:
-        raise InputError(f"every one of {len(images)} generator samples shows {concept!r}: no positives to keep")
+    if len(clean) < max(positives, 1):
+        asked = f"fewer than the {positives} positives asked for" if positives else "no positive to keep"
+        raise InputError(f"only {len(clean)} of {len(images)} generator samples do not show {concept!r}, {asked}: "
+                         "raise `pool`, lower `num_positives`, or give a folder with --set positives=DIR")
     chosen = None if negatives is None else images[flagged[: negatives or len(flagged)]]
     return chosen, images[clean[: positives or len(clean)]]
 

@@ -137,7 +137,7 @@ _METHODS = [
     Method("text2unlearn", "CLIP-guided directional unlearning of a GAN from a text prompt only",
            TEXT2UNLEARN, "generator", "gan", "erasure.text2unlearn"),
     Method("adapt-unlearn", "adapt a GAN to negative samples, then repel the original from it",
-           ADAPT_UNLEARN, "generator", "gan", "erasure.adapt_unlearn"),
+           ADAPT_UNLEARN, "generator and discriminator", "gan", "erasure.adapt_unlearn"),
     Method("stereo", "search the erased UNet for words that still draw the concept, then erase once against them",
            STEREO, "unet", "text-to-image", "erasure.stereo"),
 ]  # fmt: skip
@@ -153,6 +153,11 @@ def preset_paper(family, method_key: str) -> Paper | None:
     """The paper `family`'s preset of a method follows, when that is not the method's own paper."""
     name = getattr(family, "preset_papers", {}).get(method_key)
     return PRESET_PAPERS[name] if name else None
+
+
+def default_model(key: str) -> str:
+    """The embedded model `erasure erase --method KEY` erases from when no --model is given."""
+    return "digits-gan" if get_method(key).model_kind == "gan" else "digits"
 
 
 def get_method(key: str) -> Method:

@@ -58,7 +58,8 @@ class SFDConfig(LoraOptions):
     prompt_templates: list[str] = field(
         default_factory=lambda: list(SD_TEMPLATES),
         metadata={"templates": True,
-                  "help": "templates of the forget and override prompts ('{}' = the concept or the override)"},
+                  "help": "templates of the forget and override prompts ('{}' = the concept or the override); the "
+                  "digits world pairs its own captions instead, unless concept and override are on different heads"},
     )  # fmt: skip
     override: str | None = field(
         default=None,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from pipelines.images import to_tensor
 
 from .advunlearn import attack_embeddings, fast_at_start
+from .bounds import TRAJECTORY_STEPS
 from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
 from .fewshot import denoising_loss, encode_images
 from .lora import LoraOptions, attach_lora
@@ -56,7 +57,8 @@ class STEREOConfig(LoraOptions):
     steps: int = field(default=200, metadata={"bounds": "[1, inf)", "help": "stage 2 (erase once) steps"})
     lr: float = field(default=2e-5, metadata={"bounds": "(0, inf)", "help": "stage 2's Adam learning rate"})
     scope: str = field(
-        default="noxattn", metadata={"help": "UNet parameters both stages train: noxattn (ESD-u) | xattn | full"}
+        default="noxattn", metadata={"help": "UNet parameters both stages train: noxattn (ESD-u) | xattn | attn | full "
+                                   "(with lora_rank, stage 2 trains adapters on them, stage 1 their full weights)"}
     )
     rounds: int = field(default=2, metadata={"bounds": "[1, inf)", "help": "stage 1 rounds of erasing, then inverting"})
     search_steps: int = field(default=200, metadata={"bounds": "[1, inf)", "help": "stage 1 erasing steps per round"})
@@ -84,7 +86,7 @@ class STEREOConfig(LoraOptions):
     inversion_images: int = field(
         default=500,
         metadata={"bounds": "[1, inf)", "help": "images of the concept the original model draws, split between the "
-                  "rounds (seeds 2,000,000 + i)"},
+                  "rounds (seeds 2,000,000 + i; the remainder of the split is not used)"},
     )  # fmt: skip
     guidance_scale: float = field(
         default=2.0,
@@ -113,7 +115,7 @@ class STEREOConfig(LoraOptions):
         default=64, metadata={"bounds": "[1, inf)", "help": "retain images the original model draws, once"}
     )
     ddim_steps: int = field(
-        default=50, metadata={"bounds": "[2, 1000]", "help": "DDIM steps of the trajectory that makes x_t"}
+        default=50, metadata={"bounds": TRAJECTORY_STEPS, "help": "DDIM steps of the trajectory that makes x_t"}
     )
     sample_guidance: float = field(
         default=3.0, metadata={"bounds": "[0, inf)", "help": "classifier-free guidance while sampling x_t"}

@@ -46,7 +46,8 @@ class TextToUnlearnConfig(MethodConfig):
     steps: int = field(default=300, metadata={"bounds": "[1, inf)", "help": "generator updates"})
     lr: float = field(default=0.002, metadata={"bounds": "(0, inf)", "help": "Adam learning rate (StyleGAN-NADA's)"})
     batch_size: int = field(
-        default=8, metadata={"bounds": "[2, inf)", "help": "codes per update, half with the concept, half without"}
+        default=8, metadata={"bounds": "[2, inf)", "help": "codes per update, half with the concept, half without "
+                                                      "(the mapper direction: also its batch of random codes)"}
     )
     adam_betas: list[float] = field(
         default_factory=lambda: [0.0, 0.99], metadata={"bounds": "[0, 1)", "length": 2, "help": "Adam betas"}
@@ -65,7 +66,8 @@ class TextToUnlearnConfig(MethodConfig):
                                   "mapper trained to add the concept; CLIP image embeddings)"},
     )  # fmt: skip
     neutral_prompts: list[str] = field(
-        default_factory=list, metadata={"help": "prompts without it (default: the evaluation's anchor prompts)"}
+        default_factory=list, metadata={"help": "text direction: prompts without the concept (default: the "
+                                             "evaluation's anchor prompts)"}
     )
     pool: int = field(
         default=2000,
@@ -74,7 +76,8 @@ class TextToUnlearnConfig(MethodConfig):
     direction_weight: float = field(default=1.0, metadata={"bounds": "[0, inf)", "help": "weight of L_dir"})
     push_weight: float = field(
         default=0.0, metadata={"bounds": "[0, inf)", "help": "weight of <E_I(G_t(w)) - E_I(G_f(w)), i>: how far, not "
-                               "only which way, the concept's renders move against i (L_dir is blind to the distance)"},
+                               "only which way, the concept's renders move against i (L_dir, a cosine, rewards "
+                               "the way alone)"},
     )  # fmt: skip
     push_stop: bool = field(
         default=False, metadata={"help": "stop pushing a render once its projection on i is down to the mean "
@@ -106,7 +109,7 @@ class TextToUnlearnConfig(MethodConfig):
         default=0.01, metadata={"bounds": "(0, inf)", "help": "mapper direction: Adam learning rate"}
     )
     mapper_l2: float = field(
-        default=0.8, metadata={"bounds": "[0, inf)", "help": "mapper direction: weight of ||w_hat - w||^2"}
+        default=0.8, metadata={"bounds": "[0, inf)", "help": "mapper direction: weight of the mean of (w_hat - w)^2"}
     )
     mapper_samples: int = field(
         default=256, metadata={"bounds": "[1, inf)", "help": "mapper direction: renders averaged into i"}
@@ -301,7 +304,9 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
         prompts = family.prompt_set(concept)
         concept_prompts = [p.format(concept) for p in config.prompt_templates] or prompts.clip_concept
         neutral_prompts = config.neutral_prompts or prompts.clip_anchors
-        used[concept] = {"concept_prompts": concept_prompts, "neutral_prompts": neutral_prompts}
+        used[concept] = {"concept_prompts": concept_prompts}
+        if config.direction == "text":  # the mapper's direction is of images: no neutral prompt enters it
+            used[concept]["neutral_prompts"] = neutral_prompts
         if config.direction == "text":
             directions.append(text_direction(clip, concept_prompts, neutral_prompts))
         else:

@@ -146,9 +146,9 @@ def dead_pid() -> int:
 
 def embedded_model(method: str) -> str:
     """The embedded model a registered method erases from in the registry-driven tests."""
-    from erasure.registry import METHODS
+    from erasure.registry import default_model
 
-    return "digits-gan" if METHODS[method].model_kind == "gan" else "digits"
+    return default_model(method)
 
 
 def tiny_text_encoder(seed: int):

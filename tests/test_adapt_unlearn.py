@@ -286,6 +286,9 @@ def test_too_few_flagged_samples_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="fewer than the 50 negatives"):
         erase("adapt-unlearn", ["seven"], "digits-gan", out=tmp_path / "run", progress=False,
               sets=["pool=100", "num_negatives=50"])  # fmt: skip
+    with pytest.raises(InputError, match="fewer than the 100 positives"):  # a pool of 100 holds some sevens
+        erase("adapt-unlearn", ["seven"], "digits-gan", out=tmp_path / "run", progress=False,
+              sets=["pool=100", "num_negatives=1", "num_positives=100"])  # fmt: skip
     assert not (tmp_path / "run").exists()
 
 

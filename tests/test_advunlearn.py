@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from erasure.advunlearn import attack_embeddings, fast_at_start
+from erasure.advunlearn import SectionTimer, attack_embeddings, fast_at_start
 from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
 
@@ -287,3 +287,13 @@ def test_bank_settings_are_checked_before_loading():
                          ("compile_unet=fast", "bad value for compile_unet: 'fast'; choose one of: none, cudagraphs")):
         with pytest.raises(InputError, match=message):
             build_config("advunlearn", "digits", parse_sets(bad.split()))
+
+
+def test_a_section_inside_another_counts_in_both():
+    # the paper's attack (attack_samples=redrawn, no bank) draws its trajectories inside the attack's section
+    timer = SectionTimer()
+    with timer("attack"):
+        with timer("trajectories"):
+            sum(range(10000))
+    assert set(timer.seconds) == {"attack", "trajectories"}
+    assert timer.seconds["attack"] >= timer.seconds["trajectories"] > 0

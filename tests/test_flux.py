@@ -123,6 +123,8 @@ def test_a_flux_run_is_evaluated_and_exported(tiny_flux_dir, tiny_open_clip, tmp
     report = json.loads(run_eval(str(run), samples=1, clip=tiny_open_clip, progress=False).read_text())
     scores = report["concepts"]["cat"]["metrics"]
     assert 0 <= scores["target_presence_clip"]["after"] <= 1 and report["after"]["family"] == "flux"
+    with pytest.raises(InputError, match="a flux run has no such form"):  # before anything is written
+        export_run(run, "someone/flux-esd", local_dir=tmp_path / "hub", single_file=True)
     exported = export_run(run, "someone/flux-esd", local_dir=tmp_path / "hub")
     assert "pytorch_lora_weights.safetensors" in exported.files
     card = (exported.folder / "README.md").read_text()

@@ -20,7 +20,8 @@ DESCRIPTION = """\
 Erase a concept (object, style, attribute, nudity, identity) from a text-to-image diffusion
 model or a GAN, look at it before/after, measure it, publish it.
 
-Every command works offline on the embedded digits world (the default model, `digits`).
+Every command works offline on the embedded digits world (the default model: `digits`, or `digits-gan` for the
+GAN methods).
 """
 
 CONFIRM_IMAGES = 1024  # `sample` asks for --yes above this many images
@@ -76,11 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "erase", help="erase a concept from a model and save the erased model",
-        description="Erase CONCEPT from MODEL with METHOD. The run folder is written atomically: it is a "
-        "diffusers-loadable model folder plus erasure.json with everything that produced it.",
+        description="Erase CONCEPT from MODEL with METHOD. The run folder is written atomically: a model folder "
+        "every erasure command loads (a text-to-image run saved in full is a diffusers pipeline) plus erasure.json "
+        "with everything that produced it.",
     )  # fmt: skip
     p.add_argument("--method", choices=list(METHODS), help="erasure method (see `erasure methods`)")
-    p.add_argument("--model", default=None, help="model to erase from (default: the embedded `digits`)")
+    p.add_argument("--model", default=None, help="model to erase from (default: the embedded "
+                   "`digits`, or `digits-gan` for a GAN method)")
     p.add_argument("--concept", action="append", help="concept to erase; repeat for several")
     p.add_argument(
         "--config", metavar="FILE",
@@ -141,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", action="append", help="concept to measure (default: the run's concepts)")
     p.add_argument("--baseline", help="model to compare with (default: the run's base model)")
     p.add_argument("--json", metavar="FILE", help="where to write the report (default: DIR/eval.json, grids in "
-                   "DIR/grids/; elsewhere, grids in FILE-STEM-grids/ beside it)")  # fmt: skip
+                   "DIR/grids/; a model that is no run: ./eval-CONCEPTS.json; elsewhere, grids in FILE-STEM-grids/ "
+                   "beside it)")  # fmt: skip
     p.add_argument("--samples", type=number(int, COUNT), default=None, metavar="N",
                    help="seeds per prompt (default: 20 on digits models, 10 on others); a GAN run: latent samples "
                         "(default: 1000)")  # fmt: skip
@@ -193,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sample", help="generate images from any model (pipeline folder, run folder, embedded name)",
         description="Generate N images per prompt with seeds S..S+N-1. --out *.png (or .jpg, .webp) writes one "
-        "labelled grid (rows: prompts, columns: seeds); any other --out is a folder of p{prompt}_s{seed}.png files "
-        "(s{seed}.png for GANs).",
+        "labelled grid (rows: prompts, columns: seeds; GANs: rows of 8 seeds); any other --out is a folder of "
+        "p{prompt}_s{seed}.png files (s{seed}.png for GANs).",
     )  # fmt: skip
     p.add_argument("model", nargs="?", default=None, metavar="MODEL", help="model or run folder (default: digits)")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable; GANs take none)")
@@ -224,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         "preview", help="Gradio app: before/after on the same seeds, erase with progress, metrics, export",
         description="Serve the preview page: the base model and erased runs side by side on the same seeds, "
         "an Erase tab with live progress and cancel, each run's metrics, and export. With no arguments it "
-        "opens on digits-sd and lists the finished runs under ./runs/.",
+        "lists the finished runs under ./runs/ and opens on the newest beside its base (digits-sd when there is "
+        "none).",
     )  # fmt: skip
     p.add_argument("--model", default=None, help="base model to compare against (default: the selected run's own "
                    "base, else digits)")
@@ -232,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeatable; default: the newest run under ./runs/)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=number(int, "[1, 65535]"), default=7860, help="port (default: 7860)")
-    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by "
+                   "default); a shared page has no Export and loads only the embedded models, --model and the listed "
+                   "runs")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N for generating and erasing "
                    "(default: auto, the GPU when there is one)")  # fmt: skip
     _add_dtype_option(p)
@@ -258,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--as-lora", type=number(int, COUNT), metavar="RANK",
-        help="also write the run's weight change as LoRA adapters of this rank (SVD; pytorch_lora_weights.safetensors, "
-        "loaded by diffusers' load_lora_weights), and the reduction's error (lora_reduction.json)",
+        help="also write the run's weight change as LoRA adapters of this rank, 1-1024 (SVD; "
+        "pytorch_lora_weights.safetensors, loaded by diffusers' load_lora_weights), and the reduction's error "
+        "(lora_reduction.json)",
     )  # fmt: skip
     p.add_argument(
         "--lora-format", choices=["diffusers", "kohya"], default="diffusers",
@@ -343,9 +351,10 @@ def cmd_erase(args: argparse.Namespace) -> int:
 
 def _show_config(method: str, model: str | None, config_file: str | None, sets: list[str]) -> int:
     from erasure.config import build_config, config_yaml, load_config_file, parse_sets
+    from erasure.registry import default_model
     from pipelines import resolve
 
-    family = resolve(model).family
+    family = resolve(default_model(method) if model is None else model).family
     layers = [load_config_file(config_file)[0]] if config_file else []
     config = build_config(method, family, *layers, parse_sets(sets))
     print(config_yaml(method, config, family), end="")

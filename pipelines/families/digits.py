@@ -41,14 +41,11 @@ PRESETS = {
     # times SD's learning rates distils in 300 updates (about three minutes on 2 CPU cores).
     "sfd": {"guidance": None, "steps": 300, "batch_size": 16, "forget_batch": 4, "lr": 1e-5, "fake_lr": 3e-5,
             "ema_decay": 0.99, "prompt_templates": DIGIT_TEMPLATES},
-    # L_dir alone barely moved the sevens (PUL 2%); a push without end removed them but broke the other
-    # digits past ~1,000 updates. Stopping the push at the renders without the concept, with stronger
-    # preservation, removes them and keeps the rest.
+    # Ten times the paper's preservation and 1,500 updates remove every seven. L_dir alone does so too, but leaves
+    # "red" where it was (PUL -4%): the push moves a concept whose CLIP direction renders align with after a small
+    # change, and stops at the renders without the concept (without that floor it broke the other digits).
     "text2unlearn": {"lr": 0.01, "steps": 1500, "push_weight": 100.0, "push_stop": True, "preserve_pixel": 10.0,
                      "preserve_clip": 10.0},
-    # digits-gan's discriminator was trained with instance noise and beside a vision-aided critic on
-    # digits-clip, without which fine-tuning it doubled the FD; the paper's EWC weight held the adapted
-    # copy at the base's share of the concept.
     # STEREO's two stages at ESD's digits scale (2 rounds of 50 erasing and 300 inversion steps, 70 steps of
     # erasing once), with two terms the paper lacks: without a retain term the colours fell 19 points, and with
     # it alone the embedding attack came back in 38% of the pairs; one fast-AT adversary per x_t sample in
@@ -58,6 +55,9 @@ PRESETS = {
                "search_steps": 50, "search_lr": 1e-4, "search_guidance": 1.0, "inversion_steps": 300,
                "inversion_batch": 8, "inversion_images": 64, "ddim_steps": 25, "guidance_scale": 1.5,
                "retain_weight": 8.0, "attack_tokens": 3},
+    # digits-gan's discriminator was trained with instance noise and beside a vision-aided critic on
+    # digits-clip, without which fine-tuning it doubled the FD; the paper's EWC weight held the adapted
+    # copy at the base's share of the concept.
     "adapt-unlearn": {"instance_noise": 0.1, "vision_aided": "digits-clip", "ewc_weight": 0.0, "adapt_steps": 400,
                       "adapted_models": 3, "unlearn_lr": 5e-4, "steps": 2000, "repulsion_weight": 1.0},
 }  # fmt: skip

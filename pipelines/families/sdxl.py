@@ -55,8 +55,8 @@ class SDXL(StableDiffusionFamily):
     text_encoders = 2
     text_encoder_names = ("text_encoder", "text_encoder_2")
     # The ESD authors' SDXL script (esd_sdxl.py): ESD-x for 200 iterations at lr 2e-4, x_t drawn with guidance 2
-    # (for its experimental other scopes they drop the lr to 1e-5: ESD refuses 2e-4 there unless --set lr names
-    # it). No other method's paper ran on SDXL: they keep their SD 1.x defaults.
+    # (for its experimental other scopes they drop the lr to 1e-5: ESD refuses lr 2e-4 with another scope; --set
+    # another lr). No other method's paper ran on SDXL: they keep their SD 1.x defaults.
     presets = {"esd": {"steps": 200, "lr": 2e-4, "sample_guidance": 2.0}}
 
     def tokenize(self, model, prompts: Sequence[str]) -> torch.Tensor:
