@@ -157,7 +157,9 @@ def preset_paper(family, method_key: str) -> Paper | None:
 
 def default_model(key: str) -> str:
     """The embedded model `erasure erase --method KEY` erases from when no --model is given."""
-    return "digits-gan" if get_method(key).model_kind == "gan" else "digits"
+    from pipelines.zoo.models import DEFAULT_MODELS
+
+    return DEFAULT_MODELS[get_method(key).model_kind]
 
 
 def get_method(key: str) -> Method:

@@ -147,9 +147,9 @@ def test_errors_are_messages_in_the_page_and_the_server_keeps_serving(client, se
         (dict(runs=[], prompts="  \n "), "type at least one prompt"),
         (dict(prompts="a cat", steps="many"), "steps must be a whole number"),
         # the limits `erasure sample` puts on the same settings
-        (dict(prompts="a cat", steps="0"), "steps must be between 1 and 1000, not 0"),
-        (dict(prompts="a cat", steps="-3"), "steps must be between 1 and 1000, not -3"),
-        (dict(prompts="a cat", steps="5000"), "steps must be between 1 and 1000, not 5000"),
+        (dict(prompts="a cat", steps="0"), "steps must be between 1 and 999, not 0"),
+        (dict(prompts="a cat", steps="-3"), "steps must be between 1 and 999, not -3"),
+        (dict(prompts="a cat", steps="1000"), "steps must be between 1 and 999, not 1000"),
         (dict(prompts="a cat", guidance="nan"), "guidance must be a finite number"),
         (dict(prompts="a cat", guidance="-50"), "guidance must be >= 0, not -50"),
         (dict(prompts="a cat", seed=-5), "first seed must be between 0 and 4294967295, not -5"),

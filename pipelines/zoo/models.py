@@ -22,6 +22,7 @@ EMBEDDED = {
 }
 ALIASES = {"digits": "digits-sd"}
 DEFAULT_MODEL = "digits"
+DEFAULT_MODELS = {"text-to-image": DEFAULT_MODEL, "gan": "digits-gan"}  # what a method of each kind erases by default
 
 
 def zoo_root() -> Path:
