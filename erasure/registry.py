@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.errors import InputError
+from pipelines.zoo.models import DEFAULT_MODELS
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,6 @@ def preset_paper(family, method_key: str) -> Paper | None:
 
 def default_model(key: str) -> str:
     """The embedded model `erasure erase --method KEY` erases from when no --model is given."""
-    from pipelines.zoo.models import DEFAULT_MODELS
-
     return DEFAULT_MODELS[get_method(key).model_kind]
 
 

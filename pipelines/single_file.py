@@ -140,6 +140,10 @@ def open_clip_text_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
+# The model families whose layout `save_single_file` writes (digits-sd is built as SD 1.x).
+SINGLE_FILE_FAMILIES = ("digits", "sd1", "sd2", "sdxl")
+
+
 def save_single_file(model, path: str | Path) -> None:
     """Write the pipeline of a `TextToImageModel` (SD 1.x, 2.x or SDXL) as one `.safetensors` file."""
     from safetensors.torch import save_file

@@ -144,13 +144,6 @@ def dead_pid() -> int:
     return child.pid
 
 
-def embedded_model(method: str) -> str:
-    """The embedded model a registered method erases from in the registry-driven tests."""
-    from erasure.registry import default_model
-
-    return default_model(method)
-
-
 def tiny_text_encoder(seed: int):
     return tiny_components(seed)["text_encoder"]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from erasure.registry import METHODS
+from erasure.registry import METHODS, default_model
 
-from .conftest import embedded_model, tiny_sdxl_components
+from .conftest import tiny_sdxl_components
 
 pytestmark = pytest.mark.slow  # subprocesses under torchrun
 
@@ -148,7 +148,7 @@ SHOWN_APART = ("esd", "text2unlearn")
 def test_every_method_trains_as_one_on_two_processes(key, tmp_path):
     """Each registered method, with its own test settings on the embedded model of its kind: both
     processes end with the same weights, and those of one process on the whole batch (to float rounding)."""
-    model = embedded_model(key)
+    model = default_model(key)
     sets = [f"{k}={v}" for k, v in METHODS[key].test_settings.items()]
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
     _launch(2, str(SCRIPT), key, model, str(tmp_path / "two"), *sets, "--concept", "seven")

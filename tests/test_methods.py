@@ -21,11 +21,9 @@ from PIL import Image
 
 from erasure.api import erase
 from erasure.config import build_config, parse_sets
-from erasure.registry import METHODS
+from erasure.registry import METHODS, default_model
 from erasure.training import RunContext
 from pipelines import load_model
-
-from .conftest import embedded_model
 
 CONCEPT = "seven"
 SCRIPT = Path(__file__).with_name("erase_run.py")
@@ -50,7 +48,7 @@ def changed_weights(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("key", list(METHODS))
 def test_method_changes_only_what_it_says_and_round_trips(key, tmp_path):
-    model = load_model(embedded_model(key))
+    model = load_model(default_model(key))
     before = states(model)
     config = build_config(key, model.family, METHODS[key].test_settings)
     result = METHODS[key].entry(model, [CONCEPT], config, RunContext(seed=0, progress=False))
@@ -74,7 +72,7 @@ def test_method_changes_only_what_it_says_and_round_trips(key, tmp_path):
 @pytest.mark.parametrize("key", list(METHODS))
 def test_method_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(key, tmp_path):
     settings = [f"{k}={v}" for k, v in METHODS[key].test_settings.items()]
-    model = embedded_model(key)
+    model = default_model(key)
     straight = erase(key, [CONCEPT], model, out=tmp_path / "straight", sets=settings, checkpoint_every=1,
                      progress=False)  # fmt: skip
     command = [sys.executable, str(SCRIPT), key, model, CONCEPT, str(tmp_path / "killed"), "--kill-after", "2",
@@ -94,7 +92,7 @@ def test_a_sigterm_checkpoints_the_step_it_arrives_at_and_the_resumed_run_ends_a
     """A scheduler preempting the job sends SIGTERM: the run saves the step it is at, not only its last periodic
     checkpoint (here none: every 1000 steps), and `--resume` continues from there."""
     settings = [f"{k}={v}" for k, v in METHODS["esd"].test_settings.items()]
-    model = embedded_model("esd")
+    model = default_model("esd")
     straight = erase("esd", [CONCEPT], model, out=tmp_path / "straight", sets=settings, progress=False)
     command = [sys.executable, str(SCRIPT), "esd", model, CONCEPT, str(tmp_path / "stopped"), "--term-after", "2",
                "--checkpoint-every", "1000", *settings]  # fmt: skip

@@ -407,8 +407,10 @@ def _check_single_file(run: Run) -> None:
     """The single-file writer knows the layouts of SD 1.x (and the digits world, built like it), SD 2.x and SDXL."""
     if run.kind != "text-to-image":
         raise InputError(f"--single-file writes the Stable Diffusion layout; a {run.kind} run has no such form")
+    from pipelines.single_file import SINGLE_FILE_FAMILIES
+
     family = run.model_card.get("family", "sd1")
-    if family not in ("digits", "sd1", "sd2", "sdxl"):
+    if family not in SINGLE_FILE_FAMILIES:
         raise InputError(f"--single-file writes the layouts of SD 1.x, 2.x and SDXL; a {family} run has no such form")
     index = json.loads((run.path / "model_index.json").read_text())
     if index.get("_class_name") == "StableDiffusionXLPipeline":
