@@ -283,6 +283,13 @@ def build_config(method: str, family, *layers: dict[str, Any]):
         for key in ("lora_alpha", "lora_targets"):
             if key in preset and key not in chosen:
                 del values[key]
+    # A preset's value chosen for another option's preset value (the digits ESD preset's UNet scope, ESD-u) goes when
+    # the user changes that option (`component=text_encoder`): the method's default for the user's choice applies.
+    for name, f in fields.items():
+        follows = f.metadata.get("follows")
+        if follows in chosen and name in preset and name not in chosen and \
+                values[follows] != preset.get(follows, _default(fields[follows])):  # fmt: skip
+            del values[name]
     if values.get("lora_rank"):  # adapters: the family's LoRA preset over its preset, under the user's own choices
         for key, value in family.lora_preset(method).items():
             if key != "lora_rank" and key not in chosen:

@@ -49,6 +49,7 @@ class ESDConfig(LoraOptions):
     scope: str | None = field(
         default=None,
         metadata={
+            "follows": "component",  # a preset's scope is for the preset's component
             "help": "UNet: xattn (ESD-x, default) | noxattn (ESD-u) | attn | full (FLUX's transformer: attn | full); "
             "text encoder: full (default) | attn | mlp | layers=i..j, each also after one encoder's name "
             "(SDXL: text_encoder_2:full)"

@@ -42,8 +42,9 @@ class LoraOptions(MethodConfig):
     )  # fmt: skip
     lora_targets: list[str] = field(
         default_factory=list,
-        metadata={"help": "only the scope's layers whose name ends with one of these (e.g. to_k,to_v; default: every "
-                  "Linear and Conv2d layer of the scope)"},
+        # a preset's targets are layers of the preset's component (FLUX's ESD preset: the transformer's)
+        metadata={"follows": "component", "help": "only the scope's layers whose name ends with one of these (e.g. "
+                  "to_k,to_v; default: every Linear and Conv2d layer of the scope)"},
     )  # fmt: skip
 
     def __post_init__(self) -> None:

@@ -33,6 +33,20 @@ def test_full_weights_over_a_lora_preset_drop_the_presets_adapter_settings():
         build_config("esd", "flux", parse_sets(["lora_rank=0", "lora_targets=to_q"]))
 
 
+def test_a_presets_unet_scope_goes_when_the_user_trains_the_text_encoder():
+    """The digits ESD preset is ESD-u (scope noxattn, a UNet scope) and FLUX's targets the transformer's layers:
+    `--set component=text_encoder` takes the text encoder's default scope and targets; the rest of the preset stays,
+    and so does a scope the user names or a component equal to the preset's."""
+    digits = build_config("esd", "digits")
+    encoder = build_config("esd", "digits", parse_sets(["component=text_encoder"]))
+    assert (digits.scope, encoder.scope) == ("noxattn", "full")
+    assert (encoder.steps, encoder.lr, encoder.ddim_steps) == (digits.steps, digits.lr, digits.ddim_steps)
+    assert build_config("esd", "digits", parse_sets(["component=text_encoder", "scope=mlp"])).scope == "mlp"
+    assert build_config("esd", "digits", parse_sets(["component=unet"])).scope == "noxattn"
+    flux = build_config("esd", "flux", parse_sets(["component=text_encoder", "scope=text_encoder:full"]))
+    assert flux.lora_rank == 8 and flux.lora_targets == [] and flux.scope == "text_encoder:full"
+
+
 def test_a_lora_run_takes_the_familys_lora_preset_under_the_users_own_choices():
     """On digits, ESD's, SFD's and STEREO's adapters need larger learning rates than their full weights
     (benchmarks/RESULTS.md, "The digits LoRA preset"): `--set lora_rank=R` alone takes them, an explicit lr wins,
