@@ -10,10 +10,10 @@ the pretrained discriminator, StyleGAN2's losses, and an EWC penalty (Li et al.,
 
     ewc = ewc_weight / 2 * sum_i F_i (theta_i - theta0_i)^2
 
-with F the diagonal Fisher information of the discriminator's logit of a few generated samples,
-so that the parameters the output depends on most stay near theta0. The adapted parameters
-theta_N then sit away from theta0 in the direction that adds the concept. Several adapted models
-(different seeds) may be trained.
+with F the diagonal Fisher information of the discriminator's logit of a few generated samples, over the
+synthesis convolutions (as the paper's code), so that the parameters the output depends on most stay near
+theta0. The adapted parameters theta_N then sit away from theta0 in the direction that adds the concept.
+Several adapted models (different seeds) may be trained.
 
 Stage 2, unlearn: the *original* generator is trained adversarially on the positives, plus a
 repulsion from every adapted model. With d = sum over adapted models of the mean over parameter
@@ -23,7 +23,14 @@ tensors of mean((theta - theta_N)^2):
 
 The paper's code: EL2 with weight 100, alpha ("gamma") 1, 2,000 adaptation and 1,000 unlearning
 iterations at batch 16 and learning rate 0.002, EWC weight 5e8 with the Fisher of 32 samples, R1 10.
-Its style mixing and path-length regularisation are left out here.
+Where it differs from what is here:
+- its d is K/2 times this one (K adapted models; `value/2*len(ckpt_gens)`), so its gamma is alpha = gamma K / 2
+  here for EL2 and NL2, and its IL2 is gamma / d (alpha = K / (2 gamma) here);
+- it keeps an EMA copy of the generator (decay 0.5^(32/10^4) per step), adapts from, repels from and evaluates
+  that copy; here the trained weights themselves;
+- its Adam continues the pretrained checkpoint's state at StyleGAN2's lazy-regularisation ratios; here it starts
+  fresh at `lr`;
+- its style mixing and path-length regularisation are left out here.
 """
 
 from __future__ import annotations
@@ -162,7 +169,8 @@ class AdaptUnlearnConfig(MethodConfig):
         },
     )
     alpha: float = field(
-        default=1.0, metadata={"bounds": "(0, inf)", "help": "scale of the parameter distance d in the repulsion"}
+        default=1.0, metadata={"bounds": "(0, inf)", "help": "scale of the parameter distance d in the repulsion (the "
+                               "paper's code's gamma with K adapted models: alpha = gamma K / 2 for el2 and nl2)"}
     )
 
     def __post_init__(self) -> None:
@@ -194,12 +202,18 @@ TEST_SETTINGS = {"adapt_steps": 3, "steps": 3, "adapted_models": 2, "batch_size"
 # --- the two regularisers ------------------------------------------------------------------------
 
 
+# The paper's code estimates the Fisher, and so applies EWC, over the synthesis convolutions alone (its Generator's
+# `convs`): the mapping network, the constant input, the first layer and the ToRGB layers adapt unpenalised. Over
+# the whole of digits-gan, 60% of the Fisher's mass sat on the ToRGB layers.
+EWC_LAYERS = "convs."
+
+
 def fisher_diagonal(generator, discriminator, samples: int, seed: int, instance_noise: float = 0.0,
                     chunk: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Diagonal Fisher information of the generator's trainable parameters: the mean over
-    `samples` generated images of the squared gradient of the discriminator's logit of each.
+    """Diagonal Fisher information of the generator's trainable synthesis convolutions (`EWC_LAYERS`): the mean
+    over `samples` generated images of the squared gradient of the discriminator's logit of each.
     The graph of `chunk` images at a time is held for their per-sample backward passes (0: all)."""
-    params = trainable_parameters(generator)
+    params = {n: p for n, p in trainable_parameters(generator).items() if n.startswith(EWC_LAYERS)}
     device = next(iter(params.values())).device
     noise = torch.Generator().manual_seed(seed)
     z = torch.randn(samples, generator.config.style_dim, generator=noise).to(device)

@@ -42,9 +42,11 @@ MAPPER_STEP = 0.1  # StyleCLIP's w + 0.1 M(w)
 
 @dataclass
 class TextToUnlearnConfig(MethodConfig):
-    # Defaults: StyleGAN-NADA's optimiser (the paper has no public code).
+    # Defaults: StyleGAN-NADA's nominal optimiser settings (the paper has no public code; NADA's train.py scales
+    # them by StyleGAN2's lazy-regularisation ratio 4/5: lr 0.0016, betas (0, 0.99^0.8)).
     steps: int = field(default=300, metadata={"bounds": "[1, inf)", "help": "generator updates"})
-    lr: float = field(default=0.002, metadata={"bounds": "(0, inf)", "help": "Adam learning rate (StyleGAN-NADA's)"})
+    lr: float = field(default=0.002, metadata={"bounds": "(0, inf)", "help": "Adam learning rate (StyleGAN-NADA's "
+                                               "nominal one)"})  # fmt: skip
     batch_size: int = field(
         default=8, metadata={"bounds": "[2, inf)", "help": "codes per update, half with the concept, half without "
                                                       "(the mapper direction: also its batch of random codes)"}
@@ -67,7 +69,8 @@ class TextToUnlearnConfig(MethodConfig):
     )  # fmt: skip
     neutral_prompts: list[str] = field(
         default_factory=list, metadata={"help": "text direction: prompts without the concept (default: the "
-                                             "evaluation's anchor prompts)"}
+                                             "evaluation's anchor prompts; the pool's labels keep comparing with "
+                                             "those)"}
     )
     pool: int = field(
         default=2000,
@@ -285,6 +288,15 @@ def push_term(features: torch.Tensor, moved: torch.Tensor, direction: torch.Tens
     return F.relu(features @ direction - floor).mean()
 
 
+def push_floors(clip, absent: torch.Tensor, directions: list[torch.Tensor], views: int) -> list[float]:
+    """Where renders without the concept (`absent`) sit along each direction, on average: the push's floors. They
+    are seen as the push term sees renders, through `views` shifted views, whose own shifts leave the caller's
+    random numbers as they were."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        (features,) = shifted_features(clip, [absent], views)
+    return [(features @ d.to(features.device)).mean().item() for d in directions]
+
+
 def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunContext) -> ErasureResult:
     """Unlearn `concepts` from the GAN `model` from their names alone, guided by CLIP."""
     from evaluators.clip_models import load_clip
@@ -311,7 +323,10 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
             directions.append(text_direction(clip, concept_prompts, neutral_prompts))
         else:
             directions.append(mapper_direction(frozen, clip, concept_prompts, config, run, f"mapper-{k}"))
-        flagged.append(ConceptDetector(concept, family, str(device), clip, classifier="clip")(pool_images))
+        # the pool is labelled with the prompts that give the direction, so that the two name the same concept
+        detector = ConceptDetector(concept, family, str(device), clip, classifier="clip",
+                                   templates=config.prompt_templates)  # fmt: skip
+        flagged.append(detector(pool_images))
     flagged = torch.stack(flagged, 1)  # [pool, concepts]
     bearing, absent = flagged.any(1).nonzero().flatten(), (~flagged.any(1)).nonzero().flatten()
     if len(bearing) == 0 or len(absent) == 0:
@@ -319,11 +334,8 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
         raise InputError(f"CLIP sees {' / '.join(concepts)} in {what} of {config.pool} samples: nothing to "
                          "unlearn from, or nothing to keep; raise `pool` or name the concept otherwise")  # fmt: skip
 
-    floors = None
-    if config.push_stop:  # where renders without the concept sit along each direction, on average
-        with torch.no_grad():
-            absent_features = clip.image_features(pool_images[absent].to(device))
-        floors = [(absent_features @ d.to(device)).mean().item() for d in directions]
+    floors = push_floors(clip, pool_images[absent].to(device), directions, config.augment) if config.push_stop \
+        else None  # fmt: skip
 
     student = copy.deepcopy(frozen).train()
     trainable = select_trainable_layers(student, config.train_mapping, config.train_torgb, config.resolutions)

@@ -65,6 +65,8 @@ def check_clip_name(name: str, transformers_only: bool = False) -> None:
     """Refuse a CLIP name `load_clip` could not resolve, before any model loads."""
     from pipelines.zoo import models as zoo
 
+    if not name.strip():  # Path("") is the working folder, which would pass for a CLIP folder
+        raise InputError("an empty CLIP name: use digits-clip, a CLIP folder, a Hub id or open_clip:<name>")
     if name.startswith("open_clip:"):
         if transformers_only:
             raise InputError(f"{name!r}: a transformers CLIP is needed here (digits-clip, a CLIP folder or a Hub id)")

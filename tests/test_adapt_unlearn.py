@@ -73,6 +73,8 @@ def test_the_fisher_in_chunks_of_whole_stddev_groups_is_the_fisher_of_all_sample
     whole = fisher_diagonal(generator, discriminator, 8, seed=3, instance_noise=0.1)
     chunked = fisher_diagonal(generator, discriminator, 8, seed=3, instance_noise=0.1, chunk=4)
     assert whole.keys() == chunked.keys() and any(v.abs().sum() > 0 for v in whole.values())
+    # the paper's code: the synthesis convolutions alone, every one of them (not the mapping, input or ToRGB layers)
+    assert set(whole) == {n for n, _ in generator.named_parameters() if n.startswith("convs.")}
     assert all(torch.allclose(whole[k], chunked[k], rtol=1e-4, atol=1e-12) for k in whole)
     # consecutive chunks of 4 would group other samples together: another Fisher, which the chunking avoids
     consecutive = {k: torch.zeros_like(v) for k, v in whole.items()}

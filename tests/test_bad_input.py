@@ -91,6 +91,9 @@ CASES = [
     (["eval", "{run}", "--fid-features", "bogus"], "unknown --fid-features 'bogus'", False),
     (["eval", "{run}", "--fid-features", "inception:/missing"], "no such Inception weights file /missing", False),
     (["eval", "{run}", "--clip", "no-such-clip"], "unknown CLIP model", False),
+    (["eval", "{run}", "--clip", ""], "an empty CLIP name", False),  # Path("") passed for the working folder
+    (["erase", "--method", "adapt-unlearn", "--concept", "seven", "--set", "vision_aided="], "an empty CLIP name",
+     False),
     (["eval", "{run}", "--samples", "0"], "argument --samples: must be >= 1", False),
     (["eval", "{run}", "--prompts", "missing.csv"], "--prompts missing.csv: no such file", False),
     (["eval", "{run}", "--prompts", "{badcsv}"], "line 3: the seed 'x' is not an integer", False),

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from erasure.api import erase
-from erasure.text2unlearn import directional_loss, push_term, text_direction
+from erasure.text2unlearn import directional_loss, push_floors, push_term, shifted_features, text_direction
 from evaluators.metrics import wasserstein_1d
 from pipelines import InputError, load_model
 
@@ -60,6 +60,43 @@ def test_the_push_stops_at_the_floor():
     assert float(stopped.detach()) == pytest.approx(0.3)  # (0.9 - 0.3 + 0) / 2
     (grad,) = torch.autograd.grad(stopped, features)
     assert torch.equal(grad[1], torch.zeros(2)) and grad[0, 0] > 0  # the render below the floor is left alone
+
+
+def test_the_floor_sees_the_renders_as_the_push_does():
+    """With `augment` views the push compares shifted views' features with the floor: the floor is taken through the
+    same views (it was taken unshifted), without moving the training's random numbers."""
+    from evaluators.clip_models import load_clip
+
+    clip = load_clip("digits-clip", "cpu")
+    renders = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    direction = torch.nn.functional.normalize(torch.randn(clip.text_features(["a seven"]).shape[-1]), dim=0)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    floor = push_floors(clip, renders, [direction], views=3)
+    assert torch.equal(torch.get_rng_state(), state)  # the training's random numbers are left where they were
+    (shifted,) = shifted_features(clip, [renders], 3)  # the same shifts: the generator is where it was
+    assert floor == [pytest.approx((shifted @ direction).mean().item(), abs=1e-6)]
+    unshifted = (clip.image_features(renders) @ direction).mean().item()
+    assert push_floors(clip, renders, [direction], views=0) == [pytest.approx(unshifted, abs=1e-6)]
+    assert abs(floor[0] - unshifted) > 1e-4
+
+
+def test_the_pool_is_labelled_by_the_prompts_that_give_the_direction(tmp_path):
+    """`prompt_templates` name the concept for the direction and for the pool's labels alike (the labels kept the
+    family's ensemble: 22 sevens in this pool where "a red {}" sees 20)."""
+    from erasure.gan_training import sample_pool
+    from evaluators.detect import ConceptDetector
+
+    pool = sample_pool(load_model("digits-gan"), 200)  # the codes FAST's pool draws
+
+    def seen(templates: list[str]) -> int:
+        return int(ConceptDetector("seven", "digits", classifier="clip", templates=templates)(pool).sum())
+
+    assert seen(["a red {}"]) != seen([])
+    sets = [*FAST, "steps=1", "prompt_templates=a red {}"]
+    run = erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / "run", sets=sets, progress=False)
+    outcome = json.loads((run / "erasure.json").read_text())["text2unlearn"]
+    assert outcome["concept_bearing_codes"] == seen(["a red {}"])
 
 
 def test_only_the_resolutions_named_train(tmp_path):
