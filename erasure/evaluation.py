@@ -214,6 +214,17 @@ def run_attack(attack: str, after, before, concept: str, prompts: int | None, se
     return {"attack": attack, **outcome}
 
 
+def reference_note(attack: dict) -> str | None:
+    """A line on an attack result whose references do not all show the concept (None when they all do, or when the
+    attack has no per-pair references): its rate counts pairs it had nothing to bring back in."""
+    share = attack.get("reference_shows_concept")
+    if share is None or share == 1.0:
+        return None
+    over = attack.get("asr_where_reference_shows")
+    return (f"the base model's reference shows the concept in {share:.1%} of the pairs; attack success over those: "
+            + ("none to count" if over is None else f"{over:.1%}"))  # fmt: skip
+
+
 def summary_lines(report: dict) -> list[str]:
     """A short human-readable digest of a report for the terminal."""
     lines = []
@@ -232,6 +243,9 @@ def summary_lines(report: dict) -> list[str]:
             lines.append(f"{concept}: attack ({attack['attack']}): success rate {attack['asr']:.1%} of "
                          f"{attack['pairs']} pairs (present before the attack: {attack['present_before_attack']:.1%}; "
                          f"{attack['seconds_per_pair']} s per pair)")  # fmt: skip
+            note = reference_note(attack)
+            if note:
+                lines.append(f"{concept}: attack ({attack['attack']}): {note}")
     return lines
 
 

@@ -99,7 +99,7 @@ def discrete_attack(
     start_objective = objective(start)
     succeeded = present.clone()  # already present without an attack: nothing to break
     found: dict[int, tuple[str, int]] = {}  # pair -> (adversarial prompt, step)
-    words_at: dict[int, list[int]] = {}  # pair -> the token ids of its adversarial words
+    words_at: dict[int, torch.Tensor] = {}  # pair -> its adversarial words (indices into `vocabulary`)
     final_words = start.clone()
     losses: list[float] = []
     for step in tqdm(range(1, settings.steps + 1), desc=f"attack {concept} (discrete)", disable=not progress):
@@ -127,29 +127,34 @@ def discrete_attack(
                 if hit:
                     succeeded[i] = True
                     found[i] = (text, step)
-                    words_at[i] = vocabulary[final_words[i]].tolist()
+                    words_at[i] = final_words[i].clone()
+    # The words each pair ended with: those of its success, else its last check's. (A pair that stopped keeps
+    # moving on Adam's momentum; what it moved to was never drawn.)
+    ended = final_words.clone()
+    for i, words in words_at.items():
+        ended[i] = words
     seconds = time.time() - started
     # a pair present before is not attacked: its first success is its unattacked image (attack.outcome_shares)
     after = present | torch.tensor([i in found for i in range(len(pairs))], dtype=torch.bool)
     per_pair = []
     for i, (prompt, seed) in enumerate(pairs):
         adversarial, step = found.get(i, (None, None))
-        tokens = words_at[i] if i in words_at else None
+        tokens = vocabulary[words_at[i]].tolist() if i in words_at else None
         if adversarial is None and not present[i]:  # the attack's last words, which did not succeed
             tokens = vocabulary[final_words[i]].tolist()
             adversarial = f"{decode_words(erased.tokenizer, tokens)} {prompt}"
         per_pair.append({
             "prompt": prompt, "seed": seed, "present_before_attack": bool(present[i]),
             "present_after_attack": bool(after[i]), "adversarial_prompt": adversarial, "adversarial_tokens": tokens,
-            "success_step": step,
+            "success_step": step, "reference_shows_concept": bool(target.reference_present[i]),
         })  # fmt: skip
     return {
-        **outcome_shares(present, after),
+        **outcome_shares(present, after, target.reference_present),
         "pairs": len(pairs),
         "seconds_per_pair": round(seconds / len(pairs), 3),
         "per_pair": per_pair,
         "loss": losses,
-        "objective": {"start": start_objective, "end": objective(distribution.argmax(-1).detach())},
+        "objective": {"start": start_objective, "end": objective(ended)},
         "settings": {
             **asdict(settings), "vocabulary": f"{len(vocabulary)} whole words of the tokenizer",
             "method": "UnlearnDiffAtk with discrete prefix words (see evaluators/discrete_attack.py)",

@@ -30,12 +30,9 @@ class InversionSettings:
     seed: int = 0
 
 
-def remove_concept(prompt: str, concept: str) -> str:
-    """The prompt without the concept's words ("a red seven" -> "a red"); `v*` takes their place."""
-    words = prompt.split()
-    drop = set(concept.lower().split())
-    kept = [w for w in words if w.lower().strip(",.") not in drop]
-    return " ".join(kept)
+def remove_concept(prompt: str, words: set[str]) -> str:
+    """The prompt without the concept's `words` (lower case; "a red seven" -> "a red"); `v*` goes before it."""
+    return " ".join(w for w in prompt.split() if w.lower().strip(".,;:!?\"'") not in words)
 
 
 def inversion_attack(
@@ -58,12 +55,15 @@ def inversion_attack(
         raise InputError("textual inversion learns a word with the denoising loss; a one-step generator has none")
     started = time.time()
     device = erased.device
-    context = [remove_concept(p, concept) for p in prompts]
+    # every word the prompts may name the concept by goes ("7": the world's prompts say "seven")
+    context = [remove_concept(p, erased.family.concept_words(concept)) for p in prompts]
     if images is None:  # the base model's images: four seeds of each prompt, each under its own context
         images = to_tensor([im for row in base.generate(prompts, [0, 1, 2, 3]) for im in row])
         contexts = [c for c in context for _ in range(4)]
     else:  # the user's images: every context in turn
         contexts = [context[i % len(context)] for i in range(len(images))]
+    # a word learnt on images without the concept has nothing to bring back
+    images_showing = float(judge.detects(images, concept).float().mean())
     z_ref = _reference_latents(erased, images)
     train_ids = erased.tokenize(contexts)
     family = erased.family
@@ -108,6 +108,7 @@ def inversion_attack(
                                             seen.tolist())
         ],  # fmt: skip
         "loss": loss_ends(losses),
+        "images_showing_concept": images_showing,
         "settings": {
             **asdict(settings), "images": len(images), "judge": judge.describe(), "prompts": prompts, "seeds": seeds,
             "method": "textual inversion of one word on the erased model (see evaluators/inversion_attack.py)",

@@ -41,8 +41,9 @@ FORMAT = "erasure-eval/1"
 GRID_PROMPTS, GRID_SEEDS = 6, 6
 BATCH = 16  # images generated at once
 DEGREE_OF_UNLEARNING = (
-    "Wasserstein-1 distance between the before and after distributions of the CLIP score (cosine of each "
-    "sample's image embedding and the mean embedding of the concept prompts): Text-to-Unlearn's degree of unlearning"
+    "Wasserstein-1 distance between the before and after distributions of the CLIP cosine (of each sample's image "
+    "embedding and the mean embedding of the concept prompts; not the score x 100): Text-to-Unlearn's degree of "
+    "unlearning"
 )
 
 

@@ -43,7 +43,7 @@ def test_discrete_attack_lowers_its_objective_and_its_prompts_re_encode():
 
 def test_textual_inversion_learns_a_word_on_the_erased_model(tiny_model):
     # (a random tiny model: the loss falls as the word fits the few images)
-    assert remove_concept("a red seven", "seven") == "a red"
+    assert remove_concept("a red seven", {"seven"}) == "a red"
     out = inversion_attack(tiny_model, tiny_model, NeverSees(), "cat", ["a cat", "a photo of a cat"], [0],
                            InversionSettings(steps=30, lr=0.2, timesteps=(400, 600)))  # fmt: skip
     assert out["loss"]["last"] < out["loss"]["first"]
@@ -94,3 +94,48 @@ def test_eval_runs_each_attack_on_the_digits_model(attack, tmp_path):
     # an unerased model draws the concept unattacked: every pair succeeds
     assert result["attack"] == attack and result["asr"] == 1.0 and result["pairs"] == 2
     assert result["settings"]["prompts"] == ["a blue italic seven"]
+
+
+def test_textual_inversion_leaves_out_every_word_that_names_the_concept():
+    """"7" is "seven" in the digits world's prompts: the attacked prompt must not name the concept by its other word
+    (it did: "<v*> a red seven", and the word learnt then had the concept in plain text beside it)."""
+    from pipelines import load_model
+    from pipelines.families import get_family
+
+    digits = get_family("digits")
+    assert {"seven", "7"} <= digits.concept_words("7") and {"italic", "slanted"} <= digits.concept_words("slanted")
+    assert remove_concept("a slanted, italic three", digits.concept_words("slanted")) == "a three"
+    assert get_family("sd1").concept_words("Van Gogh") == {"van", "gogh"}
+    model = load_model("digits")
+    out = inversion_attack(model, model, NeverSees(), "7", ["a red seven", "the number 7"], [0],
+                           InversionSettings(steps=1))  # fmt: skip
+    assert [p["attacked_prompt"] for p in out["per_pair"]] == ["<v*> a red", "<v*> the number"]
+    assert out["images_showing_concept"] == 0.0  # NeverSees: the judge saw it in none of the training images
+
+
+def test_the_attacks_say_whether_the_base_models_reference_shows_the_concept():
+    """The embedding and discrete attacks pull each pair towards the base model's image of it: a pair whose
+    reference lacks the concept ("a three" when erasing "seven") counts in the rate, and eval.json says so."""
+    from evaluators.attack import AttackSettings, attack_success_rate
+    from evaluators.detect import ConceptDetector
+    from pipelines import load_model
+
+    model = load_model("digits")
+    judge = ConceptDetector("seven", "digits")  # digits-judge
+    args = (model, model, judge, "seven", ["a seven", "a three"], [1000])
+    outcomes = [attack_success_rate(*args, AttackSettings(steps=1)),
+                discrete_attack(*args, DiscreteAttackSettings(steps=1))]
+    for out in outcomes:
+        assert [p["reference_shows_concept"] for p in out["per_pair"]] == [True, False]
+        assert out["reference_shows_concept"] == 0.5
+        # the base model is not erased: its "a seven" is a seven, so the only pair it can succeed on does
+        assert out["asr_where_reference_shows"] == 1.0 and out["asr"] == 0.5
+    # the terminal's digest, the card and the preview's table say so beside the rate
+    from erasure.evaluation import reference_note, summary_lines
+    from ui.model_card import attack_value
+
+    note = "the base model's reference shows the concept in 50.0% of the pairs; attack success over those: 100.0%"
+    assert reference_note(outcomes[0]) == note and note in attack_value({**outcomes[0], "attack": "embedding"})
+    report = {"concepts": {"seven": {"metrics": {}, "attack": {**outcomes[0], "attack": "embedding"}}}}
+    assert summary_lines(report)[-1] == f"seven: attack (embedding): {note}"
+    assert reference_note({**outcomes[0], "reference_shows_concept": 1.0}) is None

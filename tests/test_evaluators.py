@@ -14,6 +14,8 @@ def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_shift():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 8))
     assert abs(frechet_distance(a, a)) < 1e-6
+    few = rng.normal(size=(10, 256))  # rank-deficient: sqrtm's rounding alone took this to about -5e-5
+    assert frechet_distance(few, few) == 0.0
     shifted = a + 1.0  # mean moves by 1 in each of 8 dimensions: FD = 8 exactly
     assert frechet_distance(a, shifted) == pytest.approx(8.0, abs=1e-6)
     assert frechet_distance(a, rng.normal(size=(500, 8)) * 2) > 1

@@ -26,7 +26,8 @@ from erasure.registry import METHODS
 from pipelines import load_model
 from pipelines.loading import weights_digest
 from ui.cli import main
-from ui.hub import LICENSE_PLACEHOLDER, card_metadata, export_run, load_run, render_card
+from ui.hub import export_run, load_run
+from ui.model_card import LICENSE_PLACEHOLDER, card_metadata, render_card
 
 from .conftest import dead_pid
 

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--attack", choices=["embedding", "unlearndiffatk", "textual-inversion"],
         help="also attack the erased model (no retraining): embedding = UnlearnDiffAtk relaxed to embedding space; "
         "unlearndiffatk = its discrete form, k prefix words a user could type (saved as text); textual-inversion = "
-        "a new word learnt on the erased model from images of the concept (Pham et al. 2023). eval.json gets the "
+        "a new word learnt on the erased model from images of the concept (Pham et al., ICLR 2024). eval.json gets the "
         "attack success rate and every (prompt, seed) pair's outcome",
     )  # fmt: skip
     p.add_argument(

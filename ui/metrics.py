@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from erasure.evaluation import reference_note
 from erasure.output import read_run
 
 HEADERS = ["concept", "metric", "before", "after", "difference", "warning"]
@@ -29,7 +30,7 @@ def eval_table(run: str | Path) -> tuple[list[list], list[tuple[str, str]], str]
         if section.get("attack"):  # `erasure eval --attack`: the erased model's attack success rate
             attack = section["attack"]
             rows.append([concept, f"attack_success_rate ({attack['attack']}, {attack['pairs']} pairs)", None,
-                         _round(attack["asr"]), None, None])  # fmt: skip
+                         _round(attack["asr"]), None, reference_note(attack)])  # fmt: skip
     grids = [(str(path.parent / rel), name) for name, rel in report.get("grids", {}).items()]
     settings = report.get("settings", {})
     message = f"{path} · seeds per prompt: {settings.get('samples_per_prompt', settings.get('samples', '?'))}"

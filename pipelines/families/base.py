@@ -110,6 +110,10 @@ class Family:
         anchors = list(NEUTRAL_ANCHORS) + unrelated[:5]
         return PromptSet(target, preserved, [], [concept, f"a photo of {concept}"], anchors)
 
+    def concept_words(self, concept: str) -> set[str]:
+        """The lower-case words this family's prompts may name `concept` by: its own words, here."""
+        return {w.strip(".,;:!?\"'") for w in concept.lower().split()} - {""}
+
     def retain_pool(self, concepts: Sequence[str]) -> list[str]:
         """Prompts of what to keep, before those that mention a concept are left out."""
         return [f"a photo of a {name}" for name in coco_objects()]

@@ -12,7 +12,7 @@ import random
 from collections.abc import Sequence
 
 from ..errors import InputError
-from ..zoo.world import COLOURS, DIGIT_WORDS, HEADS, STYLES, parse_concept, zero_shot_prompts
+from ..zoo.world import COLOURS, DIGIT_WORDS, HEADS, STYLE_WORDS, STYLES, parse_concept, zero_shot_prompts
 from .base import PromptSet
 from .stable_diffusion import StableDiffusionFamily
 
@@ -122,6 +122,17 @@ class Digits(StableDiffusionFamily):
         anchors = [p for name, prompts in ensembles.items() if name != word for p in prompts]
         preserved += list(neighbours or [])
         return PromptSet(target, preserved, labels, ensembles[word], anchors, parsed.head)
+
+    def concept_words(self, concept: str) -> set[str]:
+        """Its own words and every word the world names it by: "7" is "seven" in the prompts, "slanted" "italic"."""
+        words = super().concept_words(concept)
+        parsed = parse_concept(concept)
+        if parsed is None:
+            return words
+        name = HEADS[parsed.head][parsed.index]
+        if parsed.head == "digit":
+            return words | {name, str(parsed.index)}
+        return words | {name, *STYLE_WORDS.get(name, ())}
 
     def retain_pool(self, concepts: Sequence[str]) -> list[str]:
         """Every digit x colour x style the concepts leave, and each kept digit alone."""
