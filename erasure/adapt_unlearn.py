@@ -122,7 +122,8 @@ class AdaptUnlearnConfig(MethodConfig):
         metadata={"help": "positives to unlearn on (0: every other sample); from a folder, at most this many"},
     )
     adapted_models: int = field(
-        default=1, metadata={"bounds": "[1, inf)", "help": "adapted models to repel from (each its own seed)"}
+        default=1, metadata={"bounds": "[1, inf)", "help": "adapted models to repel from (each its own seed; the "
+                             "authors' MNIST runs repel from 5, each a full stage 1)"}
     )
     adapt_steps: int = field(
         default=2000, metadata={"bounds": "[1, inf)", "help": "stage 1 iterations per adapted model"}

@@ -17,6 +17,7 @@ has no public code; this follows its description:
    while on codes whose renders do not show it they stay put: the pixel MSE and the CLIP-feature
    distance between `G_t(w)` and `G_f(w)`. L_dir only asks the renders to move *towards* -i, not
    how far; `push_weight` adds the distance moved along i, <E_I(G_t(w)) - E_I(G_f(w)), i>.
+   (The paper's identity-feature distance on faces is not here: no face model ships or loads offline.)
 """
 
 from __future__ import annotations
