@@ -23,11 +23,11 @@ tensors of mean((theta - theta_N)^2):
 
 The paper's code: EL2 with weight 100, alpha ("gamma") 1, 2,000 adaptation and 1,000 unlearning
 iterations at batch 16 and learning rate 0.002, EWC weight 5e8 with the Fisher of 32 samples, R1 10.
+Its EMA copy of the generator (decay 0.5^(32/10^4) per step) is the adapted model repelled from and the
+unlearned model evaluated; so it is here (`ema_decay`; the digits preset: 0, the trained weights).
 Where it differs from what is here:
 - its d is K/2 times this one (K adapted models; `value/2*len(ckpt_gens)`), so its gamma is alpha = gamma K / 2
   here for EL2 and NL2, and its IL2 is gamma / d (alpha = K / (2 gamma) here);
-- it keeps an EMA copy of the generator (decay 0.5^(32/10^4) per step), adapts from, repels from and evaluates
-  that copy; here the trained weights themselves;
 - its Adam continues the pretrained checkpoint's state at StyleGAN2's lazy-regularisation ratios; here it starts
   fresh at `lr`;
 - its style mixing and path-length regularisation are left out here.
@@ -61,6 +61,7 @@ from .gan_training import (
     stddev_chunks,
 )
 from .training import (
+    EMA,
     ErasureResult,
     RunContext,
     TrainingLoop,
@@ -71,6 +72,8 @@ from .training import (
 
 REPULSIONS = ("el2", "il2", "nl2")
 PAPER_REPULSION_WEIGHT = {"el2": 100.0, "il2": 1.0, "nl2": 1.0}
+# The authors' code averages its generator with this decay per step (rosinality's StyleGAN2 `accum`).
+EMA_DECAY = 0.5 ** (32 / 10_000)
 
 
 @dataclass
@@ -169,6 +172,12 @@ class AdaptUnlearnConfig(MethodConfig):
             "help": "weight of the repulsion (none: the paper's, 100 for el2, 1 otherwise)",
         },
     )
+    ema_decay: float = field(
+        default=EMA_DECAY,
+        metadata={"bounds": "[0, 1)", "help": "decay per step of the generator's EMA, in both stages: the adapted "
+                  "models are their EMA's weights, and so is the unlearned generator (the authors' code: "
+                  "0.5^(32/10^4); 0: none, the trained weights themselves)"},
+    )  # fmt: skip
     alpha: float = field(
         default=1.0, metadata={"bounds": "(0, inf)", "help": "scale of the parameter distance d in the repulsion (the "
                                "paper's code's gamma with K adapted models: alpha = gamma K / 2 for el2 and nl2)"}
@@ -287,8 +296,9 @@ def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, t
     anchor = {n: p.detach().clone() for n, p in trainable_parameters(generator).items()}
     settings = config.adversarial()
     critic = _critic(clip, run)
+    ema = EMA(generator, config.ema_decay) if config.ema_decay > 0 else None
     loop = TrainingLoop(run, adversarial_networks(run, generator, discriminator, settings, critic), desc=desc,
-                        fingerprint=fingerprint)  # fmt: skip
+                        fingerprint=fingerprint, state={"ema": ema} if ema else None)  # fmt: skip
     if critic is not None:
         critic.head = loop.modules["clip_head"]
     params = trainable_parameters(generator)  # the same tensors the prepared module trains
@@ -300,9 +310,14 @@ def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, t
 
     def step_fn(step: int) -> dict[str, float]:
         real = real_batch(negatives, config.batch_size, run)
-        return adversarial_step(loop, real, step, settings, ewc if fisher else None, critic, config.micro_batch)
+        logs = adversarial_step(loop, real, step, settings, ewc if fisher else None, critic, config.micro_batch)
+        if ema:
+            ema.update(generator)
+        return logs
 
     loop.fit(step_fn, config.adapt_steps)
+    if ema:
+        return {n: t.clone() for n, t in ema.shadow.items()}
     return {n: p.detach().clone() for n, p in params.items()}
 
 
@@ -314,8 +329,10 @@ def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dic
     discriminator.train()
     settings = config.adversarial("unlearn")
     critic = _critic(clip, run)
+    ema = EMA(generator, config.ema_decay) if config.ema_decay > 0 else None
     loop = TrainingLoop(run, adversarial_networks(run, generator, discriminator, settings, critic),
-                        desc="adapt-unlearn: unlearn", fingerprint=fingerprint)  # fmt: skip
+                        desc="adapt-unlearn: unlearn", fingerprint=fingerprint,
+                        state={"ema": ema} if ema else None)  # fmt: skip
     if critic is not None:
         critic.head = loop.modules["clip_head"]
     params = trainable_parameters(generator)
@@ -332,9 +349,14 @@ def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dic
             return config.weight * repulsion(distance["d"], config.repulsion, config.alpha)
 
         logs = adversarial_step(loop, real, step, settings, term, critic, config.micro_batch)
+        if ema:
+            ema.update(generator)
         return {**logs, "distance": distance["d"].detach()}
 
-    return loop.fit(step_fn, config.steps)
+    logs = loop.fit(step_fn, config.steps)
+    if ema:  # the repulsion moved the trained weights; the generator kept is their average
+        ema.copy_to(generator)
+    return logs
 
 
 # --- the method ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from erasure.adapt_unlearn import (
     AdaptUnlearnConfig,
+    adapt,
     ewc_penalty,
     parameter_distance,
     repulsion,
@@ -151,6 +152,31 @@ def test_stage_two_trains_the_generator_and_never_changes_the_adapted_models():
     assert logs["distance"] > 0
     assert all(torch.equal(a[n], k[n]) for a, k in zip(adapted, kept) for n in a)
     assert any(not torch.equal(p, before[n]) for n, p in generator.named_parameters())
+
+
+@pytest.mark.parametrize("stage", ["adapt", "unlearn"])
+def test_both_stages_keep_the_generators_average_the_authors_code_keeps(stage):
+    """`ema_decay` (the authors' g_ema): the adapted model, and the unlearned generator, are the average
+    decay * theta_0 + (1 - decay) * theta_1 after one step, where theta_1 is what the step without an EMA leaves
+    (the average does not change the training); 0 leaves the trained weights as they were."""
+
+    def one_step(decay: float) -> dict[str, torch.Tensor]:
+        generator, discriminator = tiny_gan()
+        generator.requires_grad_(True)
+        config = AdaptUnlearnConfig(steps=1, adapt_steps=1, batch_size=4, ema_decay=decay)
+        images, run = torch.rand(8, 3, 16, 16), RunContext(seed=0, progress=False)
+        if stage == "adapt":
+            return adapt(generator, discriminator, images, None, config, run, {}, "adapt")
+        theta = {n: p.detach() + 0.01 for n, p in generator.named_parameters()}
+        unlearn(generator, discriminator, images, [theta], config, run, {})
+        return {n: p.detach().clone() for n, p in generator.named_parameters()}
+
+    start = {n: p.detach().clone() for n, p in tiny_gan()[0].named_parameters()}
+    trained, averaged = one_step(0.0), one_step(0.9)
+    assert any(not torch.equal(trained[n], start[n]) for n in start)
+    for name in start:
+        assert torch.allclose(averaged[name], 0.9 * start[name] + 0.1 * trained[name], atol=1e-6), name
+    assert AdaptUnlearnConfig().ema_decay == pytest.approx(0.5 ** 0.0032)  # the authors' accum = 0.5^(32/10^4)
 
 
 def _folder(path, count, value):
