@@ -298,7 +298,7 @@ def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, t
     critic = _critic(clip, run)
     ema = EMA(generator, config.ema_decay) if config.ema_decay > 0 else None
     loop = TrainingLoop(run, adversarial_networks(run, generator, discriminator, settings, critic), desc=desc,
-                        fingerprint=fingerprint, state={"ema": ema} if ema else None)  # fmt: skip
+                        fingerprint=fingerprint, state={"ema": ema} if ema is not None else None)  # fmt: skip
     if critic is not None:
         critic.head = loop.modules["clip_head"]
     params = trainable_parameters(generator)  # the same tensors the prepared module trains
@@ -311,12 +311,12 @@ def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, t
     def step_fn(step: int) -> dict[str, float]:
         real = real_batch(negatives, config.batch_size, run)
         logs = adversarial_step(loop, real, step, settings, ewc if fisher else None, critic, config.micro_batch)
-        if ema:
+        if ema is not None:
             ema.update(generator)
         return logs
 
     loop.fit(step_fn, config.adapt_steps)
-    if ema:
+    if ema is not None:
         return {n: t.clone() for n, t in ema.shadow.items()}
     return {n: p.detach().clone() for n, p in params.items()}
 
@@ -332,7 +332,7 @@ def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dic
     ema = EMA(generator, config.ema_decay) if config.ema_decay > 0 else None
     loop = TrainingLoop(run, adversarial_networks(run, generator, discriminator, settings, critic),
                         desc="adapt-unlearn: unlearn", fingerprint=fingerprint,
-                        state={"ema": ema} if ema else None)  # fmt: skip
+                        state={"ema": ema} if ema is not None else None)  # fmt: skip
     if critic is not None:
         critic.head = loop.modules["clip_head"]
     params = trainable_parameters(generator)
@@ -349,12 +349,12 @@ def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dic
             return config.weight * repulsion(distance["d"], config.repulsion, config.alpha)
 
         logs = adversarial_step(loop, real, step, settings, term, critic, config.micro_batch)
-        if ema:
+        if ema is not None:
             ema.update(generator)
         return {**logs, "distance": distance["d"].detach()}
 
     logs = loop.fit(step_fn, config.steps)
-    if ema:  # the repulsion moved the trained weights; the generator kept is their average
+    if ema is not None:  # the repulsion moved the trained weights; the generator kept is their average
         ema.copy_to(generator)
     return logs
 

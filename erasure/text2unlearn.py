@@ -335,8 +335,9 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
         raise InputError(f"CLIP sees {' / '.join(concepts)} in {what} of {config.pool} samples: nothing to "
                          "unlearn from, or nothing to keep; raise `pool` or name the concept otherwise")  # fmt: skip
 
-    floors = push_floors(clip, pool_images[absent].to(device), directions, config.augment) if config.push_stop \
-        else None  # fmt: skip
+    floors = None
+    if config.push_stop:
+        floors = push_floors(clip, pool_images[absent].to(device), directions, config.augment)
 
     student = copy.deepcopy(frozen).train()
     trainable = select_trainable_layers(student, config.train_mapping, config.train_torgb, config.resolutions)

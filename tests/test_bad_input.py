@@ -92,6 +92,8 @@ CASES = [
     (["eval", "{run}", "--fid-features", "inception:/missing"], "no such Inception weights file /missing", False),
     (["eval", "{run}", "--clip", "no-such-clip"], "unknown CLIP model", False),
     (["eval", "{run}", "--clip", ""], "an empty CLIP name", False),  # Path("") passed for the working folder
+    (["erase", "--method", "adapt-unlearn", "--concept", "seven", "--set", "ema_decay=1"],
+     "ema_decay must be between 0 and 1 (1 excluded), not 1", False),
     (["erase", "--method", "adapt-unlearn", "--concept", "seven", "--set", "vision_aided="], "an empty CLIP name",
      False),
     (["eval", "{run}", "--samples", "0"], "argument --samples: must be >= 1", False),
