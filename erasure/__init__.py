@@ -1,14 +1,15 @@
 """Concept erasure for text-to-image diffusion models and GANs.
 
-    from erasure import erase
+    from erasure import erase, evaluate
     run = erase("advunlearn", ["seven"], "digits-sd", out="runs/adv-seven")
+    report = evaluate(run)  # runs/adv-seven/eval.json
 
-The package imports lightly (the command line must start fast); `erase` loads on first use.
+The package imports lightly (the command line must start fast); `erase` and `evaluate` load on first use.
 """
 
 __version__ = "0.1.0"  # the one place the version is set (pyproject.toml reads it)
 DISTRIBUTION = "concept-erasure-toolkit"  # the name on the package index; the command is `erasure`
-__all__ = ["erase", "__version__"]
+__all__ = ["erase", "evaluate", "__version__"]
 
 
 def __getattr__(name: str):
@@ -16,4 +17,8 @@ def __getattr__(name: str):
         from .api import erase
 
         return erase
+    if name == "evaluate":  # `erasure eval`; evaluation.py names it run_eval beside the report's own `evaluate`
+        from .evaluation import run_eval
+
+        return run_eval
     raise AttributeError(name)
