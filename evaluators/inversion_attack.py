@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipelines.images import to_tensor
+from pipelines.tokenizer import plain_words
 
 from .attack import _reference_latents, denoising_loss, loss_ends, outcome_shares
 
@@ -32,7 +33,7 @@ class InversionSettings:
 
 def remove_concept(prompt: str, words: set[str]) -> str:
     """The prompt without the concept's `words` (lower case; "a red seven" -> "a red"); `v*` goes before it."""
-    return " ".join(w for w in prompt.split() if w.lower().strip(".,;:!?\"'") not in words)
+    return " ".join(w for w in prompt.split() if not set(plain_words(w)) & words)
 
 
 def inversion_attack(

@@ -17,6 +17,12 @@ BOS_ID, EOS_ID = 49406, 49407
 _N_MERGES = 49152 - 256 - 2
 
 
+def plain_words(text: str) -> list[str]:
+    """The words of `text` in lower case, without the punctuation around them: "A red seven." -> a, red, seven.
+    How a concept's words are found in prompts, wherever they are matched."""
+    return [w for w in (word.strip(".,;:!?\"'") for word in text.lower().split()) if w]
+
+
 def _byte_symbols() -> list[str]:
     """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode symbols."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))

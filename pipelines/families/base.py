@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import InputError
+from ..tokenizer import plain_words
 
 COCO_OBJECTS = Path(__file__).with_name("coco_objects.txt")
 GENERAL_TARGET_TEMPLATES = ("{}", "a photo of {}", "a painting of {}", "an image of {}", "{}, highly detailed")
@@ -112,7 +113,7 @@ class Family:
 
     def concept_words(self, concept: str) -> set[str]:
         """The lower-case words this family's prompts may name `concept` by: its own words, here."""
-        return {w.strip(".,;:!?\"'") for w in concept.lower().split()} - {""}
+        return set(plain_words(concept))
 
     def retain_pool(self, concepts: Sequence[str]) -> list[str]:
         """Prompts of what to keep, before those that mention a concept are left out."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..tokenizer import plain_words
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 COLOURS = ("white", "red", "green", "blue", "yellow")
 STYLES = ("plain", "italic", "bold")
@@ -51,8 +53,7 @@ def parse_concept(text: str) -> WorldConcept | None:
     Returns None when the text names nothing of the digits world, so callers can fall back to a
     CLIP-based judge.
     """
-    words = [w.strip(".,;:!?\"'") for w in text.lower().split()]
-    words = [w for w in words if w]
+    words = plain_words(text)
     found: list[WorldConcept] = []
     for w in words:
         if w in DIGIT_WORDS:
