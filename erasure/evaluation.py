@@ -132,7 +132,7 @@ def run_eval(
                 clip,
                 progress,
                 attack_images,
-                file_prompts=[row.text for row in prompt_options["target_rows"] or ()],
+                file_rows=prompt_options["target_rows"] or (),
             )
     if manifest is not None:
         result.report["run"] = {"method": manifest["method"], "config": manifest["config"], "seed": manifest["seed"]}
@@ -179,28 +179,31 @@ def _check_attack(attack: str, source, prompts: int | None, seeds: int, steps: i
 
 
 def run_attack(attack: str, after, before, concept: str, prompts: int | None, seeds: int, steps: int, clip,
-            progress: bool, images=None, file_prompts: Sequence[str] = ()) -> dict:  # fmt: skip
+            progress: bool, images=None, file_rows: Sequence = ()) -> dict:  # fmt: skip
     """Attack the erased model (evaluators/attack.py, discrete_attack.py, inversion_attack.py); the base
-    model's images are the references. The prompts attacked are the first `prompts` of the `--prompts` file
-    (`file_prompts`, each once) when one was given, else of the concept's built-in target prompts; each with the
-    attack's own seeds, apart from the evaluation's."""
+    model's images are the references. The prompts attacked are the first `prompts` of the `--prompts` file's
+    rows (`file_rows`: PromptRow; each text and guidance once, at that guidance) when one was given, else of the
+    concept's built-in target prompts at the model's guidance; each with the attack's own seeds, apart from the
+    evaluation's."""
     from evaluators.detect import ConceptDetector
 
-    targets = list(dict.fromkeys(file_prompts)) or before.family.prompt_set(concept).target
-    targets = targets[:prompts]
+    rows = list(dict.fromkeys((row.text, row.guidance) for row in file_rows))
+    rows = rows or [(text, None) for text in before.family.prompt_set(concept).target]
+    targets, guidance = [list(column) for column in zip(*rows[:prompts])]
     detector = ConceptDetector(concept, before.family, str(after.device), clip)
     seeds_used = list(range(ATTACK_SEED_OFFSET, ATTACK_SEED_OFFSET + seeds))
     if attack == "embedding":
         from evaluators.attack import AttackSettings, attack_success_rate
 
         outcome = attack_success_rate(after, before, detector, concept, targets, seeds_used,
-                                      AttackSettings(steps=steps), progress=progress)  # fmt: skip
+                                      AttackSettings(steps=steps), progress=progress, guidance=guidance)  # fmt: skip
         outcome.pop("attacked_images")
     elif attack == "unlearndiffatk":
         from evaluators.discrete_attack import DiscreteAttackSettings, discrete_attack
 
         outcome = discrete_attack(after, before, detector, concept, targets, seeds_used,
-                                  DiscreteAttackSettings(steps=steps), progress=progress)  # fmt: skip
+                                  DiscreteAttackSettings(steps=steps), progress=progress,
+                                  guidance=guidance)  # fmt: skip
     else:
         from evaluators.inversion_attack import InversionSettings, inversion_attack
         from pipelines.images import image_folder_files, load_square_images
@@ -210,7 +213,8 @@ def run_attack(attack: str, after, before, concept: str, prompts: int | None, se
             size = after.unet.config.sample_size * 2 ** (len(after.vae.config.block_out_channels) - 1)
             pictures = load_square_images(image_folder_files(images), size)
         outcome = inversion_attack(after, before, detector, concept, targets, seeds_used,
-                                   InversionSettings(steps=steps), images=pictures, progress=progress)  # fmt: skip
+                                   InversionSettings(steps=steps), images=pictures, progress=progress,
+                                   guidance=guidance)  # fmt: skip
     return {"attack": attack, **outcome}
 
 

@@ -13,7 +13,9 @@ A one-step generator (SFD) is no denoiser, so there the same embeddings are opti
 its one-step latent for the pair's own noise lands on the reference:
 `min_adv || G(z_seed, E([adv; prompt])) - z_ref ||^2`.
 
-Then the erased model generates with the attacked prompt and the same seed, and the judge looks.
+Then the erased model generates with the attacked prompt and the same seed, and the judge looks. Every
+image of a pair - reference, unattacked, attacked - is drawn at its prompt's guidance (a prompt file's row's,
+else the model's default).
 A (prompt, seed) counts as a success if the concept shows before or after the attack, as in the
 paper's ASR. The attack is stronger than AdvUnlearn's inner attack (more tokens, more steps, a
 reference image), so training against the latter does not simply overfit the evaluation.
@@ -22,6 +24,7 @@ reference image), so training against the latter does not simply overfit the eva
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -96,6 +99,36 @@ def loss_ends(losses: list[float]) -> dict:
     return {"first": mean(losses[:10]), "last": mean(losses[-10:])}
 
 
+def draw_grouped(guidance: Sequence[float | None], draw: Callable[[list[int], float | None], list]) -> list:
+    """`draw(indices, g)` once per guidance value (None: the model's default), the images back in index order.
+    An image depends on its prompt, seed and guidance alone, so the grouping changes no pixel."""
+    images: list = [None] * len(guidance)
+    for value in dict.fromkeys(guidance):
+        indices = [i for i, g in enumerate(guidance) if g == value]
+        for i, image in zip(indices, draw(indices, value)):
+            images[i] = image
+    return images
+
+
+def draw_pairs(model, prompts: Sequence[str], seeds: Sequence[int], guidance: Sequence[float | None]) -> torch.Tensor:
+    """`model`'s images of every (prompt, seed), prompt-major, each at its prompt's guidance."""
+    jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
+    per_job = [guidance[i] for i, _ in jobs]
+    return to_tensor(draw_grouped(per_job, lambda rows, g: model.generate_jobs(prompts, [jobs[i] for i in rows],
+                                                                                 guidance=g)))  # fmt: skip
+
+
+def draw_embedded(model, embeds: torch.Tensor, seeds: Sequence[int], guidance: Sequence[float | None]) -> torch.Tensor:
+    """`model`'s image of each row of `embeds`, row i with `seeds[i]` at `guidance[i]`."""
+    return to_tensor(draw_grouped(guidance, lambda rows, g: model.generate_each(embeds[rows], [seeds[i] for i in rows],
+                                                                                 guidance=g)))  # fmt: skip
+
+
+def guidance_record(guidance: Sequence[float | None]) -> dict:
+    """The settings' record of each prompt's own guidance, where any prompt has one."""
+    return {"guidance": list(guidance)} if any(g is not None for g in guidance) else {}
+
+
 @dataclass
 class AttackTarget:
     """What every attack starts from: the (prompt, seed) pairs, the base model's images of them as
@@ -110,12 +143,15 @@ class AttackTarget:
     reference_present: torch.Tensor  # bool [pairs], on the CPU: the judge sees the concept in the pair's reference
     alphas: torch.Tensor | None  # the noise schedule's; None for a flow-matching model
     z_seeds: torch.Tensor | None  # a one-step generator's noise for each pair's seed, else None
+    guidance: list[float | None]  # each pair's (None: the model's default)
 
     @classmethod
-    def of(cls, erased, base, judge, concept: str, prompts: list[str], seeds: list[int]) -> AttackTarget:
+    def of(cls, erased, base, judge, concept: str, prompts: list[str], seeds: list[int],
+           guidance: Sequence[float | None] | None = None) -> AttackTarget:  # fmt: skip
+        guidance = list(guidance) if guidance is not None else [None] * len(prompts)
         pairs = [(p, s) for p in prompts for s in seeds]
-        references = to_tensor([im for row in base.generate(prompts, seeds) for im in row])
-        plain = to_tensor([im for row in erased.generate(prompts, seeds) for im in row])
+        references = draw_pairs(base, prompts, seeds, guidance)
+        plain = draw_pairs(erased, prompts, seeds, guidance)
         z_ref = _reference_latents(erased, references)
         tower = erased.family.text_tower(erased)
         tower.requires_grad_(False)
@@ -127,7 +163,12 @@ class AttackTarget:
             judge.detects(plain, concept).bool().cpu(), judge.detects(references, concept).bool().cpu(),
             None if alphas is None else alphas.to(erased.device),
             seed_noise([s for _, s in pairs], z_ref.shape[1:], erased.device) if one_step else None,
+            [g for g in guidance for _ in seeds],
         )  # fmt: skip
+
+    def draw(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The erased model's image of each pair under its row of `embeds`: the pair's seed and guidance."""
+        return draw_embedded(self.erased, embeds, [s for _, s in self.pairs], self.guidance)
 
     def loss(self, cond: torch.Tensor, rows, timesteps: tuple[int, int], g: torch.Generator) -> torch.Tensor:
         """The objective for `rows` of the pairs under `cond`: the erased model, as a diffusion classifier,
@@ -155,12 +196,14 @@ def attack_success_rate(
     seeds: list[int],
     settings: AttackSettings | None = None,
     progress: bool = False,
+    guidance: Sequence[float | None] | None = None,
 ) -> dict:
-    """ASR of the embedding attack on `erased` for the concept, with `base` providing references."""
+    """ASR of the embedding attack on `erased` for the concept, with `base` providing references; `guidance`:
+    each prompt's (default: the model's)."""
     settings = settings or AttackSettings()
     started = time.time()
     device = erased.device
-    target = AttackTarget.of(erased, base, judge, concept, prompts, seeds)
+    target = AttackTarget.of(erased, base, judge, concept, prompts, seeds, guidance)
     pairs, before = target.pairs, target.present
     g = torch.Generator().manual_seed(settings.seed)
     with torch.no_grad():
@@ -185,7 +228,7 @@ def attack_success_rate(
 
     with torch.no_grad():
         embeds = target.encode(slice(None), torch.cat(parts, dim=-1))
-    attacked = to_tensor(erased.generate_each(embeds, [s for _, s in pairs]))
+    attacked = target.draw(embeds)
     after = judge.detects(attacked, concept).bool().cpu()
     seconds = time.time() - started
     return {
@@ -210,6 +253,7 @@ def attack_success_rate(
             "judge": judge.describe(),
             "prompts": prompts,
             "seeds": seeds,
+            **guidance_record(target.guidance[:: len(seeds)]),
         },
         "attacked_images": attacked,
     }

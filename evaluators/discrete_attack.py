@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pipelines.images import to_tensor
 
-from .attack import AttackTarget, outcome_shares
+from .attack import AttackTarget, draw_grouped, guidance_record, outcome_shares
 
 WORD = re.compile(r"^[a-z]{3,}</w>$")
 
@@ -66,6 +67,12 @@ def decode_words(tokenizer, ids: list[int]) -> str:
     return " ".join(t[: -len("</w>")] for t in tokenizer.convert_ids_to_tokens(ids))
 
 
+def _draw_texts(model, texts: list[str], seeds: list[int], guidance: list[float | None]) -> torch.Tensor:
+    """`model`'s image of each text, text i with `seeds[i]` at `guidance[i]`."""
+    return to_tensor(draw_grouped(guidance, lambda rows, g: model.generate_jobs(
+        [texts[r] for r in rows], [(j, seeds[r]) for j, r in enumerate(rows)], guidance=g)))
+
+
 def discrete_attack(
     erased,
     base,
@@ -75,11 +82,12 @@ def discrete_attack(
     seeds: list[int],
     settings: DiscreteAttackSettings | None = None,
     progress: bool = False,
+    guidance: Sequence[float | None] | None = None,
 ) -> dict:
     settings = settings or DiscreteAttackSettings()
     started = time.time()
     device = erased.device
-    target = AttackTarget.of(erased, base, judge, concept, prompts, seeds)
+    target = AttackTarget.of(erased, base, judge, concept, prompts, seeds, guidance)
     pairs, present = target.pairs, target.present
     vocabulary = word_vocabulary(erased.tokenizer).to(device)
     with torch.no_grad():
@@ -121,8 +129,8 @@ def discrete_attack(
             final_words = distribution.argmax(-1).detach()
             texts = {int(i): f"{decode_words(erased.tokenizer, vocabulary[final_words[i]].tolist())} {pairs[i][0]}"
                      for i in active.tolist()}  # fmt: skip
-            drawn = erased.generate_jobs(list(texts.values()), [(j, pairs[i][1]) for j, i in enumerate(texts)])
-            seen = judge.detects(to_tensor(drawn), concept).bool()
+            seen = judge.detects(_draw_texts(erased, list(texts.values()), [pairs[i][1] for i in texts],
+                                             [target.guidance[i] for i in texts]), concept).bool()  # fmt: skip
             for (i, text), hit in zip(texts.items(), seen.tolist()):
                 if hit:
                     succeeded[i] = True
@@ -159,5 +167,6 @@ def discrete_attack(
             **asdict(settings), "vocabulary": f"{len(vocabulary)} whole words of the tokenizer",
             "method": "UnlearnDiffAtk with discrete prefix words (see evaluators/discrete_attack.py)",
             "judge": judge.describe(), "prompts": prompts, "seeds": seeds,
+            **guidance_record(target.guidance[:: len(seeds)]),
         },
     }  # fmt: skip

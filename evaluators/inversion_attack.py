@@ -11,15 +11,23 @@ UNet able to draw it, and a new word can find it again; that is what this attack
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from pipelines.images import to_tensor
 from pipelines.tokenizer import plain_words
 
-from .attack import _reference_latents, denoising_loss, loss_ends, outcome_shares
+from .attack import (
+    _reference_latents,
+    denoising_loss,
+    draw_embedded,
+    draw_pairs,
+    guidance_record,
+    loss_ends,
+    outcome_shares,
+)
 
 
 @dataclass
@@ -46,9 +54,11 @@ def inversion_attack(
     settings: InversionSettings | None = None,
     images: torch.Tensor | None = None,
     progress: bool = False,
+    guidance: Sequence[float | None] | None = None,
 ) -> dict:
     """Learn `v*` on `images` of the concept (default: the base model's images of `prompts`, seeds 0..3),
-    then judge the erased model's images of each (prompt with `v*`, seed)."""
+    then judge the erased model's images of each (prompt with `v*`, seed); every image at its prompt's
+    `guidance` (default: the model's)."""
     settings = settings or InversionSettings()
     if erased.kind == "one-step":
         from pipelines.errors import InputError
@@ -56,10 +66,11 @@ def inversion_attack(
         raise InputError("textual inversion learns a word with the denoising loss; a one-step generator has none")
     started = time.time()
     device = erased.device
+    guidance = list(guidance) if guidance is not None else [None] * len(prompts)
     # every word the prompts may name the concept by goes ("7": the world's prompts say "seven")
     context = [remove_concept(p, erased.family.concept_words(concept)) for p in prompts]
     if images is None:  # the base model's images: four seeds of each prompt, each under its own context
-        images = to_tensor([im for row in base.generate(prompts, [0, 1, 2, 3]) for im in row])
+        images = draw_pairs(base, prompts, [0, 1, 2, 3], guidance)
         contexts = [c for c in context for _ in range(4)]
     else:  # the user's images: every context in turn
         contexts = [context[i % len(context)] for i in range(len(images))]
@@ -93,9 +104,9 @@ def inversion_attack(
     pairs = [(c, s) for c in context for s in seeds]
     with torch.no_grad():
         embeds = family.encode_inserted(erased, encoder, erased.tokenize([c for c, _ in pairs]), word.detach())
-    attacked = to_tensor(erased.generate_each(embeds, [s for _, s in pairs]))
+    attacked = draw_embedded(erased, embeds, [s for _, s in pairs], [g for g in guidance for _ in seeds])
     seen = judge.detects(attacked, concept).bool()
-    plain = to_tensor([im for row in erased.generate(prompts, seeds) for im in row])
+    plain = draw_pairs(erased, prompts, seeds, guidance)
     present = judge.detects(plain, concept).bool()
     seconds = time.time() - started
     return {
@@ -112,6 +123,7 @@ def inversion_attack(
         "images_showing_concept": images_showing,
         "settings": {
             **asdict(settings), "images": len(images), "judge": judge.describe(), "prompts": prompts, "seeds": seeds,
+            **guidance_record(guidance),
             "method": "textual inversion of one word on the erased model (see evaluators/inversion_attack.py)",
         },
     }  # fmt: skip

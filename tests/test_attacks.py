@@ -79,21 +79,21 @@ def test_the_three_attacks_count_present_after_attack_alike():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attack", ["unlearndiffatk", "textual-inversion"])
+@pytest.mark.parametrize("attack", ["embedding", "unlearndiffatk", "textual-inversion"])
 def test_eval_runs_each_attack_on_the_digits_model(attack, tmp_path):
     import json
 
     from erasure.evaluation import run_eval
 
-    # the prompts a user brings are the ones attacked, not the built-in ones
-    (tmp_path / "prompts.txt").write_text("a blue italic seven\nthe number 7 in green\n")
+    # the prompts a user brings are the ones attacked, not the built-in ones, each at its row's guidance
+    (tmp_path / "prompts.csv").write_text("prompt,guidance\na blue italic seven,3\nthe number 7 in green,\n")
     path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=tmp_path / "e.json", samples=1,
                     attack=attack, attack_prompts=1, attack_seeds=2, attack_steps=2, progress=False,
-                    prompts_file=tmp_path / "prompts.txt")  # fmt: skip
+                    prompts_file=tmp_path / "prompts.csv")  # fmt: skip
     result = json.loads(path.read_text())["concepts"]["seven"]["attack"]
     # an unerased model draws the concept unattacked: every pair succeeds
     assert result["attack"] == attack and result["asr"] == 1.0 and result["pairs"] == 2
-    assert result["settings"]["prompts"] == ["a blue italic seven"]
+    assert result["settings"]["prompts"] == ["a blue italic seven"] and result["settings"]["guidance"] == [3.0]
 
 
 def test_textual_inversion_leaves_out_every_word_that_names_the_concept():
@@ -139,3 +139,31 @@ def test_the_attacks_say_whether_the_base_models_reference_shows_the_concept():
     report = {"concepts": {"seven": {"metrics": {}, "attack": {**outcomes[0], "attack": "embedding"}}}}
     assert summary_lines(report)[-1] == f"seven: attack (embedding): {note}"
     assert reference_note({**outcomes[0], "reference_shows_concept": 1.0}) is None
+
+
+def test_the_attacks_draw_each_prompt_at_its_own_guidance():
+    """A prompt file's row may carry its guidance (I2P's `sd_guidance_scale`): the attacks draw that prompt's
+    references, unattacked and attacked images at it, and the model's default for a prompt without one."""
+    from evaluators.attack import AttackSettings, attack_success_rate, draw_embedded, draw_pairs
+    from pipelines import load_model
+    from pipelines.images import to_tensor
+
+    model = load_model("digits")
+    prompts, seeds, guidance = ["a seven", "a three"], [1000, 1001], [1.5, None]
+    own = [to_tensor(model.generate([p], seeds, guidance=g)[0]) for p, g in zip(prompts, guidance)]
+    assert torch.equal(draw_pairs(model, prompts, seeds, guidance), torch.cat(own))
+    assert not torch.equal(own[0], draw_pairs(model, prompts[:1], seeds, [None]))  # the guidance tells
+    with torch.no_grad():
+        embeds = model.encode(prompts)
+    own = [to_tensor(model.generate_each(embeds[i : i + 1], [1000], guidance=g)) for i, g in enumerate(guidance)]
+    assert torch.equal(draw_embedded(model, embeds, [1000, 1000], guidance), torch.cat(own))
+    for out in (attack_success_rate(model, model, NeverSees(), "seven", prompts, [1000], AttackSettings(steps=1),
+                                    guidance=guidance),
+                discrete_attack(model, model, NeverSees(), "seven", prompts, [1000], DiscreteAttackSettings(steps=1),
+                                guidance=guidance),
+                inversion_attack(model, model, NeverSees(), "seven", prompts, [1000], InversionSettings(steps=1),
+                                 guidance=guidance)):  # fmt: skip
+        assert out["settings"]["guidance"] == guidance and out["pairs"] == 2
+    # without a prompt's own guidance, nothing is recorded: the model's default is in the report's settings
+    plain = attack_success_rate(model, model, NeverSees(), "seven", prompts, [1000], AttackSettings(steps=1))
+    assert "guidance" not in plain["settings"]
