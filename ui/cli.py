@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--attack-prompts", type=number(int, COUNT), metavar="N",
-        help="target prompts to attack, the first N of --prompts or of the built-in ones (default: all)",
+        help="target prompts to attack, the first N of --prompts (each at its row's guidance) or of the built-in ones "
+        "(default: all)",
     )
     p.add_argument(
         "--attack-seeds", type=number(int, COUNT), metavar="K", help="seeds per prompt (default: 5)"
