@@ -127,6 +127,12 @@ CASES = [
     # `--model` is not an option of `sample` (the model is positional); it must not become --model-config
     (["sample", "--model", "{tiny}", "--prompt", "a cat", "--out", "g.png"], "unrecognized arguments: --model", False),
     (["eval", "{tiny}", "--concept", "cat"], "--baseline is needed", False),
+    (["compare", "{run}"], "has no eval.json: run `erasure eval", False),
+    (["compare", "./nope"], "no such run folder or report: ./nope", False),
+    (["compare", "{badcsv}"], "not a readable evaluation report", False),
+    (["compare", "{partialrun}"], "is not an evaluation report", False),
+    (["compare", "{run}", "--out", "table.txt"], "write a .md (Markdown) or .csv file", False),
+    (["compare", "{run}", "--out", "/proc/t.md"], "cannot be created", False),
 ]
 if not torch.cuda.is_available():
     CASES.append((["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--device", "cuda"],
@@ -231,7 +237,7 @@ def test_bad_input_is_refused_with_one_line_by_a_process_of_its_own(args, messag
 
 
 def test_table_covers_every_command():
-    assert {case[0][0] for case in CASES} == {"erase", "sample", "eval", "zoo", "preview"}
+    assert {case[0][0] for case in CASES} == {"erase", "sample", "eval", "zoo", "preview", "compare"}
 
 
 def _erase_command(model, steps: int, checkpoint_every: int) -> list[str]:

@@ -21,7 +21,7 @@ def test_help_is_instant_and_lists_the_commands():
     started = time.time()
     result = run("--help")
     assert result.returncode == 0
-    for command in ("erase", "eval", "sample", "preview", "export", "methods", "zoo"):
+    for command in ("erase", "eval", "compare", "sample", "preview", "export", "methods", "zoo"):
         assert command in result.stdout
     assert time.time() - started < 5  # includes interpreter start; no torch import
     check = subprocess.run(

@@ -31,6 +31,7 @@ examples:
   erasure erase --method esd --concept seven --out runs/esd-seven
   erasure sample runs/esd-seven --prompt "a red seven" --n 8 --out grid.png
   erasure eval runs/esd-seven
+  erasure compare runs/esd-seven runs/adv-seven --out table.md
   erasure export runs/esd-seven --repo-id me/digits-no-seven --local-dir hub/digits-no-seven
   erasure methods
 """
@@ -194,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     _add_dtype_option(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "compare", help="several evaluations side by side: one table, a column per erased model",
+        description="Put the eval.json of several runs (or any reports `erasure eval --json` wrote) side by side: "
+        "a row per metric and attack, the base model's value, then each erased model's. The reports must share the "
+        "base model and the protocol (seeds, steps, guidance, CLIP, judge, prompts); each attack gets rows of "
+        "its own. Prints Markdown; --out FILE.md or FILE.csv also writes it (CSV: full-precision numbers).",
+    )  # fmt: skip
+    p.add_argument("reports", nargs="+", metavar="RUN_OR_REPORT", help="a run folder (its eval.json) or a report file")
+    p.add_argument("--out", metavar="FILE.md|FILE.csv", help="also write the table to this file")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "sample", help="generate images from any model (pipeline folder, run folder, embedded name)",
@@ -387,6 +399,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if PartialState().is_main_process:
         print("\n".join(summary_lines(json.loads(path.read_text()))))
         print(f"wrote {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from evaluators.comparison import compare, to_csv, to_markdown
+    from pipelines.files import atomic_write, check_writable
+
+    out = check_writable(args.out) if args.out is not None else None
+    if out is not None and out.suffix.lower() not in (".md", ".csv"):
+        raise InputError(f"--out {out}: write a .md (Markdown) or .csv file")
+    table = compare(args.reports)
+    markdown = to_markdown(table)
+    print(markdown, end="")
+    if out is not None:
+        text = to_csv(table) if out.suffix.lower() == ".csv" else markdown
+        atomic_write(out, lambda tmp: tmp.write_text(text))
+        print(f"wrote {out}")
     return 0
 
 

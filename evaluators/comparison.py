@@ -1,0 +1,203 @@
+"""Several evaluation reports side by side: one row per metric, the base model's value, then each erased model's.
+
+Numbers measured under different protocols do not belong in one table, so the reports must share their base model
+(its weights' sha256) and every protocol setting that moves a number: seeds, steps, guidance, CLIP, the judge and
+each concept's prompts. Attacks may differ: each attack (kind and steps) gets rows of its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.errors import InputError
+
+from .report import FORMAT
+
+# Settings that describe how a report was made but move no number.
+NOT_PROTOCOL = ("grids", "processes")
+MARK = "*"  # a cell whose metric carries a warning; the warnings are listed under the table
+
+
+@dataclass
+class Comparison:
+    labels: list[str]  # per column (an erased model): its heading
+    rows: list[tuple[str, str]] = field(default_factory=list)  # (concept, row name), in order of first appearance
+    base: dict = field(default_factory=dict)  # row -> the base model's value (a metric's "before")
+    cells: list[dict] = field(default_factory=list)  # per column: row -> value
+    spreads: list[dict] = field(default_factory=list)  # per column: row -> the value's +- (KID)
+    warnings: dict = field(default_factory=dict)  # (column, row) -> warning text
+
+    def add(self, row: tuple[str, str]) -> None:
+        if row not in self.rows:
+            self.rows.append(row)
+
+
+def report_path(given: str | Path) -> Path:
+    """A run folder stands for its eval.json; a file is taken as it is."""
+    path = Path(given).expanduser()
+    if path.is_dir():
+        path = path / "eval.json"
+        if not path.is_file():
+            raise InputError(f"{given} has no eval.json: run `erasure eval {given}` first")
+    elif not path.is_file():
+        raise InputError(f"no such run folder or report: {given}")
+    return path
+
+
+def read_report(given: str | Path) -> dict:
+    path = report_path(given)
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable evaluation report ({exc})") from None
+    if not isinstance(report, dict) or report.get("format") != FORMAT:
+        raise InputError(f"{path} is not an evaluation report (`erasure eval` writes them, format {FORMAT})")
+    return report
+
+
+def protocol(report: dict) -> dict:
+    """What a report's numbers depend on besides the erased model."""
+    settings = {k: v for k, v in report.get("settings", {}).items() if k not in NOT_PROTOCOL}
+    concepts = {name: {"prompts": section.get("prompts"), "judge": section.get("judge")}
+                for name, section in report["concepts"].items()}  # fmt: skip
+    return {"base model": report["before"].get("sha256"), "settings": settings, "concepts": concepts}
+
+
+def _first_difference(a, b, where: str = "") -> tuple[str, object, object] | None:
+    """(dotted key, its value in a, in b) of the first setting that differs; a concept only one report has is no
+    difference (its rows stay empty in the other's column)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in dict.fromkeys([*a, *b]):
+            here = f"{where}.{key}" if where else str(key)
+            if key in a and key in b:
+                found = _first_difference(a[key], b[key], here)
+                if found:
+                    return found
+            elif where != "concepts":
+                return here, a.get(key), b.get(key)
+        return None
+    return None if a == b else (where, a, b)
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_comparable(reports: list[dict], names: list[str]) -> None:
+    first = protocol(reports[0])
+    for report, name in zip(reports[1:], names[1:]):
+        found = _first_difference(first, protocol(report))
+        if found is not None:
+            where, a, b = found
+            raise InputError(f"{names[0]} and {name} were measured differently ({where}: {_short(a)} vs {_short(b)}); "
+                             "a table compares reports of one base model under one protocol")  # fmt: skip
+
+
+def _label(report: dict, path: Path) -> str:
+    """A run's folder name for its eval.json, else the model's name."""
+    return path.parent.name if path.name == "eval.json" else Path(report["after"].get("spec", "")).name or str(path)
+
+
+def _values(report: dict) -> tuple[list, dict, dict, dict, dict]:
+    """One report's (rows in order, row -> value, row -> spread, row -> warning, row -> base model's value)."""
+    rows, values, spreads, warnings, base = [], {}, {}, {}, {}
+    run = report.get("run") or {}
+    for name, value in (("method", run.get("method")), ("training seed", run.get("seed"))):
+        rows.append(("", name))
+        values["", name] = value
+    for concept, section in report["concepts"].items():
+        for name, metric in section["metrics"].items():
+            row = (concept, name)
+            rows.append(row)
+            values[row] = metric.get("after", metric.get("value"))
+            if "before" in metric:
+                base[row] = metric["before"]
+            if "std" in metric:
+                spreads[row] = metric["std"]
+            if metric.get("warning"):
+                warnings[row] = metric["warning"]
+        attack = section.get("attack")
+        if attack:
+            settings = attack.get("settings", {})
+            row = (concept, f"attack success rate ({attack['attack']}, {settings.get('steps')} steps, "
+                            f"{len(settings.get('prompts', []))} prompts x {len(settings.get('seeds', []))} seeds)")
+            rows.append(row)
+            values[row] = attack["asr"]
+    return rows, values, spreads, warnings, base
+
+
+def compare(given: list[str | Path]) -> Comparison:
+    """The table of `given` run folders and report files. Reports of one erased model (its weights' sha256) share
+    a column, e.g. one `erasure eval --json` per attack, unless they disagree on a value."""
+    if not given:
+        raise InputError("give at least one run folder or evaluation report")
+    paths = [report_path(g) for g in given]
+    reports = [read_report(p) for p in paths]
+    check_comparable(reports, [str(p) for p in paths])
+    table = Comparison([])
+    models: list = []  # per column: the erased model's sha256
+    files: list[list[str]] = []  # per column: its reports' file names
+    for report, path in zip(reports, paths):
+        rows, values, spreads, warnings, base = _values(report)
+        sha = report["after"].get("sha256")
+        column = next((i for i, cells in enumerate(table.cells) if models[i] == sha
+                       and all(cells[row] == values[row] for row in cells.keys() & values.keys())), None)  # fmt: skip
+        if column is None:
+            column = len(table.cells)
+            table.labels.append(_label(report, path))
+            table.cells.append({}), table.spreads.append({}), models.append(sha), files.append([])
+        elif path.name == "eval.json" and "eval.json" not in files[column]:  # a run folder names the column
+            table.labels[column] = _label(report, path)
+        files[column].append(path.name)
+        for row in rows:
+            table.add(row)
+        table.cells[column].update(values)
+        table.spreads[column].update(spreads)
+        table.warnings.update({(column, row): text for row, text in warnings.items()})
+        for row, value in base.items():
+            table.base.setdefault(row, value)
+    for i, label in enumerate(table.labels):  # two columns of one name: their report files tell them apart
+        if table.labels.count(label) > 1:
+            table.labels[i] = f"{label} ({', '.join(files[i])})"
+    return table
+
+
+def _text(value, spread=None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" + (f" +- {spread:.2g}" if spread is not None else "")
+    return str(value)
+
+
+def to_markdown(table: Comparison) -> str:
+    head = ["concept", "metric", "base model", *table.labels]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    warned = {row for _, row in table.warnings}
+    for row in table.rows:
+        cells = [_text(table.base.get(row)) + (MARK if row in table.base and row in warned else "") if row[0] else ""]
+        for index, values in enumerate(table.cells):
+            text = _text(values.get(row), table.spreads[index].get(row)) if row in values else ""
+            cells.append(text + (MARK if (index, row) in table.warnings else ""))
+        lines.append("| " + " | ".join([*row, *cells]).replace("\n", " ") + " |")
+    notes: dict = {}  # (row, warning) -> the columns it was given for
+    for (index, row), text in table.warnings.items():
+        notes.setdefault((row, text), []).append(table.labels[index])
+    if notes:
+        lines += ["", f"{MARK} warnings:"]
+        lines += [f"- {' '.join(row).strip()} ({', '.join(labels)}): {text}" for (row, text), labels in notes.items()]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Comparison) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["concept", "metric", "base model", *table.labels])
+    for row in table.rows:
+        writer.writerow([*row, table.base.get(row, ""), *(values.get(row, "") for values in table.cells)])
+    return out.getvalue()

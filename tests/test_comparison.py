@@ -1,0 +1,111 @@
+"""`erasure compare`: evaluation reports side by side, refused when they were measured differently."""
+
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from evaluators.comparison import compare, to_csv, to_markdown
+from pipelines.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """A real report (digits against itself, one seed per prompt, one attacked pair) as a run folder's eval.json."""
+    from erasure.evaluation import run_eval
+
+    run = tmp_path_factory.mktemp("compare") / "run-a"
+    path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=run / "eval.json", samples=1,
+                    attack="embedding", attack_prompts=1, attack_seeds=1, attack_steps=1, progress=False)  # fmt: skip
+    return json.loads(path.read_text())
+
+
+def _write(folder, report):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "eval.json").write_text(json.dumps(report))
+    return folder
+
+
+@pytest.mark.slow
+def test_reports_of_one_protocol_make_one_table(report, tmp_path):
+    other = copy.deepcopy(report)
+    other["run"] = {"method": "esd", "config": {}, "seed": 1}
+    metrics = other["concepts"]["seven"]["metrics"]
+    metrics["target_presence_judge"]["after"] = 0.25
+    other["concepts"]["seven"]["attack"]["asr"] = 0.5
+    other["concepts"]["seven"]["attack"]["settings"]["steps"] = 7  # another attack setting: rows of its own
+    a, b = _write(tmp_path / "run-a", report), _write(tmp_path / "run-b", other)
+    table = compare([a, b])
+    assert table.labels == ["run-a", "run-b"]
+    assert table.base["seven", "target_presence_judge"] == report["concepts"]["seven"]["metrics"][
+        "target_presence_judge"]["before"]  # fmt: skip
+    assert [cells["seven", "target_presence_judge"] for cells in table.cells] == [
+        report["concepts"]["seven"]["metrics"]["target_presence_judge"]["after"], 0.25]  # fmt: skip
+    attack_rows = [row for row in table.rows if row[1].startswith("attack success rate")]
+    assert [row[1] for row in attack_rows] == [f"attack success rate (embedding, {steps} steps, 1 prompts x 1 seeds)"
+                                               for steps in (1, 7)]  # fmt: skip
+    assert attack_rows[0] not in table.cells[1] and table.cells[1][attack_rows[1]] == 0.5
+    markdown = to_markdown(table)
+    lines = markdown.splitlines()
+    assert lines[0] == "| concept | metric | base model | run-a | run-b |"
+    assert "| | method | | - | esd |".replace(" ", "") in [line.replace(" ", "") for line in lines]
+    # every metric of the report has its row; a warned value is marked and its warning listed once
+    for name, metric in report["concepts"]["seven"]["metrics"].items():
+        assert any(line.startswith(f"| seven | {name} |") for line in lines)
+        if metric.get("warning"):
+            assert f"- seven {name} (run-a, run-b): {metric['warning']}" in lines
+    # another report of run-a's model (one per attack, say) joins its column; one that disagrees gets its own
+    third = copy.deepcopy(report)
+    third["concepts"]["seven"]["attack"] = {**report["concepts"]["seven"]["attack"], "attack": "textual-inversion",
+                                            "asr": 0.75}  # fmt: skip
+    (tmp_path / "ti.json").write_text(json.dumps(third))
+    merged = compare([a, b, tmp_path / "ti.json"])
+    assert merged.labels == ["run-a", "run-b"] and merged.cells[0][attack_rows[0][0], attack_rows[0][1].replace(
+        "embedding", "textual-inversion")] == 0.75  # fmt: skip
+    third["concepts"]["seven"]["metrics"]["target_clip_score"]["after"] += 1
+    (tmp_path / "ti.json").write_text(json.dumps(third))
+    assert compare([a, tmp_path / "ti.json"]).labels == ["run-a", "digits"]
+    rows = list(csv.reader(to_csv(table).splitlines()))
+    assert rows[0] == ["concept", "metric", "base model", "run-a", "run-b"]
+    judged = next(row for row in rows if row[1] == "target_presence_judge")
+    assert float(judged[4]) == 0.25
+
+
+@pytest.mark.slow
+def test_reports_measured_differently_are_refused(report, tmp_path):
+    a = _write(tmp_path / "a", report)
+    for change, where in [(lambda r: r["settings"].update(seeds=[5]), "settings.seeds: [0] vs [5]"),
+                          (lambda r: r["before"].update(sha256="0" * 64), "base model"),
+                          (lambda r: r["concepts"]["seven"]["prompts"]["target_prompts"]["prompts"].pop(),
+                           "concepts.seven.prompts.target_prompts.prompts")]:  # fmt: skip
+        other = copy.deepcopy(report)
+        change(other)
+        with pytest.raises(InputError, match="were measured differently") as refusal:
+            compare([a, _write(tmp_path / "b", other)])
+        assert where in str(refusal.value)
+    # how many processes drew it does not move a number; a concept only one report has just leaves cells empty
+    other = copy.deepcopy(report)
+    other["settings"]["processes"] = 2
+    other["concepts"]["three"] = copy.deepcopy(other["concepts"]["seven"])
+    other["after"]["sha256"] = "f" * 64  # another erased model
+    table = compare([a, _write(tmp_path / "c", other)])
+    assert table.labels == ["a", "c"]
+    assert ("three", "target_presence_judge") in table.rows and ("three", "target_presence_judge") not in table.cells[0]
+
+
+@pytest.mark.slow
+def test_the_command_prints_the_table_and_writes_it(report, tmp_path):
+    a = _write(tmp_path / "runs" / "a", report)
+    (tmp_path / "attack.json").write_text(json.dumps(report))  # a report `eval --json` wrote elsewhere
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    result = subprocess.run([sys.executable, "-m", "erasure", "compare", str(a), str(tmp_path / "attack.json"),
+                             "--out", str(tmp_path / "t.md")], capture_output=True, text=True, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    written = (tmp_path / "t.md").read_text()
+    assert result.stdout == written + f"wrote {tmp_path / 't.md'}\n"
+    # one model, one set of values: one column, named by the run folder
+    assert written.splitlines()[0] == "| concept | metric | base model | a |"
