@@ -41,7 +41,7 @@ def run_eval(
     attack_images: str | Path | None = None,
 ) -> Path:
     """Evaluate and write the JSON report (and grids beside it); returns the JSON path."""
-    from evaluators.clip_models import check_clip_name
+    from evaluators.clip_models import check_clip_available, check_clip_name
     from evaluators.features import check_feature_spec
     from evaluators.prompt_files import read_prompt_file
     from evaluators.report import evaluate, evaluate_gan
@@ -71,6 +71,7 @@ def run_eval(
     if clip is not None:
         check_clip_name(clip)
     before_source = resolve(baseline)
+    check_clip_available(clip or before_source.family.default_clip)  # the scores' and the detectors' CLIP
     check_model_config(model_config, after_source, before_source)
     check_feature_spec(fid_features, before_source.family)
     if attack is not None:

@@ -76,6 +76,18 @@ def check_clip_name(name: str, transformers_only: bool = False) -> None:
         raise InputError(f"unknown CLIP model {name!r}: use digits-clip, a CLIP folder, a Hub id or open_clip:<name>")
 
 
+def check_clip_available(name: str) -> None:
+    """Refuse, before any model loads, a CLIP Hub id that is neither in the local cache nor downloadable now
+    (offline): found only when the CLIP loads, it would come after both models. Fetches it when online."""
+    from pipelines.loading import hub_snapshot
+    from pipelines.zoo import models as zoo
+
+    check_clip_name(name)
+    if not (name.startswith("open_clip:") or zoo.canonical_name(name) == "digits-clip"
+            or Path(name).expanduser().is_dir()):  # fmt: skip
+        hub_snapshot(name)
+
+
 def load_clip(name: str, device: str = "cpu") -> ClipScorer:
     if name.startswith("open_clip:"):
         return _open_clip(name, device)

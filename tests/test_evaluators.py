@@ -274,3 +274,20 @@ def test_gan_eval_of_two_samples_reports_what_it_cannot_measure_and_labels_its_g
     rows = to_pil_rows(to_tensor(model.generate([0, 1])), GRID_SEEDS)
     expected = _side_by_side(rows, rows, ["seeds 0-1"], ["+0", "+1"], "digits-gan", "digits-gan")
     assert result.grids["samples"].tobytes() == expected.tobytes()
+
+
+def test_eval_refuses_a_clip_it_cannot_get_before_loading_a_model(tiny_pipeline_dir, tmp_path, monkeypatch, caplog):
+    """A model of a real family is scored with openai/clip-vit-large-patch14 by default; offline and not in the
+    cache, that is found before either model loads (it was found after both)."""
+    import logging
+
+    from erasure.evaluation import run_eval
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # a cache that holds nothing
+    with caplog.at_level(logging.INFO, logger="pipelines"), pytest.raises(InputError) as refusal:
+        run_eval(str(tiny_pipeline_dir), concepts=["a cat"], baseline=str(tiny_pipeline_dir),
+                 json_path=tmp_path / "e.json", progress=False)  # fmt: skip
+    assert "cannot download 'openai/clip-vit-large-patch14': HF_HUB_OFFLINE is set" in str(refusal.value)
+    assert not any("loading model" in record.getMessage() for record in caplog.records)
+    assert list(tmp_path.iterdir()) == [] or [p.name for p in tmp_path.iterdir()] == ["empty-hf-home"]
