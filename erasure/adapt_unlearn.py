@@ -44,8 +44,8 @@ from typing import Literal
 
 import torch
 
-from evaluators.clip_models import check_clip_name
-from evaluators.detect import check_classifier, concept_detectors
+from evaluators.clip_models import check_clip_available, check_clip_name
+from evaluators.detect import check_classifier, clip_needed, concept_detectors
 from pipelines.errors import InputError
 from pipelines.images import image_folder_files, load_square_images
 
@@ -182,6 +182,13 @@ class AdaptUnlearnConfig(MethodConfig):
         default=1.0, metadata={"bounds": "(0, inf)", "help": "scale of the parameter distance d in the repulsion (the "
                                "paper's code's gamma with K adapted models: alpha = gamma K / 2 for el2 and nl2)"}
     )
+
+    def check(self, family, concepts) -> None:
+        """The CLIPs it will load are to be had (offline: in the local cache) before the GAN loads."""
+        if (self.negatives is None or self.positives is None) and clip_needed(concepts, family, self.classifier):
+            check_clip_available(self.clip or family.default_clip)
+        if self.vision_aided is not None:
+            check_clip_available(self.vision_aided)
 
     def __post_init__(self) -> None:
         check_classifier(self.classifier, self.classifier_label)

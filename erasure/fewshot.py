@@ -152,6 +152,11 @@ class FewShotConfig(LoraOptions):
             raise InputError("fewshot needs a few images of the concept: pass --images DIR (or --set images=DIR)")
         if self.images == BUILTIN and not family.has_builtin_images:
             raise InputError(f"the {family.name} family has no builtin images of concepts; pass --images DIR")
+        from evaluators.clip_models import check_clip_available
+        from evaluators.detect import clip_needed
+
+        if self.stop_below is not None and clip_needed(concepts, family):  # the stopping rule's quick samples
+            check_clip_available(self.stop_clip or family.default_clip)
 
     def templates(self) -> list[str]:
         if self.prompt_templates:

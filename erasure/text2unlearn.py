@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from evaluators.clip_models import check_clip_name
+from evaluators.clip_models import check_clip_available, check_clip_name
 from evaluators.detect import ConceptDetector
 from pipelines.errors import InputError
 
@@ -118,6 +118,9 @@ class TextToUnlearnConfig(MethodConfig):
     mapper_samples: int = field(
         default=256, metadata={"bounds": "[1, inf)", "help": "mapper direction: renders averaged into i"}
     )
+
+    def check(self, family, concepts) -> None:
+        check_clip_available(self.clip or family.default_clip)  # the direction's CLIP, before the GAN loads
 
     def __post_init__(self) -> None:
         if self.clip is not None:

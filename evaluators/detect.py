@@ -99,6 +99,29 @@ def concept_detectors(concepts: Sequence[str], family, device: str = "cpu", clip
     return {c: ConceptDetector(c, family, device, shared, classifier, templates) for c in concepts}
 
 
+def clip_needed(concepts: Sequence[str], family, classifier: str = "auto") -> bool:
+    """Whether `concept_detectors` would load a CLIP for `concepts`, found without loading anything: a concept
+    neither the family's judge knows nor NudeNet (installed) judges falls back to CLIP zero-shot."""
+    import importlib.util
+
+    from pipelines.families import get_family
+
+    from .judges import NUDITY_WORDS
+
+    if classifier.startswith(IMAGE_CLASSIFIER):
+        return False
+    if classifier == "clip":
+        return True
+    family = get_family(family)
+
+    def judged(concept: str) -> bool:
+        if family.judge is not None and family.judges(concept):
+            return True
+        return concept.lower().strip() in NUDITY_WORDS and importlib.util.find_spec("nudenet") is not None
+
+    return not all(judged(c) for c in concepts)
+
+
 class ImageClassifierDetector:
     """A transformers image classifier (`AutoModelForImageClassification`, local folder or Hub
     id): the concept is there when `label` is the top class. Preprocessing (resize, normalise)

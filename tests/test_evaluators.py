@@ -291,3 +291,29 @@ def test_eval_refuses_a_clip_it_cannot_get_before_loading_a_model(tiny_pipeline_
     assert "cannot download 'openai/clip-vit-large-patch14': HF_HUB_OFFLINE is set" in str(refusal.value)
     assert not any("loading model" in record.getMessage() for record in caplog.records)
     assert list(tmp_path.iterdir()) == [] or [p.name for p in tmp_path.iterdir()] == ["empty-hf-home"]
+
+
+@pytest.mark.parametrize("method", ["fewshot", "text2unlearn", "adapt-unlearn"])
+def test_a_method_refuses_a_clip_it_cannot_get_before_loading_the_model(
+    method, tiny_pipeline_dir, tiny_gan_checkpoint, concept_images, tmp_path, monkeypatch, caplog
+):
+    """Few-shot's stopping rule, Text-to-Unlearn's direction and Adapt-then-Unlearn's labels (and its vision-aided
+    critic) score with a CLIP: offline and not cached, that is refused before the model loads."""
+    import logging
+
+    from erasure.api import erase
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    folders = [f"negatives={concept_images}", f"positives={concept_images}"]  # labels with no classifier
+    model, sets = {"fewshot": (tiny_pipeline_dir, [f"images={concept_images}"]),
+                   "text2unlearn": (tiny_gan_checkpoint, []),
+                   "adapt-unlearn": (tiny_gan_checkpoint, [*folders, "vision_aided=openai/clip-vit-base-patch32"]),
+                   }[method]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="pipelines"), pytest.raises(InputError) as refusal:
+        erase(method, ["a cat"], str(model), out=tmp_path / "run", sets=sets, progress=False)
+    assert "HF_HUB_OFFLINE is set and it is not in the local cache" in str(refusal.value)
+    assert not any("loading model" in record.getMessage() for record in caplog.records)
+    assert not (tmp_path / "run").exists()
+    wanted = "openai/clip-vit-base-patch32" if method == "adapt-unlearn" else "openai/clip-vit-large-patch14"
+    assert f"cannot download {wanted!r}" in str(refusal.value)
