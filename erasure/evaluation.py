@@ -31,7 +31,7 @@ def run_eval(
     model_config: str | Path | None = None,
     progress: bool = True,
     dtype: str = "auto",
-    attack: str | None = None,
+    attack: str | Sequence[str] | None = None,
     attack_prompts: int | None = None,
     attack_seeds: int = 5,
     attack_steps: int = 100,
@@ -40,7 +40,8 @@ def run_eval(
     neighbours: list[str] | None = None,
     attack_images: str | Path | None = None,
 ) -> Path:
-    """Evaluate and write the JSON report (and grids beside it); returns the JSON path."""
+    """Evaluate and write the JSON report (and grids beside it); returns the JSON path. `attack`: one attack or
+    several (each concept's results go to its `attacks` list, in that order)."""
     from evaluators.clip_models import check_clip_available, check_clip_name
     from evaluators.features import check_feature_spec
     from evaluators.prompt_files import read_prompt_file
@@ -74,8 +75,12 @@ def run_eval(
     check_clip_available(clip or before_source.family.default_clip)  # the scores' and the detectors' CLIP
     check_model_config(model_config, after_source, before_source)
     check_feature_spec(fid_features, before_source.family)
-    if attack is not None:
-        _check_attack(attack, after_source, attack_prompts, attack_seeds, attack_steps, attack_images)
+    attacks = _attack_list(attack)
+    for kind in attacks:
+        _check_attack(kind, after_source, attack_prompts, attack_seeds, attack_steps,
+                      attack_images if kind == "textual-inversion" else None)  # fmt: skip
+    if attack_images is not None and "textual-inversion" not in attacks:
+        raise InputError("--attack-images is for --attack textual-inversion")
     prompt_options = {"target_rows": prompts_file, "preserved_rows": preserved_prompts_file, "neighbours": neighbours}
     if after_source.kind == "gan" and any(prompt_options.values()):
         raise InputError("--prompts, --preserved-prompts and --neighbours need a prompted model, not a GAN")
@@ -120,21 +125,14 @@ def run_eval(
     result.report["settings"]["dtype"] = dtype_name(torch_dtype)
     if not state.is_main_process:  # the main process attacks and writes; it needs no other process for that,
         return json_path  # so none waits for it (a long attack would outlast a collective's timeout)
-    if attack is not None:
-        for concept in concepts:
-            result.report["concepts"][concept]["attack"] = run_attack(
-                attack,
-                after,
-                before,
-                concept,
-                attack_prompts,
-                attack_seeds,
-                attack_steps,
-                clip,
-                progress,
-                attack_images,
-                file_rows=prompt_options["target_rows"] or (),
-            )
+    for concept in concepts:
+        if attacks:
+            result.report["concepts"][concept]["attacks"] = [
+                run_attack(kind, after, before, concept, attack_prompts, attack_seeds, attack_steps, clip, progress,
+                           attack_images if kind == "textual-inversion" else None,
+                           file_rows=prompt_options["target_rows"] or ())
+                for kind in attacks
+            ]  # fmt: skip
     if manifest is not None:
         result.report["run"] = {"method": manifest["method"], "config": manifest["config"], "seed": manifest["seed"]}
         expected = manifest["base_model"].get("sha256")
@@ -154,6 +152,13 @@ ATTACKS = ("embedding", "unlearndiffatk", "textual-inversion")
 ATTACK_SEED_OFFSET = 1000  # attacked pairs use other seeds than the evaluation's
 
 
+def _attack_list(attack: str | Sequence[str] | None) -> list[str]:
+    """The attacks asked for, each once, in the order given."""
+    if attack is None:
+        return []
+    return list(dict.fromkeys([attack] if isinstance(attack, str) else attack))
+
+
 def _check_attack(attack: str, source, prompts: int | None, seeds: int, steps: int, images) -> None:
     from pipelines.images import image_folder_files
 
@@ -170,8 +175,6 @@ def _check_attack(attack: str, source, prompts: int | None, seeds: int, steps: i
         raise InputError("--attack textual-inversion learns a word with the denoising loss, which a one-step "
                          "generator has not; use embedding or unlearndiffatk")  # fmt: skip
     if images is not None:
-        if attack != "textual-inversion":
-            raise InputError("--attack-images is for --attack textual-inversion")
         image_folder_files(images)
     if prompts is not None:
         check_number("--attack-prompts", prompts, "[1, inf)")
@@ -232,6 +235,8 @@ def reference_note(attack: dict) -> str | None:
 
 def summary_lines(report: dict) -> list[str]:
     """A short human-readable digest of a report for the terminal."""
+    from evaluators.report_format import concept_attacks
+
     lines = []
     for concept, section in report["concepts"].items():
         for name, metric in section["metrics"].items():
@@ -243,8 +248,7 @@ def summary_lines(report: dict) -> list[str]:
                 lines.append(f"{concept}: {name}: {metric['value']:.4g}{spread}")
             if metric.get("warning"):
                 lines.append(f"{concept}: {name}: warning: {metric['warning']}")
-        if "attack" in section:
-            attack = section["attack"]
+        for attack in concept_attacks(section):
             lines.append(f"{concept}: attack ({attack['attack']}): success rate {attack['asr']:.1%} of "
                          f"{attack['pairs']} pairs (present before the attack: {attack['present_before_attack']:.1%}; "
                          f"{attack['seconds_per_pair']} s per pair)")  # fmt: skip
@@ -256,9 +260,9 @@ def summary_lines(report: dict) -> list[str]:
 
 def _is_report(path: Path) -> bool:
     """Whether `path` holds an earlier report (which a new evaluation replaces), not some other file."""
-    from evaluators.report import FORMAT
+    from evaluators.report_format import READABLE_FORMATS
 
     try:
-        return json.loads(path.read_text()).get("format") == FORMAT
+        return json.loads(path.read_text()).get("format") in READABLE_FORMATS
     except (OSError, UnicodeDecodeError, ValueError, AttributeError):
         return False

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipelines.errors import InputError
 
-from .report import FORMAT
+from .report_format import FORMAT, READABLE_FORMATS, concept_attacks
 
 # Settings that describe how a report was made but move no number.
 NOT_PROTOCOL = ("grids", "processes")
@@ -54,7 +54,7 @@ def read_report(given: str | Path) -> dict:
         report = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{path}: not a readable evaluation report ({exc})") from None
-    if not isinstance(report, dict) or report.get("format") != FORMAT:
+    if not isinstance(report, dict) or report.get("format") not in READABLE_FORMATS:
         raise InputError(f"{path} is not an evaluation report (`erasure eval` writes them, format {FORMAT})")
     return report
 
@@ -121,8 +121,7 @@ def _values(report: dict) -> tuple[list, dict, dict, dict, dict]:
                 spreads[row] = metric["std"]
             if metric.get("warning"):
                 warnings[row] = metric["warning"]
-        attack = section.get("attack")
-        if attack:
+        for attack in concept_attacks(section):
             settings = attack.get("settings", {})
             row = (concept, f"attack success rate ({attack['attack']}, {settings.get('steps')} steps, "
                             f"{len(settings.get('prompts', []))} prompts x {len(settings.get('seeds', []))} seeds)")

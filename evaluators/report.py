@@ -36,8 +36,8 @@ from .metrics import (
     wasserstein_1d,
     zero_shot_presence,
 )
+from .report_format import FORMAT
 
-FORMAT = "erasure-eval/1"
 GRID_PROMPTS, GRID_SEEDS = 6, 6
 BATCH = 16  # images generated at once
 DEGREE_OF_UNLEARNING = (

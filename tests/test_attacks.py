@@ -90,7 +90,7 @@ def test_eval_runs_each_attack_on_the_digits_model(attack, tmp_path):
     path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=tmp_path / "e.json", samples=1,
                     attack=attack, attack_prompts=1, attack_seeds=2, attack_steps=2, progress=False,
                     prompts_file=tmp_path / "prompts.csv")  # fmt: skip
-    result = json.loads(path.read_text())["concepts"]["seven"]["attack"]
+    [result] = json.loads(path.read_text())["concepts"]["seven"]["attacks"]
     # an unerased model draws the concept unattacked: every pair succeeds
     assert result["attack"] == attack and result["asr"] == 1.0 and result["pairs"] == 2
     assert result["settings"]["prompts"] == ["a blue italic seven"] and result["settings"]["guidance"] == [3.0]

@@ -36,8 +36,8 @@ def test_reports_of_one_protocol_make_one_table(report, tmp_path):
     other["run"] = {"method": "esd", "config": {}, "seed": 1}
     metrics = other["concepts"]["seven"]["metrics"]
     metrics["target_presence_judge"]["after"] = 0.25
-    other["concepts"]["seven"]["attack"]["asr"] = 0.5
-    other["concepts"]["seven"]["attack"]["settings"]["steps"] = 7  # another attack setting: rows of its own
+    other["concepts"]["seven"]["attacks"][0]["asr"] = 0.5
+    other["concepts"]["seven"]["attacks"][0]["settings"]["steps"] = 7  # another attack setting: rows of its own
     a, b = _write(tmp_path / "run-a", report), _write(tmp_path / "run-b", other)
     table = compare([a, b])
     assert table.labels == ["run-a", "run-b"]
@@ -60,8 +60,8 @@ def test_reports_of_one_protocol_make_one_table(report, tmp_path):
             assert f"- seven {name} (run-a, run-b): {metric['warning']}" in lines
     # another report of run-a's model (one per attack, say) joins its column; one that disagrees gets its own
     third = copy.deepcopy(report)
-    third["concepts"]["seven"]["attack"] = {**report["concepts"]["seven"]["attack"], "attack": "textual-inversion",
-                                            "asr": 0.75}  # fmt: skip
+    third["concepts"]["seven"]["attacks"] = [{**report["concepts"]["seven"]["attacks"][0],
+                                              "attack": "textual-inversion", "asr": 0.75}]  # fmt: skip
     (tmp_path / "ti.json").write_text(json.dumps(third))
     merged = compare([a, b, tmp_path / "ti.json"])
     assert merged.labels == ["run-a", "run-b"] and merged.cells[0][attack_rows[0][0], attack_rows[0][1].replace(
@@ -69,6 +69,13 @@ def test_reports_of_one_protocol_make_one_table(report, tmp_path):
     third["concepts"]["seven"]["metrics"]["target_clip_score"]["after"] += 1
     (tmp_path / "ti.json").write_text(json.dumps(third))
     assert compare([a, tmp_path / "ti.json"]).labels == ["run-a", "digits"]
+    # a report of the first format (one attack, under "attack") takes its place in the table
+    first = {k: v for k, v in report.items()}
+    first["format"] = "erasure-eval/1"
+    first["concepts"] = {"seven": {k: v for k, v in report["concepts"]["seven"].items() if k != "attacks"}}
+    first["concepts"]["seven"]["attack"] = report["concepts"]["seven"]["attacks"][0]
+    (tmp_path / "first.json").write_text(json.dumps(first))
+    assert compare([tmp_path / "first.json"]).cells == compare([a]).cells
     rows = list(csv.reader(to_csv(table).splitlines()))
     assert rows[0] == ["concept", "metric", "base model", "run-a", "run-b"]
     judged = next(row for row in rows if row[1] == "target_presence_judge")

@@ -197,10 +197,15 @@ def test_eval_attacks_an_existing_run_and_leaves_its_manifest_alone(tiny_pipelin
     run = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["steps=1", "ddim_steps=2"],
                 progress=False)  # fmt: skip
     manifest = (run / "erasure.json").read_bytes()
-    path = run_eval(str(run), samples=2, clip=tiny_open_clip, attack="embedding", attack_prompts=1, attack_seeds=2,
-                    attack_steps=2, progress=False)  # fmt: skip
-    attack = json.loads(path.read_text())["concepts"]["a cat"]["attack"]
+    path = run_eval(str(run), samples=2, clip=tiny_open_clip, attack=["embedding", "textual-inversion"],
+                    attack_prompts=1, attack_seeds=2, attack_steps=2, progress=False)  # fmt: skip
+    attacks = json.loads(path.read_text())["concepts"]["a cat"]["attacks"]
+    assert [a["attack"] for a in attacks] == ["embedding", "textual-inversion"]  # in the order asked for
+    attack = attacks[0]
     assert attack["attack"] == "embedding" and attack["pairs"] == 2 and attack["seconds_per_pair"] > 0
+    # both attacks on the same (prompt, seed) pairs
+    assert [(p["prompt"], p["seed"]) for p in attacks[1]["per_pair"]] == [(p["prompt"], p["seed"])
+                                                                          for p in attack["per_pair"]]  # fmt: skip
     assert [(p["prompt"], p["seed"]) for p in attack["per_pair"]] == [
         (attack["settings"]["prompts"][0], 1000),
         (attack["settings"]["prompts"][0], 1001),
@@ -220,7 +225,7 @@ def test_an_unerased_digits_model_is_attacked_with_full_success(tmp_path):
     path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=tmp_path / "self.json", samples=2,
                     prompts_file=tmp_path / "target.txt", preserved_prompts_file=tmp_path / "preserved.txt",
                     attack="embedding", attack_prompts=2, attack_seeds=2, attack_steps=2, progress=False)  # fmt: skip
-    attack = json.loads(path.read_text())["concepts"]["seven"]["attack"]
+    [attack] = json.loads(path.read_text())["concepts"]["seven"]["attacks"]
     assert attack["asr"] == 1.0 and attack["present_before_attack"] == 1.0 and attack["pairs"] == 4
 
 

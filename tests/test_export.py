@@ -177,11 +177,12 @@ def test_card_and_metrics_page_show_attack_results_and_every_warning(evaluated_r
     # one seed per prompt: the before-vs-after KID has a value and warnings, which the value does not make moot
     kid = metrics["preserved_kid_before_vs_after"]
     assert kid["value"] is not None and "too noisy" in kid["warning"]
-    # what `erasure eval --attack` stores beside the metrics (erasure/evaluation.py)
-    report["concepts"]["cat"]["attack"] = {
-        "attack": "embedding", "asr": 0.5, "present_before_attack": 0.25, "present_after_attack": 0.5, "pairs": 4,
-        "seconds_per_pair": 0.1, "per_pair": [], "settings": {"steps": 2, "prompts": ["a cat"], "seeds": [1000, 1001]},
-    }  # fmt: skip
+    # what `erasure eval --attack A --attack B` stores beside the metrics (erasure/evaluation.py)
+    settings = {"steps": 2, "prompts": ["a cat"], "seeds": [1000, 1001]}
+    embedding = {"attack": "embedding", "asr": 0.5, "present_before_attack": 0.25, "present_after_attack": 0.5,
+                 "pairs": 4, "seconds_per_pair": 0.1, "per_pair": [], "settings": settings}  # fmt: skip
+    inversion = {**embedding, "attack": "textual-inversion", "asr": 0.75, "present_after_attack": 0.75}
+    report["concepts"]["cat"]["attacks"] = [embedding, inversion]
     run = replace(load_run(evaluated_run), report=report)
     card = render_card(run, REPO_ID, card_metadata(run)[0])
     rows = [line for line in card.splitlines() if line.startswith("| ")]
@@ -189,8 +190,15 @@ def test_card_and_metrics_page_show_attack_results_and_every_warning(evaluated_r
         if metric.get("warning"):
             assert metric["warning"] in next(r for r in rows if r.startswith(f"| {name} |")), name
     measured = "50.0% of 4 (prompt, seed) pairs under the embedding attack (present before the attack: 25.0%)"
-    assert measured in next(r for r in rows if r.startswith("| attack_success_rate |"))
-    assert "Adversarial robustness was not measured" not in card and f"cat: {measured}" in card
+    inverted = "75.0% of 4 (prompt, seed) pairs under the textual-inversion attack (present before the attack: 25.0%)"
+    attack_rows = [r for r in rows if r.startswith("| attack_success_rate |")]
+    assert len(attack_rows) == 2 and measured in attack_rows[0] and inverted in attack_rows[1]
+    assert "Adversarial robustness was not measured" not in card and f"cat: {measured}; cat: {inverted}" in card
+    # a report of the first format (one attack, under "attack") reads as it did
+    section = {k: v for k, v in report["concepts"]["cat"].items() if k != "attacks"}
+    old = {**report, "format": "erasure-eval/1", "concepts": {"cat": {**section, "attack": embedding}}}
+    old_card = render_card(replace(run, report=old), REPO_ID, card_metadata(run)[0])
+    assert f"cat: {measured}." in old_card and inverted not in old_card
 
     # the page's table: every warning in its own column, and the attack's success rate
     page_run = tmp_path / "run"
@@ -200,6 +208,7 @@ def test_card_and_metrics_page_show_attack_results_and_every_warning(evaluated_r
     table = {row[1]: dict(zip(HEADERS, row)) for row in eval_table(page_run)[0]}
     assert table["preserved_kid_before_vs_after"]["warning"] == kid["warning"]
     assert table["attack_success_rate (embedding, 4 pairs)"]["after"] == 0.5
+    assert table["attack_success_rate (textual-inversion, 4 pairs)"]["after"] == 0.75
 
 
 def test_card_snippet_loads_the_exported_folder_and_draws_the_runs_image(evaluated_run, exported, in_tmp):

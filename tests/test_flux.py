@@ -143,7 +143,7 @@ def test_a_flux_run_is_evaluated_and_exported(tiny_flux_dir, tiny_open_clip, tmp
             run_eval(str(run), attack=attack, samples=1, clip=tiny_open_clip, progress=False)
     attacked = run_eval(str(run), attack="embedding", samples=1, clip=tiny_open_clip, attack_prompts=1, attack_seeds=2,
                         attack_steps=2, json_path=tmp_path / "attacked.json", progress=False)  # fmt: skip
-    result = json.loads(attacked.read_text())["concepts"]["cat"]["attack"]
+    [result] = json.loads(attacked.read_text())["concepts"]["cat"]["attacks"]
     assert result["attack"] == "embedding" and result["pairs"] == 2 and 0 <= result["asr"] <= 1
 
 

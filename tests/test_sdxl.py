@@ -383,7 +383,7 @@ def test_eval_attacks_an_sdxl_run(tiny_sdxl_dir, tiny_open_clip, tmp_path):
     path = run_eval(str(tiny_sdxl_dir), concepts=["seven"], baseline=str(tiny_sdxl_dir), attack="embedding",
                     json_path=tmp_path / "eval.json", samples=1, clip=tiny_open_clip, attack_prompts=1,
                     attack_seeds=2, attack_steps=2, progress=False)  # fmt: skip
-    result = json.loads(path.read_text())["concepts"]["seven"]["attack"]
+    [result] = json.loads(path.read_text())["concepts"]["seven"]["attacks"]
     assert result["attack"] == "embedding" and result["pairs"] == 2 and 0 <= result["asr"] <= 1
 
 

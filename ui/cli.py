@@ -170,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preserved-prompts", metavar="FILE", help="preserved prompts, in the same formats as --prompts")
     p.add_argument("--neighbours", nargs="+", metavar="TEXT", help="neighbour concepts added to the preserved prompts")
     p.add_argument(
-        "--attack", choices=["embedding", "unlearndiffatk", "textual-inversion"],
-        help="also attack the erased model (no retraining): embedding = UnlearnDiffAtk relaxed to embedding space; "
+        "--attack", choices=["embedding", "unlearndiffatk", "textual-inversion"], action="append",
+        help="also attack the erased model (no retraining; repeat for several, each on the same pairs): "
+        "embedding = UnlearnDiffAtk relaxed to embedding space; "
         "unlearndiffatk = its discrete form, k prefix words a user could type (saved as text); textual-inversion = "
         "a new word learnt on the erased model from images of the concept (Pham et al., ICLR 2024). eval.json gets the "
         "attack success rate and every (prompt, seed) pair's outcome",

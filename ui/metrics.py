@@ -7,6 +7,7 @@ from pathlib import Path
 
 from erasure.evaluation import reference_note
 from erasure.output import read_run
+from evaluators.report_format import concept_attacks
 
 HEADERS = ["concept", "metric", "before", "after", "difference", "warning"]
 
@@ -27,8 +28,7 @@ def eval_table(run: str | Path) -> tuple[list[list], list[tuple[str, str]], str]
                              _round(metric["difference"]), warning])  # fmt: skip
             else:  # a metric of the erased model alone, e.g. FID against the base model's images
                 rows.append([concept, name, None, _round(metric["value"]), None, warning])
-        if section.get("attack"):  # `erasure eval --attack`: the erased model's attack success rate
-            attack = section["attack"]
+        for attack in concept_attacks(section):  # `erasure eval --attack`: the erased model's attack success rate
             rows.append([concept, f"attack_success_rate ({attack['attack']}, {attack['pairs']} pairs)", None,
                          _round(attack["asr"]), None, reference_note(attack)])  # fmt: skip
     grids = [(str(path.parent / rel), name) for name, rel in report.get("grids", {}).items()]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from erasure import DISTRIBUTION
 from erasure.evaluation import reference_note
+from evaluators.report_format import concept_attacks
 from pipelines.families import get_family
 from pipelines.lora_files import LORA_FILE
 from pipelines.zoo.models import EMBEDDED, canonical_name
@@ -285,7 +286,7 @@ def _metric_value(metric: dict) -> str:
 
 
 def attack_value(attack: dict) -> str:
-    """An `erasure eval --attack` result (the "attack" of a concept in eval.json) in one line."""
+    """An `erasure eval --attack` result (one of a concept's "attacks" in eval.json) in one line."""
     note = reference_note(attack)
     before = f"present before the attack: {attack['present_before_attack']:.1%}" + (f"; {note}" if note else "")
     pairs = f"{attack['pairs']} (prompt, seed) pairs"
@@ -317,8 +318,7 @@ def _evaluation(run: Run) -> str:
         lines += ["", f"### {concept}", "", "| metric | before → after (change) | settings |", "|---|---|---|"]
         for name, metric in section["metrics"].items():
             lines.append(f"| {name} | {_metric_value(metric)} | {_settings_text(metric.get('settings', {}))} |")
-        if section.get("attack"):  # erasure/evaluation.py keeps it beside the metrics
-            attack = section["attack"]
+        for attack in concept_attacks(section):  # erasure/evaluation.py keeps them beside the metrics
             lines.append(f"| attack_success_rate | {attack_value(attack)} | {_settings_text(attack['settings'])} |")
         prompts = section.get("prompts")
         if prompts:
@@ -396,9 +396,9 @@ def _caveats(run: Run, metadata: dict) -> str:
         "other weights can bring it back. Do not use this model as the only safeguard.",
     ]
     concepts = (run.report or {}).get("concepts", {})
-    attacks = {concept: section["attack"] for concept, section in concepts.items() if section.get("attack")}
+    attacks = [(concept, attack) for concept, section in concepts.items() for attack in concept_attacks(section)]
     if attacks:
-        measured = "; ".join(f"{concept}: {attack_value(attack)}" for concept, attack in attacks.items())
+        measured = "; ".join(f"{concept}: {attack_value(attack)}" for concept, attack in attacks)
         lines.append(f"- **Adversarial robustness** (attack success, see the tables): {measured}.")
     else:
         lines.append("- **Adversarial robustness was not measured** for this model: no attack results are recorded.")
