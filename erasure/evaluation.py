@@ -72,7 +72,6 @@ def run_eval(
     if clip is not None:
         check_clip_name(clip)
     before_source = resolve(baseline)
-    check_clip_available(clip or before_source.family.default_clip)  # the scores' and the detectors' CLIP
     check_model_config(model_config, after_source, before_source)
     check_feature_spec(fid_features, before_source.family)
     attacks = _attack_list(attack)
@@ -105,6 +104,8 @@ def run_eval(
     if json_path.exists() and not _is_report(json_path):
         raise InputError(f"--json {json_path} exists and is not an evaluation report; it is left as it is")
     check_writable(json_path, "--json")
+    # the scores' and the detectors' CLIP, last of the checks: offline, it asks whether the Hub can be reached
+    check_clip_available(clip or before_source.family.default_clip)
 
     from accelerate import PartialState
 
