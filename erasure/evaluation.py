@@ -187,16 +187,13 @@ def run_attack(attack: str, after, before, concept: str, prompts: int | None, se
             progress: bool, images=None, file_rows: Sequence = ()) -> dict:  # fmt: skip
     """Attack the erased model (evaluators/attack.py, discrete_attack.py, inversion_attack.py); the base
     model's images are the references. The prompts attacked are the first `prompts` of the `--prompts` file's
-    rows (`file_rows`: PromptRow; each text and guidance once, at that guidance) when one was given, else of the
-    concept's built-in target prompts at the model's guidance; each with the attack's own seeds, apart from the
-    evaluation's."""
+    (`file_rows`: PromptRow) when one was given, else of the concept's built-in target prompts."""
     from evaluators.detect import ConceptDetector
 
-    rows = list(dict.fromkeys((row.text, row.guidance) for row in file_rows))
-    rows = rows or [(text, None) for text in before.family.prompt_set(concept).target]
-    targets, guidance = [list(column) for column in zip(*rows[:prompts])]
+    own_seeds = list(range(ATTACK_SEED_OFFSET, ATTACK_SEED_OFFSET + seeds))
+    targets, guidance, seeds_used = _attacked_prompts(file_rows, before.family.prompt_set(concept).target,
+                                                      own_seeds, prompts)  # fmt: skip
     detector = ConceptDetector(concept, before.family, str(after.device), clip)
-    seeds_used = list(range(ATTACK_SEED_OFFSET, ATTACK_SEED_OFFSET + seeds))
     if attack == "embedding":
         from evaluators.attack import AttackSettings, attack_success_rate
 
@@ -221,6 +218,23 @@ def run_attack(attack: str, after, before, concept: str, prompts: int | None, se
                                    InversionSettings(steps=steps), images=pictures, progress=progress,
                                    guidance=guidance)  # fmt: skip
     return {"attack": attack, **outcome}
+
+
+def _attacked_prompts(file_rows: Sequence, builtin: Sequence[str], own_seeds: list[int], limit: int | None):
+    """(prompts, each one's guidance, seeds): each distinct (text, guidance) of the file's rows once, at that
+    guidance, and at the seeds of its rows that give one - as the evaluation draws them, UnlearnDiffAtk's protocol
+    on I2P - plus the attack's own where a row gives none; else the built-in prompts at the model's guidance and the
+    attack's own seeds, apart from the evaluation's. `seeds` is one list for all when every prompt has the same."""
+    groups: dict = {}
+    for row in file_rows:
+        groups.setdefault((row.text, row.guidance), []).append(row.seed)
+    if not groups:
+        return list(builtin[:limit]), [None] * len(builtin[:limit]), own_seeds
+    chosen = list(groups.items())[:limit]
+    seeds = [list(dict.fromkeys(s for s in given if s is not None)) + (own_seeds if None in given else [])
+             for _, given in chosen]  # fmt: skip
+    shared = all(s == seeds[0] for s in seeds)
+    return [text for (text, _), _ in chosen], [g for (_, g), _ in chosen], seeds[0] if shared else seeds
 
 
 def reference_note(attack: dict) -> str | None:

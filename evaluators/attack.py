@@ -110,9 +110,32 @@ def draw_grouped(guidance: Sequence[float | None], draw: Callable[[list[int], fl
     return images
 
 
-def draw_pairs(model, prompts: Sequence[str], seeds: Sequence[int], guidance: Sequence[float | None]) -> torch.Tensor:
+Seeds = Sequence[int] | Sequence[Sequence[int]]  # one list for every prompt, or one list per prompt
+
+
+def seeds_of(prompts: Sequence[str], seeds: Seeds) -> list[list[int]]:
+    """Each prompt's seeds: the attacks take one list for every prompt (their own seeds), or one list per prompt (a
+    prompt file whose rows give seeds)."""
+    if seeds and isinstance(seeds[0], (list, tuple)):
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seed lists for {len(prompts)} prompts")
+        return [list(s) for s in seeds]
+    return [list(seeds) for _ in prompts]
+
+
+def prompt_pairs(prompts: Sequence[str], seeds: Seeds) -> list[tuple[str, int]]:
+    """The (prompt, seed) pairs, prompt-major."""
+    return [(p, s) for p, own in zip(prompts, seeds_of(prompts, seeds)) for s in own]
+
+
+def for_each_pair(values: Sequence, prompts: Sequence[str], seeds: Seeds) -> list:
+    """A per-prompt list (`values[i]` of prompt i) repeated for each of the prompt's pairs."""
+    return [v for v, own in zip(values, seeds_of(prompts, seeds)) for _ in own]
+
+
+def draw_pairs(model, prompts: Sequence[str], seeds: Seeds, guidance: Sequence[float | None]) -> torch.Tensor:
     """`model`'s images of every (prompt, seed), prompt-major, each at its prompt's guidance."""
-    jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
+    jobs = [(i, s) for i, own in enumerate(seeds_of(prompts, seeds)) for s in own]
     per_job = [guidance[i] for i, _ in jobs]
     return to_tensor(draw_grouped(per_job, lambda rows, g: model.generate_jobs(prompts, [jobs[i] for i in rows],
                                                                                  guidance=g)))  # fmt: skip
@@ -144,12 +167,13 @@ class AttackTarget:
     alphas: torch.Tensor | None  # the noise schedule's; None for a flow-matching model
     z_seeds: torch.Tensor | None  # a one-step generator's noise for each pair's seed, else None
     guidance: list[float | None]  # each pair's (None: the model's default)
+    prompt_guidance: list[float | None]  # each prompt's
 
     @classmethod
-    def of(cls, erased, base, judge, concept: str, prompts: list[str], seeds: list[int],
+    def of(cls, erased, base, judge, concept: str, prompts: list[str], seeds: Seeds,
            guidance: Sequence[float | None] | None = None) -> AttackTarget:  # fmt: skip
         guidance = list(guidance) if guidance is not None else [None] * len(prompts)
-        pairs = [(p, s) for p in prompts for s in seeds]
+        pairs = prompt_pairs(prompts, seeds)
         references = draw_pairs(base, prompts, seeds, guidance)
         plain = draw_pairs(erased, prompts, seeds, guidance)
         z_ref = _reference_latents(erased, references)
@@ -163,7 +187,7 @@ class AttackTarget:
             judge.detects(plain, concept).bool().cpu(), judge.detects(references, concept).bool().cpu(),
             None if alphas is None else alphas.to(erased.device),
             seed_noise([s for _, s in pairs], z_ref.shape[1:], erased.device) if one_step else None,
-            [g for g in guidance for _ in seeds],
+            for_each_pair(guidance, prompts, seeds), guidance,
         )  # fmt: skip
 
     def draw(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -193,7 +217,7 @@ def attack_success_rate(
     judge,
     concept: str,
     prompts: list[str],
-    seeds: list[int],
+    seeds: Seeds,
     settings: AttackSettings | None = None,
     progress: bool = False,
     guidance: Sequence[float | None] | None = None,
@@ -253,7 +277,7 @@ def attack_success_rate(
             "judge": judge.describe(),
             "prompts": prompts,
             "seeds": seeds,
-            **guidance_record(target.guidance[:: len(seeds)]),
+            **guidance_record(target.prompt_guidance),
         },
         "attacked_images": attacked,
     }

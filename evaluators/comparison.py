@@ -2,7 +2,7 @@
 
 Numbers measured under different protocols do not belong in one table, so the reports must share their base model
 (its weights' sha256) and every protocol setting that moves a number: seeds, steps, guidance, CLIP, the judge and
-each concept's prompts. Attacks may differ: each attack (kind and steps) gets rows of its own.
+each concept's prompts. Attacks may differ: each attack (kind, steps, prompts and seeds) gets a row of its own.
 """
 
 from __future__ import annotations
@@ -149,7 +149,10 @@ def compare(given: list[str | Path]) -> Comparison:
         if column is None:
             column = len(table.cells)
             table.labels.append(_label(report, path))
-            table.cells.append({}), table.spreads.append({}), models.append(sha), files.append([])
+            table.cells.append({})
+            table.spreads.append({})
+            models.append(sha)
+            files.append([])
         elif path.name == "eval.json" and "eval.json" not in files[column]:  # a run folder names the column
             table.labels[column] = _label(report, path)
         files[column].append(path.name)
@@ -174,16 +177,21 @@ def _text(value, spread=None) -> str:
     return str(value)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def to_markdown(table: Comparison) -> str:
     head = ["concept", "metric", "base model", *table.labels]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    warned = {row for _, row in table.warnings}
+    lines = ["| " + " | ".join(_cell(text) for text in head) + " |", "|" + "---|" * len(head)]
+    warned = {row for _, row in table.warnings}  # a warning on a set's size holds for the base's value too
     for row in table.rows:
-        cells = [_text(table.base.get(row)) + (MARK if row in table.base and row in warned else "") if row[0] else ""]
+        base = "" if not row[0] else _text(table.base.get(row)) + (MARK if row in table.base and row in warned else "")
+        cells = [base]
         for index, values in enumerate(table.cells):
             text = _text(values.get(row), table.spreads[index].get(row)) if row in values else ""
             cells.append(text + (MARK if (index, row) in table.warnings else ""))
-        lines.append("| " + " | ".join([*row, *cells]).replace("\n", " ") + " |")
+        lines.append("| " + " | ".join(_cell(text) for text in [*row, *cells]) + " |")
     notes: dict = {}  # (row, warning) -> the columns it was given for
     for (index, row), text in table.warnings.items():
         notes.setdefault((row, text), []).append(table.labels[index])

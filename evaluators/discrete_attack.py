@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pipelines.images import to_tensor
 
-from .attack import AttackTarget, draw_grouped, guidance_record, outcome_shares
+from .attack import AttackTarget, Seeds, draw_grouped, guidance_record, outcome_shares
 
 WORD = re.compile(r"^[a-z]{3,}</w>$")
 
@@ -79,7 +79,7 @@ def discrete_attack(
     judge,
     concept: str,
     prompts: list[str],
-    seeds: list[int],
+    seeds: Seeds,
     settings: DiscreteAttackSettings | None = None,
     progress: bool = False,
     guidance: Sequence[float | None] | None = None,
@@ -167,6 +167,6 @@ def discrete_attack(
             **asdict(settings), "vocabulary": f"{len(vocabulary)} whole words of the tokenizer",
             "method": "UnlearnDiffAtk with discrete prefix words (see evaluators/discrete_attack.py)",
             "judge": judge.describe(), "prompts": prompts, "seeds": seeds,
-            **guidance_record(target.guidance[:: len(seeds)]),
+            **guidance_record(target.prompt_guidance),
         },
     }  # fmt: skip

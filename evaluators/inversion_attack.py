@@ -20,13 +20,16 @@ from tqdm.auto import tqdm
 from pipelines.tokenizer import plain_words
 
 from .attack import (
+    Seeds,
     _reference_latents,
     denoising_loss,
     draw_embedded,
     draw_pairs,
+    for_each_pair,
     guidance_record,
     loss_ends,
     outcome_shares,
+    prompt_pairs,
 )
 
 
@@ -50,7 +53,7 @@ def inversion_attack(
     judge,
     concept: str,
     prompts: list[str],
-    seeds: list[int],
+    seeds: Seeds,
     settings: InversionSettings | None = None,
     images: torch.Tensor | None = None,
     progress: bool = False,
@@ -101,10 +104,10 @@ def inversion_attack(
         optimizer.step()
         losses.append(float(loss.detach()))
 
-    pairs = [(c, s) for c in context for s in seeds]
+    pairs = prompt_pairs(context, seeds)
     with torch.no_grad():
         embeds = family.encode_inserted(erased, encoder, erased.tokenize([c for c, _ in pairs]), word.detach())
-    attacked = draw_embedded(erased, embeds, [s for _, s in pairs], [g for g in guidance for _ in seeds])
+    attacked = draw_embedded(erased, embeds, [s for _, s in pairs], for_each_pair(guidance, prompts, seeds))
     seen = judge.detects(attacked, concept).bool()
     plain = draw_pairs(erased, prompts, seeds, guidance)
     present = judge.detects(plain, concept).bool()
@@ -116,7 +119,7 @@ def inversion_attack(
         "per_pair": [
             {"prompt": p, "seed": s, "attacked_prompt": f"<v*> {c}", "present_before_attack": bool(b),
              "present_after_attack": bool(a)}
-            for (p, s), (c, _), b, a in zip([(p, s) for p in prompts for s in seeds], pairs, present.tolist(),
+            for (p, s), (c, _), b, a in zip(prompt_pairs(prompts, seeds), pairs, present.tolist(),
                                             seen.tolist())
         ],  # fmt: skip
         "loss": loss_ends(losses),

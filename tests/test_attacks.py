@@ -85,8 +85,9 @@ def test_eval_runs_each_attack_on_the_digits_model(attack, tmp_path):
 
     from erasure.evaluation import run_eval
 
-    # the prompts a user brings are the ones attacked, not the built-in ones, each at its row's guidance
-    (tmp_path / "prompts.csv").write_text("prompt,guidance\na blue italic seven,3\nthe number 7 in green,\n")
+    # the prompts a user brings are the ones attacked, not the built-in ones, each at its rows' seeds and guidance
+    (tmp_path / "prompts.csv").write_text("prompt,seed,guidance\na blue italic seven,7,3\na blue italic seven,8,3\n"
+                                          "the number 7 in green,,\n")
     path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=tmp_path / "e.json", samples=1,
                     attack=attack, attack_prompts=1, attack_seeds=2, attack_steps=2, progress=False,
                     prompts_file=tmp_path / "prompts.csv")  # fmt: skip
@@ -94,6 +95,7 @@ def test_eval_runs_each_attack_on_the_digits_model(attack, tmp_path):
     # an unerased model draws the concept unattacked: every pair succeeds
     assert result["attack"] == attack and result["asr"] == 1.0 and result["pairs"] == 2
     assert result["settings"]["prompts"] == ["a blue italic seven"] and result["settings"]["guidance"] == [3.0]
+    assert result["settings"]["seeds"] == [7, 8] and [p["seed"] for p in result["per_pair"]] == [7, 8]
 
 
 def test_textual_inversion_leaves_out_every_word_that_names_the_concept():
@@ -167,3 +169,35 @@ def test_the_attacks_draw_each_prompt_at_its_own_guidance():
     # without a prompt's own guidance, nothing is recorded: the model's default is in the report's settings
     plain = attack_success_rate(model, model, NeverSees(), "seven", prompts, [1000], AttackSettings(steps=1))
     assert "guidance" not in plain["settings"]
+
+
+def test_a_prompt_files_rows_are_attacked_at_their_own_seeds():
+    """UnlearnDiffAtk attacks each I2P prompt at its evaluation seed: a row with a seed is attacked at it (as the
+    evaluation draws it), a row without one at the attack's own seeds; each prompt may then have seeds of its own."""
+    from erasure.evaluation import _attacked_prompts
+    from evaluators.attack import AttackSettings, attack_success_rate, draw_pairs
+    from evaluators.prompt_files import PromptRow
+    from pipelines import load_model
+    from pipelines.images import to_tensor
+
+    own = [1000, 1001]
+    rows = [PromptRow("a seven", 7, 3.0), PromptRow("a seven", 9, 3.0), PromptRow("a three"), PromptRow("a seven")]
+    assert _attacked_prompts(rows, ["built-in"], own, None) == (
+        ["a seven", "a three", "a seven"], [3.0, None, None], [[7, 9], own, own])
+    assert _attacked_prompts(rows, ["built-in"], own, 1) == (["a seven"], [3.0], [7, 9])
+    assert _attacked_prompts([PromptRow("a three"), PromptRow("a one")], ["x"], own, None) == (
+        ["a three", "a one"], [None, None], own)  # every prompt at the attack's seeds: one list for all
+    assert _attacked_prompts([], ["x", "y"], own, 1) == (["x"], [None], own)
+
+    model = load_model("digits")
+    prompts, seeds = ["a seven", "a three"], [[1000], [1001, 1002]]
+    own_images = [to_tensor(model.generate([p], s, guidance=g)[0]) for p, s, g in zip(prompts, seeds, [2.0, None])]
+    assert torch.equal(draw_pairs(model, prompts, seeds, [2.0, None]), torch.cat(own_images))
+    out = attack_success_rate(model, model, NeverSees(), "seven", prompts, seeds, AttackSettings(steps=1))
+    assert [(p["prompt"], p["seed"]) for p in out["per_pair"]] == [("a seven", 1000), ("a three", 1001),
+                                                                   ("a three", 1002)]  # fmt: skip
+    assert out["pairs"] == 3 and out["settings"]["seeds"] == seeds
+    for attack, settings in ((discrete_attack, DiscreteAttackSettings(steps=1)),
+                             (inversion_attack, InversionSettings(steps=1))):  # fmt: skip
+        out = attack(model, model, NeverSees(), "seven", prompts, seeds, settings)
+        assert [p["seed"] for p in out["per_pair"]] == [1000, 1001, 1002]

@@ -183,11 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--attack-prompts", type=number(int, COUNT), metavar="N",
-        help="target prompts to attack, the first N of --prompts (each at its row's guidance) or of the built-in ones "
-        "(default: all)",
+        help="target prompts to attack, the first N of --prompts (each at its rows' seeds and guidance, where they "
+        "give them) or of the built-in ones (default: all)",
     )
     p.add_argument(
-        "--attack-seeds", type=number(int, COUNT), metavar="K", help="seeds per prompt (default: 5)"
+        "--attack-seeds", type=number(int, COUNT), metavar="K",
+        help="seeds per prompt, from 1000 (default: 5); a --prompts row with a seed is attacked at that one"
     )
     p.add_argument(
         "--attack-steps", type=number(int, COUNT), metavar="S", help="attack steps (default: 100)"
