@@ -103,6 +103,16 @@ def _label(report: dict, path: Path) -> str:
     return path.parent.name if path.name == "eval.json" else Path(report["after"].get("spec", "")).name or str(path)
 
 
+def _attack_pairs(attack: dict) -> str:
+    """Which pairs an attack ran on, in a few words: its steps, prompts and seeds (the same prompt file and counts
+    give the same pairs: the protocol check holds the prompts alike)."""
+    settings = attack.get("settings", {})
+    prompts, seeds = settings.get("prompts", []), settings.get("seeds", [])
+    per_prompt = bool(seeds) and isinstance(seeds[0], list)
+    drawn = f"{attack['pairs']} pairs at the file's seeds" if per_prompt else f"{len(seeds)} seeds"
+    return f"{settings.get('steps')} steps, {len(prompts)} prompts x {drawn}"
+
+
 def _values(report: dict) -> tuple[list, dict, dict, dict, dict]:
     """One report's (rows in order, row -> value, row -> spread, row -> warning, row -> base model's value)."""
     rows, values, spreads, warnings, base = [], {}, {}, {}, {}
@@ -122,9 +132,7 @@ def _values(report: dict) -> tuple[list, dict, dict, dict, dict]:
             if metric.get("warning"):
                 warnings[row] = metric["warning"]
         for attack in concept_attacks(section):
-            settings = attack.get("settings", {})
-            row = (concept, f"attack success rate ({attack['attack']}, {settings.get('steps')} steps, "
-                            f"{len(settings.get('prompts', []))} prompts x {len(settings.get('seeds', []))} seeds)")
+            row = (concept, f"attack success rate ({attack['attack']}, {_attack_pairs(attack)})")
             rows.append(row)
             values[row] = attack["asr"]
     return rows, values, spreads, warnings, base
