@@ -109,8 +109,8 @@ def _attack_pairs(attack: dict) -> str:
     settings = attack.get("settings", {})
     prompts, seeds = settings.get("prompts", []), settings.get("seeds", [])
     per_prompt = bool(seeds) and isinstance(seeds[0], list)
-    drawn = f"{attack['pairs']} pairs at the file's seeds" if per_prompt else f"{len(seeds)} seeds"
-    return f"{settings.get('steps')} steps, {len(prompts)} prompts x {drawn}"
+    drawn = "at the file's seeds" if per_prompt else f"x {len(seeds)} seeds"
+    return f"{settings.get('steps')} steps, {len(prompts)} prompts {drawn}"
 
 
 def _values(report: dict) -> tuple[list, dict, dict, dict, dict]:
