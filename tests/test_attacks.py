@@ -87,7 +87,7 @@ def test_eval_runs_each_attack_on_the_digits_model(attack, tmp_path):
 
     # the prompts a user brings are the ones attacked, not the built-in ones, each at its rows' seeds and guidance
     (tmp_path / "prompts.csv").write_text("prompt,seed,guidance\na blue italic seven,7,3\na blue italic seven,8,3\n"
-                                          "the number 7 in green,,\n")
+                                          "the number 7 in green,9,\n")
     path = run_eval("digits", concepts=["seven"], baseline="digits", json_path=tmp_path / "e.json", samples=1,
                     attack=attack, attack_prompts=1, attack_seeds=2, attack_steps=2, progress=False,
                     prompts_file=tmp_path / "prompts.csv")  # fmt: skip
@@ -159,14 +159,8 @@ def test_the_attacks_draw_each_prompt_at_its_own_guidance():
         embeds = model.encode(prompts)
     own = [to_tensor(model.generate_each(embeds[i : i + 1], [1000], guidance=g)) for i, g in enumerate(guidance)]
     assert torch.equal(draw_embedded(model, embeds, [1000, 1000], guidance), torch.cat(own))
-    for out in (attack_success_rate(model, model, NeverSees(), "seven", prompts, [1000], AttackSettings(steps=1),
-                                    guidance=guidance),
-                discrete_attack(model, model, NeverSees(), "seven", prompts, [1000], DiscreteAttackSettings(steps=1),
-                                guidance=guidance),
-                inversion_attack(model, model, NeverSees(), "seven", prompts, [1000], InversionSettings(steps=1),
-                                 guidance=guidance)):  # fmt: skip
-        assert out["settings"]["guidance"] == guidance and out["pairs"] == 2
-    # without a prompt's own guidance, nothing is recorded: the model's default is in the report's settings
+    # each attack records the prompts' own guidance (test_a_prompt_files_rows_are_attacked_at_their_own_seeds);
+    # without one, nothing is recorded: the model's default is in the report's settings
     plain = attack_success_rate(model, model, NeverSees(), "seven", prompts, [1000], AttackSettings(steps=1))
     assert "guidance" not in plain["settings"]
 
@@ -193,11 +187,10 @@ def test_a_prompt_files_rows_are_attacked_at_their_own_seeds():
     prompts, seeds = ["a seven", "a three"], [[1000], [1001, 1002]]
     own_images = [to_tensor(model.generate([p], s, guidance=g)[0]) for p, s, g in zip(prompts, seeds, [2.0, None])]
     assert torch.equal(draw_pairs(model, prompts, seeds, [2.0, None]), torch.cat(own_images))
-    out = attack_success_rate(model, model, NeverSees(), "seven", prompts, seeds, AttackSettings(steps=1))
-    assert [(p["prompt"], p["seed"]) for p in out["per_pair"]] == [("a seven", 1000), ("a three", 1001),
-                                                                   ("a three", 1002)]  # fmt: skip
-    assert out["pairs"] == 3 and out["settings"]["seeds"] == seeds
-    for attack, settings in ((discrete_attack, DiscreteAttackSettings(steps=1)),
+    pairs = [("a seven", 1000), ("a three", 1001), ("a three", 1002)]
+    for attack, settings in ((attack_success_rate, AttackSettings(steps=1)),
+                             (discrete_attack, DiscreteAttackSettings(steps=1)),
                              (inversion_attack, InversionSettings(steps=1))):  # fmt: skip
-        out = attack(model, model, NeverSees(), "seven", prompts, seeds, settings)
-        assert [p["seed"] for p in out["per_pair"]] == [1000, 1001, 1002]
+        out = attack(model, model, NeverSees(), "seven", prompts, seeds, settings, guidance=[2.0, None])
+        assert [(p["prompt"], p["seed"]) for p in out["per_pair"]] == pairs and out["pairs"] == 3
+        assert out["settings"]["seeds"] == seeds and out["settings"]["guidance"] == [2.0, None]

@@ -1,4 +1,4 @@
-"""The README's "From Python" block, run as written on the digits world (the evaluation at 2 samples per prompt)."""
+"""The README's "From Python" block, run as written on the digits world (the evaluation at 1 sample per prompt)."""
 
 import re
 from pathlib import Path
@@ -15,7 +15,7 @@ def test_the_readmes_python_block_erases_evaluates_and_draws(tmp_path, monkeypat
     assert block, "the README lost its Python block"
     code = block.group(1)
     assert code.count("evaluate(run)") == 1
-    code = code.replace("evaluate(run)", "evaluate(run, samples=2, progress=False)")  # the default draws 20 per prompt
+    code = code.replace("evaluate(run)", "evaluate(run, samples=1, progress=False)")  # the default draws 20 per prompt
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, "README Python block", "exec"), namespace)  # noqa: S102 - the README's own code
