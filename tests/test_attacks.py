@@ -79,7 +79,7 @@ def test_the_three_attacks_count_present_after_attack_alike():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attack", ["embedding", "unlearndiffatk", "textual-inversion"])
+@pytest.mark.parametrize("attack", ["unlearndiffatk", "textual-inversion"])  # embedding: test_evaluators.py
 def test_eval_runs_each_attack_on_the_digits_model(attack, tmp_path):
     import json
 
