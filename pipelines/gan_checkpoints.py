@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .safe_load import load_tensors, refusal_reason, zip_refusal
+from .safe_load import load_tensors, refusal_reason, torch_file_refusal
 from .stylegan2 import Discriminator, Generator, StyleGAN2Config, default_channels
 
 CONFIG_FILE = "generator_config.json"
@@ -333,7 +333,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         if id(data) in self.storages:
             return self.storages[id(data)][1]
         try:
-            reason = zip_refusal(io.BytesIO(data))
+            reason = torch_file_refusal(io.BytesIO(data))
         except zipfile.BadZipFile as exc:
             raise pickle.UnpicklingError(f"a serialized storage is damaged ({exc})") from None
         if reason:
