@@ -20,7 +20,7 @@ from .bounds import SEED_BOUNDS, check_number
 from .config import build_config, config_to_dict, load_config_file, parse_sets
 from .output import InterruptedRun, RunDirectory, library_versions, peak_memory_mb, write_manifest
 from .registry import default_model, get_method
-from .training import RunContext, checkpoint_on_stop
+from .training import RunContext, TrainingDiverged, checkpoint_on_stop
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,9 @@ def erase(
                 run_dir.commit(write)
             run.accelerator.wait_for_everyone()
             return run_dir.final
-        except InputError:
-            if run.is_main:
-                run_dir.abandon()  # e.g. resuming with other settings: a checkpoint stays for the right command
+        except InputError as exc:
+            if run.is_main:  # e.g. resuming with other settings: a checkpoint stays for the right command
+                run_dir.abandon(keep_checkpoint=not isinstance(exc, TrainingDiverged))
             raise
         except BaseException as exc:
             if run_dir.abandon() if run.is_main else run_dir.checkpoint_dir.exists():

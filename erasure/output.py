@@ -116,15 +116,15 @@ class RunDirectory:
         self._release()
         return self.final
 
-    def abandon(self) -> bool:
-        """After a failure: drop the work folder unless a checkpoint makes it resumable.
+    def abandon(self, keep_checkpoint: bool = True) -> bool:
+        """After a failure: drop the work folder unless a checkpoint makes it resumable (and is to be kept).
 
         Only the process that owns the run touches its work folder.
         """
         if self._lock is None:
             return False
         try:
-            if self.checkpoint_dir.exists() and any(self.checkpoint_dir.iterdir()):
+            if keep_checkpoint and self.checkpoint_dir.exists() and any(self.checkpoint_dir.iterdir()):
                 return True
             shutil.rmtree(self.work, ignore_errors=True)
             for folder in self._made:  # e.g. the default `runs/`: a refused run leaves nothing behind

@@ -353,6 +353,11 @@ def load_checkpoint(path: Path) -> dict:
         raise InputError(f"{reason}; delete {path.parent} to start the run over") from None
 
 
+class TrainingDiverged(InputError):
+    """A non-finite loss or weight. The same settings and seeds would diverge again from any checkpoint of the run,
+    so the run keeps none."""
+
+
 class Terminated(Exception):
     """A stop signal arrived: the loop checkpointed the step it was at (`--resume` continues from there) and stopped."""
 
@@ -575,7 +580,7 @@ class TrainingLoop:
     @staticmethod
     def _diverged(step: int, bad: list[str], last_finite: dict[str, float]) -> None:
         before = ", ".join(f"{k} = {v:.4g}" for k, v in last_finite.items()) or "none yet"
-        raise InputError(
+        raise TrainingDiverged(
             f"training diverged at step {step}: {'; '.join(bad)} (last finite losses: {before}); "
             "lower the learning rate or check the settings"
         )

@@ -149,6 +149,13 @@ def test_a_diverging_run_stops_at_the_step_it_diverges_and_leaves_no_run_folder(
         erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK + ["negative_guidance=1e38"],
               progress=False)  # fmt: skip
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run*"))
+    # nor a checkpoint taken before it diverged: the same settings would diverge again from it, and other settings
+    # cannot resume it, so it would only stand in the way of the rerun the message asks for
+    with pytest.raises(InputError, match=r"training diverged at step [2-4]:"):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK[:-1] + ["lr=1e30"],
+              checkpoint_every=1, progress=False)  # fmt: skip
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run*"))
+    erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, checkpoint_every=1, progress=False)
 
     # weights poisoned after step 2 are caught at step 3, and the checkpoint of step 2 is the good one
     from erasure.config import build_config, parse_sets
