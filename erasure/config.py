@@ -167,10 +167,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"config file {path} is a folder; give a YAML file or a run's erasure.json")
     if not path.is_file():
         raise InputError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise InputError(f"config file {path}: cannot read it as UTF-8 text ({exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -185,18 +189,22 @@ RUN_FORMAT_PREFIX = "erasure-run/"
 
 
 def load_config_file(path: str | Path) -> tuple[dict[str, Any], dict | None]:
-    """Method options from `path`: a YAML file of `option: value`, or a finished run's erasure.json.
+    """Method options from `path`: a YAML file of `option: value`, or a finished run's erasure.json (or its folder).
 
     For a run's erasure.json the options are its resolved config, and the manifest comes back too
     (method, concepts, base model, seed), so that a rerun can reproduce the run.
     """
+    from .output import MANIFEST, manifest_problem
+
+    if Path(path).is_dir() and (Path(path) / MANIFEST).is_file():  # a run folder stands for its manifest
+        path = Path(path) / MANIFEST
     data = load_yaml(path)
     if not str(data.get("format", "")).startswith(RUN_FORMAT_PREFIX):
         return data, None
-    options = data.get("config")
-    if not isinstance(options, dict) or not data.get("method") or not data.get("concepts"):
-        raise InputError(f"{path} is a run manifest without its method, concepts or config; it cannot be rerun")
-    return options, data
+    problem = manifest_problem(data)
+    if problem:
+        raise InputError(f"{path} is a run manifest that cannot be rerun ({problem})")
+    return data["config"], data
 
 
 def config_yaml(method: str, config: Any, family) -> str:

@@ -74,6 +74,8 @@ def run_eval(
     before_source = resolve(baseline)
     check_model_config(model_config, after_source, before_source)
     check_feature_spec(fid_features, before_source.family)
+    for concept in concepts:  # a concept the family cannot evaluate (the digits world's are a closed set)
+        before_source.family.prompt_set(concept)
     attacks = _attack_list(attack)
     for kind in attacks:
         _check_attack(kind, after_source, attack_prompts, attack_seeds, attack_steps,

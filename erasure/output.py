@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipelines.errors import InputError
 from pipelines.files import normal_mode, write_folder_atomically, write_json
@@ -183,14 +184,29 @@ def read_manifest(directory: str | Path) -> dict | None:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError(f"{path} is not valid JSON") from None
-    missing = [key for key in REQUIRED_KEYS if not isinstance(manifest, dict) or key not in manifest]
-    base = manifest.get("base_model") if isinstance(manifest, dict) else None
-    if not missing and not (isinstance(base, dict) and {"spec", "origin", "path"} <= base.keys()):
-        missing = ["base_model.spec/origin/path"]
-    if missing or not isinstance(manifest["concepts"], list) or not manifest["concepts"]:
-        what = f"it lacks {', '.join(missing)}" if missing else "its concepts are not a list"
-        raise InputError(f"{path} is not a complete run manifest ({what}); rerun the erasure that made it")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise InputError(f"{path} is not a complete run manifest ({problem}); rerun the erasure that made it")
     return manifest
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What keeps a parsed erasure.json from being read as a run's manifest (a damaged or hand-edited one), or None."""
+    if not isinstance(manifest, dict):
+        return "it is not a JSON object"
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    base, concepts, seed = manifest["base_model"], manifest["concepts"], manifest["seed"]
+    if not (isinstance(base, dict) and {"spec", "origin", "path"} <= base.keys()):
+        return "it lacks base_model.spec/origin/path"
+    if not isinstance(concepts, list) or not concepts or not all(isinstance(c, str) for c in concepts):
+        return "its concepts are not a list of names"
+    if not isinstance(manifest["method"], str) or not isinstance(manifest["config"], dict):
+        return "its method is not a name or its config not a mapping"
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return "its seed is not a whole number"
+    return None
 
 
 def recorded_base_model(manifest: dict) -> str:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pipelines.errors import InputError
 
-from .report_format import FORMAT, READABLE_FORMATS, concept_attacks
+from .report_format import concept_attacks
+from .report_format import read_report as read_report_file
 
 # Settings that describe how a report was made but move no number.
 NOT_PROTOCOL = ("grids", "processes")
@@ -49,14 +50,7 @@ def report_path(given: str | Path) -> Path:
 
 
 def read_report(given: str | Path) -> dict:
-    path = report_path(given)
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable evaluation report ({exc})") from None
-    if not isinstance(report, dict) or report.get("format") not in READABLE_FORMATS:
-        raise InputError(f"{path} is not an evaluation report (`erasure eval` writes them, format {FORMAT})")
-    return report
+    return read_report_file(report_path(given))
 
 
 def protocol(report: dict) -> dict:

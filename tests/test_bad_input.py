@@ -2,6 +2,7 @@
 and one `error:` line, no traceback, nothing left behind, and - unless reading the file is the check - no
 model loaded (the commands run with `-v`, which logs each model load)."""
 
+import json
 import os
 import pickle
 import shutil
@@ -59,7 +60,11 @@ CASES = [
     ([*ESD, "--concept", " cat"], "the concept 'cat' is given twice", False),
     (["erase", "--method", "esd", "--concept", "zebra"], "'zebra' is not a digit, colour or style", False),
     (["erase", "--method", "esd", "--model", "{tiny}"], "--concept is needed", False),
-    (["erase", "--config", "{partialrun}"], "a run manifest without its method, concepts or config", False),
+    (["erase", "--config", "{partialrun}"], "a run manifest that cannot be rerun (it lacks concepts", False),
+    (["erase", "--config", "{stringconcepts}"], "cannot be rerun (its concepts are not a list of names)", False),
+    (["erase", "--config", "{textseed}"], "cannot be rerun (its seed is not a whole number)", False),
+    (["erase", "--config", "{empty}"], "is a folder; give a YAML file or a run's erasure.json", False),
+    ([*ESD, "--config", "{latin1yaml}"], "cannot read it as UTF-8 text", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "/proc/x.png"], "--out /proc/x.png cannot be created", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--steps", "-1"], "argument --steps", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--steps", "0"], "between 1 and 999, not 0", False),
@@ -131,6 +136,9 @@ CASES = [
     (["compare", "./nope"], "no such run folder or report: ./nope", False),
     (["compare", "{badcsv}"], "not a readable evaluation report", False),
     (["compare", "{partialrun}"], "is not an evaluation report", False),
+    (["compare", "{hollowreport}"], "is a damaged evaluation report (it has no before section)", False),
+    (["compare", "{run}", "--out", "{foldermd}"], "is a folder; give the table's file name", False),
+    (["eval", "digits", "--baseline", "digits", "--concept", "zebra"], "'zebra' is not a digit, colour or style", False),
     (["compare", "{run}", "--out", "table.txt"], "write a .md (Markdown) or .csv file", False),
     (["compare", "{run}", "--out", "/proc/t.md"], "cannot be created", False),
 ]
@@ -151,6 +159,12 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
     shutil.copytree(run, empty)
     (empty / "erasure.json").write_text("{}")
     (root / "partial.json").write_text('{"format": "erasure-run/1", "method": "esd"}')
+    manifest = json.loads((run / "erasure.json").read_text())  # hand-edited copies of the run's manifest
+    (root / "stringconcepts.json").write_text(json.dumps({**manifest, "concepts": "cat"}))  # not c, a and t
+    (root / "textseed.json").write_text(json.dumps({**manifest, "seed": "abc"}))
+    (root / "latin1.yaml").write_bytes(b"lr: 1e-5  # caf\xe9\n")
+    (root / "hollow.json").write_text('{"format": "erasure-eval/2", "concepts": {}}')
+    (root / "table.md").mkdir()
     (root / "random.pt").write_bytes(b"\x80\x02\xff" + os.urandom(300))  # a pickle header, then an invalid opcode
     (root / "bad.csv").write_text("prompt,evaluation_seed\na cat,1\na dog,x\n")
     (root / "folder.png").mkdir()
@@ -166,6 +180,9 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
         pickle.dump({"G_ema": OrderedDict(), "training_set_kwargs": {}}, f)
     return {"tiny": str(tiny_pipeline_dir), "file": str(root / "file"), "run": str(run), "emptyrun": str(empty),
             "partialrun": str(root / "partial.json"), "badcsv": str(root / "bad.csv"),
+            "stringconcepts": str(root / "stringconcepts.json"), "textseed": str(root / "textseed.json"),
+            "latin1yaml": str(root / "latin1.yaml"), "hollowreport": str(root / "hollow.json"),
+            "foldermd": str(root / "table.md"),
             "randpt": str(root / "random.pt"), "nvpkl": str(root / "nv.pkl"), "listindex": str(root / "listindex"),
             "badindex": str(root / "badindex"), "folderpng": str(root / "folder.png"), "empty": str(root / "empty"),
             "corrupt": str(corrupt)}  # fmt: skip

@@ -269,6 +269,7 @@ def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path
         (["{run}", "--repo-id", "not a repo id", "--local-dir", "{tmp}/hub"], "not a Hub repository id"),
         (["{run}", "--repo-id", "no-owner", "--local-dir", "{tmp}/hub"], "needs its owner: ORG/NAME"),
         (["{run}", "--local-dir", "{run}/hub"], "is inside the run"),  # its digest would then change
+        (["{run}", "--local-dir", "{tiny}/hub"], "is inside the run's base model"),  # and the base's
         (["{run}", "--local-dir", "{tmp}/hub", "--as-lora", "100000"], "a rank between 1 and 1024, not 100000"),
     ],
 )

@@ -195,7 +195,7 @@ def test_the_command_line_takes_images(tiny_pipeline_dir, image_folder, tmp_path
     manifest = json.loads((tmp_path / "run" / "erasure.json").read_text())
     assert manifest["config"]["images"] == str(image_folder.absolute())
     monkeypatch.chdir(tmp_path / "run")
-    assert main(["erase", "--config", "erasure.json", "--quiet", "--out", str(tmp_path / "again")]) == 0
+    assert main(["erase", "--config", ".", "--quiet", "--out", str(tmp_path / "again")]) == 0  # the run's folder
     assert main(["erase", "--method", "fewshot", "--concept", "seven", "--images", "", "--out",
                  str(tmp_path / "empty")]) == 2  # fmt: skip
     assert "images is empty" in capsys.readouterr().err

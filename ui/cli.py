@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", action="append", help="concept to erase; repeat for several")
     p.add_argument(
         "--config", metavar="FILE",
-        help="YAML file of method options (`--show-config > FILE` writes one), or a finished run's erasure.json: "
-        "then its method, concepts, base model, seed and options are the defaults, and the run is reproduced",
+        help="YAML file of method options (`--show-config > FILE` writes one), or a finished run's erasure.json (or "
+        "its folder): then its method, concepts, base model, seed and options are the defaults, and the run is "
+        "reproduced",
     )  # fmt: skip
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -411,6 +412,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = check_writable(args.out) if args.out is not None else None
     if out is not None and out.suffix.lower() not in (".md", ".csv"):
         raise InputError(f"--out {out}: write a .md (Markdown) or .csv file")
+    if out is not None and out.is_dir():
+        raise InputError(f"--out {out} is a folder; give the table's file name, e.g. {out / 'comparison.md'}")
     table = compare(args.reports)
     markdown = to_markdown(table)
     print(markdown, end="")

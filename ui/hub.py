@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 
 from erasure.output import MANIFEST, read_run
 from erasure.registry import Method, get_method
+from evaluators.report_format import read_report
 from pipelines.cards import MODEL_CARD_FILE
 from pipelines.errors import InputError
 from pipelines.families import get_family
@@ -121,6 +122,8 @@ def export_run(
     if local_dir is not None:
         local_dir = Path(local_dir).expanduser().resolve()
         check_outside(local_dir, run.path, "--local-dir", "the run")
+        if run.manifest["base_model"].get("path"):  # files written there would make the base another model
+            check_outside(local_dir, run.manifest["base_model"]["path"], "--local-dir", "the run's base model")
         if local_dir.exists():
             raise InputError(f"{local_dir} already exists; choose another --local-dir or remove it")
         check_writable(local_dir, "--local-dir")
@@ -203,10 +206,7 @@ def load_run(run_dir: str | Path, *, no_eval: bool = False) -> Run:
                 f"{path} has no {EVAL_FILE}: run `erasure eval {path}` first, or pass --no-eval to publish it "
                 f"with a card that says it was not evaluated"
             )
-        try:
-            report = json.loads(eval_path.read_text())
-        except json.JSONDecodeError:
-            raise InputError(f"{eval_path} is not valid JSON") from None
+        report = read_report(eval_path)
         # The card must describe these weights: an evaluation of other weights would be a false claim.
         if report.get("after", {}).get("sha256") != weights_digest(path):
             raise InputError(f"{eval_path} was measured on other weights than {path} holds; rerun `erasure eval`")

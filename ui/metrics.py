@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from erasure.evaluation import reference_note
 from erasure.output import read_run
-from evaluators.report_format import concept_attacks
+from evaluators.report_format import concept_attacks, read_report
 
 HEADERS = ["concept", "metric", "before", "after", "difference", "warning"]
 
@@ -18,7 +17,7 @@ def eval_table(run: str | Path) -> tuple[list[list], list[tuple[str, str]], str]
     path = Path(run) / "eval.json"
     if not path.is_file():
         return [], [], f"{Path(run).name} has no eval.json yet: press **Evaluate** (or run `erasure eval {run}`)."
-    report = json.loads(path.read_text())
+    report = read_report(path)
     rows = []
     for concept, section in report["concepts"].items():
         for name, metric in section["metrics"].items():
