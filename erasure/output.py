@@ -9,7 +9,6 @@ leaves only what `--resume` needs.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import platform
 import resource
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import InputError
-from pipelines.files import normal_mode, write_folder_atomically, write_json
+from pipelines.files import normal_mode, read_json, write_folder_atomically, write_json
 
 from . import DISTRIBUTION
 
@@ -180,10 +179,7 @@ def read_manifest(directory: str | Path) -> dict | None:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"{path} is not valid JSON") from None
+    manifest = read_json(path)
     problem = manifest_problem(manifest)
     if problem:
         raise InputError(f"{path} is not a complete run manifest ({problem}); rerun the erasure that made it")

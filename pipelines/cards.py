@@ -5,17 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .files import write_json
+from .errors import InputError
+from .files import read_json, write_json
 
 MODEL_CARD_FILE = "erasure_model.json"
 
 
 def read_model_card(folder: str | Path) -> dict:
     """The card of a model folder ({} when there is none: a foreign checkpoint)."""
-    import json
-
-    card = Path(folder) / MODEL_CARD_FILE
-    return json.loads(card.read_text()) if card.is_file() else {}
+    path = Path(folder) / MODEL_CARD_FILE
+    if not path.is_file():
+        return {}
+    card = read_json(path)
+    if not isinstance(card, dict):
+        raise InputError(f"{path} is not a model card (a JSON object with the model's family)")
+    return card
 
 
 def write_model_card(folder: str | Path, card: dict) -> None:

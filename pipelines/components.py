@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
-from .files import write_json
+from .files import read_json, write_json
 
 BASE_FILE = "erasure_base.json"
 SAVE_MODES = ("full", "changed")
@@ -44,10 +44,7 @@ def read_base_ref(folder: Path) -> dict | None:
     path = Path(folder) / BASE_FILE
     if not path.is_file():
         return None
-    try:
-        ref = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise InputError(f"{path} is not valid JSON") from None
+    ref = read_json(path)
     if not isinstance(ref, dict) or not isinstance(ref.get("spec"), str) or not isinstance(ref.get("components"), dict):
         raise InputError(f"{path} does not name a base model and its components")
     return ref

@@ -138,6 +138,16 @@ def check_outside(path: str | Path, folder: str | Path, what: str, folder_what: 
         raise InputError(f"{what} {path} is inside {folder_what} {folder}; write it somewhere else")
 
 
+def read_json(path: str | Path):
+    """The JSON value in `path`, or InputError naming the file when it is none (not UTF-8, not JSON, or nested
+    deeper than the parser goes: a crafted file)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, huge numbers
+        reason = "nested too deep" if isinstance(exc, RecursionError) else str(exc)
+        raise InputError(f"{path} is not valid JSON ({reason})") from None
+
+
 def write_json(path: str | Path, data, **dump_options) -> Path:
     """`data` as indented JSON with a final newline, written atomically."""
     text = json.dumps(data, indent=2, **dump_options) + "\n"

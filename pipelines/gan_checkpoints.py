@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .files import read_json
 from .safe_load import load_tensors, refusal_reason, torch_file_refusal
 from .stylegan2 import Discriminator, Generator, StyleGAN2Config, default_channels
 
@@ -98,10 +99,7 @@ def load_gan_folder(directory: Path) -> tuple[Generator, Discriminator | None, t
 
 
 def _read_config_file(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError, a number too long to convert
-        raise InputError(f"{path} is not valid JSON") from None
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise InputError(f"{path} is not a generator config (a JSON object with size, style_dim, n_mlp, channels)")
     return raw

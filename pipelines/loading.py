@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import re
 import socket
@@ -22,6 +21,7 @@ from typing import Literal
 
 from .cards import MODEL_CARD_FILE, read_model_card
 from .errors import InputError
+from .files import read_json
 from .zoo import models as zoo
 
 Kind = Literal["text-to-image", "one-step", "gan"]
@@ -101,10 +101,7 @@ def check_safetensors(path: Path) -> None:
 def _folder_kind(path: Path) -> Kind:
     index = path / "model_index.json"
     if index.is_file():
-        try:
-            index_json = json.loads(index.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InputError(f"{index} is not valid JSON") from None
+        index_json = read_json(index)
         if not isinstance(index_json, dict):
             raise InputError(f"{index} is not a pipeline index (a JSON object with _class_name)")
         class_name = index_json.get("_class_name", "")

@@ -90,6 +90,8 @@ CASES = [
     ([*ESD, "--out", "{tiny}/erased"], "is inside the model it erases from", False),
     ([*ESD, "--set", "lora_rank=100000"], "lora_rank must be between 0 and 1024, not 100000", False),
     (["sample", "{badindex}", "--out", "o.png"], "model_index.json is not valid JSON", False),
+    (["sample", "{deepindex}", "--out", "o.png"], "model_index.json is not valid JSON (nested too deep)", False),
+    (["sample", "{badcard}", "--out", "o.png"], "erasure_model.json is not a model card", False),
     (["sample", "{nvpkl}", "--out", "o.png"], "is not an NVIDIA StyleGAN2 pickle", True),
     (["eval", "{emptyrun}"], "not a complete run manifest", False),
     (["eval", "./nope"], "no such path: ./nope", False),
@@ -138,7 +140,7 @@ CASES = [
     (["compare", "{partialrun}"], "is not an evaluation report", False),
     (["compare", "{hollowreport}"], "is a damaged evaluation report (it has no before section)", False),
     (["compare", "{run}", "--out", "{foldermd}"], "is a folder; give the table's file name", False),
-    (["eval", "digits", "--baseline", "digits", "--concept", "zebra"], "'zebra' is not a digit, colour or style", False),
+    (["eval", "digits", "--baseline", "digits", "--concept", "zebra"], "'zebra' is not a digit", False),
     (["compare", "{run}", "--out", "table.txt"], "write a .md (Markdown) or .csv file", False),
     (["compare", "{run}", "--out", "/proc/t.md"], "cannot be created", False),
 ]
@@ -173,16 +175,20 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
     shutil.copytree(tiny_pipeline_dir, corrupt)
     weights = next((corrupt / "text_encoder").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
-    for name, index in (("listindex", b"[]"), ("badindex", b"\xff{")):  # JSON but no object; not even text
+    for name, index in (("listindex", b"[]"), ("badindex", b"\xff{"), ("deepindex", b"[" * 100_000)):  # JSON but
+        # no object; not even text; nested deeper than the parser goes
         (root / name).mkdir()
         (root / name / "model_index.json").write_bytes(index)
+    (root / "badcard").mkdir()  # a pipeline index, and a model card that is no JSON object
+    shutil.copyfile(tiny_pipeline_dir / "model_index.json", root / "badcard" / "model_index.json")
+    (root / "badcard" / "erasure_model.json").write_text("[]")
     with open(root / "nv.pkl", "wb") as f:  # an NVIDIA-style snapshot whose G_ema is a plain dict, not a network
         pickle.dump({"G_ema": OrderedDict(), "training_set_kwargs": {}}, f)
     return {"tiny": str(tiny_pipeline_dir), "file": str(root / "file"), "run": str(run), "emptyrun": str(empty),
             "partialrun": str(root / "partial.json"), "badcsv": str(root / "bad.csv"),
             "stringconcepts": str(root / "stringconcepts.json"), "textseed": str(root / "textseed.json"),
             "latin1yaml": str(root / "latin1.yaml"), "hollowreport": str(root / "hollow.json"),
-            "foldermd": str(root / "table.md"),
+            "foldermd": str(root / "table.md"), "deepindex": str(root / "deepindex"), "badcard": str(root / "badcard"),
             "randpt": str(root / "random.pt"), "nvpkl": str(root / "nv.pkl"), "listindex": str(root / "listindex"),
             "badindex": str(root / "badindex"), "folderpng": str(root / "folder.png"), "empty": str(root / "empty"),
             "corrupt": str(corrupt)}  # fmt: skip
