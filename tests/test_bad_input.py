@@ -121,6 +121,7 @@ CASES = [
     (["zoo", "build", "--out", "z", "--only", "digits-gan"], "digits-gan is built from digits-clip", False),
     (["zoo", "build", "--out", "{file}"], "is a file; --out is the folder", False),
     (["preview", "--port", "70000"], "argument --port", False),
+    (["preview", "--host", "no such host!"], "no such host (", False),
     (["preview", "--erased", "{empty}"], "not an erased run folder", False),
     ([*ESD[:-1], "{empty}"], "not a model folder", False),
     ([*ESD[:-1], "{corrupt}"], "corrupt safetensors", True),

@@ -47,6 +47,7 @@ def launch(
 
 def _check_port_free(host: str, port: int) -> None:
     """Refuse a port another server holds now, naming --port (gradio's own message names its Python API)."""
+    import errno
     import socket
 
     from pipelines.errors import InputError
@@ -55,5 +56,8 @@ def _check_port_free(host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closing port is free
         try:
             probe.bind((host, port))
+        except socket.gaierror as exc:  # the name itself does not resolve: another port would not help
+            raise InputError(f"cannot serve on {host}: no such host ({exc.strerror}); pass another --host") from None
         except OSError as exc:
-            raise InputError(f"cannot serve on {host}:{port} ({exc.strerror}): pass another --port") from None
+            hint = "pass another --port" if exc.errno == errno.EADDRINUSE else "pass another --host or --port"
+            raise InputError(f"cannot serve on {host}:{port} ({exc.strerror}): {hint}") from None
