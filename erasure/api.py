@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipelines.errors import InputError
-from pipelines.files import check_outside, check_writable, slug
+from pipelines.files import check_outside, check_outside_models, check_writable, slug
 
 from .bounds import SEED_BOUNDS, check_number
 from .config import build_config, config_to_dict, load_config_file, parse_sets
@@ -119,6 +119,7 @@ def erase(
     check_number("--checkpoint-every", checkpoint_every, "[1, inf)")
     out = check_writable(default_out_dir(method, concepts) if out is None else out)
     check_outside(out, source.path, "--out", "the model it erases from")
+    check_outside_models(out, "--out")
     run_dir = RunDirectory(out, resume=resume)
     run_dir.check()  # before hashing the base, which takes seconds on SD
     base_model = source.describe()  # hashes the base's weights: the run and its checkpoints are tied to them

@@ -138,6 +138,19 @@ def check_outside(path: str | Path, folder: str | Path, what: str, folder_what: 
         raise InputError(f"{what} {path} is inside {folder_what} {folder}; write it somewhere else")
 
 
+# What marks a model folder: a diffusers pipeline, an erased run, a GAN folder of this project.
+MODEL_FOLDER_MARKERS = ("model_index.json", "erasure.json", "generator_config.json")
+
+
+def check_outside_models(path: str | Path, what: str) -> None:
+    """Refuse to write `path` inside a model folder: a model's digest covers every weight file under it, so a run or
+    an export written there would make it another model (and orphan the runs and reports tied to it)."""
+    path = Path(path).expanduser().resolve()
+    for folder in path.parents:
+        if any((folder / marker).is_file() for marker in MODEL_FOLDER_MARKERS):
+            raise InputError(f"{what} {path} is inside the model folder {folder}; write it somewhere else")
+
+
 def read_json(path: str | Path):
     """The JSON value in `path`, or InputError naming the file when it is none (not UTF-8, not JSON, or nested
     deeper than the parser goes: a crafted file)."""

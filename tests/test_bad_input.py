@@ -88,6 +88,7 @@ CASES = [
     (["eval", "{run}", "--json", "{run}"], "is a folder; give the report's file name", False),
     (["eval", "{run}", "--json", "{badcsv}"], "exists and is not an evaluation report", False),
     ([*ESD, "--out", "{tiny}/erased"], "is inside the model it erases from", False),
+    ([*ESD, "--out", "{run}/again"], "is inside the model folder", False),  # the run's digest would change
     ([*ESD, "--set", "lora_rank=100000"], "lora_rank must be between 0 and 1024, not 100000", False),
     (["sample", "{badindex}", "--out", "o.png"], "model_index.json is not valid JSON", False),
     (["sample", "{deepindex}", "--out", "o.png"], "model_index.json is not valid JSON (nested too deep)", False),

@@ -34,7 +34,14 @@ from evaluators.report_format import read_report
 from pipelines.cards import MODEL_CARD_FILE
 from pipelines.errors import InputError
 from pipelines.families import get_family
-from pipelines.files import check_outside, check_writable, remove_abandoned, write_folder_atomically, write_json
+from pipelines.files import (
+    check_outside,
+    check_outside_models,
+    check_writable,
+    remove_abandoned,
+    write_folder_atomically,
+    write_json,
+)
 from pipelines.lora_files import LORA_FILE
 from pipelines.signals import stop_signals_raise
 
@@ -124,6 +131,7 @@ def export_run(
         check_outside(local_dir, run.path, "--local-dir", "the run")
         if run.manifest["base_model"].get("path"):  # files written there would make the base another model
             check_outside(local_dir, run.manifest["base_model"]["path"], "--local-dir", "the run's base model")
+        check_outside_models(local_dir, "--local-dir")
         if local_dir.exists():
             raise InputError(f"{local_dir} already exists; choose another --local-dir or remove it")
         check_writable(local_dir, "--local-dir")
