@@ -109,10 +109,10 @@ def _transformers_clip(path: Path, name: str, version: str, device: str) -> Clip
 
     from transformers import CLIPModel
 
-    from pipelines.loading import check_safetensors
+    from pipelines.loading import check_weight_files
     from pipelines.logs import quiet_libraries
 
-    check_safetensors(path)
+    check_weight_files(path)
     try:
         with quiet_libraries():
             model = CLIPModel.from_pretrained(path, dtype=torch.float32).to(device).eval()

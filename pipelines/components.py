@@ -180,11 +180,11 @@ def loadable_folder(folder: Path) -> Iterator[Path]:
     if read_base_ref(folder) is None:
         yield folder
         return
-    from .loading import check_safetensors
+    from .loading import check_weight_files
 
     parts = component_folders(folder)
     for part in parts.values():
-        check_safetensors(part)
+        check_weight_files(part)
     with tempfile.TemporaryDirectory(prefix="erasure-view-") as tmp:
         view = Path(tmp)
         for path in folder.iterdir():

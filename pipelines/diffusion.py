@@ -17,7 +17,7 @@ from .cards import write_model_card
 from .components import loadable_folder, save_pipeline
 from .errors import InputError
 from .images import decode_latents
-from .loading import ModelSource, check_safetensors
+from .loading import ModelSource, check_weight_files
 from .logs import quiet_libraries
 from .safe_load import check_torch_file
 
@@ -187,7 +187,7 @@ class TextToImageModel:
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise InputError(f"{folder} is not a saved {name} (no config.json)")
-        check_safetensors(folder)
+        check_weight_files(folder)
         cls = type(getattr(self.pipe, name))
         self.replace(name, cls.from_pretrained(folder, dtype=getattr(self.pipe, name).dtype))
 
@@ -322,7 +322,7 @@ def load_one_step(source: ModelSource, device: str | torch.device = "cpu", dtype
     """Load a one-step generator folder written by SFD."""
     from .one_step import OneStepPipeline
 
-    check_safetensors(source.path)
+    check_weight_files(source.path)
     try:
         with quiet_libraries(), loadable_folder(source.path) as folder:
             pipe = OneStepPipeline.from_pretrained(folder, dtype=dtype)
@@ -362,7 +362,7 @@ def load_text_to_image(
     if source.origin == "single-file":
         pipe = _load_single_file(pipeline, source.path, single_file_config, dtype, extra)
     else:
-        check_safetensors(source.path)
+        check_weight_files(source.path)
         try:
             with quiet_libraries(), loadable_folder(source.path) as folder:
                 pipe = pipeline.from_pretrained(folder, dtype=dtype, **extra)
@@ -401,7 +401,7 @@ def _load_single_file(pipeline, path: Path, config: str | Path | None, dtype: to
     from .tokenizer import clip_tokenizer
 
     if path.suffix == ".safetensors":
-        check_safetensors(path)
+        check_weight_files(path)
     else:  # torch.load (diffusers', then ours) would inflate compressed entries before reading anything
         check_torch_file(path, str(path))
     if config is None:

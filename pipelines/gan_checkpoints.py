@@ -83,9 +83,9 @@ def save_gan(directory: str | Path, generator: Generator, discriminator: Discrim
 def load_gan_folder(directory: Path) -> tuple[Generator, Discriminator | None, torch.Tensor | None]:
     from safetensors.torch import load_file
 
-    from .loading import check_safetensors
+    from .loading import check_weight_files
 
-    check_safetensors(directory)
+    check_weight_files(directory)
     if not (directory / G_FILE).is_file():
         raise InputError(f"{directory} has no {G_FILE}")
     config = checked_config(_read_config_file(directory / CONFIG_FILE), str(directory / CONFIG_FILE))

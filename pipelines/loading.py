@@ -28,6 +28,7 @@ Kind = Literal["text-to-image", "one-step", "gan"]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 GAN_FILE_SUFFIXES = (".pt", ".pkl")
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")  # what diffusers and transformers torch.load from a folder
 PIPELINE_CLASSES = {
     "StableDiffusionPipeline": "text-to-image", "StableDiffusionXLPipeline": "text-to-image",
     "FluxPipeline": "text-to-image",
@@ -85,12 +86,20 @@ def weights_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_safetensors(path: Path) -> None:
-    """Open each safetensors header: catches truncated or corrupt files before any loading."""
+def check_weight_files(path: Path) -> None:
+    """Open each safetensors header, catching truncated or corrupt files before any loading; and check each pickled
+    weight file (`.bin`, a folder without safetensors) as this project's own torch.load does, since diffusers and
+    transformers would load it with torch.load themselves."""
     from safetensors import safe_open
 
-    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    from .safe_load import check_torch_file
+
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
+                                                 if p.suffix in (".safetensors", *PICKLED_WEIGHTS) and p.is_file())
     for f in files:
+        if f.suffix != ".safetensors":
+            check_torch_file(f, str(f))
+            continue
         try:
             with safe_open(str(f), "pt") as handle:
                 handle.keys()

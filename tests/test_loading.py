@@ -83,6 +83,32 @@ def test_a_ckpt_loads_and_a_compressed_one_is_refused_before_torch_inflates_it(t
         load_model(str(tmp_path / "deflated.ckpt"), single_file_config=tiny_pipeline_dir)
 
 
+def test_pickled_weights_in_a_folder_are_checked_before_diffusers_loads_them(tiny_model, tiny_pipeline_dir, tmp_path):
+    """A folder with `.bin` weights and no safetensors: diffusers and transformers torch.load them themselves, so
+    they are checked first, as this project's own torch.load is: a file of torch's older format that declares
+    storages it does not hold would load holding stray memory."""
+    import io
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from .conftest import without_storage_bytes
+
+    folder = tmp_path / "bin"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    weights = next((folder / "text_encoder").glob("*.safetensors"))
+    state = load_file(str(weights))
+    weights.unlink()
+    buffer = io.BytesIO()
+    torch.save(state, buffer, _use_new_zipfile_serialization=False)
+    (folder / "text_encoder" / "pytorch_model.bin").write_bytes(buffer.getvalue())
+    loaded = load_model(str(folder))  # a sound one loads as before
+    assert _same(tiny_model.generate(["a cat"], [0], steps=3)[0], loaded.generate(["a cat"], [0], steps=3)[0])
+    (folder / "text_encoder" / "pytorch_model.bin").write_bytes(without_storage_bytes(buffer.getvalue()))
+    with pytest.raises(InputError, match=r"pytorch_model.bin: it declares \d+ storage.s. whose bytes it does not hold"):
+        load_model(str(folder))
+
+
 def test_swapped_text_encoder_changes_outputs_and_survives_save(tiny_model, tmp_path):
     before = tiny_model.generate(["a cat"], [0, 1], steps=3)[0]
     tiny_model.replace("text_encoder", tiny_text_encoder(seed=7))

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import pickle
-import pickletools
 import sys
 import types
 import zipfile
@@ -18,6 +17,8 @@ import torch
 from pipelines import InputError, load_model
 from pipelines.gan_checkpoints import CONFIG_FILE, flatten_record, read_nvidia_pickle, save_gan, save_rosinality
 from pipelines.stylegan2 import Discriminator, Generator, StyleGAN2Config
+
+from .conftest import without_storage_bytes
 
 TINY = StyleGAN2Config(size=16, style_dim=8, n_mlp=2, channels={4: 8, 8: 8, 16: 4})
 
@@ -334,16 +335,6 @@ def test_compressed_zip_entries_are_refused_before_torch_inflates_them(tmp_path)
         load_model(str(tmp_path / "nested.pkl"))
 
 
-def _without_storage_bytes(legacy: bytes) -> bytes:
-    """A file in torch's older format, cut after its object and given an empty list of storages: torch.load would
-    allocate the storages the object declares and fill none of them."""
-    stream = io.BytesIO(legacy)
-    for _ in range(4):  # magic number, version, system facts, the object
-        for _ in pickletools.genops(stream):
-            pass
-    return legacy[: stream.tell()] + pickle.dumps([], protocol=2)  # as torch.save writes it
-
-
 def test_a_file_in_torchs_older_format_loads_unless_it_declares_storages_it_does_not_hold(tmp_path):
     generator, _ = _tiny()
     buffer = io.BytesIO()
@@ -351,11 +342,11 @@ def test_a_file_in_torchs_older_format_loads_unless_it_declares_storages_it_does
                _use_new_zipfile_serialization=False)  # fmt: skip
     (tmp_path / "legacy.pt").write_bytes(buffer.getvalue())
     assert torch.equal(_images(load_model(str(tmp_path / "legacy.pt")).generator), _images(generator))
-    (tmp_path / "hollow.pt").write_bytes(_without_storage_bytes(buffer.getvalue()))
+    (tmp_path / "hollow.pt").write_bytes(without_storage_bytes(buffer.getvalue()))
     with pytest.raises(InputError, match="hollow.pt: it declares 51 storage.s. whose bytes it does not hold"):
         load_model(str(tmp_path / "hollow.pt"))
     payload = torch.TypedStorage(256, dtype=torch.float32, _internal=True).__reduce__()[1][0]  # NVIDIA's: always so
-    hollow = {"G_ema": _PayloadTensor(_without_storage_bytes(payload), 256), "padding": bytes(4096)}  # so the
+    hollow = {"G_ema": _PayloadTensor(without_storage_bytes(payload), 256), "padding": bytes(4096)}  # so the
     (tmp_path / "hollow.pkl").write_bytes(pickle.dumps(hollow))  # file holds as many bytes as the storage declares
     with pytest.raises(InputError, match="whose bytes it does not hold"):
         load_model(str(tmp_path / "hollow.pkl"))

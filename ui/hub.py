@@ -187,7 +187,7 @@ def _check_repo_id(repo_id: str) -> None:
 
 def load_run(run_dir: str | Path, *, no_eval: bool = False) -> Run:
     """Check a run folder (and its eval.json unless `no_eval`) and gather what export needs."""
-    from pipelines.loading import check_safetensors, resolve, weights_digest
+    from pipelines.loading import check_weight_files, resolve, weights_digest
 
     path = Path(run_dir).expanduser()
     manifest = read_run(path)
@@ -198,7 +198,7 @@ def load_run(run_dir: str | Path, *, no_eval: bool = False) -> Run:
     files, left_out = _model_files(path, source.kind)
     for file in files.values():
         if file.suffix == ".safetensors":
-            check_safetensors(file)
+            check_weight_files(file)
     for name in (MANIFEST, MODEL_CARD_FILE, EVAL_FILE, REDUCTION_FILE):
         if (path / name).is_file():
             _inside(path / name, _link_root(path))
