@@ -87,16 +87,6 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(two_process_ru
     assert moved > 1.0 and gap < 1e-2 * moved, (moved, gap)
 
 
-def test_two_processes_resume_to_the_uninterrupted_result(two_process_run, tiny_pipeline_dir, tmp_path):
-    checkpoint = tmp_path / "checkpoint"
-    common = [str(SCRIPT), "esd", str(tiny_pipeline_dir), str(tmp_path), *ESD, "--checkpoint-dir", str(checkpoint)]
-    stopped = _launch(2, *common, "--stop-after", "3", check=False)
-    assert stopped.returncode != 0 and (checkpoint / "checkpoint.pt").is_file()
-    _launch(2, *common, "--resume")
-    resumed, straight = _weights(tmp_path), _weights(two_process_run)
-    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
-
-
 def test_a_sigterm_to_one_process_stops_both_at_one_checkpoint_and_resume_loses_nothing(two_process_run,
                                                                                        tiny_pipeline_dir, tmp_path):
     """A scheduler's SIGTERM reaches the processes of a job at different moments (here: the second one alone, after
