@@ -316,7 +316,7 @@ def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, t
         return ewc_penalty(params, anchor, fisher, config.ewc_weight)
 
     def step_fn(step: int) -> dict[str, float]:
-        real = real_batch(negatives, config.batch_size, run)
+        real = real_batch(negatives, config.batch_size, run, discriminator.stddev_group)
         logs = adversarial_step(loop, real, step, settings, ewc if fisher else None, critic, config.micro_batch)
         if ema is not None:
             ema.update(generator)
@@ -348,7 +348,7 @@ def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dic
     adapted = [{n: t.to(device) for n, t in theta.items()} for theta in adapted]
 
     def step_fn(step: int) -> dict[str, float]:
-        real = real_batch(positives, config.batch_size, run)
+        real = real_batch(positives, config.batch_size, run, discriminator.stddev_group)
         distance = {}
 
         def term(images, pooled) -> torch.Tensor:

@@ -12,6 +12,7 @@ unlearning.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from pipelines.devices import to_device
 from pipelines.errors import InputError
 
 from .training import Network, RunContext, TrainingLoop
+
+log = logging.getLogger(__name__)
 
 CLIP_HEAD_WIDTH = 256
 
@@ -108,6 +111,36 @@ def stddev_chunks(samples: int, group: int, chunk: int) -> list[list[int]]:
     return [[g * m + j for g in range(group) for j in range(start, min(start + per, m))] for start in range(0, m, per)]
 
 
+def stddev_shard(run: RunContext, batch: torch.Tensor, group: int) -> torch.Tensor:
+    """This process's rows of a global batch the discriminator sees: whole minibatch-stddev groups, in
+    `stddev_chunks`' order, so that N processes compute what one process computes on the whole batch (`run.shard`'s
+    consecutive rows would group other samples together). A batch that cannot be so split is split as `run.shard`
+    splits it, with a warning when that changes the groups."""
+    count = run.num_processes
+    if count == 1:
+        return batch
+    run.check_divisible("the batch", len(batch))
+    chunks = stddev_chunks(len(batch), group, len(batch) // count)
+    if len(chunks) == count:
+        return batch[torch.tensor(chunks[run.accelerator.process_index], device=batch.device)]
+    regrouped = _stddev_group(len(batch), group) != _stddev_group(len(batch) // count, group)
+    if regrouped and (len(batch), count) not in _WARNED:
+        _WARNED.add((len(batch), count))
+        log.warning("batch_size = %d on %d processes: the discriminator's minibatch-stddev groups differ from one "
+                    "process's, so the run is not one process's; a multiple of %d keeps them", len(batch), count,
+                    group * count)  # fmt: skip
+    return run.shard(batch)
+
+
+_WARNED: set[tuple[int, int]] = set()
+
+
+def _stddev_group(samples: int, group: int) -> int:
+    """The group size the discriminator's minibatch-stddev layer takes for `samples` images (1: none)."""
+    size = min(samples, group)
+    return size if samples % size == 0 else 1
+
+
 def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings: AdversarialSettings,
                      generator_term: GeneratorTerm | None = None, critic: CLIPFeatureDiscriminator | None = None,
                      micro_batch: int = 0) -> dict[str, float]:  # fmt: skip
@@ -125,15 +158,15 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
     whole batch's up to rounding; under several processes gradients are exchanged after the last part only.
     0, or a batch without such groups: the whole batch at once."""
     generator, discriminator = loop.modules["generator"], loop.modules["discriminator"]
-    run, style_dim = loop.run, _unwrap(generator).config.style_dim
-    chunks = stddev_chunks(len(real), _unwrap(discriminator).stddev_group, micro_batch)
+    run, style_dim, group = loop.run, _unwrap(generator).config.style_dim, _unwrap(discriminator).stddev_group
+    chunks = stddev_chunks(len(real), group, micro_batch)
     parts = [(rows, len(rows) / len(real)) for rows in chunks] if len(chunks) > 1 else [(slice(None), 1.0)]
 
     def global_randn(*local_shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Noise drawn for the global batch (every process draws the same), this process's rows of it:
         N processes draw what one process draws for the whole batch."""
         rows, *rest = local_shape
-        return run.shard(torch.randn(rows * run.num_processes, *rest, device=real.device, dtype=dtype))
+        return stddev_shard(run, torch.randn(rows * run.num_processes, *rest, device=real.device, dtype=dtype), group)
 
     def jitter(like: torch.Tensor) -> torch.Tensor | float:
         """Instance noise for images shaped as `like`."""
@@ -221,10 +254,10 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
     return logs
 
 
-def real_batch(images: torch.Tensor, batch: int, run: RunContext) -> torch.Tensor:
+def real_batch(images: torch.Tensor, batch: int, run: RunContext, group: int) -> torch.Tensor:
     """A global batch drawn with replacement from `images` ([N, 3, S, S] in [0, 1]), this process's
-    rows of it, in [-1, 1]."""
-    rows = run.shard(torch.randint(0, len(images), (batch,)))
+    rows of it (`stddev_shard`, for a discriminator of minibatch-stddev `group`), in [-1, 1]."""
+    rows = stddev_shard(run, torch.randint(0, len(images), (batch,)), group)
     return images[rows.to(images.device)] * 2 - 1
 
 
