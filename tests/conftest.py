@@ -137,6 +137,35 @@ def tiny_flux_components(seed: int = 0) -> dict:
             "text_encoder_2": t5, "tokenizer_2": t5_tokenizer, "scheduler": scheduler}  # fmt: skip
 
 
+# Tests CI leaves out, to stay within its 30 minutes on 2 cores (the machine's speed varies by a fifth between runs):
+# `pytest -m ""` runs them too, about 5 minutes more. Each one's point is also made in CI, on another case:
+# two processes against one for ESD, Text-to-Unlearn and Adapt-then-Unlearn; kill-and-resume on SDXL for ESD,
+# AdvUnlearn and few-shot, on digits for every method but STEREO, and STEREO's in test_stereo.py; the attacks through
+# `erasure eval` with embedding and guidance, and each attack on a prompt file's rows; KID against itself; compiling
+# on SD 1.x; the GPU script on a tiny FLUX.
+EXTENDED = {
+    "tests/test_distributed.py::test_every_method_trains_as_one_on_two_processes[advunlearn]",
+    "tests/test_distributed.py::test_every_method_trains_as_one_on_two_processes[fewshot]",
+    "tests/test_distributed.py::test_every_method_trains_as_one_on_two_processes[sfd]",
+    "tests/test_distributed.py::test_every_method_trains_as_one_on_two_processes[stereo]",
+    "tests/test_sdxl.py::test_each_method_killed_on_sdxl_resumes_to_the_uninterrupted_run[esd+component=text_encoder]",
+    "tests/test_sdxl.py::test_each_method_killed_on_sdxl_resumes_to_the_uninterrupted_run[stereo]",
+    "tests/test_sdxl.py::test_each_method_killed_on_sdxl_resumes_to_the_uninterrupted_run[sfd+override=a dog]",
+    "tests/test_methods.py::test_method_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run[stereo]",
+    "tests/test_evaluators.py::test_kid_between_digits_sd_and_a_visibly_different_model_is_clearly_positive",
+    "tests/test_attacks.py::test_eval_runs_each_attack_on_the_digits_model[unlearndiffatk]",
+    "tests/test_attacks.py::test_eval_runs_each_attack_on_the_digits_model[textual-inversion]",
+    "tests/test_advunlearn.py::test_a_compiled_unet_trains_the_encoder_the_eager_unet_trains[sdxl]",
+    "tests/test_gpu_scale.py::test_the_script_runs_end_to_end_on_a_tiny_sdxl",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in EXTENDED:
+            item.add_marker(pytest.mark.extended)
+
+
 def without_storage_bytes(legacy: bytes) -> bytes:
     """A file in torch's older format, cut after its object and given an empty list of storages: torch.load would
     allocate the storages the object declares and fill none of them."""
