@@ -12,6 +12,7 @@ unlearning.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from pipelines.devices import to_device
 from pipelines.errors import InputError
+from pipelines.stylegan2 import minibatch_stddev_group
 
 from .training import Network, RunContext, TrainingLoop
 
@@ -104,8 +106,7 @@ def stddev_chunks(samples: int, group: int, chunk: int) -> list[list[int]]:
     """The samples' indices split into chunks of about `chunk` (0: one chunk) on which the discriminator computes
     what it computes on all of them: its minibatch-stddev layer groups sample j with j + m, j + 2m, ... (m =
     samples / group), so a chunk takes whole groups, in that order. Samples that form no such groups stay whole."""
-    size = min(samples, group)
-    if not chunk or chunk >= samples or size != group or samples % group:
+    if not chunk or chunk >= samples or minibatch_stddev_group(samples, group) != group:
         return [list(range(samples))]
     m, per = samples // group, max(1, chunk // group)
     return [[g * m + j for g in range(group) for j in range(start, min(start + per, m))] for start in range(0, m, per)]
@@ -123,22 +124,17 @@ def stddev_shard(run: RunContext, batch: torch.Tensor, group: int) -> torch.Tens
     chunks = stddev_chunks(len(batch), group, len(batch) // count)
     if len(chunks) == count:
         return batch[torch.tensor(chunks[run.accelerator.process_index], device=batch.device)]
-    regrouped = _stddev_group(len(batch), group) != _stddev_group(len(batch) // count, group)
-    if regrouped and (len(batch), count) not in _WARNED:
-        _WARNED.add((len(batch), count))
-        log.warning("batch_size = %d on %d processes: the discriminator's minibatch-stddev groups differ from one "
-                    "process's, so the run is not one process's; a multiple of %d keeps them", len(batch), count,
-                    group * count)  # fmt: skip
+    if minibatch_stddev_group(len(batch), group) != minibatch_stddev_group(len(batch) // count, group):
+        _warn_regrouped(len(batch), count, group)
     return run.shard(batch)
 
 
-_WARNED: set[tuple[int, int]] = set()
-
-
-def _stddev_group(samples: int, group: int) -> int:
-    """The group size the discriminator's minibatch-stddev layer takes for `samples` images (1: none)."""
-    size = min(samples, group)
-    return size if samples % size == 0 else 1
+@functools.cache
+def _warn_regrouped(batch: int, count: int, group: int) -> None:
+    """Once per setting: sharding this batch changes which images the discriminator's stddev layer groups."""
+    log.warning("batch_size = %d on %d processes: the discriminator's minibatch-stddev groups differ from one "
+                "process's, so the run is not one process's; a multiple of %d keeps them", batch, count,
+                group * count)  # fmt: skip
 
 
 def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings: AdversarialSettings,

@@ -318,6 +318,14 @@ class ResBlock(nn.Module):
         return (self.conv2(self.conv1(x)) + self.skip(x)) / math.sqrt(2)
 
 
+def minibatch_stddev_group(samples: int, group: int) -> int:
+    """How many images the minibatch-stddev layer of a discriminator of `group` groups together in a batch of
+    `samples`: at most `group`, and 1 (no grouping) when that does not divide the batch. Sample j is grouped with
+    j + m, j + 2m, ... (m = samples / that size)."""
+    size = max(1, min(samples, group))
+    return size if samples % size == 0 else 1
+
+
 class Discriminator(nn.Module):
     """Residual discriminator with the minibatch-standard-deviation layer."""
 
@@ -338,9 +346,7 @@ class Discriminator(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.convs(images)
         n, c, h, w = out.shape
-        group = min(n, self.stddev_group)
-        if n % group:
-            group = 1
+        group = minibatch_stddev_group(n, self.stddev_group)
         stddev = out.view(group, -1, 1, c, h, w)
         stddev = torch.sqrt(stddev.var(0, unbiased=False) + 1e-8).mean([2, 3, 4], keepdim=True).squeeze(2)
         out = torch.cat([out, stddev.repeat(group, 1, h, w)], 1)
