@@ -146,17 +146,17 @@ class TextToImageModel:
         guidance = self.sampling["guidance"] if guidance is None else guidance
         negative = self.encode([""])
         images: dict[tuple[int, int], Image.Image] = {}
-        bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress)
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            generators = [torch.Generator("cpu").manual_seed(int(s)) for _, s in batch]
-            if prompt_embeds is not None:
-                embeds = prompt_embeds[[i for i, _ in batch]].to(self.device, self.unet.dtype)
-            else:
-                embeds = self.encode([prompts[i] for i, _ in batch])
-            images.update(zip(batch, self._sample(embeds, negative, generators, steps, guidance)))
-            bar.update(len(batch))
-        bar.close()
+        # closed on an error too, so that the error's line starts a line of its own
+        with tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress) as bar:
+            for start in range(0, len(jobs), batch_size):
+                batch = jobs[start : start + batch_size]
+                generators = [torch.Generator("cpu").manual_seed(int(s)) for _, s in batch]
+                if prompt_embeds is not None:
+                    embeds = prompt_embeds[[i for i, _ in batch]].to(self.device, self.unet.dtype)
+                else:
+                    embeds = self.encode([prompts[i] for i, _ in batch])
+                images.update(zip(batch, self._sample(embeds, negative, generators, steps, guidance)))
+                bar.update(len(batch))
         return images
 
     def _sample(self, embeds, negative, generators, steps, guidance) -> list[Image.Image]:

@@ -10,10 +10,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import InputError
+
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[N, 3, H, W] in [0, 1] -> PIL images."""
-    arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    """[N, 3, H, W] in [0, 1] -> PIL images. Images with NaN or infinite values are refused (`InputError`): cast to
+    bytes they would come out black, and an evaluation would score a broken model's black images as an erasure."""
+    images = images.detach().float().cpu()
+    broken = (~torch.isfinite(images)).flatten(1).any(1)
+    if broken.any():
+        raise InputError(
+            f"the model drew {int(broken.sum())} of {len(images)} image(s) with NaN or infinite values: its weights "
+            "are broken (a diverged run?) or its numbers overflowed (half precision, an extreme --guidance); try "
+            "--dtype fp32 or a lower --guidance"
+        )
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arr]
 
 

@@ -34,6 +34,9 @@ CASES = [
     ([*ESD, "--set", "lr=inf"], "lr must be a finite number, not inf", False),
     ([*ESD, "--set", "lr=nan"], "lr must be a finite number", False),
     ([*ESD, "--set", "lr=-1"], "lr must be > 0, not -1", False),
+    # a run that diverges ends in its one line, under its closed progress bar, and leaves no run folder
+    ([*ESD, "--set", "steps=1", "--set", "ddim_steps=2", "--set", "negative_guidance=1e38"],
+     "training diverged at step 1", True),
     ([*ESD, "--set", "ddim_steps=5000"], "ddim_steps must be between 2 and 999, not 5000", False),
     ([*ESD[:2], "advunlearn", *ESD[3:], "--set", "attack_samples=sometimes"],
      "bad value for attack_samples: 'sometimes'; choose one of: redrawn, iteration", False),
@@ -71,6 +74,9 @@ CASES = [
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--steps", "1000"], "and 999, not 1000", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--guidance", "nan"], "argument --guidance", False),
     (["sample", "digits-gan", "--out", "o.png", "--truncation", "nan"], "argument --truncation", False),
+    # guidance this large overflows the sampler: NaN images would be saved black (or scored as erased) without a word
+    (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--n", "1", "--steps", "2", "--guidance", "1e308"],
+     "drew 1 of 1 image(s) with NaN or infinite values", True),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--n", "0"], "argument --n: must be >= 1", False),
     (["sample", "{tiny}", "--prompt", "a", "--prompt", "b", "--out", "o", "--n", "600"], "pass --yes", False),
     (
