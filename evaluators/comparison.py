@@ -1,8 +1,9 @@
 """Several evaluation reports side by side: one row per metric, the base model's value, then each erased model's.
 
 Numbers measured under different protocols do not belong in one table, so the reports must share their base model
-(its weights' sha256) and every protocol setting that moves a number: seeds, steps, guidance, CLIP, the judge and
-each concept's prompts. Attacks may differ: each attack (kind, steps, prompts and seeds) gets a row of its own.
+(its weights' sha256) and every protocol setting that moves a number: seeds, steps, guidance, CLIP, the judge,
+each concept's prompts and the features of FID and KID. Attacks may differ: each attack (kind, steps, prompts and
+seeds) gets a row of its own.
 """
 
 from __future__ import annotations
@@ -82,10 +83,24 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _features_difference(a: dict, b: dict) -> tuple[str, object, object] | None:
+    """The first metric both reports have whose features differ (`eval --fid-features`: FIDs in different feature
+    spaces differ by orders of magnitude, and the choice is recorded only in each metric's settings)."""
+    for concept, section in a["concepts"].items():
+        other = b["concepts"].get(concept, {}).get("metrics", {})
+        for name, metric in section.get("metrics", {}).items():
+            if name in other and isinstance(metric, dict) and isinstance(other[name], dict):
+                mine = (metric.get("settings") or {}).get("features")
+                theirs = (other[name].get("settings") or {}).get("features")
+                if mine != theirs:
+                    return f"concepts.{concept}.{name}.features", mine, theirs
+    return None
+
+
 def check_comparable(reports: list[dict], names: list[str]) -> None:
     first = protocol(reports[0])
     for report, name in zip(reports[1:], names[1:]):
-        found = _first_difference(first, protocol(report))
+        found = _first_difference(first, protocol(report)) or _features_difference(reports[0], report)
         if found is not None:
             where, a, b = found
             raise InputError(f"{names[0]} and {name} were measured differently ({where}: {_short(a)} vs {_short(b)}); "

@@ -88,7 +88,11 @@ def test_reports_measured_differently_are_refused(report, tmp_path):
     for change, where in [(lambda r: r["settings"].update(seeds=[5]), "settings.seeds: [0] vs [5]"),
                           (lambda r: r["before"].update(sha256="0" * 64), "base model"),
                           (lambda r: r["concepts"]["seven"]["prompts"]["target_prompts"]["prompts"].pop(),
-                           "concepts.seven.prompts.target_prompts.prompts")]:  # fmt: skip
+                           "concepts.seven.prompts.target_prompts.prompts"),
+                          # `eval --fid-features clip`: FIDs in CLIP's space are orders of magnitude below the judge's
+                          (lambda r: r["concepts"]["seven"]["metrics"]["preserved_fid_vs_real"]["settings"].update(
+                              features="digits-clip image features"),
+                           "concepts.seven.preserved_fid_vs_real.features")]:  # fmt: skip
         other = copy.deepcopy(report)
         change(other)
         with pytest.raises(InputError, match="were measured differently") as refusal:
