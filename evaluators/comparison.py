@@ -2,8 +2,8 @@
 
 Numbers measured under different protocols do not belong in one table, so the reports must share their base model
 (its weights' sha256) and every protocol setting that moves a number: seeds, steps, guidance, CLIP, the judge,
-each concept's prompts and the features of FID and KID. Attacks may differ: each attack (kind, steps, prompts and
-seeds) gets a row of its own.
+each concept's prompts, and the features and real images of FID and KID. Attacks may differ: each attack (kind,
+steps, prompts and seeds) gets a row of its own.
 """
 
 from __future__ import annotations
@@ -83,24 +83,29 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _features_difference(a: dict, b: dict) -> tuple[str, object, object] | None:
-    """The first metric both reports have whose features differ (`eval --fid-features`: FIDs in different feature
-    spaces differ by orders of magnitude, and the choice is recorded only in each metric's settings)."""
+# A metric's own settings that move its number, recorded only there: the features of FID and KID (`eval
+# --fid-features`: FIDs in different feature spaces differ by orders of magnitude) and their real reference images.
+METRIC_PROTOCOL = ("features", "real")
+
+
+def _metric_difference(a: dict, b: dict) -> tuple[str, object, object] | None:
+    """(dotted key, its value in a, in b) of the first METRIC_PROTOCOL setting of a metric both reports have that
+    differs."""
     for concept, section in a["concepts"].items():
         other = b["concepts"].get(concept, {}).get("metrics", {})
         for name, metric in section.get("metrics", {}).items():
             if name in other and isinstance(metric, dict) and isinstance(other[name], dict):
-                mine = (metric.get("settings") or {}).get("features")
-                theirs = (other[name].get("settings") or {}).get("features")
-                if mine != theirs:
-                    return f"concepts.{concept}.{name}.features", mine, theirs
+                mine, theirs = metric.get("settings") or {}, other[name].get("settings") or {}
+                for key in METRIC_PROTOCOL:
+                    if mine.get(key) != theirs.get(key):
+                        return f"concepts.{concept}.{name}.{key}", mine.get(key), theirs.get(key)
     return None
 
 
 def check_comparable(reports: list[dict], names: list[str]) -> None:
     first = protocol(reports[0])
     for report, name in zip(reports[1:], names[1:]):
-        found = _first_difference(first, protocol(report)) or _features_difference(reports[0], report)
+        found = _first_difference(first, protocol(report)) or _metric_difference(reports[0], report)
         if found is not None:
             where, a, b = found
             raise InputError(f"{names[0]} and {name} were measured differently ({where}: {_short(a)} vs {_short(b)}); "

@@ -361,12 +361,13 @@ def evaluate(
         extractor = protocol.extractor(judge)
         fid_features_of = {m: extractor(generated["preserved", m][0]) for m in ("before", "after")}
         feature_name = extractor.name
-        real = protocol.real_features(judge, extractor)
+        # the preserved prompts leave the concept's class out, so the reference does too (as the GAN report's does)
+        real = protocol.real_features(judge, extractor, without=concept)
         if real is not None:
             metrics["preserved_fid_vs_real"] = _fid_pair(
                 fid_features_of["before"], fid_features_of["after"], real,
-                {"features": feature_name, "real": f"{len(real)} held-out real images of {judge.name}",
-                 "images": len(fid_features_of["before"])},
+                {"features": feature_name, "images": len(fid_features_of["before"]),
+                 "real": f"{len(real)} held-out real images of {judge.name} without {concept}"},
             )  # fmt: skip
         metrics.update(_before_vs_after(fid_features_of["before"], fid_features_of["after"], parts["preserved"],
                                         feature_name, seed))  # fmt: skip

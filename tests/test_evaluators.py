@@ -155,7 +155,14 @@ def test_eval_of_a_model_against_itself_reports_no_difference(tmp_path):
     judge = metrics["target_presence_judge"]["settings"]
     assert judge["judge"] == "digits-judge" and judge["version"] and judge["images"] == 11 * 2
     assert "formula" in metrics["target_clip_score"]["settings"]
-    assert metrics["preserved_fid_vs_real"]["settings"]["features"].startswith("digits-judge")
+    real = metrics["preserved_fid_vs_real"]["settings"]
+    assert real["features"].startswith("digits-judge")
+    # the preserved prompts draw no seven, and the real reference holds none either
+    from pipelines.zoo.renders import heldout_renders
+
+    sevens = int((heldout_renders(per_source=2, seed=0).digits == 7).sum())
+    held_out = len(heldout_renders(per_source=2, seed=0).digits) - sevens
+    assert sevens and real["real"] == f"{held_out} held-out real images of digits-judge without seven"
     assert report["grids"] and all((tmp_path / grid).is_file() for grid in report["grids"].values())
 
 
