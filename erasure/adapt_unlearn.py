@@ -36,7 +36,6 @@ Where it differs from what is here:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,11 +287,6 @@ def _critic(clip, run: RunContext) -> CLIPFeatureDiscriminator | None:
         return CLIPFeatureDiscriminator.from_clip(clip)
 
 
-def _stage_run(run: RunContext, name: str, seed: int) -> RunContext:
-    folder = run.checkpoint_dir / name if run.checkpoint_dir is not None else None
-    return dataclasses.replace(run, seed=seed, checkpoint_dir=folder)
-
-
 def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, torch.Tensor] | None,
           config: AdaptUnlearnConfig, run: RunContext, fingerprint: dict, desc: str, clip=None,
           ) -> dict[str, torch.Tensor]:  # fmt: skip
@@ -449,7 +443,7 @@ def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContex
                                          config.instance_noise, config.fisher_batch)  # fmt: skip
             desc = "adapt-unlearn: adapt" + (f" {k + 1}/{config.adapted_models}" if config.adapted_models > 1 else "")
             theta = adapt(model.generator, model.discriminator, negatives, fisher, config,
-                          _stage_run(run, f"adapt-{k}", run.seed + 1 + k), stage, desc, clip)  # fmt: skip
+                          run.stage(f"adapt-{k}", 1 + k), stage, desc, clip)  # fmt: skip
             seconds[f"adapt_{k}"] = round(time.time() - started, 2)
             if run.is_main:
                 save_finished_stage(_adapted_file(run, k), theta, stage, seconds=str(seconds[f"adapt_{k}"]))
@@ -459,7 +453,7 @@ def erase(model, concepts: list[str], config: AdaptUnlearnConfig, run: RunContex
 
     started = time.time()
     logs = unlearn(model.generator, model.discriminator, positives, adapted, config,
-                   _stage_run(run, "unlearn", run.seed), {**fingerprint, "stage": "unlearn"}, clip)  # fmt: skip
+                   run.stage("unlearn"), {**fingerprint, "stage": "unlearn"}, clip)  # fmt: skip
     seconds["unlearn"] = round(time.time() - started, 2)
     model.generator.eval().requires_grad_(False)
     model.discriminator.eval().requires_grad_(False)

@@ -22,7 +22,6 @@ computed by the frozen original UNet eps0:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -155,11 +154,6 @@ def compositional_target(eps_empty: torch.Tensor, eps_anchor: torch.Tensor, eps_
     return eps_empty + (scale - 1) * (eps_anchor - eps_empty) - (scale + 1) * away
 
 
-def _stage(run: RunContext, name: str, seed: int) -> RunContext:
-    folder = run.checkpoint_dir / name if run.checkpoint_dir is not None else None
-    return dataclasses.replace(run, seed=seed, checkpoint_dir=folder)
-
-
 def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> ErasureResult:
     """Erase `concepts` from the UNet of `model`, robustly to the words stage 1 finds."""
     family = model.family
@@ -228,7 +222,7 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
             teacher = frozen_copy(searcher)
             optimizer = run.adam([p for p in searcher.parameters() if p.requires_grad], config.search_lr,
                                  config.adam_betas)
-            loop = TrainingLoop(_stage(run, f"search-{r}", run.seed + 1 + 2 * r),
+            loop = TrainingLoop(run.stage(f"search-{r}", 1 + 2 * r),
                                 {"unet": Network(searcher, optimizer)}, desc=f"stereo: erase {r + 1}/{config.rounds}",
                                 fingerprint={"stage": f"search-{r}"})  # fmt: skip
             student = loop.modules["unet"]
@@ -250,7 +244,7 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
             trained = [p for p in searcher.parameters() if p.requires_grad]
             searcher.requires_grad_(False)  # the word alone learns; no UNet gradient is built
             mine = slice(r * per_round, (r + 1) * per_round)
-            stage = _stage(run, f"invert-{r}", run.seed + 2 + 2 * r)
+            stage = run.stage(f"invert-{r}", 2 + 2 * r)
             words.append(invert(model, searcher, latents[mine], image_contexts[mine], init_word, config, stage,
                                 f"stereo: invert {r + 1}/{config.rounds}"))  # fmt: skip
             for p in trained:
@@ -285,7 +279,7 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
     if config.attack_tokens:  # one set of adversarial embeddings per x_t sample, from random words
         g = torch.Generator().manual_seed(run.seed)
         state["adv"] = vocab[torch.randint(len(vocab), (config.batch_size, config.attack_tokens), generator=g)]
-    loop = TrainingLoop(_stage(run, "erase-once", run.seed), {"unet": Network(unet, optimizer)},
+    loop = TrainingLoop(run.stage("erase-once"), {"unet": Network(unet, optimizer)},
                         desc="stereo: erase once", state=state, fingerprint={"stage": "erase-once"})  # fmt: skip
     student = loop.modules["unet"]
     erased_set = [None, *words]  # None: the concept's own prompts

@@ -24,6 +24,7 @@ checkpoints and the run folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import itertools
 import math
@@ -211,6 +212,14 @@ class RunContext:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def stage(self, name: str, seed_offset: int = 0) -> RunContext:
+        """This run for one stage of a method of several: its checkpoints in the subfolder `name`, its random streams
+        seeded `seed_offset` past the run's, wrapped into the seeds numpy accepts ([0, 2**32), as --seed is): a seed
+        near the top would otherwise fail at the stage, after the stages before it had run."""
+        folder = self.checkpoint_dir / name if self.checkpoint_dir is not None else None
+        seed = None if self.seed is None else (self.seed + seed_offset) % 2**32
+        return dataclasses.replace(self, seed=seed, checkpoint_dir=folder)
 
     def seed_everything(self) -> None:
         """The same seed in every process: they draw the same global batches and shard them."""

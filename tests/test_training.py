@@ -351,3 +351,14 @@ if __name__ == "__main__":
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     train_toy_gan(args.out, args.kill_after, args.resume)
+
+
+def test_a_stage_of_a_run_seeded_at_the_top_wraps_its_seed_into_what_numpy_accepts(tmp_path):
+    # STEREO's and Adapt-then-Unlearn's stages seed past the run's seed; --seed 4294967295 is valid, and its stages
+    # must run rather than fail, after the stages before them, in numpy's seeding
+    run = RunContext(seed=2**32 - 1, checkpoint_dir=tmp_path)
+    stage = run.stage("invert-1", 4)
+    assert (stage.seed, stage.checkpoint_dir) == (3, tmp_path / "invert-1")
+    stage.seed_everything()
+    assert np.random.get_state()[1][0] == np.random.RandomState(3).get_state()[1][0]
+    assert run.stage("erase-once").seed == run.seed and RunContext(seed=None).stage("x", 1).seed is None
