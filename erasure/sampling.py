@@ -33,7 +33,7 @@ def sample(
     trained as LoRA drawn with its erasure at that weight (0: off)."""
     from pipelines import load_model, resolve
     from pipelines.devices import resolve_device, resolve_dtype
-    from pipelines.images import labelled_grid
+    from pipelines.images import GridLayout, grid_cell, labelled_grid
     from pipelines.loading import check_model_config
 
     from .bounds import COUNT, GUIDANCE, LORA_STRENGTH, SEED_BOUNDS, STEPS, TRUNCATION, check_number
@@ -83,13 +83,19 @@ def sample(
         backend = load_model(source, device=device, single_file_config=model_config, dtype=torch_dtype)
     seeds = list(range(seed, seed + n))
     if source.kind == "gan":
-        images = backend.generate(seeds, truncation=1.0 if truncation is None else truncation)
-        rows = [images[i : i + GAN_ROW] for i in range(0, n, GAN_ROW)]
         labels = [f"seeds {seeds[i]}-{seeds[min(i + GAN_ROW, n) - 1]}" for i in range(0, n, GAN_ROW)]
         columns = [f"+{j}" for j in range(min(n, GAN_ROW))]
     else:
-        rows = backend.generate(prompts, seeds, steps=steps, guidance=guidance, progress=True)
         labels, columns = prompts, [f"seed {s}" for s in seeds]
+    if as_grid:  # before drawing: a grid too large for its format would fail only once every image was drawn
+        layout = GridLayout.of(len(labels), len(columns), grid_cell(backend.resolution), labels, columns)
+        layout.check_format(GRID_FORMATS[out.suffix.lower()], f"{len(labels)} row(s) of {len(columns)} image(s) "
+                            f"at {backend.resolution} px")  # fmt: skip
+    if source.kind == "gan":
+        images = backend.generate(seeds, truncation=1.0 if truncation is None else truncation)
+        rows = [images[i : i + GAN_ROW] for i in range(0, n, GAN_ROW)]
+    else:
+        rows = backend.generate(prompts, seeds, steps=steps, guidance=guidance, progress=True)
 
     if as_grid:
         grid = labelled_grid(rows, labels, columns)

@@ -68,6 +68,12 @@ class TextToImageModel:
         return self.source.family
 
     @property
+    def resolution(self) -> int:
+        """The side of the images it draws: its pipeline's default, the UNet's sample size in pixels."""
+        size = self.unet.config.sample_size
+        return int(max(size) if isinstance(size, (list, tuple)) else size) * self.pipe.vae_scale_factor
+
+    @property
     def sampling(self) -> dict:
         """Default steps and guidance for this model (the digits world's are tuned and stored with it)."""
         return {**SD_SAMPLING, **self.source.card.get("sampling", {})}

@@ -33,6 +33,11 @@ class GANModel:
         """The model's family (pipelines/families): the prompts and judges of its world, and presets."""
         return self.source.family
 
+    @property
+    def resolution(self) -> int:
+        """The side of the images it draws."""
+        return self.generator.config.size
+
     def to(self, device) -> GANModel:
         self.generator.to(device)
         if self.discriminator is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,43 @@ def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+# The longest side each grid format can encode (PNG's is beyond any grid's memory).
+FORMAT_SIDE_LIMITS = {"WEBP": 16383, "JPEG": 65500}
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where `labelled_grid` puts things: the row labels' width, the column labels' height, the whole size."""
+
+    label_width: int
+    header_height: int
+    width: int
+    height: int
+    cell: int
+    pad: int = 4
+
+    @classmethod
+    def of(cls, n_rows: int, n_cols: int, cell: int, row_labels=None, column_labels=None) -> GridLayout:
+        pad, font = 4, ImageFont.load_default()
+        label_width = min(360, 8 + max(int(font.getlength(label)) for label in row_labels)) if row_labels else 0
+        header_height = 16 if column_labels else 0
+        return cls(label_width, header_height, label_width + n_cols * (cell + pad) + pad,
+                   header_height + n_rows * (cell + pad) + pad, cell, pad)  # fmt: skip
+
+    def check_format(self, image_format: str, what: str) -> None:
+        """Refuse, before anything is drawn, a grid too large for `image_format` to encode."""
+        limit = FORMAT_SIDE_LIMITS.get(image_format)
+        if limit is not None and max(self.width, self.height) > limit:
+            raise InputError(f"{what} would be a {self.width}x{self.height} grid, and {image_format} holds at most "
+                             f"{limit} pixels a side: write a .png, or a folder of images")  # fmt: skip
+
+
+def grid_cell(image_side: int) -> int:
+    """A grid's cell for images of `image_side`: small images (the digits world's 32x32) are upscaled so the grid
+    stays readable."""
+    return max(image_side, 96)
+
+
 def labelled_grid(
     rows: Sequence[Sequence[Image.Image]],
     row_labels: Sequence[str] | None = None,
@@ -75,26 +113,16 @@ def labelled_grid(
 ) -> Image.Image:
     """A grid with one row per label (e.g. a prompt) and one column per label (e.g. a seed).
 
-    Small images (the digits world's 32x32) are upscaled with nearest-neighbour to `cell` pixels so
-    the grid stays readable.
-    """
-    n_cols = max(len(r) for r in rows)
-    first = rows[0][0]
-    cell = cell or max(first.width, 96)
-    font = ImageFont.load_default()
-    pad = 4
-    label_w = 0
-    if row_labels:
-        label_w = min(360, 8 + max(int(font.getlength(label)) for label in row_labels))
-    header_h = 16 if column_labels else 0
-    width = label_w + n_cols * (cell + pad) + pad
-    height = header_h + len(rows) * (cell + pad) + pad
-    grid = Image.new("RGB", (width, height), (255, 255, 255))
+    Small images are upscaled with nearest-neighbour to `cell` pixels (default: `grid_cell`)."""
+    layout = GridLayout.of(len(rows), max(len(r) for r in rows), cell or grid_cell(rows[0][0].width), row_labels,
+                           column_labels)  # fmt: skip
+    font, pad, cell, label_w = ImageFont.load_default(), layout.pad, layout.cell, layout.label_width
+    grid = Image.new("RGB", (layout.width, layout.height), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for j, label in enumerate(column_labels or []):
         draw.text((label_w + pad + j * (cell + pad), 2), label, fill=(0, 0, 0), font=font)
     for i, row in enumerate(rows):
-        y = header_h + pad + i * (cell + pad)
+        y = layout.header_height + pad + i * (cell + pad)
         if row_labels:
             draw.text((4, y + cell // 2 - 6), _fit(row_labels[i], font, label_w - 8), fill=(0, 0, 0), font=font)
         for j, image in enumerate(row):

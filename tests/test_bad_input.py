@@ -74,6 +74,10 @@ CASES = [
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--steps", "1000"], "and 999, not 1000", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--guidance", "nan"], "argument --guidance", False),
     (["sample", "digits-gan", "--out", "o.png", "--truncation", "nan"], "argument --truncation", False),
+    # refused before a single image is drawn: WebP encodes at most 16383 pixels a side
+    (["sample", "digits-gan", "--n", "2048", "--out", "o.webp", "--yes"], "would be a", True),
+    (["sample", "{tiny}", "--prompt", "a cat", "--n", "200", "--out", "o.webp"],
+     "1 row(s) of 200 image(s) at", True),
     # guidance this large overflows the sampler: NaN images would be saved black (or scored as erased) without a word
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--n", "1", "--steps", "2", "--guidance", "1e308"],
      "drew 1 of 1 image(s) with NaN or infinite values", True),
