@@ -110,8 +110,8 @@ class FewShotConfig(LoraOptions):
                                                                        "scope=tokens)"})
     stop_below: float | None = field(
         default=0.1,
-        metadata={"bounds": "(0, 1]", "help": "stop once the epochs' quick samples show the concept less often than "
-                  "this (stop_patience epochs in a row; none: run every step)"},
+        metadata={"bounds": "(0, 1]", "help": "stop once the epochs' quick samples show each concept less often "
+                  "than this (stop_patience epochs in a row; none: run every step)"},
     )  # fmt: skip
     stop_patience: int = field(
         default=1,
@@ -291,7 +291,7 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
             state["checks_below"] = state["checks_below"] + 1 if presence < config.stop_below else 0
             if state["checks_below"] >= config.stop_patience:
                 state["stopped_at_epoch"] = epoch + 1
-                loop.stop(f"the concept showed in under {config.stop_below:.0%} of the quick samples, "
+                loop.stop(f"each concept showed in under {100 * config.stop_below:.3g}% of the quick samples, "
                           f"{config.stop_patience} epoch(s) in a row (stop_below, stop_patience)")
         return logs
 

@@ -130,6 +130,20 @@ def test_the_stopping_rule_ends_the_run_at_once_on_an_absent_concept(tiny_pipeli
     assert json.loads((patient / "erasure.json").read_text())["fewshot"]["epochs_run"] == 2  # two checks in a row
 
 
+def test_the_rule_on_several_concepts_waits_for_each_to_be_gone(tiny_pipeline_dir):
+    # the check of two concepts is the larger share: one still shown every time keeps the run going, however absent
+    # the other (their mean, 50%, would have stopped it under stop_below=0.6)
+    from evaluators.report import PresenceCheck
+
+    model = load_model(str(tiny_pipeline_dir))
+    check = PresenceCheck(model.family, ["cat", "dog"], clip="digits-clip")
+    assert 0 <= check(model, 2, steps=2) <= 1  # the real detectors, on the tiny model's noise
+    # detectors that see "cat" in every image and "dog" in none
+    check.detectors = {"cat": lambda images: torch.ones(len(images), dtype=torch.bool),
+                       "dog": lambda images: torch.zeros(len(images), dtype=torch.bool)}  # fmt: skip
+    assert check(model, 2, steps=2) == 1.0
+
+
 def test_steps_are_updates_and_the_rule_checks_at_the_end_of_each_epoch(tiny_pipeline_dir, tmp_path):
     # 4 images at batch 2: two updates an epoch
     folder = _write_images(tmp_path / "four", sizes=((16, 16),) * 4, formats=("PNG",) * 4)
