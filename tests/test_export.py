@@ -204,9 +204,11 @@ def test_card_and_metrics_page_show_attack_results_and_every_warning(evaluated_r
     page_run = tmp_path / "run"
     page_run.mkdir()
     (page_run / "erasure.json").write_bytes((evaluated_run / "erasure.json").read_bytes())
+    kid["value"] = 3.2104e-05
     (page_run / "eval.json").write_text(json.dumps(report))
     table = {row[1]: dict(zip(HEADERS, row)) for row in eval_table(page_run)[0]}
     assert table["preserved_kid_before_vs_after"]["warning"] == kid["warning"]
+    assert table["preserved_kid_before_vs_after"]["after"] == 3.21e-05  # KID on CLIP features: not rounded to 0
     assert table["attack_success_rate (embedding, 4 pairs)"]["after"] == 0.5
     assert table["attack_success_rate (textual-inversion, 4 pairs)"]["after"] == 0.75
 

@@ -37,7 +37,8 @@ def eval_table(run: str | Path) -> tuple[list[list], list[tuple[str, str]], str]
 
 
 def _round(value) -> float | None:
-    return None if value is None else round(float(value), 4)
+    """Four significant digits, not decimals: KID on CLIP features is of order 1e-5, and would show as 0."""
+    return None if value is None else float(f"{float(value):.4g}")
 
 
 def evaluate_run(run: str | Path, samples: int | None, device: str = "cpu") -> Path:
