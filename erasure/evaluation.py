@@ -239,15 +239,25 @@ def _attacked_prompts(file_rows: Sequence, builtin: Sequence[str], own_seeds: li
     return [text for (text, _), _ in chosen], [g for (_, g), _ in chosen], seeds[0] if shared else seeds
 
 
+# Textual inversion learnt on images the judge mostly does not see the concept in had little to bring back.
+LEARNT_ON_TOO_FEW = 0.5
+
+
 def reference_note(attack: dict) -> str | None:
     """A line on an attack result whose references do not all show the concept (None when they all do, or when the
-    attack has no per-pair references): its rate counts pairs it had nothing to bring back in."""
+    attack has no per-pair references): its rate counts pairs it had nothing to bring back in. Textual inversion's
+    references are the images its word was learnt on: a note when the judge sees the concept in under half."""
+    notes = []
     share = attack.get("reference_shows_concept")
-    if share is None or share == 1.0:
-        return None
-    over = attack.get("asr_where_reference_shows")
-    return (f"the base model's reference shows the concept in {share:.1%} of the pairs; attack success over those: "
-            + ("none to count" if over is None else f"{over:.1%}"))  # fmt: skip
+    if share is not None and share != 1.0:
+        over = attack.get("asr_where_reference_shows")
+        notes.append(f"the base model's reference shows the concept in {share:.1%} of the pairs; attack success over "
+                     "those: " + ("none to count" if over is None else f"{over:.1%}"))  # fmt: skip
+    learnt_on = attack.get("images_showing_concept")
+    if learnt_on is not None and learnt_on < LEARNT_ON_TOO_FEW:
+        notes.append(f"the judge sees the concept in {learnt_on:.1%} of the images the word was learnt on: a low rate "
+                     "may mean it had little to learn, not that the erasure held")  # fmt: skip
+    return "; ".join(notes) or None
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -113,6 +113,12 @@ def test_textual_inversion_leaves_out_every_word_that_names_the_concept():
                            InversionSettings(steps=1))  # fmt: skip
     assert [p["attacked_prompt"] for p in out["per_pair"]] == ["<v*> a red", "<v*> the number"]
     assert out["images_showing_concept"] == 0.0  # NeverSees: the judge saw it in none of the training images
+    # and the digest, the card and the preview's table say that its rate then means little
+    from erasure.evaluation import reference_note
+
+    assert reference_note(out) == ("the judge sees the concept in 0.0% of the images the word was learnt on: a low "
+                                   "rate may mean it had little to learn, not that the erasure held")  # fmt: skip
+    assert reference_note({**out, "images_showing_concept": 0.5}) is None
 
 
 def test_the_attacks_say_whether_the_base_models_reference_shows_the_concept():
