@@ -68,6 +68,22 @@ def fid_warning(n: int, dim: int) -> str | None:
     return None
 
 
+PRESENCE_MIN_SHOWN = 20  # below this many base images showing the concept, a drop in presence rests on too few
+
+
+def presence_warning(before: float, images: int) -> str | None:
+    """The caveat of a before/after presence of `images` samples each whose base shows the concept in a share
+    `before` of them: a drop means little when the base showed it in a handful (one sample, `--samples 1`, reads
+    as "erased" from 100% to 0%), and nothing when in none."""
+    shown = round(before * images)
+    if shown == 0:
+        return f"the base model shows the concept in none of these {images} samples: there was nothing to erase"
+    if shown < PRESENCE_MIN_SHOWN:
+        return (f"the base model shows the concept in {shown} of {images} samples: a drop measured on so few means "
+                f"little (at least {PRESENCE_MIN_SHOWN} wanted)")  # fmt: skip
+    return None
+
+
 KID_MIN_IMAGES = 50  # below this many images per set, KID's subsets are too small to mean much
 KID_MIN_SET = 4  # the unbiased estimator needs subsets of 2, hence sets of 4
 

@@ -33,6 +33,7 @@ from .metrics import (
     fid_warning,
     frechet_distance,
     kernel_inception_distance,
+    presence_warning,
     wasserstein_1d,
     zero_shot_presence,
 )
@@ -114,6 +115,11 @@ class _Protocol:
 def _pair(before: float | None, after: float | None, settings: dict) -> dict:
     difference = None if before is None or after is None else after - before
     return {"before": before, "after": after, "difference": difference, "settings": settings}
+
+
+def _presence(before: float, after: float, settings: dict) -> dict:
+    """A before/after share of images showing the concept, warned when the base showed it in too few of them."""
+    return _warned(_pair(before, after, settings), presence_warning(before, settings["images"]))
 
 
 def _warned(metric: dict, *warnings: str | None) -> dict:
@@ -343,7 +349,7 @@ def evaluate(
             features = {key: clip.image_features(drawn) for key, (drawn, _) in generated.items()}
         clip_settings = {**clip.describe(), "rule": CLIP_PRESENCE_RULE, "images": n_target}
         presence = [zero_shot_presence(features["target", m], concept_text, anchor_text) for m in ("before", "after")]
-        metrics["target_presence_clip"] = _pair(*(float(p.float().mean()) for p in presence), clip_settings)
+        metrics["target_presence_clip"] = _presence(*(float(p.float().mean()) for p in presence), clip_settings)
         for part, rows in parts.items():
             with torch.no_grad():
                 text = clip.text_features(rows.texts)
@@ -356,7 +362,7 @@ def evaluate(
             presence = [
                 float(judge.detects(generated["target", m][0], concept).float().mean()) for m in ("before", "after")
             ]
-            metrics["target_presence_judge"] = _pair(*presence, {**judge.describe(), "images": n_target})
+            metrics["target_presence_judge"] = _presence(*presence, {**judge.describe(), "images": n_target})
         if hasattr(judge, "predict") and labelled:
             metrics.update(_preserved_accuracy(judge, generated, prompts, parts["preserved"].counts[:labelled]))
         extractor = protocol.extractor(judge)
@@ -481,7 +487,7 @@ def evaluate_gan(
             anchor_text = clip.text_features(prompts.clip_anchors)
         presence = {m: zero_shot_presence(features[m], concept_text, anchor_text) for m in images}
         clip_settings = {**clip.describe(), "rule": CLIP_PRESENCE_RULE, "images": samples}
-        metrics["presence_clip"] = _pair(
+        metrics["presence_clip"] = _presence(
             *(float(presence[m].float().mean()) for m in ("before", "after")), clip_settings
         )
         concept_mean = torch.nn.functional.normalize(concept_text.mean(0), dim=-1)
@@ -495,8 +501,8 @@ def evaluate_gan(
         if judge is not None:
             detected = {m: judge.detects(images[m], concept) for m in images}
             b, a = (float(detected[m].float().mean()) for m in ("before", "after"))
-            metrics["presence_judge"] = _pair(b, a, {**judge.describe(), "images": samples})
-            metrics["pul_percent"] = _pul(b, a)
+            metrics["presence_judge"] = _presence(b, a, {**judge.describe(), "images": samples})
+            metrics["pul_percent"] = _pul(b, a, samples)
             absent = ~detected["before"].cpu()
         extractor = protocol.extractor(judge)
         feats = {m: extractor(images[m]) for m in images}
@@ -522,13 +528,15 @@ def evaluate_gan(
     return Evaluation(report, grids)
 
 
-def _pul(before: float, after: float) -> dict:
+def _pul(before: float, after: float, samples: int) -> dict:
     """Adapt-then-Unlearn's PUL: the percentage of the concept's presence removed; undefined where the base never
     shows the concept (0 there would read as "nothing was erased")."""
     metric = {"value": None, "settings": {"formula": "100 * (before - after) / before, of presence_judge"}}
     if before == 0:
         return _warned(metric, "the base model never shows the concept in these samples: PUL is undefined")
-    return {**metric, "value": 100 * (before - after) / before}
+    value = 100 * (before - after) / before
+    negative = "negative: the erased model shows the concept more often than its base" if value < 0 else None
+    return _warned({**metric, "value": value}, presence_warning(before, samples), negative)
 
 
 def _seed_range(first: int, count: int) -> str:

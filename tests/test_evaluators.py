@@ -265,6 +265,17 @@ def test_before_vs_after_halves_hold_the_same_prompts_and_say_when_they_cannot()
     assert all("different prompts" in metric["warning"] for metric in metrics.values())
 
 
+def test_presence_and_pul_say_when_the_base_shows_the_concept_in_too_few_samples():
+    from evaluators.metrics import PRESENCE_MIN_SHOWN
+    from evaluators.report import _presence, _pul
+
+    assert "warning" not in _presence(0.02, 0.0, {"images": 1000})  # 20 images showed it: enough
+    assert "19 of 1000 samples" in _presence(0.019, 0.0, {"images": 1000})["warning"] and PRESENCE_MIN_SHOWN == 20
+    pul = _pul(0.002, 0.01, 1000)  # two base samples showed it, ten erased ones do
+    assert pul["value"] == -400 and "2 of 1000" in pul["warning"] and "negative: the erased model" in pul["warning"]
+    assert "warning" not in _pul(0.5, 0.1, 1000) and _pul(0.5, 0.1, 1000)["value"] == 80
+
+
 def test_gan_eval_of_two_samples_reports_what_it_cannot_measure_and_labels_its_grid():
     from evaluators.report import GRID_SEEDS, _side_by_side, evaluate_gan, to_pil_rows
     from pipelines import load_model
@@ -282,6 +293,10 @@ def test_gan_eval_of_two_samples_reports_what_it_cannot_measure_and_labels_its_g
     assert "dominated by its bias" in seven["fid_vs_real_without_concept"]["warning"]
     assert seven["pul_percent"]["value"] is None and "never shows the concept" in seven["pul_percent"]["warning"]
     assert eight["pul_percent"]["value"] == 0
+    # a base that shows the concept in one sample of two: its presence and PUL say how little they rest on
+    assert "shows the concept in 1 of 2 samples" in eight["presence_judge"]["warning"]
+    assert eight["presence_judge"]["warning"] in eight["pul_percent"]["warning"]
+    assert "none of these 2 samples" in seven["presence_judge"]["warning"]
     # the grid's one row and two columns are labelled with the seeds drawn
     rows = to_pil_rows(to_tensor(model.generate([0, 1])), GRID_SEEDS)
     expected = _side_by_side(rows, rows, ["seeds 0-1"], ["+0", "+1"], "digits-gan", "digits-gan")
