@@ -40,14 +40,20 @@ def read_prompt_file(path: str | Path, what: str = "--prompts") -> list[PromptRo
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{what} {path}: cannot read it as UTF-8 text ({exc})") from None
-    rows = _csv_rows(path, text, what) if path.suffix.lower() == ".csv" else _text_rows(text)
+    rows = _csv_rows(path, text, what) if path.suffix.lower() == ".csv" else _text_rows(path, text, what)
     if not rows:
         raise InputError(f"{what} {path} holds no prompts")
     return rows
 
 
-def _text_rows(text: str) -> list[PromptRow]:
-    return [PromptRow(line.strip()) for line in text.splitlines() if line.strip()]
+def _text_rows(path: Path, text: str, what: str) -> list[PromptRow]:
+    rows = [PromptRow(line.strip()) for line in text.splitlines() if line.strip()]
+    # An I2P file saved as .txt would have its header and every "prompt,seed,guidance" row drawn as a prompt.
+    header = [name.strip().lower() for name in rows[0].text.split(",")] if rows else []
+    if len(header) > 1 and "prompt" in header:
+        raise InputError(f"{what} {path}: its first line is a CSV header ({rows[0].text[:60]}); name the file .csv to "
+                         "read its columns (any other file is one prompt per line)")  # fmt: skip
+    return rows
 
 
 def _csv_rows(path: Path, text: str, what: str) -> list[PromptRow]:

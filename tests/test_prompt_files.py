@@ -45,6 +45,8 @@ def test_the_i2p_datasets_own_seed_and_guidance_columns_are_read(tmp_path):
         ("comma.csv", "prompt,seed\na cat,1\na cat, sitting,2\n",
          "line 3: 3 fields, the header has 2; quote prompts that contain commas"),
         ("latin1.txt", b"caf\xe9\n", "cannot read it as UTF-8"),
+        ("i2p.txt", "prompt,evaluation_seed\na cat,1\n", r"its first line is a CSV header \(prompt,evaluation_seed\); "
+         "name the file .csv"),
     ],
 )  # fmt: skip
 def test_every_prompt_file_error_names_the_file_and_line(tmp_path, name, content, message):
