@@ -140,7 +140,8 @@ def tiny_flux_components(seed: int = 0) -> dict:
 # Tests CI leaves out, to stay within its 30 minutes on 2 cores (the machine's speed varies by a fifth between runs):
 # `pytest -m ""` runs them too, about 5 minutes more. Each one's point is also made in CI, on another case:
 # two processes against one for ESD, Text-to-Unlearn and Adapt-then-Unlearn; kill-and-resume on SDXL for ESD,
-# AdvUnlearn and few-shot, on digits for every method but STEREO, and STEREO's in test_stereo.py; the attacks through
+# AdvUnlearn and few-shot, on digits for ESD, AdvUnlearn, few-shot and Text-to-Unlearn, and the resume of STEREO,
+# SFD and Adapt-then-Unlearn, bit for bit, in their own test files; the attacks through
 # `erasure eval` with embedding and guidance, and each attack on a prompt file's rows; KID against itself; compiling
 # on SD 1.x; the GPU script on a tiny FLUX.
 EXTENDED = {
@@ -152,6 +153,9 @@ EXTENDED = {
     "tests/test_sdxl.py::test_each_method_killed_on_sdxl_resumes_to_the_uninterrupted_run[stereo]",
     "tests/test_sdxl.py::test_each_method_killed_on_sdxl_resumes_to_the_uninterrupted_run[sfd+override=a dog]",
     "tests/test_methods.py::test_method_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run[stereo]",
+    # their resume is bit-identical in test_adapt_unlearn.py and test_sfd.py; the kill is the loop's, as other methods'
+    "tests/test_methods.py::test_method_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run[adapt-unlearn]",
+    "tests/test_methods.py::test_method_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run[sfd]",
     "tests/test_evaluators.py::test_kid_between_digits_sd_and_a_visibly_different_model_is_clearly_positive",
     "tests/test_attacks.py::test_eval_runs_each_attack_on_the_digits_model[unlearndiffatk]",
     "tests/test_attacks.py::test_eval_runs_each_attack_on_the_digits_model[textual-inversion]",
