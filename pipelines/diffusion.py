@@ -16,7 +16,7 @@ from PIL import Image
 from .cards import write_model_card
 from .components import loadable_folder, save_pipeline
 from .errors import InputError
-from .images import decode_latents
+from .images import decode_latents, to_pil
 from .loading import ModelSource, check_weight_files
 from .logs import quiet_libraries
 from .safe_load import check_torch_file
@@ -283,10 +283,11 @@ class FluxModel(TextToImageModel):
         from .families.flux import pooled_width, unpack
 
         tokens, pooled = unpack(embeds, pooled_width(self.pipe.transformer))
-        return self.pipe(
+        images = self.pipe(
             prompt_embeds=tokens, pooled_prompt_embeds=pooled, num_inference_steps=steps, guidance_scale=guidance,
-            height=self.resolution, width=self.resolution, generator=generators, output_type="pil",
+            height=self.resolution, width=self.resolution, generator=generators, output_type="pt",
         ).images  # fmt: skip
+        return to_pil(images)  # which refuses NaN images, as the other families' decoding does
 
 
 class OneStepModel(TextToImageModel):
