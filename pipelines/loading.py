@@ -182,7 +182,9 @@ def resolve(spec: str | os.PathLike | None) -> ModelSource:
 def _missing_in_folder(path: Path) -> str:
     import difflib
 
-    near = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=3)
+    # hidden entries (a run's `.NAME.work` staging folder while it trains) are no model to point to
+    names = [p.name for p in path.parent.iterdir() if path.name.startswith(".") or not p.name.startswith(".")]
+    near = difflib.get_close_matches(path.name, names, n=3)
     hint = f"; did you mean {' or '.join(str(path.parent / n) for n in near)}?" if near else ""
     return (f"no such path: {path} (the folder {path.parent}/ is here, so it is not looked up on the Hub; "
             f"for the Hub model {path}, run from another folder){hint}")  # fmt: skip

@@ -138,10 +138,14 @@ def test_a_mistyped_run_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
     """`runs/esd-sevn` has a Hub id's shape; beside a runs/ folder it is a path with a typo (online, it would have
     fetched a stranger's model)."""
     (tmp_path / "runs" / "esd-seven").mkdir(parents=True)
+    (tmp_path / "runs" / ".adv-seven.work").mkdir()  # a run still training: its staging folder is no model to suggest
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # a lookup would fail with another message
     with pytest.raises(InputError, match=r"no such path: runs/esd-sevn .*did you mean runs/esd-seven\?"):
         resolve("runs/esd-sevn")
+    with pytest.raises(InputError, match="no such path: runs/adv-sevn") as refusal:
+        resolve("runs/adv-sevn")
+    assert ".adv-seven.work" not in str(refusal.value)
 
 
 def test_bad_inputs_are_input_errors(tmp_path, tiny_pipeline_dir):
