@@ -392,6 +392,10 @@ def checkpoint_on_stop():
             signal.raise_signal(signum)
         elif not STOP_REQUEST:
             STOP_REQUEST.signum, STOP_REQUEST.at = signum, time.monotonic()
+            # said at once: a step may take minutes (AdvUnlearn's first draws its bank), and silence reads as ignored
+            name = signal.Signals(signum).name
+            sys.stderr.write(f"\n{name} received: the run stops at the end of its current step, with a checkpoint "
+                             f"that --resume continues from (another {name} ends it at once, without one)\n")
 
     STOP_REQUEST.signum = None
     try:
@@ -481,41 +485,44 @@ class TrainingLoop:
             run.seed_everything()
         start = self._resume() if run.resume else 0
         bar = tqdm(
-            range(start, steps), initial=start, total=steps, desc=self.desc, unit="step",
-            disable=not (run.progress and run.is_main),
+            initial=start, total=steps, desc=self.desc, unit="step", disable=not (run.progress and run.is_main)
         )  # fmt: skip
         every = run.steps_between_syncs
         pending: list[tuple[int, dict]] = []  # (step, logs) not yet read on the host
         logs: dict[str, float] = {}
         last_finite: dict[str, float] = {}
-        for step in bar:
-            with accelerator.autocast():
-                pending.append((step + 1, step_fn(step)))
-            done = step + 1
-            last = done == steps or self._stop_reason is not None
-            # No checkpoint at the step a stopping rule ended the run: a resume from it would train on past the stop.
-            checkpoint = (
-                run.checkpoint_dir is not None and run.checkpoint_every > 0
-                and done % run.checkpoint_every == 0 and not last
-            )  # fmt: skip
-            if checkpoint or last or done % every == 0:
-                last_finite = self._check(self._read(pending), done, last_finite)
-                logs = last_finite
-                pending = []
-                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
-            if checkpoint and run.is_main:
-                self.save_checkpoint(run.checkpoint_dir, done)
-            if run.after_step is not None:
-                # A stopping rule's last step reports itself as the total: the run ends there, finished, and a
-                # callback that stops runs at checkpoints (the preview's cancel) must not discard it.
-                run.after_step(done, steps if self._stop_reason is None else done, logs)
-            if self._stop_reason is not None:
-                if not bar.disable:
-                    bar.write(f"{self.desc}: stopped at step {done}/{steps}: {self._stop_reason}", file=sys.stderr)
-                break
-            if (signum := self._agreed_stop()) and not last:
-                self._checkpoint_and_stop(done, steps, pending, last_finite, checkpoint, signum)
-        bar.close()
+        try:
+            for step in range(start, steps):
+                with accelerator.autocast():
+                    pending.append((step + 1, step_fn(step)))
+                done = step + 1
+                bar.update()  # counted when done, so that a stop's message and the bar agree on the step
+                last = done == steps or self._stop_reason is not None
+                # No checkpoint at the step a stopping rule ended the run: a resume from it would train on past the
+                # stop.
+                checkpoint = (
+                    run.checkpoint_dir is not None and run.checkpoint_every > 0
+                    and done % run.checkpoint_every == 0 and not last
+                )  # fmt: skip
+                if checkpoint or last or done % every == 0:
+                    last_finite = self._check(self._read(pending), done, last_finite)
+                    logs = last_finite
+                    pending = []
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()})
+                if checkpoint and run.is_main:
+                    self.save_checkpoint(run.checkpoint_dir, done)
+                if run.after_step is not None:
+                    # A stopping rule's last step reports itself as the total: the run ends there, finished, and a
+                    # callback that stops runs at checkpoints (the preview's cancel) must not discard it.
+                    run.after_step(done, steps if self._stop_reason is None else done, logs)
+                if self._stop_reason is not None:
+                    if not bar.disable:
+                        bar.write(f"{self.desc}: stopped at step {done}/{steps}: {self._stop_reason}", file=sys.stderr)
+                    break
+                if (signum := self._agreed_stop()) and not last:
+                    self._checkpoint_and_stop(done, steps, pending, last_finite, checkpoint, signum)
+        finally:
+            bar.close()  # on an error too: the error's line then starts a line of its own
         self._release()
         return logs
 

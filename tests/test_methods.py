@@ -99,6 +99,7 @@ def test_a_sigterm_checkpoints_the_step_it_arrives_at_and_the_resumed_run_ends_a
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent)}
     stopped = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert stopped.returncode == 1 and "SIGTERM: stopped at a checkpoint of step 2/" in stopped.stderr, stopped.stderr
+    assert "SIGTERM received: the run stops at the end of its current step" in stopped.stderr  # said when it arrives
     checkpoint = torch.load(tmp_path / ".stopped.work" / "checkpoint" / "checkpoint.pt", weights_only=False)
     assert checkpoint["step"] == 2 and not (tmp_path / "stopped").exists()
     resumed = erase("esd", [CONCEPT], model, out=tmp_path / "stopped", sets=settings, resume=True, progress=False)
