@@ -88,9 +88,10 @@ def sample(
     else:
         labels, columns = prompts, [f"seed {s}" for s in seeds]
     if as_grid:  # before drawing: a grid too large for its format would fail only once every image was drawn
-        layout = GridLayout.of(len(labels), len(columns), grid_cell(backend.resolution), labels, columns)
+        side = backend.resolution
+        layout = GridLayout.of(len(labels), len(columns), grid_cell(side), labels, columns)
         layout.check_format(GRID_FORMATS[out.suffix.lower()], f"{len(labels)} row(s) of {len(columns)} image(s) "
-                            f"at {backend.resolution} px")  # fmt: skip
+                            f"at {side} px")  # fmt: skip
     if source.kind == "gan":
         images = backend.generate(seeds, truncation=1.0 if truncation is None else truncation)
         rows = [images[i : i + GAN_ROW] for i in range(0, n, GAN_ROW)]
