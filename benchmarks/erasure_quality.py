@@ -124,7 +124,7 @@ def main() -> None:
         # cut off during the evaluation still keeps them.
         print(json.dumps({"erase": {k: manifest[k] for k in ("device", "wall_time_s", "erase_time_s")}}), flush=True)
         device = manifest["device"]  # evaluate where the erasure ran: on a GPU, the CPU would take minutes more
-        erased_weights = {name: weights_sha256(getattr(load_model(str(run_dir)), name))
+        erased_weights = {name: weights_sha256(getattr(load_model(str(run_dir), device="cpu"), name))
                           for name in manifest["changed_components"]}  # fmt: skip
         erased, base = load_model(str(run_dir), device=device), load_model(args.model, device=device)
         report = evaluate(erased, base, [args.concept], samples=args.seeds, progress=True).report

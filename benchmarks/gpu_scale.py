@@ -215,7 +215,7 @@ def measure_single_file(run: Path, folder: Path, scratch: Path, device: str) -> 
     started = time.perf_counter()
     plain = pipeline.from_single_file(str(path), config=str(exported.folder), local_files_only=True)
     read = time.perf_counter() - started
-    ours = load_model(str(run)).unet.state_dict()
+    ours = load_model(str(run), device="cpu").unet.state_dict()
     back = plain.unet.state_dict()
     same = ours.keys() == back.keys() and all(torch.equal(ours[k], back[k].to(ours[k].dtype)) for k in ours)
     return {"write_s": round(written, 1), "from_single_file_s": round(read, 1),

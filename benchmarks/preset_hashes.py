@@ -53,7 +53,7 @@ def main() -> None:
             started = time.time()
             run = erase(key, ["seven"], model, out=workdir / key, sets=SHORT[key], seed=0, progress=False)
             manifest = json.loads((run / "erasure.json").read_text())
-            erased = load_model(str(run))
+            erased = load_model(str(run), device="cpu")
             result[key] = {
                 "model": model, "sets": SHORT[key], "seconds": round(time.time() - started, 1),
                 "sha256": {c: weights_sha256(getattr(erased, c)) for c in manifest["changed_components"]},

@@ -9,7 +9,7 @@ The package imports lightly (the command line must start fast); `erase` and `eva
 
 __version__ = "0.1.0"  # the one place the version is set (pyproject.toml reads it)
 DISTRIBUTION = "concept-erasure-toolkit"  # the name on the package index; the command is `erasure`
-__all__ = ["erase", "evaluate", "__version__"]
+__all__ = ["erase", "evaluate", "InputError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -21,4 +21,12 @@ def __getattr__(name: str):
         from .evaluation import run_eval
 
         return run_eval
+    if name == "InputError":  # what both raise for a bad argument, before any model loads
+        from pipelines.errors import InputError
+
+        return InputError
     raise AttributeError(name)
+
+
+def __dir__() -> list[str]:  # tab completion lists the lazy names too
+    return sorted({*globals(), *__all__})

@@ -93,11 +93,11 @@ class AdaptUnlearnConfig(MethodConfig):
     )  # fmt: skip
     negatives: str | None = field(
         default=None, metadata={"help": "folder of images that show the concept (default: the generator's own "
-                                "samples the classifier flags)"},
+                                "samples the classifier flags)", "input": True},
     )  # fmt: skip
     positives: str | None = field(
         default=None, metadata={"help": "folder of images without the concept (default: the generator's own "
-                                "samples the classifier does not flag)"},
+                                "samples the classifier does not flag)", "input": True},
     )  # fmt: skip
     classifier: str = field(
         default="auto", metadata={"help": "what labels the generator's samples: auto (the domain judge where the "

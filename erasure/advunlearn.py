@@ -32,9 +32,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from pipelines.bounds import TRAJECTORY_STEPS
 from pipelines.errors import InputError
 
-from .bounds import TRAJECTORY_STEPS
 from .common import (
     COMPILE_CHOICES,
     StepDenoiser,

@@ -13,12 +13,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pipelines.bounds import SEED_BOUNDS, check_number
 from pipelines.errors import InputError
 from pipelines.files import check_outside, check_outside_models, check_writable, slug
 
-from .bounds import SEED_BOUNDS, check_number
-from .config import build_config, config_to_dict, load_config_file, parse_sets
-from .output import InterruptedRun, RunDirectory, library_versions, peak_memory_mb, write_manifest
+from . import DISTRIBUTION
+from .config import build_config, config_to_dict, input_digests, load_config_file, parse_sets
+from .isolation import keeps_process_state
+from .output import RunDirectory, library_versions, mark_resumable, peak_memory_mb, write_manifest
 from .registry import default_model, get_method
 from .training import RunContext, TrainingDiverged, checkpoint_on_stop
 
@@ -50,12 +52,14 @@ def run_fingerprint(
     The kind of device counts too: its random streams differ, and it decides the frozen networks' dtype."""
     versions = library_versions()
     defaults = {"optimizer_state": "fp32", "frozen_precision": "auto"}
+    inputs = input_digests(config)
     return {
         "method": method, "concepts": list(concepts), "config": config_to_dict(config), "seed": seed,
         "mixed_precision": mixed_precision, "base_model_sha256": base_model["sha256"],
         "device": device.partition(":")[0],
         **{k: v for k, v in precision.items() if v != defaults.get(k)},
-        "versions": {k: versions.get(k) for k in ("torch", "diffusers", "transformers")},
+        **({"input_files": inputs} if inputs else {}),
+        "versions": {k: versions.get(k) for k in (DISTRIBUTION, "torch", "diffusers", "transformers", "accelerate")},
     }  # fmt: skip
 
 
@@ -69,6 +73,7 @@ def _warn_of_cut_concepts(model, concepts: Sequence[str]) -> None:
                         concept[:40] + "...", tokens, tokenizer.model_max_length)  # fmt: skip
 
 
+@keeps_process_state
 def erase(
     method: str,
     concepts: Sequence[str],
@@ -89,7 +94,24 @@ def erase(
     model_config: str | Path | None = None,
     save: str = "full",
 ) -> Path:
-    """Erase `concepts` from `model` with `method`; returns the finished run folder."""
+    """Erase `concepts` from `model` with `method`, as `erasure erase` does; returns the finished run folder.
+
+    - `method`: a registry key (`erasure methods`); `concepts`: one string or several; `model`: a name, folder,
+      single file or Hub id (default: the method's embedded model). The model is loaded from there, never taken
+      as an object: the run records the base's hash, and the caller's models are left untouched.
+    - `out`: the run folder (default `runs/METHOD-CONCEPTS`), written whole at the end; `resume=True` continues
+      an interrupted run there. `config_file` (a YAML file of settings, or a run's `erasure.json`) and `sets`
+      ({"steps": 100} or ["steps=100"]) override the method's preset for the model's family.
+    - `seed`, `device` ("auto": CUDA when there is one), `mixed_precision` ("no", "bf16", "fp16"),
+      `optimizer_state` ("fp32", "8bit"), `frozen_precision` ("auto", "full", "half"), `checkpoint_every` (steps),
+      `model_config` (a single-file checkpoint's config folder), `save` ("full", "changed", "lora").
+    - `progress`: tqdm bars on stderr; `after_step(step, total, logs)` is called after every training step.
+
+    Raises `InputError` (before any model loads, for bad arguments). An exception that stops the run after a
+    checkpoint - a KeyboardInterrupt, an out-of-memory error - is raised as it is, with `resumable_run(exc)`
+    (`erasure.output`) naming the kept run. The call leaves accelerate's state and the global random streams as it
+    found them, and waits for any other `erase` or `evaluate` of the process to end (see `erasure.isolation`).
+    """
     from pipelines import load_model, resolve
     from pipelines.devices import resolve_device
     from pipelines.loading import check_model_config
@@ -98,7 +120,7 @@ def erase(
 
     device = resolve_device(device)
     spec = get_method(method)
-    concepts = check_concepts(list(concepts))
+    concepts = check_concepts(concepts)
     source = resolve(default_model(spec.key) if model is None else model)
     check_model_config(model_config, source)
     if source.kind != spec.model_kind:
@@ -115,8 +137,8 @@ def erase(
     lora_rank = getattr(config, "lora_rank", 0)
     if save == "lora" and not lora_rank:
         raise InputError("--save lora keeps a run's LoRA adapters: train them with --set lora_rank=R (e.g. 8)")
-    check_number("--seed", seed, SEED_BOUNDS)
-    check_number("--checkpoint-every", checkpoint_every, "[1, inf)")
+    check_number("--seed", seed, SEED_BOUNDS, integer=True)
+    check_number("--checkpoint-every", checkpoint_every, "[1, inf)", integer=True)
     out = check_writable(default_out_dir(method, concepts) if out is None else out)
     check_outside(out, source.path, "--out", "the model it erases from")
     check_outside_models(out, "--out")
@@ -193,7 +215,7 @@ def erase(
             raise
         except BaseException as exc:
             if run_dir.abandon() if run.is_main else run_dir.checkpoint_dir.exists():
-                raise InterruptedRun(run_dir, exc) from exc
+                mark_resumable(exc, run_dir)
             raise
 
 

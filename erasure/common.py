@@ -125,7 +125,12 @@ def frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
 # --- concepts and prompts ----------------------------------------------------------------------
 
 
-def check_concepts(concepts: Sequence[str]) -> list[str]:
+def check_concepts(concepts: str | Sequence[str]) -> list[str]:
+    """The concepts stripped, or InputError; one string is one concept (from Python, not its letters)."""
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    if not all(isinstance(c, str) for c in concepts):
+        raise InputError(f"concepts must be strings, not {concepts!r}")
     cleaned = [c.strip() for c in concepts]
     if not cleaned or any(not c for c in cleaned):
         raise InputError("a concept is empty; pass --concept TEXT")

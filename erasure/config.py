@@ -317,13 +317,15 @@ def _default(f: dataclasses.Field) -> Any:
 def check_field(f: dataclasses.Field, value: Any) -> None:
     """The rules of a config field, from its metadata:
 
-    - `bounds`: an interval (see erasure/bounds.py) for the number or for each number of a list;
+    - `bounds`: an interval (see pipelines/bounds.py) for the number or for each number of a list;
       integers without one must be >= 0, and every float must be finite;
     - `length`: the exact length of a list (Adam's two betas);
     - `templates`: each string holds `{}` (the concept) and no other braces; the list may be empty
       only when its default is.
+
+    (`input`: a file or folder the method reads, whose contents a resume checks: see `input_digests`.)
     """
-    from .bounds import check_number
+    from pipelines.bounds import check_number
 
     items = value if isinstance(value, (list, tuple)) else [value]
     bounds = f.metadata.get("bounds")
@@ -354,3 +356,16 @@ def _braces_besides_concept(template: str) -> bool:
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def input_digests(config: Any) -> dict[str, str]:
+    """A digest of what each file or folder a config names holds (`"input"` fields: few-shot's images, SFD's prompt
+    file, ...): a run resumes only on the same contents, which its path alone does not promise."""
+    from pipelines.files import content_digest
+
+    digests = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("input") and isinstance(value, str) and Path(value).expanduser().exists():
+            digests[f.name] = content_digest(Path(value).expanduser())
+    return digests

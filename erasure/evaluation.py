@@ -6,21 +6,28 @@ else; the report goes to RUN/eval.json and the before/after grids to RUN/grids/.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pipelines.errors import InputError
 from pipelines.files import atomic_write, check_writable, slug, write_json
 
-from .output import read_manifest, recorded_base_model
+from .isolation import keeps_process_state
+from .output import library_versions, read_manifest, recorded_base_model
+
+log = logging.getLogger(__name__)
 
 
+@keeps_process_state
 def run_eval(
     target: str,
     *,
-    concepts: list[str] | None = None,
+    concepts: str | list[str] | None = None,
     baseline: str | None = None,
     json_path: str | Path | None = None,
     samples: int | None = None,
@@ -47,15 +54,16 @@ def run_eval(
     from evaluators.prompt_files import read_prompt_file
     from evaluators.report import evaluate, evaluate_gan
     from pipelines import load_model, resolve
+    from pipelines.bounds import SEED_BOUNDS, check_number
     from pipelines.devices import dtype_name, resolve_device, resolve_dtype
     from pipelines.loading import check_model_config, comparable_kinds
 
-    from .bounds import SEED_BOUNDS, check_number
     from .common import check_concepts
 
     # Everything is resolved and checked here, before a model loads or an image is generated.
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    target = os.path.expanduser(target)  # a quoted ~ (or one from Python) reaches here unexpanded
     after_source = resolve(target)
     manifest = read_manifest(target) if Path(target).is_dir() else None
     if manifest is not None:
@@ -67,8 +75,8 @@ def run_eval(
         raise InputError("--concept is needed: the model is not an erased run folder")
     concepts = check_concepts(concepts)
     if samples is not None:
-        check_number("--samples", samples, "[1, inf)")
-    check_number("--seed", seed, SEED_BOUNDS)
+        check_number("--samples", samples, "[1, inf)", integer=True)
+    check_number("--seed", seed, SEED_BOUNDS, integer=True)
     if clip is not None:
         check_clip_name(clip)
     before_source = resolve(baseline)
@@ -94,9 +102,9 @@ def run_eval(
     if not comparable_kinds(after_source.kind, before_source.kind):
         raise InputError(f"cannot compare a {after_source.kind} model with a {before_source.kind} model")
     if manifest is not None:
-        json_path = Path(json_path) if json_path else Path(target) / "eval.json"
+        json_path = Path(json_path).expanduser() if json_path else Path(target) / "eval.json"
     else:
-        json_path = Path(json_path) if json_path else Path(f"eval-{slug('-'.join(concepts))}.json")
+        json_path = Path(json_path).expanduser() if json_path else Path(f"eval-{slug('-'.join(concepts))}.json")
     # A run's own report keeps its grids in RUN/grids (what export publishes); any other report beside its file,
     # so that two reports in one folder do not overwrite each other's.
     own_report = manifest is not None and json_path.resolve() == (Path(target) / "eval.json").resolve()
@@ -106,6 +114,9 @@ def run_eval(
     if json_path.exists() and not _is_report(json_path):
         raise InputError(f"--json {json_path} exists and is not an evaluation report; it is left as it is")
     check_writable(json_path, "--json")
+    if grid_dir.exists() and not grid_dir.is_dir():  # found now, not once every image is drawn
+        raise InputError(f"{grid_dir} is a file; the report's grids go in a folder of that name: move it away")
+    check_writable(grid_dir, "the grids' folder")
     # the scores' and the detectors' CLIP, last of the checks: offline, it asks whether the Hub can be reached
     check_clip_available(clip or before_source.family.default_clip)
 
@@ -141,14 +152,44 @@ def run_eval(
         expected = manifest["base_model"].get("sha256")
         result.report["baseline_matches_run"] = expected == result.report["before"]["sha256"]
 
+    result.report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result.report["versions"] = library_versions()
+    _warn_of_replaced_results(json_path, result.report)
+    _write_report(result.report, result.grids, json_path, grid_dir)
+    return json_path
+
+
+def _write_report(report: dict, grids: dict, json_path: Path, grid_dir: Path) -> None:
+    """The grids, then the report that names them, each grid with its digest: an export checks that the grids are
+    the report's (another evaluation, or one stopped between the two, would have left others). Grids of an earlier
+    report that this one does not name (another concept's) are removed once it is written."""
     grid_dir.mkdir(parents=True, exist_ok=True)
-    result.report["grids"] = {}
-    for name, grid in result.grids.items():
+    report["grids"], report["grid_sha256"] = {}, {}
+    for name, grid in grids.items():
         path = grid_dir / f"{name}.png"
         atomic_write(path, lambda tmp, grid=grid: grid.save(tmp, format="PNG"))
-        result.report["grids"][name] = os.path.relpath(path, json_path.parent)
-    write_json(json_path, result.report, default=float)
-    return json_path
+        report["grids"][name] = os.path.relpath(path, json_path.parent)
+        report["grid_sha256"][name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    write_json(json_path, report, default=float)
+    for stale in set(grid_dir.glob("*.png")) - {grid_dir / f"{name}.png" for name in grids}:
+        stale.unlink(missing_ok=True)
+
+
+def _warn_of_replaced_results(json_path: Path, report: dict) -> None:
+    """A report replaced by one without some of its results (its attacks, another concept) says so: rerunning a
+    quick evaluation of a run would otherwise drop the hour of attacks its report held, without a word."""
+    if not json_path.is_file():
+        return
+    try:
+        old = json.loads(json_path.read_text())
+        lost = [c for c in old["concepts"] if c not in report["concepts"]]
+        lost += [f"{c}'s attacks" for c, section in old["concepts"].items()
+                 if section.get("attacks") and not report["concepts"].get(c, {}).get("attacks")]  # fmt: skip
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return
+    if lost:
+        log.warning("%s is replaced, and with it its results for %s (written %s)", json_path, ", ".join(lost),
+                    old.get("created", "before reports were dated"))  # fmt: skip
 
 
 ATTACKS = ("embedding", "unlearndiffatk", "textual-inversion")
@@ -163,9 +204,8 @@ def _attack_list(attack: str | Sequence[str] | None) -> list[str]:
 
 
 def _check_attack(attack: str, source, prompts: int | None, seeds: int, steps: int, images) -> None:
+    from pipelines.bounds import check_number
     from pipelines.images import image_folder_files
-
-    from .bounds import check_number
 
     if attack not in ATTACKS:
         raise InputError(f"unknown --attack {attack!r}; available: {', '.join(ATTACKS)}")
@@ -180,9 +220,9 @@ def _check_attack(attack: str, source, prompts: int | None, seeds: int, steps: i
     if images is not None:
         image_folder_files(images)
     if prompts is not None:
-        check_number("--attack-prompts", prompts, "[1, inf)")
-    check_number("--attack-seeds", seeds, "[1, inf)")
-    check_number("--attack-steps", steps, "[1, inf)")
+        check_number("--attack-prompts", prompts, "[1, inf)", integer=True)
+    check_number("--attack-seeds", seeds, "[1, inf)", integer=True)
+    check_number("--attack-steps", steps, "[1, inf)", integer=True)
 
 
 def run_attack(attack: str, after, before, concept: str, prompts: int | None, seeds: int, steps: int, clip,

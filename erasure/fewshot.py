@@ -30,10 +30,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from pipelines.bounds import STEPS
 from pipelines.errors import InputError
 from pipelines.images import image_folder_files, load_square_images, vae_precision
 
-from .bounds import STEPS
 from .common import check_encoder_scope, select_trainable, validate_scope
 from .lora import LoraOptions, attach_lora, check_lora_components
 from .training import ErasureResult, Network, RunContext, TrainingLoop
@@ -83,7 +83,7 @@ class FewShotConfig(LoraOptions):
     images: str | None = field(
         default=None,
         metadata={"help": "folder of a few images of the concept (any format and size), or 'builtin' where the "
-                  "model family ships images of its concepts (digits: held-out renders of the concept)"},
+                  "model family ships images of its concepts (digits: held-out renders of the concept)", "input": True},
     )  # fmt: skip
     num_images: int = field(
         default=0, metadata={"help": "images to use, in name order (0: all of the folder; builtin: 4 of each "

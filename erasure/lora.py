@@ -165,7 +165,7 @@ def reduce_to_lora(run_dir: Path, rank: int) -> tuple[dict[str, dict[str, torch.
     from pipelines import load_model
 
     manifest = read_run(run_dir)
-    run, base = load_model(str(run_dir)), load_model(recorded_base_model(manifest))
+    run, base = load_model(str(run_dir), device="cpu"), load_model(recorded_base_model(manifest), device="cpu")
     adapters, squared_error, squared_change, worst, left_out = {}, 0.0, 0.0, 0.0, 0
     for component in manifest["changed_components"]:
         ours, theirs = getattr(run, component), getattr(base, component)

@@ -222,10 +222,21 @@ def read_run(path: str | Path) -> dict:
     return manifest
 
 
-class InterruptedRun(Exception):
-    """A run stopped after a checkpoint: `--resume` continues it."""
+def mark_resumable(exc: BaseException, run_dir: RunDirectory) -> None:
+    """Tell whoever catches `exc` that the run it stopped kept a checkpoint. The exception keeps its type: a Ctrl-C
+    stays a KeyboardInterrupt, and an out-of-memory error stays one, for a caller's `except` clauses."""
+    exc.resumable_run = run_dir
+    if hasattr(exc, "add_note"):  # Python 3.11+: the note shows under the traceback
+        exc.add_note(f"The run's last checkpoint is in {run_dir.work}: erase again with resume=True (--resume) "
+                     "to continue.")  # fmt: skip
 
-    def __init__(self, run_dir: RunDirectory, cause: BaseException):
-        why = "interrupted" if isinstance(cause, KeyboardInterrupt) else f"stopped by {type(cause).__name__}: {cause}"
-        super().__init__(f"run {why}; its last checkpoint is in {run_dir.work} - rerun with --resume to continue")
-        self.run_dir = run_dir
+
+def resumable_run(exc: BaseException | None) -> RunDirectory | None:
+    """The run folder whose checkpoint `--resume` continues, when `exc` stopped a run that kept one."""
+    return getattr(exc, "resumable_run", None)
+
+
+def interrupted_message(exc: BaseException) -> str:
+    """One line for a run that `exc` stopped after a checkpoint (see `mark_resumable`)."""
+    why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped by {type(exc).__name__}: {exc}"
+    return f"run {why}; its last checkpoint is in {resumable_run(exc).work} - rerun with --resume to continue"

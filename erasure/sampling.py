@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pipelines.errors import InputError
-from pipelines.files import atomic_write, check_writable
+from pipelines.files import atomic_write, check_writable, write_folder_atomically, write_json
+
+from .output import library_versions
 
 GAN_ROW = 8  # images per grid row for unconditional models
 
 # an --out with one of these suffixes is one grid image in that format; any other is a folder of PNGs
 GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+SAMPLE_RECORD = "sample.json"  # in a folder of samples: the model, prompts and settings that drew them
 
 
 def sample(
@@ -32,18 +36,17 @@ def sample(
     """Generate `n` images per prompt with seeds seed..seed+n-1 and write them to `out`. `lora_strength`: a run
     trained as LoRA drawn with its erasure at that weight (0: off)."""
     from pipelines import load_model, resolve
-    from pipelines.devices import resolve_device, resolve_dtype
+    from pipelines.bounds import COUNT, GUIDANCE, LORA_STRENGTH, SEED_BOUNDS, STEPS, TRUNCATION, check_number
+    from pipelines.devices import dtype_name, resolve_device, resolve_dtype
     from pipelines.images import GridLayout, grid_cell, labelled_grid
     from pipelines.loading import check_model_config
 
-    from .bounds import COUNT, GUIDANCE, LORA_STRENGTH, SEED_BOUNDS, STEPS, TRUNCATION, check_number
-
-    check_number("--n", n, COUNT)
-    check_number("--seed", seed, SEED_BOUNDS)
+    check_number("--n", n, COUNT, integer=True)
+    check_number("--seed", seed, SEED_BOUNDS, integer=True)
     check_number("--seed + --n", seed + n - 1, SEED_BOUNDS)
-    for name, value, bounds in (("--steps", steps, STEPS), ("--guidance", guidance, GUIDANCE)):
+    for name, value, bounds, integer in (("--steps", steps, STEPS, True), ("--guidance", guidance, GUIDANCE, False)):
         if value is not None:
-            check_number(name, value, bounds)
+            check_number(name, value, bounds, integer)
     if truncation is not None:
         check_number("--truncation", truncation, TRUNCATION)
     if lora_strength is not None:
@@ -74,6 +77,10 @@ def sample(
         raise InputError(f"{out} is a folder; a grid is one image file (give a new name, or a folder without .png)")
     if not as_grid and out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a folder")
+    if not as_grid and out.is_dir() and any(out.iterdir()):
+        # images of another model or prompt would sit beside these under the same names, with nothing to tell them apart
+        raise InputError(f"--out {out} already holds files; give a new folder (it is written whole, with "
+                         f"{SAMPLE_RECORD} saying what drew each image)")  # fmt: skip
 
     if lora_strength is not None:
         from .lora import load_at_strength
@@ -101,12 +108,24 @@ def sample(
     if as_grid:
         grid = labelled_grid(rows, labels, columns)
         return atomic_write(out, lambda tmp: grid.save(tmp, format=GRID_FORMATS[out.suffix.lower()]))
-    out.mkdir(parents=True, exist_ok=True)
-    named = (
-        [(f"s{s}.png", image) for s, image in zip(seeds, images)]  # a GAN has no prompts: one file per seed
-        if source.kind == "gan"
-        else [(f"p{i}_s{s}.png", image) for i, row in enumerate(rows) for s, image in zip(seeds, row)]
-    )
-    for name, image in named:  # each file whole or absent, even if the command is killed while writing
-        atomic_write(out / name, lambda tmp, image=image: image.save(tmp, format="PNG"))
-    return out
+    # (file, image, prompt index, seed); a GAN has no prompts: one file per seed
+    if source.kind == "gan":
+        named = [(f"s{s}.png", image, None, s) for s, image in zip(seeds, images)]
+    else:
+        named = [(f"p{i}_s{s}.png", image, i, s) for i, row in enumerate(rows) for s, image in zip(seeds, row)]
+    defaults = getattr(backend, "sampling", {})  # the model's own steps and guidance, where not given
+    record = {
+        "model": source.spec, "prompts": prompts, "seeds": seeds,
+        "steps": defaults.get("steps") if steps is None else steps,
+        "guidance": defaults.get("guidance") if guidance is None else guidance,
+        "truncation": truncation, "lora_strength": lora_strength, "dtype": dtype_name(torch_dtype), "device": device,
+        "images": {name: {"prompt": i, "seed": s} for name, _, i, s in named},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": library_versions(),
+    }  # fmt: skip
+
+    def write(folder: Path) -> None:
+        for name, image, _, _ in named:
+            image.save(folder / name, format="PNG")
+        write_json(folder / SAMPLE_RECORD, record)
+
+    return write_folder_atomically(out, write)  # the folder appears whole, or not at all

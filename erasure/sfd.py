@@ -109,7 +109,7 @@ class SFDConfig(LoraOptions):
         default=None,
         metadata={"help": "prompts to distil over instead of the family's own (one per line, or a CSV with a prompt "
                   "column; the paper's are LAION captions): those that mention a concept are left out, and "
-                  "remain_prompts of the rest are drawn"},
+                  "remain_prompts of the rest are drawn", "input": True},
     )  # fmt: skip
     gradient_checkpointing: bool = field(
         default=False,

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pipelines.bounds import TRAJECTORY_STEPS
 from pipelines.images import to_tensor
 
 from .advunlearn import attack_embeddings, fast_at_start
-from .bounds import TRAJECTORY_STEPS
 from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
 from .fewshot import denoising_loss, encode_images
 from .lora import LoraOptions, attach_lora

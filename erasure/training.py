@@ -620,7 +620,7 @@ class TrainingLoop:
             "fingerprint": self.fingerprint,
         }
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write(path / CHECKPOINT_FILE, lambda tmp: torch.save(payload, tmp))  # never half-written
+        atomic_write(path / CHECKPOINT_FILE, lambda tmp: torch.save(payload, tmp), durable=True)  # never half-written
 
     def _resume(self) -> int:
         path = self.run.checkpoint_dir

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .bounds import COUNT, GUIDANCE, STEPS, check_number
 from .cards import write_model_card
 from .components import loadable_folder, save_pipeline
 from .errors import InputError
@@ -93,7 +94,7 @@ class TextToImageModel:
     @torch.no_grad()
     def generate(
         self,
-        prompts: Sequence[str],
+        prompts: str | Sequence[str],
         seeds: Sequence[int],
         *,
         steps: int | None = None,
@@ -109,6 +110,7 @@ class TextToImageModel:
         batch it was drawn in. `prompt_embeds` ([len(prompts), L, D]) replaces the text encoder,
         e.g. for adversarial embeddings; `prompts` then only label the rows.
         """
+        prompts = [prompts] if isinstance(prompts, str) else prompts  # one prompt, not one per character
         jobs = [(i, s) for i in range(len(prompts)) for s in seeds]
         images = self._run(jobs, prompts, prompt_embeds, steps, guidance, batch_size, progress, desc)
         return [[images[(i, s)] for s in seeds] for i in range(len(prompts))]
@@ -150,6 +152,10 @@ class TextToImageModel:
 
         steps = self.sampling["steps"] if steps is None else steps
         guidance = self.sampling["guidance"] if guidance is None else guidance
+        # what `erasure sample` checks, for callers from Python: steps=0 would divide by zero in the scheduler
+        check_number("steps", steps, STEPS, integer=True)
+        check_number("guidance", guidance, GUIDANCE)
+        check_number("batch_size", batch_size, COUNT, integer=True)
         negative = self.encode([""])
         images: dict[tuple[int, int], Image.Image] = {}
         # closed on an error too, so that the error's line starts a line of its own
@@ -207,11 +213,12 @@ class TextToImageModel:
         pipelines/components.py). Without it, every component is serialised. Returns how each was stored.
         """
         directory = Path(directory)
-        if changed is None:
-            self.pipe.save_pretrained(directory, safe_serialization=True)
-            stored = {}
-        else:
-            stored = save_pipeline(self.pipe, directory, changed=changed, source=self.source, mode=mode)
+        with quiet_libraries():  # transformers' "Writing model shards" bar, for each text encoder
+            if changed is None:
+                self.pipe.save_pretrained(directory, safe_serialization=True)
+                stored = {}
+            else:
+                stored = save_pipeline(self.pipe, directory, changed=changed, source=self.source, mode=mode)
         write_model_card(directory, {**self.source.card, "family": self.family.name, **(card or {})})
         return stored
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import glob
+import hashlib
 import json
 import os
 import re
@@ -14,11 +16,13 @@ from pathlib import Path
 from .errors import InputError
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool = False) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, then rename it into place.
 
     A crash or an exception mid-write leaves `path` as it was (absent, or the previous version). Missing parent
-    folders are created, as `erase --out` creates its own.
+    folders are created, as `erase --out` creates its own. `durable`: the bytes reach the disk before the rename
+    (a checkpoint: after a power cut the rename could otherwise survive and the data not, an empty file in place
+    of the last good one).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,11 +31,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         os.chmod(tmp, normal_mode())  # mkstemp makes it private (0600); the result is an ordinary file
         write(Path(tmp))
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        _fsync(path.parent)
     return path
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_folder_atomically(folder: str | Path, build: Callable[[Path], None]) -> Path:
@@ -49,6 +65,12 @@ def write_folder_atomically(folder: str | Path, build: Callable[[Path], None]) -
         build(staging)
         normalise_permissions(staging)  # mkdtemp's 0700 (and safetensors' 0600) would keep colleagues out
         os.rename(staging, folder)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):  # made meanwhile, by another process
+            raise InputError(f"{folder} was created by another process while this one wrote it; it is left as it "
+                             "is: write to another folder") from None  # fmt: skip
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -116,11 +138,16 @@ def check_writable(path: str | Path, what: str = "--out") -> Path:
     if not str(path).strip():
         raise InputError(f"{what} is empty")
     path = Path(path).expanduser()
+    try:
+        path.resolve()
+    except (RuntimeError, OSError) as exc:  # a symbolic link that leads back to itself
+        raise InputError(f"{what} {path} cannot be created: {exc}") from None
     ancestor = path.absolute().parent
-    while not ancestor.exists():
+    while not _exists(ancestor):
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise InputError(f"{what} {path} cannot be created: {ancestor} is a file, not a folder")
+    _check_name_lengths(path, ancestor, what)
     try:
         fd, probe = tempfile.mkstemp(prefix=".erasure-probe-", dir=ancestor)
     except OSError as exc:
@@ -128,6 +155,32 @@ def check_writable(path: str | Path, what: str = "--out") -> Path:
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+# The longest name written beside an output, as its own name plus this: `.NAME.staging-PID-XXXXXXXX` (a folder
+# written atomically), `.NAME.XXXXXXXX.tmp` (a file), `.NAME.work` (a run's checkpoints).
+NAME_OVERHEAD = 32
+
+
+def _check_name_lengths(path: Path, ancestor: Path, what: str) -> None:
+    """Refuse a name the file system would refuse, now rather than when the result is saved after all the work."""
+    try:
+        limit = os.pathconf(ancestor, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    created = path.absolute().relative_to(ancestor.absolute()).parts
+    for part in created:
+        extra = NAME_OVERHEAD if part == created[-1] else 0
+        if len(os.fsencode(part)) + extra > limit:
+            raise InputError(f"{what}: the name {part[:24]}... is {len(os.fsencode(part))} bytes long, and this file "
+                             f"system takes at most {limit - extra} for it; choose a shorter one")  # fmt: skip
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long to look up (ENAMETOOLONG) does not exist either
+        return False
 
 
 def check_outside(path: str | Path, folder: str | Path, what: str, folder_what: str) -> None:
@@ -165,6 +218,18 @@ def write_json(path: str | Path, data, **dump_options) -> Path:
     """`data` as indented JSON with a final newline, written atomically."""
     text = json.dumps(data, indent=2, **dump_options) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (their names relative to it, and bytes), in name order."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0" if file != path else b"")
+        with open(file, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def slug(text: str, limit: int = 40) -> str:

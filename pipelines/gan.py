@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .bounds import COUNT, TRUNCATION, check_number
 from .cards import write_model_card
 from .gan_checkpoints import load_any, save_gan
 from .images import to_pil
@@ -58,6 +59,8 @@ class GANModel:
 
     @torch.no_grad()
     def generate(self, seeds: Sequence[int], truncation: float = 1.0, batch_size: int = 64) -> list[Image.Image]:
+        check_number("truncation", truncation, TRUNCATION)
+        check_number("batch_size", batch_size, COUNT, integer=True)
         seeds = list(seeds)
         out: list[Image.Image] = []
         for i in range(0, len(seeds), batch_size):

@@ -139,6 +139,10 @@ def check_model_config(model_config, *sources: ModelSource) -> None:
 
 def resolve(spec: str | os.PathLike | None) -> ModelSource:
     """Turn a model name, path or Hub id into a ModelSource, or raise InputError."""
+    if spec is not None and not isinstance(spec, (str, os.PathLike)):
+        # A loaded model carries no record of what it was loaded from, which a run's manifest needs (and its hash)
+        raise InputError(f"a model is given by its name, folder, file or Hub id, not as a loaded {type(spec).__name__}:"
+                         " pass what it was loaded from")  # fmt: skip
     spec = str(spec) if spec is not None else zoo.DEFAULT_MODEL
     if not spec.strip():
         raise InputError("empty model name")

@@ -3,6 +3,7 @@ tokenizer) for fast CPU tests; no mocks of any library."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -21,6 +22,17 @@ import torch  # noqa: E402
 TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 os.environ["ERASURE_TEST_THREADS"] = str(TEST_THREADS)
 torch.set_num_threads(TEST_THREADS)
+
+
+@contextlib.contextmanager
+def stops_resumably():
+    """The block ends a run with a Ctrl-C after a checkpoint: it comes through as the KeyboardInterrupt it is, and
+    names the run folder that `resume=True` continues."""
+    from erasure.output import resumable_run
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        yield
+    assert resumable_run(stopped.value) is not None
 
 
 def tiny_components(seed: int = 0) -> dict:

@@ -56,6 +56,9 @@ CASES = [
     ([*ESD, "--out", "/proc/x"], "--out /proc/x cannot be created", False),
     ([*ESD, "--out", "{file}/sub"], "is a file, not a folder", False),
     ([*ESD, "--out", ""], "--out is empty", False),
+    # a name the file system refuses, or would refuse for the staging folder beside it: found before training
+    ([*ESD, "--out", "r" * 240], "is 240 bytes long, and this file system takes at most", False),
+    ([*ESD, "--out", "{loop}/run"], "Symlink loop", False),
     ([*ESD, "--save", "changed", "--resume"], "nothing to resume", False),
     ([*ESD, "--frozen-precision", "half"], "--frozen-precision half computes in the mixed precision", False),
     (["erase", "--method", "esd", "--concept", "cat", "--model", "./nope"], "no such path: ./nope", False),
@@ -82,6 +85,8 @@ CASES = [
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--n", "1", "--steps", "2", "--guidance", "1e308"],
      "drew 1 of 1 image(s) with NaN or infinite values", True),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--n", "0"], "argument --n: must be >= 1", False),
+    (["sample", "{tiny}", "--prompt", "a cat", "--out", "s" * 240 + ".png"], "this file system takes at most", False),
+    (["sample", "{tiny}", "--prompt", "a cat", "--out", "{root}"], "already holds files; give a new folder", False),
     (["sample", "{tiny}", "--prompt", "a", "--prompt", "b", "--out", "o", "--n", "600"], "pass --yes", False),
     (
         ["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--seed", "4294967295", "--n", "2"],
@@ -96,6 +101,7 @@ CASES = [
     (["eval", "{run}", "--attack-steps", "3"], "--attack-steps sets up an attack: add --attack", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "{folderpng}"], "is a folder; a grid is one image file", False),
     (["eval", "{run}", "--json", "{run}"], "is a folder; give the report's file name", False),
+    (["eval", "{run}", "--json", "e" * 250 + ".json"], "this file system takes at most", False),
     (["eval", "{run}", "--json", "{badcsv}"], "exists and is not an evaluation report", False),
     ([*ESD, "--out", "{tiny}/erased"], "is inside the model it erases from", False),
     ([*ESD, "--out", "{run}/again"], "is inside the model folder", False),  # the run's digest would change
@@ -196,7 +202,9 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
     (root / "badcard" / "erasure_model.json").write_text("[]")
     with open(root / "nv.pkl", "wb") as f:  # an NVIDIA-style snapshot whose G_ema is a plain dict, not a network
         pickle.dump({"G_ema": OrderedDict(), "training_set_kwargs": {}}, f)
+    (root / "loop").symlink_to(root / "loop")
     return {"tiny": str(tiny_pipeline_dir), "file": str(root / "file"), "run": str(run), "emptyrun": str(empty),
+            "loop": str(root / "loop"), "root": str(root),
             "partialrun": str(root / "partial.json"), "badcsv": str(root / "bad.csv"),
             "stringconcepts": str(root / "stringconcepts.json"), "textseed": str(root / "textseed.json"),
             "latin1yaml": str(root / "latin1.yaml"), "hollowreport": str(root / "hollow.json"),

@@ -311,17 +311,41 @@ def test_a_report_written_elsewhere_keeps_its_grids_beside_it(evaluated_run, tmp
     assert {p: p.read_bytes() for p in (evaluated_run / "grids").iterdir()} == own  # the run's own are untouched
 
 
-def test_an_evaluation_of_another_concept_is_refused(evaluated_run, tmp_path):
+def test_an_evaluation_of_another_concept_is_refused(evaluated_run, tmp_path, caplog):
     import shutil
 
     from pipelines import InputError
 
     run = tmp_path / "run"
     shutil.copytree(evaluated_run, run)
-    run_eval(str(run), concepts=["dog"], samples=1, clip="digits-clip", progress=False)  # the run erased "cat"
+    with caplog.at_level("WARNING"):
+        run_eval(str(run), concepts=["dog"], samples=1, clip="digits-clip", progress=False)  # the run erased "cat"
+    assert "its results for cat (written 20" in caplog.text  # the report replaced is dated
+    report = json.loads((run / "eval.json").read_text())
+    assert {"created", "versions"} <= report.keys()
+    # the grids of the replaced report's concept are gone: grids/ holds this report's, each with its digest
+    assert sorted(p.name for p in (run / "grids").iterdir()) == sorted(Path(g).name for g in report["grids"].values())
+    assert report["grid_sha256"].keys() == report["grids"].keys()
     with pytest.raises(InputError, match="does not measure the erased concept 'cat'"):
         export_run(run, REPO_ID, local_dir=tmp_path / "hub")
     assert not (tmp_path / "hub").exists()
+
+
+def test_grids_that_are_not_the_reports_own_are_refused_by_export(evaluated_run, tmp_path):
+    import shutil
+
+    from pipelines import InputError
+
+    run = tmp_path / "run"
+    shutil.copytree(evaluated_run, run)
+    first, second = sorted(json.loads((run / "eval.json").read_text())["grids"].values())[:2]
+    shutil.copyfile(run / second, run / first)  # as another evaluation, or one stopped between grids and report
+    with pytest.raises(InputError, match="is not the grid .* was written with"):
+        export_run(run, REPO_ID, local_dir=tmp_path / "hub")
+    shutil.rmtree(run / "grids")
+    (run / "grids").write_text("")  # refused before any image is drawn, not once they all are
+    with pytest.raises(InputError, match="grids is a file"):
+        run_eval(str(run), samples=1, clip="digits-clip", progress=False)
 
 
 def _copy_run(run: Path, tmp_path: Path) -> Path:

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from erasure.api import erase
-from erasure.output import InterruptedRun
+from erasure.output import resumable_run
 from pipelines import InputError, load_model
 
-from .conftest import dead_pid
+from .conftest import dead_pid, stops_resumably
 
 QUICK = ["steps=4", "ddim_steps=3", "batch_size=1", "lr=1e-2"]
 
@@ -41,9 +41,12 @@ def test_run_folder_is_a_pipeline_with_its_manifest(tiny_pipeline_dir, tmp_path)
 def test_interrupted_run_resumes_to_the_same_result(tiny_pipeline_dir, tmp_path):
     straight = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "a", sets=QUICK, checkpoint_every=2,
                      progress=False)  # fmt: skip
-    with pytest.raises(InterruptedRun, match="--resume"):
+    # A Ctrl-C stays a KeyboardInterrupt for the caller (a sweep's `except Exception` must not swallow it); it
+    # says where the checkpoint is
+    with pytest.raises(KeyboardInterrupt) as stopped:
         erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK, checkpoint_every=2,
               progress=False, after_step=_stop_at(3, KeyboardInterrupt()))  # fmt: skip
+    assert resumable_run(stopped.value).work == tmp_path / ".b.work"
     assert not (tmp_path / "b").exists()
     assert (tmp_path / ".b.work" / "checkpoint" / "checkpoint.pt").is_file()
     with pytest.raises(InputError, match="pass --resume"):
@@ -105,6 +108,17 @@ def test_failed_run_leaves_nothing_behind(tiny_pipeline_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_an_error_after_a_checkpoint_keeps_its_type_and_says_the_run_can_resume(tiny_pipeline_dir, tmp_path):
+    # e.g. CUDA running out of memory at step 3: `except torch.cuda.OutOfMemoryError` must still catch it
+    with pytest.raises(MemoryError) as stopped:
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, checkpoint_every=2,
+              progress=False, after_step=_stop_at(3, MemoryError("out of memory")))  # fmt: skip
+    assert type(stopped.value) is MemoryError and resumable_run(stopped.value).work == tmp_path / ".run.work"
+    resumed = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, resume=True,
+                    progress=False)  # fmt: skip
+    assert json.loads((resumed / "erasure.json").read_text())["resumed"]
+
+
 def test_existing_output_and_missing_resume_are_refused(tiny_pipeline_dir, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(InputError, match="already exists"):
@@ -130,7 +144,7 @@ def test_interrupted_advunlearn_run_resumes_to_the_same_text_encoder(tiny_pipeli
             "batch_size=2", "lr=1e-2"]  # fmt: skip
     straight = erase("advunlearn", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "a", sets=sets, checkpoint_every=2,
                      progress=False)  # fmt: skip
-    with pytest.raises(InterruptedRun):
+    with stops_resumably():
         erase("advunlearn", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=sets, checkpoint_every=2,
               progress=False, after_step=_stop_at(3, KeyboardInterrupt()))  # fmt: skip
     resumed = erase("advunlearn", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=sets, checkpoint_every=2,
@@ -202,3 +216,47 @@ def test_a_concept_longer_than_the_text_encoders_context_is_erased_with_a_warnin
         erase("esd", [concept], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["steps=1", "ddim_steps=2"],
               progress=False)  # fmt: skip
     assert any("tokens long; the text encoder reads" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_resume_is_tied_to_what_the_files_a_config_names_hold(tmp_path):
+    from PIL import Image
+
+    from erasure.api import run_fingerprint
+    from erasure.fewshot import FewShotConfig
+
+    images = tmp_path / "images"
+    images.mkdir()
+    red, blue = (Image.new("RGB", (8, 8), colour) for colour in ("red", "blue"))
+    red.save(images / "a.png")
+    config = FewShotConfig(images=str(images))
+    base = {"sha256": "0" * 64}
+
+    def fingerprint():
+        return run_fingerprint("fewshot", ["cat"], config, 0, "no", base, "cpu")
+
+    first = fingerprint()
+    assert first == fingerprint()
+    blue.save(images / "a.png")  # same path, other pictures: the checkpoint is not theirs
+    assert fingerprint()["input_files"] != first["input_files"]
+    red.save(images / "a.png")
+    assert fingerprint() == first
+    red.save(images / "b.png")
+    assert fingerprint()["input_files"] != first["input_files"]
+    assert "input_files" not in run_fingerprint("fewshot", ["cat"], FewShotConfig(images="builtin"), 0, "no", base,
+                                                "cpu")  # fmt: skip
+    assert {"concept-erasure-toolkit", "accelerate"} <= first["versions"].keys()
+
+
+def test_a_folder_another_writer_made_meanwhile_is_left_as_it_is(tmp_path):
+    from pipelines.files import write_folder_atomically
+
+    target = tmp_path / "out"
+
+    def build(staging):
+        (staging / "mine").write_text("a")
+        target.mkdir()  # another process (a second export to the same --local-dir) finished first
+        (target / "theirs").write_text("b")
+
+    with pytest.raises(InputError, match="created by another process while this one wrote it"):
+        write_folder_atomically(target, build)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in target.iterdir()] == ["theirs"]

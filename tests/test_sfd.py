@@ -18,6 +18,8 @@ from pipelines import InputError, load_model
 from pipelines.families import get_family
 from pipelines.one_step import PLAIN_DIFFUSERS_RECIPE
 
+from .conftest import stops_resumably
+
 FAST = ["steps=2", "batch_size=2", "forget_batch=1", "lr=1e-3", "fake_lr=1e-3", "remain_prompts=8",
         "override=a dog", "prompt_templates={}"]  # fmt: skip
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -150,7 +152,7 @@ def test_an_interrupted_run_resumes_to_a_bit_identical_end(lora, tiny_pipeline_d
         if step == 3:
             raise KeyboardInterrupt
 
-    with pytest.raises(Exception, match="--resume"):
+    with stops_resumably():
         erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "resumed", after_step=stop_at_3, **kwargs)
     resumed = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "resumed", resume=True, **kwargs)
     a, b = load_model(str(whole)).unet.state_dict(), load_model(str(resumed)).unet.state_dict()

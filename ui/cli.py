@@ -12,8 +12,8 @@ import signal
 import sys
 
 from erasure import DISTRIBUTION, __version__
-from erasure.bounds import COUNT, GUIDANCE, LORA_STRENGTH, STEPS, TRUNCATION, number, seed
 from erasure.registry import METHODS, preset_paper
+from pipelines.bounds import COUNT, GUIDANCE, LORA_STRENGTH, STEPS, TRUNCATION, number, seed
 from pipelines.errors import InputError
 
 DESCRIPTION = """\
@@ -358,11 +358,15 @@ def cmd_erase(args: argparse.Namespace) -> int:
         resume=args.resume, checkpoint_every=args.checkpoint_every, progress=not args.quiet,
         model_config=args.model_config, save=args.save,
     )  # fmt: skip
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:  # under several processes, one line
+    if _is_main_process():  # under several processes, one line
         print(f"erased {', '.join(args.concept)} with {args.method}: {out}")
     return 0
+
+
+def _is_main_process() -> bool:
+    """Under `torchrun` or `accelerate launch` every process runs the command, and the first one reports. Read from
+    the launcher's RANK: accelerate's state was the run's, and `erase` and `evaluate` leave it as they found it."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _show_config(method: str, model: str | None, config_file: str | None, sets: list[str]) -> int:
@@ -397,9 +401,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prompts_file=args.prompts, preserved_prompts_file=args.preserved_prompts, neighbours=args.neighbours,
         attack_images=args.attack_images,
     )  # fmt: skip
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if _is_main_process():
         print("\n".join(summary_lines(json.loads(path.read_text()))))
         print(f"wrote {path}")
     return 0
@@ -526,7 +528,7 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get("ERASURE_DEBUG") == "1"
-    from erasure.output import InterruptedRun
+    from erasure.output import interrupted_message, resumable_run
     from pipelines.logs import log_to_stderr
 
     log_to_stderr(verbose=args.verbose)
@@ -536,21 +538,21 @@ def _main(argv: list[str] | None) -> int:
         raise
     except InputError as exc:
         return _fail(f"error: {exc}", 2, debug)
-    except InterruptedRun as exc:
-        return _fail(f"error: {exc}", _interrupted_exit_code(exc.__cause__), debug)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130, debug)
-    except Exception as exc:
+    except (KeyboardInterrupt, Exception) as exc:
+        if resumable_run(exc) is not None:  # a run stopped, and kept a checkpoint
+            return _fail(f"error: {interrupted_message(exc)}", _interrupted_exit_code(exc), debug)
+        if isinstance(exc, KeyboardInterrupt):
+            return _fail("interrupted", 128 + signal.SIGINT, debug)
         return _fail(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1, debug)
 
 
-def _interrupted_exit_code(cause: BaseException | None) -> int:
+def _interrupted_exit_code(exc: BaseException) -> int:
     """A shell's codes for a run stopped by a signal (128 + its number: Ctrl-C, SIGTERM, SIGHUP), else 1."""
     from erasure.training import Terminated
 
-    if isinstance(cause, KeyboardInterrupt):
+    if isinstance(exc, KeyboardInterrupt):
         return 128 + signal.SIGINT
-    return 128 + cause.signum if isinstance(cause, Terminated) else 1
+    return 128 + exc.signum if isinstance(exc, Terminated) else 1
 
 
 def _fail(message: str, code: int, debug: bool) -> int:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from erasure.bounds import GUIDANCE, LORA_STRENGTH, SEED_BOUNDS, STEPS, check_number
 from erasure.output import read_run
+from pipelines.bounds import GUIDANCE, LORA_STRENGTH, SEED_BOUNDS, STEPS, check_number
 from pipelines.errors import InputError
 from pipelines.lora_files import LORA_FILE
 
@@ -126,7 +126,7 @@ def compare(
 
 
 def _check_numbers(seeds: Sequence[int], steps: int | None, guidance: float | None, lora_strength: float) -> None:
-    """The limits `erasure sample` puts on the same settings (erasure/bounds.py), named as the page names them."""
+    """The limits `erasure sample` puts on the same settings (pipelines/bounds.py), named as the page names them."""
     if seeds:
         check_number("first seed", min(seeds), SEED_BOUNDS)
         check_number("last seed (first seed + seeds - 1)", max(seeds), SEED_BOUNDS)

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from erasure.api import default_out_dir
-from erasure.output import InterruptedRun
+from erasure.output import resumable_run
 from pipelines.errors import InputError
 
 from .compare import compare, parse_prompts
@@ -155,9 +155,10 @@ def wire_erase(preview, page: SimpleNamespace) -> None:
                 job.cancel.set()
             if preview.jobs.get(request.session_hash) is job:
                 del preview.jobs[request.session_hash]
-        if isinstance(job.error, InterruptedRun):
+        kept = resumable_run(job.error)
+        if kept is not None:
             yield (f"<b>Cancelled</b> at step {last.step if last else '?'}: the checkpoint is kept in "
-                   f"<code>{html.escape(str(job.error.run_dir.work))}</code>. Tick <i>resume</i> and press Erase to "
+                   f"<code>{html.escape(str(kept.work))}</code>. Tick <i>resume</i> and press Erase to "
                    f"continue (or <code>erasure erase ... --out {html.escape(str(job.out))} --resume</code>).",
                    gr.skip(), *unchanged)  # fmt: skip
             return

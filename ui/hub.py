@@ -20,6 +20,7 @@ and sends it, so it never passes through this module's data, files or messages.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -242,6 +243,10 @@ def _grid_files(path: Path, report: dict) -> dict[Path, Path]:
                              "rerun `erasure eval`")  # fmt: skip
         if not (path / rel).is_file():
             raise InputError(f"{eval_path} lists grid {path / rel}, which is missing; rerun `erasure eval`")
+        expected = report.get("grid_sha256", {}).get(name)  # reports since 2026-12-07 carry them
+        if expected is not None and hashlib.sha256((path / rel).read_bytes()).hexdigest() != expected:
+            raise InputError(f"{path / rel} is not the grid {eval_path} was written with (another evaluation, or one "
+                             "stopped while writing, replaced it); rerun `erasure eval`")  # fmt: skip
         files[Path(rel)] = _inside(path / rel, _link_root(path))
     return files
 
@@ -354,7 +359,7 @@ def _write_kohya_lora(run: Run, folder: Path, repo_id: str) -> None:
     if run.model_card.get("family") == "sdxl":  # SDXL's kohya names follow its UNet's SGM block layout
         from pipelines import load_model
 
-        unet = load_model(str(run.path)).unet
+        unet = load_model(str(run.path), device="cpu").unet
     write_kohya(folder / LORA_FILE, get_family(run.model_card.get("family", "sd1")), unet,
                 folder / kohya_file_name(repo_id))  # fmt: skip
 
@@ -398,7 +403,7 @@ def write_hub_folder(run: Run, folder: Path, *, repo_id: str, single_file: bool 
         from pipelines import load_model
         from pipelines.single_file import save_single_file
 
-        save_single_file(load_model(str(run.path)), folder / single_file_name(repo_id))
+        save_single_file(load_model(str(run.path), device="cpu"), folder / single_file_name(repo_id))
 
 
 def _write_merged(run: Run, folder: Path, components: list[str]) -> None:
@@ -409,7 +414,7 @@ def _write_merged(run: Run, folder: Path, components: list[str]) -> None:
     from pipelines.cards import write_model_card
     from pipelines.components import save_component
 
-    model = load_model(str(run.path))  # merges the adapters
+    model = load_model(str(run.path), device="cpu")  # merges the adapters
     for name in components:
         save_component(getattr(model.pipe, name), folder / name)
     write_model_card(folder, {k: v for k, v in run.model_card.items() if k != "lora_adapters"})

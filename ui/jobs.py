@@ -3,9 +3,9 @@
 Cancelling must leave something `--resume` can continue. The training loop writes a checkpoint
 every `checkpoint_every` steps and then calls `after_step`, so a cancelled job stops right after
 its next checkpoint: an exception raised there interrupts `erase()`, which keeps the hidden
-`.NAME.work/` folder (and raises InterruptedRun) instead of deleting it. A run that ends at that
-step (its last, or the one a stopping rule ended it at, reported as step == total) has finished: it
-is kept as finished, not cancelled.
+`.NAME.work/` folder instead of deleting it (and says so: `erasure.output.resumable_run`). A run
+that ends at that step (its last, or the one a stopping rule ended it at, reported as step ==
+total) has finished: it is kept as finished, not cancelled.
 
 Some methods train in stages, one training loop each (STEREO: search, invert, ..., erase once):
 each loop counts its own steps, so the reports are numbered by stage.

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 import re
 from dataclasses import dataclass
 
-from pipelines.errors import InputError
+from .errors import InputError
 
 SEED_BOUNDS = "[0, 4294967295]"  # what every seeded library (torch, numpy, random) accepts
 COUNT = "[1, inf)"
@@ -65,8 +66,14 @@ def _number(value: float | int) -> str:
     return str(int(value)) if value.is_integer() else str(value)
 
 
-def violation(value: float | int, bounds: str | Bounds | None) -> str | None:
-    """What is wrong with `value` ("must be >= 1, not 0"), or None when it is acceptable."""
+def violation(value: float | int, bounds: str | Bounds | None, integer: bool = False) -> str | None:
+    """What is wrong with `value` ("must be >= 1, not 0"), or None when it is acceptable. `integer`: a whole number
+    (an int, not 2.0), as a count or a seed must be."""
+    # From Python, "0" or True would otherwise fail later, deep in torch, or pass as 1
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return f"must be {'a whole number' if integer else 'a number'}, not {value!r}"
+    if integer and not isinstance(value, numbers.Integral):
+        return f"must be a whole number, not {value!r}"
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, not {value}"
     if bounds is None:
@@ -75,9 +82,9 @@ def violation(value: float | int, bounds: str | Bounds | None) -> str | None:
     return None if value in interval else f"must be {interval.describe()}, not {_number(value)}"
 
 
-def check_number(name: str, value: float | int, bounds: str | Bounds | None) -> None:
-    """InputError unless `value` is finite and within `bounds` (None: any finite value)."""
-    problem = violation(value, bounds)
+def check_number(name: str, value: float | int, bounds: str | Bounds | None, integer: bool = False) -> None:
+    """InputError unless `value` is a finite number within `bounds` (None: any finite value); `integer`: whole."""
+    problem = violation(value, bounds, integer)
     if problem:
         raise InputError(f"{name} {problem}")
 
