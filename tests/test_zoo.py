@@ -45,6 +45,7 @@ def test_shipped_models_generate_deterministically():
 def test_every_recipe_runs_and_builds_loadable_models(tmp_path, monkeypatch):
     from evaluators.clip_models import load_clip
     from evaluators.judges import DigitsJudge
+    from pipelines.files import normal_mode
     from zoo.build import build_zoo
 
     report = build_zoo(tmp_path, seed=1, scale=0.001)
@@ -58,6 +59,13 @@ def test_every_recipe_runs_and_builds_loadable_models(tmp_path, monkeypatch):
     assert load_clip("digits-clip").text_features(["a red seven"]).shape[0] == 1
     card = read_model_card(tmp_path / "digits-sd")
     assert card["family"] == "digits" and card["seed"] == 1
+    # each model is built aside and put in place whole; its files readable as any other (safetensors writes 0600)
+    built = ["digits-clip", "digits-gan", "digits-judge", "digits-sd"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == built
+    assert all(f.stat().st_mode & 0o777 == normal_mode() for f in tmp_path.rglob("*.safetensors"))
+    build_zoo(tmp_path, seed=2, scale=0.001, only=("digits-judge",))  # a rebuild replaces the model
+    assert read_model_card(tmp_path / "digits-judge")["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == built
 
 
 def test_unknown_and_missing_embedded_models(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import torch
 
 from pipelines import load_model
 from pipelines.cards import write_model_card
+from pipelines.files import normalise_permissions
 from pipelines.gan_checkpoints import CONFIG_FILE
 
 from . import gan_recipe, recipe
@@ -38,6 +39,25 @@ def _to_half(directory: Path) -> None:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
         save_file(tensors, str(path), metadata=metadata)
+
+
+def _staging(path: Path) -> Path:
+    """A fresh folder beside `path` to build its model in (a killed build's is started over)."""
+    staging = path.with_name(f".{path.name}.building")
+    shutil.rmtree(staging, ignore_errors=True)
+    return staging
+
+
+def _install(staging: Path, path: Path) -> None:
+    """The model built in `staging` in place of `path`: a zoo folder never holds a half-written model (a killed build
+    leaves the previous one), and its files get ordinary modes (safetensors writes them 0600)."""
+    normalise_permissions(staging)
+    previous = path.with_name(f".{path.name}.previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if path.exists():
+        path.rename(previous)
+    staging.rename(path)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tuple[str, ...] = ()) -> dict:
@@ -78,23 +98,25 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
 
     if "digits-judge" in names:
         t0 = time.time()
-        path = out_root / "digits-judge"
+        path = _staging(out_root / "digits-judge")
         recipe.train_judge(path, steps.judge, steps.batch, seed)
         _to_half(path)
         write_model_card(path, {"name": "digits-judge", "kind": "judge", "steps": steps.judge, **common})
+        _install(path, out_root / "digits-judge")
         report["seconds"]["digits-judge"] = round(time.time() - t0, 1)
 
     if "digits-clip" in names:
         t0 = time.time()
-        path = out_root / "digits-clip"
+        path = _staging(out_root / "digits-clip")
         recipe.train_clip(path, steps.clip, steps.clip_batch, seed)
         _to_half(path)
         write_model_card(path, {"name": "digits-clip", "kind": "clip", "steps": steps.clip, **common})
+        _install(path, out_root / "digits-clip")
         report["seconds"]["digits-clip"] = round(time.time() - t0, 1)
 
     if "digits-sd" in names:
         t0 = time.time()
-        path = out_root / "digits-sd"
+        path = _staging(out_root / "digits-sd")
         work = out_root / ".digits-sd-parts"
         text_encoder = digits_clip().text_model.eval()
         tokenizer = clip_tokenizer(recipe.CLIP_CONTEXT)
@@ -105,8 +127,6 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
             scheduler=recipe.digits_scheduler(), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )  # fmt: skip
-        if path.exists():
-            shutil.rmtree(path)
         # a half-precision copy: the recipe's float32 modules (the text encoder is digits-clip's) stay as they are
         copy.deepcopy(pipe).to(dtype=torch.float16).save_pretrained(path, safe_serialization=True,
                                                                      max_shard_size=SHARD_SIZE)  # fmt: skip
@@ -118,11 +138,12 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
             "steps": {"vae": steps.vae, "unet": steps.unet}, **common,
         }  # fmt: skip
         write_model_card(path, card)
+        _install(path, out_root / "digits-sd")
         report["seconds"]["digits-sd"] = round(time.time() - t0, 1)
 
     if "digits-gan" in names:
         t0 = time.time()
-        path = out_root / "digits-gan"
+        path = _staging(out_root / "digits-gan")
         work = out_root / ".digits-gan-parts"
         first_stage, sharpened = work / "first-stage", work / "sharpened"
         # A stage's config is written last, so a rerun skips the stages already finished. Each
@@ -133,12 +154,13 @@ def build_zoo(out_root: str | Path, seed: int = 0, scale: float = 1.0, only: tup
         if not (sharpened / CONFIG_FILE).is_file():
             gan_recipe.sharpen_gan(first_stage, sharpened, steps.gan_sharpen, steps.gan_batch, seed, digits_clip())
         _to_half(sharpened)
-        digits_sd = load_model(out_root / "digits-sd").pipe
+        digits_sd = load_model(out_root / "digits-sd", device="cpu").pipe
         gan_recipe.distil_gan(sharpened, path, steps.gan_distil, steps.gan_batch, seed, digits_clip(), digits_sd)
         shutil.rmtree(work)
         _to_half(path)
         stage_steps = {"gan": steps.gan, "sharpen": steps.gan_sharpen, "distil": steps.gan_distil}
         card = {"name": "digits-gan", "kind": "gan", "family": "digits", "steps": stage_steps, **common}
         write_model_card(path, card)
+        _install(path, out_root / "digits-gan")
         report["seconds"]["digits-gan"] = round(time.time() - t0, 1)
     return report
