@@ -361,11 +361,11 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def input_digests(config: Any) -> dict[str, str]:
     """A digest of what each file or folder a config names holds (`"input"` fields: few-shot's images, SFD's prompt
     file, ...): a run resumes only on the same contents, which its path alone does not promise."""
-    from pipelines.files import content_digest
+    from pipelines.components import files_digest
 
     digests = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if f.metadata.get("input") and isinstance(value, str) and Path(value).expanduser().exists():
-            digests[f.name] = content_digest(Path(value).expanduser())
+            digests[f.name] = files_digest(Path(value).expanduser())
     return digests

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import random
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -24,25 +23,20 @@ Call = TypeVar("Call", bound=Callable)
 
 @contextlib.contextmanager
 def process_state_kept() -> Iterator[None]:
-    import numpy as np
-    import torch
     from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from .training import rng_state, set_rng_state  # what a checkpoint saves of the random streams
 
     with MODEL_WORK:
         shared = {kind: dict(kind._shared_state) for kind in (PartialState, AcceleratorState, GradientState)}
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        streams = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        streams = rng_state()
         try:
             yield
         finally:
             for kind, state in shared.items():
                 kind._shared_state.clear()
                 kind._shared_state.update(state)
-            random.setstate(streams[0])
-            np.random.set_state(streams[1])
-            torch.set_rng_state(streams[2])
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
+            set_rng_state(streams)
 
 
 def keeps_process_state(call: Call) -> Call:

@@ -283,7 +283,7 @@ class EMA:
             self.shadow[name].copy_(value)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -298,7 +298,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -614,7 +614,7 @@ class TrainingLoop:
                 k: v.state_dict() if _stateful(v) else v.detach().cpu() if torch.is_tensor(v) else v
                 for k, v in self.state.items()
             },  # fmt: skip
-            "rng": _rng_state(),
+            "rng": rng_state(),
             # fp16's loss scale and its growth count: a resume that started them over would skip other steps
             "scaler": None if self.run.accelerator.scaler is None else self.run.accelerator.scaler.state_dict(),
             "fingerprint": self.fingerprint,
@@ -653,7 +653,7 @@ class TrainingLoop:
                 self.state[key] = value
         if saved.get("scaler") is not None and self.run.accelerator.scaler is not None:
             self.run.accelerator.scaler.load_state_dict(saved["scaler"])
-        _set_rng_state(saved["rng"])
+        set_rng_state(saved["rng"])
         return saved["step"]
 
 

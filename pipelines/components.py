@@ -93,10 +93,16 @@ def _base_folder(ref: dict, folder: Path) -> Path:
 
 
 def files_digest(folder: Path) -> str:
-    """sha256 over every file of a component folder (names and contents, symlinks followed)."""
+    """sha256 over every file of a component folder (names and contents, symlinks followed); of a file, its
+    contents."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+    if folder.is_file():
+        files = [folder]
+    else:
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+    for path in files:
+        if path != folder:
+            digest.update(str(path.relative_to(folder)).encode() + b"\0")
         with open(path, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(chunk)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import hashlib
 import json
 import os
 import re
@@ -218,18 +217,6 @@ def write_json(path: str | Path, data, **dump_options) -> Path:
     """`data` as indented JSON with a final newline, written atomically."""
     text = json.dumps(data, indent=2, **dump_options) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def content_digest(path: Path) -> str:
-    """sha256 of a file's bytes, or of a folder's files (their names relative to it, and bytes), in name order."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(file.relative_to(path).as_posix().encode() + b"\0" if file != path else b"")
-        with open(file, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def slug(text: str, limit: int = 40) -> str:
