@@ -155,10 +155,11 @@ def erase(
     # Under several processes (accelerate launch, torchrun) every process trains; the main one
     # alone owns the run folder. All check it before any of them creates anything.
     run_dir.check()
+    run_dir.check_fingerprint(run.fingerprint)
     run.accelerator.wait_for_everyone()
     resumed = resume and run_dir.saved_progress()
     if run.is_main:
-        run_dir.begin()
+        run_dir.begin(run.fingerprint)
         if resume and not resumed:
             log.warning("nothing to resume in %s: the run stopped before its first checkpoint, so it starts from "
                         "its first step", run_dir.work)  # fmt: skip

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from pipelines.errors import InputError
 from pipelines.files import atomic_write, check_writable, slug, write_json
 
 from .isolation import keeps_process_state
-from .output import library_versions, read_manifest, recorded_base_model
+from .output import hold_exclusively, library_versions, read_manifest, recorded_base_model
 
 log = logging.getLogger(__name__)
 
@@ -127,36 +128,40 @@ def run_eval(
     if state.num_processes > 1 and device.startswith("cuda"):
         device = str(state.device)  # one GPU per process
     progress = progress and state.is_main_process
-    after = load_model(after_source, device=device, single_file_config=model_config, dtype=torch_dtype)
-    before = load_model(before_source, device=device, single_file_config=model_config, dtype=torch_dtype)
-    if after.kind == "gan":
-        result = evaluate_gan(after, before, concepts, samples=samples, seed=seed, clip=clip,
-                              fid_features=fid_features, progress=progress)  # fmt: skip
-    else:
-        result = evaluate(after, before, concepts, samples=samples, seed=seed, clip=clip, fid_features=fid_features,
-                          progress=progress, **prompt_options)  # fmt: skip
-    result.report["settings"]["processes"] = state.num_processes
-    result.report["settings"]["dtype"] = dtype_name(torch_dtype)
-    if not state.is_main_process:  # the main process attacks and writes; it needs no other process for that,
-        return json_path  # so none waits for it (a long attack would outlast a collective's timeout)
-    for concept in concepts:
-        if attacks:
-            result.report["concepts"][concept]["attacks"] = [
-                run_attack(kind, after, before, concept, attack_prompts, attack_seeds, attack_steps, clip, progress,
-                           attack_images if kind == "textual-inversion" else None,
-                           file_rows=prompt_options["target_rows"] or ())
-                for kind in attacks
-            ]  # fmt: skip
-    if manifest is not None:
-        result.report["run"] = {"method": manifest["method"], "config": manifest["config"], "seed": manifest["seed"]}
-        expected = manifest["base_model"].get("sha256")
-        result.report["baseline_matches_run"] = expected == result.report["before"]["sha256"]
+    # Two evaluations of one run would mix their grids and reports: the second is refused at once. (The main process
+    # alone writes; a report elsewhere than the run's own is the caller's file to name.)
+    lock = hold_exclusively(Path(target), "evaluated") if own_report and state.is_main_process else nullcontext()
+    with lock:
+        after = load_model(after_source, device=device, single_file_config=model_config, dtype=torch_dtype)
+        before = load_model(before_source, device=device, single_file_config=model_config, dtype=torch_dtype)
+        if after.kind == "gan":
+            result = evaluate_gan(after, before, concepts, samples=samples, seed=seed, clip=clip,
+                                  fid_features=fid_features, progress=progress)  # fmt: skip
+        else:
+            result = evaluate(after, before, concepts, samples=samples, seed=seed, clip=clip, fid_features=fid_features,
+                              progress=progress, **prompt_options)  # fmt: skip
+        result.report["settings"]["processes"] = state.num_processes
+        result.report["settings"]["dtype"] = dtype_name(torch_dtype)
+        if not state.is_main_process:  # the main process attacks and writes; it needs no other process for that,
+            return json_path  # so none waits for it (a long attack would outlast a collective's timeout)
+        for concept in concepts:
+            if attacks:
+                result.report["concepts"][concept]["attacks"] = [
+                    run_attack(kind, after, before, concept, attack_prompts, attack_seeds, attack_steps, clip, progress,
+                               attack_images if kind == "textual-inversion" else None,
+                               file_rows=prompt_options["target_rows"] or ())
+                    for kind in attacks
+                ]  # fmt: skip
+        if manifest is not None:
+            result.report["run"] = {k: manifest[k] for k in ("method", "config", "seed")}
+            expected = manifest["base_model"].get("sha256")
+            result.report["baseline_matches_run"] = expected == result.report["before"]["sha256"]
 
-    result.report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result.report["versions"] = library_versions()
-    _warn_of_replaced_results(json_path, result.report)
-    _write_report(result.report, result.grids, json_path, grid_dir)
-    return json_path
+        result.report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        result.report["versions"] = library_versions()
+        _warn_of_replaced_results(json_path, result.report)
+        _write_report(result.report, result.grids, json_path, grid_dir)
+        return json_path
 
 
 def _write_report(report: dict, grids: dict, json_path: Path, grid_dir: Path) -> None:

@@ -9,12 +9,14 @@ leaves only what `--resume` needs.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import platform
 import resource
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from . import DISTRIBUTION
 MANIFEST = "erasure.json"
 REQUIRED_KEYS = ("method", "concepts", "base_model", "config", "seed")
 LOCK_FILE = "lock"
+FINGERPRINT_FILE = "fingerprint.json"  # the settings the run began with, for `--resume` to check before loading
 FORMAT = "erasure-run/1"
 
 
@@ -66,8 +69,16 @@ class RunDirectory:
                 f"an interrupted run of {self.final} exists in {self.work}; pass --resume or delete that folder"
             )
 
-    def begin(self) -> None:
-        """Create the work folder and take its lock (or take over an interrupted run's with --resume)."""
+    def check_fingerprint(self, fingerprint: dict) -> None:
+        """With --resume: refuse other settings than the run began with now, before the base model loads (minutes at
+        SDXL size). Each checkpoint carries the fingerprint too, and is checked again as it loads."""
+        path = self.work / FINGERPRINT_FILE
+        if self.resume and path.is_file() and self.saved_progress():
+            refuse_other_settings(read_json(path), json.loads(json.dumps(fingerprint)), self.checkpoint_dir)
+
+    def begin(self, fingerprint: dict | None = None) -> None:
+        """Create the work folder and take its lock (or take over an interrupted run's with --resume), and record the
+        run's `fingerprint` there when it starts."""
         self.check()
         self._made = [p for p in (self.final.parent, *self.final.parent.parents) if not p.exists()]
         self.final.parent.mkdir(parents=True, exist_ok=True)
@@ -83,10 +94,12 @@ class RunDirectory:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock = fd
+        if fingerprint is not None:  # (a resumed run's was checked against it: `check_fingerprint`)
+            write_json(self.work / FINGERPRINT_FILE, fingerprint)
 
     def saved_progress(self) -> bool:
         """Whether the work folder holds anything to resume from (a checkpoint, a finished stage), not only a lock."""
-        return self.work.is_dir() and any(p.name != LOCK_FILE for p in self.work.iterdir())
+        return self.work.is_dir() and any(p.name not in (LOCK_FILE, FINGERPRINT_FILE) for p in self.work.iterdir())
 
     def _holder(self) -> int | str | None:
         """The pid of the process holding the run's lock, or None when nobody does."""
@@ -135,6 +148,32 @@ class RunDirectory:
             return False
         finally:
             self._release()
+
+
+def refuse_other_settings(saved: dict, current: dict, checkpoint: Path) -> None:
+    """InputError naming the fingerprint's entries (erasure.api.run_fingerprint) in which a run's checkpoint and the
+    command resuming it differ, if any."""
+    if saved != current:
+        differs = sorted(k for k in {*saved, *current} if saved.get(k) != current.get(k))
+        raise InputError(
+            f"the checkpoint in {checkpoint} was made with other values of: {', '.join(differs)}; rerun with the "
+            "settings of that run, or start over (delete that folder, or run without --resume into another --out)"
+        )
+
+
+@contextmanager
+def hold_exclusively(folder: Path, doing: str):
+    """Hold `folder` for this process (an exclusive `flock` on the folder itself: no lock file is left in it), or
+    refuse at once while another process holds it. The kernel drops the lock when its holder dies."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{folder} is being {doing} by another process; wait for it to end") from None
+        yield folder
+    finally:
+        os.close(fd)  # (which releases the lock)
 
 
 def _lock_exclusively(fd: int, attempts: int = 20) -> bool:

@@ -44,6 +44,8 @@ from pipelines.errors import InputError
 from pipelines.files import atomic_write
 from pipelines.signals import handling_stop_signals
 
+from .output import refuse_other_settings
+
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -627,13 +629,7 @@ class TrainingLoop:
         if path is None or not (path / CHECKPOINT_FILE).is_file():
             return 0
         saved = load_checkpoint(path)
-        if saved["fingerprint"] != self.fingerprint:
-            differs = sorted(k for k in {*saved["fingerprint"], *self.fingerprint}
-                             if saved["fingerprint"].get(k) != self.fingerprint.get(k))  # fmt: skip
-            raise InputError(
-                f"the checkpoint in {path} was made with other values of: {', '.join(differs)}; rerun with the "
-                "settings of that run, or start over (delete that folder, or run without --resume into another --out)"
-            )
+        refuse_other_settings(saved["fingerprint"], self.fingerprint, path)
         unwrap = self.run.accelerator.unwrap_model
         with torch.no_grad():
             for name, module in self.modules.items():

@@ -25,7 +25,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix = f".{path.name}.tmp-"
+    remove_abandoned(path.parent, prefix)  # a killed writer's file: a checkpoint's is gigabytes at SD size
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{os.getpid()}-", dir=path.parent)
     os.close(fd)
     try:
         os.chmod(tmp, normal_mode())  # mkstemp makes it private (0600); the result is an ordinary file
@@ -77,14 +79,19 @@ def write_folder_atomically(folder: str | Path, build: Callable[[Path], None]) -
 
 
 def remove_abandoned(parent: Path, prefix: str) -> None:
-    """Remove the folders `parent/PREFIX<pid>-XXXX` whose writer process is gone (killed before it could clean up).
+    """Remove the folders and files `parent/PREFIX<pid>-XXXX` whose writer process is gone (killed before it could
+    clean up).
 
     Only that exact shape is matched: `.run.staging-x.staging-123-ab`, the staging folder of a run named
     `run.staging-x`, is not one of `run`'s."""
     for found in parent.glob(f"{glob.escape(prefix)}*"):
         pid = re.fullmatch(r"([1-9]\d{0,6})-[^.]+", found.name.removeprefix(prefix))
-        if pid and found.is_dir() and not found.is_symlink() and not _alive(int(pid.group(1))):
+        if not pid or found.is_symlink() or _alive(int(pid.group(1))):
+            continue
+        if found.is_dir():
             shutil.rmtree(found, ignore_errors=True)
+        elif found.is_file():
+            found.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -157,7 +164,7 @@ def check_writable(path: str | Path, what: str = "--out") -> Path:
 
 
 # The longest name written beside an output, as its own name plus this: `.NAME.staging-PID-XXXXXXXX` (a folder
-# written atomically), `.NAME.XXXXXXXX.tmp` (a file), `.NAME.work` (a run's checkpoints).
+# written atomically), `.NAME.tmp-PID-XXXXXXXX` (a file written atomically), `.NAME.work` (a run's checkpoints).
 NAME_OVERHEAD = 32
 
 

@@ -340,7 +340,8 @@ def test_a_killed_run_leaves_a_stale_lock_that_resume_takes_over(tiny_pipeline_d
 def test_resuming_a_run_that_stopped_before_its_first_checkpoint_says_it_starts_over(tiny_pipeline_dir, tmp_path,
                                                                                      caplog):  # fmt: skip
     (tmp_path / ".run.work").mkdir()
-    (tmp_path / ".run.work" / "lock").write_text("12345\n")  # what a run killed before its first checkpoint leaves
+    (tmp_path / ".run.work" / "lock").write_text("12345\n")  # what a run killed before its first checkpoint leaves,
+    (tmp_path / ".run.work" / "fingerprint.json").write_text('{"method": "fewshot"}')  # with the settings it began
     with caplog.at_level("WARNING", logger="erasure"):
         run = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", resume=True, progress=False,
                     sets=["steps=1", "ddim_steps=2"])  # fmt: skip
@@ -352,6 +353,7 @@ def test_resuming_a_run_that_stopped_before_its_first_checkpoint_says_it_starts_
 def test_a_plain_rerun_of_a_run_killed_before_its_first_checkpoint_starts_afresh(tiny_pipeline_dir, tmp_path):
     (tmp_path / ".run.work").mkdir()
     (tmp_path / ".run.work" / "lock").write_text("12345\n")  # nothing to resume: no reason to ask for --resume
+    (tmp_path / ".run.work" / "fingerprint.json").write_text('{"method": "fewshot"}')
     run = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False,
                 sets=["steps=1", "ddim_steps=2"])  # fmt: skip
     assert '"resumed": false' in (run / "erasure.json").read_text()

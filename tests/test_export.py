@@ -348,6 +348,32 @@ def test_grids_that_are_not_the_reports_own_are_refused_by_export(evaluated_run,
         run_eval(str(run), samples=1, clip="digits-clip", progress=False)
 
 
+def test_a_second_evaluation_of_a_run_is_refused_while_one_writes_it(evaluated_run, tmp_path):
+    """Two evaluations of one run would mix their grids and reports: while one runs (here a process holding what it
+    holds), a second is refused before any model loads; a report written elsewhere is not held up."""
+    import subprocess
+    import sys
+
+    from pipelines import InputError
+
+    run = _copy_run(evaluated_run, tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", str(run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = (run / "eval.json").read_bytes()
+        with pytest.raises(InputError, match=f"{run} is being evaluated by another process; wait for it to end"):
+            run_eval(str(run), samples=1, clip="digits-clip", progress=False)
+        assert (run / "eval.json").read_bytes() == before
+        run_eval(str(run), samples=1, clip="digits-clip", progress=False, json_path=tmp_path / "elsewhere.json")
+    finally:
+        holder.communicate("")
+    run_eval(str(run), samples=1, clip="digits-clip", progress=False)  # the holder has ended: the lock went with it
+
+
 def _copy_run(run: Path, tmp_path: Path) -> Path:
     import shutil
 

@@ -38,7 +38,7 @@ def test_run_folder_is_a_pipeline_with_its_manifest(tiny_pipeline_dir, tmp_path)
     assert not (tmp_path / ".run.work").exists()
 
 
-def test_interrupted_run_resumes_to_the_same_result(tiny_pipeline_dir, tmp_path):
+def test_interrupted_run_resumes_to_the_same_result(tiny_pipeline_dir, tmp_path, monkeypatch):
     straight = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "a", sets=QUICK, checkpoint_every=2,
                      progress=False)  # fmt: skip
     # A Ctrl-C stays a KeyboardInterrupt for the caller (a sweep's `except Exception` must not swallow it); it
@@ -52,6 +52,16 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_pipeline_dir, tmp_path)
     with pytest.raises(InputError, match="pass --resume"):
         erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK, progress=False)
     with pytest.raises(InputError, match="made with other values of: config"):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK + ["lr=0.5"], resume=True,
+              progress=False)  # fmt: skip
+    # and refused before the base model loads (minutes at SDXL size), from the settings the run began with
+    import pipelines
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the settings were checked")
+
+    with monkeypatch.context() as patch, pytest.raises(InputError, match="made with other values of: config"):
+        patch.setattr(pipelines, "load_model", no_loading)
         erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "b", sets=QUICK + ["lr=0.5"], resume=True,
               progress=False)  # fmt: skip
     from diffusers import StableDiffusionPipeline
@@ -99,6 +109,21 @@ def test_a_run_removes_the_staging_folders_of_killed_runs_only(tiny_pipeline_dir
         (folder / "unet").mkdir(parents=True)
     erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "run"])
+
+
+def test_a_file_written_atomically_removes_the_temporary_files_of_killed_writers_only(tmp_path):
+    """A writer killed mid-write (SIGKILL during a checkpoint, gigabytes at SD size) leaves its temporary file: the
+    next write of that file removes it, and leaves those of live writers and of other files."""
+    from pipelines.files import write_json
+
+    killed = tmp_path / f".eval.json.tmp-{dead_pid()}-k1ll3d00"
+    live = tmp_path / f".eval.json.tmp-{os.getpid()}-l1ve0000"
+    other = tmp_path / f".eval.json.tmp-x.json.tmp-{dead_pid()}-abc"  # a killed writer's, of `eval.json.tmp-x.json`
+    for file in (killed, live, other):
+        file.write_text("{")
+    write_json(tmp_path / "eval.json", {"ok": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "eval.json"])
+    assert json.loads((tmp_path / "eval.json").read_text()) == {"ok": True}
 
 
 def test_failed_run_leaves_nothing_behind(tiny_pipeline_dir, tmp_path):
