@@ -29,7 +29,7 @@ def time_choice(model, choice: str, batch: int, calls: int, reference) -> tuple[
     """`choice`'s timings (and its gap from `reference`, the eager call's outputs), and its first call's outputs."""
     import torch
 
-    from erasure.common import StepDenoiser
+    from erasure.compiled import StepDenoiser
 
     unet, family = model.unet, model.family
     device = next(unet.parameters()).device

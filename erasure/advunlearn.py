@@ -36,15 +36,15 @@ from pipelines.bounds import TRAJECTORY_STEPS
 from pipelines.errors import InputError
 
 from .common import (
-    COMPILE_CHOICES,
-    StepDenoiser,
+    attack_embeddings,
     check_encoder_scope,
     concept_prompts,
-    ddim_scheduler,
+    fast_at_start,
     frozen_copy,
     select_trainable,
     validate_scope,
 )
+from .compiled import COMPILE_CHOICES, StepDenoiser
 from .lora import LoraOptions, attach_lora
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
@@ -200,32 +200,6 @@ class bank_bar:
         self.bar.close()
 
 
-FAST_AT_STEP_TO_RADIUS = 1.25  # Wong, Rice & Kolter 2020: step alpha = 1.25 epsilon after a uniform start
-
-
-def fast_at_start(adv: torch.Tensor, lr: float) -> torch.Tensor:
-    """Fast AT's random start: a uniform point within lr / 1.25 of `adv`."""
-    radius = lr / FAST_AT_STEP_TO_RADIUS
-    return adv + torch.empty_like(adv).uniform_(-radius, radius)
-
-
-def attack_embeddings(loss_of: callable, adv: torch.Tensor, mode: str, steps: int, lr: float) -> torch.Tensor:
-    """Minimise `loss_of(adv)` over the adversarial embeddings only; returns the new `adv` (detached).
-    fast-at takes one sign step from `adv` (give it `fast_at_start(...)` for the random start)."""
-    adv = adv.detach().clone()
-    if mode == "fast-at":
-        adv.requires_grad_(True)
-        (grad,) = torch.autograd.grad(loss_of(adv), adv)
-        return (adv - lr * grad.sign()).detach()
-    adv.requires_grad_(True)
-    optimizer = torch.optim.Adam([adv], lr=lr)
-    for _ in range(steps):
-        (grad,) = torch.autograd.grad(loss_of(adv), adv)
-        adv.grad = grad
-        optimizer.step()
-    return adv.detach()
-
-
 def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext) -> ErasureResult:
     """Adversarially unlearn `concepts` from the text encoder of `model` (a TextToImageModel)."""
     family = model.family
@@ -249,9 +223,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     encoder.train()
     unet = model.unet.eval()
 
-    scheduler = ddim_scheduler(model)
-    scheduler.set_timesteps(config.ddim_steps, device=device)
-    cfg = model.unet.config
+    scheduler = family.sampling_scheduler(model, config.ddim_steps, device)
     with torch.no_grad():
         uncond_orig = model.encode([""], encoder_orig)
         vocab = family.vocabulary(model, encoder_orig)
@@ -279,7 +251,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
         """A batch's random draws (`rows(...)` of a global batch of `n`): the DDIM stop, the noise, then t in the
         stop's window, in the order that drawing batch after batch always took them."""
         stop = random.randrange(config.ddim_steps)
-        noise = rows(torch.randn(n, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device))
+        noise = rows(torch.randn(family.latent_shape(model, n), device=device))
         return stop, noise, rows(torch.randint(*family.timestep_window(scheduler, stop), (n,), device=device))
 
     def x_t_of(conds: list[torch.Tensor], drawn: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

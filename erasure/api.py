@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pipelines.bounds import SEED_BOUNDS, check_number
+from pipelines.components import RUN_SAVE_MODES
 from pipelines.errors import InputError
 from pipelines.files import check_outside, check_outside_models, check_writable, slug
 
@@ -32,10 +33,8 @@ def default_out_dir(method: str, concepts: Sequence[str]) -> Path:
 
 
 def _check_save_mode(save: str, source) -> None:
-    from pipelines.components import SAVE_MODES
-
-    if save not in (*SAVE_MODES, "lora"):
-        raise InputError(f"unknown --save {save!r}; choose one of: {', '.join(SAVE_MODES)}, lora")
+    if save not in RUN_SAVE_MODES:
+        raise InputError(f"unknown --save {save!r}; choose one of: {', '.join(RUN_SAVE_MODES)}")
     if save in ("changed", "lora") and (source.kind == "gan" or not source.path.is_dir()):
         raise InputError(
             f"--save {save} needs a base saved as a diffusers pipeline folder; {source.spec} is a "
@@ -142,8 +141,10 @@ def erase(
     out = check_writable(default_out_dir(method, concepts) if out is None else out)
     check_outside(out, source.path, "--out", "the model it erases from")
     check_outside_models(out, "--out")
+    # Under several processes (accelerate launch, torchrun) every process trains; the main one alone owns the run
+    # folder. All check it before any of them creates anything, and before hashing the base (seconds on SD).
     run_dir = RunDirectory(out, resume=resume)
-    run_dir.check()  # before hashing the base, which takes seconds on SD
+    run_dir.check()
     base_model = source.describe()  # hashes the base's weights: the run and its checkpoints are tied to them
     precision = {"optimizer_state": optimizer_state, "frozen_precision": frozen_precision}
     run = RunContext(
@@ -152,9 +153,6 @@ def erase(
         fingerprint=run_fingerprint(method, concepts, config, seed, mixed_precision, base_model, device,
                                     **precision),
     )  # fmt: skip
-    # Under several processes (accelerate launch, torchrun) every process trains; the main one
-    # alone owns the run folder. All check it before any of them creates anything.
-    run_dir.check()
     run_dir.check_fingerprint(run.fingerprint)
     run.accelerator.wait_for_everyone()
     resumed = resume and run_dir.saved_progress()

@@ -1,5 +1,5 @@
-"""What the methods truly share: trainable-scope selection, frozen copies, concepts and their prompts,
-and a fresh DDIM scheduler for ESD's partial trajectory (the trajectory itself is the family's).
+"""What several methods share: trainable-scope selection, frozen copies, concepts and their prompts, the attack on
+adversarial word embeddings (AdvUnlearn, STEREO) and the denoising loss of real images (few-shot erasing, STEREO).
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ import re
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from pipelines.errors import InputError
+from pipelines.images import vae_precision
 
 # --- trainable scopes -------------------------------------------------------------------------
 
@@ -145,99 +147,53 @@ def concept_prompts(concepts: Sequence[str], templates: Sequence[str]) -> list[s
     return [t.format(c) for c in concepts for t in templates]
 
 
-def ddim_scheduler(model):
-    """A fresh DDIM scheduler with the model's noise schedule (the model's own is left untouched)."""
-    from pipelines.families.stable_diffusion import ddim_sampler
+# --- adversarial word embeddings (AdvUnlearn, STEREO) -------------------------------------------
 
-    return ddim_sampler(model.scheduler.config)
+FAST_AT_STEP_TO_RADIUS = 1.25  # Wong, Rice & Kolter 2020: step alpha = 1.25 epsilon after a uniform start
 
 
-# --- a denoiser's repeated calls, compiled ----------------------------------------------------------
-
-COMPILE_CHOICES = ("none", "cudagraphs", "reduce-overhead", "inductor", "aot_eager")
-_CUDA_GRAPHS = ("cudagraphs", "reduce-overhead")
-
-
-class StepDenoiser:
-    """`family.denoise(unet, x_t, t, cond)` for the calls a training step repeats with the same shapes, compiled
-    by torch.compile as `choice` says ("none": as is).
-
-    A small model's step on a GPU is bound by kernel launches, not arithmetic. `cudagraphs` traces each shape's
-    forward and backward once (seconds) and replays their kernels as one CUDA graph; that backend takes the
-    weights for inputs, so each graph holds a copy of them and each replay refreshes it: for a small model only.
-    `reduce-overhead` (inductor's fused kernels in CUDA graphs, weights in place) and `inductor` compile for
-    minutes (on a CPU more than a digits run's calls win back, `benchmarks/compile_speed.py`); `aot_eager`
-    traces without changing a kernel, the check that a family's denoiser compiles as one graph. `close()` when
-    done: the graphs stay cached in the process otherwise, and a UNet on xformers stays on SDPA.
-    """
-
-    def __init__(self, family, unet, choice: str, device: torch.device):
-        if choice not in COMPILE_CHOICES:
-            raise InputError(f"unknown compile choice {choice!r}; choose one of: {', '.join(COMPILE_CHOICES)}")
-        if choice in _CUDA_GRAPHS and device.type != "cuda":
-            raise InputError(f"compile_unet={choice} needs a CUDA device (this run is on {device.type})")
-        self.choice = choice
-
-        def denoise(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-            return family.denoise(unet, x_t, t, cond)
-
-        self._code, self._unet, self._processors = denoise.__code__, unet, None
-        if choice == "none":
-            self._call = denoise
-            return
-        self._processors = _attention_without_xformers(unet)  # xformers' kernels are opaque to the tracer
-        how = {"mode": choice} if choice == "reduce-overhead" else {"backend": choice}
-        self._call = torch.compile(denoise, fullgraph=True, dynamic=False, **how)
-        self._skips_before = self._skips()
-
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self._call(x_t, t, cond)
-
-    def new_step(self) -> None:
-        """Declare every earlier call's outputs dead and its backward pass done. A CUDA graph's replay reuses its
-        outputs' memory; without the mark a second call of a shape records a second graph beside the first."""
-        if self.choice in _CUDA_GRAPHS:
-            torch.compiler.cudagraph_mark_step_begin()
-
-    def close(self) -> None:
-        """Drop the compiled graphs and the CUDA graphs' memory. Every run's `denoise` shares one code object, so
-        runs in one process (the preview, a benchmark) would add to one cache, which `fullgraph` turns into an
-        error at its recompile limit (8); the trees' step marks would also reach other compiled models."""
-        if self.choice == "none":
-            return
-        if self._processors is not None:  # the UNet's own attention back, for what the process does next
-            self._unet.set_attn_processor(self._processors)
-        torch._dynamo.reset_code(self._code)
-        if self.choice in _CUDA_GRAPHS:
-            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-
-            reset_cudagraph_trees()
-
-    @staticmethod
-    def _skips() -> int:
-        from torch._dynamo.utils import counters
-
-        return counters["inductor"]["cudagraph_skips"]
-
-    def record(self) -> dict:
-        """What `erasure.json` keeps of the compiling: the choice and, with CUDA graphs, how many of the graphs
-        compiled in this process since the run began fell back to launching kernels one by one."""
-        if self.choice not in _CUDA_GRAPHS:
-            return {"choice": self.choice}
-        return {"choice": self.choice, "cudagraph_skips": self._skips() - self._skips_before}
+def fast_at_start(adv: torch.Tensor, lr: float) -> torch.Tensor:
+    """Fast AT's random start: a uniform point within lr / 1.25 of `adv`."""
+    radius = lr / FAST_AT_STEP_TO_RADIUS
+    return adv + torch.empty_like(adv).uniform_(-radius, radius)
 
 
-def _attention_without_xformers(unet) -> dict | None:
-    """A UNet that the loader gave xformers' attention (the `gpu` extra) on PyTorch's SDPA instead, which is as fast
-    and which the tracer sees through; returns the processors it had (None: nothing changed)."""
-    from diffusers import UNet2DConditionModel
+def attack_embeddings(loss_of: callable, adv: torch.Tensor, mode: str, steps: int, lr: float) -> torch.Tensor:
+    """Minimise `loss_of(adv)` over the adversarial embeddings only; returns the new `adv` (detached).
+    fast-at takes one sign step from `adv` (give it `fast_at_start(...)` for the random start)."""
+    adv = adv.detach().clone()
+    if mode == "fast-at":
+        adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_of(adv), adv)
+        return (adv - lr * grad.sign()).detach()
+    adv.requires_grad_(True)
+    optimizer = torch.optim.Adam([adv], lr=lr)
+    for _ in range(steps):
+        (grad,) = torch.autograd.grad(loss_of(adv), adv)
+        adv.grad = grad
+        optimizer.step()
+    return adv.detach()
 
-    if not isinstance(unet, UNet2DConditionModel):
-        return None
-    processors = unet.attn_processors
-    if not any("XFormers" in type(processor).__name__ for processor in processors.values()):
-        return None
-    from diffusers.models.attention_processor import AttnProcessor2_0
 
-    unet.set_attn_processor(AttnProcessor2_0())
-    return processors
+# --- the denoising loss on real images (few-shot erasing, STEREO) ----------------------------------
+
+
+def denoising_loss(model, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   unet=None) -> torch.Tensor:  # fmt: skip
+    """The ordinary denoising loss of `latents` under conditioning `cond` for `unet` (default: the model's;
+    eps- or v-prediction, as the model's scheduler says; FLUX: the flow's velocity)."""
+    noisy, target = model.family.noised(model, latents, noise, t)
+    return F.mse_loss(model.family.denoise(unet if unet is not None else model.unet, noisy, t, cond), target)
+
+
+@torch.no_grad()
+def encode_images(model, images: torch.Tensor, generator: torch.Generator, chunk: int = 64) -> torch.Tensor:
+    """VAE latents (scaled as the UNet sees them) of images in [0, 1], `chunk` images at a time (hundreds of
+    images at 512 px at once would not fit a GPU)."""
+    dtype, latents = model.vae.dtype, []
+    # SDXL's VAE overflows in float16: it encodes in float32, as diffusers' SDXL img2img does
+    with vae_precision(model.vae, getattr(model, "upcast_vae", False)) as vae:
+        for start in range(0, len(images), chunk):
+            pixels = (images[start : start + chunk] * 2 - 1).to(model.device, vae.dtype)
+            latents.append(vae.encode(pixels).latent_dist.sample(generator).to(dtype))
+    return model.family.scale_latents(model, torch.cat(latents))

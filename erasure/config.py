@@ -45,6 +45,11 @@ class MethodConfig:
         `concepts`; called once, before any model loads. Nothing by default."""
 
 
+# The run's own options, beside every method's config (`erase --mixed-precision ...`; erasure.training.RunContext)
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZER_STATES = ("fp32", "8bit")
+FROZEN_PRECISIONS = ("auto", "full", "half")
+
 # Options that earlier versions named otherwise: a file or a command line that still uses the old name
 # is told the new one (and is not silently translated).
 RENAMED_OPTIONS = {

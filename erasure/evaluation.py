@@ -259,8 +259,7 @@ def run_attack(attack: str, after, before, concept: str, prompts: int | None, se
 
         pictures = None
         if images is not None:
-            size = after.unet.config.sample_size * 2 ** (len(after.vae.config.block_out_channels) - 1)
-            pictures = load_square_images(image_folder_files(images), size)
+            pictures = load_square_images(image_folder_files(images), after.family.image_resolution(after))
         outcome = inversion_attack(after, before, detector, concept, targets, seeds_used,
                                    InversionSettings(steps=steps), images=pictures, progress=progress,
                                    guidance=guidance)  # fmt: skip

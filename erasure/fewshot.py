@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from pipelines.bounds import STEPS
 from pipelines.errors import InputError
-from pipelines.images import image_folder_files, load_square_images, vae_precision
+from pipelines.images import image_folder_files, load_square_images
 
-from .common import check_encoder_scope, select_trainable, validate_scope
+from .common import check_encoder_scope, denoising_loss, encode_images, select_trainable, validate_scope
 from .lora import LoraOptions, attach_lora, check_lora_components
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
@@ -189,27 +189,6 @@ def train_concept_tokens(tower, tokenizers: dict, concepts: list[str]) -> int:
         weight.register_hook(lambda grad, mask=mask: grad * mask)
         size += len(ids) * weight.shape[1]
     return size
-
-
-def denoising_loss(model, latents: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                   unet=None) -> torch.Tensor:  # fmt: skip
-    """The ordinary denoising loss of `latents` under conditioning `cond` for `unet` (default: the model's;
-    eps- or v-prediction, as the model's scheduler says; FLUX: the flow's velocity)."""
-    noisy, target = model.family.noised(model, latents, noise, t)
-    return F.mse_loss(model.family.denoise(unet if unet is not None else model.unet, noisy, t, cond), target)
-
-
-@torch.no_grad()
-def encode_images(model, images: torch.Tensor, generator: torch.Generator, chunk: int = 64) -> torch.Tensor:
-    """VAE latents (scaled as the UNet sees them) of images in [0, 1], `chunk` images at a time (hundreds of
-    images at 512 px at once would not fit a GPU)."""
-    dtype, latents = model.vae.dtype, []
-    # SDXL's VAE overflows in float16: it encodes in float32, as diffusers' SDXL img2img does
-    with vae_precision(model.vae, getattr(model, "upcast_vae", False)) as vae:
-        for start in range(0, len(images), chunk):
-            pixels = (images[start : start + chunk] * 2 - 1).to(model.device, vae.dtype)
-            latents.append(vae.encode(pixels).latent_dist.sample(generator).to(dtype))
-    return model.family.scale_latents(model, torch.cat(latents))
 
 
 def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) -> ErasureResult:

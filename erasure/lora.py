@@ -18,13 +18,9 @@ from pathlib import Path
 import torch
 
 from pipelines.errors import InputError
-from pipelines.lora_files import ADAPTER, LORA_FILE
+from pipelines.lora_files import ADAPTER, LORA_FILE, MAX_LORA_RANK
 
 from .config import MethodConfig
-
-# Beyond the widths of the models' layers (SD's 1280, FLUX's 3072 attention) a rank only pads every layer with
-# zeros, and its adapters' memory grows with it: a typo such as 100000 would exhaust the machine's memory.
-MAX_LORA_RANK = 1024
 
 
 @dataclass

@@ -241,7 +241,7 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
 
     trainable = sum(p.numel() for p in generator.parameters() if p.requires_grad)
     alphas = model.scheduler.alphas_cumprod.to(device, torch.float32)
-    latent_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
+    latent_shape = family.latent_shape(model, 1)[1:]
 
     pairs = family.forget_pairs(overrides, config.prompt_templates, run.seed or 0)
     # Distilling only keeps the whole prompt distribution, concept included: that is the teacher to match.

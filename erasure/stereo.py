@@ -32,9 +32,16 @@ import torch.nn.functional as F
 from pipelines.bounds import TRAJECTORY_STEPS
 from pipelines.images import to_tensor
 
-from .advunlearn import attack_embeddings, fast_at_start
-from .common import concept_prompts, ddim_scheduler, frozen_copy, select_trainable, validate_scope
-from .fewshot import denoising_loss, encode_images
+from .common import (
+    attack_embeddings,
+    concept_prompts,
+    denoising_loss,
+    encode_images,
+    fast_at_start,
+    frozen_copy,
+    select_trainable,
+    validate_scope,
+)
 from .lora import LoraOptions, attach_lora
 from .training import (
     ErasureResult,
@@ -166,10 +173,8 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
     for module in (model.unet, encoder, model.vae):
         module.requires_grad_(False)
     original = frozen_copy(model.unet)
-    scheduler = ddim_scheduler(model)
-    scheduler.set_timesteps(config.ddim_steps, device=device)
-    unet_cfg = model.unet.config
-    latent_shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
+    scheduler = family.sampling_scheduler(model, config.ddim_steps, device)
+    latent_shape = family.latent_shape(model, 1)[1:]
 
     templates = list(config.prompt_templates)
     prompts = concept_prompts(concepts, templates)
@@ -261,7 +266,6 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
         words = [found[0][f"word-{r}"].to(device) for r in range(config.rounds)]
     else:
         words = search()
-        run.accelerator.free_memory()  # accelerate holds every network and optimizer it prepared until told
         if run.is_main and words_file is not None:
             save_finished_stage(words_file, {f"word-{r}": w for r, w in enumerate(words)}, searched)
             for r in range(config.rounds):

@@ -323,7 +323,6 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
         used[concept] = {"concept_prompts": concept_prompts}
         if config.direction == "text":  # the mapper's direction is of images: no neutral prompt enters it
             used[concept]["neutral_prompts"] = neutral_prompts
-        if config.direction == "text":
             directions.append(text_direction(clip, concept_prompts, neutral_prompts))
         else:
             directions.append(mapper_direction(frozen, clip, concept_prompts, config, run, f"mapper-{k}"))

@@ -44,6 +44,7 @@ from pipelines.errors import InputError
 from pipelines.files import atomic_write
 from pipelines.signals import handling_stop_signals
 
+from .config import FROZEN_PRECISIONS, MIXED_PRECISIONS, OPTIMIZER_STATES
 from .output import refuse_other_settings
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -62,8 +63,6 @@ class StopRequest:
 
 
 STOP_REQUEST = StopRequest()
-OPTIMIZER_STATES = ("fp32", "8bit")
-FROZEN_PRECISIONS = ("auto", "full", "half")
 
 
 @dataclass
@@ -88,7 +87,7 @@ class RunContext:
     _host_group: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in MIXED_PRECISIONS:
             raise InputError(f"--mixed-precision must be no, fp16 or bf16, not {self.mixed_precision!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("--device cuda was asked for but CUDA is not available on this machine")
@@ -306,10 +305,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        if isinstance(state["cuda"], list):  # an older checkpoint: every device's state, restored as it was saved
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def trainable_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

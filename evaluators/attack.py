@@ -44,7 +44,9 @@ class AttackSettings:
     seed: int = 0
 
 
-def _reference_latents(model, images: torch.Tensor) -> torch.Tensor:
+def reference_latents(model, images: torch.Tensor) -> torch.Tensor:
+    """The attacks' references as latents, in float32: the VAE posterior's mean (training's `encode_images` draws
+    from it instead, with the run's seed)."""
     latents = []
     with torch.no_grad(), vae_precision(model.vae, getattr(model, "upcast_vae", False)) as vae:
         for chunk in images.split(8):  # SD's VAE encoder at 512 px: a few images at a time
@@ -53,8 +55,8 @@ def _reference_latents(model, images: torch.Tensor) -> torch.Tensor:
     return torch.cat(latents)
 
 
-def denoising_loss(model, z_ref: torch.Tensor, cond: torch.Tensor, timesteps: tuple[int, int],
-                   g: torch.Generator) -> torch.Tensor:  # fmt: skip
+def classifier_loss(model, z_ref: torch.Tensor, cond: torch.Tensor, timesteps: tuple[int, int],
+                    g: torch.Generator) -> torch.Tensor:  # fmt: skip
     """The erased model as a diffusion classifier: how well it denoises the reference latents under `cond`
     (its prediction against what the family's forward process says it should predict: the noise, v, or a flow
     model's velocity)."""
@@ -176,7 +178,7 @@ class AttackTarget:
         pairs = prompt_pairs(prompts, seeds)
         references = draw_pairs(base, prompts, seeds, guidance)
         plain = draw_pairs(erased, prompts, seeds, guidance)
-        z_ref = _reference_latents(erased, references)
+        z_ref = reference_latents(erased, references)
         tower = erased.family.text_tower(erased)
         tower.requires_grad_(False)
         erased.unet.requires_grad_(False)
@@ -204,7 +206,7 @@ class AttackTarget:
             latents = self.erased.family.one_step(unet, self.alphas, self.erased.t_init, self.z_seeds[rows], cond,
                                                   prediction)  # fmt: skip
             return F.mse_loss(latents, self.z_ref[rows])
-        return denoising_loss(self.erased, self.z_ref[rows], cond, timesteps, g)
+        return classifier_loss(self.erased, self.z_ref[rows], cond, timesteps, g)
 
     def encode(self, rows, words: torch.Tensor) -> torch.Tensor:
         """The conditioning of `rows` of the pairs' prompts with free `words` inserted after the start token."""

@@ -21,8 +21,7 @@ from pipelines.tokenizer import plain_words
 
 from .attack import (
     Seeds,
-    _reference_latents,
-    denoising_loss,
+    classifier_loss,
     draw_embedded,
     draw_pairs,
     for_each_pair,
@@ -30,6 +29,7 @@ from .attack import (
     loss_ends,
     outcome_shares,
     prompt_pairs,
+    reference_latents,
 )
 
 
@@ -79,7 +79,7 @@ def inversion_attack(
         contexts = [context[i % len(context)] for i in range(len(images))]
     # a word learnt on images without the concept has nothing to bring back
     images_showing = float(judge.detects(images, concept).float().mean())
-    z_ref = _reference_latents(erased, images)
+    z_ref = reference_latents(erased, images)
     train_ids = erased.tokenize(contexts)
     family = erased.family
     encoder = family.text_tower(erased)
@@ -98,7 +98,7 @@ def inversion_attack(
     for _ in tqdm(range(settings.steps), desc=f"textual inversion {concept}", disable=not progress):
         rows = torch.randint(len(z_ref), (min(settings.batch_size, len(z_ref)),), generator=g).to(device)
         cond = family.encode_inserted(erased, encoder, train_ids[rows], word)
-        loss = denoising_loss(erased, z_ref[rows], cond, settings.timesteps, g)
+        loss = classifier_loss(erased, z_ref[rows], cond, settings.timesteps, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from pipelines.files import slug
-from pipelines.images import labelled_grid, to_tensor
+from pipelines.images import labelled_grid, to_pil, to_tensor
 
 if TYPE_CHECKING:
     from pipelines.families import Family
@@ -544,7 +544,5 @@ def _seed_range(first: int, count: int) -> str:
 
 
 def to_pil_rows(images: torch.Tensor, per_row: int) -> list[list[Image.Image]]:
-    from pipelines.images import to_pil
-
     pil = to_pil(images)
     return [pil[i : i + per_row] for i in range(0, len(pil), per_row)]

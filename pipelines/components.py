@@ -13,7 +13,6 @@ minutes and gigabytes per run on SD 1.x, so a run folder takes them from the bas
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -25,11 +24,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
-from .files import read_json, write_json
+from .files import files_sha256, read_json, write_json
+from .safe_load import PICKLED_SUFFIXES
 
 BASE_FILE = "erasure_base.json"
 SAVE_MODES = ("full", "changed")
-PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pkl", ".pth")
+RUN_SAVE_MODES = (*SAVE_MODES, "lora")  # erase --save: a LoRA run can also be kept as its adapters alone
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,9 @@ def _base_folder(ref: dict, folder: Path) -> Path:
 def files_digest(folder: Path) -> str:
     """sha256 over every file of a component folder (names and contents, symlinks followed); of a file, its
     contents."""
-    digest = hashlib.sha256()
     if folder.is_file():
-        files = [folder]
-    else:
-        files = sorted(p for p in folder.rglob("*") if p.is_file())
-    for path in files:
-        if path != folder:
-            digest.update(str(path.relative_to(folder)).encode() + b"\0")
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+        return files_sha256([(None, folder)])
+    return files_sha256(((str(p.relative_to(folder)), p) for p in sorted(folder.rglob("*")) if p.is_file()), b"\0")
 
 
 def _lendable(folder: Path) -> bool:

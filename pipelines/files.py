@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import InputError
@@ -208,6 +209,18 @@ def check_outside_models(path: str | Path, what: str) -> None:
     for folder in path.parents:
         if any((folder / marker).is_file() for marker in MODEL_FOLDER_MARKERS):
             raise InputError(f"{what} {path} is inside the model folder {folder}; write it somewhere else")
+
+
+def files_sha256(named_files: Iterable[tuple[str | None, Path]], separator: bytes = b"") -> str:
+    """sha256 over files in the order given, each one's contents after its name (and `separator`) when it has one."""
+    digest = hashlib.sha256()
+    for name, path in named_files:
+        if name is not None:
+            digest.update(name.encode() + separator)
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json(path: str | Path):

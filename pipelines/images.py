@@ -39,8 +39,6 @@ DECODE_CHUNK = 16
 def vae_precision(vae, upcast: bool):
     """Within the block, a float16 VAE whose config asks for it (`force_upcast`) runs in float32 when `upcast`:
     SDXL's VAE overflows in float16, and SDXL's pipelines upcast it (SD 1.x's decode in float16)."""
-    import torch
-
     upcast = upcast and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
     if upcast:
         vae.to(torch.float32)
@@ -85,7 +83,7 @@ class GridLayout:
 
     @classmethod
     def of(cls, n_rows: int, n_cols: int, cell: int, row_labels=None, column_labels=None) -> GridLayout:
-        pad, font = 4, ImageFont.load_default()
+        pad, font = cls.pad, ImageFont.load_default()
         label_width = min(360, 8 + max(int(font.getlength(label)) for label in row_labels)) if row_labels else 0
         header_height = 16 if column_labels else 0
         return cls(label_width, header_height, label_width + n_cols * (cell + pad) + pad,
@@ -142,8 +140,6 @@ def _fit(text: str, font: ImageFont.ImageFont, width: int) -> str:
 def image_folder_files(folder: str | Path, count: int = 0) -> list[Path]:
     """The image files of `folder` (the first `count` in name order; all when 0), checked before
     any model loads: every file must open as an image, and there must be enough of them."""
-    from .errors import InputError
-
     folder = Path(folder).expanduser()
     if not folder.exists():
         raise InputError(f"image folder {folder} does not exist")

@@ -10,7 +10,6 @@ a second with one readable message.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 import socket
@@ -21,7 +20,8 @@ from typing import Literal
 
 from .cards import MODEL_CARD_FILE, read_model_card
 from .errors import InputError
-from .files import read_json
+from .files import files_sha256, read_json
+from .safe_load import PICKLED_SUFFIXES
 from .zoo import models as zoo
 
 Kind = Literal["text-to-image", "one-step", "gan"]
@@ -70,20 +70,11 @@ class ModelSource:
 
 def weights_digest(path: Path) -> str:
     """sha256 over the weight files of a model (names and contents), to pin what was erased."""
-    files = (
-        [path]
-        if path.is_file()
-        else sorted(
-            p for p in path.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt", ".pkl") and p.is_file()
-        )
-    )
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    if path.is_file():
+        return files_sha256([(path.name, path)])
+    weights = (".safetensors", *PICKLED_SUFFIXES)
+    return files_sha256((str(p.relative_to(path)), p) for p in sorted(path.rglob("*")) if p.suffix in weights
+                        and p.is_file())  # fmt: skip
 
 
 def check_weight_files(path: Path) -> None:

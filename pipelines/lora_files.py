@@ -6,6 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+# Beyond the widths of the models' layers (SD's 1280, FLUX's 3072 attention) a rank only pads every layer with
+# zeros, and its adapters' memory grows with it: a typo such as 100000 would exhaust the machine's memory.
+MAX_LORA_RANK = 1024
+LORA_FORMATS = ("diffusers", "kohya")  # export's --lora-format: diffusers' file, and also the kohya / sd-scripts one
 ADAPTER = "erasure"
 
 

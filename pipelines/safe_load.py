@@ -20,6 +20,8 @@ from typing import Any, BinaryIO
 
 from .errors import InputError
 
+PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")  # weight files that hold pickles (torch.save, pickle)
+
 ZIP_MAGIC = b"PK\x03\x04"  # how torch.load tells its zip format from the older one
 
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from erasure.advunlearn import SectionTimer, attack_embeddings, fast_at_start
+from erasure.advunlearn import SectionTimer
+from erasure.common import attack_embeddings, fast_at_start
 from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
 from .conftest import stops_resumably
@@ -234,7 +235,7 @@ def test_compiled_denoisers_of_runs_in_one_process_leave_no_cache_behind(tiny_mo
     import torch._dynamo
     from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
 
-    from erasure.common import StepDenoiser
+    from erasure.compiled import StepDenoiser
 
     family, cpu = tiny_model.family, torch.device("cpu")
     unet = copy.deepcopy(tiny_model.unet).requires_grad_(False)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from erasure.common import ddim_scheduler, select_trainable
+from erasure.common import select_trainable
 from erasure.esd import esd_target
 from pipelines.errors import InputError
 
@@ -15,8 +15,7 @@ def test_esd_target_is_negative_guidance():
 
 
 def test_partial_trajectory_stops_at_the_requested_noise_level(tiny_model):
-    scheduler = ddim_scheduler(tiny_model)
-    scheduler.set_timesteps(10)
+    scheduler = tiny_model.family.sampling_scheduler(tiny_model, 10, "cpu")
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         cond, uncond = tiny_model.encode(["a cat"]), tiny_model.encode([""])
@@ -29,8 +28,7 @@ def test_partial_trajectory_stops_at_the_requested_noise_level(tiny_model):
 
 def test_trajectories_that_stop_apart_share_each_unet_call(tiny_model):
     """A bank's trajectories run side by side: each row is its own trajectory, at max(stops) UNet calls in all."""
-    scheduler = ddim_scheduler(tiny_model)
-    scheduler.set_timesteps(6)
+    scheduler = tiny_model.family.sampling_scheduler(tiny_model, 6, "cpu")
     noise = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     stops, prompts = [2, 5, 0, 5, 3], ["a cat", "a dog", "a cat", "a red car", "a dog"]
     with torch.no_grad():

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from erasure.api import erase
+from erasure.common import denoising_loss, encode_images
 from erasure.config import build_config, parse_sets
-from erasure.fewshot import denoising_loss, encode_images
 from erasure.fewshot import erase as fewshot_erase
 from erasure.training import RunContext
 from pipelines import InputError, load_model

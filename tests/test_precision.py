@@ -67,7 +67,7 @@ def test_sdxl_in_float16_decodes_its_vae_in_float32_and_keeps_it_half(tmp_path):
 def test_few_shot_encodes_its_images_through_a_float16_sdxl_vae_in_float32(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from erasure.fewshot import encode_images
+    from erasure.common import encode_images
 
     StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(tmp_path / "xl")
     full, half = load_model(str(tmp_path / "xl")), load_model(str(tmp_path / "xl"), dtype=torch.float16)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from erasure.api import erase
+from erasure.common import denoising_loss, encode_images
 from erasure.config import build_config, parse_sets
-from erasure.fewshot import denoising_loss, encode_images
 from erasure.stereo import compositional_target, initial_word, invert
 from erasure.stereo import erase as stereo_erase
 from erasure.training import RunContext

@@ -12,9 +12,14 @@ import signal
 import sys
 
 from erasure import DISTRIBUTION, __version__
+from erasure.config import FROZEN_PRECISIONS, MIXED_PRECISIONS, OPTIMIZER_STATES
+from erasure.evaluation import ATTACKS
 from erasure.registry import METHODS, preset_paper
 from pipelines.bounds import COUNT, GUIDANCE, LORA_STRENGTH, STEPS, TRUNCATION, number, seed
+from pipelines.components import RUN_SAVE_MODES
+from pipelines.devices import DTYPES
 from pipelines.errors import InputError
+from pipelines.lora_files import LORA_FORMATS, MAX_LORA_RANK
 
 DESCRIPTION = """\
 Erase a concept (object, style, attribute, nudity, identity) from a text-to-image diffusion
@@ -50,7 +55,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _add_dtype_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+        "--dtype", default="auto", choices=DTYPES,
         help="weights' precision for generating: auto (default) is fp16 on a GPU and fp32 on the CPU",
     )  # fmt: skip
 
@@ -105,21 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="run folder to create (default: runs/<method>-<concept>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--seed", type=seed, default=None, help="random seed (default: 0)")
-    p.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"], help="accelerate mixed precision")
+    p.add_argument("--mixed-precision", default=None, choices=MIXED_PRECISIONS, help="accelerate mixed precision")
     p.add_argument(
-        "--optimizer-state", default=None, choices=["fp32", "8bit"],
+        "--optimizer-state", default=None, choices=OPTIMIZER_STATES,
         help="Adam's moment estimates: fp32 (default; torch's Adam, fused on a GPU) or 8bit (bitsandbytes' "
         "blockwise 8-bit Adam, from the adam8bit extra: a quarter of the optimiser memory, e.g. for full-weight SFD "
         "at SD 1.x size)",
     )  # fmt: skip
     p.add_argument(
-        "--frozen-precision", default=None, choices=["auto", "full", "half"],
+        "--frozen-precision", default=None, choices=FROZEN_PRECISIONS,
         help="weights of the networks a method computes through but does not train (ESD's original, SFD's teacher, "
         "the UNet of advunlearn and fewshot): half keeps them in the --mixed-precision dtype; auto (default) is half "
         "on a GPU under --mixed-precision, full (float32) otherwise",
     )  # fmt: skip
     p.add_argument(
-        "--save", default="full", choices=["full", "changed", "lora"],
+        "--save", default="full", choices=RUN_SAVE_MODES,
         help="full: a complete pipeline folder, unchanged components linked or copied from the base byte for "
         "byte (default); changed: only the changed components and a reference to the base (by path or hub id "
         "and sha256), which every erasure command resolves; lora: a run trained with --set lora_rank=R kept as its "
@@ -171,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preserved-prompts", metavar="FILE", help="preserved prompts, in the same formats as --prompts")
     p.add_argument("--neighbours", nargs="+", metavar="TEXT", help="neighbour concepts added to the preserved prompts")
     p.add_argument(
-        "--attack", choices=["embedding", "unlearndiffatk", "textual-inversion"], action="append",
+        "--attack", choices=ATTACKS, action="append",
         help="also attack the erased model (no retraining; repeat for several, each on the same pairs): "
         "embedding = UnlearnDiffAtk relaxed to embedding space; "
         "unlearndiffatk = its discrete form, k prefix words a user could type (saved as text); textual-inversion = "
@@ -280,13 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the model as one original-layout .safetensors (SD 1.x, 2.x or SDXL; A1111 / ComfyUI)",
     )  # fmt: skip
     p.add_argument(
-        "--as-lora", type=number(int, COUNT), metavar="RANK",
-        help="also write the run's weight change as LoRA adapters of this rank, 1-1024 (SVD; "
+        "--as-lora", type=number(int, f"[1, {MAX_LORA_RANK}]"), metavar="RANK",
+        help=f"also write the run's weight change as LoRA adapters of this rank, 1-{MAX_LORA_RANK} (SVD; "
         "pytorch_lora_weights.safetensors, loaded by diffusers' load_lora_weights), and the reduction's error "
         "(lora_reduction.json)",
     )  # fmt: skip
     p.add_argument(
-        "--lora-format", choices=["diffusers", "kohya"], default="diffusers",
+        "--lora-format", choices=LORA_FORMATS, default="diffusers",
         help="kohya: also write the LoRA (the run's own, or --as-lora's) in the kohya / sd-scripts layout that "
         "A1111 and ComfyUI load (FLUX: sd-scripts' FLUX layout of the blocks' layers, for ComfyUI), as "
         "REPO-NAME-lora.safetensors (default: the diffusers file only)",
@@ -384,7 +389,7 @@ def _show_config(method: str, model: str | None, config_file: str | None, sets: 
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from erasure.evaluation import ATTACKS, run_eval, summary_lines
+    from erasure.evaluation import run_eval, summary_lines
 
     attack_options = {"--attack-prompts": args.attack_prompts, "--attack-seeds": args.attack_seeds,
                       "--attack-steps": args.attack_steps, "--attack-images": args.attack_images}  # fmt: skip

@@ -43,7 +43,8 @@ from pipelines.files import (
     write_folder_atomically,
     write_json,
 )
-from pipelines.lora_files import LORA_FILE
+from pipelines.lora_files import LORA_FILE, LORA_FORMATS, MAX_LORA_RANK
+from pipelines.safe_load import PICKLED_SUFFIXES
 from pipelines.signals import stop_signals_raise
 
 from .model_card import (
@@ -58,7 +59,6 @@ from .model_card import (
 
 EVAL_FILE = "eval.json"
 GAN_FILES = ("generator_config.json", "generator.safetensors")  # the discriminator is not needed to generate
-PICKLED_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # What diffusers' and transformers' `save_pretrained` write into a component folder, and `from_pretrained` reads:
 # configs, the tokenizers' files, and weights in safetensors, whole or sharded with an index (a variant such as
 # `.fp16.` is not read without asking for it). Nothing else of a run folder is published: notes, backups, ...
@@ -115,8 +115,8 @@ def export_run(
         _check_single_file(run)
     if as_lora is not None:
         _check_as_lora(run, as_lora)
-    if lora_format not in ("diffusers", "kohya"):
-        raise InputError(f"unknown LoRA format {lora_format!r}; known: diffusers, kohya")
+    if lora_format not in LORA_FORMATS:
+        raise InputError(f"unknown LoRA format {lora_format!r}; known: {', '.join(LORA_FORMATS)}")
     if lora_format == "kohya" and run.kind == "one-step":
         raise InputError("--lora-format kohya: a one-step run's adapters make its one-step generator, and A1111 or "
                          "ComfyUI would apply them to the base's multi-step sampler; export without it")  # fmt: skip
@@ -321,12 +321,8 @@ def _check_single_file(run: Run) -> None:
 
 
 def _check_as_lora(run: Run, rank: int) -> None:
-    from pipelines.lora_files import LORA_FILE
-
     if run.kind != "text-to-image":
         raise InputError(f"--as-lora reduces a diffusion run's weight change; a {run.kind} run has no LoRA form")
-    from erasure.lora import MAX_LORA_RANK
-
     if not 1 <= rank <= MAX_LORA_RANK:
         raise InputError(f"--as-lora takes a rank between 1 and {MAX_LORA_RANK}, not {rank}")
     if (run.path / LORA_FILE).exists():

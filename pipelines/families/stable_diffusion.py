@@ -93,7 +93,7 @@ class StableDiffusionFamily(Family):
 
     def image_resolution(self, model) -> int:
         """The side of the images a method trains on (few-shot's real images are resized to it)."""
-        return model.unet.config.sample_size * 2 ** (len(model.vae.config.block_out_channels) - 1)
+        return model.resolution
 
     def scale_latents(self, model, latents: torch.Tensor) -> torch.Tensor:
         """The VAE's latents as the denoiser sees them."""
