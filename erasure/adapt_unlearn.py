@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -287,6 +288,33 @@ def _critic(clip, run: RunContext) -> CLIPFeatureDiscriminator | None:
         return CLIPFeatureDiscriminator.from_clip(clip)
 
 
+def _adversarial_stage(generator, discriminator, images: torch.Tensor, settings, config: AdaptUnlearnConfig,
+                       run: RunContext, fingerprint: dict, desc: str, clip, steps: int, term_of: Callable,
+                       ) -> tuple[dict[str, float], EMA | None, dict[str, torch.Tensor]]:  # fmt: skip
+    """The loop both stages run: the GAN's adversarial training on `images` (with the vision-aided critic on `clip`,
+    and an EMA copy of the generator under `ema_decay`), plus the stage's own term of the generator's loss, which
+    `term_of(trained tensors)` makes (None: no term; a term's `logs` join the step's). Returns the last logs, the
+    EMA (or None) and the trained tensors."""
+    critic = _critic(clip, run)
+    ema = EMA(generator, config.ema_decay) if config.ema_decay > 0 else None
+    loop = TrainingLoop(run, adversarial_networks(run, generator, discriminator, settings, critic), desc=desc,
+                        fingerprint=fingerprint, state={"ema": ema} if ema is not None else None)  # fmt: skip
+    if critic is not None:
+        critic.head = loop.modules["clip_head"]
+    params = trainable_parameters(generator)  # the same tensors the prepared module trains
+    images = images.to(run.torch_device)
+    term = term_of(params)
+
+    def step_fn(step: int) -> dict[str, float]:
+        real = real_batch(images, config.batch_size, run, discriminator.stddev_group)
+        logs = adversarial_step(loop, real, step, settings, term, critic, config.micro_batch)
+        if ema is not None:
+            ema.update(generator)
+        return {**logs, **getattr(term, "logs", {})}
+
+    return loop.fit(step_fn, steps), ema, params
+
+
 def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, torch.Tensor] | None,
           config: AdaptUnlearnConfig, run: RunContext, fingerprint: dict, desc: str, clip=None,
           ) -> dict[str, torch.Tensor]:  # fmt: skip
@@ -295,31 +323,31 @@ def adapt(generator, discriminator, negatives: torch.Tensor, fisher: dict[str, t
     parameters."""
     generator, discriminator = copy.deepcopy(generator).train(), copy.deepcopy(discriminator).train()
     anchor = {n: p.detach().clone() for n, p in trainable_parameters(generator).items()}
-    settings = config.adversarial()
-    critic = _critic(clip, run)
-    ema = EMA(generator, config.ema_decay) if config.ema_decay > 0 else None
-    loop = TrainingLoop(run, adversarial_networks(run, generator, discriminator, settings, critic), desc=desc,
-                        fingerprint=fingerprint, state={"ema": ema} if ema is not None else None)  # fmt: skip
-    if critic is not None:
-        critic.head = loop.modules["clip_head"]
-    params = trainable_parameters(generator)  # the same tensors the prepared module trains
-    device = run.torch_device
-    negatives = negatives.to(device)
 
-    def ewc(images, pooled) -> torch.Tensor:
-        return ewc_penalty(params, anchor, fisher, config.ewc_weight)
+    def ewc_of(params: dict[str, torch.Tensor]) -> Callable | None:
+        if not fisher:
+            return None
+        return lambda images, pooled: ewc_penalty(params, anchor, fisher, config.ewc_weight)
 
-    def step_fn(step: int) -> dict[str, float]:
-        real = real_batch(negatives, config.batch_size, run, discriminator.stddev_group)
-        logs = adversarial_step(loop, real, step, settings, ewc if fisher else None, critic, config.micro_batch)
-        if ema is not None:
-            ema.update(generator)
-        return logs
-
-    loop.fit(step_fn, config.adapt_steps)
+    _, ema, params = _adversarial_stage(generator, discriminator, negatives, config.adversarial(), config, run,
+                                        fingerprint, desc, clip, config.adapt_steps, ewc_of)  # fmt: skip
     if ema is not None:
         return {n: t.clone() for n, t in ema.shadow.items()}
     return {n: p.detach().clone() for n, p in params.items()}
+
+
+class _Repulsion:
+    """Stage 2's term: the weighted repulsion of the trained parameters from the adapted models' (its distance to
+    them goes into the step's logs)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], adapted: list[dict[str, torch.Tensor]],
+                 config: AdaptUnlearnConfig):  # fmt: skip
+        self.params, self.adapted, self.config, self.logs = params, adapted, config, {}
+
+    def __call__(self, images, pooled) -> torch.Tensor:
+        distance = parameter_distance(self.params, self.adapted)
+        self.logs = {"distance": distance.detach()}
+        return self.config.weight * repulsion(distance, self.config.repulsion, self.config.alpha)
 
 
 def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dict[str, torch.Tensor]],
@@ -328,33 +356,10 @@ def unlearn(generator, discriminator, positives: torch.Tensor, adapted: list[dic
     `adapted`; `discriminator` is trained beside it."""
     generator.train()
     discriminator.train()
-    settings = config.adversarial("unlearn")
-    critic = _critic(clip, run)
-    ema = EMA(generator, config.ema_decay) if config.ema_decay > 0 else None
-    loop = TrainingLoop(run, adversarial_networks(run, generator, discriminator, settings, critic),
-                        desc="adapt-unlearn: unlearn", fingerprint=fingerprint,
-                        state={"ema": ema} if ema is not None else None)  # fmt: skip
-    if critic is not None:
-        critic.head = loop.modules["clip_head"]
-    params = trainable_parameters(generator)
-    device = run.torch_device
-    positives = positives.to(device)
-    adapted = [{n: t.to(device) for n, t in theta.items()} for theta in adapted]
-
-    def step_fn(step: int) -> dict[str, float]:
-        real = real_batch(positives, config.batch_size, run, discriminator.stddev_group)
-        distance = {}
-
-        def term(images, pooled) -> torch.Tensor:
-            distance["d"] = parameter_distance(params, adapted)
-            return config.weight * repulsion(distance["d"], config.repulsion, config.alpha)
-
-        logs = adversarial_step(loop, real, step, settings, term, critic, config.micro_batch)
-        if ema is not None:
-            ema.update(generator)
-        return {**logs, "distance": distance["d"].detach()}
-
-    logs = loop.fit(step_fn, config.steps)
+    adapted = [{n: t.to(run.torch_device) for n, t in theta.items()} for theta in adapted]
+    logs, ema, _ = _adversarial_stage(generator, discriminator, positives, config.adversarial("unlearn"), config, run,
+                                      fingerprint, "adapt-unlearn: unlearn", clip, config.steps,
+                                      lambda params: _Repulsion(params, adapted, config))  # fmt: skip
     if ema is not None:  # the repulsion moved the trained weights; the generator kept is their average
         ema.copy_to(generator)
     return logs

@@ -179,7 +179,7 @@ def bank_entries_per_call(config: AdvUnlearnConfig, family, model, device: torch
     return max(1, BANK_LATENT_PIXELS // (rows * height * width))
 
 
-class bank_bar:
+class BankProgress:
     """A progress bar over the bank's trajectories (concept and retain entries): drawn before the first step, they
     take minutes at SD size, during which the training bar would sit at 0."""
 
@@ -311,7 +311,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
             with timer("trajectories"):
                 return concept, draw_retains(1, run.shard)[0]
         if "bank_x" not in state or (config.bank_refresh and step and step % config.bank_refresh == 0):
-            with timer("bank"), bank_bar(run, config.bank_size) as bar:
+            with timer("bank"), BankProgress(run, config.bank_size) as bar:
                 whole = lambda batch: batch  # noqa: E731
                 counts = [min(per_call, config.bank_size - i) for i in range(0, config.bank_size, per_call)]
                 concept = [entry for count in counts for entry in bar.counted(draw_concepts(count, whole))]
@@ -374,7 +374,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
         return {"unlearn": unlearn.detach(), "retain": utility.detach()}
 
     try:
-        with run.frozen_weights(model.unet):
+        with run.frozen_in_compute_dtype(model.unet):
             logs = loop.fit(step_fn, config.steps)
     finally:
         denoise.close()

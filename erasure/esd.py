@@ -6,7 +6,8 @@ from it, computed by the frozen original model:
     target = eps*(x_t, t, c0) - eta * (eps*(x_t, t, c) - eps*(x_t, t, c0))
     loss   = || eps_theta(x_t, t, c) - sg(target) ||^2
 
-`x_t` is data-free: the current model samples the concept with DDIM and stops at a random step.
+`x_t` is data-free: the current model samples the concept with the family's sampler (DDIM; FLUX: Euler flow steps)
+and stops at a random step.
 ESD-x trains the UNet's cross-attention, ESD-u the rest of the UNet but its time embedding and output
 layers (as the ESD code); training the text encoder
 instead gives the text-encoder variant AdvUnlearn compares with.
@@ -179,7 +180,7 @@ def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> Era
 
     with contextlib.ExitStack() as stack:
         for network in frozen:
-            stack.enter_context(run.frozen_weights(network))
+            stack.enter_context(run.frozen_in_compute_dtype(network))
         logs = loop.fit(step_fn, config.steps)
     trained.eval()
     changed = [family.denoiser] if config.component == "unet" else family.tower_components(config.scope)

@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
+from evaluators.report_format import EVAL_FILE
 from pipelines.errors import InputError
 from pipelines.files import atomic_write, check_writable, slug, write_json
 
@@ -102,22 +103,7 @@ def run_eval(
         raise InputError("--neighbours: empty concept")
     if not comparable_kinds(after_source.kind, before_source.kind):
         raise InputError(f"cannot compare a {after_source.kind} model with a {before_source.kind} model")
-    if manifest is not None:
-        json_path = Path(json_path).expanduser() if json_path else Path(target) / "eval.json"
-    else:
-        json_path = Path(json_path).expanduser() if json_path else Path(f"eval-{slug('-'.join(concepts))}.json")
-    # A run's own report keeps its grids in RUN/grids (what export publishes); any other report beside its file,
-    # so that two reports in one folder do not overwrite each other's.
-    own_report = manifest is not None and json_path.resolve() == (Path(target) / "eval.json").resolve()
-    grid_dir = json_path.parent / ("grids" if own_report else f"{json_path.stem}-grids")
-    if json_path.is_dir():
-        raise InputError(f"--json {json_path} is a folder; give the report's file name, e.g. {json_path / 'eval.json'}")
-    if json_path.exists() and not _is_report(json_path):
-        raise InputError(f"--json {json_path} exists and is not an evaluation report; it is left as it is")
-    check_writable(json_path, "--json")
-    if grid_dir.exists() and not grid_dir.is_dir():  # found now, not once every image is drawn
-        raise InputError(f"{grid_dir} is a file; the report's grids go in a folder of that name: move it away")
-    check_writable(grid_dir, "the grids' folder")
+    json_path, grid_dir, own_report = _report_paths(target, manifest, json_path, concepts)
     # the scores' and the detectors' CLIP, last of the checks: offline, it asks whether the Hub can be reached
     check_clip_available(clip or before_source.family.default_clip)
 
@@ -144,14 +130,13 @@ def run_eval(
         result.report["settings"]["dtype"] = dtype_name(torch_dtype)
         if not state.is_main_process:  # the main process attacks and writes; it needs no other process for that,
             return json_path  # so none waits for it (a long attack would outlast a collective's timeout)
-        for concept in concepts:
-            if attacks:
-                result.report["concepts"][concept]["attacks"] = [
-                    run_attack(kind, after, before, concept, attack_prompts, attack_seeds, attack_steps, clip, progress,
-                               attack_images if kind == "textual-inversion" else None,
-                               file_rows=prompt_options["target_rows"] or ())
-                    for kind in attacks
-                ]  # fmt: skip
+        for concept in concepts if attacks else ():
+            result.report["concepts"][concept]["attacks"] = [
+                run_attack(kind, after, before, concept, attack_prompts, attack_seeds, attack_steps, clip, progress,
+                           attack_images if kind == "textual-inversion" else None,
+                           file_rows=prompt_options["target_rows"] or ())
+                for kind in attacks
+            ]  # fmt: skip
         if manifest is not None:
             result.report["run"] = {k: manifest[k] for k in ("method", "config", "seed")}
             expected = manifest["base_model"].get("sha256")
@@ -162,6 +147,29 @@ def run_eval(
         _warn_of_replaced_results(json_path, result.report)
         _write_report(result.report, result.grids, json_path, grid_dir)
         return json_path
+
+
+def _report_paths(target: str, manifest: dict | None, json_path: str | Path | None, concepts: list[str],
+                  ) -> tuple[Path, Path, bool]:  # fmt: skip
+    """Where the report and its grids go (checked before any model loads), and whether it is the run's own report.
+
+    A run's own report (RUN/eval.json) keeps its grids in RUN/grids, what export publishes; any other report keeps
+    them beside its file, so that two reports in one folder do not overwrite each other's."""
+    if json_path:
+        json_path = Path(json_path).expanduser()
+    else:
+        json_path = Path(target) / EVAL_FILE if manifest is not None else Path(f"eval-{slug('-'.join(concepts))}.json")
+    own_report = manifest is not None and json_path.resolve() == (Path(target) / EVAL_FILE).resolve()
+    grid_dir = json_path.parent / ("grids" if own_report else f"{json_path.stem}-grids")
+    if json_path.is_dir():
+        raise InputError(f"--json {json_path} is a folder; give the report's file name, e.g. {json_path / EVAL_FILE}")
+    if json_path.exists() and not _is_report(json_path):
+        raise InputError(f"--json {json_path} exists and is not an evaluation report; it is left as it is")
+    check_writable(json_path, "--json")
+    if grid_dir.exists() and not grid_dir.is_dir():  # found now, not once every image is drawn
+        raise InputError(f"{grid_dir} is a file; the report's grids go in a folder of that name: move it away")
+    check_writable(grid_dir, "the grids' folder")
+    return json_path, grid_dir, own_report
 
 
 def _write_report(report: dict, grids: dict, json_path: Path, grid_dir: Path) -> None:

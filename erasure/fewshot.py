@@ -274,7 +274,7 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
                           f"{config.stop_patience} epoch(s) in a row (stop_below, stop_patience)")
         return logs
 
-    with run.frozen_weights(model.unet):
+    with run.frozen_in_compute_dtype(model.unet):
         logs = loop.fit(step_fn, config.steps)
     encoder.eval()
     epochs_run = state["stopped_at_epoch"] or math.ceil(config.steps / per_epoch)

@@ -183,7 +183,7 @@ def fake_score_loss(out: torch.Tensor, wanted: torch.Tensor, abar: torch.Tensor,
     return F.mse_loss(out, wanted)
 
 
-class frozen:
+class GradientsOff:
     """Within the block, `module`'s weights take no gradient (inputs still do)."""
 
     def __init__(self, module: torch.nn.Module):
@@ -304,7 +304,7 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         z = local(torch.randn((rows, *latent_shape), device=device))
         x_g = family.one_step(loop.modules["generator"], alphas, config.t_init, z, cond, prediction)
         x_t, t, _, abar = noisy(x_g)
-        with frozen(fake):
+        with GradientsOff(fake):
             s = x0_from_prediction(x_t, family.denoise(fake, x_t, t, cond), abar, prediction)
         guided = torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond])
         with teacher_scope():

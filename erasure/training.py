@@ -158,7 +158,7 @@ class RunContext:
         return kind(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **fused)
 
     def halve_frozen(self, module: torch.nn.Module) -> torch.nn.Module:
-        """`module` (frozen, not saved) in `frozen_dtype`; see `frozen_weights` for one that is saved."""
+        """`module` (frozen, not saved) in `frozen_dtype`; see `frozen_in_compute_dtype` for one that is saved."""
         if self.frozen_dtype != torch.float32:
             from pipelines.logs import quiet_libraries
 
@@ -167,7 +167,7 @@ class RunContext:
         return module
 
     @contextlib.contextmanager
-    def frozen_weights(self, module: torch.nn.Module):
+    def frozen_in_compute_dtype(self, module: torch.nn.Module):
         """`module`'s frozen tensors - all of them, or the base weights under LoRA adapters that train - in
         `frozen_dtype` inside the block, and back to their own float32 values after it (kept on the host
         meanwhile: the run still saves and returns them, a LoRA run merged into them)."""

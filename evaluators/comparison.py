@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipelines.errors import InputError
 
-from .report_format import concept_attacks
+from .report_format import EVAL_FILE, concept_attacks
 from .report_format import read_report as read_report_file
 
 # Settings that describe how a report was made but move no number.
@@ -42,7 +42,7 @@ def report_path(given: str | Path) -> Path:
     """A run folder stands for its eval.json; a file is taken as it is."""
     path = Path(given).expanduser()
     if path.is_dir():
-        path = path / "eval.json"
+        path = path / EVAL_FILE
         if not path.is_file():
             raise InputError(f"{given} has no eval.json: run `erasure eval {given}` first")
     elif not path.is_file():
@@ -114,7 +114,7 @@ def check_comparable(reports: list[dict], names: list[str]) -> None:
 
 def _label(report: dict, path: Path) -> str:
     """A run's folder name for its eval.json, else the model's name."""
-    return path.parent.name if path.name == "eval.json" else Path(report["after"].get("spec", "")).name or str(path)
+    return path.parent.name if path.name == EVAL_FILE else Path(report["after"].get("spec", "")).name or str(path)
 
 
 def _attack_pairs(attack: dict) -> str:
@@ -175,7 +175,7 @@ def compare(given: list[str | Path]) -> Comparison:
             table.spreads.append({})
             models.append(sha)
             files.append([])
-        elif path.name == "eval.json" and "eval.json" not in files[column]:  # a run folder names the column
+        elif path.name == EVAL_FILE and EVAL_FILE not in files[column]:  # a run folder names the column
             table.labels[column] = _label(report, path)
         files[column].append(path.name)
         for row in rows:

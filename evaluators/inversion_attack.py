@@ -35,7 +35,7 @@ from .attack import (
 
 @dataclass
 class InversionSettings:
-    steps: int = 100  # `erasure eval --attack-steps`' default, which every figure in the README used
+    steps: int = 100  # `erasure eval --attack-steps`' default
     lr: float = 0.05  # in units of the vocabulary's embedding RMS
     batch_size: int = 8
     timesteps: tuple[int, int] = (50, 950)

@@ -9,6 +9,7 @@ from pipelines.errors import InputError
 
 FORMAT = "erasure-eval/2"  # 2: a concept's attacks are a list, "attacks" (1: at most one, "attack")
 READABLE_FORMATS = ("erasure-eval/1", FORMAT)
+EVAL_FILE = "eval.json"  # a run's own report, in the run folder
 
 
 def concept_attacks(section: dict) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Text-to-image backend: a thin layer over a real `diffusers.StableDiffusionPipeline`.
+"""Text-to-image backend: a thin layer over the family's real diffusers pipeline (SD 1.x / 2.x, SDXL, FLUX) and the
+one-step pipeline of SFD's generators.
 
 It loads every supported source the same way, exposes the parts methods patch (tokenizer,
 text encoder, UNet, VAE, scheduler), generates deterministically per (prompt, seed), swaps a
@@ -367,8 +368,8 @@ def load_text_to_image(
     dtype: torch.dtype = torch.float32,
     single_file_config: str | Path | None = None,
 ) -> TextToImageModel:
-    """Load the family's diffusers pipeline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) from a
-    resolved source (folder, Hub snapshot or single file)."""
+    """Load the family's diffusers pipeline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
+    `FluxPipeline`) from a resolved source (folder, Hub snapshot or single file)."""
     import diffusers
 
     pipeline = getattr(diffusers, source.family.pipeline_class)

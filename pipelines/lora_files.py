@@ -1,5 +1,5 @@
-"""A run saved as LoRA adapters alone (`erase --save lora`): the base model's pipeline with the adapters of the
-run's `pytorch_lora_weights.safetensors` (the standard diffusers LoRA file) merged into its weights."""
+"""A run's diffusers LoRA file (`pytorch_lora_weights.safetensors`) applied to the base model's pipeline and merged
+into its weights: a `--save lora` run, a LoRA run at a chosen strength, stacked erasures, a one-step run's adapters."""
 
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ _N_MERGES = 49152 - 256 - 2
 
 def plain_words(text: str) -> list[str]:
     """The words of `text` in lower case, without the punctuation around them: "A red seven." -> a, red, seven.
-    How a concept's words are found in prompts, wherever they are matched."""
+    How a concept's words are told apart in the prompts the attacks write (`concept_words`, the inversion attack);
+    which training prompts mention a concept is the family's `mentions`."""
     return [w for w in (word.strip(".,;:!?\"'") for word in text.lower().split()) if w]
 
 

@@ -272,7 +272,7 @@ def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path
         (["{run}", "--repo-id", "no-owner", "--local-dir", "{tmp}/hub"], "needs its owner: ORG/NAME"),
         (["{run}", "--local-dir", "{run}/hub"], "is inside the run"),  # its digest would then change
         (["{run}", "--local-dir", "{tiny}/hub"], "is inside the run's base model"),  # and the base's
-        (["{run}", "--local-dir", "{tmp}/hub", "--as-lora", "100000"], "--as-lora: must be between 1 and 1024, not 100000"),
+        (["{run}", "--local-dir", "{tmp}/hub", "--as-lora", "100000"], "must be between 1 and 1024, not 100000"),
     ],
 )
 def test_bad_export_gives_one_line_and_exit_code_2(args, message, evaluated_run, gan_run, tiny_pipeline_dir,

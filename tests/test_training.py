@@ -229,13 +229,13 @@ def test_a_finished_stage_is_taken_only_under_its_own_settings(tmp_path):
         load_finished_stage(stage, {"config": {"lr": 2}})
 
 
-def test_frozen_weights_come_back_in_float32_even_when_the_block_fails():
+def test_frozen_weights_cast_for_compute_come_back_in_float32_even_when_the_block_fails():
     run = RunContext(progress=False, mixed_precision="bf16", frozen_precision="half")
     torch.manual_seed(0)
     frozen = torch.nn.Linear(3, 3).requires_grad_(False)  # what the methods hand it (a weight that trains stays)
     before = {k: v.clone() for k, v in frozen.state_dict().items()}
     with pytest.raises(RuntimeError, match="inside"):
-        with run.frozen_weights(frozen) as halved:
+        with run.frozen_in_compute_dtype(frozen) as halved:
             assert halved.weight.dtype == torch.bfloat16
             raise RuntimeError("inside")
     assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in frozen.state_dict().items())

@@ -81,7 +81,7 @@ class Preview:
             raise InputError(f"{spec!r}: a shared page (`--share`) loads only the embedded models, --model, the listed "
                              "runs and their base models")  # fmt: skip
 
-    def family(self) -> str:
+    def family_name(self) -> str:
         """The name of the base model's family, whose presets the Erase tab offers first."""
         from pipelines import resolve
 
@@ -94,7 +94,7 @@ class Preview:
 def build_app(preview: Preview) -> gr.Blocks:
     runs = preview.runs()
     selected = preview.erased or runs[:1]
-    prompts = "\n".join(default_prompts(selected[0])) if selected and _is_text_to_image(selected[0]) else ""
+    prompts = "\n".join(default_prompts(selected[0])) if selected and _is_prompted(selected[0]) else ""
     page = SimpleNamespace()  # the components, by name, for the handlers in `events`
 
     with gr.Blocks(title="erasure preview", delete_cache=(CACHE_LIFETIME_S, CACHE_LIFETIME_S)) as demo:
@@ -170,7 +170,7 @@ def _erase_tab(preview: Preview, page: SimpleNamespace) -> None:
     methods = list(METHODS)
     page.options = [option for method in methods for option in method_options(method)]
     presets = preset_names(page.options)
-    family = preview.family()
+    family = preview.family_name()
     with gr.Row():
         page.method = gr.Dropdown(choices=methods, value=methods[0], label="method")
         page.concepts = gr.Textbox(label="concept(s) to erase", info="separated by commas", elem_id="concepts")
@@ -199,7 +199,7 @@ def _erase_tab(preview: Preview, page: SimpleNamespace) -> None:
     page.losses = gr.LinePlot(x="step", y="value", color="log", label="losses", height=240)
 
 
-def _is_text_to_image(run: str) -> bool:
+def _is_prompted(run: str) -> bool:
     from pipelines import resolve
     from pipelines.loading import PROMPTED_KINDS
 

@@ -32,7 +32,7 @@ log = logging.getLogger("erasure.preview")
 
 GALLERY_ROW_PX = 150
 UPDATE_EVERY_S = 0.3  # how often a running erasure refreshes the page
-MODEL_WORK = "models"  # the one concurrency id, at limit 1, of every handler that loads or trains a model
+MODEL_QUEUE = "models"  # the one concurrency id, at limit 1, of every handler that loads or trains a model
 
 
 def reported(fn):
@@ -89,7 +89,7 @@ def wire_compare(preview, page: SimpleNamespace, demo: gr.Blocks) -> None:
         [page.base, page.compare_runs, page.prompts, page.seed, page.count, page.steps, page.guidance,
          page.lora_strength],
         [page.base_images, page.erased_images, page.compare_status], api_name="generate",
-        concurrency_limit=1, concurrency_id=MODEL_WORK,
+        concurrency_limit=1, concurrency_id=MODEL_QUEUE,
     )  # fmt: skip
 
     @reported
@@ -178,7 +178,7 @@ def wire_erase(preview, page: SimpleNamespace) -> None:
               page.compare_runs, *page.option_fields]  # fmt: skip
     page.erase.click(
         start_erase, inputs, [page.erase_status, page.losses, *run_lists], api_name="erase", concurrency_limit=1,
-        concurrency_id=MODEL_WORK, show_progress="minimal", show_progress_on=[page.erase_status],
+        concurrency_id=MODEL_QUEUE, show_progress="minimal", show_progress_on=[page.erase_status],
     )  # fmt: skip
 
     @reported
@@ -214,7 +214,7 @@ def wire_metrics(preview, page: SimpleNamespace, demo: gr.Blocks) -> None:
         return _with_images(eval_table(run))
 
     page.evaluate.click(evaluate, [page.metrics_run, page.samples], outputs, api_name="evaluate",
-                        concurrency_limit=1, concurrency_id=MODEL_WORK)  # fmt: skip
+                        concurrency_limit=1, concurrency_id=MODEL_QUEUE)  # fmt: skip
 
 
 def wire_export(preview, page: SimpleNamespace) -> None:
@@ -225,7 +225,7 @@ def wire_export(preview, page: SimpleNamespace) -> None:
         return export_run(run, repo, folder)
 
     page.export.click(export, [page.export_run, page.repo_id, page.local_dir], page.export_status, api_name="export",
-                      concurrency_limit=1, concurrency_id=MODEL_WORK)  # fmt: skip
+                      concurrency_limit=1, concurrency_id=MODEL_QUEUE)  # fmt: skip
 
 
 def _name_options(fn, options) -> inspect.Signature:

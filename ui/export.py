@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from erasure.output import read_run
+from evaluators.report_format import EVAL_FILE
 from pipelines.errors import InputError
-from ui.hub import EVAL_FILE
 
 TIMEOUT_S = 3600
 STOP_GRACE_S = 10  # after SIGTERM, the time `erasure export` has to remove its staging folder before SIGKILL

@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 
 from erasure.output import MANIFEST, read_run
 from erasure.registry import Method, get_method
-from evaluators.report_format import read_report
+from evaluators.report_format import EVAL_FILE, read_report
 from pipelines.cards import MODEL_CARD_FILE
 from pipelines.errors import InputError
 from pipelines.families import get_family
@@ -57,7 +57,6 @@ from .model_card import (
     single_file_name,
 )
 
-EVAL_FILE = "eval.json"
 GAN_FILES = ("generator_config.json", "generator.safetensors")  # the discriminator is not needed to generate
 # What diffusers' and transformers' `save_pretrained` write into a component folder, and `from_pretrained` reads:
 # configs, the tokenizers' files, and weights in safetensors, whole or sharded with an index (a variant such as
@@ -243,7 +242,7 @@ def _grid_files(path: Path, report: dict) -> dict[Path, Path]:
                              "rerun `erasure eval`")  # fmt: skip
         if not (path / rel).is_file():
             raise InputError(f"{eval_path} lists grid {path / rel}, which is missing; rerun `erasure eval`")
-        expected = report.get("grid_sha256", {}).get(name)  # reports since 2026-12-07 carry them
+        expected = report.get("grid_sha256", {}).get(name)  # (older reports carry none)
         if expected is not None and hashlib.sha256((path / rel).read_bytes()).hexdigest() != expected:
             raise InputError(f"{path / rel} is not the grid {eval_path} was written with (another evaluation, or one "
                              "stopped while writing, replaced it); rerun `erasure eval`")  # fmt: skip

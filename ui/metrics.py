@@ -6,7 +6,7 @@ from pathlib import Path
 
 from erasure.evaluation import reference_note
 from erasure.output import read_run
-from evaluators.report_format import concept_attacks, read_report
+from evaluators.report_format import EVAL_FILE, concept_attacks, read_report
 
 HEADERS = ["concept", "metric", "before", "after", "difference", "warning"]
 
@@ -14,7 +14,7 @@ HEADERS = ["concept", "metric", "before", "after", "difference", "warning"]
 def eval_table(run: str | Path) -> tuple[list[list], list[tuple[str, str]], str]:
     """(table rows, [(grid path, caption)], message) for a run; empty with a hint when not evaluated."""
     read_run(run)
-    path = Path(run) / "eval.json"
+    path = Path(run) / EVAL_FILE
     if not path.is_file():
         return [], [], f"{Path(run).name} has no eval.json yet: press **Evaluate** (or run `erasure eval {run}`)."
     report = read_report(path)
