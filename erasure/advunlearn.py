@@ -200,6 +200,103 @@ class BankProgress:
         self.bar.close()
 
 
+class TrajectoryBank:
+    """Each iteration's concept and retain batches: x_t sampled partway by the frozen UNet under the original encoder,
+    t, and the frozen model's predictions there (the targets).
+
+    UNet and original encoder are frozen, so x_t and its targets do not depend on the encoder being trained:
+    `bank_size` iterations' worth is drawn once (global rows, so that every process can shard any entry) and kept in
+    the checkpointed `state`; each iteration picks from it. Without a bank every iteration draws its own.
+    """
+
+    def __init__(self, model, encoder_orig, scheduler, uncond_orig: torch.Tensor, prompts: list[str],
+                 retain: list[str], n_retain: int, config: AdvUnlearnConfig, run: RunContext, state: dict,
+                 timer: SectionTimer):  # fmt: skip
+        self.model, self.family, self.unet, self.encoder_orig = model, model.family, model.unet, encoder_orig
+        self.scheduler, self.uncond_orig, self.prompts, self.retain, self.n_retain = (
+            scheduler, uncond_orig, prompts, retain, n_retain)  # fmt: skip
+        self.config, self.run, self.state, self.timer = config, run, state, timer
+        self.per_call = bank_entries_per_call(config, self.family, model, run.torch_device)
+
+    def _draws(self, n: int, rows) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """A batch's random draws (`rows(...)` of a global batch of `n`): the DDIM stop, the noise, then t in the
+        stop's window, in the order that drawing batch after batch always took them."""
+        device = self.run.torch_device
+        stop = random.randrange(self.config.ddim_steps)
+        noise = rows(torch.randn(self.family.latent_shape(self.model, n), device=device))
+        return stop, noise, rows(torch.randint(*self.family.timestep_window(self.scheduler, stop), (n,), device=device))
+
+    def _x_t(self, conds: list[torch.Tensor], drawn: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_t, t and the prompt rows of several batches (`drawn`: their `_draws`; `conds`: each one's prompt, or
+        one per row), their trajectories side by side."""
+        rows_cond = torch.cat([c.expand(len(noise), -1, -1) for c, (_, noise, _) in zip(conds, drawn)])
+        stops = [stop for stop, noise, _ in drawn for _ in range(len(noise))]
+        noise = torch.cat([noise for _, noise, _ in drawn])
+        x_t = self.family.trajectories(self.unet, self.scheduler, rows_cond, self.uncond_orig, stops,
+                                       self.config.sample_guidance, noise)  # fmt: skip
+        return x_t, torch.cat([t for *_, t in drawn]), rows_cond
+
+    @torch.no_grad()
+    def draw_concepts(self, count: int, rows) -> list[tuple]:
+        """`count` iterations' concept batches: each one's prompt index, x_t, t and the frozen model's two
+        predictions."""
+        prompts, family, unet = self.prompts, self.family, self.unet
+        picks = [(random.randrange(len(prompts)), self._draws(self.config.batch_size, rows)) for _ in range(count)]
+        conds = self.model.encode([prompts[index] for index, _ in picks], self.encoder_orig)
+        x_t, t, rows_cond = self._x_t(list(conds.split(1)), [drawn for _, drawn in picks])
+        eps_empty = family.denoise(unet, x_t, t, self.uncond_orig.expand(len(x_t), -1, -1))
+        eps_concept = family.denoise(unet, x_t, t, rows_cond)
+        sizes = [len(noise) for _, (_, noise, _) in picks]
+        parts = [tensor.split(sizes) for tensor in (x_t, t, eps_empty, eps_concept)]
+        # the prompt index stays on the host: reading it needs no device sync
+        return [(torch.tensor(index), *part) for (index, _), *part in zip(picks, *parts)]
+
+    @torch.no_grad()
+    def draw_retains(self, count: int, rows) -> list[tuple]:
+        """`count` iterations' retain batches: each one's prompt indices, x_t, t and the frozen model's
+        prediction."""
+        picks = []
+        for _ in range(count):
+            kept = rows(torch.tensor(random.sample(range(len(self.retain)), self.n_retain)))
+            picks.append((kept, self._draws(self.n_retain, rows)))
+        conds = self.model.encode([self.retain[i] for kept, _ in picks for i in kept.tolist()], self.encoder_orig)
+        sizes = [len(kept) for kept, _ in picks]
+        x_r, t_r, rows_cond = self._x_t(list(conds.split(sizes)), [drawn for _, drawn in picks])
+        predicted = self.family.denoise(self.unet, x_r, t_r, rows_cond)
+        parts = [tensor.split(sizes) for tensor in (x_r, t_r, predicted)]
+        return [(kept, *part) for (kept, _), *part in zip(picks, *parts)]
+
+    def concept_sample(self) -> list:
+        """One iteration's concept batch (prompt index, x_t, t, the frozen model's predictions): from the bank, or
+        drawn now."""
+        if not self.config.bank_size:
+            with self.timer("trajectories"):
+                return self.draw_concepts(1, self.run.shard)[0]
+        i = random.randrange(self.config.bank_size)
+        return [self.state[k][i] if k == "bank_prompt" else self.run.shard(self.state[k][i]) for k in BANK_KEYS[:5]]
+
+    def batches(self, step: int) -> tuple[list, list]:
+        """Iteration `step`'s concept and retain batches (this process's rows); the bank is drawn first when it is
+        due (the first iteration, and every `bank_refresh` iterations)."""
+        config, state, run = self.config, self.state, self.run
+        if not config.bank_size:
+            concept = self.concept_sample()
+            with self.timer("trajectories"):
+                return concept, self.draw_retains(1, run.shard)[0]
+        if "bank_x" not in state or (config.bank_refresh and step and step % config.bank_refresh == 0):
+            with self.timer("bank"), BankProgress(run, config.bank_size) as bar:
+                whole = lambda batch: batch  # noqa: E731
+                size, per_call = config.bank_size, self.per_call
+                counts = [min(per_call, size - i) for i in range(0, size, per_call)]
+                concept = [entry for count in counts for entry in bar.counted(self.draw_concepts(count, whole))]
+                kept = [entry for count in counts for entry in bar.counted(self.draw_retains(count, whole))]
+                for key, parts in zip(BANK_KEYS, [*zip(*concept), *zip(*kept)]):
+                    state[key] = torch.stack(parts)
+        concept = self.concept_sample()
+        j = random.randrange(config.bank_size)
+        return concept, [run.shard(state[k][j]) for k in BANK_KEYS[5:]]
+
+
 def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext) -> ErasureResult:
     """Adversarially unlearn `concepts` from the text encoder of `model` (a TextToImageModel)."""
     family = model.family
@@ -247,86 +344,14 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     encoder_train = loop.modules["text_encoder"]
     timer = SectionTimer()
 
-    def draws(n: int, rows) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """A batch's random draws (`rows(...)` of a global batch of `n`): the DDIM stop, the noise, then t in the
-        stop's window, in the order that drawing batch after batch always took them."""
-        stop = random.randrange(config.ddim_steps)
-        noise = rows(torch.randn(family.latent_shape(model, n), device=device))
-        return stop, noise, rows(torch.randint(*family.timestep_window(scheduler, stop), (n,), device=device))
-
-    def x_t_of(conds: list[torch.Tensor], drawn: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x_t, t and the prompt rows of several batches (`drawn`: their `draws`; `conds`: each one's prompt, or
-        one per row), their trajectories side by side."""
-        rows_cond = torch.cat([c.expand(len(noise), -1, -1) for c, (_, noise, _) in zip(conds, drawn)])
-        stops = [stop for stop, noise, _ in drawn for _ in range(len(noise))]
-        noise = torch.cat([noise for _, noise, _ in drawn])
-        x_t = family.trajectories(unet, scheduler, rows_cond, uncond_orig, stops, config.sample_guidance, noise)
-        return x_t, torch.cat([t for *_, t in drawn]), rows_cond
-
-    @torch.no_grad()
-    def draw_concepts(count: int, rows) -> list[tuple]:
-        """`count` iterations' concept batches: each one's prompt index, x_t, t and the frozen model's two
-        predictions."""
-        picks = [(random.randrange(len(prompts)), draws(config.batch_size, rows)) for _ in range(count)]
-        conds = model.encode([prompts[index] for index, _ in picks], encoder_orig)
-        x_t, t, rows_cond = x_t_of(list(conds.split(1)), [drawn for _, drawn in picks])
-        eps_empty = family.denoise(unet, x_t, t, uncond_orig.expand(len(x_t), -1, -1))
-        eps_concept = family.denoise(unet, x_t, t, rows_cond)
-        sizes = [len(noise) for _, (_, noise, _) in picks]
-        parts = [tensor.split(sizes) for tensor in (x_t, t, eps_empty, eps_concept)]
-        # the prompt index stays on the host: reading it needs no device sync
-        return [(torch.tensor(index), *part) for (index, _), *part in zip(picks, *parts)]
-
-    @torch.no_grad()
-    def draw_retains(count: int, rows) -> list[tuple]:
-        """`count` iterations' retain batches: each one's prompt indices, x_t, t and the frozen model's
-        prediction."""
-        picks = []
-        for _ in range(count):
-            kept = rows(torch.tensor(random.sample(range(len(retain)), n_retain)))
-            picks.append((kept, draws(n_retain, rows)))
-        conds = model.encode([retain[i] for kept, _ in picks for i in kept.tolist()], encoder_orig)
-        sizes = [len(kept) for kept, _ in picks]
-        x_r, t_r, rows_cond = x_t_of(list(conds.split(sizes)), [drawn for _, drawn in picks])
-        parts = [tensor.split(sizes) for tensor in (x_r, t_r, family.denoise(unet, x_r, t_r, rows_cond))]
-        return [(kept, *part) for (kept, _), *part in zip(picks, *parts)]
-
-    # The bank: UNet and original encoder are frozen, so x_t and its targets do not depend on the
-    # encoder being trained; `bank_size` iterations' worth is drawn once (global rows, so that every
-    # process can shard any entry) and kept in the checkpointed state.
-    per_call = bank_entries_per_call(config, family, model, device)
-
-    def concept_sample() -> list:
-        """One iteration's concept batch (prompt index, x_t, t, the frozen model's predictions): from the bank, or
-        drawn now."""
-        if not config.bank_size:
-            with timer("trajectories"):
-                return draw_concepts(1, run.shard)[0]
-        i = random.randrange(config.bank_size)
-        return [state[k][i] if k == "bank_prompt" else run.shard(state[k][i]) for k in BANK_KEYS[:5]]
-
-    def batches(step: int):
-        if not config.bank_size:
-            concept = concept_sample()
-            with timer("trajectories"):
-                return concept, draw_retains(1, run.shard)[0]
-        if "bank_x" not in state or (config.bank_refresh and step and step % config.bank_refresh == 0):
-            with timer("bank"), BankProgress(run, config.bank_size) as bar:
-                whole = lambda batch: batch  # noqa: E731
-                counts = [min(per_call, config.bank_size - i) for i in range(0, config.bank_size, per_call)]
-                concept = [entry for count in counts for entry in bar.counted(draw_concepts(count, whole))]
-                kept = [entry for count in counts for entry in bar.counted(draw_retains(count, whole))]
-                for key, parts in zip(BANK_KEYS, [*zip(*concept), *zip(*kept)]):
-                    state[key] = torch.stack(parts)
-        concept = concept_sample()
-        j = random.randrange(config.bank_size)
-        return concept, [run.shard(state[k][j]) for k in BANK_KEYS[5:]]
+    bank = TrajectoryBank(model, encoder_orig, scheduler, uncond_orig, prompts, retain, n_retain, config, run, state,
+                          timer)  # fmt: skip
 
     shared_forward = config.shared_forward if config.shared_forward is not None else device.type != "cpu"
     denoise = StepDenoiser(family, unet, config.compile_unet, device)
 
     def step_fn(step: int) -> dict[str, float]:
-        (index, x_t, t, eps_empty, eps_concept), (kept, x_r, t_r, eps_retain_orig) = batches(step)
+        (index, x_t, t, eps_empty, eps_concept), (kept, x_r, t_r, eps_retain_orig) = bank.batches(step)
         ids = model.tokenize([prompts[int(index)]])
         target = eps_empty - config.negative_guidance * (eps_concept - eps_empty)
 
@@ -336,7 +361,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
             def attack_loss(adv: torch.Tensor) -> torch.Tensor:
                 denoise.new_step()  # the attack's last call is spent: its gradient has been read
                 if config.attack_samples == "redrawn":
-                    drawn, attack_x, attack_t, _, target = concept_sample()
+                    drawn, attack_x, attack_t, _, target = bank.concept_sample()
                     words = model.tokenize([prompts[int(drawn)]]).expand(len(adv_ids), -1)
                 else:
                     words, attack_x, attack_t, target = adv_ids, x_t, t, eps_concept
@@ -384,5 +409,5 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     outcome["advunlearn"]["shared_forward"] = shared_forward
     outcome["advunlearn"]["compile_unet"] = denoise.record()
     if config.bank_size:
-        outcome["advunlearn"]["bank_entries_per_call"] = per_call
+        outcome["advunlearn"]["bank_entries_per_call"] = bank.per_call
     return ErasureResult(model, family.tower_components(config.scope), n_trainable, logs, outcome)

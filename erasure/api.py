@@ -72,6 +72,40 @@ def _warn_of_cut_concepts(model, concepts: Sequence[str]) -> None:
                         concept[:40] + "...", tokens, tokenizer.model_max_length)  # fmt: skip
 
 
+def _checked_request(method: str, concepts, model, out, config_file, sets, seed: int, checkpoint_every: int,
+                     model_config, save: str):  # fmt: skip
+    """`erase`'s arguments resolved and checked before any model loads: (method, concepts, model source, config,
+    --out)."""
+    from pipelines import resolve
+    from pipelines.loading import check_model_config
+
+    from .common import check_concepts
+
+    spec = get_method(method)
+    concepts = check_concepts(concepts)
+    source = resolve(default_model(spec.key) if model is None else model)
+    check_model_config(model_config, source)
+    if source.kind != spec.model_kind:
+        raise InputError(f"{method} erases from {spec.model_kind} models, but {source.spec} is a {source.kind} model")
+    _check_save_mode(save, source)
+    overrides = [load_config_file(config_file)[0]] if config_file else []
+    overrides.append(parse_sets(list(sets)) if not isinstance(sets, dict) else dict(sets))
+    family = source.family
+    family.check_method(spec.key)
+    config = build_config(method, family, *overrides)
+    config.check(family, concepts)  # what the config can only check once it knows the model and concepts
+    for concept in concepts:
+        family.prompt_set(concept)  # a concept the family cannot evaluate (the digits world's are a closed set)
+    if save == "lora" and not getattr(config, "lora_rank", 0):
+        raise InputError("--save lora keeps a run's LoRA adapters: train them with --set lora_rank=R (e.g. 8)")
+    check_number("--seed", seed, SEED_BOUNDS, integer=True)
+    check_number("--checkpoint-every", checkpoint_every, "[1, inf)", integer=True)
+    out = check_writable(default_out_dir(method, concepts) if out is None else out)
+    check_outside(out, source.path, "--out", "the model it erases from")
+    check_outside_models(out, "--out")
+    return spec, concepts, source, config, out
+
+
 @keeps_process_state
 def erase(
     method: str,
@@ -111,36 +145,13 @@ def erase(
     (`erasure.output`) naming the kept run. The call leaves accelerate's state and the global random streams as it
     found them, and waits for any other `erase` or `evaluate` of the process to end (see `erasure.isolation`).
     """
-    from pipelines import load_model, resolve
+    from pipelines import load_model
     from pipelines.devices import resolve_device
-    from pipelines.loading import check_model_config
-
-    from .common import check_concepts
 
     device = resolve_device(device)
-    spec = get_method(method)
-    concepts = check_concepts(concepts)
-    source = resolve(default_model(spec.key) if model is None else model)
-    check_model_config(model_config, source)
-    if source.kind != spec.model_kind:
-        raise InputError(f"{method} erases from {spec.model_kind} models, but {source.spec} is a {source.kind} model")
-    _check_save_mode(save, source)
-    overrides = [load_config_file(config_file)[0]] if config_file else []
-    overrides.append(parse_sets(list(sets)) if not isinstance(sets, dict) else dict(sets))
-    family = source.family
-    family.check_method(spec.key)
-    config = build_config(method, family, *overrides)
-    config.check(family, concepts)  # what the config can only check once it knows the model and concepts
-    for concept in concepts:
-        family.prompt_set(concept)  # a concept the family cannot evaluate (the digits world's are a closed set)
+    spec, concepts, source, config, out = _checked_request(method, concepts, model, out, config_file, sets, seed,
+                                                           checkpoint_every, model_config, save)  # fmt: skip
     lora_rank = getattr(config, "lora_rank", 0)
-    if save == "lora" and not lora_rank:
-        raise InputError("--save lora keeps a run's LoRA adapters: train them with --set lora_rank=R (e.g. 8)")
-    check_number("--seed", seed, SEED_BOUNDS, integer=True)
-    check_number("--checkpoint-every", checkpoint_every, "[1, inf)", integer=True)
-    out = check_writable(default_out_dir(method, concepts) if out is None else out)
-    check_outside(out, source.path, "--out", "the model it erases from")
-    check_outside_models(out, "--out")
     # Under several processes (accelerate launch, torchrun) every process trains; the main one alone owns the run
     # folder. All check it before any of them creates anything, and before hashing the base (seconds on SD).
     run_dir = RunDirectory(out, resume=resume)
