@@ -58,17 +58,12 @@ RENAMED_OPTIONS = {
 }  # fmt: skip
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def describe_fields(cls: type) -> list[tuple[str, str, Any, str]]:
     """(name, type, default, help) for each option of a config dataclass."""
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+        rows.append((f.name, _type_name(hints[f.name]), _default(f), f.metadata.get("help", "")))
     return rows
 
 
@@ -280,7 +275,7 @@ def build_config(method: str, family, *layers: dict[str, Any]):
 
     cls = get_method(method).config
     family = get_family(family)
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     preset = family.preset(method)
@@ -360,7 +355,7 @@ def _braces_besides_concept(template: str) -> bool:
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
+    return {k: _plain(v) for k, v in dataclasses.asdict(config).items()}
 
 
 def input_digests(config: Any) -> dict[str, str]:

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.bounds import GUIDANCE, SEED_BOUNDS, violation
 from pipelines.errors import InputError
 
 # In order of preference: the papers' files derived from I2P keep its sd_* columns beside their evaluation_* ones.
 SEED_COLUMNS = ("seed", "evaluation_seed", "sd_seed")
 GUIDANCE_COLUMNS = ("guidance", "evaluation_guidance", "sd_guidance_scale")
-MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -92,8 +91,9 @@ def _seed(text: str, where: str) -> int:
             raise ValueError
     except ValueError:
         raise InputError(f"{where}: the seed {text!r} is not an integer") from None
-    if not 0 <= value <= MAX_SEED:
-        raise InputError(f"{where}: the seed {text} is not between 0 and {MAX_SEED}")
+    problem = violation(int(value), SEED_BOUNDS, integer=True)
+    if problem:
+        raise InputError(f"{where}: the seed {problem}")
     return int(value)
 
 
@@ -104,6 +104,7 @@ def _guidance(text: str, where: str) -> float | None:
         value = float(text)
     except ValueError:
         raise InputError(f"{where}: the guidance {text!r} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise InputError(f"{where}: the guidance {text} must be a finite number >= 0")
+    problem = violation(value, GUIDANCE)
+    if problem:
+        raise InputError(f"{where}: the guidance {problem}")
     return value

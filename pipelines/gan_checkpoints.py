@@ -33,6 +33,7 @@ NVIDIA -> this layout (= rosinality's), for G_ema (the pickle's residual discrim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -129,8 +130,8 @@ def checked_config(values: dict, source: str) -> StyleGAN2Config:
     """The architecture a file declares, refused in one line unless it is within the limits above.
 
     Missing fields take StyleGAN2Config's defaults, as missing channels take StyleGAN2's."""
-    size = values.get("size", 256)
-    style_dim, n_mlp, lr_mlp = values.get("style_dim", 512), values.get("n_mlp", 8), values.get("lr_mlp", 0.01)
+    defaults = {f.name: f.default for f in dataclasses.fields(StyleGAN2Config)}
+    size, style_dim, n_mlp, lr_mlp = (values.get(k, defaults[k]) for k in ("size", "style_dim", "n_mlp", "lr_mlp"))
     channels = values.get("channels") or default_channels(size if _is_int(size, 8, MAX_SIZE) else 8)
     problem = _architecture_problem(size, style_dim, n_mlp, lr_mlp, channels)
     if problem:

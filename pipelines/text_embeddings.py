@@ -34,11 +34,16 @@ def encode_word_embeddings(text_encoder, words: torch.Tensor) -> torch.Tensor:
     """Last hidden states [B, L, D] from word embeddings [B, L, D], with CLIP's causal mask."""
     model = _text_model(text_encoder)
     hidden = model.embeddings(inputs_embeds=words)
-    length = hidden.shape[1]
-    causal = torch.full((length, length), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)
-    causal = causal[None, None].to(hidden.dtype)
+    causal = _causal_mask(hidden)
     hidden = model.encoder(inputs_embeds=hidden, attention_mask=causal).last_hidden_state
     return model.final_layer_norm(hidden)
+
+
+def _causal_mask(hidden: torch.Tensor) -> torch.Tensor:
+    """CLIP's causal attention mask [1, 1, L, L] for hidden states [B, L, D]: each token sees those before it."""
+    length = hidden.shape[1]
+    causal = torch.full((length, length), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)
+    return causal[None, None].to(hidden.dtype)
 
 
 def insert_after_start(words: torch.Tensor, inserted: torch.Tensor) -> torch.Tensor:
@@ -54,9 +59,7 @@ def hidden_states_of_words(text_encoder, words: torch.Tensor) -> tuple[torch.Ten
     embeddings: SDXL conditions on the first and pools the second."""
     model = _text_model(text_encoder)
     hidden = model.embeddings(inputs_embeds=words)
-    length = hidden.shape[1]
-    causal = torch.full((length, length), torch.finfo(hidden.dtype).min, device=hidden.device).triu(1)
-    causal = causal[None, None].to(hidden.dtype)
+    causal = _causal_mask(hidden)
     penultimate = hidden
     for layer in model.encoder.layers:
         penultimate = hidden
