@@ -272,7 +272,6 @@ def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path
         (["{run}", "--repo-id", "no-owner", "--local-dir", "{tmp}/hub"], "needs its owner: ORG/NAME"),
         (["{run}", "--local-dir", "{run}/hub"], "is inside the run"),  # its digest would then change
         (["{run}", "--local-dir", "{tiny}/hub"], "is inside the run's base model"),  # and the base's
-        (["{run}", "--local-dir", "{tmp}/hub", "--as-lora", "100000"], "must be between 1 and 1024, not 100000"),
     ],
 )
 def test_bad_export_gives_one_line_and_exit_code_2(args, message, evaluated_run, gan_run, tiny_pipeline_dir,
@@ -286,6 +285,22 @@ def test_bad_export_gives_one_line_and_exit_code_2(args, message, evaluated_run,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_an_out_of_range_lora_rank_is_refused_before_anything_is_written(evaluated_run, tmp_path, capsys):
+    """A typo such as 100000 would exhaust the memory: the parser refuses it (exit 2, one line), and so does
+    `export_run` from Python."""
+    from pipelines import InputError
+
+    with pytest.raises(SystemExit) as refused:
+        main(["export", str(evaluated_run), "--repo-id", REPO_ID, "--local-dir", str(tmp_path / "hub"),
+              "--as-lora", "100000"])  # fmt: skip
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert refused.value.code == 2 and len(lines) == 1, lines
+    assert "--as-lora: must be between 1 and 1024, not 100000" in lines[0]
+    with pytest.raises(InputError, match="--as-lora takes a rank between 1 and 1024, not 100000"):
+        export_run(evaluated_run, REPO_ID, local_dir=tmp_path / "hub", as_lora=100000)
+    assert not (tmp_path / "hub").exists()
 
 
 def test_an_evaluation_of_other_weights_is_refused(evaluated_run, tiny_pipeline_dir, tmp_path):
