@@ -161,118 +161,155 @@ def compositional_target(eps_empty: torch.Tensor, eps_anchor: torch.Tensor, eps_
     return eps_empty + (scale - 1) * (eps_anchor - eps_empty) - (scale + 1) * away
 
 
+class _Draws:
+    """What both stages condition on and start from: one of the concept's prompts, a found word in one of the
+    prompts' contexts, and ESD's data-free x_t."""
+
+    def __init__(self, model, encoder, concepts: list[str], config: STEREOConfig, run: RunContext):
+        self.model, self.encoder, self.config, self.run = model, encoder, config, run
+        self.scheduler = model.family.sampling_scheduler(model, config.ddim_steps, run.torch_device)
+        self.latent_shape = model.family.latent_shape(model, 1)[1:]
+        self.templates = list(config.prompt_templates)
+        self.prompts = concept_prompts(concepts, self.templates)
+        # The prompts a found word stands in: each template without the concept, the word after the start token.
+        self.contexts = [" ".join(t.format("").split()) for t in self.templates]
+        with torch.no_grad():
+            self.uncond = model.encode([""], encoder)
+
+    def concept(self) -> torch.Tensor:
+        return self.model.encode([random.choice(self.prompts)], self.encoder)
+
+    def word(self, word: torch.Tensor) -> torch.Tensor:
+        ids = self.model.tokenize([random.choice(self.contexts)])
+        return self.model.family.encode_inserted(self.model, self.encoder, ids, word)
+
+    def erased(self, word: torch.Tensor | None) -> torch.Tensor:
+        """The conditioning of one member of the erased set: the concept's prompts (None) or a found word."""
+        return self.concept() if word is None else self.word(word)
+
+    def x_t(self, unet, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ESD's data-free x_t: `unet` (the model being trained) samples `cond` and stops at a random DDIM step;
+        returns it with timesteps drawn in that step's window."""
+        batch, device = self.config.batch_size, self.run.torch_device
+        stop = random.randrange(self.config.ddim_steps)
+        noise = self.run.shard(torch.randn((batch, *self.latent_shape), device=device))
+        x_t, t_lo, t_hi = self.model.family.trajectory(unet, self.scheduler, cond, self.uncond, stop,
+                                                       self.config.sample_guidance, noise)  # fmt: skip
+        return x_t, self.run.shard(torch.randint(t_lo, t_hi, (batch,), device=device))
+
+    def denoise(self, unet, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.model.family.denoise(unet, x_t, t, cond.expand(len(x_t), -1, -1))
+
+
 def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> ErasureResult:
     """Erase `concepts` from the UNet of `model`, robustly to the words stage 1 finds."""
     family = model.family
     run.check_divisible("batch_size", config.batch_size)
     run.check_divisible("inversion_batch", config.inversion_batch)
     run.check_divisible("retain_batch", config.retain_batch)
-    device = run.torch_device
-    model.to(device)
+    model.to(run.torch_device)
     encoder = family.text_tower(model)  # frozen: STEREO erases in the UNet
     for module in (model.unet, encoder, model.vae):
         module.requires_grad_(False)
     original = frozen_copy(model.unet)
-    scheduler = family.sampling_scheduler(model, config.ddim_steps, device)
-    latent_shape = family.latent_shape(model, 1)[1:]
-
-    templates = list(config.prompt_templates)
-    prompts = concept_prompts(concepts, templates)
-    # The prompts a found word stands in: each template without the concept, the word after the start token.
-    contexts = [" ".join(t.format("").split()) for t in templates]
+    draws = _Draws(model, encoder, concepts, config, run)
     anchors = config.anchor_prompts or [p for c in concepts for p in family.anchor_prompts(c, random.Random(run.seed))]
     with torch.no_grad():
-        uncond = model.encode([""], encoder)
         vocab = family.vocabulary(model, encoder)
         init_word = initial_word(model, vocab, concepts, config.inversion_init)
+    retain = _RetainTerm(model, original, draws, concepts, config, run) if config.retain_weight else None
+    words = _found_words(model, draws, init_word, config, run)
+    trainable, logs = _erase_once(model, original, draws, words, anchors, vocab, retain, config, run)
+    outcome = {"stereo": {"rounds": config.rounds, "words": len(words), "images": config.inversion_images,
+                          "anchors": anchors[:8], "anchor_count": len(anchors)}}  # fmt: skip
+    return ErasureResult(model, ["unet"], trainable, logs, outcome)
 
-    def concept_condition():
-        return model.encode([random.choice(prompts)], encoder)
 
-    def word_condition(word: torch.Tensor):
-        return family.encode_inserted(model, encoder, model.tokenize([random.choice(contexts)]), word)
+# --- stage 1: search thoroughly enough ------------------------------------------------------------------
 
-    def x_t_of(unet, cond):
-        """ESD's data-free x_t: the model being trained samples `cond` and stops at a random DDIM step."""
-        stop = random.randrange(config.ddim_steps)
-        noise = run.shard(torch.randn((config.batch_size, *latent_shape), device=device))
-        x_t, t_lo, t_hi = family.trajectory(unet, scheduler, cond, uncond, stop, config.sample_guidance, noise)
-        return x_t, run.shard(torch.randint(t_lo, t_hi, (config.batch_size,), device=device))
 
-    if config.retain_weight:  # the original model's images of what stays, as latents, with their prompts
-        retain = family.retain_prompts(concepts, random.Random(run.seed))
-        jobs = [(i % len(retain), IMAGE_SEED_OFFSET + i) for i in range(config.retain_images)]
-        with torch.no_grad():
-            retain_latents = encode_images(model, to_tensor(model.generate_jobs(retain, jobs, batch_size=16)),
-                                           torch.Generator().manual_seed(run.seed))  # fmt: skip
-            retain_conds = model.encode([retain[i] for i, _ in jobs], encoder)
-
-    # --- stage 1: search thoroughly enough ------------------------------------------------------------
-    def search() -> list[torch.Tensor]:
-        """Rounds of erasing a copy of the UNet, each followed by inverting a word that still draws the
-        concept on it; returns the words."""
-        # The original model's images of the concept, as latents: what every round's word is inverted from.
-        image_seeds = range(IMAGE_SEED_OFFSET, IMAGE_SEED_OFFSET + config.inversion_images)
-        jobs = [(i % len(prompts), s) for i, s in enumerate(image_seeds)]
-        with torch.no_grad():
-            images = to_tensor(model.generate_jobs(prompts, jobs, batch_size=16))
-            latents = encode_images(model, images, torch.Generator().manual_seed(run.seed))
-        image_contexts = [contexts[(i % len(prompts)) % len(templates)] for i in range(len(jobs))]
-        per_round = max(1, len(latents) // config.rounds)
-        searcher = copy.deepcopy(model.unet)
-        select_trainable(searcher, "unet", config.scope)
-        searcher.train()
-        words: list[torch.Tensor] = []
-        for r in range(config.rounds):
-            teacher = frozen_copy(searcher)
-            optimizer = run.adam([p for p in searcher.parameters() if p.requires_grad], config.search_lr,
-                                 config.adam_betas)
-            loop = TrainingLoop(run.stage(f"search-{r}", 1 + 2 * r),
-                                {"unet": Network(searcher, optimizer)}, desc=f"stereo: erase {r + 1}/{config.rounds}",
-                                fingerprint={"stage": f"search-{r}"})  # fmt: skip
-            student = loop.modules["unet"]
-            previous = words[-1] if words else None
-
-            def search_step(step: int, student=student, teacher=teacher, previous=previous, loop=loop):
-                with torch.no_grad():
-                    cond = concept_condition() if previous is None else word_condition(previous)
-                    x_t, t = x_t_of(searcher, cond)
-                    eps_empty = family.denoise(teacher, x_t, t, uncond.expand(len(x_t), -1, -1))
-                    eps_concept = family.denoise(teacher, x_t, t, cond.expand(len(x_t), -1, -1))
-                    target = eps_empty - config.search_guidance * (eps_concept - eps_empty)
-                loss = F.mse_loss(family.denoise(student, x_t, t, cond.expand(len(x_t), -1, -1)), target)
-                loop.update("unet", loss)
-                return {"erase": loss.detach()}
-
-            loop.fit(search_step, config.search_steps)
-            searcher.eval()
-            trained = [p for p in searcher.parameters() if p.requires_grad]
-            searcher.requires_grad_(False)  # the word alone learns; no UNet gradient is built
-            mine = slice(r * per_round, (r + 1) * per_round)
-            stage = run.stage(f"invert-{r}", 2 + 2 * r)
-            words.append(invert(model, searcher, latents[mine], image_contexts[mine], init_word, config, stage,
-                                f"stereo: invert {r + 1}/{config.rounds}"))  # fmt: skip
-            for p in trained:
-                p.requires_grad_(True)
-            searcher.train()
-        return words
-
-    # Only the words leave stage 1: saved once it is over, they stand in for it when a run resumes, and its
-    # checkpoints (a UNet and its Adam state per stage, gigabytes at SD size) are deleted.
+def _found_words(model, draws: _Draws, init_word: torch.Tensor, config: STEREOConfig,
+                 run: RunContext) -> list[torch.Tensor]:  # fmt: skip
+    """Stage 1's words. Only they leave it: saved once it is over, they stand in for it when a run resumes, and
+    its checkpoints (a UNet and its Adam state per stage, gigabytes at SD size) are deleted."""
     words_file = run.checkpoint_dir / "stereo-words.safetensors" if run.checkpoint_dir is not None else None
     searched = {**run.fingerprint, "stage": "search"}
     found = load_finished_stage(words_file, searched) if run.resume else None
     if found is not None:
-        words = [found[0][f"word-{r}"].to(device) for r in range(config.rounds)]
-    else:
-        words = search()
-        if run.is_main and words_file is not None:
-            save_finished_stage(words_file, {f"word-{r}": w for r, w in enumerate(words)}, searched)
-            for r in range(config.rounds):
-                for stage in (f"search-{r}", f"invert-{r}"):
-                    shutil.rmtree(run.checkpoint_dir / stage, ignore_errors=True)
+        return [found[0][f"word-{r}"].to(run.torch_device) for r in range(config.rounds)]
+    words = _search(model, draws, init_word, config, run)
+    if run.is_main and words_file is not None:
+        save_finished_stage(words_file, {f"word-{r}": w for r, w in enumerate(words)}, searched)
+        for r in range(config.rounds):
+            for stage in (f"search-{r}", f"invert-{r}"):
+                shutil.rmtree(run.checkpoint_dir / stage, ignore_errors=True)
+    return words
 
-    # --- stage 2: robustly erase once, from the original UNet ----------------------------------------------
+
+def _search(model, draws: _Draws, init_word: torch.Tensor, config: STEREOConfig,
+            run: RunContext) -> list[torch.Tensor]:  # fmt: skip
+    """Rounds of erasing a copy of the UNet, each followed by inverting a word that still draws the concept on
+    it; returns the words."""
+    # The original model's images of the concept, as latents: what every round's word is inverted from.
+    prompts = draws.prompts
+    image_seeds = range(IMAGE_SEED_OFFSET, IMAGE_SEED_OFFSET + config.inversion_images)
+    jobs = [(i % len(prompts), s) for i, s in enumerate(image_seeds)]
+    with torch.no_grad():
+        images = to_tensor(model.generate_jobs(prompts, jobs, batch_size=16))
+        latents = encode_images(model, images, torch.Generator().manual_seed(run.seed))
+    image_contexts = [draws.contexts[(i % len(prompts)) % len(draws.templates)] for i in range(len(jobs))]
+    per_round = max(1, len(latents) // config.rounds)
+    searcher = copy.deepcopy(model.unet)
+    select_trainable(searcher, "unet", config.scope)
+    searcher.train()
+    words: list[torch.Tensor] = []
+    for r in range(config.rounds):
+        _erase_round(searcher, draws, words[-1] if words else None, r, config, run)
+        searcher.eval()
+        trained = [p for p in searcher.parameters() if p.requires_grad]
+        searcher.requires_grad_(False)  # the word alone learns; no UNet gradient is built
+        mine = slice(r * per_round, (r + 1) * per_round)
+        stage = run.stage(f"invert-{r}", 2 + 2 * r)
+        words.append(invert(model, searcher, latents[mine], image_contexts[mine], init_word, config, stage,
+                            f"stereo: invert {r + 1}/{config.rounds}"))  # fmt: skip
+        for p in trained:
+            p.requires_grad_(True)
+        searcher.train()
+    return words
+
+
+def _erase_round(searcher, draws: _Draws, previous: torch.Tensor | None, r: int, config: STEREOConfig,
+                 run: RunContext) -> None:  # fmt: skip
+    """ESD on `searcher`, continued from the previous round, away from the concept (round 0) or the word the
+    previous round found, with the round's starting UNet as teacher."""
+    teacher = frozen_copy(searcher)
+    optimizer = run.adam([p for p in searcher.parameters() if p.requires_grad], config.search_lr, config.adam_betas)
+    loop = TrainingLoop(run.stage(f"search-{r}", 1 + 2 * r), {"unet": Network(searcher, optimizer)},
+                        desc=f"stereo: erase {r + 1}/{config.rounds}",
+                        fingerprint={"stage": f"search-{r}"})  # fmt: skip
+    student = loop.modules["unet"]
+
+    def step_fn(step: int) -> dict[str, float]:
+        with torch.no_grad():
+            cond = draws.erased(previous)
+            x_t, t = draws.x_t(searcher, cond)
+            eps_empty = draws.denoise(teacher, x_t, t, draws.uncond)
+            eps_concept = draws.denoise(teacher, x_t, t, cond)
+            target = eps_empty - config.search_guidance * (eps_concept - eps_empty)
+        loss = F.mse_loss(draws.denoise(student, x_t, t, cond), target)
+        loop.update("unet", loss)
+        return {"erase": loss.detach()}
+
+    loop.fit(step_fn, config.search_steps)
+
+
+# --- stage 2: robustly erase once, from the original UNet ----------------------------------------------------
+
+
+def _erase_once(model, original, draws: _Draws, words: list[torch.Tensor], anchors: list[str], vocab: torch.Tensor,
+                retain: _RetainTerm | None, config: STEREOConfig, run: RunContext) -> tuple[int, dict]:  # fmt: skip
+    """Compositional guidance away from the concept and every found word, towards the anchors; returns (the
+    number of trained parameters, the last step's logs)."""
     unet = model.unet
     trainable = select_trainable(unet, "unet", config.scope)
     if config.lora_rank:  # stage 2's UNet only: stage 1 erases copies that are thrown away
@@ -291,56 +328,73 @@ def erase(model, concepts: list[str], config: STEREOConfig, run: RunContext) -> 
     def adversarial_condition(x_t, t) -> torch.Tensor:
         """[adv; a concept prompt], adv moved one fast-AT step to make the model draw the concept again:
         its prediction under it should match the original's under the plain prompt."""
-        prompt = random.choice(prompts)
+        prompt = random.choice(draws.prompts)
         ids = model.tokenize([prompt]).expand(len(x_t), -1)
         with torch.no_grad():
-            wanted = family.denoise(original, x_t, t, model.encode([prompt], encoder).expand(len(x_t), -1, -1))
+            wanted = draws.denoise(original, x_t, t, model.encode([prompt], draws.encoder))
 
         def attack_loss(adv: torch.Tensor) -> torch.Tensor:
-            return F.mse_loss(family.denoise(unet, x_t, t, family.encode_inserted(model, encoder, ids, adv)), wanted)
+            return F.mse_loss(draws.denoise(unet, x_t, t, model.family.encode_inserted(model, draws.encoder, ids, adv)),
+                              wanted)  # fmt: skip
 
         start = run.shard(fast_at_start(state["adv"], config.attack_lr))  # drawn for the global batch
         adv = attack_embeddings(attack_loss, start, "fast-at", 1, config.attack_lr)
         state["adv"] = run.gather(adv)
         with torch.no_grad():
-            return family.encode_inserted(model, encoder, ids, adv)
+            return model.family.encode_inserted(model, draws.encoder, ids, adv)
 
-    def erase_once_step(step: int) -> dict[str, float]:
+    def step_fn(step: int) -> dict[str, float]:
         with torch.no_grad():
-            conds = [concept_condition() if w is None else word_condition(w) for w in erased_set]
+            conds = [draws.erased(w) for w in erased_set]
             cond = conds[step % len(conds)]  # the erased set in turn
-            anchor = model.encode([random.choice(anchors)], encoder)
-            x_t, t = x_t_of(unet, cond)
-            expand = lambda c: c.expand(len(x_t), -1, -1)  # noqa: E731
-            eps_empty = family.denoise(original, x_t, t, expand(uncond))
-            eps_anchor = family.denoise(original, x_t, t, expand(anchor))
-            eps_erased = [family.denoise(original, x_t, t, expand(c)) for c in conds]
+            anchor = model.encode([random.choice(anchors)], draws.encoder)
+            x_t, t = draws.x_t(unet, cond)
+            eps_empty = draws.denoise(original, x_t, t, draws.uncond)
+            eps_anchor = draws.denoise(original, x_t, t, anchor)
+            eps_erased = [draws.denoise(original, x_t, t, c) for c in conds]
             target = compositional_target(eps_empty, eps_anchor, eps_erased, config.guidance_scale)
-        loss = F.mse_loss(family.denoise(student, x_t, t, cond.expand(len(x_t), -1, -1)), target)
+        loss = F.mse_loss(draws.denoise(student, x_t, t, cond), target)
         logs = {"erase": loss.detach()}
         if config.attack_tokens:
-            adversarial = F.mse_loss(family.denoise(student, x_t, t, adversarial_condition(x_t, t)), target)
+            adversarial = F.mse_loss(draws.denoise(student, x_t, t, adversarial_condition(x_t, t)), target)
             loss = loss + adversarial
             logs["adversarial"] = adversarial.detach()
-        if config.retain_weight:
-            rows = run.shard(torch.randint(len(retain_latents), (config.retain_batch,), device=device))
-            noise = run.shard(torch.randn((config.retain_batch, *latent_shape), device=device))
-            t_r = run.shard(torch.randint(0, scheduler.config.num_train_timesteps, (config.retain_batch,),
-                                          device=device))  # fmt: skip
-            x_r = scheduler.add_noise(retain_latents[rows], noise, t_r)
-            with torch.no_grad():
-                kept = family.denoise(original, x_r, t_r, retain_conds[rows])
-            drift = F.mse_loss(family.denoise(student, x_r, t_r, retain_conds[rows]), kept)
+        if retain is not None:
+            drift = retain.drift(student)
             loss = loss + config.retain_weight * drift
             logs["retain"] = drift.detach()
         loop.update("unet", loss)
         return logs
 
-    logs = loop.fit(erase_once_step, config.steps)
+    logs = loop.fit(step_fn, config.steps)
     unet.eval()
-    outcome = {"stereo": {"rounds": config.rounds, "words": len(words), "images": config.inversion_images,
-                          "anchors": anchors[:8], "anchor_count": len(anchors)}}  # fmt: skip
-    return ErasureResult(model, ["unet"], trainable, logs, outcome)
+    return trainable, logs
+
+
+class _RetainTerm:
+    """What the paper lacks (retain_weight > 0): stage 2 keeps the original UNet's predictions on the original
+    model's own images of the family's retain prompts, drawn once, as latents."""
+
+    def __init__(self, model, original, draws: _Draws, concepts: list[str], config: STEREOConfig, run: RunContext):
+        self.model, self.original, self.draws, self.config, self.run = model, original, draws, config, run
+        prompts = model.family.retain_prompts(concepts, random.Random(run.seed))
+        jobs = [(i % len(prompts), IMAGE_SEED_OFFSET + i) for i in range(config.retain_images)]
+        with torch.no_grad():
+            self.latents = encode_images(model, to_tensor(model.generate_jobs(prompts, jobs, batch_size=16)),
+                                         torch.Generator().manual_seed(run.seed))  # fmt: skip
+            self.conds = model.encode([prompts[i] for i, _ in jobs], draws.encoder)
+
+    def drift(self, student) -> torch.Tensor:
+        """The student's distance to the original on a batch of the images, noised at random timesteps."""
+        run, batch, device = self.run, self.config.retain_batch, self.run.torch_device
+        scheduler = self.draws.scheduler
+        rows = run.shard(torch.randint(len(self.latents), (batch,), device=device))
+        noise = run.shard(torch.randn((batch, *self.draws.latent_shape), device=device))
+        t = run.shard(torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device))
+        x_t = scheduler.add_noise(self.latents[rows], noise, t)
+        with torch.no_grad():
+            kept = self.model.family.denoise(self.original, x_t, t, self.conds[rows])
+        return F.mse_loss(self.model.family.denoise(student, x_t, t, self.conds[rows]), kept)
 
 
 def initial_word(model, vocab: torch.Tensor, concepts: list[str], init: str) -> torch.Tensor:
