@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -51,18 +52,86 @@ def run_eval(
 ) -> Path:
     """Evaluate and write the JSON report (and grids beside it); returns the JSON path. `attack`: one attack or
     several (each concept's results go to its `attacks` list, in that order)."""
+    from accelerate import PartialState
+
+    from pipelines import load_model
+    from pipelines.devices import dtype_name
+
+    request = _checked_request(
+        target, concepts=concepts, baseline=baseline, json_path=json_path, samples=samples, seed=seed, clip=clip,
+        fid_features=fid_features, device=device, model_config=model_config, dtype=dtype, attack=attack,
+        attack_prompts=attack_prompts, attack_seeds=attack_seeds, attack_steps=attack_steps, prompts_file=prompts_file,
+        preserved_prompts_file=preserved_prompts_file, neighbours=neighbours, attack_images=attack_images,
+    )  # fmt: skip
+    device = request.device
+    # under `accelerate launch` / `torchrun`, every process draws a share of the images
+    state = PartialState(cpu=not device.startswith("cuda"))
+    if state.num_processes > 1 and device.startswith("cuda"):
+        device = str(state.device)  # one GPU per process
+    progress = progress and state.is_main_process
+    # Two evaluations of one run would mix their grids and reports: the second is refused at once. (The main process
+    # alone writes; a report elsewhere than the run's own is the caller's file to name.)
+    own = request.own_report and state.is_main_process
+    with hold_exclusively(Path(request.target), "evaluated") if own else nullcontext():
+        after = load_model(request.after, device=device, single_file_config=model_config, dtype=request.dtype)
+        before = load_model(request.before, device=device, single_file_config=model_config, dtype=request.dtype)
+        result = _scores(after, before, request, samples, seed, clip, fid_features, progress)
+        result.report["settings"]["processes"] = state.num_processes
+        result.report["settings"]["dtype"] = dtype_name(request.dtype)
+        if not state.is_main_process:  # the main process attacks and writes; it needs no other process for that,
+            return request.json_path  # so none waits for it (a long attack would outlast a collective's timeout)
+        for concept in request.concepts if request.attacks else ():
+            result.report["concepts"][concept]["attacks"] = [
+                run_attack(kind, after, before, concept, attack_prompts, attack_seeds, attack_steps, clip, progress,
+                           attack_images if kind == "textual-inversion" else None,
+                           file_rows=request.prompt_options["target_rows"] or ())
+                for kind in request.attacks
+            ]  # fmt: skip
+        manifest = request.manifest
+        if manifest is not None:
+            result.report["run"] = {k: manifest[k] for k in ("method", "config", "seed")}
+            expected = manifest["base_model"].get("sha256")
+            result.report["baseline_matches_run"] = expected == result.report["before"]["sha256"]
+
+        result.report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        result.report["versions"] = library_versions()
+        _warn_of_replaced_results(request.json_path, result.report)
+        _write_report(result.report, result.grids, request.json_path, request.grid_dir)
+        return request.json_path
+
+
+@dataclass
+class _EvalRequest:
+    """An evaluation's inputs, resolved and checked before any model loads."""
+
+    target: str
+    after: object  # pipelines.ModelSource
+    before: object
+    manifest: dict | None
+    concepts: list[str]
+    attacks: list[str]
+    prompt_options: dict  # evaluate()'s target_rows, preserved_rows and neighbours
+    json_path: Path
+    grid_dir: Path
+    own_report: bool  # the run folder's own eval.json
+    device: str
+    dtype: object  # torch.dtype
+
+
+def _checked_request(target, *, concepts, baseline, json_path, samples, seed, clip, fid_features, device, model_config,
+                     dtype, attack, attack_prompts, attack_seeds, attack_steps, prompts_file, preserved_prompts_file,
+                     neighbours, attack_images) -> _EvalRequest:  # fmt: skip
+    """run_eval's arguments resolved and checked, everything that can be checked without a model."""
     from evaluators.clip_models import check_clip_available, check_clip_name
     from evaluators.features import check_feature_spec
     from evaluators.prompt_files import read_prompt_file
-    from evaluators.report import evaluate, evaluate_gan
-    from pipelines import load_model, resolve
+    from pipelines import resolve
     from pipelines.bounds import SEED_BOUNDS, check_number
-    from pipelines.devices import dtype_name, resolve_device, resolve_dtype
+    from pipelines.devices import resolve_device, resolve_dtype
     from pipelines.loading import check_model_config, comparable_kinds
 
     from .common import check_concepts
 
-    # Everything is resolved and checked here, before a model loads or an image is generated.
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     target = os.path.expanduser(target)  # a quoted ~ (or one from Python) reaches here unexpanded
@@ -106,47 +175,19 @@ def run_eval(
     json_path, grid_dir, own_report = _report_paths(target, manifest, json_path, concepts)
     # the scores' and the detectors' CLIP, last of the checks: offline, it asks whether the Hub can be reached
     check_clip_available(clip or before_source.family.default_clip)
+    return _EvalRequest(target, after_source, before_source, manifest, concepts, attacks, prompt_options, json_path,
+                        grid_dir, own_report, device, torch_dtype)  # fmt: skip
 
-    from accelerate import PartialState
 
-    # under `accelerate launch` / `torchrun`, every process draws a share of the images
-    state = PartialState(cpu=not device.startswith("cuda"))
-    if state.num_processes > 1 and device.startswith("cuda"):
-        device = str(state.device)  # one GPU per process
-    progress = progress and state.is_main_process
-    # Two evaluations of one run would mix their grids and reports: the second is refused at once. (The main process
-    # alone writes; a report elsewhere than the run's own is the caller's file to name.)
-    lock = hold_exclusively(Path(target), "evaluated") if own_report and state.is_main_process else nullcontext()
-    with lock:
-        after = load_model(after_source, device=device, single_file_config=model_config, dtype=torch_dtype)
-        before = load_model(before_source, device=device, single_file_config=model_config, dtype=torch_dtype)
-        if after.kind == "gan":
-            result = evaluate_gan(after, before, concepts, samples=samples, seed=seed, clip=clip,
-                                  fid_features=fid_features, progress=progress)  # fmt: skip
-        else:
-            result = evaluate(after, before, concepts, samples=samples, seed=seed, clip=clip, fid_features=fid_features,
-                              progress=progress, **prompt_options)  # fmt: skip
-        result.report["settings"]["processes"] = state.num_processes
-        result.report["settings"]["dtype"] = dtype_name(torch_dtype)
-        if not state.is_main_process:  # the main process attacks and writes; it needs no other process for that,
-            return json_path  # so none waits for it (a long attack would outlast a collective's timeout)
-        for concept in concepts if attacks else ():
-            result.report["concepts"][concept]["attacks"] = [
-                run_attack(kind, after, before, concept, attack_prompts, attack_seeds, attack_steps, clip, progress,
-                           attack_images if kind == "textual-inversion" else None,
-                           file_rows=prompt_options["target_rows"] or ())
-                for kind in attacks
-            ]  # fmt: skip
-        if manifest is not None:
-            result.report["run"] = {k: manifest[k] for k in ("method", "config", "seed")}
-            expected = manifest["base_model"].get("sha256")
-            result.report["baseline_matches_run"] = expected == result.report["before"]["sha256"]
+def _scores(after, before, request: _EvalRequest, samples, seed, clip, fid_features, progress):
+    """The report's scores (CLIP, detectors, FID) of `after` against `before`: a GAN's or a prompted model's."""
+    from evaluators.report import evaluate, evaluate_gan
 
-        result.report["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        result.report["versions"] = library_versions()
-        _warn_of_replaced_results(json_path, result.report)
-        _write_report(result.report, result.grids, json_path, grid_dir)
-        return json_path
+    if after.kind == "gan":
+        return evaluate_gan(after, before, request.concepts, samples=samples, seed=seed, clip=clip,
+                            fid_features=fid_features, progress=progress)  # fmt: skip
+    return evaluate(after, before, request.concepts, samples=samples, seed=seed, clip=clip, fid_features=fid_features,
+                    progress=progress, **request.prompt_options)  # fmt: skip
 
 
 def _report_paths(target: str, manifest: dict | None, json_path: str | Path | None, concepts: list[str],
