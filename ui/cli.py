@@ -80,7 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the toolkit does (loading, saving)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_erase_command(sub)
+    _add_eval_command(sub)
+    _add_compare_command(sub)
+    _add_sample_command(sub)
+    _add_preview_command(sub)
+    _add_export_command(sub)
+    _add_methods_command(sub)
+    _add_zoo_command(sub)
+    return parser
 
+
+def _add_erase_command(sub) -> None:
     p = sub.add_parser(
         "erase", help="erase a concept from a model and save the erased model",
         description="Erase CONCEPT from MODEL with METHOD. The run folder is written atomically: a model folder "
@@ -146,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(func=cmd_erase)
 
+
+def _add_eval_command(sub) -> None:
     p = sub.add_parser("eval", help="measure an erased model against its base (writes eval.json and grids)")
     p.add_argument("target", metavar="DIR_OR_MODEL", help="an erased run folder, or any model with --baseline")
     p.add_argument("--concept", action="append", help="concept to measure (default: the run's concepts)")
@@ -204,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype_option(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_compare_command(sub) -> None:
     p = sub.add_parser(
         "compare", help="several evaluations side by side: one table, a column per erased model",
         description="Put the eval.json of several runs (or any reports `erasure eval --json` wrote) side by side: "
@@ -215,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE.md|FILE.csv", help="also write the table to this file")
     p.set_defaults(func=cmd_compare)
 
+
+def _add_sample_command(sub) -> None:
     p = sub.add_parser(
         "sample", help="generate images from any model (pipeline folder, run folder, embedded name)",
         description="Generate N images per prompt with seeds S..S+N-1. --out *.png (or .jpg, .webp) writes one "
@@ -245,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype_option(p)
     p.set_defaults(func=cmd_sample)
 
+
+def _add_preview_command(sub) -> None:
     p = sub.add_parser(
         "preview", help="Gradio app: before/after on the same seeds, erase with progress, metrics, export",
         description="Serve the preview page: the base model and erased runs side by side on the same seeds, "
@@ -266,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dtype_option(p)
     p.set_defaults(func=cmd_preview)
 
+
+def _add_export_command(sub) -> None:
     p = sub.add_parser(
         "export", help="publish a run to the Hugging Face Hub with a model card",
         description="Build the Hub folder of a run (the model in safetensors, erasure.json, eval.json and its "
@@ -298,9 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=cmd_export)
 
+
+def _add_methods_command(sub) -> None:
     p = sub.add_parser("methods", help="list the erasure methods and their papers")
     p.set_defaults(func=cmd_methods)
 
+
+def _add_zoo_command(sub) -> None:
     p = sub.add_parser("zoo", help="the embedded digits-world models: list them or rebuild them")
     zoo_sub = p.add_subparsers(dest="zoo_command", metavar="list|build", required=True)
     z = zoo_sub.add_parser("list", help="show the embedded models and their measured quality")
@@ -320,7 +345,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the recipe's steps (smoke runs)",
     )
     z.set_defaults(func=cmd_zoo_build)
-    return parser
 
 
 # --- subcommands --------------------------------------------------------------------------------
