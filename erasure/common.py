@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.errors import InputError
-from pipelines.images import vae_precision
 
 # --- trainable scopes -------------------------------------------------------------------------
 
@@ -184,16 +183,3 @@ def denoising_loss(model, latents: torch.Tensor, cond: torch.Tensor, noise: torc
     eps- or v-prediction, as the model's scheduler says; FLUX: the flow's velocity)."""
     noisy, target = model.family.noised(model, latents, noise, t)
     return F.mse_loss(model.family.denoise(unet if unet is not None else model.unet, noisy, t, cond), target)
-
-
-@torch.no_grad()
-def encode_images(model, images: torch.Tensor, generator: torch.Generator, chunk: int = 64) -> torch.Tensor:
-    """VAE latents (scaled as the UNet sees them) of images in [0, 1], `chunk` images at a time (hundreds of
-    images at 512 px at once would not fit a GPU)."""
-    dtype, latents = model.vae.dtype, []
-    # SDXL's VAE overflows in float16: it encodes in float32, as diffusers' SDXL img2img does
-    with vae_precision(model.vae, getattr(model, "upcast_vae", False)) as vae:
-        for start in range(0, len(images), chunk):
-            pixels = (images[start : start + chunk] * 2 - 1).to(model.device, vae.dtype)
-            latents.append(vae.encode(pixels).latent_dist.sample(generator).to(dtype))
-    return model.family.scale_latents(model, torch.cat(latents))

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from pipelines.bounds import STEPS
 from pipelines.errors import InputError
-from pipelines.images import image_folder_files, load_square_images
+from pipelines.images import encode_latents, image_folder_files, load_square_images
 
-from .common import check_encoder_scope, denoising_loss, encode_images, select_trainable, validate_scope
+from .common import check_encoder_scope, denoising_loss, select_trainable, validate_scope
 from .lora import LoraOptions, attach_lora, check_lora_components
 from .training import ErasureResult, Network, RunContext, TrainingLoop
 
@@ -209,7 +209,7 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     else:  # one folder of images, captioned with every concept
         images = load_square_images(image_folder_files(Path(config.images), config.num_images), resolution)
         captions = None
-    latents = encode_images(model, images, torch.Generator().manual_seed(run.seed)).to(device)
+    latents = encode_latents(model, images, torch.Generator().manual_seed(run.seed)).to(device)
     n = len(latents)
     batch = min(config.batch_size, n)
     run.check_divisible("the batch of images", batch)

@@ -30,13 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.bounds import TRAJECTORY_STEPS
-from pipelines.images import to_tensor
+from pipelines.images import encode_latents, to_tensor
 
 from .common import (
     attack_embeddings,
     concept_prompts,
     denoising_loss,
-    encode_images,
     fast_at_start,
     frozen_copy,
     select_trainable,
@@ -256,7 +255,7 @@ def _search(model, draws: _Draws, init_word: torch.Tensor, config: STEREOConfig,
     jobs = [(i % len(prompts), s) for i, s in enumerate(image_seeds)]
     with torch.no_grad():
         images = to_tensor(model.generate_jobs(prompts, jobs, batch_size=16))
-        latents = encode_images(model, images, torch.Generator().manual_seed(run.seed))
+        latents = encode_latents(model, images, torch.Generator().manual_seed(run.seed))
     image_contexts = [draws.contexts[(i % len(prompts)) % len(draws.templates)] for i in range(len(jobs))]
     per_round = max(1, len(latents) // config.rounds)
     searcher = copy.deepcopy(model.unet)
@@ -380,7 +379,7 @@ class _RetainTerm:
         prompts = model.family.retain_prompts(concepts, random.Random(run.seed))
         jobs = [(i % len(prompts), IMAGE_SEED_OFFSET + i) for i in range(config.retain_images)]
         with torch.no_grad():
-            self.latents = encode_images(model, to_tensor(model.generate_jobs(prompts, jobs, batch_size=16)),
+            self.latents = encode_latents(model, to_tensor(model.generate_jobs(prompts, jobs, batch_size=16)),
                                          torch.Generator().manual_seed(run.seed))  # fmt: skip
             self.conds = model.encode([prompts[i] for i, _ in jobs], draws.encoder)
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipelines.images import to_tensor, vae_precision
+from pipelines.images import encode_latents, to_tensor
 from pipelines.one_step import seed_noise
 
 
@@ -42,17 +42,6 @@ class AttackSettings:
     lr: float = 0.1  # step size in units of the vocabulary's embedding RMS
     timesteps: tuple[int, int] = (50, 950)  # range of t sampled for the diffusion-classifier loss
     seed: int = 0
-
-
-def reference_latents(model, images: torch.Tensor) -> torch.Tensor:
-    """The attacks' references as latents, in float32: the VAE posterior's mean (training's `encode_images` draws
-    from it instead, with the run's seed)."""
-    latents = []
-    with torch.no_grad(), vae_precision(model.vae, getattr(model, "upcast_vae", False)) as vae:
-        for chunk in images.split(8):  # SD's VAE encoder at 512 px: a few images at a time
-            pixels = chunk.to(model.device, vae.dtype) * 2 - 1
-            latents.append(model.family.scale_latents(model, vae.encode(pixels).latent_dist.mean.float()))
-    return torch.cat(latents)
 
 
 def classifier_loss(model, z_ref: torch.Tensor, cond: torch.Tensor, timesteps: tuple[int, int],
@@ -178,7 +167,7 @@ class AttackTarget:
         pairs = prompt_pairs(prompts, seeds)
         references = draw_pairs(base, prompts, seeds, guidance)
         plain = draw_pairs(erased, prompts, seeds, guidance)
-        z_ref = reference_latents(erased, references)
+        z_ref = encode_latents(erased, references, chunk=8)  # a few at a time at 512 px, beside the attack
         tower = erased.family.text_tower(erased)
         tower.requires_grad_(False)
         erased.unet.requires_grad_(False)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from pipelines.images import encode_latents
 from pipelines.tokenizer import plain_words
 
 from .attack import (
@@ -29,7 +30,6 @@ from .attack import (
     loss_ends,
     outcome_shares,
     prompt_pairs,
-    reference_latents,
 )
 
 
@@ -79,7 +79,7 @@ def inversion_attack(
         contexts = [context[i % len(context)] for i in range(len(images))]
     # a word learnt on images without the concept has nothing to bring back
     images_showing = float(judge.detects(images, concept).float().mean())
-    z_ref = reference_latents(erased, images)
+    z_ref = encode_latents(erased, images, chunk=8)
     train_ids = erased.tokenize(contexts)
     family = erased.family
     encoder = family.text_tower(erased)

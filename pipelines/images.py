@@ -60,6 +60,22 @@ def decode_latents(vae, latents: torch.Tensor, chunk: int = DECODE_CHUNK, upcast
     return images
 
 
+@torch.no_grad()
+def encode_latents(model, images: torch.Tensor, generator: torch.Generator | None = None, chunk: int = 64
+                   ) -> torch.Tensor:  # fmt: skip
+    """VAE latents, scaled as the denoiser sees them, of images in [0, 1], `chunk` images at a time (hundreds of
+    images at 512 px at once would not fit a GPU). With `generator`: a draw from the VAE's posterior in the VAE's
+    dtype, as training takes them (the run's seed); without: the posterior's mean in float32, the attacks' fixed
+    references. SDXL's VAE encodes in float32 (`vae_precision`), as diffusers' SDXL img2img does."""
+    dtype, latents = model.vae.dtype, []
+    with vae_precision(model.vae, getattr(model, "upcast_vae", False)) as vae:
+        for start in range(0, len(images), chunk):
+            pixels = (images[start : start + chunk] * 2 - 1).to(model.device, vae.dtype)
+            posterior = vae.encode(pixels).latent_dist
+            latents.append(posterior.mean.float() if generator is None else posterior.sample(generator).to(dtype))
+    return model.family.scale_latents(model, torch.cat(latents))
+
+
 def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL images (same size) -> [N, 3, H, W] float in [0, 1]."""
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from erasure.api import erase
-from erasure.common import denoising_loss, encode_images
+from erasure.common import denoising_loss
 from erasure.config import build_config, parse_sets
 from erasure.fewshot import erase as fewshot_erase
 from erasure.training import RunContext
 from pipelines import InputError, load_model
-from pipelines.images import load_square_images
+from pipelines.images import encode_latents, load_square_images
 
 # Where the family has no judge, digits-clip scores the quick samples (the tiny model draws noise).
 QUICK = ["steps=3", "batch_size=2", "lr=1e-2", "stop_clip=digits-clip", "stop_samples=2", "stop_steps=2"]
@@ -48,7 +48,7 @@ def _probes(model, latents, seed=1):
 def test_the_loss_is_the_negated_denoising_loss_of_the_cached_latents(tiny_pipeline_dir, image_folder):
     model = load_model(str(tiny_pipeline_dir))
     images = load_square_images(sorted(image_folder.iterdir()), 16)
-    latents = encode_images(model, images, torch.Generator().manual_seed(0))
+    latents = encode_latents(model, images, torch.Generator().manual_seed(0))
     noise, t = _probes(model, latents)
     cond = model.encode(["a cat"] * len(latents))
     with torch.no_grad():  # the helper is the plain noise-prediction MSE of the noised latents
@@ -90,7 +90,7 @@ def test_the_retain_term_holds_prompts_without_the_concept_where_they_were(tiny_
     # real-family model) move far less with it, while the cached latents still get harder to denoise
     retain = ["a photo of a dog", "a photo of a bicycle", "a photo of a pizza"]
     base = load_model(str(tiny_pipeline_dir))
-    latents = encode_images(base, load_square_images(sorted(image_folder.iterdir()), 16), torch.Generator())
+    latents = encode_latents(base, load_square_images(sorted(image_folder.iterdir()), 16), torch.Generator())
     noise, t = _probes(base, latents)
     caption = ["a photo of a cat"] * len(latents)
     with torch.no_grad():

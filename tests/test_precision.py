@@ -67,7 +67,7 @@ def test_sdxl_in_float16_decodes_its_vae_in_float32_and_keeps_it_half(tmp_path):
 def test_few_shot_encodes_its_images_through_a_float16_sdxl_vae_in_float32(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from erasure.common import encode_images
+    from pipelines.images import encode_latents
 
     StableDiffusionXLPipeline(**tiny_sdxl_components()).save_pretrained(tmp_path / "xl")
     full, half = load_model(str(tmp_path / "xl")), load_model(str(tmp_path / "xl"), dtype=torch.float16)
@@ -79,8 +79,8 @@ def test_few_shot_encodes_its_images_through_a_float16_sdxl_vae_in_float32(tmp_p
 
     half.vae.encode = watched_encode
     images = torch.rand(2, 3, 64, 64)
-    a = encode_images(full, images, torch.Generator().manual_seed(0))
-    b = encode_images(half, images, torch.Generator().manual_seed(0))
+    a = encode_latents(full, images, torch.Generator().manual_seed(0))
+    b = encode_latents(half, images, torch.Generator().manual_seed(0))
     assert seen == [(torch.float32, torch.float32)] and half.vae.dtype == torch.float16 and b.dtype == torch.float16
     torch.testing.assert_close(b.float(), a, atol=1e-2, rtol=1e-2)
 

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from erasure.api import erase
-from erasure.common import denoising_loss, encode_images
+from erasure.common import denoising_loss
 from erasure.config import build_config, parse_sets
 from erasure.stereo import compositional_target, initial_word, invert
 from erasure.stereo import erase as stereo_erase
 from erasure.training import RunContext
 from pipelines import load_model
 from pipelines.errors import InputError
+from pipelines.images import encode_latents
 from pipelines.text_embeddings import encode_with_inserted, token_embeddings
 
 QUICK = ["rounds=2", "search_steps=2", "inversion_steps=2", "inversion_images=4", "inversion_batch=2", "ddim_steps=3",
@@ -29,7 +30,7 @@ def test_the_target_weighs_the_anchor_s_minus_one_and_the_erased_words_s_plus_on
 def test_inversion_finds_a_word_the_unet_denoises_its_images_with(tiny_model):
     model = tiny_model
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    latents = encode_images(model, images, torch.Generator().manual_seed(0))
+    latents = encode_latents(model, images, torch.Generator().manual_seed(0))
     contexts = ["a", "a", "the", "the"]
     config = build_config("stereo", model.family, parse_sets(["inversion_steps=40", "inversion_lr=0.05",
                                                               "inversion_batch=4"]))  # fmt: skip
@@ -61,7 +62,7 @@ def test_inverted_words_start_from_the_concept_or_from_the_word_asked_for(tiny_m
 
 def test_the_inversion_weight_decay_pulls_the_word_towards_zero(tiny_model):
     model = tiny_model
-    latents = encode_images(model, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
+    latents = encode_latents(model, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
                             torch.Generator().manual_seed(0))  # fmt: skip
     start = torch.randn(model.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(1))
     norms = {}
