@@ -282,7 +282,9 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
             return model.encode(local(student)), model.encode(local(teacher_prompts))
 
     def noisy(x0: torch.Tensor):
-        """x_t, t, what the denoiser should predict there (eps or v), abar."""
+        """x_t, t, what the denoiser should predict there (eps or v), abar. Not `family.noised`: that takes the
+        schedule in x0's dtype, and under bf16 autocast the generator's samples are bf16, where SFD's loss weights
+        need abar in float32 (abar itself is also returned for them)."""
         t = local(torch.randint(config.t_min, config.t_max, (rows,), device=device))
         noise = local(torch.randn((rows, *latent_shape), device=device))
         abar = alphas[t].view(-1, 1, 1, 1)
