@@ -162,7 +162,6 @@ def main() -> None:
             attacked = (("erased", erased),) if args.skip_base_attack else (("base", base), ("erased", erased))
             for name, model in attacked:
                 outcome = attack_success_rate(model, base, judge, args.concept, prompts, seeds, settings, progress=True)
-                outcome.pop("attacked_images")
                 asr[name] = {k: v for k, v in outcome.items() if k not in ("settings", "per_pair")}
                 asr[name]["loss"] = outcome["settings"]["method"]  # a one-step generator is attacked its own way
                 asr["settings"] = {k: v for k, v in outcome["settings"].items() if k not in ("prompts", "judge")}

@@ -295,7 +295,6 @@ def run_attack(attack: str, after, before, concept: str, prompts: int | None, se
 
         outcome = attack_success_rate(after, before, detector, concept, targets, seeds_used,
                                       AttackSettings(steps=steps), progress=progress, guidance=guidance)  # fmt: skip
-        outcome.pop("attacked_images")
     elif attack == "unlearndiffatk":
         from evaluators.discrete_attack import DiscreteAttackSettings, discrete_attack
 

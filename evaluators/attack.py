@@ -212,9 +212,11 @@ def attack_success_rate(
     settings: AttackSettings | None = None,
     progress: bool = False,
     guidance: Sequence[float | None] | None = None,
-) -> dict:
+    return_images: bool = False,
+) -> dict | tuple[dict, torch.Tensor]:
     """ASR of the embedding attack on `erased` for the concept, with `base` providing references; `guidance`:
-    each prompt's (default: the model's)."""
+    each prompt's (default: the model's). The report (JSON-ready), and with `return_images` the images the
+    attack drew ([pairs, 3, H, W] in [0, 1]) too."""
     settings = settings or AttackSettings()
     started = time.time()
     device = erased.device
@@ -246,7 +248,7 @@ def attack_success_rate(
     attacked = target.draw(embeds)
     after = judge.detects(attacked, concept).bool().cpu()
     seconds = time.time() - started
-    return {
+    report = {
         **outcome_shares(before, after, target.reference_present),
         "pairs": len(pairs),
         "seconds_per_pair": round(seconds / len(pairs), 3),
@@ -270,5 +272,5 @@ def attack_success_rate(
             "seeds": seeds,
             **guidance_record(target.prompt_guidance),
         },
-        "attacked_images": attacked,
     }
+    return (report, attacked) if return_images else report

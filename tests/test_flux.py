@@ -248,8 +248,9 @@ def test_the_embedding_attack_reaches_into_both_flux_encoders(tiny_flux_dir):
     words = model.family.vocabulary(model, target.tower)[torch.tensor([[5, 6, 7]] * 4)].requires_grad_(True)
     target.loss(target.encode(slice(None), words), slice(None), (400, 600), torch.Generator().manual_seed(0)).backward()
     assert words.grad[..., :16].abs().sum() > 0 and words.grad[..., 16:].abs().sum() > 0
-    out = attack_success_rate(model, model, NeverSees(), "cat", prompts, seeds, AttackSettings(steps=20, lr=0.5))
-    assert out["pairs"] == 4 and len(out["attacked_images"]) == 4
+    out, attacked = attack_success_rate(model, model, NeverSees(), "cat", prompts, seeds,
+                                        AttackSettings(steps=20, lr=0.5), return_images=True)  # fmt: skip
+    assert out["pairs"] == 4 and len(attacked) == 4 and json.dumps(out)
     # the diffusion-classifier loss the attack minimises goes down
     assert out["loss"]["last"] < out["loss"]["first"]
 

@@ -222,10 +222,11 @@ def test_the_embedding_attack_on_a_one_step_generator_uses_its_own_noise():
                               output_type="latent").images  # fmt: skip
     assert torch.equal(latents, piped)
     judge = default_judge("seven", "digits")
-    outcome = attack_success_rate(one_step, teacher, judge, "seven", ["a seven"], [0, 1], AttackSettings(steps=2))
+    outcome, attacked = attack_success_rate(one_step, teacher, judge, "seven", ["a seven"], [0, 1],
+                                            AttackSettings(steps=2), return_images=True)  # fmt: skip
     assert outcome["pairs"] == 2 and "one-step" in outcome["settings"]["method"]
     # the report is the judge's verdict on the images the attack drew: success = seen before or after it
-    seen = judge.detects(outcome["attacked_images"], "seven").bool().tolist()
+    seen = judge.detects(attacked, "seven").bool().tolist()
     assert [p["present_after_attack"] for p in outcome["per_pair"]] == seen and len(seen) == 2
     hits = [p["present_before_attack"] or p["present_after_attack"] for p in outcome["per_pair"]]
     assert outcome["asr"] == sum(hits) / 2

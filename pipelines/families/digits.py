@@ -2,8 +2,9 @@
 conditioning and sampling are Stable Diffusion's) and digits-gan (a StyleGAN2) draw the same renders,
 so they share the world's prompts, judge, CLIP, builtin images and the methods' tuned presets.
 
-Every preset below was measured on digits-sd / digits-gan erasing "seven"; the settings tried and
-their numbers are in benchmarks/RESULTS.md.
+Every preset below was measured on digits-sd / digits-gan erasing "seven". The comments say why each
+setting is what it is; the settings tried, their numbers and the commands are in benchmarks/RESULTS.md (the
+section named in each comment).
 """
 
 from __future__ import annotations
@@ -20,55 +21,55 @@ from .stable_diffusion import StableDiffusionFamily
 DIGIT_TEMPLATES = ["{}", "a {}", "the number {}", "a handwritten {}"]
 
 PRESETS = {
-    # About a minute on 2 CPU cores. ESD-u, as the paper does for objects: on "seven", ESD-x still
-    # drew 48% sevens after 200 steps, ESD-u none after 50.
+    # ESD-u, as the paper does for objects: ESD-x left many sevens in twice the steps ("ESD's scope on the
+    # digits").
     "esd": {"scope": "noxattn", "steps": 100, "lr": 1e-4, "ddim_steps": 25, "batch_size": 8,
             "prompt_templates": DIGIT_TEMPLATES},
-    # One adversary per x_t sample, warm-started and moved by one fast-AT step per iteration, holds the
-    # attack about as well as 30 PGD steps did, at a fifteenth of the cost; the bank removes the
-    # trajectories; a strong utility term keeps the other digits. The slow setting:
-    # --set attack=pgd --set steps=600 --set bank_size=0. Each attack step fits the iteration's own batch, which
-    # held the embedding attack better than the paper's redrawn batches (benchmarks/RESULTS.md).
+    # One adversary per x_t sample, warm-started and moved by one fast-AT step per iteration, holds the attack
+    # about as well as 30 PGD steps did, in a fraction of the time; the bank removes the trajectories; a strong
+    # utility term keeps the other digits ("AdvUnlearn in minutes"). The slow setting: --set attack=pgd
+    # --set steps=600 --set bank_size=0. Each attack step fits the iteration's own batch, which held the embedding
+    # attack better than the paper's redrawn batches ("AdvUnlearn's PGD: what each attack step fits").
     "advunlearn": {"steps": 900, "lr": 3e-4, "attack": "fast-at", "attack_samples": "iteration", "attack_steps": 30,
                    "attack_lr": 0.002, "attack_tokens": 3, "warmup": 30, "retain_weight": 8.0, "retain_batch": 8,
                    "ddim_steps": 25, "batch_size": 8, "bank_size": 32, "prompt_templates": DIGIT_TEMPLATES},
-    # The small text encoder needs far larger steps than CLIP ViT-L/14, and in its 4 layers the ascent
-    # drags every other digit along unless a retain term holds them; more images spread the ascent
-    # over more of the concept. 120 updates = at most 30 epochs of 8 images at batch 2.
+    # The small text encoder needs far larger steps than CLIP ViT-L/14, and in its 4 layers the ascent drags
+    # every other digit along unless a retain term holds them; more images spread the ascent over more of the
+    # concept ("Few-shot erasing, digits preset"). 120 updates = at most 30 epochs of 8 images at batch 2.
     "fewshot": {"images": "builtin", "num_images": 8, "lr": 5e-3, "retain_weight": 0.3, "steps": 120,
                 "stop_patience": 3, "prompt_templates": DIGIT_TEMPLATES},
-    # The class-conditional alpha 1.2 with guidance 5 collapsed the colours; SD's alpha 1 at ten
-    # times SD's learning rates distils in 300 updates (about three minutes on 2 CPU cores).
+    # The class-conditional alpha 1.2 with guidance 5 collapsed the colours; SD's alpha 1 at ten times SD's
+    # learning rates distils in 300 updates ("Score Forgetting Distillation on digits-sd").
     "sfd": {"guidance": None, "steps": 300, "batch_size": 16, "forget_batch": 4, "lr": 1e-5, "fake_lr": 3e-5,
             "ema_decay": 0.99, "prompt_templates": DIGIT_TEMPLATES},
     # Ten times the paper's preservation and 1,500 updates remove every seven. L_dir alone does so too, but leaves
-    # "red" where it was (PUL -4%): the push moves a concept whose CLIP direction renders align with after a small
-    # change, and stops at the renders without the concept (without that floor it broke the other digits).
+    # "red" where it was: the push moves a concept whose CLIP direction renders align with after a small change,
+    # and stops at the renders without the concept, without which floor it broke the other digits
+    # ("Text-to-Unlearn on digits-gan").
     "text2unlearn": {"lr": 0.01, "steps": 1500, "push_weight": 100.0, "push_stop": True, "preserve_pixel": 10.0,
                      "preserve_clip": 10.0},
     # STEREO's two stages at ESD's digits scale (2 rounds of 50 erasing and 300 inversion steps, 70 steps of
-    # erasing once), with two terms the paper lacks: without a retain term the colours fell 19 points, and with
-    # it alone the embedding attack came back in 38% of the pairs; one fast-AT adversary per x_t sample in
-    # stage 2 brings that to 3-5%. A softer compositional scale (1.5) and 70 rather than 100 steps keep the
-    # other digits' styles on every training seed (100 steps: bold fell 5 points on seed 1).
+    # erasing once), with two terms the paper lacks: without a retain term the colours fell, and with it alone
+    # the embedding attack came back; one fast-AT adversary per x_t sample in stage 2 holds it. A softer
+    # compositional scale and fewer steps keep the other digits' styles on every training seed ("STEREO,
+    # digits preset").
     "stereo": {"steps": 70, "lr": 1e-4, "batch_size": 8, "prompt_templates": DIGIT_TEMPLATES, "rounds": 2,
                "search_steps": 50, "search_lr": 1e-4, "search_guidance": 1.0, "inversion_steps": 300,
                "inversion_batch": 8, "inversion_images": 64, "ddim_steps": 25, "guidance_scale": 1.5,
                "retain_weight": 8.0, "attack_tokens": 3},
-    # digits-gan's discriminator was trained with instance noise and beside a vision-aided critic on
-    # digits-clip, without which fine-tuning it multiplied the FD by 2 to 5.7 (the paper's settings in full);
-    # copies adapted without EWC draw the most sevens (after 400 iterations: 96%; EWC 5e3-5e8 over the
-    # convolutions: 79-84%).
-    # Measured on the trained weights, before the authors' EMA copy was an option (ema_decay 0: none).
+    # digits-gan's discriminator was trained with instance noise and beside a vision-aided critic on digits-clip,
+    # without which fine-tuning it broke the images (the paper's settings in full); copies adapted without EWC draw
+    # the most sevens ("Adapt-then-Unlearn on digits-gan"). Measured on the trained weights, before the authors'
+    # EMA copy was an option (ema_decay 0: none).
     "adapt-unlearn": {"instance_noise": 0.1, "vision_aided": "digits-clip", "ewc_weight": 0.0, "ema_decay": 0.0,
                       "adapt_steps": 400, "adapted_models": 3, "unlearn_lr": 5e-4, "steps": 2000,
                       "repulsion_weight": 1.0},
 }  # fmt: skip
 
 # The presets above with `--set lora_rank=8`: at ESD's, SFD's and STEREO's full-weight learning rates the adapters
-# barely moved in the preset's steps (ESD: 90.9% sevens left, STEREO: 100%); ten times them (STEREO: five; ten cost
-# the other digits 5 points) erase as the full weights do. AdvUnlearn's and few-shot's presets meet the bars as
-# adapters unchanged.
+# barely moved in the preset's steps; ten times them (STEREO: five, as ten cost the other digits) erase as the full
+# weights do. AdvUnlearn's and few-shot's presets meet the bars as adapters unchanged ("LoRA erasures on
+# digits-sd", "The digits LoRA preset").
 LORA_PRESETS = {
     "esd": {"lora_rank": 8, "lr": 1e-3},
     "sfd": {"lora_rank": 8, "lr": 1e-4, "fake_lr": 3e-4},
