@@ -38,7 +38,7 @@ def main() -> None:
     from erasure.fewshot import BUILTIN_COUNT
     from erasure.registry import METHODS
     from erasure.training import RunContext
-    from evaluators import report
+    from evaluators import detect
     from evaluators.judges import DigitsJudge
     from pipelines import load_model
     from pipelines.images import to_tensor
@@ -64,7 +64,7 @@ def main() -> None:
         }
 
     print(json.dumps({"base": True, **protocol(base)}), flush=True)
-    check = report.PresenceCheck.__call__
+    check = detect.PresenceCheck.__call__
 
     def trajectory(sets: list[str]) -> None:
         config = build_config("fewshot", "digits", parse_sets(sets))
@@ -81,11 +81,11 @@ def main() -> None:
             print(json.dumps(line), flush=True)
             return 1.0
 
-        report.PresenceCheck.__call__ = observed
+        detect.PresenceCheck.__call__ = observed
         try:
             entry(copy.deepcopy(base), ["seven"], config, RunContext(seed=args.seed, progress=False))
         finally:
-            report.PresenceCheck.__call__ = check
+            detect.PresenceCheck.__call__ = check
 
     for spec in args.sets:
         trajectory([s for s in spec.split(",") if s])

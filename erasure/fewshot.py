@@ -193,7 +193,7 @@ def train_concept_tokens(tower, tokenizers: dict, concepts: list[str]) -> int:
 
 def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) -> ErasureResult:
     """Erase `concepts` from the text encoder of `model` by gradient ascent on a few images of them."""
-    from evaluators.report import PresenceCheck
+    from evaluators.detect import PresenceCheck
 
     run.check_divisible("batch_size", config.batch_size)
     device = run.torch_device

@@ -1,6 +1,6 @@
 """Per-image concept detection for methods that need labels while they train: the few-shot
-stopping rule, and the GAN methods that split a generator's own samples into those that show the
-concept (negatives) and those that do not (positives).
+stopping rule (`PresenceCheck`), and the GAN methods that split a generator's own samples into those
+that show the concept (negatives) and those that do not (positives).
 
 The domain judge decides where the model family has one for the concept (digits-judge, NudeNet);
 elsewhere CLIP zero-shot does: the concept's prompt ensemble against anchor prompts, the rule of
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from pipelines.errors import InputError
+from pipelines.images import to_tensor
 
 from .clip_models import ClipScorer, load_clip
 from .judges import default_judge
@@ -97,6 +98,29 @@ def concept_detectors(concepts: Sequence[str], family, device: str = "cpu", clip
     needs_clip = classifier == "clip" or any(default_judge(c, family, device) is None for c in concepts)
     shared = load_clip(clip or family.default_clip, device) if needs_clip else None
     return {c: ConceptDetector(c, family, device, shared, classifier, templates) for c in concepts}
+
+
+class PresenceCheck:
+    """A cheap check while a method trains: the share of a few quick samples of the concepts in which
+    the concepts' detectors (the domain judge, else CLIP zero-shot) still see them: the largest share among the
+    concepts, so that a run erasing several stops only once each is gone. The samples go
+    round all of a concept's target prompts (sample i: prompt i mod P, seed i), so that a concept
+    gone from its first prompts but not from "a red ..." or "a handwritten ..." still counts as
+    present. Judges and CLIP load once, when the check is made."""
+
+    def __init__(self, family, concepts: list[str], device: str = "cpu", clip: str | None = None):
+        self.prompts = {c: family.prompt_set(c).target for c in concepts}
+        self.detectors = concept_detectors(concepts, family, device, clip)
+
+    @torch.no_grad()
+    def __call__(self, model, samples: int, steps: int) -> float:
+        shares = []
+        for concept, detector in self.detectors.items():
+            prompts = self.prompts[concept]
+            jobs = [(i % len(prompts), i) for i in range(samples)]
+            images = to_tensor(model.generate_jobs(prompts, jobs, steps=steps))
+            shares.append(float(detector(images).float().mean()))
+        return max(shares)
 
 
 def clip_needed(concepts: Sequence[str], family, classifier: str = "auto") -> bool:

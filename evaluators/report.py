@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from pipelines.families import Family
 
 from .clip_models import ClipScorer, load_clip
-from .detect import CLIP_PRESENCE_RULE, concept_detectors
+from .detect import CLIP_PRESENCE_RULE
 from .features import FeatureExtractor, feature_extractor
 from .judges import default_judge
 from .metrics import (
@@ -53,29 +53,6 @@ class Evaluation:
     report: dict
     grids: dict[str, Image.Image] = field(default_factory=dict)
     images: dict = field(default_factory=dict)  # (concept, part, "before"/"after") -> the images scored [N, 3, H, W]
-
-
-class PresenceCheck:
-    """A cheap check while a method trains: the share of a few quick samples of the concepts in which
-    the concepts' detectors (the domain judge, else CLIP zero-shot) still see them: the largest share among the
-    concepts, so that a run erasing several stops only once each is gone. The samples go
-    round all of a concept's target prompts (sample i: prompt i mod P, seed i), so that a concept
-    gone from its first prompts but not from "a red ..." or "a handwritten ..." still counts as
-    present. Judges and CLIP load once, when the check is made."""
-
-    def __init__(self, family, concepts: list[str], device: str = "cpu", clip: str | None = None):
-        self.prompts = {c: family.prompt_set(c).target for c in concepts}
-        self.detectors = concept_detectors(concepts, family, device, clip)
-
-    @torch.no_grad()
-    def __call__(self, model, samples: int, steps: int) -> float:
-        shares = []
-        for concept, detector in self.detectors.items():
-            prompts = self.prompts[concept]
-            jobs = [(i % len(prompts), i) for i in range(samples)]
-            images = to_tensor(model.generate_jobs(prompts, jobs, steps=steps))
-            shares.append(float(detector(images).float().mean()))
-        return max(shares)
 
 
 @dataclass

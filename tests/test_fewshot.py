@@ -133,7 +133,7 @@ def test_the_stopping_rule_ends_the_run_at_once_on_an_absent_concept(tiny_pipeli
 def test_the_rule_on_several_concepts_waits_for_each_to_be_gone(tiny_pipeline_dir):
     # the check of two concepts is the larger share: one still shown every time keeps the run going, however absent
     # the other (their mean, 50%, would have stopped it under stop_below=0.6)
-    from evaluators.report import PresenceCheck
+    from evaluators.detect import PresenceCheck
 
     model = load_model(str(tiny_pipeline_dir))
     check = PresenceCheck(model.family, ["cat", "dog"], clip="digits-clip")
