@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.errors import InputError
+from pipelines.tokenizer import padded_ids
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -127,7 +128,7 @@ def _transformers_clip(path: Path, name: str, version: str, device: str) -> Clip
     tokenizer = _tokenizer_for(path, model.config.text_config.max_position_embeddings)
 
     def encode_text(texts: list[str]) -> torch.Tensor:
-        ids = tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt").input_ids.to(device)
+        ids = padded_ids(tokenizer, texts).to(device)
         return model.get_text_features(input_ids=ids).pooler_output
 
     def encode_image(pixels: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,8 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
-from .devices import to_device
 from .images import decode_latents
+from .tokenizer import padded_ids
 
 
 def x0_from_prediction(x_t: torch.Tensor, out: torch.Tensor, abar: torch.Tensor, prediction: str = "epsilon"):
@@ -138,9 +138,7 @@ class OneStepPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def _ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
-        return tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt",
-        ).input_ids.to(self._execution_device)  # fmt: skip
+        return padded_ids(tokenizer, prompts).to(self._execution_device)
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(token embeddings, SDXL's pooled embedding or None)."""
@@ -152,8 +150,9 @@ class OneStepPipeline(DiffusionPipeline):
 
     def time_ids(self, n: int) -> torch.Tensor:
         """SDXL's added time ids for a full, uncropped image of the UNet's size."""
-        size = self.unet.config.sample_size * self.vae_scale_factor
-        return to_device(torch.tensor([[size, size, 0, 0, size, size]]), self._execution_device).expand(n, -1)
+        from .families.sdxl import default_time_ids
+
+        return default_time_ids(self.unet.config.sample_size * self.vae_scale_factor, n, self._execution_device)
 
     @torch.no_grad()
     def __call__(

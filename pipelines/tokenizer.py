@@ -8,6 +8,7 @@ Stable Diffusion 1.x and OpenAI CLIP use this exact 49,408-token vocabulary (sta
 from __future__ import annotations
 
 import gzip
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +16,14 @@ VOCAB_SIZE = 49408
 BOS_ID, EOS_ID = 49406, 49407
 # The vocabulary file holds more merges than CLIP uses; CLIP keeps the first 48,894.
 _N_MERGES = 49152 - 256 - 2
+
+
+def padded_ids(tokenizer, prompts: Sequence[str], max_length: int | None = None):
+    """Token ids [B, L] of `prompts` padded and cut to `max_length` (default: the tokenizer's), as the diffusers
+    pipelines tokenize a prompt; on the CPU."""
+    length = max_length or tokenizer.model_max_length
+    return tokenizer(list(prompts), padding="max_length", truncation=True, max_length=length,
+                     return_tensors="pt").input_ids  # fmt: skip
 
 
 def plain_words(text: str) -> list[str]:

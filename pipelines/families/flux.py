@@ -100,14 +100,12 @@ class Flux(StableDiffusionFamily):
         """CLIP's ids and T5's ids side by side [B, 77 + L] (T5's length: FluxPipeline's 512, or its tokenizer's)."""
         import torch
 
-        length = min(MAX_SEQUENCE_LENGTH, model.pipe.tokenizer_2.model_max_length)
-        clip = model.tokenizer(list(prompts), padding="max_length", max_length=model.tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt").input_ids  # fmt: skip
-        t5 = model.pipe.tokenizer_2(list(prompts), padding="max_length", max_length=length, truncation=True,
-                                    return_tensors="pt").input_ids  # fmt: skip
         from ..devices import to_device
+        from ..tokenizer import padded_ids
 
-        return to_device(torch.cat([clip, t5], dim=1), model.device)
+        length = min(MAX_SEQUENCE_LENGTH, model.pipe.tokenizer_2.model_max_length)
+        t5 = padded_ids(model.pipe.tokenizer_2, prompts, length)
+        return to_device(torch.cat([padded_ids(model.tokenizer, prompts), t5], dim=1), model.device)
 
     def text_tower(self, model):
         from ..text_embeddings import FluxTextTower

@@ -36,6 +36,14 @@ def pack(token_embeds: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tenso
     return torch.cat([token_embeds, row[:, None].to(token_embeds.dtype)], dim=1)
 
 
+def default_time_ids(pixels: int, n: int, device) -> torch.Tensor:
+    """The time ids [n, 6] the SDXL pipelines add by default: a full, uncropped image of `pixels` square (the
+    UNet's sample size times the VAE's scale factor)."""
+    import torch
+
+    return to_device(torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]]), device).expand(n, -1)
+
+
 def pooled_width(unet) -> int:
     """The pooled embedding's width the UNet was built for (its added embedding minus the time ids')."""
     config = getattr(unet, "module", unet).config  # a network wrapped for several processes keeps its own
@@ -64,16 +72,10 @@ class SDXL(StableDiffusionFamily):
         its end token); to the methods, as opaque as the packed conditioning."""
         import torch
 
-        return torch.cat([self._ids(model.tokenizer, prompts, model.device),
-                          self._ids(model.tokenizer_2, prompts, model.device)], dim=1)  # fmt: skip
+        from ..tokenizer import padded_ids
 
-    @staticmethod
-    def _ids(tokenizer, prompts: Sequence[str], device) -> torch.Tensor:
-        ids = tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids  # fmt: skip
-        return to_device(ids, device)
+        ids = torch.cat([padded_ids(model.tokenizer, prompts), padded_ids(model.tokenizer_2, prompts)], dim=1)
+        return to_device(ids, model.device)
 
     def text_tower(self, model):
         if len(model.tokenizer) != len(model.tokenizer_2):
@@ -125,10 +127,7 @@ class SDXL(StableDiffusionFamily):
 
     @staticmethod
     def _time_ids(model, n: int, device) -> torch.Tensor:
-        import torch
-
-        size = model.unet.config.sample_size * model.pipe.vae_scale_factor  # the pipeline's default image size
-        return to_device(torch.tensor([size, size, 0, 0, size, size]), device).expand(n, -1)
+        return default_time_ids(model.unet.config.sample_size * model.pipe.vae_scale_factor, n, device)
 
     def denoise(self, unet, x_t: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
         token_embeds, pooled, time_ids = unpack(cond, pooled_width(unet))

@@ -37,13 +37,9 @@ class StableDiffusionFamily(Family):
     def tokenize(self, model, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids padded to the tokenizer's length, as the pipeline would make them."""
         from ..devices import to_device
+        from ..tokenizer import padded_ids
 
-        tokenizer = model.tokenizer
-        ids = tokenizer(
-            list(prompts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids  # fmt: skip
-        return to_device(ids, model.device)
+        return to_device(padded_ids(model.tokenizer, prompts), model.device)
 
     def encode(self, model, prompts: Sequence[str], text_encoder=None) -> torch.Tensor:
         """The denoiser's conditioning for `prompts`: embeddings [B, L, D] from `text_encoder` (a text tower,
