@@ -203,8 +203,7 @@ class GradientsOff:
 
 def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
     """Distil `model` into a one-step generator that no longer generates `concepts`."""
-    from pipelines.diffusion import one_step_model
-    from pipelines.one_step import OneStepPipeline, x0_from_prediction
+    from pipelines.one_step import x0_from_prediction
 
     family = model.family
     prediction = model.scheduler.config.prediction_type  # eps, or v (SD 2.x at 768 px): the generator predicts it too
@@ -218,7 +217,65 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
     model.to(device)
     for module in (model.unet, family.text_tower(model), model.vae):
         module.requires_grad_(False)
+    teacher, generator, fake, teacher_scope = _three_unets(model, config, run)
+    trainable = sum(p.numel() for p in generator.parameters() if p.requires_grad)
+    alphas = model.scheduler.alphas_cumprod.to(device, torch.float32)
+    batch = _Batches(model, overrides, alphas, config, run)
 
+    def optimiser(module, lr):
+        return run.adam([p for p in module.parameters() if p.requires_grad], lr, config.adam_betas)
+
+    ema = EMA(generator, config.ema_decay)
+    loop = TrainingLoop(
+        run,
+        # Unclipped, as in the reference code in float32.
+        {"fake": Network(fake, optimiser(fake, config.fake_lr), max_grad_norm=None),
+         "generator": Network(generator, optimiser(generator, config.lr), max_grad_norm=None)},
+        desc="sfd", state={"ema": ema},
+    )  # fmt: skip
+
+    def step_fn(step: int) -> dict[str, float]:
+        # 1. fake-score step on the generator's current samples
+        cond, _ = batch.conditions()
+        z = batch.noise()
+        with torch.no_grad():
+            x_g = family.one_step(generator, alphas, config.t_init, z, cond, prediction)
+        x_t, t, wanted, abar = batch.noisy(x_g)
+        fake_loss = fake_score_loss(family.denoise(loop.modules["fake"], x_t, t, cond), wanted, abar, prediction)
+        loop.update("fake", fake_loss)
+
+        # 2. generator step
+        cond, teacher_cond = batch.conditions()
+        z = batch.noise()
+        x_g = family.one_step(loop.modules["generator"], alphas, config.t_init, z, cond, prediction)
+        x_t, t, _, abar = batch.noisy(x_g)
+        with GradientsOff(fake):
+            s = x0_from_prediction(x_t, family.denoise(fake, x_t, t, cond), abar, prediction)
+        guided = torch.cat([batch.uncond.expand(len(x_t), -1, -1), teacher_cond])
+        with teacher_scope():
+            eps_u, eps_c = family.denoise(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), guided).chunk(2)
+        p = x0_from_prediction(x_t, eps_u + guidance * (eps_c - eps_u), abar, prediction)  # guidance: linear in v too
+        per_sample = sid_loss(p, s, x_g, config.alpha)
+        local_remain = config.batch_size // run.num_processes
+        remain_loss = per_sample[:local_remain].mean()
+        forget_loss = per_sample[local_remain:].mean() if batch.n_forget else torch.zeros((), device=device)
+        loop.update("generator", remain_loss + config.forget_weight * forget_loss)
+        ema.update(generator)
+        return {"fake": fake_loss.detach(), "remain": remain_loss.detach(), "forget": forget_loss.detach()}
+
+    logs = loop.fit(step_fn, config.steps)
+    ema.copy_to(generator)
+    generator.eval().requires_grad_(False)
+    outcome = {
+        "sfd": {"overrides": overrides, "distilled_guidance": guidance, "t_init": config.t_init,
+                "forget_prompts": len(batch.pairs), "remain_prompts": len(batch.remain)},
+    }  # fmt: skip
+    return ErasureResult(_one_step_model(model, generator, config), ["unet"], trainable, logs, outcome)
+
+
+def _three_unets(model, config: SFDConfig, run: RunContext):
+    """(teacher, generator, fake score, the scope in which the teacher is queried): the generator and the fake
+    score start from the teacher."""
     teacher = model.unet.eval()
     fake = frozen_copy(teacher).train().requires_grad_(True)
     teacher_scope = contextlib.nullcontext
@@ -238,101 +295,71 @@ def erase(model, concepts: list[str], config: SFDConfig, run: RunContext):
         # teacher is the generator with its adapters off under LoRA; the fake score is queried frozen).
         for unet in {id(u): u for u in (teacher, generator, fake)}.values():
             unet.enable_gradient_checkpointing(checkpoint_with_switches)
+    return teacher, generator, fake, teacher_scope
 
-    trainable = sum(p.numel() for p in generator.parameters() if p.requires_grad)
-    alphas = model.scheduler.alphas_cumprod.to(device, torch.float32)
-    latent_shape = family.latent_shape(model, 1)[1:]
 
-    pairs = family.forget_pairs(overrides, config.prompt_templates, run.seed or 0)
-    # Distilling only keeps the whole prompt distribution, concept included: that is the teacher to match.
-    if config.remain_prompt_file is not None:
-        remain = remain_prompts_from_file(config.remain_prompt_file, list(overrides), run.seed or 0,
-                                          config.remain_prompts)  # fmt: skip
-    else:
-        remain = family.remain_prompts(list(overrides), run.seed or 0, config.remain_prompts)
-    with torch.no_grad():
-        uncond = model.encode([""])
+class _Batches:
+    """Each step's global batch, [remain rows; forget rows], and this process's share of it: the prompts, the
+    generator's noise and the forward process of its samples."""
 
-    def optimiser(module, lr):
-        return run.adam([p for p in module.parameters() if p.requires_grad], lr, config.adam_betas)
+    def __init__(self, model, overrides: dict[str, str], alphas: torch.Tensor, config: SFDConfig, run: RunContext):
+        self.model, self.alphas, self.config, self.run = model, alphas, config, run
+        family, seed = model.family, run.seed or 0
+        self.prediction = model.scheduler.config.prediction_type
+        self.latent_shape = family.latent_shape(model, 1)[1:]
+        self.pairs = family.forget_pairs(overrides, config.prompt_templates, seed)
+        # Distilling only keeps the whole prompt distribution, concept included: that is the teacher to match.
+        if config.remain_prompt_file is not None:
+            self.remain = remain_prompts_from_file(config.remain_prompt_file, list(overrides), seed,
+                                                   config.remain_prompts)  # fmt: skip
+        else:
+            self.remain = family.remain_prompts(list(overrides), seed, config.remain_prompts)
+        with torch.no_grad():
+            self.uncond = model.encode([""])
+        self.n_forget = 0 if config.distill_only else config.forget_batch
+        self.rows = config.batch_size + self.n_forget
 
-    ema = EMA(generator, config.ema_decay)
-    loop = TrainingLoop(
-        run,
-        # Unclipped, as in the reference code in float32.
-        {"fake": Network(fake, optimiser(fake, config.fake_lr), max_grad_norm=None),
-         "generator": Network(generator, optimiser(generator, config.lr), max_grad_norm=None)},
-        desc="sfd", state={"ema": ema},
-    )  # fmt: skip
-    n_forget = 0 if config.distill_only else config.forget_batch
-    rows = config.batch_size + n_forget
-
-    def local(batch):
+    def local(self, batch):
         """This process's remain rows, then its forget rows, of a global [remain; forget] batch."""
-        remain_rows, forget_rows = run.shard(batch[: config.batch_size]), run.shard(batch[config.batch_size :])
+        size, shard = self.config.batch_size, self.run.shard
+        remain_rows, forget_rows = shard(batch[:size]), shard(batch[size:])
         return remain_rows + forget_rows if isinstance(batch, list) else torch.cat([remain_rows, forget_rows])
 
-    def draw_conditions():
-        """The global batch's prompts: remain rows first, then forget rows (with their override)."""
-        prompts = random.choices(remain, k=config.batch_size)
-        chosen = random.choices(pairs, k=n_forget)
+    def conditions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's and the teacher's conditioning: remain prompts, then forget prompts (the teacher's
+        under their override)."""
+        prompts = random.choices(self.remain, k=self.config.batch_size)
+        chosen = random.choices(self.pairs, k=self.n_forget)
         student = prompts + [f for f, _ in chosen]
-        teacher_prompts = prompts + [o for _, o in chosen]
+        teacher = prompts + [o for _, o in chosen]
         with torch.no_grad():
-            return model.encode(local(student)), model.encode(local(teacher_prompts))
+            return self.model.encode(self.local(student)), self.model.encode(self.local(teacher))
 
-    def noisy(x0: torch.Tensor):
+    def noise(self) -> torch.Tensor:
+        return self.local(torch.randn((self.rows, *self.latent_shape), device=self.run.torch_device))
+
+    def noisy(self, x0: torch.Tensor):
         """x_t, t, what the denoiser should predict there (eps or v), abar. Not `family.noised`: that takes the
         schedule in x0's dtype, and under bf16 autocast the generator's samples are bf16, where SFD's loss weights
         need abar in float32 (abar itself is also returned for them)."""
-        t = local(torch.randint(config.t_min, config.t_max, (rows,), device=device))
-        noise = local(torch.randn((rows, *latent_shape), device=device))
-        abar = alphas[t].view(-1, 1, 1, 1)
-        wanted = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if prediction == "v_prediction" else noise
+        device = self.run.torch_device
+        t = self.local(torch.randint(self.config.t_min, self.config.t_max, (self.rows,), device=device))
+        noise = self.local(torch.randn((self.rows, *self.latent_shape), device=device))
+        abar = self.alphas[t].view(-1, 1, 1, 1)
+        wanted = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if self.prediction == "v_prediction" else noise
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t, wanted, abar
 
-    def step_fn(step: int) -> dict[str, float]:
-        # 1. fake-score step on the generator's current samples
-        cond, _ = draw_conditions()
-        z = local(torch.randn((rows, *latent_shape), device=device))
-        with torch.no_grad():
-            x_g = family.one_step(generator, alphas, config.t_init, z, cond, prediction)
-        x_t, t, wanted, abar = noisy(x_g)
-        fake_loss = fake_score_loss(family.denoise(loop.modules["fake"], x_t, t, cond), wanted, abar, prediction)
-        loop.update("fake", fake_loss)
 
-        # 2. generator step
-        cond, teacher_cond = draw_conditions()
-        z = local(torch.randn((rows, *latent_shape), device=device))
-        x_g = family.one_step(loop.modules["generator"], alphas, config.t_init, z, cond, prediction)
-        x_t, t, _, abar = noisy(x_g)
-        with GradientsOff(fake):
-            s = x0_from_prediction(x_t, family.denoise(fake, x_t, t, cond), abar, prediction)
-        guided = torch.cat([uncond.expand(len(x_t), -1, -1), teacher_cond])
-        with teacher_scope():
-            eps_u, eps_c = family.denoise(teacher, torch.cat([x_t, x_t]), torch.cat([t, t]), guided).chunk(2)
-        p = x0_from_prediction(x_t, eps_u + guidance * (eps_c - eps_u), abar, prediction)  # guidance: linear in v too
-        per_sample = sid_loss(p, s, x_g, config.alpha)
-        local_remain = config.batch_size // run.num_processes
-        remain_loss = per_sample[:local_remain].mean()
-        forget_loss = per_sample[local_remain:].mean() if n_forget else torch.zeros((), device=device)
-        loop.update("generator", remain_loss + config.forget_weight * forget_loss)
-        ema.update(generator)
-        return {"fake": fake_loss.detach(), "remain": remain_loss.detach(), "forget": forget_loss.detach()}
+def _one_step_model(model, generator, config: SFDConfig):
+    """The saved model: the generator as a one-step pipeline with the teacher's text encoder(s) and VAE."""
+    from pipelines.diffusion import one_step_model
+    from pipelines.one_step import OneStepPipeline
 
-    logs = loop.fit(step_fn, config.steps)
-    ema.copy_to(generator)
-    generator.eval().requires_grad_(False)
     second = {}
-    if family.text_encoders == 2:
+    if model.family.text_encoders == 2:
         second = {"tokenizer_2": model.tokenizer_2, "text_encoder_2": model.text_encoder_2}
     pipe = OneStepPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=generator,
         scheduler=model.scheduler, t_init=config.t_init, **second,
     )  # fmt: skip
-    one_step = one_step_model(pipe, model.source)
-    outcome = {
-        "sfd": {"overrides": overrides, "distilled_guidance": guidance, "t_init": config.t_init,
-                "forget_prompts": len(pairs), "remain_prompts": len(remain)},
-    }  # fmt: skip
-    return ErasureResult(one_step, ["unet"], trainable, logs, outcome)
+    return one_step_model(pipe, model.source)
