@@ -301,21 +301,12 @@ def push_floors(clip, absent: torch.Tensor, directions: list[torch.Tensor], view
     return [(features @ d.to(features.device)).mean().item() for d in directions]
 
 
-def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunContext) -> ErasureResult:
-    """Unlearn `concepts` from the GAN `model` from their names alone, guided by CLIP."""
-    from evaluators.clip_models import load_clip
-
-    family = model.family
-    run.check_divisible("half the batch_size", config.batch_size // 2)
-    check_pool_memory(config.pool, model.generator.config.size)  # before its codes are drawn, one seed at a time
-    device = run.torch_device
-    model.to(device)
-    clip = load_clip(config.clip or family.default_clip, str(device))
-    frozen = model.generator.eval().requires_grad_(False)
-
+def _concept_directions(model, frozen, clip, concepts: list[str], pool_images: torch.Tensor,
+                        config: TextToUnlearnConfig, run: RunContext) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+    """Each concept's CLIP direction (of its prompts against neutral ones, or of a trained mapper's images), which
+    of the pool's samples CLIP sees it in ([pool, concepts]), and the prompts used (for the run's record)."""
+    family, device = model.family, run.torch_device
     directions, flagged, used = [], [], {}
-    pool_z = model.latents(range(POOL_SEED_OFFSET, POOL_SEED_OFFSET + config.pool))
-    pool_images = sample_pool(model, config.pool)
     for k, concept in enumerate(concepts):
         prompts = family.prompt_set(concept)
         concept_prompts = [p.format(concept) for p in config.prompt_templates] or prompts.clip_concept
@@ -330,7 +321,24 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
         detector = ConceptDetector(concept, family, str(device), clip, classifier="clip",
                                    templates=config.prompt_templates)  # fmt: skip
         flagged.append(detector(pool_images))
-    flagged = torch.stack(flagged, 1)  # [pool, concepts]
+    return directions, torch.stack(flagged, 1), used
+
+
+def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunContext) -> ErasureResult:
+    """Unlearn `concepts` from the GAN `model` from their names alone, guided by CLIP."""
+    from evaluators.clip_models import load_clip
+
+    family = model.family
+    run.check_divisible("half the batch_size", config.batch_size // 2)
+    check_pool_memory(config.pool, model.generator.config.size)  # before its codes are drawn, one seed at a time
+    device = run.torch_device
+    model.to(device)
+    clip = load_clip(config.clip or family.default_clip, str(device))
+    frozen = model.generator.eval().requires_grad_(False)
+
+    pool_z = model.latents(range(POOL_SEED_OFFSET, POOL_SEED_OFFSET + config.pool))
+    pool_images = sample_pool(model, config.pool)
+    directions, flagged, used = _concept_directions(model, frozen, clip, concepts, pool_images, config, run)
     bearing, absent = flagged.any(1).nonzero().flatten(), (~flagged.any(1)).nonzero().flatten()
     if len(bearing) == 0 or len(absent) == 0:
         what = "none" if len(bearing) == 0 else "all"
