@@ -18,6 +18,36 @@ GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 SAMPLE_RECORD = "sample.json"  # in a folder of samples: the model, prompts and settings that drew them
 
 
+def _check_request(source, prompts: list[str], out: Path, steps, guidance, truncation) -> bool:
+    """Refuse what the model has no use for, missing or empty prompts, and an `out` that cannot take the images;
+    returns whether `out` is one grid image (else a folder)."""
+    # An option the model has no use for is refused rather than ignored: the user would believe it applied.
+    unused = [("--truncation", truncation)] if source.kind != "gan" else []
+    if source.kind in ("gan", "one-step"):
+        unused += [("--steps", steps), ("--guidance", guidance)]
+    given = [name for name, value in unused if value is not None]
+    if given:
+        kind = {"gan": "a GAN", "one-step": "a one-step generator"}.get(source.kind, "a diffusion model")
+        raise InputError(f"{source.spec} is {kind}: {given[0]} does not apply to it")
+    if source.kind == "gan":
+        if prompts:
+            raise InputError(f"{source.spec} is an unconditional GAN: it takes no --prompt")
+    elif not prompts:
+        raise InputError("give at least one --prompt")
+    elif any(not p.strip() for p in prompts):
+        raise InputError("empty --prompt")
+    as_grid = out.suffix.lower() in GRID_FORMATS
+    if as_grid and out.is_dir():
+        raise InputError(f"{out} is a folder; a grid is one image file (give a new name, or a folder without .png)")
+    if not as_grid and out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder")
+    if not as_grid and out.is_dir() and any(out.iterdir()):
+        # images of another model or prompt would sit beside these under the same names, with nothing to tell them apart
+        raise InputError(f"--out {out} already holds files; give a new folder (it is written whole, with "
+                         f"{SAMPLE_RECORD} saying what drew each image)")  # fmt: skip
+    return as_grid
+
+
 def sample(
     model: str | None,
     prompts: Sequence[str],
@@ -57,30 +87,7 @@ def sample(
     source = resolve(model)
     check_model_config(model_config, source)
     prompts = list(prompts)
-    # An option the model has no use for is refused rather than ignored: the user would believe it applied.
-    unused = [("--truncation", truncation)] if source.kind != "gan" else []
-    if source.kind in ("gan", "one-step"):
-        unused += [("--steps", steps), ("--guidance", guidance)]
-    given = [name for name, value in unused if value is not None]
-    if given:
-        kind = {"gan": "a GAN", "one-step": "a one-step generator"}.get(source.kind, "a diffusion model")
-        raise InputError(f"{source.spec} is {kind}: {given[0]} does not apply to it")
-    if source.kind == "gan":
-        if prompts:
-            raise InputError(f"{source.spec} is an unconditional GAN: it takes no --prompt")
-    elif not prompts:
-        raise InputError("give at least one --prompt")
-    elif any(not p.strip() for p in prompts):
-        raise InputError("empty --prompt")
-    as_grid = out.suffix.lower() in GRID_FORMATS
-    if as_grid and out.is_dir():
-        raise InputError(f"{out} is a folder; a grid is one image file (give a new name, or a folder without .png)")
-    if not as_grid and out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a folder")
-    if not as_grid and out.is_dir() and any(out.iterdir()):
-        # images of another model or prompt would sit beside these under the same names, with nothing to tell them apart
-        raise InputError(f"--out {out} already holds files; give a new folder (it is written whole, with "
-                         f"{SAMPLE_RECORD} saying what drew each image)")  # fmt: skip
+    as_grid = _check_request(source, prompts, out, steps, guidance, truncation)
 
     if lora_strength is not None:
         from .lora import load_at_strength
