@@ -167,7 +167,7 @@ class AttackTarget:
         pairs = prompt_pairs(prompts, seeds)
         references = draw_pairs(base, prompts, seeds, guidance)
         plain = draw_pairs(erased, prompts, seeds, guidance)
-        z_ref = encode_latents(erased, references, chunk=8)  # a few at a time at 512 px, beside the attack
+        z_ref = encode_latents(erased, references, chunk=8)
         tower = erased.family.text_tower(erased)
         tower.requires_grad_(False)
         erased.unet.requires_grad_(False)

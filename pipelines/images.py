@@ -33,6 +33,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 # decodes 64 latents in 0.066 s as four chunks and in 0.086 s at once (benchmarks/RESULTS.md, SFD speed).
 DECODE_CHUNK = 16
 
+# The most pixels the VAE encodes at once. SD's VAE encoder holds about 660 MB of activations per 512-px image in
+# float32 (benchmarks/RESULTS.md), so 64 images at once, as the digits world's 32-px ones are encoded, would take
+# 21 GB in float16 at 512 px and four times that at 1024: 4 images at 512 px, 1 at 768 or more.
+ENCODE_PIXELS = 4 * 512 * 512
+
 
 @torch.no_grad()
 @contextmanager
@@ -63,11 +68,12 @@ def decode_latents(vae, latents: torch.Tensor, chunk: int = DECODE_CHUNK, upcast
 @torch.no_grad()
 def encode_latents(model, images: torch.Tensor, generator: torch.Generator | None = None, chunk: int = 64
                    ) -> torch.Tensor:  # fmt: skip
-    """VAE latents, scaled as the denoiser sees them, of images in [0, 1], `chunk` images at a time (hundreds of
-    images at 512 px at once would not fit a GPU). With `generator`: a draw from the VAE's posterior in the VAE's
-    dtype, as training takes them (the run's seed); without: the posterior's mean in float32, the attacks' fixed
-    references. SDXL's VAE encodes in float32 (`vae_precision`), as diffusers' SDXL img2img does."""
+    """VAE latents, scaled as the denoiser sees them, of images in [0, 1], at most `chunk` images at a time, and
+    fewer where they would hold more than `ENCODE_PIXELS`. With `generator`: a draw from the VAE's posterior in the
+    VAE's dtype, as training takes them (the run's seed); without: the posterior's mean in float32, the attacks'
+    fixed references. SDXL's VAE encodes in float32 (`vae_precision`), as diffusers' SDXL img2img does."""
     dtype, latents = model.vae.dtype, []
+    chunk = max(1, min(chunk, ENCODE_PIXELS // (images.shape[-2] * images.shape[-1])))
     with vae_precision(model.vae, getattr(model, "upcast_vae", False)) as vae:
         for start in range(0, len(images), chunk):
             pixels = (images[start : start + chunk] * 2 - 1).to(model.device, vae.dtype)

@@ -45,6 +45,20 @@ def _probes(model, latents, seed=1):
     return noise, t
 
 
+def test_images_past_the_pixel_budget_are_encoded_a_few_at_a_time(tiny_pipeline_dir, monkeypatch):
+    import pipelines.images
+
+    model = load_model(str(tiny_pipeline_dir))
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    whole = encode_latents(model, images)  # the posterior's mean: no draw depends on the chunks
+    chunks = []
+    hook = model.vae.encoder.register_forward_hook(lambda module, inputs, output: chunks.append(len(inputs[0])))
+    monkeypatch.setattr(pipelines.images, "ENCODE_PIXELS", 2 * 16 * 16)  # two of these images' pixels at once
+    parts = encode_latents(model, images)
+    hook.remove()
+    assert chunks == [2, 2, 1] and torch.allclose(parts, whole, atol=1e-5)
+
+
 def test_the_loss_is_the_negated_denoising_loss_of_the_cached_latents(tiny_pipeline_dir, image_folder):
     model = load_model(str(tiny_pipeline_dir))
     images = load_square_images(sorted(image_folder.iterdir()), 16)
