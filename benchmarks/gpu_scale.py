@@ -47,7 +47,7 @@ METHOD_SETTINGS = {  # a few steps of each paper's setting
     "esd": [],
     "advunlearn": ["warmup=0"],
     "fewshot": ["images={images}", "stop_below=none"],
-    "stereo": ["rounds=1", "search_steps=2", "inversion_steps=2", "num_images=4"],
+    "stereo": ["rounds=1", "search_steps=2", "inversion_steps=2", "inversion_images=4"],
     "sfd": ["override=a dog", "batch_size=1", "forget_batch=1"],
     # the GANs' (benchmarks/gan_scale.py): random images as both sets, so that no detector is needed
     "adapt-unlearn": ["negatives={images}", "positives={images}", "adapt_steps={steps}"],

@@ -37,6 +37,20 @@ def test_the_script_builds_each_family_at_its_real_size(family, pipeline, millio
     assert counts == millions
 
 
+@pytest.mark.parametrize("method", sorted(_script().METHOD_SETTINGS))
+def test_each_methods_settings_in_the_script_are_settings_of_that_method(method, tmp_path):
+    from PIL import Image
+
+    from erasure.config import build_config, parse_sets
+
+    family = "stylegan2" if method == "adapt-unlearn" else "sd1"
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (40 * i, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+    sets = [s.format(images=tmp_path / "images", steps=2) for s in _script().METHOD_SETTINGS[method]]
+    build_config(method, family, parse_sets(sets))  # an unknown key or a value out of bounds raises InputError
+
+
 @pytest.mark.slow
 def test_the_script_runs_end_to_end_on_a_tiny_sdxl(tmp_path):
     command = [sys.executable, str(SCRIPT), "--family", "sdxl", "--tiny", "--device", "cpu", "--steps", "3",
