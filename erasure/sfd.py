@@ -342,9 +342,8 @@ class _Batches:
         """x_t, t, what the denoiser should predict there (eps or v), abar. Not `family.noised`: that takes the
         schedule in x0's dtype, and under bf16 autocast the generator's samples are bf16, where SFD's loss weights
         need abar in float32 (abar itself is also returned for them)."""
-        device = self.run.torch_device
-        t = self.local(torch.randint(self.config.t_min, self.config.t_max, (self.rows,), device=device))
-        noise = self.local(torch.randn((self.rows, *self.latent_shape), device=device))
+        t = self.local(torch.randint(self.config.t_min, self.config.t_max, (self.rows,), device=self.run.torch_device))
+        noise = self.noise()
         abar = self.alphas[t].view(-1, 1, 1, 1)
         wanted = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if self.prediction == "v_prediction" else noise
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t, wanted, abar
