@@ -153,101 +153,133 @@ def adversarial_step(loop: TrainingLoop, real: torch.Tensor, step: int, settings
     and every random draw is made for the whole batch first, in the same order: the update is the
     whole batch's up to rounding; under several processes gradients are exchanged after the last part only.
     0, or a batch without such groups: the whole batch at once."""
-    generator, discriminator = loop.modules["generator"], loop.modules["discriminator"]
-    run, style_dim, group = loop.run, _unwrap(generator).config.style_dim, _unwrap(discriminator).stddev_group
-    chunks = stddev_chunks(len(real), group, micro_batch)
-    parts = [(rows, len(rows) / len(real)) for rows in chunks] if len(chunks) > 1 else [(slice(None), 1.0)]
-
-    def global_randn(*local_shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Noise drawn for the global batch (every process draws the same), this process's rows of it:
-        N processes draw what one process draws for the whole batch."""
-        rows, *rest = local_shape
-        return stddev_shard(run, torch.randn(rows * run.num_processes, *rest, device=real.device, dtype=dtype), group)
-
-    def jitter(like: torch.Tensor) -> torch.Tensor | float:
-        """Instance noise for images shaped as `like`."""
-        if settings.instance_noise <= 0:
-            return 0.0
-        return settings.instance_noise * global_randn(*like.shape, dtype=like.dtype)
-
-    def latents() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Fresh latents and per-layer noise maps for the global batch, in the order the generator would draw them
-        itself."""
-        z = global_randn(len(real), style_dim)
-        return z, [global_randn(len(real), *fixed.shape[1:]) for fixed in _unwrap(generator).fixed_noise()]
-
-    def generate(drawn, rows) -> torch.Tensor:
-        z, maps = drawn
-        return generator(z[rows], noise=[m[rows] for m in maps])
-
-    def noisy(images: torch.Tensor, noise: torch.Tensor | float, rows) -> torch.Tensor:
-        return images if settings.instance_noise <= 0 else images + noise[rows]
-
-    def logistic(critic_fn, fake_noise, real_noise, rows) -> torch.Tensor:
-        return (F.softplus(critic_fn(noisy(fake[rows], fake_noise, rows))).mean()
-                + F.softplus(-critic_fn(noisy(real[rows], real_noise, rows))).mean())  # fmt: skip
-
+    updates = _AdversarialUpdates(loop, real, settings, micro_batch)
     logs = {}
     with torch.no_grad():
-        drawn = latents()
-        fake = torch.cat([generate(drawn, rows) for rows, _ in parts])
-        if len(parts) > 1:  # back in batch order
-            fake = fake[torch.argsort(to_device(torch.tensor(sum(chunks, [])), fake.device))]
+        fake = updates.fakes()
     if critic is not None:
-        noises = jitter(fake), jitter(real)
-        logs["clip"] = 0.0
-        for i, (rows, share) in enumerate(parts):
-            with loop.micro_batch("clip_head", last=i == len(parts) - 1):
-                loss_head = share * logistic(lambda x: critic(x)[0], *noises, rows)
-                loop.accumulate("clip_head", loss_head)
-            logs["clip"] += loss_head.detach()
-        loop.update("clip_head")
-    noises = jitter(fake), jitter(real)
-    penalised = settings.r1 > 0 and step % settings.r1_every == 0
-    r1_noise = jitter(real) if penalised else 0.0
-    logs["d"] = 0.0
-    if penalised:
-        logs["r1"] = 0.0
-    for i, (rows, share) in enumerate(parts):
-        with loop.micro_batch("discriminator", last=i == len(parts) - 1):
-            loss_d = share * logistic(discriminator, *noises, rows)
-            logs["d"] += loss_d.detach()
-            if penalised:
-                real_rows = real[rows].detach().requires_grad_(True)
-                scores = discriminator(noisy(real_rows, r1_noise, rows)).sum()
-                (grad,) = torch.autograd.grad(scores, real_rows, create_graph=True)
-                r1 = share * grad.pow(2).sum([1, 2, 3]).mean()
-                loss_d = loss_d + settings.r1 / 2 * r1 * settings.r1_every
-                logs["r1"] += r1.detach()
-            loop.accumulate("discriminator", loss_d)
-    loop.update("discriminator")
-
-    critics = [discriminator] + ([critic.head] if critic is not None else [])
-    for module in critics:  # frozen while the generator steps
-        module.requires_grad_(False)
-    drawn, noise = latents(), jitter(fake)
-    logs["g"] = 0.0
-    if generator_term is not None:
-        logs["term"] = 0.0
-    for i, (rows, share) in enumerate(parts):
-        with loop.micro_batch("generator", last=i == len(parts) - 1):
-            images = generate(drawn, rows)
-            seen = noisy(images, noise, rows)
-            loss_g = F.softplus(-discriminator(seen)).mean()
-            pooled = None
-            if critic is not None:
-                critic_logits, pooled = critic(seen)
-                loss_g = loss_g + F.softplus(-critic_logits).mean()
-            logs["g"] += share * loss_g.detach()
-            if generator_term is not None:
-                term = generator_term(images, pooled)
-                logs["term"] += share * term.detach()
-                loss_g = loss_g + term
-            loop.accumulate("generator", share * loss_g)
-    loop.update("generator")
-    for module in critics:
-        module.requires_grad_(True)
+        logs["clip"] = updates.critic_head(critic, fake)
+    logs.update(updates.discriminator(fake, penalised=settings.r1 > 0 and step % settings.r1_every == 0))
+    logs.update(updates.generator(fake, generator_term, critic))
     return logs
+
+
+class _AdversarialUpdates:
+    """The three updates of one adversarial step, each over the step's parts (micro-batches of whole
+    minibatch-stddev groups, with their shares of the batch). The random draws happen in the order the updates are
+    called, each for the global batch: N processes, or a batch in parts, draw what one process draws for it whole."""
+
+    def __init__(self, loop: TrainingLoop, real: torch.Tensor, settings: AdversarialSettings, micro_batch: int):
+        self.loop, self.real, self.settings = loop, real, settings
+        self.generator_module, self.discriminator_module = loop.modules["generator"], loop.modules["discriminator"]
+        self.group = _unwrap(self.discriminator_module).stddev_group
+        self.chunks = stddev_chunks(len(real), self.group, micro_batch)
+        one = len(self.chunks) == 1
+        self.parts = [(slice(None), 1.0)] if one else [(rows, len(rows) / len(real)) for rows in self.chunks]
+
+    def _parts(self, network: str):
+        """(rows, share, context) of each part: the context exchanges `network`'s gradients after the last only."""
+        for i, (rows, share) in enumerate(self.parts):
+            yield rows, share, self.loop.micro_batch(network, last=i == len(self.parts) - 1)
+
+    def _global_randn(self, *local_shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Noise drawn for the global batch (every process draws the same), this process's rows of it."""
+        run = self.loop.run
+        rows, *rest = local_shape
+        drawn = torch.randn(rows * run.num_processes, *rest, device=self.real.device, dtype=dtype)
+        return stddev_shard(run, drawn, self.group)
+
+    def _jitter(self, like: torch.Tensor) -> torch.Tensor | float:
+        """Instance noise for images shaped as `like`."""
+        if self.settings.instance_noise <= 0:
+            return 0.0
+        return self.settings.instance_noise * self._global_randn(*like.shape, dtype=like.dtype)
+
+    def _noisy(self, images: torch.Tensor, noise: torch.Tensor | float, rows) -> torch.Tensor:
+        return images if self.settings.instance_noise <= 0 else images + noise[rows]
+
+    def _latents(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Fresh latents and per-layer noise maps for the global batch, in the order the generator would draw them
+        itself."""
+        generator = _unwrap(self.generator_module)
+        z = self._global_randn(len(self.real), generator.config.style_dim)
+        return z, [self._global_randn(len(self.real), *fixed.shape[1:]) for fixed in generator.fixed_noise()]
+
+    def _generate(self, drawn, rows) -> torch.Tensor:
+        z, maps = drawn
+        return self.generator_module(z[rows], noise=[m[rows] for m in maps])
+
+    def _logistic(self, critic_fn, fake: torch.Tensor, fake_noise, real_noise, rows) -> torch.Tensor:
+        return (F.softplus(critic_fn(self._noisy(fake[rows], fake_noise, rows))).mean()
+                + F.softplus(-critic_fn(self._noisy(self.real[rows], real_noise, rows))).mean())  # fmt: skip
+
+    def fakes(self) -> torch.Tensor:
+        """The generator's samples the critics train against, in batch order."""
+        drawn = self._latents()
+        fake = torch.cat([self._generate(drawn, rows) for rows, _ in self.parts])
+        if len(self.parts) == 1:
+            return fake
+        return fake[torch.argsort(to_device(torch.tensor(sum(self.chunks, [])), fake.device))]
+
+    def critic_head(self, critic: CLIPFeatureDiscriminator, fake: torch.Tensor) -> torch.Tensor:
+        """One update of the vision-aided critic's head; its loss."""
+        noises, total = (self._jitter(fake), self._jitter(self.real)), 0.0
+        for rows, share, context in self._parts("clip_head"):
+            with context:
+                loss = share * self._logistic(lambda x: critic(x)[0], fake, *noises, rows)
+                self.loop.accumulate("clip_head", loss)
+            total += loss.detach()
+        self.loop.update("clip_head")
+        return total
+
+    def discriminator(self, fake: torch.Tensor, penalised: bool) -> dict:
+        """One update of StyleGAN2's discriminator, with the lazy R1 penalty on the real images when `penalised`."""
+        settings, discriminator = self.settings, self.discriminator_module
+        noises = self._jitter(fake), self._jitter(self.real)
+        r1_noise = self._jitter(self.real) if penalised else 0.0
+        logs = {"d": 0.0, **({"r1": 0.0} if penalised else {})}
+        for rows, share, context in self._parts("discriminator"):
+            with context:
+                loss = share * self._logistic(discriminator, fake, *noises, rows)
+                logs["d"] += loss.detach()
+                if penalised:
+                    real_rows = self.real[rows].detach().requires_grad_(True)
+                    scores = discriminator(self._noisy(real_rows, r1_noise, rows)).sum()
+                    (grad,) = torch.autograd.grad(scores, real_rows, create_graph=True)
+                    r1 = share * grad.pow(2).sum([1, 2, 3]).mean()
+                    loss = loss + settings.r1 / 2 * r1 * settings.r1_every
+                    logs["r1"] += r1.detach()
+                self.loop.accumulate("discriminator", loss)
+        self.loop.update("discriminator")
+        return logs
+
+    def generator(self, fake: torch.Tensor, term_fn: GeneratorTerm | None,
+                  critic: CLIPFeatureDiscriminator | None) -> dict:  # fmt: skip
+        """One update of the generator against the critics, frozen meanwhile, plus `term_fn`'s term."""
+        critics = [self.discriminator_module] + ([critic.head] if critic is not None else [])
+        for module in critics:
+            module.requires_grad_(False)
+        drawn, noise = self._latents(), self._jitter(fake)
+        logs = {"g": 0.0, **({"term": 0.0} if term_fn is not None else {})}
+        for rows, share, context in self._parts("generator"):
+            with context:
+                images = self._generate(drawn, rows)
+                seen = self._noisy(images, noise, rows)
+                loss = F.softplus(-self.discriminator_module(seen)).mean()
+                pooled = None
+                if critic is not None:
+                    critic_logits, pooled = critic(seen)
+                    loss = loss + F.softplus(-critic_logits).mean()
+                logs["g"] += share * loss.detach()
+                if term_fn is not None:
+                    term = term_fn(images, pooled)
+                    logs["term"] += share * term.detach()
+                    loss = loss + term
+                self.loop.accumulate("generator", share * loss)
+        self.loop.update("generator")
+        for module in critics:
+            module.requires_grad_(True)
+        return logs
 
 
 def real_batch(images: torch.Tensor, batch: int, run: RunContext, group: int) -> torch.Tensor:
