@@ -39,6 +39,7 @@ from .common import (
     attack_embeddings,
     check_encoder_scope,
     concept_prompts,
+    esd_target,
     fast_at_start,
     frozen_copy,
     select_trainable,
@@ -353,7 +354,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     def step_fn(step: int) -> dict[str, float]:
         (index, x_t, t, eps_empty, eps_concept), (kept, x_r, t_r, eps_retain_orig) = bank.batches(step)
         ids = model.tokenize([prompts[int(index)]])
-        target = eps_empty - config.negative_guidance * (eps_concept - eps_empty)
+        target = esd_target(eps_empty, eps_concept, config.negative_guidance)
 
         if step >= config.warmup:
             adv_ids = ids.expand(len(x_t) if n_adv > 1 else 1, -1)

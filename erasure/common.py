@@ -146,6 +146,14 @@ def concept_prompts(concepts: Sequence[str], templates: Sequence[str]) -> list[s
     return [t.format(c) for c in concepts for t in templates]
 
 
+# --- ESD's objective (ESD, AdvUnlearn, STEREO) ---------------------------------------------------
+
+
+def esd_target(eps_empty: torch.Tensor, eps_concept: torch.Tensor, eta: float) -> torch.Tensor:
+    """Negative guidance: eps*(c0) - eta * (eps*(c) - eps*(c0)) - the prediction to move towards."""
+    return eps_empty - eta * (eps_concept - eps_empty)
+
+
 # --- adversarial word embeddings (AdvUnlearn, STEREO) -------------------------------------------
 
 FAST_AT_STEP_TO_RADIUS = 1.25  # Wong, Rice & Kolter 2020: step alpha = 1.25 epsilon after a uniform start

@@ -29,6 +29,7 @@ from pipelines.errors import InputError
 from .common import (
     check_encoder_scope,
     concept_prompts,
+    esd_target,
     frozen_copy,
     select_trainable,
     validate_scope,
@@ -95,11 +96,6 @@ class ESDConfig(LoraOptions):
 
 CONFIG = ESDConfig
 TEST_SETTINGS = {"steps": 3, "ddim_steps": 3, "batch_size": 2, "lr": 1e-2}
-
-
-def esd_target(eps_empty: torch.Tensor, eps_concept: torch.Tensor, eta: float) -> torch.Tensor:
-    """Negative guidance: eps*(c0) - eta * (eps*(c) - eps*(c0)) - the prediction to move towards."""
-    return eps_empty - eta * (eps_concept - eps_empty)
 
 
 def erase(model, concepts: list[str], config: ESDConfig, run: RunContext) -> ErasureResult:

@@ -36,6 +36,7 @@ from .common import (
     attack_embeddings,
     concept_prompts,
     denoising_loss,
+    esd_target,
     fast_at_start,
     frozen_copy,
     select_trainable,
@@ -294,7 +295,7 @@ def _erase_round(searcher, draws: _Draws, previous: torch.Tensor | None, r: int,
             x_t, t = draws.x_t(searcher, cond)
             eps_empty = draws.denoise(teacher, x_t, t, draws.uncond)
             eps_concept = draws.denoise(teacher, x_t, t, cond)
-            target = eps_empty - config.search_guidance * (eps_concept - eps_empty)
+            target = esd_target(eps_empty, eps_concept, config.search_guidance)
         loss = F.mse_loss(draws.denoise(student, x_t, t, cond), target)
         loop.update("unet", loss)
         return {"erase": loss.detach()}

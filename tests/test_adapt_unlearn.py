@@ -48,6 +48,23 @@ def test_the_distance_sums_over_adapted_models():
     assert float(parameter_distance(theta, [one, two])) == pytest.approx(1 + 4)
 
 
+@pytest.mark.parametrize("form", ["el2", "il2", "nl2"])
+def test_the_repulsion_is_weighed_by_repulsion_weight_when_set_else_by_the_papers(form):
+    # repulsion_weight, when given, replaces the paper's weight (100 for el2, 1 otherwise) in stage 2's term. The
+    # distance is the one test_the_distance_sums_over_adapted_models sums: 1 + 4.
+    from erasure.adapt_unlearn import _Repulsion
+
+    theta = {"w": torch.zeros(3)}
+    one, two = {"w": torch.ones(3)}, {"w": torch.full((3,), 2.0)}
+    unweighted = float(repulsion(torch.tensor(5.0), form, alpha=0.5))
+    for weight, expected in ((2.5, 2.5), (None, {"el2": 100.0, "il2": 1.0, "nl2": 1.0}[form])):
+        config = AdaptUnlearnConfig(repulsion=form, repulsion_weight=weight, alpha=0.5)
+        assert config.weight == expected
+        term = _Repulsion(theta, [one, two], config)
+        assert float(term(None, None)) == pytest.approx(expected * unweighted)
+        assert float(term.logs["distance"]) == pytest.approx(5.0)
+
+
 def test_ewc_is_zero_at_its_anchor_and_grows_away_from_it():
     anchor = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0])}
     fisher = {"a": torch.tensor([2.0, 0.0]), "b": torch.tensor([1.0])}

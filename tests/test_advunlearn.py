@@ -298,3 +298,52 @@ def test_a_section_inside_another_counts_in_both():
             sum(range(10000))
     assert set(timer.seconds) == {"attack", "trajectories"}
     assert timer.seconds["attack"] >= timer.seconds["trajectories"] > 0
+
+
+def _advunlearn(model, sets: list[str]):
+    from erasure.config import build_config, parse_sets
+    from erasure.registry import METHODS
+    from erasure.training import RunContext
+
+    config = build_config("advunlearn", model.family, parse_sets(sets))
+    return METHODS["advunlearn"].entry(model, ["a cat"], config, RunContext(seed=0, progress=False)).model
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_the_retain_term_counts_by_its_weight(weight, tiny_pipeline_dir, monkeypatch):
+    """The retain prompts enter the loss only through `retain_weight`: at 0 two runs on other retain prompts (drawn
+    alike: the lists are the same length) train the same encoder, at 0.3 they do not."""
+    from pipelines import load_model
+
+    sets = ["steps=2", "warmup=1", "ddim_steps=3", "batch_size=2", "retain_batch=2", "bank_size=2", "lr=1e-2",
+            f"retain_weight={weight}"]  # fmt: skip
+    encoders = []
+    for retain in (["a dog", "a red car"], ["a blue house", "a tree"]):
+        model = load_model(str(tiny_pipeline_dir))
+        monkeypatch.setattr(model.family, "retain_prompts", lambda concepts, rng, retain=retain: list(retain))
+        encoders.append(_advunlearn(model, sets).text_encoder.state_dict())
+    same = all(torch.equal(encoders[0][k], encoders[1][k]) for k in encoders[0])
+    assert same == (weight == 0)
+
+
+@pytest.mark.parametrize("init", ["latest", "random"])
+def test_each_attack_starts_where_the_previous_one_ended_unless_asked_random(init, tiny_model, monkeypatch):
+    """attack_init=latest warm-starts every iteration's PGD from the adversary the previous one found (what let the
+    digits preset's one attack step per iteration hold); random starts each from fresh tokens."""
+    import erasure.advunlearn
+
+    calls = []
+
+    def recording(loss_of, adv, mode, steps, lr):
+        found = attack_embeddings(loss_of, adv, mode, steps, lr)
+        calls.append((adv.detach().clone(), found.detach().clone()))
+        return found
+
+    monkeypatch.setattr(erasure.advunlearn, "attack_embeddings", recording)
+    _advunlearn(tiny_model, ["steps=4", "warmup=1", "attack=pgd", "attack_steps=2", f"attack_init={init}",
+                             "ddim_steps=3", "batch_size=2", "retain_batch=2", "bank_size=2", "lr=1e-2"])  # fmt: skip
+    assert len(calls) == 3
+    for (_, previous), (start, _) in zip(calls, calls[1:]):
+        assert torch.equal(start, previous) == (init == "latest")
+    starts = [start for start, _ in calls]
+    assert all(not torch.equal(a, b) for i, a in enumerate(starts) for b in starts[i + 1 :])

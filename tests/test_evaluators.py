@@ -65,6 +65,79 @@ def test_clip_score_and_presence_math():
     assert zero_shot_presence(images, ensemble[0], anchors).tolist() == [True, True]
 
 
+def test_zero_shot_presence_needs_the_concept_to_beat_the_best_anchor_not_their_mean():
+    """An image closer to one anchor than to the concept does not show it, however far the other anchors are."""
+    image = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2]]), dim=-1)
+    concept = torch.tensor([1.0, 0.0])  # cosine 0.98 with the image
+    anchors = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [0.0, 1.0]]), dim=-1)  # cosines 1.0 and 0.2
+    assert zero_shot_presence(image, concept, anchors).tolist() == [False]  # above their mean (0.6), not their max
+    assert zero_shot_presence(image, concept, anchors[1:]).tolist() == [True]
+
+
+def test_frechet_distance_uses_the_square_root_of_the_covariances_product():
+    """sqrtm(A @ B), not sqrtm(A) @ sqrtm(B): the two agree only for covariances that commute (shifts, isotropic
+    sets); for 2x2 ones tr sqrtm(AB) = sqrt(tr(AB) + 2 sqrt(det(AB)))."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 2))
+    x -= x.mean(0)
+    white = x @ np.linalg.cholesky(np.linalg.inv(np.cov(x, rowvar=False)))  # zero mean, covariance exactly I
+    cov_a, cov_b = np.diag([4.0, 1.0]), np.array([[2.0, 1.0], [1.0, 2.0]])  # they do not commute
+    a, b = white @ linalg.sqrtm(cov_a).T, white @ linalg.sqrtm(cov_b).real.T
+    product = cov_a @ cov_b
+    expected = np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.trace(product) + 2 * np.sqrt(np.linalg.det(product)))
+    assert expected == pytest.approx(0.771220, abs=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(expected, abs=1e-6)
+    assert frechet_distance(torch.tensor(b), torch.tensor(a)) == pytest.approx(expected, abs=1e-6)  # symmetric
+
+
+def test_attack_success_counts_a_pair_the_concept_shows_in_before_or_after_the_attack():
+    """UnlearnDiffAtk's ASR: a pair already showing the concept unattacked is a success, as is one the attack
+    brings it back in."""
+    from evaluators.attack import outcome_shares
+
+    before, after = torch.tensor([1, 0, 0]), torch.tensor([0, 1, 0])
+    shares = outcome_shares(before, after)
+    assert shares == pytest.approx({"asr": 2 / 3, "present_before_attack": 1 / 3, "present_after_attack": 1 / 3})
+    # with the base model's images as references: the ASR over the pairs whose reference shows the concept
+    shares = outcome_shares(before, after, torch.tensor([True, True, False]))
+    assert shares["reference_shows_concept"] == pytest.approx(2 / 3) and shares["asr_where_reference_shows"] == 1.0
+    assert outcome_shares(before, after, torch.tensor([False, False, True]))["asr_where_reference_shows"] == 0.0
+
+
+class _ReadsLabels:
+    """A judge whose "images" are the (digit, colour) it reads off each: one-hot logits per head."""
+
+    def predict(self, images):
+        return {"digit": torch.nn.functional.one_hot(images[:, 0], 10).float(),
+                "colour": torch.nn.functional.one_hot(images[:, 1], 5).float()}  # fmt: skip
+
+    def describe(self):
+        return {"judge": "reads-labels"}
+
+
+def test_preserved_accuracy_is_the_share_of_images_whose_top_class_is_the_prompts_label():
+    """The judge's top class (argmax of its logits) against each labelled preserved prompt's label, per head,
+    each prompt counted once per image drawn of it; the unlabelled rows after them are left out."""
+    from evaluators.report import _preserved_accuracy
+    from pipelines.families.base import PromptSet
+
+    prompts = PromptSet(target=["a seven"], preserved=["a red three", "a blue one", "a green two", "a cat"],
+                        preserved_labels=[{"digit": 3, "colour": 1}, {"digit": 1, "colour": 2},
+                                          {"digit": 2, "colour": 3}], judged_head="digit")  # fmt: skip
+    counts = [2, 1, 1]  # the first prompt drawn with two seeds: expected digits 3, 3, 1, 2
+    right = torch.tensor([[3, 1], [3, 1], [1, 2], [2, 3], [9, 4]])  # the last row: "a cat", unlabelled
+    wrong = torch.tensor([[3, 1], [5, 1], [1, 4], [4, 4], [9, 4]])  # two digits and two colours misread
+    generated = {("preserved", "before"): (right, None), ("preserved", "after"): (wrong, None)}
+    metrics = _preserved_accuracy(_ReadsLabels(), generated, prompts, counts)
+    assert set(metrics) == {"preserved_accuracy", "preserved_accuracy_colour"}
+    digit, colour = metrics["preserved_accuracy"], metrics["preserved_accuracy_colour"]
+    assert (digit["before"], digit["after"], digit["difference"]) == (1.0, 0.5, -0.5)
+    assert (colour["before"], colour["after"]) == (1.0, 0.5)
+    assert digit["settings"] == {"judge": "reads-labels", "head": "digit", "images": 4}
+
+
 def test_digits_clip_orders_matched_above_mismatched_pairs():
     from evaluators.clip_models import load_clip
     from pipelines.zoo.renders import heldout_renders

@@ -67,6 +67,42 @@ def test_a_lora_run_loads_in_plain_diffusers_and_draws_the_toolkit_images(key, c
     assert np.abs(_toolkit_draw(tiny_pipeline_dir) - ours).max() > 1  # the adapters changed the picture
 
 
+def test_an_esd_lora_run_aims_at_the_base_models_predictions_at_every_step(tiny_model, tiny_pipeline_dir,
+                                                                          monkeypatch):  # fmt: skip
+    """Under LoRA the frozen original is the trained UNet with its adapters switched off: every step's eps(empty) and
+    eps(concept) are the base UNet's, not a target that moves with the adapters it trains."""
+    import erasure.esd
+    from erasure.config import build_config
+    from erasure.training import RunContext
+
+    family, calls, targets = tiny_model.family, [], []
+    denoise = family.denoise
+
+    def recording_denoise(unet, x_t, t, cond):
+        if not torch.is_grad_enabled():
+            calls.append((x_t.clone(), t.clone(), cond.clone()))
+        return denoise(unet, x_t, t, cond)
+
+    def recording_target(eps_empty, eps_concept, eta):
+        targets.append(((eps_empty.clone(), *calls[-2]), (eps_concept.clone(), *calls[-1])))
+        return erasure.common.esd_target(eps_empty, eps_concept, eta)
+
+    monkeypatch.setattr(family, "denoise", recording_denoise)
+    monkeypatch.setattr(erasure.esd, "esd_target", recording_target)
+    config = build_config("esd", family, {**METHODS["esd"].test_settings, "lora_rank": 4, "lr": 1e-2})
+    erased = METHODS["esd"].entry(tiny_model, ["a cat"], config, RunContext(seed=0, progress=False)).model
+    monkeypatch.undo()
+    base = load_model(str(tiny_pipeline_dir)).unet
+    assert len(targets) == config.steps
+    with torch.no_grad():
+        for step in targets:
+            for eps, x_t, t, cond in step:
+                torch.testing.assert_close(family.denoise(base, x_t, t, cond), eps, rtol=0, atol=1e-6)
+        # and the adapters did change the UNet's prediction by then, so the check above could fail
+        x_t, t, cond = targets[-1][1][1:]
+        assert (family.denoise(erased.unet, x_t, t, cond) - family.denoise(base, x_t, t, cond)).abs().max() > 1e-4
+
+
 def test_an_sdxl_lora_run_adapts_both_text_encoders(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

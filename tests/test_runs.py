@@ -99,6 +99,20 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_pipeline_dir, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)  # and resuming changed nothing
 
 
+def test_an_interrupted_run_does_not_resume_under_another_seed_or_other_concepts(tiny_pipeline_dir, tmp_path):
+    """The seed draws every timestep and noise of the run, and the concepts are what it erases: a checkpoint
+    continued under others would give a result that neither run's settings produce."""
+    with stops_resumably():
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, checkpoint_every=1,
+              progress=False, after_step=_stop_at(1, KeyboardInterrupt()))  # fmt: skip
+    with pytest.raises(InputError, match="made with other values of: seed;"):
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, seed=1, resume=True,
+              progress=False)  # fmt: skip
+    with pytest.raises(InputError, match="made with other values of: concepts;"):
+        erase("esd", ["dog"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, resume=True, progress=False)
+    assert not (tmp_path / "run").exists() and (tmp_path / ".run.work" / "checkpoint" / "checkpoint.pt").is_file()
+
+
 def test_a_run_removes_the_staging_folders_of_killed_runs_only(tiny_pipeline_dir, tmp_path):
     """A process killed while it saved (SIGKILL, the OOM killer) leaves its staging folder, gigabytes at SD size: the
     next run to that --out removes it, whether it resumes or starts afresh, and leaves the folders it does not own."""

@@ -106,6 +106,63 @@ def test_the_teacher_never_changes_and_the_forgetting_term_uses_the_override(tin
     assert torch.equal(teacher_cond[:2], generator_calls[1][:2])  # remain rows: the teacher sees the same prompt
 
 
+def _trained_generator(tiny_pipeline_dir, sets):
+    """The generator's weights after an SFD run of `sets` on a fresh copy of the tiny pipeline."""
+    model = load_model(str(tiny_pipeline_dir))
+    config = build_config("sfd", "sd1", parse_sets(sets))
+    return sfd_erase(model, ["cat"], config, RunContext(seed=0, progress=False)).model.unet.state_dict()
+
+
+def test_the_forgetting_term_is_weighed_by_forget_weight(tiny_pipeline_dir):
+    # The override reaches the generator's loss only through the forgetting term: weighed by 0 it cannot change the
+    # generator, bit for bit; weighed by 1 it does.
+    def generator(weight, override):
+        return _trained_generator(tiny_pipeline_dir, FAST + ["steps=1", f"forget_weight={weight}",
+                                                             f"override={override}"])  # fmt: skip
+
+    unweighted_dog, unweighted_tree = generator(0, "a dog"), generator(0, "a red tree")
+    assert all(torch.equal(unweighted_dog[k], unweighted_tree[k]) for k in unweighted_dog)
+    weighted_dog, weighted_tree = generator(1, "a dog"), generator(1, "a red tree")
+    assert not all(torch.equal(weighted_dog[k], weighted_tree[k]) for k in weighted_dog)
+
+
+def test_the_guided_teacher_is_unconditional_at_guidance_0_and_conditional_at_1(tiny_pipeline_dir, monkeypatch):
+    # p is the teacher's x0 under eps_u + w (eps_c - eps_u): at w = 0 the unconditional prediction alone, at w = 1
+    # the conditional one alone (a target built from eps_c + w (eps_c - eps_u) is neither).
+    import pipelines.one_step as one_step
+
+    combined = []  # the prediction of each x0_from_prediction call: p's is the step's last
+    x0_from_prediction = one_step.x0_from_prediction
+
+    def recording(x_t, out, abar, prediction="epsilon"):
+        combined.append(out.detach().clone())
+        return x0_from_prediction(x_t, out, abar, prediction)
+
+    monkeypatch.setattr(one_step, "x0_from_prediction", recording)
+
+    def one_step_at(guidance):
+        """The teacher's [unconditional; conditional] predictions and the guided one p is made of."""
+        model = load_model(str(tiny_pipeline_dir))
+        teacher_out = []
+
+        def record(module, args, out):  # deepcopy carries it over to the generator and the fake score
+            if module is model.unet:
+                teacher_out.append(out.sample.detach().clone())
+
+        model.unet.register_forward_hook(record)
+        combined.clear()
+        config = build_config("sfd", "sd1", parse_sets(FAST + ["steps=1", f"guidance={guidance}"]))
+        sfd_erase(model, ["cat"], config, RunContext(seed=0, progress=False))
+        assert len(teacher_out) == 1  # one generator step: one teacher query
+        return (*teacher_out[0].chunk(2), combined[-1])
+
+    eps_u, eps_c, guided = one_step_at(0)
+    assert not torch.allclose(eps_u, eps_c, atol=1e-3)  # the two are told apart
+    assert torch.allclose(guided, eps_u, atol=1e-5)
+    eps_u, eps_c, guided = one_step_at(1)
+    assert torch.allclose(guided, eps_c, atol=1e-5)
+
+
 def test_distill_only_has_no_forget_rows_and_keeps_the_concept_in_the_prompts(tiny_pipeline_dir):
     sets = [s for s in FAST if not s.startswith("override")] + ["steps=1", "distill_only=true", "t_init=990"]
     _, _, calls, result = _run_with_hooks(tiny_pipeline_dir, sets)

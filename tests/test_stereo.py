@@ -87,6 +87,40 @@ def test_stage_two_starts_again_from_the_original_unet(tiny_pipeline_dir):
     assert result.outcome["stereo"]["words"] == 2 and result.changed == ["unet"]
 
 
+def test_stage_two_erases_the_concept_and_every_word_stage_one_found_in_turn(tiny_pipeline_dir, monkeypatch):
+    # The robustness is in stage 2 erasing the found words as well as the concept's prompt: over as many steps as
+    # the erased set has members, the trained UNet is conditioned on each of them once (erasing the concept's prompt
+    # alone would leave the words stage 1 found working).
+    import erasure.stereo as stereo
+
+    model = load_model(str(tiny_pipeline_dir))
+    found = {}
+    search = stereo._found_words
+
+    def keeping_the_words(model_, draws, *args):
+        found["draws"], found["words"] = draws, search(model_, draws, *args)
+        return found["words"]
+
+    trained_on = []  # the conditioning of each query of stage 2's trained UNet (stage 1 trains a copy)
+    denoise = stereo._Draws.denoise
+
+    def recording(self, unet, x_t, t, cond):
+        if getattr(unet, "module", unet) is model.unet:
+            trained_on.append(cond.detach().clone())
+        return denoise(self, unet, x_t, t, cond)
+
+    monkeypatch.setattr(stereo, "_found_words", keeping_the_words)
+    monkeypatch.setattr(stereo._Draws, "denoise", recording)
+    config = build_config("stereo", model.family, parse_sets([*QUICK, "steps=3", "prompt_templates={}"]))
+    stereo_erase(model, ["a cat"], config, RunContext(seed=0, progress=False))
+    with torch.no_grad():
+        erased_set = [model.encode(["a cat"]), *(found["draws"].word(w) for w in found["words"])]
+    assert len(erased_set) == 3 and len(trained_on) == 3
+    assert not torch.allclose(erased_set[1], erased_set[2]) and not torch.allclose(erased_set[0], erased_set[1])
+    for member in erased_set:
+        assert sum(torch.equal(cond, member) for cond in trained_on) == 1
+
+
 @pytest.mark.slow
 def test_a_run_killed_in_stage_two_resumes_from_its_words_without_stage_one_checkpoints(tmp_path):
     """Stage 1 (3 erasing + 3 inversion steps) hands on its words only; killed at stage 2's second step, the

@@ -303,6 +303,23 @@ class _PayloadTensor:
         return (torch._utils._rebuild_tensor_v2, (_Payload(self.payload), 0, (self.numel,), (1,), False, OrderedDict()))
 
 
+def test_a_nested_storage_payload_that_runs_code_is_refused_and_never_executes(tmp_path):
+    """A storage's bytes are a torch file of their own, read by a second torch.load: that one is weights-only too,
+    or code hidden one level down would run where the top-level pickle's is refused."""
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save(_Exploit(marker), buffer)
+    path = tmp_path / "nested-evil.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": _Payload(buffer.getvalue())}))
+    with pytest.raises(InputError, match="refused to load") as refusal:
+        read_nvidia_pickle(path)
+    assert not marker.exists()
+    assert "system" in str(refusal.value)  # the nested file's global is what is refused
+    with pytest.raises(InputError, match="refused to load .*system"):
+        load_model(str(path))
+    assert not marker.exists()
+
+
 def test_a_storage_payload_referenced_many_times_is_decoded_once(tmp_path, persistence_module):
     payload = torch.TypedStorage(256, dtype=torch.float32, _internal=True).__reduce__()[1][0]  # 1 KB, once in the file
     params = {f"w{i}": _PayloadTensor(payload, 256) for i in range(500)}  # each one a reference to the same bytes

@@ -64,6 +64,30 @@ def test_the_push_stops_at_the_floor():
     assert torch.equal(grad[1], torch.zeros(2)) and grad[0, 0] > 0  # the render below the floor is left alone
 
 
+def test_the_push_is_weighed_by_push_weight_alone(tmp_path, monkeypatch):
+    # push_weight = 0 leaves the push out, whatever the term is: a huge push in its place changes nothing, bit for bit,
+    # while weighed by push_weight > 0 it moves the generator.
+    import erasure.text2unlearn as text2unlearn
+
+    def trained(name, *sets):
+        run = erase("text2unlearn", ["seven"], "digits-gan", out=tmp_path / name, sets=[*FAST, "steps=2", *sets],
+                    progress=False)  # fmt: skip
+        return load_file(run / "generator.safetensors")
+
+    plain = trained("plain", "push_weight=0")
+    pushed = []
+
+    def huge_push(features, moved, direction, floor):
+        pushed.append(len(features))
+        return 1e3 * features.sum()
+
+    monkeypatch.setattr(text2unlearn, "push_term", huge_push)
+    unweighted = trained("unweighted", "push_weight=0")
+    assert pushed and all(torch.equal(plain[k], unweighted[k]) for k in plain)
+    weighted = trained("weighted", "push_weight=1")
+    assert not all(torch.equal(plain[k], weighted[k]) for k in plain)
+
+
 def test_the_floor_sees_the_renders_as_the_push_does():
     """With `augment` views the push compares shifted views' features with the floor: the floor is taken through the
     same views (it was taken unshifted), without moving the training's random numbers."""
