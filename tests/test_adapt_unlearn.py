@@ -361,3 +361,42 @@ def test_a_named_image_classifier_labels_the_samples(tmp_path):
         concept_detectors(["x"], "stylegan2", classifier=f"image-classifier:{tmp_path / 'clf'}", label="hat")
     with pytest.raises(InputError, match="classifier_label"):
         build_config("adapt-unlearn", "stylegan2", {"classifier": f"image-classifier:{tmp_path / 'clf'}"})
+
+
+def test_the_fisher_is_the_mean_over_samples_of_the_squared_logit_gradients():
+    # a mean over the samples: a sum would scale the EWC penalty with fisher_samples, and ewc_weight with it
+    from erasure.adapt_unlearn import fisher_diagonal
+
+    generator, discriminator = tiny_gan(size=16)
+    generator.requires_grad_(True)
+    fisher = fisher_diagonal(generator, discriminator, 8, seed=3, instance_noise=0.1)
+    by_hand = _fisher_of_rows(generator, discriminator, 8, 3, 0.1, slice(0, 8))  # all rows at once: one group set
+    assert all(torch.allclose(fisher[k], by_hand[k], rtol=1e-4, atol=1e-12) for k in fisher)
+
+
+def test_stage_one_adapts_to_the_negatives_and_stage_two_unlearns_on_the_positives(tiny_gan_checkpoint, tmp_path,
+                                                                                     monkeypatch):
+    # the copies adapt towards the concept (negatives show it) and the generator is then trained on the rest: the
+    # other way round would repel the generator from everything but the concept. Bright negatives, dark positives
+    # (and not as many) tell the two sets apart.
+    import erasure.adapt_unlearn as adapt_unlearn
+
+    seen = {}
+
+    def recording(name, stage):
+        def record(generator, discriminator, images, *args, **kwargs):
+            seen[name] = images.detach().cpu().clone()
+            return stage(generator, discriminator, images, *args, **kwargs)
+
+        return record
+
+    monkeypatch.setattr(adapt_unlearn, "adapt", recording("adapt", adapt_unlearn.adapt))
+    monkeypatch.setattr(adapt_unlearn, "unlearn", recording("unlearn", adapt_unlearn.unlearn))
+    sets = ["adapt_steps=1", "steps=1", "batch_size=2", "fisher_samples=2",
+            f"negatives={_folder(tmp_path / 'neg', 3, 200)}", f"positives={_folder(tmp_path / 'pos', 4, 20)}"]
+    run = erase("adapt-unlearn", ["a red square"], str(tiny_gan_checkpoint), out=tmp_path / "run", sets=sets,
+                progress=False)  # fmt: skip
+    assert (len(seen["adapt"]), len(seen["unlearn"])) == (3, 4)
+    assert seen["adapt"].mean() > seen["unlearn"].mean() + 0.5  # the bright images are stage 1's
+    outcome = json.loads((run / "erasure.json").read_text())["adapt_unlearn"]
+    assert (outcome["negatives"], outcome["positives"]) == (3, 4)

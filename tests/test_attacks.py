@@ -200,3 +200,88 @@ def test_a_prompt_files_rows_are_attacked_at_their_own_seeds():
         out = attack(model, model, NeverSees(), "seven", prompts, seeds, settings, guidance=[2.0, None])
         assert [(p["prompt"], p["seed"]) for p in out["per_pair"]] == pairs and out["pairs"] == 3
         assert out["settings"]["seeds"] == seeds and out["settings"]["guidance"] == [2.0, None]
+
+
+class _Recorder(NeverSees):
+    """NeverSees, keeping the images of each call."""
+
+    def __init__(self):
+        self.seen = []
+
+    def detects(self, images, concept=None):
+        self.seen.append(images.clone())
+        return super().detects(images, concept)
+
+
+def test_textual_inversion_learns_its_word_on_the_base_models_images(tiny_pipeline_dir, monkeypatch):
+    # the word must be fitted to images that show the concept: the base model's (four seeds a prompt), not the
+    # erased model's, from which the concept is gone
+    from evaluators.attack import draw_pairs
+    from pipelines import load_model
+
+    erased, base = load_model(str(tiny_pipeline_dir)), load_model(str(tiny_pipeline_dir))
+    for model in (erased, base):  # two sampling steps (the model card's setting) keep the drawing quick
+        monkeypatch.setitem(model.source.card, "sampling", {"steps": 2})
+    with torch.no_grad():
+        erased.unet.conv_out.weight.mul_(-1.0)  # the two models draw different images
+    assert not torch.equal(erased.unet.conv_out.weight, base.unet.conv_out.weight)
+    judge = _Recorder()
+    out = inversion_attack(erased, base, judge, "cat", ["a cat"], [0], InversionSettings(steps=1))
+    trained_on = judge.seen[0]  # the judge first scores the training images (images_showing_concept)
+    assert out["settings"]["images"] == 4
+    assert torch.equal(trained_on, draw_pairs(base, ["a cat"], [0, 1, 2, 3], [None]))
+
+
+def test_textual_inversion_starts_at_the_concepts_word_and_steps_in_units_of_the_embeddings_rms(tiny_model,
+                                                                                                 monkeypatch):
+    # lr is relative to the size of the vocabulary's embeddings, so that one setting suits every text encoder; the
+    # word starts from the mean embedding of the concept's own tokens. Adam's first step moves a coordinate by ~lr.
+    monkeypatch.setitem(tiny_model.source.card, "sampling", {"steps": 2})  # quick drawing (the card's setting)
+    family = tiny_model.family
+    words = []
+    encode_inserted = family.encode_inserted
+
+    def recording(model, encoder, ids, word):
+        words.append(word.detach().clone())
+        return encode_inserted(model, encoder, ids, word)
+
+    monkeypatch.setattr(family, "encode_inserted", recording)
+    settings = InversionSettings(steps=2, lr=0.01)
+    inversion_attack(tiny_model, tiny_model, NeverSees(), "cat", ["a cat"], [0], settings)
+    with torch.no_grad():
+        vocab = family.vocabulary(tiny_model, family.text_tower(tiny_model))
+        ids = tiny_model.tokenizer("cat", add_special_tokens=False).input_ids
+    rms = float(vocab.pow(2).mean().sqrt())
+    assert len(words) == 3  # two steps, then the attacked prompts
+    assert torch.allclose(words[0].flatten(), vocab[ids].mean(0))
+    assert float((words[1] - words[0]).abs().max()) == pytest.approx(settings.lr * rms, rel=0.01)
+
+
+def test_the_discrete_attack_feeds_the_encoder_whole_words_at_every_step(monkeypatch):
+    # UnlearnDiffAtk optimises word distributions but encodes their argmax words (straight-through): a mixture of
+    # embeddings would be a prompt no one can type, and the words found would not do what the loss measured
+    from evaluators.attack import AttackTarget
+    from pipelines import load_model
+
+    model = load_model("digits")
+    card = model.source.card
+    monkeypatch.setitem(card, "sampling", {**card.get("sampling", {}), "steps": 2})  # quick drawing
+    encoded = []
+    encode = AttackTarget.encode
+
+    def recording(self, rows, words):
+        encoded.append(words.detach().clone())
+        return encode(self, rows, words)
+
+    monkeypatch.setattr(AttackTarget, "encode", recording)
+    settings = DiscreteAttackSettings(tokens=2, steps=3, lr=0.2, check_every=10)
+    out = discrete_attack(model, model, NeverSees(), "seven", ["a three"], [0], settings)
+    family = model.family
+    with torch.no_grad():
+        table = family.vocabulary(model, family.text_tower(model))  # every token's input embedding
+    assert len(out["loss"]) == settings.steps and len(encoded) >= settings.steps + 1  # the start's, then each step's
+    for words in encoded:
+        assert words.shape[-2] == settings.tokens
+        for row in words.reshape(-1, words.shape[-1]):
+            # one token's embedding (up to the rounding of one_hot + p - p), not a blend of several
+            assert float((table - row).abs().amax(-1).min()) < 1e-5

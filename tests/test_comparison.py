@@ -120,3 +120,26 @@ def test_the_command_prints_the_table_and_writes_it(report, tmp_path):
     assert result.stdout == written + f"wrote {tmp_path / 't.md'}\n"
     # one model, one set of values: one column, named by the run folder
     assert written.splitlines()[0] == "| concept | metric | base model | a |"
+
+
+def _minimal_report(sha: str, after: float, before: float = 0.9) -> dict:
+    """The parts of an eval.json the table reads: the models' hashes, one metric with its base value, a run."""
+    from evaluators.report_format import FORMAT
+
+    return {"format": FORMAT, "before": {"sha256": "base", "spec": "digits"}, "after": {"sha256": sha, "spec": sha},
+            "settings": {"seeds": [0]}, "run": {"method": "esd", "seed": 0},
+            "concepts": {"seven": {"prompts": {"target": ["a seven"]}, "judge": {"judge": "digits-judge"},
+                                   "metrics": {"target_presence_judge": {"before": before, "after": after}}}}}
+
+
+def test_two_erased_models_with_equal_values_keep_a_column_each(tmp_path):
+    # a column is one erased model: two runs that happen to score alike are still two runs, told apart by their
+    # weights' hashes; the base model's value goes in its own column, each run's "after" in the run's
+    a = _write(tmp_path / "run-a", _minimal_report("a" * 64, 0.25))
+    b = _write(tmp_path / "run-b", _minimal_report("b" * 64, 0.25))
+    table = compare([a, b])
+    assert table.labels == ["run-a", "run-b"]
+    assert table.base["seven", "target_presence_judge"] == 0.9
+    assert [cells["seven", "target_presence_judge"] for cells in table.cells] == [0.25, 0.25]
+    lines = to_markdown(table).splitlines()
+    assert lines[0] == "| concept | metric | base model | run-a | run-b |"

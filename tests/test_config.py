@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -137,3 +138,51 @@ def test_unknown_method_lists_the_methods():
 def test_stereo_options_are_checked_before_any_model_loads(pairs, message):
     with pytest.raises(InputError, match=message):
         build_config("stereo", "sd1", parse_sets(pairs))
+
+
+def test_a_run_takes_the_preset_then_its_config_file_then_set(tiny_pipeline_dir, tmp_path, monkeypatch):
+    # erase(config_file=..., sets=...) is what `erasure erase --config F --set k=v` calls: --set must win over the
+    # file, and the file over the family's preset, key by key (a preset for the tiny sd1 model, whose own is empty)
+    import json
+
+    from erasure.api import erase
+    from pipelines.families import get_family
+
+    monkeypatch.setitem(get_family("sd1").presets, "esd", {"ddim_steps": 4, "negative_guidance": 2.0, "steps": 5})
+    config_file = tmp_path / "esd.yaml"
+    config_file.write_text("steps: 2\nddim_steps: 2\nlr: 3.0e-4\n")
+    run = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", config_file=config_file,
+                sets=["steps=1"], progress=False)  # fmt: skip
+    config = json.loads((run / "erasure.json").read_text())["config"]
+    assert (config["steps"], config["ddim_steps"], config["lr"]) == (1, 2, 3e-4)  # --set, then the file twice
+    assert config["negative_guidance"] == 2.0  # neither sets it: the preset's
+
+
+def test_set_splits_at_the_first_equals_sign_only():
+    # a value may hold '=' itself (a prompt template, a path); the key is what comes before the first one
+    assert parse_sets(["prompt_templates=a {} with x=1", "lr=1e-4"]) == {
+        "prompt_templates": "a {} with x=1", "lr": "1e-4"}
+    config = build_config("esd", "sd1", parse_sets(["prompt_templates=['a {}, k=v', '{}=']"]))
+    assert config.prompt_templates == ["a {}, k=v", "{}="]
+
+
+@pytest.mark.parametrize(
+    "method, pairs, message",
+    [
+        ("esd", ["lr=0"], "lr must be > 0, not 0"),  # (0, inf): the open end is refused
+        ("esd", ["adam_betas=0.9,1"], "adam_betas must be between 0 and 1 (1 excluded), not 1"),
+        ("fewshot", ["stop_below=0"], "stop_below must be between 0 and 1 (0 excluded), not 0"),
+        ("fewshot", ["num_images=-1"], "num_images must be >= 0, not -1"),  # an integer without bounds: >= 0
+        ("sfd", ["t_init=1000"], "t_init must be between 1 and 999, not 1000"),
+    ],
+)
+def test_each_bound_refuses_the_values_just_outside_it(method, pairs, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        build_config(method, "sd1", parse_sets(pairs))
+
+
+def test_each_bound_accepts_its_closed_ends():
+    assert build_config("esd", "sd1", parse_sets(["adam_betas=0,0.5", "steps=1"])).adam_betas == [0.0, 0.5]
+    assert build_config("fewshot", "sd1", parse_sets(["stop_below=1", "num_images=0"])).stop_below == 1.0
+    assert build_config("sfd", "sd1", parse_sets(["t_init=1"])).t_init == 1
+    assert build_config("sfd", "sd1", parse_sets(["t_init=999"])).t_init == 999

@@ -84,7 +84,7 @@ def test_training_moves_the_concepts_prediction_towards_negative_guidance(key, s
     """Which way the loss pushes: after a few steps the erased model's prediction for the concept, on x_t it never
     trained on, has moved from the base's towards eps(empty) - eta (eps(concept) - eps(empty)). A swapped sign or
     swapped arguments train towards the concept, and every structural test (scope, round trip, resume) still passes.
-    eta = 2, so that the target is not the frozen prediction at some eta (at eta = 1, swapped arguments are)."""
+    eta = 2: at eta = 1 a wrong sign, eps(empty) + eta (eps(concept) - eps(empty)), is the base's own prediction."""
     import copy
 
     import torch.nn.functional as F

@@ -417,3 +417,34 @@ def test_a_method_refuses_a_clip_it_cannot_get_before_loading_the_model(
     assert not (tmp_path / "run").exists()
     wanted = "openai/clip-vit-base-patch32" if method == "adapt-unlearn" else "openai/clip-vit-large-patch14"
     assert f"cannot download {wanted!r}" in str(refusal.value)
+
+
+def test_a_prompt_with_a_single_seed_is_left_out_of_both_halves():
+    # its one image would go to one half only, and the halves would no longer hold the same prompts
+    from evaluators.prompt_files import PromptRow
+    from evaluators.report import PromptRows
+
+    texts = ["a red three", "a blue one", "a green two", "a red five"]
+    rows = PromptRows.from_file([PromptRow(t, s) for s in (7, 8) for t in texts] + [PromptRow("a lone six", 9)],
+                                seeds=[0])  # fmt: skip
+    first, second, same_prompts = rows.halves()
+    assert same_prompts and len(first) == len(second) == 4
+    assert 8 not in first.tolist() + second.tolist()  # the lone prompt's image (the last row)
+
+
+def test_the_report_records_the_drawing_it_did_and_judges_presence_on_the_target_images():
+    # erasure compare matches reports on these settings, so they must be the ones drawn with, not the model's defaults
+    # (25 steps, guidance 5); and the judge's presence is a share of the target prompts' images: an unerased digits
+    # model draws its sevens there (its preserved prompts, other digits, would show none)
+    from evaluators.report import evaluate
+    from pipelines import load_model
+
+    model = load_model("digits")
+    report = evaluate(model, model, ["seven"], samples=1, seed=0, steps=8, guidance=4.0, progress=False).report
+    settings = report["settings"]
+    assert (settings["steps"], settings["guidance"], settings["samples_per_prompt"], settings["seeds"]) == (
+        8, 4.0, 1, [0])
+    section = report["concepts"]["seven"]
+    presence = section["metrics"]["target_presence_judge"]
+    assert presence["settings"]["images"] == len(section["prompts"]["target_prompts"]["prompts"])
+    assert presence["before"] == presence["after"] > 0.5

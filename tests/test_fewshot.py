@@ -250,3 +250,70 @@ def test_bad_option_values_are_refused_before_any_model_loads(value, message, ti
     with pytest.raises(InputError, match=re.escape(message)):
         erase("fewshot", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=[value])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "shares, patience, epochs",
+    [([0.0, 0.1, 0.0, 0.0, 0.5, 0.5], 2, 4),  # a check at the threshold is not under it: the count starts again
+     ([0.5, 0.0, 0.5, 0.0, 0.0, 0.5], 2, 5),  # an epoch back above the threshold resets the count
+     ([0.5, 0.5, 0.0, 0.5, 0.5, 0.5], 1, 3)],  # patience 1: the first check under it
+)  # fmt: skip
+def test_the_run_stops_after_stop_patience_checks_in_a_row_under_stop_below(tiny_pipeline_dir, image_folder,
+                                                                             monkeypatch, shares, patience, epochs):
+    # "in a row": a check at or above stop_below must reset the count, else scattered low checks add up and stop the
+    # run while the concept still shows. The check's shares are scripted (3 images at batch 2: one update an epoch).
+    import evaluators.detect
+
+    calls = []
+
+    class ScriptedCheck:
+        def __init__(self, family, concepts, device="cpu", clip=None):
+            pass
+
+        def __call__(self, model, samples, steps):
+            calls.append((samples, steps))
+            return shares[len(calls) - 1]
+
+    monkeypatch.setattr(evaluators.detect, "PresenceCheck", ScriptedCheck)
+    model = load_model(str(tiny_pipeline_dir))
+    sets = [f"images={image_folder}", *QUICK, "steps=6", "stop_below=0.1", f"stop_patience={patience}",
+            "stop_samples=3", "stop_steps=4"]  # fmt: skip
+    config = build_config("fewshot", "sd1", parse_sets(sets))
+    result = fewshot_erase(model, ["a cat"], config, RunContext(seed=0, progress=False))
+    outcome = result.outcome["fewshot"]
+    assert (outcome["epochs_run"], outcome["updates"], outcome["stopped_early"]) == (epochs, epochs, True)
+    assert outcome["last_presence"] == shares[epochs - 1]
+    assert calls == [(3, 4)] * epochs  # one check at the end of each epoch, of stop_samples at stop_steps
+
+
+def test_the_retain_drift_compares_each_retain_prompt_with_its_own_original_encoding(tiny_pipeline_dir, image_folder):
+    # before the first update the encoder is the original, so each retain prompt's drift from its own cached encoding
+    # is exactly 0; rows paired with another prompt's encoding would pull the prompts towards each other instead
+    model = load_model(str(tiny_pipeline_dir))
+    sets = [f"images={image_folder}", *QUICK, "steps=1", "stop_below=none", "retain_weight=1", "retain_batch=4"]
+    result = fewshot_erase(model, ["a cat"], build_config("fewshot", "sd1", parse_sets(sets)),
+                           RunContext(seed=0, progress=False))  # fmt: skip
+    assert result.logs["retain_drift"] == 0.0
+
+
+def test_each_epoch_visits_every_image_once_in_a_fresh_order(tiny_pipeline_dir, tmp_path, monkeypatch):
+    # 4 images at batch 2: an epoch is 2 updates that see each cached latent once; the next epoch draws a new order
+    # (one fixed order would pair the same images in every batch)
+    import erasure.fewshot as fewshot
+
+    batches = []
+
+    def recording(model, x0, cond, noise, t):
+        batches.append(x0.detach().flatten(1).sum(1).tolist())  # a latent is told by its sum
+        return denoising_loss(model, x0, cond, noise, t)
+
+    monkeypatch.setattr(fewshot, "denoising_loss", recording)
+    folder = _write_images(tmp_path / "four", sizes=((16, 16),) * 4, formats=("PNG",) * 4)
+    model = load_model(str(tiny_pipeline_dir))
+    sets = [f"images={folder}", *QUICK, "steps=6", "stop_below=none"]
+    config = build_config("fewshot", "sd1", parse_sets(sets))
+    fewshot_erase(model, ["a cat"], config, RunContext(seed=0, progress=False))
+    assert [len(b) for b in batches] == [2] * 6
+    epochs = [batches[i] + batches[i + 1] for i in (0, 2, 4)]
+    assert len(set(epochs[0])) == 4 and all(sorted(e) == sorted(epochs[0]) for e in epochs)  # each image once
+    assert len({tuple(e) for e in epochs}) > 1  # not one order for every epoch

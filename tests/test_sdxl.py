@@ -200,7 +200,6 @@ def test_sfd_distils_sdxl_into_a_one_step_generator_that_plain_diffusers_reprodu
     assert np.abs(np.asarray(namespace["image"], float) - np.asarray(ours, float)).max() <= 1
 
 
-
 def test_an_sfd_lora_on_sdxl_saves_as_adapters_alone_and_loads_as_the_same_generator(tiny_sdxl_dir, tmp_path):
     import numpy as np
 

@@ -362,3 +362,48 @@ def test_a_stage_of_a_run_seeded_at_the_top_wraps_its_seed_into_what_numpy_accep
     stage.seed_everything()
     assert np.random.get_state()[1][0] == np.random.RandomState(3).get_state()[1][0]
     assert run.stage("erase-once").seed == run.seed and RunContext(seed=None).stage("x", 1).seed is None
+
+
+def test_a_checkpoint_is_written_every_checkpoint_every_steps_and_not_at_the_last(tmp_path):
+    # checkpoint_every counts finished steps: a run of 6 with checkpoint_every=3 saves after step 3, and not after its
+    # last step, whose result is the run folder itself
+    from erasure.training import load_checkpoint
+
+    net = torch.nn.Linear(2, 1)
+    saved: list[int | None] = []
+
+    def after_step(step: int, total: int, logs: dict) -> None:
+        has = (tmp_path / "checkpoint" / "checkpoint.pt").is_file()
+        saved.append(load_checkpoint(tmp_path / "checkpoint")["step"] if has else None)
+
+    run = RunContext(seed=1, progress=False, checkpoint_dir=tmp_path / "checkpoint", checkpoint_every=3,
+                     after_step=after_step)  # fmt: skip
+    loop = TrainingLoop(run, {"net": Network(net, torch.optim.SGD(net.parameters(), lr=0.1))}, desc="every")
+
+    def step_fn(step: int) -> dict[str, float]:
+        loop.update("net", loop.modules["net"](torch.randn(4, 2)).pow(2).mean())
+        return {}
+
+    loop.fit(step_fn, 6)
+    assert saved == [None, None, 3, 3, 3, 3]  # after steps 3 (not 6: the last)
+
+
+def test_adam_takes_the_methods_lr_betas_eps_and_weight_decay_in_order():
+    # each method hands its config's Adam settings to run.adam; two betas swapped would decay the first moment at the
+    # second's rate (0.98 vs 0.9) without any error
+    net = torch.nn.Linear(2, 1)
+    run = RunContext(progress=False)
+    adamw = run.adam(net.parameters(), 3e-4, [0.9, 0.98], eps=1e-6, weight_decay=0.01, decoupled=True)
+    group = adamw.param_groups[0]
+    assert type(adamw) is torch.optim.AdamW
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (3e-4, (0.9, 0.98), 1e-6, 0.01)
+    adam = run.adam(net.parameters(), 1e-5, (0.5, 0.999))
+    assert type(adam) is torch.optim.Adam and adam.param_groups[0]["betas"] == (0.5, 0.999)
+
+
+def test_frozen_weights_stay_float32_on_the_cpu_unless_half_is_asked_for():
+    # `auto` halves the frozen networks only on a GPU with mixed precision: every CPU result was measured in float32
+    assert RunContext(progress=False, mixed_precision="bf16").frozen_dtype == torch.float32
+    assert RunContext(progress=False, mixed_precision="bf16", frozen_precision="full").frozen_dtype == torch.float32
+    assert RunContext(progress=False, mixed_precision="bf16", frozen_precision="half").frozen_dtype == torch.bfloat16
+    assert RunContext(progress=False).frozen_dtype == torch.float32
