@@ -132,6 +132,23 @@ def test_single_file_loads_with_from_single_file_and_draws_the_same_images(evalu
     assert _same(ours, theirs)
 
 
+def test_the_cards_single_file_snippet_loads_the_file_with_the_repositorys_configs(evaluated_run, exported):
+    # The card's --single-file snippet is run as written, the folder standing in for the Hub repository: a tiny or
+    # fine-tuned file needs this repository's configs (`config=`); without them diffusers would build the
+    # architecture it guesses from the file and fetch that model's configs instead.
+    blocks = re.findall(r"```python\n(.*?)```", (exported.folder / "README.md").read_text(), re.S)
+    [snippet] = [block for block in blocks if "from_single_file" in block]
+    download = f'hf_hub_download("{REPO_ID}", "tiny-no-cat.safetensors")'
+    config = f'config="{REPO_ID}")'
+    assert snippet.count(download) == 1 and snippet.count(config) == 1
+    snippet = snippet.replace(download, repr(str(exported.folder / "tiny-no-cat.safetensors")))
+    namespace: dict = {}
+    exec(snippet.replace(config, f"config={str(exported.folder)!r}, local_files_only=True)"), namespace)  # noqa: S102
+    pipe = namespace["pipe"]
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+    assert _same(load_model(str(evaluated_run)).generate(["a cat"], [0], steps=3)[0], theirs)
+
 def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(evaluated_run, exported):
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -230,6 +247,20 @@ def test_a_hub_base_is_named_with_its_licence_and_its_changed_part_is_plug_and_p
     card = render_card(run, REPO_ID, metadata)
     assert "from diffusers import UNet2DConditionModel" in card and 'subfolder="unet"' in card
     assert '"CompVis/stable-diffusion-v1-4", unet=unet' in card
+
+
+def test_a_lora_cards_snippet_loads_the_adapters_into_the_hub_base_it_names(evaluated_run):
+    # The card's LoRA snippet is run as written: with a Hub base it must load that base (the adapters fit no other
+    # model), and only a base with no Hub id leaves a placeholder for the reader to fill in.
+    run = load_run(evaluated_run)
+    hub = {**run.manifest["base_model"], "spec": "CompVis/stable-diffusion-v1-4", "origin": "hub"}
+    on_hub = replace(run, manifest={**run.manifest, "base_model": hub})
+    card = render_card(on_hub, REPO_ID, card_metadata(on_hub)[0], lora=True)
+    snippet = ('DiffusionPipeline.from_pretrained("CompVis/stable-diffusion-v1-4")\n'
+               f'pipe.load_lora_weights("{REPO_ID}", adapter_name="erasure")')
+    assert snippet in card
+    local = render_card(run, REPO_ID, card_metadata(run)[0], lora=True)
+    assert 'DiffusionPipeline.from_pretrained("BASE-MODEL")' in local and "CompVis" not in local
 
 
 def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path, monkeypatch):

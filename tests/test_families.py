@@ -75,6 +75,24 @@ def test_the_encoding_and_sampling_of_an_sd_family_are_the_pipelines(tiny_model)
         assert torch.equal(family.denoise(tiny_model.unet, x, 10, embeds), tiny_model.unet(x, 10, embeds).sample)
 
 
+def test_a_full_sd_trajectory_is_the_pipelines_guided_ddim_sampling_of_the_same_noise(tiny_model):
+    # ESD's x_t comes from `trajectories`: run to the last step, it must be what StableDiffusionPipeline draws from
+    # the same noise with DDIM and classifier-free guidance (uncond + g (cond - uncond)); a guidance formula that
+    # starts from the wrong branch or a wrong sign would train every ESD run on x_t of another distribution.
+    from diffusers import DDIMScheduler
+
+    family = tiny_model.family
+    scheduler = family.sampling_scheduler(tiny_model, 4, "cpu")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond, uncond = tiny_model.encode(["a cat", "a red bird"]), tiny_model.encode([""])
+        ours = family.trajectories(tiny_model.unet, scheduler, cond, uncond, [4, 4], 3.0, noise)
+    tiny_model.pipe.scheduler = DDIMScheduler.from_config(tiny_model.scheduler.config)
+    theirs = tiny_model.pipe(prompt_embeds=cond, negative_prompt_embeds=uncond.expand(2, -1, -1), latents=noise,
+                             num_inference_steps=4, guidance_scale=3.0, output_type="latent").images  # fmt: skip
+    torch.testing.assert_close(ours, theirs)
+
+
 def test_the_digits_world_pairs_each_concept_with_its_override_in_its_own_captions():
     digits = FAMILIES["digits"]
     pairs = digits.forget_pairs({"seven": "eight"}, ["{}"], seed=0, n=50)

@@ -345,3 +345,50 @@ def test_an_interrupted_flux_esd_run_resumes_to_the_uninterrupted_adapters(tiny_
     resumed = erase("esd", ["cat"], str(tiny_flux_dir), out=tmp_path / "resumed", resume=True, **kwargs)
     a, b = (load_file(str(run / "pytorch_lora_weights.safetensors")) for run in (whole, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_partial_flux_trajectory_stops_at_its_steps_noise_level_with_the_window_of_that_step(tiny_flux_dir):
+    # ESD queries the transformer at a timestep in [t, t_next): t, the noise level x_t reached after `stop` Euler
+    # steps, and t_next, the level that step started from (1000 sigma); a window from the wrong neighbour would
+    # query the model at noise levels x_t never had.
+    model = load_model(str(tiny_flux_dir))
+    family = model.family
+    scheduler = family.sampling_scheduler(model, 4, "cpu")
+    noise = torch.randn(family.latent_shape(model, 1), generator=torch.Generator().manual_seed(3))
+    cond = model.encode(["a photo of a cat"])
+    sigmas = scheduler.sigmas
+    _, t, t_next = family.trajectory(model.unet, scheduler, cond, None, 2, 3.5, noise)
+    assert (t, t_next) == (int(sigmas[2] * 1000), int(sigmas[1] * 1000)) and t < t_next
+    x_0, t, t_next = family.trajectory(model.unet, scheduler, cond, None, 0, 3.5, noise)
+    assert torch.equal(x_0, noise) and t == 1000  # no step taken: the pure noise at sigma 1
+
+
+def test_the_flux_training_target_is_the_velocity_the_schedulers_euler_step_follows(tiny_flux_dir):
+    # A method's loss compares the transformer's output with `noised`'s target: FLUX predicts the velocity
+    # noise - x0, so one Euler step of the model's own FlowMatchEulerDiscreteScheduler along that target takes the
+    # noised latent at one sigma to the noised latent at the next. A velocity of the wrong sign would train every
+    # FLUX run to walk away from its data.
+    model = load_model(str(tiny_flux_dir))
+    family = model.family
+    scheduler = family.sampling_scheduler(model, 4, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 4, 8, 8, generator=generator)
+    t = scheduler.timesteps[1:2]
+    x_t, target = family.noised(model, x0, noise, t)
+    sigma, after = scheduler.sigmas[1], scheduler.sigmas[2]
+    torch.testing.assert_close(x_t, (1 - sigma) * x0 + sigma * noise)
+    stepped = scheduler.step(target, t[0], x_t).prev_sample
+    torch.testing.assert_close(stepped, family.noised(model, x0, noise, scheduler.timesteps[2:3])[0])
+    assert 0 < after < sigma < 1
+
+
+def test_the_flux_family_scales_vae_latents_as_the_pipeline_unscales_them_before_decoding(tiny_flux_dir):
+    # Few-shot erasing trains on real images' latents: `scale_latents` must be the inverse of FluxPipeline's own
+    # `latents / scaling_factor + shift_factor` before it decodes, so that the transformer sees latents of the
+    # distribution it samples (FLUX's VAE has a shift, unlike SD's: subtracting it after scaling would not undo it).
+    model = load_model(str(tiny_flux_dir))
+    config = model.vae.config
+    assert config.shift_factor and config.scaling_factor != 1
+    latents = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    scaled = model.family.scale_latents(model, latents)
+    torch.testing.assert_close(scaled / config.scaling_factor + config.shift_factor, latents)

@@ -228,3 +228,59 @@ def test_shipped_sd2_and_sdxl_configs_build_the_real_architectures():
     assert _config_tokenizer(SHIPPED_CONFIGS / "sd-v2" / "tokenizer").pad_token == "!"
     assert _config_tokenizer(SHIPPED_CONFIGS / "sdxl-base" / "tokenizer_2").pad_token == "!"
     assert _config_tokenizer(SHIPPED_CONFIGS / "sdxl-base" / "tokenizer").model_max_length == 77
+
+
+def test_shipped_configs_give_each_family_its_prediction_type_and_text_activation():
+    # A single file carries weights only: what the UNet predicts and how the text tower computes come from these
+    # configs, and parameter counts cannot tell them apart. SD 2.x (768 px, the shipped layout) predicts v and
+    # runs OpenCLIP's GELU; SDXL predicts eps, its CLIP-L encoder runs quick GELU and its OpenCLIP bigG one GELU.
+    # A wrong entry would load the right weights into a model that draws noise.
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    from transformers import CLIPTextConfig
+
+    from pipelines.diffusion import SHIPPED_CONFIGS
+
+    sd2, xl = SHIPPED_CONFIGS / "sd-v2", SHIPPED_CONFIGS / "sdxl-base"
+    assert DDIMScheduler.from_pretrained(sd2 / "scheduler").config.prediction_type == "v_prediction"
+    assert EulerDiscreteScheduler.from_pretrained(xl / "scheduler").config.prediction_type == "epsilon"
+    activations = {folder: CLIPTextConfig.from_pretrained(folder).hidden_act
+                   for folder in (sd2 / "text_encoder", xl / "text_encoder", xl / "text_encoder_2")}  # fmt: skip
+    assert list(activations.values()) == ["gelu", "quick_gelu", "gelu"]
+
+
+def test_a_single_file_without_configs_gets_the_shipped_configs_of_its_architecture(tmp_path):
+    # Offline, a single file given without --model-config is built from the configs shipped for what diffusers
+    # recognises it as: SD 2.x's OpenCLIP-H width (1024) in the UNet's cross-attention, SDXL's OpenCLIP bigG
+    # embedder, or SD 1.x. Another family's configs would build another architecture (or refuse the weights).
+    from safetensors.torch import save_file
+
+    from pipelines.diffusion import SHIPPED_CONFIGS, _shipped_config_for
+
+    cross_attention = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+    files = {"sd-v2": {cross_attention: torch.zeros(2, 1024)},
+             "sdxl-base": {"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(2)},
+             "sd-v1": {cross_attention: torch.zeros(2, 768),
+                       "model.diffusion_model.output_blocks.11.0.skip_connection.weight": torch.zeros(2)}}  # fmt: skip
+    for name, weights in files.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(weights, str(path))
+        assert _shipped_config_for(path) == SHIPPED_CONFIGS / name, name
+
+
+def test_a_model_whose_card_names_no_sampling_draws_at_its_pipelines_default_guidance(tiny_model):
+    # A real checkpoint carries no erasure_model.json: its samples, evaluations and card snippets use the guidance
+    # its own diffusers pipeline defaults to (StableDiffusionPipeline's 7.5; FluxPipeline's 28 steps at 3.5), so
+    # that the toolkit's images and a plain diffusers user's images of the same model agree.
+    import inspect
+
+    from diffusers import FluxPipeline, StableDiffusionPipeline
+
+    from pipelines.diffusion import FLUX_SAMPLING
+
+    def default(pipeline, name):
+        return inspect.signature(pipeline.__call__).parameters[name].default
+
+    assert "sampling" not in tiny_model.source.card
+    assert tiny_model.sampling["guidance"] == default(StableDiffusionPipeline, "guidance_scale")
+    assert FLUX_SAMPLING == {"steps": default(FluxPipeline, "num_inference_steps"),
+                             "guidance": default(FluxPipeline, "guidance_scale")}  # fmt: skip

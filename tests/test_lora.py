@@ -316,3 +316,58 @@ def test_sample_draws_a_lora_run_at_a_strength(tiny_pipeline_dir, tmp_path, caps
     for model, strength, message in [(full, "0.5", "not trained as LoRA"), (run, "3", "between 0 and 2")]:
         code, err, image = sample(model, "--lora-strength", strength)
         assert code != 0 and image is None and message in err.strip().splitlines()[-1]
+
+
+def test_a_reductions_reported_error_is_the_relative_frobenius_error_of_its_adapters(tiny_pipeline_dir, tmp_path):
+    # `export --as-lora` tells the card's reader how far the LoRA is from the run: the error it reports must be
+    # ||dW - B A|| / ||dW|| over every reduced layer (and the worst layer's on its own), recomputed here from the
+    # adapters and the two models' weights; a squared or unnormalised figure would understate it.
+    from erasure.lora import reduce_to_lora
+
+    run = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "run", progress=False,
+                sets=_sets("esd", tmp_path))  # fmt: skip
+    adapters, report = reduce_to_lora(run, 1)
+    ours = dict(load_model(str(run)).unet.named_modules())
+    base = dict(load_model(str(tiny_pipeline_dir)).unet.named_modules())
+    errors, changes = [], []
+    for key, a in adapters["unet"].items():
+        if key.endswith(".lora_A.weight"):
+            name = key.removesuffix(".lora_A.weight")
+            delta = (ours[name].weight - base[name].weight).detach().double().flatten(1)
+            b = adapters["unet"][f"{name}.lora_B.weight"].double().flatten(1)
+            errors.append((delta - b @ a.double().flatten(1)).pow(2).sum().item())
+            changes.append(delta.pow(2).sum().item())
+    assert report["rank"] == 1 and len(errors) > 1
+    assert report["relative_error"] == pytest.approx((sum(errors) / sum(changes)) ** 0.5, abs=2e-6)
+    worst = max((e / c) ** 0.5 for e, c in zip(errors, changes))
+    assert report["worst_layer_relative_error"] == pytest.approx(worst, abs=2e-6)
+    assert 0 < report["relative_error"] <= report["worst_layer_relative_error"] < 1
+
+
+def test_an_sd1_kohya_file_names_its_one_text_encoder_lora_te_as_sd_scripts_does(tmp_path):
+    # sd-scripts names SD 1.x's one text encoder `lora_te_` and keeps `lora_te1_` / `lora_te2_` for SDXL's two; UIs
+    # key on those prefixes by architecture, and diffusers' converter, which reads either for SD 1.x, cannot tell
+    # them apart. The UNet keeps its diffusers module names, and alpha is the one the adapters were trained at.
+    from diffusers import StableDiffusionPipeline
+
+    from pipelines.families import FAMILIES
+    from pipelines.kohya import kohya_state
+    from pipelines.lora_files import LORA_FILE
+
+    generator = torch.Generator().manual_seed(0)
+    text = "text_model.encoder.layers.0.self_attn.q_proj"
+    unet = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, text_encoder_lora_layers={f"{text}.lora_A.weight": torch.randn(2, 16, generator=generator),
+                                            f"{text}.lora_B.weight": torch.randn(16, 2, generator=generator)},
+        unet_lora_layers={f"{unet}.lora_A.weight": torch.randn(2, 16, generator=generator),
+                          f"{unet}.lora_B.weight": torch.randn(8, 2, generator=generator)},
+        text_encoder_lora_adapter_metadata={"r": 2, "lora_alpha": 4},
+        unet_lora_adapter_metadata={"r": 2, "lora_alpha": 4},
+    )  # fmt: skip
+    state = kohya_state(tmp_path / LORA_FILE, FAMILIES["sd1"])
+    names = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"}  # fmt: skip
+    parts = ("lora_down.weight", "lora_up.weight", "alpha")
+    assert set(state) == {f"{name}.{part}" for name in names for part in parts}
+    assert all(state[f"{name}.alpha"].item() == 4 for name in names)

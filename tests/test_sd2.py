@@ -118,3 +118,24 @@ def test_an_sd2_run_exports_as_one_file_that_loads_back_to_the_same_weights(tmp_
         for other in (getattr(reloaded, name).state_dict(), getattr(plain, name).state_dict()):
             assert ours.keys() == other.keys() and all(torch.equal(ours[k], other[k]) for k in ours), name
     assert plain.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_a_v_prediction_model_is_noised_and_aimed_at_as_diffusers_defines_v(tiny_sd2_dir):
+    # A method's loss compares the UNet's output with `noised`'s target: on SD 2.x at 768 px that target is v, and a
+    # v of the wrong sign or mix would train every v-prediction run towards another model. Diffusers' own
+    # `get_velocity` (DDPM's, with the model's schedule) defines it, and x0_from_prediction inverts it.
+    from diffusers import DDPMScheduler
+
+    from pipelines.one_step import x0_from_prediction
+
+    model = load_model(str(tiny_sd2_dir))
+    assert model.family.name == "sd2" and model.scheduler.config.prediction_type == "v_prediction"
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    t = torch.tensor([10, 900])
+    noisy, target = model.family.noised(model, x0, noise, t)
+    ddpm = DDPMScheduler.from_config(model.scheduler.config)
+    torch.testing.assert_close(noisy, ddpm.add_noise(x0, noise, t))
+    torch.testing.assert_close(target, ddpm.get_velocity(x0, noise, t))
+    abar = ddpm.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(x0_from_prediction(noisy, target, abar, "v_prediction"), x0, atol=1e-5, rtol=1e-5)

@@ -443,3 +443,54 @@ def test_an_sdxl_run_exports_as_one_file_that_loads_back_to_the_same_weights(tmp
         assert not _unet_changes(getattr(original, name), getattr(reloaded, name)), name
     plain = StableDiffusionXLPipeline.from_single_file(str(path), config=str(exported.folder), local_files_only=True)
     assert not _unet_changes(original.text_encoder_2, plain.text_encoder_2)
+
+
+def test_a_one_step_pipeline_draws_each_prompts_images_side_by_side():
+    # With several prompts and num_images_per_prompt, row i of the output is prompt i // n with the noise of row i,
+    # as in diffusers' pipelines: the token embeddings and SDXL's pooled embedding must be repeated alike, or the
+    # UNet would see one prompt's tokens with another's pooled embedding.
+    from diffusers import DDIMScheduler
+
+    from pipelines.one_step import OneStepPipeline
+
+    parts = tiny_sdxl_components()
+    parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler"].config)
+    pipe = OneStepPipeline(**parts, t_init=500)
+    z = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    together = pipe(["a red seven", "a cat"], num_images_per_prompt=2, latents=z, output_type="latent").images
+    for i, prompt in enumerate(["a red seven", "a red seven", "a cat", "a cat"]):
+        alone = pipe(prompt, latents=z[i : i + 1], output_type="latent").images
+        torch.testing.assert_close(together[i : i + 1], alone)
+    # the time ids of a full, uncropped image of the UNet's size in pixels, as StableDiffusionXLPipeline adds them
+    assert pipe.time_ids(2).tolist() == [[16, 16, 0, 0, 16, 16]] * 2
+
+
+def test_an_sdxl_one_step_export_carries_the_two_encoder_recipe_that_draws_its_image(tiny_sdxl_dir, tmp_path):
+    # A one-step folder does not load with DiffusionPipeline, so the card's recipe is how a diffusers user runs it:
+    # an SDXL generator's UNet also takes the second encoder's pooled embedding and the time ids, so its card must
+    # carry the two-encoder recipe, which, run on the exported folder, draws the toolkit's image of the generator.
+    import numpy as np
+    from diffusers import DDIMScheduler
+
+    from erasure.output import write_manifest
+    from pipelines import resolve
+    from pipelines.cards import write_model_card
+    from pipelines.one_step import OneStepPipeline
+    from ui.hub import export_run
+
+    parts = tiny_sdxl_components(3)
+    parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler"].config)
+    run = tmp_path / "run"
+    OneStepPipeline(**parts, t_init=500).save_pretrained(run, safe_serialization=True)
+    write_model_card(run, {"family": "sdxl", "sampling": {"steps": 1, "guidance": 0.0}})
+    write_manifest(run, {"method": "sfd", "concepts": ["a cat"], "base_model": resolve(str(tiny_sdxl_dir)).describe(),
+                         "config": {}, "seed": 0, "changed_components": ["unet"]})  # fmt: skip
+    hub = export_run(run, "someone/sfd-xl", local_dir=tmp_path / "hub", no_eval=True).folder
+    card = (hub / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "text_encoder_2" in code and "time_ids" in code
+    code = code.replace('snapshot_download("someone/sfd-xl")', repr(str(hub))).replace('image.save("sample.png")', "")
+    namespace: dict = {}
+    exec(compile(code, "model card recipe", "exec"), namespace)  # noqa: S102 - the card's own code
+    ours = load_model(str(hub)).generate(["a cat"], [0])[0][0]
+    assert np.abs(np.asarray(namespace["image"], float) - np.asarray(ours, float)).max() <= 1

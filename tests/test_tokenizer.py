@@ -24,3 +24,17 @@ def test_matches_open_clip_tokenizer_and_pads_like_sd1():
         length = theirs.index(EOS_ID) + 1
         assert ours[:length] == theirs[:length]
         assert ours[length:] == [EOS_ID] * (77 - length)  # SD 1.x pads with the end token
+
+
+def test_sd2_prompts_are_padded_with_exclamation_marks_and_cut_as_open_clip_tokenizes_them():
+    # SD 2.x's OpenCLIP text tower was trained on open_clip's ids: zeros after the end token (id 0 is "!", the pad
+    # token of SD 2.x's tokenizer) and a prompt past 77 tokens cut to 76 with its end token kept last. The ids
+    # every method conditions on (padded_ids) must be those ids exactly, the long prompt's too.
+    import open_clip
+
+    from pipelines.tokenizer import padded_ids
+
+    texts = ["a red italic seven", " ".join(["a photo of a cat"] * 20)]
+    ids = padded_ids(clip_tokenizer(pad_token="!"), texts)
+    assert ids.shape == (2, 77) and ids[1, -1] == EOS_ID
+    assert ids.tolist() == open_clip.get_tokenizer("ViT-B-32")(texts).tolist()
