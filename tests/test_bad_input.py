@@ -104,6 +104,8 @@ CASES = [
     (["eval", "{run}", "--json", "e" * 250 + ".json"], "this file system takes at most", False),
     (["eval", "{run}", "--json", "{badcsv}"], "exists and is not an evaluation report", False),
     ([*ESD, "--out", "{tiny}/erased"], "is inside the model it erases from", False),
+    # --out naming the model folder itself: refused as the model, not with "already exists" (as if a run were there)
+    (["erase", "--out", "{tiny}", *ESD[1:]], "is inside the model it erases from", False),
     ([*ESD, "--out", "{run}/again"], "is inside the model folder", False),  # the run's digest would change
     ([*ESD, "--set", "lora_rank=100000"], "lora_rank must be between 0 and 1024, not 100000", False),
     (["sample", "{badindex}", "--out", "o.png"], "model_index.json is not valid JSON", False),

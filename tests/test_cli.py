@@ -93,3 +93,59 @@ def test_sample_embedded_models(tmp_path):
     assert json.loads((tmp_path / "gan" / "sample.json").read_text())["images"]["s4.png"] == {"prompt": None, "seed": 4}
 
 
+def test_sample_writes_into_an_empty_folder_the_user_made_for_it(tmp_path):
+    from ui.cli import main
+
+    # only a folder holding files is refused (images of another model could sit beside these); an empty one is used
+    (tmp_path / "samples").mkdir()
+    assert main(["sample", "digits-gan", "--n", "2", "--seed", "3", "--out", str(tmp_path / "samples")]) == 0
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["s3.png", "s4.png", "sample.json"]
+
+
+def test_a_gan_sampled_without_truncation_draws_from_the_whole_distribution(tmp_path):
+    from ui.cli import main
+
+    # no --truncation is truncation 1.0 (none): the same images as asking for 1.0, other images than a truncated draw
+    drawn = {}
+    for name, extra in (("default", []), ("full", ["--truncation", "1.0"]), ("truncated", ["--truncation", "0.5"])):
+        assert main(["sample", "digits-gan", "--n", "2", "--seed", "3", "--out", str(tmp_path / name), *extra]) == 0
+        drawn[name] = [Image.open(tmp_path / name / f"s{s}.png").tobytes() for s in (3, 4)]
+    assert drawn["default"] == drawn["full"] and drawn["default"] != drawn["truncated"]
+
+
+def test_ctrl_c_before_any_checkpoint_exits_with_the_shells_code_for_sigint(tmp_path, monkeypatch, capsys):
+    import erasure.sampling
+    from ui.cli import main
+
+    # nothing to resume: one "interrupted" line and 130 (128 + SIGINT), as a shell reports a command Ctrl-C stopped
+    def pressed_ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(erasure.sampling, "sample", pressed_ctrl_c)
+    assert main(["sample", "digits-gan", "--n", "1", "--out", str(tmp_path / "gan.png")]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_asks_for_yes_only_above_its_limit_of_images(tmp_path, capsys):
+    from ui.cli import CONFIRM_IMAGES, main
+
+    # the limit itself is drawn without --yes; one image more asks first
+    assert main(["sample", "digits-gan", "--n", str(CONFIRM_IMAGES + 1), "--out", str(tmp_path / "more")]) == 2
+    assert "pass --yes" in capsys.readouterr().err and not (tmp_path / "more").exists()
+    assert main(["sample", "digits-gan", "--n", str(CONFIRM_IMAGES), "--out", str(tmp_path / "limit")]) == 0
+    assert len(list((tmp_path / "limit").glob("s*.png"))) == CONFIRM_IMAGES
+
+
+def test_an_unexpected_failure_exits_1_with_one_line_apart_from_bad_input(tmp_path, monkeypatch, capsys):
+    import erasure.sampling
+    from ui.cli import main
+
+    # bad input ends with exit code 2; any other failure with 1, so that a script calling erasure tells them apart
+    def failing(*args, **kwargs):
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(erasure.sampling, "sample", failing)
+    assert main(["sample", "digits-gan", "--n", "1", "--out", str(tmp_path / "gan.png")]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: RuntimeError: the disk went away (rerun with --debug for the traceback)\n"

@@ -30,6 +30,13 @@ def test_the_i2p_datasets_own_seed_and_guidance_columns_are_read(tmp_path):
     assert read_prompt_file(both) == [PromptRow("a cat", 4, 7.5)]
 
 
+def test_a_csv_without_a_seed_column_leaves_each_row_to_the_protocols_seeds(tmp_path):
+    # no seed column: every row is drawn with the protocol's seeds (None), not once with a made-up seed such as 0
+    path = tmp_path / "prompts.csv"
+    path.write_text("prompt,guidance\na cat,7\na dog,\n")
+    assert read_prompt_file(path) == [PromptRow("a cat", None, 7.0), PromptRow("a dog", None, None)]
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [
@@ -39,6 +46,8 @@ def test_the_i2p_datasets_own_seed_and_guidance_columns_are_read(tmp_path):
         ("blank.csv", "prompt,seed\na cat,1\n,2\n", "line 3: empty prompt"),
         ("seed.csv", "prompt,evaluation_seed\na cat,one\n", "line 2: the seed 'one' is not an integer"),
         ("noseed.csv", "prompt,seed\na cat,1\na dog,\n", "line 3: the seed '' is not an integer"),
+        # a fractional seed is refused, not drawn with the integer below it (another image than the file's)
+        ("fraction.csv", "prompt,seed\na cat,1\na dog,2.5\n", "line 3: the seed '2.5' is not an integer"),
         ("range.csv", "prompt,seed\na cat,-3\n", "line 2: the seed must be between 0 and 4294967295, not -3"),
         ("guidance.csv", "prompt,guidance\na cat,strong\n", "line 2: the guidance 'strong' is not a number"),
         ("nan.csv", "prompt,guidance\na cat,nan\n", "line 2: the guidance must be a finite number, not nan"),

@@ -97,6 +97,17 @@ def test_a_string_is_one_concept_or_one_prompt(tiny_pipeline_dir, tmp_path):
     assert [len(row) for row in load_model(run).generate("a cat", seeds=[0, 1], steps=2)] == [2]
 
 
+def test_the_default_out_is_named_from_the_concepts_without_a_trailing_dash(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from erasure import erase
+
+    # out=None: runs/METHOD-SLUG, the concepts cut to 40 characters; a cut that lands on a separator drops it
+    monkeypatch.chdir(tmp_path)
+    run = erase("esd", ["Starry Night over the Rhone, by van Gogh", "cat"], str(tiny_pipeline_dir), sets=QUICK,
+                progress=False)  # fmt: skip
+    assert run == tmp_path / "runs" / "esd-starry-night-over-the-rhone-by-van-gogh"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [run.name]
+
+
 def test_python_callers_get_input_errors_not_failures_deep_in_torch(tiny_pipeline_dir, tmp_path):
     from erasure import InputError, erase
     from pipelines import load_model
