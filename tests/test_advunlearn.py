@@ -26,6 +26,16 @@ def _attack_objective(model):
     return loss_of, ids
 
 
+def _advunlearn(model, sets: list[str]):
+    """The model AdvUnlearn returns after erasing "a cat" with `sets` ("key=value") over the family's preset."""
+    from erasure.config import build_config, parse_sets
+    from erasure.registry import METHODS
+    from erasure.training import RunContext
+
+    config = build_config("advunlearn", model.family, parse_sets(sets))
+    return METHODS["advunlearn"].entry(model, ["a cat"], config, RunContext(seed=0, progress=False)).model
+
+
 def test_inserted_embeddings_keep_the_prompt_around_them(tiny_model):
     ids = tiny_model.tokenize(["a cat"])
     with torch.no_grad():
@@ -171,18 +181,14 @@ def test_one_unet_call_for_both_terms_gives_the_two_calls_losses(family, tiny_pi
 def test_each_attack_step_fits_a_batch_of_its_own_or_the_iterations(attack, samples, tiny_pipeline_dir):
     """redrawn (the paper's): every attack step draws x_t and t of its own, so the words found attack the prompt,
     not one (x_t, t); iteration: every step fits the batch the unlearning step then uses."""
-    from erasure.config import build_config, parse_sets
-    from erasure.registry import METHODS
-    from erasure.training import RunContext
     from pipelines import load_model
 
     model = load_model(str(tiny_pipeline_dir))
     sets = ["steps=1", "warmup=0", f"attack={attack}", f"attack_samples={samples}", "attack_steps=3", "ddim_steps=3",
             "retain_batch=2", "batch_size=1", "bank_size=32", "shared_forward=false"]  # fmt: skip
-    config = build_config("advunlearn", model.family, parse_sets(sets))
     inputs = []
     model.unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
-    METHODS["advunlearn"].entry(model, ["a cat"], config, RunContext(seed=0, progress=False))
+    _advunlearn(model, sets)
     attack_steps = 3 if attack == "pgd" else 1
     *attacked, unlearned, _retained = inputs[-(attack_steps + 2) :]
     distinct = len({tuple(x.flatten().tolist()) for x in [*attacked, unlearned]})
@@ -298,15 +304,6 @@ def test_a_section_inside_another_counts_in_both():
             sum(range(10000))
     assert set(timer.seconds) == {"attack", "trajectories"}
     assert timer.seconds["attack"] >= timer.seconds["trajectories"] > 0
-
-
-def _advunlearn(model, sets: list[str]):
-    from erasure.config import build_config, parse_sets
-    from erasure.registry import METHODS
-    from erasure.training import RunContext
-
-    config = build_config("advunlearn", model.family, parse_sets(sets))
-    return METHODS["advunlearn"].entry(model, ["a cat"], config, RunContext(seed=0, progress=False)).model
 
 
 @pytest.mark.parametrize("weight", [0.0, 0.3])
