@@ -448,3 +448,21 @@ def test_the_report_records_the_drawing_it_did_and_judges_presence_on_the_target
     presence = section["metrics"]["target_presence_judge"]
     assert presence["settings"]["images"] == len(section["prompts"]["target_prompts"]["prompts"])
     assert presence["before"] == presence["after"] > 0.5
+
+
+def test_images_become_the_nearest_8_bit_pixels():
+    from pipelines.images import to_pil, to_tensor
+
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    # rounded, not cut: the pixels the judges score are within half a level of what the model drew
+    assert (to_tensor(to_pil(images)) - images).abs().max() <= 0.5 / 255 + 1e-6
+    assert np.asarray(to_pil(torch.full((1, 3, 1, 1), 0.999))[0]).tolist() == [[[255, 255, 255]]]
+
+
+def test_one_broken_pixel_of_one_image_is_refused():
+    from pipelines.images import to_pil
+
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    images[1, 0, 3, 4] = float("nan")  # black when cast to bytes, and never noticed
+    with pytest.raises(InputError, match="drew 1 of 2 image.s. with NaN or infinite values"):
+        to_pil(images)

@@ -317,3 +317,24 @@ def test_each_epoch_visits_every_image_once_in_a_fresh_order(tiny_pipeline_dir, 
     epochs = [batches[i] + batches[i + 1] for i in (0, 2, 4)]
     assert len(set(epochs[0])) == 4 and all(sorted(e) == sorted(epochs[0]) for e in epochs)  # each image once
     assert len({tuple(e) for e in epochs}) > 1  # not one order for every epoch
+
+
+def test_a_non_square_image_is_scaled_by_its_shorter_side_and_cropped_to_its_centre(tmp_path):
+    stripes = np.zeros((16, 48, 3), dtype=np.uint8)  # red, green, blue thirds: only the green one is the centre
+    stripes[:, :16, 0], stripes[:, 16:32, 1], stripes[:, 32:, 2] = 255, 255, 255
+    Image.fromarray(stripes).save(tmp_path / "wide.png")
+    Image.fromarray(stripes.transpose(1, 0, 2)).save(tmp_path / "tall.png")
+    images = load_square_images([tmp_path / "wide.png", tmp_path / "tall.png"], 8)
+    assert images.shape == (2, 3, 8, 8)
+    # squeezed whole into the square instead, a third of it would be red and a third blue
+    assert (images[:, 1].mean((1, 2)) > 0.95).all() and (images[:, [0, 2]].mean((2, 3)) < 0.02).all()
+
+
+def test_an_image_folder_gives_exactly_the_count_asked_and_leaves_hidden_files_out(tmp_path):
+    from pipelines.images import image_folder_files
+
+    folder = _write_images(tmp_path / "cats")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")  # what a Mac leaves in a folder: not an image
+    every = image_folder_files(folder)
+    assert [p.name for p in every] == ["img0.png", "img1.jpeg", "img2.webp"]
+    assert image_folder_files(folder, 3) == every and image_folder_files(folder, 2) == every[:2]

@@ -116,7 +116,8 @@ def test_python_callers_get_input_errors_not_failures_deep_in_torch(tiny_pipelin
     for bad, message in (({"steps": 0}, "steps must be between 1 and 999, not 0"),
                          ({"batch_size": 0}, "batch_size must be >= 1, not 0"),
                          ({"guidance": float("nan")}, "guidance must be a finite number, not nan"),
-                         ({"steps": 2.0}, "steps must be a whole number, not 2.0")):  # fmt: skip
+                         ({"steps": 2.0}, "steps must be a whole number, not 2.0"),
+                         ({"steps": True}, "steps must be a whole number, not True")):  # fmt: skip
         with pytest.raises(InputError, match=message):
             model.generate(["a cat"], seeds=[0], **bad)
     with pytest.raises(InputError, match="--seed must be a whole number, not '0'"):

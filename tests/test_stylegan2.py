@@ -3,6 +3,7 @@
 import argparse
 import io
 import json
+import math
 import os
 import pickle
 import sys
@@ -13,10 +14,20 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipelines import InputError, load_model
 from pipelines.gan_checkpoints import CONFIG_FILE, flatten_record, read_nvidia_pickle, save_gan, save_rosinality
-from pipelines.stylegan2 import Discriminator, Generator, StyleGAN2Config
+from pipelines.stylegan2 import (
+    Discriminator,
+    EqualLinear,
+    Generator,
+    ModulatedConv2d,
+    ResBlock,
+    StyleGAN2Config,
+    Upsample,
+    default_channels,
+)
 
 from .conftest import without_storage_bytes
 
@@ -67,6 +78,7 @@ def test_rosinality_checkpoint_loads_back_identically(tmp_path):
     model.save(tmp_path / "folder")
     again = load_model(str(tmp_path / "folder"))
     assert torch.equal(_images(again.generator), _images(generator))
+    assert torch.equal(again.latent_avg, latent_avg)  # the checkpoint's mean w, not one drawn afresh
     save_rosinality(tmp_path / "again.pt", again.generator, again.discriminator, again.latent_avg)
     assert torch.equal(_images(load_model(str(tmp_path / "again.pt")).generator), _images(generator))
 
@@ -371,7 +383,7 @@ def test_a_file_in_torchs_older_format_loads_unless_it_declares_storages_it_does
 
 @pytest.mark.parametrize("declared", [
     {"size": 12}, {"size": "16"}, {"n_mlp": 17}, {"style_dim": 1025},
-    {"channels": {"4": 8, "8": 8, "16": 1025}}, {"channels": [8, 8, 4]},
+    {"channels": {"4": 8, "8": 8, "16": 1025}}, {"channels": [8, 8, 4]}, {"lr_mlp": 0}, {"lr_mlp": -0.01},
 ])  # fmt: skip
 def test_an_architecture_beyond_the_limits_is_refused_before_it_is_built(tmp_path, declared):
     save_gan(tmp_path, _tiny()[0])
@@ -399,3 +411,173 @@ def test_broken_gan_files_are_refused_in_one_line(tmp_path):
     torch.save({"g_ema": generator.state_dict(), "d": list(discriminator.state_dict().values())}, tmp_path / "d.pt")
     with pytest.raises(InputError, match="discriminator weights do not match"):
         load_model(str(tmp_path / "d.pt"))
+
+
+# --- the architecture against StyleGAN2's own definitions (the round trips above compare it only with itself) ---
+
+
+def _per_sample_modulated_conv(layer, x, style):
+    """rosinality's ModulatedConv2d, written out: each sample convolved with its own kernel, the weights scaled by
+    the style per input channel and (demodulated) divided by their norm per output channel; an upsampling one is a
+    stride-2 transposed convolution and then the [1, 3, 3, 1] blur (x 4, padded by 1)."""
+    s = layer.modulation(style)
+    out = []
+    for n in range(len(x)):
+        weight = layer.scale * layer.weight[0] * s[n][None, :, None, None]  # [out, in, k, k]
+        if layer.demodulate:
+            weight = weight / torch.sqrt(weight.pow(2).sum([1, 2, 3], keepdim=True) + 1e-8)
+        if layer.upsample:
+            y = F.conv_transpose2d(x[n : n + 1], weight.transpose(0, 1), stride=2)
+            blur = torch.tensor([1.0, 3.0, 3.0, 1.0])
+            blur = (blur[:, None] * blur[None, :] / 64 * 4).expand(y.shape[1], 1, 4, 4)
+            y = F.conv2d(F.pad(y, (1, 1, 1, 1)), blur, groups=y.shape[1])
+        else:
+            y = F.conv2d(x[n : n + 1], weight, padding=layer.kernel // 2)
+        out.append(y)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+def test_modulated_convolution_is_stylegan2s_per_sample_convolution(upsample):
+    torch.manual_seed(0)
+    layer = ModulatedConv2d(4, 6, 3, 8, upsample=upsample)
+    x, style = torch.randn(3, 4, 5, 5), torch.randn(3, 8)
+    with torch.no_grad():
+        ours, theirs = layer(x, style), _per_sample_modulated_conv(layer, x, style)
+        assert ours.shape == theirs.shape == (3, 6, 10 if upsample else 5, 10 if upsample else 5)
+        assert torch.allclose(ours, theirs, atol=1e-5)
+        # demodulated: scaling a sample's style scales its kernel, not what it draws
+        rescaled = ModulatedConv2d(4, 6, 3, 8, upsample=upsample)
+        rescaled.load_state_dict(layer.state_dict())
+        rescaled.modulation.weight.mul_(3.0)
+        rescaled.modulation.bias.mul_(3.0)
+        assert torch.allclose(rescaled(x, style), ours, atol=1e-5)
+
+
+def test_the_skip_upsampling_is_bilinear_away_from_the_border():
+    # StyleGAN2's [1, 3, 3, 1] filter doubles an image as bilinear interpolation does (half-pixel centres): the
+    # ToRGB outputs add up across resolutions only if each is upsampled in place, with its brightness kept
+    x = torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    ours = Upsample()(x)
+    bilinear = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    assert ours.shape == (1, 3, 12, 12)
+    assert torch.allclose(ours[..., 1:-1, 1:-1], bilinear[..., 1:-1, 1:-1], atol=1e-6)
+
+
+def test_the_mapping_layers_activate_their_own_affine_output_with_the_learning_rate_multiplier():
+    torch.manual_seed(0)
+    activated = EqualLinear(8, 8, bias_init=0.5, lr_mul=0.01, activate=True)
+    plain = EqualLinear(8, 8, lr_mul=0.01)
+    plain.load_state_dict(activated.state_dict())
+    with torch.no_grad():
+        activated.bias.normal_(0, 30.0)  # stored at 1 / lr_mul of its effect, as the weights are
+        plain.bias.copy_(activated.bias)
+        x = torch.randn(4, 8)
+        affine = plain(x)
+        assert torch.allclose(affine, x @ (activated.weight * 0.01 / 8**0.5).T + activated.bias * 0.01, atol=1e-5)
+        assert torch.allclose(activated(x), F.leaky_relu(affine, 0.2) * 2**0.5, atol=1e-5)
+
+
+def test_each_layer_takes_its_own_w_plus_code():
+    """rosinality's order: conv1 <- w0; to_rgb1 and the first up-convolution <- w1; then per resolution, the second
+    convolution <- w(i+1) and its ToRGB with the next up-convolution <- w(i+2)."""
+    generator, _ = _tiny()
+    w_plus = torch.randn(1, generator.n_latent, 8).expand(2, -1, -1).clone()
+    got = {}
+
+    def recorder(name):
+        def record(module, args):  # the style a layer's modulation is given
+            got.setdefault(name, args[0])
+
+        return record
+
+    layers = {n: m for n, m in generator.named_modules() if isinstance(m, ModulatedConv2d)}
+    for name, layer in layers.items():
+        layer.modulation.register_forward_pre_hook(recorder(name))
+    with torch.no_grad():
+        generator.synthesis(w_plus)
+    index = {name: next(i for i in range(generator.n_latent) if torch.equal(got[name], w_plus[:, i]))
+             for name in layers}  # fmt: skip
+    assert index == {"conv1.conv": 0, "to_rgb1.conv": 1, "convs.0.conv": 1, "convs.1.conv": 2, "to_rgbs.0.conv": 3,
+                     "convs.2.conv": 3, "convs.3.conv": 4, "to_rgbs.1.conv": 5}  # fmt: skip
+    assert generator.n_latent == 6
+
+
+def test_truncation_moves_w_towards_the_mean_by_its_factor():
+    generator, _ = _tiny()
+    mean = generator.mean_latent(64)
+    z = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    noise = generator.fixed_noise()
+    with torch.no_grad():
+        w = generator.mapping(z)
+        for psi in (0.0, 0.3):  # 0: every z draws the mean's image
+            truncated = generator(z, psi, mean, randomize_noise=False)
+            assert torch.allclose(truncated, generator.synthesis(mean + psi * (w - mean), noise), atol=1e-6)
+
+
+def test_default_channels_are_stylegan2_config_f():
+    assert default_channels(1024) == {4: 512, 8: 512, 16: 512, 32: 512, 64: 512, 128: 256, 256: 128, 512: 64,
+                                      1024: 32}  # fmt: skip
+    assert default_channels(64, channel_multiplier=1) == {4: 512, 8: 512, 16: 512, 32: 512, 64: 256}
+
+
+def test_a_residual_block_scales_its_sum_by_one_over_root_two():
+    # both ports (NVIDIA's gain=sqrt(0.5) on each branch, rosinality's / sqrt(2)): the sum keeps its variance
+    torch.manual_seed(0)
+    block = ResBlock(4, 8)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(block(x), (block.conv2(block.conv1(x)) + block.skip(x)) / math.sqrt(2), atol=1e-6)
+
+
+def test_an_nvidia_pickles_mean_w_is_the_models_truncation_centre(tmp_path, persistence_module):
+    generator, _ = _tiny()
+    w_avg = torch.randn(8, generator=torch.Generator().manual_seed(5))  # mapping.w_avg, a buffer NVIDIA tracks
+    nv = {**_to_nvidia(generator.state_dict()), "mapping.w_avg": w_avg}
+    path = tmp_path / "network-snapshot.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": _tree(persistence_module, nv)}))
+    model = load_model(str(path))
+    assert torch.equal(model.latent_avg, w_avg[None])  # not a mean drawn afresh from the mapping
+
+
+@pytest.mark.parametrize("length", [4, 16])
+def test_a_mean_w_of_another_length_than_style_dim_is_refused(tmp_path, length):
+    generator, _ = _tiny()
+    torch.save({"g_ema": generator.state_dict(), "latent_avg": torch.zeros(length)}, tmp_path / "bad-mean.pt")
+    with pytest.raises(InputError, match="its mean w .latent_avg. is not a vector of style_dim=8 numbers"):
+        load_model(str(tmp_path / "bad-mean.pt"))
+
+
+def test_the_minibatch_stddev_feature_is_each_groups_population_deviation():
+    """rosinality's and NVIDIA's layer: sample j grouped with j + m, j + 2m, ... (m = batch / group), the standard
+    deviation over the group (dividing by its size, not size - 1), averaged over channels and pixels."""
+    _, discriminator = _tiny()
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def record(module, args):
+        seen["input"] = args[0]
+
+    discriminator.final_conv.register_forward_pre_hook(record)
+    with torch.no_grad():
+        discriminator(images)
+        features = discriminator.convs(images)  # [8, C, 4, 4]
+    groups = features.view(4, 2, *features.shape[1:])  # groups of 4 (the default): [group member, m, C, 4, 4]
+    deviation = torch.sqrt(((groups - groups.mean(0)) ** 2).mean(0) + 1e-8).mean([1, 2, 3])  # [m]
+    assert torch.allclose(seen["input"][:, -1], deviation.repeat(4)[:, None, None].expand(8, 4, 4), atol=1e-6)
+    assert torch.equal(seen["input"][:, :-1], features)
+
+
+def test_a_pt_whose_zip_declares_more_bytes_than_it_holds_or_that_was_cut_short_is_refused(tmp_path):
+    generator, _ = _tiny()
+    buffer = io.BytesIO()
+    torch.save({"g_ema": generator.state_dict()}, buffer)
+    data = bytearray(buffer.getvalue())
+    entry = data.find(b"PK\x01\x02")  # the zip directory's first entry: its uncompressed size at bytes 24-27
+    data[entry + 24 : entry + 28] = (2**31).to_bytes(4, "little")  # 2 GB declared, stored in a few hundred bytes
+    (tmp_path / "inflated.pt").write_bytes(bytes(data))
+    with pytest.raises(InputError, match="its entries declare more bytes than the file holds"):
+        load_model(str(tmp_path / "inflated.pt"))
+    (tmp_path / "cut.pt").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # a full disk cut it short
+    with pytest.raises(InputError, match="cannot read .*cut.pt: not a readable zip archive"):
+        load_model(str(tmp_path / "cut.pt"))

@@ -38,3 +38,12 @@ def test_sd2_prompts_are_padded_with_exclamation_marks_and_cut_as_open_clip_toke
     ids = padded_ids(clip_tokenizer(pad_token="!"), texts)
     assert ids.shape == (2, 77) and ids[1, -1] == EOS_ID
     assert ids.tolist() == open_clip.get_tokenizer("ViT-B-32")(texts).tolist()
+
+
+def test_plain_words_leave_out_the_punctuation_and_quotes_around_each_word():
+    from pipelines.tokenizer import plain_words
+
+    # a concept quoted in a prompt is still the concept's words: the attacks leave them out of what they write
+    assert plain_words('A "red" seven, in \'Van Gogh\'s\' style!') == ["a", "red", "seven", "in", "van", "gogh's",
+                                                                      "style"]  # fmt: skip
+    assert plain_words("... !") == []
