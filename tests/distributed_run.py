@@ -67,7 +67,8 @@ def main() -> None:
     except Terminated as stopped:
         (out / f"stopped-rank{rank}.txt").write_text(str(stopped))
         sys.exit(128 + stopped.signum)
-    (out / f"rank{rank}.json").write_text(json.dumps({"processes": run.num_processes, "hashes": hashes}))
+    record = {"processes": run.num_processes, "hashes": hashes, "logs": result.logs}
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
     final = {f"{c}.{k}": v.detach().clone() for c in result.changed
              for k, v in getattr(result.model, c).state_dict().items()}  # fmt: skip
     torch.save(final, out / f"weights-rank{rank}.pt")

@@ -85,6 +85,10 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(two_process_ru
     # Float sums in another order differ in the last bits, and Adam turns a near-zero gradient's
     # last bits into whole steps of size lr; the runs agree to 0.04% of how far they moved.
     assert moved > 1.0 and gap < 1e-2 * moved, (moved, gap)
+    # The losses the run reports (its manifest's final_logs) are the global batch's, averaged over the processes.
+    logs = [json.loads((folder / "rank0.json").read_text())["logs"] for folder in (tmp_path, two_process_run)]
+    assert logs[0] and logs[0].keys() == logs[1].keys()
+    assert all(logs[1][k] == pytest.approx(logs[0][k], rel=1e-2) for k in logs[0]), logs
 
 
 def test_a_sigterm_to_one_process_stops_both_at_one_checkpoint_and_resume_loses_nothing(two_process_run,

@@ -160,7 +160,8 @@ def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(ev
         "pipeline_tag": "text-to-image", "tags": ["concept-erasure", "esd", "cat"],
     }  # fmt: skip
     assert ModelCardData(**metadata).to_dict() == metadata  # round-trips through huggingface_hub's schema
-    assert any("licence is unknown" in note for note in exported.notes)
+    # a --local-dir export is not on the Hub yet: the licence is to be set before publishing it
+    assert any("licence is unknown: set `license` in README.md before publishing" in note for note in exported.notes)
     assert re.fullmatch(r"[a-z0-9.-]+", LICENSE_PLACEHOLDER)  # the Hub's license_name syntax
 
     text = card.text
@@ -168,13 +169,18 @@ def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(ev
     assert "`unet`" in text and "steps: 4" in text  # what changed, the resolved config
     report = json.loads((evaluated_run / "eval.json").read_text())
     rows = [line for line in text.splitlines() if line.startswith("| ")]
+    changes = 0
     for name, metric in report["concepts"]["cat"]["metrics"].items():
         row = next(r for r in rows if r.startswith(f"| {name} |"))
         if "before" in metric:
-            assert f"{metric['before']:.4g} → {metric['after']:.4g}" in row, name
+            # the change is after - before: a drop in the concept's presence reads as a negative change
+            assert metric["difference"] == pytest.approx(metric["after"] - metric["before"])
+            assert f"{metric['before']:.4g} → {metric['after']:.4g} ({metric['difference']:+.4g})" in row, name
+            changes += metric["difference"] != 0
         if "images" in metric["settings"]:
             images = metric["settings"]["images"]  # a list for the two halves of before-vs-after metrics
             assert f"images: {', '.join(map(str, images)) if isinstance(images, list) else images}" in row, name
+    assert changes  # a change whose sign could be read wrong
     assert "samples_per_prompt: 1" in text and "model digits-clip" in text  # the eval's own settings
     prompts = report["concepts"]["cat"]["prompts"]
     assert f"Target prompts: {'; '.join(prompts['target_prompts']['prompts'])}." in text
@@ -224,6 +230,11 @@ def test_card_and_metrics_page_show_attack_results_and_every_warning(evaluated_r
     kid["value"] = 3.2104e-05
     (page_run / "eval.json").write_text(json.dumps(report))
     table = {row[1]: dict(zip(HEADERS, row)) for row in eval_table(page_run)[0]}
+    pairs = {name: metric for name, metric in metrics.items() if "before" in metric}
+    assert any(metric["before"] != metric["after"] for metric in pairs.values())
+    for name, metric in pairs.items():  # each value in its own column, to four significant digits
+        shown = [table[name][column] for column in ("before", "after", "difference")]
+        assert shown == [float(f"{metric[column]:.4g}") for column in ("before", "after", "difference")], name
     assert table["preserved_kid_before_vs_after"]["warning"] == kid["warning"]
     assert table["preserved_kid_before_vs_after"]["after"] == 3.21e-05  # KID on CLIP features: not rounded to 0
     assert table["attack_success_rate (embedding, 4 pairs)"]["after"] == 0.5
@@ -247,6 +258,35 @@ def test_a_hub_base_is_named_with_its_licence_and_its_changed_part_is_plug_and_p
     card = render_card(run, REPO_ID, metadata)
     assert "from diffusers import UNet2DConditionModel" in card and 'subfolder="unet"' in card
     assert '"CompVis/stable-diffusion-v1-4", unet=unet' in card
+    # with two changed parts, the base's pipeline with one of them would be half the erasure: no such snippet
+    both = replace(run, manifest={**run.manifest, "changed_components": ["unet", "text_encoder"]})
+    card = render_card(both, REPO_ID, metadata)
+    assert "subfolder=" not in card and "plug-and-play" not in card and "DiffusionPipeline.from_pretrained" in card
+
+
+def test_a_local_bases_licence_is_read_from_its_own_card(evaluated_run, tmp_path):
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n\n# A base model\n")
+    run = load_run(evaluated_run)
+    base = {**run.manifest["base_model"], "path": str(tmp_path)}
+    assert base["origin"] not in ("hub", "embedded")
+    metadata, notes = card_metadata(replace(run, manifest={**run.manifest, "base_model": base}))
+    assert metadata["license"] == "mit" and "license_name" not in metadata
+    assert not [note for note in notes if "licence" in note]
+
+
+def test_the_card_says_when_its_baseline_is_not_the_runs_base_and_escapes_pipes_in_its_tables(evaluated_run):
+    run = load_run(evaluated_run)
+    note = "the baseline measured here is not the exact base"
+    assert run.report["baseline_matches_run"] is True
+    assert note not in render_card(run, REPO_ID, card_metadata(run)[0])
+    report = json.loads(json.dumps(run.report))
+    report["baseline_matches_run"] = False
+    name, metric = next(iter(report["concepts"]["cat"]["metrics"].items()))
+    metric["settings"] = {**metric["settings"], "prompts": ["a cat | a dog"]}  # a prompt with the table's separator
+    card = render_card(replace(run, report=report), REPO_ID, card_metadata(run)[0])
+    assert note in card
+    [row] = [line for line in card.splitlines() if line.startswith(f"| {name} |")]
+    assert "prompts: a cat \\| a dog" in row and len(re.split(r"(?<!\\)\|", row)) == 5  # three cells
 
 
 def test_a_lora_cards_snippet_loads_the_adapters_into_the_hub_base_it_names(evaluated_run):
@@ -496,6 +536,9 @@ def test_a_partly_saved_runs_export_says_what_it_holds_and_exports_again(save, e
     after = json.loads((hub / "eval.json").read_text())["after"]
     assert after["sha256"] == weights_digest(hub) != measured and after["measured_sha256"] == measured
     assert f"saved with --save {save}" in after["weights"][0]
+    if save == "changed":  # the components it took from its base are named: all but the UNet it trained
+        lent = after["weights"][0].split("which took ")[1].split(" from its base")[0].split(", ")
+        assert "unet" not in lent and {"text_encoder", "vae", "tokenizer", "scheduler"} <= set(lent), lent
     assert after["weights"][0] in (hub / "README.md").read_text()
     if save == "lora":  # the merged UNet is, to the bit, the one the toolkit's loader gives the run (and eval)
         merged = load_file(str(hub / unet))
@@ -505,6 +548,17 @@ def test_a_partly_saved_runs_export_says_what_it_holds_and_exports_again(save, e
     again = export_run(hub, REPO_ID, local_dir=tmp_path / "again").folder  # the folder passes export's own checks
     assert json.loads((again / "eval.json").read_text())["after"] == after
     assert (again / "erasure.json").read_bytes() == (hub / "erasure.json").read_bytes()
+
+
+def test_a_folder_exported_again_keeps_the_digest_erasure_eval_measured(evaluated_run, exported, tmp_path):
+    # The --single-file folder's eval.json names that folder's digest (the single file in it); exported again without
+    # the single file, the folder's digest changes again, and the weights `erasure eval` measured stay the run's.
+    measured = json.loads((evaluated_run / "eval.json").read_text())["after"]["sha256"]
+    first = json.loads((exported.folder / "eval.json").read_text())["after"]
+    assert first["measured_sha256"] == measured != first["sha256"]
+    again = export_run(exported.folder, REPO_ID, local_dir=tmp_path / "again").folder
+    after = json.loads((again / "eval.json").read_text())["after"]
+    assert after["sha256"] == weights_digest(again) != first["sha256"] and after["measured_sha256"] == measured
 
 
 def test_a_reduced_lora_is_called_an_approximation_with_its_error(evaluated_run, tmp_path):
@@ -705,6 +759,25 @@ def test_push_delivers_every_file_and_the_token_only_in_request_headers(evaluate
     for root in (tmp_path, evaluated_run):
         assert not [p for p in root.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
     assert not list((tmp_path / "tmp").glob("erasure-export-*"))  # the temporary Hub folder is gone
+
+
+def test_a_push_asks_for_a_private_repository_only_with_private(fake_hub, tmp_path, monkeypatch):
+    # Without --private the namespace's default visibility holds (an organisation's may be private): the push asks
+    # for none, rather than for a public repository. In this process, the endpoint is huggingface_hub's setting.
+    from huggingface_hub import constants
+
+    from ui.hub import push
+
+    monkeypatch.setattr(constants, "ENDPOINT", fake_hub.endpoint)
+    monkeypatch.setenv("HF_TOKEN", f"hf_{secrets.token_hex(16)}")
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "erasure.json").write_text("{}")
+    for private in (False, True):
+        assert push(folder, REPO_ID, private=private, message="test") == f"{fake_hub.endpoint}/{REPO_ID}"
+    assert fake_hub.created == [{"name": "tiny-no-cat", "organization": "me"},
+                                {"name": "tiny-no-cat", "organization": "me", "visibility": "private"}]  # fmt: skip
+    assert fake_hub.files == {"erasure.json": b"{}"}
 
 
 @pytest.mark.slow

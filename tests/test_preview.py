@@ -116,6 +116,27 @@ def test_a_lora_erasure_is_switched_off_and_weakened_from_the_page(client, serve
     assert half not in (base, on) and full_run == full_again  # the full-weight run takes no strength
 
 
+def test_the_page_draws_up_to_its_image_limit_and_refuses_more():
+    from ui.compare import MAX_IMAGES, ModelCache, compare
+
+    cache = ModelCache()
+    result = compare(cache, "digits-gan", [], [], list(range(MAX_IMAGES)))  # a GAN: one image per seed
+    assert len(result.base) == MAX_IMAGES and result.base[-1][1] == f"base · seed {MAX_IMAGES - 1}"
+    with pytest.raises(InputError, match=f"at most {MAX_IMAGES} images per model"):
+        compare(cache, "digits-gan", [], [], list(range(MAX_IMAGES + 1)))
+
+
+def test_runs_are_listed_newest_first_without_work_folders_or_unfinished_runs(tmp_path):
+    from ui.runs import find_runs
+
+    for age, name in enumerate(["new", "old", ".new.work", "older"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "erasure.json").write_text("{}")
+        os.utime(tmp_path / name, (2_000_000_000 - age, 2_000_000_000 - age))
+    (tmp_path / "unfinished").mkdir()  # no manifest yet
+    assert find_runs(tmp_path) == [tmp_path / "new", tmp_path / "old", tmp_path / "older"]
+
+
 def test_a_one_step_lora_run_takes_no_strength(client, served, tmp_path):
     """SFD's adapters are its one-step generator's: on the multi-step base they would draw neither the base nor the
     run, so a strength other than 1 is refused rather than drawn and mislabelled."""
