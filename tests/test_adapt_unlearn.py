@@ -347,16 +347,20 @@ def test_a_named_image_classifier_labels_the_samples(tmp_path):
                        intermediate_size=32, id2label=labels, label2id={v: k for k, v in labels.items()})  # fmt: skip
     torch.manual_seed(0)
     model = ViTForImageClassification(config).eval()
+    # a mean and a spread of the processor's own, which the detector must normalise with as the model was trained
+    mean, std = torch.tensor([0.2, 0.4, 0.6]).view(1, 3, 1, 1), torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
+    images = torch.rand(64, 3, 16, 16)
+    with torch.no_grad():  # a bias that splits these images between the two labels
+        logits = model(pixel_values=(images - mean) / std).logits
+        model.classifier.bias[1] -= (logits[:, 1] - logits[:, 0]).median() + 1e-4
     model.save_pretrained(tmp_path / "clf")
-    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
-        tmp_path / "clf"
-    )
-    images = torch.rand(6, 3, 16, 16)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=mean.flatten().tolist(),
+                      image_std=std.flatten().tolist()).save_pretrained(tmp_path / "clf")  # fmt: skip
     detector = concept_detectors(["bangs"], "stylegan2", classifier=f"image-classifier:{tmp_path / 'clf'}",
                                  label="bangs")["bangs"]  # fmt: skip
     with torch.no_grad():
-        expected = model(pixel_values=(images - 0.5) / 0.5).logits.argmax(-1) == 1
-    assert torch.equal(detector(images), expected)
+        expected = model(pixel_values=(images - mean) / std).logits.argmax(-1) == 1
+    assert 0 < int(expected.sum()) < len(images) and torch.equal(detector(images), expected)
     with pytest.raises(InputError, match="its labels: bangs, clean"):
         concept_detectors(["x"], "stylegan2", classifier=f"image-classifier:{tmp_path / 'clf'}", label="hat")
     with pytest.raises(InputError, match="classifier_label"):

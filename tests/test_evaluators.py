@@ -171,6 +171,38 @@ def test_digits_judge_detects_the_concept_of_renders():
     assert judge.features(renders.images[:4]).shape == (4, 256)
 
 
+def test_a_transformers_clip_sees_images_as_its_processor_config_prepares_them():
+    # digits-clip's preprocessor_config.json normalises by 0.5 / 0.5, not by OpenAI's mean and spread; features are
+    # unit vectors, whatever the size the images come in at
+    import torch.nn.functional as F
+
+    from evaluators.clip_models import load_clip
+    from pipelines.zoo.renders import heldout_renders
+
+    clip = load_clip("digits-clip")
+    images = heldout_renders(per_source=1, seed=3).images[:8]
+    assert clip.image_size == images.shape[-1] == 32 and (clip.mean, clip.std) == ((0.5,) * 3, (0.5,) * 3)
+    with torch.no_grad():
+        expected = F.normalize(clip.model.get_image_features(pixel_values=(images - 0.5) / 0.5).pooler_output, dim=-1)
+        assert torch.allclose(clip.image_features(images), expected, atol=1e-5)
+        larger = F.interpolate(images, size=(48, 48), mode="bilinear")
+        resized = F.interpolate(larger, size=(32, 32), mode="bicubic", antialias=True)
+        expected = F.normalize(clip.model.get_image_features(pixel_values=(resized - 0.5) / 0.5).pooler_output, dim=-1)
+        assert torch.allclose(clip.image_features(larger), expected, atol=1e-5)
+
+
+def test_the_judges_real_images_without_a_concept_are_every_held_out_render_but_its_class():
+    from evaluators.judges import DigitsJudge
+    from pipelines.zoo.renders import heldout_renders
+
+    real = heldout_renders(per_source=2, seed=0)
+    judge = DigitsJudge()
+    assert torch.equal(judge.real_images(seed=0), real.images)
+    assert torch.equal(judge.real_images(seed=0, without="seven"), real.images[real.digits != 7])
+    assert torch.equal(judge.real_images(seed=0, without="red"), real.images[real.colours != 1])
+    assert 0 < int((real.digits == 7).sum()) < len(real.images)
+
+
 def test_open_clip_models_load_by_name(tiny_open_clip):
     from evaluators.clip_models import load_clip
 
@@ -466,3 +498,45 @@ def test_one_broken_pixel_of_one_image_is_refused():
     images[1, 0, 3, 4] = float("nan")  # black when cast to bytes, and never noticed
     with pytest.raises(InputError, match="drew 1 of 2 image.s. with NaN or infinite values"):
         to_pil(images)
+
+
+def test_each_image_is_scored_against_its_own_prompt_and_the_real_reference_leaves_the_concept_out():
+    from evaluators.clip_models import load_clip
+    from evaluators.judges import DigitsJudge
+    from evaluators.metrics import clip_score
+    from evaluators.report import evaluate
+    from pipelines import load_model
+
+    model = load_model("digits")
+    result = evaluate(model, model, ["seven"], samples=2, seed=0, steps=2, progress=False)
+    section = result.report["concepts"]["seven"]
+    clip = load_clip("digits-clip")
+    for part in ("target", "preserved"):
+        prompts = section["prompts"][f"{part}_prompts"]["prompts"]
+        text = clip.text_features([p for p in prompts for _ in range(2)])  # a prompt's two seeds side by side
+        with torch.no_grad():
+            expected = clip_score(clip.image_features(result.images["seven", part, "after"]), text)["clip_score"]
+        assert section["metrics"][f"{part}_clip_score"]["after"] == pytest.approx(expected, abs=1e-4)
+    without = len(DigitsJudge().real_images(seed=0, without="seven"))
+    real = section["metrics"]["preserved_fid_vs_real"]["settings"]["real"]
+    assert real == f"{without} held-out real images of digits-judge without seven"
+
+
+def test_the_gan_fid_reference_is_the_base_samples_in_which_the_judge_does_not_see_the_concept():
+    from evaluators.judges import DigitsJudge
+    from evaluators.report import evaluate_gan
+    from pipelines import load_model
+    from pipelines.images import to_tensor
+
+    before, after = load_model("digits-gan"), load_model("digits-gan")
+    torch.manual_seed(0)
+    with torch.no_grad():  # another generator, which shows "eight" in other samples than the base
+        for p in after.generator.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    judge = DigitsJudge()
+    shown = {name: judge.detects(to_tensor(m.generate(list(range(8)))), "eight") for name, m in
+             (("before", before), ("after", after))}  # fmt: skip
+    assert not torch.equal(shown["before"], shown["after"])
+    metrics = evaluate_gan(after, before, ["eight"], samples=8, progress=False).report["concepts"]["eight"]["metrics"]
+    reference = metrics["fid_vs_base_without_concept"]["settings"]["reference"]
+    assert reference == f"{int((~shown['before']).sum())} base samples without the concept"

@@ -158,6 +158,22 @@ def test_the_rule_on_several_concepts_waits_for_each_to_be_gone(tiny_pipeline_di
     assert check(model, 2, steps=2) == 1.0
 
 
+def test_the_quick_samples_go_round_the_target_prompts_each_at_its_own_seed(tiny_pipeline_dir):
+    # sample i is prompt i mod P at seed i: a concept gone from one seed of its first prompt is not yet gone
+    from evaluators.detect import PresenceCheck
+    from pipelines.images import to_tensor
+
+    model = load_model(str(tiny_pipeline_dir))
+    check = PresenceCheck(model.family, ["cat"], clip="digits-clip")
+    prompts = check.prompts["cat"]
+    seen = []
+    check.detectors = {"cat": lambda images: seen.append(images) or torch.zeros(len(images), dtype=torch.bool)}
+    n = len(prompts) + 2
+    check(model, n, steps=2)
+    expected = to_tensor(model.generate_jobs(prompts, [(i % len(prompts), i) for i in range(n)], steps=2))
+    assert len(prompts) >= 2 and torch.equal(seen[0], expected)
+
+
 def test_steps_are_updates_and_the_rule_checks_at_the_end_of_each_epoch(tiny_pipeline_dir, tmp_path):
     # 4 images at batch 2: two updates an epoch
     folder = _write_images(tmp_path / "four", sizes=((16, 16),) * 4, formats=("PNG",) * 4)

@@ -269,6 +269,19 @@ def test_a_multi_stage_run_shows_each_stage_and_plots_its_losses_apart(tiny_pipe
                                                for s in range(1, 6)]  # fmt: skip
 
 
+def test_the_form_reads_its_concepts_and_blank_fields_and_says_where_a_cancel_stops():
+    from ui.jobs import next_checkpoint, parse_concepts
+    from ui.options import from_field, method_options
+
+    assert parse_concepts("seven, red\n italic \n\n,") == ["seven", "red", "italic"]
+    # the loop checkpoints every `every` steps but not at its last step, where the run finishes instead
+    assert (next_checkpoint(3, 10, 25), next_checkpoint(10, 10, 25)) == (10, 20)
+    assert next_checkpoint(12, 10, 20) is None and next_checkpoint(21, 10, 25) is None
+    alpha = next(o for o in method_options("esd") if o.name == "lora_alpha")
+    assert from_field(alpha, "  ") is None  # a blank optional field is the default, not a bad number
+    assert build_config("esd", "sd1", {"lora_alpha": from_field(alpha, " ")}).lora_alpha is None
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_erase_options_are_the_config_fields_with_their_presets(method):
     from ui.options import PAPER, from_field, method_options, preset_names, to_field
