@@ -127,6 +127,31 @@ def test_ctrl_c_before_any_checkpoint_exits_with_the_shells_code_for_sigint(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_stopped_runs_exit_code_is_the_shells_for_the_signal_that_stopped_it():
+    import signal
+
+    from erasure.training import Terminated
+    from ui.cli import _interrupted_exit_code
+
+    assert _interrupted_exit_code(Terminated("stopped", signal.SIGTERM)) == 143  # kill, a scheduler's preemption
+    assert _interrupted_exit_code(Terminated("stopped", signal.SIGHUP)) == 129  # the terminal closed
+    assert _interrupted_exit_code(KeyboardInterrupt()) == 130
+    assert _interrupted_exit_code(RuntimeError("no signal")) == 1
+
+
+def test_a_run_erased_again_from_its_erasure_json_takes_its_seed_unless_one_is_given(tiny_pipeline_dir, tmp_path):
+    from erasure.api import erase
+    from ui.cli import main
+
+    first = erase("esd", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "first", seed=3, progress=False,
+                  sets=["steps=1", "ddim_steps=2"])  # fmt: skip
+    manifest = str(first / "erasure.json")
+    assert main(["erase", "--config", manifest, "--out", str(tmp_path / "again"), "--quiet"]) == 0
+    assert main(["erase", "--config", manifest, "--seed", "4", "--out", str(tmp_path / "other"), "--quiet"]) == 0
+    seeds = [json.loads((tmp_path / name / "erasure.json").read_text())["seed"] for name in ("first", "again", "other")]
+    assert seeds == [3, 3, 4]
+
+
 def test_sample_asks_for_yes_only_above_its_limit_of_images(tmp_path, capsys):
     from ui.cli import CONFIRM_IMAGES, main
 
