@@ -154,6 +154,8 @@ CASES = [
     # `--model` is not an option of `sample` (the model is positional); it must not become --model-config
     (["sample", "--model", "{tiny}", "--prompt", "a cat", "--out", "g.png"], "unrecognized arguments: --model", False),
     (["eval", "{tiny}", "--concept", "cat"], "--baseline is needed", False),
+    (["eval", "digits-gan", "--baseline", "digits", "--concept", "seven"],
+     "cannot compare a gan model with a text-to-image model", False),
     (["compare", "{run}"], "has no eval.json: run `erasure eval", False),
     (["compare", "./nope"], "no such run folder or report: ./nope", False),
     (["compare", "{badcsv}"], "not a readable evaluation report", False),

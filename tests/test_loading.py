@@ -284,3 +284,81 @@ def test_a_model_whose_card_names_no_sampling_draws_at_its_pipelines_default_gui
     assert tiny_model.sampling["guidance"] == default(StableDiffusionPipeline, "guidance_scale")
     assert FLUX_SAMPLING == {"steps": default(FluxPipeline, "num_inference_steps"),
                              "guidance": default(FluxPipeline, "guidance_scale")}  # fmt: skip
+
+
+def test_a_models_digest_covers_its_weight_files_names_and_contents_pickled_ones_too(tmp_path):
+    """The digest pins what was erased: another weight file, moved or changed, is another model; its configs are not
+    weights (a run folder's own manifest is written after the digest of what it holds)."""
+    import shutil
+
+    from pipelines.loading import weights_digest
+
+    model = tmp_path / "model"
+    for part in ("unet", "vae"):
+        (model / part).mkdir(parents=True)
+    (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"unet weights")
+    (model / "vae" / "model.bin").write_bytes(b"vae weights, pickled")
+    (model / "model_index.json").write_text("{}")
+    digest = weights_digest(model)
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert weights_digest(model) == digest
+    (model / "vae" / "model.bin").write_bytes(b"other vae weights")
+    assert weights_digest(model) != digest
+    (model / "vae" / "model.bin").write_bytes(b"vae weights, pickled")
+    assert weights_digest(model) == digest
+    shutil.move(model / "unet", model / "text_encoder")  # the same bytes as another component
+    assert weights_digest(model) != digest
+
+
+def test_model_config_is_taken_when_one_of_the_compared_models_is_a_single_file(tmp_path, tiny_pipeline_dir):
+    """`eval FILE --baseline FOLDER --model-config DIR`: the configs are for the single file, which one of them is."""
+    from pipelines.loading import ModelSource, check_model_config
+
+    single = tmp_path / "erased.safetensors"
+    single.write_bytes(b"")
+    file_source = ModelSource(str(single), "text-to-image", single, "single-file")
+    folder_source = ModelSource(str(tiny_pipeline_dir), "text-to-image", tiny_pipeline_dir, "local")
+    check_model_config(str(tiny_pipeline_dir), file_source, folder_source)
+    check_model_config(str(tiny_pipeline_dir), folder_source, file_source)
+    with pytest.raises(InputError, match="applies to single-file checkpoints"):
+        check_model_config(str(tiny_pipeline_dir), folder_source, folder_source)
+
+
+def test_a_mistyped_hidden_name_is_matched_with_the_hidden_names_beside_it(tmp_path, monkeypatch):
+    (tmp_path / "runs" / ".adv-seven.work").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(InputError, match=r"did you mean runs/\.adv-seven\.work\?"):
+        resolve("runs/.adv-sevn.work")
+
+
+def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # were it not read as set, the Hub is not reachable either
+    for value in ("1", "true", "YES"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        with pytest.raises(InputError, match="HF_HUB_OFFLINE is set"):
+            resolve("erasure-tests/no-such-model")
+
+
+def test_the_hub_is_reachable_when_the_host_and_port_of_hf_endpoint_accept_a_connection(monkeypatch):
+    import socket
+
+    from pipelines.loading import hub_reachable
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_reachable(timeout=2.0)
+    assert not hub_reachable(timeout=2.0)  # the same port, closed
+
+
+def test_an_exported_gan_folder_with_its_generator_in_a_subfolder_loads_as_the_gan(tmp_path):
+    """`erasure export` of a GAN run puts the generator in generator/ (beside the card): such a folder is a GAN."""
+    import shutil
+
+    from pipelines.zoo import models as zoo
+
+    (tmp_path / "hub" / "generator").mkdir(parents=True)
+    for name in ("generator.safetensors", "generator_config.json"):
+        shutil.copyfile(zoo.embedded_path("digits-gan") / name, tmp_path / "hub" / "generator" / name)
+    assert resolve(str(tmp_path / "hub")).kind == "gan"
+    assert _same(load_model(str(tmp_path / "hub")).generate([0, 1]), load_model("digits-gan").generate([0, 1]))

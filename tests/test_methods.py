@@ -213,3 +213,18 @@ def _check_authors(paper) -> None:
     short = paper.authors.removesuffix(" et al.").removesuffix(", et al.").split(", ")
     assert short == surnames[: len(short)], paper.title
     assert len(short) == len(surnames) or paper.authors.endswith("et al."), paper.title
+
+
+def test_each_method_is_registered_with_the_paper_its_module_follows():
+    """The paper a card and `erasure methods` cite for a method is the one its module says it implements."""
+    import importlib
+
+    from erasure.registry import ERASE_ANYTHING, preset_paper
+    from pipelines.families import FAMILIES
+
+    for key, method in METHODS.items():
+        module_doc = " ".join(importlib.import_module(method.module).__doc__.split())
+        assert method.paper.title in module_doc, key
+    # a family's preset that follows another paper names it; the others follow the method's own
+    assert preset_paper(FAMILIES["flux"], "esd") is ERASE_ANYTHING
+    assert preset_paper(FAMILIES["flux"], "fewshot") is None and preset_paper(FAMILIES["sd1"], "esd") is None

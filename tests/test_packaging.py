@@ -176,6 +176,21 @@ def test_unchanged_components_are_the_base_files_and_a_changed_only_run_loads_th
     assert load_model(str(full)).unet is not None  # the full run does not depend on its base
 
 
+def test_a_component_taken_from_the_base_is_made_of_links_to_its_files_and_leaves_out_pickled_weights(tmp_path):
+    """Loading reads the safetensors of a component that also has a pickled copy: the copy is left out, so that the run
+    neither holds a file nobody loads nor carries a pickle into its digest."""
+    from pipelines.components import link_folder
+
+    base = tmp_path / "base" / "unet"
+    base.mkdir(parents=True)
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        (base / name).write_bytes(name.encode())
+    link_folder(base, tmp_path / "run" / "unet")
+    linked = sorted((tmp_path / "run" / "unet").iterdir())
+    assert [p.name for p in linked] == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert all(os.path.samefile(p, base / p.name) for p in linked)
+
+
 def test_a_changed_run_of_a_hub_model_reads_the_snapshot_it_was_made_from(tiny_pipeline_dir, tmp_path, monkeypatch):
     """A Hub id in the local cache (huggingface_hub's layout: refs/main names the snapshot) is a base like any other;
     once the repository moves on, a `--save changed` run takes the snapshot it recorded while the cache holds it."""

@@ -299,3 +299,47 @@ def test_a_folder_another_writer_made_meanwhile_is_left_as_it_is(tmp_path):
     with pytest.raises(InputError, match="created by another process while this one wrote it"):
         write_folder_atomically(target, build)
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in target.iterdir()] == ["theirs"]
+
+
+def test_a_folder_written_atomically_is_readable_by_others_and_leaves_the_mode_of_linked_base_files(tmp_path):
+    """safetensors writes 0600 and mkdtemp makes 0700: the result gets ordinary modes. A file hard-linked from a base
+    model shares its inode with the base, so its mode is the base's and stays as it is."""
+    from pipelines.files import normal_mode, write_folder_atomically
+
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"weights")
+    base.chmod(0o640)
+
+    def build(staging):
+        (staging / "unet").mkdir()
+        (staging / "unet" / "own.safetensors").write_bytes(b"new")
+        (staging / "unet" / "own.safetensors").chmod(0o600)
+        os.link(base, staging / "unet" / "lent.safetensors")
+
+    out = write_folder_atomically(tmp_path / "run", build)
+    assert (out.stat().st_mode & 0o777, (out / "unet").stat().st_mode & 0o777) == (normal_mode(True),) * 2
+    assert (out / "unet" / "own.safetensors").stat().st_mode & 0o777 == normal_mode()
+    assert base.stat().st_mode & 0o777 == 0o640
+
+
+def test_an_out_name_is_refused_only_when_its_staging_folders_name_would_be_too_long(tmp_path):
+    from pipelines.files import NAME_OVERHEAD, check_writable
+
+    longest = os.pathconf(tmp_path, "PC_NAME_MAX") - NAME_OVERHEAD
+    assert check_writable(tmp_path / ("r" * longest)) == tmp_path / ("r" * longest)
+    with pytest.raises(InputError, match=f"takes at most {longest} for it"):
+        check_writable(tmp_path / ("r" * (longest + 1)))
+    assert list(tmp_path.iterdir()) == []  # the probe file is removed
+
+
+@pytest.mark.parametrize("marker", ["model_index.json", "erasure.json", "generator_config.json"])
+def test_nothing_is_written_inside_a_model_folder_of_any_kind(marker, tmp_path):
+    """A diffusers pipeline, a run, a GAN folder (its generator_config.json): each is identified by the digest of its
+    weight files, so a run or an export written inside it would make it another model."""
+    from pipelines.files import check_outside_models
+
+    (tmp_path / "model" / "sub").mkdir(parents=True)
+    (tmp_path / "model" / marker).write_text("{}")
+    check_outside_models(tmp_path / "beside", "--out")
+    with pytest.raises(InputError, match="is inside the model folder"):
+        check_outside_models(tmp_path / "model" / "sub" / "run", "--out")

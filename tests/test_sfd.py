@@ -372,3 +372,18 @@ def test_gradient_checkpointing_trades_memory_for_time_and_changes_nothing(lora,
     # blocks were recomputed in each role: trained, frozen (fake score, or the teacher), adapters off (LoRA's teacher)
     assert (False, True) in recomputed and any(not trains for _, trains in recomputed)
     assert any(off for off, _ in recomputed) == bool(lora)
+
+
+def test_the_one_step_pipeline_decodes_the_same_images_for_every_output_type():
+    from pipelines.one_step import OneStepPipeline
+
+    from .conftest import tiny_components
+
+    names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+    parts = {k: v for k, v in tiny_components().items() if k in names}
+    pipe = OneStepPipeline(**parts, t_init=625)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = pipe(["a cat", "a dog"], latents=z).images
+    arrays = pipe(["a cat", "a dog"], latents=z, output_type="np").images
+    assert len(images) == len(arrays) == 2
+    assert all(np.abs(np.asarray(a, float) - b * 255).max() <= 1 for a, b in zip(images, arrays))

@@ -218,3 +218,40 @@ def test_colour_blind_score_distillation_moves_only_each_pixels_brightest_channe
     moved = images.grad != 0
     assert moved.any(1).float().mean() > 0.99  # every pixel's brightness is moved ...
     assert torch.equal(moved, torch.zeros_like(moved).scatter_(1, brightest, True))  # ... through that channel alone
+
+
+def test_the_held_out_split_shares_no_handwriting_with_the_training_split_and_is_the_one_the_models_left_out():
+    """The shipped judge, CLIP and generators were trained on the training split: held-out digits that moved into it
+    (a split drawn again, or rounded otherwise) would be scored as unseen handwriting when they are not."""
+    import hashlib
+
+    train, heldout = source_digits("train"), source_digits("heldout")
+    seen = {bytes(row) for row in (train[0] * 16).round().to(torch.uint8).flatten(1).numpy()}
+    assert not any(bytes(row) in seen for row in (heldout[0] * 16).round().to(torch.uint8).flatten(1).numpy())
+    assert torch.bincount(heldout[1]).tolist() == [36, 36, 35, 37, 36, 36, 36, 36, 35, 36]  # a fifth of each, rounded
+    assert hashlib.sha256(heldout[0].numpy().tobytes()).hexdigest().startswith("3b9303c914673bb4")
+
+
+def test_renders_are_drawn_in_every_colour_and_style_and_captioned_with_what_they_show():
+    """Held-out renders (what judges and CLIP are measured on) are captioned in full: digit, colour and style."""
+    from pipelines.tokenizer import plain_words
+    from pipelines.zoo.renders import heldout_renders
+    from pipelines.zoo.world import COLOURS, DIGIT_WORDS, STYLE_WORDS, STYLES
+
+    for batch in (heldout_renders(per_source=1, seed=0), RenderSampler(seed=0, p_partial=0.0).sample(200)):
+        assert set(batch.colours.tolist()) == set(range(len(COLOURS)))
+        assert set(batch.styles.tolist()) == set(range(len(STYLES)))
+        for text, d, c, s in zip(batch.captions, batch.digits, batch.colours, batch.styles):
+            words = plain_words(text)
+            assert {DIGIT_WORDS[d], str(int(d))} & set(words), text
+            assert COLOURS[c] in words and set(STYLE_WORDS[STYLES[s]]) & set(words), text
+
+
+def test_a_concept_names_one_class_of_the_digits_world_or_none():
+    from pipelines.zoo.world import WorldConcept, parse_concept
+
+    seven = WorldConcept("digit", 7)
+    assert all(parse_concept(text) == seven for text in ("seven", "7", "the digit 7", "seven 7"))
+    assert parse_concept("slanted digits") == WorldConcept("style", 1) and parse_concept("red").name == "red"
+    for text in ("a red seven", "italic 7", "seven or eight", "10", "a cat"):  # two classes, or none of the world
+        assert parse_concept(text) is None, text
