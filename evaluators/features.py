@@ -33,7 +33,7 @@ class FeatureExtractor:
 def inception_features(weights: str | Path, device: str = "cpu") -> FeatureExtractor:
     from torchvision.models import inception_v3
 
-    weights = Path(weights)
+    weights = Path(weights).expanduser()  # as check_feature_spec read it
     if not weights.is_file():
         raise InputError(f"Inception weights not found: {weights}")
     state = load_tensors(weights, f"Inception weights {weights}")

@@ -143,3 +143,54 @@ def test_two_erased_models_with_equal_values_keep_a_column_each(tmp_path):
     assert [cells["seven", "target_presence_judge"] for cells in table.cells] == [0.25, 0.25]
     lines = to_markdown(table).splitlines()
     assert lines[0] == "| concept | metric | base model | run-a | run-b |"
+
+
+def test_reports_that_differ_in_a_setting_only_one_records_or_in_their_real_images_are_refused(tmp_path):
+    first, louder = _minimal_report("a" * 64, 0.25), _minimal_report("b" * 64, 0.25)
+    louder["settings"]["guidance"] = 7.5  # recorded by the second report alone, it still moves its numbers
+    with pytest.raises(InputError, match=r"\(settings.guidance: null vs 7.5\)"):
+        compare([_write(tmp_path / "a", first), _write(tmp_path / "b", louder)])
+    # FIDs against other real images are other numbers, as FIDs in other feature spaces are
+    other = _minimal_report("b" * 64, 0.25)
+    for report, real in ((first, "359 held-out real images"), (other, "120 real images of my own")):
+        report["concepts"]["seven"]["metrics"]["preserved_fid_vs_real"] = {
+            "before": 10.0, "after": 12.0, "settings": {"features": "digits-judge", "real": real}}  # fmt: skip
+    with pytest.raises(InputError, match="concepts.seven.preserved_fid_vs_real.real"):
+        compare([_write(tmp_path / "a", first), _write(tmp_path / "b", other)])
+
+
+def test_a_column_is_one_model_with_one_set_of_values_named_by_its_run_folder(tmp_path):
+    report = _minimal_report("a" * 64, 0.25)
+    report["concepts"]["seven"]["metrics"]["target_clip_score"] = {"before": 30.0, "after": 20.0}
+    # a report of run-a's model written elsewhere (`eval --json`), given first: the run folder names the column
+    (tmp_path / "attack.json").write_text(json.dumps(report))
+    run = _write(tmp_path / "run-a", report)
+    assert compare([tmp_path / "attack.json", run]).labels == ["run-a"]
+    # a report of that model that agrees on one value but not on the other is not merged into its column
+    other = copy.deepcopy(report)
+    other["concepts"]["seven"]["metrics"]["target_clip_score"]["after"] = 21.0
+    table = compare([run, _write(tmp_path / "run-b", other)])
+    assert table.labels == ["run-a", "run-b"]
+    assert [cells["seven", "target_clip_score"] for cells in table.cells] == [20.0, 21.0]
+
+
+def test_each_column_shows_its_own_spread_and_each_attack_setting_has_its_row(tmp_path):
+    from evaluators.comparison import _attack_pairs
+
+    reports = [_minimal_report(sha, 0.25) for sha in ("a" * 64, "b" * 64)]
+    for report, (kid, std) in zip(reports, ((0.01, 0.002), (0.05, 0.004))):
+        report["concepts"]["seven"]["metrics"]["preserved_kid_before_vs_after"] = {"value": kid, "std": std}
+    table = compare([_write(tmp_path / "run-a", reports[0]), _write(tmp_path / "run-b", reports[1])])
+    assert "| seven | preserved_kid_before_vs_after | - | 0.01 +- 0.002 | 0.05 +- 0.004 |" in to_markdown(table)
+    # attacks on 1 and on 5 seeds are rows of their own, and so are those at a prompt file's seeds
+    attack = {"steps": 100, "prompts": ["a seven"]}
+    assert _attack_pairs({"settings": {**attack, "seeds": [1000]}}) == "100 steps, 1 prompts x 1 seeds"
+    assert _attack_pairs({"settings": {**attack, "seeds": list(range(1000, 1005))}}) == "100 steps, 1 prompts x 5 seeds"
+    assert _attack_pairs({"settings": {**attack, "seeds": [[7, 9]]}}) == "100 steps, 1 prompts at the file's seeds"
+
+
+def test_a_report_whose_attack_has_no_success_rate_is_refused_as_damaged(tmp_path):
+    report = _minimal_report("a" * 64, 0.25)
+    report["concepts"]["seven"]["attacks"] = [{"attack": "embedding", "pairs": 2}]  # hand-edited: its asr is gone
+    with pytest.raises(InputError, match="damaged evaluation report .the attacks of 'seven' are not a list of results"):
+        compare([_write(tmp_path / "a", report)])

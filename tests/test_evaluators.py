@@ -18,6 +18,8 @@ def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_shift():
     assert frechet_distance(few, few) == 0.0
     shifted = a + 1.0  # mean moves by 1 in each of 8 dimensions: FD = 8 exactly
     assert frechet_distance(a, shifted) == pytest.approx(8.0, abs=1e-6)
+    # the means' term is the squared distance |mu_a - mu_b|^2: a shift of 2 along one axis adds 4 (not 2)
+    assert frechet_distance(a, a + 2 * np.eye(8)[0]) == pytest.approx(4.0, abs=1e-6)
     assert frechet_distance(a, rng.normal(size=(500, 8)) * 2) > 1
 
 
@@ -63,6 +65,12 @@ def test_clip_score_and_presence_math():
     anchors = torch.nn.functional.normalize(torch.tensor([[1.0, -0.5]]), dim=-1)
     assert zero_shot_presence(images, ensemble, anchors).tolist() == [True, False]
     assert zero_shot_presence(images, ensemble[0], anchors).tolist() == [True, True]
+    # the mean is normalised before it competes: an image along it has cosine 1 with it, above the anchor's 0.83
+    # (unnormalised, the mean's length 0.71 would put it below)
+    along = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0]]), dim=-1)
+    near = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2]]), dim=-1)
+    assert float(along @ near[0]) == pytest.approx(0.832, abs=1e-3)
+    assert zero_shot_presence(along, ensemble, near).tolist() == [True]
 
 
 def test_zero_shot_presence_needs_the_concept_to_beat_the_best_anchor_not_their_mean():
@@ -215,7 +223,7 @@ def test_open_clip_models_load_by_name(tiny_open_clip):
         load_clip("open_clip:no-such-architecture")
 
 
-def test_inception_features_from_a_local_weights_file(tmp_path):
+def test_inception_features_from_a_local_weights_file(tmp_path, monkeypatch):
     from torchvision.models import inception_v3
 
     from evaluators.features import feature_extractor
@@ -236,6 +244,14 @@ def test_inception_features_from_a_local_weights_file(tmp_path):
     assert torch.allclose(features, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())  # random: tiny
     with pytest.raises(InputError, match="not found"):
         feature_extractor(f"inception:{tmp_path / 'missing.pth'}")
+    # `--fid-features inception:~/file` (the shell leaves a ~ after the colon alone) passed the check before any image
+    # was drawn, then was not found once they all were
+    from evaluators.features import check_feature_spec
+    from pipelines.families import get_family
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    check_feature_spec("inception:~/inception.pth", get_family("digits"))
+    assert feature_extractor("inception:~/inception.pth")(images).shape == (2, 2048)
 
 
 @pytest.mark.slow
@@ -379,6 +395,19 @@ def test_presence_and_pul_say_when_the_base_shows_the_concept_in_too_few_samples
     pul = _pul(0.002, 0.01, 1000)  # two base samples showed it, ten erased ones do
     assert pul["value"] == -400 and "2 of 1000" in pul["warning"] and "negative: the erased model" in pul["warning"]
     assert "warning" not in _pul(0.5, 0.1, 1000) and _pul(0.5, 0.1, 1000)["value"] == 80
+    # a share is the float32 mean of the judge's verdicts: 20 of 23 is 0.86956519, times 23 19.9999993 images, which
+    # are 20 (rounded), not 19 (truncated)
+    share = float(torch.tensor([True] * 20 + [False] * 3).float().mean())
+    assert share * 23 < 20 and "warning" not in _presence(share, 0.0, {"images": 23})
+
+
+def test_an_fid_of_as_many_images_as_feature_dimensions_is_warned_of():
+    # n points span at most n - 1 dimensions: with n = dim the covariances are still singular
+    from evaluators.metrics import fid_warning
+
+    rng = np.random.default_rng(0)
+    assert np.linalg.matrix_rank(np.cov(rng.normal(size=(8, 8)), rowvar=False)) == 7
+    assert "dominated by its bias" in fid_warning(8, 8) and fid_warning(9, 8) is None
 
 
 def test_gan_eval_of_two_samples_reports_what_it_cannot_measure_and_labels_its_grid():
@@ -540,3 +569,20 @@ def test_the_gan_fid_reference_is_the_base_samples_in_which_the_judge_does_not_s
     metrics = evaluate_gan(after, before, ["eight"], samples=8, progress=False).report["concepts"]["eight"]["metrics"]
     reference = metrics["fid_vs_base_without_concept"]["settings"]["reference"]
     assert reference == f"{int((~shown['before']).sum())} base samples without the concept"
+
+
+def test_a_report_replaced_by_one_without_its_attacks_says_so(tmp_path, caplog):
+    # rerunning a quick evaluation of a run would otherwise drop the hour of attacks its report held, without a word
+    import logging
+
+    from erasure.evaluation import _warn_of_replaced_results
+
+    old = {"created": "2026-12-01T10:00:00+00:00",
+           "concepts": {"seven": {"metrics": {}, "attacks": [{"attack": "embedding", "asr": 0.5}]}}}  # fmt: skip
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(old))
+    with caplog.at_level(logging.WARNING, logger="erasure.evaluation"):
+        _warn_of_replaced_results(path, old)
+        assert not caplog.records
+        _warn_of_replaced_results(path, {"concepts": {"seven": {"metrics": {}}}})
+    assert "its results for seven's attacks (written 2026-12-01T10:00:00+00:00)" in caplog.text

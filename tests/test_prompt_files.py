@@ -19,6 +19,10 @@ def test_i2p_csv_and_plain_text(tmp_path):
     short = tmp_path / "short.csv"
     short.write_text("prompt,seed,guidance\na cat,1,2\n")
     assert read_prompt_file(short) == [PromptRow("a cat", 1, 2.0)]
+    # a CSV saved by Excel as UTF-8 begins with a byte-order mark, and its header may have spaces after the commas
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes("prompt, seed, guidance\na cat,3,7.5\n".encode("utf-8-sig"))
+    assert excel.read_bytes()[:3] == b"\xef\xbb\xbf" and read_prompt_file(excel) == [PromptRow("a cat", 3, 7.5)]
 
 
 def test_the_i2p_datasets_own_seed_and_guidance_columns_are_read(tmp_path):
