@@ -106,6 +106,7 @@ def test_textual_inversion_leaves_out_every_word_that_names_the_concept():
 
     digits = get_family("digits")
     assert {"seven", "7"} <= digits.concept_words("7") and {"italic", "slanted"} <= digits.concept_words("slanted")
+    assert {"italic", "slanted"} <= digits.concept_words("italic") and "thick" in digits.concept_words("bold")
     assert remove_concept("a slanted, italic three", digits.concept_words("slanted")) == "a three"
     assert get_family("sd1").concept_words("Van Gogh") == {"van", "gogh"}
     model = load_model("digits")

@@ -168,12 +168,14 @@ def test_digits_judge_detects_the_concept_of_renders():
     from pipelines.zoo.renders import heldout_renders
 
     judge = DigitsJudge()
-    renders = heldout_renders(per_source=1, seed=4)
+    renders = heldout_renders(per_source=2, seed=4)  # two per source digit, as the judge's real reference
     sevens = judge.detects(renders.images, "seven")
     truth = renders.digits == 7
     assert (sevens == truth).float().mean() > 0.97
     reds = judge.detects(renders.images, "red")
     assert (reds == (renders.colours == 1)).float().mean() > 0.97
+    italic = judge.detects(renders.images, "italic")  # the shear leans the italic renders, and only those
+    assert (italic == (renders.styles == 1)).float().mean() > 0.97
     with pytest.raises(InputError, match="cannot judge"):
         judge.detects(renders.images, "a castle")
     assert judge.features(renders.images[:4]).shape == (4, 256)

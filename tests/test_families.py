@@ -108,6 +108,34 @@ def test_the_digits_world_pairs_each_concept_with_its_override_in_its_own_captio
     assert digits.default_override("seven") == "eight" and digits.default_override("a cat") is None
     retain = digits.retain_prompts(["red"], __import__("random").Random(0))
     assert retain and not any("red" in p for p in retain)
+    # "7" shares no word with "a seven": the pool itself must leave the digit out, alone as in full captions
+    retain = digits.retain_prompts(["7"], __import__("random").Random(0))
+    assert "a nine" in retain and not any(re.search(r"\b(seven|7)\b", p) for p in retain)
+
+
+def test_the_digits_worlds_preserved_prompts_draw_each_other_digit_twice_with_the_labels_they_name():
+    # Preserved accuracy reads each labelled prompt's label off its images: a neighbour put in front would pair
+    # every label with the prompt before it, and one render per digit would halve what the score rests on.
+    from collections import Counter
+
+    from pipelines.zoo.world import COLOURS, DIGIT_WORDS, STYLES
+
+    prompts = FAMILIES["digits"].prompt_set("seven", neighbours=["a cat"])
+    labels = prompts.preserved_labels
+    assert Counter(label["digit"] for label in labels) == {d: 2 for d in range(10) if d != 7}
+    assert {label["colour"] for label in labels} == set(range(5)) and {label["style"] for label in labels} == {0, 1, 2}
+    for text, label in zip(prompts.preserved, labels):
+        assert text.split() == ["a", COLOURS[label["colour"]], STYLES[label["style"]], DIGIT_WORDS[label["digit"]]]
+    assert prompts.preserved[len(labels) :] == ["a cat"]
+
+
+def test_the_digits_worlds_builtin_images_of_a_colour_are_drawn_in_that_colour():
+    from pipelines.zoo.world import COLOUR_RGB
+
+    images = FAMILIES["digits"].builtin_images("red", 6, seed=0)
+    brightest = images.flatten(2).max(-1).values  # [6, 3]: each image's strokes at full ink, times its brightness
+    red = torch.tensor(COLOUR_RGB["red"])
+    assert torch.nn.functional.cosine_similarity(brightest, red[None]).min() > 0.999
 
 
 def test_a_real_world_family_keeps_coco_objects_and_leaves_out_the_concept():
@@ -116,6 +144,14 @@ def test_a_real_world_family_keeps_coco_objects_and_leaves_out_the_concept():
     assert "a photo of a cat" in retain and not any("dog" in p for p in retain)
     prompts = sd1.prompt_set("church", neighbours=["castle"])
     assert prompts.target[0] == "church" and prompts.preserved[0] == "a photo of castle"
+    # what the concept competes with in zero-shot presence does not move with the neighbours a user keeps
+    assert prompts.clip_anchors == sd1.prompt_set("church").clip_anchors
+    assert "a photo of a dog" not in sd1.prompt_set("Dog").preserved  # a capitalised concept is still left out
+    # retain prompts in the order of the run's random generator (a few of them: not always the same first few)
+    random = __import__("random")
+    assert sd1.retain_prompts(["a dog"], random.Random(0), n=8) != sd1.retain_prompts(["a dog"], random.Random(1), n=8)
+    anchors = sd1.anchor_prompts("church", random.Random(0))  # STEREO's: the concept in context, never alone
+    assert anchors and "church" not in anchors and all("church" in a for a in anchors)
     assert sd1.default_override("nudity") is None and not sd1.has_builtin_images and sd1.judge is None
     with pytest.raises(InputError, match="sd1 family has no builtin images"):
         sd1.builtin_images("church", 4, 0)

@@ -26,6 +26,8 @@ def test_generation_is_deterministic_per_seed(tiny_model):
     a = tiny_model.generate(["a cat", "a dog"], [0, 1, 2], steps=3, batch_size=6)
     assert _same(a[1], tiny_model.generate(["a cat", "a dog"], [0, 1, 2], steps=3, batch_size=6)[1])
     assert not np.array_equal(np.asarray(a[0][0]), np.asarray(a[0][1]))  # seeds differ
+    # what a method resizes real images to is the side the pipeline draws (latent side x the VAE's factor)
+    assert a[0][0].size == (tiny_model.resolution, tiny_model.resolution) == (16, 16)
     # Another batching draws the same noise per seed; BLAS kernels for other batch sizes may
     # round differently, by at most one grey level.
     b = tiny_model.generate(["a dog"], [2, 1], steps=3, batch_size=1)

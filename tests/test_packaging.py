@@ -75,6 +75,17 @@ def test_auto_device_is_the_cpu_on_a_machine_without_cuda():
             resolve_device(bad)
 
 
+def test_a_cuda_device_index_counts_from_0_below_the_machines_device_count(monkeypatch):
+    # refused before any model loads: on a machine of 2 GPUs, cuda:1 is the last one and cuda:2 does not exist
+    from pipelines.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("auto") == "cuda"
+    with pytest.raises(InputError, match="this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+
+
 def test_loading_leaves_the_libraries_verbosity_alone(tiny_pipeline_dir):
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging

@@ -45,6 +45,16 @@ def test_a_half_precision_digits_model_draws_the_float32_images(dtype):
     assert np.abs(a - b).mean() < 6  # pixel levels of 255: rounding, not another picture
 
 
+def test_a_float32_component_swapped_into_a_half_precision_model_takes_the_models_precision(tiny_pipeline_dir):
+    # a method's trained copy or a saved component is float32: left so, it meets a bfloat16 UNet
+    from .conftest import tiny_text_encoder
+
+    model = load_model(str(tiny_pipeline_dir), dtype=torch.bfloat16)
+    model.replace("text_encoder", tiny_text_encoder(seed=7))
+    assert {p.dtype for p in model.text_encoder.parameters()} == {torch.bfloat16}
+    assert model.pipe.text_encoder is model.text_encoder
+
+
 def test_sdxl_in_float16_decodes_its_vae_in_float32_and_keeps_it_half(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

@@ -225,10 +225,15 @@ def test_a_word_inserted_in_both_encoders_encodes_as_the_prompt_that_holds_it(ti
     vocab = family.vocabulary(model, tower)
     assert vocab.shape == (len(model.tokenizer), 16 + 16)  # both encoders' input embeddings side by side
     seven = model.tokenizer("seven", add_special_tokens=False).input_ids
+    # 13 words: with the word in front, the end token lands on the last of the 16 places (where a clamp one short
+    # of it would read the word before)
+    long = "a red cat on a blue mat in the big old green house"
     with torch.no_grad():
-        inserted = family.encode_inserted(model, tower, model.tokenize(["a photo", "a red cat"]), vocab[seven][None])
-        plain = model.encode(["seven a photo", "seven a red cat"])
+        inserted = family.encode_inserted(model, tower, model.tokenize(["a photo", "a red cat", long]),
+                                          vocab[seven][None])  # fmt: skip
+        plain = model.encode(["seven a photo", "seven a red cat", f"seven {long}"])
         nothing = family.encode_inserted(model, tower, model.tokenize(["a photo"]), vocab[:0][None])
+    assert model.tokenize([f"seven {long}"])[0, 15] == model.tokenizer.eos_token_id
     # token rows of both encoders, the pooled embedding read at the end token one place on, the time ids
     assert torch.equal(inserted, plain)
     assert torch.equal(nothing, model.encode(["a photo"]))

@@ -247,6 +247,26 @@ def test_renders_are_drawn_in_every_colour_and_style_and_captioned_with_what_the
             assert COLOURS[c] in words and set(STYLE_WORDS[STYLES[s]]) & set(words), text
 
 
+def test_a_render_is_its_colour_at_full_ink_and_its_caption_says_an_before_a_vowel_sound():
+    """A stroke at full ink is the colour's RGB: ink past 1 would push red's green and blue up, towards another
+    colour. Captions say "an 8", as the prompts a user types do."""
+    import random
+    import re
+
+    from pipelines.zoo.renders import caption, render
+    from pipelines.zoo.world import COLOUR_RGB, COLOURS
+
+    sources, _ = source_digits("heldout")
+    colours = torch.arange(10) % len(COLOURS)
+    images = render(sources[:10], colours, torch.arange(10) % 3, augment=False)
+    expected = torch.tensor([COLOUR_RGB[COLOURS[c]] for c in colours])
+    torch.testing.assert_close(images.flatten(2).max(-1).values, expected)
+    rng = random.Random(0)
+    texts = [caption(8, c % 5, c % 3, rng, p_partial=p) for c in range(200) for p in (0.0, 1.0)]  # "a {d}": partial
+    assert not [t for t in texts if re.search(r"\ba (8|eight|italic|upright)\b", t)]
+    assert any(re.search(r"\ban 8\b", t) for t in texts)
+
+
 def test_a_concept_names_one_class_of_the_digits_world_or_none():
     from pipelines.zoo.world import WorldConcept, parse_concept
 
