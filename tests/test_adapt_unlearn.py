@@ -1,11 +1,13 @@
 """Adapt-then-Unlearn: its two regularisers on small tensors, both stages on tiny real StyleGAN2
 networks (this project's implementation), bit-identical resume, and the digits-gan run folder."""
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -242,6 +244,19 @@ def test_both_stages_resume_to_a_bit_identical_end(tiny_gan_checkpoint, tmp_path
     assert erased.kind == "gan" and not torch.equal(erased.generator.input.input, original.generator.input.input)
 
 
+def test_the_adapted_concept_share_is_measured_on_the_adapted_parameters(tiny_gan_checkpoint):
+    # the adapted model's share (stage 1's effect in the run's record) is drawn with its own parameters, not the
+    # base's: biases that turn every render white make every sample bright
+    from erasure.adapt_unlearn import concept_share
+
+    model = load_model(str(tiny_gan_checkpoint))
+    theta = {n: p.detach().clone() for n, p in model.generator.named_parameters()}
+    bright = {n: t + 10 if n.startswith("to_rgb") and n.endswith(".bias") else t for n, t in theta.items()}
+    detectors = {"bright": lambda images: images.mean((1, 2, 3)) > 0.9}
+    assert concept_share(model, theta, detectors, samples=8) == 0.0
+    assert concept_share(model, bright, detectors, samples=8) == 1.0
+
+
 def test_the_vision_aided_critic_needs_a_transformers_clip(tiny_open_clip):
     from erasure.gan_training import CLIPFeatureDiscriminator
     from evaluators.clip_models import load_clip
@@ -396,11 +411,114 @@ def test_stage_one_adapts_to_the_negatives_and_stage_two_unlearns_on_the_positiv
 
     monkeypatch.setattr(adapt_unlearn, "adapt", recording("adapt", adapt_unlearn.adapt))
     monkeypatch.setattr(adapt_unlearn, "unlearn", recording("unlearn", adapt_unlearn.unlearn))
-    sets = ["adapt_steps=1", "steps=1", "batch_size=2", "fisher_samples=2",
-            f"negatives={_folder(tmp_path / 'neg', 3, 200)}", f"positives={_folder(tmp_path / 'pos', 4, 20)}"]
+    rates, networks = [], adapt_unlearn.adversarial_networks
+    monkeypatch.setattr(adapt_unlearn, "adversarial_networks", lambda run, g, d, settings, critic=None: rates.append(
+        settings.lr) or networks(run, g, d, settings, critic))  # fmt: skip
+    sets = ["adapt_steps=1", "steps=1", "batch_size=2", "fisher_samples=2", "lr=0.003", "unlearn_lr=0.001",
+            "ema_decay=0", f"negatives={_folder(tmp_path / 'neg', 3, 200)}",
+            f"positives={_folder(tmp_path / 'pos', 4, 20)}"]  # fmt: skip
     run = erase("adapt-unlearn", ["a red square"], str(tiny_gan_checkpoint), out=tmp_path / "run", sets=sets,
                 progress=False)  # fmt: skip
     assert (len(seen["adapt"]), len(seen["unlearn"])) == (3, 4)
     assert seen["adapt"].mean() > seen["unlearn"].mean() + 0.5  # the bright images are stage 1's
+    assert rates == [0.003, 0.001]  # unlearn_lr is stage 2's alone
     outcome = json.loads((run / "erasure.json").read_text())["adapt_unlearn"]
     assert (outcome["negatives"], outcome["positives"]) == (3, 4)
+    # the mapping trained: the truncation centre saved is the mean w of the saved mapping (seed 0's 4096 codes)
+    base, erased = load_model(str(tiny_gan_checkpoint)), load_model(str(run))
+    z = torch.randn(4096, erased.generator.config.style_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        centre = erased.generator.mapping(z).mean(0, keepdim=True)
+    assert torch.allclose(erased.latent_avg, centre, atol=1e-6)
+    assert not torch.allclose(base.latent_avg, centre, atol=1e-6)
+
+
+def test_the_discriminators_adam_is_corrected_for_the_lazy_r1_steps():
+    # StyleGAN2 (Karras et al. 2020, appendix B): with R1 every k steps the discriminator's Adam takes lr * c and
+    # betas ** c, c = k / (k + 1); the generator's keeps its own, there being no lazy generator regulariser here.
+    from erasure.gan_training import AdversarialSettings, adversarial_networks
+
+    generator, discriminator = tiny_gan()
+    generator.requires_grad_(True)
+    settings = AdversarialSettings(lr=0.002, betas=(0.5, 0.99), r1=10.0, r1_every=16, instance_noise=0.0)
+    networks = adversarial_networks(RunContext(seed=0, progress=False), generator, discriminator, settings)
+    g, d = networks["generator"].optimizer.param_groups[0], networks["discriminator"].optimizer.param_groups[0]
+    assert (g["lr"], g["betas"]) == (0.002, (0.5, 0.99))
+    assert d["lr"] == pytest.approx(0.002 * 16 / 17)
+    assert d["betas"] == pytest.approx((0.5 ** (16 / 17), 0.99 ** (16 / 17)))
+
+
+def _sgd_step(lr: float = 1e-3, r1: float = 0.0, r1_every: int = 1, instance_noise: float = 0.0):
+    """One adversarial step with plain SGD (the update is -lr times the gradient): the networks before and after, and
+    what the discriminator was fed and the generator was called with, in order."""
+    from erasure.gan_training import AdversarialSettings, adversarial_step
+    from erasure.training import Network, TrainingLoop
+
+    generator, discriminator = tiny_gan()
+    generator.requires_grad_(True)
+    discriminator.requires_grad_(True)
+    before = copy.deepcopy(generator), copy.deepcopy(discriminator)
+    networks = {name: Network(module, torch.optim.SGD(module.parameters(), lr=lr), None)
+                for name, module in (("generator", generator), ("discriminator", discriminator))}  # fmt: skip
+    loop = TrainingLoop(RunContext(seed=0, progress=False), networks, desc="test")
+    settings = AdversarialSettings(lr=lr, betas=(0.0, 0.99), r1=r1, r1_every=r1_every, instance_noise=instance_noise)
+    calls, fed = [], []
+    generator.register_forward_hook(lambda module, args, kwargs, out: calls.append((args, kwargs, out.detach())),
+                                    with_kwargs=True)  # fmt: skip
+    discriminator.register_forward_pre_hook(lambda module, args: fed.append(args[0].detach()))
+    torch.manual_seed(5)
+    adversarial_step(loop, torch.rand(4, 3, 16, 16) * 2 - 1, 0, settings)
+    return before, (generator, discriminator), calls, fed
+
+
+def test_the_adversarial_step_moves_each_network_its_own_way():
+    # the non-saturating logistic losses: the discriminator's falls on the step's fakes and real images, and the
+    # generator's samples of its update then score higher with the discriminator they were trained against
+    (g0, d0), (g1, d1), calls, fed = _sgd_step()
+    fake, real = fed[:2]  # the discriminator update's inputs, without instance noise
+
+    def d_loss(d):
+        return float(F.softplus(d(fake)).mean() + F.softplus(-d(real)).mean())
+
+    (z,), noise, _ = calls[-1]  # the generator update's latents and noise maps
+    with torch.no_grad():
+        assert d_loss(d1) < d_loss(d0)
+        assert float(d1(g1(z, **noise)).mean()) > float(d1(g0(z, **noise)).mean())
+
+
+def test_the_lazy_r1_penalty_is_scaled_by_its_interval():
+    # every r1_every steps the penalty stands for r1_every steps' worth, r1 / 2 * r1_every * grad(R1) in the
+    # discriminator's gradient: with SGD, the updates' differences from an unpenalised step are in that ratio
+    _, (_, plain), _, _ = _sgd_step(lr=1.0)
+    moved = {}
+    for every in (1, 4):
+        _, (_, d), _, _ = _sgd_step(lr=1.0, r1=1.0, r1_every=every)
+        moved[every] = torch.cat([(p - q).detach().flatten() for p, q in zip(d.parameters(), plain.parameters())])
+    assert moved[1].abs().max() > 1e-4
+    assert torch.allclose(moved[4], 4 * moved[1], rtol=1e-3, atol=1e-6)
+
+
+def test_the_generators_update_shows_the_discriminator_its_samples_through_instance_noise():
+    # instance noise goes on every discriminator input, the generator update's too
+    for noise in (0.1, 0.0):
+        _, _, calls, fed = _sgd_step(instance_noise=noise)
+        assert float((fed[-1] - calls[-1][2]).std()) == pytest.approx(noise, rel=0.1)
+
+
+def test_a_real_batch_is_drawn_from_the_images_and_scaled_to_the_generators_range():
+    from erasure.gan_training import real_batch
+
+    images = torch.rand(5, 3, 4, 4)
+    batch = real_batch(images, 8, RunContext(seed=0, progress=False), 4)
+    assert batch.shape == (8, 3, 4, 4)
+    # each row is one of the images, mapped from [0, 1] to the generator's [-1, 1]
+    assert all(any(torch.allclose((row + 1) / 2, image) for image in images) for row in batch)
+
+
+def test_a_pool_that_holds_just_the_samples_asked_for_is_split_not_refused():
+    from erasure.gan_training import split_pool
+
+    images = torch.arange(6.0).view(6, 1, 1, 1)
+    detected = torch.tensor([True, False, True, False, False, False])
+    negatives, positives = split_pool(images, detected, 2, 4, "x")
+    assert negatives.flatten().tolist() == [0.0, 2.0] and positives.flatten().tolist() == [1.0, 3.0, 4.0, 5.0]

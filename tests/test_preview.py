@@ -4,6 +4,7 @@ pipeline and a real (two-step) ESD run of it."""
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -126,7 +127,18 @@ def test_the_page_draws_up_to_its_image_limit_and_refuses_more():
         compare(cache, "digits-gan", [], [], list(range(MAX_IMAGES + 1)))
 
 
-def test_runs_are_listed_newest_first_without_work_folders_or_unfinished_runs(tmp_path):
+def test_the_model_cache_lets_the_model_used_longest_ago_go(tiny_gan_checkpoint, tmp_path):
+    from ui.compare import ModelCache
+
+    paths = [str(shutil.copy(tiny_gan_checkpoint, tmp_path / f"{name}.pt")) for name in "abc"]
+    cache = ModelCache(size=2)
+    a, b = cache.get(paths[0]), cache.get(paths[1])
+    assert cache.get(paths[0]) is a  # used again: b is now the one used longest ago
+    cache.get(paths[2])
+    assert cache.get(paths[0]) is a and cache.get(paths[1]) is not b
+
+
+def test_runs_are_listed_newest_first_without_work_folders_or_unfinished_runs(tmp_path, monkeypatch):
     from ui.runs import find_runs
 
     for age, name in enumerate(["new", "old", ".new.work", "older"]):
@@ -135,6 +147,11 @@ def test_runs_are_listed_newest_first_without_work_folders_or_unfinished_runs(tm
         os.utime(tmp_path / name, (2_000_000_000 - age, 2_000_000_000 - age))
     (tmp_path / "unfinished").mkdir()  # no manifest yet
     assert find_runs(tmp_path) == [tmp_path / "new", tmp_path / "old", tmp_path / "older"]
+    # a run named on the command line comes first, and once, however the runs folder spells it
+    from ui.app import Preview
+
+    monkeypatch.chdir(tmp_path)
+    assert Preview(erased=[str(tmp_path / "old")], runs_dir=Path(".")).runs() == [str(tmp_path / "old"), "new", "older"]
 
 
 def test_a_one_step_lora_run_takes_no_strength(client, served, tmp_path):
@@ -303,13 +320,17 @@ def test_the_base_model_is_the_selected_runs_own_unless_one_is_given(served):
     import gradio as gr
 
     from ui.app import Preview, build_app
+    from ui.runs import default_prompts
 
-    def base_shown(preview):
+    def shown(preview, label="base model"):
         demo = build_app(preview)
-        return next(b.value for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.label == "base model")
+        return next(b.value for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.label == label)
 
-    assert Path(base_shown(Preview(erased=[served["run"]], runs_dir=served["runs"]))) == Path(served["base"])
-    assert base_shown(Preview(model="digits", erased=[served["run"]], runs_dir=served["runs"])) == "digits"
+    assert Path(shown(Preview(erased=[served["run"]], runs_dir=served["runs"]))) == Path(served["base"])
+    # a text-to-image run opens with its evaluation's prompts to draw
+    prompts = shown(Preview(erased=[served["run"]], runs_dir=served["runs"]), "prompts (one per line)")
+    assert prompts.splitlines() == default_prompts(served["run"]) and prompts
+    assert shown(Preview(model="digits", erased=[served["run"]], runs_dir=served["runs"])) == "digits"
 
 
 def test_a_shared_page_exports_nothing_and_loads_only_its_own_models(client, served, tmp_path, monkeypatch):
@@ -347,6 +368,22 @@ def test_an_export_past_its_time_is_asked_to_stop_before_it_is_killed(tmp_path):
     with pytest.raises(subprocess.TimeoutExpired):
         run_child([sys.executable, "-c", child], timeout_s=2)
     assert stopped.read_text() == "term" and time.monotonic() - start < 10
+
+
+def test_a_failed_export_shows_its_error_not_what_it_printed_before(tmp_path, monkeypatch):
+    # a library's warning on stderr comes before the command's own `error: ...` line, which the page must show
+    import ui.export
+
+    run = tmp_path / "run"
+    run.mkdir()
+    manifest = {"method": "esd", "concepts": ["cat"], "config": {}, "seed": 0,
+                "base_model": {"spec": "digits", "origin": "embedded", "path": "digits"}}  # fmt: skip
+    (run / "erasure.json").write_text(json.dumps(manifest))
+    (run / "eval.json").write_text("{}")
+    child = "import sys; sys.stderr.write('SomeWarning: from a library\\nerror: the real reason\\n'); sys.exit(2)"
+    monkeypatch.setattr(ui.export, "export_command", lambda *args: [sys.executable, "-c", child])
+    with pytest.raises(InputError, match="^the real reason$"):
+        ui.export.export_run(str(run), "me/x", str(tmp_path / "out"))
 
 
 def test_export_button_runs_erasure_export_and_shows_its_outcome(client, served, tmp_path, monkeypatch):

@@ -515,6 +515,17 @@ def test_truncation_moves_w_towards_the_mean_by_its_factor():
             assert torch.allclose(truncated, generator.synthesis(mean + psi * (w - mean), noise), atol=1e-6)
 
 
+def test_a_gan_models_images_are_its_generators_output_clamped_into_the_unit_range():
+    # the generator draws past [-1, 1]: what the pool's detectors, CLIP and the metrics see is cut to [0, 1]
+    model = load_model("digits-gan")
+    z = model.latents(range(8))
+    with torch.no_grad():
+        raw, images = model.generator(z, randomize_noise=False), model.images(z)
+    assert raw.min() < -1 and images.min() == 0 and images.max() <= 1
+    inside = raw.abs() <= 1
+    assert torch.allclose(images[inside], (raw[inside] + 1) / 2, atol=1e-6)
+
+
 def test_default_channels_are_stylegan2_config_f():
     assert default_channels(1024) == {4: 512, 8: 512, 16: 512, 32: 512, 64: 512, 128: 256, 256: 128, 512: 64,
                                       1024: 32}  # fmt: skip
