@@ -56,6 +56,15 @@ def test_pgd_and_fast_at_lower_the_attack_objective(tiny_model):
     fast = attack_embeddings(loss_of, fast_at_start(start, 1e-3), "fast-at", steps=1, lr=1e-3)
     # the random start lies within lr / 1.25 of the start, and the step moves every coordinate by lr
     assert (fast - start).abs().max() <= 1e-3 * (1 + 1 / 1.25) + 1e-7
+    # the random start is uniform on both sides (Wong et al.'s [-epsilon, epsilon]), not one-sided
+    offsets = fast_at_start(torch.zeros(20_000), 1e-3)
+    assert offsets.abs().max() <= 1e-3 / 1.25 and offsets.min() < -0.7e-3 and offsets.max() > 0.7e-3
+    assert abs(float(offsets.mean())) < 3e-5
+    # one PGD step is Adam's first: each coordinate moves by lr against the sign of its gradient
+    adv = start.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_of(adv), adv)
+    one, clear = attack_embeddings(loss_of, start, "pgd", steps=1, lr=0.05), grad.abs() > 1e-5
+    torch.testing.assert_close(one[clear], (start - 0.05 * grad.sign())[clear], rtol=0, atol=1e-4)
     with torch.no_grad():
         assert loss_of(pgd).item() < initial
         assert loss_of(fast).item() < initial

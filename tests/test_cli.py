@@ -58,20 +58,22 @@ def test_erase_then_sample_grid_and_folder(tiny_pipeline_dir, tmp_path):
     from ui.cli import main  # the rest in-process (a process of its own spends 2-3 s on imports)
 
     assert main(["sample", str(tmp_path / "run"), "--prompt", "a cat", "--prompt", "a dog", "--n", "2",
-                 "--seed", "5", "--steps", "2", "--out", str(tmp_path / "images")]) == 0  # fmt: skip
+                 "--seed", "5", "--out", str(tmp_path / "images")]) == 0  # fmt: skip
     names = sorted(p.name for p in (tmp_path / "images").iterdir())
     assert names == ["p0_s5.png", "p0_s6.png", "p1_s5.png", "p1_s6.png", "sample.json"]
     assert Image.open(tmp_path / "images" / "p1_s6.png").size == (16, 16)
     record = json.loads((tmp_path / "images" / "sample.json").read_text())
     assert record["model"] == str(tmp_path / "run") and record["prompts"] == ["a cat", "a dog"]
-    assert record["images"]["p1_s6.png"] == {"prompt": 1, "seed": 6} and record["steps"] == 2
-    assert record["guidance"] == SD_SAMPLING["guidance"]  # the model's own, recorded where not given
+    assert record["images"]["p1_s6.png"] == {"prompt": 1, "seed": 6}
+    # the model's own steps and guidance, recorded where not given
+    assert record["steps"] == SD_SAMPLING["steps"] and record["guidance"] == SD_SAMPLING["guidance"]
     # another model's images would sit beside these under the same names: refused before anything is drawn
     assert main(["sample", str(tmp_path / "run"), "--prompt", "a dog", "--n", "1", "--steps", "2",
                  "--out", str(tmp_path / "images")]) == 2  # fmt: skip
     assert len(list((tmp_path / "images").iterdir())) == 5
 
-    for name, image_format in (("grid.jpg", "JPEG"), ("grid.webp", "WEBP")):  # grids/ is made, as erase's --out
+    # grids/ is made, as erase's --out; a suffix in capitals is a grid too
+    for name, image_format in (("grid.jpg", "JPEG"), ("grid.webp", "WEBP"), ("grid.PNG", "PNG")):
         assert main(["sample", str(tmp_path / "run"), "--prompt", "a cat", "--n", "1", "--steps", "2",
                      "--out", str(tmp_path / "grids" / name)]) == 0  # fmt: skip
         assert Image.open(tmp_path / "grids" / name).format == image_format

@@ -343,3 +343,21 @@ def test_nothing_is_written_inside_a_model_folder_of_any_kind(marker, tmp_path):
     check_outside_models(tmp_path / "beside", "--out")
     with pytest.raises(InputError, match="is inside the model folder"):
         check_outside_models(tmp_path / "model" / "sub" / "run", "--out")
+
+
+def test_a_runs_base_model_is_named_as_resolve_takes_it_and_its_peak_memory_in_mb():
+    from pathlib import Path
+
+    from erasure.output import peak_memory_mb, recorded_base_model
+
+    # a Hub base by its id, as an embedded one by its name: the cache path is one machine's, and may be gone
+    base = {"spec": "org/model", "path": "/cache/models--org--model/snapshots/0123"}
+    assert recorded_base_model({"base_model": {**base, "origin": "hub"}}) == "org/model"
+    assert recorded_base_model({"base_model": {**base, "origin": "embedded"}}) == "org/model"
+    assert recorded_base_model({"base_model": {**base, "origin": "local"}}) == base["path"]
+    # the manifest's peak_rss_mb: the kernel's high-water mark of resident memory (VmHWM, in kB) in MB
+    status = Path("/proc/self/status")
+    if status.exists():  # Linux
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        hwm_mb = int(line.split()[1]) / 1024
+        assert abs(peak_memory_mb("cpu")["peak_rss_mb"] - hwm_mb) <= 0.02 * hwm_mb

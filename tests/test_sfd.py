@@ -186,6 +186,12 @@ def test_the_one_step_pipeline_saves_loads_and_samples_bit_for_bit(tiny_pipeline
     alone = first.generate(["a dog"], [1])[0][0]
     assert np.array_equal(np.asarray(alone), np.asarray(a[1][1]))
     assert not np.array_equal(np.asarray(a[0][0]), np.asarray(a[0][1]))
+    # a one-step generator draws in one step, unguided: --steps and --guidance are refused, not silently ignored
+    from erasure.sampling import sample
+
+    for option in ({"steps": 4}, {"guidance": 7.5}):
+        with pytest.raises(InputError, match=f"is a one-step generator: --{next(iter(option))} does not apply"):
+            sample(str(run), ["a cat"], n=1, seed=0, out=tmp_path / "grid.png", **option)
 
 
 def test_the_readme_recipe_reproduces_the_pipeline_with_plain_diffusers(tiny_pipeline_dir, tmp_path):

@@ -80,11 +80,13 @@ def test_stage_two_starts_again_from_the_original_unet(tiny_pipeline_dir):
     # a large stage-1 learning rate and a vanishing stage-2 one: what stage 1 did must not reach the result
     model = load_model(str(tiny_pipeline_dir))
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
-    config = build_config("stereo", model.family, parse_sets([*QUICK, "search_lr=0.1", "lr=1e-12"]))
+    config = build_config("stereo", model.family, parse_sets([*QUICK, "search_lr=0.1", "lr=1e-12",
+                                                              "anchor_prompts=a dog"]))  # fmt: skip
     result = stereo_erase(model, ["a cat"], config, RunContext(seed=0, progress=False))
     after = result.model.unet.state_dict()
     assert max(float((after[k] - before[k]).abs().max()) for k in before) < 1e-6
     assert result.outcome["stereo"]["words"] == 2 and result.changed == ["unet"]
+    assert result.outcome["stereo"]["anchors"] == ["a dog"]  # the anchors asked for, not the family's
 
 
 def test_stage_two_erases_the_concept_and_every_word_stage_one_found_in_turn(tiny_pipeline_dir, monkeypatch):
@@ -109,6 +111,14 @@ def test_stage_two_erases_the_concept_and_every_word_stage_one_found_in_turn(tin
             trained_on.append(cond.detach().clone())
         return denoise(self, unet, x_t, t, cond)
 
+    erased_counts = []  # how many predictions each step's target moves away from: the whole erased set's
+    target = stereo.compositional_target
+
+    def counting(eps_empty, eps_anchor, eps_erased, scale):
+        erased_counts.append(len(eps_erased))
+        return target(eps_empty, eps_anchor, eps_erased, scale)
+
+    monkeypatch.setattr(stereo, "compositional_target", counting)
     monkeypatch.setattr(stereo, "_found_words", keeping_the_words)
     monkeypatch.setattr(stereo._Draws, "denoise", recording)
     config = build_config("stereo", model.family, parse_sets([*QUICK, "steps=3", "prompt_templates={}"]))
@@ -119,6 +129,133 @@ def test_stage_two_erases_the_concept_and_every_word_stage_one_found_in_turn(tin
     assert not torch.allclose(erased_set[1], erased_set[2]) and not torch.allclose(erased_set[0], erased_set[1])
     for member in erased_set:
         assert sum(torch.equal(cond, member) for cond in trained_on) == 1
+    assert erased_counts == [3, 3, 3]
+
+
+def test_the_word_is_fitted_on_the_unet_it_is_given_not_the_models_own(tiny_model):
+    # Stage 1 inverts each word on its erased copy of the UNet: fitted on the model's own (original) UNet, it would be
+    # a word the original draws the concept with, not one the erased copy still does.
+    import copy
+
+    model = tiny_model
+    erased = copy.deepcopy(model.unet)
+    latents = encode_latents(model, torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
+                            torch.Generator().manual_seed(0))  # fmt: skip
+    calls = {"given": 0, "own": 0}
+    hooks = [unet.register_forward_hook(lambda *_, key=key: calls.update({key: calls[key] + 1}))
+             for key, unet in (("given", erased), ("own", model.unet))]  # fmt: skip
+    config = build_config("stereo", model.family, parse_sets(["inversion_steps=3", "inversion_batch=2"]))
+    start = torch.zeros(model.text_encoder.config.hidden_size)
+    invert(model, erased, latents, ["a", "a"], start, config, RunContext(seed=0, progress=False), "test")
+    for hook in hooks:
+        hook.remove()
+    assert calls == {"given": 3, "own": 0}
+
+
+def test_each_search_round_erases_the_word_the_last_one_found_and_inverts_its_own_images(tiny_pipeline_dir,
+                                                                                         monkeypatch):  # fmt: skip
+    # Stage 1 searches thoroughly only if each round erases what the round before it found (not the concept again),
+    # and inverts its word from its own share of the original model's images, drawn at seeds 2,000,000 and up, far
+    # from the evaluation's and its attacks'.
+    import erasure.stereo as stereo
+
+    model = load_model(str(tiny_pipeline_dir))
+    erased_in_round, inverted, seeds = [], [], []
+    erase_round, invert_word, generate_jobs = stereo._erase_round, stereo.invert, model.generate_jobs
+
+    def recording_round(searcher, draws, previous, *args):
+        erased_in_round.append(previous)
+        return erase_round(searcher, draws, previous, *args)
+
+    def recording_invert(model_, unet, latents, *args):
+        word = invert_word(model_, unet, latents, *args)
+        inverted.append((latents.clone(), word))
+        return word
+
+    def recording_jobs(prompts, jobs, **kwargs):
+        seeds.extend(seed for _, seed in jobs)
+        return generate_jobs(prompts, jobs, **kwargs)
+
+    monkeypatch.setattr(stereo, "_erase_round", recording_round)
+    monkeypatch.setattr(stereo, "invert", recording_invert)
+    monkeypatch.setattr(model, "generate_jobs", recording_jobs)
+    config = build_config("stereo", model.family, parse_sets([*QUICK, "steps=1"]))
+    stereo_erase(model, ["a cat"], config, RunContext(seed=0, progress=False))
+    assert erased_in_round[0] is None and torch.equal(erased_in_round[1], inverted[0][1])
+    (first, _), (second, _) = inverted
+    assert len(first) == len(second) == 2 and not any(torch.equal(a, b) for a in first for b in second)
+    assert seeds == [2_000_000, 2_000_001, 2_000_002, 2_000_003]
+
+
+def test_a_search_round_moves_the_concepts_prediction_towards_negative_guidance(tiny_model):
+    """As ESD's test in test_esd.py, for stage 1's erasing: after a few steps the searched copy's prediction for the
+    concept, on x_t it never trained on, has moved towards eps(empty) - eta (eps(concept) - eps(empty)) of the UNet it
+    started from. The target's arguments swapped train towards the concept (at the default eta 0: on the spot)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from erasure.common import esd_target, select_trainable
+    from erasure.stereo import _Draws, _erase_round
+
+    model, family, eta = tiny_model, tiny_model.family, 2.0
+    with torch.no_grad():
+        cond, uncond = model.encode(["a cat"]), model.encode([""])
+        noise = torch.randn(16, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        x_t, t_lo, t_hi = family.trajectory(model.unet, family.sampling_scheduler(model, 3, "cpu"), cond, uncond, 1,
+                                            3.0, noise)  # fmt: skip
+        t = torch.full((len(x_t),), (t_lo + t_hi) // 2)
+        base = model.unet  # the UNet the search starts from, left as it is (the search trains a copy)
+        eps_empty, eps_concept = (family.denoise(base, x_t, t, c.expand(len(x_t), -1, -1)) for c in (uncond, cond))
+    target = esd_target(eps_empty, eps_concept, eta)
+
+    sets = [*QUICK, "prompt_templates={}", "search_steps=8", "search_lr=1e-2", f"search_guidance={eta}"]
+    config = build_config("stereo", family, parse_sets(sets))
+    run = RunContext(seed=0, progress=False)
+    searcher = copy.deepcopy(model.unet)
+    select_trainable(searcher, "unet", config.scope)
+    _erase_round(searcher, _Draws(model, family.text_tower(model), ["a cat"], config, run), None, 0, config, run)
+    with torch.no_grad():
+        after = family.denoise(searcher, x_t, t, cond.expand(len(x_t), -1, -1))
+    moved, wanted = (after - eps_concept).flatten(), (target - eps_concept).flatten()
+    assert F.cosine_similarity(moved, wanted, dim=0) > 0.5  # (at this rate it overshoots the target)
+
+
+def test_the_adversarial_words_are_warm_started_and_their_term_trains_the_unet(tiny_pipeline_dir, monkeypatch):
+    # attack_tokens: each step's attack starts where the last one ended (within fast AT's random start), and its
+    # term reaches the weights: a detached term would leave the attack's step size without effect on the UNet.
+    import erasure.stereo as stereo
+
+    attacks = []  # (start, result) of each step's attack
+    attack = stereo.attack_embeddings
+
+    def recording(loss_of, start, *args):
+        adv = attack(loss_of, start, *args)
+        attacks.append((start.clone(), adv.clone()))
+        return adv
+
+    monkeypatch.setattr(stereo, "attack_embeddings", recording)
+    unets = []
+    for attack_lr in (1e-3, 0.5):
+        model = load_model(str(tiny_pipeline_dir))
+        sets = [*QUICK, "rounds=1", "steps=3", "attack_tokens=2", f"attack_lr={attack_lr}"]
+        config = build_config("stereo", model.family, parse_sets(sets))
+        unets.append(stereo_erase(model, ["a cat"], config, RunContext(seed=0, progress=False)).model.unet.state_dict())
+    for (_, ended), (start, _) in zip(attacks[0:2], attacks[1:3]):
+        assert (start - ended).abs().max() <= 1e-3 / 1.25 + 1e-7
+    assert any(not torch.equal(unets[0][k], unets[1][k]) for k in unets[0])
+
+
+def test_the_retain_weight_weighs_the_retain_term(tiny_pipeline_dir):
+    # retain_weight: the term keeps the original UNet's predictions on its own images; at two weights the trained
+    # UNets differ (a weight ignored, or a term compared with the student's own prediction, would leave them equal)
+    unets = []
+    for weight in (1.0, 8.0):
+        model = load_model(str(tiny_pipeline_dir))
+        sets = [*QUICK, "rounds=1", "steps=2", f"retain_weight={weight}", "retain_images=2", "retain_batch=2"]
+        config = build_config("stereo", model.family, parse_sets(sets))
+        unets.append(stereo_erase(model, ["a cat"], config, RunContext(seed=0, progress=False)).model.unet.state_dict())
+    assert any(not torch.equal(unets[0][k], unets[1][k]) for k in unets[0])
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from erasure.training import Network, RunContext, Terminated, TrainingLoop, checkpoint_on_stop
+from erasure.training import EMA, Network, RunContext, Terminated, TrainingLoop, checkpoint_on_stop
 
 STEPS, CRITIC_STEPS = 6, 2
 
@@ -407,3 +407,19 @@ def test_frozen_weights_stay_float32_on_the_cpu_unless_half_is_asked_for():
     assert RunContext(progress=False, mixed_precision="bf16", frozen_precision="full").frozen_dtype == torch.float32
     assert RunContext(progress=False, mixed_precision="bf16", frozen_precision="half").frozen_dtype == torch.bfloat16
     assert RunContext(progress=False).frozen_dtype == torch.float32
+
+
+def test_an_ema_moves_a_share_of_one_minus_its_decay_towards_the_weights():
+    # SFD's and Adapt-then-Unlearn's tests use decay 0.5, where decay and 1 - decay are the same share
+    net = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    net.bias.requires_grad_(False)  # a frozen parameter is not averaged
+    ema = EMA(net, decay=0.9)
+    with torch.no_grad():
+        net.weight.fill_(3.0)
+        net.bias.fill_(5.0)
+    ema.update(net)
+    assert set(ema.shadow) == {"weight"} and torch.allclose(ema.shadow["weight"], torch.full((1, 2), 1.2))  # .9 + .3
+    ema.copy_to(net)
+    assert torch.allclose(net.weight, torch.full((1, 2), 1.2)) and float(net.bias) == 5.0
