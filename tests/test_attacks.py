@@ -98,7 +98,7 @@ def test_eval_runs_each_attack_on_the_digits_model(attack, tmp_path):
     assert result["settings"]["seeds"] == [7, 8] and [p["seed"] for p in result["per_pair"]] == [7, 8]
 
 
-def test_textual_inversion_leaves_out_every_word_that_names_the_concept():
+def test_textual_inversion_leaves_out_every_word_that_names_the_concept(monkeypatch):
     """"7" is "seven" in the digits world's prompts: the attacked prompt must not name the concept by its other word
     (it did: "<v*> a red seven", and the word learnt then had the concept in plain text beside it)."""
     from pipelines import load_model
@@ -110,9 +110,13 @@ def test_textual_inversion_leaves_out_every_word_that_names_the_concept():
     assert remove_concept("a slanted, italic three", digits.concept_words("slanted")) == "a three"
     assert get_family("sd1").concept_words("Van Gogh") == {"van", "gogh"}
     model = load_model("digits")
+    tokenized, tokenize = [], model.tokenize
+    monkeypatch.setattr(model, "tokenize", lambda texts: tokenized.append(list(texts)) or tokenize(texts))
     out = inversion_attack(model, model, NeverSees(), "7", ["a red seven", "the number 7"], [0],
                            InversionSettings(steps=1))  # fmt: skip
     assert [p["attacked_prompt"] for p in out["per_pair"]] == ["<v*> a red", "<v*> the number"]
+    # the training images are prompt-major (four seeds of each): each is learnt under its own prompt's context
+    assert ["a red"] * 4 + ["the number"] * 4 in tokenized
     assert out["images_showing_concept"] == 0.0  # NeverSees: the judge saw it in none of the training images
     # and the digest, the card and the preview's table say that its rate then means little
     from erasure.evaluation import reference_note
@@ -145,7 +149,10 @@ def test_the_attacks_say_whether_the_base_models_reference_shows_the_concept():
 
     note = "the base model's reference shows the concept in 50.0% of the pairs; attack success over those: 100.0%"
     assert reference_note(outcomes[0]) == note and note in attack_value({**outcomes[0], "attack": "embedding"})
-    report = {"concepts": {"seven": {"metrics": {}, "attack": {**outcomes[0], "attack": "embedding"}}}}
+    judged = {"before": 0.75, "after": 0.125, "difference": -0.625}  # the base's value first, then the erased one's
+    report = {"concepts": {"seven": {"metrics": {"target_presence_judge": judged},
+                                     "attack": {**outcomes[0], "attack": "embedding"}}}}  # fmt: skip
+    assert summary_lines(report)[0] == "seven: target_presence_judge: 0.75 -> 0.125 (-0.625)"
     assert summary_lines(report)[-1] == f"seven: attack (embedding): {note}"
     assert reference_note({**outcomes[0], "reference_shows_concept": 1.0}) is None
 
@@ -164,8 +171,8 @@ def test_the_attacks_draw_each_prompt_at_its_own_guidance():
     assert not torch.equal(own[0], draw_pairs(model, prompts[:1], seeds, [None]))  # the guidance tells
     with torch.no_grad():
         embeds = model.encode(prompts)
-    own = [to_tensor(model.generate_each(embeds[i : i + 1], [1000], guidance=g)) for i, g in enumerate(guidance)]
-    assert torch.equal(draw_embedded(model, embeds, [1000, 1000], guidance), torch.cat(own))
+    own = [to_tensor(model.generate_each(embeds[i : i + 1], [1000 + i], guidance=g)) for i, g in enumerate(guidance)]
+    assert torch.equal(draw_embedded(model, embeds, [1000, 1001], guidance), torch.cat(own))  # each at its own seed
     # each attack records the prompts' own guidance (test_a_prompt_files_rows_are_attacked_at_their_own_seeds);
     # without one, nothing is recorded: the model's default is in the report's settings
     plain = attack_success_rate(model, model, NeverSees(), "seven", prompts, [1000], AttackSettings(steps=1))
@@ -198,9 +205,18 @@ def test_a_prompt_files_rows_are_attacked_at_their_own_seeds():
     for attack, settings in ((attack_success_rate, AttackSettings(steps=1)),
                              (discrete_attack, DiscreteAttackSettings(steps=1)),
                              (inversion_attack, InversionSettings(steps=1))):  # fmt: skip
-        out = attack(model, model, NeverSees(), "seven", prompts, seeds, settings, guidance=[2.0, None])
+        judge = _Recorder()
+        out = attack(model, model, judge, "seven", prompts, seeds, settings, guidance=[2.0, None])
         assert [(p["prompt"], p["seed"]) for p in out["per_pair"]] == pairs and out["pairs"] == 3
         assert out["settings"]["seeds"] == seeds and out["settings"]["guidance"] == [2.0, None]
+        if attack is discrete_attack:
+            # its last step is checked though it is no multiple of check_every: each pair's words and prompt are
+            # drawn at the pair's seed and its prompt's guidance (the erased model's images and the references first)
+            assert len(judge.seen) == 3
+            for image, pair, g in zip(judge.seen[2], out["per_pair"], [2.0, None, None]):
+                own = to_tensor(model.generate([pair["adversarial_prompt"]], [pair["seed"]], guidance=g)[0])
+                # up to a rounding step (a batch of two and a batch of one round differently on a CPU)
+                assert (image - own[0]).abs().max() <= 1 / 255 + 1e-6, pair
 
 
 class _Recorder(NeverSees):
@@ -231,6 +247,30 @@ def test_textual_inversion_learns_its_word_on_the_base_models_images(tiny_pipeli
     trained_on = judge.seen[0]  # the judge first scores the training images (images_showing_concept)
     assert out["settings"]["images"] == 4
     assert torch.equal(trained_on, draw_pairs(base, ["a cat"], [0, 1, 2, 3], [None]))
+    # and whether the concept shows before the attack is judged on the erased model's images (after the attacked)
+    assert len(judge.seen) == 3 and torch.equal(judge.seen[2], draw_pairs(erased, ["a cat"], [0], [None]))
+
+
+def test_the_attacks_references_are_the_base_models_images_and_before_the_erased_models(tiny_pipeline_dir,
+                                                                                       monkeypatch):
+    # the embedding and discrete attacks pull each pair towards the base model's image of it, which must show the
+    # concept (reference_shows_concept); whether it shows before the attack is the erased model's image
+    from evaluators.attack import AttackTarget, draw_pairs
+    from pipelines import load_model
+    from pipelines.images import encode_latents
+
+    erased, base = load_model(str(tiny_pipeline_dir)), load_model(str(tiny_pipeline_dir))
+    for model in (erased, base):  # two sampling steps (the model card's setting) keep the drawing quick
+        monkeypatch.setitem(model.source.card, "sampling", {"steps": 2})
+    with torch.no_grad():
+        erased.unet.conv_out.weight.mul_(-1.0)  # the two models draw different images
+    judge = _Recorder()
+    target = AttackTarget.of(erased, base, judge, "cat", ["a cat"], [0, 1])
+    references, plain = (draw_pairs(m, ["a cat"], [0, 1], [None]) for m in (base, erased))
+    assert not torch.equal(references, plain)
+    assert len(judge.seen) == 2 and torch.equal(judge.seen[0], plain) and torch.equal(judge.seen[1], references)
+    with torch.no_grad():
+        assert torch.equal(target.z_ref, encode_latents(erased, references))
 
 
 def test_textual_inversion_starts_at_the_concepts_word_and_steps_in_units_of_the_embeddings_rms(tiny_model,
@@ -286,3 +326,16 @@ def test_the_discrete_attack_feeds_the_encoder_whole_words_at_every_step(monkeyp
         for row in words.reshape(-1, words.shape[-1]):
             # one token's embedding (up to the rounding of one_hot + p - p), not a blend of several
             assert float((table - row).abs().amax(-1).min()) < 1e-5
+
+
+def test_an_attack_on_the_built_in_prompts_draws_its_pairs_apart_from_the_evaluations_seeds(monkeypatch):
+    # `erasure eval` draws seeds 0, 1, ...; the attack's own pairs start at 1000, so that it is not measured on the
+    # images the report already scored
+    from erasure.evaluation import run_attack
+    from pipelines import load_model
+
+    model = load_model("digits")
+    card = model.source.card
+    monkeypatch.setitem(card, "sampling", {**card.get("sampling", {}), "steps": 2})  # quick drawing
+    out = run_attack("embedding", model, model, "seven", 1, 2, 1, None, progress=False)
+    assert out["attack"] == "embedding" and [p["seed"] for p in out["per_pair"]] == [1000, 1001]
