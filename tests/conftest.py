@@ -264,6 +264,19 @@ def tiny_gan(seed: int = 0, size: int = 16):
     return Generator(config).eval(), Discriminator(config).eval()
 
 
+def check_truncation_centre_follows_the_mapping(base: str, run, atol: float) -> None:
+    """A GAN run that trains the mapping saves, as the centre truncation pulls towards, the mean w of its own mapping
+    (StyleGAN2's 4096 codes of seed 0), not the base model's."""
+    from pipelines import load_model
+
+    base_model, erased = load_model(base), load_model(str(run))
+    z = torch.randn(4096, erased.generator.config.style_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        centre = erased.generator.mapping(z).mean(0, keepdim=True)
+    assert torch.allclose(erased.latent_avg, centre, atol=atol)
+    assert not torch.allclose(base_model.latent_avg, centre, atol=atol)
+
+
 @pytest.fixture(scope="session")
 def tiny_gan_checkpoint(tmp_path_factory):
     """A rosinality-format `.pt` (generator and discriminator) of a tiny StyleGAN2."""
