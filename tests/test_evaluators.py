@@ -244,6 +244,11 @@ def test_inception_features_from_a_local_weights_file(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = plain.eval()(resized * 2 - 1)
     assert torch.allclose(features, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())  # random: tiny
+    # past the first chunk of images the network takes at once, every image still has its own features
+    many = torch.rand(65, 3, 8, 8)
+    features = feature_extractor(f"inception:{path}")(many)
+    assert features.shape == (65, 2048)
+    assert torch.allclose(features[[40, 64]], feature_extractor(f"inception:{path}")(many[[40, 64]]), atol=1e-4)
     with pytest.raises(InputError, match="not found"):
         feature_extractor(f"inception:{tmp_path / 'missing.pth'}")
     # `--fid-features inception:~/file` (the shell leaves a ~ after the colon alone) passed the check before any image

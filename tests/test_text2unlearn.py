@@ -151,6 +151,19 @@ def test_the_loss_is_its_weighted_terms_at_a_rate_that_falls_at_the_end(tmp_path
     check_truncation_centre_follows_the_mapping("digits-gan", run, atol=1e-5)
 
 
+def test_with_two_concepts_only_the_codes_that_show_neither_are_kept_as_they_were(tmp_path, monkeypatch):
+    # a code that shows "red" but not "seven" is one to unlearn, not one to preserve: each step's preservation terms
+    # see exactly the half of its batch drawn from codes that show neither concept
+    import torch.nn.functional as F
+
+    kept, mse_loss = [], F.mse_loss
+    monkeypatch.setattr(F, "mse_loss", lambda images, target, *a, **k: kept.append(len(images)) or
+                        mse_loss(images, target, *a, **k))  # fmt: skip
+    run = erase("text2unlearn", ["red", "seven"], "digits-gan", out=tmp_path / "run", sets=FAST, progress=False)
+    outcome = json.loads((run / "erasure.json").read_text())["text2unlearn"]
+    assert outcome["concept_bearing_codes"] > 0 and kept == [2, 2, 2, 2]  # batch_size=4: 2 of each half, 4 steps
+
+
 def test_the_floor_sees_the_renders_as_the_push_does():
     """With `augment` views the push compares shifted views' features with the floor: the floor is taken through the
     same views (it was taken unshifted), without moving the training's random numbers."""
