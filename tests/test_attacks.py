@@ -219,6 +219,23 @@ def test_a_prompt_files_rows_are_attacked_at_their_own_seeds():
                 assert (image - own[0]).abs().max() <= 1 / 255 + 1e-6, pair
 
 
+def _quick_drawing(model, monkeypatch):
+    """Two sampling steps (the model card's setting) keep an attack's drawing quick."""
+    card = model.source.card
+    monkeypatch.setitem(card, "sampling", {**card.get("sampling", {}), "steps": 2})
+    return model
+
+
+def _erased_and_base(tiny_pipeline_dir, monkeypatch):
+    """Two copies of the tiny model, the "erased" one changed so that the two draw different images."""
+    from pipelines import load_model
+
+    erased, base = (_quick_drawing(load_model(str(tiny_pipeline_dir)), monkeypatch) for _ in range(2))
+    with torch.no_grad():
+        erased.unet.conv_out.weight.mul_(-1.0)
+    return erased, base
+
+
 class _Recorder(NeverSees):
     """NeverSees, keeping the images of each call."""
 
@@ -234,13 +251,8 @@ def test_textual_inversion_learns_its_word_on_the_base_models_images(tiny_pipeli
     # the word must be fitted to images that show the concept: the base model's (four seeds a prompt), not the
     # erased model's, from which the concept is gone
     from evaluators.attack import draw_pairs
-    from pipelines import load_model
 
-    erased, base = load_model(str(tiny_pipeline_dir)), load_model(str(tiny_pipeline_dir))
-    for model in (erased, base):  # two sampling steps (the model card's setting) keep the drawing quick
-        monkeypatch.setitem(model.source.card, "sampling", {"steps": 2})
-    with torch.no_grad():
-        erased.unet.conv_out.weight.mul_(-1.0)  # the two models draw different images
+    erased, base = _erased_and_base(tiny_pipeline_dir, monkeypatch)
     assert not torch.equal(erased.unet.conv_out.weight, base.unet.conv_out.weight)
     judge = _Recorder()
     out = inversion_attack(erased, base, judge, "cat", ["a cat"], [0], InversionSettings(steps=1))
@@ -256,14 +268,9 @@ def test_the_attacks_references_are_the_base_models_images_and_before_the_erased
     # the embedding and discrete attacks pull each pair towards the base model's image of it, which must show the
     # concept (reference_shows_concept); whether it shows before the attack is the erased model's image
     from evaluators.attack import AttackTarget, draw_pairs
-    from pipelines import load_model
     from pipelines.images import encode_latents
 
-    erased, base = load_model(str(tiny_pipeline_dir)), load_model(str(tiny_pipeline_dir))
-    for model in (erased, base):  # two sampling steps (the model card's setting) keep the drawing quick
-        monkeypatch.setitem(model.source.card, "sampling", {"steps": 2})
-    with torch.no_grad():
-        erased.unet.conv_out.weight.mul_(-1.0)  # the two models draw different images
+    erased, base = _erased_and_base(tiny_pipeline_dir, monkeypatch)
     judge = _Recorder()
     target = AttackTarget.of(erased, base, judge, "cat", ["a cat"], [0, 1])
     references, plain = (draw_pairs(m, ["a cat"], [0, 1], [None]) for m in (base, erased))
@@ -277,7 +284,7 @@ def test_textual_inversion_starts_at_the_concepts_word_and_steps_in_units_of_the
                                                                                                  monkeypatch):
     # lr is relative to the size of the vocabulary's embeddings, so that one setting suits every text encoder; the
     # word starts from the mean embedding of the concept's own tokens. Adam's first step moves a coordinate by ~lr.
-    monkeypatch.setitem(tiny_model.source.card, "sampling", {"steps": 2})  # quick drawing (the card's setting)
+    _quick_drawing(tiny_model, monkeypatch)
     family = tiny_model.family
     words = []
     encode_inserted = family.encode_inserted
@@ -304,9 +311,7 @@ def test_the_discrete_attack_feeds_the_encoder_whole_words_at_every_step(monkeyp
     from evaluators.attack import AttackTarget
     from pipelines import load_model
 
-    model = load_model("digits")
-    card = model.source.card
-    monkeypatch.setitem(card, "sampling", {**card.get("sampling", {}), "steps": 2})  # quick drawing
+    model = _quick_drawing(load_model("digits"), monkeypatch)
     encoded = []
     encode = AttackTarget.encode
 
@@ -334,8 +339,6 @@ def test_an_attack_on_the_built_in_prompts_draws_its_pairs_apart_from_the_evalua
     from erasure.evaluation import run_attack
     from pipelines import load_model
 
-    model = load_model("digits")
-    card = model.source.card
-    monkeypatch.setitem(card, "sampling", {**card.get("sampling", {}), "steps": 2})  # quick drawing
+    model = _quick_drawing(load_model("digits"), monkeypatch)
     out = run_attack("embedding", model, model, "seven", 1, 2, 1, None, progress=False)
     assert out["attack"] == "embedding" and [p["seed"] for p in out["per_pair"]] == [1000, 1001]

@@ -3,6 +3,7 @@ options, the digits world's prompts, and the layering the families allow (the me
 family's name; the library never imports its apps)."""
 
 import ast
+import random
 import re
 from pathlib import Path
 
@@ -106,10 +107,10 @@ def test_the_digits_world_pairs_each_concept_with_its_override_in_its_own_captio
     # every other digit is in the remain pool
     assert all(any(re.search(rf"\b{d}\b", p) for p in remain) for d in ("zero", "one", "eight", "nine"))
     assert digits.default_override("seven") == "eight" and digits.default_override("a cat") is None
-    retain = digits.retain_prompts(["red"], __import__("random").Random(0))
+    retain = digits.retain_prompts(["red"], random.Random(0))
     assert retain and not any("red" in p for p in retain)
     # "7" shares no word with "a seven": the pool itself must leave the digit out, alone as in full captions
-    retain = digits.retain_prompts(["7"], __import__("random").Random(0))
+    retain = digits.retain_prompts(["7"], random.Random(0))
     assert "a nine" in retain and not any(re.search(r"\b(seven|7)\b", p) for p in retain)
 
 
@@ -140,7 +141,7 @@ def test_the_digits_worlds_builtin_images_of_a_colour_are_drawn_in_that_colour()
 
 def test_a_real_world_family_keeps_coco_objects_and_leaves_out_the_concept():
     sd1 = FAMILIES["sd1"]
-    retain = sd1.retain_prompts(["a dog"], __import__("random").Random(0), n=500)
+    retain = sd1.retain_prompts(["a dog"], random.Random(0), n=500)
     assert "a photo of a cat" in retain and not any("dog" in p for p in retain)
     prompts = sd1.prompt_set("church", neighbours=["castle"])
     assert prompts.target[0] == "church" and prompts.preserved[0] == "a photo of castle"
@@ -148,7 +149,6 @@ def test_a_real_world_family_keeps_coco_objects_and_leaves_out_the_concept():
     assert prompts.clip_anchors == sd1.prompt_set("church").clip_anchors
     assert "a photo of a dog" not in sd1.prompt_set("Dog").preserved  # a capitalised concept is still left out
     # retain prompts in the order of the run's random generator (a few of them: not always the same first few)
-    random = __import__("random")
     assert sd1.retain_prompts(["a dog"], random.Random(0), n=8) != sd1.retain_prompts(["a dog"], random.Random(1), n=8)
     anchors = sd1.anchor_prompts("church", random.Random(0))  # STEREO's: the concept in context, never alone
     assert anchors and "church" not in anchors and all("church" in a for a in anchors)
