@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.bounds import SEED_BOUNDS, check_number
 from pipelines.components import RUN_SAVE_MODES
@@ -24,6 +26,12 @@ from .isolation import keeps_process_state
 from .output import RunDirectory, library_versions, mark_resumable, peak_memory_mb, write_manifest
 from .registry import default_model, get_method
 from .training import RunContext, TrainingDiverged, checkpoint_on_stop
+
+if TYPE_CHECKING:
+    from pipelines.loading import ModelSource
+
+    from .config import MethodConfig
+    from .registry import Method
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +80,26 @@ def _warn_of_cut_concepts(model, concepts: Sequence[str]) -> None:
                         concept[:40] + "...", tokens, tokenizer.model_max_length)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class _Request:
+    """What an `erase` call asks for, resolved and checked before any model loads."""
+
+    method: str  # as the caller named it, which the run folder records
+    spec: Method
+    concepts: list[str]
+    source: ModelSource
+    config: MethodConfig
+    out: Path
+    save: str
+
+    @property
+    def lora_rank(self) -> int:
+        return getattr(self.config, "lora_rank", 0)
+
+
 def _checked_request(method: str, concepts, model, out, config_file, sets, seed: int, checkpoint_every: int,
-                     model_config, save: str):  # fmt: skip
-    """`erase`'s arguments resolved and checked before any model loads: (method, concepts, model source, config,
-    --out)."""
+                     model_config, save: str) -> _Request:  # fmt: skip
+    """`erase`'s arguments resolved and checked before any model loads."""
     from pipelines import resolve
     from pipelines.loading import check_model_config
 
@@ -103,7 +127,7 @@ def _checked_request(method: str, concepts, model, out, config_file, sets, seed:
     out = check_writable(default_out_dir(method, concepts) if out is None else out)
     check_outside(out, source.path, "--out", "the model it erases from")
     check_outside_models(out, "--out")
-    return spec, concepts, source, config, out
+    return _Request(method, spec, concepts, source, config, out, save)
 
 
 @keeps_process_state
@@ -149,20 +173,19 @@ def erase(
     from pipelines.devices import resolve_device
 
     device = resolve_device(device)
-    spec, concepts, source, config, out = _checked_request(method, concepts, model, out, config_file, sets, seed,
-                                                           checkpoint_every, model_config, save)  # fmt: skip
-    lora_rank = getattr(config, "lora_rank", 0)
+    request = _checked_request(method, concepts, model, out, config_file, sets, seed, checkpoint_every, model_config,
+                               save)  # fmt: skip
     # Under several processes (accelerate launch, torchrun) every process trains; the main one alone owns the run
     # folder. All check it before any of them creates anything, and before hashing the base (seconds on SD).
-    run_dir = RunDirectory(out, resume=resume)
+    run_dir = RunDirectory(request.out, resume=resume)
     run_dir.check()
-    base_model = source.describe()  # hashes the base's weights: the run and its checkpoints are tied to them
+    base_model = request.source.describe()  # hashes the base's weights: the run and its checkpoints are tied to them
     precision = {"optimizer_state": optimizer_state, "frozen_precision": frozen_precision}
     run = RunContext(
         seed=seed, device=device, mixed_precision=mixed_precision, checkpoint_dir=run_dir.checkpoint_dir,
         checkpoint_every=checkpoint_every, resume=resume, progress=progress, after_step=after_step, **precision,
-        fingerprint=run_fingerprint(method, concepts, config, seed, mixed_precision, base_model, device,
-                                    **precision),
+        fingerprint=run_fingerprint(method, request.concepts, request.config, seed, mixed_precision, base_model,
+                                    device, **precision),
     )  # fmt: skip
     run_dir.check_fingerprint(run.fingerprint)
     run.accelerator.wait_for_everyone()
@@ -177,46 +200,23 @@ def erase(
     with checkpoint_on_stop():
         try:
             started = time.time()
-            base = load_model(source, device=device, single_file_config=model_config)
+            base = load_model(request.source, device=device, single_file_config=model_config)
             loaded = time.time()
-            _warn_of_cut_concepts(base, concepts)
-            log.info("erasing %s with %s", ", ".join(concepts), method)
-            result = spec.entry(base, concepts, config, run)
-            from .lora import LORA_FILE, adapter_size, save_adapters, take_adapters
+            _warn_of_cut_concepts(base, request.concepts)
+            log.info("erasing %s with %s", ", ".join(request.concepts), method)
+            result = request.spec.entry(base, request.concepts, request.config, run)
+            from .lora import take_adapters
 
             # LoRA runs: the adapters are kept apart, then merged, so the model saves as a plain pipeline
-            adapters = take_adapters(result.model, result.changed) if lora_rank else {}
-            wall, erase_time = time.time() - started, time.time() - loaded
-
-            def write(folder: Path) -> None:
-                erased = {"method": method, "concepts": concepts, "base_model": source.spec}
-                card = {"erased": erased, **({"lora_adapters": LORA_FILE} if save == "lora" else {})}
-                changed, mode = ([], "changed") if save == "lora" else (result.changed, save)
-                stored = result.model.save(folder, card=card, changed=changed, mode=mode)
-                lora = {}
-                if adapters:
-                    path = save_adapters(_lora_file_writer(result.model), folder, adapters, lora_rank,
-                                         config.lora_alpha or lora_rank)  # fmt: skip
-                    lora = {"lora": {"rank": lora_rank, "alpha": config.lora_alpha or lora_rank,
-                                     "components": sorted(adapters), **adapter_size(path)}}  # fmt: skip
-                log.info("saved %s: %s", run_dir.final, ", ".join(f"{k} {v}" for k, v in stored.items()) or "whole")
-                total = sum(p.numel() for name in result.changed for p in getattr(result.model, name).parameters())
-                write_manifest(folder, {
-                    "method": method, "paper": spec.paper.title, "paper_url": spec.paper.url,
-                    "concepts": concepts, "base_model": base_model, "config": config_to_dict(config),
-                    "seed": seed, "device": device, "mixed_precision": mixed_precision, "processes": run.num_processes,
-                    "optimizer_state": optimizer_state, "frozen_precision": frozen_precision,
-                    "frozen_dtype": str(run.frozen_dtype).removeprefix("torch."),
-                    "changed_components": result.changed, "save": save, "stored_components": stored,
-                    "trainable_parameters": result.trainable_parameters, "changed_component_parameters": total,
-                    "final_logs": result.logs, **result.outcome, **lora,
-                    "resumed": resumed,  # then the times below are of the resumed part
-                    "wall_time_s": round(wall, 2), "erase_time_s": round(erase_time, 2), **peak_memory_mb(device),
-                    "versions": library_versions(),
-                })  # fmt: skip
-
+            adapters = take_adapters(result.model, result.changed) if request.lora_rank else {}
+            record = {
+                "base_model": base_model,
+                "resumed": resumed,  # then the times below are of the resumed part
+                "wall_time_s": round(time.time() - started, 2), "erase_time_s": round(time.time() - loaded, 2),
+            }  # fmt: skip
             if run.is_main:
-                run_dir.commit(write)
+                run_dir.commit(lambda folder: _write_run(folder, request, run, result, adapters, record))
+                log.info("saved %s", run_dir.final)
             run.accelerator.wait_for_everyone()
             return run_dir.final
         except InputError as exc:
@@ -227,6 +227,38 @@ def erase(
             if run_dir.abandon() if run.is_main else run_dir.checkpoint_dir.exists():
                 mark_resumable(exc, run_dir)
             raise
+
+
+def _write_run(folder: Path, request: _Request, run: RunContext, result, adapters: dict, record: dict) -> None:
+    """A finished run's folder: the erased model, its LoRA file when it trained adapters, and `erasure.json` with
+    everything that produced it. `record`: the base model's description, whether the run resumed, its times."""
+    from .lora import LORA_FILE, adapter_size, save_adapters
+
+    erased = {"method": request.method, "concepts": request.concepts, "base_model": request.source.spec}
+    lora_only = request.save == "lora"
+    card = {"erased": erased, **({"lora_adapters": LORA_FILE} if lora_only else {})}
+    changed, mode = ([], "changed") if lora_only else (result.changed, request.save)
+    stored = result.model.save(folder, card=card, changed=changed, mode=mode)
+    lora = {}
+    if adapters:
+        rank, alpha = request.lora_rank, request.config.lora_alpha or request.lora_rank
+        path = save_adapters(_lora_file_writer(result.model), folder, adapters, rank, alpha)
+        lora = {"lora": {"rank": rank, "alpha": alpha, "components": sorted(adapters), **adapter_size(path)}}
+    log.info("components: %s", ", ".join(f"{k} {v}" for k, v in stored.items()) or "all serialised")
+    total = sum(p.numel() for name in result.changed for p in getattr(result.model, name).parameters())
+    spec = request.spec
+    write_manifest(folder, {
+        "method": request.method, "paper": spec.paper.title, "paper_url": spec.paper.url,
+        "concepts": request.concepts, "base_model": record["base_model"], "config": config_to_dict(request.config),
+        "seed": run.seed, "device": run.device, "mixed_precision": run.mixed_precision, "processes": run.num_processes,
+        "optimizer_state": run.optimizer_state, "frozen_precision": run.frozen_precision,
+        "frozen_dtype": str(run.frozen_dtype).removeprefix("torch."),
+        "changed_components": result.changed, "save": request.save, "stored_components": stored,
+        "trainable_parameters": result.trainable_parameters, "changed_component_parameters": total,
+        "final_logs": result.logs, **result.outcome, **lora,
+        "resumed": record["resumed"], "wall_time_s": record["wall_time_s"], "erase_time_s": record["erase_time_s"],
+        **peak_memory_mb(run.device), "versions": library_versions(),
+    })  # fmt: skip
 
 
 def _lora_file_writer(model):
