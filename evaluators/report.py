@@ -297,68 +297,84 @@ def evaluate(
     images: dict = {}
     for concept in concepts:
         prompts = family.prompt_set(concept, neighbours)
-        labelled = len(prompts.preserved_labels)
         parts = {
             "target": (PromptRows.from_file(target_rows, seeds) if target_rows
                        else PromptRows.uniform(prompts.target, seeds)),
             "preserved": (PromptRows.from_file(preserved_rows, seeds) if preserved_rows
                           else PromptRows.uniform(prompts.preserved, seeds)),
         }  # fmt: skip
-        if preserved_rows:
-            labelled = 0  # the user's prompts carry no labels for the judge
+        labelled = 0 if preserved_rows else len(prompts.preserved_labels)  # the user's prompts carry no labels
         judge = protocol.judge(concept)
         sections: dict = {"prompts": {**prompts.describe(), "target_prompts": parts["target"].describe(),
                                       "preserved_prompts": parts["preserved"].describe()},
                           "judge": judge.describe() if judge else None}  # fmt: skip
-        generated = {}
+        drawn = {}  # (part, "before" | "after"): the images as a tensor
         for part, rows in parts.items():
+            pictures = {}
             for name, model in (("before", before), ("after", after)):
-                generated[part, name] = _draw(model, rows, steps, guidance, progress, f"{name}: {part} prompts")
-                images[concept, part, name] = generated[part, name][0]
-            grids.update(_grid_pages(f"{slug(concept)}-{part}", rows, generated[part, "before"][1],
-                                     generated[part, "after"][1], before.source.spec, after.source.spec))  # fmt: skip
-
-        metrics: dict = {}
-        n_target = sum(parts["target"].counts)
-        with torch.no_grad():
-            concept_text = clip.text_features(prompts.clip_concept)
-            anchor_text = clip.text_features(prompts.clip_anchors)
-            features = {key: clip.image_features(drawn) for key, (drawn, _) in generated.items()}
-        clip_settings = {**clip.describe(), "rule": CLIP_PRESENCE_RULE, "images": n_target}
-        presence = [zero_shot_presence(features["target", m], concept_text, anchor_text) for m in ("before", "after")]
-        metrics["target_presence_clip"] = _presence(*(float(p.float().mean()) for p in presence), clip_settings)
-        for part, rows in parts.items():
-            with torch.no_grad():
-                text = clip.text_features(rows.texts)
-                text = text.repeat_interleave(torch.tensor(rows.counts, device=text.device), dim=0)
-            scores = [clip_score(features[part, m], text) for m in ("before", "after")]
-            settings = {**clip.describe(), "formula": CLIP_SCORE_FORMULA, "images": sum(rows.counts)}
-            metrics[f"{part}_clip_score"] = _pair(scores[0]["clip_score"], scores[1]["clip_score"], settings)
-
+                drawn[part, name], pictures[name] = _draw(model, rows, steps, guidance, progress,
+                                                          f"{name}: {part} prompts")  # fmt: skip
+                images[concept, part, name] = drawn[part, name]
+            grids.update(_grid_pages(f"{slug(concept)}-{part}", rows, pictures["before"], pictures["after"],
+                                     before.source.spec, after.source.spec))  # fmt: skip
+        metrics = _clip_metrics(clip, prompts, parts, drawn)
         if judge is not None:
-            presence = [
-                float(judge.detects(generated["target", m][0], concept).float().mean()) for m in ("before", "after")
-            ]
-            metrics["target_presence_judge"] = _presence(*presence, {**judge.describe(), "images": n_target})
-        if hasattr(judge, "predict") and labelled:
-            metrics.update(_preserved_accuracy(judge, generated, prompts, parts["preserved"].counts[:labelled]))
-        extractor = protocol.extractor(judge)
-        fid_features_of = {m: extractor(generated["preserved", m][0]) for m in ("before", "after")}
-        feature_name = extractor.name
-        # the preserved prompts leave the concept's class out, so the reference does too (as the GAN report's does)
-        real = protocol.real_features(judge, extractor, without=concept)
-        if real is not None:
-            metrics["preserved_fid_vs_real"] = _fid_pair(
-                fid_features_of["before"], fid_features_of["after"], real,
-                {"features": feature_name, "images": len(fid_features_of["before"]),
-                 "real": f"{len(real)} held-out real images of {judge.name} without {concept}"},
-            )  # fmt: skip
-        metrics.update(_before_vs_after(fid_features_of["before"], fid_features_of["after"], parts["preserved"],
-                                        feature_name, seed))  # fmt: skip
+            metrics.update(_judge_metrics(judge, concept, prompts, parts, drawn, labelled))
+        metrics.update(_feature_metrics(protocol, judge, concept, parts["preserved"], drawn, seed))
         sections["metrics"] = metrics
         report["concepts"][concept] = sections
     report["wall_time_s"] = round(time.time() - started, 2)
     return Evaluation(report, grids, images)
+
+
+def _clip_metrics(clip: ClipScorer, prompts, parts: dict, drawn: dict) -> dict:
+    """CLIP's zero-shot presence of the concept on the target images, and the CLIP score of both parts' images
+    against their own prompts, before and after."""
+    with torch.no_grad():
+        concept_text = clip.text_features(prompts.clip_concept)
+        anchor_text = clip.text_features(prompts.clip_anchors)
+        features = {key: clip.image_features(images) for key, images in drawn.items()}
+    n_target = sum(parts["target"].counts)
+    presence = [zero_shot_presence(features["target", m], concept_text, anchor_text) for m in ("before", "after")]
+    clip_settings = {**clip.describe(), "rule": CLIP_PRESENCE_RULE, "images": n_target}
+    metrics = {"target_presence_clip": _presence(*(float(p.float().mean()) for p in presence), clip_settings)}
+    for part, rows in parts.items():
+        with torch.no_grad():
+            text = clip.text_features(rows.texts)
+            text = text.repeat_interleave(torch.tensor(rows.counts, device=text.device), dim=0)
+        scores = [clip_score(features[part, m], text) for m in ("before", "after")]
+        settings = {**clip.describe(), "formula": CLIP_SCORE_FORMULA, "images": sum(rows.counts)}
+        metrics[f"{part}_clip_score"] = _pair(scores[0]["clip_score"], scores[1]["clip_score"], settings)
+    return metrics
+
+
+def _judge_metrics(judge, concept: str, prompts, parts: dict, drawn: dict, labelled: int) -> dict:
+    """The domain judge's presence of the concept on the target images and, where the preserved prompts carry
+    labels, its accuracy on them."""
+    presence = [float(judge.detects(drawn["target", m], concept).float().mean()) for m in ("before", "after")]
+    n_target = sum(parts["target"].counts)
+    metrics = {"target_presence_judge": _presence(*presence, {**judge.describe(), "images": n_target})}
+    if hasattr(judge, "predict") and labelled:
+        metrics.update(_preserved_accuracy(judge, drawn, prompts, parts["preserved"].counts[:labelled]))
+    return metrics
+
+
+def _feature_metrics(protocol: _Protocol, judge, concept: str, preserved: PromptRows, drawn: dict, seed: int) -> dict:
+    """FID / KID of the preserved images: against held-out real images where the family has them, and before
+    against after."""
+    extractor = protocol.extractor(judge)
+    features = {m: extractor(drawn["preserved", m]) for m in ("before", "after")}
+    metrics = {}
+    # the preserved prompts leave the concept's class out, so the reference does too (as the GAN report's does)
+    real = protocol.real_features(judge, extractor, without=concept)
+    if real is not None:
+        metrics["preserved_fid_vs_real"] = _fid_pair(
+            features["before"], features["after"], real,
+            {"features": extractor.name, "images": len(features["before"]),
+             "real": f"{len(real)} held-out real images of {judge.name} without {concept}"},
+        )  # fmt: skip
+    metrics.update(_before_vs_after(features["before"], features["after"], preserved, extractor.name, seed))
+    return metrics
 
 
 PAIRING = (
@@ -403,7 +419,7 @@ def _before_vs_after(before: torch.Tensor, after: torch.Tensor, rows: PromptRows
     }
 
 
-def _preserved_accuracy(judge, generated: dict, prompts, counts: list[int]) -> dict:
+def _preserved_accuracy(judge, drawn: dict, prompts, counts: list[int]) -> dict:
     """Judge accuracy on the labelled preserved prompts (the first len(counts) rows): every head, and the
     concept's own head."""
     heads = list(prompts.preserved_labels[0])
@@ -414,7 +430,7 @@ def _preserved_accuracy(judge, generated: dict, prompts, counts: list[int]) -> d
     }
     n = int(repeats.sum())
     out = {}
-    predictions = {m: judge.predict(generated["preserved", m][0][:n]) for m in ("before", "after")}
+    predictions = {m: judge.predict(drawn["preserved", m][:n]) for m in ("before", "after")}
     for head in heads:
         accuracy = [
             float((predictions[m][head].argmax(-1) == expected[head]).float().mean()) for m in ("before", "after")
