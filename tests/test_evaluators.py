@@ -137,8 +137,8 @@ def test_preserved_accuracy_is_the_share_of_images_whose_top_class_is_the_prompt
     counts = [2, 1, 1]  # the first prompt drawn with two seeds: expected digits 3, 3, 1, 2
     right = torch.tensor([[3, 1], [3, 1], [1, 2], [2, 3], [9, 4]])  # the last row: "a cat", unlabelled
     wrong = torch.tensor([[3, 1], [5, 1], [1, 4], [4, 4], [9, 4]])  # two digits and two colours misread
-    generated = {("preserved", "before"): (right, None), ("preserved", "after"): (wrong, None)}
-    metrics = _preserved_accuracy(_ReadsLabels(), generated, prompts, counts)
+    drawn = {("preserved", "before"): right, ("preserved", "after"): wrong}
+    metrics = _preserved_accuracy(_ReadsLabels(), drawn, prompts, counts)
     assert set(metrics) == {"preserved_accuracy", "preserved_accuracy_colour"}
     digit, colour = metrics["preserved_accuracy"], metrics["preserved_accuracy_colour"]
     assert (digit["before"], digit["after"], digit["difference"]) == (1.0, 0.5, -0.5)
