@@ -71,6 +71,14 @@ CASES = [
     (["erase", "--config", "{textseed}"], "cannot be rerun (its seed is not a whole number)", False),
     (["erase", "--config", "{empty}"], "is a folder; give a YAML file or a run's erasure.json", False),
     ([*ESD, "--config", "{latin1yaml}"], "cannot read it as UTF-8 text", False),
+    # an option given empty (`--config "$UNSET"`) is refused, not taken as absent: its default would apply unsaid
+    ([*ESD, "--config", ""], "argument --config: is empty", False),
+    (["eval", "{run}", "--json", ""], "argument --json: is empty", False),
+    (["eval", "{run}", "--baseline", " "], "argument --baseline: is empty", False),
+    (["eval", "{run}", "--prompts", ""], "argument --prompts: is empty", False),
+    (["eval", "{run}", "--attack", "textual-inversion", "--attack-images", ""], "argument --attack-images: is empty",
+     False),
+    (["export", "{run}", "--repo-id", "me/x", "--local-dir", ""], "argument --local-dir: is empty", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "/proc/x.png"], "--out /proc/x.png cannot be created", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--steps", "-1"], "argument --steps", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "o.png", "--steps", "0"], "between 1 and 999, not 0", False),
@@ -284,7 +292,7 @@ def test_bad_input_is_refused_with_one_line_by_a_process_of_its_own(args, messag
 
 
 def test_table_covers_every_command():
-    assert {case[0][0] for case in CASES} == {"erase", "sample", "eval", "zoo", "preview", "compare"}
+    assert {case[0][0] for case in CASES} == {"erase", "sample", "eval", "zoo", "preview", "compare", "export"}
 
 
 def _erase_command(model, steps: int, checkpoint_every: int) -> list[str]:

@@ -47,7 +47,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto, the GPU when there is one)"
     )
     p.add_argument(
-        "--model-config", metavar="DIR",
+        "--model-config", metavar="DIR", type=given,
         help="for a single-file checkpoint: a diffusers folder with its component configs (built in: SD 1.x, 768-px "
              "SD 2.x, SDXL base)",
     )  # fmt: skip
@@ -58,6 +58,14 @@ def _add_dtype_option(p: argparse.ArgumentParser) -> None:
         "--dtype", default="auto", choices=DTYPES,
         help="weights' precision for generating: auto (default) is fp16 on a GPU and fp32 on the CPU",
     )  # fmt: skip
+
+
+def given(text: str) -> str:
+    """An argparse `type=` for a path or name whose absence means a default: given empty (`--config "$UNSET"`), it
+    would be taken as not given and the default used without a word, so it is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return text
 
 
 class Parser(argparse.ArgumentParser):
@@ -103,7 +111,7 @@ def _add_erase_command(sub) -> None:
                    "`digits`, or `digits-gan` for a GAN method)")
     p.add_argument("--concept", action="append", help="concept to erase; repeat for several")
     p.add_argument(
-        "--config", metavar="FILE",
+        "--config", metavar="FILE", type=given,
         help="YAML file of method options (`--show-config > FILE` writes one), or a finished run's erasure.json (or "
         "its folder): then its method, concepts, base model, seed and options are the defaults, and the run is "
         "reproduced",
@@ -162,10 +170,10 @@ def _add_eval_command(sub) -> None:
     p = sub.add_parser("eval", help="measure an erased model against its base (writes eval.json and grids)")
     p.add_argument("target", metavar="DIR_OR_MODEL", help="an erased run folder, or any model with --baseline")
     p.add_argument("--concept", action="append", help="concept to measure (default: the run's concepts)")
-    p.add_argument("--baseline", help="model to compare with (default: the run's base model)")
-    p.add_argument("--json", metavar="FILE", help="where to write the report (default: DIR/eval.json, grids in "
-                   "DIR/grids/; a model that is no run: ./eval-CONCEPTS.json; elsewhere, grids in FILE-STEM-grids/ "
-                   "beside it)")  # fmt: skip
+    p.add_argument("--baseline", type=given, help="model to compare with (default: the run's base model)")
+    p.add_argument("--json", metavar="FILE", type=given, help="where to write the report (default: DIR/eval.json, "
+                   "grids in DIR/grids/; a model that is no run: ./eval-CONCEPTS.json; elsewhere, grids in "
+                   "FILE-STEM-grids/ beside it)")  # fmt: skip
     p.add_argument("--samples", type=number(int, COUNT), default=None, metavar="N",
                    help="seeds per prompt (default: 20 on digits models, 10 on others); a GAN run: latent samples "
                         "(default: 1000)")  # fmt: skip
@@ -181,12 +189,13 @@ def _add_eval_command(sub) -> None:
         help="features for FID/KID (default: judge in the digits world, clip otherwise)",
     )
     p.add_argument(
-        "--prompts", metavar="FILE",
+        "--prompts", metavar="FILE", type=given,
         help="target prompts: a CSV with a `prompt` column and optional `seed`/`evaluation_seed`/`sd_seed` and "
         "`guidance`/`evaluation_guidance`/`sd_guidance_scale` columns (the I2P layout; a row with a seed is drawn "
         "once, with it), or a text file of one prompt per line (drawn with every seed)",
     )  # fmt: skip
-    p.add_argument("--preserved-prompts", metavar="FILE", help="preserved prompts, in the same formats as --prompts")
+    p.add_argument("--preserved-prompts", metavar="FILE", type=given,
+                   help="preserved prompts, in the same formats as --prompts")  # fmt: skip
     p.add_argument("--neighbours", nargs="+", metavar="TEXT", help="neighbour concepts added to the preserved prompts")
     p.add_argument(
         "--attack", choices=ATTACKS, action="append",
@@ -197,7 +206,7 @@ def _add_eval_command(sub) -> None:
         "attack success rate and every (prompt, seed) pair's outcome",
     )  # fmt: skip
     p.add_argument(
-        "--attack-images", metavar="DIR",
+        "--attack-images", metavar="DIR", type=given,
         help="textual-inversion: images of the concept to learn the word from (default: the base model's)",
     )  # fmt: skip
     p.add_argument(
@@ -296,7 +305,8 @@ def _add_export_command(sub) -> None:
     p.add_argument("run", metavar="DIR", help="erased run folder")
     p.add_argument("--repo-id", required=True, help="Hub repository, e.g. org/sd14-no-nudity (also named in the card)")
     p.add_argument("--private", action="store_true", help="create the repository as private")
-    p.add_argument("--local-dir", metavar="DIR", help="write the Hub folder here (a new folder) and push nothing")
+    p.add_argument("--local-dir", metavar="DIR", type=given,
+                   help="write the Hub folder here (a new folder) and push nothing")  # fmt: skip
     p.add_argument(
         "--no-eval", action="store_true",
         help="export without an evaluation (needed when the run has no eval.json); the card says it was not evaluated",
