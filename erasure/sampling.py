@@ -37,6 +37,9 @@ def _check_request(source, prompts: list[str], out: Path, steps, guidance, trunc
     elif any(not p.strip() for p in prompts):
         raise InputError("empty --prompt")
     as_grid = out.suffix.lower() in GRID_FORMATS
+    if not as_grid and _is_image_name(out):  # `--out grid.gif` would otherwise become a folder of PNGs named so
+        raise InputError(f"--out {out}: a grid is written as {', '.join(GRID_FORMATS)}; for a folder of PNGs give a "
+                         f"name without an image suffix")  # fmt: skip
     if as_grid and out.is_dir():
         raise InputError(f"{out} is a folder; a grid is one image file (give a new name, or a folder without .png)")
     if not as_grid and out.exists() and not out.is_dir():
@@ -46,6 +49,12 @@ def _check_request(source, prompts: list[str], out: Path, steps, guidance, trunc
         raise InputError(f"--out {out} already holds files; give a new folder (it is written whole, with "
                          f"{SAMPLE_RECORD} saying what drew each image)")  # fmt: skip
     return as_grid
+
+
+def _is_image_name(path: Path) -> bool:
+    from PIL import Image
+
+    return path.suffix.lower() in Image.registered_extensions()
 
 
 def sample(
