@@ -196,17 +196,23 @@ def _report_paths(target: str, manifest: dict | None, json_path: str | Path | No
 
     A run's own report (RUN/eval.json) keeps its grids in RUN/grids, what export publishes; any other report keeps
     them beside its file, so that two reports in one folder do not overwrite each other's."""
-    if json_path:
+    given = bool(json_path)
+    if given:
         json_path = Path(json_path).expanduser()
     else:
         json_path = Path(target) / EVAL_FILE if manifest is not None else Path(f"eval-{slug('-'.join(concepts))}.json")
+    # a refusal of the default report (no --json given) names the file, and --json as the way around it
+    what = f"--json {json_path}" if given else str(json_path)
+    elsewhere = "move it away, or pass --json FILE to write the report elsewhere"
     own_report = manifest is not None and json_path.resolve() == (Path(target) / EVAL_FILE).resolve()
     grid_dir = json_path.parent / ("grids" if own_report else f"{json_path.stem}-grids")
     if json_path.is_dir():
-        raise InputError(f"--json {json_path} is a folder; give the report's file name, e.g. {json_path / EVAL_FILE}")
+        fix = f"give the report's file name, e.g. {json_path / EVAL_FILE}" if given else elsewhere
+        raise InputError(f"{what} is a folder; {fix}")
     if json_path.exists() and not _is_report(json_path):
-        raise InputError(f"--json {json_path} exists and is not an evaluation report; it is left as it is")
-    check_writable(json_path, "--json")
+        raise InputError(f"{what} exists and is not an evaluation report; it is left as it is"
+                         f"{'' if given else '; ' + elsewhere}")  # fmt: skip
+    check_writable(json_path, "--json" if given else "the report")
     if grid_dir.exists() and not grid_dir.is_dir():  # found now, not once every image is drawn
         raise InputError(f"{grid_dir} is a file; the report's grids go in a folder of that name: move it away")
     check_writable(grid_dir, "the grids' folder")

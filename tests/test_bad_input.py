@@ -112,6 +112,9 @@ CASES = [
     (["eval", "{run}", "--json", "{run}"], "is a folder; give the report's file name", False),
     (["eval", "{run}", "--json", "e" * 250 + ".json"], "this file system takes at most", False),
     (["eval", "{run}", "--json", "{badcsv}"], "exists and is not an evaluation report", False),
+    # the run's own eval.json, damaged: named as itself, not as a --json the user never gave
+    (["eval", "{badreportrun}"], "badreportrun/eval.json exists and is not an evaluation report; it is left as it is; "
+     "move it away, or pass --json FILE", False),
     ([*ESD, "--out", "{tiny}/erased"], "is inside the model it erases from", False),
     # --out naming the model folder itself: refused as the model, not with "already exists" (as if a run were there)
     (["erase", "--out", "{tiny}", *ESD[1:]], "is inside the model it erases from", False),
@@ -191,6 +194,9 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
     empty = root / "emptyrun"  # a finished run whose erasure.json was emptied
     shutil.copytree(run, empty)
     (empty / "erasure.json").write_text("{}")
+    damaged = root / "badreportrun"  # a finished run whose eval.json is cut short
+    shutil.copytree(run, damaged)
+    (damaged / "eval.json").write_text('{"format": "erasure-eval/2"')
     (root / "partial.json").write_text('{"format": "erasure-run/1", "method": "esd"}')
     manifest = json.loads((run / "erasure.json").read_text())  # hand-edited copies of the run's manifest
     (root / "stringconcepts.json").write_text(json.dumps({**manifest, "concepts": "cat"}))  # not c, a and t
@@ -217,6 +223,7 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
         pickle.dump({"G_ema": OrderedDict(), "training_set_kwargs": {}}, f)
     (root / "loop").symlink_to(root / "loop")
     return {"tiny": str(tiny_pipeline_dir), "file": str(root / "file"), "run": str(run), "emptyrun": str(empty),
+            "badreportrun": str(damaged),
             "loop": str(root / "loop"), "root": str(root),
             "partialrun": str(root / "partial.json"), "badcsv": str(root / "bad.csv"),
             "stringconcepts": str(root / "stringconcepts.json"), "textseed": str(root / "textseed.json"),
