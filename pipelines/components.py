@@ -175,6 +175,7 @@ def loadable_folder(folder: Path) -> Iterator[Path]:
     the lent components are links to the base's folders."""
     folder = Path(folder)
     if read_base_ref(folder) is None:
+        component_folders(folder)  # names a missing component; diffusers' own error blames the folder's weights
         yield folder
         return
     from .loading import check_weight_files

@@ -156,6 +156,8 @@ CASES = [
     (["preview", "--erased", "{empty}"], "not an erased run folder", False),
     ([*ESD[:-1], "{empty}"], "not a model folder", False),
     ([*ESD[:-1], "{corrupt}"], "corrupt safetensors", True),
+    (["sample", "{notextencoder}", "--prompt", "a cat", "--out", "o.png"],
+     "notextencoder is missing the text_encoder/ folder that model_index.json lists", True),
     (["erase", "--method", "esd", "--concept", "", "--model", "{tiny}"], "a concept is empty", False),
     ([*ESD, "--set", "lr=fast"], "not a number", False),
     ([*ESD, "--set", "colour=red"], "unknown option", False),
@@ -212,6 +214,8 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
     shutil.copytree(tiny_pipeline_dir, corrupt)
     weights = next((corrupt / "text_encoder").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])
+    shutil.copytree(tiny_pipeline_dir, root / "notextencoder")  # a pipeline folder that lost a component
+    shutil.rmtree(root / "notextencoder" / "text_encoder")
     for name, index in (("listindex", b"[]"), ("badindex", b"\xff{"), ("deepindex", b"[" * 100_000)):  # JSON but
         # no object; not even text; nested deeper than the parser goes
         (root / name).mkdir()
@@ -231,7 +235,7 @@ def fixtures(tiny_pipeline_dir, tmp_path_factory):
             "foldermd": str(root / "table.md"), "deepindex": str(root / "deepindex"), "badcard": str(root / "badcard"),
             "randpt": str(root / "random.pt"), "nvpkl": str(root / "nv.pkl"), "listindex": str(root / "listindex"),
             "badindex": str(root / "badindex"), "folderpng": str(root / "folder.png"), "empty": str(root / "empty"),
-            "corrupt": str(corrupt)}  # fmt: skip
+            "corrupt": str(corrupt), "notextencoder": str(root / "notextencoder")}  # fmt: skip
 
 
 def _listing(folder):
