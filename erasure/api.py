@@ -70,6 +70,14 @@ def run_fingerprint(
     }  # fmt: skip
 
 
+def check_method_takes(spec, source) -> None:
+    """Refuse a model of the other kind (a GAN for a text-to-image method, and the reverse), or of a family the method
+    does not support: in `erase`, and in `--show-config`, which would otherwise print options that never apply."""
+    if source.kind != spec.model_kind:
+        raise InputError(f"{spec.key} erases from {spec.model_kind} models, but {source.spec} is a {source.kind} model")
+    source.family.check_method(spec.key)
+
+
 def _warn_of_cut_concepts(model, concepts: Sequence[str]) -> None:
     """A concept longer than the text encoder's context is cut there without an error: say so."""
     tokenizer = getattr(model, "tokenizer", None)
@@ -109,13 +117,11 @@ def _checked_request(method: str, concepts, model, out, config_file, sets, seed:
     concepts = check_concepts(concepts)
     source = resolve(default_model(spec.key) if model is None else model)
     check_model_config(model_config, source)
-    if source.kind != spec.model_kind:
-        raise InputError(f"{method} erases from {spec.model_kind} models, but {source.spec} is a {source.kind} model")
+    check_method_takes(spec, source)
     _check_save_mode(save, source)
     overrides = [load_config_file(config_file)[0]] if config_file else []
     overrides.append(parse_sets(list(sets)) if not isinstance(sets, dict) else dict(sets))
     family = source.family
-    family.check_method(spec.key)
     config = build_config(method, family, *overrides)
     config.check(family, concepts)  # what the config can only check once it knows the model and concepts
     for concept in concepts:

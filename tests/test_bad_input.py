@@ -66,6 +66,9 @@ CASES = [
     ([*ESD, "--concept", " cat"], "the concept 'cat' is given twice", False),
     (["erase", "--method", "esd", "--concept", "zebra"], "'zebra' is not a digit, colour or style", False),
     (["erase", "--method", "esd", "--model", "{tiny}"], "--concept is needed", False),
+    # --show-config prints the options of an erasure that would run, not of one refused
+    (["erase", "--method", "esd", "--model", "digits-gan", "--show-config"],
+     "esd erases from text-to-image models, but digits-gan is a gan model", False),
     (["erase", "--config", "{partialrun}"], "a run manifest that cannot be rerun (it lacks concepts", False),
     (["erase", "--config", "{stringconcepts}"], "cannot be rerun (its concepts are not a list of names)", False),
     (["erase", "--config", "{textseed}"], "cannot be rerun (its seed is not a whole number)", False),

@@ -409,11 +409,14 @@ def _is_main_process() -> bool:
 
 
 def _show_config(method: str, model: str | None, config_file: str | None, sets: list[str]) -> int:
+    from erasure.api import check_method_takes
     from erasure.config import build_config, config_yaml, load_config_file, parse_sets
-    from erasure.registry import default_model
+    from erasure.registry import default_model, get_method
     from pipelines import resolve
 
-    family = resolve(default_model(method) if model is None else model).family
+    source = resolve(default_model(method) if model is None else model)
+    check_method_takes(get_method(method), source)
+    family = source.family
     layers = [load_config_file(config_file)[0]] if config_file else []
     config = build_config(method, family, *layers, parse_sets(sets))
     print(config_yaml(method, config, family), end="")
