@@ -157,6 +157,8 @@ CASES = [
     (["preview", "--port", "70000"], "argument --port", False),
     (["preview", "--host", "no such host!"], "no such host (", False),
     (["preview", "--erased", "{empty}"], "not an erased run folder", False),
+    (["preview", "--model", "digits-gan", "--erased", "{run}"],
+     "is a text-to-image model; it cannot be compared with a gan base model", False),
     ([*ESD[:-1], "{empty}"], "not a model folder", False),
     ([*ESD[:-1], "{corrupt}"], "corrupt safetensors", True),
     (["sample", "{notextencoder}", "--prompt", "a cat", "--out", "o.png"],

@@ -25,16 +25,19 @@ def launch(
     from erasure.output import read_run
     from pipelines import resolve
     from pipelines.devices import resolve_device, resolve_dtype
+    from pipelines.errors import InputError
+    from pipelines.loading import comparable_kinds
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if not 0 < port < 65536:
-        from pipelines.errors import InputError
-
         raise InputError(f"--port must be between 1 and 65535, not {port}")
     for run in erased:
         read_run(run)  # a bad folder fails here, with one line, before gradio starts
-    resolve(model)
+    base = resolve(model)
+    for run in erased if model is not None else ():  # without --model, each run is drawn beside its own base
+        if not comparable_kinds(kind := resolve(run).kind, base.kind):  # else refused only in the page, at each draw
+            raise InputError(f"{run} is a {kind} model; it cannot be compared with a {base.kind} base model")
     _check_port_free(host, port)
 
     from .app import Preview
