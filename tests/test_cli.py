@@ -175,4 +175,7 @@ def test_an_unexpected_failure_exits_1_with_one_line_apart_from_bad_input(tmp_pa
     monkeypatch.setattr(erasure.sampling, "sample", failing)
     assert main(["sample", "digits-gan", "--n", "1", "--out", str(tmp_path / "gan.png")]) == 1
     err = capsys.readouterr().err
-    assert err == "error: RuntimeError: the disk went away (rerun with --debug for the traceback)\n"
+    assert err == "error: RuntimeError: the disk went away (rerun as `erasure --debug sample ...` for the traceback)\n"
+    # the rerun it names shows the traceback
+    with pytest.raises(RuntimeError, match="the disk went away"):
+        main(["--debug", "sample", "digits-gan", "--n", "1", "--out", str(tmp_path / "gan.png")])

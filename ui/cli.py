@@ -585,7 +585,10 @@ def _main(argv: list[str] | None) -> int:
             return _fail(f"error: {interrupted_message(exc)}", _interrupted_exit_code(exc), debug)
         if isinstance(exc, KeyboardInterrupt):
             return _fail("interrupted", 128 + signal.SIGINT, debug)
-        return _fail(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1, debug)
+        # --debug is an option of `erasure` itself: placed after the command, as a bare "rerun with --debug" invites,
+        # it would be refused as an unrecognized argument
+        return _fail(f"error: {type(exc).__name__}: {exc} (rerun as `erasure --debug {args.command} ...` for the "
+                     "traceback)", 1, debug)  # fmt: skip
 
 
 def _interrupted_exit_code(exc: BaseException) -> int:
