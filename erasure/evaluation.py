@@ -127,15 +127,15 @@ def _checked_request(target, *, concepts, baseline, json_path, samples, seed, cl
     from evaluators.prompt_files import read_prompt_file
     from pipelines import resolve
     from pipelines.bounds import SEED_BOUNDS, check_number
-    from pipelines.devices import resolve_device, resolve_dtype
+    from pipelines.devices import model_dtype, resolve_device
     from pipelines.loading import check_model_config, comparable_kinds
 
     from .common import check_concepts
 
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
     target = os.path.expanduser(target)  # a quoted ~ (or one from Python) reaches here unexpanded
     after_source = resolve(target)
+    torch_dtype = model_dtype(dtype, device, after_source.kind)  # a GAN against a prompted model is refused below
     manifest = read_manifest(target) if Path(target).is_dir() else None
     if manifest is not None:
         baseline = baseline or recorded_base_model(manifest)

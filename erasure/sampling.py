@@ -76,7 +76,7 @@ def sample(
     trained as LoRA drawn with its erasure at that weight (0: off)."""
     from pipelines import load_model, resolve
     from pipelines.bounds import COUNT, GUIDANCE, LORA_STRENGTH, SEED_BOUNDS, STEPS, TRUNCATION, check_number
-    from pipelines.devices import dtype_name, resolve_device, resolve_dtype
+    from pipelines.devices import dtype_name, model_dtype, resolve_device
     from pipelines.images import GridLayout, grid_cell, labelled_grid
     from pipelines.loading import check_model_config
 
@@ -91,9 +91,9 @@ def sample(
     if lora_strength is not None:
         check_number("--lora-strength", lora_strength, LORA_STRENGTH)
     device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
     out = check_writable(out)
     source = resolve(model)
+    torch_dtype = model_dtype(dtype, device, source.kind)
     check_model_config(model_config, source)
     prompts = list(prompts)
     as_grid = _check_request(source, prompts, out, steps, guidance, truncation)

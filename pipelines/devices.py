@@ -56,6 +56,18 @@ def resolve_dtype(dtype: str | None, device: str):
     return table[name]
 
 
+def model_dtype(dtype: str | None, device: str, kind: str):
+    """`resolve_dtype` for a model of `kind`. A GAN's weights stay float32: its images are drawn and recorded as fp32,
+    and a half precision asked for is refused rather than recorded for images it did not draw."""
+    import torch
+
+    if kind != "gan":
+        return resolve_dtype(dtype, device)
+    if (dtype or AUTO).strip().lower() not in (AUTO, "fp32"):
+        raise InputError(f"--dtype {dtype} does not apply to a GAN: its weights stay fp32")
+    return torch.float32
+
+
 def dtype_name(dtype) -> str:
     """torch.float16 -> "fp16" (as `--dtype` spells it), for the settings a result is saved with."""
     import torch

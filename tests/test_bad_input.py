@@ -107,6 +107,10 @@ CASES = [
     (["sample", "{randpt}", "--out", "o.png"], "refused to load", True),
     (["sample", "{listindex}", "--out", "o.png"], "model_index.json is not a pipeline index", False),
     (["sample", "digits-gan", "--steps", "3", "--out", "o.png"], "is a GAN: --steps does not apply to it", False),
+    # a GAN's weights stay fp32: sample.json and eval.json would record a half precision its images were not drawn in
+    (["sample", "digits-gan", "--dtype", "fp16", "--out", "o.png"], "--dtype fp16 does not apply to a GAN", False),
+    (["eval", "digits-gan", "--baseline", "digits-gan", "--concept", "seven", "--dtype", "bf16"],
+     "--dtype bf16 does not apply to a GAN", False),
     (["sample", "{tiny}", "--prompt", "a", "--truncation", "0.5", "--out", "o.png"], "--truncation does not", False),
     (["sample", "{tiny}", "--prompt", "a", "--model-config", "/x", "--out", "o.png"], "applies to single-file", False),
     (["eval", "{run}", "--attack-steps", "3"], "--attack-steps sets up an attack: add --attack", False),
