@@ -119,7 +119,14 @@ def _checked_request(method: str, concepts, model, out, config_file, sets, seed:
     check_model_config(model_config, source)
     check_method_takes(spec, source)
     _check_save_mode(save, source)
-    overrides = [load_config_file(config_file)[0]] if config_file else []
+    overrides = []
+    if config_file:
+        options, recorded = load_config_file(config_file)
+        if recorded is not None and get_method(recorded["method"]).key != spec.key:
+            ran = recorded["method"]
+            raise InputError(f"--config {config_file} is a run of {ran}, whose options are {ran}'s: drop --method to "
+                             f"rerun it, or give {method} a YAML file (`--show-config` writes one)")  # fmt: skip
+        overrides.append(options)
     overrides.append(parse_sets(list(sets)) if not isinstance(sets, dict) else dict(sets))
     family = source.family
     config = build_config(method, family, *overrides)

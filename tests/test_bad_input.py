@@ -73,6 +73,9 @@ CASES = [
     (["erase", "--config", "{stringconcepts}"], "cannot be rerun (its concepts are not a list of names)", False),
     (["erase", "--config", "{textseed}"], "cannot be rerun (its seed is not a whole number)", False),
     (["erase", "--config", "{empty}"], "is a folder; give a YAML file or a run's erasure.json", False),
+    # the run's options belong to its method: another method's config would refuse them by name, unexplained
+    (["erase", "--method", "fewshot", "--config", "{run}"], "is a run of esd, whose options are esd's: drop --method",
+     False),
     ([*ESD, "--config", "{latin1yaml}"], "cannot read it as UTF-8 text", False),
     # an option given empty (`--config "$UNSET"`) is refused, not taken as absent: its default would apply unsaid
     ([*ESD, "--config", ""], "argument --config: is empty", False),
