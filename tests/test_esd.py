@@ -72,8 +72,25 @@ def test_text_encoder_scopes(tiny_model):
     select_trainable(encoder, "text_encoder", "layers=0..0")
     names = {n for n, p in encoder.named_parameters() if p.requires_grad}
     assert names and all("layers.0." in n for n in names)
+    select_trainable(encoder, "text_encoder", "layers=0..1")  # both ends included: every block of the tiny encoder
+    names = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert {int(n.split("layers.")[1].split(".")[0]) for n in names} == {0, 1}
     with pytest.raises(InputError, match="unknown text-encoder scope"):
         select_trainable(encoder, "text_encoder", "layers=a..b")
+
+
+def test_esd_refuses_a_scope_the_family_lacks_before_loading():
+    # ESD in the text encoder checks the encoder its scope names (an SD 1.x model has one) before any model loads
+    from erasure.config import build_config
+    from pipelines.families import FAMILIES
+
+    config = build_config("esd", FAMILIES["sd1"], {"component": "text_encoder", "scope": "text_encoder_2:full"})
+    with pytest.raises(InputError, match="names 'text_encoder_2'; sd1 models have: text_encoder$"):
+        config.check(FAMILIES["sd1"], ["a cat"])
+    # FLUX's transformer has no cross-attention: ESD-x and ESD-u ("all but attn2": all of it) are both refused
+    for scope in ("xattn", "noxattn"):
+        with pytest.raises(InputError, match="no cross-attention"):
+            build_config("esd", FAMILIES["flux"], {"scope": scope}).check(FAMILIES["flux"], ["a cat"])
 
 
 @pytest.mark.parametrize("key, sets", [
@@ -112,3 +129,59 @@ def test_training_moves_the_concepts_prediction_towards_negative_guidance(key, s
     moved, wanted = (after - eps_concept).flatten(), (target - eps_concept).flatten()
     assert F.cosine_similarity(moved, wanted, dim=0) > 0.5
     assert F.mse_loss(after, target) < F.mse_loss(eps_concept, target)
+
+
+@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+def test_x_t_comes_from_the_model_being_erased_and_the_target_from_the_original(component, tiny_model, monkeypatch):
+    """As ESD's code: x_t is sampled by the model as it is now (its UNet; its trained encoder's conditioning), at
+    every stop of the trajectory and for every concept, while the target's eps("") and eps(c) are the original
+    model's at every step. Sampling with the frozen copy, skipping stop 0, training one concept of two or a target
+    taken under the encoder being trained all leave every structural test passing."""
+    import copy
+
+    import erasure.esd
+    from erasure.config import build_config
+    from erasure.registry import METHODS
+    from erasure.training import RunContext
+
+    family, concepts = tiny_model.family, ["a cat", "a red car"]
+    base_unet = copy.deepcopy(tiny_model.unet)
+    with torch.no_grad():
+        original = {p: tiny_model.encode([p]) for p in ["", *concepts]}
+    sampled, calls, targets = [], [], []
+    trajectory, denoise = family.trajectory, family.denoise
+
+    def recording_trajectory(unet, scheduler, cond, uncond, stop, guidance, noise):
+        with torch.no_grad():  # the concept under the encoder as it is now
+            now = [p for p in concepts if torch.equal(cond, tiny_model.encode([p]))]
+        sampled.append((unet, now, stop, cond.clone()))
+        return trajectory(unet, scheduler, cond, uncond, stop, guidance, noise)
+
+    def recording_denoise(unet, x_t, t, cond):
+        if not torch.is_grad_enabled():
+            calls.append((x_t.clone(), t.clone(), cond.clone()))
+        return denoise(unet, x_t, t, cond)
+
+    def recording_target(eps_empty, eps_concept, eta):
+        targets.append(((eps_empty.clone(), *calls[-2]), (eps_concept.clone(), *calls[-1])))
+        return esd_target(eps_empty, eps_concept, eta)
+
+    monkeypatch.setattr(family, "trajectory", recording_trajectory)
+    monkeypatch.setattr(family, "denoise", recording_denoise)
+    monkeypatch.setattr(erasure.esd, "esd_target", recording_target)
+    settings = {"steps": 8, "ddim_steps": 2, "batch_size": 2, "lr": 1e-2, "component": component}
+    config = build_config("esd", family, settings)
+    erased = METHODS["esd"].entry(tiny_model, concepts, config, RunContext(seed=0, progress=False)).model
+    monkeypatch.undo()
+
+    assert len(sampled) == len(targets) == 8
+    assert {stop for *_, stop, _ in sampled} == {0, 1}
+    assert all(len(now) == 1 for _, now, *_ in sampled) and {now[0] for _, now, *_ in sampled} == set(concepts)
+    assert all(unet is erased.unet for unet, *_ in sampled)  # the UNet trained in place, not a frozen copy
+    if component == "text_encoder":  # the encoder did move, so sampling with the original's would differ
+        assert not any(torch.equal(cond, original[now[0]]) for _, now, _, cond in sampled[1:])
+    with torch.no_grad():
+        for (_, now, *_), ((eps_empty, x_t, t, _), (eps_concept, *_)) in zip(sampled, targets):
+            for eps, prompt in ((eps_empty, ""), (eps_concept, now[0])):
+                cond = original[prompt].expand(len(x_t), -1, -1)
+                torch.testing.assert_close(family.denoise(base_unet, x_t, t, cond), eps, rtol=0, atol=1e-6)

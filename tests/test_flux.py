@@ -255,6 +255,19 @@ def test_the_embedding_attack_reaches_into_both_flux_encoders(tiny_flux_dir):
     assert out["loss"]["last"] < out["loss"]["first"]
 
 
+def test_the_attn_and_mlp_scopes_take_t5s_blocks_too(tiny_flux_dir):
+    # T5 (FLUX's second encoder) names a block's attention `SelfAttention` and its MLP `DenseReluDense`, not CLIP's
+    # `self_attn` / `mlp`: a scope that knew only CLIP's names would train nothing of it
+    from erasure.common import select_trainable
+
+    model = load_model(str(tiny_flux_dir))
+    tower = model.family.text_tower(model)
+    for scope, part in (("attn", ".SelfAttention."), ("mlp", ".DenseReluDense.")):
+        select_trainable(tower, "text_encoder", f"text_encoder_2:{scope}")
+        names = {n for n, p in tower.named_parameters() if p.requires_grad}
+        assert names and all(part in n for n in names), scope
+
+
 def _fewshot_sets(images: Path, *extra: str) -> list[str]:
     from erasure.registry import METHODS
 
