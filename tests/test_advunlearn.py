@@ -96,18 +96,35 @@ def test_erased_text_encoder_is_plug_and_play(tiny_pipeline_dir, tmp_path):
     assert before.tobytes() != after.tobytes()
 
 
-def test_the_trajectory_bank_is_drawn_once_and_resumes_bit_identically(tiny_pipeline_dir, tmp_path):
+def test_the_trajectory_bank_is_drawn_once_and_resumes_bit_identically(tiny_pipeline_dir, tmp_path, monkeypatch):
     import json
 
+    from erasure.advunlearn import TrajectoryBank
     from erasure.api import erase
     from pipelines import load_model
+
+    drawn, batches = [], TrajectoryBank.batches
+
+    def recording(bank, step):  # the steps at which the bank is (re)drawn: each draw stacks new tensors
+        before = bank.state.get("bank_x")
+        out = batches(bank, step)
+        if bank.state["bank_x"] is not before:
+            drawn.append(step)
+        return out
+
+    monkeypatch.setattr(TrajectoryBank, "batches", recording)
 
     sets = ["steps=5", "warmup=1", "attack=fast-at", "ddim_steps=3", "retain_batch=2", "lr=1e-2", "batch_size=2",
             "bank_size=2", "bank_refresh=3"]  # fmt: skip
     kwargs = {"sets": sets, "seed": 4, "checkpoint_every": 2, "progress": False}
     whole = erase("advunlearn", ["a cat"], str(tiny_pipeline_dir), out=tmp_path / "whole", **kwargs)
-    seconds = json.loads((whole / "erasure.json").read_text())["advunlearn"]["seconds"]
+    manifest = json.loads((whole / "erasure.json").read_text())["advunlearn"]
+    seconds = manifest["seconds"]
     assert "bank" in seconds and "trajectories" not in seconds and "attack" in seconds
+    assert drawn == [0, 3]  # first, then every bank_refresh=3 iterations (not one early or late)
+    # on the CPU the two terms' UNet passes stay two calls by default: earlier versions' rounding, bit for bit
+    assert manifest["shared_forward"] is False and "retain forward" in seconds
+    monkeypatch.undo()
 
     def stop_at_3(step, total, logs):  # resumes from the checkpoint of step 2, before the bank's refresh
         if step == 3:
@@ -196,12 +213,17 @@ def test_each_attack_step_fits_a_batch_of_its_own_or_the_iterations(attack, samp
     sets = ["steps=1", "warmup=0", f"attack={attack}", f"attack_samples={samples}", "attack_steps=3", "ddim_steps=3",
             "retain_batch=2", "batch_size=1", "bank_size=32", "shared_forward=false"]  # fmt: skip
     inputs = []
-    model.unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    with torch.no_grad():
+        clean = model.encode(["a cat"])
+    model.unet.register_forward_pre_hook(lambda module, args: inputs.append((args[0].clone(), args[2].detach())))
     _advunlearn(model, sets)
     attack_steps = 3 if attack == "pgd" else 1
-    *attacked, unlearned, _retained = inputs[-(attack_steps + 2) :]
-    distinct = len({tuple(x.flatten().tolist()) for x in [*attacked, unlearned]})
+    *attacked, unlearned, retained = inputs[-(attack_steps + 2) :]
+    distinct = len({tuple(x.flatten().tolist()) for x, _ in [*attacked, unlearned]})
     assert distinct == (attack_steps + 1 if samples == "redrawn" else 1)
+    # from the first iteration after warmup (0 here) the unlearning step trains on the adversarial prompt
+    assert not torch.equal(unlearned[1], clean)
+    assert len(retained[0]) == 2  # retain_batch of the many retain prompts
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -286,6 +308,9 @@ def test_a_bank_drawn_on_a_gpu_puts_16_sd1_images_in_each_unet_call(tiny_model):
     config = AdvUnlearnConfig(batch_size=8, retain_batch=5, bank_size=32)
     assert bank_entries_per_call(config, family, tiny_model, cpu) == 1  # the CPU's digests stay as they were
     assert bank_entries_per_call(config, family, tiny_model, gpu) == 16 * 64 * 64 // (8 * height * width)
+    # the retain batches share those calls too: the larger of the two batches sets the size
+    more_retain = AdvUnlearnConfig(batch_size=2, retain_batch=5, bank_size=32)
+    assert bank_entries_per_call(more_retain, family, tiny_model, gpu) == 16 * 64 * 64 // (5 * height * width)
     chosen = AdvUnlearnConfig(batch_size=8, bank_size=32, bank_batch=3)
     assert [bank_entries_per_call(chosen, family, tiny_model, d) for d in (cpu, gpu)] == [3, 3]
 
@@ -299,6 +324,7 @@ def test_bank_settings_are_checked_before_loading():
     for bad, message in (("bank_size=-1", "bank_size must be >= 0, not -1"), ("bank_refresh=-2", "bank_refresh"),
                          ("bank_batch=-1", "bank_batch must be >= 0, not -1"),
                          ("bank_size=0 bank_batch=4", r"bank_batch need bank_size > 0"),
+                         ("bank_size=0 bank_refresh=3", r"bank_refresh and bank_batch need bank_size > 0"),
                          ("shared_forward=maybe", "shared_forward: 'maybe' is not a boolean"),
                          ("compile_unet=fast", "bad value for compile_unet: 'fast'; choose one of: none, cudagraphs")):
         with pytest.raises(InputError, match=message):
@@ -306,6 +332,8 @@ def test_bank_settings_are_checked_before_loading():
 
 
 def test_a_section_inside_another_counts_in_both():
+    import time
+
     # the paper's attack (attack_samples=redrawn, no bank) draws its trajectories inside the attack's section
     timer = SectionTimer()
     with timer("attack"):
@@ -313,6 +341,13 @@ def test_a_section_inside_another_counts_in_both():
             sum(range(10000))
     assert set(timer.seconds) == {"attack", "trajectories"}
     assert timer.seconds["attack"] >= timer.seconds["trajectories"] > 0
+    # a section entered again adds its time to what it had (the attack runs once per iteration)
+    timer = SectionTimer()
+    with timer("attack"):
+        time.sleep(0.05)
+    with timer("attack"):
+        pass
+    assert timer.seconds["attack"] >= 0.05
 
 
 @pytest.mark.parametrize("weight", [0.0, 0.3])
@@ -353,3 +388,59 @@ def test_each_attack_starts_where_the_previous_one_ended_unless_asked_random(ini
         assert torch.equal(start, previous) == (init == "latest")
     starts = [start for start, _ in calls]
     assert all(not torch.equal(a, b) for i, a in enumerate(starts) for b in starts[i + 1 :])
+    assert all(len(start) == 2 for start in starts)  # attack_batch=per-sample (the default): one per x_t sample
+
+
+def test_the_retain_term_is_zero_while_the_encoder_is_the_original(tiny_model):
+    """Each retain x_t and target is paired with the prompt it was drawn for: at the first step the encoder is still
+    the original, so eps(x_r, t_r, E(r)) is the frozen model's own prediction there and the term is 0. Retain rows
+    paired with other prompts (the list's first ones) leave it > 0."""
+    from erasure.config import build_config
+    from erasure.registry import METHODS
+    from erasure.training import RunContext
+
+    settings = {"steps": 1, "warmup": 1, "ddim_steps": 3, "batch_size": 2, "retain_batch": 2, "bank_size": 0}
+    config = build_config("advunlearn", tiny_model.family, settings)
+    logs = METHODS["advunlearn"].entry(tiny_model, ["a cat"], config, RunContext(seed=0, progress=False)).logs
+    assert logs["unlearn"] > 0 and logs["retain"] < 1e-12
+
+
+def test_the_paper_s_attack_fits_each_drawn_x_t_with_its_own_prompt_to_the_concept(tiny_model, monkeypatch):
+    """attack_samples=redrawn: each attack step draws a bank entry and fits [adv; the entry's prompt] to the original
+    model's prediction of that prompt there, eps*(x_t, t, c): not the iteration's prompt, nor eps*(x_t, t, "")."""
+    import copy
+
+    import erasure.advunlearn
+    from erasure.advunlearn import TrajectoryBank
+    from erasure.config import build_config
+    from erasure.registry import METHODS
+    from erasure.training import RunContext
+
+    concepts, entries, matched = ["a cat", "a red car"], [], []
+    encoder_base = copy.deepcopy(tiny_model.text_encoder)
+    draw = TrajectoryBank.draw_concepts
+
+    def recording_draw(bank, count, rows):
+        drawn = draw(bank, count, rows)
+        entries.extend(drawn)
+        return drawn
+
+    def checking_attack(loss_of, adv, mode, steps, lr):
+        with torch.no_grad():
+            found = loss_of(adv)
+            references = []
+            for index, x_t, t, *_ in entries:  # the bank: (prompt index, x_t, t, ...); the prompts are the concepts
+                ids = tiny_model.tokenize([concepts[int(index)]])
+                eps = tiny_model.unet(x_t, t, encode_with_inserted(tiny_model.text_encoder, ids, adv)).sample
+                target = tiny_model.unet(x_t, t, tiny_model.encode([concepts[int(index)]], encoder_base)).sample
+                references.append(F.mse_loss(eps, target))
+        matched.append(any(torch.allclose(found, r, rtol=1e-5, atol=0) for r in references))
+        return attack_embeddings(loss_of, adv, mode, steps, lr)
+
+    monkeypatch.setattr(TrajectoryBank, "draw_concepts", recording_draw)
+    monkeypatch.setattr(erasure.advunlearn, "attack_embeddings", checking_attack)
+    settings = {"steps": 4, "warmup": 0, "attack": "fast-at", "attack_samples": "redrawn", "ddim_steps": 3,
+                "batch_size": 1, "retain_batch": 2, "bank_size": 4, "lr": 1e-2}  # fmt: skip
+    config = build_config("advunlearn", tiny_model.family, settings)
+    METHODS["advunlearn"].entry(tiny_model, concepts, config, RunContext(seed=0, progress=False))
+    assert len({int(index) for index, *_ in entries}) == 2 and matched == [True] * 4
