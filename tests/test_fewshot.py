@@ -13,6 +13,7 @@ from PIL import Image
 from erasure.api import erase
 from erasure.common import denoising_loss
 from erasure.config import build_config, parse_sets
+from erasure.fewshot import FewShotConfig
 from erasure.fewshot import erase as fewshot_erase
 from erasure.training import RunContext
 from pipelines import InputError, load_model
@@ -99,6 +100,20 @@ def test_the_tokens_scope_changes_only_the_concepts_embedding_rows(tiny_pipeline
     assert not torch.allclose(result.model.encode(["a cat"]), concept)  # the concept's own prompt moved
 
 
+def test_the_tokens_scope_frees_the_rows_of_every_concepts_words(tiny_pipeline_dir):
+    # erasing several concepts leaves each one's words trainable, not the first concept's alone; the mask lets through
+    # exactly those rows of a gradient that reaches every word of the prompt
+    from erasure.fewshot import train_concept_tokens
+
+    model = load_model(str(tiny_pipeline_dir))
+    size = train_concept_tokens(model.text_encoder, {"text_encoder": model.tokenizer}, ["cat", "red dog"])
+    words = {i for w in ("cat", "red", "dog") for i in model.tokenizer(w, add_special_tokens=False).input_ids}
+    assert size == len(words) * model.text_encoder.config.hidden_size
+    model.encode(["a red cat and a dog on grass"], model.text_encoder).pow(2).sum().backward()
+    weight = model.text_encoder.get_input_embeddings().weight
+    assert set(weight.grad.abs().sum(1).nonzero().flatten().tolist()) == words
+
+
 def test_the_retain_term_holds_prompts_without_the_concept_where_they_were(tiny_pipeline_dir, image_folder):
     # the same ascent with and without the term: prompts without the concept (COCO objects on a
     # real-family model) move far less with it, while the cached latents still get harder to denoise
@@ -174,14 +189,19 @@ def test_the_quick_samples_go_round_the_target_prompts_each_at_its_own_seed(tiny
     assert len(prompts) >= 2 and torch.equal(seen[0], expected)
 
 
-def test_steps_are_updates_and_the_rule_checks_at_the_end_of_each_epoch(tiny_pipeline_dir, tmp_path):
+def test_steps_are_updates_and_the_rule_checks_at_the_end_of_each_epoch(tiny_pipeline_dir, tmp_path, monkeypatch):
     # 4 images at batch 2: two updates an epoch
+    import erasure.fewshot as fewshot
+
+    losses = []  # one per update actually made: a check after an epoch's first update would stop the run at 1
+    monkeypatch.setattr(fewshot, "denoising_loss", lambda *args: losses.append(1) or denoising_loss(*args))
     folder = _write_images(tmp_path / "four", sizes=((16, 16),) * 4, formats=("PNG",) * 4)
     sets = [f"images={folder}", *QUICK, "steps=5", "stop_samples=8"]
     stopped = erase("fewshot", ["a red seven"], str(tiny_pipeline_dir), out=tmp_path / "stopped", progress=False,
                     sets=sets)  # fmt: skip
     outcome = json.loads((stopped / "erasure.json").read_text())["fewshot"]
     assert (outcome["images"], outcome["epochs_run"], outcome["updates"], outcome["stopped_early"]) == (4, 1, 2, True)
+    assert len(losses) == 2
     whole = erase("fewshot", ["a red seven"], str(tiny_pipeline_dir), out=tmp_path / "whole", progress=False,
                   sets=[*sets, "stop_below=none"])  # fmt: skip
     outcome = json.loads((whole / "erasure.json").read_text())["fewshot"]
@@ -306,10 +326,14 @@ def test_the_retain_drift_compares_each_retain_prompt_with_its_own_original_enco
     # before the first update the encoder is the original, so each retain prompt's drift from its own cached encoding
     # is exactly 0; rows paired with another prompt's encoding would pull the prompts towards each other instead
     model = load_model(str(tiny_pipeline_dir))
+    encoded, encode = [], model.encode
+    model.encode = lambda prompts, *args: (encoded.append(list(prompts)), encode(prompts, *args))[1]
     sets = [f"images={image_folder}", *QUICK, "steps=1", "stop_below=none", "retain_weight=1", "retain_batch=4"]
     result = fewshot_erase(model, ["a cat"], build_config("fewshot", "sd1", parse_sets(sets)),
                            RunContext(seed=0, progress=False))  # fmt: skip
     assert result.logs["retain_drift"] == 0.0
+    # the retain prompts (the first encoded, COCO's objects) leave the concept out: the term must not hold it
+    assert "a photo of a dog" in encoded[0] and "a photo of a cat" not in encoded[0]
 
 
 def test_each_epoch_visits_every_image_once_in_a_fresh_order(tiny_pipeline_dir, tmp_path, monkeypatch):
@@ -333,6 +357,44 @@ def test_each_epoch_visits_every_image_once_in_a_fresh_order(tiny_pipeline_dir, 
     epochs = [batches[i] + batches[i + 1] for i in (0, 2, 4)]
     assert len(set(epochs[0])) == 4 and all(sorted(e) == sorted(epochs[0]) for e in epochs)  # each image once
     assert len({tuple(e) for e in epochs}) > 1  # not one order for every epoch
+
+
+def test_builtin_images_are_the_familys_renders_each_captioned_with_its_own_concept(monkeypatch):
+    # images=builtin on two concepts: num_images renders of each, drawn at the run's seed, and every batch row captioned
+    # with its own image's concept (captions in another order than the images would ascend one concept's renders under
+    # the other's name), in varied templates of the kind `captions` names (style: "... in the style of {}")
+    import erasure.fewshot as fewshot
+    from pipelines.families import FAMILIES
+
+    cached, rows = [], []
+    encode = fewshot.encode_latents
+
+    def recording_encode(model, images, generator=None):
+        cached.append((images, encode(model, images, generator)))
+        return cached[-1][1]
+
+    def recording_loss(model, x0, cond, noise, t):
+        rows.append(x0.detach().clone())
+        return denoising_loss(model, x0, cond, noise, t)
+
+    monkeypatch.setattr(fewshot, "encode_latents", recording_encode)
+    monkeypatch.setattr(fewshot, "denoising_loss", recording_loss)
+    model = load_model("digits-sd")
+    prompts, model_encode = [], model.encode
+    model.encode = lambda texts, *args: (prompts.append(list(texts)), model_encode(texts, *args))[1]
+    config = FewShotConfig(images="builtin", num_images=2, captions="style", steps=4, lr=1e-3, stop_below=None)
+    concepts = ["seven", "three"]  # the paper's settings, not the digits preset (its own captions, a retain term)
+    fewshot_erase(model, concepts, config, RunContext(seed=3, progress=False))
+    (images, latents), = cached
+    expected = torch.cat([FAMILIES["digits"].builtin_images(c, 2, seed=3) for c in concepts])
+    assert torch.equal(images, expected)  # 2 of each, the run's seed's
+    assert len(rows) == len(prompts) == 4
+    for x0, texts in zip(rows, prompts):
+        for row, text in zip(x0, texts):
+            index = next(i for i, latent in enumerate(latents) if torch.equal(latent, row))
+            template, _, concept = text.rpartition(" in the style of ")
+            assert template and concept == concepts[index // 2], (index, text)
+    assert len({text for texts in prompts for text in texts}) > 2  # not one template for every caption
 
 
 def test_a_non_square_image_is_scaled_by_its_shorter_side_and_cropped_to_its_centre(tmp_path):

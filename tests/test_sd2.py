@@ -139,3 +139,14 @@ def test_a_v_prediction_model_is_noised_and_aimed_at_as_diffusers_defines_v(tiny
     torch.testing.assert_close(target, ddpm.get_velocity(x0, noise, t))
     abar = ddpm.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(x0_from_prediction(noisy, target, abar, "v_prediction"), x0, atol=1e-5, rtol=1e-5)
+    # SFD's score losses noise in float32 on their own (not `noised`): the same x_t, and v as the fake score's target
+    from erasure.config import build_config
+    from erasure.sfd import _Batches
+    from erasure.training import RunContext
+
+    config = build_config("sfd", "sd2", {"override": "a dog", "batch_size": 1, "forget_batch": 1})
+    batches = _Batches(model, {"a cat": "a dog"}, ddpm.alphas_cumprod, config, RunContext(seed=0, progress=False))
+    batches.noise = lambda: noise  # two rows: one remain, one forget
+    noisy, t, target, _ = batches.noisy(x0)
+    torch.testing.assert_close(noisy, ddpm.add_noise(x0, noise, t))
+    torch.testing.assert_close(target, ddpm.get_velocity(x0, noise, t))

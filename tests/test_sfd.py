@@ -69,7 +69,8 @@ def test_remain_prompts_can_come_from_a_file_without_the_concept(tiny_pipeline_d
 
 
 def _run_with_hooks(tiny_pipeline_dir, sets):
-    """One SFD iteration on the tiny pipeline, recording (which net, timesteps, conditions) of every UNet call."""
+    """One SFD iteration on the tiny pipeline, recording (which net, timesteps, conditions, whether its input carries
+    a graph) of every UNet call."""
     model = load_model(str(tiny_pipeline_dir))
     teacher_before = {k: v.clone() for k, v in model.unet.state_dict().items()}
     calls = []
@@ -77,7 +78,7 @@ def _run_with_hooks(tiny_pipeline_dir, sets):
     def record(module, args, kwargs):
         t, cond = args[1], args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
         net = "teacher" if module is model.unet else "student"
-        calls.append((net, torch.as_tensor(t).clone(), cond.detach().clone()))
+        calls.append((net, torch.as_tensor(t).clone(), cond.detach().clone(), args[0].requires_grad))
 
     # deepcopy carries the hook over to the generator and fake-score copies; `module` tells them apart.
     model.unet.register_forward_pre_hook(record, with_kwargs=True)
@@ -94,9 +95,9 @@ def test_the_teacher_never_changes_and_the_forgetting_term_uses_the_override(tin
 
     with torch.no_grad():
         concept, override = model.encode(["cat"])[0], model.encode(["a dog"])[0]
-    generator_calls = [c for net, t, c in calls if net == "student" and bool((t == 990).all())]
-    fake_calls = [c for net, t, c in calls if net == "student" and not bool((t == 990).any())]
-    teacher_calls = [c for net, _, c in calls if net == "teacher"]
+    generator_calls = [c for net, t, c, _ in calls if net == "student" and bool((t == 990).all())]
+    fake_calls = [c for net, t, c, _ in calls if net == "student" and not bool((t == 990).any())]
+    teacher_calls = [c for net, _, c, _ in calls if net == "teacher"]
     assert len(generator_calls) == 2 and len(fake_calls) == 2 and len(teacher_calls) == 1
     # rows: 2 remain prompts, then the forget prompt; the teacher's batch is [unconditional; conditional]
     for cond in generator_calls + fake_calls:
@@ -104,6 +105,10 @@ def test_the_teacher_never_changes_and_the_forgetting_term_uses_the_override(tin
     teacher_cond = teacher_calls[0][3:]
     assert torch.equal(teacher_cond[2], override) and not torch.equal(teacher_cond[2], concept)
     assert torch.equal(teacher_cond[:2], generator_calls[1][:2])  # remain rows: the teacher sees the same prompt
+    # SiD's gradient reaches G through x_t = sqrt(abar) x_g + sqrt(1 - abar) noise too, where the generator step
+    # queries the fake score and the teacher: their x_t carries G's graph; the fake score's own step's does not
+    queried = [(net, graph) for net, t, _, graph in calls if not bool((t == 990).any())]
+    assert queried == [("student", False), ("student", True), ("teacher", True)]
 
 
 def _trained_generator(tiny_pipeline_dir, sets):
@@ -166,15 +171,47 @@ def test_the_guided_teacher_is_unconditional_at_guidance_0_and_conditional_at_1(
 def test_distill_only_has_no_forget_rows_and_keeps_the_concept_in_the_prompts(tiny_pipeline_dir):
     sets = [s for s in FAST if not s.startswith("override")] + ["steps=1", "distill_only=true", "t_init=990"]
     _, _, calls, result = _run_with_hooks(tiny_pipeline_dir, sets)
-    assert all(len(c) == 2 for net, _, c in calls if net == "student")
+    assert all(len(c) == 2 for net, _, c, _ in calls if net == "student")
     assert result.outcome["sfd"]["overrides"] == {}
     assert any(re.search(r"\b(seven|7)\b", p) for p in get_family("digits").remain_prompts([], 0, 400))
 
 
+def test_the_users_override_comes_first_and_only_distilling_needs_none():
+    digits = get_family("digits")
+    assert build_config("sfd", digits, {}).overrides(digits, ["seven"]) == {"seven": "eight"}  # the next digit
+    # a family's default must not hide what the user asked the concept to become
+    assert build_config("sfd", digits, {"override": "a nine"}).overrides(digits, ["seven"]) == {"seven": "a nine"}
+    build_config("sfd", "sd1", {"distill_only": True}).check(get_family("sd1"), ["cat"])  # nothing to refuse
+
+
+def test_the_remain_prompts_leave_the_concept_out_and_the_score_losses_noise_as_ddpm_does(tiny_pipeline_dir):
+    # The remain prompts leave the concept out (COCO's "a photo of a cat" for "cat"), unless only distilling, whose
+    # teacher is the whole distribution; the losses' own forward process is diffusers' DDPM one, eps its target.
+    from diffusers import DDPMScheduler
+
+    from erasure.sfd import _Batches
+
+    model = load_model(str(tiny_pipeline_dir))
+    ddpm = DDPMScheduler.from_config(model.scheduler.config)
+    run = RunContext(seed=0, progress=False)
+    for extra, keeps_the_concept in (([], False), (["distill_only=true"], True)):
+        config = build_config("sfd", "sd1", parse_sets(FAST + ["remain_prompts=80", *extra]))
+        batches = _Batches(model, config.overrides(model.family, ["cat"]), ddpm.alphas_cumprod, config, run)
+        assert "a photo of a dog" in batches.remain and ("a photo of a cat" in batches.remain) == keeps_the_concept
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = (torch.randn(batches.rows, 4, 8, 8, generator=generator) for _ in range(2))
+    batches.noise = lambda: noise
+    x_t, t, wanted, abar = batches.noisy(x0)
+    assert ((config.t_min <= t) & (t < config.t_max)).all() and torch.equal(wanted, noise)
+    torch.testing.assert_close(x_t, ddpm.add_noise(x0, noise, t))
+    torch.testing.assert_close(abar.flatten(), ddpm.alphas_cumprod[t])
+
+
 def test_the_one_step_pipeline_saves_loads_and_samples_bit_for_bit(tiny_pipeline_dir, tmp_path):
-    run = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=FAST, progress=False)
+    run = erase("sfd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=FAST + ["t_init=500"],
+                progress=False)  # fmt: skip
     index = json.loads((run / "model_index.json").read_text())
-    assert index["_class_name"] == "OneStepPipeline" and index["t_init"] == 625
+    assert index["_class_name"] == "OneStepPipeline" and index["t_init"] == 500  # the generator's, not the default
     assert sorted(p.suffix for p in (run / "unet").iterdir()) == [".json", ".safetensors"]
     assert json.loads((run / "erasure_model.json").read_text())["sampling"] == {"steps": 1, "guidance": 0.0}
     first, second = load_model(str(run)), load_model(str(run))
@@ -393,3 +430,9 @@ def test_the_one_step_pipeline_decodes_the_same_images_for_every_output_type():
     arrays = pipe(["a cat", "a dog"], latents=z, output_type="np").images
     assert len(images) == len(arrays) == 2
     assert all(np.abs(np.asarray(a, float) - b * 255).max() <= 1 for a, b in zip(images, arrays))
+    # decoded a few latents at a time (16 in the pipeline), every chunk's images are kept, each as decoded at once
+    from pipelines.images import decode_latents
+
+    chunked = decode_latents(pipe.vae, pipe(["a cat", "a dog"], latents=z, output_type="latent").images, chunk=1)
+    assert len(chunked) == 2 and all(np.abs(np.asarray(a, float) - np.asarray(b, float)).max() <= 1
+                                     for a, b in zip(chunked, images))  # fmt: skip
