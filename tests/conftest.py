@@ -277,6 +277,30 @@ def check_truncation_centre_follows_the_mapping(base: str, run, atol: float) -> 
     assert not torch.allclose(base_model.latent_avg, centre, atol=atol)
 
 
+def record_esd_targets(family, monkeypatch) -> list:
+    """Record each ESD step's target pair with the inputs of the two no-grad denoiser calls it came from:
+    [((eps_empty, x_t, t, cond), (eps_concept, x_t, t, cond)), ...], so that a test can recompute them on the
+    model they should have come from. `monkeypatch.undo()` ends the recording."""
+    import erasure.esd
+    from erasure.common import esd_target
+
+    calls, targets = [], []
+    denoise = family.denoise
+
+    def recording_denoise(unet, x_t, t, cond):
+        if not torch.is_grad_enabled():
+            calls.append((x_t.clone(), t.clone(), cond.clone()))
+        return denoise(unet, x_t, t, cond)
+
+    def recording_target(eps_empty, eps_concept, eta):
+        targets.append(((eps_empty.clone(), *calls[-2]), (eps_concept.clone(), *calls[-1])))
+        return esd_target(eps_empty, eps_concept, eta)
+
+    monkeypatch.setattr(family, "denoise", recording_denoise)
+    monkeypatch.setattr(erasure.esd, "esd_target", recording_target)
+    return targets
+
+
 @pytest.fixture(scope="session")
 def tiny_gan_checkpoint(tmp_path_factory):
     """A rosinality-format `.pt` (generator and discriminator) of a tiny StyleGAN2."""

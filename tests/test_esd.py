@@ -4,6 +4,8 @@ import torch
 from erasure.common import esd_target, select_trainable
 from pipelines.errors import InputError
 
+from .conftest import record_esd_targets
+
 
 def test_esd_target_is_negative_guidance():
     eps_empty = torch.tensor([1.0, 0.0, -2.0])
@@ -139,7 +141,6 @@ def test_x_t_comes_from_the_model_being_erased_and_the_target_from_the_original(
     taken under the encoder being trained all leave every structural test passing."""
     import copy
 
-    import erasure.esd
     from erasure.config import build_config
     from erasure.registry import METHODS
     from erasure.training import RunContext
@@ -148,8 +149,8 @@ def test_x_t_comes_from_the_model_being_erased_and_the_target_from_the_original(
     base_unet = copy.deepcopy(tiny_model.unet)
     with torch.no_grad():
         original = {p: tiny_model.encode([p]) for p in ["", *concepts]}
-    sampled, calls, targets = [], [], []
-    trajectory, denoise = family.trajectory, family.denoise
+    sampled = []
+    trajectory = family.trajectory
 
     def recording_trajectory(unet, scheduler, cond, uncond, stop, guidance, noise):
         with torch.no_grad():  # the concept under the encoder as it is now
@@ -157,18 +158,8 @@ def test_x_t_comes_from_the_model_being_erased_and_the_target_from_the_original(
         sampled.append((unet, now, stop, cond.clone()))
         return trajectory(unet, scheduler, cond, uncond, stop, guidance, noise)
 
-    def recording_denoise(unet, x_t, t, cond):
-        if not torch.is_grad_enabled():
-            calls.append((x_t.clone(), t.clone(), cond.clone()))
-        return denoise(unet, x_t, t, cond)
-
-    def recording_target(eps_empty, eps_concept, eta):
-        targets.append(((eps_empty.clone(), *calls[-2]), (eps_concept.clone(), *calls[-1])))
-        return esd_target(eps_empty, eps_concept, eta)
-
     monkeypatch.setattr(family, "trajectory", recording_trajectory)
-    monkeypatch.setattr(family, "denoise", recording_denoise)
-    monkeypatch.setattr(erasure.esd, "esd_target", recording_target)
+    targets = record_esd_targets(family, monkeypatch)
     settings = {"steps": 8, "ddim_steps": 2, "batch_size": 2, "lr": 1e-2, "component": component}
     config = build_config("esd", family, settings)
     erased = METHODS["esd"].entry(tiny_model, concepts, config, RunContext(seed=0, progress=False)).model

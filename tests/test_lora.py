@@ -22,7 +22,7 @@ from erasure.registry import METHODS
 from pipelines import load_model
 from pipelines.errors import InputError
 
-from .conftest import tiny_sdxl_components
+from .conftest import record_esd_targets, tiny_sdxl_components
 
 
 def _sets(key: str, images: Path, **extra) -> list[str]:
@@ -71,24 +71,11 @@ def test_an_esd_lora_run_aims_at_the_base_models_predictions_at_every_step(tiny_
                                                                           monkeypatch):  # fmt: skip
     """Under LoRA the frozen original is the trained UNet with its adapters switched off: every step's eps(empty) and
     eps(concept) are the base UNet's, not a target that moves with the adapters it trains."""
-    import erasure.esd
     from erasure.config import build_config
     from erasure.training import RunContext
 
-    family, calls, targets = tiny_model.family, [], []
-    denoise = family.denoise
-
-    def recording_denoise(unet, x_t, t, cond):
-        if not torch.is_grad_enabled():
-            calls.append((x_t.clone(), t.clone(), cond.clone()))
-        return denoise(unet, x_t, t, cond)
-
-    def recording_target(eps_empty, eps_concept, eta):
-        targets.append(((eps_empty.clone(), *calls[-2]), (eps_concept.clone(), *calls[-1])))
-        return erasure.common.esd_target(eps_empty, eps_concept, eta)
-
-    monkeypatch.setattr(family, "denoise", recording_denoise)
-    monkeypatch.setattr(erasure.esd, "esd_target", recording_target)
+    family = tiny_model.family
+    targets = record_esd_targets(family, monkeypatch)
     config = build_config("esd", family, {**METHODS["esd"].test_settings, "lora_rank": 4, "lr": 1e-2})
     erased = METHODS["esd"].entry(tiny_model, ["a cat"], config, RunContext(seed=0, progress=False)).model
     monkeypatch.undo()
