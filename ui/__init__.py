@@ -26,7 +26,8 @@ def launch(
     from pipelines import resolve
     from pipelines.devices import resolve_device, resolve_dtype
     from pipelines.errors import InputError
-    from pipelines.loading import comparable_kinds
+
+    from .compare import check_comparable
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -35,9 +36,8 @@ def launch(
     for run in erased:
         read_run(run)  # a bad folder fails here, with one line, before gradio starts
     base = resolve(model)
-    for run in erased if model is not None else ():  # without --model, each run is drawn beside its own base
-        if not comparable_kinds(kind := resolve(run).kind, base.kind):  # else refused only in the page, at each draw
-            raise InputError(f"{run} is a {kind} model; it cannot be compared with a {base.kind} base model")
+    if model is not None:  # found here, not at each draw in the page; without --model each run has its own base
+        check_comparable(erased, base.kind)
     _check_port_free(host, port)
 
     from .app import Preview

@@ -69,6 +69,16 @@ def parse_prompts(text: str) -> list[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
+def check_comparable(runs: Sequence[str], base_kind: str) -> None:
+    """Refuse a run that cannot be drawn beside a base model of `base_kind` (a GAN run beside a text-to-image base)."""
+    from pipelines import resolve
+    from pipelines.loading import comparable_kinds
+
+    for run in runs:
+        if not comparable_kinds(run_kind := resolve(run).kind, base_kind):
+            raise InputError(f"{run} is a {run_kind} model; it cannot be compared with a {base_kind} base model")
+
+
 def compare(
     cache: ModelCache,
     base: str,
@@ -83,7 +93,6 @@ def compare(
     """Generate every (prompt, seed) with the base model and with each run; GANs take seeds only. Runs trained as
     LoRA are drawn with their erasure at `lora_strength` (0: off); full-weight runs as they are."""
     from pipelines import resolve
-    from pipelines.loading import comparable_kinds
 
     _check_numbers(seeds, steps, guidance, lora_strength)
     base = (base or "").strip() or None
@@ -91,9 +100,7 @@ def compare(
     for run in runs:
         read_run(run)
     kind = resolve(base).kind
-    for run in runs:
-        if not comparable_kinds(run_kind := resolve(run).kind, kind):
-            raise InputError(f"{run} is a {run_kind} model; it cannot be compared with a {kind} base model")
+    check_comparable(runs, kind)
     if not seeds:
         raise InputError("choose at least one seed")
     if kind == "gan":
