@@ -178,7 +178,11 @@ CASES = [
     (["sample", "{tiny}", "--out", "g.png"], "at least one --prompt", False),
     (["sample", "digits-gan", "--prompt", "a seven", "--out", "x.png"], "takes no --prompt", False),
     # `--model` is not an option of `sample` (the model is positional); it must not become --model-config
-    (["sample", "--model", "{tiny}", "--prompt", "a cat", "--out", "g.png"], "unrecognized arguments: --model", False),
+    # ... and the one line points at the help of the command that lacks the option, not at `erasure --help`
+    (["sample", "--model", "{tiny}", "--prompt", "a cat", "--out", "g.png"],
+     "unrecognized arguments: --model (see `erasure sample --help`)", False),
+    (["zoo", "list", "--only", "digits-sd"], "unrecognized arguments: --only digits-sd (see `erasure zoo list --help`)",
+     False),
     (["eval", "{tiny}", "--concept", "cat"], "--baseline is needed", False),
     (["eval", "digits-gan", "--baseline", "digits", "--concept", "seven"],
      "cannot compare a gan model with a text-to-image model", False),

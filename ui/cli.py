@@ -79,6 +79,21 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and getattr(namespace, "_refused_by", None) is None:
+            # argparse refuses a command's unknown option at the top, so the error would point at `erasure --help`
+            # rather than at `erasure zoo list --help`, whose options the user was reaching for. The innermost
+            # parser returns first, so it is the one recorded.
+            namespace._refused_by = self
+        return namespace, extras
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            getattr(namespace, "_refused_by", self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
