@@ -515,7 +515,9 @@ class TrainingLoop:
                     run.after_step(done, steps if self._stop_reason is None else done, logs)
                 if self._stop_reason is not None:
                     if not bar.disable:
-                        bar.write(f"{self.desc}: stopped at step {done}/{steps}: {self._stop_reason}", file=sys.stderr)
+                        # Closed first: `bar.write` would redraw the bar under the line that explains it
+                        bar.close()
+                        print(f"{self.desc}: stopped at step {done}/{steps}: {self._stop_reason}", file=sys.stderr)
                     break
                 if (signum := self._agreed_stop()) and not last:
                     self._checkpoint_and_stop(done, steps, pending, last_finite, checkpoint, signum)

@@ -297,6 +297,9 @@ def test_a_stopping_rule_says_under_the_progress_bar_why_the_run_ended_short(cap
     loop.fit(step_fn, 10)
     captured = capsys.readouterr()
     assert "stops: stopped at step 3/10: the rule was met" in captured.err and not captured.out
+    # the bar's last drawing comes before the line, which ends the output: the bar is not redrawn beneath it
+    assert captured.err.rstrip().endswith("stops: stopped at step 3/10: the rule was met")
+    assert captured.err.rindex("3/10 [") < captured.err.index("stopped at step")
 
 
 def test_a_sighup_checkpoints_the_step_it_arrives_at_and_nohup_keeps_it_ignored(tmp_path):
