@@ -108,6 +108,22 @@ def wire_compare(preview, page: SimpleNamespace, demo: gr.Blocks) -> None:
     demo.load(refresh_runs, None, page.run_lists, api_visibility="private")  # runs made since the server started
 
 
+def _erase_job(preview, session: str, method, concepts, model, name, every, resume, sets: dict) -> EraseJob:
+    """The job the form asks for (not started), or one line saying why the form does not make one."""
+    concepts = parse_concepts(concepts)
+    if not concepts:
+        raise InputError("type the concept(s) to erase, separated by commas")
+    name = (name or "").strip() or default_out_dir(method, concepts).name
+    if Path(name).name != name or name.startswith("."):
+        raise InputError(f"a run name is a folder name under {preview.runs_dir}/, not a path: {name!r}")
+    preview.check_loadable(model)
+    running = preview.jobs.get(session)
+    if running is not None and running.running:
+        raise InputError("an erasure you started is still running: cancel it or wait for it")
+    return EraseJob(method, concepts, (model or "").strip() or None, preview.runs_dir / name, sets,
+                    resume=bool(resume), checkpoint_every=int(every or 0), device=preview.device)  # fmt: skip
+
+
 def wire_erase(preview, page: SimpleNamespace) -> None:
     options, run_lists = page.options, page.run_lists
     unchanged = [gr.skip()] * len(run_lists)
@@ -124,22 +140,11 @@ def wire_erase(preview, page: SimpleNamespace) -> None:
 
     @reported
     def start_erase(request: gr.Request, method, concepts, model, name, every, resume, compared, *values):
-        concepts = parse_concepts(concepts)
-        if not concepts:
-            raise InputError("type the concept(s) to erase, separated by commas")
-        name = (name or "").strip() or default_out_dir(method, concepts).name
-        if Path(name).name != name or name.startswith("."):
-            raise InputError(f"a run name is a folder name under {preview.runs_dir}/, not a path: {name!r}")
-        preview.check_loadable(model)
-        running = preview.jobs.get(request.session_hash)
-        if running is not None and running.running:
-            raise InputError("an erasure you started is still running: cancel it or wait for it")
         sets = {o.name: from_field(o, v) for o, v in zip(options, values) if o.method == method}
-        job = EraseJob(method, concepts, (model or "").strip() or None, preview.runs_dir / name, sets,
-                       resume=bool(resume), checkpoint_every=int(every or 0), device=preview.device)  # fmt: skip
+        job = _erase_job(preview, request.session_hash, method, concepts, model, name, every, resume, sets)
         preview.jobs[request.session_hash] = job.start()
         history, last, shown = [], None, 0.0
-        starting = f"Starting {html.escape(method)} on {html.escape(', '.join(concepts))}: loading the model..."
+        starting = f"Starting {html.escape(method)} on {html.escape(', '.join(job.concepts))}: loading the model..."
         yield starting, gr.skip(), *unchanged  # the plot appears with the first step's losses
         try:
             while job.running or not job.updates.empty():
