@@ -83,13 +83,15 @@ def sample(
     check_number("--n", n, COUNT, integer=True)
     check_number("--seed", seed, SEED_BOUNDS, integer=True)
     check_number("--seed + --n", seed + n - 1, SEED_BOUNDS)
-    for name, value, bounds, integer in (("--steps", steps, STEPS, True), ("--guidance", guidance, GUIDANCE, False)):
+    optional = (
+        ("--steps", steps, STEPS, True),
+        ("--guidance", guidance, GUIDANCE, False),
+        ("--truncation", truncation, TRUNCATION, False),
+        ("--lora-strength", lora_strength, LORA_STRENGTH, False),
+    )
+    for name, value, bounds, integer in optional:
         if value is not None:
             check_number(name, value, bounds, integer)
-    if truncation is not None:
-        check_number("--truncation", truncation, TRUNCATION)
-    if lora_strength is not None:
-        check_number("--lora-strength", lora_strength, LORA_STRENGTH)
     device = resolve_device(device)
     out = check_writable(out)
     source = resolve(model)
@@ -124,18 +126,25 @@ def sample(
     if as_grid:
         grid = labelled_grid(rows, labels, columns)
         return atomic_write(out, lambda tmp: grid.save(tmp, format=GRID_FORMATS[out.suffix.lower()]))
-    # (file, image, prompt index, seed); a GAN has no prompts: one file per seed
-    if source.kind == "gan":
-        named = [(f"s{s}.png", image, None, s) for s, image in zip(seeds, images)]
-    else:
-        named = [(f"p{i}_s{s}.png", image, i, s) for i, row in enumerate(rows) for s, image in zip(seeds, row)]
     defaults = getattr(backend, "sampling", {})  # the model's own steps and guidance, where not given
-    record = {
+    settings = {
         "model": source.spec, "prompts": prompts, "seeds": seeds,
         "steps": defaults.get("steps") if steps is None else steps,
         "guidance": defaults.get("guidance") if guidance is None else guidance,
         "truncation": truncation, "lora_strength": lora_strength, "dtype": dtype_name(torch_dtype), "device": device,
-        "images": {name: {"prompt": i, "seed": s} for name, _, i, s in named},
+    }  # fmt: skip
+    return _write_samples(out, rows, seeds, prompts if source.kind != "gan" else None, settings)
+
+
+def _write_samples(out: Path, rows: list[list], seeds: list[int], prompts: list[str] | None, settings: dict) -> Path:
+    """One PNG per (prompt, seed), or per seed for a GAN (`prompts` None), with the record of what drew each; the
+    folder appears whole, or not at all."""
+    if prompts is None:
+        named = [(f"s{s}.png", image, None, s) for s, image in zip(seeds, [i for row in rows for i in row])]
+    else:
+        named = [(f"p{i}_s{s}.png", image, i, s) for i, row in enumerate(rows) for s, image in zip(seeds, row)]
+    record = {
+        **settings, "images": {name: {"prompt": i, "seed": s} for name, _, i, s in named},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": library_versions(),
     }  # fmt: skip
 
@@ -144,4 +153,4 @@ def sample(
             image.save(folder / name, format="PNG")
         write_json(folder / SAMPLE_RECORD, record)
 
-    return write_folder_atomically(out, write)  # the folder appears whole, or not at all
+    return write_folder_atomically(out, write)
