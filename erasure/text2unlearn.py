@@ -324,6 +324,42 @@ def _concept_directions(model, frozen, clip, concepts: list[str], pool_images: t
     return directions, torch.stack(flagged, 1), used
 
 
+def _unlearn_loss(images, frozen_images, features, frozen_features, has: torch.Tensor, global_has: torch.Tensor,
+                  directions: list[torch.Tensor], floors: list[float] | None, config: TextToUnlearnConfig,
+                  num_processes: int) -> tuple[torch.Tensor, dict]:
+    """This process's loss and logs for its rows: each concept's directional and push terms on the rows that bear
+    it, and the keep terms on the rows that bear none. `has`: (rows, concepts) for this process's rows;
+    `global_has`: the same for the global batch, by which each term's mean is shared."""
+    device = features.device
+
+    def share(local: torch.Tensor, of_global: torch.Tensor) -> float:
+        """A term is a mean over its rows of the global batch: this process's mean counts by its share of
+        those rows, times the processes (whose gradients are averaged); 1 on one process."""
+        return float(local.sum()) * num_processes / max(float(of_global.sum()), 1.0)
+
+    # Every process logs every term (0 where it has none of its rows), so that their means agree.
+    logs: dict[str, float] = {}
+    loss = torch.zeros((), device=device)
+    for k, direction in enumerate(directions):
+        logs[f"dir_{k}"] = logs[f"push_{k}"] = 0.0
+        if has[:, k].any():
+            weight = share(has[:, k], global_has[:, k])
+            now, before = features[has[:, k]], frozen_features[has[:, k]]  # the rows that bear concept k
+            term = directional_loss(now, before, direction.to(device))
+            push = push_term(now, now - before, direction.to(device), None if floors is None else floors[k])
+            loss = loss + weight * config.direction_weight * term + weight * config.push_weight * push
+            logs[f"dir_{k}"], logs[f"push_{k}"] = weight * term.detach(), weight * push.detach()
+    keep = ~has.any(1)
+    logs |= {"keep_pixel": 0.0, "keep_clip": 0.0}
+    if keep.any():
+        weight = share(keep, ~global_has.any(1))
+        pixel = F.mse_loss(images[keep], frozen_images[keep])
+        clip_distance = (1 - (features[keep] * frozen_features[keep]).sum(-1)).mean()
+        loss = loss + weight * config.preserve_pixel * pixel + weight * config.preserve_clip * clip_distance
+        logs |= {"keep_pixel": weight * pixel.detach(), "keep_clip": weight * clip_distance.detach()}
+    return loss, logs
+
+
 def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunContext) -> ErasureResult:
     """Unlearn `concepts` from the GAN `model` from their names alone, guided by CLIP."""
     from evaluators.clip_models import load_clip
@@ -380,34 +416,8 @@ def erase(model, concepts: list[str], config: TextToUnlearnConfig, run: RunConte
         (features,) = shifted_features(clip, [_unit(images)], config.augment)
         has = flagged[rows].to(device)
         global_has = flagged[torch.cat([with_concept, without])]
-
-        def share(local: torch.Tensor, of_global: torch.Tensor) -> float:
-            """A term is a mean over its rows of the global batch: this process's mean counts by its share of
-            those rows, times the processes (whose gradients are averaged); 1 on one process."""
-            return float(local.sum()) * run.num_processes / max(float(of_global.sum()), 1.0)
-
-        # Every process logs every term (0 where it has none of its rows), so that their means agree.
-        logs: dict[str, float] = {}
-        loss = torch.zeros((), device=device)
-        for k, direction in enumerate(directions):
-            logs[f"dir_{k}"] = logs[f"push_{k}"] = 0.0
-            if has[:, k].any():
-                weight = share(has[:, k], global_has[:, k])
-                moved = features[has[:, k]] - frozen_features[has[:, k]]
-                term = directional_loss(features[has[:, k]], frozen_features[has[:, k]], direction.to(device))
-                push = push_term(
-                    features[has[:, k]], moved, direction.to(device), None if floors is None else floors[k]
-                )
-                loss = loss + weight * config.direction_weight * term + weight * config.push_weight * push
-                logs[f"dir_{k}"], logs[f"push_{k}"] = weight * term.detach(), weight * push.detach()
-        keep = ~has.any(1)
-        logs |= {"keep_pixel": 0.0, "keep_clip": 0.0}
-        if keep.any():
-            weight = share(keep, ~global_has.any(1))
-            pixel = F.mse_loss(images[keep], frozen_images[keep])
-            clip_distance = (1 - (features[keep] * frozen_features[keep]).sum(-1)).mean()
-            loss = loss + weight * config.preserve_pixel * pixel + weight * config.preserve_clip * clip_distance
-            logs |= {"keep_pixel": weight * pixel.detach(), "keep_clip": weight * clip_distance.detach()}
+        loss, logs = _unlearn_loss(images, frozen_images, features, frozen_features, has, global_has, directions,
+                                   floors, config, run.num_processes)  # fmt: skip
         loop.update("generator", loss)
         return logs
 
