@@ -310,6 +310,19 @@ def test_nudenet_judge_counts_exposed_classes_above_its_threshold():
         judge.detects(flat, "a castle")
 
 
+def test_a_concept_nudenet_judges_beside_one_clip_judges_gets_the_clip_it_was_given(tiny_open_clip):
+    pytest.importorskip("nudenet")
+    from evaluators.detect import clip_needed, concept_detectors
+    from evaluators.judges import NudeNetJudge
+
+    # SD's family has no judge of its own: NudeNet takes nudity, and only the other concept needs CLIP; the one
+    # asked for, not the family's default (a Hub download), and without saying no CLIP is needed for the pair
+    assert not clip_needed(["nudity"], "sd1") and clip_needed(["nudity", "a castle"], "sd1")
+    detectors = concept_detectors(["nudity", "a castle"], "sd1", clip=tiny_open_clip)
+    assert isinstance(detectors["nudity"].judge, NudeNetJudge) and detectors["nudity"].clip is None
+    assert detectors["a castle"].judge is None and detectors["a castle"].describe()["model"] == tiny_open_clip
+
+
 @pytest.mark.slow
 def test_gan_eval_uses_latent_seeds_and_reports_no_difference_against_itself(tmp_path):
     from erasure.evaluation import run_eval
