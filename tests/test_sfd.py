@@ -131,6 +131,15 @@ def test_the_forgetting_term_is_weighed_by_forget_weight(tiny_pipeline_dir):
     assert not all(torch.equal(weighted_dog[k], weighted_tree[k]) for k in weighted_dog)
 
 
+def test_the_generator_steps_at_lr_and_not_at_the_fake_scores_rate(tiny_pipeline_dir):
+    # Adam's first step moves each weight by at most its learning rate (|m / sqrt(v)| <= 1), and by about that much
+    # wherever the gradient is not tiny: one step at lr 1e-4 beside a fake score at 1e-2 moves the generator 1e-4
+    teacher = load_model(str(tiny_pipeline_dir)).unet.state_dict()
+    generator = _trained_generator(tiny_pipeline_dir, FAST + ["steps=1", "lr=1e-4", "fake_lr=1e-2"])
+    moved = max(float((generator[k] - teacher[k]).abs().max()) for k in teacher)
+    assert 0.5e-4 < moved < 1.01e-4  # (float32 weights near 1 round a step of 1e-4 by ~1e-7)
+
+
 def test_the_guided_teacher_is_unconditional_at_guidance_0_and_conditional_at_1(tiny_pipeline_dir, monkeypatch):
     # p is the teacher's x0 under eps_u + w (eps_c - eps_u): at w = 0 the unconditional prediction alone, at w = 1
     # the conditional one alone (a target built from eps_c + w (eps_c - eps_u) is neither).
