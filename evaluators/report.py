@@ -440,6 +440,45 @@ def _preserved_accuracy(judge, drawn: dict, prompts, counts: list[int]) -> dict:
     return out
 
 
+def _gan_clip_metrics(clip: ClipScorer, prompts, features: dict, samples: int) -> tuple[dict, dict]:
+    """CLIP's zero-shot presence of the concept in each model's samples, and the degree of unlearning (W1 between
+    the two models' CLIP scores against the concept); with the presence of each sample, before and after."""
+    with torch.no_grad():
+        concept_text = clip.text_features(prompts.clip_concept)
+        anchor_text = clip.text_features(prompts.clip_anchors)
+    presence = {m: zero_shot_presence(features[m], concept_text, anchor_text) for m in features}
+    clip_settings = {**clip.describe(), "rule": CLIP_PRESENCE_RULE, "images": samples}
+    metrics = {"presence_clip": _presence(*(float(presence[m].float().mean()) for m in ("before", "after")),
+                                          clip_settings)}  # fmt: skip
+    concept_mean = torch.nn.functional.normalize(concept_text.mean(0), dim=-1)
+    scores = {m: (features[m] @ concept_mean).cpu() for m in features}
+    metrics["degree_of_unlearning_w1"] = {
+        "value": wasserstein_1d(scores["before"], scores["after"]),
+        "before_mean_score": float(scores["before"].mean()), "after_mean_score": float(scores["after"].mean()),
+        "settings": {**clip.describe(), "images": samples, "formula": DEGREE_OF_UNLEARNING},
+    }  # fmt: skip
+    return metrics, presence
+
+
+def _gan_feature_metrics(protocol: _Protocol, judge, concept: str, images: dict, absent: torch.Tensor) -> dict:
+    """FID of the erased samples against the base's samples without the concept (`absent`), and of both models'
+    against held-out real images without it, where the family has them."""
+    extractor = protocol.extractor(judge)
+    feats = {m: extractor(images[m]) for m in images}
+    fid, warning = _fid(feats["after"], feats["before"][absent])
+    reference = f"{int(absent.sum())} base samples without the concept"
+    metrics = {"fid_vs_base_without_concept": _warned(
+        {"value": fid, "settings": {"features": extractor.name, "reference": reference}}, warning
+    )}  # fmt: skip
+    real_feats = protocol.real_features(judge, extractor, without=concept)
+    if real_feats is not None:
+        metrics["fid_vs_real_without_concept"] = _fid_pair(
+            feats["before"], feats["after"], real_feats,
+            {"features": extractor.name, "real": f"{len(real_feats)} held-out real images without {concept}"},
+        )  # fmt: skip
+    return metrics
+
+
 def evaluate_gan(
     after,
     before,
@@ -472,24 +511,8 @@ def evaluate_gan(
     with torch.no_grad():
         features = {m: clip.image_features(images[m]) for m in images}
     for concept in concepts:
-        prompts = family.prompt_set(concept)
         judge = protocol.judge(concept)
-        metrics: dict = {}
-        with torch.no_grad():
-            concept_text = clip.text_features(prompts.clip_concept)
-            anchor_text = clip.text_features(prompts.clip_anchors)
-        presence = {m: zero_shot_presence(features[m], concept_text, anchor_text) for m in images}
-        clip_settings = {**clip.describe(), "rule": CLIP_PRESENCE_RULE, "images": samples}
-        metrics["presence_clip"] = _presence(
-            *(float(presence[m].float().mean()) for m in ("before", "after")), clip_settings
-        )
-        concept_mean = torch.nn.functional.normalize(concept_text.mean(0), dim=-1)
-        scores = {m: (features[m] @ concept_mean).cpu() for m in images}
-        metrics["degree_of_unlearning_w1"] = {
-            "value": wasserstein_1d(scores["before"], scores["after"]),
-            "before_mean_score": float(scores["before"].mean()), "after_mean_score": float(scores["after"].mean()),
-            "settings": {**clip.describe(), "images": samples, "formula": DEGREE_OF_UNLEARNING},
-        }  # fmt: skip
+        metrics, presence = _gan_clip_metrics(clip, family.prompt_set(concept), features, samples)
         absent = ~presence["before"].cpu()  # it indexes the extractor's features, which are on the CPU
         if judge is not None:
             detected = {m: judge.detects(images[m], concept) for m in images}
@@ -497,19 +520,7 @@ def evaluate_gan(
             metrics["presence_judge"] = _presence(b, a, {**judge.describe(), "images": samples})
             metrics["pul_percent"] = _pul(b, a, samples)
             absent = ~detected["before"].cpu()
-        extractor = protocol.extractor(judge)
-        feats = {m: extractor(images[m]) for m in images}
-        fid, warning = _fid(feats["after"], feats["before"][absent])
-        reference = f"{int(absent.sum())} base samples without the concept"
-        metrics["fid_vs_base_without_concept"] = _warned(
-            {"value": fid, "settings": {"features": extractor.name, "reference": reference}}, warning
-        )
-        real_feats = protocol.real_features(judge, extractor, without=concept)
-        if real_feats is not None:
-            metrics["fid_vs_real_without_concept"] = _fid_pair(
-                feats["before"], feats["after"], real_feats,
-                {"features": extractor.name, "real": f"{len(real_feats)} held-out real images without {concept}"},
-            )  # fmt: skip
+        metrics |= _gan_feature_metrics(protocol, judge, concept, images, absent)
         report["concepts"][concept] = {"judge": judge.describe() if judge else None, "metrics": metrics}
     rows = {m: to_pil_rows(images[m][: GRID_SEEDS * GRID_PROMPTS], GRID_SEEDS) for m in images}
     # each row's label names the seeds it holds: the last row may be short, and there may be fewer rows
