@@ -114,27 +114,9 @@ def export_run(
         _check_single_file(run)
     if as_lora is not None:
         _check_as_lora(run, as_lora)
-    if lora_format not in LORA_FORMATS:
-        raise InputError(f"unknown LoRA format {lora_format!r}; known: {', '.join(LORA_FORMATS)}")
-    if lora_format == "kohya" and run.kind == "one-step":
-        raise InputError("--lora-format kohya: a one-step run's adapters make its one-step generator, and A1111 or "
-                         "ComfyUI would apply them to the base's multi-step sampler; export without it")  # fmt: skip
-    if lora_format == "kohya" and as_lora is None and not (run.path / LORA_FILE).is_file():
-        raise InputError(f"--lora-format kohya writes a LoRA: {run.path} was not trained as one (--set lora_rank=R); "
-                         "reduce it with --as-lora RANK")  # fmt: skip
-    if lora_format == "kohya" and as_lora is None and run.model_card.get("family") == "flux":
-        from pipelines.kohya import check_flux_layers
-
-        check_flux_layers(run.path / LORA_FILE)
+    _check_lora_format(run, lora_format, as_lora)
     if local_dir is not None:
-        local_dir = Path(local_dir).expanduser().resolve()
-        check_outside(local_dir, run.path, "--local-dir", "the run")
-        if run.manifest["base_model"].get("path"):  # files written there would make the base another model
-            check_outside(local_dir, run.manifest["base_model"]["path"], "--local-dir", "the run's base model")
-        check_outside_models(local_dir, "--local-dir")
-        if local_dir.exists():
-            raise InputError(f"{local_dir} already exists; choose another --local-dir or remove it")
-        check_writable(local_dir, "--local-dir")
+        local_dir = _check_local_dir(run, local_dir)
     else:
         _check_hub_access()
     metadata, notes = card_metadata(run, pushed=local_dir is None)
@@ -172,6 +154,36 @@ def export_run(
 
 
 # --- checks, before anything is written ----------------------------------------------------------
+
+
+def _check_lora_format(run: Run, lora_format: str, as_lora: int | None) -> None:
+    if lora_format not in LORA_FORMATS:
+        raise InputError(f"unknown LoRA format {lora_format!r}; known: {', '.join(LORA_FORMATS)}")
+    if lora_format != "kohya":
+        return
+    if run.kind == "one-step":
+        raise InputError("--lora-format kohya: a one-step run's adapters make its one-step generator, and A1111 or "
+                         "ComfyUI would apply them to the base's multi-step sampler; export without it")  # fmt: skip
+    if as_lora is None and not (run.path / LORA_FILE).is_file():
+        raise InputError(f"--lora-format kohya writes a LoRA: {run.path} was not trained as one (--set lora_rank=R); "
+                         "reduce it with --as-lora RANK")  # fmt: skip
+    if as_lora is None and run.model_card.get("family") == "flux":
+        from pipelines.kohya import check_flux_layers
+
+        check_flux_layers(run.path / LORA_FILE)
+
+
+def _check_local_dir(run: Run, local_dir: str | Path) -> Path:
+    """`--local-dir` resolved: a new folder outside the run, its base model and the embedded models."""
+    local_dir = Path(local_dir).expanduser().resolve()
+    check_outside(local_dir, run.path, "--local-dir", "the run")
+    if run.manifest["base_model"].get("path"):  # files written there would make the base another model
+        check_outside(local_dir, run.manifest["base_model"]["path"], "--local-dir", "the run's base model")
+    check_outside_models(local_dir, "--local-dir")
+    if local_dir.exists():
+        raise InputError(f"{local_dir} already exists; choose another --local-dir or remove it")
+    check_writable(local_dir, "--local-dir")
+    return local_dir
 
 
 def _check_repo_id(repo_id: str) -> None:
