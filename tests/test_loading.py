@@ -14,12 +14,15 @@ def _same(a, b) -> bool:
     return len(a) == len(b) > 0 and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
 
 
-def test_local_folder_loads_with_all_parts(tiny_pipeline_dir):
+def test_local_folder_loads_with_all_parts(tiny_pipeline_dir, monkeypatch):
     model = load_model(str(tiny_pipeline_dir))
     assert model.kind == "text-to-image"
     assert model.unet.config.cross_attention_dim == model.text_encoder.config.hidden_size
     assert len(model.tokenizer) == 49408 and model.vae is not None and model.scheduler is not None
     assert model.source.origin == "local" and len(model.source.describe()["sha256"]) == 64
+    # a folder named relative to where the command ran is recorded absolute: a run's base is found from anywhere
+    monkeypatch.chdir(tiny_pipeline_dir.parent)
+    assert resolve(tiny_pipeline_dir.name).describe()["path"] == str(tiny_pipeline_dir.resolve())
 
 
 def test_generation_is_deterministic_per_seed(tiny_model):
@@ -32,6 +35,10 @@ def test_generation_is_deterministic_per_seed(tiny_model):
     # round differently, by at most one grey level.
     b = tiny_model.generate(["a dog"], [2, 1], steps=3, batch_size=1)
     for x, y in zip([a[1][2], a[1][1]], b[0]):
+        assert np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 1
+    # given embeddings (the attacks'), one a batch: each row is drawn from its own embedding, past the first batch too
+    c = tiny_model.generate_each(tiny_model.encode(["a cat", "a dog"]), [2, 1], steps=3, batch_size=1)
+    for x, y in zip([a[0][2], a[1][1]], c):
         assert np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 1
 
 
@@ -179,6 +186,9 @@ def test_corrupt_safetensors_is_refused_before_loading(tmp_path, tiny_pipeline_d
     single.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(InputError, match="corrupt safetensors"):
         load_model(str(single), single_file_config=tiny_pipeline_dir)
+    # a component swapped in on its own is checked as a whole model is, not handed to the library unread
+    with pytest.raises(InputError, match="corrupt safetensors"):
+        load_model(str(tiny_pipeline_dir)).load_component("unet", broken / "unet")
 
 
 def test_shipped_sd1_configs_describe_stable_diffusion_1(tmp_path):
@@ -338,6 +348,18 @@ def test_the_hub_is_reachable_when_the_host_and_port_of_hf_endpoint_accept_a_con
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
         assert hub_reachable(timeout=2.0)
     assert not hub_reachable(timeout=2.0)  # the same port, closed
+    # an endpoint without a port (a mirror) is probed on its scheme's: https 443, http 80
+    probed = []
+
+    def refuse(address, timeout=None):
+        probed.append(address)
+        raise OSError("refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for endpoint in ("https://hf-mirror.example", "http://hf-mirror.example"):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        assert not hub_reachable(timeout=1.0)
+    assert probed == [("hf-mirror.example", 443), ("hf-mirror.example", 80)]
 
 
 def test_an_exported_gan_folder_with_its_generator_in_a_subfolder_loads_as_the_gan(tmp_path):

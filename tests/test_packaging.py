@@ -82,6 +82,7 @@ def test_a_cuda_device_index_counts_from_0_below_the_machines_device_count(monke
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda:1") == "cuda:1" and resolve_device("auto") == "cuda"
+    assert resolve_device(" CUDA:1") == "cuda:1"  # as torch.device takes it, later, after the models have loaded
     with pytest.raises(InputError, match="this machine has 2 CUDA device"):
         resolve_device("cuda:2")
 
@@ -200,6 +201,25 @@ def test_a_component_taken_from_the_base_is_made_of_links_to_its_files_and_leave
     linked = sorted((tmp_path / "run" / "unet").iterdir())
     assert [p.name for p in linked] == ["config.json", "diffusion_pytorch_model.safetensors"]
     assert all(os.path.samefile(p, base / p.name) for p in linked)
+
+
+def test_a_base_part_with_a_pickled_copy_is_linked_and_an_embedded_base_is_named(tiny_pipeline_dir, tmp_path):
+    """Hub repositories often hold `.bin` copies beside the safetensors: the component is still the base's own files
+    (re-serialised, fp16 weights would become fp32). A `changed` run refers to an embedded base by its name: its
+    installed path changes with each environment."""
+    from pipelines import load_model, resolve
+    from pipelines.components import base_spec, save_pipeline
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_pipeline_dir, base)
+    (base / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"a pickled copy, never read")
+    pipe = load_model(str(tiny_pipeline_dir)).pipe
+    stored = save_pipeline(pipe, tmp_path / "run", changed=["unet"], source=resolve(str(base)))
+    assert stored["vae"] == "linked" and stored["unet"] == "saved"
+    assert sorted(p.name for p in (tmp_path / "run" / "vae").iterdir()) == sorted(
+        p.name for p in (base / "vae").iterdir() if p.suffix != ".bin")  # fmt: skip
+    assert base_spec(resolve("digits-sd")) == "digits-sd" and base_spec(resolve("digits")) == "digits"
+    assert base_spec(resolve(str(base))) == str(base.resolve())
 
 
 def test_a_changed_run_of_a_hub_model_reads_the_snapshot_it_was_made_from(tiny_pipeline_dir, tmp_path, monkeypatch):

@@ -133,11 +133,15 @@ def test_a_file_written_atomically_removes_the_temporary_files_of_killed_writers
     killed = tmp_path / f".eval.json.tmp-{dead_pid()}-k1ll3d00"
     live = tmp_path / f".eval.json.tmp-{os.getpid()}-l1ve0000"
     other = tmp_path / f".eval.json.tmp-x.json.tmp-{dead_pid()}-abc"  # a killed writer's, of `eval.json.tmp-x.json`
-    for file in (killed, live, other):
+    # a live writer's, of `eval.json.tmp-PID-x.json`: its name starts as a dead writer's of eval.json would
+    lookalike = tmp_path / f".eval.json.tmp-{dead_pid()}-x.json.tmp-{os.getpid()}-abc"
+    for file in (killed, live, other, lookalike):
         file.write_text("{")
     write_json(tmp_path / "eval.json", {"ok": True})
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "eval.json"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, lookalike.name, "eval.json"])
     assert json.loads((tmp_path / "eval.json").read_text()) == {"ok": True}
+    (tmp_path / "plain.json").write_text("")  # what open() makes: the report is as readable as any file
+    assert (tmp_path / "eval.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777
 
 
 def test_failed_run_leaves_nothing_behind(tiny_pipeline_dir, tmp_path):
@@ -174,6 +178,10 @@ def test_several_concepts_in_one_run(tiny_pipeline_dir, tmp_path):
     assert manifest["concepts"] == ["a cat", "a dog"]
     card = json.loads((out / "erasure_model.json").read_text())
     assert card["erased"]["concepts"] == ["a cat", "a dog"] and card["erased"]["method"] == "esd"
+    # a model saved from this run (another erasure of it) carries its own record, not the run's it came from
+    load_model(str(out)).save(tmp_path / "again", card={"erased": {"method": "sfd", "concepts": ["a bird"]}})
+    again = json.loads((tmp_path / "again" / "erasure_model.json").read_text())
+    assert again["erased"] == {"method": "sfd", "concepts": ["a bird"]} and again["family"] == card["family"]
 
 
 def test_interrupted_advunlearn_run_resumes_to_the_same_text_encoder(tiny_pipeline_dir, tmp_path):
@@ -320,6 +328,16 @@ def test_a_folder_written_atomically_is_readable_by_others_and_leaves_the_mode_o
     assert (out.stat().st_mode & 0o777, (out / "unet").stat().st_mode & 0o777) == (normal_mode(True),) * 2
     assert (out / "unet" / "own.safetensors").stat().st_mode & 0o777 == normal_mode()
     assert base.stat().st_mode & 0o777 == 0o640
+    # those modes are what mkdir and open give under the umask (read as the octal number it is)
+    umask = os.umask(0o027)
+    try:
+        (tmp_path / "plain").mkdir()
+        (tmp_path / "plain.txt").write_text("")
+        assert (normal_mode(True), normal_mode()) == (0o750, 0o640)
+        assert normal_mode(True) == (tmp_path / "plain").stat().st_mode & 0o777
+        assert normal_mode() == (tmp_path / "plain.txt").stat().st_mode & 0o777
+    finally:
+        os.umask(umask)
 
 
 def test_an_out_name_is_refused_only_when_its_staging_folders_name_would_be_too_long(tmp_path):
@@ -329,6 +347,10 @@ def test_an_out_name_is_refused_only_when_its_staging_folders_name_would_be_too_
     assert check_writable(tmp_path / ("r" * longest)) == tmp_path / ("r" * longest)
     with pytest.raises(InputError, match=f"takes at most {longest} for it"):
         check_writable(tmp_path / ("r" * (longest + 1)))
+    # the staging folder is the output's, made beside it: in new folders the limit is the last name's
+    with pytest.raises(InputError, match=f"takes at most {longest} for it"):
+        check_writable(tmp_path / "runs" / ("r" * (longest + 1)))
+    assert check_writable(tmp_path / ("r" * (longest + 1)) / "run") == tmp_path / ("r" * (longest + 1)) / "run"
     assert list(tmp_path.iterdir()) == []  # the probe file is removed
 
 

@@ -446,6 +446,9 @@ def test_an_sdxl_run_exports_as_one_file_that_loads_back_to_the_same_weights(tmp
     original, reloaded = load_model(str(folder)), load_model(str(path), single_file_config=str(exported.folder))
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         assert not _unet_changes(getattr(original, name), getattr(reloaded, name)), name
+    # and it encodes as the folder does: its second tokenizer pads with "!", as the folder's own does
+    with torch.no_grad():
+        assert torch.equal(original.encode(["a seven"]), reloaded.encode(["a seven"]))
     plain = StableDiffusionXLPipeline.from_single_file(str(path), config=str(exported.folder), local_files_only=True)
     assert not _unet_changes(original.text_encoder_2, plain.text_encoder_2)
 

@@ -346,6 +346,22 @@ def test_a_sighup_checkpoints_the_step_it_arrives_at_and_nohup_keeps_it_ignored(
         signal.signal(signal.SIGHUP, before)
 
 
+def test_a_callers_own_stop_handler_is_given_back_after_the_work():
+    """A Python caller (a job wrapper, a server) may have a SIGTERM handler of its own: the work takes the stop signals
+    while it runs, then gives that handler back; Python's default in its place would end the caller on a later stop."""
+
+    def callers(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, callers)
+    try:
+        with checkpoint_on_stop():
+            assert signal.getsignal(signal.SIGTERM) is not callers
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
