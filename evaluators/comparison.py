@@ -185,8 +185,10 @@ def compare(given: list[str | Path]) -> Comparison:
         table.warnings.update({(column, row): text for row, text in warnings.items()})
         for row, value in base.items():
             table.base.setdefault(row, value)
-    for i, label in enumerate(table.labels):  # two columns of one name: their report files tell them apart
-        if table.labels.count(label) > 1:
+    # two columns of one name: their report files tell them apart (counted before any is renamed)
+    repeated = {label for label in table.labels if table.labels.count(label) > 1}
+    for i, label in enumerate(table.labels):
+        if label in repeated:
             table.labels[i] = f"{label} ({', '.join(files[i])})"
     return table
 

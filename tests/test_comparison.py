@@ -194,3 +194,25 @@ def test_a_report_whose_attack_has_no_success_rate_is_refused_as_damaged(tmp_pat
     report["concepts"]["seven"]["attacks"] = [{"attack": "embedding", "pairs": 2}]  # hand-edited: its asr is gone
     with pytest.raises(InputError, match="damaged evaluation report .the attacks of 'seven' are not a list of results"):
         compare([_write(tmp_path / "a", report)])
+
+
+def test_columns_of_one_name_are_told_apart_by_their_files_and_a_pipe_in_a_name_is_escaped(tmp_path):
+    # two report files of two models with one name: each heading names its file (both, not only the first)
+    a, b = _minimal_report("a" * 64, 0.25), _minimal_report("b" * 64, 0.5)
+    a["after"]["spec"] = b["after"]["spec"] = "models/erased"
+    (tmp_path / "x.json").write_text(json.dumps(a))
+    (tmp_path / "y.json").write_text(json.dumps(b))
+    assert compare([tmp_path / "x.json", tmp_path / "y.json"]).labels == ["erased (x.json)", "erased (y.json)"]
+    # a "|" in a run folder's name would split the Markdown row
+    table = compare([_write(tmp_path / "esd|seven", a)])
+    assert to_markdown(table).splitlines()[0] == "| concept | metric | base model | esd\\|seven |"
+
+
+def test_the_command_writes_a_csv_table_for_a_csv_file(tmp_path, capsys):
+    from ui.cli import main
+
+    run = _write(tmp_path / "run-a", _minimal_report("a" * 64, 0.25))
+    assert main(["compare", str(run), "--out", str(tmp_path / "t.csv")]) == 0
+    assert list(csv.reader((tmp_path / "t.csv").read_text().splitlines())) == [
+        ["concept", "metric", "base model", "run-a"], ["", "method", "", "esd"], ["", "training seed", "", "0"],
+        ["seven", "target_presence_judge", "0.9", "0.25"]]  # fmt: skip
