@@ -342,3 +342,93 @@ def test_an_attack_on_the_built_in_prompts_draws_its_pairs_apart_from_the_evalua
     model = _quick_drawing(load_model("digits"), monkeypatch)
     out = run_attack("embedding", model, model, "seven", 1, 2, 1, None, progress=False)
     assert out["attack"] == "embedding" and [p["seed"] for p in out["per_pair"]] == [1000, 1001]
+
+
+class _Scripted:
+    """A judge answering its calls in turn from a script (one list of answers per call), then seeing nothing."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+
+    def detects(self, images, concept=None):
+        answer = self.answers.pop(0) if self.answers else [False] * len(images)
+        assert len(answer) == len(images)
+        return torch.tensor(answer, dtype=torch.bool)
+
+    def describe(self):
+        return {"judge": "scripted"}
+
+
+def test_a_discrete_attack_pair_stops_at_its_first_success_and_is_reported_at_its_words_and_step(monkeypatch):
+    # a pair that succeeds at a check stops there: later steps score the others against their own references, its
+    # record gives that step and those words, and the end objective is measured on the words the report gives
+    from evaluators.attack import AttackTarget
+    from pipelines import load_model
+
+    model = _quick_drawing(load_model("digits"), monkeypatch)
+    rows, encoded = [], []
+    loss, encode = AttackTarget.loss, AttackTarget.encode
+    monkeypatch.setattr(AttackTarget, "loss", lambda self, cond, r, *a: rows.append(r) or loss(self, cond, r, *a))
+    monkeypatch.setattr(AttackTarget, "encode",
+                        lambda self, r, words: encoded.append(words.detach().clone()) or encode(self, r, words))
+    # the erased model's images (pair 0 shows the concept unattacked), the references, then each check's: pair 1
+    # succeeds at the first check (step 3), pair 2 never
+    judge = _Scripted([True, False, False], [True] * 3, [True, False])
+    settings = DiscreteAttackSettings(tokens=2, steps=9, lr=0.5, check_every=3)
+    out = discrete_attack(model, model, judge, "seven", ["a three"], [0, 1, 2], settings)
+    present, found, missed = out["per_pair"]
+    # a pair present before is never attacked: no adversarial prompt of its random start words
+    assert present["present_before_attack"] and present["adversarial_prompt"] is None
+    assert present["adversarial_tokens"] is None and present["success_step"] is None
+    assert found["success_step"] == 3 and found["present_after_attack"] and not found["present_before_attack"]
+    assert missed["success_step"] is None and not missed["present_after_attack"]
+    assert out["asr"] == pytest.approx(2 / 3) and out["present_before_attack"] == pytest.approx(1 / 3)
+    assert [r.tolist() for r in rows if isinstance(r, torch.Tensor)] == [[1, 2]] * 3 + [[2]] * 6
+    table = model.family.vocabulary(model, model.family.text_tower(model))
+    for i, pair in ((1, found), (2, missed)):  # the last words encoded: the end objective's
+        assert torch.equal(encoded[-1][i], table[pair["adversarial_tokens"]]), i
+
+
+def test_textual_inversion_reports_each_pairs_outcome_and_the_share_of_its_images_showing_the_concept():
+    from pipelines import load_model
+
+    model = load_model("digits")
+    # the judge is asked about the four training images, then the attacked image, then the unattacked one
+    judge = _Scripted([True, False, False, False], [True], [False])
+    out = inversion_attack(model, model, judge, "seven", ["a seven"], [0], InversionSettings(steps=1))
+    assert out["images_showing_concept"] == 0.25  # a share, not a count
+    assert out["present_before_attack"] == 0.0 and out["present_after_attack"] == 1.0 and out["asr"] == 1.0
+    [pair] = out["per_pair"]
+    assert not pair["present_before_attack"] and pair["present_after_attack"]
+
+
+def test_textual_inversion_trains_on_every_one_of_its_images(tiny_model, monkeypatch):
+    # the batches are drawn from all four training images (an off-by-one in the draw leaves the last one out)
+    import evaluators.inversion_attack as inversion
+
+    batches, loss = [], inversion.classifier_loss
+    monkeypatch.setattr(inversion, "classifier_loss", lambda m, z, *a: batches.append(z.detach()) or loss(m, z, *a))
+    _quick_drawing(tiny_model, monkeypatch)
+    inversion_attack(tiny_model, tiny_model, NeverSees(), "cat", ["a cat"], [0], InversionSettings(steps=6))
+    assert len(torch.cat(batches).flatten(1).unique(dim=0)) == 4
+
+
+def test_the_embedding_attack_draws_the_words_it_optimised(monkeypatch):
+    # the images judged after the attack are drawn with the words its last step moved to, not its random start
+    from evaluators.attack import AttackSettings, AttackTarget, attack_success_rate
+    from pipelines import load_model
+
+    model = _quick_drawing(load_model("digits"), monkeypatch)
+    encoded, encode = [], AttackTarget.encode
+    monkeypatch.setattr(AttackTarget, "encode",
+                        lambda self, r, words: encoded.append(words.detach().clone()) or encode(self, r, words))
+    attack_success_rate(model, model, NeverSees(), "seven", ["a three"], [0], AttackSettings(steps=2))
+    assert len(encoded) == 3  # two steps, then the drawing
+    assert not torch.equal(encoded[-1], encoded[0]) and not torch.equal(encoded[-1], encoded[1])
+
+
+def test_an_attacks_loss_is_reported_as_the_means_of_its_first_and_last_ten_steps():
+    from evaluators.attack import loss_ends
+
+    assert loss_ends([float(i) for i in range(25)]) == {"first": 4.5, "last": 19.5}  # 0..9 and 15..24
+    assert loss_ends([1.0, 3.0]) == {"first": 2.0, "last": 2.0} and loss_ends([]) == {"first": None, "last": None}

@@ -179,3 +179,25 @@ def test_an_unexpected_failure_exits_1_with_one_line_apart_from_bad_input(tmp_pa
     # the rerun it names shows the traceback
     with pytest.raises(RuntimeError, match="the disk went away"):
         main(["--debug", "sample", "digits-gan", "--n", "1", "--out", str(tmp_path / "gan.png")])
+
+
+def test_eval_hands_every_attack_option_to_the_evaluation(monkeypatch, capsys):
+    # each attack given (repeated --attack), and its steps, seeds and prompts, reach run_eval; 0 steps are refused
+    import erasure.evaluation
+    from pipelines.errors import InputError
+    from ui.cli import main
+
+    given = {}
+
+    def recording(target, **kwargs):
+        given.update(kwargs)
+        raise InputError("recorded")
+
+    monkeypatch.setattr(erasure.evaluation, "run_eval", recording)
+    assert main(["eval", "digits", "--attack", "embedding", "--attack", "unlearndiffatk", "--attack-steps", "3",
+                 "--attack-seeds", "2", "--attack-prompts", "1"]) == 2  # fmt: skip
+    assert given["attack"] == ["embedding", "unlearndiffatk"]
+    assert (given["attack_steps"], given["attack_seeds"], given["attack_prompts"]) == (3, 2, 1)
+    with pytest.raises(SystemExit) as refused:
+        main(["eval", "digits", "--attack", "embedding", "--attack-steps", "0"])
+    assert refused.value.code == 2 and "argument --attack-steps: must be >= 1" in capsys.readouterr().err

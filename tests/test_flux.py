@@ -405,3 +405,25 @@ def test_the_flux_family_scales_vae_latents_as_the_pipeline_unscales_them_before
     latents = torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
     scaled = model.family.scale_latents(model, latents)
     torch.testing.assert_close(scaled / config.scaling_factor + config.shift_factor, latents)
+
+
+def test_the_embedding_attack_steps_each_encoders_part_of_a_word_in_units_of_its_own_rms(tiny_flux_dir):
+    # T5's input embeddings are far larger than CLIP's: in units of the whole vocabulary's RMS, the CLIP part of a
+    # free word would jump far past its encoder's scale. Adam's first step moves a coordinate by ~lr.
+    from evaluators.attack import AttackSettings, AttackTarget, attack_success_rate
+
+    model = load_model(str(tiny_flux_dir))
+    encoded, encode = [], AttackTarget.encode
+
+    def recording(self, rows, words):
+        encoded.append(words.detach().clone())
+        return encode(self, rows, words)
+
+    settings = AttackSettings(steps=1, lr=0.01)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AttackTarget, "encode", recording)
+        attack_success_rate(model, model, NeverSees(), "cat", ["a cat"], [0], settings)
+    widths = model.family.word_parts(model)
+    vocab = model.family.vocabulary(model, model.family.text_tower(model))
+    for moved, rows in zip((encoded[1] - encoded[0]).split(widths, dim=-1), vocab.split(widths, dim=-1)):
+        assert float(moved.abs().max()) == pytest.approx(settings.lr * float(rows.pow(2).mean().sqrt()), rel=0.01)

@@ -150,3 +150,22 @@ def test_a_v_prediction_model_is_noised_and_aimed_at_as_diffusers_defines_v(tiny
     noisy, t, target, _ = batches.noisy(x0)
     torch.testing.assert_close(noisy, ddpm.add_noise(x0, noise, t))
     torch.testing.assert_close(target, ddpm.get_velocity(x0, noise, t))
+
+
+def test_the_attacks_diffusion_classifier_aims_a_v_prediction_model_at_v(tiny_sd2_dir):
+    # the attacks' objective: the UNet's output at x_t against diffusers' own v (get_velocity), at the timestep
+    # range asked for; with the noise as the target, a v-prediction model's attack would pull towards another image
+    from diffusers import DDPMScheduler
+
+    from evaluators.attack import classifier_loss
+
+    model = load_model(str(tiny_sd2_dir))
+    ddpm = DDPMScheduler.from_config(model.scheduler.config)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cond = model.encode(["a cat", "a photo"])
+        loss = classifier_loss(model, x0, cond, (600, 601), torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)  # the same draws: the timesteps, then the noise
+        t, noise = torch.randint(600, 601, (2,), generator=g), torch.randn(x0.shape, generator=g)
+        v = model.unet(ddpm.add_noise(x0, noise, t), t, cond).sample
+    torch.testing.assert_close(loss, torch.nn.functional.mse_loss(v, ddpm.get_velocity(x0, noise, t)))
