@@ -303,6 +303,11 @@ def test_textual_inversion_starts_at_the_concepts_word_and_steps_in_units_of_the
     assert len(words) == 3  # two steps, then the attacked prompts
     assert torch.allclose(words[0].flatten(), vocab[ids].mean(0))
     assert float((words[1] - words[0]).abs().max()) == pytest.approx(settings.lr * rms, rel=0.01)
+    # a concept of several tokens starts at their mean, not at their sum
+    words.clear()
+    inversion_attack(tiny_model, tiny_model, NeverSees(), "red cat", ["a red cat"], [0], InversionSettings(steps=0))
+    ids = tiny_model.tokenizer("red cat", add_special_tokens=False).input_ids
+    assert len(ids) == 2 and torch.allclose(words[0].flatten(), vocab[ids].mean(0))
 
 
 def test_the_discrete_attack_feeds_the_encoder_whole_words_at_every_step(monkeypatch):
