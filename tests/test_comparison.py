@@ -203,6 +203,11 @@ def test_columns_of_one_name_are_told_apart_by_their_files_and_a_pipe_in_a_name_
     (tmp_path / "x.json").write_text(json.dumps(a))
     (tmp_path / "y.json").write_text(json.dumps(b))
     assert compare([tmp_path / "x.json", tmp_path / "y.json"]).labels == ["erased (x.json)", "erased (y.json)"]
+    # two runs of one name in two folders: their file names are alike too (eval.json), their folders are not
+    first, second = _write(tmp_path / "a" / "run", a), _write(tmp_path / "b" / "run", b)
+    (tmp_path / "z.json").write_text(json.dumps(_minimal_report("c" * 64, 0.75)))  # named alike by nothing
+    labels = compare([first, second, tmp_path / "z.json"]).labels
+    assert labels[:2] == [f"run ({first})", f"run ({second})"] and labels[2] != "run"
     # a "|" in a run folder's name would split the Markdown row
     table = compare([_write(tmp_path / "esd|seven", a)])
     assert to_markdown(table).splitlines()[0] == "| concept | metric | base model | esd\\|seven |"
