@@ -130,6 +130,8 @@ CASES = [
     (["erase", "--out", "{tiny}", *ESD[1:]], "is inside the model it erases from", False),
     ([*ESD, "--out", "{run}/again"], "is inside the model folder", False),  # the run's digest would change
     ([*ESD, "--set", "lora_rank=100000"], "lora_rank must be between 0 and 1024, not 100000", False),
+    (["erase", "--method", "text2unlearn", "--model", "digits-gan", "--concept", "seven", "--save", "lora"],
+     "--save lora needs a base saved as a diffusers pipeline folder; digits-gan is a GAN: use --save full", False),
     (["sample", "{badindex}", "--out", "o.png"], "model_index.json is not valid JSON", False),
     (["sample", "{deepindex}", "--out", "o.png"], "model_index.json is not valid JSON (nested too deep)", False),
     (["sample", "{badcard}", "--out", "o.png"], "erasure_model.json is not a model card", False),

@@ -93,6 +93,8 @@ def test_an_option_of_an_earlier_version_is_refused_with_its_new_name(old, new):
         (["steps=0"], "steps"),
         (["prompt_templates=no placeholder"], "must contain"),
         (["lr"], "--set expects key=value"),
+        (["adam_betas=0.9"], "adam_betas must hold 2 values, not 1"),  # Adam would fail after the model loads
+        (["prompt_templates="], "prompt_templates needs at least one template"),  # nothing to train on
     ],
 )
 def test_bad_keys_and_values_are_refused_with_the_choices(pairs, message):
@@ -156,6 +158,42 @@ def test_a_run_takes_the_preset_then_its_config_file_then_set(tiny_pipeline_dir,
     config = json.loads((run / "erasure.json").read_text())["config"]
     assert (config["steps"], config["ddim_steps"], config["lr"]) == (1, 2, 3e-4)  # --set, then the file twice
     assert config["negative_guidance"] == 2.0  # neither sets it: the preset's
+
+
+def test_set_reads_switches_lists_and_repeated_keys_as_a_shell_user_means_them():
+    # 1 and 0 are on and off; the spaces after a list's commas are not part of its items (a template ' the {}'
+    # would prompt with a leading space); of two --set of one key the last wins, as a later option does in a shell
+    assert build_config("sfd", "sd1", parse_sets(["gradient_checkpointing=1"])).gradient_checkpointing is True
+    assert build_config("sfd", "sd1", parse_sets(["gradient_checkpointing=0"])).gradient_checkpointing is False
+    config = build_config("esd", "sd1", parse_sets(["prompt_templates=a {}, the {}", "steps=5", "steps=7"]))
+    assert config.prompt_templates == ["a {}", "the {}"] and config.steps == 7
+
+
+def test_a_config_file_may_be_empty_and_is_read_as_written(tmp_path):
+    # an empty file (or one of comments) sets nothing; a fractional count is refused, not cut to the integer below
+    path = tmp_path / "esd.yaml"
+    path.write_text("# nothing yet\n")
+    assert load_yaml(path) == {}
+    path.write_text("steps: 2.5\n")
+    with pytest.raises(InputError, match="steps: 2.5 is not an integer"):
+        build_config("esd", "sd1", load_yaml(path))
+
+
+def test_show_config_reads_back_as_the_same_config_and_names_resolved_defaults(tmp_path):
+    # the file --show-config writes holds `lora_alpha: null`, which --config must read as None; ESD's scope defaults
+    # to None, resolved from the component: the file gives the resolved value, and calls it the paper's default
+    # only beside another value
+    from erasure.config import config_yaml
+
+    config = build_config("esd", "sd1", parse_sets(["lora_rank=4", "steps=9"]))
+    path = tmp_path / "esd.yaml"
+    path.write_text(config_yaml("esd", config, "sd1"))
+    assert load_yaml(path)["lora_alpha"] is None
+    assert build_config("esd", "sd1", load_yaml(path)) == config
+    lines = config_yaml("esd", build_config("esd", "sd1"), "sd1").splitlines()
+    assert lines[lines.index("scope: xattn") - 1].startswith("# scope (str or NoneType): UNet")
+    lines = config_yaml("esd", build_config("esd", "sd1", parse_sets(["scope=full"])), "sd1").splitlines()
+    assert "[paper default: xattn]" in lines[lines.index("scope: full") - 1]
 
 
 def test_set_splits_at_the_first_equals_sign_only():

@@ -391,8 +391,12 @@ def test_an_evaluation_of_other_weights_is_refused(evaluated_run, tiny_pipeline_
 def test_a_report_written_elsewhere_keeps_its_grids_beside_it(evaluated_run, tmp_path):
     own = {p: p.read_bytes() for p in (evaluated_run / "grids").iterdir()}
     reports = tmp_path / "reports"  # not there yet: it is made, as `erase --out`'s parents are
-    report = run_eval(str(evaluated_run), samples=1, clip="digits-clip", progress=False, json_path=reports / "b.json")
-    grids = json.loads(report.read_text())["grids"]
+    # (measured against another baseline than the run's base, here the run itself: --baseline wins over the manifest)
+    report = run_eval(str(evaluated_run), samples=1, clip="digits-clip", progress=False, json_path=reports / "b.json",
+                      baseline=str(evaluated_run))  # fmt: skip
+    written = json.loads(report.read_text())
+    assert written["before"]["sha256"] == written["after"]["sha256"] and written["baseline_matches_run"] is False
+    grids = written["grids"]
     assert grids and all((reports / g).is_file() and g.startswith("b-grids/") for g in grids.values())
     assert {p: p.read_bytes() for p in (evaluated_run / "grids").iterdir()} == own  # the run's own are untouched
 
@@ -458,6 +462,19 @@ def test_a_second_evaluation_of_a_run_is_refused_while_one_writes_it(evaluated_r
     finally:
         holder.communicate("")
     run_eval(str(run), samples=1, clip="digits-clip", progress=False)  # the holder has ended: the lock went with it
+
+
+def test_an_evaluation_holds_its_run_against_another_evaluation(tmp_path):
+    # both take the run's lock: a shared lock would let two evaluations write one run's grids and report at once
+    from erasure.output import hold_exclusively
+    from pipelines import InputError
+
+    with hold_exclusively(tmp_path, "evaluated"):
+        with pytest.raises(InputError, match="is being evaluated by another process"):
+            with hold_exclusively(tmp_path, "evaluated"):
+                pass
+    with hold_exclusively(tmp_path, "evaluated"):  # released at the end of the first
+        pass
 
 
 def _copy_run(run: Path, tmp_path: Path) -> Path:

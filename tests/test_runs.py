@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from erasure.api import erase
-from erasure.output import resumable_run
+from erasure.output import interrupted_message, resumable_run
 from pipelines import InputError, load_model
 
 from .conftest import dead_pid, stops_resumably
@@ -144,11 +144,21 @@ def test_a_file_written_atomically_removes_the_temporary_files_of_killed_writers
     assert (tmp_path / "eval.json").stat().st_mode & 0o777 == (tmp_path / "plain.json").stat().st_mode & 0o777
 
 
-def test_failed_run_leaves_nothing_behind(tiny_pipeline_dir, tmp_path):
+def test_failed_run_leaves_nothing_behind(tiny_pipeline_dir, tmp_path, monkeypatch):
+    out = tmp_path / "runs" / "sweep" / "run"  # the folders the run made above --out go too, the inner one first
     with pytest.raises(RuntimeError, match="boom"):
-        erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, checkpoint_every=2,
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=out, sets=QUICK, checkpoint_every=2,
               progress=False, after_step=_stop_at(1, RuntimeError("boom")))  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    # a first checkpoint that could not be written (a full disk) leaves an empty checkpoint folder: nothing to resume
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left on device") as stopped:
+        erase("esd", ["cat"], str(tiny_pipeline_dir), out=out, sets=QUICK, checkpoint_every=2, progress=False)
+    assert resumable_run(stopped.value) is None and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_an_error_after_a_checkpoint_keeps_its_type_and_says_the_run_can_resume(tiny_pipeline_dir, tmp_path):
@@ -157,6 +167,11 @@ def test_an_error_after_a_checkpoint_keeps_its_type_and_says_the_run_can_resume(
         erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, checkpoint_every=2,
               progress=False, after_step=_stop_at(3, MemoryError("out of memory")))  # fmt: skip
     assert type(stopped.value) is MemoryError and resumable_run(stopped.value).work == tmp_path / ".run.work"
+    # the command's last line points at the work folder, where the checkpoint is (--out does not exist yet)
+    assert interrupted_message(stopped.value) == (
+        f"run stopped by MemoryError: out of memory; its last checkpoint is in {tmp_path / '.run.work'} - rerun with "
+        "--resume to continue"
+    )
     resumed = erase("esd", ["cat"], str(tiny_pipeline_dir), out=tmp_path / "run", sets=QUICK, resume=True,
                     progress=False)  # fmt: skip
     assert json.loads((resumed / "erasure.json").read_text())["resumed"]
@@ -263,9 +278,24 @@ def test_a_concept_longer_than_the_text_encoders_context_is_erased_with_a_warnin
         erase("esd", [concept], str(tiny_pipeline_dir), out=tmp_path / "run", sets=["steps=1", "ddim_steps=2"],
               progress=False)  # fmt: skip
     assert any("tokens long; the text encoder reads" in r.getMessage() for r in caplog.records), caplog.text
+    # the text encoder reads model_max_length tokens, the start and end tokens among them: a concept that fills them
+    # exactly is read whole
+    from types import SimpleNamespace
+
+    from transformers import CLIPTokenizer
+
+    from erasure.api import _warn_of_cut_concepts
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_pipeline_dir / "tokenizer")
+    fits = " ".join(["cat"] * (tokenizer.model_max_length - 2))
+    assert len(tokenizer(fits).input_ids) == tokenizer.model_max_length
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="erasure"):
+        _warn_of_cut_concepts(SimpleNamespace(tokenizer=tokenizer), [fits])
+    assert not caplog.records
 
 
-def test_a_resume_is_tied_to_what_the_files_a_config_names_hold(tmp_path):
+def test_a_resume_is_tied_to_what_the_files_a_config_names_hold(tmp_path, monkeypatch):
     from PIL import Image
 
     from erasure.api import run_fingerprint
@@ -291,7 +321,33 @@ def test_a_resume_is_tied_to_what_the_files_a_config_names_hold(tmp_path):
     assert fingerprint()["input_files"] != first["input_files"]
     assert "input_files" not in run_fingerprint("fewshot", ["cat"], FewShotConfig(images="builtin"), 0, "no", base,
                                                 "cpu")  # fmt: skip
+    # a folder under ~ (as a config file names it) is read too; Adapt-then-Unlearn keeps its folders as given
+    from erasure.adapt_unlearn import AdaptUnlearnConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    by_home, by_path = (run_fingerprint("adapt-unlearn", ["seven"], AdaptUnlearnConfig(negatives=folder), 0, "no",
+                                        base, "cpu") for folder in ("~/images", str(images)))  # fmt: skip
+    assert by_home["input_files"] == by_path["input_files"] == {"negatives": fingerprint()["input_files"]["images"]}
     assert {"concept-erasure-toolkit", "accelerate"} <= first["versions"].keys()
+
+
+def test_a_resume_is_tied_to_the_kind_of_device_and_the_precisions_and_the_refusal_names_what_differs(tmp_path):
+    """A checkpoint made on cuda:0 resumes on cuda:1 (the same random streams and dtypes), not on the CPU; one made with
+    an fp32 optimiser state does not resume with an 8-bit one; the refusal names each setting that differs, also one
+    that only the command resuming it records."""
+    from erasure.api import run_fingerprint
+    from erasure.config import build_config
+    from erasure.output import refuse_other_settings
+
+    config, base = build_config("esd", "sd1"), {"sha256": "0" * 64}
+
+    def fingerprint(device="cpu", **precision):
+        return run_fingerprint("esd", ["cat"], config, 0, "no", base, device, **precision)
+
+    assert fingerprint("cuda:0") == fingerprint("cuda:1") != fingerprint("cpu")
+    assert fingerprint(optimizer_state="fp32", frozen_precision="auto") == fingerprint()  # the defaults
+    with pytest.raises(InputError, match="made with other values of: frozen_precision, optimizer_state; rerun"):
+        refuse_other_settings(fingerprint(), fingerprint(optimizer_state="8bit", frozen_precision="full"), tmp_path)
 
 
 def test_a_folder_another_writer_made_meanwhile_is_left_as_it_is(tmp_path):
