@@ -182,20 +182,22 @@ def test_the_attacks_draw_each_prompt_at_its_own_guidance():
 def test_a_prompt_files_rows_are_attacked_at_their_own_seeds():
     """UnlearnDiffAtk attacks each I2P prompt at its evaluation seed: a row with a seed is attacked at it (as the
     evaluation draws it), a row without one at the attack's own seeds; each prompt may then have seeds of its own."""
-    from erasure.evaluation import _attacked_prompts
+    from erasure.evaluation import _attack_list, _attacked_prompts
     from evaluators.attack import AttackSettings, attack_success_rate, draw_pairs
     from evaluators.prompt_files import PromptRow
     from pipelines import load_model
     from pipelines.images import to_tensor
 
     own = [1000, 1001]
-    rows = [PromptRow("a seven", 7, 3.0), PromptRow("a seven", 9, 3.0), PromptRow("a three"), PromptRow("a seven")]
+    rows = [PromptRow("a seven", 7, 3.0), PromptRow("a seven", 9, 3.0), PromptRow("a three"), PromptRow("a seven"),
+            PromptRow("a seven", 7, 3.0)]  # a row given twice is attacked once: the pair is the same
     assert _attacked_prompts(rows, ["built-in"], own, None) == (
         ["a seven", "a three", "a seven"], [3.0, None, None], [[7, 9], own, own])
     assert _attacked_prompts(rows, ["built-in"], own, 1) == (["a seven"], [3.0], [7, 9])
     assert _attacked_prompts([PromptRow("a three"), PromptRow("a one")], ["x"], own, None) == (
         ["a three", "a one"], [None, None], own)  # every prompt at the attack's seeds: one list for all
     assert _attacked_prompts([], ["x", "y"], own, 1) == (["x"], [None], own)
+    assert _attack_list(["embedding", "unlearndiffatk", "embedding"]) == ["embedding", "unlearndiffatk"]  # each once
 
     model = load_model("digits")
     prompts, seeds = ["a seven", "a three"], [[1000], [1001, 1002]]
