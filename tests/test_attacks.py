@@ -356,8 +356,10 @@ class _Scripted:
 
     def __init__(self, *answers):
         self.answers = list(answers)
+        self.seen = []  # the images of each call
 
     def detects(self, images, concept=None):
+        self.seen.append(images)
         answer = self.answers.pop(0) if self.answers else [False] * len(images)
         assert len(answer) == len(images)
         return torch.tensor(answer, dtype=torch.bool)
@@ -371,6 +373,7 @@ def test_a_discrete_attack_pair_stops_at_its_first_success_and_is_reported_at_it
     # record gives that step and those words, and the end objective is measured on the words the report gives
     from evaluators.attack import AttackTarget
     from pipelines import load_model
+    from pipelines.images import to_tensor
 
     model = _quick_drawing(load_model("digits"), monkeypatch)
     rows, encoded = [], []
@@ -394,6 +397,12 @@ def test_a_discrete_attack_pair_stops_at_its_first_success_and_is_reported_at_it
     table = model.family.vocabulary(model, model.family.text_tower(model))
     for i, pair in ((1, found), (2, missed)):  # the last words encoded: the end objective's
         assert torch.equal(encoded[-1][i], table[pair["adversarial_tokens"]]), i
+    # the check judged the adversarial prompt's image, which the report gives, not the plain prompt's
+    checked = judge.seen[2][0]  # the first check (step 3), pair 1 (seed 1)
+    adversarial, plain = (to_tensor(model.generate_jobs([text], [(0, 1)]))[0]
+                          for text in (found["adversarial_prompt"], "a three"))  # fmt: skip
+    # (drawn in a batch of two there, of one here: a pixel may round to the next of 255 levels)
+    assert (checked - adversarial).abs().max() <= 1 / 255 + 1e-6 and (checked - plain).abs().mean() > 5e-3
 
 
 def test_textual_inversion_reports_each_pairs_outcome_and_the_share_of_its_images_showing_the_concept():
