@@ -162,7 +162,6 @@ def compare(given: list[str | Path]) -> Comparison:
     check_comparable(reports, [str(p) for p in paths])
     table = Comparison([])
     models: list = []  # per column: the erased model's sha256
-    files: list[list[str]] = []  # per column: its reports' file names
     sources: list[list[Path]] = []  # per column: its reports' paths
     for report, path in zip(reports, paths):
         rows, values, spreads, warnings, base = _values(report)
@@ -175,11 +174,9 @@ def compare(given: list[str | Path]) -> Comparison:
             table.cells.append({})
             table.spreads.append({})
             models.append(sha)
-            files.append([])
             sources.append([])
-        elif path.name == EVAL_FILE and EVAL_FILE not in files[column]:  # a run folder names the column
+        elif path.name == EVAL_FILE and all(p.name != EVAL_FILE for p in sources[column]):  # a run folder names it
             table.labels[column] = _label(report, path)
-        files[column].append(path.name)
         sources[column].append(path)
         for row in rows:
             table.add(row)
@@ -188,22 +185,21 @@ def compare(given: list[str | Path]) -> Comparison:
         table.warnings.update({(column, row): text for row, text in warnings.items()})
         for row, value in base.items():
             table.base.setdefault(row, value)
-    where = [[str(p.parent if p.name == EVAL_FILE else p) for p in column] for column in sources]
-    table.labels = _told_apart(table.labels, files, where)
+    table.labels = _told_apart(table.labels, sources)
     return table
 
 
-def _told_apart(labels: list[str], files: list[list[str]], paths: list[list[str]]) -> list[str]:
+def _told_apart(labels: list[str], sources: list[list[Path]]) -> list[str]:
     """Columns of one name named by their report files; where those are alike too (two runs named alike in two
-    folders: both `run (eval.json)`), by the reports' paths. Counted before any is renamed."""
+    folders: both `run (eval.json)`), by their folders or paths. Counted before any is renamed."""
 
     def named(labels: list[str], by: list[list[str]]) -> list[str]:
         repeated = {label for label in labels if labels.count(label) > 1}
         return [f"{label} ({', '.join(by[i])})" if label in repeated else label for i, label in enumerate(labels)]
 
-    by_file = named(labels, files)
+    by_file = named(labels, [[p.name for p in column] for column in sources])
+    by_path = named(labels, [[str(p.parent if p.name == EVAL_FILE else p) for p in column] for column in sources])
     clashing = {label for label in by_file if by_file.count(label) > 1}
-    by_path = named(labels, paths)
     return [by_path[i] if label in clashing else label for i, label in enumerate(by_file)]
 
 
