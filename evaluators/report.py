@@ -331,13 +331,9 @@ def _clip_metrics(clip: ClipScorer, prompts, parts: dict, drawn: dict) -> dict:
     """CLIP's zero-shot presence of the concept on the target images, and the CLIP score of both parts' images
     against their own prompts, before and after."""
     with torch.no_grad():
-        concept_text = clip.text_features(prompts.clip_concept)
-        anchor_text = clip.text_features(prompts.clip_anchors)
         features = {key: clip.image_features(images) for key, images in drawn.items()}
-    n_target = sum(parts["target"].counts)
-    presence = [zero_shot_presence(features["target", m], concept_text, anchor_text) for m in ("before", "after")]
-    clip_settings = {**clip.describe(), "rule": CLIP_PRESENCE_RULE, "images": n_target}
-    metrics = {"target_presence_clip": _presence(*(float(p.float().mean()) for p in presence), clip_settings)}
+    target = {m: features["target", m] for m in ("before", "after")}
+    metrics = {"target_presence_clip": _clip_presence(clip, prompts, target, sum(parts["target"].counts))[0]}
     for part, rows in parts.items():
         with torch.no_grad():
             text = clip.text_features(rows.texts)
@@ -440,16 +436,23 @@ def _preserved_accuracy(judge, drawn: dict, prompts, counts: list[int]) -> dict:
     return out
 
 
-def _gan_clip_metrics(clip: ClipScorer, prompts, features: dict, samples: int) -> tuple[dict, dict]:
-    """CLIP's zero-shot presence of the concept in each model's samples, and the degree of unlearning (W1 between
-    the two models' CLIP scores against the concept); with the presence of each sample, before and after."""
+def _clip_presence(clip: ClipScorer, prompts, features: dict, images: int) -> tuple[dict, dict, torch.Tensor]:
+    """CLIP's zero-shot presence of the concept in the images whose `features` are given before and after: the
+    metric, each image's presence, and the concept prompts' text features."""
     with torch.no_grad():
         concept_text = clip.text_features(prompts.clip_concept)
         anchor_text = clip.text_features(prompts.clip_anchors)
-    presence = {m: zero_shot_presence(features[m], concept_text, anchor_text) for m in features}
-    clip_settings = {**clip.describe(), "rule": CLIP_PRESENCE_RULE, "images": samples}
-    metrics = {"presence_clip": _presence(*(float(presence[m].float().mean()) for m in ("before", "after")),
-                                          clip_settings)}  # fmt: skip
+    presence = {m: zero_shot_presence(features[m], concept_text, anchor_text) for m in ("before", "after")}
+    settings = {**clip.describe(), "rule": CLIP_PRESENCE_RULE, "images": images}
+    metric = _presence(*(float(presence[m].float().mean()) for m in ("before", "after")), settings)
+    return metric, presence, concept_text
+
+
+def _gan_clip_metrics(clip: ClipScorer, prompts, features: dict, samples: int) -> tuple[dict, dict]:
+    """CLIP's zero-shot presence of the concept in each model's samples, and the degree of unlearning (W1 between
+    the two models' CLIP scores against the concept); with the presence of each sample, before and after."""
+    presence_metric, presence, concept_text = _clip_presence(clip, prompts, features, samples)
+    metrics = {"presence_clip": presence_metric}
     concept_mean = torch.nn.functional.normalize(concept_text.mean(0), dim=-1)
     scores = {m: (features[m] @ concept_mean).cpu() for m in features}
     metrics["degree_of_unlearning_w1"] = {
