@@ -298,6 +298,53 @@ class TrajectoryBank:
         return concept, [run.shard(state[k][j]) for k in BANK_KEYS[5:]]
 
 
+class Adversary:
+    """The inner max: `attack_tokens` free word embeddings inserted after the start token, fitted each iteration so
+    that the encoder being unlearned regenerates the concept again.
+
+    One set serves the whole batch, or each x_t sample has its own (`attack_batch=per-sample`: more attack directions
+    per step for the same UNet work; the same thing at the paper's batch size 1). The checkpointed `state["adv"]`
+    holds every process's sets; each process attacks with its own rows, warm-started from the last iteration's
+    (`attack_init=latest`), or from random vocabulary tokens.
+    """
+
+    def __init__(self, model, encoder, vocab: torch.Tensor, bank: TrajectoryBank, denoise: StepDenoiser,
+                 prompts: list[str], config: AdvUnlearnConfig, run: RunContext, state: dict):  # fmt: skip
+        self.model, self.encoder, self.vocab, self.bank, self.denoise = model, encoder, vocab, bank, denoise
+        self.prompts, self.config, self.run, self.state = prompts, config, run, state
+        self.rows = config.batch_size if config.attack_batch == "per-sample" else 1
+        state["adv"] = self.random_tokens(torch.Generator().manual_seed(run.seed))  # the first attack's start
+
+    def random_tokens(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        ids = torch.randint(len(self.vocab), (self.rows, self.config.attack_tokens), generator=generator)
+        return self.vocab[ids.to(self.run.torch_device)].clone()
+
+    def attack(self, ids: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+               eps_concept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """This iteration's adversarial embeddings against the concept batch (prompt `ids`, `x_t`, `t` and the
+        frozen model's prediction `eps_concept`), and the prompt ids they go into."""
+        config, run, model, denoise = self.config, self.run, self.model, self.denoise
+        adv_ids = ids.expand(len(x_t) if self.rows > 1 else 1, -1)
+
+        def attack_loss(adv: torch.Tensor) -> torch.Tensor:
+            denoise.new_step()  # the attack's last call is spent: its gradient has been read
+            if config.attack_samples == "redrawn":
+                drawn, attack_x, attack_t, _, target = self.bank.concept_sample()
+                words = model.tokenize([self.prompts[int(drawn)]]).expand(len(adv_ids), -1)
+            else:
+                words, attack_x, attack_t, target = adv_ids, x_t, t, eps_concept
+            cond = model.family.encode_inserted(model, self.encoder, words, adv)
+            return F.mse_loss(denoise(attack_x, attack_t, cond.expand(len(attack_x), -1, -1)), target)
+
+        start = self.random_tokens() if config.attack_init == "random" else self.state["adv"]
+        if config.attack == "fast-at":  # drawn for the global batch: N processes = one process
+            start = fast_at_start(start, config.attack_lr)
+        start = run.shard(start) if self.rows > 1 else start
+        adv = attack_embeddings(attack_loss, start, config.attack, config.attack_steps, config.attack_lr)
+        self.state["adv"] = run.gather(adv) if self.rows > 1 else adv
+        return adv_ids, adv
+
+
 def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext) -> ErasureResult:
     """Adversarially unlearn `concepts` from the text encoder of `model` (a TextToImageModel)."""
     family = model.family
@@ -325,17 +372,7 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
     with torch.no_grad():
         uncond_orig = model.encode([""], encoder_orig)
         vocab = family.vocabulary(model, encoder_orig)
-    # One set of adversarial embeddings for the whole batch, or one per x_t sample (more attack
-    # directions per step for the same UNet work; the same thing at the paper's batch size 1).
-    n_adv = config.batch_size if config.attack_batch == "per-sample" else 1
-
-    # The first attack (and with attack_init=random every attack) starts from random vocabulary tokens.
-    def random_tokens(generator: torch.Generator | None = None) -> torch.Tensor:
-        ids = torch.randint(len(vocab), (n_adv, config.attack_tokens), generator=generator)
-        return vocab[ids.to(device)].clone()
-
-    # Every process holds all adversaries (the checkpoint's), and attacks with its own rows.
-    state = {"adv": random_tokens(torch.Generator().manual_seed(run.seed))}
+    state = {}
     optimizer = run.adam([p for p in encoder.parameters() if p.requires_grad], config.lr, config.adam_betas)
     run.halve_frozen(encoder_orig)  # from here on only called inside the loop, under autocast
     loop = TrainingLoop(run, {"text_encoder": Network(encoder, optimizer)}, desc="advunlearn", state=state)  # fmt: skip
@@ -350,32 +387,15 @@ def erase(model, concepts: list[str], config: AdvUnlearnConfig, run: RunContext)
 
     shared_forward = config.shared_forward if config.shared_forward is not None else device.type != "cpu"
     denoise = StepDenoiser(family, unet, config.compile_unet, device)
+    adversary = Adversary(model, encoder, vocab, bank, denoise, prompts, config, run, state)
 
     def step_fn(step: int) -> dict[str, float]:
         (index, x_t, t, eps_empty, eps_concept), (kept, x_r, t_r, eps_retain_orig) = bank.batches(step)
         ids = model.tokenize([prompts[int(index)]])
         target = esd_target(eps_empty, eps_concept, config.negative_guidance)
-
         if step >= config.warmup:
-            adv_ids = ids.expand(len(x_t) if n_adv > 1 else 1, -1)
-
-            def attack_loss(adv: torch.Tensor) -> torch.Tensor:
-                denoise.new_step()  # the attack's last call is spent: its gradient has been read
-                if config.attack_samples == "redrawn":
-                    drawn, attack_x, attack_t, _, target = bank.concept_sample()
-                    words = model.tokenize([prompts[int(drawn)]]).expand(len(adv_ids), -1)
-                else:
-                    words, attack_x, attack_t, target = adv_ids, x_t, t, eps_concept
-                cond = family.encode_inserted(model, encoder, words, adv)
-                return F.mse_loss(denoise(attack_x, attack_t, cond.expand(len(attack_x), -1, -1)), target)
-
             with timer("attack"):
-                start = random_tokens() if config.attack_init == "random" else state["adv"]
-                if config.attack == "fast-at":  # drawn for the global batch: N processes = one process
-                    start = fast_at_start(start, config.attack_lr)
-                start = run.shard(start) if n_adv > 1 else start
-                adv = attack_embeddings(attack_loss, start, config.attack, config.attack_steps, config.attack_lr)
-                state["adv"] = run.gather(adv) if n_adv > 1 else adv
+                adv_ids, adv = adversary.attack(ids, x_t, t, eps_concept)
         retain_prompts = [retain[i] for i in kept.tolist()]
         denoise.new_step()  # the attack's calls are spent
         with timer("unlearn and retain forward" if shared_forward else "unlearn forward"):

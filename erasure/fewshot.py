@@ -191,6 +191,38 @@ def train_concept_tokens(tower, tokenizers: dict, concepts: list[str]) -> int:
     return size
 
 
+def _image_latents(model, concepts: list[str], config: FewShotConfig, seed: int) -> tuple[torch.Tensor, list | None]:
+    """The erased images' VAE latents, and each one's caption: the built-in renders are captioned with their own
+    concept; a folder's images with every concept (None)."""
+    if config.images == BUILTIN:
+        count = config.num_images or BUILTIN_COUNT
+        images = torch.cat([model.family.builtin_images(c, count, seed) for c in concepts])
+        captions = [c for c in concepts for _ in range(count)]
+    else:
+        files = image_folder_files(Path(config.images), config.num_images)
+        images, captions = load_square_images(files, model.family.image_resolution(model)), None
+    return encode_latents(model, images, torch.Generator().manual_seed(seed)), captions
+
+
+def _make_trainable(model, encoder, concepts: list[str], config: FewShotConfig, seed: int) -> int:
+    """Unfreezes what the ascent trains in the (frozen) text tower - the concepts' token embeddings, or the scope's
+    weights or LoRA adapters on them - and returns how many values that is."""
+    if config.scope == TOKENS:
+        tokenizers = {"text_encoder": model.tokenizer, "text_encoder_2": getattr(model.pipe, "tokenizer_2", None)}
+        return train_concept_tokens(encoder, tokenizers, concepts)
+    n_trainable = select_trainable(encoder, "text_encoder", config.scope)
+    return attach_lora(encoder, config, seed) if config.lora_rank else n_trainable
+
+
+def _outcome(state: dict, config: FewShotConfig, n_images: int, per_epoch: int) -> dict:
+    """What the run did, for `erasure.json`: the epochs and updates run, and where the stopping rule left it."""
+    epochs_run = state["stopped_at_epoch"] or math.ceil(config.steps / per_epoch)
+    updates = state["stopped_at_epoch"] * per_epoch or config.steps
+    return {"fewshot": {"images": n_images, "epochs_run": epochs_run, "updates": updates,
+                        "stopped_early": bool(state["stopped_at_epoch"]),
+                        "last_presence": None if state["presence"] < 0 else state["presence"]}}  # fmt: skip
+
+
 def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) -> ErasureResult:
     """Erase `concepts` from the text encoder of `model` by gradient ascent on a few images of them."""
     from evaluators.detect import PresenceCheck
@@ -201,15 +233,8 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     presence_check = None
     if config.stop_below is not None:
         presence_check = PresenceCheck(model.family, concepts, str(device), clip=config.stop_clip)
-    resolution = model.family.image_resolution(model)
-    if config.images == BUILTIN:
-        count = config.num_images or BUILTIN_COUNT
-        images = torch.cat([model.family.builtin_images(c, count, run.seed) for c in concepts])
-        captions = [c for c in concepts for _ in range(count)]
-    else:  # one folder of images, captioned with every concept
-        images = load_square_images(image_folder_files(Path(config.images), config.num_images), resolution)
-        captions = None
-    latents = encode_latents(model, images, torch.Generator().manual_seed(run.seed)).to(device)
+    latents, captions = _image_latents(model, concepts, config, run.seed)
+    latents = latents.to(device)
     n = len(latents)
     batch = min(config.batch_size, n)
     run.check_divisible("the batch of images", batch)
@@ -225,13 +250,7 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
             retain_targets = model.encode(retain)
     for module in (model.unet, model.vae, encoder):
         module.requires_grad_(False)
-    if config.scope == TOKENS:
-        tokenizers = {"text_encoder": model.tokenizer, "text_encoder_2": getattr(model.pipe, "tokenizer_2", None)}
-        n_trainable = train_concept_tokens(encoder, tokenizers, concepts)
-    else:
-        n_trainable = select_trainable(encoder, "text_encoder", config.scope)
-        if config.lora_rank:
-            n_trainable = attach_lora(encoder, config, run.seed)
+    n_trainable = _make_trainable(model, encoder, concepts, config, run.seed)
     encoder.train()
     model.unet.eval()
     scheduler = model.scheduler
@@ -277,10 +296,5 @@ def erase(model, concepts: list[str], config: FewShotConfig, run: RunContext) ->
     with run.frozen_in_compute_dtype(model.unet):
         logs = loop.fit(step_fn, config.steps)
     encoder.eval()
-    epochs_run = state["stopped_at_epoch"] or math.ceil(config.steps / per_epoch)
-    updates = state["stopped_at_epoch"] * per_epoch or config.steps
-    outcome = {"fewshot": {"images": n, "epochs_run": epochs_run, "updates": updates,
-                           "stopped_early": bool(state["stopped_at_epoch"]),
-                           "last_presence": None if state["presence"] < 0 else state["presence"]}}  # fmt: skip
     changed = model.family.tower_components("" if config.scope == TOKENS else config.scope)
-    return ErasureResult(model, changed, n_trainable, logs, outcome)
+    return ErasureResult(model, changed, n_trainable, logs, _outcome(state, config, n, per_epoch))

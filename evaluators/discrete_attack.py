@@ -73,6 +73,36 @@ def _draw_texts(model, texts: list[str], seeds: list[int], guidance: list[float 
         [texts[r] for r in rows], [(j, seeds[r]) for j, r in enumerate(rows)], guidance=g)))
 
 
+def _broken_pairs(erased, judge, concept: str, target: AttackTarget, words: torch.Tensor,
+                  active: torch.Tensor) -> dict[int, str]:  # fmt: skip
+    """The pairs among `active` that the erased model draws with the concept once their prompt has their `words`
+    (token ids, one row per pair) in front: each one's adversarial prompt."""
+    texts = {int(i): f"{decode_words(erased.tokenizer, words[i].tolist())} {target.pairs[i][0]}"
+             for i in active.tolist()}  # fmt: skip
+    images = _draw_texts(erased, list(texts.values()), [target.pairs[i][1] for i in texts],
+                         [target.guidance[i] for i in texts])  # fmt: skip
+    seen = judge.detects(images, concept).bool()
+    return {i: text for (i, text), hit in zip(texts.items(), seen.tolist()) if hit}
+
+
+def _pair_records(tokenizer, target: AttackTarget, found: dict[int, tuple[str, int]], ended: torch.Tensor,
+                  after: torch.Tensor) -> list[dict]:  # fmt: skip
+    """Each pair's record: its outcome and the words it ended with (`ended`: token ids; a pair present before the
+    attack was never attacked and has none)."""
+    records = []
+    for i, (prompt, seed) in enumerate(target.pairs):
+        adversarial, step = found.get(i, (None, None))
+        tokens = None if target.present[i] else ended[i].tolist()
+        if adversarial is None and tokens is not None:  # the attack's last words, which did not succeed
+            adversarial = f"{decode_words(tokenizer, tokens)} {prompt}"
+        records.append({
+            "prompt": prompt, "seed": seed, "present_before_attack": bool(target.present[i]),
+            "present_after_attack": bool(after[i]), "adversarial_prompt": adversarial, "adversarial_tokens": tokens,
+            "success_step": step, "reference_shows_concept": bool(target.reference_present[i]),
+        })  # fmt: skip
+    return records
+
+
 def discrete_attack(
     erased,
     base,
@@ -127,15 +157,10 @@ def discrete_attack(
             distribution.copy_(project_simplex(distribution))
         if step % settings.check_every == 0 or step == settings.steps:
             final_words = distribution.argmax(-1).detach()
-            texts = {int(i): f"{decode_words(erased.tokenizer, vocabulary[final_words[i]].tolist())} {pairs[i][0]}"
-                     for i in active.tolist()}  # fmt: skip
-            seen = judge.detects(_draw_texts(erased, list(texts.values()), [pairs[i][1] for i in texts],
-                                             [target.guidance[i] for i in texts]), concept).bool()  # fmt: skip
-            for (i, text), hit in zip(texts.items(), seen.tolist()):
-                if hit:
-                    succeeded[i] = True
-                    found[i] = (text, step)
-                    words_at[i] = final_words[i].clone()
+            for i, text in _broken_pairs(erased, judge, concept, target, vocabulary[final_words], active).items():
+                succeeded[i] = True
+                found[i] = (text, step)
+                words_at[i] = final_words[i].clone()
     # The words each pair ended with: those of its success, else its last check's. (A pair that stopped keeps
     # moving on Adam's momentum; what it moved to was never drawn.)
     ended = final_words.clone()
@@ -144,23 +169,11 @@ def discrete_attack(
     seconds = time.time() - started
     # a pair present before is not attacked: its first success is its unattacked image (attack.outcome_shares)
     after = present | torch.tensor([i in found for i in range(len(pairs))], dtype=torch.bool)
-    per_pair = []
-    for i, (prompt, seed) in enumerate(pairs):
-        adversarial, step = found.get(i, (None, None))
-        tokens = vocabulary[words_at[i]].tolist() if i in words_at else None
-        if adversarial is None and not present[i]:  # the attack's last words, which did not succeed
-            tokens = vocabulary[final_words[i]].tolist()
-            adversarial = f"{decode_words(erased.tokenizer, tokens)} {prompt}"
-        per_pair.append({
-            "prompt": prompt, "seed": seed, "present_before_attack": bool(present[i]),
-            "present_after_attack": bool(after[i]), "adversarial_prompt": adversarial, "adversarial_tokens": tokens,
-            "success_step": step, "reference_shows_concept": bool(target.reference_present[i]),
-        })  # fmt: skip
     return {
         **outcome_shares(present, after, target.reference_present),
         "pairs": len(pairs),
         "seconds_per_pair": round(seconds / len(pairs), 3),
-        "per_pair": per_pair,
+        "per_pair": _pair_records(erased.tokenizer, target, found, vocabulary[ended], after),
         "loss": losses,
         "objective": {"start": start_objective, "end": objective(ended)},
         "settings": {
