@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 from evaluators.report_format import EVAL_FILE
 from pipelines.errors import InputError
 from pipelines.files import atomic_write, check_writable, slug, write_json
 
+from .finished_attacks import FinishedAttacks
 from .isolation import keeps_process_state
 from .output import hold_exclusively, library_versions, read_manifest, recorded_base_model
 
@@ -49,14 +51,18 @@ def run_eval(
     preserved_prompts_file: str | Path | None = None,
     neighbours: list[str] | None = None,
     attack_images: str | Path | None = None,
+    resume: bool = False,
 ) -> Path:
     """Evaluate and write the JSON report (and grids beside it); returns the JSON path. `attack`: one attack or
-    several (each concept's results go to its `attacks` list, in that order)."""
+    several (each concept's results go to its `attacks` list, in that order). `resume`: keep the attacks that an
+    interrupted evaluation with the same settings finished (erasure/finished_attacks.py)."""
     from accelerate import PartialState
 
     from pipelines import load_model
     from pipelines.devices import dtype_name
 
+    if resume and not attack:
+        raise InputError("--resume keeps the attacks an interrupted evaluation finished: add --attack")
     request = _checked_request(
         target, concepts=concepts, baseline=baseline, json_path=json_path, samples=samples, seed=seed, clip=clip,
         fid_features=fid_features, device=device, model_config=model_config, dtype=dtype, attack=attack,
@@ -69,6 +75,10 @@ def run_eval(
     if state.num_processes > 1 and device.startswith("cuda"):
         device = str(state.device)  # one GPU per process
     progress = progress and state.is_main_process
+    finished = None
+    if request.attacks:  # checked by every process, before any model loads
+        fingerprint = _attack_fingerprint(request, attack_prompts, attack_seeds, attack_steps, clip, attack_images)
+        finished = FinishedAttacks(request.json_path, fingerprint, resume, announce=state.is_main_process)
     # Two evaluations of one run would mix their grids and reports: the second is refused at once. (The main process
     # alone writes; a report elsewhere than the run's own is the caller's file to name.)
     own = request.own_report and state.is_main_process
@@ -82,9 +92,10 @@ def run_eval(
             return request.json_path  # so none waits for it (a long attack would outlast a collective's timeout)
         for concept in request.concepts if request.attacks else ():
             result.report["concepts"][concept]["attacks"] = [
-                run_attack(kind, after, before, concept, attack_prompts, attack_seeds, attack_steps, clip, progress,
-                           attack_images if kind == "textual-inversion" else None,
-                           file_rows=request.prompt_options["target_rows"] or ())
+                finished.run(concept, kind, partial(
+                    run_attack, kind, after, before, concept, attack_prompts, attack_seeds, attack_steps, clip,
+                    progress, attack_images if kind == "textual-inversion" else None,
+                    file_rows=request.prompt_options["target_rows"] or ()))
                 for kind in request.attacks
             ]  # fmt: skip
         manifest = request.manifest
@@ -97,6 +108,8 @@ def run_eval(
         result.report["versions"] = library_versions()
         _warn_of_replaced_results(request.json_path, result.report)
         _write_report(result.report, result.grids, request.json_path, request.grid_dir)
+        if finished is not None:
+            finished.discard()
         return request.json_path
 
 
@@ -177,6 +190,25 @@ def _checked_request(target, *, concepts, baseline, json_path, samples, seed, cl
     check_clip_available(clip or before_source.family.default_clip)
     return _EvalRequest(target, after_source, before_source, manifest, concepts, attacks, prompt_options, json_path,
                         grid_dir, own_report, device, torch_dtype)  # fmt: skip
+
+
+def _attack_fingerprint(request: _EvalRequest, prompts: int | None, seeds: int, steps: int, clip: str | None,
+                        images) -> dict:  # fmt: skip
+    """What an attack's result depends on: a finished one is kept for `--resume` only under the same. (Not the
+    concepts or the attacks asked for: each result is kept under its own concept and attack.)"""
+    from pipelines.devices import dtype_name
+    from pipelines.files import files_sha256
+    from pipelines.images import image_folder_files
+    from pipelines.loading import weights_digest
+
+    rows = request.prompt_options["target_rows"]
+    return {
+        "model": weights_digest(Path(request.after.path)), "baseline": weights_digest(Path(request.before.path)),
+        "attack_prompts": prompts, "attack_seeds": seeds, "attack_steps": steps, "clip": clip,
+        "prompts": [[row.text, row.seed, row.guidance] for row in rows] if rows else None,
+        "attack_images": files_sha256((p.name, p) for p in image_folder_files(images)) if images else None,
+        "device": request.device.split(":")[0], "dtype": dtype_name(request.dtype), "versions": library_versions(),
+    }  # fmt: skip
 
 
 def _scores(after, before, request: _EvalRequest, samples, seed, clip, fid_features, progress):

@@ -448,3 +448,47 @@ def test_an_attacks_loss_is_reported_as_the_means_of_its_first_and_last_ten_step
 
     assert loss_ends([float(i) for i in range(25)]) == {"first": 4.5, "last": 19.5}  # 0..9 and 15..24
     assert loss_ends([1.0, 3.0]) == {"first": 2.0, "last": 2.0} and loss_ends([]) == {"first": None, "last": None}
+
+
+def test_an_interrupted_evaluation_resumes_with_the_attacks_it_finished(tmp_path, monkeypatch, caplog):
+    # an attack of one concept takes hours at SD size: a stopped evaluation must not lose the ones it finished
+    import json
+    import logging
+
+    import erasure.evaluation as evaluation
+    from erasure.finished_attacks import FinishedAttacks
+    from pipelines.errors import InputError
+
+    calls, results, real = [], [], evaluation.run_attack
+
+    def attack_then_stop(kind, *args, **kwargs):
+        calls.append(kind)
+        if kind == "unlearndiffatk" and stop:
+            raise KeyboardInterrupt  # Ctrl-C in the second attack
+        results.append(json.loads(json.dumps(real(kind, *args, **kwargs), default=float)))
+        return results[-1]
+
+    monkeypatch.setattr(evaluation, "run_attack", attack_then_stop)
+    settings = dict(concepts=["seven"], baseline="digits", json_path=tmp_path / "e.json", samples=1,
+                    attack=["embedding", "unlearndiffatk"], attack_prompts=1, attack_seeds=1, attack_steps=2,
+                    progress=False)  # fmt: skip
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.run_eval("digits", **settings)
+    partial = tmp_path / "e.partial.json"
+    assert not (tmp_path / "e.json").exists() and partial.is_file()
+    assert json.loads(partial.read_text())["attacks"] == {"seven": {"embedding": results[0]}}
+    with caplog.at_level(logging.INFO), pytest.raises(InputError, match="other values of: attack_steps;"):
+        evaluation.run_eval("digits", **{**settings, "attack_steps": 3}, resume=True)
+    assert not any("loading model" in record.getMessage() for record in caplog.records)  # refused before any load
+
+    stop, calls[:] = False, []
+    report = json.loads(evaluation.run_eval("digits", **settings, resume=True).read_text())
+    assert calls == ["unlearndiffatk"]  # the finished attack is not run again
+    assert report["concepts"]["seven"]["attacks"] == results  # the kept one first, in the order asked
+    assert not partial.exists()  # the report holds them now
+    # without --resume a partial record is said to be replaced, and none of its attacks is kept
+    partial.write_text(json.dumps({"format": "erasure-eval-partial/1", "fingerprint": {},
+                                   "attacks": {"seven": {"embedding": results[0]}}}))  # fmt: skip
+    assert FinishedAttacks(tmp_path / "e.json", {}, resume=False).results == {}
+    assert any("--resume keeps them" in record.getMessage() for record in caplog.records)

@@ -117,6 +117,7 @@ CASES = [
     (["sample", "{tiny}", "--prompt", "a", "--truncation", "0.5", "--out", "o.png"], "--truncation does not", False),
     (["sample", "{tiny}", "--prompt", "a", "--model-config", "/x", "--out", "o.png"], "applies to single-file", False),
     (["eval", "{run}", "--attack-steps", "3"], "--attack-steps sets up an attack: add --attack", False),
+    (["eval", "{run}", "--resume"], "an interrupted evaluation finished: add --attack", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "{folderpng}"], "is a folder; a grid is one image file", False),
     (["sample", "{tiny}", "--prompt", "a cat", "--out", "grid.gif"], "a grid is written as .png, .jpg", False),
     (["eval", "{run}", "--json", "{run}"], "is a folder; give the report's file name", False),

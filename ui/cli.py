@@ -236,6 +236,9 @@ def _add_eval_command(sub) -> None:
     p.add_argument(
         "--attack-steps", type=number(int, COUNT), metavar="S", help="attack steps (default: 100)"
     )
+    p.add_argument("--resume", action="store_true",
+                   help="keep the attacks an interrupted evaluation with the same settings finished (each is saved "
+                        "beside the report, in STEM.partial.json, as it ends), and run only the others")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_model_options(p)
     _add_dtype_option(p)
@@ -456,7 +459,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_config=args.model_config, progress=not args.quiet, attack=args.attack,
         attack_prompts=args.attack_prompts, **attack_settings,
         prompts_file=args.prompts, preserved_prompts_file=args.preserved_prompts, neighbours=args.neighbours,
-        attack_images=args.attack_images,
+        attack_images=args.attack_images, resume=args.resume,
     )  # fmt: skip
     if _is_main_process():
         print("\n".join(summary_lines(json.loads(path.read_text()))))
