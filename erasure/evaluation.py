@@ -82,7 +82,7 @@ def run_eval(
     # Two evaluations of one run would mix their grids and reports: the second is refused at once. (The main process
     # alone writes; a report elsewhere than the run's own is the caller's file to name.)
     own = request.own_report and state.is_main_process
-    with hold_exclusively(Path(request.target), "evaluated") if own else nullcontext():
+    with hold_exclusively(Path(request.target), "evaluated") if own else nullcontext(), finished or nullcontext():
         after = load_model(request.after, device=device, single_file_config=model_config, dtype=request.dtype)
         before = load_model(request.before, device=device, single_file_config=model_config, dtype=request.dtype)
         result = _scores(after, before, request, samples, seed, clip, fid_features, progress)
@@ -406,9 +406,10 @@ def summary_lines(report: dict) -> list[str]:
             if metric.get("warning"):
                 lines.append(f"{concept}: {name}: warning: {metric['warning']}")
         for attack in concept_attacks(section):
+            kept = "; kept from the interrupted evaluation" if attack.get("resumed") else ""
             lines.append(f"{concept}: attack ({attack['attack']}): success rate {attack['asr']:.1%} of "
                          f"{attack['pairs']} pairs (present before the attack: {attack['present_before_attack']:.1%}; "
-                         f"{attack['seconds_per_pair']} s per pair)")  # fmt: skip
+                         f"{attack['seconds_per_pair']} s per pair{kept})")  # fmt: skip
             note = reference_note(attack)
             if note:
                 lines.append(f"{concept}: attack ({attack['attack']}): {note}")

@@ -67,11 +67,11 @@ class FinishedAttacks:
         return None
 
     def run(self, concept: str, attack: str, attack_now: Callable[[], dict]) -> dict:
-        """The result of `attack` on `concept`: kept from the interrupted evaluation, or `attack_now()`'s, which is
-        recorded at once."""
+        """The result of `attack` on `concept`: kept from the interrupted evaluation (marked `resumed`: its seconds
+        are that evaluation's), or `attack_now()`'s, which is recorded at once."""
         kept = self.results.get(concept, {}).get(attack)
         if kept is not None:
-            return kept
+            return {**kept, "resumed": True}
         result = attack_now()
         self.results.setdefault(concept, {})[attack] = result
         write_json(self.path, {"format": PARTIAL_FORMAT, "fingerprint": self.fingerprint, "attacks": self.results},
@@ -81,3 +81,24 @@ class FinishedAttacks:
     def discard(self) -> None:
         """The report holds them now."""
         self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> FinishedAttacks:
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        """An evaluation stopped after some attacks finished tells whoever catches the exception where they are (the
+        exception keeps its type: a Ctrl-C stays a KeyboardInterrupt)."""
+        if exc is not None and not isinstance(exc, InputError) and self.path.is_file():
+            exc.kept_attacks = self.path
+            if hasattr(exc, "add_note"):  # Python 3.11+: the note shows under the traceback
+                exc.add_note(f"The attacks it finished are kept in {self.path}: evaluate again with resume=True "
+                             "(--resume) to run only the others.")  # fmt: skip
+
+
+def kept_attacks_message(exc: BaseException) -> str | None:
+    """One line for an evaluation that `exc` stopped after some attacks finished; None for any other exception."""
+    path = getattr(exc, "kept_attacks", None)
+    if path is None:
+        return None
+    why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped by {type(exc).__name__}: {exc}"
+    return f"evaluation {why}; the attacks it finished are kept in {path} - rerun with --resume to run only the others"

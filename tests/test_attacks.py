@@ -456,7 +456,7 @@ def test_an_interrupted_evaluation_resumes_with_the_attacks_it_finished(tmp_path
     import logging
 
     import erasure.evaluation as evaluation
-    from erasure.finished_attacks import FinishedAttacks
+    from erasure.finished_attacks import FinishedAttacks, kept_attacks_message
     from pipelines.errors import InputError
 
     calls, results, real = [], [], evaluation.run_attack
@@ -473,9 +473,11 @@ def test_an_interrupted_evaluation_resumes_with_the_attacks_it_finished(tmp_path
                     attack=["embedding", "unlearndiffatk"], attack_prompts=1, attack_seeds=1, attack_steps=2,
                     progress=False)  # fmt: skip
     stop = True
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as interrupted:
         evaluation.run_eval("digits", **settings)
     partial = tmp_path / "e.partial.json"
+    assert kept_attacks_message(interrupted.value) == (f"evaluation interrupted; the attacks it finished are kept in "
+                                                       f"{partial} - rerun with --resume to run only the others")
     assert not (tmp_path / "e.json").exists() and partial.is_file()
     assert json.loads(partial.read_text())["attacks"] == {"seven": {"embedding": results[0]}}
     with caplog.at_level(logging.INFO), pytest.raises(InputError, match="other values of: attack_steps;"):
@@ -485,7 +487,10 @@ def test_an_interrupted_evaluation_resumes_with_the_attacks_it_finished(tmp_path
     stop, calls[:] = False, []
     report = json.loads(evaluation.run_eval("digits", **settings, resume=True).read_text())
     assert calls == ["unlearndiffatk"]  # the finished attack is not run again
-    assert report["concepts"]["seven"]["attacks"] == results  # the kept one first, in the order asked
+    # the kept one first, in the order asked, and said to be kept (its seconds are the first evaluation's)
+    assert report["concepts"]["seven"]["attacks"] == [{**results[0], "resumed": True}, results[1]]
+    assert [line.endswith("kept from the interrupted evaluation)") for line in evaluation.summary_lines(report)
+            if "attack (" in line] == [True, False]  # fmt: skip
     assert not partial.exists()  # the report holds them now
     # without --resume a partial record is said to be replaced, and none of its attacks is kept
     partial.write_text(json.dumps({"format": "erasure-eval-partial/1", "fingerprint": {},

@@ -588,6 +588,7 @@ def _main(argv: list[str] | None) -> int:
         parser.print_help()
         return 0
     debug = args.debug or os.environ.get("ERASURE_DEBUG") == "1"
+    from erasure.finished_attacks import kept_attacks_message
     from erasure.output import interrupted_message, resumable_run
     from pipelines.logs import log_to_stderr
 
@@ -601,6 +602,8 @@ def _main(argv: list[str] | None) -> int:
     except (KeyboardInterrupt, Exception) as exc:
         if resumable_run(exc) is not None:  # a run stopped, and kept a checkpoint
             return _fail(f"error: {interrupted_message(exc)}", _interrupted_exit_code(exc), debug)
+        if kept_attacks_message(exc) is not None:  # an evaluation stopped, and kept the attacks it finished
+            return _fail(f"error: {kept_attacks_message(exc)}", _interrupted_exit_code(exc), debug)
         if isinstance(exc, KeyboardInterrupt):
             return _fail("interrupted", 128 + signal.SIGINT, debug)
         # --debug is an option of `erasure` itself: placed after the command, as a bare "rerun with --debug" invites,
