@@ -59,7 +59,8 @@ class FinishedAttacks:
             return None
         try:
             saved = json.loads(self.path.read_text())
-            if saved.get("format") == PARTIAL_FORMAT and isinstance(saved.get("attacks"), dict):
+            if saved.get("format") == PARTIAL_FORMAT and all(isinstance(saved.get(k), dict)
+                                                             for k in ("fingerprint", "attacks")):  # fmt: skip
                 return saved
         except (OSError, UnicodeDecodeError, ValueError, AttributeError):
             pass
