@@ -477,6 +477,7 @@ def test_an_sdxl_one_step_export_carries_the_two_encoder_recipe_that_draws_its_i
     # A one-step folder does not load with DiffusionPipeline, so the card's recipe is how a diffusers user runs it:
     # an SDXL generator's UNet also takes the second encoder's pooled embedding and the time ids, so its card must
     # carry the two-encoder recipe, which, run on the exported folder, draws the toolkit's image of the generator.
+    # The empty prompt too: the recipe encodes it, where StableDiffusionXLPipeline would zero a negative prompt.
     import numpy as np
     from diffusers import DDIMScheduler
 
@@ -496,9 +497,11 @@ def test_an_sdxl_one_step_export_carries_the_two_encoder_recipe_that_draws_its_i
     hub = export_run(run, "someone/sfd-xl", local_dir=tmp_path / "hub", no_eval=True).folder
     card = (hub / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
-    assert "text_encoder_2" in code and "time_ids" in code
+    assert "text_encoder_2" in code and "time_ids" in code and '["a cat"]' in code
     code = code.replace('snapshot_download("someone/sfd-xl")', repr(str(hub))).replace('image.save("sample.png")', "")
-    namespace: dict = {}
-    exec(compile(code, "model card recipe", "exec"), namespace)  # noqa: S102 - the card's own code
-    ours = load_model(str(hub)).generate(["a cat"], [0])[0][0]
-    assert np.abs(np.asarray(namespace["image"], float) - np.asarray(ours, float)).max() <= 1
+    model = load_model(str(hub))
+    for prompt in ("a cat", ""):
+        namespace: dict = {}
+        exec(compile(code.replace('["a cat"]', repr([prompt])), "model card recipe", "exec"), namespace)  # noqa: S102
+        ours = model.generate([prompt], [0])[0][0]
+        assert np.abs(np.asarray(namespace["image"], float) - np.asarray(ours, float)).max() <= 1, prompt

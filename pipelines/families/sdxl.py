@@ -104,7 +104,8 @@ class SDXL(StableDiffusionFamily):
 
         tower = self._tower(model, text_encoder)
         token_embeds, pooled = tower(self.tokenize(model, prompts))
-        if getattr(model.pipe.config, "force_zeros_for_empty_prompt", True):  # (a one-step pipeline has no negative)
+        # (a one-step pipeline has no negative and zeroes nothing: "" is encoded, as its recipe encodes it)
+        if getattr(model.pipe.config, "force_zeros_for_empty_prompt", False):
             empty = to_device(torch.tensor([p == "" for p in prompts]), token_embeds.device)
             token_embeds = torch.where(empty[:, None, None], torch.zeros_like(token_embeds), token_embeds)
             pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
