@@ -212,6 +212,8 @@ def test_set_splits_at_the_first_equals_sign_only():
         ("fewshot", ["stop_below=0"], "stop_below must be between 0 and 1 (0 excluded), not 0"),
         ("fewshot", ["num_images=-1"], "num_images must be >= 0, not -1"),  # an integer without bounds: >= 0
         ("sfd", ["t_init=1000"], "t_init must be between 1 and 999, not 1000"),
+        # a trajectory of one step would stop at its first step every time: x_t always the pure noise
+        ("esd", ["ddim_steps=1"], "ddim_steps must be between 2 and 999, not 1"),
     ],
 )
 def test_each_bound_refuses_the_values_just_outside_it(method, pairs, message):

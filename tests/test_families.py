@@ -3,6 +3,7 @@ options, the digits world's prompts, and the layering the families allow (the me
 family's name; the library never imports its apps)."""
 
 import ast
+import json
 import random
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from erasure.config import build_config
 from erasure.registry import METHODS
 from pipelines import InputError, load_model, resolve
-from pipelines.families import FAMILIES, Family, get_family
+from pipelines.families import FAMILIES, Family, detect, get_family
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = ("erasure", "evaluators", "pipelines")
@@ -38,6 +39,12 @@ def test_each_model_is_recognised_as_its_family(tiny_pipeline_dir, tiny_gan_chec
     StableDiffusionPipeline(**parts).save_pretrained(tmp_path / "sd2")
     model = load_model(str(tmp_path / "sd2"))
     assert model.family is FAMILIES["sd2"] and model.scheduler.config.prediction_type == "v_prediction"
+    # SD 2.x's cross-attention is OpenCLIP-H's 1024 wide (SD 1.x's: CLIP-L's 768), which tells it apart where no text
+    # encoder's config says GELU
+    for width, family in ((1024, "sd2"), (768, "sd1")):
+        (tmp_path / f"unet-{width}" / "unet").mkdir(parents=True)
+        (tmp_path / f"unet-{width}" / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": width}))
+        assert detect("text-to-image", tmp_path / f"unet-{width}") is FAMILIES[family]
     # A saved run carries its family, whatever is left of its files (`--save changed` keeps few)
     model.save(tmp_path / "copy")
     assert resolve(str(tmp_path / "copy")).card["family"] == "sd2"

@@ -67,14 +67,24 @@ def test_a_flux_folder_loads_as_the_flux_family_and_draws_as_plain_diffusers(tin
         expected, expected_pooled, _ = model.pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=T5_LENGTH)
     assert torch.equal(tokens, expected) and torch.equal(pooled, expected_pooled)
     assert np.abs(_ours(tiny_flux_dir) - _plain(tiny_flux_dir)).max() <= 1
+    # A T5 tokenizer that allows more than FluxPipeline's default length (512) is cut where the pipeline cuts it: T5's
+    # padding rows are attended to, so another length would condition the transformer on another prompt
+    model.pipe.tokenizer_2.model_max_length = 600
+    with torch.no_grad():
+        tokens, _ = unpack(model.encode(prompts[:1]), pooled_width(model.unet))
+        expected = model.pipe.encode_prompt(prompts[:1], prompt_2=None)[0]
+    assert tokens.shape[1] == 512 and torch.equal(tokens, expected)
 
 
 def test_the_flux_denoiser_and_trajectory_follow_the_pipeline(tiny_flux_dir):
     """`denoise` packs latents into the transformer's patches and back as FluxPipeline does; the trajectory's Euler
-    steps, run to the end, are the pipeline's own sampling of the same noise at the training resolution."""
-    from diffusers import FluxPipeline
+    steps, run to the end, are the pipeline's own sampling of the same noise at the training resolution, under FLUX.1
+    [dev]'s scheduler, which shifts its sigmas by the image's length in 2x2 patches (`use_dynamic_shifting`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     model = load_model(str(tiny_flux_dir))
+    config = model.scheduler.config
+    model.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, use_dynamic_shifting=True)
     family = model.family
     scheduler = family.sampling_scheduler(model, 4, "cpu")
     shape = family.latent_shape(model, 1)
@@ -87,6 +97,7 @@ def test_the_flux_denoiser_and_trajectory_follow_the_pipeline(tiny_flux_dir):
     latents = model.pipe(prompt_embeds=tokens, pooled_prompt_embeds=pooled, latents=packed, height=16, width=16,
                          num_inference_steps=4, guidance_scale=3.5, output_type="latent").images  # fmt: skip
     expected = FluxPipeline._unpack_latents(latents, 16, 16, model.pipe.vae_scale_factor)
+    torch.testing.assert_close(scheduler.sigmas, model.pipe.scheduler.sigmas)
     assert torch.allclose(x_0, expected, atol=1e-5)
 
 
@@ -113,6 +124,23 @@ def test_esd_on_flux_is_a_lora_on_the_transformer_that_plain_diffusers_loads(tin
 
     hub = export_run(small, "someone/small", local_dir=tmp_path / "hub", no_eval=True).folder
     assert np.abs(_plain(hub) - ours).max() <= 1
+
+
+def test_esd_on_flux_starts_from_eraseanythings_config_at_its_512_px(tiny_flux_dir):
+    # EraseAnything's config.yaml and train_flux_lora.py: lr 1e-3, 200 steps, x_t from 28 steps at guidance 3, ESD's
+    # eta 1, on 512 px images. A FLUX.1 checkpoint carries no card and draws at 1024 px; training there would cost
+    # four times the transformer's work per step and leave the paper's setting. A smaller model trains at its own size.
+    from erasure.config import build_config
+
+    config = build_config("esd", "flux")
+    assert (config.lr, config.steps, config.ddim_steps) == (1e-3, 200, 28)
+    assert (config.sample_guidance, config.negative_guidance) == (3.0, 1.0)
+    model = load_model(str(tiny_flux_dir))
+    assert model.family.image_resolution(model) == model.resolution == 16
+    model.source.card = {}
+    assert model.resolution == 1024 and model.family.image_resolution(model) == 512
+    side = 512 // model.pipe.vae_scale_factor
+    assert model.family.latent_shape(model, 2) == (2, 4, side, side)
 
 
 def test_a_flux_run_is_evaluated_and_exported(tiny_flux_dir, tiny_open_clip, tmp_path):

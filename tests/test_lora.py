@@ -333,11 +333,12 @@ def test_a_reductions_reported_error_is_the_relative_frobenius_error_of_its_adap
     assert 0 < report["relative_error"] <= report["worst_layer_relative_error"] < 1
 
 
-def test_an_sd1_kohya_file_names_its_one_text_encoder_lora_te_as_sd_scripts_does(tmp_path):
+def test_kohya_files_name_sd1s_text_encoder_lora_te_and_fluxs_clip_lora_te1_as_sd_scripts_does(tmp_path):
     # sd-scripts names SD 1.x's one text encoder `lora_te_` and keeps `lora_te1_` / `lora_te2_` for SDXL's two; UIs
     # key on those prefixes by architecture, and diffusers' converter, which reads either for SD 1.x, cannot tell
-    # them apart. The UNet keeps its diffusers module names, and alpha is the one the adapters were trained at.
-    from diffusers import StableDiffusionPipeline
+    # them apart. The UNet keeps its diffusers module names, and alpha is the one the adapters were trained at. FLUX's
+    # CLIP, beside its T5, is `lora_te1_` in sd-scripts' FLUX layout (lora_flux.py), as SDXL's first encoder is.
+    from diffusers import FluxPipeline, StableDiffusionPipeline
 
     from pipelines.families import FAMILIES
     from pipelines.kohya import kohya_state
@@ -346,9 +347,10 @@ def test_an_sd1_kohya_file_names_its_one_text_encoder_lora_te_as_sd_scripts_does
     generator = torch.Generator().manual_seed(0)
     text = "text_model.encoder.layers.0.self_attn.q_proj"
     unet = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    text_layers = {f"{text}.lora_A.weight": torch.randn(2, 16, generator=generator),
+                   f"{text}.lora_B.weight": torch.randn(16, 2, generator=generator)}  # fmt: skip
     StableDiffusionPipeline.save_lora_weights(
-        tmp_path, text_encoder_lora_layers={f"{text}.lora_A.weight": torch.randn(2, 16, generator=generator),
-                                            f"{text}.lora_B.weight": torch.randn(16, 2, generator=generator)},
+        tmp_path, text_encoder_lora_layers=text_layers,
         unet_lora_layers={f"{unet}.lora_A.weight": torch.randn(2, 16, generator=generator),
                           f"{unet}.lora_B.weight": torch.randn(8, 2, generator=generator)},
         text_encoder_lora_adapter_metadata={"r": 2, "lora_alpha": 4},
@@ -360,3 +362,7 @@ def test_an_sd1_kohya_file_names_its_one_text_encoder_lora_te_as_sd_scripts_does
     parts = ("lora_down.weight", "lora_up.weight", "alpha")
     assert set(state) == {f"{name}.{part}" for name in names for part in parts}
     assert all(state[f"{name}.alpha"].item() == 4 for name in names)
+    FluxPipeline.save_lora_weights(tmp_path / "flux", text_encoder_lora_layers=text_layers,
+                                   text_encoder_lora_adapter_metadata={"r": 2, "lora_alpha": 4})  # fmt: skip
+    flux = kohya_state(tmp_path / "flux" / LORA_FILE, FAMILIES["flux"])
+    assert set(flux) == {f"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.{part}" for part in parts}

@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from pipelines import InputError, load_model
-from pipelines.gan_checkpoints import CONFIG_FILE, flatten_record, read_nvidia_pickle, save_gan, save_rosinality
+from pipelines.gan_checkpoints import (
+    CONFIG_FILE,
+    RestrictedUnpickler,
+    flatten_record,
+    read_nvidia_pickle,
+    save_gan,
+    save_rosinality,
+)
 from pipelines.stylegan2 import (
     Discriminator,
     EqualLinear,
@@ -161,10 +168,10 @@ def _nvidia_gains(params: dict) -> dict:
     return {"weight_gain": lr_multiplier / np.sqrt(in_features), "act_gain": np.sqrt(2)}  # lrelu's def_gain
 
 
-def _persistent(module, class_name: str, params: dict, children: dict, source: str):
+def _persistent(module, class_name: str, params: dict, children: dict, source: str, buffers: dict | None = None):
     class Persistent:  # pickles exactly like an NVIDIA persistent_class instance
         def __reduce__(self):
-            state = {"training": False, "_parameters": OrderedDict(params), "_buffers": OrderedDict(),
+            state = {"training": False, "_parameters": OrderedDict(params), "_buffers": OrderedDict(buffers or {}),
                      "_non_persistent_buffers_set": set(), "_modules": OrderedDict(children),
                      **_nvidia_gains(params)}  # fmt: skip
             meta = {"type": "class", "version": 6, "module_src": source, "class_name": class_name, "state": state}
@@ -173,13 +180,19 @@ def _persistent(module, class_name: str, params: dict, children: dict, source: s
     return Persistent()
 
 
+# What NVIDIA's networks register as buffers, not parameters: a reader of `_parameters` alone would lose the mean w
+# (the truncation centre) and the layers' fixed noise.
+NVIDIA_BUFFERS = ("w_avg", "noise_const")
+
+
 def _tree(module, nv: dict, source: str = "", prefix: str = "", name: str = "Generator"):
     """NVIDIA's nesting of persistent networks, over the tensors `nv` names."""
     names = {k[len(prefix) :] for k in nv if k.startswith(prefix)}
-    params = {n: torch.nn.Parameter(nv[prefix + n]) for n in names if "." not in n}
+    params = {n: torch.nn.Parameter(nv[prefix + n]) for n in names if "." not in n and n not in NVIDIA_BUFFERS}
+    buffers = {n: nv[prefix + n] for n in names if n in NVIDIA_BUFFERS}
     child_names = sorted({n.split(".")[0] for n in names if "." in n})
     children = {c: _tree(module, nv, source, f"{prefix}{c}.") for c in child_names}
-    return _persistent(module, prefix or name, params, children, source)
+    return _persistent(module, prefix or name, params, children, source, buffers)
 
 
 def test_nvidia_pickle_loads_without_running_its_code(tmp_path, persistence_module):
@@ -281,6 +294,11 @@ class _TensorWithHooks:
         return (torch._utils._rebuild_tensor_v2, (storage, 0, (3,), (1,), False, hooks))
 
 
+class _ParameterWithHooks:
+    def __reduce__(self):  # torch's own reduction of a Parameter, with a backward hook added
+        return (torch._utils._rebuild_parameter, (torch.zeros(3), True, OrderedDict([(0, dict)])))
+
+
 def test_a_pickle_cannot_change_allow_listed_functions_or_hand_over_hooks(tmp_path):
     defaults = torch._utils._rebuild_tensor_v2.__defaults__
     pkl = tmp_path / "rewrite.pkl"
@@ -291,6 +309,9 @@ def test_a_pickle_cannot_change_allow_listed_functions_or_hand_over_hooks(tmp_pa
     pkl.write_bytes(pickle.dumps({"G_ema": _TensorWithHooks()}))
     with pytest.raises(InputError, match="refused a tensor with backward hooks"):
         load_model(str(pkl))
+    data = pickle.dumps(_ParameterWithHooks())  # a parameter's hooks are dropped: only its tensor is read
+    parameter = RestrictedUnpickler(io.BytesIO(data), max_decoded_bytes=len(data)).load()
+    assert isinstance(parameter, torch.nn.Parameter) and parameter.requires_grad and not parameter._backward_hooks
     generator, _ = _tiny()  # and the tensors loaded afterwards are what was saved
     torch.save({"g_ema": generator.state_dict(), "args": argparse.Namespace(size=16, latent=8, n_mlp=2)},
                tmp_path / "clean.pt")  # fmt: skip
