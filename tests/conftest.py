@@ -277,10 +277,11 @@ def check_truncation_centre_follows_the_mapping(base: str, run, atol: float) -> 
     assert not torch.allclose(base_model.latent_avg, centre, atol=atol)
 
 
-def record_esd_targets(family, monkeypatch) -> list:
+def record_esd_targets(family, monkeypatch, method=None) -> list:
     """Record each ESD step's target pair with the inputs of the two no-grad denoiser calls it came from:
     [((eps_empty, x_t, t, cond), (eps_concept, x_t, t, cond)), ...], so that a test can recompute them on the
-    model they should have come from. `monkeypatch.undo()` ends the recording."""
+    model they should have come from (`method`: the module whose `esd_target` is recorded; ESD's by default).
+    `monkeypatch.undo()` ends the recording."""
     import erasure.esd
     from erasure.common import esd_target
 
@@ -297,7 +298,7 @@ def record_esd_targets(family, monkeypatch) -> list:
         return esd_target(eps_empty, eps_concept, eta)
 
     monkeypatch.setattr(family, "denoise", recording_denoise)
-    monkeypatch.setattr(erasure.esd, "esd_target", recording_target)
+    monkeypatch.setattr(method or erasure.esd, "esd_target", recording_target)
     return targets
 
 

@@ -3,6 +3,7 @@ networks (this project's implementation), bit-identical resume, and the digits-g
 
 import copy
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -81,6 +82,33 @@ def test_ewc_is_zero_at_its_anchor_and_grows_away_from_it():
     assert float(ewc_penalty(only_unweighted, anchor, fisher, 10.0)) == 0.0
 
 
+def test_stage_ones_ewc_penalty_measures_the_copy_from_where_it_started(monkeypatch):
+    # the anchor is the generator before adapting: the penalty the second step pays is the first step's weights'
+    # (an anchor that followed the trained weights would make it 0 at every step)
+    import erasure.adapt_unlearn as adapt_unlearn
+    from erasure.adapt_unlearn import fisher_diagonal
+
+    generator, discriminator = tiny_gan()
+    generator.requires_grad_(True)
+    start = {n: p.detach().clone() for n, p in generator.named_parameters()}
+    fisher = fisher_diagonal(generator, discriminator, 2, seed=0)
+    logs, stage = [], adapt_unlearn._adversarial_stage
+
+    def recording(*args, **kwargs):
+        out = stage(*args, **kwargs)
+        logs.append(out[0])
+        return out
+
+    monkeypatch.setattr(adapt_unlearn, "_adversarial_stage", recording)
+    images, run = torch.rand(8, 3, 16, 16), RunContext(seed=0, progress=False)
+    after_one = adapt(generator, discriminator, images, fisher, AdaptUnlearnConfig(adapt_steps=1, batch_size=4,
+                      ema_decay=0, ewc_weight=1e6), run, {}, "adapt")  # fmt: skip
+    adapt(generator, discriminator, images, fisher, AdaptUnlearnConfig(adapt_steps=2, batch_size=4, ema_decay=0,
+          ewc_weight=1e6), run, {}, "adapt")  # fmt: skip
+    expected = float(ewc_penalty(after_one, start, fisher, 1e6))
+    assert expected > 0 and logs[1]["term"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_the_fisher_in_chunks_of_whole_stddev_groups_is_the_fisher_of_all_samples_at_once():
     from erasure.adapt_unlearn import fisher_diagonal, stddev_chunks
 
@@ -121,9 +149,9 @@ def _fisher_of_rows(generator, discriminator, samples, seed, instance_noise, row
     return out
 
 
-def _adversarial_step(micro_batch: int) -> dict[str, torch.Tensor]:
-    """Both networks' weights after one StyleGAN2 step (R1 and instance noise on, an EWC-like parameter term)
-    with plain SGD, whose update is the gradient itself: no Adam normalisation to magnify rounding."""
+def _adversarial_step(micro_batch: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Both networks' weights and the step's logs after one StyleGAN2 step (R1 and instance noise on, an EWC-like
+    parameter term) with plain SGD, whose update is the gradient itself: no Adam normalisation to magnify rounding."""
     from erasure.gan_training import AdversarialSettings, adversarial_step
     from erasure.training import Network, TrainingLoop
 
@@ -143,20 +171,22 @@ def _adversarial_step(micro_batch: int) -> dict[str, torch.Tensor]:
     logs = adversarial_step(loop, torch.rand(8, 3, 16, 16) * 2 - 1, 0, settings, term, micro_batch=micro_batch)
     assert set(logs) == {"d", "r1", "g", "term"}
     return {f"{name}.{n}": p.detach().clone() for name, module in (("g", generator), ("d", discriminator))
-            for n, p in module.named_parameters()}  # fmt: skip
+            for n, p in module.named_parameters()}, logs  # fmt: skip
 
 
 def test_a_micro_batched_adversarial_step_is_the_whole_batch_step():
     """micro_batch=4 on a batch of 8 (stddev groups of 4: two parts of whole groups, samples 0, 2, 4, 6 and 1, 3,
     5, 7): the same noise, the same discriminator inputs, the gradients accumulated: both networks take the step
-    of the whole batch."""
+    of the whole batch, and its logs are the whole batch's (each part's loss weighed by its share)."""
     before = {f"{name}.{n}": p.detach().clone() for name, module in zip("gd", tiny_gan())
               for n, p in module.named_parameters()}  # fmt: skip
-    whole, micro = _adversarial_step(0), _adversarial_step(4)
+    (whole, whole_logs), (micro, micro_logs) = _adversarial_step(0), _adversarial_step(4)
     moved = [k for k in whole if not torch.equal(whole[k], before[k])]
     assert any(k.startswith("g.") for k in moved) and any(k.startswith("d.") for k in moved)
     for key in whole:
         assert torch.allclose(whole[key], micro[key], rtol=1e-5, atol=1e-6), key
+    for key in whole_logs:
+        assert float(micro_logs[key]) == pytest.approx(float(whole_logs[key]), rel=1e-5), key
 
 
 def test_stage_two_trains_the_generator_and_never_changes_the_adapted_models():
@@ -185,7 +215,11 @@ def test_both_stages_keep_the_generators_average_the_authors_code_keeps(stage):
         config = AdaptUnlearnConfig(steps=1, adapt_steps=1, batch_size=4, ema_decay=decay)
         images, run = torch.rand(8, 3, 16, 16), RunContext(seed=0, progress=False)
         if stage == "adapt":
-            return adapt(generator, discriminator, images, None, config, run, {}, "adapt")
+            kept = copy.deepcopy(discriminator.state_dict())
+            adapted = adapt(generator, discriminator, images, None, config, run, {}, "adapt")
+            # stage 1 adapts copies: stage 2 starts from the GAN's own discriminator, not the adapted one
+            assert all(torch.equal(kept[k], v) for k, v in discriminator.state_dict().items())
+            return adapted
         theta = {n: p.detach() + 0.01 for n, p in generator.named_parameters()}
         unlearn(generator, discriminator, images, [theta], config, run, {})
         return {n: p.detach().clone() for n, p in generator.named_parameters()}
@@ -270,6 +304,15 @@ def test_the_vision_aided_critic_needs_a_transformers_clip(tiny_open_clip):
     # digits-clip's own normalisation maps [-1, 1] onto itself: the zoo recipe feeds images as they are
     plain = CLIPFeatureDiscriminator(critic.vision, critic.head)
     assert torch.allclose(plain(images)[0], logits, atol=1e-5)
+    # the head reads each layer's class token and mean patch token: the last layer's (the tower's own output) too
+    seen = []
+    critic.head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        critic(images)
+        last = critic.vision(pixel_values=critic.preprocess(images)).last_hidden_state
+    width, layers = last.shape[-1], critic.vision.config.num_hidden_layers
+    assert seen[0].shape == (2, 2 * width * layers)
+    assert torch.allclose(seen[0][:, -2 * width :], torch.cat([last[:, 0], last[:, 1:].mean(1)], -1), atol=1e-5)
 
 
 def test_positives_are_labelled_by_clip_zero_shot_on_other_gans(tiny_gan_checkpoint, tiny_open_clip, tmp_path):
@@ -400,12 +443,13 @@ def test_stage_one_adapts_to_the_negatives_and_stage_two_unlearns_on_the_positiv
     # (and not as many) tell the two sets apart.
     import erasure.adapt_unlearn as adapt_unlearn
 
-    seen = {}
+    seen, returned = {}, []
 
     def recording(name, stage):
         def record(generator, discriminator, images, *args, **kwargs):
             seen[name] = images.detach().cpu().clone()
-            return stage(generator, discriminator, images, *args, **kwargs)
+            returned.append(stage(generator, discriminator, images, *args, **kwargs))
+            return returned[-1]
 
         return record
 
@@ -415,13 +459,15 @@ def test_stage_one_adapts_to_the_negatives_and_stage_two_unlearns_on_the_positiv
     monkeypatch.setattr(adapt_unlearn, "adversarial_networks", lambda run, g, d, settings, critic=None: rates.append(
         settings.lr) or networks(run, g, d, settings, critic))  # fmt: skip
     sets = ["adapt_steps=1", "steps=1", "batch_size=2", "fisher_samples=2", "lr=0.003", "unlearn_lr=0.001",
-            "ema_decay=0", f"negatives={_folder(tmp_path / 'neg', 3, 200)}",
+            "ema_decay=0", "adapted_models=2", f"negatives={_folder(tmp_path / 'neg', 3, 200)}",
             f"positives={_folder(tmp_path / 'pos', 4, 20)}"]  # fmt: skip
     run = erase("adapt-unlearn", ["a red square"], str(tiny_gan_checkpoint), out=tmp_path / "run", sets=sets,
                 progress=False)  # fmt: skip
     assert (len(seen["adapt"]), len(seen["unlearn"])) == (3, 4)
     assert seen["adapt"].mean() > seen["unlearn"].mean() + 0.5  # the bright images are stage 1's
-    assert rates == [0.003, 0.001]  # unlearn_lr is stage 2's alone
+    assert rates == [0.003, 0.003, 0.001]  # unlearn_lr is stage 2's alone
+    first, second = returned[:2]  # each adapted model is drawn from its own seed: two models, not one twice
+    assert any(not torch.equal(first[n], second[n]) for n in first)
     outcome = json.loads((run / "erasure.json").read_text())["adapt_unlearn"]
     assert (outcome["negatives"], outcome["positives"]) == (3, 4)
     check_truncation_centre_follows_the_mapping(str(tiny_gan_checkpoint), run, atol=1e-6)
@@ -435,9 +481,12 @@ def test_the_discriminators_adam_is_corrected_for_the_lazy_r1_steps():
     generator, discriminator = tiny_gan()
     generator.requires_grad_(True)
     settings = AdversarialSettings(lr=0.002, betas=(0.5, 0.99), r1=10.0, r1_every=16, instance_noise=0.0)
-    networks = adversarial_networks(RunContext(seed=0, progress=False), generator, discriminator, settings)
+    critic = SimpleNamespace(head=torch.nn.Linear(4, 1))  # all the networks read of a vision-aided critic
+    networks = adversarial_networks(RunContext(seed=0, progress=False), generator, discriminator, settings, critic)
     g, d = networks["generator"].optimizer.param_groups[0], networks["discriminator"].optimizer.param_groups[0]
     assert (g["lr"], g["betas"]) == (0.002, (0.5, 0.99))
+    head = networks["clip_head"].optimizer.param_groups[0]  # no R1 on the vision-aided head: no correction either
+    assert (head["lr"], head["betas"]) == (0.002, (0.5, 0.99))
     assert d["lr"] == pytest.approx(0.002 * 16 / 17)
     assert d["betas"] == pytest.approx((0.5 ** (16 / 17), 0.99 ** (16 / 17)))
 
@@ -503,10 +552,13 @@ def test_a_real_batch_is_drawn_from_the_images_and_scaled_to_the_generators_rang
     from erasure.gan_training import real_batch
 
     images = torch.rand(5, 3, 4, 4)
-    batch = real_batch(images, 8, RunContext(seed=0, progress=False), 4)
-    assert batch.shape == (8, 3, 4, 4)
-    # each row is one of the images, mapped from [0, 1] to the generator's [-1, 1]
-    assert all(any(torch.allclose((row + 1) / 2, image) for image in images) for row in batch)
+    torch.manual_seed(0)
+    batch = real_batch(images, 64, RunContext(seed=0, progress=False), 4)
+    assert batch.shape == (64, 3, 4, 4)
+    # each row is one of the images, mapped from [0, 1] to the generator's [-1, 1], and every image is drawn (the
+    # last one too: 64 draws miss one of 5 with probability 5 * 0.8^64 < 1e-5)
+    drawn = [next(i for i, image in enumerate(images) if torch.allclose((row + 1) / 2, image)) for row in batch]
+    assert set(drawn) == set(range(5))
 
 
 def test_a_pool_that_holds_just_the_samples_asked_for_is_split_not_refused():

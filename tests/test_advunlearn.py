@@ -300,6 +300,23 @@ def test_cuda_graphs_are_refused_off_a_cuda_device(tiny_pipeline_dir, tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_a_run_records_the_cuda_graph_skips_of_its_own_compiling(tiny_model):
+    # erasure.json counts the graphs that fell back to launching kernels one by one since this run began, not those of
+    # runs before it in the process (the preview, a benchmark). Only the device's type is read: nothing compiles here.
+    from torch._dynamo.utils import counters
+
+    from erasure.compiled import StepDenoiser
+
+    counters["inductor"]["cudagraph_skips"] += 3  # an earlier run's
+    try:
+        denoise = StepDenoiser(tiny_model.family, tiny_model.unet, "cudagraphs", torch.device("cuda"))
+        counters["inductor"]["cudagraph_skips"] += 1
+        assert denoise.record() == {"choice": "cudagraphs", "cudagraph_skips": 1}
+        denoise.close()
+    finally:
+        counters["inductor"]["cudagraph_skips"] -= 4
+
+
 def test_a_bank_drawn_on_a_gpu_puts_16_sd1_images_in_each_unet_call(tiny_model):
     from erasure.advunlearn import AdvUnlearnConfig, bank_entries_per_call
 

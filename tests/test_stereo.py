@@ -187,16 +187,20 @@ def test_each_search_round_erases_the_word_the_last_one_found_and_inverts_its_ow
     assert seeds == [2_000_000, 2_000_001, 2_000_002, 2_000_003]
 
 
-def test_a_search_round_moves_the_concepts_prediction_towards_negative_guidance(tiny_model):
+def test_a_search_round_moves_the_concepts_prediction_towards_negative_guidance(tiny_model, monkeypatch):
     """As ESD's test in test_esd.py, for stage 1's erasing: after a few steps the searched copy's prediction for the
     concept, on x_t it never trained on, has moved towards eps(empty) - eta (eps(concept) - eps(empty)) of the UNet it
-    started from. The target's arguments swapped train towards the concept (at the default eta 0: on the spot)."""
+    started from. The target's arguments swapped train towards the concept (at the default eta 0: on the spot).
+    Every step's target is that UNet's: a teacher that trained along with the copy would move its own target."""
     import copy
 
     import torch.nn.functional as F
 
+    import erasure.stereo
     from erasure.common import esd_target, select_trainable
     from erasure.stereo import _Draws, _erase_round
+
+    from .conftest import record_esd_targets
 
     model, family, eta = tiny_model, tiny_model.family, 2.0
     with torch.no_grad():
@@ -214,9 +218,13 @@ def test_a_search_round_moves_the_concepts_prediction_towards_negative_guidance(
     run = RunContext(seed=0, progress=False)
     searcher = copy.deepcopy(model.unet)
     select_trainable(searcher, "unet", config.scope)
+    targets = record_esd_targets(family, monkeypatch, erasure.stereo)
     _erase_round(searcher, _Draws(model, family.text_tower(model), ["a cat"], config, run), None, 0, config, run)
+    monkeypatch.undo()
     with torch.no_grad():
         after = family.denoise(searcher, x_t, t, cond.expand(len(x_t), -1, -1))
+        assert len(targets) == 8 and all(torch.allclose(eps, family.denoise(base, *inputs), atol=1e-5)
+                                         for pair in targets for eps, *inputs in pair)  # fmt: skip
     moved, wanted = (after - eps_concept).flatten(), (target - eps_concept).flatten()
     assert F.cosine_similarity(moved, wanted, dim=0) > 0.5  # (at this rate it overshoots the target)
 
@@ -288,3 +296,52 @@ def test_a_run_killed_in_stage_two_resumes_from_its_words_without_stage_one_chec
                     resume=True, progress=False)  # fmt: skip
     a, b = changed_weights(straight), changed_weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_search_round_trains_the_scopes_weights_alone(tiny_model, monkeypatch):
+    # the searcher is frozen while a word is inverted on it; the next round trains its scope again, not the whole UNet
+    import random
+
+    import erasure.stereo as stereo
+    from erasure.common import select_trainable
+
+    model = tiny_model
+    config = build_config("stereo", model.family, parse_sets([*QUICK, "search_steps=1", "inversion_steps=1"]))
+    select_trainable(model.unet, "unet", config.scope)  # the searcher is a copy, scoped the same way
+    scope = {n for n, p in model.unet.named_parameters() if p.requires_grad}
+    trained, erase_round = [], stereo._erase_round
+
+    def recording(searcher, *args):
+        trained.append({n for n, p in searcher.named_parameters() if p.requires_grad})
+        return erase_round(searcher, *args)
+
+    monkeypatch.setattr(stereo, "_erase_round", recording)
+    run, encoder = RunContext(seed=0, progress=False), model.family.text_tower(model)
+    vocab = model.family.vocabulary(model, encoder)
+    random.seed(0)
+    stereo._search(model, stereo._Draws(model, encoder, ["a cat"], config, run),
+                   initial_word(model, vocab, ["a cat"], ""), config, run)  # fmt: skip
+    assert len(scope) < len(list(model.unet.parameters())) and trained == [scope, scope]
+
+
+def test_the_retain_images_are_drawn_from_the_retain_prompts_in_turn(tiny_model, monkeypatch):
+    # one image per retain prompt (79 of them for SD 1.x; 4 images here), each encoded with its own prompt
+    import random
+
+    from erasure.stereo import _Draws, _RetainTerm
+
+    model = tiny_model
+    config = build_config("stereo", model.family, parse_sets([*QUICK, "retain_weight=1", "retain_images=4"]))
+    drawn, generate_jobs = [], model.generate_jobs
+
+    def recording(prompts, jobs, **kwargs):
+        drawn.append([prompts[i] for i, _ in jobs])
+        return generate_jobs(prompts, jobs, **kwargs)
+
+    monkeypatch.setattr(model, "generate_jobs", recording)
+    run, encoder = RunContext(seed=0, progress=False), model.family.text_tower(model)
+    term = _RetainTerm(model, model.unet, _Draws(model, encoder, ["a cat"], config, run), ["a cat"], config, run)
+    prompts = model.family.retain_prompts(["a cat"], random.Random(0))
+    assert drawn == [prompts[:4]] and len(set(prompts[:4])) == 4
+    with torch.no_grad():
+        assert torch.allclose(term.conds, model.encode(prompts[:4], encoder))

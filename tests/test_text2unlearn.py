@@ -311,6 +311,9 @@ def test_a_pool_the_host_cannot_hold_is_refused_before_it_is_drawn(tmp_path):
     from erasure.gan_training import available_host_memory, check_pool_memory
 
     check_pool_memory(2000, 32, available=2**30)  # digits-gan's pool: 25 MB
+    # a fifth of the host is left to the run itself: a pool that would fill 90% of it is refused too
+    with pytest.raises(InputError, match="lower it with --set pool=N"):
+        check_pool_memory(2000, 32, available=int(2000 * 3 * 32 * 32 * 4 / 0.9))
     with pytest.raises(InputError, match=r"pool of 2000 samples at 1024 px takes 23.4 GiB .* --set pool=N"):
         check_pool_memory(2000, 1024, available=16 * 2**30)
     if available_host_memory() is None:

@@ -116,20 +116,28 @@ def test_each_network_steps_only_when_its_update_is_called(tmp_path):
 
 
 def test_gradients_are_clipped_per_network(tmp_path):
-    big = torch.nn.Linear(2, 1, bias=False)
-    with torch.no_grad():
-        big.weight.fill_(0.0)
-    loop = TrainingLoop(
-        RunContext(progress=False), {"big": Network(big, torch.optim.SGD(big.parameters(), lr=1.0), 0.5)}, desc="c"
-    )
+    # each network's gradient is clipped to its own bound (1 unless given, what the digits presets were tuned with),
+    # over its own weights: a loss that also reaches another network's weights does not count their gradient
+    big, small, default = (torch.nn.Linear(2, 1, bias=False) for _ in range(3))
+    for net in (big, small, default):
+        torch.nn.init.zeros_(net.weight)
+    networks = {"big": Network(big, torch.optim.SGD(big.parameters(), lr=1.0), 0.5),
+                "small": Network(small, torch.optim.SGD(small.parameters(), lr=1.0), 10.0),
+                "default": Network(default, torch.optim.SGD(default.parameters(), lr=1.0))}  # fmt: skip
+    loop = TrainingLoop(RunContext(progress=False), networks, desc="c")
+    x = torch.ones(1, 2)
 
     def step_fn(step: int) -> dict[str, float]:
-        loss = 1000.0 * loop.modules["big"](torch.ones(1, 2)).sum()
-        loop.update("big", loss)
+        modules = loop.modules
+        loop.update("big", 1000.0 * modules["big"](x).sum())
+        loop.update("default", 1000.0 * modules["default"](x).sum())
+        loop.update("small", (modules["small"](x) + 1000.0 * modules["big"](x)).sum())  # small's gradient: (1, 1)
         return {}
 
     loop.fit(step_fn, 1)
     assert torch.allclose(big.weight.norm(), torch.tensor(0.5))  # one SGD step of a gradient clipped to 0.5
+    assert torch.allclose(default.weight.norm(), torch.tensor(1.0))
+    assert torch.equal(small.weight, torch.full((1, 2), -1.0))  # within its bound: not clipped
 
 
 def _scaled_run(tmp_path, steps: int, resume: bool) -> tuple[torch.nn.Module, torch.amp.GradScaler]:
@@ -442,3 +450,47 @@ def test_an_ema_moves_a_share_of_one_minus_its_decay_towards_the_weights():
     assert set(ema.shadow) == {"weight"} and torch.allclose(ema.shadow["weight"], torch.full((1, 2), 1.2))  # .9 + .3
     ema.copy_to(net)
     assert torch.allclose(net.weight, torch.full((1, 2), 1.2)) and float(net.bias) == 5.0
+
+
+def test_a_checkpoints_random_streams_come_back_where_they_were():
+    # a resume restores torch's, numpy's and Python's streams (through the checkpoint file) part-way along, where they
+    # were: what they draw next is what the uninterrupted run drew
+    import io
+
+    from erasure.training import rng_state, set_rng_state
+
+    def draw():
+        return torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)]
+
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    draw()  # part-way along each stream: numpy's position in its block of keys is no longer 0
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    expected = draw()
+    draw()
+    buffer.seek(0)
+    set_rng_state(torch.load(buffer, weights_only=True))
+    got = draw()
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_a_stop_signal_in_the_last_step_lets_the_run_finish():
+    # the run is done at its last step: a stop then must not report it as stopped (no run folder would be written)
+    net = torch.nn.Linear(2, 1)
+    trained = []
+
+    def after_step(step: int, total: int, logs: dict) -> None:
+        if step == total:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    loop = TrainingLoop(RunContext(seed=1, progress=False, after_step=after_step),
+                        {"net": Network(net, torch.optim.SGD(net.parameters(), lr=0.1))}, desc="last")  # fmt: skip
+
+    def step_fn(step: int) -> dict[str, float]:
+        trained.append(step)
+        loop.update("net", loop.modules["net"](torch.randn(4, 2)).pow(2).mean())
+        return {}
+
+    with checkpoint_on_stop():
+        loop.fit(step_fn, 3)
+    assert trained == [0, 1, 2]
