@@ -3,6 +3,7 @@ file with `from_single_file`, the GAN with the toolkit's loader; the card parses
 must; a push goes through huggingface_hub to a local HTTP server that answers like the Hub."""
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -149,7 +150,8 @@ def test_the_cards_single_file_snippet_loads_the_file_with_the_repositorys_confi
     theirs = pipe("a cat", num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
     assert _same(load_model(str(evaluated_run)).generate(["a cat"], [0], steps=3)[0], theirs)
 
-def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(evaluated_run, exported):
+def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(evaluated_run, exported,
+                                                                             tiny_pipeline_dir):  # fmt: skip
     from huggingface_hub import ModelCard, ModelCardData
 
     card = ModelCard.load(exported.folder / "README.md")
@@ -167,6 +169,16 @@ def test_card_parses_and_carries_metadata_method_paper_evaluation_and_caveats(ev
     text = card.text
     assert METHODS["esd"].paper.bibtex in text and '"cat" erased by **esd**' in text
     assert "`unet`" in text and "steps: 4" in text  # what changed, the resolved config
+    # the base the evaluation compared with is the fixture's base, not the erased run
+    assert f"the erased model and its base (`{tiny_pipeline_dir}`)" in text and str(evaluated_run) not in text
+    # the parameters the run trained (the UNet's cross-attention, ESD-x), not the size of the UNet they are in
+    manifest = json.loads((evaluated_run / "erasure.json").read_text())
+    unet = load_model(str(evaluated_run)).unet
+    trained = sum(p.numel() for name, p in unet.named_parameters() if ".attn2." in name)
+    assert manifest["trainable_parameters"] == trained < sum(p.numel() for p in unet.parameters())
+    assert f"({trained:,} trained parameters)" in text
+    assert manifest["resumed"] is False and "resumed" not in text  # its time is the whole run's
+    assert "toy model" not in text  # a local base, not the embedded digits
     report = json.loads((evaluated_run / "eval.json").read_text())
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     changes = 0
@@ -228,8 +240,12 @@ def test_card_and_metrics_page_show_attack_results_and_every_warning(evaluated_r
     page_run.mkdir()
     (page_run / "erasure.json").write_bytes((evaluated_run / "erasure.json").read_bytes())
     kid["value"] = 3.2104e-05
+    # an attack whose base reference showed the concept in half of its pairs: its rate needs that note beside it
+    report["concepts"]["cat"]["attacks"][0] |= {"reference_shows_concept": 0.5, "asr_where_reference_shows": 1.0}
     (page_run / "eval.json").write_text(json.dumps(report))
-    table = {row[1]: dict(zip(HEADERS, row)) for row in eval_table(page_run)[0]}
+    rows, _, message = eval_table(page_run)
+    table = {row[1]: dict(zip(HEADERS, row)) for row in rows}
+    assert message.endswith("seeds per prompt: 1")  # the evaluation drew one seed per prompt (the fixture's samples=1)
     pairs = {name: metric for name, metric in metrics.items() if "before" in metric}
     assert any(metric["before"] != metric["after"] for metric in pairs.values())
     for name, metric in pairs.items():  # each value in its own column, to four significant digits
@@ -238,6 +254,9 @@ def test_card_and_metrics_page_show_attack_results_and_every_warning(evaluated_r
     assert table["preserved_kid_before_vs_after"]["warning"] == kid["warning"]
     assert table["preserved_kid_before_vs_after"]["after"] == 3.21e-05  # KID on CLIP features: not rounded to 0
     assert table["attack_success_rate (embedding, 4 pairs)"]["after"] == 0.5
+    assert table["attack_success_rate (embedding, 4 pairs)"]["warning"] == (
+        "the base model's reference shows the concept in 50.0% of the pairs; attack success over those: 100.0%")
+    assert table["attack_success_rate (textual-inversion, 4 pairs)"]["warning"] is None
     assert table["attack_success_rate (textual-inversion, 4 pairs)"]["after"] == 0.75
 
 
@@ -321,6 +340,9 @@ def test_gan_run_exports_its_generator_for_the_toolkits_loader(gan_run, tmp_path
         "tags": ["concept-erasure", "text2unlearn", "seven"],
     }  # fmt: skip
     assert "This model was not evaluated" in card.text and "| metric |" not in card.text
+    # its base is named as the embedded GAN it is, with the caveat of a toy model
+    assert "`digits-gan`, the concept-erasure toolkit's embedded toy model (unconditional StyleGAN2" in card.text
+    assert "The base is a toy model of small coloured digits" in card.text
     assert METHODS["text2unlearn"].paper.bibtex in card.text and result.notes == []
     monkeypatch.chdir(tmp_path)
     exec(_python_block(card.text).replace('"me/digits-gan-no-seven"', f'"{hub}"'), {})
@@ -506,6 +528,23 @@ def test_a_run_folders_paths_and_links_out_of_it_are_refused(trap, evaluated_run
     assert sorted(tmp_path.rglob("*")) == before and planted.read_bytes() == b"a file of the machine"
 
 
+def test_a_downloaded_export_exports_again_through_its_links_to_the_caches_blobs(evaluated_run, exported, tmp_path):
+    # huggingface_hub keeps a download as models--ORG--NAME/snapshots/REVISION/, whose files link to ../../blobs/:
+    # those links stay in the repository's folder, so the snapshot is a run folder like any other
+    repo = tmp_path / "models--me--tiny-no-cat"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    for file in sorted(p for p in exported.folder.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.write_bytes(file.read_bytes())
+        link = snapshot / file.relative_to(exported.folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    again = _files(export_run(snapshot, REPO_ID, local_dir=tmp_path / "again").folder)
+    weights = {name: data for name, data in _files(exported.folder).items() if "/" in name and ".safetensors" in name}
+    assert weights and {name: again[name] for name in weights} == weights
+
+
 def test_only_the_files_a_component_loads_are_published(evaluated_run, tmp_path):
     run = _copy_run(evaluated_run, tmp_path)
     (run / "unet" / "notes.txt").write_text("not for the Hub")
@@ -518,6 +557,35 @@ def test_only_the_files_a_component_loads_are_published(evaluated_run, tmp_path)
         "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
     ]  # fmt: skip
     assert any("text_encoder/linked.txt, unet/notes.txt" in note for note in exported.notes)
+
+
+def test_every_shard_of_a_sharded_component_is_published(evaluated_run, tmp_path):
+    # transformers and diffusers save a large component (SDXL's and FLUX's text encoders, FLUX's transformer) as
+    # shards and an index: a Hub folder without one of them cannot be loaded with from_pretrained
+    from transformers import CLIPTextModel
+
+    run = _copy_run(evaluated_run, tmp_path)
+    encoder = CLIPTextModel.from_pretrained(run / "text_encoder")
+    (run / "text_encoder" / "model.safetensors").unlink()
+    encoder.save_pretrained(run / "text_encoder", max_shard_size="20KB")
+    written = sorted(p.name for p in (run / "text_encoder").iterdir())
+    assert "model.safetensors.index.json" in written and "model-00002-of-" in " ".join(written)
+    hub = export_run(run, REPO_ID, local_dir=tmp_path / "hub", no_eval=True).folder
+    assert sorted(p.name for p in (hub / "text_encoder").iterdir()) == written
+    loaded = CLIPTextModel.from_pretrained(hub / "text_encoder").state_dict()
+    assert all(torch.equal(loaded[name], value) for name, value in encoder.state_dict().items())
+
+
+def test_a_bare_repo_name_and_a_folder_in_the_base_model_are_refused(evaluated_run, tiny_pipeline_dir, tmp_path):
+    # (the slow command-line test's cases, in this process) a bare NAME would be pushed into the pusher's namespace
+    # under a card that names another repository; files written into the base's folder would change the base
+    from pipelines import InputError
+
+    with pytest.raises(InputError, match="needs its owner: ORG/NAME"):
+        export_run(evaluated_run, "tiny-no-cat", local_dir=tmp_path / "hub")
+    with pytest.raises(InputError, match="is inside the run's base model"):
+        export_run(evaluated_run, REPO_ID, local_dir=tiny_pipeline_dir / "hub")
+    assert not (tmp_path / "hub").exists() and not (tiny_pipeline_dir / "hub").exists()
 
 
 # --- what the folder says it holds ----------------------------------------------------------------
@@ -579,13 +647,24 @@ def test_a_folder_exported_again_keeps_the_digest_erasure_eval_measured(evaluate
 
 
 def test_a_reduced_lora_is_called_an_approximation_with_its_error(evaluated_run, tmp_path):
-    hub = export_run(evaluated_run, REPO_ID, local_dir=tmp_path / "hub", as_lora=1).folder
+    first = export_run(evaluated_run, REPO_ID, local_dir=tmp_path / "hub", as_lora=1, lora_format="kohya")
+    hub = first.folder
     reduction = json.loads((hub / "lora_reduction.json").read_text())
     assert reduction["relative_error"] > 0.01  # rank 1 leaves a visible error
+    # the export's note gives the overall error and the worst layer's, each its own
+    assert reduction["worst_layer_relative_error"] != reduction["relative_error"]
+    assert (f"relative error {reduction['relative_error']:.4f}, worst layer "
+            f"{reduction['worst_layer_relative_error']:.4f}") in " ".join(first.notes)  # fmt: skip
+    # eval.json names the kohya file by the name it is written under, `<repo name>-lora.safetensors`
+    kohya = [line for line in json.loads((hub / "eval.json").read_text())["after"]["weights"] if "kohya" in line]
+    assert kohya == ["`tiny-no-cat-lora.safetensors`: `pytorch_lora_weights.safetensors` in the kohya layout, not "
+                     "measured itself"] and (hub / "tiny-no-cat-lora.safetensors").is_file()  # fmt: skip
     for folder in (hub, export_run(hub, REPO_ID, local_dir=tmp_path / "again").folder):  # exported again too
         card = (folder / "README.md").read_text()
         assert "The erasure is also a LoRA" not in card and "approximates the erasure as a LoRA" in card
         assert f"relative error of {reduction['relative_error']:.4f}" in card
+        # the file the card and eval.json cite for the error ships with it, exported again too
+        assert json.loads((folder / "lora_reduction.json").read_text()) == reduction
         assert f"worst layer {reduction['worst_layer_relative_error']:.4f}" in card
         assert "measured on the\nfull weights of this repository, not on the LoRA" in card
         weights = json.loads((folder / "eval.json").read_text())["after"]["weights"]
@@ -790,11 +869,18 @@ def test_a_push_asks_for_a_private_repository_only_with_private(fake_hub, tmp_pa
     folder = tmp_path / "repo"
     folder.mkdir()
     (folder / "erasure.json").write_text("{}")
+    fake_hub.files = {"old-lora.safetensors": b"0"}  # an earlier export's file, which the card would not describe
     for private in (False, True):
         assert push(folder, REPO_ID, private=private, message="test") == f"{fake_hub.endpoint}/{REPO_ID}"
     assert fake_hub.created == [{"name": "tiny-no-cat", "organization": "me"},
                                 {"name": "tiny-no-cat", "organization": "me", "visibility": "private"}]  # fmt: skip
-    assert fake_hub.files == {"erasure.json": b"{}"}
+    assert fake_hub.files == {"erasure.json": b"{}"} and fake_hub.deleted == ["old-lora.safetensors"]
+    # a token without write access to the namespace is refused with 403: the same one line as a 401
+    from pipelines import InputError
+
+    fake_hub.fail["create"] = 403
+    with pytest.raises(InputError, match=r"the Hub refused the token for me/tiny-no-cat \(HTTP 403\)"):
+        push(folder, REPO_ID, private=False, message="test")
 
 
 @pytest.mark.slow

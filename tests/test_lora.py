@@ -272,6 +272,10 @@ def test_kohya_export_of_a_reduced_full_weight_run_and_its_refusal(tiny_pipeline
     assert not (tmp_path / "x").exists()
     exported = export_run(run, "someone/reduced", local_dir=tmp_path / "reduced", no_eval=True, as_lora=64,
                           lora_format="kohya")  # fmt: skip
+    # an SD file is in the kohya layout A1111 and ComfyUI load, not FLUX's, which A1111 does not
+    card = (exported.folder / "README.md").read_text()
+    assert "`reduced-lora.safetensors` is the same LoRA in the kohya layout, which A1111 and ComfyUI load" in card
+    assert "FLUX" not in card
     kohya = _kohya_draw(StableDiffusionPipeline, tiny_pipeline_dir, exported.folder, "reduced-lora.safetensors")
     plain = _plain_draw(StableDiffusionPipeline, tiny_pipeline_dir, exported.folder)
     assert np.abs(kohya - plain).max() <= 1

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def test_generate_endpoint_gives_base_and_erased_images_on_the_same_seeds(client
     base, erased = images(base), images(erased)
     assert [c for _, c in base] == [f"base · {p} · seed {s}" for p in ("a cat", "a dog") for s in (5, 6)]
     assert [c for _, c in erased] == [f"esd-cat · {p} · seed {s}" for p in ("a cat", "a dog") for s in (5, 6)]
-    assert "2 prompt(s) x 2 seed(s)" in summary
+    assert "2 prompt(s) x 2 seed(s)" in summary and "seeds 5-6" in summary  # the seeds drawn, last included
     # The page's base images are the model's own for these seeds, and the erased run draws differently.
     direct = load_model(served["base"]).generate(["a cat", "a dog"], [5, 6], steps=3)
     assert [im.tobytes() for im, _ in base] == [im.tobytes() for row in direct for im in row]
@@ -200,8 +201,9 @@ def test_errors_are_messages_in_the_page_and_the_server_keeps_serving(client, se
             generate(client, served, **kwargs)
     with pytest.raises(AppError, match="concept"):
         client.predict(**{**erase_args(served, "x", steps=2, every=1), "concepts": " , "}, api_name="/erase")
-    with pytest.raises(AppError, match="not a path"):
-        client.predict(**erase_args(served, "../escape", steps=2, every=1), api_name="/erase")
+    for hidden in ("../escape", ".esd-x.work"):  # a hidden name is never listed, and is a run's work folder's
+        with pytest.raises(AppError, match="not a path"):
+            client.predict(**erase_args(served, hidden, steps=2, every=1), api_name="/erase")
     with pytest.raises(AppError, match="lr must be > 0"):  # a run that fails: its config is refused
         client.predict(**{**erase_args(served, "x", steps=2, every=1), "esd_lr": -1}, api_name="/erase")
     with pytest.raises(AppError, match="already exists"):
@@ -210,9 +212,16 @@ def test_errors_are_messages_in_the_page_and_the_server_keeps_serving(client, se
     assert len(images(base)) == len(images(erased)) == 1
 
 
-def test_run_prompts_are_the_evaluation_prompts_of_its_concept(client, served):
+def test_run_prompts_are_the_evaluation_prompts_of_its_concept(client, served, tmp_path):
     prompts = client.predict([served["run"]], api_name="/run_prompts").splitlines()
     assert prompts[:2] == ["cat", "a photo of cat"] and len(prompts) == 4
+    # a digits run's are the digits family's: its words for a digit, and other digits that must survive
+    from ui.runs import default_prompts
+
+    digits = {"method": "esd", "concepts": ["seven"], "config": {}, "seed": 0,
+              "base_model": {"spec": "digits", "origin": "embedded", "path": "digits", "family": "digits"}}  # fmt: skip
+    (tmp_path / "erasure.json").write_text(json.dumps(digits))
+    assert default_prompts(tmp_path) == ["a seven", "the number seven", "a white plain zero", "a red italic zero"]
 
 
 def test_erase_from_the_page_can_be_cancelled_and_resumed(client, served):
@@ -294,6 +303,21 @@ def test_the_form_reads_its_concepts_and_blank_fields_and_says_where_a_cancel_st
     # the loop checkpoints every `every` steps but not at its last step, where the run finishes instead
     assert (next_checkpoint(3, 10, 25), next_checkpoint(10, 10, 25)) == (10, 20)
     assert next_checkpoint(12, 10, 20) is None and next_checkpoint(21, 10, 25) is None
+    # and the page says so while a cancel is pending (a thread that waits stands in for the training's)
+    from ui.events import _progress_html
+    from ui.jobs import EraseJob, Step
+
+    job = EraseJob("esd", ["cat"], None, Path("run"), {}, checkpoint_every=10)
+    job.cancel.set()
+    training = threading.Event()
+    job._thread = threading.Thread(target=training.wait)
+    job._thread.start()
+    try:
+        shown = _progress_html(job, Step(13, 25, {}))
+        assert "<progress value='13' max='25'" in shown and "stops after the checkpoint at step 20" in shown
+        assert "finishing" in _progress_html(job, Step(21, 25, {}))
+    finally:
+        training.set()
     alpha = next(o for o in method_options("esd") if o.name == "lora_alpha")
     assert from_field(alpha, "  ") is None  # a blank optional field is the default, not a bad number
     assert build_config("esd", "sd1", {"lora_alpha": from_field(alpha, " ")}).lora_alpha is None
@@ -315,7 +339,7 @@ def test_erase_options_are_the_config_fields_with_their_presets(method):
         assert build_config(method, "sd1", sent) == build_config(method, family, rank)
 
 
-def test_the_base_model_is_the_selected_runs_own_unless_one_is_given(served):
+def test_the_base_model_is_the_selected_runs_own_unless_one_is_given(served, tmp_path):
     """A GAN run selected beside the default text-to-image digits could not be compared at all."""
     import gradio as gr
 
@@ -331,6 +355,14 @@ def test_the_base_model_is_the_selected_runs_own_unless_one_is_given(served):
     prompts = shown(Preview(erased=[served["run"]], runs_dir=served["runs"]), "prompts (one per line)")
     assert prompts.splitlines() == default_prompts(served["run"]) and prompts
     assert shown(Preview(model="digits", erased=[served["run"]], runs_dir=served["runs"])) == "digits"
+    # with none named, it opens on the newest run of the runs folder
+    runs = tmp_path / "runs"
+    for age, name in enumerate(["newer", "older"]):
+        shutil.copytree(served["run"], runs / name)
+        os.utime(runs / name, (2_000_000_000 - age, 2_000_000_000 - age))
+    demo = build_app(Preview(model="digits", runs_dir=runs))
+    [opened] = [b.value for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label == "erased runs"]
+    assert opened == [str(runs / "newer")]
 
 
 def test_a_shared_page_exports_nothing_and_loads_only_its_own_models(client, served, tmp_path, monkeypatch):
