@@ -17,6 +17,8 @@ from pathlib import Path
 from pipelines.errors import InputError
 from pipelines.files import write_json
 
+from .output import stop_reason
+
 log = logging.getLogger(__name__)
 
 PARTIAL_FORMAT = "erasure-eval-partial/1"
@@ -101,5 +103,5 @@ def kept_attacks_message(exc: BaseException) -> str | None:
     path = getattr(exc, "kept_attacks", None)
     if path is None:
         return None
-    why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped by {type(exc).__name__}: {exc}"
-    return f"evaluation {why}; the attacks it finished are kept in {path} - rerun with --resume to run only the others"
+    return (f"evaluation {stop_reason(exc)}; the attacks it finished are kept in {path} - rerun with --resume to run "
+            "only the others")

@@ -275,7 +275,12 @@ def resumable_run(exc: BaseException | None) -> RunDirectory | None:
     return getattr(exc, "resumable_run", None)
 
 
+def stop_reason(exc: BaseException) -> str:
+    """How `exc` stopped a long job, in a few words: "interrupted" for a Ctrl-C, else the exception."""
+    return "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped by {type(exc).__name__}: {exc}"
+
+
 def interrupted_message(exc: BaseException) -> str:
     """One line for a run that `exc` stopped after a checkpoint (see `mark_resumable`)."""
-    why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped by {type(exc).__name__}: {exc}"
-    return f"run {why}; its last checkpoint is in {resumable_run(exc).work} - rerun with --resume to continue"
+    checkpoint = resumable_run(exc).work
+    return f"run {stop_reason(exc)}; its last checkpoint is in {checkpoint} - rerun with --resume to continue"

@@ -602,8 +602,9 @@ def _main(argv: list[str] | None) -> int:
     except (KeyboardInterrupt, Exception) as exc:
         if resumable_run(exc) is not None:  # a run stopped, and kept a checkpoint
             return _fail(f"error: {interrupted_message(exc)}", _interrupted_exit_code(exc), debug)
-        if kept_attacks_message(exc) is not None:  # an evaluation stopped, and kept the attacks it finished
-            return _fail(f"error: {kept_attacks_message(exc)}", _interrupted_exit_code(exc), debug)
+        kept = kept_attacks_message(exc)
+        if kept is not None:  # an evaluation stopped, and kept the attacks it finished
+            return _fail(f"error: {kept}", _interrupted_exit_code(exc), debug)
         if isinstance(exc, KeyboardInterrupt):
             return _fail("interrupted", 128 + signal.SIGINT, debug)
         # --debug is an option of `erasure` itself: placed after the command, as a bare "rerun with --debug" invites,
